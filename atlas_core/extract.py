@@ -1,0 +1,235 @@
+"""Per-head extraction: q, k (pre/post RoPE), v, attention probabilities, z, c and the residual ε.
+
+The model runs its own code. A registered attention function (``atlas_capture``) calls the model's own
+``eager_attention_forward`` and records its inputs and outputs in the requested layers; forward hooks
+record pre-RoPE queries and keys and the attention module's output. Nothing of an architecture's math
+is re-typed here except the per-head split of the output projection, c[h] = W_O[:, h] z[h], which the
+invariant Σ_h c[h] + b_O = attention output checks against the model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+from atlas_core.models import LoadedModel
+
+CAPTURE = "atlas_capture"
+FIELDS = ("q", "k", "q_pre", "k_pre", "v", "probs", "z", "c", "eps")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one architecture keeps its attention pieces (explicit per family, as transformers does)."""
+
+    layers: str  # dotted path to the list of decoder layers
+    attn: str  # attention module inside a decoder layer
+    out_proj: str  # output projection inside the attention module
+    q_pre: str | None  # module whose output is the pre-RoPE query (None: the model has no RoPE)
+    k_pre: str | None
+    conv1d: bool = False  # GPT-2's Conv1D keeps its weight as (in, out)
+
+
+_ROPE = Layout("model.layers", "self_attn", "o_proj", "q_proj", "k_proj")
+_ROPE_QK_NORM = Layout("model.layers", "self_attn", "o_proj", "q_norm", "k_norm")  # norm precedes RoPE
+LAYOUTS = {
+    "gpt2": Layout("transformer.h", "attn", "c_proj", None, None, conv1d=True),
+    "llama": _ROPE,
+    "mistral": _ROPE,
+    "qwen2": _ROPE,
+    "qwen3": _ROPE_QK_NORM,
+    "gemma3_text": _ROPE_QK_NORM,
+}
+
+
+@dataclass
+class LayerActivations:
+    """Everything extracted from one layer; points are (block, token) pairs in block-major order."""
+
+    layer: int
+    q: torch.Tensor | None = None  # (head, point, d_head), post-RoPE
+    k: torch.Tensor | None = None  # (kv_head, point, d_head), post-RoPE (as caches hold them)
+    q_pre: torch.Tensor | None = None  # (head, point, d_head)
+    k_pre: torch.Tensor | None = None  # (kv_head, point, d_head)
+    v: torch.Tensor | None = None  # (kv_head, point, d_head)
+    probs: torch.Tensor | None = None  # (block, head, query, key)
+    z: torch.Tensor | None = None  # (head, point, d_head), before W_O
+    c: torch.Tensor | None = None  # (head, point, d_model), after W_O
+    eps: torch.Tensor | None = None  # (head, point, d_head), z - v[argmax p]
+    attn_out: torch.Tensor | None = None  # (point, d_model), the attention module's own output
+    out_bias: torch.Tensor | None = None  # (d_model,) or None
+    kv_group: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # (head,)
+
+
+def layout_of(model) -> Layout:
+    """Return the layout of a supported architecture, or raise a clear error."""
+    family = model.config.get_text_config().model_type
+    if family not in LAYOUTS:
+        raise ValueError(f"extraction does not support model_type '{family}' yet; supported: {sorted(LAYOUTS)}")
+    return LAYOUTS[family]
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The attention module of every decoder layer, in order."""
+    layout = layout_of(model)
+    layers = model.get_submodule(layout.layers)
+    return [layer.get_submodule(layout.attn) for layer in layers]
+
+
+def head_out_proj(model, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W_O of one layer split per head, and its bias.
+
+    Returns:
+        (weights (head, d_head, d_model), bias (d_model,) or None)
+    """
+    layout = layout_of(model)
+    attn = attention_modules(model)[layer]
+    proj = attn.get_submodule(layout.out_proj)
+    weight = proj.weight if layout.conv1d else proj.weight.T  # (head * d_head, d_model)
+    d_head = _d_head(attn)
+    return weight.reshape(-1, d_head, weight.shape[-1]), proj.bias
+
+
+def extract(
+    lm: LoadedModel,
+    blocks: torch.Tensor,
+    layers: list[int],
+    fields: tuple[str, ...] = FIELDS,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[int, LayerActivations]:
+    """Run the model over token blocks and return per-head activations of the requested layers.
+
+    Args:
+        lm: a loaded model.
+        blocks: (block, token) token ids, each row one independent window.
+        layers: layer indices (negative counts from the end).
+        fields: which of ``FIELDS`` to keep (attn_out is always kept).
+        batch_size: blocks per forward pass; results do not depend on it.
+    Returns:
+        {layer: LayerActivations}
+    """
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}; choose from {FIELDS}")
+    n = lm.spec.n_layers
+    bad = [l for l in layers if not -n <= l < n]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} do not exist; the model has layers 0..{n - 1} (or -{n}..-1)")
+    layers = sorted({l % n for l in layers})
+    recorders = {l: _Recorder(lm.model, l, fields) for l in layers}
+    with _capturing(lm.model, recorders):
+        for start in tqdm(range(0, len(blocks), batch_size), desc="extract", disable=not progress):
+            with torch.no_grad(), contextlib.suppress(_StopForward):
+                lm.model(blocks[start : start + batch_size], use_cache=False)
+    return {l: rec.finish() for l, rec in recorders.items()}
+
+
+class _StopForward(Exception):
+    """Raised after the deepest requested layer: the rest of the network is not needed."""
+
+
+class _Recorder:
+    """Collects one layer's tensors batch by batch."""
+
+    def __init__(self, model, layer: int, fields: tuple[str, ...]):
+        self.layer, self.fields = layer, set(fields)
+        self.w_o, self.bias = head_out_proj(model, layer)
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.parts.setdefault(name, []).append(value.detach())
+
+    def attention(self, query, key, value, probs, out) -> None:
+        # query (batch, head, query, d_head); key/value (batch, kv_head, key, d_head)
+        # probs (batch, head, query, key); out (batch, query, head, d_head)
+        groups = query.shape[1] // key.shape[1]
+        self.kv_group = torch.arange(query.shape[1]) // groups
+        z = out.transpose(1, 2)  # (batch, head, query, d_head)
+        for name, t in (("q", query), ("k", key), ("v", value), ("z", z)):
+            if name in self.fields:
+                self.add(name, _points(t))
+        if "probs" in self.fields:
+            self.add("probs", probs)
+        if "c" in self.fields:
+            self.add("c", _points(torch.einsum("bhtd,hdm->bhtm", z, self.w_o)))
+        if "eps" in self.fields:
+            top = probs.argmax(dim=-1)  # (batch, head, query)
+            v_head = value[:, self.kv_group]  # (batch, head, key, d_head)
+            v_top = torch.gather(v_head, 2, top[..., None].expand(-1, -1, -1, v_head.shape[-1]))
+            self.add("eps", _points(z - v_top))
+
+    def finish(self) -> LayerActivations:
+        cat = {name: torch.cat(parts, dim=0 if name in ("probs", "attn_out") else 1) for name, parts in self.parts.items()}
+        if "q_pre" not in self.parts and "q_pre" in self.fields:  # no RoPE: pre = post
+            cat["q_pre"], cat["k_pre"] = cat.get("q"), cat.get("k")
+        return LayerActivations(layer=self.layer, out_bias=self.bias, kv_group=self.kv_group, **cat)
+
+
+def _points(t: torch.Tensor) -> torch.Tensor:
+    """(batch, head, token, d) -> (head, batch * token, d)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])
+
+
+def _heads(t: torch.Tensor, d_head: int) -> torch.Tensor:
+    """A projection output as (batch, head, token, d_head), whichever layout the module emits."""
+    if t.dim() == 4:  # already (batch, head, token, d_head), e.g. the output of q_norm
+        return t
+    return t.view(*t.shape[:2], -1, d_head).transpose(1, 2)
+
+
+def _d_head(attn) -> int:
+    return getattr(attn, "head_dim", None)
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """Attention function ``atlas_capture``: the model's own eager attention, recorded when asked."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    out, probs = eager(module, query, key, value, attention_mask, **kwargs)
+    recorder = getattr(module, "_atlas_recorder", None)
+    if recorder is not None:
+        recorder.attention(query, key, value, probs, out)
+    return out, probs
+
+
+AttentionInterface.register(CAPTURE, capture_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE, eager_mask)  # same additive masks as eager
+
+
+@contextlib.contextmanager
+def _capturing(model, recorders: dict[int, _Recorder]):
+    """Switch the model to the capture attention and hook the recorded layers; undo on exit."""
+    layout = layout_of(model)
+    modules = attention_modules(model)
+    previous = model.config._attn_implementation
+    handles = []
+    for layer, rec in recorders.items():
+        attn = modules[layer]
+        attn._atlas_recorder = rec
+        d_head = _d_head(attn)
+        if layout.q_pre and "q_pre" in rec.fields:
+            for name, key in ((layout.q_pre, "q_pre"), (layout.k_pre, "k_pre")):
+                hook = lambda m, i, o, r=rec, k=key: r.add(k, _points(_heads(o, d_head)))
+                handles.append(attn.get_submodule(name).register_forward_hook(hook))
+        handles.append(attn.register_forward_hook(lambda m, i, o, r=rec: r.add("attn_out", o[0].reshape(-1, o[0].shape[-1]))))
+    last = modules[max(recorders)]
+    handles.append(last.register_forward_hook(_stop))
+    model.set_attn_implementation(CAPTURE)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        for h in handles:
+            h.remove()
+        for layer in recorders:
+            del modules[layer]._atlas_recorder
+
+
+def _stop(module, inputs, output):
+    raise _StopForward

@@ -1,0 +1,177 @@
+"""Load any causal LM (embedded name, local folder or hub id) in fp32, with a small spec of its attention.
+
+Embedded GGUF models are dequantized by transformers once and cached as fp32 safetensors in the user
+cache (``$ATLAS_CACHE_DIR/models``), written atomically and validated by sha256 on every read, so a
+truncated or corrupt cache is rebuilt rather than loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from atlas_core import toy
+from atlas_core.cache import atomic_path, cache_dir
+from atlas_core.zoo import DEFAULT_MODEL, EMBEDDED, ModelError, gguf_path
+
+MANIFEST = "atlas-manifest.json"
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "ModelError", "ModelSpec", "load_model", "model_spec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of the library needs to know about a model's attention."""
+
+    name: str
+    source: str  # "embedded" | "local" | "hub" | "toy"
+    family: str  # transformers model_type: llama, gemma3_text, qwen2, gpt2, mistral, ...
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    layer_types: tuple[str, ...]  # per layer: "full_attention" or "sliding_attention"
+    windows: tuple[int | None, ...]  # per layer: sliding window length, None for full attention
+    add_bos: bool  # prepend BOS to every window of text
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+
+
+def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") -> LoadedModel:
+    """Load a causal LM in fp32 on the CPU, in eval mode.
+
+    Args:
+        name: an embedded name (see ``EMBEDDED``), ``toy-<family>``, a local folder, or a hub id.
+        attn_implementation: transformers attention backend ("eager", "sdpa", or a registered one).
+    Returns:
+        ``LoadedModel(model, tokenizer, spec)``.
+    """
+    if name in EMBEDDED:
+        folder, source = _embedded_folder(name), "embedded"
+    elif name.startswith("toy-"):
+        model, tokenizer = toy.toy_model(name.removeprefix("toy-"))
+        return _finish(model, tokenizer, name, "toy", attn_implementation, add_bos=None)
+    elif Path(name).expanduser().is_dir():
+        folder, source = Path(name).expanduser(), "local"
+    elif _HUB_ID.match(name) and not Path(name).suffix == ".gguf":
+        folder, source = name, "hub"
+    else:
+        raise ModelError(_unknown_model_message(name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except OSError as err:
+        raise ModelError(f"could not load '{name}' ({err.__class__.__name__}: {err}).\n" + _unknown_model_message(name)) from err
+    add_bos = EMBEDDED[name].add_bos if name in EMBEDDED else None
+    return _finish(model, tokenizer, name, source, attn_implementation, add_bos)
+
+
+def model_spec(model, tokenizer, name: str, source: str, add_bos: bool | None = None) -> ModelSpec:
+    """Read the attention layout of a loaded model from its config.
+
+    Args:
+        add_bos: the BOS policy; ``None`` copies the tokenizer's own habit (does it add BOS itself?).
+    """
+    cfg = model.config.get_text_config()
+    n_layers = cfg.num_hidden_layers
+    n_heads = cfg.num_attention_heads
+    d_model = cfg.hidden_size
+    layer_types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    if window and "sliding_attention" not in layer_types:
+        layer_types = ("sliding_attention",) * n_layers  # Mistral: every layer slides
+    if add_bos is None:
+        bos = tokenizer.bos_token_id
+        add_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    return ModelSpec(
+        name=name,
+        source=source,
+        family=cfg.model_type,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        d_head=getattr(cfg, "head_dim", None) or d_model // n_heads,
+        d_model=d_model,
+        layer_types=layer_types,
+        windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        add_bos=bool(add_bos),
+    )
+
+
+def _finish(model, tokenizer, name, source, attn_implementation, add_bos) -> LoadedModel:
+    model.set_attn_implementation(attn_implementation)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, model_spec(model, tokenizer, name, source, add_bos))
+
+
+def _embedded_folder(name: str) -> Path:
+    """Return the fp32 safetensors folder of an embedded model, converting its GGUF if needed."""
+    folder = cache_dir("models") / name
+    if _valid_cache(folder):
+        return folder
+    gguf = gguf_path(name)
+    print(f"[atlas] converting {name} from {gguf.name} to fp32 safetensors in {folder} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-quantized models; the weights are already dequantized fp32.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_manifest(tmp, source=gguf.name)
+    return folder
+
+
+def _write_manifest(folder: Path, source: str) -> None:
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"source": source, "sha256": files}, indent=1))
+
+
+def _valid_cache(folder: Path) -> bool:
+    """True iff the folder has a manifest and every listed file has its recorded sha256."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return all(_sha256(folder / n) == h for n, h in manifest["sha256"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        if folder.exists():
+            print(f"[atlas] cache {folder} is incomplete or corrupt; rebuilding it", flush=True)
+        return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unknown_model_message(name: str) -> str:
+    hub = "offline (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "online"
+    return (
+        f"unknown model '{name}'. Use one of the embedded models {sorted(EMBEDDED)} "
+        f"(offline, installed by `bash atlas.sh test`), a toy model toy-<{'|'.join(toy.FAMILIES)}>, "
+        f"a local folder holding a transformers checkpoint (config.json + weights + tokenizer), "
+        f"or a Hugging Face hub id such as 'gpt2' (needs the hub; this session is {hub})."
+    )

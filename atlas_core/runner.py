@@ -1,0 +1,388 @@
+"""Run chapters: jupytext source → parameter check → papermill execution → atomic output; build the book.
+
+A chapter is a jupytext percent-format file ``notebooks/<chapter>.py`` whose first ``parameters``-tagged
+cell defines every parameter with a literal default, including ``model`` and ``results_dir`` (the runner
+sets both; the chapter writes ``<results_dir>/<chapter>.json``). The chapters, in book order, are the
+``book/chapters/<chapter>`` entries of ``_toc.yml``: adding a chapter is one line there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from atlas_core.cache import atomic_path, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "smollm2-135m"
+RESERVED = ("model", "results_dir")  # set by the runner, never by the user
+KERNEL_NAME = "atlas"
+NOTEBOOKS_ENV = "ATLAS_NOTEBOOKS_DIR"
+MATHJAX_HINT = "pip install django-static-mathjax==3.2.2.1 (MathJax 3, served locally)"
+
+
+class ParameterError(ValueError):
+    """A parameter is unknown, reserved, or has a value that does not fit its default's type."""
+
+
+class ChapterError(RuntimeError):
+    """A chapter notebook failed while executing (the message summarises the failing cell)."""
+
+
+def _toc_chapters(toc: Path) -> tuple[str, ...]:
+    """Chapter names in book order: the ``book/chapters/<name>`` files listed in ``toc``."""
+    if not toc.exists():
+        return ()
+    found: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            file = str(node.get("file", ""))
+            if file.startswith("book/chapters/"):
+                found.append(Path(file).stem)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(toc.read_text()))
+    return tuple(found)
+
+
+CHAPTERS: tuple[str, ...] = _toc_chapters(ROOT / "_toc.yml")
+
+
+def model_slug(model: str) -> str:
+    """Directory-safe name of a model (hub ids ``org/name`` become ``org--name``)."""
+    return model.strip("/").replace("/", "--")
+
+
+def notebook_source(chapter: str) -> Path:
+    """Path of a chapter's jupytext source (``$ATLAS_NOTEBOOKS_DIR`` overrides ``notebooks/``)."""
+    return Path(os.environ.get(NOTEBOOKS_ENV) or ROOT / "notebooks") / f"{chapter}.py"
+
+
+def workflow_params(model: str, chapter: str) -> dict:
+    """Parameters for (model, chapter) from ``workflow/params.yaml`` (model → chapter → params)."""
+    path = ROOT / "workflow" / "params.yaml"
+    table = yaml.safe_load(path.read_text()) if path.exists() else None
+    return dict(((table or {}).get(model) or {}).get(chapter) or {})
+
+
+# --- parameters -----------------------------------------------------------------------------------
+
+def read_notebook(source: Path):
+    """Read a jupytext percent-format file into an nbformat notebook."""
+    import jupytext
+
+    return jupytext.read(source, fmt="py:percent")
+
+
+def notebook_parameters(nb) -> dict:
+    """Names and literal default values of the notebook's first ``parameters``-tagged cell.
+
+    Raises:
+        ParameterError: no such cell, or a default that is not a Python literal.
+    """
+    cell = next((c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if cell is None:
+        raise ParameterError("the notebook has no cell tagged 'parameters'")
+    defaults = {}
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if not isinstance(target, ast.Name):
+            continue
+        try:
+            defaults[target.id] = ast.literal_eval(value)
+        except ValueError:
+            raise ParameterError(f"parameter {target.id!r}: default is not a literal") from None
+    return defaults
+
+
+def coerce(name: str, value, default):
+    """Convert ``value`` (a CLI string or a YAML/Python value) to the type of ``default``.
+
+    Raises:
+        ParameterError: the value cannot represent the default's type.
+    """
+    kind = type(default)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            word = str(value).strip().lower()
+            if word in ("true", "1", "yes", "on"):
+                return True
+            if word in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, (int, float)):
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):
+                return kind(value.strip())
+            if isinstance(default, int) and isinstance(value, float):
+                raise ValueError
+            return kind(value)
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if isinstance(default, (list, tuple, dict)):
+            parsed = json.loads(value) if isinstance(value, str) else value
+            want = dict if isinstance(default, dict) else (list, tuple)
+            if not isinstance(parsed, want):
+                raise ValueError
+            return list(parsed) if isinstance(parsed, tuple) else parsed
+        if default is None and isinstance(value, str):  # None default: JSON if it parses, else text
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return value
+        return value
+    except (ValueError, TypeError, json.JSONDecodeError):
+        want = "list or JSON list" if isinstance(default, (list, tuple)) else kind.__name__
+        raise ParameterError(
+            f"parameter {name!r}: {value!r} is not a valid {want} (default {default!r})"
+        ) from None
+
+
+def validate_parameters(defaults: dict, params: dict) -> dict:
+    """Check ``params`` against the notebook's ``defaults`` and coerce each value to its type.
+
+    Returns:
+        The coerced parameters (only those given).
+
+    Raises:
+        ParameterError: a name is unknown or reserved, or a value has the wrong type.
+    """
+    missing = [name for name in RESERVED if name not in defaults]
+    if missing:
+        raise ParameterError(f"the parameters cell must define {', '.join(missing)}")
+    valid = sorted(n for n in defaults if n not in RESERVED)
+    out = {}
+    for name, value in params.items():
+        if name in RESERVED:
+            raise ParameterError(f"parameter {name!r} is set by the runner, not by -p")
+        if name not in defaults:
+            raise ParameterError(
+                f"unknown parameter {name!r}; valid names: {', '.join(valid) or '(none)'}"
+            )
+        out[name] = coerce(name, value, defaults[name])
+    return out
+
+
+# --- execution ------------------------------------------------------------------------------------
+
+def kernel_name() -> str:
+    """Name of a kernelspec for this interpreter, installed inside ``sys.prefix`` (never globally)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"ATLAS ({Path(sys.prefix).name})",
+        "language": "python",
+        "metadata": {"debugger": False},
+    }
+    path = Path(sys.prefix, "share", "jupyter", "kernels", KERNEL_NAME, "kernel.json")
+    if not path.exists() or json.loads(path.read_text()) != spec:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(spec, indent=1))
+    found = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    if found.argv[0] != sys.executable:
+        raise RuntimeError(f"kernelspec {KERNEL_NAME!r} at {found.resource_dir} shadows this venv's")
+    return KERNEL_NAME
+
+
+def _summarise(err) -> str:
+    """One readable paragraph from a papermill execution error."""
+    strip = re.compile(r"\x1b\[[0-9;]*m")
+    tail = [strip.sub("", line) for line in (err.traceback or [])][-6:]
+    head = (err.source or "").strip().splitlines()[:3]
+    return (
+        f"cell [{err.exec_count}] raised {err.ename}: {err.evalue}\n"
+        + "".join(f"    > {line}\n" for line in head)
+        + "\n".join(tail)
+    )
+
+
+def run_chapter(
+    chapter: str,
+    model: str = DEFAULT_MODEL,
+    params: dict | None = None,
+    out_dir: Path | None = None,
+    source: Path | None = None,
+) -> Path:
+    """Execute one chapter for one model; write ``<out_dir>/<chapter>.ipynb`` and its results.
+
+    Args:
+        chapter: chapter name (its source is ``notebooks/<chapter>.py`` unless ``source`` is given).
+        model: model name passed to the notebook as ``model``.
+        params: parameter overrides (strings are coerced); merged over ``workflow/params.yaml``.
+        out_dir: output folder; default ``results/<model>/``.
+        source: jupytext source to run instead of the chapter's own.
+
+    Returns:
+        Path of the executed notebook. Beside it: ``<chapter>.json`` (written by the chapter through
+        ``results_dir``) and ``<chapter>.timing.json`` (wall time).
+
+    Raises:
+        ParameterError: before any execution, for an unknown name or a bad value.
+        ChapterError: a cell failed; nothing is left under the output names.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = Path(source or notebook_source(chapter))
+    if not source.exists():
+        raise FileNotFoundError(f"no chapter source {source}")
+    nb = read_notebook(source)
+    given = {**workflow_params(model, chapter), **(params or {})}
+    values = validate_parameters(notebook_parameters(nb), given)
+    out_dir = Path(out_dir or Path("results") / model_slug(model))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{chapter}.ipynb"
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f".{chapter}.", dir=out_dir) as stage:
+        stage = Path(stage)
+        work = stage / "results"
+        work.mkdir()
+        src_ipynb = stage / f"{chapter}.src.ipynb"
+        import nbformat
+
+        nbformat.write(nb, src_ipynb)
+        try:
+            papermill.execute_notebook(
+                str(src_ipynb), str(stage / target.name),
+                parameters={"model": model, **values, "results_dir": "."},
+                kernel_name=kernel_name(), language="python", cwd=str(work), progress_bar=True,
+            )
+        except PapermillExecutionError as err:
+            raise ChapterError(f"chapter {chapter!r} ({model}) failed: {_summarise(err)}") from None
+        for produced in sorted(work.iterdir()):  # the chapter's JSON and any other files
+            os.replace(produced, out_dir / produced.name)
+        wall = time.perf_counter() - start
+        write_json(out_dir / f"{chapter}.timing.json", {
+            "chapter": chapter, "model": model, "params": values, "wall_s": round(wall, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        os.replace(stage / target.name, target)  # the notebook last: its presence means "done"
+    return target
+
+
+# --- the book -------------------------------------------------------------------------------------
+
+def install_mathjax(dest: Path = ROOT / "book" / "_static" / "mathjax") -> Path:
+    """Copy MathJax 3 (es5 build, from the ``django-static-mathjax`` wheel) to ``dest`` if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mathjax")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    es5 = next((Path(r, "static", "mathjax", "es5") for r in roots
+                if Path(r, "static", "mathjax", "es5", "tex-chtml.js").exists()), None)
+    if es5 is None:
+        raise RuntimeError(f"no local MathJax found; {MATHJAX_HINT}")
+    if not (dest / "tex-chtml.js").exists():
+        with atomic_path(dest) as tmp:
+            shutil.copytree(es5, tmp)
+    return dest
+
+
+def _timing_table(out_dirs: dict[str, Path], since: float) -> str:
+    """Per-chapter wall times recorded by ``run_chapter`` ("ran" if it finished after ``since``)."""
+    lines = [f"{'chapter':<12} {'model':<22} {'wall s':>8}  status"]
+    for chapter, folder in out_dirs.items():
+        timing = folder / f"{chapter}.timing.json"
+        if not timing.exists():
+            lines.append(f"{chapter:<12} {'?':<22} {'?':>8}  missing")
+            continue
+        info = json.loads(timing.read_text())
+        status = "ran" if timing.stat().st_mtime >= since else "up to date"
+        lines.append(f"{chapter:<12} {info['model']:<22} {info['wall_s']:>8.1f}  {status}")
+    return "\n".join(lines)
+
+
+def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,)) -> Path:
+    """Run every chapter through the Snakemake workflow, then build the HTML book offline.
+
+    Args:
+        cores: parallel Snakemake jobs (``-j``).
+        models: models to run every chapter on; the book shows the first.
+
+    Returns:
+        Path of ``_build/html/index.html``.
+    """
+    models = list(models) or [DEFAULT_MODEL]
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
+    since = time.time()
+    subprocess.run([
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile"),
+        "--directory", str(ROOT), "--cores", str(cores), "--rerun-incomplete", "--nolock",
+        "--config", f"models={','.join(models)}",
+    ], check=True, env=env, cwd=ROOT)
+    ran = time.time() - since
+
+    install_mathjax()
+    book_start = time.time()
+    jb = Path(sys.executable).with_name("jupyter-book")
+    subprocess.run([str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT),
+                    "-W", "-n", "--keep-going"], check=True, env=env, cwd=ROOT)
+    html = ROOT / "_build" / "html" / "index.html"
+    folder = Path("results") / model_slug(models[0])
+    print(_timing_table({c: ROOT / folder for c in CHAPTERS}, since))
+    print(f"workflow {ran:.1f} s, HTML {time.time() - book_start:.1f} s")
+    print(f"book: {html}")
+    return html
+
+
+# --- command line (the Snakefile's entry; the user-facing CLI is atlas_core.cli) ------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m atlas_core.runner run CHAPTER --model M [-p NAME VALUE] [--out DIR]`` or ``book``."""
+    parser = argparse.ArgumentParser(prog="python -m atlas_core.runner", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute one chapter for one model")
+    run.add_argument("chapter")
+    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    run.add_argument("--out", type=Path, default=None)
+    run.add_argument("--source", type=Path, default=None, help="jupytext file to run instead")
+    book = sub.add_parser("book", help="run all chapters (Snakemake), then build the HTML")
+    book.add_argument("--cores", type=int, default=2)
+    book.add_argument("--models", nargs="+", default=[DEFAULT_MODEL])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            print(run_chapter(args.chapter, args.model, dict(args.p), args.out, args.source))
+        else:
+            build_book(args.cores, args.models)
+    except (ParameterError, ChapterError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParameterError) else 1
+    except subprocess.CalledProcessError as err:
+        print(f"error: {err.cmd[0]} exited with {err.returncode}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+import importlib
+
+import pytest
+import torch
+
+from atlas_core.extract import FIELDS, attention_modules, extract, head_out_proj
+
+
+def _blocks(n=5, t=24, seed=0):
+    return torch.randint(4, 260, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _check_invariant(acts, atol):
+    bias = acts.out_bias if acts.out_bias is not None else 0.0
+    total = acts.c.sum(0) + bias  # (point, d_model)
+    torch.testing.assert_close(total, acts.attn_out, atol=atol, rtol=0)
+
+
+def test_head_contributions_sum_to_attention_output(toy_lm):
+    acts = extract(toy_lm, _blocks(), layers=[0, 1], progress=False)
+    for layer in (0, 1):
+        _check_invariant(acts[layer], atol=1e-5)
+
+
+def test_shapes_rows_and_eps(toy_lm):
+    s = toy_lm.spec
+    a = extract(toy_lm, _blocks(), layers=[-1], progress=False)[s.n_layers - 1]
+    n_points = 5 * 24
+    assert a.q.shape == a.z.shape == a.eps.shape == (s.n_heads, n_points, s.d_head)
+    assert a.k.shape == a.v.shape == a.k_pre.shape == (s.n_kv_heads, n_points, s.d_head)
+    assert a.c.shape == (s.n_heads, n_points, s.d_model)
+    assert a.probs.shape == (5, s.n_heads, 24, 24)
+    torch.testing.assert_close(a.probs.sum(-1), torch.ones(5, s.n_heads, 24), atol=1e-5, rtol=0)
+    assert torch.all(a.probs.triu(1) == 0)  # causal
+    # eps = z - v[group, argmax p]: recompute for one head and one point
+    h, b, t = s.n_heads - 1, 2, 17
+    j = a.probs[b, h, t].argmax()
+    g = a.kv_group[h]
+    torch.testing.assert_close(a.eps[h, b * 24 + t], a.z[h, b * 24 + t] - a.v[g, b * 24 + j])
+    # z is the probability-weighted sum of the group's values
+    v_block = a.v[g, b * 24 : (b + 1) * 24]
+    torch.testing.assert_close(a.z[h, b * 24 + t], a.probs[b, h, t] @ v_block, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_respected():
+    from atlas_core.models import load_model
+
+    lm = load_model("toy-mistral")  # window 8 in every layer
+    a = extract(lm, _blocks(t=24), layers=[0], progress=False)[0]
+    query, key = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
+    outside = (query - key) >= 8
+    assert torch.all(a.probs[..., outside] == 0)
+    assert torch.all(a.probs[..., ~outside & (key <= query)] > 0)
+
+
+def test_independent_of_batch_size(toy_lm):
+    blocks = _blocks()
+    one = extract(toy_lm, blocks, layers=[1], batch_size=1, progress=False)[1]
+    all_ = extract(toy_lm, blocks, layers=[1], batch_size=5, progress=False)[1]
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(one, name), getattr(all_, name), atol=1e-5, rtol=1e-5)
+
+
+def test_pre_rope_keys_rotate_into_post_rope(toy_lm):
+    """Applying the model's own RoPE to the captured pre-RoPE q/k gives the captured post-RoPE q/k."""
+    model, spec = toy_lm.model, toy_lm.spec
+    a = extract(toy_lm, _blocks(n=2, t=16), layers=[1], progress=False)[1]
+    if spec.family == "gpt2":
+        assert torch.equal(a.q_pre, a.q)
+        return
+    module = importlib.import_module(type(model).__module__)
+    positions = torch.arange(16)[None]
+    rotary = model.model.rotary_emb
+    args = (spec.layer_types[1],) if spec.family == "gemma3_text" else ()
+    cos, sin = rotary(a.q, positions, *args)
+    q_pre = a.q_pre.reshape(spec.n_heads, 2, 16, -1).transpose(0, 1)  # (batch, head, token, d_head)
+    k_pre = a.k_pre.reshape(spec.n_kv_heads, 2, 16, -1).transpose(0, 1)
+    q_rot, k_rot = module.apply_rotary_pos_emb(q_pre, k_pre, cos, sin)
+    torch.testing.assert_close(q_rot.transpose(0, 1).reshape(a.q.shape), a.q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(k_rot.transpose(0, 1).reshape(a.k.shape), a.k, atol=1e-5, rtol=0)
+
+
+def test_capture_leaves_model_unchanged(toy_lm):
+    blocks = _blocks(n=2)
+    before = toy_lm.model(blocks).logits
+    extract(toy_lm, blocks, layers=[0], progress=False)
+    assert toy_lm.model.config._attn_implementation == "eager"
+    assert not any(hasattr(m, "_atlas_recorder") for m in attention_modules(toy_lm.model))
+    torch.testing.assert_close(toy_lm.model(blocks).logits, before)
+
+
+def test_bad_arguments(toy_lm):
+    with pytest.raises(ValueError, match="layers"):
+        extract(toy_lm, _blocks(), layers=[5], progress=False)
+    with pytest.raises(ValueError, match="fields"):
+        extract(toy_lm, _blocks(), layers=[0], fields=("nope",), progress=False)
+
+
+def test_head_out_proj_shape(toy_lm):
+    w, _ = head_out_proj(toy_lm.model, 0)
+    s = toy_lm.spec
+    assert w.shape == (s.n_heads, s.d_head, s.d_model)
+
+
+@pytest.mark.slow
+def test_invariant_on_smollm2(smollm2):
+    blocks = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    acts = extract(smollm2, blocks, layers=[0, 15, 29], progress=False)
+    for a in acts.values():
+        _check_invariant(a, atol=1e-4)
+        torch.testing.assert_close(a.probs.sum(-1), torch.ones_like(a.probs[..., 0]), atol=1e-5, rtol=0)
