@@ -10,7 +10,7 @@ Corpora (``CORPORA``):
   through ``datasets``; these need the Hugging Face hub and raise ``CorpusError`` when it is out of reach.
 - Any existing file path, read as UTF-8.
 
-Split rule. The text is tokenized once, without special tokens, into one stream. The stream is cut
+Split rule. The text is tokenized, without special tokens, into one stream (``token_stream``). It is cut
 into contiguous non-overlapping blocks of ``seq_len - int(add_bos)`` content tokens (a ragged tail
 is dropped). The first 75% of those blocks (rounded down) are the ``eval`` split and the rest are
 ``calib``; a request takes the first ``n_blocks`` of its split. Evaluation and calibration therefore
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,6 @@ SPLITS = ("eval", "calib")
 EVAL_FRACTION = 0.75
 C4_DOCS = 1000  # documents taken from the start of C4's English validation split
 POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets")
-HUB_CORPORA = ("wikitext-103", "c4")
 OFFLINE_CORPORA = ("britannica", "pydoc", "plays")
 
 
@@ -68,9 +69,10 @@ def _tidy(text: str) -> str:
 
 
 _PAGE = re.compile(r"^(#|p\.\d+:\d+)")  # scan headers ("### START: ...", "#### Source: ...") and page marks
-_MARKUP = re.compile(r"\[\[ed:.*?\]\]|\[\^\d+\]:?|\*|\\(?=\.)")  # editor's notes, footnote marks, *emphasis*, "23\."
+# editor's notes "[[ed: ...]]", footnote marks "[^1]", *emphasis* and **bold**, the escape in "23\."
+_MARKUP = re.compile(r"\[\[ed:.*?\]\]|\[\^\d+\]:?|\*|\\(?=\.)")
 _MARGIN = re.compile(r"^[.,:;·»|~`=]\s+")  # a stray column-edge character left by OCR
-_PLAIN = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:'\"()-’‘“”—&[]£é")
+_PLAIN = set(string.ascii_letters + string.digits + " .,;:'\"()-’‘“”—&[]£é")  # what prose is made of
 _WORD = re.compile(r"[(\[\"“‘']*([A-Za-z][a-z’'-]*|\d+[a-z]{0,2})[.,;:!?)\]\"”’']*")
 
 
@@ -106,7 +108,8 @@ def _clean_britannica(raw: str) -> str:
             if blank:
                 paras.append((after_page, []))
             paras[-1][1].append(s)
-            after_page, blank = False, len(s) < 45 and s[-1] in '.!?"”'  # a short last line ends a paragraph
+            after_page = False
+            blank = len(s) < 45 and s[-1] in '.!?"”'  # a short line ending a sentence ends a paragraph
     out: list[str] = []
     for after_break, lines in paras:
         text = _join_lines(lines)
@@ -122,7 +125,9 @@ def _join_lines(lines: list[str]) -> str:
     text = lines[0]
     for line in lines[1:]:
         if re.search(r"[a-z]-$", text) and line[:1].islower():
-            text = text[:-1] + line
+            text = text[:-1] + line  # "Shake-" + "speare"
+        elif re.search(r"\w[-—]$", text):
+            text += line  # "Stratford-upon-" + "Avon"
         else:
             text = f"{text} {line}"
     return re.sub(r"\s+", " ", text)
@@ -188,12 +193,17 @@ def load_text(corpus: str) -> str:
 # ----------------------------------------------------------------------------- tokens
 
 
-def token_stream(tokenizer, corpus: str) -> torch.LongTensor:
-    """Tokenize a whole corpus once, without special tokens.
+_PARAGRAPH = re.compile(r"(?<=\S)(?=\s*\n\s*\n)")  # after a non-space, before whitespace holding a blank line
 
-    The text goes to the tokenizer in a single call (the "longer than the maximum sequence length"
-    warning is silenced: the stream is cut into blocks afterwards), so the stream is exactly the
-    tokenization of the text. Cached per (tokenizer object, corpus).
+
+def token_stream(tokenizer, corpus: str) -> torch.LongTensor:
+    """Tokenize a whole corpus, without special tokens, into one stream.
+
+    The text is cut into paragraphs just before each blank line (pieces begin with their whitespace),
+    the pieces are tokenized as one batch, and the ids are concatenated: a deterministic function of
+    the text that never hits a tokenizer's length limit. For tokenizers that pre-split text with a
+    GPT-2 style pattern (byte-level BPE) it equals tokenizing the whole text at once. Cached per
+    (tokenizer object, corpus).
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -211,8 +221,9 @@ def _text_key(corpus: str) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _token_stream(tokenizer, corpus: str, text_key: int) -> torch.LongTensor:
-    ids = tokenizer(load_text(corpus), add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    pieces = _PARAGRAPH.split(load_text(corpus))
+    ids = tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
 
 
 def _check(seq_len: int, add_bos: bool, tokenizer) -> int:
@@ -255,6 +266,14 @@ class BlockSpec:
     split: str = "eval"  # "eval" or "calib"
     add_bos: bool = False
 
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise CorpusError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.n_blocks < 1:
+            raise CorpusError(f"n_blocks must be at least 1, got {self.n_blocks}")
+        if self.split not in SPLITS:
+            raise CorpusError(f"split must be one of {SPLITS}, got {self.split!r}")
+
 
 def token_blocks(tokenizer, spec: BlockSpec) -> torch.LongTensor:
     """The first ``spec.n_blocks`` blocks of ``spec.split`` (see the module docstring for the rule).
@@ -265,12 +284,9 @@ def token_blocks(tokenizer, spec: BlockSpec) -> torch.LongTensor:
     Returns:
         LongTensor of shape (n_blocks, seq_len).
     Raises:
-        CorpusError: bad arguments, or more blocks than the split holds (the message says how many).
+        CorpusError: no BOS token to prepend, or more blocks than the split holds (the message says
+            how many).
     """
-    if spec.split not in SPLITS:
-        raise CorpusError(f"split must be one of {SPLITS}, got {spec.split!r}")
-    if spec.n_blocks < 1:
-        raise CorpusError(f"n_blocks must be at least 1, got {spec.n_blocks}")
     content = _check(spec.seq_len, spec.add_bos, tokenizer)
     stream = token_stream(tokenizer, spec.corpus)
     n_total = len(stream) // content

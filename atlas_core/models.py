@@ -25,7 +25,7 @@ from atlas_core.zoo import DEFAULT_MODEL, EMBEDDED, ModelError, gguf_path
 MANIFEST = "atlas-manifest.json"
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "ModelError", "ModelSpec", "load_model", "model_spec"]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "ModelError", "ModelSpec", "describe", "load_model", "model_spec"]
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,24 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
     return _finish(model, tokenizer, name, source, attn_implementation, add_bos)
 
 
-def model_spec(model, tokenizer, name: str, source: str, add_bos: bool | None = None) -> ModelSpec:
-    """Read the attention layout of a loaded model from its config.
+def describe(name: str = DEFAULT_MODEL) -> ModelSpec:
+    """The spec of an embedded model from its config alone (converting it once if needed)."""
+    if name not in EMBEDDED:
+        lm = load_model(name)
+        return lm.spec
+    config = AutoConfig.from_pretrained(_embedded_folder(name))
+    return model_spec(config, None, name, "embedded", EMBEDDED[name].add_bos)
+
+
+def model_spec(config, tokenizer, name: str, source: str, add_bos: bool | None = None) -> ModelSpec:
+    """Read the attention layout of a model from its config.
 
     Args:
+        config: the model's transformers config.
+        tokenizer: used only when ``add_bos`` is None.
         add_bos: the BOS policy; ``None`` copies the tokenizer's own habit (does it add BOS itself?).
     """
-    cfg = model.config.get_text_config()
+    cfg = config.get_text_config()
     n_layers = cfg.num_hidden_layers
     n_heads = cfg.num_attention_heads
     d_model = cfg.hidden_size
@@ -120,7 +131,7 @@ def model_spec(model, tokenizer, name: str, source: str, add_bos: bool | None = 
 def _finish(model, tokenizer, name, source, attn_implementation, add_bos) -> LoadedModel:
     model.set_attn_implementation(attn_implementation)
     model.eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, model_spec(model, tokenizer, name, source, add_bos))
+    return LoadedModel(model, tokenizer, model_spec(model.config, tokenizer, name, source, add_bos))
 
 
 def _embedded_folder(name: str) -> Path:

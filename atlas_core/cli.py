@@ -1,0 +1,151 @@
+"""The ``atlas`` command: models, perplexity, chapter runs, the book, benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Offline unless the user says otherwise (HF_HUB_OFFLINE=0): a hub lookup with no network retries for ~50 s.
+# Set before transformers is imported, which reads these once.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status (2 for bad input, with a message on stderr)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    from atlas_core.corpus import CorpusError
+    from atlas_core.zoo import ModelError
+
+    try:
+        return args.func(args) or 0
+    except (ModelError, CorpusError, ValueError, FileNotFoundError) as err:
+        print(f"atlas: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atlas: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atlas", description=__doc__)
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    m = sub.add_parser("models", help="list the embedded models and their attention shapes")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.set_defaults(func=_models)
+
+    q = sub.add_parser("ppl", help="perplexity of a model on non-overlapping windows of a corpus")
+    _model_arg(q)
+    q.add_argument("--corpus", default="britannica", help="britannica | pydoc | plays | wikitext-103 | c4 | a text file")
+    q.add_argument("--tokens", type=int, default=4096, help="tokens to evaluate (a multiple of --seq-len)")
+    q.add_argument("--seq-len", type=int, default=512, help="window length in tokens (BOS included)")
+    q.add_argument("--split", default="eval", choices=["eval", "calib"])
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_ppl)
+
+    r = sub.add_parser("run", help="execute one chapter notebook with papermill")
+    r.add_argument("chapter")
+    _model_arg(r)
+    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    r.add_argument("--out", default=None, help="output folder (default results/<model>/)")
+    r.set_defaults(func=_run)
+
+    b = sub.add_parser("book", help="run every chapter on the default model, then build the HTML book")
+    b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    b.set_defaults(func=_book)
+
+    bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
+    bsub = bench.add_subparsers(title="benchmarks", metavar="NAME")
+    e = bsub.add_parser("extract", help="every-head extraction of one layer vs a plain eager forward")
+    _model_arg(e)
+    e.add_argument("--layer", type=int, default=-1)
+    e.add_argument("--blocks", type=int, default=12)
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_bench_extract)
+    return p
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, toy-<family>, local folder or hub id")
+
+
+def _models(args) -> None:
+    from atlas_core.models import describe
+    from atlas_core.zoo import EMBEDDED
+
+    rows = []
+    for name, entry in EMBEDDED.items():
+        s = describe(name)
+        rows.append(
+            {"name": name, "source": entry.description, "family": s.family, "layers": s.n_layers,
+             "heads": s.n_heads, "kv_heads": s.n_kv_heads, "d_head": s.d_head, "d_model": s.d_model,
+             "sliding_layers": s.layer_types.count("sliding_attention"), "add_bos": s.add_bos}
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    cols = ["name", "family", "layers", "heads", "kv_heads", "d_head", "d_model", "sliding_layers", "add_bos"]
+    print(_table(rows, cols))
+
+
+def _ppl(args) -> None:
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.eval import perplexity
+    from atlas_core.models import load_model
+
+    if args.seq_len < 2 or args.tokens < args.seq_len:
+        raise ValueError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}), which must be >= 2")
+    lm = load_model(args.model, attn_implementation="sdpa")
+    spec = BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, args.split, lm.spec.add_bos)
+    blocks = token_blocks(lm.tokenizer, spec)
+    start = time.perf_counter()
+    ppl = perplexity(lm.model, blocks)
+    result = {"model": args.model, "corpus": args.corpus, "split": args.split, "seq_len": args.seq_len,
+              "blocks": len(blocks), "tokens": blocks.numel(), "add_bos": lm.spec.add_bos,
+              "perplexity": ppl, "seconds": round(time.perf_counter() - start, 2)}
+    print(json.dumps(result, indent=2) if args.json else f"{args.model} on {args.corpus}: perplexity {ppl:.3f}")
+
+
+def _run(args) -> None:
+    from atlas_core.runner import run_chapter
+
+    path = run_chapter(args.chapter, args.model, dict(args.param), out_dir=args.out)
+    print(path)
+
+
+def _book(args) -> None:
+    from atlas_core.runner import build_book
+
+    build_book(cores=args.cores)
+
+
+def _bench_extract(args) -> None:
+    from atlas_core.bench import bench_extract
+
+    r = bench_extract(args.model, args.layer, args.blocks, args.seq_len, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"extract layer {r['layer']} / plain eager forward, {r['blocks']} x {r['seq_len']} tokens: "
+              f"{r['extract_s']:.2f} s / {r['forward_s']:.2f} s = {r['ratio']:.3f}x")
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
