@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from atlas_core.cli import main
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ppl_on_toy_model(capsys):
+    assert main(["ppl", "--model", "toy-llama", "--corpus", "pydoc", "--tokens", "256", "--seq-len", "64", "--json"]) == 0
+    out = _json(capsys)
+    assert out["blocks"] == 4 and out["tokens"] == 256 and out["corpus"] == "pydoc"
+    assert 1.0 < out["perplexity"] < 1e4  # a random byte-level model: near the vocabulary size
+
+
+def test_ppl_is_deterministic(capsys):
+    args = ["ppl", "--model", "toy-gpt2", "--tokens", "128", "--seq-len", "64", "--json"]
+    main(args)
+    first = _json(capsys)["perplexity"]
+    main(args)
+    assert _json(capsys)["perplexity"] == first
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ppl", "--model", "no-such-model"], "unknown model"),
+        (["ppl", "--model", "toy-llama", "--corpus", "no-such-corpus"], "unknown corpus"),
+        (["ppl", "--model", "toy-llama", "--tokens", "10", "--seq-len", "64"], "--tokens"),
+        (["ppl", "--model", "toy-llama", "--corpus", "pydoc", "--tokens", "100000000"], "holds"),
+        (["run", "no-such-chapter"], "no-such-chapter"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atlas: error:") and message in err
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("models", "ppl", "run", "book", "bench"):
+        assert command in out
+
+
+@pytest.mark.slow
+def test_models_json_lists_embedded_shapes(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in _json(capsys)}
+    assert (rows["smollm2-135m"]["heads"], rows["smollm2-135m"]["kv_heads"], rows["smollm2-135m"]["d_head"]) == (9, 3, 64)
+    assert (rows["gemma3-270m"]["layers"], rows["gemma3-270m"]["kv_heads"], rows["gemma3-270m"]["d_head"]) == (18, 1, 256)
+    assert (rows["qwen2.5-coder-0.5b"]["heads"], rows["qwen2.5-coder-0.5b"]["d_model"]) == (14, 896)
+    for row in rows.values():
+        assert set(row) >= {"name", "source", "family", "layers", "heads", "kv_heads", "d_head", "d_model"}
