@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from atlas_core.corpus import CorpusError
+    from atlas_core.runner import RunnerError
     from atlas_core.zoo import ModelError
 
     try:
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, CorpusError, ValueError, FileNotFoundError) as err:
         print(f"atlas: error: {err}", file=sys.stderr)
         return 2
+    except RunnerError as err:  # a chapter or the book build failed while running
+        print(f"atlas: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("atlas: interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -140,7 +141,7 @@ def _embedded_folder(name: str) -> Path:
     if _valid_cache(folder):
         return folder
     gguf = gguf_path(name)
-    print(f"[atlas] converting {name} from {gguf.name} to fp32 safetensors in {folder} (once)", flush=True)
+    print(f"[atlas] converting {name} from {gguf.name} to fp32 safetensors in {folder} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses GGUF-quantized models; the weights are already dequantized fp32.
@@ -166,7 +167,7 @@ def _valid_cache(folder: Path) -> bool:
         return all(_sha256(folder / n) == h for n, h in manifest["sha256"].items())
     except (OSError, ValueError, KeyError, TypeError):
         if folder.exists():
-            print(f"[atlas] cache {folder} is incomplete or corrupt; rebuilding it", flush=True)
+            print(f"[atlas] cache {folder} is incomplete or corrupt; rebuilding it", file=sys.stderr)
         return False
 
 

@@ -1,4 +1,4 @@
-"""Run chapters: jupytext source → parameter check → papermill execution → atomic output; build the book.
+"""Run chapters (jupytext → checked parameters → papermill → atomic output) and build the book.
 
 A chapter is a jupytext percent-format file ``notebooks/<chapter>.py`` whose first ``parameters``-tagged
 cell defines every parameter with a literal default, including ``model`` and ``results_dir`` (the runner
@@ -36,8 +36,16 @@ class ParameterError(ValueError):
     """A parameter is unknown, reserved, or has a value that does not fit its default's type."""
 
 
-class ChapterError(RuntimeError):
+class RunnerError(RuntimeError):
+    """A chapter run or the book build failed (the message says where and why)."""
+
+
+class ChapterError(RunnerError):
     """A chapter notebook failed while executing (the message summarises the failing cell)."""
+
+
+class BuildError(RunnerError):
+    """The workflow or the HTML build failed (their own output above says why)."""
 
 
 def _toc_chapters(toc: Path) -> tuple[str, ...]:
@@ -207,20 +215,29 @@ def kernel_name() -> str:
             tmp.write_text(json.dumps(spec, indent=1))
     found = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     if found.argv[0] != sys.executable:
-        raise RuntimeError(f"kernelspec {KERNEL_NAME!r} at {found.resource_dir} shadows this venv's")
+        raise RunnerError(f"kernelspec {KERNEL_NAME!r} at {found.resource_dir} shadows this venv's")
     return KERNEL_NAME
 
 
 def _summarise(err) -> str:
     """One readable paragraph from a papermill execution error."""
     strip = re.compile(r"\x1b\[[0-9;]*m")
-    tail = [strip.sub("", line) for line in (err.traceback or [])][-6:]
-    head = (err.source or "").strip().splitlines()[:3]
-    return (
-        f"cell [{err.exec_count}] raised {err.ename}: {err.evalue}\n"
-        + "".join(f"    > {line}\n" for line in head)
-        + "\n".join(tail)
-    )
+    tail = [strip.sub("", line) for line in (err.traceback or [])][-4:]
+    return f"cell [{err.exec_count}] raised {err.ename}: {err.evalue}\n" + "\n".join(tail)
+
+
+def _remove_stale_stages(out_dir: Path, chapter: str) -> None:
+    """Delete staging folders ``.<chapter>.<pid>.*`` left by runs that were killed (pid not alive)."""
+    for stage in out_dir.glob(f".{chapter}.*.*"):
+        pid = stage.name.split(".")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stage, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def run_chapter(
@@ -245,8 +262,10 @@ def run_chapter(
 
     Raises:
         ParameterError: before any execution, for an unknown name or a bad value.
-        ChapterError: a cell failed; nothing is left under the output names.
+        ChapterError: a cell failed, or the chapter wrote no ``<chapter>.json``; nothing is left under
+            the output names.
     """
+    import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -261,22 +280,26 @@ def run_chapter(
     target = out_dir / f"{chapter}.ipynb"
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f".{chapter}.", dir=out_dir) as stage:
+    _remove_stale_stages(out_dir, chapter)
+    with tempfile.TemporaryDirectory(prefix=f".{chapter}.{os.getpid()}.", dir=out_dir) as stage:
         stage = Path(stage)
         work = stage / "results"
         work.mkdir()
-        src_ipynb = stage / f"{chapter}.src.ipynb"
-        import nbformat
-
+        src_ipynb, executed = stage / f"{chapter}.src.ipynb", stage / target.name
         nbformat.write(nb, src_ipynb)
         try:
             papermill.execute_notebook(
-                str(src_ipynb), str(stage / target.name),
+                str(src_ipynb), str(executed),
                 parameters={"model": model, **values, "results_dir": "."},
                 kernel_name=kernel_name(), language="python", cwd=str(work), progress_bar=True,
             )
         except PapermillExecutionError as err:
             raise ChapterError(f"chapter {chapter!r} ({model}) failed: {_summarise(err)}") from None
+        if not (work / f"{chapter}.json").exists():
+            raise ChapterError(f"chapter {chapter!r} ran but wrote no <results_dir>/{chapter}.json")
+        done = nbformat.read(executed, as_version=4)  # record the real paths, not the staging ones
+        done.metadata.papermill.update(input_path=str(source), output_path=str(target))
+        nbformat.write(done, executed)
         for produced in sorted(work.iterdir()):  # the chapter's JSON and any other files
             os.replace(produced, out_dir / produced.name)
         wall = time.perf_counter() - start
@@ -284,14 +307,19 @@ def run_chapter(
             "chapter": chapter, "model": model, "params": values, "wall_s": round(wall, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-        os.replace(stage / target.name, target)  # the notebook last: its presence means "done"
+        os.replace(executed, target)  # the notebook last: its presence means "done"
     return target
 
 
 # --- the book -------------------------------------------------------------------------------------
 
 def install_mathjax(dest: Path = ROOT / "book" / "_static" / "mathjax") -> Path:
-    """Copy MathJax 3 (es5 build, from the ``django-static-mathjax`` wheel) to ``dest`` if absent."""
+    """Copy MathJax 3 (es5 build, from the ``django-static-mathjax`` wheel) to ``dest`` unless current.
+
+    Returns:
+        ``dest``, which the book's ``mathjax_path`` (``mathjax/tex-chtml.js`` in ``_static``) points into.
+    """
+    import importlib.metadata
     import importlib.util
 
     spec = importlib.util.find_spec("mathjax")
@@ -299,10 +327,13 @@ def install_mathjax(dest: Path = ROOT / "book" / "_static" / "mathjax") -> Path:
     es5 = next((Path(r, "static", "mathjax", "es5") for r in roots
                 if Path(r, "static", "mathjax", "es5", "tex-chtml.js").exists()), None)
     if es5 is None:
-        raise RuntimeError(f"no local MathJax found; {MATHJAX_HINT}")
-    if not (dest / "tex-chtml.js").exists():
+        raise BuildError(f"no local MathJax found; {MATHJAX_HINT}")
+    version = importlib.metadata.version("django-static-mathjax")
+    stamp = dest / ".version"  # a dotfile: Sphinx does not copy it into the HTML
+    if not stamp.exists() or stamp.read_text() != version:
         with atomic_path(dest) as tmp:
             shutil.copytree(es5, tmp)
+            (tmp / ".version").write_text(version)
     return dest
 
 
@@ -334,18 +365,22 @@ def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MO
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
     since = time.time()
-    subprocess.run([
+    workflow = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile"),
         "--directory", str(ROOT), "--cores", str(cores), "--rerun-incomplete", "--nolock",
         "--config", f"models={','.join(models)}",
-    ], check=True, env=env, cwd=ROOT)
+    ]
+    if subprocess.run(workflow, env=env, cwd=ROOT).returncode:
+        raise BuildError("a chapter run failed (its error is above; logs in results/<model>/logs/)")
     ran = time.time() - since
 
     install_mathjax()
     book_start = time.time()
     jb = Path(sys.executable).with_name("jupyter-book")
-    subprocess.run([str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT),
-                    "-W", "-n", "--keep-going"], check=True, env=env, cwd=ROOT)
+    html_cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT),
+                "-W", "-n", "--keep-going"]
+    if subprocess.run(html_cmd, env=env, cwd=ROOT).returncode:
+        raise BuildError("jupyter-book build failed (warnings are errors); see its output above")
     html = ROOT / "_build" / "html" / "index.html"
     folder = Path("results") / model_slug(models[0])
     print(_timing_table({c: ROOT / folder for c in CHAPTERS}, since))
@@ -358,7 +393,8 @@ def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MO
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m atlas_core.runner run CHAPTER --model M [-p NAME VALUE] [--out DIR]`` or ``book``."""
-    parser = argparse.ArgumentParser(prog="python -m atlas_core.runner", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m atlas_core.runner",
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute one chapter for one model")
     run.add_argument("chapter")
@@ -375,12 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             print(run_chapter(args.chapter, args.model, dict(args.p), args.out, args.source))
         else:
             build_book(args.cores, args.models)
-    except (ParameterError, ChapterError, FileNotFoundError) as err:
+    except (ParameterError, RunnerError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParameterError) else 1
-    except subprocess.CalledProcessError as err:
-        print(f"error: {err.cmd[0]} exited with {err.returncode}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; the same command resumes", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from myst_nb import glue
+from tqdm.auto import tqdm
 
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, corpus_stats, token_blocks
@@ -63,19 +64,55 @@ def key(*parts) -> str:
 # starts with the beginning-of-sequence token (Gemma 3 needs it; the other two were trained without).
 
 # %%
-loaded, spec_rows = {}, []
-for name in names:
+def measure(name: str) -> tuple[dict, dict, list[dict], object]:
+    """Load one model, read its shape, check the extraction invariants and measure its perplexities."""
     lm = load_model(name)
-    loaded[name] = lm
     s = lm.spec
-    spec_rows.append(
-        {"model": name, "family": s.family, "layers": s.n_layers, "heads": s.n_heads, "kv heads": s.n_kv_heads,
-         "d_head": s.d_head, "d_model": s.d_model, "sliding layers": s.layer_types.count("sliding_attention"),
-         "window": max((w for w in s.windows if w), default=None), "BOS": s.add_bos,
-         "parameters (M)": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 1)}
-    )
+    shape = {"model": name, "family": s.family, "layers": s.n_layers, "heads": s.n_heads,
+             "kv heads": s.n_kv_heads, "d_head": s.d_head, "d_model": s.d_model,
+             "sliding layers": s.layer_types.count("sliding_attention"),
+             "window": max((w for w in s.windows if w), default=None), "BOS": s.add_bos,
+             "parameters (M)": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 1)}
+    return shape, check_invariants(lm), perplexities(lm), lm.tokenizer
+
+
+def check_invariants(lm) -> dict:
+    """Worst deviation of Σ_h c_h + b_O from the attention output, and of attention rows from 1."""
+    spec = BlockSpec("britannica", invariant_seq_len, invariant_blocks, "eval", lm.spec.add_bos)
+    layers = sorted({0, lm.spec.n_layers // 2, lm.spec.n_layers - 1})
+    acts = extract(lm, token_blocks(lm.tokenizer, spec), layers, fields=("probs", "c"), progress=False)
+    abs_err = rel_err = row_err = 0.0
+    for a in acts.values():
+        bias = 0.0 if a.out_bias is None else a.out_bias
+        diff = (a.c.sum(0) + bias - a.attn_out).abs().max().item()
+        abs_err, rel_err = max(abs_err, diff), max(rel_err, diff / a.attn_out.abs().max().item())
+        row_err = max(row_err, (a.probs.sum(-1) - 1).abs().max().item())
+    return {"model": lm.spec.name, "layers checked": str(layers), "max |Σc + b − out|": abs_err,
+            "relative": rel_err, "max |Σp − 1|": row_err}
+
+
+def perplexities(lm) -> list[dict]:
+    """Perplexity on the evaluation split of every corpus."""
+    rows = []
+    for corpus in corpora:
+        spec = BlockSpec(corpus, ppl_seq_len, ppl_tokens // ppl_seq_len, "eval", lm.spec.add_bos)
+        start = time.perf_counter()
+        value = perplexity(lm.model, token_blocks(lm.tokenizer, spec), progress=False)
+        rows.append({"model": lm.spec.name, "corpus": corpus, "perplexity": value,
+                     "seconds": time.perf_counter() - start})
+    return rows
+
+
+spec_rows, invariant_rows, ppl_rows = [], [], []
+for name in tqdm(names, desc="models"):  # one model in memory at a time
+    shape, invariants, ppls, tok = measure(name)
+    spec_rows.append(shape)
+    invariant_rows.append(invariants)
+    ppl_rows.extend(ppls)
+    if name == model:
+        tokenizer = tok
 spec_table = pd.DataFrame(spec_rows).set_index("model")
-glue("models_table", spec_table)
+glue("models_table", spec_table, display=False)
 glue("n_models", len(names), display=False)
 
 # %% [markdown]
@@ -92,10 +129,9 @@ glue("n_models", len(names), display=False)
 # share a token. Token counts below use the tokenizer of the run's model.
 
 # %%
-tokenizer = loaded[model].tokenizer
 corpus_rows = [corpus_stats(tokenizer, c) for c in corpora]
 corpus_table = pd.DataFrame(corpus_rows).set_index("corpus")
-glue("corpora_table", corpus_table)
+glue("corpora_table", corpus_table, display=False)
 for row in corpus_rows:
     glue(key("tokens", row["corpus"]), f"{row['tokens']:,}", display=False)
     glue(key("words", row["corpus"]), f"{row['words']:,}", display=False)
@@ -114,24 +150,10 @@ for row in corpus_rows:
 # The table gives the worst absolute and relative deviation over the first, middle and last layers.
 
 # %%
-invariant_rows = []
-for name, lm in loaded.items():
-    spec = BlockSpec("britannica", invariant_seq_len, invariant_blocks, "eval", lm.spec.add_bos)
-    blocks = token_blocks(lm.tokenizer, spec)
-    layers = sorted({0, lm.spec.n_layers // 2, lm.spec.n_layers - 1})
-    acts = extract(lm, blocks, layers, fields=("probs", "c"), progress=False)
-    abs_err = rel_err = row_err = 0.0
-    for a in acts.values():
-        bias = 0.0 if a.out_bias is None else a.out_bias
-        diff = (a.c.sum(0) + bias - a.attn_out).abs().max().item()
-        abs_err = max(abs_err, diff)
-        rel_err = max(rel_err, diff / a.attn_out.abs().max().item())
-        row_err = max(row_err, (a.probs.sum(-1) - 1).abs().max().item())
-    invariant_rows.append({"model": name, "layers checked": str(layers), "max |Σc + b − out|": abs_err,
-                           "relative": rel_err, "max |Σp − 1|": row_err})
-    glue(key("inv_abs", name), f"{abs_err:.1e}", display=False)
+for row in invariant_rows:
+    glue(key("inv_abs", row["model"]), f"{row['max |Σc + b − out|']:.1e}", display=False)
 invariant_table = pd.DataFrame(invariant_rows).set_index("model")
-glue("invariant_table", invariant_table.style.format("{:.1e}", subset=invariant_table.columns[1:]))
+glue("invariant_table", invariant_table.style.format("{:.1e}", subset=invariant_table.columns[1:]), display=False)
 worst = max(r["max |Σc + b − out|"] for r in invariant_rows)
 glue("inv_worst", f"{worst:.1e}", display=False)
 
@@ -149,18 +171,11 @@ glue("inv_worst", f"{worst:.1e}", display=False)
 # the plays are Early Modern English verse.
 
 # %%
-ppl_rows = []
-for name, lm in loaded.items():
-    for corpus in corpora:
-        spec = BlockSpec(corpus, ppl_seq_len, ppl_tokens // ppl_seq_len, "eval", lm.spec.add_bos)
-        start = time.perf_counter()
-        value = perplexity(lm.model, token_blocks(lm.tokenizer, spec), progress=False)
-        ppl_rows.append({"model": name, "corpus": corpus, "perplexity": value,
-                         "seconds": time.perf_counter() - start})
-        glue(key("ppl", name, corpus), f"{value:.2f}", display=False)
+for row in ppl_rows:
+    glue(key("ppl", row["model"], row["corpus"]), f"{row['perplexity']:.2f}", display=False)
 ppl = pd.DataFrame(ppl_rows)
 ppl_table = ppl.pivot(index="model", columns="corpus", values="perplexity").loc[names, corpora]
-glue("ppl_table", ppl_table.style.format("{:.2f}"))
+glue("ppl_table", ppl_table.style.format("{:.2f}"), display=False)
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 width = 0.8 / len(names)

@@ -1,0 +1,161 @@
+"""Runner: jupytext → parameters cell, validation before execution, atomic outputs (no model needed)."""
+
+import json
+
+import pytest
+import yaml
+
+from atlas_core import runner
+from atlas_core.runner import ChapterError, ParameterError
+
+PARAMS = '''model = "smollm2-135m"
+results_dir = "results"
+n_points: int = 5  # annotated assignments count too
+scale = 1.5
+show = True
+layers = [1, 2]
+label = "x"
+'''
+
+
+def write_chapter(folder, body, params=PARAMS, name="toy"):
+    """Write a jupytext percent-format chapter ``<folder>/<name>.py`` and return its path."""
+    path = folder / f"{name}.py"
+    path.write_text(
+        "# %% [markdown]\n# # A toy chapter\n\n"
+        '# %% tags=["parameters"]\n' + params + "\n"
+        "# %%\n" + body + "\n"
+    )
+    return path
+
+
+def forbid_execution(monkeypatch):
+    import papermill
+
+    def boom(*args, **kwargs):
+        raise AssertionError("executed although the parameters were invalid")
+
+    monkeypatch.setattr(papermill, "execute_notebook", boom)
+
+
+def test_jupytext_conversion_finds_parameters_cell(tmp_path):
+    nb = runner.read_notebook(write_chapter(tmp_path, "x = 1"))
+    assert nb.cells[1].metadata["tags"] == ["parameters"]
+    assert runner.notebook_parameters(nb) == {
+        "model": "smollm2-135m", "results_dir": "results", "n_points": 5, "scale": 1.5,
+        "show": True, "layers": [1, 2], "label": "x",
+    }
+
+
+def test_missing_parameters_cell_is_an_error(tmp_path):
+    path = tmp_path / "bare.py"
+    path.write_text("# %%\nx = 1\n")
+    with pytest.raises(ParameterError, match="no cell tagged 'parameters'"):
+        runner.notebook_parameters(runner.read_notebook(path))
+
+
+@pytest.mark.parametrize("name,value,expected", [
+    ("n_points", "12", 12), ("scale", "2", 2.0), ("scale", 3, 3.0), ("show", "false", False),
+    ("show", "yes", True), ("layers", "[3, 4]", [3, 4]), ("layers", (5,), [5]), ("label", "7", "7"),
+])
+def test_values_are_coerced_to_the_default_type(name, value, expected):
+    defaults = {"model": "m", "results_dir": ".", "n_points": 5, "scale": 1.5, "show": True,
+                "layers": [1, 2], "label": "x"}
+    out = runner.validate_parameters(defaults, {name: value})
+    assert out == {name: expected} and type(out[name]) is type(expected)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"n_point": "3"}, r"unknown parameter 'n_point'; valid names: label, layers, n_points, scale, show"),
+    ({"n_points": "three"}, r"'n_points': 'three' is not a valid int"),
+    ({"n_points": "2.5"}, r"not a valid int"),
+    ({"n_points": True}, r"not a valid int"),
+    ({"show": "maybe"}, r"not a valid bool"),
+    ({"layers": "[1, 2"}, r"not a valid list"),
+    ({"layers": '{"a": 1}'}, r"not a valid list"),
+    ({"label": 3}, r"not a valid str"),
+    ({"model": "gpt2"}, r"set by the runner"),
+    ({"results_dir": "/tmp"}, r"set by the runner"),
+])
+def test_bad_parameters_fail_before_execution(tmp_path, monkeypatch, params, message):
+    forbid_execution(monkeypatch)
+    source = write_chapter(tmp_path, "raise SystemExit('must not run')")
+    with pytest.raises(ParameterError, match=message):
+        runner.run_chapter("toy", "m", params, out_dir=tmp_path / "out", source=source)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parameters_cell_must_define_model_and_results_dir(tmp_path, monkeypatch):
+    forbid_execution(monkeypatch)
+    source = write_chapter(tmp_path, "pass", params="n = 1\n")
+    with pytest.raises(ParameterError, match="must define model, results_dir"):
+        runner.run_chapter("toy", "m", {}, out_dir=tmp_path / "out", source=source)
+
+
+def test_cli_reports_parameter_errors_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    forbid_execution(monkeypatch)
+    source = write_chapter(tmp_path, "pass")
+    code = runner.main(["run", "toy", "--model", "m", "-p", "bogus", "1",
+                        "--out", str(tmp_path / "out"), "--source", str(source)])
+    assert code == 2
+    assert "unknown parameter 'bogus'" in capsys.readouterr().err
+
+
+def test_successful_run_writes_notebook_results_and_timing(tmp_path):
+    body = (
+        "import json, pathlib\n"
+        "pathlib.Path(results_dir, 'toy.json').write_text(json.dumps("
+        "{'model': model, 'n': n_points * 2, 'layers': layers}))"
+    )
+    source = write_chapter(tmp_path, body)
+    out = tmp_path / "out"
+    path = runner.run_chapter("toy", "tiny", {"n_points": "21", "layers": "[7]"}, out, source)
+    assert path == out / "toy.ipynb"
+    assert json.loads((out / "toy.json").read_text()) == {"model": "tiny", "n": 42, "layers": [7]}
+    timing = json.loads((out / "toy.timing.json").read_text())
+    assert timing["chapter"] == "toy" and timing["wall_s"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["toy.ipynb", "toy.json", "toy.timing.json"]
+    injected = [c for c in json.loads(path.read_text())["cells"]
+                if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert "n_points = 21" in "".join(injected[0]["source"])
+
+
+def test_failing_notebook_leaves_nothing(tmp_path):
+    body = (
+        "import json, pathlib\n"
+        "pathlib.Path(results_dir, 'toy.json').write_text('{}')\n"
+        "raise ValueError('deliberate failure')"
+    )
+    source = write_chapter(tmp_path, body)
+    out = tmp_path / "out"
+    with pytest.raises(ChapterError, match="ValueError: deliberate failure"):
+        runner.run_chapter("toy", "tiny", {}, out, source)
+    assert list(out.iterdir()) == []  # no notebook, no half-results, no staging folder
+
+
+def test_chapters_come_from_the_toc_in_order(tmp_path):
+    toc = tmp_path / "_toc.yml"
+    toc.write_text(yaml.safe_dump({"format": "jb-book", "root": "book/intro", "parts": [
+        {"caption": "Chapters", "chapters": [{"file": "book/chapters/b"}, {"file": "book/chapters/a"}]},
+        {"caption": "Back", "chapters": [{"file": "book/references"}]},
+    ]}))
+    assert runner._toc_chapters(toc) == ("b", "a")
+    assert runner.CHAPTERS[0] == "models"
+
+
+def test_params_file_names_known_chapters():
+    table = yaml.safe_load((runner.ROOT / "workflow" / "params.yaml").read_text())
+    for model, chapters in table.items():
+        assert set(chapters or {}) <= set(runner.CHAPTERS), model
+
+
+def test_model_slug_is_a_single_path_component():
+    assert runner.model_slug("Qwen/Qwen2.5-0.5B") == "Qwen--Qwen2.5-0.5B"
+    assert runner.model_slug("smollm2-135m") == "smollm2-135m"
+
+
+def test_a_chapter_must_write_its_results_json(tmp_path):
+    source = write_chapter(tmp_path, "x = 1")
+    with pytest.raises(ChapterError, match="wrote no <results_dir>/toy.json"):
+        runner.run_chapter("toy", "tiny", {}, tmp_path / "out", source)
+    assert list((tmp_path / "out").iterdir()) == []
