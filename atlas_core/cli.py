@@ -55,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_ppl)
 
+    o = sub.add_parser("overlap", help="head overlap O_h of one layer beside its random null (source protocol)")
+    _cloud_args(o)
+    o.add_argument("--k", type=int, default=7, help="frame rank")
+    o.add_argument("--heads", default="all", choices=["all", "first8"])
+    o.add_argument("--metric", default="source", choices=["source", "projection"])
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=_overlap)
+
+    i = sub.add_parser("id", help="per-head intrinsic dimension of one layer")
+    _cloud_args(i)
+    i.add_argument("--estimator", default="twonn", choices=["twonn", "twonn-source", "mle"])
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_id)
+
     r = sub.add_parser("run", help="execute one chapter notebook with papermill")
     r.add_argument("chapter")
     _model_arg(r)
@@ -81,6 +95,50 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, toy-<family>, local folder or hub id")
+
+
+def _cloud_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("--layer", type=int, default=-1, help="layer index; negative counts from the end")
+    p.add_argument("--residual", default="eps", choices=["eps", "z", "c"], help="ε = z − v[argmax p], z, or c after W_O")
+    p.add_argument("--n-points", type=int, default=1200, help="points per head")
+    p.add_argument("--corpus", default="britannica")
+    p.add_argument("--blocks", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cloud_spec(args):
+    from atlas_core.clouds import CloudSpec
+
+    return CloudSpec(args.corpus, args.seq_len, args.blocks, args.n_points, args.seed)
+
+
+def _overlap(args) -> None:
+    from atlas_core.measure import overlap_report
+    from atlas_core.models import load_model
+
+    spec = _cloud_spec(args)  # validated before the model loads
+    r = overlap_report(load_model(args.model), args.layer, args.k, args.residual, args.heads, spec, args.metric)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{r['model']} layer {r['layer']} {r['residual']} k={r['k']}: O_h = {r['o_h']:.4f} "
+          f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] over {r['n_pairs']} {r['pairs']} pairs; "
+          f"Haar null {r['null_mean']:.4f} ± {r['null_std']:.4f} (d={r['d']}), z = {r['z']:.2f}")
+
+
+def _id(args) -> None:
+    from atlas_core.measure import id_report
+    from atlas_core.models import load_model
+
+    spec = _cloud_spec(args)
+    r = id_report(load_model(args.model), args.layer, args.estimator, args.residual, spec)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{r['model']} layer {r['layer']} {r['residual']} {r['estimator']}: mean d_int = {r['mean']:.2f} "
+          f"(per head: {', '.join(f'{v:.1f}' for v in r['per_head'])})")
 
 
 def _models(args) -> None:

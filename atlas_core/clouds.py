@@ -1,0 +1,117 @@
+"""Per-head point clouds (ε, z or c) of a model's layers, sampled as the source protocol does, cached on disk.
+
+One forward pass over the blocks extracts every requested layer; each (layer, residual) cloud is then
+stored under a key that hashes the model's weights, the corpus, the block and sampling parameters and
+the library cache version, so the atlas and cross-architecture chapters share one extraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from atlas_core.cache import atomic_path, cache_dir, cache_key
+from atlas_core.corpus import BlockSpec, token_blocks
+from atlas_core.extract import extract, head_out_proj
+from atlas_core.models import LoadedModel
+
+RESIDUALS = ("eps", "z", "c")
+
+
+@dataclass(frozen=True)
+class CloudSpec:
+    """Which points: N per head from the first ``n_blocks`` blocks of ``seq_len`` tokens of a corpus.
+
+    Position 0 of every block is left out: there z = v[0] exactly and ε = 0, a degenerate point.
+    """
+
+    corpus: str = "britannica"
+    seq_len: int = 256
+    n_blocks: int = 12
+    n_points: int = 1200
+    seed: int = 0
+
+    def __post_init__(self):
+        available = self.n_blocks * (self.seq_len - 1)
+        if self.n_points < 2 or self.n_points > available:
+            raise ValueError(
+                f"n_points={self.n_points} must be between 2 and the {available} points of "
+                f"{self.n_blocks} blocks x {self.seq_len - 1} positions; raise n_blocks or lower n_points"
+            )
+
+
+def point_indices(spec: CloudSpec) -> np.ndarray:
+    """The sampled (block, token) positions as flat point indices, sorted; (n_points,)."""
+    positions = np.arange(spec.n_blocks * spec.seq_len)
+    eligible = positions[positions % spec.seq_len != 0]
+    rng = np.random.default_rng(spec.seed)
+    return np.sort(rng.choice(eligible, size=spec.n_points, replace=False))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every parameter's name, shape and sum: changes whenever the weights do."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            digest.update(f"{name}{tuple(p.shape)}{p.double().sum().item():.17g}".encode())
+    return digest.hexdigest()[:16]
+
+
+def head_clouds(
+    lm: LoadedModel, layers: list[int], residual: str = "eps", spec: CloudSpec = CloudSpec(), progress: bool = True
+) -> dict[int, np.ndarray]:
+    """Clouds of every head in each layer, from the disk cache or one extraction pass.
+
+    Args:
+        lm: a loaded model.
+        layers: layer indices (negative counts from the end).
+        residual: "eps" (z − v[argmax p], the source's residual), "z" (head output before W_O) or
+            "c" (after W_O, in the residual stream).
+    Returns:
+        {layer: (head, n_points, d)} float32, d = d_head (eps, z) or d_model (c).
+    """
+    if residual not in RESIDUALS:
+        raise ValueError(f"unknown residual '{residual}'; choose one of {RESIDUALS}")
+    n = lm.spec.n_layers
+    if any(not -n <= l < n for l in layers):
+        raise ValueError(f"layers {layers} out of range for a model with {n} layers")
+    layers = sorted({l % n for l in layers})
+    fingerprint = weights_fingerprint(lm.model)
+    paths = {l: _cache_path(lm, fingerprint, spec, l, residual) for l in layers}
+    missing = [l for l, p in paths.items() if not p.exists()]
+    if missing:
+        _extract_into_cache(lm, missing, residual, spec, {l: paths[l] for l in missing}, progress)
+    return {l: np.load(paths[l]) for l in layers}
+
+
+def kv_groups(lm: LoadedModel) -> np.ndarray:
+    """(head,) the KV head each query head reads."""
+    s = lm.spec
+    return np.arange(s.n_heads) // (s.n_heads // s.n_kv_heads)
+
+
+def out_proj(lm: LoadedModel, layer: int) -> np.ndarray:
+    """(head, d_head, d_model) W_O of a layer split per head."""
+    return head_out_proj(lm.model, layer % lm.spec.n_layers)[0].detach().numpy()
+
+
+def _cache_path(lm, fingerprint, spec, layer, residual):
+    key = cache_key(model=lm.spec.name, weights=fingerprint, add_bos=lm.spec.add_bos, layer=layer,
+                    residual=residual, **asdict(spec))
+    return cache_dir("clouds") / f"{lm.spec.name.replace('/', '--')}-L{layer}-{residual}-{key}.npy"
+
+
+def _extract_into_cache(lm, layers, residual, spec, paths, progress):
+    blocks = token_blocks(lm.tokenizer, BlockSpec(spec.corpus, spec.seq_len, spec.n_blocks, "eval", lm.spec.add_bos))
+    acts = extract(lm, blocks, layers, fields=(residual,), progress=progress)
+    index = torch.from_numpy(point_indices(spec))
+    for layer in layers:
+        cloud = getattr(acts[layer], residual)[:, index].float().numpy()  # (head, n_points, d)
+        if not np.isfinite(cloud).all():
+            raise FloatingPointError(f"non-finite values in layer {layer} {residual}; check the model's weights")
+        with atomic_path(paths[layer]) as tmp:
+            with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
+                np.save(f, cloud)

@@ -1,0 +1,75 @@
+"""The source work's head-geometry protocol end to end: clouds of one layer → O_h with nulls, and d_int."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj
+from atlas_core.geometry import layer_overlap
+from atlas_core.intrinsic import ESTIMATORS, per_head
+from atlas_core.models import LoadedModel
+
+HEAD_SETS = ("all", "first8")
+
+
+def select_heads(heads: str, n_heads: int) -> np.ndarray:
+    """Indices of the heads to compare: "all", or "first8" (the source's GPT-2 headline)."""
+    if heads not in HEAD_SETS:
+        raise ValueError(f"unknown head set '{heads}'; choose one of {HEAD_SETS}")
+    return np.arange(n_heads if heads == "all" else min(8, n_heads))
+
+
+def overlap_report(
+    lm: LoadedModel,
+    layer: int = -1,
+    k: int = 7,
+    residual: str = "eps",
+    heads: str = "all",
+    spec: CloudSpec = CloudSpec(),
+    metric: str = "source",
+    n_boot: int = 2000,
+    null_draws: int = 500,
+    progress: bool = True,
+) -> dict:
+    """O_h of one layer with its CI, inter/intra split, Haar null, difference and z-score.
+
+    For c (after W_O) the null inside each head's W_O column space is added beside the d_model null.
+    Returns:
+        a JSON-ready dict (``OverlapResult.summary()`` plus model, layer, residual, heads).
+    """
+    layer = _layer(lm, layer)
+    d = lm.spec.d_model if residual == "c" else lm.spec.d_head
+    if not 1 <= k < min(d, spec.n_points):
+        raise ValueError(f"k={k} must be at least 1 and below the cloud dimension {d} and n_points")
+    idx = select_heads(heads, lm.spec.n_heads)
+    cloud = head_clouds(lm, [layer], residual, spec, progress)[layer][idx]
+    w_o = out_proj(lm, layer)[idx] if residual == "c" else None
+    result = layer_overlap(cloud, kv_groups(lm)[idx], k, metric, n_boot, spec.seed, null_draws, w_o)
+    return {"model": lm.spec.name, "layer": layer, "residual": residual, "heads": heads,
+            "n_heads": len(idx), "corpus": spec.corpus, "d_head": lm.spec.d_head, **result.summary()}
+
+
+def id_report(
+    lm: LoadedModel,
+    layer: int = -1,
+    estimator: str = "twonn",
+    residual: str = "eps",
+    spec: CloudSpec = CloudSpec(),
+    progress: bool = True,
+) -> dict:
+    """Per-head intrinsic dimension of one layer's clouds and its mean over heads."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator '{estimator}'; choose one of {ESTIMATORS}")
+    layer = _layer(lm, layer)
+    cloud = head_clouds(lm, [layer], residual, spec, progress)[layer]
+    values = per_head(cloud, estimator)
+    return {"model": lm.spec.name, "layer": layer, "residual": residual, "estimator": estimator,
+            "corpus": spec.corpus, "n_points": spec.n_points, "per_head": [float(v) for v in values],
+            "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def _layer(lm: LoadedModel, layer: int) -> int:
+    n = lm.spec.n_layers
+    if not -n <= layer < n:
+        raise ValueError(f"layer {layer} out of range: the model has layers 0..{n - 1} (or -{n}..-1)")
+    return layer % n

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from atlas_core import clouds
+from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, point_indices, weights_fingerprint
+from atlas_core.models import load_model
+
+SMALL = CloudSpec(corpus="pydoc", seq_len=64, n_blocks=3, n_points=100, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
+
+
+def test_point_indices_skip_position_zero_and_are_deterministic():
+    idx = point_indices(SMALL)
+    assert len(idx) == len(set(idx)) == 100
+    assert np.all(idx % SMALL.seq_len != 0) and idx.max() < SMALL.n_blocks * SMALL.seq_len
+    assert np.array_equal(idx, point_indices(SMALL))
+    assert not np.array_equal(idx, point_indices(CloudSpec("pydoc", 64, 3, 100, seed=2)))
+
+
+def test_spec_rejects_impossible_point_counts():
+    with pytest.raises(ValueError, match="n_points"):
+        CloudSpec(seq_len=64, n_blocks=1, n_points=64)
+
+
+def test_clouds_match_extraction_and_come_back_from_cache(monkeypatch):
+    lm = load_model("toy-qwen2")
+    first = head_clouds(lm, [0, -1], "eps", SMALL, progress=False)
+    assert set(first) == {0, 1} and first[1].shape == (4, 100, 16) and first[1].dtype == np.float32
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("cache miss: extracted again")
+
+    monkeypatch.setattr(clouds, "extract", no_extraction)
+    again = head_clouds(lm, [1], "eps", SMALL, progress=False)
+    assert np.array_equal(again[1], first[1])
+
+
+def test_c_clouds_live_in_d_model_and_sum_like_the_model():
+    lm = load_model("toy-llama")
+    c = head_clouds(lm, [1], "c", SMALL, progress=False)[1]
+    z = head_clouds(lm, [1], "z", SMALL, progress=False)[1]
+    w_o = clouds.out_proj(lm, 1)  # (head, d_head, d_model)
+    assert c.shape == (4, 100, 64)
+    np.testing.assert_allclose(c, np.einsum("hpd,hdm->hpm", z, w_o), atol=1e-5)
+
+
+def test_fingerprint_follows_the_weights():
+    a = load_model("toy-gpt2")
+    b = load_model("toy-gpt2")
+    assert weights_fingerprint(a.model) == weights_fingerprint(b.model)
+    next(b.model.parameters()).data[0, 0] += 1.0
+    assert weights_fingerprint(a.model) != weights_fingerprint(b.model)
+
+
+def test_kv_groups():
+    assert list(kv_groups(load_model("toy-llama"))) == [0, 0, 1, 1]
+    assert list(kv_groups(load_model("toy-gemma3"))) == [0, 0, 0, 0]
+    assert list(kv_groups(load_model("toy-gpt2"))) == [0, 1, 2, 3]
+
+
+def test_bad_residual_and_layer():
+    lm = load_model("toy-llama")
+    with pytest.raises(ValueError, match="residual"):
+        head_clouds(lm, [0], "q", SMALL)
+    with pytest.raises(ValueError, match="layers"):
+        head_clouds(lm, [7], "eps", SMALL)
