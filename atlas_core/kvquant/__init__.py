@@ -1,0 +1,29 @@
+"""KV-cache quantization (SPEC §9): quantizers, model-visible error metrics, HeadQ, a quantized cache.
+
+- ``quant``: asymmetric min–max quantizers (per-token, per-channel), references, bit accounting.
+- ``metrics``: key MSE, logit MSE, shift-invariant Fisher error, attention KL, output error.
+- ``headq``: query-basis calibration, side codes, controls (wrong sign, random, key-PCA, null space).
+- ``cache``: ``QuantizedKVCache``, a transformers ``Cache`` storing codes, scales and side codes.
+- ``policy``: the A² value policy.
+- ``decode``: decode-style perplexity through the cache, excess perplexity removed.
+"""
+
+from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache, expected_bits
+from atlas_core.kvquant.decode import decode_nll, decode_perplexity, excess_removed
+from atlas_core.kvquant.headq import SideCode, calibrate
+from atlas_core.kvquant.quant import QuantSpec, bits_per_element, dequantize, quantize
+
+__all__ = [
+    "KVQuantConfig",
+    "QuantSpec",
+    "QuantizedKVCache",
+    "SideCode",
+    "bits_per_element",
+    "calibrate",
+    "decode_nll",
+    "decode_perplexity",
+    "dequantize",
+    "excess_removed",
+    "expected_bits",
+    "quantize",
+]

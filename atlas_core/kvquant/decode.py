@@ -1,0 +1,73 @@
+"""Decode-style perplexity: every scored token attends to the past through the (quantized) cache.
+
+Protocol, per batch of blocks (batch, token):
+1. prefill the first ``prefill`` tokens in one forward pass (they attend to each other in full
+   precision; the cache then stores them, quantized, as it would after any prompt);
+2. feed the rest ``chunk`` tokens at a time (teacher forcing), each step attending to the stored past
+   through the cache (plus, within a chunk, to the chunk itself in full precision);
+3. score only the tokens predicted by step 2's logits: tokens prefill+1 … T−1 (the prefill's own
+   logits are never quantization-affected and are left out).
+
+The same protocol with ``kv=None`` (a plain ``DynamicCache``) gives the fp reference, so the two differ
+only by what the cache returns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache
+from atlas_core.kvquant.headq import SideCode
+
+
+def make_cache(model, kv: KVQuantConfig | None, side: SideCode | None = None):
+    """A fresh cache: ``DynamicCache`` for kv=None, else ``QuantizedKVCache``."""
+    if kv is None:
+        return DynamicCache(config=model.config)
+    return QuantizedKVCache(model.config, kv, side)
+
+
+@torch.no_grad()
+def decode_nll(
+    model,
+    blocks: torch.Tensor,
+    kv: KVQuantConfig | None,
+    side: SideCode | None = None,
+    prefill: int = 128,
+    chunk: int = 1,
+) -> tuple[torch.Tensor, dict[str, float] | None]:
+    """NLL of the decoded tokens, (batch, token − prefill − 1), and the cache's measured bits/element.
+
+    Args:
+        blocks: (batch, token) token ids; all decoded together as one batch.
+        kv: quantization settings, or None for the fp ``DynamicCache``.
+        prefill: tokens fed in the first forward pass (≥ 1).
+        chunk: tokens per decode step.
+    """
+    if not 1 <= prefill < blocks.shape[1] - 1:
+        raise ValueError(f"prefill must be in 1..{blocks.shape[1] - 2}, got {prefill}")
+    cache = make_cache(model, kv, side)
+    model(blocks[:, :prefill], past_key_values=cache, use_cache=True)
+    nll = []
+    for start in range(prefill, blocks.shape[1] - 1, chunk):
+        stop = min(start + chunk, blocks.shape[1] - 1)
+        logits = model(blocks[:, start:stop], past_key_values=cache, use_cache=True).logits.float()
+        target = blocks[:, start + 1 : stop + 1]  # (batch, step)
+        nll.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+    bits = cache.bits_per_element() if kv is not None else None
+    return torch.cat(nll, dim=1), bits
+
+
+def decode_perplexity(model, blocks, kv, side=None, prefill: int = 128, chunk: int = 1) -> float:
+    """exp of the mean NLL of ``decode_nll``."""
+    nll, _ = decode_nll(model, blocks, kv, side, prefill, chunk)
+    return math.exp(nll.double().mean().item())
+
+
+def excess_removed(ppl_base: float, ppl_method: float, ppl_fp: float) -> float:
+    """(PPL_base − PPL_method)/(PPL_base − PPL_fp): 1 = all excess perplexity removed, 0 = none."""
+    return (ppl_base - ppl_method) / (ppl_base - ppl_fp)

@@ -1,0 +1,99 @@
+"""Quantizers: vectorised against the loop reference, known answers, bit accounting."""
+
+import pytest
+import torch
+
+from atlas_core.kvquant import quant
+from atlas_core.kvquant.quant import QuantSpec
+
+
+def _x(shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("axis,group", [("token", 8), ("token", 64), ("channel", 4)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_vectorised_matches_reference(bits, axis, group, scale_dtype):
+    spec = QuantSpec(bits, group, axis, scale_dtype)
+    x = _x((12, 16))  # (key, d_head)
+    fast, ref = quant.quantize(x, spec), quant.quantize_ref(x, spec)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    assert torch.equal(quant.dequantize(fast, spec), quant.dequantize_ref(ref, spec))
+
+
+def test_batched_equals_per_slice():
+    spec = QuantSpec(3, 4, "channel")
+    x = _x((2, 3, 8, 16))  # (batch, kv_head, key, d_head)
+    full = quant.dequantize(quant.quantize(x, spec), spec)
+    for b in range(2):
+        for h in range(3):
+            assert torch.equal(full[b, h], quant.dequantize_ref(quant.quantize_ref(x[b, h], spec), spec))
+
+
+@pytest.mark.parametrize("axis,group", [("token", 8), ("channel", 4)])
+def test_grid_values_are_exact(axis, group):
+    spec = QuantSpec(4, group, axis, torch.float32)
+    codes = torch.randint(0, 16, (8, 16), generator=torch.Generator().manual_seed(1))
+    if axis == "token":  # every group holds the min and the max code
+        codes[:, 0], codes[:, 1], codes[:, 8], codes[:, 9] = 0, 15, 0, 15
+    else:
+        codes[0], codes[1], codes[4], codes[5] = 0, 15, 0, 15
+    x = -1.5 + 0.25 * codes.float()  # on the grid of scale 0.25, zero -1.5
+    assert torch.equal(quant.dequantize(quant.quantize(x, spec), spec), x)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_error_at_most_half_a_step(bits, axis):
+    spec = QuantSpec(bits, 8, axis, torch.float32)
+    x = _x((16, 32), seed=bits)
+    q = quant.quantize(x, spec)
+    err = (quant.dequantize(q, spec) - x).abs()
+    step = q.scale.repeat_interleave(8, dim=-1) if axis == "token" else q.scale.repeat_interleave(8, dim=0)
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def test_two_bits_has_four_levels():
+    spec = QuantSpec(2, 32, "token", torch.float32)
+    x = _x((5, 32))
+    q = quant.quantize(x, spec)
+    assert q.codes.max() == 3 and q.codes.min() == 0
+    for row in quant.dequantize(q, spec):
+        assert len(row.unique()) <= 4
+
+
+def test_constant_group_is_exact():
+    spec = QuantSpec(2, 4, "token")
+    x = torch.full((3, 8), 0.5)
+    assert torch.equal(quant.dequantize(quant.quantize(x, spec), spec), x)
+
+
+def test_bits_per_element():
+    assert quant.bits_per_element(QuantSpec(2, 32, "token"), 64) == 3.0
+    assert quant.bits_per_element(QuantSpec(2, 128, "token"), 64) == 2.5  # group clamps to the head
+    assert quant.bits_per_element(QuantSpec(4, 64, "channel"), 64) == 4.5
+    assert quant.bits_per_element(None, 64) == 16.0
+    x = _x((2, 2, 64, 64))
+    for spec in (QuantSpec(2, 32, "token"), QuantSpec(3, 32, "channel")):
+        assert quant.stored_bits(quant.quantize(x, spec), spec) == x.numel() * quant.bits_per_element(spec, 64)
+
+
+def test_channel_needs_whole_groups_and_drop_front():
+    spec = QuantSpec(2, 4, "channel")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        quant.quantize(_x((6, 8)), spec)
+    x = _x((12, 8))
+    q = quant.quantize(x, spec)
+    tail = quant.drop_front(q, 8, spec)
+    assert torch.equal(quant.dequantize(tail, spec), quant.dequantize(q, spec)[8:])
+    with pytest.raises(ValueError):
+        quant.drop_front(q, 3, spec)
+
+
+def test_bad_specs():
+    with pytest.raises(ValueError):
+        QuantSpec(bits=9)
+    with pytest.raises(ValueError):
+        QuantSpec(axis="row")
