@@ -167,8 +167,9 @@ class _Recorder:
 
     def finish(self) -> LayerActivations:
         cat = {name: torch.cat(parts, dim=0 if name in ("probs", "attn_out") else 1) for name, parts in self.parts.items()}
-        if "q_pre" not in self.parts and "q_pre" in self.fields:  # no RoPE: pre = post
-            cat["q_pre"], cat["k_pre"] = cat.get("q"), cat.get("k")
+        for pre, post in (("q_pre", "q"), ("k_pre", "k")):
+            if pre in self.fields and pre not in self.parts:  # no RoPE: pre = post
+                cat[pre] = cat.get(post)
         return LayerActivations(layer=self.layer, out_bias=self.bias, kv_group=self.kv_group, **cat)
 
 
@@ -213,8 +214,8 @@ def _capturing(model, recorders: dict[int, _Recorder]):
         attn = modules[layer]
         attn._atlas_recorder = rec
         d_head = _d_head(attn)
-        if layout.q_pre and "q_pre" in rec.fields:
-            for name, key in ((layout.q_pre, "q_pre"), (layout.k_pre, "k_pre")):
+        for name, key in ((layout.q_pre, "q_pre"), (layout.k_pre, "k_pre")):
+            if name and key in rec.fields:
                 hook = lambda m, i, o, r=rec, k=key: r.add(k, _points(_heads(o, d_head)))
                 handles.append(attn.get_submodule(name).register_forward_hook(hook))
         handles.append(attn.register_forward_hook(lambda m, i, o, r=rec: r.add("attn_out", o[0].reshape(-1, o[0].shape[-1]))))

@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from atlas_core.kvquant import headq
+from atlas_core.kvquant import headq, quant, rope
 from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache, expected_bits
 from atlas_core.kvquant.headq import SideCode
 from atlas_core.kvquant.quant import QuantSpec, dequantize, quantize
+from atlas_core.extract import extract
 from atlas_core.models import load_model
 
 PER_TOKEN4 = KVQuantConfig(QuantSpec(4, 16, "token"), QuantSpec(4, 16, "token"))
@@ -85,7 +86,7 @@ def test_generate_runs(toy_lm, kv):
 def test_memo_matches_codes_and_values_untouched_by_side_codes():
     lm = load_model("toy-llama")
     model, ids = lm.model, _ids(24)
-    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), None, residual=2)
+    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), None, residual=2, memo=True)
     cache = QuantizedKVCache(model.config, kv, SideCode(_bases(lm), bits=4))
     _decode(model, ids, cache)
     dyn = DynamicCache(config=model.config)
@@ -126,3 +127,52 @@ def test_measured_bits_match_accounting():
     assert measured["key"] == pytest.approx(expected["key"]) and measured["value"] == pytest.approx(expected["value"])
     # keys: 2 + 32/4 payload+stats, side (4·4 + 32)/16 = 3 bits; mixed with 3 fp16 tokens of 23
     assert expected["key"] == pytest.approx(((2 + 8 + 3) * 20 + 16 * 3) / 23)
+
+
+def test_memo_and_codes_give_identical_logits_and_packing_saves_memory(toy_lm):
+    model, ids = toy_lm.model, _ids(20)
+    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(3, 8, "token"), residual=2)
+    side = SideCode(_bases(toy_lm), bits=3)
+    plain = QuantizedKVCache(model.config, kv, side)
+    memo = QuantizedKVCache(model.config, KVQuantConfig(kv.key, kv.value, kv.residual, memo=True), side)
+    torch.testing.assert_close(_decode(model, ids, plain), _decode(model, ids, memo), atol=1e-5, rtol=0)  # einsum order only
+    held, with_memo = plain.held_bytes(), memo.held_bytes()
+    assert held["memo"] == 0 and with_memo["memo"] > 0 and held["storage"] == with_memo["storage"]
+    dyn = DynamicCache(config=model.config)
+    _decode(model, ids, dyn)
+    fp_bytes = sum(l.keys.nbytes + l.values.nbytes for l in dyn.layers)  # fp32 keys and values
+    stored = sum(len(l.key_store) for l in plain.layers) / sum(l.keys.shape[-2] for l in dyn.layers)
+    assert held["storage"] + held["window"] < fp_bytes and held["storage"] < stored * fp_bytes / 2
+
+
+def test_held_bytes_match_accounted_bits_when_rows_pack_exactly():
+    lm = load_model("toy-llama")  # d_head 16: 16·b bits is a whole number of bytes for every b
+    model, ids = lm.model, _ids(24)
+    kv = KVQuantConfig(QuantSpec(3, 8, "token"), QuantSpec(2, 8, "channel"))
+    cache = QuantizedKVCache(model.config, kv, SideCode(_bases(lm, r=4), bits=4))
+    _decode(model, ids, cache)
+    accounted = sum(l.key_store.bits() + l.value_store.bits() for l in cache.layers)
+    assert cache.held_bytes()["storage"] * 8 == accounted
+
+
+@pytest.mark.parametrize("name", ["toy-llama", "toy-gemma3"])
+def test_pre_rope_keys_are_quantized_before_the_rotation(name):
+    """The cache's codes are the quantization of the model's own pre-RoPE keys (captured by extract)."""
+    lm = load_model(name)
+    ids = _ids(16, batch=1)
+    kv = KVQuantConfig(QuantSpec(4, 8, "token"), None, pre_rope=True)
+    with pytest.raises(ValueError, match="rotary"):
+        QuantizedKVCache(lm.model.config, kv)
+    cache = QuantizedKVCache(lm.model.config, kv, rotary=rope.rotary_tables(lm.model))
+    lm.model(ids, past_key_values=cache, use_cache=True)
+    acts = extract(lm, ids, layers=list(range(lm.spec.n_layers)), fields=("k_pre",), progress=False)
+    for layer, a in acts.items():
+        store = cache.layers[layer].key_store
+        codes = quant.unpack(store.codes.codes, 4, lm.spec.d_head)[0]  # (kv_head, held token, d_head)
+        expected = quantize(a.k_pre, kv.key).codes[:, -len(store) :]  # a sliding layer holds only its window
+        assert (codes != expected).float().mean() < 0.01  # equal up to rare rounding-boundary flips
+        keys, _ = cache.layers[layer].dequantized_from_codes()  # rotated back: close to the post-RoPE keys
+        dyn = DynamicCache(config=lm.model.config)
+        lm.model(ids, past_key_values=dyn, use_cache=True)
+        half_step = 0.5 * (a.k_pre.amax() - a.k_pre.amin()) / 15  # rotation mixes two channels: ≤ √2 of it
+        assert (keys - dyn.layers[layer].keys[..., -len(store) :, :]).abs().max() < 1.5 * half_step

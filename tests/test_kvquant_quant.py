@@ -97,3 +97,19 @@ def test_bad_specs():
         QuantSpec(bits=9)
     with pytest.raises(ValueError):
         QuantSpec(axis="row")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 16, 64])
+def test_pack_unpack_round_trip_and_size(bits, n):
+    codes = torch.randint(0, 2**bits, (2, 3, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = quant.pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, -(-n * bits // 8))
+    assert torch.equal(quant.unpack(packed, bits, n), codes)
+
+
+def test_pack_known_answer():
+    codes = torch.tensor([[3, 0, 1, 2]], dtype=torch.uint8)  # 11 00 01 10
+    assert quant.pack(codes, 2).tolist() == [[0b11000110]]
+    three = torch.tensor([[7, 0, 5]], dtype=torch.uint8)  # 111 000 101 (+ 7 zero bits)
+    assert quant.pack(three, 3).tolist() == [[0b11100010, 0b10000000]]

@@ -15,11 +15,15 @@ A token is therefore attended at full precision only while it is among the last 
 tokens or within the chunk being processed. Decoding one token at a time with ``residual=0`` and
 per-token keys means every past token is seen through its codes.
 
-The dequantized stored part is memoised when a chunk is flushed (the codes never change afterwards), so a
-decode step does not dequantize the whole history; ``dequantized_from_codes`` recomputes it from the
-codes alone, and a test holds the two together. Stored bits are counted from the held tensors' element
-counts (payload bits per code, 16 per scale/zero, 16 per full-precision element as in an fp16 cache);
-codes are held one per uint8 byte (no bit packing).
+Storage is real: codes are bit-packed (a token's d_head codes of b bits in ⌈d_head·b/8⌉ bytes), scales
+and zeros are fp16, side codes are packed the same way. By default every update dequantizes the history
+from the codes (as transformers' own ``QuantizedCache`` does); ``memo=True`` also keeps the dequantized
+history (the codes never change once flushed), which makes long experiments faster but saves no memory.
+A test holds the memo against the codes. Bits are accounted as b per code, 16 per scale/zero and 16 per
+full-precision element (an fp16 cache); ``held_bytes`` reports what the tensors actually occupy.
+
+With ``pre_rope=True`` keys are quantized in pre-RoPE coordinates: the cache undoes the rotation of the
+keys it receives (exact, orthogonal), quantizes, and rotates the dequantized keys back.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
-from atlas_core.kvquant import quant
+from atlas_core.kvquant import quant, rope
 from atlas_core.kvquant.headq import SideCode, apply_side, encode_side
 from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor, QuantSpec
 
@@ -42,6 +46,8 @@ class KVQuantConfig:
     key: QuantSpec | None = None
     value: QuantSpec | None = None
     residual: int = 0  # the most recent R tokens stay in full precision
+    pre_rope: bool = False  # quantize keys before RoPE (the cache undoes and redoes the rotation)
+    memo: bool = False  # also hold the dequantized history: faster decode, no memory saved
 
     def token_unit(self) -> int:
         units = [s.token_unit() for s in (self.key, self.value) if s is not None]
@@ -49,35 +55,68 @@ class KVQuantConfig:
 
 
 class _Store:
-    """Flushed tokens of one tensor kind: codes (or dense fp), optional side codes, a dequantized memo."""
+    """Flushed tokens of one tensor kind: packed codes (or dense fp), optional side codes, optional memo.
 
-    def __init__(self, spec: QuantSpec | None, side: SideCode | None = None, basis: torch.Tensor | None = None):
-        self.spec, self.side, self.basis = spec, side, basis
-        self.codes: QTensor | None = None  # (batch, kv_head, key, d_head) codes + stats
-        self.side_codes: QTensor | None = None  # (batch, kv_head, key, r) codes + stats
+    ``start`` is the absolute position of the oldest held token (positions are needed to undo RoPE).
+    """
+
+    def __init__(self, spec: QuantSpec | None, side: SideCode | None = None, basis: torch.Tensor | None = None, rotary=None, memo: bool = False):
+        self.spec, self.side, self.basis, self.rotary, self.keep_memo = spec, side, basis, rotary, memo
+        self.n, self.start, self.dtype, self.d = 0, 0, None, None
+        self.dense: torch.Tensor | None = None  # (batch, kv_head, key, d_head) when spec is None
+        self.codes: QTensor | None = None  # packed codes (batch, kv_head, key, ⌈d_head·b/8⌉) + scale/zero
+        self.side_codes: QTensor | None = None  # packed (batch, kv_head, key, ⌈r·b′/8⌉) + scale/zero
         self.memo: torch.Tensor | None = None  # (batch, kv_head, key, d_head), what attention sees
 
     def __len__(self) -> int:
-        return 0 if self.memo is None else self.memo.shape[-2]
+        return self.n
 
     def append(self, x: torch.Tensor) -> None:
         """Store a chunk (batch, kv_head, n, d_head)."""
+        self.dtype, self.d = x.dtype, x.shape[-1]
         if self.spec is None:
-            seen = x
-        else:
-            q = quant.quantize(x, self.spec)
-            seen = quant.dequantize(q, self.spec, x.dtype)
-            self.codes = q if self.codes is None else quant.cat([self.codes, q])
-            if self.side is not None:
-                s = encode_side(x, seen, self.basis.to(x), self.side.spec())
-                seen = apply_side(seen, s, self.basis.to(x), self.side.spec(), self.side.sign).to(x.dtype)
-                self.side_codes = s if self.side_codes is None else quant.cat([self.side_codes, s])
-        self.memo = seen if self.memo is None else torch.cat([self.memo, seen], dim=-2)
+            self.dense = _cat(self.dense, x)
+            self.n += x.shape[-2]
+            return
+        pos = torch.arange(self.start + self.n, self.start + self.n + x.shape[-2], device=x.device)
+        q = quant.quantize(self._to_storage(x, pos), self.spec)
+        seen = self._from_storage(quant.dequantize(q, self.spec, x.dtype), pos)
+        self.codes = _cat_q(self.codes, quant.pack_qtensor(q, self.spec.bits))
+        if self.side is not None:
+            basis = self.basis.to(x)
+            s = encode_side(x, seen, basis, self.side.spec())
+            seen = apply_side(seen, s, basis, self.side.spec(), self.side.sign).to(x.dtype)
+            self.side_codes = _cat_q(self.side_codes, quant.pack_qtensor(s, self.side.bits))
+        if self.keep_memo:
+            self.memo = _cat(self.memo, seen)
+        self.n += x.shape[-2]
+
+    def _to_storage(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x if self.rotary is None else rope.unrotate(x, *self._tables(pos, x))
+
+    def _from_storage(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x if self.rotary is None else rope.rotate(x, *self._tables(pos, x)).to(x.dtype)
+
+    def _tables(self, pos: torch.Tensor, x: torch.Tensor):
+        cos, sin = self.rotary(pos)
+        if cos.shape[-1] != x.shape[-1]:
+            raise ValueError(f"rotary dimension {cos.shape[-1]} != d_head {x.shape[-1]}: partial RoPE is not supported pre-RoPE")
+        return cos.to(x), sin.to(x)
+
+    def seen(self) -> torch.Tensor | None:
+        """What attention sees of the held tokens, (batch, kv_head, key, d_head)."""
+        if self.spec is None or self.memo is not None:
+            return self.dense if self.spec is None else self.memo
+        return self.from_codes()
 
     def drop_front(self, n: int) -> None:
         if n == 0:
             return
-        self.memo = self.memo[..., n:, :]
+        self.n, self.start = self.n - n, self.start + n
+        if self.dense is not None:
+            self.dense = self.dense[..., n:, :]
+        if self.memo is not None:
+            self.memo = self.memo[..., n:, :]
         if self.codes is not None:
             self.codes = quant.drop_front(self.codes, n, self.spec)
         if self.side_codes is not None:
@@ -86,34 +125,66 @@ class _Store:
     def from_codes(self) -> torch.Tensor | None:
         """Recompute what attention sees from the stored codes alone."""
         if self.spec is None or self.codes is None:
-            return self.memo
-        seen = quant.dequantize(self.codes, self.spec, self.memo.dtype)
+            return self.dense
+        pos = torch.arange(self.start, self.start + self.n, device=self.codes.codes.device)
+        codes = quant.unpack_qtensor(self.codes, self.spec.bits, self.d)
+        seen = self._from_storage(quant.dequantize(codes, self.spec, self.dtype), pos)
         if self.side_codes is not None:
-            seen = apply_side(seen, self.side_codes, self.basis.to(seen), self.side.spec(), self.side.sign).to(seen.dtype)
+            side = quant.unpack_qtensor(self.side_codes, self.side.bits, self.side.rank)
+            seen = apply_side(seen, side, self.basis.to(seen), self.side.spec(), self.side.sign).to(seen.dtype)
         return seen
 
     def bits(self) -> int:
-        if self.memo is None:
+        """Accounted bits: b per code (packing padding aside), 16 per scale/zero, 16 per fp element."""
+        if self.n == 0:
             return 0
         if self.spec is None:
-            return self.memo.numel() * OVERHEAD_BITS
-        total = quant.stored_bits(self.codes, self.spec)
+            return self.dense.numel() * OVERHEAD_BITS
+        total = _logical_bits(self.codes, self.spec.bits, self.d)
         if self.side_codes is not None:
-            total += quant.stored_bits(self.side_codes, self.side.spec())
+            total += _logical_bits(self.side_codes, self.side.bits, self.side.rank)
         return total
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes actually held: the storage (codes, stats, side codes or dense) and the memo."""
+        parts = [t for t in (self.codes, self.side_codes) if t is not None]
+        storage = sum(quant.held_bytes(q) for q in parts) + _nbytes(self.dense)
+        return {"storage": storage, "memo": _nbytes(self.memo)}
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=-2)
+
+
+def _cat_q(a: QTensor | None, b: QTensor) -> QTensor:
+    return b if a is None else quant.cat([a, b])
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _logical_bits(q: QTensor, bits: int, width: int) -> int:
+    """Payload bits of the packed rows of ``width`` codes each, plus 16 per scale and zero."""
+    rows = q.codes.numel() // q.codes.shape[-1]  # batch · kv_head · n_tokens
+    return rows * width * bits + (q.scale.numel() + q.zero.numel()) * OVERHEAD_BITS
 
 
 class QuantizedKVLayer(DynamicLayer):
     """One layer's quantized cache; a sliding layer keeps only what its window can still see."""
 
-    def __init__(self, kv: KVQuantConfig, side: SideCode | None = None, layer: int = 0, sliding_window: int | None = None):
+    def __init__(self, kv: KVQuantConfig, side: SideCode | None = None, layer: int = 0, sliding_window: int | None = None, rotary=None):
         super().__init__()
         self.kv, self.sliding_window = kv, sliding_window
         self.is_sliding = sliding_window is not None
-        basis = side.bases[layer] if side is not None else None
-        self.key_store = _Store(kv.key, side if kv.key is not None else None, basis)
-        self.value_store = _Store(kv.value)
+        self.side, self.basis, self.rotary = side, (side.bases[layer] if side is not None else None), rotary
         self.cumulative_length = 0
+        self._new_stores()
+
+    def _new_stores(self) -> None:
+        side = self.side if self.kv.key is not None else None
+        self.key_store = _Store(self.kv.key, side, self.basis, self.rotary, self.kv.memo)
+        self.value_store = _Store(self.kv.value, memo=self.kv.memo)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -139,7 +210,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     @staticmethod
     def _visible(store: _Store, window: torch.Tensor) -> torch.Tensor:
-        return window if store.memo is None else torch.cat([store.memo, window], dim=-2)
+        return window if len(store) == 0 else torch.cat([store.seen(), window], dim=-2)
 
     def _flush(self) -> None:
         unit = self.kv.token_unit()
@@ -177,8 +248,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.cumulative_length = 0
-        self.key_store = _Store(self.kv.key, self.key_store.side, self.key_store.basis)
-        self.value_store = _Store(self.kv.value)
+        self._new_stores()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise RuntimeError("QuantizedKVCache cannot be cropped: quantized codes cannot be un-flushed; use greedy or sampled decoding, not assisted decoding")
@@ -192,8 +262,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     @staticmethod
     def _visible_codes(store: _Store, window: torch.Tensor) -> torch.Tensor:
-        seen = store.from_codes()
-        return window if seen is None else torch.cat([seen, window], dim=-2)
+        return window if len(store) == 0 else torch.cat([store.from_codes(), window], dim=-2)
 
     def stored_bits(self) -> dict[str, int]:
         """Bits held for keys and for values, counted from the tensors, and the element count of each."""
@@ -207,23 +276,36 @@ class QuantizedKVLayer(DynamicLayer):
             "elements": (len(self.key_store) + n_window) * batch * heads * d,
         }
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes actually held: quantized storage (packed codes, stats, side codes), fp window, memo."""
+        if not self.is_initialized:
+            return {"storage": 0, "window": 0, "memo": 0}
+        k, v = self.key_store.held_bytes(), self.value_store.held_bytes()
+        return {"storage": k["storage"] + v["storage"], "window": _nbytes(self.keys) + _nbytes(self.values), "memo": k["memo"] + v["memo"]}
+
 
 class QuantizedKVCache(Cache):
     """Quantized KV cache for any model whose layers are full or sliding-window attention.
+
+    Token positions are counted from 0 at the first update (no left padding), as pre-RoPE needs them.
 
     Args:
         config: the model's config (layer types and sliding windows are read from it, as DynamicCache does).
         kv: what to quantize (``KVQuantConfig()`` = full precision passthrough).
         side: HeadQ side codes for the keys (bases for every layer), or None.
+        rotary: per-layer RoPE tables (``rope.rotary_tables(model)``); required when ``kv.pre_rope``.
     """
 
-    def __init__(self, config, kv: KVQuantConfig, side: SideCode | None = None):
+    def __init__(self, config, kv: KVQuantConfig, side: SideCode | None = None, rotary: list | None = None):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         unknown = set(layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise ValueError(f"QuantizedKVCache supports full and sliding attention layers, not {sorted(unknown)}")
+        if kv.pre_rope and kv.key is not None and rotary is None:
+            raise ValueError("pre-RoPE key quantization needs the model's RoPE tables: pass rotary=rope.rotary_tables(model)")
+        rotary = rotary if kv.pre_rope and kv.key is not None else [None] * len(layer_types)
         layers = [
-            QuantizedKVLayer(kv, side, i, kw.get("sliding_window") if t == "sliding_attention" else None)
+            QuantizedKVLayer(kv, side, i, kw.get("sliding_window") if t == "sliding_attention" else None, rotary[i])
             for i, (t, kw) in enumerate(zip(layer_types, layer_kwargs))
         ]
         super().__init__(layers=layers)
@@ -237,6 +319,11 @@ class QuantizedKVCache(Cache):
             "key": sum(p["key_bits"] for p in parts) / n,
             "value": sum(p["value_bits"] for p in parts) / n,
         }
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes actually held over all layers: storage, fp window and memo (see the layer's)."""
+        parts = [layer.held_bytes() for layer in self.layers]
+        return {key: sum(p[key] for p in parts) for key in ("storage", "window", "memo")}
 
 
 def expected_bits(kv: KVQuantConfig, side: SideCode | None, d_head: int, n_stored: int, n_window: int) -> dict[str, float]:

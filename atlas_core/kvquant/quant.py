@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 AXES = ("token", "channel")
 OVERHEAD_BITS = 16  # bits of one stored scale or zero (fp16)
@@ -147,6 +148,49 @@ def dequantize_ref(q: QTensor, spec: QuantSpec) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Bit packing: a token's d_head codes of b bits each held in ceil(d_head·b/8) bytes.
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (..., n) of ``bits`` bits each into (..., ceil(n·bits/8)) bytes, big-endian bit order."""
+    n = codes.shape[-1]
+    if 8 % bits == 0:  # whole codes per byte: shift and or, in uint8
+        per = 8 // bits
+        padded = F.pad(codes, (0, -n % per)).unflatten(-1, (-1, per))  # (..., bytes, per)
+        shifts = torch.arange(per - 1, -1, -1, dtype=torch.uint8, device=codes.device) * bits
+        return (padded << shifts).sum(-1, dtype=torch.uint8)
+    planes = (codes.unsqueeze(-1) >> _msb_first(bits, codes.device)) & 1  # (..., n, bits)
+    flat = F.pad(planes.flatten(-2), (0, -(n * bits) % 8)).unflatten(-1, (-1, 8))  # (..., bytes, 8)
+    return (flat << _msb_first(8, codes.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack``: (..., bytes) -> uint8 codes (..., n)."""
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per - 1, -1, -1, dtype=torch.uint8, device=packed.device) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., bytes, per)
+        return codes.flatten(-2)[..., :n]
+    planes = (packed.unsqueeze(-1) >> _msb_first(8, packed.device)) & 1  # (..., bytes, 8)
+    planes = planes.flatten(-2)[..., : n * bits].unflatten(-1, (n, bits))  # (..., n, bits)
+    return (planes << _msb_first(bits, packed.device)).sum(-1, dtype=torch.uint8)
+
+
+def _msb_first(bits: int, device) -> torch.Tensor:
+    return torch.arange(bits - 1, -1, -1, dtype=torch.uint8, device=device)
+
+
+def pack_qtensor(q: QTensor, bits: int) -> QTensor:
+    """The same ``QTensor`` with its codes bit-packed along d_head."""
+    return QTensor(pack(q.codes, bits), q.scale, q.zero)
+
+
+def unpack_qtensor(q: QTensor, bits: int, d_head: int) -> QTensor:
+    """Inverse of ``pack_qtensor``."""
+    return QTensor(unpack(q.codes, bits, d_head), q.scale, q.zero)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Storage accounting.
 
 
@@ -172,6 +216,11 @@ def drop_front(q: QTensor, n: int, spec: QuantSpec) -> QTensor:
         raise ValueError(f"can only drop whole groups of {spec.token_unit()} tokens, got {n}")
     n_stat = n // spec.group if spec.axis == "channel" else n
     return QTensor(q.codes[..., n:, :], q.scale[..., n_stat:, :], q.zero[..., n_stat:, :])
+
+
+def held_bytes(q: QTensor) -> int:
+    """Bytes actually held by a ``QTensor`` (its codes as stored, packed or not, plus scales and zeros)."""
+    return sum(t.numel() * t.element_size() for t in q)
 
 
 def cat(parts: list[QTensor]) -> QTensor:
