@@ -80,6 +80,27 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     b.set_defaults(func=_book)
 
+    k = sub.add_parser("kvquant", help="decode perplexity with a quantized KV cache, beside fp and the same-bits baseline")
+    _model_arg(k)
+    k.add_argument("--method", default="headq", choices=["fp", "per-token", "kivi", "headq"])
+    k.add_argument("--kbits", type=int, default=2, help="key bits (1..8)")
+    k.add_argument("--vbits", type=int, default=16, help="value bits (1..8), or 16 for dense values (K-only)")
+    k.add_argument("--group", type=int, default=32, help="group size: channels (per-token) or tokens (KIVI keys)")
+    k.add_argument("--residual", type=int, default=0, help="most recent tokens kept in full precision")
+    k.add_argument("--rank", type=int, default=8, help="HeadQ side-code rank r")
+    k.add_argument("--side-bits", type=int, default=4, help="HeadQ side-code bits b'")
+    k.add_argument("--control", default="none", choices=["none", "wrong-sign", "random-basis", "key-pca"])
+    k.add_argument("--base", default="per-token", choices=["per-token", "kivi"], help="HeadQ's base key quantizer")
+    k.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE")
+    k.add_argument("--corpus", default="britannica")
+    k.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (a multiple of --seq-len)")
+    k.add_argument("--seq-len", type=int, default=512)
+    k.add_argument("--prefill", type=int, default=128, help="tokens of each block prefilled before decoding")
+    k.add_argument("--calib-tokens", type=int, default=4096, help="HeadQ calibration tokens (calib split)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the random-basis control")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_kvquant)
+
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(title="benchmarks", metavar="NAME")
     e = bsub.add_parser("extract", help="every-head extraction of one layer vs a plain eager forward")
@@ -90,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_bench_extract)
+    kb = bsub.add_parser("kvquant", help="decode step time and memory of quantized KV caches vs the fp cache")
+    _model_arg(kb)
+    kb.add_argument("--ctx", type=int, default=2048, help="cached tokens before the timed steps")
+    kb.add_argument("--steps", type=int, default=16, help="timed decode steps per round")
+    kb.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the caches")
+    kb.add_argument("--bits", type=int, default=2, help="key and value bits")
+    kb.add_argument("--group", type=int, default=32)
+    kb.add_argument("--rank", type=int, default=8, help="HeadQ side-code rank")
+    kb.add_argument("--memo", action="store_true", help="also keep the dequantized history (faster, no memory saved)")
+    kb.add_argument("--json", action="store_true")
+    kb.set_defaults(func=_bench_kvquant)
     return p
 
 
@@ -178,6 +210,38 @@ def _ppl(args) -> None:
     print(json.dumps(result, indent=2) if args.json else f"{args.model} on {args.corpus}: perplexity {ppl:.3f}")
 
 
+def _kvquant(args) -> None:
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.kvquant.experiment import KVMethod, compare
+    from atlas_core.models import load_model
+
+    method = KVMethod(args.method, args.kbits, args.vbits, args.group, args.residual, args.rank, args.side_bits,
+                      args.control, args.pre_rope, args.seed, args.base)  # validated before the model loads
+    if args.tokens < args.seq_len or not 1 <= args.prefill < args.seq_len - 1:
+        raise ValueError(f"need --tokens ≥ --seq-len ({args.seq_len}) and 1 ≤ --prefill < {args.seq_len - 1}")
+    lm = load_model(args.model)
+    eval_blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
+    calib = None
+    if method.method == "headq":
+        n_calib = max(1, args.calib_tokens // args.seq_len)
+        calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_calib, "calib", lm.spec.add_bos))
+    start = time.perf_counter()
+    r = compare(lm, eval_blocks, method, calib, args.prefill, progress=sys.stderr.isatty())
+    result = {"model": args.model, "corpus": args.corpus, "tokens": eval_blocks.numel(), "seq_len": args.seq_len,
+              "prefill": args.prefill, "method": r["method"]["label"], "ppl": r["method"]["ppl"],
+              "ppl_fp": r["fp"]["ppl"], "baseline": r["baseline"] and r["baseline"]["label"],
+              "ppl_baseline": r["baseline"] and r["baseline"]["ppl"], "excess_removed": r["excess_removed"],
+              "bits_key": r["method"]["bits_key"], "bits_value": r["method"]["bits_value"],
+              "seconds": round(time.perf_counter() - start, 1)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    line = f"{args.model} {result['method']}: perplexity {result['ppl']:.3f} (fp {result['ppl_fp']:.3f}"
+    if result["baseline"]:
+        line += f", {result['baseline']} {result['ppl_baseline']:.3f}; excess removed {result['excess_removed']:.1%}"
+    print(line + f"); stored bits per key {result['bits_key']:.3f}, per value {result['bits_value']:.3f}")
+
+
 def _run(args) -> None:
     from atlas_core.runner import run_chapter
 
@@ -200,6 +264,24 @@ def _bench_extract(args) -> None:
     else:
         print(f"extract layer {r['layer']} / plain eager forward, {r['blocks']} x {r['seq_len']} tokens: "
               f"{r['extract_s']:.2f} s / {r['forward_s']:.2f} s = {r['ratio']:.3f}x")
+
+
+def _bench_kvquant(args) -> None:
+    from atlas_core.kvquant.bench import bench_kvquant
+
+    if args.ctx < 2 or args.steps < 1 or args.rounds < 1 or not 1 <= args.bits <= 8:
+        raise ValueError("need --ctx ≥ 2, --steps ≥ 1, --rounds ≥ 1 and --bits in 1..8")
+    r = bench_kvquant(args.model, args.ctx, args.steps, args.rounds, args.bits, args.group, args.rank, memo=args.memo)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{r['model']}, {r['n_ctx']} cached tokens, K and V at {r['bits']} bits"
+          f"{' (memoised history)' if r['memo'] else ''}; decode step (median) and memory:")
+    for name, c in r["caches"].items():
+        acc = c["accounted_bits_per_element"]
+        print(f"  {name:10s} {c['step_s'] * 1e3:7.2f} ms  x{c['ratio_vs_fp']:.2f} vs fp   held {c['held_bytes'] / 2**20:7.2f} MiB"
+              f"   {c['held_bits_per_element']:.3f} bits/element held" + (f", {acc:.3f} accounted" if acc else ""))
+    print(f"HeadQ step / per-token step = {r['headq_vs_per_token']:.3f}")
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:

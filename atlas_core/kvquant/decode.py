@@ -18,17 +18,20 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache
 from atlas_core.kvquant.headq import SideCode
+from atlas_core.kvquant.rope import rotary_tables
 
 
 def make_cache(model, kv: KVQuantConfig | None, side: SideCode | None = None):
-    """A fresh cache: ``DynamicCache`` for kv=None, else ``QuantizedKVCache``."""
+    """A fresh cache: ``DynamicCache`` for kv=None, else ``QuantizedKVCache`` (RoPE tables if pre-RoPE)."""
     if kv is None:
         return DynamicCache(config=model.config)
-    return QuantizedKVCache(model.config, kv, side)
+    rotary = rotary_tables(model) if kv.pre_rope and kv.key is not None else None
+    return QuantizedKVCache(model.config, kv, side, rotary)
 
 
 @torch.no_grad()
@@ -39,6 +42,7 @@ def decode_nll(
     side: SideCode | None = None,
     prefill: int = 128,
     chunk: int = 1,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float] | None]:
     """NLL of the decoded tokens, (batch, token − prefill − 1), and the cache's measured bits/element.
 
@@ -47,13 +51,15 @@ def decode_nll(
         kv: quantization settings, or None for the fp ``DynamicCache``.
         prefill: tokens fed in the first forward pass (≥ 1).
         chunk: tokens per decode step.
+        progress: show a progress bar over decode steps.
     """
     if not 1 <= prefill < blocks.shape[1] - 1:
         raise ValueError(f"prefill must be in 1..{blocks.shape[1] - 2}, got {prefill}")
     cache = make_cache(model, kv, side)
     model(blocks[:, :prefill], past_key_values=cache, use_cache=True)
     nll = []
-    for start in range(prefill, blocks.shape[1] - 1, chunk):
+    steps = range(prefill, blocks.shape[1] - 1, chunk)
+    for start in tqdm(steps, desc="decode", leave=False, disable=not progress):
         stop = min(start + chunk, blocks.shape[1] - 1)
         logits = model(blocks[:, start:stop], past_key_values=cache, use_cache=True).logits.float()
         target = blocks[:, start + 1 : stop + 1]  # (batch, step)

@@ -1,0 +1,115 @@
+"""Decode speed and memory of the quantized KV cache against the fp cache (a benchmark: prints ratios).
+
+For each cache (fp ``DynamicCache``, per-token, KIVI and HeadQ, keys and values at the same bits) the
+same context of ``n_ctx`` tokens is prefilled in chunks, then single-token decode steps are timed. The
+caches are rebuilt and timed in turn, ``rounds`` times interleaved; a cache's step time is the median
+over its rounds of the median step of a round. Memory is what the cache's tensors hold after the
+prefill, beside the bits the accounting predicts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from atlas_core.corpus import BlockSpec, token_blocks
+from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache
+from atlas_core.kvquant.experiment import KVMethod
+from atlas_core.kvquant.headq import SideCode, calibrate
+from atlas_core.models import LoadedModel, load_model
+
+
+def _caches(lm: LoadedModel, bits: int, group: int, rank: int, side_bits: int, calib: torch.Tensor, memo: bool) -> dict:
+    """name -> a function building a fresh cache."""
+    config = lm.model.config
+    kv = {m: KVMethod(m, bits, bits, group).kv_config() for m in ("per-token", "kivi")}
+    kv = {m: KVQuantConfig(c.key, c.value, c.residual, memo=memo) for m, c in kv.items()}
+    side = SideCode(calibrate(lm, calib, rank, "query"), side_bits)
+    return {
+        "fp": lambda: DynamicCache(config=config),
+        "per-token": lambda: QuantizedKVCache(config, kv["per-token"]),
+        "kivi": lambda: QuantizedKVCache(config, kv["kivi"]),
+        "headq": lambda: QuantizedKVCache(config, kv["per-token"], side),
+    }
+
+
+@torch.no_grad()
+def _time_steps(lm: LoadedModel, ctx: torch.Tensor, cache, steps: int, chunk: int) -> tuple[float, object]:
+    """Prefill ``ctx`` (1, n_ctx) in chunks, then time ``steps`` single-token steps; the median step (s)."""
+    for start in range(0, ctx.shape[1], chunk):
+        lm.model(ctx[:, start : start + chunk], past_key_values=cache, use_cache=True)
+    token = ctx[:, -1:]
+    times = []
+    for _ in range(steps + 2):  # the first two are warm-up
+        start = time.perf_counter()
+        logits = lm.model(token, past_key_values=cache, use_cache=True).logits
+        times.append(time.perf_counter() - start)
+        token = logits[:, -1:].argmax(-1)
+    return statistics.median(times[2:]), cache
+
+
+def _memory(cache, lm: LoadedModel) -> dict:
+    """Bytes held and bits per element: measured from the tensors, and accounted."""
+    if isinstance(cache, DynamicCache):
+        held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+        elements = sum(l.keys.numel() for l in cache.layers)
+        return {"held_bytes": held, "held_bits_per_element": held * 8 / (2 * elements), "accounted_bits_per_element": None}
+    held = cache.held_bytes()
+    elements = sum(l.stored_bits()["elements"] for l in cache.layers)
+    stored_elements = sum(len(l.key_store) * l.keys.shape[0] * l.keys.shape[1] * l.keys.shape[3] for l in cache.layers)
+    accounted = sum(l.key_store.bits() + l.value_store.bits() for l in cache.layers)
+    return {
+        "held_bytes": held["storage"] + held["window"] + held["memo"],
+        "storage_bytes": held["storage"],
+        "held_bits_per_element": held["storage"] * 8 / (2 * stored_elements),  # quantized part, K and V
+        "accounted_bits_per_element": accounted / (2 * stored_elements),
+        "elements": elements,
+    }
+
+
+def bench_kvquant(
+    model: str = "smollm2-135m",
+    n_ctx: int = 2048,
+    steps: int = 16,
+    rounds: int = 3,
+    bits: int = 2,
+    group: int = 32,
+    rank: int = 8,
+    side_bits: int = 4,
+    chunk: int = 512,
+    memo: bool = False,
+) -> dict:
+    """Decode step time and memory of quantized caches relative to the fp cache at ``n_ctx`` cached tokens.
+
+    Returns:
+        dict with per-cache ``step_s`` (median), ``ratio_vs_fp``, memory, and
+        ``headq_vs_per_token`` (HeadQ's step over its base quantizer's).
+    """
+    lm = load_model(model, attn_implementation="sdpa")
+    ctx = token_blocks(lm.tokenizer, BlockSpec(seq_len=n_ctx, n_blocks=1, add_bos=lm.spec.add_bos))
+    calib = token_blocks(lm.tokenizer, BlockSpec(seq_len=512, n_blocks=4, split="calib", add_bos=lm.spec.add_bos))
+    builders = _caches(lm, bits, group, rank, side_bits, calib, memo)
+    samples: dict[str, list[float]] = {name: [] for name in builders}
+    memory = {}
+    for _ in range(rounds):
+        for name, build in builders.items():
+            step, cache = _time_steps(lm, ctx, build(), steps, chunk)
+            samples[name].append(step)
+            memory[name] = _memory(cache, lm)
+    step = {name: statistics.median(s) for name, s in samples.items()}
+    return {
+        "model": model,
+        "n_ctx": n_ctx,
+        "bits": bits,
+        "group": group,
+        "rank": rank,
+        "side_bits": side_bits,
+        "memo": memo,
+        "torch_threads": torch.get_num_threads(),
+        "caches": {name: {"step_s": step[name], "ratio_vs_fp": step[name] / step["fp"], "samples": samples[name], **memory[name]}
+                   for name in builders},
+        "headq_vs_per_token": step["headq"] / step["per-token"],
+    }
