@@ -351,6 +351,18 @@ def _timing_table(out_dirs: dict[str, Path], since: float) -> str:
     return "\n".join(lines)
 
 
+def touch_cross_document_glue(book: Path = ROOT / "book") -> list[Path]:
+    """Mark pages that glue values from other documents (``{glue:…}`x.ipynb::key```) as changed.
+
+    Sphinx rebuilds a page only when its own source changes, so without this the claims page would keep
+    the numbers of the previous chapter runs after an incremental build.
+    """
+    pages = [p for p in sorted(book.rglob("*.md")) if ".ipynb::" in p.read_text(encoding="utf-8")]
+    for page in pages:
+        page.touch()
+    return pages
+
+
 def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,)) -> Path:
     """Run every chapter through the Snakemake workflow, then build the HTML book offline.
 
@@ -375,6 +387,7 @@ def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MO
     ran = time.time() - since
 
     install_mathjax()
+    touch_cross_document_glue()
     book_start = time.time()
     jb = Path(sys.executable).with_name("jupyter-book")
     html_cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT),

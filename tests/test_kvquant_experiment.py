@@ -76,3 +76,16 @@ def test_cli_kvquant_json(capsys):
 def test_cli_kvquant_bad_input_exits_2(args, message, capsys):
     assert main(["kvquant", "--model", "toy-llama", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_headq_beats_its_base_and_wrong_sign_hurts(smollm2):
+    from atlas_core.corpus import BlockSpec, token_blocks
+
+    spec = smollm2.spec
+    ids = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 192, 1, "eval", spec.add_bos))
+    calib = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 256, 2, "calib", spec.add_bos))
+    r = compare(smollm2, ids, KVMethod("headq", 2), calib, prefill=64)
+    wrong = compare(smollm2, ids, KVMethod("headq", 2, control="wrong-sign"), calib, prefill=64)
+    assert r["fp"]["ppl"] < r["method"]["ppl"] < r["baseline"]["ppl"] < wrong["method"]["ppl"]
+    assert r["method"]["bits_key"] == pytest.approx(4.0)  # 2 + 32/32 + (8·4 + 32)/64

@@ -1,6 +1,7 @@
 """Runner: jupytext → parameters cell, validation before execution, atomic outputs (no model needed)."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -159,3 +160,13 @@ def test_a_chapter_must_write_its_results_json(tmp_path):
     with pytest.raises(ChapterError, match="wrote no <results_dir>/toy.json"):
         runner.run_chapter("toy", "tiny", {}, tmp_path / "out", source)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_pages_with_cross_document_glue_are_touched(tmp_path):
+    (tmp_path / "claims.md").write_text("{glue:text}`chapters/a.ipynb::x:.2f`\n", encoding="utf-8")
+    (tmp_path / "plain.md").write_text("no glue here\n", encoding="utf-8")
+    for p in tmp_path.iterdir():
+        os.utime(p, (0, 0))
+    touched = runner.touch_cross_document_glue(tmp_path)
+    assert touched == [tmp_path / "claims.md"]
+    assert (tmp_path / "claims.md").stat().st_mtime > 0 and (tmp_path / "plain.md").stat().st_mtime == 0

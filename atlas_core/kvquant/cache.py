@@ -85,8 +85,9 @@ class _Store:
         if self.side is not None:
             basis = self.basis.to(x)
             s = encode_side(x, seen, basis, self.side.spec())
-            seen = apply_side(seen, s, basis, self.side.spec(), self.side.sign).to(x.dtype)
             self.side_codes = _cat_q(self.side_codes, quant.pack_qtensor(s, self.side.bits))
+            if self.keep_memo:  # otherwise the corrected keys are rebuilt from the codes when needed
+                seen = apply_side(seen, s, basis, self.side.spec(), self.side.sign)
         if self.keep_memo:
             self.memo = _cat(self.memo, seen)
         self.n += x.shape[-2]
@@ -131,7 +132,7 @@ class _Store:
         seen = self._from_storage(quant.dequantize(codes, self.spec, self.dtype), pos)
         if self.side_codes is not None:
             side = quant.unpack_qtensor(self.side_codes, self.side.bits, self.side.rank)
-            seen = apply_side(seen, side, self.basis.to(seen), self.side.spec(), self.side.sign).to(seen.dtype)
+            seen = apply_side(seen, side, self.basis, self.side.spec(), self.side.sign)
         return seen
 
     def bits(self) -> int:

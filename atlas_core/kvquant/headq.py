@@ -56,8 +56,11 @@ def encode_side(k: torch.Tensor, k_hat: torch.Tensor, basis: torch.Tensor, spec:
 
 def apply_side(k_hat: torch.Tensor, side: QTensor, basis: torch.Tensor, spec: QuantSpec, sign: float = 1.0) -> torch.Tensor:
     """k̃ = k̂ + sign · U_r ĉ, (batch, kv_head, key, d_head)."""
-    coef = dequantize(side, spec)  # (batch, kv_head, key, r)
-    return k_hat + sign * torch.einsum("bhtr,hdr->bhtd", coef, basis)
+    b, h, t, d = k_hat.shape
+    coef = dequantize(side, spec, k_hat.dtype).reshape(b * h, t, -1)  # (batch·kv_head, key, r)
+    basis_t = basis.to(k_hat.dtype).transpose(-1, -2).expand(b, h, -1, -1).reshape(b * h, -1, d)  # (b·h, r, d)
+    # one fused k̂ + sign · ĉ U_rᵀ per (batch, head): a decode step runs this over the whole history
+    return torch.baddbmm(k_hat.reshape(b * h, t, d), coef, basis_t, alpha=sign).view(b, h, t, d)
 
 
 def headq_keys(k: torch.Tensor, key_spec: QuantSpec, side: SideCode, basis: torch.Tensor) -> torch.Tensor:
