@@ -366,8 +366,9 @@ ax.plot(ranks, [run(m)["ppl"] for m in rank_methods], "o-", color="C2", label="H
 ax.axhline(run(K("per-token", 2))["ppl"], color="C0", ls=":", label="per-token 2b (r = 0)")
 ax.axhline(fp_ppl, color="k", ls="--", lw=0.8, label="fp")
 ax.set(xscale="log", yscale="log", xlabel="side-code rank r", ylabel="decode perplexity")
+ax.set_ylim(fp_ppl / 1.1, run(K("per-token", 2))["ppl"] * 1.25)  # room for the baseline line above the curve
 ax.set_xticks(ranks, [str(r) for r in ranks])
-ax.legend()
+ax.legend(loc="center right")
 fig.tight_layout()
 g("fig_rank", fig)
 plt.close(fig)
