@@ -368,6 +368,7 @@ ax.axhline(fp_ppl, color="k", ls="--", lw=0.8, label="fp")
 ax.set(xscale="log", yscale="log", xlabel="side-code rank r", ylabel="decode perplexity")
 ax.set_ylim(fp_ppl / 1.1, run(K("per-token", 2))["ppl"] * 1.25)  # room for the baseline line above the curve
 ax.set_xticks(ranks, [str(r) for r in ranks])
+ax.tick_params(axis="x", which="minor", labelbottom=False)  # only the swept ranks are labelled
 ax.legend(loc="center right")
 fig.tight_layout()
 g("fig_rank", fig)
