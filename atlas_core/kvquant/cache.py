@@ -87,7 +87,7 @@ class _Store:
             s = encode_side(x, seen, basis, self.side.spec())
             self.side_codes = _cat_q(self.side_codes, quant.pack_qtensor(s, self.side.bits))
             if self.keep_memo:  # otherwise the corrected keys are rebuilt from the codes when needed
-                seen = apply_side(seen, s, basis, self.side.spec(), self.side.sign)
+                seen = apply_side(seen.contiguous(), s, basis, self.side.spec(), self.side.sign, inplace=True)
         if self.keep_memo:
             self.memo = _cat(self.memo, seen)
         self.n += x.shape[-2]
@@ -132,7 +132,7 @@ class _Store:
         seen = self._from_storage(quant.dequantize(codes, self.spec, self.dtype), pos)
         if self.side_codes is not None:
             side = quant.unpack_qtensor(self.side_codes, self.side.bits, self.side.rank)
-            seen = apply_side(seen, side, self.basis, self.side.spec(), self.side.sign)
+            seen = apply_side(seen.contiguous(), side, self.basis, self.side.spec(), self.side.sign, inplace=True)  # seen is ours
         return seen
 
     def bits(self) -> int:
