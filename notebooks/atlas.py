@@ -58,10 +58,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from myst_nb import glue
 from threadpoolctl import threadpool_limits
 
 from atlas_core.cache import write_json
+from atlas_core.glue import prefixed_glue
 from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.geometry import analytic_null_mean, gaussian_null_clouds, layer_overlap
@@ -70,12 +70,7 @@ from atlas_core.models import load_model
 from atlas_core.top1 import top1_experiment
 
 
-def g(key: str, value):
-    """Glue one value under ``atlas_<key>``; numpy scalars become Python numbers (glue:text parses them)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    glue(f"atlas_{key}", value, display=False)
-    return value
+g = prefixed_glue("atlas")  # g(key, value) glues atlas_<key>
 
 
 def record_dropped(caught) -> int:

@@ -64,11 +64,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from myst_nb import glue
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from atlas_core.cache import write_json
+from atlas_core.glue import prefixed_glue
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.extract import attention_modules, extract
 from atlas_core.kvquant import headq, metrics, policy
@@ -78,12 +78,7 @@ from atlas_core.kvquant.quant import QuantSpec, dequantize, quantize
 from atlas_core.models import load_model
 
 
-def g(key: str, value):
-    """Glue one value under ``kv_<key>``; numpy scalars become Python numbers."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    glue(f"kv_{key}", value, display=False)
-    return value
+g = prefixed_glue("kv")  # g(key, value) glues kv_<key>
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -130,9 +125,8 @@ g("n_heads", s.n_heads)
 # quantization, placed along the directions of $\Sigma_q$ with the smallest eigenvalues.
 
 # %%
-query_bases = headq.calibrate(lm, calib_ids, max(ranks + [rank]), "query")  # {layer: (kv_head, d, r_max)}
-calib_acts = extract(lm, calib_ids, layers, fields=("q",), progress=False)
-sigma_q = {l: headq.query_covariance(a.q, a.kv_group, s.n_kv_heads) for l, a in calib_acts.items()}
+sigma_q = headq.query_covariances(lm, calib_ids)  # {layer: (kv_head, d, d)}, one calibration pass
+query_bases = {l: headq.top_eigenvectors(sig, max(ranks + [rank])) for l, sig in sigma_q.items()}  # (kv_head, d, r_max)
 metric_ids = eval_ids[:metric_blocks]
 acts = extract(lm, metric_ids, layers, fields=("q", "k", "v", "probs"), progress=False)
 modules = attention_modules(lm.model)
@@ -249,7 +243,6 @@ plt.close(fig)
 
 # %%
 runs: dict[KVMethod, dict] = {}
-side_cache: dict[KVMethod, object] = {}
 
 
 def run(m: KVMethod) -> dict:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from transformers import DynamicCache
 
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache
+from atlas_core.kvquant.cache import QuantizedKVCache
 from atlas_core.kvquant.experiment import KVMethod
 from atlas_core.kvquant.headq import SideCode, calibrate
 from atlas_core.models import LoadedModel, load_model
@@ -25,8 +26,7 @@ from atlas_core.models import LoadedModel, load_model
 def _caches(lm: LoadedModel, bits: int, group: int, rank: int, side_bits: int, calib: torch.Tensor, memo: bool) -> dict:
     """name -> a function building a fresh cache."""
     config = lm.model.config
-    kv = {m: KVMethod(m, bits, bits, group).kv_config() for m in ("per-token", "kivi")}
-    kv = {m: KVQuantConfig(c.key, c.value, c.residual, memo=memo) for m, c in kv.items()}
+    kv = {m: replace(KVMethod(m, bits, bits, group).kv_config(), memo=memo) for m in ("per-token", "kivi")}
     side = SideCode(calibrate(lm, calib, rank, "query"), side_bits)
     return {
         "fp": lambda: DynamicCache(config=config),
@@ -51,7 +51,7 @@ def _time_steps(lm: LoadedModel, ctx: torch.Tensor, cache, steps: int, chunk: in
     return statistics.median(times[2:]), cache
 
 
-def _memory(cache, lm: LoadedModel) -> dict:
+def _memory(cache) -> dict:
     """Bytes held and bits per element: measured from the tensors, and accounted."""
     if isinstance(cache, DynamicCache):
         held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
@@ -98,7 +98,7 @@ def bench_kvquant(
         for name, build in builders.items():
             step, cache = _time_steps(lm, ctx, build(), steps, chunk)
             samples[name].append(step)
-            memory[name] = _memory(cache, lm)
+            memory[name] = _memory(cache)
     step = {name: statistics.median(s) for name, s in samples.items()}
     return {
         "model": model,

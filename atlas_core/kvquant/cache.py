@@ -106,9 +106,7 @@ class _Store:
 
     def seen(self) -> torch.Tensor | None:
         """What attention sees of the held tokens, (batch, kv_head, key, d_head)."""
-        if self.spec is None or self.memo is not None:
-            return self.dense if self.spec is None else self.memo
-        return self.from_codes()
+        return self.memo if self.memo is not None else self.from_codes()
 
     def drop_front(self, n: int) -> None:
         if n == 0:

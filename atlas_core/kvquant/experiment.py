@@ -73,7 +73,8 @@ class KVMethod:
         """Cache settings (memoised history for speed; the stored codes are the same), None for fp."""
         if self.method == "fp":
             return None
-        key_axis = "channel" if "kivi" in (self.method, self.base if self.method == "headq" else None) else "token"
+        kivi_keys = self.method == "kivi" or (self.method == "headq" and self.base == "kivi")
+        key_axis = "channel" if kivi_keys else "token"
         key = QuantSpec(self.kbits, self.group, key_axis)
         value = None if self.vbits == DENSE else QuantSpec(self.vbits, self.group, "token")
         return KVQuantConfig(key, value, self.residual, pre_rope=self.pre_rope, memo=True)

@@ -112,6 +112,13 @@ def key_error_covariance(k: torch.Tensor, key_spec: QuantSpec, seq_len: int) -> 
 
 
 @torch.no_grad()
+def query_covariances(lm: LoadedModel, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Σ_q of every layer, {layer: (kv_head, d_head, d_head)}, from calibration blocks (block, token)."""
+    acts = extract(lm, blocks, list(range(lm.spec.n_layers)), fields=("q",), progress=False)
+    return {layer: query_covariance(a.q, a.kv_group, lm.spec.n_kv_heads) for layer, a in acts.items()}
+
+
+@torch.no_grad()
 def calibrate(
     lm: LoadedModel,
     blocks: torch.Tensor,
@@ -132,15 +139,10 @@ def calibrate(
     spec = lm.spec
     if basis == "random":
         return {l: random_basis(spec.n_kv_heads, spec.d_head, rank, seed + l) for l in range(spec.n_layers)}
-    acts = extract(lm, blocks, list(range(spec.n_layers)), fields=("q", "k"), progress=False)
-    out = {}
-    for layer, a in acts.items():
-        if basis == "query":
-            sigma = query_covariance(a.q, a.kv_group, spec.n_kv_heads)
-        else:
-            sigma = key_error_covariance(a.k, key_spec, blocks.shape[1])
-        out[layer] = top_eigenvectors(sigma, rank)
-    return out
+    if basis == "query":
+        return {l: top_eigenvectors(sigma, rank) for l, sigma in query_covariances(lm, blocks).items()}
+    acts = extract(lm, blocks, list(range(spec.n_layers)), fields=("k",), progress=False)
+    return {l: top_eigenvectors(key_error_covariance(a.k, key_spec, blocks.shape[1]), rank) for l, a in acts.items()}
 
 
 def null_space_perturbation(k: torch.Tensor, sigma: torch.Tensor, n_dirs: int, size: float, seed: int) -> torch.Tensor:
