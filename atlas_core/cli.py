@@ -101,6 +101,20 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_kvquant)
 
+    s = sub.add_parser("sparse", help="anchor + window + top-k attention vs dense: generation agreement, KL, perplexity")
+    _model_arg(s)
+    _sparse_rule_args(s)
+    s.add_argument("--dense-layers", type=int, default=0, help="the first n layers keep full attention")
+    s.add_argument("--selector", default="exact", choices=["exact", "pages"], help="top-k by exact score or by page bound")
+    s.add_argument("--head-average", action="store_true", help="one kept set per layer from head-averaged scores")
+    s.add_argument("--corpus", default="britannica")
+    s.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length (calib split)")
+    s.add_argument("--gen-tokens", type=int, default=1500, help="tokens generated greedily, dense and sparse")
+    s.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for teacher forcing (eval split)")
+    s.add_argument("--seq-len", type=int, default=1024, help="teacher-forced block length")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_sparse)
+
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(title="benchmarks", metavar="NAME")
     e = bsub.add_parser("extract", help="every-head extraction of one layer vs a plain eager forward")
@@ -122,7 +136,25 @@ def _parser() -> argparse.ArgumentParser:
     kb.add_argument("--memo", action="store_true", help="also keep the dequantized history (faster, no memory saved)")
     kb.add_argument("--json", action="store_true")
     kb.set_defaults(func=_bench_kvquant)
+    sb = bsub.add_parser("sparse-decode", help="one layer's decode step: dense SDPA vs exact top-k vs page-selected")
+    sb.add_argument("--context", type=int, nargs="+", default=[32768, 131072], help="cached tokens (one or more)")
+    sb.add_argument("--heads", type=int, default=9)
+    sb.add_argument("--kv-heads", type=int, default=3)
+    sb.add_argument("--d-head", type=int, default=64)
+    _sparse_rule_args(sb)
+    sb.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    sb.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
+    sb.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU exists")
+    sb.add_argument("--json", action="store_true")
+    sb.set_defaults(func=_bench_sparse)
     return p
+
+
+def _sparse_rule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--anchors", type=int, default=1, help="anchor tokens a (positions 0..a-1)")
+    p.add_argument("--window", type=int, default=64, help="recent window W (the query's own token included)")
+    p.add_argument("--topk", type=int, default=32, help="top-k keys among the rest")
+    p.add_argument("--page-size", type=int, default=16, help="keys per page for the page selector")
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -282,6 +314,65 @@ def _bench_kvquant(args) -> None:
         print(f"  {name:10s} {c['step_s'] * 1e3:7.2f} ms  x{c['ratio_vs_fp']:.2f} vs fp   held {c['held_bytes'] / 2**20:7.2f} MiB"
               f"   {c['held_bits_per_element']:.3f} bits/element held" + (f", {acc:.3f} accounted" if acc else ""))
     print(f"HeadQ step / per-token step = {r['headq_vs_per_token']:.3f}")
+
+
+def _sparse(args) -> None:
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.models import load_model
+    from atlas_core.sparse import SparseConfig
+    from atlas_core.sparse.fidelity import fidelity_report
+
+    cfg = SparseConfig(args.anchors, args.window, args.topk, args.dense_layers, args.selector, args.page_size,
+                       args.head_average)  # validated before the model loads
+    if args.prompt_tokens <= cfg.budget or args.seq_len <= cfg.budget + 1 or args.eval_tokens < args.seq_len:
+        raise ValueError(f"--prompt-tokens and --seq-len must exceed the budget a+W+k = {cfg.budget} (nothing would be "
+                         f"dropped otherwise), and --eval-tokens ≥ --seq-len")
+    if args.gen_tokens < 1:
+        raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
+    lm = load_model(args.model)
+    prompt = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.prompt_tokens, 1, "calib", lm.spec.add_bos))[0]
+    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.eval_tokens // args.seq_len, "eval", lm.spec.add_bos))
+    start = time.perf_counter()
+    r = fidelity_report(lm, cfg, prompt, args.gen_tokens, blocks, progress=sys.stderr.isatty())
+    result = {"model": args.model, "corpus": args.corpus, **cfg.__dict__, "prompt_tokens": len(prompt),
+              "gen_tokens": args.gen_tokens, "eval_tokens": blocks.numel(), **r,
+              "seconds": round(time.perf_counter() - start, 1)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    first = "none (identical)" if r["first_divergence"] is None else r["first_divergence"]
+    print(f"{args.model}, a={cfg.anchors} W={cfg.window} k={cfg.topk} ({cfg.selector}, {cfg.dense_layers} dense layers):\n"
+          f"  greedy, {args.gen_tokens} tokens after a {len(prompt)}-token prompt: agreement {r['token_agreement']:.1%}, "
+          f"first divergence {first}\n"
+          f"  teacher forced ({r['tf_positions']} positions): top-1 agreement {r['top1_agreement']:.2%}, "
+          f"KL {r['kl']:.4f} nats\n"
+          f"  perplexity {r['ppl_dense']:.3f} -> {r['ppl_sparse']:.3f} ({r['ppl_change']:+.2%}); "
+          f"mean discarded mass {r['discarded_mass']:.4f}")
+
+
+def _bench_sparse(args) -> None:
+    from atlas_core.sparse import SparseConfig
+    from atlas_core.sparse.bench import bench_sparse_decode
+
+    cfg = SparseConfig(args.anchors, args.window, args.topk, page_size=args.page_size)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no GPU here; use --device cpu")
+    r = bench_sparse_decode(tuple(args.context), args.heads, args.kv_heads, args.d_head, cfg, args.rounds, args.steps,
+                            device=args.device)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    s = r["shape"]
+    print(f"decode step, {s['heads']} heads / {s['kv_heads']} KV heads, d_head {s['d_head']}, fp32 on {s['device']} "
+          f"({s['threads']} threads); a={cfg.anchors} W={cfg.window} k={cfg.topk} P={cfg.page_size}; median of {r['rounds']} rounds")
+    for row in r["rows"]:
+        print(f"  n={row['n']:>7}: dense {row['dense_s'] * 1e3:8.3f} ms | top-k {row['topk_s'] * 1e3:8.3f} ms "
+              f"(x{row['speedup_topk']:.2f}, reads 1/{row['bytes_ratio_topk']:.1f}) | pages {row['pages_s'] * 1e3:8.3f} ms "
+              f"(x{row['speedup_pages']:.2f}, reads 1/{row['bytes_ratio_pages']:.1f}); page recall of exact top-k "
+              f"(synthetic cache): index {row['index_recall']:.3f}, mass {row['mass_recall']:.3f}")
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:

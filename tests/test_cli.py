@@ -58,3 +58,42 @@ def test_models_json_lists_embedded_shapes(capsys):
     assert (rows["qwen2.5-coder-0.5b"]["heads"], rows["qwen2.5-coder-0.5b"]["d_model"]) == (14, 896)
     for row in rows.values():
         assert set(row) >= {"name", "source", "family", "layers", "heads", "kv_heads", "d_head", "d_model"}
+
+
+def test_sparse_on_toy_model(capsys):
+    args = ["sparse", "--model", "toy-llama", "--prompt-tokens", "64", "--gen-tokens", "12", "--eval-tokens", "128",
+            "--seq-len", "64", "--window", "8", "--topk", "4", "--json"]
+    assert main(args) == 0
+    out = _json(capsys)
+    assert out["window"] == 8 and out["prompt_tokens"] == 64 and out["gen_tokens"] == 12
+    assert 0 <= out["token_agreement"] <= 1 and out["tf_positions"] == 2 * (63 - 13)
+    assert main(args) == 0
+    again = _json(capsys)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in out.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sparse", "--window", "0"], "window"),
+        (["sparse", "--selector", "magic"], "invalid choice"),
+        (["sparse", "--prompt-tokens", "50"], "budget"),
+        (["sparse", "--gen-tokens", "0"], "--gen-tokens"),
+        (["bench", "sparse-decode", "--context", "64"], "budget"),
+        (["bench", "sparse-decode", "--heads", "5"], "divisible"),
+    ],
+)
+def test_sparse_bad_input_exits_2(args, message, capsys):
+    if message == "invalid choice":  # argparse's own check
+        with pytest.raises(SystemExit):
+            main(args)
+    else:
+        assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_sparse_decode_json(capsys):
+    assert main(["bench", "sparse-decode", "--context", "1024", "--heads", "4", "--kv-heads", "2", "--d-head", "16",
+                 "--rounds", "1", "--steps", "1", "--json"]) == 0
+    row = _json(capsys)["rows"][0]
+    assert row["n"] == 1024 and row["speedup_pages"] > 0

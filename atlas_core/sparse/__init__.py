@@ -1,0 +1,25 @@
+"""Sparse attention (SPEC §10): anchor + window + top-k kept sets, run inside models, and decode kernels.
+
+- ``kept``: the sparse rule (``SparseConfig``), kept sets (fast and reference), the output-error split.
+- ``pages``: page summaries, the Quest-style score bound and the page selector, recall of exact top-k.
+- ``attention``: the registered attention function ``atlas_sparse`` and the ``sparse_attention`` context.
+- ``fidelity``: teacher-forced KL / top-1 / perplexity and greedy-generation agreement, dense vs sparse.
+- ``kernels``: one layer's decode step over a long cache: dense, exact top-k, page-selected.
+- ``bench``: decode-step time and bytes read against context length.
+"""
+
+from atlas_core.sparse.attention import MassLog, sparse_attention
+from atlas_core.sparse.kept import SparseConfig, kept_mask, kept_mask_reference, output_split
+from atlas_core.sparse.pages import page_mask, page_summaries, score_bound
+
+__all__ = [
+    "MassLog",
+    "SparseConfig",
+    "kept_mask",
+    "kept_mask_reference",
+    "output_split",
+    "page_mask",
+    "page_summaries",
+    "score_bound",
+    "sparse_attention",
+]

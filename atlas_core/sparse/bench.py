@@ -1,0 +1,106 @@
+"""Benchmark: one layer's decode step at long contexts, dense SDPA vs exact top-k vs page-selected.
+
+All three kernels run in the same process on the same cache, interleaved over rounds; the medians are
+compared as ratios. The cache is synthetic (standard normal keys, values and query, seeded): timings do
+not depend on the values, but the page selector's recall does, so the recall printed here describes
+this synthetic cache only (the sparse chapter measures recall on real keys inside the models).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from atlas_core.sparse.kept import SparseConfig, kept_mask
+from atlas_core.sparse.kernels import bytes_read, dense_decode, page_decode, paged_cache, topk_decode
+from atlas_core.sparse.pages import page_mask, selection_recall
+
+KERNELS = ("dense", "topk", "pages")
+
+__all__ = ["KERNELS", "bench_sparse_decode", "page_recall"]
+
+
+def page_recall(q, keys, cfg: SparseConfig) -> dict:
+    """Index and mass recall of the exact top-k by the page selector, averaged over heads (one query each)."""
+    n_kv, n, d = keys.shape
+    groups = q.shape[0] // n_kv
+    query = q[None, :, None]  # (1, head, 1, d_head)
+    key = keys.repeat_interleave(groups, 0)[None]  # (1, head, key, d_head)
+    scores = query @ key.transpose(-1, -2) * d**-0.5  # (1, head, 1, key)
+    q_pos, k_pos, visible = torch.tensor([n - 1]), torch.arange(n), torch.ones(1, 1, 1, n, dtype=torch.bool)
+    _, exact = kept_mask(scores, visible, q_pos, k_pos, cfg)
+    _, chosen = page_mask(query, key, d**-0.5, visible, q_pos, k_pos, cfg)
+    index, mass = selection_recall(scores.softmax(-1), chosen, exact)
+    return {"index_recall": index.mean().item(), "mass_recall": mass.mean().item()}
+
+
+def _time(fn, rounds: int, steps: int) -> list[float]:
+    return [_once(fn, steps) for _ in range(rounds)]
+
+
+def _once(fn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+@torch.inference_mode()
+def bench_sparse_decode(contexts=(131072,), heads: int = 9, kv_heads: int = 3, d_head: int = 64,
+                        cfg: SparseConfig = SparseConfig(), rounds: int = 5, steps: int = 5, seed: int = 0,
+                        device: str = "cpu") -> dict:
+    """Time one decode step of each kernel at each context length.
+
+    Args:
+        contexts: cached tokens n for each measurement.
+        heads, kv_heads, d_head: the layer's shape (default: smollm2-135m).
+        cfg: the sparse rule (anchors, window, top-k, page size); the page selector keeps ⌈k/P⌉ pages,
+            the same key budget as exact top-k.
+        rounds: interleaved rounds over the kernels (median reported); steps: calls timed per round.
+    Returns:
+        {"shape", "config", "rows": [{n, <kernel>_s, <kernel>_bytes, speedup_topk, speedup_pages,
+        bytes_ratio_topk, bytes_ratio_pages, index_recall, mass_recall}]}
+    """
+    if heads % kv_heads or min(heads, kv_heads, d_head, rounds, steps) < 1:
+        raise ValueError(f"need positive sizes and heads ({heads}) divisible by kv_heads ({kv_heads})")
+    if min(contexts) <= cfg.budget:
+        raise ValueError(f"every context must exceed the budget a+W+k = {cfg.budget}, got {min(contexts)}")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in contexts:
+        q = torch.randn(heads, d_head, generator=gen).to(device)
+        keys, values = (torch.randn(kv_heads, n, d_head, generator=gen).to(device) for _ in range(2))
+        cache = paged_cache(keys, values, cfg.page_size)
+        fns = {"dense": lambda: dense_decode(q, keys, values), "topk": lambda: topk_decode(q, keys, values, cfg),
+               "pages": lambda: page_decode(q, cache, cfg)}
+        for fn in fns.values():  # warm-up
+            fn()
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(_once(_synced(fn, device), steps))
+        row = {"n": n}
+        for name in fns:
+            row[f"{name}_s"] = statistics.median(times[name])
+            row[f"{name}_bytes"] = bytes_read(name, n, heads, kv_heads, d_head, cfg, keys.element_size())
+        for name in ("topk", "pages"):
+            row[f"speedup_{name}"] = row["dense_s"] / row[f"{name}_s"]
+            row[f"bytes_ratio_{name}"] = row["dense_bytes"] / row[f"{name}_bytes"]
+        row.update(page_recall(q.cpu(), keys.cpu(), cfg))
+        rows.append(row)
+        del keys, values, cache
+    return {"shape": {"heads": heads, "kv_heads": kv_heads, "d_head": d_head, "dtype": "float32", "device": device,
+                      "threads": torch.get_num_threads()},
+            "config": {"anchors": cfg.anchors, "window": cfg.window, "topk": cfg.topk, "page_size": cfg.page_size},
+            "rounds": rounds, "steps": steps, "rows": rows}
+
+
+def _synced(fn, device: str):
+    if not device.startswith("cuda"):
+        return fn
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run

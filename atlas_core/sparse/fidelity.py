@@ -1,0 +1,154 @@
+"""Fidelity of sparse attention against the model's own dense attention (SPEC §10).
+
+- Teacher forced, over token blocks: per position, KL(p_dense ‖ p_sparse) of the next-token
+  distribution and whether the two argmax tokens agree (both over the positions ≥ a + W + k, where the
+  sparse rule can drop anything), the perplexity of each, and the mass the kept sets capture.
+- Greedy generation from one prompt, dense and sparse, with the KV cache: the fraction of generated
+  positions where the tokens agree and the first position where they differ.
+- The same first divergence for the price of one forward pass (``trajectory_agreement``): the sparse
+  model reads the dense greedy continuation and we check, step by step, whether its own greedy choice
+  would have been the dense token. Sparse greedy generation reproduces the dense tokens exactly up to
+  the first step where that check fails, so both give the same first divergence (up to float ties).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from atlas_core.models import LoadedModel
+from atlas_core.sparse.attention import MassLog, sparse_attention
+from atlas_core.sparse.kept import SparseConfig
+
+__all__ = ["agreement", "fidelity_report", "greedy", "teacher_forced", "trajectory_agreement"]
+
+
+@torch.no_grad()
+def teacher_forced(lm: LoadedModel, blocks: torch.Tensor, cfg: SparseConfig, progress: bool = False) -> dict:
+    """Dense vs sparse next-token distributions over token blocks (one block per forward pass).
+
+    Args:
+        blocks: (block, token) token ids, each longer than the budget a + W + k.
+    Returns:
+        {"kl", "top1_agree", "ppl_dense", "ppl_sparse", "ppl_change", "positions", "mass"}; kl and
+        top1_agree average the positions ≥ budget; ``mass`` holds (layer, head) means of the fixed,
+        selected and discarded mass (and page recall for the page selector) over the sparse layers.
+    """
+    if blocks.shape[1] <= cfg.budget + 1:
+        raise ValueError(f"blocks of {blocks.shape[1]} tokens are too short for the budget a+W+k = {cfg.budget}: "
+                         "nothing would be dropped; use longer blocks")
+    log = MassLog()
+    kl, agree, nll_dense, nll_sparse = [], [], [], []
+    for block in tqdm(blocks, desc=f"sparse W={cfg.window} k={cfg.topk}", disable=not progress, leave=False):
+        x = block[None]  # (1, token)
+        dense = lm.model(x, use_cache=False).logits[0, :-1].float().log_softmax(-1)  # (token - 1, vocab)
+        with sparse_attention(lm.model, cfg, log):
+            sparse = lm.model(x, use_cache=False).logits[0, :-1].float().log_softmax(-1)
+        if not (torch.isfinite(dense).all() and torch.isfinite(sparse).all()):
+            raise FloatingPointError("non-finite logits; check the model's weights and dtype")
+        active = slice(cfg.budget, None)  # logits at positions ≥ budget
+        kl.append(F.kl_div(sparse[active], dense[active], log_target=True, reduction="none").sum(-1))
+        agree.append(dense[active].argmax(-1) == sparse[active].argmax(-1))
+        target = block[1:, None]
+        nll_dense.append(-dense.gather(-1, target)[:, 0])
+        nll_sparse.append(-sparse.gather(-1, target)[:, 0])
+    ppl_dense = math.exp(torch.cat(nll_dense).double().mean().item())
+    ppl_sparse = math.exp(torch.cat(nll_sparse).double().mean().item())
+    kl, agree = torch.cat(kl), torch.cat(agree)
+    return {"kl": kl.double().mean().item(), "top1_agree": agree.double().mean().item(),
+            "ppl_dense": ppl_dense, "ppl_sparse": ppl_sparse, "ppl_change": ppl_sparse / ppl_dense - 1,
+            "positions": int(kl.numel()), "mass": log.means(), "log": log}
+
+
+@torch.no_grad()
+def greedy(lm: LoadedModel, prompt: torch.Tensor, n_new: int, cfg: SparseConfig | None = None,
+           implementation: str | None = None, progress: bool = False) -> torch.Tensor:
+    """Greedy continuation of one prompt through the KV cache, dense (cfg=None) or sparse.
+
+    No end-of-sequence stop: exactly ``n_new`` tokens, so dense and sparse runs align position by position.
+
+    Args:
+        prompt: (token,) token ids.
+        implementation: dense attention backend to use instead of the loaded one (e.g. "sdpa").
+    Returns:
+        (n_new,) generated token ids.
+    """
+    if n_new < 1:
+        raise ValueError(f"n_new must be ≥ 1, got {n_new}")
+    model = lm.model
+    context = sparse_attention(model, cfg) if cfg is not None else _implementation(model, implementation)
+    out = []
+    with context:
+        step = model(prompt[None], use_cache=True)
+        for _ in tqdm(range(n_new), desc="greedy" + (" sparse" if cfg else ""), disable=not progress, leave=False):
+            token = step.logits[0, -1].argmax()
+            out.append(token)
+            if len(out) < n_new:
+                step = model(token.view(1, 1), past_key_values=step.past_key_values, use_cache=True)
+    return torch.stack(out)
+
+
+@contextlib.contextmanager
+def _implementation(model, name: str | None):
+    previous = model.config._attn_implementation
+    if name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Position-wise agreement of two generated sequences of equal length.
+
+    Returns:
+        {"agree": fraction of equal positions, "first_divergence": first unequal position (None if
+        identical), "identical_prefix": tokens before it}.
+    """
+    if reference.shape != other.shape:
+        raise ValueError(f"sequences differ in length: {tuple(reference.shape)} vs {tuple(other.shape)}")
+    same = reference == other
+    diverge = (~same).nonzero()
+    first = int(diverge[0]) if len(diverge) else None
+    return {"agree": same.double().mean().item(), "first_divergence": first,
+            "identical_prefix": first if first is not None else int(same.numel())}
+
+
+@torch.no_grad()
+def trajectory_agreement(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: torch.Tensor, cfg: SparseConfig) -> dict:
+    """Would sparse greedy decoding choose each token of the dense greedy continuation?
+
+    Args:
+        prompt: (token,) the prompt; dense_tokens: (n_new,) the dense greedy continuation of it.
+    Returns:
+        {"agree": fraction of steps where the sparse argmax equals the dense token, "first_divergence":
+        first step where it does not (None if never), "identical_prefix"}.
+    """
+    x = torch.cat([prompt, dense_tokens[:-1]])[None]  # (1, prompt + n_new - 1)
+    with sparse_attention(lm.model, cfg):
+        logits = lm.model(x, use_cache=False, logits_to_keep=len(dense_tokens)).logits[0]  # (n_new, vocab)
+    return agreement(dense_tokens, logits.argmax(-1))
+
+
+def fidelity_report(lm: LoadedModel, cfg: SparseConfig, prompt: torch.Tensor, n_new: int, eval_blocks: torch.Tensor,
+                    progress: bool = False) -> dict:
+    """Everything ``atlas sparse`` prints: greedy agreement, teacher-forced KL / top-1 / perplexity, mass.
+
+    Args:
+        prompt: (token,) the generation prompt; n_new: tokens generated by each of dense and sparse.
+        eval_blocks: (block, token) held-out text for the teacher-forced measures.
+    """
+    dense = greedy(lm, prompt, n_new, progress=progress)
+    sparse = greedy(lm, prompt, n_new, cfg, progress=progress)
+    tf = teacher_forced(lm, eval_blocks, cfg, progress=progress)
+    gen = agreement(dense, sparse)
+    return {"token_agreement": gen["agree"], "first_divergence": gen["first_divergence"],
+            "identical_prefix": gen["identical_prefix"], "top1_agreement": tf["top1_agree"], "kl": tf["kl"],
+            "ppl_dense": tf["ppl_dense"], "ppl_sparse": tf["ppl_sparse"], "ppl_change": tf["ppl_change"],
+            "discarded_mass": tf["mass"]["discarded"].mean().item(), "fixed_mass": tf["mass"]["fixed"].mean().item(),
+            "selected_mass": tf["mass"]["selected"].mean().item(), "tf_positions": tf["positions"]}

@@ -1,0 +1,136 @@
+"""Kept sets of condensate attention (SPEC §10): anchors + recent window + top-k of the rest.
+
+For a query at position i the kept set is {j < a} ∪ {i−W < j ≤ i} ∪ top-k of the remaining visible keys
+by exact score; attention is the softmax renormalised over the kept set. The per-query discarded mass
+m = Σ_{j ∉ kept} p_j of the full softmax gives the output error exactly:
+
+    o_full − o_kept = m · (o_rest − o_kept),
+
+o_rest the softmax-weighted mean of the discarded values, so the error is zero only when m = 0.
+
+Axis names: scores (batch, head, query, key); positions are absolute token positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SELECTORS = ("exact", "pages")
+
+__all__ = ["SELECTORS", "SparseConfig", "fixed_mask", "kept_mask", "kept_mask_reference", "output_split"]
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """The sparse rule: anchors a, window W, top-k, dense first layers, selector, page size, head averaging."""
+
+    anchors: int = 1
+    window: int = 64
+    topk: int = 32
+    dense_layers: int = 0  # the first n layers keep full attention
+    selector: str = "exact"  # "exact": top-k by exact score; "pages": top ⌈k/P⌉ pages by a score bound
+    page_size: int = 16
+    head_average: bool = False  # the source code's variant: one kept set per layer from head-averaged scores
+
+    def __post_init__(self):
+        for name in ("anchors", "topk", "dense_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer ≥ 1 (it holds the query's own token), got {self.window!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ValueError(f"page_size must be a positive integer, got {self.page_size!r}")
+
+    @property
+    def budget(self) -> int:
+        """Keys kept per query once the context is longer than a + W + k."""
+        return self.anchors + self.window + self.topk
+
+    @property
+    def n_pages(self) -> int:
+        """Pages the page selector keeps: ⌈k / P⌉, the same key budget as exact top-k."""
+        return -(-self.topk // self.page_size)
+
+
+def fixed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Anchor ∪ window membership.
+
+    Args:
+        q_pos: (query,) absolute positions of the queries.
+        k_pos: (key,) absolute positions of the keys.
+    Returns:
+        (query, key) bool.
+    """
+    anchor = (k_pos < cfg.anchors)[None, :]
+    window = (k_pos[None, :] > q_pos[:, None] - cfg.window) & (k_pos[None, :] <= q_pos[:, None])
+    return anchor | window
+
+
+def kept_mask(scores: torch.Tensor, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              cfg: SparseConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed part and exact top-k part of every query's kept set (vectorised).
+
+    Args:
+        scores: (batch, head, query, key) attention logits.
+        visible: (batch, 1 or head, query, key) bool, the keys the model's own mask lets the query see.
+        q_pos: (query,) and k_pos: (key,) absolute positions.
+    Returns:
+        (fixed, chosen), each (batch, head, query, key) bool and disjoint; kept = fixed | chosen.
+    """
+    fixed = (visible & fixed_mask(q_pos, k_pos, cfg)).expand_as(scores)
+    rest = visible & ~fixed  # (batch, head, query, key)
+    k = min(cfg.topk, scores.shape[-1])
+    if k == 0:
+        return fixed, torch.zeros_like(fixed)
+    ranked = scores.mean(dim=1, keepdim=True).expand_as(scores) if cfg.head_average else scores
+    vals, idx = ranked.masked_fill(~rest, float("-inf")).topk(k, dim=-1)  # (batch, head, query, k)
+    chosen = torch.zeros_like(fixed).scatter_(-1, idx, torch.isfinite(vals))
+    return fixed, chosen
+
+
+def kept_mask_reference(scores, visible, q_pos, k_pos, cfg: SparseConfig) -> torch.Tensor:
+    """The kept set written as loops over batch, head and query (the reference for ``kept_mask``).
+
+    Returns:
+        (batch, head, query, key) bool, fixed | chosen.
+    """
+    b, h, nq, nk = scores.shape
+    visible = visible.expand(b, h, nq, nk)
+    ranked = scores.mean(dim=1, keepdim=True).expand_as(scores) if cfg.head_average else scores
+    keep = torch.zeros(b, h, nq, nk, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for qi in range(nq):
+                i = int(q_pos[qi])
+                seen = [j for j in range(nk) if visible[bi, hi, qi, j]]
+                fixed = [j for j in seen if int(k_pos[j]) < cfg.anchors or i - cfg.window < int(k_pos[j]) <= i]
+                rest = sorted((j for j in seen if j not in fixed), key=lambda j: -float(ranked[bi, hi, qi, j]))
+                for j in fixed + rest[: cfg.topk]:
+                    keep[bi, hi, qi, j] = True
+    return keep
+
+
+def output_split(probs: torch.Tensor, value: torch.Tensor, keep: torch.Tensor):
+    """Split full attention into its kept and discarded parts.
+
+    Args:
+        probs: (batch, head, query, key) full softmax probabilities.
+        value: (batch, head, key, d_head) values (KV heads already repeated).
+        keep: (batch, head, query, key) bool.
+    Returns:
+        (m, o_full, o_kept, o_rest): m (batch, head, query); outputs (batch, head, query, d_head), where
+        o_kept and o_rest are the renormalised softmax over the kept and discarded keys (o_rest is 0
+        where nothing is discarded).
+    """
+    kept_p = probs * keep
+    rest_p = probs * ~keep
+    m = rest_p.sum(-1)
+    o_full = probs @ value
+    o_kept = (kept_p / kept_p.sum(-1, keepdim=True)) @ value
+    o_rest = (rest_p / m.clamp_min(torch.finfo(probs.dtype).tiny)[..., None]) @ value
+    return m, o_full, o_kept, o_rest

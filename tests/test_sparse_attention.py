@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from atlas_core.extract import attention_modules
+from atlas_core.models import load_model
+from atlas_core.sparse.attention import MassLog, sparse_attention, sparse_attention_forward
+from atlas_core.sparse.kept import SparseConfig, kept_mask_reference
+
+WIDE = SparseConfig(anchors=1, window=10_000, topk=0)  # keeps every visible key
+NARROW = SparseConfig(anchors=1, window=3, topk=2)
+
+
+def _tokens(n=40, seed=0):
+    return torch.randint(4, 200, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_full_budget_is_bit_identical_to_eager(toy_lm):
+    x = _tokens()
+    ref = toy_lm.model(x).logits
+    with sparse_attention(toy_lm.model, WIDE):
+        assert torch.equal(toy_lm.model(x).logits, ref)
+    with sparse_attention(toy_lm.model, SparseConfig(1, 3, 2, dense_layers=toy_lm.spec.n_layers)):
+        assert torch.equal(toy_lm.model(x).logits, ref)  # every layer dense
+    with sparse_attention(toy_lm.model, NARROW):
+        assert not torch.allclose(toy_lm.model(x).logits, ref, atol=1e-4)
+    assert toy_lm.model.config._attn_implementation == "eager"  # restored
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("selector", ["exact", "pages"])
+def test_decoding_through_the_cache_equals_the_full_forward(toy_lm, selector):
+    """Sliding-window caches (gemma3, mistral) and GQA included: same kept sets one token at a time."""
+    if selector == "pages" and any(toy_lm.spec.windows):
+        pytest.skip("a sliding cache evicts keys from the edge page, whose summary then differs (pages.py)")
+    cfg = SparseConfig(anchors=1, window=3, topk=4, selector=selector, page_size=2)
+    x = _tokens(30)[:1]
+    with sparse_attention(toy_lm.model, cfg):
+        full = toy_lm.model(x).logits[0]
+        step = toy_lm.model(x[:, :12], use_cache=True)
+        steps = [step.logits[0]]
+        for t in range(12, 30):
+            step = toy_lm.model(x[:, t : t + 1], past_key_values=step.past_key_values, use_cache=True)
+            steps.append(step.logits[0])
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_generate_runs_with_sparse_attention(toy_lm):
+    x = _tokens(20)[:1]
+    with sparse_attention(toy_lm.model, NARROW):
+        out = toy_lm.model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 28)
+
+
+@torch.no_grad()
+def test_layer_output_equals_the_reference_kept_set():
+    lm = load_model("toy-llama")  # 4 query heads share 2 KV heads
+    module = attention_modules(lm.model)[1]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 15, 16, generator=gen), torch.randn(1, 2, 15, 16, generator=gen), torch.randn(1, 2, 15, 16, generator=gen)
+    pos = torch.arange(15)
+    visible = (pos[None, :] <= pos[:, None])[None, None]
+    mask = torch.zeros(1, 1, 15, 15).masked_fill(~visible, torch.finfo(torch.float32).min)
+    module._atlas_sparse = (1, NARROW, None)
+    try:
+        out, _ = sparse_attention_forward(module, q, k, v, mask, scaling=0.25)
+    finally:
+        del module._atlas_sparse
+    k_rep, v_rep = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = q @ k_rep.transpose(-1, -2) * 0.25
+    keep = kept_mask_reference(scores, visible, pos, pos, NARROW)
+    expected = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v_rep  # (batch, head, query, d_head)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_mass_log_counts_only_queries_past_the_budget():
+    lm = load_model("toy-qwen2")
+    log = MassLog()
+    with sparse_attention(lm.model, NARROW, log):
+        lm.model(_tokens(30))
+    means = log.means()
+    assert means["fixed"].shape == (lm.spec.n_layers, lm.spec.n_heads)
+    assert log.counts[0] == 2 * (30 - NARROW.budget)
+    total = means["fixed"] + means["selected"] + means["discarded"]
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
+    assert log.discarded_values(0).shape == (lm.spec.n_heads, 2 * (30 - NARROW.budget))
+
+
+def test_errors_are_clear():
+    lm = load_model("toy-llama")
+    with pytest.raises(ValueError, match="dense_layers"):
+        with sparse_attention(lm.model, SparseConfig(dense_layers=5)):
+            pass
+    module = attention_modules(lm.model)[0]
+    with pytest.raises(RuntimeError, match="sparse_attention"):
+        sparse_attention_forward(module, torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16), None)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_real_model_full_budget_is_exact_and_sparse_differs(smollm2):
+    from atlas_core.corpus import BlockSpec, token_blocks
+
+    x = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 256, 1, "eval", smollm2.spec.add_bos))
+    ref = smollm2.model(x).logits
+    with sparse_attention(smollm2.model, WIDE):
+        assert torch.equal(smollm2.model(x).logits, ref)
+    log = MassLog()
+    with sparse_attention(smollm2.model, SparseConfig(1, 16, 8), log):
+        sparse = smollm2.model(x).logits
+    assert (sparse - ref).abs().max() > 1e-3
+    assert 0 < log.means()["discarded"].mean() < 0.5

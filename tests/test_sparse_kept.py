@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from atlas_core.sparse.kept import SparseConfig, fixed_mask, kept_mask, kept_mask_reference, output_split
+
+
+def _problem(b=2, h=4, nq=12, nk=20, window=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, h, nq, nk, generator=gen)
+    q_pos = torch.arange(nk - nq, nk)
+    k_pos = torch.arange(nk)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:  # a sliding-window layer's own mask
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    return scores, visible[None, None].expand(b, 1, nq, nk), q_pos, k_pos
+
+
+@pytest.mark.parametrize("cfg", [SparseConfig(1, 3, 4), SparseConfig(2, 1, 0), SparseConfig(0, 5, 30),
+                                 SparseConfig(1, 2, 3, head_average=True), SparseConfig(3, 4, 2)])
+@pytest.mark.parametrize("window", [None, 9])
+def test_fast_kept_set_equals_reference(cfg, window):
+    scores, visible, q_pos, k_pos = _problem(window=window)
+    fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, cfg)
+    assert not (fixed & chosen).any()
+    assert torch.equal(fixed | chosen, kept_mask_reference(scores, visible, q_pos, k_pos, cfg))
+
+
+def test_kept_set_size_is_the_budget_or_everything_visible():
+    cfg = SparseConfig(1, 3, 4)
+    scores, visible, q_pos, k_pos = _problem()
+    fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, cfg)
+    n_visible = visible.sum(-1).expand(scores.shape[:3])
+    assert torch.equal((fixed | chosen).sum(-1), n_visible.clamp(max=cfg.budget))
+    assert not ((fixed | chosen) & ~visible).any()  # never a masked key
+
+
+def test_fixed_part_known_answer():
+    cfg = SparseConfig(anchors=2, window=3, topk=0)
+    mask = fixed_mask(torch.tensor([6]), torch.arange(8), cfg)
+    assert mask[0].tolist() == [True, True, False, False, True, True, True, False]
+
+
+def test_head_average_keeps_one_set_per_layer():
+    scores, visible, q_pos, k_pos = _problem()
+    fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, SparseConfig(1, 2, 3, head_average=True))
+    assert torch.equal(chosen, chosen[:, :1].expand_as(chosen))
+
+
+def test_output_error_identity():
+    gen = torch.Generator().manual_seed(1)
+    scores, visible, q_pos, k_pos = _problem(h=3)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    value = torch.randn(2, 3, 20, 8, generator=gen)
+    fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, SparseConfig(1, 2, 3))
+    m, o_full, o_kept, o_rest = output_split(probs, value, fixed | chosen)
+    assert (m > 0).any()
+    torch.testing.assert_close(o_full - o_kept, m[..., None] * (o_rest - o_kept), atol=1e-5, rtol=1e-4)
+    m, o_full, o_kept, _ = output_split(probs, value, visible.expand_as(probs))  # keep all: m = 0, no error
+    assert torch.all(m.abs() < 1e-7)
+    torch.testing.assert_close(o_full, o_kept)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"window": 0}, "window"), ({"topk": -1}, "topk"),
+                                             ({"selector": "magic"}, "selector"), ({"page_size": 0}, "page_size"),
+                                             ({"anchors": 1.5}, "anchors")])
+def test_bad_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SparseConfig(**kwargs)
+
+
+def test_budget_and_pages():
+    cfg = SparseConfig(anchors=1, window=64, topk=32, page_size=16)
+    assert cfg.budget == 97 and cfg.n_pages == 2
+    assert SparseConfig(topk=20, page_size=16).n_pages == 2
