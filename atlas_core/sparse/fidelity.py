@@ -24,7 +24,7 @@ from atlas_core.models import LoadedModel
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.kept import SparseConfig
 
-__all__ = ["agreement", "fidelity_report", "greedy", "teacher_forced", "trajectory_agreement"]
+__all__ = ["agreement", "budget_sweep", "fidelity_report", "greedy", "teacher_forced", "trajectory_agreement"]
 
 
 @torch.no_grad()
@@ -120,17 +120,21 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def trajectory_agreement(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: torch.Tensor, cfg: SparseConfig) -> dict:
+def trajectory_agreement(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: torch.Tensor, cfg: SparseConfig | None,
+                         implementation: str | None = None) -> dict:
     """Would sparse greedy decoding choose each token of the dense greedy continuation?
 
     Args:
         prompt: (token,) the prompt; dense_tokens: (n_new,) the dense greedy continuation of it.
+        cfg: the sparse rule, or None for dense attention with another backend (``implementation``),
+            which measures how far two exact implementations agree.
     Returns:
         {"agree": fraction of steps where the sparse argmax equals the dense token, "first_divergence":
         first step where it does not (None if never), "identical_prefix"}.
     """
     x = torch.cat([prompt, dense_tokens[:-1]])[None]  # (1, prompt + n_new - 1)
-    with sparse_attention(lm.model, cfg):
+    context = sparse_attention(lm.model, cfg) if cfg is not None else _implementation(lm.model, implementation)
+    with context:
         logits = lm.model(x, use_cache=False, logits_to_keep=len(dense_tokens)).logits[0]  # (n_new, vocab)
     return agreement(dense_tokens, logits.argmax(-1))
 
@@ -152,3 +156,25 @@ def fidelity_report(lm: LoadedModel, cfg: SparseConfig, prompt: torch.Tensor, n_
             "ppl_dense": tf["ppl_dense"], "ppl_sparse": tf["ppl_sparse"], "ppl_change": tf["ppl_change"],
             "discarded_mass": tf["mass"]["discarded"].mean().item(), "fixed_mass": tf["mass"]["fixed"].mean().item(),
             "selected_mass": tf["mass"]["selected"].mean().item(), "tf_positions": tf["positions"]}
+
+
+def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Tensor, prompt: torch.Tensor,
+                 dense_tokens: torch.Tensor, progress: bool = False) -> list[dict]:
+    """Teacher-forced fidelity and greedy first divergence of each sparse rule, one row per config.
+
+    Args:
+        blocks: (block, token) held-out text; prompt: (token,); dense_tokens: (n_new,) the dense greedy
+            continuation of the prompt (``greedy(lm, prompt, n_new)``).
+    Returns:
+        rows with the rule's settings, kl, top1_agree, ppl_dense, ppl_sparse, ppl_change, the mean fixed,
+        selected and discarded mass (page recall for the page selector), step_agree and first_divergence.
+    """
+    rows = []
+    for cfg in tqdm(configs, desc="sparse rules", disable=not progress):
+        tf = teacher_forced(lm, blocks, cfg)
+        traj = trajectory_agreement(lm, prompt, dense_tokens, cfg)
+        mass = {name: t.mean().item() for name, t in tf["mass"].items()}
+        rows.append({**cfg.__dict__, "kl": tf["kl"], "top1_agree": tf["top1_agree"], "ppl_dense": tf["ppl_dense"],
+                     "ppl_sparse": tf["ppl_sparse"], "ppl_change": tf["ppl_change"], **mass,
+                     "step_agree": traj["agree"], "first_divergence": traj["first_divergence"]})
+    return rows
