@@ -107,8 +107,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     scores = query @ key_rep.transpose(-1, -2) * scale  # (batch, head, query, key)
     if kwargs.get("softcap"):
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-    q_pos, k_pos = positions(kwargs.get("position_ids"), query.shape[2], key.shape[2])
-    visible = _visible(attention_mask, q_pos.to(query.device), k_pos.to(query.device), query.dtype)
+    q_pos, k_pos = (t.to(query.device) for t in positions(kwargs.get("position_ids"), query.shape[2], key.shape[2]))
+    visible = _visible(attention_mask, q_pos, k_pos, query.dtype)
     if cfg.selector == "exact":
         fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, cfg)
     else:

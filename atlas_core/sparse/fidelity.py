@@ -24,15 +24,23 @@ from atlas_core.models import LoadedModel
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.kept import SparseConfig
 
-__all__ = ["agreement", "budget_sweep", "fidelity_report", "greedy", "teacher_forced", "trajectory_agreement"]
+__all__ = ["agreement", "budget_sweep", "dense_logprobs", "fidelity_report", "greedy", "teacher_forced", "trajectory_agreement"]
 
 
 @torch.no_grad()
-def teacher_forced(lm: LoadedModel, blocks: torch.Tensor, cfg: SparseConfig, progress: bool = False) -> dict:
+def dense_logprobs(lm: LoadedModel, blocks: torch.Tensor) -> list[torch.Tensor]:
+    """The model's own next-token log-probabilities, one (token − 1, vocab) tensor per block."""
+    return [lm.model(block[None], use_cache=False).logits[0, :-1].float().log_softmax(-1) for block in blocks]
+
+
+@torch.no_grad()
+def teacher_forced(lm: LoadedModel, blocks: torch.Tensor, cfg: SparseConfig, progress: bool = False,
+                   dense_lp: list[torch.Tensor] | None = None) -> dict:
     """Dense vs sparse next-token distributions over token blocks (one block per forward pass).
 
     Args:
         blocks: (block, token) token ids, each longer than the budget a + W + k.
+        dense_lp: ``dense_logprobs(lm, blocks)`` when already computed (a sweep reuses them).
     Returns:
         {"kl", "top1_agree", "ppl_dense", "ppl_sparse", "ppl_change", "positions", "mass"}; kl and
         top1_agree average the positions ≥ budget; ``mass`` holds (layer, head) means of the fixed,
@@ -43,9 +51,9 @@ def teacher_forced(lm: LoadedModel, blocks: torch.Tensor, cfg: SparseConfig, pro
                          "nothing would be dropped; use longer blocks")
     log = MassLog()
     kl, agree, nll_dense, nll_sparse = [], [], [], []
-    for block in tqdm(blocks, desc=f"sparse W={cfg.window} k={cfg.topk}", disable=not progress, leave=False):
+    for i, block in enumerate(tqdm(blocks, desc=f"sparse W={cfg.window} k={cfg.topk}", disable=not progress, leave=False)):
         x = block[None]  # (1, token)
-        dense = lm.model(x, use_cache=False).logits[0, :-1].float().log_softmax(-1)  # (token - 1, vocab)
+        dense = dense_lp[i] if dense_lp is not None else dense_logprobs(lm, x)[0]  # (token - 1, vocab)
         with sparse_attention(lm.model, cfg, log):
             sparse = lm.model(x, use_cache=False).logits[0, :-1].float().log_softmax(-1)
         if not (torch.isfinite(dense).all() and torch.isfinite(sparse).all()):
@@ -169,11 +177,12 @@ def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Ten
         rows with the rule's settings, kl, top1_agree, ppl_dense, ppl_sparse, ppl_change, the mean fixed,
         selected and discarded mass (page recall for the page selector), step_agree and first_divergence.
     """
-    rows = []
+    rows, dense_lp = [], dense_logprobs(lm, blocks)
     for cfg in tqdm(configs, desc="sparse rules", disable=not progress):
-        tf = teacher_forced(lm, blocks, cfg)
+        tf = teacher_forced(lm, blocks, cfg, dense_lp=dense_lp)
         traj = trajectory_agreement(lm, prompt, dense_tokens, cfg)
-        mass = {name: t.mean().item() for name, t in tf["mass"].items()}
+        mass = {"fixed": math.nan, "selected": math.nan, "discarded": math.nan}  # stay NaN if every layer is dense
+        mass.update({name: t.mean().item() for name, t in tf["mass"].items()})
         rows.append({**cfg.__dict__, "kl": tf["kl"], "top1_agree": tf["top1_agree"], "ppl_dense": tf["ppl_dense"],
                      "ppl_sparse": tf["ppl_sparse"], "ppl_change": tf["ppl_change"], **mass,
                      "step_agree": traj["agree"], "first_divergence": traj["first_divergence"]})

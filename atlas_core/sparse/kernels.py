@@ -63,11 +63,11 @@ def reference_decode(q, keys, values, keep: torch.Tensor) -> torch.Tensor:
     return torch.einsum("hn,hnd->hd", probs, v_rep)
 
 
-def _fixed_index(n: int, cfg: SparseConfig) -> tuple[torch.Tensor, int, int]:
+def _fixed_index(n: int, cfg: SparseConfig, device=None) -> tuple[torch.Tensor, int, int]:
     """Indices of the fixed part, and the middle range [lo, hi)."""
     lo = min(cfg.anchors, n)
     hi = max(n - cfg.window, lo)
-    return torch.cat([torch.arange(lo), torch.arange(hi, n)]), lo, hi
+    return torch.cat([torch.arange(lo, device=device), torch.arange(hi, n, device=device)]), lo, hi
 
 
 def _attend(qg, keys, values, fixed, sel_scores, sel_values, scale):
@@ -85,7 +85,7 @@ def _attend(qg, keys, values, fixed, sel_scores, sel_values, scale):
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t (kv_head, key, d_head), idx (kv_head, group, s) -> (kv_head, group, s, d_head)."""
-    return t[torch.arange(t.shape[0])[:, None, None], idx]
+    return t[torch.arange(t.shape[0], device=t.device)[:, None, None], idx]
 
 
 def topk_decode(q, keys, values, cfg: SparseConfig) -> torch.Tensor:
@@ -93,7 +93,7 @@ def topk_decode(q, keys, values, cfg: SparseConfig) -> torch.Tensor:
     n_kv, n, d = keys.shape
     qg = q.view(n_kv, -1, d)  # (kv_head, group, d_head)
     scale = d**-0.5
-    fixed, lo, hi = _fixed_index(n, cfg)
+    fixed, lo, hi = _fixed_index(n, cfg, keys.device)
     scores = qg @ keys[:, lo:hi].transpose(-1, -2) * scale  # (kv_head, group, middle)
     vals, idx = scores.topk(min(cfg.topk, hi - lo), dim=-1)  # (kv_head, group, k)
     return _attend(qg, keys, values, fixed, vals, _gather(values, idx + lo), scale)
@@ -105,11 +105,11 @@ def page_decode(q, cache: PagedCache, cfg: SparseConfig) -> torch.Tensor:
     n_kv, n, d = keys.shape
     qg = q.view(n_kv, -1, d)
     scale = d**-0.5
-    fixed, lo, hi = _fixed_index(n, cfg)
+    fixed, lo, hi = _fixed_index(n, cfg, keys.device)
     p_lo, p_hi = lo // size, -(-hi // size)  # pages holding a middle key
     bound = score_bound(qg, cache.kmin[:, p_lo:p_hi], cache.kmax[:, p_lo:p_hi])  # (kv_head, group, page)
     _, pages = bound.topk(min(cfg.n_pages, p_hi - p_lo), dim=-1)  # (kv_head, group, take)
-    idx = ((pages + p_lo)[..., None] * size + torch.arange(size)).flatten(-2)  # (kv_head, group, take * P)
+    idx = ((pages + p_lo)[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)  # (kv_head, group, take * P)
     inside = (idx >= lo) & (idx < hi)
     idx = idx.clamp(max=n - 1)
     sel_keys = _gather(keys, idx)  # (kv_head, group, s, d_head)
