@@ -36,10 +36,6 @@ def page_recall(q, keys, cfg: SparseConfig) -> dict:
     return {"index_recall": index.mean().item(), "mass_recall": mass.mean().item()}
 
 
-def _time(fn, rounds: int, steps: int) -> list[float]:
-    return [_once(fn, steps) for _ in range(rounds)]
-
-
 def _once(fn, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
