@@ -1,0 +1,15 @@
+"""Weight quantization (SPEC §8): RTN, rotations, GPTQ and AWQ, each returning dequantized weights.
+
+- ``rtn``: round-to-nearest per output channel or per group, symmetric or asymmetric (+ reference).
+- ``rotations``: Q(W U) Uᵀ with U = I, an eigenbasis, Haar random or randomized Hadamard.
+- ``gptq``: error feedback through the Cholesky factor of H⁻¹ (+ a column-by-column reference).
+- ``awq``: activation-aware per-channel scales with the exponent searched on a grid.
+"""
+
+from atlas_core.wquant.awq import awq
+from atlas_core.wquant.gptq import gptq, gptq_reference
+from atlas_core.wquant.rotations import eigenbasis, haar, randomized_hadamard, rotate_quantize
+from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn, quantize_rtn_reference
+
+__all__ = ["WQuantSpec", "awq", "eigenbasis", "gptq", "gptq_reference", "haar", "quantize_rtn",
+           "quantize_rtn_reference", "randomized_hadamard", "rotate_quantize"]

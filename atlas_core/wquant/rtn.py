@@ -1,0 +1,79 @@
+"""Round-to-nearest weight quantization (SPEC §8): per output channel or per group of input columns.
+
+A weight W is (out, in), as ``nn.Linear`` keeps it. A group is g consecutive input columns of one output
+row (g = in: one scale per output channel). Symmetric: levels −(2^(b−1)−1) … 2^(b−1)−1 times a scale
+max|w| / (2^(b−1)−1). Asymmetric: levels 0 … 2^b−1, scale (max−min)/(2^b−1) and an integer zero point.
+Every function returns the dequantized weight (what the model computes with) in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["WQuantSpec", "group_params", "quantize_rtn", "quantize_rtn_reference", "quantize_with"]
+
+
+@dataclass(frozen=True)
+class WQuantSpec:
+    """Bits, group size (None: one group per output channel) and symmetry of a weight quantizer."""
+
+    bits: int = 4
+    group: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be an integer in 2..16, got {self.bits!r}")
+        if self.group is not None and (isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1):
+            raise ValueError(f"group must be a positive integer or None, got {self.group!r}")
+
+    def group_size(self, n_in: int) -> int:
+        """Columns per group for a layer with ``n_in`` inputs (a clear error if they do not divide)."""
+        g = self.group or n_in
+        if n_in % g:
+            raise ValueError(f"group {g} does not divide the layer's {n_in} input columns; pick a divisor")
+        return g
+
+
+def group_params(w: torch.Tensor, spec: WQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each row of ``w`` (out, g): both (out, 1); zero is 0 when symmetric."""
+    if spec.symmetric:
+        top = 2 ** (spec.bits - 1) - 1
+        scale = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
+        return scale, torch.zeros_like(scale)
+    lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)  # zero is representable
+    scale = (hi - lo).clamp_min(1e-12) / (2**spec.bits - 1)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WQuantSpec) -> torch.Tensor:
+    """Round ``w`` to the grid (scale, zero) and dequantize; broadcasting shapes."""
+    if spec.symmetric:
+        top = 2 ** (spec.bits - 1) - 1
+        return torch.clamp(torch.round(w / scale), -top, top) * scale
+    q = torch.clamp(torch.round(w / scale) + zero, 0, 2**spec.bits - 1)
+    return (q - zero) * scale
+
+
+def quantize_rtn(w: torch.Tensor, spec: WQuantSpec) -> torch.Tensor:
+    """Round-to-nearest, group by group. w: (out, in) -> (out, in) dequantized."""
+    out, n_in = w.shape
+    g = spec.group_size(n_in)
+    groups = w.float().reshape(out, n_in // g, g)  # (out, group, g)
+    scale, zero = group_params(groups, spec)
+    return quantize_with(groups, scale, zero, spec).reshape(out, n_in)
+
+
+def quantize_rtn_reference(w: torch.Tensor, spec: WQuantSpec) -> torch.Tensor:
+    """The same, one group at a time with Python loops (the reference for ``quantize_rtn``)."""
+    out, n_in = w.shape
+    g = spec.group_size(n_in)
+    res = torch.empty(out, n_in)
+    for r in range(out):
+        for start in range(0, n_in, g):
+            part = w[r, start : start + g].float()[None]
+            scale, zero = group_params(part, spec)
+            res[r, start : start + g] = quantize_with(part, scale, zero, spec)[0]
+    return res
