@@ -4,6 +4,8 @@
 - ``rotations``: Q(W U) Uᵀ with U = I, an eigenbasis, Haar random or randomized Hadamard.
 - ``gptq``: error feedback through the Cholesky factor of H⁻¹ (+ a column-by-column reference).
 - ``awq``: activation-aware per-channel scales with the exponent searched on a grid.
+- ``calib``: H = E[x xᵀ], E|x| and the activation Fisher of every linear layer; participation ratios.
+- ``apply``: one method over every linear layer of a model, in place, with per-layer errors.
 """
 
 from atlas_core.wquant.awq import awq

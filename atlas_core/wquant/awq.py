@@ -2,7 +2,8 @@
 
 Per input channel j, s_j = mean|x_j|^α (normalised so that max(s)·min(s) = 1); the layer stores
 Q(W·diag(s)) and computes with Q(W·diag(s))·diag(s)⁻¹, which equals W before rounding. α is searched on
-a grid to minimise the layer's output error ‖(W − Ŵ) X‖² on calibration inputs; α = 0 is plain RTN.
+a grid to minimise the layer's mean output error E‖(W − Ŵ) x‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ), H = E[x xᵀ] of
+the calibration inputs (so only H and mean|x| are needed); α = 0 is plain RTN.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
 
-__all__ = ["awq", "awq_scales"]
+__all__ = ["awq", "awq_scales", "output_error"]
 
 GRID = tuple(i / 20 for i in range(21))  # α = 0, 0.05, …, 1
 
@@ -22,22 +23,25 @@ def awq_scales(x_abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def awq(w: torch.Tensor, x: torch.Tensor, spec: WQuantSpec, grid=GRID) -> tuple[torch.Tensor, float]:
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """E‖(W − Ŵ) x‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ) for inputs with second moment H (in, in)."""
+    e = (w - w_hat).double()
+    return torch.einsum("oi,ij,oj->", e, h.double(), e).item()
+
+
+def awq(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, spec: WQuantSpec, grid=GRID) -> tuple[torch.Tensor, float]:
     """AWQ with the exponent searched on ``grid``.
 
     Args:
-        w: (out, in) weight; x: (n, in) calibration inputs of the layer.
+        w: (out, in) weight; h: (in, in) E[x xᵀ]; mean_abs: (in,) E|x| of the layer's calibration inputs.
     Returns:
         (dequantized (out, in) weight, the chosen α)
     """
-    x = x.float()
-    mean_abs = x.abs().mean(0)
-    ref = x @ w.float().T  # (n, out)
     best = None
     for alpha in grid:
         s = awq_scales(mean_abs, alpha)
         w_hat = quantize_rtn(w.float() * s, spec) / s
-        err = (x @ w_hat.T - ref).pow(2).sum().item()
+        err = output_error(w, w_hat, h)
         if best is None or err < best[0]:
             best = (err, w_hat, alpha)
     return best[1], best[2]
