@@ -115,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_sparse)
 
+    w = sub.add_parser("wquant", help="weight quantization (RTN, GPTQ, AWQ, rotations): held-out perplexity and layer errors")
+    _model_arg(w)
+    w.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard", "nqp-scaled"])
+    w.add_argument("--bits", type=int, default=4)
+    w.add_argument("--group", type=int, default=None, help="input columns per group (default: one per output channel)")
+    w.add_argument("--symmetric", action="store_true")
+    w.add_argument("--corpus", default="britannica")
+    w.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (calib split)")
+    w.add_argument("--tokens", type=int, default=4096, help="held-out tokens (eval split)")
+    w.add_argument("--seq-len", type=int, default=512)
+    w.add_argument("--seed", type=int, default=0, help="seed of the random rotations")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(func=_wquant)
+
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(title="benchmarks", metavar="NAME")
     e = bsub.add_parser("extract", help="every-head extraction of one layer vs a plain eager forward")
@@ -348,6 +362,29 @@ def _sparse(args) -> None:
           f"KL {r['kl']:.4f} nats\n"
           f"  perplexity {r['ppl_dense']:.3f} -> {r['ppl_sparse']:.3f} ({r['ppl_change']:+.2%}); "
           f"mean discarded mass {r['discarded_mass']:.4f}")
+
+
+def _wquant(args) -> None:
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.models import load_model
+    from atlas_core.wquant.experiment import run_wquant
+    from atlas_core.wquant.rtn import WQuantSpec
+
+    spec = WQuantSpec(args.bits, args.group, args.symmetric)  # validated before the model loads
+    if args.tokens < args.seq_len or args.calib_tokens < args.seq_len:
+        raise ValueError(f"--tokens and --calib-tokens must be at least --seq-len ({args.seq_len})")
+    lm = load_model(args.model, attn_implementation="sdpa")
+    calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.calib_tokens // args.seq_len, "calib", lm.spec.add_bos))
+    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
+    r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty())
+    result = {"model": args.model, "corpus": args.corpus, "calib_tokens": calib.numel(), "tokens": blocks.numel(),
+              **{k: v for k, v in r.items() if k != "layers"}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    out = "" if r["output_error"] is None else f", output {r['output_error']:.3e}"
+    print(f"{args.model} {args.method} {args.bits}b (group {args.group or 'channel'}): perplexity {r['ppl']:.3f} "
+          f"(fp {r['ppl_fp']:.3f}); mean relative layer error: weight {r['weight_error']:.3e}{out}; {r['seconds']:.1f} s")
 
 
 def _bench_sparse(args) -> None:

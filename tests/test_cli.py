@@ -97,3 +97,20 @@ def test_bench_sparse_decode_json(capsys):
                  "--rounds", "1", "--steps", "1", "--json"]) == 0
     row = _json(capsys)["rows"][0]
     assert row["n"] == 1024 and row["speedup_pages"] > 0
+
+
+def test_wquant_on_toy_model(capsys):
+    args = ["wquant", "--model", "toy-qwen2", "--method", "gptq", "--bits", "3", "--group", "16",
+            "--calib-tokens", "256", "--tokens", "256", "--seq-len", "64", "--json"]
+    assert main(args) == 0
+    out = _json(capsys)
+    assert out["method"] == "gptq" and out["bits"] == 3 and out["tokens"] == 256
+    assert out["ppl"] > 0 and 0 < out["weight_error"] < 1 and out["output_error"] > 0
+
+
+@pytest.mark.parametrize("args, message", [(["wquant", "--bits", "1"], "bits"),
+                                           (["wquant", "--group", "0"], "group"),
+                                           (["wquant", "--tokens", "10"], "--seq-len")])
+def test_wquant_bad_input_exits_2(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

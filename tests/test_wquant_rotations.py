@@ -34,3 +34,12 @@ def test_hadamard_known_answer_and_errors():
     assert torch.equal(hadamard(2) * 2**0.5, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard(12)
+
+
+def test_lambda_scaled_grid_with_flat_spectrum_is_the_eigenbasis_rotation():
+    from atlas_core.wquant.rotations import lambda_scaled_quantize
+
+    w = torch.randn(8, 32)
+    cov = torch.eye(32, dtype=torch.float64) * 3.0  # every λ equal: s = 1
+    u = eigenbasis(cov)
+    torch.testing.assert_close(lambda_scaled_quantize(w, cov, WQuantSpec(3)), rotate_quantize(w, u, WQuantSpec(3)))

@@ -14,10 +14,10 @@ from transformers.pytorch_utils import Conv1D
 from atlas_core.wquant.awq import awq, output_error
 from atlas_core.wquant.calib import LayerStats, linear_layers, weight_of
 from atlas_core.wquant.gptq import gptq
-from atlas_core.wquant.rotations import eigenbasis, haar, randomized_hadamard, rotate_quantize
+from atlas_core.wquant.rotations import eigenbasis, haar, lambda_scaled_quantize, randomized_hadamard, rotate_quantize
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
 
-METHODS = ("rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard")
+METHODS = ("rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard", "nqp-scaled")
 
 __all__ = ["METHODS", "quantize_layer", "quantize_model"]
 
@@ -36,6 +36,8 @@ def quantize_layer(w: torch.Tensor, method: str, spec: WQuantSpec, stats: LayerS
         return rotate_quantize(w, haar(w.shape[1], seed), spec)
     if method == "rot-hadamard":
         return rotate_quantize(w, randomized_hadamard(w.shape[1], seed), spec)
+    if method == "nqp-scaled":
+        return lambda_scaled_quantize(w, stats.fisher, spec)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
@@ -51,7 +53,7 @@ def quantize_model(model, method: str, spec: WQuantSpec, stats: dict[str, LayerS
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if stats is None and method in ("gptq", "awq", "rot-fisher"):
+    if stats is None and method in ("gptq", "awq", "rot-fisher", "nqp-scaled"):
         raise ValueError(f"method {method!r} needs calibration statistics (calib.calibration_stats)")
     rows = []
     for name, module in tqdm(linear_layers(model).items(), desc=method, disable=not progress):

@@ -26,7 +26,7 @@ def awq_scales(x_abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """E‖(W − Ŵ) x‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ) for inputs with second moment H (in, in)."""
     e = (w - w_hat).double()
-    return torch.einsum("oi,ij,oj->", e, h.double(), e).item()
+    return ((e @ h.double()) * e).sum().item()
 
 
 def awq(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, spec: WQuantSpec, grid=GRID) -> tuple[torch.Tensor, float]:

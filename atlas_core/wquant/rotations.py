@@ -12,7 +12,7 @@ import torch
 
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
 
-__all__ = ["eigenbasis", "haar", "hadamard", "randomized_hadamard", "rotate_quantize"]
+__all__ = ["eigenbasis", "haar", "hadamard", "lambda_scaled_quantize", "randomized_hadamard", "rotate_quantize"]
 
 
 def rotate_quantize(w: torch.Tensor, u: torch.Tensor, spec: WQuantSpec) -> torch.Tensor:
@@ -52,3 +52,22 @@ def randomized_hadamard(n: int, seed: int) -> torch.Tensor:
     signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
     perm = torch.randperm(n, generator=gen)
     return (signs[:, None] * h)[perm]
+
+
+def lambda_scaled_quantize(w: torch.Tensor, cov: torch.Tensor, spec: WQuantSpec, power: float = 0.5) -> torch.Tensor:
+    """The source's "Fisher with λ-scaled grid", as we read it (its code is not public).
+
+    In the eigenbasis U of ``cov`` (eigenvalues λ), coordinate j is scaled by s_j ∝ λ_j^power before
+    rounding and unscaled after, so directions of high curvature get a finer grid:
+    Ŵ = [Q(W U diag(s)) diag(s)⁻¹] Uᵀ, with s normalised to geometric mean 1.
+
+    Args:
+        w: (out, in); cov: (in, in) symmetric PSD (the activation Fisher).
+    """
+    vals, vecs = torch.linalg.eigh(cov.double())
+    order = torch.argsort(vals, descending=True)
+    u, lam = vecs[:, order], vals[order].clamp_min(0)
+    s = (lam + 1e-12 * lam.max().clamp_min(1e-30)) ** power
+    s = s / s.log().mean().exp()
+    rotated = w.double() @ u * s
+    return ((quantize_rtn(rotated.float(), spec).double() / s) @ u.T).float()
