@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from atlas_core.wquant.awq import awq, output_error
 from atlas_core.wquant.calib import LayerStats, linear_layers, weight_of
 from atlas_core.wquant.gptq import gptq
-from atlas_core.wquant.rotations import eigenbasis, haar, lambda_scaled_quantize, randomized_hadamard, rotate_quantize
+from atlas_core.wquant.rotations import haar, lambda_scaled_quantize, randomized_hadamard, rotate_quantize
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
 
 METHODS = ("rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard", "nqp-scaled")
@@ -31,13 +31,13 @@ def quantize_layer(w: torch.Tensor, method: str, spec: WQuantSpec, stats: LayerS
     if method == "awq":
         return awq(w, stats.h, stats.mean_abs, spec)[0]
     if method == "rot-fisher":
-        return rotate_quantize(w, eigenbasis(stats.fisher), spec)
+        return rotate_quantize(w, stats.fisher_eigh[1], spec)
     if method == "rot-haar":
         return rotate_quantize(w, haar(w.shape[1], seed), spec)
     if method == "rot-hadamard":
         return rotate_quantize(w, randomized_hadamard(w.shape[1], seed), spec)
     if method == "nqp-scaled":
-        return lambda_scaled_quantize(w, stats.fisher, spec)
+        return lambda_scaled_quantize(w, stats.fisher, spec, eigh=stats.fisher_eigh)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 

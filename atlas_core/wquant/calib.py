@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,13 @@ class LayerStats:
     @property
     def fisher(self) -> torch.Tensor:
         return self.gg / self.n
+
+    @cached_property
+    def fisher_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues (in,), eigenvectors (in, in) as columns) of F, by decreasing eigenvalue; computed once."""
+        vals, vecs = torch.linalg.eigh(self.fisher.double())
+        order = torch.argsort(vals, descending=True)
+        return vals[order], vecs[:, order]
 
 
 def linear_layers(model) -> dict[str, torch.nn.Module]:

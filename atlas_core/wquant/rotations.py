@@ -54,7 +54,8 @@ def randomized_hadamard(n: int, seed: int) -> torch.Tensor:
     return (signs[:, None] * h)[perm]
 
 
-def lambda_scaled_quantize(w: torch.Tensor, cov: torch.Tensor, spec: WQuantSpec, power: float = 0.5) -> torch.Tensor:
+def lambda_scaled_quantize(w: torch.Tensor, cov: torch.Tensor, spec: WQuantSpec, power: float = 0.5,
+                           eigh: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The source's "Fisher with λ-scaled grid", as we read it (its code is not public).
 
     In the eigenbasis U of ``cov`` (eigenvalues λ), coordinate j is scaled by s_j ∝ λ_j^power before
@@ -63,10 +64,13 @@ def lambda_scaled_quantize(w: torch.Tensor, cov: torch.Tensor, spec: WQuantSpec,
 
     Args:
         w: (out, in); cov: (in, in) symmetric PSD (the activation Fisher).
+        eigh: its (eigenvalues, eigenvectors) by decreasing eigenvalue, when already computed.
     """
-    vals, vecs = torch.linalg.eigh(cov.double())
-    order = torch.argsort(vals, descending=True)
-    u, lam = vecs[:, order], vals[order].clamp_min(0)
+    if eigh is None:
+        vals, vecs = torch.linalg.eigh(cov.double())
+        order = torch.argsort(vals, descending=True)
+        eigh = vals[order], vecs[:, order]
+    lam, u = eigh[0].clamp_min(0), eigh[1]
     s = (lam + 1e-12 * lam.max().clamp_min(1e-30)) ** power
     s = s / s.log().mean().exp()
     rotated = w.double() @ u * s
