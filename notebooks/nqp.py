@@ -34,8 +34,9 @@
 #   minimise the layer's output error $\operatorname{tr}(E H E^\top)$, $E = W - \hat W$.
 #
 # Statistics (H, $E|x|$ and the activation Fisher $F = E[gg^\top]$, $g = \partial L/\partial x$) come
-# from one pass over the calibration split of the full-precision model; perplexity from the evaluation
-# split, which never shares a token with it.
+# from one pass over the calibration split of the full-precision model (GPTQ's reference code instead
+# re-collects each layer's inputs after the layers before it are quantized; we do not); perplexity from
+# the evaluation split, which never shares a token with it.
 
 # %% tags=["parameters"]
 model = "smollm2-135m"
