@@ -30,3 +30,14 @@ def test_bad_specs_are_rejected():
         WQuantSpec(1)
     with pytest.raises(ValueError, match="divide"):
         quantize_rtn(torch.zeros(2, 10), WQuantSpec(4, 4))
+
+
+def test_float_zero_reproduces_a_scale_and_min_grid():
+    """Weights already on a GGUF Q4_1-style grid (w = min + q·d per block) come back exactly."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (4, 64), generator=gen).float()
+    q[:, ::32], q[:, 1::32] = 0, 15  # every block uses its extreme levels
+    d, m = torch.rand(4, 2, 1, generator=gen) + 0.1, torch.rand(4, 2, 1, generator=gen) + 0.5  # positive minima
+    w = (m + q.view(4, 2, 32) * d).view(4, 64)
+    torch.testing.assert_close(quantize_rtn(w, WQuantSpec(4, 32, zero="float")), w)
+    assert (quantize_rtn(w, WQuantSpec(4, 32)) - w).abs().max() > 1e-2  # the integer zero point cannot

@@ -43,11 +43,13 @@ def quantize_layer(w: torch.Tensor, method: str, spec: WQuantSpec, stats: LayerS
 
 @torch.no_grad()
 def quantize_model(model, method: str, spec: WQuantSpec, stats: dict[str, LayerStats] | None = None, seed: int = 0,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, judge: dict[str, LayerStats] | None = None) -> list[dict]:
     """Replace every decoder linear layer's weight by its quantization, in place.
 
     Args:
         stats: calibration statistics (needed by every method but rtn, rot-haar and rot-hadamard).
+        judge: statistics of held-out inputs for the output error (default: ``stats``; GPTQ and AWQ
+            minimise the error on their calibration inputs, so only held-out inputs judge them fairly).
     Returns:
         per layer {"layer", "weight_error", "output_error"} (relative; output error needs stats).
     """
@@ -61,8 +63,9 @@ def quantize_model(model, method: str, spec: WQuantSpec, stats: dict[str, LayerS
         st = stats.get(name) if stats else None
         w_hat = quantize_layer(w, method, spec, st, seed)
         row = {"layer": name, "weight_error": ((w_hat - w).norm() / w.norm()).item()}
-        if st is not None:
-            row["output_error"] = output_error(w, w_hat, st.h) / output_error(w, torch.zeros_like(w), st.h)
+        ref = (judge or stats or {}).get(name)
+        if ref is not None:
+            row["output_error"] = output_error(w, w_hat, ref.h) / output_error(w, torch.zeros_like(w), ref.h)
         rows.append(row)
         module.weight.copy_(w_hat.T if isinstance(module, Conv1D) else w_hat)
     return rows

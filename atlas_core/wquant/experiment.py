@@ -18,13 +18,14 @@ __all__ = ["run_wquant"]
 
 def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tensor, eval_blocks: torch.Tensor,
                stats: dict[str, LayerStats] | None = None, ppl_fp: float | None = None, seed: int = 0,
-               progress: bool = False) -> dict:
+               progress: bool = False, judge: dict[str, LayerStats] | None = None) -> dict:
     """Quantize a deep copy of ``lm.model`` with ``method`` and measure it (the original is untouched).
 
     Args:
         calib: (block, token) calibration blocks (used when ``stats`` is None and the method needs them).
         eval_blocks: (block, token) held-out blocks for perplexity.
         stats, ppl_fp: reuse across runs of a sweep.
+        judge: held-out input statistics for the layer output error (default: the calibration ones).
     Returns:
         {"method", "bits", "group", "symmetric", "ppl", "ppl_fp", "weight_error", "output_error" (means over
         layers), "layers" (per-layer rows), "seconds"}
@@ -35,7 +36,7 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
     if ppl_fp is None:
         ppl_fp = perplexity(lm.model, eval_blocks, progress=progress)
     model = copy.deepcopy(lm.model)
-    rows = quantize_model(model, method, spec, stats, seed, progress=progress)
+    rows = quantize_model(model, method, spec, stats, seed, progress=progress, judge=judge)
     ppl = perplexity(model, eval_blocks, progress=progress)
     out_err = [r["output_error"] for r in rows if "output_error" in r]
     return {"method": method, "bits": spec.bits, "group": spec.group, "symmetric": spec.symmetric, "ppl": ppl,

@@ -2,7 +2,9 @@
 
 A weight W is (out, in), as ``nn.Linear`` keeps it. A group is g consecutive input columns of one output
 row (g = in: one scale per output channel). Symmetric: levels −(2^(b−1)−1) … 2^(b−1)−1 times a scale
-max|w| / (2^(b−1)−1). Asymmetric: levels 0 … 2^b−1, scale (max−min)/(2^b−1) and an integer zero point.
+max|w| / (2^(b−1)−1). Asymmetric: levels 0 … 2^b−1, scale (max−min)/(2^b−1) and a zero point, either an
+integer with the range stretched to hold 0 (GPTQ's and AWQ's convention, ``zero="integer"``) or the
+group's minimum itself (GGUF Q4_1's scale-and-min blocks, ``zero="float"``).
 Every function returns the dequantized weight (what the model computes with) in fp32.
 """
 
@@ -22,12 +24,15 @@ class WQuantSpec:
     bits: int = 4
     group: int | None = None
     symmetric: bool = False
+    zero: str = "integer"  # asymmetric only: "integer" (range holds 0) or "float" (w = min + q·scale)
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ValueError(f"bits must be an integer in 2..16, got {self.bits!r}")
         if self.group is not None and (isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1):
             raise ValueError(f"group must be a positive integer or None, got {self.group!r}")
+        if self.zero not in ("integer", "float"):
+            raise ValueError(f"zero must be 'integer' or 'float', got {self.zero!r}")
 
     def group_size(self, n_in: int) -> int:
         """Columns per group for a layer with ``n_in`` inputs (a clear error if they do not divide)."""
@@ -43,7 +48,11 @@ def group_params(w: torch.Tensor, spec: WQuantSpec) -> tuple[torch.Tensor, torch
         top = 2 ** (spec.bits - 1) - 1
         scale = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
         return scale, torch.zeros_like(scale)
-    lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)  # zero is representable
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    if spec.zero == "float":
+        scale = (hi - lo).clamp_min(1e-12) / (2**spec.bits - 1)
+        return scale, -lo / scale
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # zero is representable
     scale = (hi - lo).clamp_min(1e-12) / (2**spec.bits - 1)
     return scale, torch.round(-lo / scale)
 
@@ -53,7 +62,7 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     if spec.symmetric:
         top = 2 ** (spec.bits - 1) - 1
         return torch.clamp(torch.round(w / scale), -top, top) * scale
-    q = torch.clamp(torch.round(w / scale) + zero, 0, 2**spec.bits - 1)
+    q = torch.clamp(torch.round(w / scale + zero), 0, 2**spec.bits - 1)  # = round(w/scale) + zero for integer zero
     return (q - zero) * scale
 
 
