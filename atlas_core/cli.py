@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--group", type=int, default=None, help="input columns per group (default: one per output channel)")
     w.add_argument("--symmetric", action="store_true")
     w.add_argument("--corpus", default="britannica")
-    w.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (calib split)")
+    w.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (calib split; GPTQ overfits a few thousand)")
     w.add_argument("--tokens", type=int, default=4096, help="held-out tokens (eval split)")
     w.add_argument("--seq-len", type=int, default=512)
     w.add_argument("--seed", type=int, default=0, help="seed of the random rotations")

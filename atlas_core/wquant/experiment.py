@@ -32,7 +32,7 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
     """
     start = time.perf_counter()
     if stats is None and method != "rtn":
-        stats = calibration_stats(lm, calib, progress=progress)
+        stats = calibration_stats(lm, calib, fisher=method in ("rot-fisher", "nqp-scaled"), progress=progress)
     if ppl_fp is None:
         ppl_fp = perplexity(lm.model, eval_blocks, progress=progress)
     model = copy.deepcopy(lm.model)
