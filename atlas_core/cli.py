@@ -376,7 +376,10 @@ def _wquant(args) -> None:
     lm = load_model(args.model, attn_implementation="sdpa")
     calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.calib_tokens // args.seq_len, "calib", lm.spec.add_bos))
     blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
-    r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty())
+    from atlas_core.wquant.calib import calibration_stats
+
+    judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
+    r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge)
     result = {"model": args.model, "corpus": args.corpus, "calib_tokens": calib.numel(), "tokens": blocks.numel(),
               **{k: v for k, v in r.items() if k != "layers"}}
     if args.json:
@@ -384,7 +387,8 @@ def _wquant(args) -> None:
         return
     out = "" if r["output_error"] is None else f", output {r['output_error']:.3e}"
     print(f"{args.model} {args.method} {args.bits}b (group {args.group or 'channel'}): perplexity {r['ppl']:.3f} "
-          f"(fp {r['ppl_fp']:.3f}); mean relative layer error: weight {r['weight_error']:.3e}{out}; {r['seconds']:.1f} s")
+          f"(fp {r['ppl_fp']:.3f}); mean relative layer error: weight {r['weight_error']:.3e}{out} (held-out inputs); "
+          f"{r['seconds']:.1f} s")
 
 
 def _bench_sparse(args) -> None:
