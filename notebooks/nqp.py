@@ -133,7 +133,31 @@ fig.tight_layout()
 g("fig_pr", fig)
 plt.close(fig)
 
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+for i, (t, grp) in enumerate(pr.groupby("type")):
+    for ax, field in zip(axes, ("h", "fisher")):
+        curves = [torch.linalg.eigvalsh(getattr(stats[name], field).double()).flip(0).clamp_min(0) for name in grp.layer]
+        curves = torch.stack([c / c[0] for c in curves])  # (layer, eigenvalue), normalised by the largest
+        ax.plot(np.arange(1, curves.shape[1] + 1), curves.median(0).values, color=f"C{i}", label=t)
+        ax.fill_between(np.arange(1, curves.shape[1] + 1), curves.quantile(0.1, 0).numpy(), curves.quantile(0.9, 0).numpy(),
+                        color=f"C{i}", alpha=0.15)
+for ax, title in zip(axes, ("input second moment H", "activation Fisher F")):
+    ax.set(title=title, xscale="log", yscale="log", xlabel="eigenvalue rank", ylim=(1e-8, 1.5))
+axes[0].set_ylabel("λ_i / λ_1")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+g("fig_spectra", fig)
+plt.close(fig)
+
 # %% [markdown]
+# ```{glue:figure} nqp_fig_spectra
+# :name: fig-nqp-spectra
+#
+# Eigenvalue spectra of H (left) and F (right), each normalised by its largest eigenvalue: median over
+# the layers of each type (line) and the 10–90% band across layers.
+# ```
+#
 # ```{glue:figure} nqp_fig_pr
 # :name: fig-nqp-pr
 #
