@@ -367,6 +367,7 @@ def _sparse(args) -> None:
 def _wquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.models import load_model
+    from atlas_core.wquant.calib import calibration_stats
     from atlas_core.wquant.experiment import run_wquant
     from atlas_core.wquant.rtn import WQuantSpec
 
@@ -376,8 +377,6 @@ def _wquant(args) -> None:
     lm = load_model(args.model, attn_implementation="sdpa")
     calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.calib_tokens // args.seq_len, "calib", lm.spec.add_bos))
     blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
-    from atlas_core.wquant.calib import calibration_stats
-
     judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
     r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge)
     result = {"model": args.model, "corpus": args.corpus, "calib_tokens": calib.numel(), "tokens": blocks.numel(),

@@ -67,7 +67,6 @@ from atlas_core.glue import prefixed_glue
 from atlas_core.models import load_model
 from atlas_core.wquant.calib import calibration_stats, participation_ratio, weight_of, linear_layers
 from atlas_core.wquant.experiment import run_wquant
-from atlas_core.wquant.rotations import eigenbasis
 from atlas_core.wquant.rtn import WQuantSpec
 
 g = prefixed_glue("nqp")  # g(key, value) glues nqp_<key>
@@ -137,7 +136,8 @@ plt.close(fig)
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
 for i, (t, grp) in enumerate(pr.groupby("type")):
     for ax, field in zip(axes, ("h", "fisher")):
-        curves = [torch.linalg.eigvalsh(getattr(stats[name], field).double()).flip(0).clamp_min(0) for name in grp.layer]
+        curves = [(stats[name].fisher_eigh[0] if field == "fisher" else torch.linalg.eigvalsh(stats[name].h).flip(0)).clamp_min(0)
+                  for name in grp.layer]
         curves = torch.stack([c / c[0] for c in curves])  # (layer, eigenvalue), normalised by the largest
         ax.plot(np.arange(1, curves.shape[1] + 1), curves.median(0).values, color=f"C{i}", label=t)
         ax.fill_between(np.arange(1, curves.shape[1] + 1), curves.quantile(0.1, 0).numpy(), curves.quantile(0.9, 0).numpy(),
@@ -297,7 +297,7 @@ plt.close(fig)
 names = list(stats)
 orth, recon = 0.0, 0.0
 for name in names:
-    u = eigenbasis(stats[name].fisher)
+    u = stats[name].fisher_eigh[1]  # the basis the rot-fisher runs used
     w = weight_of(linear_layers(lm.model)[name]).double()
     orth = max(orth, (u.T @ u - torch.eye(len(u), dtype=u.dtype)).abs().max().item())
     recon = max(recon, ((w @ u) @ u.T - w).abs().max().item())

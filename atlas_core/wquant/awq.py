@@ -24,9 +24,9 @@ def awq_scales(x_abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """E‖(W − Ŵ) x‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ) for inputs with second moment H (in, in)."""
-    e = (w - w_hat).double()
-    return ((e @ h.double()) * e).sum().item()
+    """E‖(W − Ŵ) x‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ) for inputs with second moment H (in, in), in H's dtype."""
+    e = (w - w_hat).to(h.dtype)
+    return ((e @ h) * e).sum().item()
 
 
 def awq(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, spec: WQuantSpec, grid=GRID) -> tuple[torch.Tensor, float]:
@@ -41,8 +41,7 @@ def awq(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, spec: WQuantSp
     for alpha in grid:
         s = awq_scales(mean_abs, alpha)
         w_hat = quantize_rtn(w.float() * s, spec) / s
-        e = w.float() - w_hat
-        err = ((e @ h) * e).sum().item()
+        err = output_error(w, w_hat, h)
         if best is None or err < best[0]:
             best = (err, w_hat, alpha)
     return best[1], best[2]

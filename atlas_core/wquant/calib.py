@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from atlas_core.models import LoadedModel
+from atlas_core.wquant.rotations import eigh_descending
 
 __all__ = ["LayerStats", "calibration_stats", "linear_layers", "participation_ratio"]
 
@@ -48,9 +49,7 @@ class LayerStats:
     @cached_property
     def fisher_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(eigenvalues (in,), eigenvectors (in, in) as columns) of F, by decreasing eigenvalue; computed once."""
-        vals, vecs = torch.linalg.eigh(self.fisher.double())
-        order = torch.argsort(vals, descending=True)
-        return vals[order], vecs[:, order]
+        return eigh_descending(self.fisher)
 
 
 def linear_layers(model) -> dict[str, torch.nn.Module]:

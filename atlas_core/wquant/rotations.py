@@ -12,7 +12,7 @@ import torch
 
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
 
-__all__ = ["eigenbasis", "haar", "hadamard", "lambda_scaled_quantize", "randomized_hadamard", "rotate_quantize"]
+__all__ = ["eigenbasis", "eigh_descending", "haar", "hadamard", "lambda_scaled_quantize", "randomized_hadamard", "rotate_quantize"]
 
 
 def rotate_quantize(w: torch.Tensor, u: torch.Tensor, spec: WQuantSpec) -> torch.Tensor:
@@ -21,10 +21,16 @@ def rotate_quantize(w: torch.Tensor, u: torch.Tensor, spec: WQuantSpec) -> torch
     return (quantize_rtn((w.double() @ u).float(), spec).double() @ u.T).float()
 
 
+def eigh_descending(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (in,) and eigenvectors (in, in, as columns) of a symmetric matrix, by decreasing eigenvalue."""
+    vals, vecs = torch.linalg.eigh(cov.double())
+    order = torch.argsort(vals, descending=True)
+    return vals[order], vecs[:, order]
+
+
 def eigenbasis(cov: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of a symmetric matrix (in, in), by decreasing eigenvalue, as columns."""
-    vals, vecs = torch.linalg.eigh(cov.double())
-    return vecs[:, torch.argsort(vals, descending=True)]
+    return eigh_descending(cov)[1]
 
 
 def haar(n: int, seed: int) -> torch.Tensor:
@@ -66,11 +72,8 @@ def lambda_scaled_quantize(w: torch.Tensor, cov: torch.Tensor, spec: WQuantSpec,
         w: (out, in); cov: (in, in) symmetric PSD (the activation Fisher).
         eigh: its (eigenvalues, eigenvectors) by decreasing eigenvalue, when already computed.
     """
-    if eigh is None:
-        vals, vecs = torch.linalg.eigh(cov.double())
-        order = torch.argsort(vals, descending=True)
-        eigh = vals[order], vecs[:, order]
-    lam, u = eigh[0].clamp_min(0), eigh[1]
+    lam, u = eigh if eigh is not None else eigh_descending(cov)
+    lam = lam.clamp_min(0)
     s = (lam + 1e-12 * lam.max().clamp_min(1e-30)) ** power
     s = s / s.log().mean().exp()
     rotated = w.double() @ u * s
