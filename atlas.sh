@@ -102,6 +102,22 @@ sys.exit(v.split("+")[0] != "2.13.0" and f"torch {v} installed, 2.13.0 required"
   say "set-up done in $((SECONDS - t0)) s"
 }
 
+chromium_setup() {  # Debian's chromium for the book's browser check; installed when missing and we can
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 ||
+    [[ -n "${ATLAS_CHROMIUM:-}" ]] && return 0
+  local as_root=()
+  [[ "$(id -u)" -eq 0 ]] || as_root=(sudo -n)
+  if command -v apt-get >/dev/null 2>&1 && { [[ ${#as_root[@]} -eq 0 ]] || sudo -n true 2>/dev/null; }; then
+    say "installing Debian's chromium (headless browser check of the book)"
+    if "${as_root[@]}" apt-get update -qq >/dev/null &&
+       DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends chromium >/dev/null; then
+      return 0
+    fi
+  fi
+  say "warning: no chromium and it could not be installed here: the browser check of the book is skipped"
+  say "         (apt-get install chromium, or set ATLAS_CHROMIUM to a Chromium/Chrome executable)"
+}
+
 lock() {  # regenerate requirements.lock from a clean venv built the same way
   local py tmp
   py="$(find_python)"
@@ -130,9 +146,9 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 cd "$ROOT"
 case "$cmd" in
-  book) setup; exec "$VENV/bin/atlas" book "$@" ;;
-  test) setup; [[ $# -eq 0 ]] && set -- -q; exec "$VENV/bin/python" -m pytest "$@" ;;
-  setup) setup ;;
+  book) setup; chromium_setup; exec "$VENV/bin/atlas" book "$@" ;;
+  test) setup; chromium_setup; [[ $# -eq 0 ]] && set -- -q; exec "$VENV/bin/python" -m pytest "$@" ;;
+  setup) setup; chromium_setup ;;
   lock) lock ;;
   -h|--help|help) usage ;;
   *) usage; exit 2 ;;

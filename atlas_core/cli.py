@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     b.set_defaults(func=_book)
 
+    c = sub.add_parser("check-book", help="open every rendered page in headless Chromium and check it")
+    c.add_argument("--html", default="_build/html", help="the built HTML folder")
+    c.set_defaults(func=_check_book)
+
     k = sub.add_parser("kvquant", help="decode perplexity with a quantized KV cache, beside fp and the same-bits baseline")
     _model_arg(k)
     k.add_argument("--method", default="headq", choices=["fp", "per-token", "kivi", "headq"])
@@ -299,6 +303,17 @@ def _book(args) -> None:
     from atlas_core.runner import build_book
 
     build_book(cores=args.cores)
+
+
+def _check_book(args) -> int:
+    from atlas_core.browser import BrowserError, check_book, summary
+
+    try:
+        reports = check_book(args.html)
+    except BrowserError as err:
+        raise ValueError(str(err)) from None
+    print(summary(reports))
+    return 1 if any(r.problems for r in reports) else 0
 
 
 def _bench_extract(args) -> None:

@@ -395,11 +395,34 @@ def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MO
     if subprocess.run(html_cmd, env=env, cwd=ROOT).returncode:
         raise BuildError("jupyter-book build failed (warnings are errors); see its output above")
     html = ROOT / "_build" / "html" / "index.html"
+    html_s = time.time() - book_start
+    checked = browser_check(html.parent)
     folder = Path("results") / model_slug(models[0])
     print(_timing_table({c: ROOT / folder for c in CHAPTERS}, since))
-    print(f"workflow {ran:.1f} s, HTML {time.time() - book_start:.1f} s")
+    print(f"workflow {ran:.1f} s, HTML {html_s:.1f} s, {checked}, total {time.time() - since:.1f} s")
     print(f"book: {html}")
     return html
+
+
+def browser_check(html_dir: Path) -> str:
+    """Open every built page in headless Chromium (:mod:`atlas_core.browser`); raise on any problem.
+
+    Returns:
+        A few words for the timing line ("browser check 4.1 s", or why it was skipped).
+    """
+    from atlas_core.browser import BrowserError, check_book, find_chromium, summary
+
+    try:
+        find_chromium()
+    except BrowserError as err:
+        print(f"browser check skipped: {err}", file=sys.stderr)
+        return "browser check skipped (no Chromium)"
+    start = time.time()
+    reports = check_book(html_dir)
+    print(summary(reports))
+    if any(r.problems for r in reports):
+        raise BuildError("the rendered book failed the browser check (pages and problems above)")
+    return f"browser check {time.time() - start:.1f} s"
 
 
 # --- command line (the Snakefile's entry; the user-facing CLI is atlas_core.cli) ------------------

@@ -1,0 +1,151 @@
+"""Browser check: a small book built like the real one (papermill, glue, -W -n, local MathJax, the
+bibliography) opens in headless Chromium with every page passing; broken images, missing MathJax and
+external resources are caught. The real book is checked too when its chapters have been executed."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atlas_core import runner
+from atlas_core.browser import BrowserError, check_book, find_chromium, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    find_chromium()
+    HAVE_CHROMIUM = True
+except BrowserError:
+    HAVE_CHROMIUM = False
+needs_chromium = pytest.mark.skipif(not HAVE_CHROMIUM, reason="no Chromium (bash atlas.sh setup installs it)")
+
+CHAPTER = '''# %% [markdown]
+# # A glued chapter
+#
+# The answer is {glue:text}`demo_answer:d`, with $\\sqrt{x}$ inline as in the atlas papers
+# {cite:p}`chancay2026atlas`; {numref}`fig-demo` shows it.
+#
+# ```{glue:figure} demo_fig
+# :name: fig-demo
+#
+# A line that rises.
+# ```
+
+# %% tags=["parameters"]
+model = "none"
+results_dir = "results"
+
+# %%
+import json, pathlib
+import matplotlib.pyplot as plt
+from atlas_core.glue import prefixed_glue
+
+g = prefixed_glue("demo")
+g("answer", 42)
+fig, ax = plt.subplots(figsize=(3, 2))
+ax.plot([0, 1], [0, 1])
+g("fig", fig)
+plt.close(fig)
+pathlib.Path(results_dir, "demo.json").write_text(json.dumps({"answer": 42}))
+'''
+
+INTRO = """# A test book
+
+Math on a plain page: $$E = m c^2$$
+
+See {doc}`chapters/demo`.
+"""
+
+
+def jupyter_book(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    jb = Path(sys.executable).with_name("jupyter-book")
+    return subprocess.run([str(jb), "build", str(folder), "--path-output", str(out), "-W", "-n"],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def small_book(tmp_path_factory):
+    """A book with the real _config.yml, bibliography and local MathJax; one executed chapter."""
+    folder = tmp_path_factory.mktemp("book")
+    shutil.copy(ROOT / "_config.yml", folder / "_config.yml")
+    (folder / "book" / "chapters").mkdir(parents=True)
+    for name in ("references.bib", "references.md"):  # citations need the bibliography page
+        shutil.copy(ROOT / "book" / name, folder / "book" / name)
+    runner.install_mathjax(folder / "book" / "_static" / "mathjax")
+    (folder / "book" / "intro.md").write_text(INTRO)
+    source = folder / "demo.py"
+    source.write_text(CHAPTER)
+    runner.run_chapter("demo", "none", {}, folder / "book" / "chapters", source)
+    toc = {"format": "jb-book", "root": "book/intro",
+           "chapters": [{"file": "book/chapters/demo"}, {"file": "book/references"}]}
+    (folder / "_toc.yml").write_text(yaml.safe_dump(toc))
+    built = jupyter_book(folder, folder)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return folder / "_build" / "html"
+
+
+@pytest.fixture
+def html_copy(small_book, tmp_path):
+    """A private copy of the built HTML, safe to break."""
+    return Path(shutil.copytree(small_book, tmp_path / "html"))
+
+
+@needs_chromium
+def test_every_page_of_a_built_book_passes(small_book):
+    reports = {r.page: r for r in check_book(small_book)}
+    assert not [r for r in reports.values() if r.problems], summary(list(reports.values()))
+    demo = reports["book/chapters/demo.html"]
+    assert demo.images == 1 and demo.glued >= 1 and demo.math >= 1
+    assert reports["book/intro.html"].math >= 1
+
+
+@needs_chromium
+def test_a_truncated_figure_is_caught(html_copy):
+    image = next(html_copy.rglob("_images/*.png"))
+    image.write_bytes(b"")
+    problems = [p for r in check_book(html_copy) for p in r.problems]
+    assert any("image not rendered" in p for p in problems), problems
+
+
+@needs_chromium
+def test_math_without_mathjax_is_caught(html_copy):
+    shutil.rmtree(html_copy / "_static" / "mathjax")
+    problems = [p for r in check_book(html_copy) for p in r.problems]
+    assert any("MathJax did not load" in p for p in problems), problems
+    assert any("not typeset" in p for p in problems), problems
+
+
+@needs_chromium
+def test_an_external_resource_is_caught(html_copy):
+    page = html_copy / "book" / "intro.html"
+    page.write_text(page.read_text().replace(
+        "</head>", '<script src="https://cdn.example.org/x.js"></script></head>'))
+    problems = [p for r in check_book(html_copy) for p in r.problems]
+    assert any("external resource requested: https://cdn.example.org/x.js" in p for p in problems)
+
+
+def test_a_folder_without_pages_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build the book first"):
+        check_book(tmp_path)
+
+
+def test_a_missing_chromium_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("ATLAS_CHROMIUM", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(BrowserError, match="apt-get install chromium"):
+        find_chromium()
+
+
+@pytest.mark.slow
+@needs_chromium
+@pytest.mark.skipif(not all((ROOT / "book" / "chapters" / f"{c}.ipynb").exists() for c in runner.CHAPTERS),
+                    reason="the chapters have not been executed (bash atlas.sh book)")
+def test_the_real_book_builds_and_passes(tmp_path):
+    built = jupyter_book(ROOT, tmp_path)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    reports = check_book(tmp_path / "_build" / "html")
+    assert not [r for r in reports if r.problems], summary(reports)
+    assert sum(r.images for r in reports) >= len(runner.CHAPTERS)
