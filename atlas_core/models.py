@@ -84,6 +84,31 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
     return _finish(model, tokenizer, name, source, attn_implementation, add_bos)
 
 
+def check_model_name(name: str) -> None:
+    """Fail fast, without loading anything, when ``name`` cannot be a model that ``load_model`` loads.
+
+    Raises:
+        ModelError: not an embedded or toy name, not a folder holding a ``config.json``, and not a hub
+            id; or a hub id while offline that is not in the local Hugging Face cache.
+    """
+    if name in EMBEDDED or (name.startswith("toy-") and name.removeprefix("toy-") in toy.FAMILIES):
+        return
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise ModelError(f"folder '{name}' holds no config.json: it is not a transformers checkpoint")
+        return
+    if not _HUB_ID.match(name) or folder.suffix == ".gguf" or name.startswith("toy-"):
+        raise ModelError(_unknown_model_message(name))
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelError(f"'{name}' is not in the local Hugging Face cache and the hub is off "
+                             "(HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 where the hub can be reached.\n"
+                             + _unknown_model_message(name))
+
+
 def describe(name: str = DEFAULT_MODEL) -> ModelSpec:
     """The spec of an embedded model from its config alone (converting it once if needed)."""
     if name not in EMBEDDED:

@@ -13,10 +13,17 @@
 # %% [markdown]
 # # The atlas: head overlap against its null
 #
-# The ATLAS work {cite:p}`chancay2026atlas` reports that the residual of every attention head lies on its
-# own low-dimensional manifold, about 7 to 11 dimensions, and that the manifolds of different heads are
-# "mutually non-aligned", with an overlap $O_h \ll 1$ ($O_h \approx 0.28$ for $d_\text{head} = 64$ at
-# $k = 7$). This chapter runs that protocol on one model and sets each of its numbers beside a chance
+# The ATLAS work {cite:p}`chancay2026atlas` makes two claims about the attention heads of a trained
+# language model. First, the residual of every head lies on its own low-dimensional manifold: the source
+# reports a mean TwoNN dimension of 7.1 for both GPT-2 {cite:p}`radford2019gpt2` and Qwen2.5-0.5B
+# {cite:p}`qwen2025qwen25`. Second, the manifolds of different heads are "mutually non-aligned", with an
+# overlap $O_h \ll 1$: the source gives $O_h$ = 0.284 [0.276, 0.292] for the first 8 heads of GPT-2 and
+# 0.291 [0.285, 0.298] for Qwen2.5-0.5B, both with $d_\text{head} = 64$ and $k = 7$. It adds an
+# intervention: hard top-1 attention in GPT-2's deepest layer costs 7.7 points of perplexity, and a rank-7
+# reconstruction of the residual recovers 55.9% of the damage done in the three deepest layers.
+#
+# This chapter asks whether these numbers describe trained heads, or whether unrelated directions would
+# give the same values. It runs the source's protocol on one model and sets each number beside a chance
 # level: Haar-random frames in the same dimension, and Gaussian clouds with the same covariance.
 #
 # The protocol, as the source's code runs it: in the deepest layer, each head's residual
@@ -111,13 +118,14 @@ g("n_boot", n_boot)
 g("null_draws", null_draws)
 
 # %% [markdown]
-# {glue:text}`atlas_model` has {glue:text}`atlas_n_layers` layers of {glue:text}`atlas_n_heads` query heads
-# reading {glue:text}`atlas_n_kv_heads` KV heads, $d_\text{head}$ = {glue:text}`atlas_d_head` and
-# $d_\text{model}$ = {glue:text}`atlas_d_model`. The clouds hold $N$ = {glue:text}`atlas_n_points:,d`
-# points per head, drawn (seeded) from the first {glue:text}`atlas_n_blocks` blocks of
-# {glue:text}`atlas_seq_len` tokens of the {glue:text}`atlas_corpus` evaluation split, leaving out
-# position 0 of each block, where $\varepsilon = 0$. The deepest layer is layer {glue:text}`atlas_layer`
-# (counted from 0).
+# The model is {glue:text}`atlas_model:s` (the book's default is SmolLM2-135M {cite:p}`allal2025smollm2`;
+# see {doc}`models`). It has {glue:text}`atlas_n_layers:d` layers of
+# {glue:text}`atlas_n_heads:d` query heads reading {glue:text}`atlas_n_kv_heads:d` KV heads,
+# $d_\text{head}$ = {glue:text}`atlas_d_head:d` and $d_\text{model}$ = {glue:text}`atlas_d_model:d`. The
+# clouds hold $N$ = {glue:text}`atlas_n_points:,d` points per head, drawn (seeded) from the first
+# {glue:text}`atlas_n_blocks:d` blocks of {glue:text}`atlas_seq_len:d` tokens of the
+# {glue:text}`atlas_corpus:s` evaluation split, leaving out position 0 of each block, where
+# $\varepsilon = 0$. The deepest layer is layer {glue:text}`atlas_layer:d` (counted from 0).
 #
 # ## Overlap against the random-frame null
 #
@@ -126,12 +134,14 @@ g("null_draws", null_draws)
 #
 # $$\mathbb{E}\,O \approx \frac{8}{3\pi}\sqrt{\frac{k}{d}}.$$
 #
-# So $O \ll 1$ is what unrelated frames give whenever $k \ll d$. The Monte Carlo null below, at each
-# $k$ = {glue:text}`atlas_k_min`…{glue:text}`atlas_k_max`, averages $O$ over as many independent random
-# pairs as the real $O_h$ averages, {glue:text}`atlas_null_draws`
-# times; its spread is the one expected of an $O_h$ from that many pairs. The interval on $O_h$ is a
-# percentile bootstrap over pairs ({glue:text}`atlas_n_boot:,d` resamples); pairs that share a head are not
-# independent, so it describes the spread over the pair set rather than over heads.
+# So $O \ll 1$ is what unrelated frames give whenever $k \ll d$. At the source's $d = 64$ and $k = 7$ this
+# approximation is 0.281, next to the source's 0.284 and 0.291. The Monte Carlo null, at each
+# $k$ = {glue:text}`atlas_k_min:d`…{glue:text}`atlas_k_max:d`, averages $O$ over as many independent
+# random pairs as the real $O_h$ averages, {glue:text}`atlas_null_draws:,d` times; its spread is the one
+# expected of an $O_h$ from that many pairs. The interval on $O_h$ is a percentile bootstrap over pairs
+# ({glue:text}`atlas_n_boot:,d` resamples); pairs that share a head are not independent, so it describes
+# the spread over the pair set rather than over heads. {numref}`fig-atlas-sweep` plots $O_h$ against $k$
+# beside this null, and {numref}`tbl-atlas-sweep` lists the numbers.
 
 # %%
 sweep = {res: {kk: layer_overlap(cloud, groups, kk, metric, n_boot, seed, null_draws) for kk in ks}
@@ -226,33 +236,39 @@ g("split", split)
 # ```{glue:figure} atlas_fig_sweep
 # :name: fig-atlas-sweep
 #
-# $O_h$ of the residual $\varepsilon$ and of the head output $z$ against the frame rank $k$, with 95%
-# bootstrap intervals, beside the Haar null (mean ± 2 sd of the Monte Carlo draws) and its analytic
-# approximation.
+# $O_h$ of the residual $\varepsilon$ (circles) and of the head output $z$ (squares) against the frame
+# rank $k$, with 95% bootstrap intervals over pairs. The grey band is the Haar null (mean ± 2 sd of the
+# Monte Carlo draws) and the dashed line its analytic approximation: a point inside the band is at chance
+# level. Open triangles, where shown, are pairs of heads that share a KV head.
 # ```
 #
 # ```{glue:figure} atlas_sweep_table
 # :name: tbl-atlas-sweep
 #
-# The numbers behind {numref}`fig-atlas-sweep`: $O_h$ over {glue:text}`atlas_pair_label` at each $k$,
-# the Haar null for the same number of pairs, and the difference as a z-score.
+# The numbers behind {numref}`fig-atlas-sweep`, one row per $k$: $O_h$ over
+# {glue:text}`atlas_pair_label:s` with its 95% CI, the Haar null for the same number of pairs (Monte Carlo
+# mean and sd, and the analytic approximation), and the difference to the null as a z-score. A z-score
+# between −2 and +2 means chance level.
 # ```
 #
-# At $k$ = {glue:text}`atlas_k`, over the {glue:text}`atlas_n_pairs` {glue:text}`atlas_pair_label`,
+# At $k$ = {glue:text}`atlas_k:d`, over the {glue:text}`atlas_n_pairs:d` {glue:text}`atlas_pair_label:s`,
 # $O_h$ = {glue:text}`atlas_oh:.3f` (95% CI [{glue:text}`atlas_oh_lo:.3f`, {glue:text}`atlas_oh_hi:.3f`]).
 # Haar-random frames in $\mathbb{R}^{d_\text{head}}$ give {glue:text}`atlas_null_mean:.3f`
 # ± {glue:text}`atlas_null_std:.3f` (analytic approximation {glue:text}`atlas_null_analytic:.3f`): the
 # difference is {glue:text}`atlas_delta:+.3f`, a z-score of {glue:text}`atlas_z:+.1f`, and the ratio to the
-# null is {glue:text}`atlas_ratio:.2f`. The measured $O_h$ {glue:text}`atlas_verdict` the overlap of random
-# frames, and {glue:text}`atlas_sweep_verdict`. The "$\ll 1$" of the source is the value random frames
-# take in this dimension; by itself it says nothing about how the heads are arranged. The command
+# null is {glue:text}`atlas_ratio:.2f`. The measured $O_h$ {glue:text}`atlas_verdict:s` the overlap of
+# random frames, and {glue:text}`atlas_sweep_verdict:s`. The "$\ll 1$" of the source is the value random
+# frames take in this dimension; by itself it says nothing about how the heads are arranged. The command
 # `atlas overlap --model M --json` prints the same headline numbers for any model M.
 #
-# KV groups: {glue:text}`atlas_split`. Two heads of one group both write convex combinations of
+# KV groups: {glue:text}`atlas_split:s`. Two heads of one group both write convex combinations of
 # the same value vectors, so their clouds share coordinates and can genuinely align; heads of different
 # groups are compared across unrelated coordinates (see the section on coordinates below).
 #
 # ## The overlap matrix
+#
+# $O_h$ is a mean over pairs. {numref}`fig-atlas-matrix` shows the overlap of every pair of heads, so that
+# pairs within a KV group (the blocks on the diagonal) can be told apart from pairs across groups.
 
 # %%
 mat = head.matrix.copy()
@@ -283,9 +299,10 @@ g("matrix_max", np.nanmax(mat))
 # ```{glue:figure} atlas_fig_matrix
 # :name: fig-atlas-matrix
 #
-# Overlap $O(i, j)$ of every two heads' $\varepsilon$ frames at $k$ = {glue:text}`atlas_k`; white lines
-# separate KV groups (head index, and its KV group g). The Haar null mean for one pair is
-# {glue:text}`atlas_null_mean:.3f`.
+# Overlap $O(i, j)$ of the $\varepsilon$ frames of every two heads at $k$ = {glue:text}`atlas_k:d`, in
+# layer {glue:text}`atlas_layer:d`. Heads are labelled by index and KV group (g); white lines separate the
+# groups, so the blocks on the diagonal are intra-group pairs. Compare each cell with the Haar null mean
+# for one pair, {glue:text}`atlas_null_mean:.3f`.
 # ```
 #
 # Off the diagonal, $O(i, j)$ ranges from {glue:text}`atlas_matrix_min:.3f` to
@@ -293,13 +310,15 @@ g("matrix_max", np.nanmax(mat))
 #
 # ## Intrinsic dimension of each head
 #
-# Three estimators on the same clouds: TwoNN {cite:p}`facco2017twonn`, the line fit of
-# $-\log(1 - F(\mu))$ against $\log\mu$ with $\mu = r_2/r_1$ and the largest 10% of $\mu$ left out, which is
-# unbiased on known manifolds; the **source's variant**, $\hat d = n_\text{kept} / \sum \log\mu$ after
-# dropping the largest 10% of $\log\mu$, which ignores the truncation and so overestimates (by a factor
-# of 1.34 when the ratios are exactly Pareto distributed); and the Levina–Bickel maximum-likelihood
-# estimator over 20 neighbours. The source
-# variant is reported only to reproduce the source's numbers.
+# The source reports a mean dimension of 7.1 for GPT-2 and Qwen2.5-0.5B, 10.8 for Llama-3.1-8B and 9.3 for
+# Mistral-7B, all with its own TwoNN variant. Three estimators are run here on the same clouds. TwoNN
+# {cite:p}`facco2017twonn` is the line fit of $-\log(1 - F(\mu))$ against $\log\mu$, with
+# $\mu = r_2/r_1$ and the largest 10% of $\mu$ left out; it is unbiased on known manifolds. The
+# **source's variant**, $\hat d = n_\text{kept} / \sum \log\mu$ after dropping the largest 10% of
+# $\log\mu$, ignores the truncation and so overestimates (by a factor of 1.34 when the ratios are exactly
+# Pareto distributed); it is reported only to reproduce the source's numbers. The third is the
+# Levina–Bickel maximum-likelihood estimator {cite:p}`levina2004mle` over 20 neighbours. {numref}`fig-atlas-id` shows the three
+# estimates for each head, and {numref}`tbl-atlas-id` lists them.
 
 # %%
 with warnings.catch_warnings(record=True) as caught:
@@ -354,26 +373,30 @@ for est in ("twonn", "twonn-source"):
 # ```{glue:figure} atlas_fig_id
 # :name: fig-atlas-id
 #
-# Intrinsic dimension of each head's $\varepsilon$ cloud in layer {glue:text}`atlas_layer`, three
-# estimators.
+# Intrinsic dimension of each head's $\varepsilon$ cloud in layer {glue:text}`atlas_layer:d`, from three
+# estimators (one group of bars per head; the legend gives each estimator's mean over heads). On the same
+# points, the gap between the source variant and TwoNN is the variant's upward bias.
 # ```
 #
 # ```{glue:figure} atlas_id_table
 # :name: tbl-atlas-id
 #
-# The numbers behind {numref}`fig-atlas-id`, with the mean over heads.
+# The numbers behind {numref}`fig-atlas-id`: each head's KV group and its three estimates, with the mean
+# over heads in the last row.
 # ```
 #
-# Averaged over heads, TwoNN gives {glue:text}`atlas_id_twonn:.2f` (sd over heads
-# {glue:text}`atlas_id_twonn_sd:.2f`), the source variant {glue:text}`atlas_id_source:.2f` (a ratio of
-# {glue:text}`atlas_id_source_ratio:.2f` to TwoNN on the same points) and the MLE
-# {glue:text}`atlas_id_mle:.2f`. Points at zero distance from their nearest neighbour cannot enter a
-# distance ratio; {glue:text}`atlas_dropped_last` were dropped in this layer over all heads and estimators.
+# Averaged over heads ({numref}`tbl-atlas-id`), TwoNN gives {glue:text}`atlas_id_twonn:.2f` (sd over heads
+# {glue:text}`atlas_id_twonn_sd:.2f`), the source variant {glue:text}`atlas_id_source:.2f` and the MLE
+# {glue:text}`atlas_id_mle:.2f`. On these points the variant reads {glue:text}`atlas_id_source_ratio:.2f`
+# times the unbiased fit, against the factor 1.34 expected for exactly Pareto-distributed ratios. The
+# source's 7.1 is a value of the variant, so it should be compared with the variant's column here, not
+# with TwoNN. Points at zero distance from their nearest neighbour cannot enter a distance ratio;
+# {glue:text}`atlas_dropped_last:d` were dropped in this layer over all heads and estimators.
 #
 # The source sets a "per-model $k$" to the rounded mean dimension of its own estimator. Here that is
-# $k$ = {glue:text}`atlas_k_source`, where $O_h$ = {glue:text}`atlas_oh_k_source:.3f` against a null of
+# $k$ = {glue:text}`atlas_k_source:d`, where $O_h$ = {glue:text}`atlas_oh_k_source:.3f` against a null of
 # {glue:text}`atlas_null_k_source:.3f` (z = {glue:text}`atlas_z_k_source:+.1f`); the unbiased TwoNN mean
-# rounds to $k$ = {glue:text}`atlas_k_twonn`, where $O_h$ = {glue:text}`atlas_oh_k_twonn:.3f` against
+# rounds to $k$ = {glue:text}`atlas_k_twonn:d`, where $O_h$ = {glue:text}`atlas_oh_k_twonn:.3f` against
 # {glue:text}`atlas_null_k_twonn:.3f` (z = {glue:text}`atlas_z_k_twonn:+.1f`). $O_h$ and its null both
 # grow with $k$ (the null as $\sqrt{k}$), so a per-model $k$ moves $O_h$ and leaves the comparison with
 # chance to be made at that $k$.
@@ -395,7 +418,8 @@ for est in ("twonn", "twonn-source"):
 # spaces were themselves randomly placed; the fair chance level keeps the model's column spaces as they
 # are and draws, for each head, a random $k$-frame inside its own column space. The distance between the
 # two nulls measures how much the column spaces of $W_O$ already align; the distance from the second null
-# to the measured $O_h$ is what the data's choice of directions inside them adds.
+# to the measured $O_h$ is what the data's choice of directions inside them adds. The source measured
+# only in value coordinates. {numref}`tbl-atlas-coords` compares the three clouds.
 
 # %%
 c_res = layer_overlap(c_cloud, groups, k, metric, n_boot, seed, null_draws, w_o=out_proj(lm, layer))
@@ -432,17 +456,20 @@ g("c_verdict", "is indistinguishable from" if abs(c_res.colspace_z) < 2 else
 # ```{glue:figure} atlas_coord_table
 # :name: tbl-atlas-coords
 #
-# $O_h$ at $k$ = {glue:text}`atlas_k` in three coordinate systems, with the Haar null in the cloud's own
-# dimension and, for $c$, the null inside each head's $W_O$ column space.
+# $O_h$ at $k$ = {glue:text}`atlas_k:d` of the residual $\varepsilon$ and the head output $z$ (both in the
+# head's value coordinates, $d_\text{head}$) and of the contribution $c$ after $W_O$ ($d_\text{model}$),
+# with bootstrap CI, the Haar null in the cloud's own dimension and its z-score; for $c$ also the null
+# inside each head's $W_O$ column space. A z-score above +2 means more alignment than chance.
 # ```
 #
-# On the head output $z$, $O_h$ = {glue:text}`atlas_z_oh:.3f` against the same null
-# {glue:text}`atlas_z_null:.3f` (z = {glue:text}`atlas_z_z:+.1f`). After $W_O$, $O_h$ =
+# On the head output $z$ ({numref}`tbl-atlas-coords`), $O_h$ = {glue:text}`atlas_z_oh:.3f` against the
+# same null {glue:text}`atlas_z_null:.3f` (z = {glue:text}`atlas_z_z:+.1f`). After $W_O$, $O_h$ =
 # {glue:text}`atlas_c_oh:.3f` (95% CI [{glue:text}`atlas_c_lo:.3f`, {glue:text}`atlas_c_hi:.3f`]); Haar
 # frames in $\mathbb{R}^{d_\text{model}}$ give {glue:text}`atlas_c_null:.3f` ± {glue:text}`atlas_c_null_std:.3f`
 # (z = {glue:text}`atlas_c_z:+.1f`), random frames inside the heads' own column spaces give
 # {glue:text}`atlas_c_col_null:.3f` ± {glue:text}`atlas_c_col_std:.3f`, and the measured value
-# {glue:text}`atlas_c_verdict` that fair chance level (z = {glue:text}`atlas_c_col_z:+.1f`).
+# {glue:text}`atlas_c_verdict:s` that fair chance level (z = {glue:text}`atlas_c_col_z:+.1f`). This is the
+# only one of the three comparisons that does not depend on each head's arbitrary value basis.
 #
 # ## A second null: Gaussian clouds of the same covariance
 #
@@ -454,7 +481,8 @@ g("c_verdict", "is indistinguishable from" if abs(c_res.colspace_z) < 2 else
 # ratio $(\sum_i \lambda_i)^2 / \sum_i \lambda_i^2$ of the covariance eigenvalues is a coarser summary of
 # the same spectrum, weighted towards its largest directions, and is shown for scale. A real cloud whose
 # TwoNN dimension is far below that of its Gaussian twin is concentrated near a lower-dimensional set than
-# its covariance alone implies: that is structure beyond second moments.
+# its covariance alone implies: that is structure beyond second moments. {numref}`tbl-atlas-gauss` sets
+# each head's real cloud beside its twin.
 
 # %%
 gauss = gaussian_null_clouds(eps, seed)  # (head, point, d_head)
@@ -485,22 +513,26 @@ g("gauss_sentence", f"The real cloud has the lower TwoNN dimension in {n_below} 
 # ```{glue:figure} atlas_gauss_table
 # :name: tbl-atlas-gauss
 #
-# TwoNN dimension of each head's real $\varepsilon$ cloud and of its covariance-matched Gaussian twin,
-# beside the participation ratio of the covariance spectrum.
+# TwoNN dimension of each head's real $\varepsilon$ cloud and of its Gaussian twin (same mean, covariance
+# and number of points), beside the participation ratio of the covariance spectrum; the last row is the
+# mean over heads. A real value well below its twin's marks structure beyond the covariance.
 # ```
 #
 # The Gaussian twins give $O_h$ = {glue:text}`atlas_gauss_oh:.3f` ([{glue:text}`atlas_gauss_lo:.3f`,
 # {glue:text}`atlas_gauss_hi:.3f`], z = {glue:text}`atlas_gauss_z:+.1f` against the Haar null), beside
 # {glue:text}`atlas_oh:.3f` for the real clouds. Their TwoNN dimension averages
 # {glue:text}`atlas_gauss_id:.1f`, {glue:text}`atlas_gauss_id_ratio:.1f` times that of the real clouds
-# ({glue:text}`atlas_id_twonn:.2f`); the mean participation ratio is {glue:text}`atlas_participation:.1f`.
-# {glue:text}`atlas_gauss_sentence`
+# ({glue:text}`atlas_id_twonn:.2f`; {numref}`tbl-atlas-gauss`); the mean participation ratio is
+# {glue:text}`atlas_participation:.1f`. {glue:text}`atlas_gauss_sentence:s`
 #
 # ## Depth profile
 #
-# Every layer's $\varepsilon$ clouds come from the same single pass over the blocks. The profile of the
-# mean TwoNN dimension over heads is read at relative depth $\ell / (L - 1)$, with its peak and its value
-# at relative depth 0.9, the "plateau" of {cite:t}`valeriani2023geometry`.
+# The source reports, for GPT-2 small, $O_h$ = 0.278 at relative depth 0.9, a plateau dimension of 7.91
+# and a peak of 9.08. Here every layer's $\varepsilon$ clouds come from the same single pass over the
+# blocks. The mean TwoNN dimension over heads is read at relative depth $\ell / (L - 1)$, with its peak and
+# its value at relative depth 0.9, the "plateau" of {cite:t}`valeriani2023geometry`. $O_h$ is measured
+# at $k$ = {glue:text}`atlas_k:d` in every layer against the same Haar null. {numref}`fig-atlas-depth`
+# shows both profiles.
 
 # %%
 with warnings.catch_warnings(record=True) as caught:
@@ -565,23 +597,26 @@ g("dropped_all", dropped_all)
 # ```{glue:figure} atlas_fig_depth
 # :name: fig-atlas-depth
 #
-# Top: mean intrinsic dimension of the heads' $\varepsilon$ clouds in every layer, with the peak (star)
-# and the plateau at relative depth 0.9 (diamond). Bottom: $O_h$ at $k$ = {glue:text}`atlas_k` in every
-# layer, beside the Haar null.
+# Top: mean intrinsic dimension of the heads' $\varepsilon$ clouds in every layer against relative depth,
+# TwoNN and the source variant, with each profile's peak (star) and its value at relative depth 0.9
+# (diamond). Bottom: $O_h$ at $k$ = {glue:text}`atlas_k:d` in every layer with its bootstrap CI; the grey
+# band is the Haar null (mean ± 2 sd), so a point outside it is a layer whose frames are not distributed as
+# independent random frames. Dotted lines, where present, mark the global-attention layers of a
+# sliding-window model.
 # ```
 #
-# The TwoNN profile peaks at {glue:text}`atlas_peak_twonn:.2f` in layer
-# {glue:text}`atlas_peak_layer_twonn` (relative depth {glue:text}`atlas_peak_depth_twonn:.2f`) and reads
-# {glue:text}`atlas_plateau_twonn:.2f` at relative depth 0.9; the source variant peaks at
-# {glue:text}`atlas_peak_source:.2f` (layer {glue:text}`atlas_peak_layer_source`) with a plateau of
-# {glue:text}`atlas_plateau_source:.2f`. Across layers $O_h$ runs from {glue:text}`atlas_depth_oh_min:.3f`
-# to {glue:text}`atlas_depth_oh_max:.3f`, z-scores from {glue:text}`atlas_depth_z_min:+.1f` to
-# {glue:text}`atlas_depth_z_max:+.1f` against the Haar null: of {glue:text}`atlas_n_layers` layers,
-# {glue:text}`atlas_depth_n_above` lie two or more null standard deviations above it and
-# {glue:text}`atlas_depth_n_below` as far below. The null's spread is that of independent random frames;
-# deviations of either sign say that a layer's frames are not distributed as independent random frames,
-# and only the positive ones would mean more alignment than chance. Over all layers,
-# {glue:text}`atlas_dropped_all` duplicate points were left out of the distance ratios.
+# The TwoNN profile ({numref}`fig-atlas-depth`, top) peaks at {glue:text}`atlas_peak_twonn:.2f` in layer
+# {glue:text}`atlas_peak_layer_twonn:d` (relative depth {glue:text}`atlas_peak_depth_twonn:.2f`) and
+# reads {glue:text}`atlas_plateau_twonn:.2f` at relative depth 0.9; the source variant peaks at
+# {glue:text}`atlas_peak_source:.2f` (layer {glue:text}`atlas_peak_layer_source:d`) with a plateau of
+# {glue:text}`atlas_plateau_source:.2f`. Across layers (bottom panel) $O_h$ runs from
+# {glue:text}`atlas_depth_oh_min:.3f` to {glue:text}`atlas_depth_oh_max:.3f`, z-scores from
+# {glue:text}`atlas_depth_z_min:+.1f` to {glue:text}`atlas_depth_z_max:+.1f` against the Haar null: of
+# {glue:text}`atlas_n_layers:d` layers, {glue:text}`atlas_depth_n_above:d` lie two or more null standard
+# deviations above it and {glue:text}`atlas_depth_n_below:d` as far below. The null's spread is that of
+# independent random frames; deviations of either sign say that a layer's frames are not distributed as
+# independent random frames, and only the positive ones would mean more alignment than chance. Over all
+# layers, {glue:text}`atlas_dropped_all:d` duplicate points were left out of the distance ratios.
 #
 # ## Hard top-1 attention
 #
@@ -591,10 +626,10 @@ g("dropped_all", dropped_all)
 # and top-$k$ principal frame fitted on the calibration split of the unmodified model; the recovered fraction
 # is $(\mathrm{PPL}_\text{top-1} - \mathrm{PPL}_\text{recon}) / (\mathrm{PPL}_\text{top-1} -
 # \mathrm{PPL}_\text{full})$. The control replaces each frame by a Haar-random one of the same rank with
-# the same mean. Perplexity is measured on {glue:text}`atlas_top1_eval_blocks` windows of
-# {glue:text}`atlas_top1_seq_len` tokens of the evaluation split; the frames are fitted on
-# {glue:text}`atlas_top1_calib_blocks` blocks of {glue:text}`atlas_top1_calib_seq_len` tokens of the
-# calibration split.
+# the same mean. Perplexity is measured on {glue:text}`atlas_top1_eval_blocks:d` windows of
+# {glue:text}`atlas_top1_seq_len:d` tokens of the evaluation split; the frames are fitted on
+# {glue:text}`atlas_top1_calib_blocks:d` blocks of {glue:text}`atlas_top1_calib_seq_len:d` tokens of the
+# calibration split. {numref}`tbl-atlas-top1` gives the perplexities.
 
 # %%
 eval_blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, top1_seq_len, top1_eval_blocks, "eval", s.add_bos))
@@ -630,23 +665,58 @@ for name, tag in (("deepest", "1"), ("three deepest", "3")):
 # ```{glue:figure} atlas_top1_table
 # :name: tbl-atlas-top1
 #
-# Perplexity with full attention, with hard top-1 attention in the deepest layer or the three deepest,
-# and with top-1 plus a rank-{glue:text}`atlas_k` reconstruction of $\varepsilon$ (PCA frames, or random
-# frames as the control).
+# Perplexity on the evaluation windows with full attention, with hard top-1 attention in the deepest
+# layer or in the three deepest, and with top-1 plus a rank-{glue:text}`atlas_k:d` reconstruction of
+# $\varepsilon$ from PCA frames or from random frames (the control). "Recovered" is the fraction of the
+# top-1 damage that the reconstruction removes.
 # ```
 #
-# Keeping only the argmax key in the deepest layer moves perplexity from {glue:text}`atlas_top1_full_1:.2f`
-# to {glue:text}`atlas_top1_ppl_1:.2f` ({glue:text}`atlas_top1_delta_1:+.2f`, a relative change of
-# {glue:text}`atlas_top1_rel_1:+.1%`); in the three deepest layers the change is
-# {glue:text}`atlas_top1_delta_3:+.2f` ({glue:text}`atlas_top1_rel_3:+.1%`). The source reports +7.7 for
-# GPT-2's deepest layer. The rank-{glue:text}`atlas_k` reconstruction recovers
-# {glue:text}`atlas_top1_rec_1:.1%` of the one-layer damage and {glue:text}`atlas_top1_rec_3:.1%` of the
-# three-layer damage; random frames of the same rank, with the same fitted mean, recover
+# Keeping only the argmax key in the deepest layer ({numref}`tbl-atlas-top1`) moves perplexity from
+# {glue:text}`atlas_top1_full_1:.2f` to {glue:text}`atlas_top1_ppl_1:.2f`
+# ({glue:text}`atlas_top1_delta_1:+.2f`, a relative change of {glue:text}`atlas_top1_rel_1:+.1%`); in the
+# three deepest layers the change is {glue:text}`atlas_top1_delta_3:+.2f`
+# ({glue:text}`atlas_top1_rel_3:+.1%`). The source reports +7.7 for GPT-2's deepest layer; the models
+# differ, so only the sign and rough size are comparable. The rank-{glue:text}`atlas_k:d` reconstruction
+# recovers {glue:text}`atlas_top1_rec_1:.1%` of the one-layer damage and {glue:text}`atlas_top1_rec_3:.1%`
+# of the three-layer damage; random frames of the same rank, with the same fitted mean, recover
 # {glue:text}`atlas_top1_rec_rand_1:.1%` and {glue:text}`atlas_top1_rec_rand_3:.1%`. The source reports
-# 55.9% for three layers of GPT-2. Both reconstructions put back the fitted mean $\mu_h$; the random
-# control measures how much of the recovery needs no particular subspace, and the PCA frames add
-# {glue:text}`atlas_top1_gain_1:.1%` (one layer) and {glue:text}`atlas_top1_gain_3:.1%` (three layers) of
-# the damage beyond it.
+# 55.9% for three layers of GPT-2 (and 55.8% for a per-head autoencoder). Both reconstructions put back
+# the fitted mean $\mu_h$; the random control measures how much of the recovery needs no particular
+# subspace, and the PCA frames add {glue:text}`atlas_top1_gain_1:.1%` (one layer) and
+# {glue:text}`atlas_top1_gain_3:.1%` (three layers) of the damage beyond it. A recovered fraction is
+# therefore to be read against the random control, not against zero.
+#
+# ## Summary
+#
+# On {glue:text}`atlas_model:s`, deepest layer, $k$ = {glue:text}`atlas_k:d`:
+#
+# - **Overlap.** $O_h$ = {glue:text}`atlas_oh:.3f` [{glue:text}`atlas_oh_lo:.3f`,
+#   {glue:text}`atlas_oh_hi:.3f`] over {glue:text}`atlas_n_pairs:d` {glue:text}`atlas_pair_label:s`;
+#   Haar-random frames give {glue:text}`atlas_null_mean:.3f` ± {glue:text}`atlas_null_std:.3f`
+#   (z = {glue:text}`atlas_z:+.1f`). The measured overlap {glue:text}`atlas_verdict:s` that of random
+#   frames ({numref}`tbl-atlas-sweep`). The source's "$O_h \ll 1$" (0.284 on GPT-2) is the chance value at
+#   $d_\text{head} = 64$, $k = 7$, and does not show that heads are arranged apart.
+# - **Frame rank.** $O_h$ against $k$ = {glue:text}`atlas_k_min:d`…{glue:text}`atlas_k_max:d`
+#   ({numref}`fig-atlas-sweep`): {glue:text}`atlas_sweep_verdict:s`.
+# - **KV groups.** In the deepest layer, {glue:text}`atlas_split:s` ({numref}`fig-atlas-matrix`).
+# - **After $W_O$.** In the gauge-invariant coordinates $O_h$ = {glue:text}`atlas_c_oh:.3f`, against
+#   {glue:text}`atlas_c_col_null:.3f` for random frames inside each head's $W_O$ column space
+#   (z = {glue:text}`atlas_c_col_z:+.1f`): it {glue:text}`atlas_c_verdict:s` chance
+#   ({numref}`tbl-atlas-coords`). The source did not make this comparison.
+# - **Intrinsic dimension.** Unbiased TwoNN {glue:text}`atlas_id_twonn:.2f`, source variant
+#   {glue:text}`atlas_id_source:.2f` on the same points (×{glue:text}`atlas_id_source_ratio:.2f`). The
+#   source's 7.1 is a value of the biased variant ({numref}`tbl-atlas-id`).
+# - **Gaussian twins.** Same-covariance Gaussian clouds give $O_h$ = {glue:text}`atlas_gauss_oh:.3f` and
+#   a TwoNN dimension of {glue:text}`atlas_gauss_id:.1f`, {glue:text}`atlas_gauss_id_ratio:.1f` times the
+#   real clouds' ({numref}`tbl-atlas-gauss`). {glue:text}`atlas_gauss_sentence:s`
+# - **Depth.** Across layers $O_h$ runs from {glue:text}`atlas_depth_oh_min:.3f` to
+#   {glue:text}`atlas_depth_oh_max:.3f`; {glue:text}`atlas_depth_n_above:d` of
+#   {glue:text}`atlas_n_layers:d` layers lie two or more null standard deviations above chance and
+#   {glue:text}`atlas_depth_n_below:d` below it ({numref}`fig-atlas-depth`).
+# - **Hard top-1.** It costs {glue:text}`atlas_top1_delta_1:+.2f` perplexity in the deepest layer (source:
+#   +7.7 on GPT-2). A rank-{glue:text}`atlas_k:d` reconstruction recovers
+#   {glue:text}`atlas_top1_rec_3:.1%` of the three-layer damage (source: 55.9%), random frames with the
+#   same mean {glue:text}`atlas_top1_rec_rand_3:.1%` ({numref}`tbl-atlas-top1`).
 
 # %%
 out = Path(results_dir)

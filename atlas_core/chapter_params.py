@@ -1,0 +1,154 @@
+"""What each chapter's parameters may be: checked by the runner before a kernel starts.
+
+The runner already checks names and types against the notebook's ``parameters`` cell; this module
+checks values (a block count of 0, an unknown corpus or model, 1-bit quantization, a frame rank larger
+than the head). One explicit function per chapter, so that a reader sees every rule in one place.
+Every chapter with an entry also gets the common rules (model, models, corpus, corpora must exist); a
+chapter without one (a user's own notebook) gets none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from atlas_core.corpus import CORPORA
+from atlas_core.models import check_model_name
+from atlas_core.wquant.apply import METHODS as WQUANT_METHODS
+
+
+class ParameterValueError(ValueError):
+    """A parameter has the right type but an impossible value."""
+
+
+def _fail(name: str, value, why: str) -> None:
+    raise ParameterValueError(f"parameter {name!r} = {value!r}: {why}")
+
+
+def _positive(p: dict, *names: str) -> None:
+    for name in names:
+        value = p[name]
+        values = value if isinstance(value, list) else [value]
+        if not values or any(v <= 0 for v in values):
+            _fail(name, value, "must be > 0" + (" (and not empty)" if isinstance(value, list) else ""))
+
+
+def _at_least(p: dict, name: str, low) -> None:
+    value = p[name]
+    if any(v < low for v in (value if isinstance(value, list) else [value])):
+        _fail(name, value, f"must be ≥ {low}")
+
+
+def _fraction(p: dict, name: str) -> None:
+    if not 0.0 <= p[name] <= 1.0:
+        _fail(name, p[name], "must lie in [0, 1]")
+
+
+def _corpus(name: str, corpus: str) -> None:
+    if corpus not in CORPORA and not Path(corpus).expanduser().is_file():
+        _fail(name, corpus, f"not a corpus ({', '.join(CORPORA)}) nor an existing text file")
+
+
+def _common(p: dict) -> None:
+    """Rules shared by every chapter: the models and corpora must exist."""
+    for name in ("model", "models"):
+        if name in p:
+            for model in p[name] if isinstance(p[name], list) else [p[name]]:
+                check_model_name(model)
+    if "other_models" in p:  # a comma-separated string
+        for model in filter(None, (m.strip() for m in p["other_models"].split(","))):
+            check_model_name(model)
+    if "corpus" in p:
+        _corpus("corpus", p["corpus"])
+    if "corpora" in p:
+        if not p["corpora"]:
+            _fail("corpora", p["corpora"], "needs at least one corpus")
+        for corpus in p["corpora"]:
+            _corpus("corpora", corpus)
+    if "models" in p and not p["models"]:
+        _fail("models", p["models"], "needs at least one model")
+
+
+def _models(p: dict) -> None:
+    _positive(p, "ppl_tokens", "ppl_seq_len", "invariant_blocks", "invariant_seq_len")
+    if p["ppl_tokens"] % p["ppl_seq_len"]:
+        _fail("ppl_tokens", p["ppl_tokens"], f"must be a multiple of ppl_seq_len ({p['ppl_seq_len']})")
+
+
+def _atlas(p: dict) -> None:
+    _positive(p, "seq_len", "n_blocks", "n_points", "k", "k_sweep", "n_boot", "null_draws",
+              "blas_threads", "top1_seq_len", "top1_eval_blocks", "top1_calib_seq_len",
+              "top1_calib_blocks")
+    _at_least(p, "seq_len", 2)
+    if p["metric"] not in ("source", "projection"):
+        _fail("metric", p["metric"], "must be 'source' or 'projection'")
+    if p["k"] not in p["k_sweep"]:
+        _fail("k_sweep", p["k_sweep"], f"must contain the headline k = {p['k']}")
+    if p["n_points"] > p["n_blocks"] * (p["seq_len"] - 1):
+        _fail("n_points", p["n_points"], f"more than the {p['n_blocks'] * (p['seq_len'] - 1)} positions "
+              "that n_blocks × (seq_len − 1) provide")
+
+
+def _crossarch(p: dict) -> None:
+    _positive(p, "k", "k_range", "n_points", "n_blocks", "seq_len", "n_deep", "n_boot",
+              "null_draws", "n_perm", "spearman_null_draws")
+    _at_least(p, "seeds", 0)
+    if not p["seeds"]:
+        _fail("seeds", p["seeds"], "needs at least one seed")
+    _fraction(p, "mid_depth")
+    if p["k"] not in p["k_range"]:
+        _fail("k_range", p["k_range"], f"must contain the headline k = {p['k']}")
+
+
+def _kvquant(p: dict) -> None:
+    _positive(p, "seq_len", "eval_blocks", "prefill", "calib_blocks", "group", "ranks", "rank",
+              "side_bits", "metric_blocks", "a2_budget")
+    if not p["prefill"] < p["seq_len"]:
+        _fail("prefill", p["prefill"], f"must be shorter than seq_len ({p['seq_len']}): nothing is decoded")
+    if not p["bits"] or any(not 2 <= b <= 8 for b in p["bits"]):
+        _fail("bits", p["bits"], "each must be in 2..8")
+    if not 1 <= p["side_bits"] <= 8:
+        _fail("side_bits", p["side_bits"], "must be in 1..8")
+
+
+def _nqp(p: dict) -> None:
+    _positive(p, "seq_len", "calib_blocks", "eval_blocks", "group")
+    if not p["bits"] or any(not 2 <= b <= 16 for b in p["bits"]):
+        _fail("bits", p["bits"], "each must be in 2..16")
+    for name in ("methods", "grouped_methods"):
+        unknown = [m for m in p[name] if m not in WQUANT_METHODS]
+        if unknown:
+            _fail(name, p[name], f"unknown {unknown}; choose from {', '.join(WQUANT_METHODS)}")
+
+
+def _sparse(p: dict) -> None:
+    _positive(p, "seq_len", "eval_blocks", "prompt_tokens", "gen_tokens", "sweep_gen_tokens",
+              "window", "windows", "page_size", "contexts", "bench_rounds")
+    _at_least(p, "anchors", 0)
+    _at_least(p, "topk", 0)
+    _at_least(p, "topks", 0)
+    if not p["topks"]:
+        _fail("topks", p["topks"], "needs at least one value")
+    if p["sweep_gen_tokens"] > p["gen_tokens"]:
+        _fail("sweep_gen_tokens", p["sweep_gen_tokens"], f"exceeds gen_tokens ({p['gen_tokens']})")
+    if p["seq_len"] <= p["anchors"] + p["window"] + p["topk"]:
+        _fail("seq_len", p["seq_len"], "must be longer than anchors + window + topk, or nothing is dropped")
+
+
+RULES: dict[str, Callable[[dict], None]] = {
+    "models": _models, "atlas": _atlas, "crossarch": _crossarch,
+    "kvquant": _kvquant, "nqp": _nqp, "sparse": _sparse,
+}
+
+
+def check_values(chapter: str, values: dict) -> None:
+    """Check a chapter's full parameter set (defaults with overrides applied, types already coerced).
+
+    Raises:
+        ParameterValueError: a value is impossible (the message names it and says what is allowed).
+        ModelError: a model cannot be found (the message lists what can be used).
+    """
+    rule = RULES.get(chapter)
+    if rule is not None:
+        _common(values)
+        rule(values)

@@ -1,0 +1,62 @@
+"""Value rules of every chapter: the shipped defaults pass, impossible values fail with their name."""
+
+import pytest
+
+from atlas_core import runner
+from atlas_core.chapter_params import RULES, ParameterValueError, check_values
+from atlas_core.zoo import ModelError
+
+
+def defaults(chapter):
+    return runner.notebook_parameters(runner.read_notebook(runner.notebook_source(chapter)))
+
+
+def test_every_chapter_has_rules():
+    assert set(RULES) == set(runner.CHAPTERS)
+
+
+@pytest.mark.parametrize("chapter", runner.CHAPTERS)
+def test_shipped_defaults_pass(chapter):
+    check_values(chapter, defaults(chapter))
+
+
+@pytest.mark.parametrize("chapter, name, value, message", [
+    ("nqp", "bits", [4, 1], "2..16"),
+    ("nqp", "methods", ["rtn", "magic"], "unknown ['magic']"),
+    ("nqp", "calib_blocks", 0, "must be > 0"),
+    ("atlas", "k_sweep", [5, 6], "must contain the headline k"),
+    ("atlas", "n_points", 10**6, "positions"),
+    ("atlas", "metric", "cosine", "'source' or 'projection'"),
+    ("crossarch", "mid_depth", 1.5, "[0, 1]"),
+    ("crossarch", "seeds", [], "at least one seed"),
+    ("kvquant", "prefill", 512, "shorter than seq_len"),
+    ("kvquant", "ranks", [8, -1], "must be > 0"),
+    ("sparse", "window", 0, "must be > 0"),
+    ("sparse", "sweep_gen_tokens", 5000, "exceeds gen_tokens"),
+    ("sparse", "seq_len", 64, "longer than anchors + window + topk"),
+    ("models", "ppl_tokens", 1000, "multiple of ppl_seq_len"),
+    ("models", "corpora", ["britannica", "no-such-corpus"], "not a corpus"),
+])
+def test_impossible_values_are_named(chapter, name, value, message):
+    with pytest.raises(ParameterValueError, match=rf"parameter '{name}'.*{__import__('re').escape(message)}"):
+        check_values(chapter, {**defaults(chapter), name: value})
+
+
+def test_unknown_models_fail_before_loading(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="unknown model"):
+        check_values("atlas", {**defaults("atlas"), "model": "no such model!"})
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        check_values("models", {**defaults("models"), "models": ["someone/not-cached-anywhere"]})
+
+
+def test_the_runner_rejects_impossible_values_before_executing(tmp_path, monkeypatch):
+    import papermill
+
+    def boom(*args, **kwargs):
+        raise AssertionError("executed although a value was impossible")
+
+    monkeypatch.setattr(papermill, "execute_notebook", boom)
+    with pytest.raises(runner.ParameterError, match="parameter 'window' = 0"):
+        runner.run_chapter("sparse", "smollm2-135m", {"window": "0"}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
