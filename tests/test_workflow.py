@@ -1,0 +1,86 @@
+"""The Snakemake workflow on stand-in chapters: a killed build resumes without redoing finished chapters
+or reading half-written ones, and a second build with nothing changed runs no job."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from atlas_core import runner
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW = "sparse"  # the stand-in that takes long enough to be killed mid-run
+
+STANDIN = '''# %% [markdown]
+# # {chapter}
+
+# %% tags=["parameters"]
+model = "none"
+results_dir = "results"
+pause = 0.0
+
+# %%
+import json, pathlib, time
+time.sleep(pause)
+pathlib.Path(results_dir, "{chapter}.json").write_text(json.dumps({{"chapter": "{chapter}", "model": model}}))
+'''
+
+
+def snakemake(workdir: Path, notebooks: Path, **popen):
+    env = {**os.environ, runner.NOTEBOOKS_ENV: str(notebooks)}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile"),
+           "--directory", str(workdir), "--cores", "2", "--rerun-incomplete", "--nolock",
+           "--config", "models=toy-llama"]
+    return subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen)
+
+
+@pytest.fixture
+def standins(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for chapter in runner.CHAPTERS:
+        (notebooks / f"{chapter}.py").write_text(STANDIN.format(chapter=chapter))
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work", notebooks
+
+
+def outputs(workdir: Path) -> dict[str, float]:
+    found = list((workdir / "results" / "toy-llama").glob("*.ipynb"))
+    return {p.stem: p.stat().st_mtime for p in found}
+
+
+def test_killed_build_resumes_and_a_rebuild_runs_nothing(standins):
+    workdir, notebooks = standins
+    slow = notebooks / f"{SLOW}.py"
+    slow.write_text(slow.read_text().replace("pause = 0.0", "pause = 600.0"))
+    build = snakemake(workdir, notebooks)
+    deadline = time.time() + 240
+    while len(outputs(workdir)) < len(runner.CHAPTERS) - 1 and time.time() < deadline:
+        time.sleep(1)
+    os.killpg(build.pid, signal.SIGKILL)  # as hard as a lost session: no clean-up handlers run
+    build.wait()
+    done = outputs(workdir)
+    assert set(done) == set(runner.CHAPTERS) - {SLOW}, done
+    assert not (workdir / "results" / "toy-llama" / f"{SLOW}.json").exists()  # nothing half-written
+
+    slow.write_text(slow.read_text().replace("pause = 600.0", "pause = 0.0"))
+    resumed = snakemake(workdir, notebooks)
+    log = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, log
+    after = outputs(workdir)
+    assert set(after) == set(runner.CHAPTERS)
+    assert {c: after[c] for c in done} == done, "a finished chapter was run again"
+    assert all((workdir / "book" / "chapters" / f"{c}.ipynb").exists() for c in runner.CHAPTERS)
+    stages = [p for p in (workdir / "results" / "toy-llama").iterdir() if p.name.startswith(".")]
+    assert stages == [], stages  # the killed run's staging folder was cleaned up
+
+    again = snakemake(workdir, notebooks)
+    log = again.communicate(timeout=120)[0]
+    assert again.returncode == 0, log
+    assert outputs(workdir) == after
+    assert "Nothing to be done" in log, log
