@@ -4,13 +4,15 @@ Chromium is driven through the DevTools protocol over a pipe (``--remote-debuggi
 messages ending in NUL on file descriptors 3 and 4), so no driver package is needed, only Debian's
 ``chromium``. For every HTML page it checks that the page loads, every ``<img>`` decodes with a non-zero
 size, MathJax typeset every math element without a TeX error, no glued value is empty or a
-placeholder, and nothing was requested from outside the book's folder (the book must work offline).
+placeholder, nothing was requested from outside the book's folder, and the HTML names no resource
+outside it (the book must work offline; hyperlinks such as a citation's DOI are allowed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -178,6 +180,24 @@ class Chromium:
         return result["result"]["value"], requested, failed
 
 
+# Tags that make a browser load something, with an address outside the book (http:, https:, //host).
+_EXTERNAL_TAG = re.compile(r'<(script|link|img|source|iframe|video|audio|embed)\b[^>]*?\b(?:src|href)='
+                           r'["\']((?:https?:)?//[^"\']+)', re.IGNORECASE)
+_INLINE_SCRIPT = re.compile(r"<script\b[^>]*>(.*?)</script>", re.IGNORECASE | re.DOTALL)
+_URL = re.compile(r"https?://[^\s\"'<>]+")
+
+
+def external_resources(html: str) -> list[str]:
+    """Addresses outside the book that a page's HTML names as resources (tags or inline scripts).
+
+    Hyperlinks (``<a href>``, such as a citation's DOI) are not resources and are not listed.
+    """
+    found = [match.group(2) for match in _EXTERNAL_TAG.finditer(html)]
+    for body in _INLINE_SCRIPT.findall(html):
+        found += _URL.findall(body)
+    return found
+
+
 def _page_problems(probe: dict, requested: list[str], failed: list[str]) -> list[str]:
     """Everything wrong with one loaded page, as readable lines (empty: the page passed)."""
     problems = [f"image not rendered: {img['src']}" for img in probe["images"]
@@ -219,9 +239,12 @@ def check_book(html_dir: Path | str, executable: str | None = None) -> list[Page
     with Chromium(executable) as browser:
         for page in pages:
             probe, requested, failed = browser.open(page.as_uri())
+            problems = _page_problems(probe, requested, failed)
+            problems += [f"names an external resource: {url}"
+                         for url in external_resources(page.read_text(encoding="utf-8", errors="replace"))]
             reports.append(PageReport(
                 page=str(page.relative_to(html_dir)), images=len(probe["images"]), math=probe["math"],
-                glued=len(probe["glued"]), problems=_page_problems(probe, requested, failed),
+                glued=len(probe["glued"]), problems=problems,
             ))
     return reports
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from atlas_core import runner
-from atlas_core.browser import BrowserError, check_book, find_chromium, summary
+from atlas_core.browser import BrowserError, check_book, external_resources, find_chromium, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,3 +149,12 @@ def test_the_real_book_builds_and_passes(tmp_path):
     reports = check_book(tmp_path / "_build" / "html")
     assert not [r for r in reports if r.problems], summary(reports)
     assert sum(r.images for r in reports) >= len(runner.CHAPTERS)
+
+
+def test_external_resources_are_found_in_tags_and_inline_scripts():
+    html = ('<link rel="stylesheet" href="https://cdn.example.org/a.css">'
+            '<script src="//cdn.example.org/b.js"></script><img src="_images/c.png">'
+            '<script>const URL = "https://unpkg.com/x/index.js";</script>'
+            '<a href="https://doi.org/10.1/xyz">a citation</a><script src="_static/d.js"></script>')
+    assert external_resources(html) == ["https://cdn.example.org/a.css", "//cdn.example.org/b.js",
+                                        "https://unpkg.com/x/index.js"]
