@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     b.set_defaults(func=_book)
 
+    d = sub.add_parser("compare", help="compare the numbers of two results JSON files (durations skipped)")
+    d.add_argument("first")
+    d.add_argument("second")
+    d.set_defaults(func=_compare)
+
     c = sub.add_parser("check-book", help="open every rendered page in headless Chromium and check it")
     c.add_argument("--html", default="_build/html", help="the built HTML folder")
     c.set_defaults(func=_check_book)
@@ -303,6 +308,14 @@ def _book(args) -> None:
     from atlas_core.runner import build_book
 
     build_book(cores=args.cores)
+
+
+def _compare(args) -> int:
+    from atlas_core.compare import compare_files
+
+    found = compare_files(args.first, args.second)
+    print("\n".join(found) if found else "identical numbers (durations skipped)")
+    return 1 if found else 0
 
 
 def _check_book(args) -> int:

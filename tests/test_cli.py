@@ -114,3 +114,14 @@ def test_wquant_on_toy_model(capsys):
 def test_wquant_bad_input_exits_2(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compare_exit_status_says_whether_numbers_match(tmp_path, capsys):
+    a, b, c = (tmp_path / f"{n}.json" for n in "abc")
+    a.write_text('{"ppl": 23.76, "seconds": 10}')
+    b.write_text('{"ppl": 23.76, "seconds": 12}')
+    c.write_text('{"ppl": 23.77, "seconds": 10}')
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "identical numbers" in capsys.readouterr().out
+    assert main(["compare", str(a), str(c)]) == 1
+    assert "/ppl: 23.76 vs 23.77" in capsys.readouterr().out

@@ -1,0 +1,56 @@
+"""Compare the numbers of two chapter results (``results/<model>/<chapter>.json``).
+
+Rerunning a chapter with the same parameters must give the same numbers. Wall-clock measurements are
+the exception (a benchmark's milliseconds, a run's seconds), so keys that name a duration are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+# Keys that hold a measured duration: "seconds", "wall_s", "dense_s", "step_ms", "time", ...
+DURATION_KEY = re.compile(r"^(seconds|time|wall|elapsed)$|_(s|ms|us|seconds|time)$")
+
+
+def _walk(a: Any, b: Any, path: str) -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if DURATION_KEY.search(str(key)):
+                continue
+            if key not in a or key not in b:
+                yield f"{path}/{key}: only in {'the second' if key not in a else 'the first'}"
+            else:
+                yield from _walk(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            yield f"{path}: {len(a)} items vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _walk(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return
+    elif a != b or type(a) is not type(b):
+        yield f"{path}: {a!r} vs {b!r}"
+
+
+def differences(first: Any, second: Any) -> list[str]:
+    """Every place where two JSON values differ, as ``/path: value vs value`` (durations skipped)."""
+    return list(_walk(first, second, ""))
+
+
+def compare_files(first: Path | str, second: Path | str) -> list[str]:
+    """:func:`differences` of two JSON files.
+
+    Raises:
+        ValueError: a file is not valid JSON (the message names it).
+    """
+    values = []
+    for path in (first, second):
+        try:
+            values.append(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); rerun the chapter that wrote it") from None
+    return differences(*values)
