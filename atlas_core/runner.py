@@ -29,10 +29,10 @@ DEFAULT_MODEL = "smollm2-135m"
 RESERVED = ("model", "results_dir")  # set by the runner, never by the user
 KERNEL_NAME = "atlas"
 NOTEBOOKS_ENV = "ATLAS_NOTEBOOKS_DIR"
-# Chapters that take longest on the default model (about 20 min each on one core): the workflow starts
-# them first, so that with two cores the short chapters fill in beside them and both cores finish
+# Chapters that take longest on the default model (13-23 min each on one core): the workflow gives them
+# priority, so that with two cores the short chapters fill in beside them and both cores finish close
 # together. Only an ordering hint; any chapter list works without it.
-LONGEST_FIRST = ("sparse", "kvquant")
+LONGEST_FIRST = ("sparse", "kvquant", "nqp")
 MATHJAX_HINT = "pip install django-static-mathjax==3.2.2.1 (MathJax 3, served locally)"
 
 
