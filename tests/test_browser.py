@@ -74,6 +74,9 @@ def small_book(tmp_path_factory):
     (folder / "book" / "chapters").mkdir(parents=True)
     for name in ("references.bib", "references.md"):  # citations need the bibliography page
         shutil.copy(ROOT / "book" / name, folder / "book" / name)
+    shutil.copytree(ROOT / "book" / "_ext", folder / "book" / "_ext")  # the book's Sphinx extension
+    shutil.copytree(ROOT / "book" / "_static", folder / "book" / "_static",
+                    ignore=shutil.ignore_patterns("mathjax"))  # its CSS
     runner.install_mathjax(folder / "book" / "_static" / "mathjax")
     (folder / "book" / "intro.md").write_text(INTRO)
     source = folder / "demo.py"
