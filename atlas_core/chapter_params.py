@@ -111,6 +111,11 @@ def _kvquant(p: dict) -> None:
         _fail("side_bits", p["side_bits"], "must be in 1..8")
 
 
+NQP_NEEDS = {"bits": [8, 4, 3],
+             "methods": ["rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard", "nqp-scaled"],
+             "grouped_methods": ["rtn", "gptq", "awq", "rot-fisher"]}
+
+
 def _nqp(p: dict) -> None:
     _positive(p, "seq_len", "calib_blocks", "eval_blocks", "group")
     if not p["bits"] or any(not 2 <= b <= 16 for b in p["bits"]):
@@ -119,6 +124,11 @@ def _nqp(p: dict) -> None:
         unknown = [m for m in p[name] if m not in WQUANT_METHODS]
         if unknown:
             _fail(name, p[name], f"unknown {unknown}; choose from {', '.join(WQUANT_METHODS)}")
+    # The chapter's prose and verdicts compare these settings; more may be added, none removed.
+    for name, needed in NQP_NEEDS.items():
+        missing = [v for v in needed if v not in p[name]]
+        if missing:
+            _fail(name, p[name], f"the chapter compares {needed}; add {missing}")
 
 
 def _sparse(p: dict) -> None:

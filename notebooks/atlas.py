@@ -350,6 +350,11 @@ g("id_twonn_sd", ids["twonn"].std(ddof=1))
 g("id_source", ids["twonn-source"].mean())
 g("id_mle", ids["mle"].mean())
 g("id_source_ratio", ids["twonn-source"].mean() / ids["twonn"].mean())
+id_source, id_ratio = ids["twonn-source"].mean(), ids["twonn-source"].mean() / ids["twonn"].mean()
+g("id_verdict", f"the source's estimator reads {id_source:.1f} here"
+  + (", near the source's 7.1" if abs(id_source - 7.1) <= 1 else ", not the source's 7.1")
+  + (f", and it is biased upward (×{id_ratio:.2f} the unbiased fit): use the unbiased fit" if id_ratio > 1.1
+     else ", and it agrees with the unbiased fit"))
 g("dropped_last", dropped_last)
 
 
@@ -660,6 +665,13 @@ for name, tag in (("deepest", "1"), ("three deepest", "3")):
     g(f"top1_rand_{tag}", r["ppl_random"])
     g(f"top1_rec_rand_{tag}", r["recovered_random"])
     g(f"top1_gain_{tag}", r["recovered"] - r["recovered_random"])
+rec, rec_rand = top1["three deepest"]["recovered"], top1["three deepest"]["recovered_random"]
+source_rec = 0.559  # the source's share recovered on GPT-2
+g("top1_verdict", ("the frame recovers more than a random frame" if rec > rec_rand else
+                   "the frame recovers no more than a random frame")
+  + f" ({100 * (rec - rec_rand):+.1f} points), and "
+  + ("about as much as" if abs(rec - source_rec) <= 0.05 else "less than" if rec < source_rec else "more than")
+  + " the source's 55.9%")
 
 # %% [markdown]
 # ```{glue:figure} atlas_top1_table
@@ -716,7 +728,8 @@ for name, tag in (("deepest", "1"), ("three deepest", "3")):
 # - **Hard top-1.** It costs {glue:text}`atlas_top1_delta_1:+.2f` perplexity in the deepest layer (source:
 #   +7.7 on GPT-2). A rank-{glue:text}`atlas_k:d` reconstruction recovers
 #   {glue:text}`atlas_top1_rec_3:.1%` of the three-layer damage (source: 55.9%), random frames with the
-#   same mean {glue:text}`atlas_top1_rec_rand_3:.1%` ({numref}`tbl-atlas-top1`).
+#   same mean {glue:text}`atlas_top1_rec_rand_3:.1%` ({numref}`tbl-atlas-top1`):
+#   {glue:text}`atlas_top1_verdict:s`.
 
 # %%
 out = Path(results_dir)

@@ -26,12 +26,18 @@ CHAPTER = '''# %% [markdown]
 # # A glued chapter
 #
 # The answer is {glue:text}`demo_answer:d`, with $\\sqrt{x}$ inline as in the atlas papers
-# {cite:p}`chancay2026atlas`; {numref}`fig-demo` shows it.
+# {cite:p}`chancay2026atlas`; {numref}`fig-demo` shows it and {numref}`tbl-demo` lists it.
 #
 # ```{glue:figure} demo_fig
 # :name: fig-demo
 #
 # A line that rises.
+# ```
+#
+# ```{glue:figure} demo_table
+# :name: tbl-demo
+#
+# The line's points.
 # ```
 
 # %% tags=["parameters"]
@@ -49,6 +55,8 @@ fig, ax = plt.subplots(figsize=(3, 2))
 ax.plot([0, 1], [0, 1])
 g("fig", fig)
 plt.close(fig)
+import pandas as pd
+g("table", pd.DataFrame({"x": [0, 1], "y": [0, 1]}))
 pathlib.Path(results_dir, "demo.json").write_text(json.dumps({"answer": 42}))
 '''
 
@@ -103,6 +111,12 @@ def test_every_page_of_a_built_book_passes(small_book):
     demo = reports["book/chapters/demo.html"]
     assert demo.images == 1 and demo.glued >= 1 and demo.math >= 1
     assert reports["book/intro.html"].math >= 1
+
+
+def test_glued_tables_are_numbered_as_tables(small_book):
+    page = (small_book / "book" / "chapters" / "demo.html").read_text()
+    assert "Fig. 1" in page and "Table 1" in page  # each counted in its own series
+    assert "Fig. 2" not in page
 
 
 @needs_chromium
