@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     b.set_defaults(func=_book)
 
-    d = sub.add_parser("compare", help="compare the numbers of two results JSON files (durations skipped)")
+    d = sub.add_parser("compare", help="compare the numbers of two results JSON files (timings skipped)")
     d.add_argument("first")
     d.add_argument("second")
     d.set_defaults(func=_compare)
@@ -314,7 +314,7 @@ def _compare(args) -> int:
     from atlas_core.compare import compare_files
 
     found = compare_files(args.first, args.second)
-    print("\n".join(found) if found else "identical numbers (durations skipped)")
+    print("\n".join(found) if found else "identical numbers (timings skipped)")
     return 1 if found else 0
 
 

@@ -1,7 +1,8 @@
 """Compare the numbers of two chapter results (``results/<model>/<chapter>.json``).
 
 Rerunning a chapter with the same parameters must give the same numbers. Wall-clock measurements are
-the exception (a benchmark's milliseconds, a run's seconds), so keys that name a duration are skipped.
+the exception (a benchmark's milliseconds, a run's seconds, and the speed-ups divided out of them), so
+keys that name a duration or a speed-up are skipped.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-# Keys that hold a measured duration: "seconds", "wall_s", "dense_s", "step_ms", "time", ...
-DURATION_KEY = re.compile(r"^(seconds|time|wall|elapsed)$|_(s|ms|us|seconds|time)$")
+# Keys that hold a measured duration ("seconds", "wall_s", "dense_s", "step_ms", "time", ...) or a ratio of
+# two durations ("speedup", "speedup_pages").
+DURATION_KEY = re.compile(r"^(seconds|time|wall|elapsed)$|_(s|ms|us|seconds|time)$|^speedup(_|$)")
 
 
 def _walk(a: Any, b: Any, path: str) -> Iterator[str]:
@@ -37,7 +39,7 @@ def _walk(a: Any, b: Any, path: str) -> Iterator[str]:
 
 
 def differences(first: Any, second: Any) -> list[str]:
-    """Every place where two JSON values differ, as ``/path: value vs value`` (durations skipped)."""
+    """Every place where two JSON values differ, as ``/path: value vs value`` (timings skipped)."""
     return list(_walk(first, second, ""))
 
 

@@ -1,4 +1,4 @@
-"""compare: exact equality of numbers, durations skipped, every difference located."""
+"""compare: exact equality of numbers, timings skipped, every difference located."""
 
 import json
 
@@ -20,9 +20,11 @@ def test_every_difference_is_located():
 
 
 def test_durations_are_skipped_but_not_lookalikes():
-    first = {"seconds": 1.0, "wall_s": 2.0, "bench": [{"dense_s": 0.1, "step_ms": 3}], "ids": 1}
-    second = {"seconds": 9.0, "wall_s": 8.0, "bench": [{"dense_s": 0.2, "step_ms": 4}], "ids": 2}
-    assert differences(first, second) == ["/ids: 1 vs 2"]
+    first = {"seconds": 1.0, "wall_s": 2.0, "bench": [{"dense_s": 0.1, "step_ms": 3, "speedup_pages": 25.1}],
+             "ids": 1, "speedups_seen": 1}
+    second = {"seconds": 9.0, "wall_s": 8.0, "bench": [{"dense_s": 0.2, "step_ms": 4, "speedup_pages": 27.7}],
+              "ids": 2, "speedups_seen": 2}
+    assert differences(first, second) == ["/ids: 1 vs 2", "/speedups_seen: 1 vs 2"]
 
 
 def test_int_and_float_are_not_the_same_number_type():
