@@ -187,6 +187,26 @@ _INLINE_SCRIPT = re.compile(r"<script\b[^>]*>(.*?)</script>", re.IGNORECASE | re
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 
 
+# A redirect stub (Jupyter Book's root index.html): <meta http-equiv="Refresh" content="0; url=book/intro.html">
+_REFRESH = re.compile(r'<meta\s[^>]*http-equiv=["\']refresh["\'][^>]*content=["\']\s*\d+\s*;\s*url=([^"\']+)["\']',
+                      re.IGNORECASE)
+
+
+def redirect_target(html: str) -> str | None:
+    """Where a meta-refresh redirect page sends the reader, or None for an ordinary page."""
+    match = _REFRESH.search(html)
+    return match.group(1).strip() if match else None
+
+
+def _redirect_problems(page: Path, target: str) -> list[str]:
+    """A redirect must stay inside the book and land on a page that exists."""
+    if re.match(r"^(?:[a-z]+:)?//", target, re.IGNORECASE):
+        return [f"redirects outside the book: {target}"]
+    if not (page.parent / target.split("#")[0]).is_file():
+        return [f"redirects to a missing page: {target}"]
+    return []
+
+
 def external_resources(html: str) -> list[str]:
     """Addresses outside the book that a page's HTML names as resources (tags or inline scripts).
 
@@ -238,10 +258,15 @@ def check_book(html_dir: Path | str, executable: str | None = None) -> list[Page
     reports = []
     with Chromium(executable) as browser:
         for page in pages:
+            html = page.read_text(encoding="utf-8", errors="replace")
+            target = redirect_target(html)
+            if target is not None:  # not loaded: it would navigate away while the probe runs
+                reports.append(PageReport(page=str(page.relative_to(html_dir)),
+                                          problems=_redirect_problems(page, target)))
+                continue
             probe, requested, failed = browser.open(page.as_uri())
             problems = _page_problems(probe, requested, failed)
-            problems += [f"names an external resource: {url}"
-                         for url in external_resources(page.read_text(encoding="utf-8", errors="replace"))]
+            problems += [f"names an external resource: {url}" for url in external_resources(html)]
             reports.append(PageReport(
                 page=str(page.relative_to(html_dir)), images=len(probe["images"]), math=probe["math"],
                 glued=len(probe["glued"]), problems=problems,

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from atlas_core import runner
-from atlas_core.browser import BrowserError, check_book, external_resources, find_chromium, summary
+from atlas_core.browser import (BrowserError, check_book, external_resources, find_chromium, redirect_target,
+                                summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,6 +143,20 @@ def test_an_external_resource_is_caught(html_copy):
         "</head>", '<script src="https://cdn.example.org/x.js"></script></head>'))
     problems = [p for r in check_book(html_copy) for p in r.problems]
     assert any("external resource requested: https://cdn.example.org/x.js" in p for p in problems)
+
+
+@needs_chromium
+def test_a_redirect_is_followed_on_disk_not_in_the_browser(html_copy):
+    reports = {r.page: r for r in check_book(html_copy)}
+    assert reports["index.html"].problems == []  # Jupyter Book's stub, sending readers to the intro
+    (html_copy / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=book/gone.html" />')
+    problems = [p for r in check_book(html_copy) for p in r.problems]
+    assert problems == ["redirects to a missing page: book/gone.html"]
+
+
+def test_redirect_targets_are_read_from_meta_refresh():
+    assert redirect_target('<meta http-equiv="Refresh" content="0; url=book/intro.html" />') == "book/intro.html"
+    assert redirect_target("<html><body>a page</body></html>") is None
 
 
 def test_a_folder_without_pages_is_an_error(tmp_path):
