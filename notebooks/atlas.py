@@ -219,6 +219,14 @@ else:
                      f"chance at k = {', '.join(map(str, outside))} and within that band at the other "
                      f"{len(ks) - len(outside)} values of k")
 g("sweep_verdict", sweep_verdict)
+# The claims page's verdicts on the headline and on the sweep, whichever way the z-scores fall.
+g("claim_verdict", "does not replicate as a property of trained heads: O_h is indistinguishable from random "
+  "frames in the same dimension" if abs(head.z) < 2 else
+  "replicates beyond the null: O_h lies below random frames in the same dimension" if head.z < 0 else
+  "does not replicate: O_h lies above random frames in the same dimension (more aligned than chance)")
+g("sweep_claim_verdict", ("explained by the null: " if not outside else
+                          "mostly explained by the null: " if len(outside) < len(ks) / 2 else
+                          "not explained by the null alone: ") + sweep_verdict)
 if head.intra is None:
     split = "every pair of heads reads a different KV head, so there is no intra-group split"
 elif mqa:
