@@ -3,8 +3,8 @@
 Chromium is driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``: JSON
 messages ending in NUL on file descriptors 3 and 4), so no driver package is needed, only Debian's
 ``chromium``. For every HTML page it checks that the page loads, every ``<img>`` decodes with a non-zero
-size, MathJax typeset every math element without a TeX error, no glued value is empty or a
-placeholder, nothing was requested from outside the book's folder, and the HTML names no resource
+size, MathJax typeset every math element without a TeX error, no glued value shows as missing
+(empty, nan, None), nothing was requested from outside the book's folder, and the HTML names no resource
 outside it (the book must work offline; hyperlinks such as a citation's DOI are allowed).
 """
 
@@ -29,7 +29,7 @@ FLAGS = (
     "--disable-extensions", "--allow-file-access-from-files", "--remote-debugging-pipe",
 )
 # What a missing or empty glued value looks like on the page (case matters: "none" is a word).
-PLACEHOLDERS = ("", "nan", "NaN", "None", "null", "undefined", "<NA>")
+MISSING_VALUES = ("", "nan", "NaN", "None", "null", "undefined", "<NA>")
 
 # Runs inside each page once it has loaded: waits for MathJax, then reports what is on the page.
 PAGE_PROBE = """
@@ -187,7 +187,7 @@ _INLINE_SCRIPT = re.compile(r"<script\b[^>]*>(.*?)</script>", re.IGNORECASE | re
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 
 
-# A redirect stub (Jupyter Book's root index.html): <meta http-equiv="Refresh" content="0; url=book/intro.html">
+# A redirect page (Jupyter Book's root index.html): <meta http-equiv="Refresh" content="0; url=book/intro.html">
 _REFRESH = re.compile(r'<meta\s[^>]*http-equiv=["\']refresh["\'][^>]*content=["\']\s*\d+\s*;\s*url=([^"\']+)["\']',
                       re.IGNORECASE)
 
@@ -229,7 +229,7 @@ def _page_problems(probe: dict, requested: list[str], failed: list[str]) -> list
     if probe["math_errors"]:
         problems.append(f"{probe['math_errors']} TeX errors")
     problems += [f"glued value shows as {text!r}" for text in probe["glued"]
-                 if text in PLACEHOLDERS]
+                 if text in MISSING_VALUES]
     problems += [f"unresolved reference {text!r}" for text in probe["missing_refs"]]
     problems += [f"external resource requested: {url}" for url in requested
                  if url.split(":", 1)[0] not in ("file", "data", "blob", "about")]

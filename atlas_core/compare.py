@@ -15,13 +15,13 @@ from typing import Any, Iterator
 
 # Keys that hold a measured duration ("seconds", "wall_s", "dense_s", "step_ms", "time", ...) or a ratio of
 # two durations ("speedup", "speedup_pages").
-DURATION_KEY = re.compile(r"^(seconds|time|wall|elapsed)$|_(s|ms|us|seconds|time)$|^speedup(_|$)")
+TIMING_KEY = re.compile(r"^(seconds|time|wall|elapsed)$|_(s|ms|us|seconds|time)$|^speedup(_|$)")
 
 
 def _walk(a: Any, b: Any, path: str) -> Iterator[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            if DURATION_KEY.search(str(key)):
+            if TIMING_KEY.search(str(key)):
                 continue
             if key not in a or key not in b:
                 yield f"{path}/{key}: only in {'the second' if key not in a else 'the first'}"

@@ -64,17 +64,11 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
     Returns:
         ``LoadedModel(model, tokenizer, spec)``.
     """
-    if name in EMBEDDED:
-        folder, source = _embedded_folder(name), "embedded"
-    elif name.startswith("toy-"):
+    source = _model_source(name)
+    if source == "toy":
         model, tokenizer = toy.toy_model(name.removeprefix("toy-"))
         return _finish(model, tokenizer, name, "toy", attn_implementation, add_bos=None)
-    elif Path(name).expanduser().is_dir():
-        folder, source = Path(name).expanduser(), "local"
-    elif _HUB_ID.match(name) and not Path(name).suffix == ".gguf":
-        folder, source = name, "hub"
-    else:
-        raise ModelError(_unknown_model_message(name))
+    folder = _embedded_folder(name) if source == "embedded" else Path(name).expanduser() if source == "local" else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -84,6 +78,23 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
     return _finish(model, tokenizer, name, source, attn_implementation, add_bos)
 
 
+def _model_source(name: str) -> str:
+    """Where ``load_model`` finds ``name``: "embedded", "toy", "local" (a folder) or "hub".
+
+    Raises:
+        ModelError: none of these (the message lists what can be used).
+    """
+    if name in EMBEDDED:
+        return "embedded"
+    if name.startswith("toy-"):
+        return "toy"
+    if Path(name).expanduser().is_dir():
+        return "local"
+    if _HUB_ID.match(name) and Path(name).suffix != ".gguf":
+        return "hub"
+    raise ModelError(_unknown_model_message(name))
+
+
 def check_model_name(name: str) -> None:
     """Fail fast, without loading anything, when ``name`` cannot be a model that ``load_model`` loads.
 
@@ -91,16 +102,12 @@ def check_model_name(name: str) -> None:
         ModelError: not an embedded or toy name, not a folder holding a ``config.json``, and not a hub
             id; or a hub id while offline that is not in the local Hugging Face cache.
     """
-    if name in EMBEDDED or (name.startswith("toy-") and name.removeprefix("toy-") in toy.FAMILIES):
-        return
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").exists():
-            raise ModelError(f"folder '{name}' holds no config.json: it is not a transformers checkpoint")
-        return
-    if not _HUB_ID.match(name) or folder.suffix == ".gguf" or name.startswith("toy-"):
+    source = _model_source(name)
+    if source == "toy" and name.removeprefix("toy-") not in toy.FAMILIES:
         raise ModelError(_unknown_model_message(name))
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if source == "local" and not (Path(name).expanduser() / "config.json").exists():
+        raise ModelError(f"folder '{name}' holds no config.json: it is not a transformers checkpoint")
+    if source == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):

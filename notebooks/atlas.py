@@ -208,8 +208,8 @@ g("n_intra", head.n_intra)
 g("ratio", head.o_h / head.null_mean)
 g("pair_label", "head pairs (every head reads the single KV head)" if mqa else
   "inter-group pairs (heads that read different KV heads)" if head.n_intra else "head pairs")
-g("verdict", "is indistinguishable from" if abs(head.z) < 2 else
-  "lies above" if head.z > 0 else "lies below")
+oh_side = "is indistinguishable from" if abs(head.z) < 2 else "lies above" if head.z > 0 else "lies below"
+g("verdict", oh_side)
 outside = [kk for kk in ks if abs(sweep["eps"][kk].z) >= 2]
 if not outside:
     sweep_verdict = "at every k of the sweep it stays within two null standard deviations of chance"
@@ -220,10 +220,10 @@ else:
                      f"{len(ks) - len(outside)} values of k")
 g("sweep_verdict", sweep_verdict)
 # The claims page's verdicts on the headline and on the sweep, whichever way the z-scores fall.
-g("claim_verdict", "does not replicate as a property of trained heads: O_h is indistinguishable from random "
-  "frames in the same dimension" if abs(head.z) < 2 else
-  "replicates beyond the null: O_h lies below random frames in the same dimension" if head.z < 0 else
-  "does not replicate: O_h lies above random frames in the same dimension (more aligned than chance)")
+g("claim_verdict", {"is indistinguishable from": "does not replicate as a property of trained heads",
+                    "lies below": "replicates beyond the null",
+                    "lies above": "does not replicate (more aligned than chance)"}[oh_side]
+  + f": O_h {oh_side} random frames in the same dimension")
 g("sweep_claim_verdict", ("explained by the null: " if not outside else
                           "mostly explained by the null: " if len(outside) < len(ks) / 2 else
                           "not explained by the null alone: ") + sweep_verdict)
@@ -355,10 +355,11 @@ plt.close(fig)
 
 g("id_twonn", ids["twonn"].mean())
 g("id_twonn_sd", ids["twonn"].std(ddof=1))
-g("id_source", ids["twonn-source"].mean())
+id_source = ids["twonn-source"].mean()
+id_ratio = id_source / ids["twonn"].mean()
+g("id_source", id_source)
 g("id_mle", ids["mle"].mean())
-g("id_source_ratio", ids["twonn-source"].mean() / ids["twonn"].mean())
-id_source, id_ratio = ids["twonn-source"].mean(), ids["twonn-source"].mean() / ids["twonn"].mean()
+g("id_source_ratio", id_ratio)
 g("id_verdict", f"the source's estimator reads {id_source:.1f} here"
   + (", near the source's 7.1" if abs(id_source - 7.1) <= 1 else ", not the source's 7.1")
   + (f", and it is biased upward (×{id_ratio:.2f} the unbiased fit): use the unbiased fit" if id_ratio > 1.1

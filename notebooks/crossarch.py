@@ -431,7 +431,7 @@ glue("xa_src_dev_max", f"{np.abs(source_dev).max():.3f}", display=False)
 # A published value "is" the null when within 0.02 of it: about three of the source's CI half-widths
 # (Qwen2.5: 0.291 [0.285, 0.298]).
 NULL_TOL = 0.02
-scratch_dev = np.array([o - pair_null[(d, kk)] for name, d, kk, o in SOURCE_POINTS if name.startswith("from scratch")])
+scratch_dev = source_dev[[name.startswith("from scratch") for name, *_ in SOURCE_POINTS]]
 glue("xa_scratch_verdict", "explained by the null, which does not depend on training at all"
      if np.abs(scratch_dev).max() <= NULL_TOL else
      f"not explained by the null alone: a value lies {np.abs(scratch_dev).max():.3f} from it", display=False)

@@ -148,7 +148,7 @@ def test_an_external_resource_is_caught(html_copy):
 @needs_chromium
 def test_a_redirect_is_followed_on_disk_not_in_the_browser(html_copy):
     reports = {r.page: r for r in check_book(html_copy)}
-    assert reports["index.html"].problems == []  # Jupyter Book's stub, sending readers to the intro
+    assert reports["index.html"].problems == []  # Jupyter Book's redirect page to the intro
     (html_copy / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=book/gone.html" />')
     problems = [p for r in check_book(html_copy) for p in r.problems]
     assert problems == ["redirects to a missing page: book/gone.html"]
