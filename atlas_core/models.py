@@ -68,7 +68,12 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
     if source == "toy":
         model, tokenizer = toy.toy_model(name.removeprefix("toy-"))
         return _finish(model, tokenizer, name, "toy", attn_implementation, add_bos=None)
-    folder = _embedded_folder(name) if source == "embedded" else Path(name).expanduser() if source == "local" else name
+    if source == "embedded":
+        folder = _embedded_folder(name)
+    elif source == "local":
+        folder = Path(name).expanduser()
+    else:  # a hub id: transformers resolves it (from the local cache when offline)
+        folder = name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

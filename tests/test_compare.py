@@ -19,7 +19,7 @@ def test_every_difference_is_located():
         "/only: only in the first", "/ppl: 23.76 vs 23.7600001", "/rows[1]/kl: 0.2 vs 0.3"]
 
 
-def test_durations_are_skipped_but_not_lookalikes():
+def test_timings_are_skipped_but_not_lookalikes():
     first = {"seconds": 1.0, "wall_s": 2.0, "bench": [{"dense_s": 0.1, "step_ms": 3, "speedup_pages": 25.1}],
              "ids": 1, "speedups_seen": 1}
     second = {"seconds": 9.0, "wall_s": 8.0, "bench": [{"dense_s": 0.2, "step_ms": 4, "speedup_pages": 27.7}],
