@@ -2,7 +2,9 @@
 
 The model runs its own code. A registered attention function (``atlas_capture``) calls the model's own
 ``eager_attention_forward`` and records its inputs and outputs in the requested layers; forward hooks
-record pre-RoPE queries and keys and the attention module's output. Nothing of an architecture's math
+record pre-RoPE queries and keys and the attention module's output. Where pre-RoPE q and k come from
+differs by architecture (a projection, a fused q/k/v projection, a q/k norm before or after the head
+transpose), so each family declares it in ``LAYOUTS`` and every pass checks the declared shape. Nothing of an architecture's math
 is re-typed here except the per-head split of the output projection, c[h] = W_O[:, h] z[h], which the
 invariant Σ_h c[h] + b_O = attention output checks against the model itself.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -24,27 +26,45 @@ CAPTURE = "atlas_capture"
 FIELDS = ("q", "k", "q_pre", "k_pre", "v", "probs", "z", "c", "eps")
 
 
-@dataclass(frozen=True)
+# How a family's pre-RoPE module emits q or k (see ``Layout.pre_shape``); the target is (batch, head, token, d_head).
+PRE_SHAPES = {
+    "flat": "(batch, token, head * d_head)",  # a projection's output (Llama's q_proj)
+    "token_major": "(batch, token, head, d_head)",  # normed before the transpose (Qwen3's q_norm)
+    "head_major": "(batch, head, token, d_head)",  # normed after the transpose (Gemma 3's q_norm)
+}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Layout:
-    """Where one architecture keeps its attention pieces (explicit per family, as transformers does)."""
+    """Where one architecture keeps its attention pieces, declared per family (as transformers does).
+
+    The declared ``pre_shape`` is checked against the tensor's shape on every forward pass.
+    """
 
     layers: str  # dotted path to the list of decoder layers
     attn: str  # attention module inside a decoder layer
     out_proj: str  # output projection inside the attention module
     q_pre: str | None  # module whose output is the pre-RoPE query (None: the model has no RoPE)
     k_pre: str | None
+    pre_shape: str = "flat"  # one of PRE_SHAPES: how the q_pre and k_pre modules lay out their output
+    fused_qkv: bool = False  # q_pre/k_pre emit q, k, v concatenated on the last axis (Phi-3's qkv_proj)
     conv1d: bool = False  # GPT-2's Conv1D keeps its weight as (in, out)
 
+    def __post_init__(self):
+        if self.pre_shape not in PRE_SHAPES:
+            raise ValueError(f"pre_shape must be one of {sorted(PRE_SHAPES)}, got {self.pre_shape!r}")
 
-_ROPE = Layout("model.layers", "self_attn", "o_proj", "q_proj", "k_proj")
-_ROPE_QK_NORM = Layout("model.layers", "self_attn", "o_proj", "q_norm", "k_norm")  # norm precedes RoPE
+
+_ROPE = Layout(layers="model.layers", attn="self_attn", out_proj="o_proj", q_pre="q_proj", k_pre="k_proj")
 LAYOUTS = {
-    "gpt2": Layout("transformer.h", "attn", "c_proj", None, None, conv1d=True),
+    "gpt2": Layout(layers="transformer.h", attn="attn", out_proj="c_proj", q_pre=None, k_pre=None, conv1d=True),
     "llama": _ROPE,
     "mistral": _ROPE,
     "qwen2": _ROPE,
-    "qwen3": _ROPE_QK_NORM,
-    "gemma3_text": _ROPE_QK_NORM,
+    # q_norm/k_norm precede RoPE: Qwen3 norms (batch, token, head, d_head), Gemma 3 after the transpose
+    "qwen3": replace(_ROPE, q_pre="q_norm", k_pre="k_norm", pre_shape="token_major"),
+    "gemma3_text": replace(_ROPE, q_pre="q_norm", k_pre="k_norm", pre_shape="head_major"),
+    "phi3": replace(_ROPE, q_pre="qkv_proj", k_pre="qkv_proj", fused_qkv=True),
 }
 
 
@@ -68,10 +88,16 @@ class LayerActivations:
 
 
 def layout_of(model) -> Layout:
-    """Return the layout of a supported architecture, or raise a clear error."""
+    """Return the layout of a supported architecture.
+
+    Raises:
+        ValueError: the model's family has no declared layout (extraction, top-1 and sparse attention
+            support only the families in ``LAYOUTS``, each tested on a toy model in ``atlas_core.toy``).
+    """
     family = model.config.get_text_config().model_type
     if family not in LAYOUTS:
-        raise ValueError(f"extraction does not support model_type '{family}' yet; supported: {sorted(LAYOUTS)}")
+        raise ValueError(f"model_type '{family}' is not supported: extraction, top-1 and sparse attention "
+                         f"work only on the families {sorted(LAYOUTS)}; use a model of one of them")
     return LAYOUTS[family]
 
 
@@ -108,13 +134,18 @@ def extract(
 
     Args:
         lm: a loaded model.
-        blocks: (block, token) token ids, each row one independent window.
+        blocks: (block, token) token ids, each row one independent, unpadded window at positions
+            0..token-1 (every (block, token) pair becomes a point, so there is no attention mask).
         layers: layer indices (negative counts from the end).
         fields: which of ``FIELDS`` to keep (attn_out is always kept).
         batch_size: blocks per forward pass; results do not depend on it.
     Returns:
         {layer: LayerActivations}
+    Raises:
+        ValueError: unknown fields or layers, or blocks that are not a 2-D integer tensor.
     """
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.is_floating_point():
+        raise ValueError("blocks must be a (block, token) tensor of token ids: equal-length windows, no padding")
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}; choose from {FIELDS}")
@@ -140,15 +171,21 @@ class _Recorder:
 
     def __init__(self, model, layer: int, fields: tuple[str, ...]):
         self.layer, self.fields = layer, set(fields)
+        self.layout = layout_of(model)
         self.w_o, self.bias = head_out_proj(model, layer)
         self.parts: dict[str, list[torch.Tensor]] = {}
+        self.pre_rope: dict[str, torch.Tensor] = {}  # this pass's q_pre/k_pre module outputs, as emitted
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.parts.setdefault(name, []).append(value.detach())
 
-    def attention(self, query, key, value, probs, out) -> None:
+    def attention(self, query, key, value, probs, out, attention_mask) -> None:
         # query (batch, head, query, d_head); key/value (batch, kv_head, key, d_head)
         # probs (batch, head, query, key); out (batch, query, head, d_head)
+        _check_shared_mask(attention_mask)
+        for name, raw in self.pre_rope.items():
+            self.add(name, _points(_pre_rope_heads(raw, self.layout, name, query, key)))
+        self.pre_rope.clear()
         groups = query.shape[1] // key.shape[1]
         self.kv_group = torch.arange(query.shape[1]) // groups
         z = out.transpose(1, 2)  # (batch, head, query, d_head)
@@ -178,11 +215,42 @@ def _points(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])
 
 
-def _heads(t: torch.Tensor, d_head: int) -> torch.Tensor:
-    """A projection output as (batch, head, token, d_head), whichever layout the module emits."""
-    if t.dim() == 4:  # already (batch, head, token, d_head), e.g. the output of q_norm
+def _pre_rope_heads(t: torch.Tensor, layout: Layout, name: str, query, key) -> torch.Tensor:
+    """A q_pre/k_pre module's output as (batch, head, token, d_head), its declared layout checked by shape.
+
+    Args:
+        t: the module's output, laid out as ``layout.pre_shape`` (and ``fused_qkv``) declare.
+        name: "q_pre" or "k_pre".
+        query: (batch, head, token, d_head) and key: (batch, kv_head, token, d_head), post-RoPE.
+    Raises:
+        ValueError: the output's shape is not the declared one (the family's ``LAYOUTS`` entry is wrong).
+    """
+    batch, n_q, tokens, d_head = query.shape
+    n_kv = key.shape[1]
+    heads = n_q if name == "q_pre" else n_kv
+    if layout.fused_qkv:  # (batch, token, (head + 2 kv_head) * d_head): q, then k, then v
+        _expect_shape(t, (batch, tokens, (n_q + 2 * n_kv) * d_head), name, "fused q, k, v")
+        start = 0 if name == "q_pre" else n_q * d_head
+        t = t[..., start : start + heads * d_head]
+    shapes = {"flat": (batch, tokens, heads * d_head), "token_major": (batch, tokens, heads, d_head),
+              "head_major": (batch, heads, tokens, d_head)}
+    _expect_shape(t, shapes[layout.pre_shape], name, PRE_SHAPES[layout.pre_shape])
+    if layout.pre_shape == "head_major":
         return t
-    return t.view(*t.shape[:2], -1, d_head).transpose(1, 2)
+    return t.reshape(batch, tokens, heads, d_head).transpose(1, 2)
+
+
+def _expect_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, meaning: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: the module emitted {tuple(t.shape)}, not {shape} = {meaning} as its family's "
+                         "entry in atlas_core.extract.LAYOUTS declares; correct that entry")
+
+
+def _check_shared_mask(mask: torch.Tensor | None) -> None:
+    """Refuse per-row masks: every (block, token) is recorded as a point, so a pad token would be one."""
+    if mask is not None and mask.shape[0] > 1 and not torch.equal(mask, mask[:1].expand_as(mask)):
+        raise ValueError("extraction records every (block, token) as a point and takes equal-length, unpadded "
+                         "windows; this batch has per-row attention masks (padding): extract each text alone")
 
 
 def _d_head(attn) -> int:
@@ -195,7 +263,7 @@ def capture_attention_forward(module, query, key, value, attention_mask, **kwarg
     out, probs = eager(module, query, key, value, attention_mask, **kwargs)
     recorder = getattr(module, "_atlas_recorder", None)
     if recorder is not None:
-        recorder.attention(query, key, value, probs, out)
+        recorder.attention(query, key, value, probs, out, attention_mask)
     return out, probs
 
 
@@ -213,10 +281,9 @@ def _capturing(model, recorders: dict[int, _Recorder]):
     for layer, rec in recorders.items():
         attn = modules[layer]
         attn._atlas_recorder = rec
-        d_head = _d_head(attn)
         for name, key in ((layout.q_pre, "q_pre"), (layout.k_pre, "k_pre")):
-            if name and key in rec.fields:
-                hook = lambda m, i, o, r=rec, k=key: r.add(k, _points(_heads(o, d_head)))
+            if name and key in rec.fields:  # kept as emitted; the recorder reshapes it beside the post-RoPE q/k
+                hook = lambda m, i, o, r=rec, k=key: r.pre_rope.__setitem__(k, o.detach())
                 handles.append(attn.get_submodule(name).register_forward_hook(hook))
         handles.append(attn.register_forward_hook(lambda m, i, o, r=rec: r.add("attn_out", o[0].reshape(-1, o[0].shape[-1]))))
     last = modules[max(recorders)]

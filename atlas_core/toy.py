@@ -1,7 +1,9 @@
 """Tiny randomly initialised models of every supported architecture, with an offline tokenizer.
 
 They exist for unit tests: seconds to build, no download, and they exercise the same code paths as the
-real models (GQA/MQA, sliding windows, q/k norms, biases, Conv1D projections).
+real models (GQA/MQA, sliding windows, q/k norms before (Qwen3) or after (Gemma 3) the head transpose,
+head_dim × heads ≠ d_model (Qwen3), fused q/k/v and gate/up projections with partial RoPE (Phi-3),
+biases, Conv1D projections). Every family in ``atlas_core.extract.LAYOUTS`` has one here.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 SPECIALS = ("<unk>", "<bos>", "<eos>", "<pad>")
@@ -43,6 +47,16 @@ def _configs() -> dict:
         "llama": LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **rope, **common),
         "mistral": MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=8, **rope, **common),
         "qwen2": Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **rope, **common),
+        # q_norm/k_norm act on (batch, token, head, d_head), before the transpose; 4 × 32 ≠ d_model 64
+        "qwen3": Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=32, **rope, **common),
+        # one fused qkv_proj and gate_up_proj; RoPE on half of each head (as Phi-4-mini, model_type phi3)
+        "phi3": Phi3Config(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            **rope,
+            **common,
+        ),
         "gemma3": Gemma3TextConfig(
             num_attention_heads=4,
             num_key_value_heads=1,

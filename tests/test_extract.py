@@ -1,9 +1,13 @@
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
 
-from atlas_core.extract import FIELDS, attention_modules, extract, head_out_proj
+from atlas_core.extract import CAPTURE, FIELDS, LAYOUTS, _capturing, _Recorder, attention_modules, extract, head_out_proj
+from atlas_core.models import _finish, load_model
+from atlas_core.toy import FAMILIES, byte_tokenizer, toy_model
 
 
 def _blocks(n=5, t=24, seed=0):
@@ -43,8 +47,6 @@ def test_shapes_rows_and_eps(toy_lm):
 
 
 def test_sliding_window_respected():
-    from atlas_core.models import load_model
-
     lm = load_model("toy-mistral")  # window 8 in every layer
     a = extract(lm, _blocks(t=24), layers=[0], progress=False)[0]
     query, key = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
@@ -65,6 +67,7 @@ def test_pre_rope_keys_rotate_into_post_rope(toy_lm):
     """Applying the model's own RoPE to the captured pre-RoPE q/k gives the captured post-RoPE q/k."""
     model, spec = toy_lm.model, toy_lm.spec
     a = extract(toy_lm, _blocks(n=2, t=16), layers=[1], progress=False)[1]
+    assert a.q_pre.shape == a.q.shape and a.k_pre.shape == a.k.shape
     if spec.family == "gpt2":
         assert torch.equal(a.q_pre, a.q)
         return
@@ -78,6 +81,85 @@ def test_pre_rope_keys_rotate_into_post_rope(toy_lm):
     q_rot, k_rot = module.apply_rotary_pos_emb(q_pre, k_pre, cos, sin)
     torch.testing.assert_close(q_rot.transpose(0, 1).reshape(a.q.shape), a.q, atol=1e-5, rtol=0)
     torch.testing.assert_close(k_rot.transpose(0, 1).reshape(a.k.shape), a.k, atol=1e-5, rtol=0)
+
+
+def test_every_supported_family_has_a_toy_model():
+    """Each family extraction claims (LAYOUTS) runs through the toy_lm-parametrized invariants above."""
+    assert {toy_model(f)[0].config.model_type for f in FAMILIES} == set(LAYOUTS)
+
+
+def _tiny_qwen3():
+    """Issue 14's case: one layer, 4 query / 2 KV heads, head_dim 16 (Qwen3 norms q/k before the transpose)."""
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return _finish(model, byte_tokenizer(), "tiny-qwen3", "toy", "eager", add_bos=False)
+
+
+def test_tiny_qwen3_pre_rope_layout():
+    """Before the fix q_pre came back (10, 8, 16) and k_pre (10, 4, 16): Qwen3's q_norm output was read as Gemma 3's."""
+    lm = _tiny_qwen3()
+    a = extract(lm, _blocks(n=2, t=10), layers=[0], progress=False)[0]
+    assert a.q_pre.shape == (4, 20, 16) and a.k_pre.shape == (2, 20, 16)
+    module = importlib.import_module(type(lm.model).__module__)
+    cos, sin = lm.model.model.rotary_emb(a.q, torch.arange(10)[None])
+    q_pre = a.q_pre.reshape(4, 2, 10, 16).transpose(0, 1)  # (batch, head, token, d_head)
+    k_pre = a.k_pre.reshape(2, 2, 10, 16).transpose(0, 1)
+    q_rot, k_rot = module.apply_rotary_pos_emb(q_pre, k_pre, cos, sin)
+    torch.testing.assert_close(q_rot.transpose(0, 1).reshape(a.q.shape), a.q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(k_rot.transpose(0, 1).reshape(a.k.shape), a.k, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family, wrong", [("qwen3", "head_major"), ("gemma3", "token_major"), ("llama", "head_major")])
+def test_a_wrong_layout_declaration_is_refused(monkeypatch, family, wrong):
+    """The declared pre-RoPE layout is checked against the emitted shape (here 4 heads, 10 tokens)."""
+    lm = load_model(f"toy-{family}")
+    model_type = lm.model.config.model_type
+    monkeypatch.setitem(LAYOUTS, model_type, replace(LAYOUTS[model_type], pre_shape=wrong))
+    with pytest.raises(ValueError, match="LAYOUTS declares"):
+        extract(lm, _blocks(n=2, t=10), layers=[0], fields=("q_pre",), progress=False)
+
+
+def test_unsupported_family_is_refused_plainly(monkeypatch):
+    lm = load_model("toy-llama")
+    monkeypatch.delitem(LAYOUTS, "llama")
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported.*families"):
+        extract(lm, _blocks(), layers=[0], progress=False)
+
+
+def test_capture_attention_is_exact_on_a_left_padded_batch(toy_lm, left_padded):
+    """As a model's attention implementation (nothing recorded), atlas_capture follows per-row masks and positions."""
+    model = toy_lm.model
+    eager_gap = left_padded.logit_gap(model)
+    model.set_attn_implementation(CAPTURE)
+    try:
+        gap = left_padded.logit_gap(model)
+        agrees = left_padded.greedy_agrees(model)
+    finally:
+        model.set_attn_implementation("eager")
+    assert gap < 1e-5 and eager_gap < 1e-5
+    assert agrees
+
+
+def test_extraction_refuses_per_row_masks(left_padded):
+    """Extraction records every (block, token) as a point; a padded batch would make pad tokens points."""
+    lm = load_model("toy-llama")
+    with pytest.raises(ValueError, match="per-row attention masks"), _capturing(lm.model, {0: _Recorder(lm.model, 0, FIELDS)}):
+        lm.model(left_padded.ids, attention_mask=left_padded.mask, position_ids=left_padded.positions)
+    with pytest.raises(ValueError, match="equal-length windows"):
+        extract(lm, [[5, 6, 7]], layers=[0], progress=False)
+
+
+def test_row_extracted_in_a_batch_equals_the_row_alone(toy_lm):
+    """Every field of block 1 is the same whether it is extracted beside block 0 or alone."""
+    blocks = _blocks(n=2, t=20)
+    both = extract(toy_lm, blocks, layers=[-1], progress=False)
+    alone = extract(toy_lm, blocks[1:], layers=[-1], progress=False)
+    (layer,) = both
+    for name in ("q", "k", "q_pre", "k_pre", "v", "z", "c", "eps"):
+        torch.testing.assert_close(getattr(both[layer], name)[:, 20:], getattr(alone[layer], name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[layer].probs[1:], alone[layer].probs, atol=1e-6, rtol=0)
 
 
 def test_capture_leaves_model_unchanged(toy_lm):

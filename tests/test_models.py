@@ -25,6 +25,15 @@ def test_sliding_windows_in_spec():
     assert gemma.n_kv_heads == 1  # MQA
 
 
+def test_qwen3_and_phi3_toys_keep_their_families_quirks():
+    qwen3 = load_model("toy-qwen3")
+    assert qwen3.spec.d_head == 32 and qwen3.spec.n_heads * qwen3.spec.d_head != qwen3.spec.d_model
+    phi3 = load_model("toy-phi3").model
+    attn, mlp = phi3.model.layers[0].self_attn, phi3.model.layers[0].mlp
+    assert hasattr(attn, "qkv_proj") and hasattr(mlp, "gate_up_proj")  # fused projections
+    assert phi3.model.rotary_emb.inv_freq.numel() * 2 == attn.head_dim // 2  # RoPE on half of each head
+
+
 def test_toy_is_deterministic():
     a, _ = toy_model("llama", seed=3)
     b, _ = toy_model("llama", seed=3)

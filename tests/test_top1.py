@@ -158,3 +158,26 @@ def test_smollm2_deepest_layer_top1_hurts(smollm2):
     r = top1_experiment(smollm2, eval_blocks, calib_blocks, layers=[-1], k=7, random_basis=False)
     print(r)
     assert r["ppl_top1"] > r["ppl_full"]
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_top1_on_a_left_padded_batch_equals_each_row_alone(toy_lm, left_padded, rank):
+    """Hard top-1 (bare, and with a rank-3 reconstruction) on issue 14's padded batch: each row's real
+    positions get the logits and greedy tokens of the row run alone (argmax never picks a masked key)."""
+    layers = list(range(toy_lm.spec.n_layers))
+    rec = None if rank is None else fit_reconstruction(toy_lm, _blocks(seed=1), layers, k=rank)
+    with hard_top1(toy_lm, layers, rec):
+        gap = left_padded.logit_gap(toy_lm.model)
+        agrees = left_padded.greedy_agrees(toy_lm.model)
+    assert gap < 1e-5
+    assert agrees
+
+
+def test_top1_ignores_masked_keys_even_when_they_would_win():
+    """A masked key never wins the argmax, however large its score would have been."""
+    value = torch.arange(4, dtype=torch.float32).reshape(1, 1, 4, 1)  # (batch, kv_head, key, d_head)
+    scores = torch.tensor([[[[9.0, 1.0, 2.0, 0.5]]]])  # (batch, head, query, key): key 0 would win
+    mask = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    mask[0] = torch.finfo(torch.float32).min  # key 0 is padding
+    probs = (scores + mask).softmax(-1)
+    assert top1_output(value, probs).item() == 2.0
