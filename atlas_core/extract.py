@@ -94,7 +94,7 @@ def layout_of(model) -> Layout:
         ValueError: the model's family has no declared layout (extraction, top-1 and sparse attention
             support only the families in ``LAYOUTS``, each tested on a toy model in ``atlas_core.toy``).
     """
-    family = model.config.get_text_config().model_type
+    family = model.config.model_type  # the loaded class's own type: a multimodal Gemma 3 ("gemma3") nests its layers
     if family not in LAYOUTS:
         raise ValueError(f"model_type '{family}' is not supported: extraction, top-1 and sparse attention "
                          f"work only on the families {sorted(LAYOUTS)}; use a model of one of them")

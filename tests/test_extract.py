@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, Qwen3Config, SiglipVisionConfig
 
 from atlas_core.extract import CAPTURE, FIELDS, LAYOUTS, _capturing, _Recorder, attention_modules, extract, head_out_proj
 from atlas_core.models import _finish, load_model
@@ -126,6 +126,17 @@ def test_unsupported_family_is_refused_plainly(monkeypatch):
     monkeypatch.delitem(LAYOUTS, "llama")
     with pytest.raises(ValueError, match="model_type 'llama' is not supported.*families"):
         extract(lm, _blocks(), layers=[0], progress=False)
+
+
+def test_multimodal_gemma3_is_refused_plainly():
+    """Its text layers sit elsewhere (model.language_model.layers): refused by name, not an AttributeError."""
+    text = Gemma3TextConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with pytest.raises(ValueError, match="model_type 'gemma3' is not supported"):
+        attention_modules(model)
 
 
 def test_capture_attention_is_exact_on_a_left_padded_batch(toy_lm, left_padded):
