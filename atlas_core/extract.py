@@ -4,9 +4,9 @@ The model runs its own code. A registered attention function (``atlas_capture``)
 ``eager_attention_forward`` and records its inputs and outputs in the requested layers; forward hooks
 record pre-RoPE queries and keys and the attention module's output. Where pre-RoPE q and k come from
 differs by architecture (a projection, a fused q/k/v projection, a q/k norm before or after the head
-transpose), so each family declares it in ``LAYOUTS`` and every pass checks the declared shape. Nothing of an architecture's math
-is re-typed here except the per-head split of the output projection, c[h] = W_O[:, h] z[h], which the
-invariant Σ_h c[h] + b_O = attention output checks against the model itself.
+transpose), so each family declares it in ``LAYOUTS`` and every pass checks the declared shape.
+Nothing of an architecture's math is re-typed here except the per-head split of the output projection,
+c[h] = W_O[:, h] z[h], which the invariant Σ_h c[h] + b_O = attention output checks against the model.
 """
 
 from __future__ import annotations
