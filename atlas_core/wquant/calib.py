@@ -22,7 +22,8 @@ from transformers.pytorch_utils import Conv1D
 from atlas_core.models import LoadedModel
 from atlas_core.wquant.rotations import eigh_descending
 
-__all__ = ["LayerStats", "calibration_stats", "linear_layers", "participation_ratio"]
+__all__ = ["BlockInputs", "CalibConfig", "LayerStats", "add_inputs", "block_inputs", "calibration_stats", "decoder_blocks", "group_stats",
+           "linear_groups", "linear_layers", "participation_ratio", "run_block"]
 
 
 @dataclass
@@ -121,3 +122,185 @@ def _hooks(layers: dict, stats: dict, fisher: bool):
     finally:
         for h in handles:
             h.remove()
+
+
+# ----------------------------------------------------------------------------- decoder blocks, one at a time
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibConfig:
+    """Which calibration tokens a method sees: corpus, how many tokens, in blocks of what length.
+
+    GPTQ's reference (IST-DASLab/gptq, ``--nsamples 128`` windows of 2,048 tokens of C4) calibrates on
+    262,144 tokens; C4 is out of reach offline and that many tokens cost ~40 min per GPTQ run on one CPU
+    thread here, so the default takes the largest offline corpus (``plays``, ~250K calibration tokens)
+    and the measured point past which more tokens stopped helping (see the nqp chapter).
+    """
+
+    corpus: str = "plays"
+    tokens: int = 65_536
+    seq_len: int = 512
+    batch_size: int = 8  # blocks per forward; memory only, the statistics do not depend on it
+
+    def __post_init__(self):
+        if self.tokens < self.seq_len:
+            raise ValueError(f"calibration tokens ({self.tokens}) must be at least seq_len ({self.seq_len})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def blocks(self, lm: LoadedModel) -> torch.Tensor:
+        """(block, token) calibration ids: the first tokens // seq_len blocks of the calib split."""
+        from atlas_core.corpus import BlockSpec, token_blocks
+
+        return token_blocks(lm.tokenizer, BlockSpec(self.corpus, self.seq_len, self.tokens // self.seq_len, "calib",
+                                                    lm.spec.add_bos))
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The decoder's list of blocks (``model.layers`` or GPT-2's ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers"):
+        mod = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+        if isinstance(mod, torch.nn.ModuleList):
+            return mod
+    raise ValueError(f"{type(model).__name__} has no decoder block list (model.layers or transformer.h)")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once what it needed has been recorded."""
+
+
+@dataclass
+class BlockInputs:
+    """What enters one decoder block for each calibration batch: the hidden states, and the other arguments
+    the model passes (masks, position embeddings; GPT-2 passes some by position), recorded per block."""
+
+    hidden: list[torch.Tensor]  # per batch (batch, token, d_model)
+    rest: list[list[tuple[tuple, dict]]]  # [block][batch] (positional args after the hidden states, kwargs)
+
+    def call(self, layer, index: int, batch: int, hidden: torch.Tensor):
+        """Block ``index``'s forward on ``hidden`` with the arguments recorded for calibration batch ``batch``."""
+        args, kwargs = self.rest[index][batch]
+        return layer(hidden, *args, **kwargs)
+
+
+@torch.no_grad()
+def block_inputs(model, blocks: torch.Tensor, batch_size: int) -> BlockInputs:
+    """The first decoder block's inputs on ``blocks`` (block, token), and every block's other arguments.
+
+    The other arguments (attention masks, which differ between sliding and full layers; RoPE cos/sin)
+    depend only on the batch's shape, so one full forward per distinct batch size records them.
+    """
+    layers = decoder_blocks(model)
+    hidden, seen, rest = [], {}, [[] for _ in layers]
+    record = {}
+
+    def pre_hook(i):
+        def hook(module, args, kw):
+            record[i] = (args[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
+            if i == 0:
+                record["hidden"] = (args[0] if args else kw["hidden_states"]).detach()
+            if "stop" in record:
+                raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start : start + batch_size]
+            record.clear()
+            if len(batch) in seen:
+                record["stop"] = True  # the block kwargs of this shape are known: stop at block 0
+            with contextlib.suppress(_Stop):
+                model(batch, use_cache=False)
+            hidden.append(record["hidden"])
+            if len(batch) not in seen:
+                seen[len(batch)] = [record[i] for i in range(len(layers))]
+            for i in range(len(layers)):
+                rest[i].append(seen[len(batch)][i])
+    finally:
+        for h in handles:
+            h.remove()
+    return BlockInputs(hidden, rest)
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # GPT-2 blocks return tuples, Llama-style ones tensors
+
+
+@torch.no_grad()
+def run_block(layer, index: int, inputs: BlockInputs, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Block ``index``'s outputs (per batch (batch, token, d_model)) for ``hidden`` (default: inputs.hidden)."""
+    hidden = inputs.hidden if hidden is None else hidden
+    return [_block_output(inputs.call(layer, index, b, h)) for b, h in enumerate(hidden)]
+
+
+@torch.no_grad()
+def linear_groups(layer, index: int, inputs: BlockInputs) -> list[list[str]]:
+    """The block's linear layers in the order they run, those reading the same input tensor grouped.
+
+    Llama-style blocks give [q, k, v], [o], [gate, up], [down]: the groups of GPTQ's ``--true-sequential``.
+    Found by running the block on the first calibration batch, so any architecture works.
+    """
+    order = []  # (name, input tensor)
+    names = {m: n for n, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    hooks = [m.register_forward_hook(lambda m, args, out: order.append((names[m], args[0]))) for m in names]
+    try:
+        inputs.call(layer, index, 0, inputs.hidden[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    for k, (name, x) in enumerate(order):
+        if k and x is order[k - 1][1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def add_inputs(found: dict[str, LayerStats], key: str, x: torch.Tensor) -> None:
+    """Add a batch of inputs x (..., in) to ``found[key]``'s sums (created on first use), without a Fisher.
+
+    x xᵀ is summed in fp32 within the batch, as GPTQ's reference does, and across batches in fp64.
+    """
+    x = x.detach().reshape(-1, x.shape[-1]).float()  # (token, in)
+    if key not in found:
+        d = x.shape[1]
+        found[key] = LayerStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), None)
+    s = found[key]
+    s.xx += (x.T @ x).double()
+    s.x_abs += x.abs().sum(0).double()
+    s.n += len(x)
+
+
+@torch.no_grad()
+def group_stats(layer, index: int, inputs: BlockInputs, groups: list[list[str]],
+                hidden: list[torch.Tensor] | None = None) -> dict[str, LayerStats]:
+    """H = E[x xᵀ] and E|x| of the input that each group of linear layers of one block shares.
+
+    Runs the block as it is now (earlier groups may already be quantized) on every batch, and stops each
+    forward once the last group's input has been seen. ``groups`` must be in the order the block runs them.
+
+    Returns:
+        {linear name: LayerStats}; the layers of one group share one LayerStats.
+    """
+    found: dict[str, LayerStats] = {}
+
+    def hook(group, last):
+        def pre(m, args):
+            add_inputs(found, group[0], args[0])
+            if last:
+                raise _Stop
+        return pre
+
+    handles = [layer.get_submodule(g[0]).register_forward_pre_hook(hook(g, k == len(groups) - 1)) for k, g in enumerate(groups)]
+    try:
+        for b, h in enumerate(inputs.hidden if hidden is None else hidden):
+            with contextlib.suppress(_Stop):
+                inputs.call(layer, index, b, h)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: found[g[0]] for g in groups for name in g}

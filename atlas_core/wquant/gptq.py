@@ -7,16 +7,48 @@ dampened by λ·mean(diag H); inputs that never fire (diag 0) are dropped. Group
 the error-updated weights when a group starts. ``act_order`` visits columns by decreasing diag H.
 
 ``gptq_reference`` updates every remaining column after each column; ``gptq`` does the same arithmetic in
-blocks of columns with one lazy update per block. The tests hold them equal.
+blocks of columns with one lazy update per block. The tests hold them equal. ``GPTQConfig`` holds the
+settings of IST-DASLab/gptq's ``*_sequential`` pipeline (run by ``apply.quantize_model_sequential``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from atlas_core.wquant.rtn import WQuantSpec, group_params, quantize_with
 
-__all__ = ["gptq", "gptq_reference", "inverse_cholesky"]
+__all__ = ["GPTQConfig", "gptq", "gptq_reference", "inverse_cholesky"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+    """How GPTQ runs; the defaults are those of IST-DASLab/gptq (``opt.py``/``llama.py``).
+
+    Attributes:
+        damp: λ as a fraction of mean(diag H) (the reference's ``--percdamp .01``).
+        act_order: visit columns by decreasing diag H (the reference's ``--act-order``, off by default).
+        sequential: quantize decoder block by block, each block's inputs re-collected through the blocks
+            already quantized (the reference's ``*_sequential``); False: every layer from one pass of the
+            full-precision model.
+        true_sequential: within a block, quantize the groups of layers that share an input in order
+            (q/k/v, o, gate/up, down), each group's inputs re-collected after the ones before it
+            (``--true-sequential``); False: the whole block from one pass.
+        block: columns per lazy update (speed only; the result does not depend on it).
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+    sequential: bool = True
+    true_sequential: bool = True
+    block: int = 128
+
+    def __post_init__(self):
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1) (a fraction of mean diag H), got {self.damp!r}")
+        if self.block < 1:
+            raise ValueError(f"block must be a positive number of columns, got {self.block!r}")
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
