@@ -1,5 +1,6 @@
-"""Intrinsic dimension: estimators on exact ratio laws and on known manifolds, scikit-dimension agreement,
-the source variant's bias, GRIDE, layer profiles, duplicates and errors."""
+"""Intrinsic dimension: estimators on exact ratio laws and on known manifolds, scikit-dimension agreement
+(TwoNN, MLE, GRIDE with its outlier cut), the source variant's bias, layer profiles, duplicates, and
+degenerate input (each estimator x each degenerate cloud: a finite value or a named ValueError)."""
 
 import functools
 import warnings
@@ -75,7 +76,10 @@ def test_twonn_matches_scikit_dimension(family, d):
     # Same convention: keep the int(N (1 - f)) smallest mu, F_i = i / N, least squares through 0.
     ref = skdim.id.TwoNN(discard_fraction=0.1).fit(X).dimension_
     assert I.twonn(X) == pytest.approx(ref, rel=1e-6)
-    # n = 1 GRIDE is the unbiased Pareto MLE (N - 1) / sum log mu: skdim's method='mle' at f = 0.
+    # n = 1 GRIDE is the unbiased Pareto MLE (N - 1) / sum log mu, skdim's TwoNN method='mle' at f = 0,
+    # as long as GRIDE's outlier cut keeps every ratio (it does on these clouds).
+    log_mu = np.log(np.divide(*I.knn_distances(X, 2).T[::-1]))
+    assert len(I._gride_cut(log_mu)) == len(log_mu)
     ref_mle = skdim.id.TwoNN(discard_fraction=0.0, method="mle").fit(X).dimension_
     assert I.gride_curve(X, orders=(1,))[0][1] == pytest.approx(ref_mle, rel=1e-6)
 
@@ -115,6 +119,48 @@ def test_gride_swiss_roll_is_two_dimensional_at_small_scale():
     curve = I.gride_curve(I.swiss_roll(3000, seed=0), orders=(1, 2, 4))
     for _, d in curve:
         assert d == pytest.approx(2, rel=0.05)
+
+
+# The grid GRIDE is held to scikit-dimension on: 46 clouds of 1,200 points (Gaussian subspaces and spheres
+# of d = 1..10 and hyper swiss rolls of d = 2..4, two seeds each) at orders n = 1, 2, 4, 8.
+GRIDE_ORDERS = (1, 2, 4, 8)
+GRIDE_CLOUDS = (
+    [(f, d, s) for s in (0, 1) for d in range(1, 11) for f in ("linear", "sphere")]
+    + [("roll", d, s) for s in (0, 1) for d in (2, 3, 4)]
+)
+
+
+def _gride_cloud(family: str, d: int, seed: int) -> np.ndarray:
+    if family == "roll":
+        return I.hyper_swiss_roll(1200, d, ambient=32, seed=seed)
+    return FAMILIES[family](1200, d, ambient=32, seed=seed)
+
+
+def test_gride_matches_scikit_dimension_on_every_cloud_and_order():
+    skdim = pytest.importorskip("skdim")
+    differ = []
+    for cloud in GRIDE_CLOUDS:
+        X = _gride_cloud(*cloud)
+        for n, (_, d) in zip(GRIDE_ORDERS, I.gride_curve(X, GRIDE_ORDERS)):
+            ref = skdim.id.GRIDE(n1=n).fit(X).dimension_
+            if d != pytest.approx(ref, rel=1e-6):
+                differ.append((cloud, n, d / ref - 1))
+    # Without DADApy's cut, 5 of these 184 cases differed (by up to 3.8%: linear d = 1, seed 0, n = 1).
+    assert differ == []
+
+
+def test_gride_cut_drops_only_the_extreme_ratios():
+    rng = np.random.default_rng(0)
+    log_mu = rng.exponential(1 / 2, size=1200)  # Pareto(d = 2) ratios at n1 = 1, n2 = 2
+    mu = np.exp(log_mu)
+    q95, q50 = np.percentile(mu, [95, 50])
+    assert mu.max() < q50 + 20 * (q95 - q50)  # nothing to cut in this sample
+    np.testing.assert_array_equal(I._gride_cut(log_mu), log_mu)
+    outliers = np.log([1e3, 1e4, 1e6])  # near-overlapping points: r1 tiny
+    kept = I._gride_cut(np.concatenate([log_mu, outliers]))
+    np.testing.assert_array_equal(kept, log_mu)
+    # Kept, the three would pull the n = 1 estimate down by 4.4%.
+    assert I._gride_mle(np.concatenate([log_mu, outliers]), 1, 2) / I._gride_mle(log_mu, 1, 2) < 0.96
 
 
 def test_gride_root_is_the_likelihood_maximum():
@@ -200,3 +246,111 @@ def test_bad_input_is_refused():
         I.twonn(np.zeros(10))
     with pytest.raises(ValueError, match="NaN"):
         I.twonn(np.full((10, 3), np.nan))
+
+
+# --------------------------------------------------------------------------- degenerate input
+# Every estimator gives a finite value or a ValueError naming the problem, never inf or NaN.
+
+ESTIMATOR_CALLS = {
+    "twonn": I.twonn,
+    "twonn-source": I.twonn_source,
+    "mle": lambda X: I.mle_levina_bickel(X, k=5),
+    "gride": lambda X: [d for _, d in I.gride_curve(X, orders=(1, 2))],
+    "estimate": lambda X: I.estimate(X, "twonn"),
+    "per_head": lambda X: list(I.per_head([X, X], "mle", k=5)),
+}
+_REGULAR_POLYGON = np.c_[np.cos(np.arange(40) * np.pi / 20), np.sin(np.arange(40) * np.pi / 20)]  # r1 = r2
+_DEGENERATE = {
+    "constant": (np.ones((50, 4)), "constant cloud"),
+    "only duplicates": (np.repeat(I.linear_subspace(2, 2, ambient=4), 25, axis=0), "duplicates"),
+    "too few points": (I.linear_subspace(2, 2, ambient=4), r"need at least \d+ points"),
+    "NaN": (np.where(np.arange(60)[:, None] == 5, np.nan, I.linear_subspace(60, 2, ambient=4)), "NaN or infinite"),
+    "inf": (np.where(np.arange(60)[:, None] == 5, -np.inf, I.linear_subspace(60, 2, ambient=4)), "NaN or infinite"),
+    "no features": (np.zeros((50, 0)), "no features"),
+}
+
+
+@pytest.mark.parametrize("case", list(_DEGENERATE))
+@pytest.mark.parametrize("name", list(ESTIMATOR_CALLS))
+def test_degenerate_clouds_are_refused_by_name(name, case):
+    X, message = _DEGENERATE[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", I.DuplicatePointsWarning)
+        with pytest.raises(ValueError, match=message):
+            ESTIMATOR_CALLS[name](X)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATOR_CALLS))
+def test_tied_ratios_give_a_clear_error_or_a_finite_value(name):
+    # On a regular polygon every point's two nearest neighbours are equidistant: r2/r1 = 1 (to rounding),
+    # d is not identifiable from it. TwoNN gave 1.4e15 here, and nan on a lattice line.
+    line = np.arange(50.0)[:, None] * np.ones((1, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", I.DuplicatePointsWarning)
+        if name in ("mle", "per_head"):  # T_5/T_j is not tied: a finite value
+            assert np.isfinite(ESTIMATOR_CALLS[name](_REGULAR_POLYGON)).all()
+            assert np.isfinite(ESTIMATOR_CALLS[name](line)).all()
+            return
+        with pytest.raises(ValueError, match="tied|distinct"):
+            ESTIMATOR_CALLS[name](_REGULAR_POLYGON)
+        with pytest.raises(ValueError, match="tied|distinct|outlier cut"):
+            ESTIMATOR_CALLS[name](line)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATOR_CALLS))
+def test_estimates_do_not_depend_on_scale_or_offset(name):
+    # Squares of 1e200 overflowed (NaN), of 1e-200 underflowed (every point a duplicate), and an offset
+    # of 1e8 swamped the Gram expansion (TwoNN 2.06 instead of 2.78).
+    X = I.linear_subspace(300, 3, ambient=8, seed=0)
+    ref = np.asarray(ESTIMATOR_CALLS[name](X))
+    for moved in (X * 1e200, X * 1e-200, X + 1e8):
+        np.testing.assert_allclose(ESTIMATOR_CALLS[name](moved), ref, rtol=1e-6)
+
+
+def test_knn_distances_scale_exactly_by_powers_of_two_and_ignore_offsets():
+    X = I.sphere(400, 3, ambient=8, seed=1)
+    r = I.knn_distances(X, 4)
+    for e in (-700, 700):
+        np.testing.assert_array_equal(I.knn_distances(np.ldexp(X, e), 4), np.ldexp(r, e))
+    np.testing.assert_allclose(I.knn_distances(X + 1e8, 4), r, rtol=1e-6)  # offset: coordinates keep 1e-8
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        I.knn_distances(X, 0)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1e-18])
+def test_twonn_refuses_to_keep_the_ratio_at_f_equal_1(fraction):
+    # Keeping all N ratios puts the largest at F = N/N = 1, where -log(1 - F) = inf: the fit was inf.
+    X = I.linear_subspace(300, 3, ambient=8, seed=0)
+    with pytest.raises(ValueError, match=r"F = 1.*discard_fraction >= 1/N"):
+        I.twonn(X, discard_fraction=fraction)
+    with pytest.raises(ValueError, match="F = 1"):
+        I.estimate(X, "twonn", discard_fraction=fraction)
+    assert np.isfinite(I.twonn(X, discard_fraction=1 / 300))  # one ratio left out is enough
+    assert np.isfinite(I.twonn_source(X, discard_fraction=fraction))  # n / sum log mu has no F
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, float("nan")])
+@pytest.mark.parametrize("name", ["twonn", "twonn-source"])
+def test_discard_fraction_outside_0_1_is_refused(name, fraction):
+    with pytest.raises(ValueError, match=r"discard_fraction must be in \[0, 1\)"):
+        I.estimate(I.linear_subspace(100, 2, ambient=4), name, discard_fraction=fraction)
+
+
+def test_bad_parameters_are_refused():
+    X = I.linear_subspace(100, 2, ambient=4)
+    for k in (1, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an integer of at least 2"):
+            I.mle_levina_bickel(X, k=k)
+    for orders in ((), (0, 1), (1.5,), (True,)):
+        with pytest.raises(ValueError, match="orders must be positive integers"):
+            I.gride_curve(X, orders=orders)
+    with pytest.raises(ValueError, match=r"\(head, point, d_head\)"):
+        I.per_head(X)  # one cloud, not a stack of them
+    with pytest.raises(ValueError, match="no clouds"):
+        I.per_head([])
+    with pytest.raises(ValueError, match=r"finite; layers \[3\]"):
+        I.layer_profile({0: 1.0, 3: float("nan")}, 12)
+    with pytest.raises(ValueError, match="layer indices must be integers"):
+        I.layer_profile({0: 1.0, 2.5: 2.0}, 12)
+    with pytest.raises(ValueError, match="n_layers must be an integer"):
+        I.layer_profile({0: 1.0}, 1)
