@@ -91,15 +91,18 @@ def _parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kvquant", help="decode perplexity with a quantized KV cache, beside fp and the same-bits baseline")
     _model_arg(k)
-    k.add_argument("--method", default="headq", choices=["fp", "per-token", "kivi", "headq"])
+    k.add_argument("--method", default="headq", choices=["fp", "per-token", "per-channel", "kivi", "headq"],
+                   help="kivi: KIVI's quantizers and residual rule, as its code runs them; per-channel: KIVI's quantizers, our window")
     k.add_argument("--kbits", type=int, default=2, help="key bits (1..8)")
     k.add_argument("--vbits", type=int, default=16, help="value bits (1..8), or 16 for dense values (K-only)")
     k.add_argument("--group", type=int, default=32, help="group size: channels (per-token) or tokens (KIVI keys)")
-    k.add_argument("--residual", type=int, default=0, help="most recent tokens kept in full precision")
+    k.add_argument("--residual", type=int, default=None,
+                   help="full-precision tokens: the most recent R (kivi: R values, keys flushed R at a time; "
+                        "a multiple of --group); default 0, or --group for kivi")
     k.add_argument("--rank", type=int, default=8, help="HeadQ side-code rank r")
     k.add_argument("--side-bits", type=int, default=4, help="HeadQ side-code bits b'")
     k.add_argument("--control", default="none", choices=["none", "wrong-sign", "random-basis", "key-pca"])
-    k.add_argument("--base", default="per-token", choices=["per-token", "kivi"], help="HeadQ's base key quantizer")
+    k.add_argument("--base", default="per-token", choices=["per-token", "per-channel", "kivi"], help="HeadQ's base key quantizer")
     k.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE")
     k.add_argument("--corpus", default="britannica")
     k.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (a multiple of --seq-len)")
@@ -352,9 +355,8 @@ def _bench_kvquant(args) -> None:
     print(f"{r['model']}, {r['n_ctx']} cached tokens, K and V at {r['bits']} bits"
           f"{' (memoised history)' if r['memo'] else ''}; decode step (median) and memory:")
     for name, c in r["caches"].items():
-        acc = c["accounted_bits_per_element"]
         print(f"  {name:10s} {c['step_s'] * 1e3:7.2f} ms  x{c['ratio_vs_fp']:.2f} vs fp   held {c['held_bytes'] / 2**20:7.2f} MiB"
-              f"   {c['held_bits_per_element']:.3f} bits/element held" + (f", {acc:.3f} accounted" if acc else ""))
+              f"   {c['held_bits_per_element']:.3f} bits/element held")
     print(f"HeadQ step / per-token step = {r['headq_vs_per_token']:.3f}")
 
 

@@ -46,6 +46,8 @@
 #
 # - **Baselines.** Asymmetric min–max quantization of the cached (post-RoPE) keys, per token (groups of
 #   $g$ channels) or per channel (KIVI: groups of $g$ tokens), at 2, 3 and 4 bits; values per token.
+#   KIVI runs with its own residual rule, as its code does, at $R = g$: keys are quantized $R$ at a time
+#   once $R$ full-precision keys have accumulated, and the $R$ most recent values stay in full precision.
 # - **Visible error.** For a query $q$ the logit error of key $j$ is $e_j = q\cdot(\hat k_j - k_j)/\sqrt d$.
 #   Softmax ignores a constant shift, so the error the model sees is the Fisher form
 #   $\tfrac12 \sum_j a_j (e_j - \bar e)^2$ with $\bar e = \sum_j a_j e_j$, equal to $\mathrm{KL}(a\,\|\,\hat a)$
@@ -379,9 +381,10 @@ g("ppl_best_base", run(best_base)["ppl"])
 # :name: tbl-kv-bits
 #
 # Every configuration of {numref}`fig-kv-bits`. A row name gives the key quantizer and its bits (K2 =
-# 2-bit keys), the values (dense V = not quantized, counted as 16 bits; V2 = 2-bit values), the group
-# size g and, for HeadQ, the side-code rank r and bits b. Bits per key and value element are counted from
-# the stored tensors. ΔPPL is the rise over the fp cache. "Excess removed" is
+# 2-bit keys), the values (dense V = not quantized, held in the model's fp32: 32 bits; V2 = 2-bit values),
+# the group size g, KIVI's residual R and, for HeadQ, the side-code rank r and bits b. Bits per key and
+# value element are measured from the bytes the cache held at the end (codes, scales, zeros, side codes and
+# full-precision tokens). ΔPPL is the rise over the fp cache. "Excess removed" is
 # $(\mathrm{PPL}_\text{per-token} - \mathrm{PPL})/(\mathrm{PPL}_\text{per-token} - \mathrm{PPL}_\text{fp})$
 # against per-token quantization at the same nominal bits; it is 100% for a method that recovers the fp
 # perplexity and negative for one that makes things worse.
@@ -537,9 +540,9 @@ g("budget_n", len(same))
 # {glue:text}`kv_budget_best_ppl:.2f`. HeadQ ranks {glue:text}`kv_budget_hq_rank:d` of them (the group
 # includes HeadQ's own three controls, which share its storage). HeadQ reads {glue:text}`kv_ppl_hq2:.2f`.
 # 2-bit KIVI keys do better still with less storage: {glue:text}`kv_ppl_kivi2:.2f` at
-# {glue:text}`kv_bits_kivi2:.2f` bits per key element. (KIVI's measured bits include the up to $g - 1$
-# most recent tokens that wait in full precision until a whole group of {glue:text}`kv_group:d` tokens can
-# be quantized.)
+# {glue:text}`kv_bits_kivi2:.2f` bits per key element. (KIVI's measured bits include the up to $R - 1$
+# most recent keys, $R$ = {glue:text}`kv_group:d`, that wait in full precision until KIVI quantizes them
+# $R$ at a time, held in fp32 here.)
 #
 # The side code also works on top of KIVI's per-channel keys. HeadQ on KIVI reads
 # {glue:text}`kv_ppl_hq2_kivi:.2f` at {glue:text}`kv_bits_hq2_kivi:.2f` bits per key element and removes

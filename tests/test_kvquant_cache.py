@@ -112,21 +112,26 @@ def test_sliding_layers_keep_only_the_window():
     assert len(full.key_store) + full.keys.shape[-2] == 30
 
 
-def test_measured_bits_match_accounting():
-    lm = load_model("toy-llama")
+@pytest.mark.parametrize("rule", ["recent", "kivi"])
+def test_measured_bits_match_accounting(rule):
+    """Bits per element are measured from the bytes held; with whole-byte rows they equal the formula."""
+    lm = load_model("toy-llama")  # d_head 16: 16·b code bits and 4·4 side-code bits are whole bytes
     model, ids = lm.model, _ids(23)
-    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(3, 8, "token"), residual=3)
+    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(3, 8, "token"), residual=4 if rule == "kivi" else 3, residual_rule=rule)
     side = SideCode(_bases(lm, r=4), bits=4)
     cache = QuantizedKVCache(model.config, kv, side)
     _decode(model, ids, cache)
     layer = cache.layers[0]
-    n_stored, n_window = len(layer.key_store), layer.keys.shape[-2]
-    assert (n_stored, n_window) == (20, 3)
-    expected = expected_bits(kv, side, lm.spec.d_head, n_stored, n_window)
+    keys, values = (len(layer.key_store), layer.keys.shape[-2]), (len(layer.value_store), layer.values.shape[-2])
+    assert (keys, values) == (((20, 3), (20, 3)) if rule == "recent" else ((20, 3), (19, 4)))
+    expected = expected_bits(kv, side, lm.spec.d_head, keys, values, fp_bits=32)  # fp32 windows
     measured = cache.bits_per_element()
     assert measured["key"] == pytest.approx(expected["key"]) and measured["value"] == pytest.approx(expected["value"])
-    # keys: 2 + 32/4 payload+stats, side (4·4 + 32)/16 = 3 bits; mixed with 3 fp16 tokens of 23
-    assert expected["key"] == pytest.approx(((2 + 8 + 3) * 20 + 16 * 3) / 23)
+    # keys: 2 + 32/4 payload+stats, side (4·4 + 32)/16 = 3 bits; mixed with 3 fp32 tokens of 23
+    assert expected["key"] == pytest.approx(((2 + 8 + 3) * 20 + 32 * 3) / 23)
+    held = cache.held_bytes()
+    batch_heads_d = 2 * lm.spec.n_kv_heads * lm.spec.d_head * lm.spec.n_layers
+    assert (measured["key"] + measured["value"]) * 23 * batch_heads_d == pytest.approx(8 * (held["storage"] + held["window"]))
 
 
 def test_memo_and_codes_give_identical_logits_and_packing_saves_memory(toy_lm):
@@ -143,16 +148,6 @@ def test_memo_and_codes_give_identical_logits_and_packing_saves_memory(toy_lm):
     fp_bytes = sum(l.keys.nbytes + l.values.nbytes for l in dyn.layers)  # fp32 keys and values
     stored = sum(len(l.key_store) for l in plain.layers) / sum(l.keys.shape[-2] for l in dyn.layers)
     assert held["storage"] + held["window"] < fp_bytes and held["storage"] < stored * fp_bytes / 2
-
-
-def test_held_bytes_match_accounted_bits_when_rows_pack_exactly():
-    lm = load_model("toy-llama")  # d_head 16: 16·b bits is a whole number of bytes for every b
-    model, ids = lm.model, _ids(24)
-    kv = KVQuantConfig(QuantSpec(3, 8, "token"), QuantSpec(2, 8, "channel"))
-    cache = QuantizedKVCache(model.config, kv, SideCode(_bases(lm, r=4), bits=4))
-    _decode(model, ids, cache)
-    accounted = sum(l.key_store.bits() + l.value_store.bits() for l in cache.layers)
-    assert cache.held_bytes()["storage"] * 8 == accounted
 
 
 @pytest.mark.parametrize("name", ["toy-llama", "toy-gemma3"])

@@ -17,7 +17,7 @@ def test_passthrough_decode_equals_fp_and_quantization_costs():
     ids = torch.randint(4, 260, (2, 24), generator=torch.Generator().manual_seed(0))
     fp, _ = decode_nll(lm.model, ids, None, prefill=8)
     same, bits = decode_nll(lm.model, ids, KVQuantConfig(), prefill=8)
-    assert fp.shape == (2, 15) and torch.equal(fp, same) and bits == {"key": 16.0, "value": 16.0}
+    assert fp.shape == (2, 15) and torch.equal(fp, same) and bits == {"key": 32.0, "value": 32.0}  # fp32, as held
     chunked, _ = decode_nll(lm.model, ids, None, prefill=8, chunk=4)
     assert torch.allclose(chunked, fp, atol=1e-4)
     q1, bits = decode_nll(lm.model, ids, KVQuantConfig(QuantSpec(1, 16, "token")), prefill=8)

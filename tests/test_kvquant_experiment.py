@@ -14,7 +14,7 @@ from atlas_core.models import load_model
     "kwargs, message",
     [({"method": "nope"}, "method"), ({"method": "kivi", "control": "wrong-sign"}, "headq only"),
      ({"kbits": 0}, "kbits"), ({"vbits": 12}, "vbits"), ({"method": "headq", "rank": 0}, "rank"),
-     ({"method": "headq", "base": "fp"}, "base")],
+     ({"method": "headq", "base": "fp"}, "base"), ({"method": "kivi", "residual": 40}, "multiple of --group")],
 )
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -37,6 +37,19 @@ def test_configs_baselines_and_canonical_keys():
     assert on_kivi.label().endswith("on kivi") and KVMethod("kivi", 2, base="kivi").canonical() == KVMethod("kivi", 2)
 
 
+
+def test_kivi_is_kivis_rule_and_per_channel_is_ours():
+    kivi, ours = KVMethod("kivi", 2, 2), KVMethod("per-channel", 2, 2)
+    assert kivi.residual == 32 and kivi == KVMethod("kivi", 2, 2, residual=32) and ours.residual == 0  # R defaults to g
+    assert kivi.kv_config().residual_rule == "kivi" and ours.kv_config().residual_rule == "recent"
+    assert kivi.kv_config().key == ours.kv_config().key and kivi.kv_config().key.axis == "channel"
+    assert kivi.label() == "kivi K2 V2 g32 R32" and KVMethod("kivi", 2, group=16).residual == 16
+    assert kivi.baseline() == KVMethod("per-token", 2, 2, residual=32) and ours.baseline() == KVMethod("per-token", 2, 2)
+    on = KVMethod("headq", 2, base="per-channel")
+    assert on.kv_config().residual_rule == "recent" and on.baseline() == KVMethod("per-channel", 2)
+    assert KVMethod("headq", 2, base="kivi").kv_config().residual_rule == "kivi"
+
+
 def test_compare_reports_fp_baseline_and_fraction():
     lm = load_model("toy-llama")
     gen = torch.Generator().manual_seed(0)
@@ -45,7 +58,7 @@ def test_compare_reports_fp_baseline_and_fraction():
     assert r["baseline"]["label"].startswith("per-token K2")
     base, fp, hq = r["baseline"]["ppl"], r["fp"]["ppl"], r["method"]["ppl"]
     assert r["excess_removed"] == pytest.approx((base - hq) / (base - fp))
-    assert r["method"]["bits_key"] > r["baseline"]["bits_key"] and r["fp"]["bits_key"] == 16.0
+    assert r["method"]["bits_key"] > r["baseline"]["bits_key"] and r["fp"]["bits_key"] == 32.0  # measured: fp32 held
     assert compare(lm, ids, KVMethod("per-token", 2, group=16), prefill=8)["excess_removed"] is None
     with pytest.raises(ValueError, match="calibration"):
         compare(lm, ids, KVMethod("headq"), None, prefill=8)

@@ -4,7 +4,8 @@ For each cache (fp ``DynamicCache``, per-token, KIVI and HeadQ, keys and values 
 same context of ``n_ctx`` tokens is prefilled in chunks, then single-token decode steps are timed. The
 caches are rebuilt and timed in turn, ``rounds`` times interleaved; a cache's step time is the median
 over its rounds of the median step of a round. Memory is what the cache's tensors hold after the
-prefill, beside the bits the accounting predicts.
+prefill: bytes held, and bits per key/value element measured from them (codes, scales, zeros, side codes,
+fp windows; the memo, a derived copy, is reported apart).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.kvquant.cache import QuantizedKVCache
+from atlas_core.kvquant.cache import QuantizedKVCache, held_bits_per_element
 from atlas_core.kvquant.experiment import KVMethod
 from atlas_core.kvquant.headq import SideCode, calibrate
 from atlas_core.models import LoadedModel, load_model
@@ -52,22 +53,14 @@ def _time_steps(lm: LoadedModel, ctx: torch.Tensor, cache, steps: int, chunk: in
 
 
 def _memory(cache) -> dict:
-    """Bytes held and bits per element: measured from the tensors, and accounted."""
+    """Bytes held (storage, fp windows, memo) and bits per K/V element, measured from the tensors."""
+    bits = held_bits_per_element(cache)
+    out = {"held_bits_per_element": (bits["key"] + bits["value"]) / 2}
     if isinstance(cache, DynamicCache):
-        held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
-        elements = sum(l.keys.numel() for l in cache.layers)
-        return {"held_bytes": held, "held_bits_per_element": held * 8 / (2 * elements), "accounted_bits_per_element": None}
+        return out | {"held_bytes": sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)}
     held = cache.held_bytes()
-    elements = sum(l.stored_bits()["elements"] for l in cache.layers)
-    stored_elements = sum(len(l.key_store) * l.keys.shape[0] * l.keys.shape[1] * l.keys.shape[3] for l in cache.layers)
-    accounted = sum(l.key_store.bits() + l.value_store.bits() for l in cache.layers)
-    return {
-        "held_bytes": held["storage"] + held["window"] + held["memo"],
-        "storage_bytes": held["storage"],
-        "held_bits_per_element": held["storage"] * 8 / (2 * stored_elements),  # quantized part, K and V
-        "accounted_bits_per_element": accounted / (2 * stored_elements),
-        "elements": elements,
-    }
+    return out | {"held_bytes": held["storage"] + held["window"] + held["memo"], "storage_bytes": held["storage"],
+                  "window_bytes": held["window"], "memo_bytes": held["memo"]}
 
 
 def bench_kvquant(

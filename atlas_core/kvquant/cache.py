@@ -1,26 +1,43 @@
 """A transformers ``Cache`` that stores quantized keys/values (codes, scales, zeros, HeadQ side codes).
 
-Per layer, the most recent tokens sit in a full-precision window; older tokens are flushed into
+Per layer, the most recent keys and values sit in full-precision windows; older tokens are flushed into
 quantized storage. ``update`` follows transformers' contract: it receives the new (batch, kv_head, new,
 d_head) keys/values and returns everything attention may see, dequantized. Order of work in one update:
 
-1. append the new tokens to the fp window;
+1. append the new tokens to the fp windows;
 2. return dequantized(stored) ++ fp window (so the new tokens see themselves and the fp window in full
    precision, and every older token through its codes);
-3. flush: while the fp window holds more than ``residual`` tokens, its oldest tokens are quantized
-   (a whole number of ``group`` tokens when keys or values are per-channel, as in KIVI);
-4. sliding-window layers drop stored groups that no future query can see.
+3. flush the windows into quantized storage by the config's ``residual_rule``:
 
-A token is therefore attended at full precision only while it is among the last ``residual`` (+ < group)
-tokens or within the chunk being processed. Decoding one token at a time with ``residual=0`` and
-per-token keys means every past token is seen through its codes.
+   - ``"recent"`` (ours): keys and values share one window; while it holds more than ``residual`` tokens,
+     its oldest tokens are quantized, a whole number of ``group`` tokens when keys or values are
+     per-channel. After a step the window holds ``residual`` … ``residual + group − 1`` tokens.
+   - ``"kivi"`` (KIVI's own cache code: jy-yuan/KIVI ``models/llama_kivi.py`` at commit 876b4d2, lines
+     121–136 (keys) and 165–187 (values) of a decode step, 193–217 of the prefill; plain reference in
+     ``kivi.py``): keys are quantized R = ``residual`` at a time, as soon as R of them have accumulated
+     (R a multiple of the key group), so 0 … R − 1 fp keys are held after a step and attention sees
+     1 … R; values keep exactly the R most recent in full precision and quantize the older ones one
+     token at a time, so attention sees R + 1 fp values. (KIVI's code takes single-token decode steps
+     only; a chunk of several tokens follows its prefill's rule, which is the same rule.)
+4. sliding-window layers drop stored tokens that no future query can see.
+
+With ``residual=0`` and per-token keys, decoding one token at a time means every past token is seen
+through its codes.
 
 Storage is real: codes are bit-packed (a token's d_head codes of b bits in ⌈d_head·b/8⌉ bytes), scales
-and zeros are fp16, side codes are packed the same way. By default every update dequantizes the history
-from the codes (as transformers' own ``QuantizedCache`` does); ``memo=True`` also keeps the dequantized
-history (the codes never change once flushed), which makes long experiments faster but saves no memory.
-A test holds the memo against the codes. Bits are accounted as b per code, 16 per scale/zero and 16 per
-full-precision element (an fp16 cache); ``held_bytes`` reports what the tensors actually occupy.
+and zeros are fp16, side codes are packed the same way; fp windows (and unquantized tensors) are held in
+the model's dtype. ``bits_per_element`` is measured from those bytes (codes, scales, zeros, side codes,
+fp windows), so it is what the cache holds; ``expected_bits`` is the formula a test holds it to. By
+default every update dequantizes the history from the codes (as transformers' own ``QuantizedCache``
+does); ``memo=True`` also keeps the dequantized history (the codes never change once flushed), which
+makes long experiments faster but saves no memory; it is reported apart, in ``held_bytes()["memo"]``.
+
+The whole transformers ``Cache`` API acts on the whole state: ``reorder_cache`` (beam search),
+``batch_select_indices``, ``batch_repeat_interleave``, ``reset``, ``offload``/``prefetch`` and
+``early_initialization`` apply to the windows, codes, scales, zeros, side codes, dense storage and memo
+alike (quantization groups never span batch rows, so a reordered cache is the cache of the reordered
+batch); ``crop`` of any token raises, because flushed codes cannot be turned back into the fp window a
+shorter run would hold.
 
 With ``pre_rope=True`` keys are quantized in pre-RoPE coordinates: the cache undoes the rotation of the
 keys it receives (exact, orthogonal), quantizes, and rotates the dequantized keys back.
@@ -36,22 +53,53 @@ from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kw
 
 from atlas_core.kvquant import quant, rope
 from atlas_core.kvquant.headq import SideCode, apply_side, encode_side
-from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor, QuantSpec
+from atlas_core.kvquant.quant import QTensor, QuantSpec
+
+
+RESIDUAL_RULES = ("recent", "kivi")
 
 
 @dataclass(frozen=True)
 class KVQuantConfig:
-    """What the cache quantizes. ``None`` keeps that tensor in full precision."""
+    """What the cache quantizes. ``None`` keeps that tensor in full precision.
+
+    ``residual_rule`` says which tokens stay in the fp windows (see the module docstring): ``"recent"``
+    (ours) or ``"kivi"`` (KIVI's cache code). Raises ValueError for an unknown rule, a negative residual,
+    or a KIVI residual that is not a positive multiple of the key group (KIVI asserts the same).
+    """
 
     key: QuantSpec | None = None
     value: QuantSpec | None = None
-    residual: int = 0  # the most recent R tokens stay in full precision
+    residual: int = 0  # "recent": ≥ R most recent tokens in fp; "kivi": R, the key flush size and value window
     pre_rope: bool = False  # quantize keys before RoPE (the cache undoes and redoes the rotation)
     memo: bool = False  # also hold the dequantized history: faster decode, no memory saved
+    residual_rule: str = "recent"
+
+    def __post_init__(self):
+        if self.residual_rule not in RESIDUAL_RULES:
+            raise ValueError(f"residual_rule must be one of {RESIDUAL_RULES}, got {self.residual_rule!r}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be ≥ 0, got {self.residual}")
+        unit = _unit(self.key)
+        if self.residual_rule == "kivi" and (self.residual < 1 or self.residual % unit):
+            raise ValueError(f"KIVI's residual must be a positive multiple of the key group ({unit} tokens), got {self.residual}")
 
     def token_unit(self) -> int:
-        units = [s.token_unit() for s in (self.key, self.value) if s is not None]
-        return math.lcm(*units) if units else 1
+        """Tokens the shared ("recent") window flushes together: a whole group of any per-channel tensor."""
+        return math.lcm(_unit(self.key), _unit(self.value))
+
+    def flush_counts(self, n_key_window: int, n_value_window: int) -> tuple[int, int]:
+        """How many of the oldest fp keys and values to quantize, given the windows' lengths (tokens)."""
+        r = self.residual
+        if self.residual_rule == "kivi":
+            n_value = max(n_value_window - r, 0) // _unit(self.value) * _unit(self.value)
+            return n_key_window // r * r, n_value  # keys: R at a time once R accumulate; values: all but R
+        n = max(n_key_window - r, 0) // self.token_unit() * self.token_unit()
+        return n, n
+
+
+def _unit(spec: QuantSpec | None) -> int:
+    return 1 if spec is None else spec.token_unit()
 
 
 class _Store:
@@ -133,22 +181,18 @@ class _Store:
             seen = apply_side(seen.contiguous(), side, self.basis, self.side.spec(), self.side.sign, inplace=True)  # seen is ours
         return seen
 
-    def bits(self) -> int:
-        """Accounted bits: b per code (packing padding aside), 16 per scale/zero, 16 per fp element."""
-        if self.n == 0:
-            return 0
-        if self.spec is None:
-            return self.dense.numel() * OVERHEAD_BITS
-        total = _logical_bits(self.codes, self.spec.bits, self.d)
-        if self.side_codes is not None:
-            total += _logical_bits(self.side_codes, self.side.bits, self.side.rank)
-        return total
-
     def held_bytes(self) -> dict[str, int]:
         """Bytes actually held: the storage (codes, stats, side codes or dense) and the memo."""
         parts = [t for t in (self.codes, self.side_codes) if t is not None]
         storage = sum(quant.held_bytes(q) for q in parts) + _nbytes(self.dense)
         return {"storage": storage, "memo": _nbytes(self.memo)}
+
+    def map_tensors(self, fn) -> None:
+        """Apply ``fn`` to every held tensor (codes, scales, zeros, side codes, dense, memo), e.g. a batch op."""
+        self.dense = None if self.dense is None else fn(self.dense)
+        self.memo = None if self.memo is None else fn(self.memo)
+        self.codes = None if self.codes is None else QTensor(*map(fn, self.codes))
+        self.side_codes = None if self.side_codes is None else QTensor(*map(fn, self.side_codes))
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -163,14 +207,14 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def _logical_bits(q: QTensor, bits: int, width: int) -> int:
-    """Payload bits of the packed rows of ``width`` codes each, plus 16 per scale and zero."""
-    rows = q.codes.numel() // q.codes.shape[-1]  # batch · kv_head · n_tokens
-    return rows * width * bits + (q.scale.numel() + q.zero.numel()) * OVERHEAD_BITS
-
-
 class QuantizedKVLayer(DynamicLayer):
-    """One layer's quantized cache; a sliding layer keeps only what its window can still see."""
+    """One layer's quantized cache; a sliding layer keeps only what its window can still see.
+
+    ``keys``/``values`` (transformers' names) are the fp windows, (batch, kv_head, window, d_head); under
+    KIVI's rule the two windows have different lengths.
+    """
+
+    is_croppable = False  # flushed codes cannot become the fp window again
 
     def __init__(self, kv: KVQuantConfig, side: SideCode | None = None, layer: int = 0, sliding_window: int | None = None, rotary=None):
         super().__init__()
@@ -187,15 +231,22 @@ class QuantizedKVLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # empty fp window
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # empty fp windows
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store (batch, kv_head, new, d_head) keys/values; return all visible keys/values, dequantized."""
+        """Store (batch, kv_head, new, d_head) keys/values; return all visible keys/values, dequantized.
+
+        Raises:
+            ValueError: the batch differs from the one the cache holds.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"QuantizedKVCache holds a batch of {self.keys.shape[0]} rows, got {key_states.shape[0]}: "
+                             "resize it first (batch_select_indices, batch_repeat_interleave)")
         self.cumulative_length += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)  # the fp window, (batch, kv_head, key, d_head)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)  # fp windows, (batch, kv_head, key, d_head)
         self.values = torch.cat([self.values, value_states], dim=-2)
         keys = self._visible(self.key_store, self.keys)
         values = self._visible(self.value_store, self.values)
@@ -212,22 +263,20 @@ class QuantizedKVLayer(DynamicLayer):
         return window if len(store) == 0 else torch.cat([store.seen(), window], dim=-2)
 
     def _flush(self) -> None:
-        unit = self.kv.token_unit()
-        n = (self.keys.shape[-2] - self.kv.residual) // unit * unit
-        if n <= 0:
-            return
-        self.key_store.append(self.keys[..., :n, :])
-        self.value_store.append(self.values[..., :n, :])
-        self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
+        n_key, n_value = self.kv.flush_counts(self.keys.shape[-2], self.values.shape[-2])
+        if n_key:
+            self.key_store.append(self.keys[..., :n_key, :])
+            self.keys = self.keys[..., n_key:, :]
+        if n_value:
+            self.value_store.append(self.values[..., :n_value, :])
+            self.values = self.values[..., n_value:, :]
 
     def _trim(self) -> None:
         """Drop stored tokens older than the last ``sliding_window − 1`` (whole groups only)."""
         unit = self.kv.token_unit()
-        need = max(0, self.sliding_window - 1 - self.keys.shape[-2])
-        n = (len(self.key_store) - need) // unit * unit
-        if n > 0:
-            self.key_store.drop_front(n)
-            self.value_store.drop_front(n)
+        for store, window in ((self.key_store, self.keys), (self.value_store, self.values)):
+            need = max(0, self.sliding_window - 1 - window.shape[-2])
+            store.drop_front((len(store) - need) // unit * unit if len(store) > need else 0)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -250,10 +299,44 @@ class QuantizedKVLayer(DynamicLayer):
         self._new_stores()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise RuntimeError("QuantizedKVCache cannot be cropped: quantized codes cannot be un-flushed; use greedy or sampled decoding, not assisted decoding")
+        """``crop(0)`` keeps everything (sliding layers are always trimmed); any other crop raises.
+
+        Raises:
+            RuntimeError: tokens would have to be removed (quantized codes cannot be un-flushed).
+        """
+        if tokens_to_remove != 0:
+            raise RuntimeError("QuantizedKVCache cannot be cropped: quantized codes cannot be un-flushed into the fp window a "
+                               "shorter run would hold; use greedy, sampled or beam decoding, not assisted decoding")
+
+    def _map_state(self, fn) -> None:
+        """Apply ``fn`` to every tensor of the state: fp windows and both stores (codes, stats, side codes, memo)."""
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.key_store.map_tensors(fn)
+        self.value_store.map_tensors(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise RuntimeError("QuantizedKVCache does not support beam search (num_beams > 1); use greedy or sampled decoding")
+        """Reorder the batch rows of the whole state (beam search)."""
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices) -> None:
+        """Keep the batch rows ``indices`` (a list or tensor of indices, or a boolean mask) of the whole state."""
+        indices = torch.as_tensor(indices)
+        self._map_state(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row of the whole state ``repeats`` times, in place (row i -> rows i·repeats …)."""
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        """Move the whole state to the CPU."""
+        self._map_state(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        """Move the whole state back to the layer's device."""
+        if self.is_initialized and self.keys.device != self.device:
+            self._map_state(lambda t: t.to(self.device, non_blocking=True))
 
     def dequantized_from_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held keys/values (stored ++ fp window) recomputed from the codes, (batch, kv_head, key, d_head)."""
@@ -263,20 +346,25 @@ class QuantizedKVLayer(DynamicLayer):
     def _visible_codes(store: _Store, window: torch.Tensor) -> torch.Tensor:
         return window if len(store) == 0 else torch.cat([store.from_codes(), window], dim=-2)
 
-    def stored_bits(self) -> dict[str, int]:
-        """Bits held for keys and for values, counted from the tensors, and the element count of each."""
+    def held(self) -> dict[str, int]:
+        """Bytes held for keys and for values (storage + fp window, no memo) and the elements each covers."""
         if not self.is_initialized:
-            return {"key_bits": 0, "value_bits": 0, "elements": 0}
-        window = self.keys.numel() * OVERHEAD_BITS
-        batch, heads, n_window, d = self.keys.shape
+            return {"key_bytes": 0, "value_bytes": 0, "key_elements": 0, "value_elements": 0}
+        batch, heads, _, d = self.keys.shape
+        count = lambda store, window: (len(store) + window.shape[-2]) * batch * heads * d  # noqa: E731
         return {
-            "key_bits": self.key_store.bits() + window,
-            "value_bits": self.value_store.bits() + window,
-            "elements": (len(self.key_store) + n_window) * batch * heads * d,
+            "key_bytes": self.key_store.held_bytes()["storage"] + _nbytes(self.keys),
+            "value_bytes": self.value_store.held_bytes()["storage"] + _nbytes(self.values),
+            "key_elements": count(self.key_store, self.keys),
+            "value_elements": count(self.value_store, self.values),
         }
 
+    def fp_tokens(self) -> tuple[int, int]:
+        """Tokens held in full precision now: (keys, values)."""
+        return (self.keys.shape[-2], self.values.shape[-2]) if self.is_initialized else (0, 0)
+
     def held_bytes(self) -> dict[str, int]:
-        """Bytes actually held: quantized storage (packed codes, stats, side codes), fp window, memo."""
+        """Bytes actually held: quantized storage (packed codes, stats, side codes), fp windows, memo."""
         if not self.is_initialized:
             return {"storage": 0, "window": 0, "memo": 0}
         k, v = self.key_store.held_bytes(), self.value_store.held_bytes()
@@ -311,26 +399,52 @@ class QuantizedKVCache(Cache):
         self.kv, self.side = kv, side
 
     def bits_per_element(self) -> dict[str, float]:
-        """Measured bits per stored key and value element over all layers."""
-        parts = [layer.stored_bits() for layer in self.layers if layer.is_initialized]
-        n = sum(p["elements"] for p in parts)
-        return {
-            "key": sum(p["key_bits"] for p in parts) / n,
-            "value": sum(p["value_bits"] for p in parts) / n,
-        }
+        """Bits per held key and value element over all layers, measured from the bytes held.
+
+        Counts the packed codes, fp16 scales and zeros, side codes, unquantized storage and the fp windows
+        (in the dtype they are held in); not the memo, which is a derived copy (``held_bytes``).
+        """
+        parts = [layer.held() for layer in self.layers if layer.is_initialized]
+        if not parts:
+            raise ValueError("the cache is empty: run the model through it before measuring its bits")
+        return {kind: 8 * sum(p[f"{kind}_bytes"] for p in parts) / sum(p[f"{kind}_elements"] for p in parts) for kind in ("key", "value")}
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes actually held over all layers: storage, fp window and memo (see the layer's)."""
+        """Bytes actually held over all layers: storage, fp windows and memo (see the layer's)."""
         parts = [layer.held_bytes() for layer in self.layers]
         return {key: sum(p[key] for p in parts) for key in ("storage", "window", "memo")}
 
+    def prefetch(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """Move layer ``layer_idx``'s whole state back to its device (synchronously: this cache has no
+        offloading stream; ``offload(layer_idx)`` moves it to the CPU)."""
+        if not (only_non_sliding and self.is_sliding[layer_idx]):
+            self.layers[layer_idx].prefetch()
 
-def expected_bits(kv: KVQuantConfig, side: SideCode | None, d_head: int, n_stored: int, n_window: int) -> dict[str, float]:
-    """Accounted bits per element for ``n_stored`` quantized and ``n_window`` fp tokens (per head)."""
-    key = quant.bits_per_element(kv.key, d_head)
+
+def held_bits_per_element(cache: Cache) -> dict[str, float]:
+    """Bits per held key and value element of a ``QuantizedKVCache`` or a plain ``DynamicCache`` (its fp
+    tensors as held, e.g. 32 for fp32), measured from the bytes held."""
+    if isinstance(cache, QuantizedKVCache):
+        return cache.bits_per_element()
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    return {
+        "key": 8 * sum(_nbytes(l.keys) for l in layers) / sum(l.keys.numel() for l in layers),
+        "value": 8 * sum(_nbytes(l.values) for l in layers) / sum(l.values.numel() for l in layers),
+    }
+
+
+def expected_bits(
+    kv: KVQuantConfig, side: SideCode | None, d_head: int, key_tokens: tuple[int, int], value_tokens: tuple[int, int], fp_bits: int
+) -> dict[str, float]:
+    """The formula ``bits_per_element`` must match when packed rows are whole bytes (per head).
+
+    Args:
+        key_tokens, value_tokens: (quantized, fp window) tokens held.
+        fp_bits: bits of one element held in full precision (16 for fp16, 32 for fp32).
+    """
+    key = quant.bits_per_element(kv.key, d_head) if kv.key is not None else fp_bits
     if side is not None and kv.key is not None:
         key += side.bits_per_element(d_head)
-    value = quant.bits_per_element(kv.value, d_head)
-    n = n_stored + n_window
-    mix = lambda b: (b * n_stored + OVERHEAD_BITS * n_window) / n  # noqa: E731
-    return {"key": mix(key), "value": mix(value)}
+    value = quant.bits_per_element(kv.value, d_head) if kv.value is not None else fp_bits
+    mix = lambda b, n: (b * n[0] + fp_bits * n[1]) / (n[0] + n[1])  # noqa: E731
+    return {"key": mix(key, key_tokens), "value": mix(value, value_tokens)}

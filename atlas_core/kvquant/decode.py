@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from atlas_core.eval import token_nll
-from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache
+from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache, held_bits_per_element
 from atlas_core.kvquant.headq import SideCode
 from atlas_core.kvquant.rope import rotary_tables
 
@@ -43,8 +43,8 @@ def decode_nll(
     prefill: int = 128,
     chunk: int = 1,
     progress: bool = False,
-) -> tuple[torch.Tensor, dict[str, float] | None]:
-    """NLL of the decoded tokens, (batch, token − prefill − 1), and the cache's measured bits/element.
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """NLL of the decoded tokens, (batch, token − prefill − 1), and the bits per key/value element the cache held.
 
     Args:
         blocks: (batch, token) token ids; all decoded together as one batch.
@@ -64,7 +64,7 @@ def decode_nll(
         logits = model(blocks[:, start:stop], past_key_values=cache, use_cache=True).logits  # (batch, step, vocab)
         target = blocks[:, start + 1 : stop + 1]  # (batch, step)
         nll.append(token_nll(logits, target))  # (batch, step)
-    bits = cache.bits_per_element() if kv is not None else None
+    bits = held_bits_per_element(cache)  # measured from the bytes held, the fp cache's too
     return torch.cat(nll, dim=1), bits
 
 
