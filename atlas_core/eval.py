@@ -2,10 +2,13 @@
 
 ``token_logprobs`` and ``token_nll`` are the one place the library turns logits into log-probabilities.
 They subtract ``torch.logsumexp`` over the vocabulary (the last dimension), which on this CPU build is
-exact to fp32 rounding. ``F.cross_entropy`` and ``log_softmax`` are not: their fp32 normaliser is
-biased low, by about 5e-5, 1.5e-4 and 2.6e-4 nats per token at vocabularies of 49K, 152K and 262K with
-the vocabulary as dimension 1 (``cross_entropy(logits.transpose(1, 2))``), and by about a tenth of that
-with the vocabulary last, so perplexities came out low in the fourth digit.
+exact to fp32 rounding (mean error below 1e-7 nats against float64). ``F.cross_entropy`` and
+``log_softmax`` are not: their fp32 normaliser is biased low. On 3 blocks of 128 tokens of the default
+corpus, with the vocabulary as dimension 1 (``cross_entropy(logits.transpose(1, 2))``, as this module
+did) the mean NLL is low by 1.2e-4 (smollm2-135m, vocabulary 49,152), 5.2e-4 (qwen2.5-coder-0.5b,
+151,936) and 1.6e-4 nats (gemma3-270m, 262,144), with the vocabulary last by 8e-6 to 3e-5: perplexity
+21.4385 / 21.4410 / 21.4412 (transposed / vocabulary last / exact) on smollm2-135m, 32.8131 / 32.8292 /
+32.8302 on qwen2.5-coder-0.5b.
 """
 
 from __future__ import annotations
