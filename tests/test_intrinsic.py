@@ -327,6 +327,10 @@ def test_twonn_refuses_to_keep_the_ratio_at_f_equal_1(fraction):
         I.estimate(X, "twonn", discard_fraction=fraction)
     assert np.isfinite(I.twonn(X, discard_fraction=1 / 300))  # one ratio left out is enough
     assert np.isfinite(I.twonn_source(X, discard_fraction=fraction))  # n / sum log mu has no F
+    skdim = pytest.importorskip("skdim")
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="infinity"):  # the reference refuses too
+        warnings.simplefilter("ignore", RuntimeWarning)
+        skdim.id.TwoNN(discard_fraction=fraction).fit(X)
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, float("nan")])
