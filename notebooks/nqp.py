@@ -48,8 +48,16 @@
 #   rounding (our reading of the source's "λ-scaled grid"; its code is not public).
 # - **GPTQ**: column-by-column rounding with the error fed forward through the Cholesky factor of
 #   $H^{-1}$, $H = E[xx^\top]$ of the layer's inputs, dampened by 1% of its mean diagonal.
-# - **AWQ**: per-input-channel scales $s = E|x|^\alpha$, $\alpha$ searched on a grid of 21 values to
-#   minimise the layer's output error $\operatorname{tr}(E H E^\top)$, $E = W - \hat W$.
+# - **AWQ**, as its reference code (llm-awq) runs it: the layers that read one input share one scale per
+#   input channel, $s = E|x|^\alpha$, so that $s^{-1}$ folds into the op that makes the input: q, k and v
+#   into the attention norm, gate and up into the MLP norm, down into up, and o into v where v's outputs
+#   are o's inputs (grouped-query attention, which every model here uses, rules that out: o keeps no scale).
+#   $\alpha$ takes 20 values in $[0, 0.95]$, chosen to minimise the squared error of the attention
+#   block's output (q, k, v), the MLP's output (gate, up) or the layer's own output (down, o) on the
+#   calibration inputs, which AWQ collects block by block from the unquantized model. Then the weights
+#   of every layer but q and k are clipped, per output channel and group, to the fraction of their
+#   largest magnitude (1 down to 0.55) that minimises that group's output error. AWQ rounds on the same
+#   integer grid as the other methods here (its own quantizer differs only on groups of one sign).
 #
 # The statistics come from one pass over the calibration split with the unquantized model: the input
 # second moment H, the mean absolute input $E|x|$, and the activation Fisher $F = E[gg^\top]$, where
@@ -311,8 +319,9 @@ plt.close(fig)
 # dequantized values. 4-bit RTN with that grid (groups of 32, zero at the group minimum) reads
 # {glue:text}`nqp_ppl_gguf_grid:.3f` against {glue:text}`nqp_ppl_fp:.3f` unquantized (mean relative
 # weight error {glue:text}`nqp_werr_gguf_grid:.1e`). It finds the original grid again and is nearly
-# lossless, which no method could be on weights that were never quantized. The same groups with GPTQ's
-# and AWQ's integer zero point already read {glue:text}`nqp_ppl_gguf_int:.3f`. This is why the
+# lossless, which no method could be on weights that were never quantized. The same groups with an
+# integer zero point (the range stretched to hold 0, as GPTQ's quantizer does) already read
+# {glue:text}`nqp_ppl_gguf_int:.3f`. This is why the
 # comparison uses per-channel scales, and groups of {glue:text}`nqp_group:d`, which straddle the original
 # blocks, and goes down to 3 bits. On weights that were never quantized the gaps between methods may
 # differ; the chapter runs on any model whose original weights are available.

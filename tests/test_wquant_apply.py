@@ -34,7 +34,7 @@ def test_participation_ratio_known_answers():
 def test_every_method_quantizes_the_model(toy_and_stats, method):
     lm, blocks, stats = toy_and_stats
     model = copy.deepcopy(lm.model)
-    rows = quantize_model(model, method, WQuantSpec(4, 16), stats, progress=False)
+    rows = quantize_model(model, method, WQuantSpec(4, 16), stats, progress=False, blocks=blocks)  # AWQ searches on blocks
     assert len(rows) == len(stats) and all(0 < r["weight_error"] < 1 for r in rows)
     assert torch.isfinite(torch.tensor(perplexity(model, blocks, progress=False)))
     w = model.model.layers[0].mlp.down_proj.weight

@@ -36,7 +36,7 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
     if ppl_fp is None:
         ppl_fp = perplexity(lm.model, eval_blocks, progress=progress)
     model = copy.deepcopy(lm.model)
-    rows = quantize_model(model, method, spec, stats, seed, progress=progress, judge=judge)
+    rows = quantize_model(model, method, spec, stats, seed, progress=progress, judge=judge, blocks=calib)  # AWQ searches on calib
     ppl = perplexity(model, eval_blocks, progress=progress)
     out_err = [r["output_error"] for r in rows if "output_error" in r]
     return {"method": method, "bits": spec.bits, "group": spec.group, "symmetric": spec.symmetric, "ppl": ppl,

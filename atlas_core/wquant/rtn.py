@@ -3,8 +3,14 @@
 A weight W is (out, in), as ``nn.Linear`` keeps it. A group is g consecutive input columns of one output
 row (g = in: one scale per output channel). Symmetric: levels −(2^(b−1)−1) … 2^(b−1)−1 times a scale
 max|w| / (2^(b−1)−1). Asymmetric: levels 0 … 2^b−1, scale (max−min)/(2^b−1) and a zero point, either an
-integer with the range stretched to hold 0 (GPTQ's and AWQ's convention, ``zero="integer"``) or the
-group's minimum itself (GGUF Q4_1's scale-and-min blocks, ``zero="float"``).
+integer with the range [min, max] first stretched to hold 0 (``zero="integer"``: GPTQ's convention, IST-DASLab
+``Quantizer.find_params`` takes min(x.min, 0) and max(x.max, 0)) or the group's minimum itself (GGUF Q4_1's
+scale-and-min blocks, ``zero="float"``).
+AWQ's quantizer (llm-awq ``pseudo_quantize_tensor``) does not stretch the range: its scale is (max−min)/(2^b−1)
+of the group as it is, and its integer zero round(−min/scale) is clamped to 0 … 2^b−1, so a group of one sign
+loses its far end to the clamp instead. For a group that holds both signs the two grids are the same (ours
+floors the scale at 1e-12, AWQ's at 1e-5); every group of smollm2-135m's linear weights, per channel and in
+groups of 32, 48 or 64, holds both signs. This library rounds every method (AWQ included) on ``zero="integer"``.
 Every function returns the dequantized weight (what the model computes with) in fp32.
 """
 
