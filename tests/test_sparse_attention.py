@@ -3,8 +3,8 @@ import torch
 
 from atlas_core.extract import attention_modules
 from atlas_core.models import load_model
-from atlas_core.sparse.attention import MassLog, sparse_attention, sparse_attention_forward
-from atlas_core.sparse.kept import SparseConfig, kept_mask_reference
+from atlas_core.sparse.attention import MassLog, positions, sparse_attention, sparse_attention_forward
+from atlas_core.sparse.kept import SELECTORS, SparseConfig, kept_mask_reference
 
 WIDE = SparseConfig(anchors=1, window=10_000, topk=0)  # keeps every visible key
 NARROW = SparseConfig(anchors=1, window=3, topk=2)
@@ -114,3 +114,81 @@ def test_real_model_full_budget_is_exact_and_sparse_differs(smollm2):
         sparse = smollm2.model(x).logits
     assert (sparse - ref).abs().max() > 1e-3
     assert 0 < log.means()["discarded"].mean() < 0.5
+
+
+PAD = 3  # the toy tokenizer's <pad>
+# every selector, and the head-averaged variants: each must treat every row of a batch by its own positions
+RULES = [SparseConfig(1, 4, 4, selector=s, page_size=4) for s in SELECTORS] + [
+    SparseConfig(1, 4, 4, head_average=True), SparseConfig(1, 4, 4, selector="pages", page_size=4, head_average=True)]
+
+
+def _left_padded_batch():
+    """Row 0: 6 pads then 14 tokens; row 1: 20 tokens; the mask and per-row positions generate() would make."""
+    x = _tokens(20, seed=1)
+    mask = torch.ones_like(x)
+    mask[0, :6], x[0, :6] = 0, PAD
+    return x, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _rule_id(cfg):
+    return cfg.selector + ("-head_average" if cfg.head_average else "")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", RULES, ids=_rule_id)
+def test_left_padded_batch_equals_each_row_alone(toy_lm, cfg):
+    """Teacher forced and greedy through the KV cache: kept sets per row (the row's anchors and windows)."""
+    model, (x, mask, pos) = toy_lm.model, _left_padded_batch()
+    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    with sparse_attention(model, cfg):
+        both = model(x, attention_mask=mask, position_ids=pos).logits
+        gen_both = model.generate(x, attention_mask=mask, **greedy)[:, 20:]
+        for row, real in ((0, slice(6, None)), (1, slice(None))):
+            alone = x[row : row + 1, real]
+            torch.testing.assert_close(both[row, real], model(alone).logits[0], atol=1e-5, rtol=0)
+            assert torch.equal(gen_both[row], model.generate(alone, **greedy)[0, alone.shape[1]:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_mass_log_counts_each_row_by_its_positions_and_skips_pads(padding):
+    lm = load_model("toy-qwen2")
+    x, mask, pos = _left_padded_batch()
+    if padding == "right":  # row 0's 14 tokens first, then 6 pads at positions 14..19 (position_ids left to the model)
+        x[0], mask[0] = x[0].roll(-6), mask[0].roll(-6)
+        pos = None
+    batch, solo = MassLog(), MassLog()
+    with sparse_attention(lm.model, NARROW, batch):
+        lm.model(x, attention_mask=mask, position_ids=pos)
+    with sparse_attention(lm.model, NARROW, solo):
+        lm.model(x[:1, mask[0].bool()])
+        lm.model(x[1:])
+    assert batch.counts[0] == (14 - NARROW.budget) + (20 - NARROW.budget)
+    for layer in solo.sums:
+        assert batch.counts[layer] == solo.counts[layer]
+        for name, total in solo.sums[layer].items():
+            torch.testing.assert_close(batch.sums[layer][name], total, atol=1e-6, rtol=1e-6)
+
+
+def test_positions_are_per_row():
+    q_pos, k_pos = positions(torch.tensor([[14], [20]]), 1, 21, 2)  # a decode step, row 0 left-padded by 6
+    assert q_pos.tolist() == [[14], [20]]
+    assert k_pos[0].tolist() == list(range(-6, 15)) and k_pos[1].tolist() == list(range(21))
+    q_pos, k_pos = positions(None, 3, 5, 2)
+    assert q_pos.tolist() == [[2, 3, 4]] * 2 and k_pos.tolist() == [list(range(5))] * 2
+    with pytest.raises(ValueError, match="position_ids"):
+        positions(torch.zeros(3, 2, 4, dtype=torch.long), 4, 4, 2)  # 3-D (multimodal) positions
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("selector", SELECTORS)
+@pytest.mark.parametrize("rule", [dict(anchors=1, window=4, topk=16, page_size=16),  # the issue's case: 21 keys
+                                  dict(anchors=3, window=2, topk=6, page_size=4)])  # 6 candidates over 3 pages
+def test_no_key_is_dropped_up_to_the_budget(toy_lm, selector, rule):
+    """Every position that sees at most a + W + k keys (budget − 1, budget) gets dense logits, in every layer."""
+    cfg = SparseConfig(selector=selector, **rule)
+    x = _tokens(cfg.budget + 8)[:1]
+    dense = toy_lm.model(x).logits[0]
+    with sparse_attention(toy_lm.model, cfg):
+        sparse = toy_lm.model(x).logits[0]
+    torch.testing.assert_close(sparse[: cfg.budget], dense[: cfg.budget], atol=1e-5, rtol=0)

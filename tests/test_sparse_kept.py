@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from atlas_core.sparse.kept import SparseConfig, fixed_mask, kept_mask, kept_mask_reference, output_split
+from atlas_core.sparse.kept import (SparseConfig, all_candidates_fit, fixed_mask, kept_mask, kept_mask_reference,
+                                   output_split)
 
 
 def _problem(b=2, h=4, nq=12, nk=20, window=None, seed=0):
@@ -72,3 +73,53 @@ def test_budget_and_pages():
     cfg = SparseConfig(anchors=1, window=64, topk=32, page_size=16)
     assert cfg.budget == 97 and cfg.n_pages == 2
     assert SparseConfig(topk=20, page_size=16).n_pages == 2
+
+
+def _left_padded(pads=(6, 0, 3), h=2, n=20, seed=4):
+    """Scores of a left-padded batch with per-row positions (pads at position 0, as generate() writes them)."""
+    scores = torch.randn(len(pads), h, n, n, generator=torch.Generator().manual_seed(seed))
+    real = torch.arange(n)[None, :] >= torch.tensor(pads)[:, None]  # (batch, key)
+    pos = (real.long().cumsum(-1) - 1).clamp_min(0)
+    causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+    return scores, (causal[None] & real[:, None, :] & real[:, :, None])[:, None], pos, real
+
+
+@pytest.mark.parametrize("cfg", [SparseConfig(1, 3, 4), SparseConfig(2, 2, 3, head_average=True), SparseConfig(0, 4, 1)])
+def test_kept_set_per_row_equals_reference_and_each_row_alone(cfg):
+    scores, visible, pos, real = _left_padded()
+    fixed, chosen = kept_mask(scores, visible, pos, pos, cfg)
+    assert torch.equal(fixed | chosen, kept_mask_reference(scores, visible, pos, pos, cfg))
+    for b in range(scores.shape[0]):
+        r = real[b]
+        solo = kept_mask_reference(scores[b : b + 1][..., r, :][..., r], visible[b : b + 1][..., r, :][..., r],
+                                   pos[b, r], pos[b, r], cfg)
+        assert torch.equal((fixed | chosen)[b][:, r][..., r], solo[0])  # anchors = the row's first real tokens
+
+
+def test_fixed_mask_per_row_known_answer():
+    cfg = SparseConfig(anchors=1, window=2, topk=0)
+    q_pos, k_pos = torch.tensor([[3], [1]]), torch.tensor([[-2, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    mask = fixed_mask(q_pos, k_pos, cfg)
+    assert mask.shape == (2, 1, 1, 6)
+    assert mask[0, 0, 0].tolist() == [True, True, True, False, True, True]  # the negative (pad) slots pass; the mask hides them
+    assert mask[1, 0, 0].tolist() == [True, True, False, False, False, False]
+
+
+def test_keeps_all_is_the_budget_boundary():
+    cfg = SparseConfig(anchors=1, window=4, topk=16)
+    assert cfg.keeps_all(16) and not cfg.keeps_all(17)
+    rest = torch.arange(20)[None, :] < torch.tensor([[15], [16], [17]])  # 15, 16, 17 candidates
+    assert all_candidates_fit(rest, cfg)[:, 0].tolist() == [True, True, False]
+
+
+def test_top_k_mask_breaks_ties_toward_the_earliest_entry():
+    from atlas_core.sparse.kept import top_k_mask
+
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    assert top_k_mask(torch.zeros(1, 6), valid, 3).tolist() == [[False, True, True, True, False, False]]
+    assert top_k_mask(torch.tensor([[9.0, 1, 2, 2, 2, 0]]), valid, 3).tolist() == [[False, False, True, True, True, False]]
+    assert top_k_mask(torch.tensor([[9.0, 1, 2, 2, 2, 0]]), valid, 2).tolist() == [[False, False, True, True, False, False]]
+    assert top_k_mask(torch.zeros(1, 6), valid, 9).tolist() == valid.tolist()  # fewer valid entries than k: all
+    values = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))  # no ties: the same set as topk
+    expected = torch.zeros(3, 50, dtype=torch.bool).scatter_(-1, values.topk(7).indices, True)
+    assert torch.equal(top_k_mask(values, torch.ones(1, 50, dtype=torch.bool), 7), expected)

@@ -59,3 +59,27 @@ def test_bytes_read_known_answers():
     assert bytes_read("pages", n, h, hk, d, cfg) == 2 * hk * middle_pages * row + 2 * hk * 65 * row + 2 * h * 32 * row
     with pytest.raises(ValueError, match="kind"):
         bytes_read("magic", n, h, hk, d, cfg)
+
+
+@pytest.mark.parametrize("anchors, page_size", [(1, 16), (0, 16), (3, 8), (1, 5)])  # middle keys straddle pages differently
+@pytest.mark.parametrize("extra", [-1, 0, 1])  # cache = budget − 1, budget, budget + 1 keys
+def test_decode_kernels_at_the_budget_boundary(anchors, page_size, extra):
+    """With no more middle keys than k, both sparse kernels are dense attention (anchors 1, window 4,
+    top-k 16, pages of 16, 21 keys: the page kernel used to keep one page and drop a key)."""
+    cfg = SparseConfig(anchors=anchors, window=4, topk=16, page_size=page_size)
+    n = cfg.budget + extra
+    q, keys, values = _cache(4, 2, n, seed=n + anchors)
+    dense = dense_decode(q, keys, values)
+    sparse = {"exact": topk_decode(q, keys, values, cfg), "pages": page_decode(q, paged_cache(keys, values, page_size), cfg)}
+    for selector, out in sparse.items():
+        if extra <= 0:
+            torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+        expected = reference_decode(q, keys, values, _in_model_keep(q, keys, cfg, selector))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bytes_read_when_nothing_is_dropped():
+    cfg = SparseConfig(anchors=1, window=4, topk=16, page_size=16)
+    row, n = 16 * 4, 21  # 16 middle keys: no summaries, every middle key and value read
+    assert bytes_read("pages", n, 4, 2, 16, cfg) == 2 * 2 * 5 * row + 2 * 4 * 16 * row
+    assert bytes_read("pages", n + 1, 4, 2, 16, cfg) == 2 * 2 * 2 * row + 2 * 2 * 5 * row + 2 * 4 * 16 * row

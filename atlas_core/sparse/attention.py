@@ -8,9 +8,13 @@ bit-identical to eager attention. GQA (shared KV heads), sliding-window layers (
 keys outside the window) and the KV cache during generation work as in the model itself: during decoding
 the query is the newest token and the keys are whatever the cache returns.
 
-Positions: the query positions come from ``position_ids`` when the model passes them, and the keys
-returned by a cache are the contiguous positions ending at the newest query (true for full and for
-sliding-window caches).
+Positions are per batch row, so a padded batch (left padding with per-row ``position_ids``, as
+``generate`` makes them) selects in each row exactly what the row alone would: the query positions come
+from ``position_ids`` when the model passes them (else the cache slots), the keys of the call's own
+queries have the queries' positions, and the keys a cache returns before them are the row's contiguous
+positions ending just before its first query (true for full and for sliding-window dynamic caches; a
+left-padded row's pad slots get positions below 0 and are never visible). Pad queries (a row's query
+that cannot see its own slot) are not logged.
 """
 
 from __future__ import annotations
@@ -31,15 +35,16 @@ from atlas_core.sparse.pages import page_mask, selection_recall
 SPARSE = "atlas_sparse"
 _STATE = "_atlas_sparse"  # attribute on each attention module while sparse: (layer, config, log)
 
-__all__ = ["SPARSE", "MassLog", "positions", "sparse_attention", "sparse_attention_forward"]
+__all__ = ["SPARSE", "MassLog", "positions", "real_queries", "sparse_attention", "sparse_attention_forward"]
 
 
 @dataclass
 class MassLog:
     """Per (layer, head) sums of the full-softmax mass on the fixed part, the selected part and the rest.
 
-    Only queries at positions ≥ ``min_position`` count (by default the budget a + W + k, where the sparse
-    rule can discard anything). ``recall`` sums the page selector's index and mass recall of exact top-k.
+    Only real queries (not padding) at positions ≥ ``min_position`` count, each row by its own positions
+    (by default the budget a + W + k, where the sparse rule can discard anything). ``index_recall`` and
+    ``mass_recall`` sum an approximate selector's recall of exact top-k.
     """
 
     min_position: int | None = None
@@ -48,13 +53,16 @@ class MassLog:
     discarded: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [(head, query)] m values
 
     def add(self, layer: int, parts: dict[str, torch.Tensor]) -> None:
-        """Accumulate per-query tensors (batch, head, query) of one forward call."""
-        n = parts["fixed"].shape[0] * parts["fixed"].shape[2]
+        """Accumulate the counted queries of one forward call.
+
+        Args:
+            parts: name -> (head, counted query) tensor, the counted (batch row, query) pairs in row-major order.
+        """
         sums = self.sums.setdefault(layer, {})
         for name, t in parts.items():
-            sums[name] = sums.get(name, 0) + t.double().nansum(dim=(0, 2))
-        self.counts[layer] = self.counts.get(layer, 0) + n
-        self.discarded.setdefault(layer, []).append(parts["discarded"].transpose(0, 1).reshape(parts["discarded"].shape[1], -1))
+            sums[name] = sums.get(name, 0) + t.double().nansum(dim=1)
+        self.counts[layer] = self.counts.get(layer, 0) + parts["fixed"].shape[1]
+        self.discarded.setdefault(layer, []).append(parts["discarded"])
 
     def means(self) -> dict[str, torch.Tensor]:
         """{name: (layer, head) mean over counted queries}, layers in logged order (sorted)."""
@@ -67,23 +75,49 @@ class MassLog:
         return torch.cat(self.discarded[layer], dim=1)
 
 
-def positions(position_ids: torch.Tensor | None, n_query: int, n_key: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute positions of the queries (query,) and of the keys (key,) of one attention call."""
+def positions(position_ids: torch.Tensor | None, n_query: int, n_key: int, batch: int = 1):
+    """Absolute positions of the queries and keys of one attention call, per batch row.
+
+    Args:
+        position_ids: (query,), (1, query) or (batch, query), or None (then the cache slots n_key − n_query ...).
+        n_query, n_key: queries and keys in the call; the last n_query keys are the queries' own.
+    Returns:
+        (q_pos (batch, query), k_pos (batch, key)); the keys before the queries' own are the row's
+        contiguous positions ending just before its first query.
+    Raises:
+        ValueError: position_ids of another shape (e.g. 3-D multimodal positions).
+    """
     if position_ids is None:
-        q_pos = torch.arange(n_key - n_query, n_key)
+        q_pos = torch.arange(n_key - n_query, n_key)[None]
+    elif position_ids.dim() > 2 or position_ids.shape[-1] != n_query or position_ids.reshape(-1, n_query).shape[0] not in (1, batch):
+        raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} do not fit {batch} row(s) of {n_query} "
+                         "queries; sparse attention takes (batch, query) positions")
     else:
-        q_pos = position_ids.reshape(-1, position_ids.shape[-1])[0].cpu()
-    k_pos = torch.arange(n_key) + (int(q_pos[-1]) - (n_key - 1))
-    return q_pos, k_pos
+        q_pos = position_ids.reshape(-1, n_query)
+    q_pos = q_pos.expand(batch, n_query)
+    past = n_key - n_query
+    before = q_pos[:, :1] - past + torch.arange(past, device=q_pos.device)  # (batch, past)
+    return q_pos, torch.cat([before, q_pos], dim=1)
 
 
 def _visible(attention_mask, q_pos, k_pos, dtype) -> torch.Tensor:
-    """(batch or 1, 1, query, key) bool: what the model's own mask lets each query see."""
+    """(batch, 1, query, key) bool: what the model's own mask lets each query see."""
     if attention_mask is None:
-        return (k_pos[None, :] <= q_pos[:, None])[None, None]
+        return (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]
     if attention_mask.dtype == torch.bool:
         return attention_mask
     return attention_mask > torch.finfo(dtype).min / 2
+
+
+def real_queries(visible: torch.Tensor) -> torch.Tensor:
+    """(batch, query) bool: the queries that see their own key slot (a pad query does not).
+
+    Args:
+        visible: (batch, 1 or head, query, key) bool; the queries' own keys are the last ``query`` slots.
+    """
+    nq, nk = visible.shape[-2:]
+    own = torch.arange(nq, device=visible.device)
+    return visible[..., own, nk - nq + own].any(1)
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -107,7 +141,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     scores = query @ key_rep.transpose(-1, -2) * scale  # (batch, head, query, key)
     if kwargs.get("softcap"):
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-    q_pos, k_pos = (t.to(query.device) for t in positions(kwargs.get("position_ids"), query.shape[2], key.shape[2]))
+    position_ids = kwargs.get("position_ids")
+    q_pos, k_pos = positions(position_ids.to(query.device) if position_ids is not None else None,
+                             query.shape[2], key.shape[2], query.shape[0])  # (batch, query), (batch, key)
     visible = _visible(attention_mask, q_pos, k_pos, query.dtype)
     if cfg.selector == "exact":
         fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, cfg)
@@ -120,18 +156,17 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def _log(log: MassLog, layer, scores, visible, q_pos, k_pos, fixed, chosen, cfg: SparseConfig) -> None:
-    rows = q_pos >= (cfg.budget if log.min_position is None else log.min_position)
+    """Log the mass split of the real queries past ``min_position``, each row by its own positions."""
+    rows = (q_pos >= (cfg.budget if log.min_position is None else log.min_position)) & real_queries(visible)
     if not rows.any():
         return
-    s, vis = scores[:, :, rows], visible.expand_as(scores)[:, :, rows]
-    probs = s.masked_fill(~vis, float("-inf")).softmax(-1)
-    fixed, chosen = fixed[:, :, rows], chosen[:, :, rows]
-    parts = {"fixed": (probs * fixed).sum(-1), "selected": (probs * chosen).sum(-1)}
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (batch, head, query, key); NaN on pad rows
+    parts = {"fixed": (probs * fixed).sum(-1), "selected": (probs * chosen).sum(-1)}  # (batch, head, query)
     parts["discarded"] = (1 - parts["fixed"] - parts["selected"]).clamp_min(0)
-    if cfg.selector == "pages":
-        _, exact = kept_mask(s, vis, q_pos[rows], k_pos, cfg)
+    if cfg.selector != "exact":
+        _, exact = kept_mask(scores, visible, q_pos, k_pos, cfg)
         parts["index_recall"], parts["mass_recall"] = selection_recall(probs, chosen, exact)
-    log.add(layer, parts)
+    log.add(layer, {name: t.transpose(0, 1)[:, rows] for name, t in parts.items()})  # (head, counted)
 
 
 AttentionInterface.register(SPARSE, sparse_attention_forward)

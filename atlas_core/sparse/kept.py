@@ -19,7 +19,7 @@ import torch
 
 SELECTORS = ("exact", "pages")
 
-__all__ = ["SELECTORS", "SparseConfig", "fixed_mask", "kept_mask", "kept_mask_reference", "output_split"]
+__all__ = ["SELECTORS", "SparseConfig", "all_candidates_fit", "fixed_mask", "kept_mask", "kept_mask_reference", "output_split", "top_k_mask"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,19 @@ class SparseConfig:
         """Keys kept per query once the context is longer than a + W + k."""
         return self.anchors + self.window + self.topk
 
+    def keeps_all(self, n_candidates):
+        """Whether a query with this many candidates (keys outside anchor and window) keeps them all.
+
+        The rule every selector obeys (exact top-k, pages, the kernels): with no more candidates than
+        k there is nothing to drop, so the kept set is the whole visible set.
+
+        Args:
+            n_candidates: an int or an integer tensor of counts.
+        Returns:
+            bool, or a bool tensor of the same shape.
+        """
+        return n_candidates <= self.topk
+
     @property
     def n_pages(self) -> int:
         """Pages the page selector keeps: ⌈k / P⌉, the same key budget as exact top-k."""
@@ -58,17 +71,32 @@ class SparseConfig:
 
 
 def fixed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
-    """Anchor ∪ window membership.
+    """Anchor ∪ window membership, by absolute position (per batch row when positions are per row).
 
     Args:
-        q_pos: (query,) absolute positions of the queries.
-        k_pos: (key,) absolute positions of the keys.
+        q_pos: (query,) or (batch, query) absolute positions of the queries.
+        k_pos: (key,) or (batch, key) absolute positions of the keys.
     Returns:
-        (query, key) bool.
+        (query, key) bool for 1-D positions; (batch, 1, query, key) when either is per row, so that it
+        broadcasts against (batch, head, query, key) either way.
     """
-    anchor = (k_pos < cfg.anchors)[None, :]
-    window = (k_pos[None, :] > q_pos[:, None] - cfg.window) & (k_pos[None, :] <= q_pos[:, None])
-    return anchor | window
+    q, k = q_pos[..., :, None], k_pos[..., None, :]  # (..., query, 1), (..., 1, key)
+    mask = (k < cfg.anchors) | ((k > q - cfg.window) & (k <= q))
+    return mask[:, None] if mask.dim() == 3 else mask
+
+
+def all_candidates_fit(rest: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Queries whose candidates (visible keys outside anchor and window) number at most k.
+
+    Such a query has nothing to drop: every selector keeps all its candidates (its kept set is its
+    visible set), whatever pages or blocks those candidates straddle.
+
+    Args:
+        rest: (..., query, key) bool, the candidates.
+    Returns:
+        (..., query, 1) bool.
+    """
+    return cfg.keeps_all(rest.sum(-1, keepdim=True))
 
 
 def kept_mask(scores: torch.Tensor, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -78,24 +106,47 @@ def kept_mask(scores: torch.Tensor, visible: torch.Tensor, q_pos: torch.Tensor, 
     Args:
         scores: (batch, head, query, key) attention logits.
         visible: (batch, 1 or head, query, key) bool, the keys the model's own mask lets the query see.
-        q_pos: (query,) and k_pos: (key,) absolute positions.
+        q_pos: (query,) or (batch, query), k_pos: (key,) or (batch, key) absolute positions (per row
+            for a padded batch).
     Returns:
-        (fixed, chosen), each (batch, head, query, key) bool and disjoint; kept = fixed | chosen.
+        (fixed, chosen), each (batch, head, query, key) bool and disjoint; kept = fixed | chosen. A query
+        with at most k candidates keeps them all (``all_candidates_fit``; top-k of them is all of them).
     """
     fixed = (visible & fixed_mask(q_pos, k_pos, cfg)).expand_as(scores)
     rest = visible & ~fixed  # (batch, head, query, key)
-    k = min(cfg.topk, scores.shape[-1])
-    if k == 0:
-        return fixed, torch.zeros_like(fixed)
     ranked = scores.mean(dim=1, keepdim=True).expand_as(scores) if cfg.head_average else scores
-    vals, idx = ranked.masked_fill(~rest, float("-inf")).topk(k, dim=-1)  # (batch, head, query, k)
-    chosen = torch.zeros_like(fixed).scatter_(-1, idx, torch.isfinite(vals))
-    return fixed, chosen
+    return fixed, top_k_mask(ranked, rest, cfg.topk)
+
+
+def top_k_mask(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest valid entries along the last axis; ties go to the earliest entries.
+
+    ``torch.topk`` breaks ties by an order of its own, which can change with what precedes a row's
+    keys (a padded row, a longer cache); taking the earliest position makes every selector's choice the
+    same in a batch as alone (a zero query, e.g. a zero pad embedding, ties every key).
+
+    Args:
+        values: (..., n) scores; valid: (..., n) bool, broadcastable to values.
+    Returns:
+        (..., n) bool, min(k, valid count) entries per row.
+    """
+    valid = valid.expand_as(values)
+    if k == 0:
+        return torch.zeros_like(valid)
+    masked = values.masked_fill(~valid, float("-inf"))
+    kth = masked.topk(min(k, values.shape[-1]), dim=-1).values[..., -1:]  # (..., 1) the k-th largest
+    chosen = valid & (masked >= kth)
+    if not (chosen.sum(-1) > k).any():  # no tie at the k-th value (the usual case)
+        return chosen
+    above = valid & (masked > kth)
+    tied = chosen & ~above
+    return above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
 
 
 def kept_mask_reference(scores, visible, q_pos, k_pos, cfg: SparseConfig) -> torch.Tensor:
     """The kept set written as loops over batch, head and query (the reference for ``kept_mask``).
 
+    Args: as ``kept_mask`` (positions (query,)/(key,) or per row (batch, query)/(batch, key)).
     Returns:
         (batch, head, query, key) bool, fixed | chosen.
     """
@@ -104,11 +155,12 @@ def kept_mask_reference(scores, visible, q_pos, k_pos, cfg: SparseConfig) -> tor
     ranked = scores.mean(dim=1, keepdim=True).expand_as(scores) if cfg.head_average else scores
     keep = torch.zeros(b, h, nq, nk, dtype=torch.bool)
     for bi in range(b):
+        qp, kp = (t[bi] if t.dim() == 2 else t for t in (q_pos, k_pos))  # this row's positions
         for hi in range(h):
             for qi in range(nq):
-                i = int(q_pos[qi])
+                i = int(qp[qi])
                 seen = [j for j in range(nk) if visible[bi, hi, qi, j]]
-                fixed = [j for j in seen if int(k_pos[j]) < cfg.anchors or i - cfg.window < int(k_pos[j]) <= i]
+                fixed = [j for j in seen if int(kp[j]) < cfg.anchors or i - cfg.window < int(kp[j]) <= i]
                 rest = sorted((j for j in seen if j not in fixed), key=lambda j: -float(ranked[bi, hi, qi, j]))
                 for j in fixed + rest[: cfg.topk]:
                     keep[bi, hi, qi, j] = True

@@ -99,17 +99,29 @@ def topk_decode(q, keys, values, cfg: SparseConfig) -> torch.Tensor:
     return _attend(qg, keys, values, fixed, vals, _gather(values, idx + lo), scale)
 
 
+def _top_pages(qg, cache: PagedCache, lo: int, hi: int, cfg: SparseConfig) -> torch.Tensor:
+    """Slots of the ⌈k/P⌉ pages holding middle keys [lo, hi) with the highest bound: (kv_head, group, take * P)."""
+    size = cache.page_size
+    p_lo, p_hi = lo // size, -(-hi // size)  # pages holding a middle key
+    bound = score_bound(qg, cache.kmin[:, p_lo:p_hi], cache.kmax[:, p_lo:p_hi])  # (kv_head, group, page)
+    _, pages = bound.topk(min(cfg.n_pages, p_hi - p_lo), dim=-1)  # (kv_head, group, take)
+    return ((pages + p_lo)[..., None] * size + torch.arange(size, device=qg.device)).flatten(-2)
+
+
 def page_decode(q, cache: PagedCache, cfg: SparseConfig) -> torch.Tensor:
-    """Anchor + window + the ⌈k/P⌉ middle pages with the highest score bound. Returns (head, d_head)."""
-    keys, size = cache.keys, cache.page_size
+    """Anchor + window + the ⌈k/P⌉ middle pages with the highest score bound. Returns (head, d_head).
+
+    With at most k middle keys (``SparseConfig.keeps_all``) it reads them all, as exact top-k does.
+    """
+    keys = cache.keys
     n_kv, n, d = keys.shape
     qg = q.view(n_kv, -1, d)
     scale = d**-0.5
     fixed, lo, hi = _fixed_index(n, cfg, keys.device)
-    p_lo, p_hi = lo // size, -(-hi // size)  # pages holding a middle key
-    bound = score_bound(qg, cache.kmin[:, p_lo:p_hi], cache.kmax[:, p_lo:p_hi])  # (kv_head, group, page)
-    _, pages = bound.topk(min(cfg.n_pages, p_hi - p_lo), dim=-1)  # (kv_head, group, take)
-    idx = ((pages + p_lo)[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)  # (kv_head, group, take * P)
+    if cfg.keeps_all(hi - lo):  # nothing to drop: every middle key, however many pages it straddles
+        idx = torch.arange(lo, hi, device=keys.device).expand(n_kv, qg.shape[1], -1)  # (kv_head, group, middle)
+    else:
+        idx = _top_pages(qg, cache, lo, hi, cfg)  # (kv_head, group, take * P)
     inside = (idx >= lo) & (idx < hi)
     idx = idx.clamp(max=n - 1)
     sel_keys = _gather(keys, idx)  # (kv_head, group, s, d_head)
@@ -130,7 +142,10 @@ def bytes_read(kind: str, n: int, n_heads: int, n_kv: int, d_head: int, cfg: Spa
         return 2 * n_kv * n * row
     if kind == "topk":  # every key, the fixed values, the chosen values
         return n_kv * n * row + n_kv * n_fixed * row + n_heads * min(cfg.topk, middle) * row
+    if kind == "pages" and cfg.keeps_all(middle):  # no selection: fixed and every middle key and value
+        return 2 * n_kv * n_fixed * row + 2 * n_heads * middle * row
     if kind == "pages":  # summaries of the middle pages, fixed keys and values, chosen pages' keys and values
         pages = -(-hi // cfg.page_size) - lo // cfg.page_size
-        return 2 * n_kv * pages * row + 2 * n_kv * n_fixed * row + 2 * n_heads * cfg.n_pages * cfg.page_size * row
+        chosen = min(cfg.n_pages, pages) * cfg.page_size
+        return 2 * n_kv * pages * row + 2 * n_kv * n_fixed * row + 2 * n_heads * chosen * row
     raise ValueError(f"kind must be dense, topk or pages, got {kind!r}")
