@@ -117,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_arg(s)
     _sparse_rule_args(s)
     s.add_argument("--dense-layers", type=int, default=0, help="the first n layers keep full attention")
-    s.add_argument("--selector", default="exact", choices=["exact", "pages"], help="top-k by exact score or by page bound")
+    s.add_argument("--selector", default="exact", choices=["exact", "pages", "blocks-mean", "blocks-mean-kv"],
+                   help="top-k by exact score, pages by a score bound, or ⌈k/P⌉ blocks of --page-size keys by q · mean key "
+                        "(per query head, or per KV head as the revised Condensate paper: S = a + W + k, e.g. k = 128 for S = 193)")
     s.add_argument("--head-average", action="store_true", help="one kept set per layer from head-averaged scores")
     s.add_argument("--corpus", default="britannica")
     s.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length (calib split)")

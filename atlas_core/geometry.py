@@ -177,14 +177,15 @@ def pair_groups(kv_group) -> dict[str, np.ndarray]:
     return {"all": pairs, "inter": pairs[~same], "intra": pairs[same]}
 
 
-def bootstrap_ci(values, n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean over pairs, deterministic under a seed.
+def bootstrap_ci(values, n_resamples: int = 2000, level: float = 0.95, seed: int = 0, statistic=np.mean) -> tuple[float, float]:
+    """Percentile bootstrap CI of a statistic (the mean by default) over pairs, deterministic under a seed.
 
     Pairs that share a head are not independent, so this interval describes the spread over the pair
     set, not sampling error of the heads themselves.
 
     Args:
         values: (pair,) at least one value
+        statistic: reduces (resample, pair) along ``axis=1``, e.g. ``np.mean`` or ``np.median``.
     Returns:
         (lo, hi)
     """
@@ -192,7 +193,7 @@ def bootstrap_ci(values, n_resamples: int = 2000, level: float = 0.95, seed: int
     if v.size == 0:
         raise ValueError("bootstrap_ci needs at least one value")
     idx = np.random.default_rng(seed).integers(0, v.size, size=(n_resamples, v.size))
-    means = v[idx].mean(1)  # (resample,)
+    means = statistic(v[idx], axis=1)  # (resample,)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 

@@ -29,6 +29,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from atlas_core.extract import attention_modules
+from atlas_core.sparse.blocks import BLOCK_SELECTORS, block_mask
 from atlas_core.sparse.kept import SparseConfig, kept_mask
 from atlas_core.sparse.pages import page_mask, selection_recall
 
@@ -147,6 +148,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     visible = _visible(attention_mask, q_pos, k_pos, query.dtype)
     if cfg.selector == "exact":
         fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, cfg)
+    elif cfg.selector in BLOCK_SELECTORS:
+        fixed, chosen = block_mask(query, key, visible, q_pos, k_pos, cfg)
     else:
         fixed, chosen = page_mask(query, key_rep, scale, visible, q_pos, k_pos, cfg)
     narrowed = torch.zeros((), dtype=query.dtype).where(fixed | chosen, torch.finfo(query.dtype).min)

@@ -9,23 +9,30 @@
   model reads the dense greedy continuation and we check, step by step, whether its own greedy choice
   would have been the dense token. Sparse greedy generation reproduces the dense tokens exactly up to
   the first step where that check fails, so both give the same first divergence (up to float ties).
+- Greedy survival over many prompts (``greedy_survival``), by the revised source's protocol: a dense
+  prefill shared by dense and sparse decoding, then free-running greedy decoding; per prompt the first
+  divergence, summarised by its median and the share of runs identical through 128 tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from atlas_core.eval import token_logprobs
+from atlas_core.geometry import bootstrap_ci
 from atlas_core.models import LoadedModel
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.kept import SparseConfig
 
-__all__ = ["agreement", "budget_sweep", "dense_logprobs", "fidelity_report", "greedy", "teacher_forced", "trajectory_agreement"]
+__all__ = ["agreement", "budget_sweep", "dense_logprobs", "fidelity_report", "greedy", "greedy_survival", "survival_summary",
+           "teacher_forced", "trajectory_agreement"]
 
 
 @torch.no_grad()
@@ -188,3 +195,83 @@ def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Ten
                      "ppl_sparse": tf["ppl_sparse"], "ppl_change": tf["ppl_change"], **mass,
                      "step_agree": traj["agree"], "first_divergence": traj["first_divergence"]})
     return rows
+
+
+@torch.no_grad()
+def _decode_from(model, cache, token: torch.Tensor, n_new: int, reference: torch.Tensor | None = None):
+    """Greedy decoding through ``cache`` from an already chosen first token.
+
+    Returns:
+        (tokens (≤ n_new,), first divergence): with a ``reference`` (n_new,), decoding stops at the first
+        token that differs from it (its index), or runs to n_new (None).
+    """
+    out = [token]
+    while len(out) < n_new:
+        step = model(out[-1].view(1, 1), past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        out.append(step.logits[0, -1].argmax())
+        if reference is not None and out[-1] != reference[len(out) - 1]:
+            return torch.stack(out), len(out) - 1
+    return torch.stack(out), None
+
+
+@torch.no_grad()
+def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, SparseConfig | None], n_new: int = 128,
+                    progress: bool = False) -> dict[str, list[int | None]]:
+    """First divergence from dense greedy decoding, per prompt and rule, by the revised source's protocol.
+
+    Per prompt, one dense prefill gives the KV cache and the first generated token, shared by every run;
+    dense greedy decoding (the model's loaded attention) continues it to ``n_new`` tokens. Each rule
+    then decodes from a copy of the same cache and first token, with the rule active in every decode
+    step, greedily and free-running, and stops at its first token that differs from the dense one.
+
+    Args:
+        prompts: (prompt, token) token ids.
+        rules: name -> sparse rule; None decodes dense again (a control: it never diverges).
+        n_new: generated tokens per run, the shared first one included.
+    Returns:
+        {name: [first divergence per prompt]}: the index (1 … n_new − 1) of the first generated token
+        that differs from dense, the revision's one-based decode step with the shared first token
+        excluded; None where all ``n_new`` tokens are identical.
+    Raises:
+        ValueError: n_new < 2 (the first token is shared, so nothing would be compared).
+
+    Source: Ruiz Williams 2026 (revision of arXiv 2602.06317), condensate/decode.py ``evaluate_decode``.
+    """
+    if n_new < 2:
+        raise ValueError(f"n_new must be ≥ 2 (the first token comes from the shared dense prefill), got {n_new}")
+    model = lm.model
+    result: dict[str, list[int | None]] = {name: [] for name in rules}
+    for prompt in tqdm(prompts, desc="greedy survival", disable=not progress, leave=False):
+        prefill = model(prompt[None], use_cache=True)
+        first = prefill.logits[0, -1].argmax()
+        dense, _ = _decode_from(model, copy.deepcopy(prefill.past_key_values), first, n_new)
+        for name, cfg in rules.items():
+            context = sparse_attention(model, cfg) if cfg is not None else contextlib.nullcontext()
+            with context:
+                _, diverge = _decode_from(model, copy.deepcopy(prefill.past_key_values), first, n_new, dense)
+            result[name].append(diverge)
+    return result
+
+
+def survival_summary(first_divergences: list[int | None], n_new: int = 128, n_resamples: int = 2000,
+                     seed: int = 0) -> dict:
+    """Median first divergence and the share of runs identical through ``n_new`` tokens, with 95% CIs.
+
+    A run identical through n_new counts as diverging at n_new, as the revision's ``first_divergence``
+    (= horizon for a surviving run) does, so the median is that of n_new-capped values.
+
+    Args:
+        first_divergences: one per prompt, as ``greedy_survival`` returns them (None = identical).
+    Returns:
+        {"n", "median", "median_ci", "identical", "identical_ci", "max"}: the CIs are percentile bootstrap
+        intervals over prompts (``geometry.bootstrap_ci``, seeded).
+    """
+    if not first_divergences:
+        raise ValueError("survival_summary needs at least one prompt's first divergence")
+    steps = np.array([n_new if d is None else d for d in first_divergences], dtype=np.float64)
+    identical = np.array([d is None for d in first_divergences], dtype=np.float64)
+    return {"n": len(steps), "median": float(np.median(steps)),
+            "median_ci": bootstrap_ci(steps, n_resamples, seed=seed, statistic=np.median),
+            "identical": float(identical.mean()), "identical_ci": bootstrap_ci(identical, n_resamples, seed=seed),
+            "max": int(steps.max())}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-SELECTORS = ("exact", "pages")
+SELECTORS = ("exact", "pages", "blocks-mean", "blocks-mean-kv")  # the block selectors: sparse/blocks.py
 
 __all__ = ["SELECTORS", "SparseConfig", "all_candidates_fit", "fixed_mask", "kept_mask", "kept_mask_reference", "output_split", "top_k_mask"]
 
@@ -30,7 +30,8 @@ class SparseConfig:
     window: int = 64
     topk: int = 32
     dense_layers: int = 0  # the first n layers keep full attention
-    selector: str = "exact"  # "exact": top-k by exact score; "pages": top ⌈k/P⌉ pages by a score bound
+    selector: str = "exact"  # "exact": top-k by exact score; "pages": top ⌈k/P⌉ pages by a score bound;
+    # "blocks-mean"/"-kv": top ⌈k/P⌉ blocks by q · mean key, per query head / per KV head (the revised source)
     page_size: int = 16
     head_average: bool = False  # the source code's variant: one kept set per layer from head-averaged scores
 

@@ -1,0 +1,233 @@
+"""The revised Condensate selector (anchor + window + r blocks by q · mean key): rule, reference, model."""
+
+import pytest
+import torch
+
+from atlas_core.extract import attention_modules
+from atlas_core.models import load_model
+from atlas_core.sparse.attention import sparse_attention, sparse_attention_forward
+from atlas_core.sparse.blocks import BLOCK_SELECTORS, block_ids, block_mask, block_mask_reference, block_rule
+from atlas_core.sparse.fidelity import agreement, greedy_survival, survival_summary
+from atlas_core.sparse.kept import SparseConfig
+
+
+def _setup(n=70, h=4, kv=2, d=8, nq=None, seed=0, batch=1):
+    gen = torch.Generator().manual_seed(seed)
+    nq = nq or n
+    query = torch.randn(batch, h, nq, d, generator=gen)  # (batch, head, query, d_head)
+    key = torch.randn(batch, kv, n, d, generator=gen)  # (batch, kv_head, key, d_head)
+    k_pos = torch.arange(n)
+    q_pos = k_pos[n - nq:]
+    visible = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, query, key)
+    return query, key, visible, q_pos, k_pos
+
+
+def _kept(query, key, visible, q_pos, k_pos, cfg):
+    fixed, chosen = block_mask(query, key, visible, q_pos, k_pos, cfg)
+    assert not (fixed & chosen).any() and not (chosen & ~visible).any()
+    return fixed | chosen
+
+
+@pytest.mark.parametrize("support, r", [(97, 2), (193, 8), (385, 20), (769, 44)])
+def test_the_revision_supports_map_to_its_block_counts(support, r):
+    cfg = block_rule(support)
+    assert (cfg.topk, cfg.page_size, cfg.n_pages, cfg.budget) == (16 * r, 16, r, support)
+    assert cfg.selector == "blocks-mean-kv" and block_rule(support, selector="blocks-mean").selector == "blocks-mean"
+
+
+def test_blocks_tile_the_candidates_from_the_first_position_after_the_anchors():
+    cfg = block_rule(97)
+    pos = torch.arange(0, 60)
+    blk = block_ids(pos, cfg)
+    assert blk[1:17].eq(0).all() and blk[17:33].eq(1).all() and blk[33:49].eq(2).all()
+    shifted = block_ids(pos + 40, cfg)  # a cache that starts later: same partition of positions
+    assert torch.equal(shifted[:-1] == shifted[1:], block_ids(torch.arange(40, 100), cfg)[:-1] == block_ids(torch.arange(40, 100), cfg)[1:])
+    assert torch.equal(block_ids(torch.stack([pos, pos + 40]), cfg)[1], shifted)
+
+
+CONFIGS = [
+    SparseConfig(anchors=1, window=8, topk=12, selector="blocks-mean", page_size=4),
+    SparseConfig(anchors=1, window=8, topk=12, selector="blocks-mean-kv", page_size=4),
+    SparseConfig(anchors=2, window=5, topk=9, selector="blocks-mean", page_size=3),  # ⌈9/3⌉ = 3 blocks
+    SparseConfig(anchors=0, window=3, topk=10, selector="blocks-mean-kv", page_size=4),  # ⌈10/4⌉ = 3 blocks
+    SparseConfig(anchors=1, window=4, topk=8, selector="blocks-mean", page_size=4, head_average=True),
+    SparseConfig(anchors=1, window=4, topk=0, selector="blocks-mean"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.selector}-a{c.anchors}W{c.window}k{c.topk}P{c.page_size}{'-avg' if c.head_average else ''}")
+def test_vectorised_equals_the_reference(cfg):
+    query, key, visible, q_pos, k_pos = _setup(batch=2)
+    assert torch.equal(_kept(query, key, visible, q_pos, k_pos, cfg), block_mask_reference(query, key, visible, q_pos, k_pos, cfg))
+
+
+@pytest.mark.parametrize("selector", BLOCK_SELECTORS)
+def test_vectorised_equals_the_reference_for_sliding_windows_and_caches(selector):
+    cfg = SparseConfig(anchors=1, window=6, topk=10, selector=selector, page_size=4)
+    query, key, _, _, _ = _setup(n=50, nq=7, seed=1, batch=2)
+    k_pos = torch.arange(50) + 33  # a cache that no longer holds the first 33 positions
+    q_pos = k_pos[-7:]
+    sliding = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - 29)  # a 29-key sliding window
+    assert torch.equal(_kept(query, key, sliding[None, None], q_pos, k_pos, cfg),
+                       block_mask_reference(query, key, sliding[None, None], q_pos, k_pos, cfg))
+
+
+def test_kv_variant_shares_each_choice_across_its_query_group():
+    query, key, visible, q_pos, k_pos = _setup(n=90, h=6, kv=2)
+    kv = _kept(query, key, visible, q_pos, k_pos, SparseConfig(1, 8, 16, selector="blocks-mean-kv", page_size=4))
+    own = _kept(query, key, visible, q_pos, k_pos, SparseConfig(1, 8, 16, selector="blocks-mean", page_size=4))
+    assert torch.equal(kv[:, 0], kv[:, 2]) and torch.equal(kv[:, 3], kv[:, 5])
+    assert not torch.equal(kv[:, 0], kv[:, 3])
+    assert not torch.equal(own[:, 0], own[:, 1])  # per query head, heads of one group choose differently
+
+
+def test_a_planted_block_is_chosen_and_kept_whole():
+    query, key, visible, q_pos, k_pos = _setup(n=200, h=2, kv=1, nq=1, seed=3)  # candidates 1..135
+    key = 0.01 * key
+    key[0, 0, 33:49] = 3 * query[0, :, 0].mean(0) / query[0, :, 0].mean(0).norm()  # block 2 of (p − 1) // 16
+    for selector in BLOCK_SELECTORS:
+        fixed, chosen = block_mask(query, key, visible, q_pos, k_pos, block_rule(97, selector=selector))
+        assert chosen[0, :, 0, 33:49].all()
+        assert chosen.sum(-1).max() <= 32
+
+
+@pytest.mark.parametrize("selector", BLOCK_SELECTORS)
+def test_budget_boundary_keeps_every_visible_key(selector):
+    """Candidates that straddle one block more than the budget holds are all kept when they fit in k."""
+    cfg = SparseConfig(anchors=1, window=4, topk=16, selector=selector, page_size=8)  # 2 blocks of 8
+    query, key, _, _, _ = _setup(n=60, nq=1, seed=4)
+    k_pos = torch.arange(60)
+    q_pos = k_pos[-1:]
+    visible = (k_pos >= 40)[None, None, None]  # 20 keys: 4 in the window, 16 candidates at 40..55
+    assert block_ids(k_pos, cfg)[[40, 41, 55]].unique().numel() == 3  # they straddle 3 blocks of (p − 1) // 8
+    assert torch.equal(_kept(query, key, visible, q_pos, k_pos, cfg), visible.expand(1, 4, 1, 60))
+    one_more = (k_pos >= 39)[None, None, None]  # 17 candidates: the rule drops some
+    assert _kept(query, key, one_more, q_pos, k_pos, cfg).sum(-1).max() < 21
+
+
+def _layer_output(module, cfg, q, k, v, visible):
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    module._atlas_sparse = (1, cfg, None)
+    try:
+        return sparse_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
+    finally:
+        del module._atlas_sparse
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("selector", BLOCK_SELECTORS)
+def test_layer_output_equals_the_reference_kept_set_and_dense_at_the_boundary(selector):
+    lm = load_model("toy-llama")  # 4 query heads share 2 KV heads
+    module = attention_modules(lm.model)[1]
+    gen = torch.Generator().manual_seed(5)
+    n = 40
+    q, k, v = torch.randn(1, 4, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
+    pos = torch.arange(n)
+    visible = (pos[None, :] <= pos[:, None])[None, None]
+    cfg = SparseConfig(anchors=1, window=3, topk=8, selector=selector, page_size=4)
+    k_rep, v_rep = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = q @ k_rep.transpose(-1, -2) * 0.25
+    keep = block_mask_reference(q, k, visible, pos, pos, cfg)
+    expected = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v_rep  # (batch, head, query, d_head)
+    torch.testing.assert_close(_layer_output(module, cfg, q, k, v, visible), expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    # At the boundary (a + W + k = 12 visible keys: every query up to position 11) the layer is dense.
+    dense = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v_rep).transpose(1, 2)
+    torch.testing.assert_close(_layer_output(module, cfg, q, k, v, visible)[:, :12], dense[:, :12], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(_layer_output(module, cfg, q, k, v, visible)[:, 12:], dense[:, 12:], atol=1e-4)
+
+
+def _tokens(n=40, seed=0):
+    return torch.randint(4, 200, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("selector", BLOCK_SELECTORS)
+def test_budget_covering_everything_is_bit_identical_to_eager(toy_lm, selector):
+    x = _tokens()
+    toy_lm.model(x)  # warm-up: a backend may pick another matmul kernel on its first call
+    ref = toy_lm.model(x).logits
+    covering = SparseConfig(anchors=1, window=3, topk=40, selector=selector, page_size=4)  # k ≥ every candidate
+    with sparse_attention(toy_lm.model, covering):
+        assert torch.equal(toy_lm.model(x).logits, ref)
+    with sparse_attention(toy_lm.model, SparseConfig(anchors=1, window=3, topk=4, selector=selector, page_size=2)):
+        assert not torch.allclose(toy_lm.model(x).logits, ref, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("selector", BLOCK_SELECTORS)
+def test_decoding_through_the_cache_equals_the_full_forward(toy_lm, selector):
+    """Sliding-window caches (gemma3, mistral) included: block means run over visible candidates only."""
+    cfg = SparseConfig(anchors=1, window=3, topk=4, selector=selector, page_size=2)
+    x = _tokens(30)[:1]
+    with sparse_attention(toy_lm.model, cfg):
+        full = toy_lm.model(x).logits[0]
+        step = toy_lm.model(x[:, :12], use_cache=True)
+        steps = [step.logits[0]]
+        for t in range(12, 30):
+            step = toy_lm.model(x[:, t : t + 1], past_key_values=step.past_key_values, use_cache=True)
+            steps.append(step.logits[0])
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-4, rtol=1e-4)
+
+
+# --- greedy survival (the revision's protocol) ----------------------------------------------------------
+
+
+@torch.no_grad()
+def test_survival_is_one_for_dense_and_for_a_rule_that_keeps_everything(toy_lm):
+    prompts = _tokens(24, seed=7)
+    rules = {"dense": None, "covering": SparseConfig(1, 3, 10_000, selector="blocks-mean-kv", page_size=4),
+             "covering exact": SparseConfig(1, 3, 10_000)}
+    runs = greedy_survival(toy_lm, prompts, rules, n_new=10)
+    for name in rules:
+        assert runs[name] == [None, None]
+        assert survival_summary(runs[name], 10)["identical"] == 1.0
+
+
+@torch.no_grad()
+def test_stopping_at_the_first_divergence_equals_decoding_to_the_end():
+    """The early stop against plain free-running decoding of both, compared with ``agreement``."""
+    import contextlib
+    import copy
+
+    lm = load_model("toy-qwen2")
+    prompts = _tokens(30, seed=8)
+    narrow = SparseConfig(1, 2, 2, selector="blocks-mean", page_size=2)
+    runs = greedy_survival(lm, prompts, {"narrow": narrow}, n_new=16)["narrow"]
+    expected = []
+    for prompt in prompts:
+        prefill = lm.model(prompt[None], use_cache=True)
+        tokens = {}
+        for name, cfg in (("dense", None), ("sparse", narrow)):
+            cache, out = copy.deepcopy(prefill.past_key_values), [prefill.logits[0, -1].argmax()]
+            with sparse_attention(lm.model, cfg) if cfg else contextlib.nullcontext():
+                for _ in range(15):
+                    step = lm.model(out[-1].view(1, 1), past_key_values=cache, use_cache=True)
+                    cache = step.past_key_values
+                    out.append(step.logits[0, -1].argmax())
+            tokens[name] = torch.stack(out)
+        expected.append(agreement(tokens["dense"], tokens["sparse"])["first_divergence"])
+    assert runs == expected
+    assert any(d is not None for d in runs)  # the narrow rule does diverge, so the comparison means something
+
+
+def test_survival_summary_known_answer():
+    s = survival_summary([None, 3, 5, None, 7], n_new=128, seed=1)
+    assert (s["n"], s["median"], s["identical"], s["max"]) == (5, 7.0, 0.4, 128)
+    assert s["median_ci"][0] <= 7 <= s["median_ci"][1] and s["identical_ci"][0] <= 0.4 <= s["identical_ci"][1]
+    assert s == survival_summary([None, 3, 5, None, 7], n_new=128, seed=1)
+    assert survival_summary([2, 4], 128)["identical_ci"] == (0.0, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        survival_summary([])
+    with pytest.raises(ValueError, match="n_new"):
+        greedy_survival(load_model("toy-llama"), _tokens(8), {"dense": None}, n_new=1)
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="a \\+ W \\+ P·r"):
+        block_rule(100)
+    with pytest.raises(ValueError, match="selector"):
+        block_rule(97, selector="pages")
+    with pytest.raises(ValueError, match="block selector"):
+        block_mask(*_setup(n=10)[:5], SparseConfig())
+    with pytest.raises(ValueError, match="blocks-mean"):
+        SparseConfig(selector="blocks")
