@@ -192,3 +192,16 @@ def test_no_key_is_dropped_up_to_the_budget(toy_lm, selector, rule):
     with sparse_attention(toy_lm.model, cfg):
         sparse = toy_lm.model(x).logits[0]
     torch.testing.assert_close(sparse[: cfg.budget], dense[: cfg.budget], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_sliding_window_layers_never_exceed_a_budget_they_fit(selector):
+    """toy-mistral's layers see 8 keys; with a + W + k = 9 no key may be dropped at any position, although
+    the 6 candidates of a window start at every offset of the 4-key pages (and blocks)."""
+    lm = load_model("toy-mistral")
+    assert lm.model.config.sliding_window == 8
+    x = _tokens(40)[:1]
+    dense = lm.model(x).logits
+    with sparse_attention(lm.model, SparseConfig(anchors=1, window=2, topk=6, selector=selector, page_size=4)):
+        torch.testing.assert_close(lm.model(x).logits, dense, atol=1e-5, rtol=0)
