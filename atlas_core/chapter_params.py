@@ -143,6 +143,16 @@ def _sparse(p: dict) -> None:
         _fail("sweep_gen_tokens", p["sweep_gen_tokens"], f"exceeds gen_tokens ({p['gen_tokens']})")
     if p["seq_len"] <= p["anchors"] + p["window"] + p["topk"]:
         _fail("seq_len", p["seq_len"], "must be longer than anchors + window + topk, or nothing is dropped")
+    _positive(p, "survival_prompts", "survival_prompt_tokens", "supports")
+    _at_least(p, "survival_gen_tokens", 2)
+    blocks = [(s - p["anchors"] - p["window"]) // p["page_size"] for s in p["supports"]]
+    if any(r < 1 or p["anchors"] + p["window"] + r * p["page_size"] != s for r, s in zip(blocks, p["supports"])):
+        _fail("supports", p["supports"], "each must be anchors + window + page_size·r with r ≥ 1 (the revision's block rule)")
+    last = p["survival_prompt_tokens"] + p["survival_gen_tokens"] - 1 - p["anchors"] - p["window"]  # candidates
+    if min(p["supports"]) - p["anchors"] - p["window"] >= last:
+        _fail("survival_prompt_tokens", p["survival_prompt_tokens"],
+              f"too short: every support keeps every key (the smallest, {min(p['supports'])}, needs more than "
+              f"{min(p['supports']) - p['survival_gen_tokens'] + 1} prompt tokens)")
 
 
 RULES: dict[str, Callable[[dict], None]] = {

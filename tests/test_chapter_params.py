@@ -37,12 +37,19 @@ def test_shipped_defaults_pass(chapter):
     ("sparse", "window", 0, "must be > 0"),
     ("sparse", "sweep_gen_tokens", 5000, "exceeds gen_tokens"),
     ("sparse", "seq_len", 64, "longer than anchors + window + topk"),
+    ("sparse", "supports", [97, 100], "anchors + window + page_size·r"),
+    ("sparse", "survival_gen_tokens", 1, "must be ≥ 2"),
     ("models", "ppl_tokens", 1000, "multiple of ppl_seq_len"),
     ("models", "corpora", ["britannica", "no-such-corpus"], "not a corpus"),
 ])
 def test_impossible_values_are_named(chapter, name, value, message):
     with pytest.raises(ParameterValueError, match=rf"parameter '{name}'.*{__import__('re').escape(message)}"):
         check_values(chapter, {**defaults(chapter), name: value})
+
+
+def test_sparse_survival_needs_a_support_that_drops_keys():
+    with pytest.raises(ParameterValueError, match="parameter 'survival_prompt_tokens'.*every support keeps every key"):
+        check_values("sparse", {**defaults("sparse"), "survival_prompt_tokens": 64, "survival_gen_tokens": 8})
 
 
 def test_unknown_models_fail_before_loading(monkeypatch):
