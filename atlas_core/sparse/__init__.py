@@ -2,8 +2,10 @@
 
 - ``kept``: the sparse rule (``SparseConfig``), kept sets (fast and reference), the output-error split.
 - ``pages``: page summaries, the Quest-style score bound and the page selector, recall of exact top-k.
+- ``blocks``: the revised source's selector, r blocks of P keys by q · mean key (per query or KV head).
 - ``attention``: the registered attention function ``atlas_sparse`` and the ``sparse_attention`` context.
-- ``fidelity``: teacher-forced KL / top-1 / perplexity and greedy-generation agreement, dense vs sparse.
+- ``fidelity``: teacher-forced KL / top-1 / perplexity, greedy-generation agreement and greedy survival
+  over many prompts, dense vs sparse.
 - ``kernels``: one layer's decode step over a long cache: dense, exact top-k, page-selected.
 - ``bench``: decode-step time and bytes read against context length.
 """
