@@ -205,3 +205,13 @@ def test_sliding_window_layers_never_exceed_a_budget_they_fit(selector):
     dense = lm.model(x).logits
     with sparse_attention(lm.model, SparseConfig(anchors=1, window=2, topk=6, selector=selector, page_size=4)):
         torch.testing.assert_close(lm.model(x).logits, dense, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_static_cache_is_refused():
+    """A pre-allocated cache's keys do not end at the newest query: the positions would be wrong (0.19 off)."""
+    from transformers import StaticCache
+
+    lm = load_model("toy-llama")
+    with sparse_attention(lm.model, NARROW), pytest.raises(ValueError, match="StaticCache"):
+        lm.model(_tokens(20)[:1], past_key_values=StaticCache(config=lm.model.config, max_cache_len=64), use_cache=True)

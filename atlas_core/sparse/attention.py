@@ -14,7 +14,8 @@ from ``position_ids`` when the model passes them (else the cache slots), the key
 queries have the queries' positions, and the keys a cache returns before them are the row's contiguous
 positions ending just before its first query (true for full and for sliding-window dynamic caches; a
 left-padded row's pad slots get positions below 0 and are never visible). Pad queries (a row's query
-that cannot see its own slot) are not logged.
+that cannot see its own slot) are not logged. A pre-allocated cache (``StaticCache``), whose keys do not
+end at the newest query, is refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     q_pos, k_pos = positions(position_ids.to(query.device) if position_ids is not None else None,
                              query.shape[2], key.shape[2], query.shape[0])  # (batch, query), (batch, key)
     visible = _visible(attention_mask, q_pos, k_pos, query.dtype)
+    if not real_queries(visible).any():  # keys not ending at the newest query: positions would be wrong
+        raise ValueError("sparse attention needs a cache whose keys end at the newest query (DynamicCache); no query "
+                         "of this call sees its own key slot (a StaticCache or other pre-allocated cache?)")
     if cfg.selector == "exact":
         fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, cfg)
     elif cfg.selector in BLOCK_SELECTORS:
