@@ -135,10 +135,16 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--bits", type=int, default=4)
     w.add_argument("--group", type=int, default=None, help="input columns per group (default: one per output channel)")
     w.add_argument("--symmetric", action="store_true")
-    w.add_argument("--corpus", default="britannica")
-    w.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (calib split; GPTQ overfits a few thousand)")
+    w.add_argument("--corpus", default="britannica", help="evaluation corpus (eval split)")
+    w.add_argument("--calib-corpus", help="calibration corpus (calib split; default: wquant.calib.CalibConfig's)")
+    w.add_argument("--calib-tokens", type=int, help="calibration tokens (default: CalibConfig's)")
+    w.add_argument("--calib-seq-len", type=int, help="calibration block length (default: CalibConfig's)")
     w.add_argument("--tokens", type=int, default=4096, help="held-out tokens (eval split)")
-    w.add_argument("--seq-len", type=int, default=512)
+    w.add_argument("--seq-len", type=int, default=512, help="evaluation block length")
+    w.add_argument("--damp", type=float, help="GPTQ dampening, a fraction of mean diag H (default: wquant.gptq.GPTQConfig's)")
+    w.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing diag H")
+    w.add_argument("--one-pass", action="store_true",
+                   help="GPTQ from one pass of the full-precision model, not block by block through the quantized blocks")
     w.add_argument("--seed", type=int, default=0, help="seed of the random rotations")
     w.add_argument("--json", action="store_true")
     w.set_defaults(func=_wquant)
@@ -399,19 +405,26 @@ def _sparse(args) -> None:
 def _wquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.models import load_model
-    from atlas_core.wquant.calib import calibration_stats
+    from atlas_core.wquant.calib import CalibConfig, calibration_stats
     from atlas_core.wquant.experiment import run_wquant
+    from atlas_core.wquant.gptq import GPTQConfig
     from atlas_core.wquant.rtn import WQuantSpec
 
     spec = WQuantSpec(args.bits, args.group, args.symmetric)  # validated before the model loads
-    if args.tokens < args.seq_len or args.calib_tokens < args.seq_len:
-        raise ValueError(f"--tokens and --calib-tokens must be at least --seq-len ({args.seq_len})")
+    given = {"corpus": args.calib_corpus, "tokens": args.calib_tokens, "seq_len": args.calib_seq_len}
+    cal = CalibConfig(**{k: v for k, v in given.items() if v is not None})
+    gptq_config = GPTQConfig(act_order=args.act_order, sequential=not args.one_pass,
+                             **({} if args.damp is None else {"damp": args.damp}))
+    if args.tokens < args.seq_len:
+        raise ValueError(f"--tokens must be at least --seq-len ({args.seq_len})")
     lm = load_model(args.model, attn_implementation="sdpa")
-    calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.calib_tokens // args.seq_len, "calib", lm.spec.add_bos))
+    calib = cal.blocks(lm)
     blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
     judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
-    r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge)
-    result = {"model": args.model, "corpus": args.corpus, "calib_tokens": calib.numel(), "tokens": blocks.numel(),
+    r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge,
+                   gptq_config=gptq_config, calib_config=cal)
+    result = {"model": args.model, "corpus": args.corpus, "calib_corpus": cal.corpus, "calib_tokens": calib.numel(),
+              "tokens": blocks.numel(),
               **{k: v for k, v in r.items() if k != "layers"}}
     if args.json:
         print(json.dumps(result, indent=2))

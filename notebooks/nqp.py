@@ -76,6 +76,8 @@ bits = [8, 4, 3]
 methods = ["rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard", "nqp-scaled"]
 group = 48  # the grouped comparison: straddles the 32-weight blocks of the embedded GGUF weights; must divide every layer width
 grouped_methods = ["rtn", "gptq", "awq", "rot-fisher"]
+gptq_calib_corpus = None  # GPTQ's own calibration (None: wquant.calib.CalibConfig's, as `atlas wquant`; see the text)
+gptq_calib_tokens = None
 seed = 0
 results_dir = "results"
 
@@ -93,7 +95,7 @@ from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.eval import perplexity
 from atlas_core.glue import prefixed_glue
 from atlas_core.models import load_model
-from atlas_core.wquant.calib import calibration_stats, participation_ratio, weight_of, linear_layers
+from atlas_core.wquant.calib import CalibConfig, calibration_stats, participation_ratio, weight_of, linear_layers
 from atlas_core.wquant.experiment import run_wquant
 from atlas_core.wquant.rtn import WQuantSpec
 
@@ -105,6 +107,10 @@ held_out = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, eval_blocks, "e
 stats = calibration_stats(lm, calib)
 judge = calibration_stats(lm, held_out, fisher=False)  # held-out inputs judge the layer output error
 ppl_fp = perplexity(lm.model, held_out)
+gptq_calib = CalibConfig(**{k: v for k, v in (("corpus", gptq_calib_corpus), ("tokens", gptq_calib_tokens)) if v is not None})
+g("gptq_calib_corpus", gptq_calib.corpus)
+g("gptq_calib_tokens", gptq_calib.tokens // gptq_calib.seq_len * gptq_calib.seq_len)
+g("gptq_calib_seq_len", gptq_calib.seq_len)
 g("model", model)
 g("calib_tokens", calib.numel())
 g("eval_tokens", held_out.numel())
@@ -232,9 +238,10 @@ plt.close(fig)
 runs = []
 for b in bits:
     for m in methods:
-        runs.append(run_wquant(lm, m, WQuantSpec(b), calib, held_out, stats, ppl_fp, seed, judge=judge))
+        runs.append(run_wquant(lm, m, WQuantSpec(b), calib, held_out, stats, ppl_fp, seed, judge=judge, calib_config=gptq_calib))
 for m in grouped_methods:
-    runs.append(run_wquant(lm, m, WQuantSpec(3, group), calib, held_out, stats, ppl_fp, seed, judge=judge))
+    runs.append(run_wquant(lm, m, WQuantSpec(3, group), calib, held_out, stats, ppl_fp, seed, judge=judge,
+                           calib_config=gptq_calib))
 # The embedded weights' own grid: 4 bits in blocks of 32 with a scale and a minimum (GGUF Q4_1).
 gguf_grid = run_wquant(lm, "rtn", WQuantSpec(4, 32, zero="float"), calib, held_out, stats, ppl_fp, seed, judge=judge)
 gguf_int = run_wquant(lm, "rtn", WQuantSpec(4, 32), calib, held_out, stats, ppl_fp, seed, judge=judge)
@@ -435,7 +442,8 @@ out.mkdir(parents=True, exist_ok=True)
 write_json(out / "nqp.json", {
     "model": model, "spec": lm.spec.as_dict(),
     "params": {"corpus": corpus, "seq_len": seq_len, "calib_blocks": calib_blocks, "eval_blocks": eval_blocks,
-               "bits": bits, "methods": methods, "group": group, "grouped_methods": grouped_methods, "seed": seed},
+               "bits": bits, "methods": methods, "group": group, "grouped_methods": grouped_methods, "seed": seed,
+               "gptq_calib": {"corpus": gptq_calib.corpus, "tokens": gptq_calib.tokens, "seq_len": gptq_calib.seq_len}},
     "ppl_fp": ppl_fp, "participation": pr.to_dict(orient="records"),
     "runs": [{k: v for k, v in r.items()} for r in runs], "gguf_grid": gguf_grid, "gguf_int": gguf_int,
     "gates": gates.to_dict(orient="records"),

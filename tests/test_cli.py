@@ -101,16 +101,20 @@ def test_bench_sparse_decode_json(capsys):
 
 def test_wquant_on_toy_model(capsys):
     args = ["wquant", "--model", "toy-qwen2", "--method", "gptq", "--bits", "3", "--group", "16",
-            "--calib-tokens", "256", "--tokens", "256", "--seq-len", "64", "--json"]
+            "--calib-corpus", "britannica", "--calib-tokens", "256", "--calib-seq-len", "64", "--tokens", "256",
+            "--seq-len", "64", "--json"]
     assert main(args) == 0
     out = _json(capsys)
     assert out["method"] == "gptq" and out["bits"] == 3 and out["tokens"] == 256
+    assert out["calib_corpus"] == "britannica" and out["calib_tokens"] == 256
     assert out["ppl"] > 0 and 0 < out["weight_error"] < 1 and out["output_error"] > 0
 
 
 @pytest.mark.parametrize("args, message", [(["wquant", "--bits", "1"], "bits"),
                                            (["wquant", "--group", "0"], "group"),
-                                           (["wquant", "--tokens", "10"], "--seq-len")])
+                                           (["wquant", "--tokens", "10"], "--seq-len"),
+                                           (["wquant", "--calib-tokens", "10"], "seq_len"),
+                                           (["wquant", "--damp", "2"], "damp")])
 def test_wquant_bad_input_exits_2(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err

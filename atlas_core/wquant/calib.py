@@ -190,7 +190,8 @@ def block_inputs(model, blocks: torch.Tensor, batch_size: int) -> BlockInputs:
     """The first decoder block's inputs on ``blocks`` (block, token), and every block's other arguments.
 
     The other arguments (attention masks, which differ between sliding and full layers; RoPE cos/sin)
-    depend only on the batch's shape, so one full forward per distinct batch size records them.
+    depend only on the batch's shape, so one forward per distinct batch size, up to the last block, records
+    them; every other batch stops at block 0.
     """
     layers = decoder_blocks(model)
     hidden, seen, rest = [], {}, [[] for _ in layers]
@@ -201,7 +202,7 @@ def block_inputs(model, blocks: torch.Tensor, batch_size: int) -> BlockInputs:
             record[i] = (args[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
             if i == 0:
                 record["hidden"] = (args[0] if args else kw["hidden_states"]).detach()
-            if "stop" in record:
+            if "stop" in record or i == len(layers) - 1:  # what is needed is known: skip the rest and the head
                 raise _Stop
         return hook
 
