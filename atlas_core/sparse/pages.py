@@ -104,7 +104,8 @@ def page_mask(query, key, scaling: float, visible, q_pos, k_pos, cfg: SparseConf
             (batch, key) absolute positions.
     Returns:
         (fixed, chosen), each (batch, head, query, key) bool and disjoint: ``chosen`` is every candidate
-        key in the ⌈k/P⌉ pages with the highest bound.
+        key in the ⌈k/P⌉ pages with the highest bound (ties: the earliest page), or every candidate where
+        there are at most k.
     """
     b, h, nq, n = *query.shape[:3], key.shape[2]
     fixed = (visible & fixed_mask(q_pos, k_pos, cfg)).expand(b, h, nq, n)
