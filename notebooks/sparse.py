@@ -430,8 +430,9 @@ g("latest_divergence", max((int(x) for x in by_model.first_divergence if x != "n
 # {glue:text}`sp_sv_gen:d` tokens counts as {glue:text}`sp_sv_gen:d` in the median, as in the revision. We
 # use {glue:text}`sp_sv_prompts:d` prompts, distinct held-out blocks of {glue:text}`sp_sv_prompt_tokens:d`
 # tokens: shorter than the revision's 2K to 16K, to keep the chapter's CPU time in bounds. Intervals are
-# 95% percentile bootstrap intervals over prompts; the revision's are computed the same way from its 60
-# archived runs. {glue:text}`sp_sv_covered_note:s`
+# 95% percentile bootstrap intervals that resample prompts, each with all its runs; the revision's are
+# computed the same way from its 60 archived runs ({glue:text}`sp_rev_prompts:d` prefixes × 4 supports).
+# {glue:text}`sp_sv_covered_note:s`
 
 # %%
 # The revision's archived first divergences (results/qwen_survival_clean.json of its repository), per
@@ -443,9 +444,10 @@ REVISION_FIRST_DIVERGENCE = {
     769: [22, 43, 27, 14, 16, 17, 3, 32, 8, 11, 4, 3, 3, 15, 11],
 }
 REVISION_HORIZON = 128
-rev_all = [d for ds in REVISION_FIRST_DIVERGENCE.values() for d in ds]
-rev = survival_summary([None if d >= REVISION_HORIZON else d for d in rev_all], REVISION_HORIZON)
-assert (rev["n"], rev["median"], rev["identical"], rev["max"]) == (60, 6, 0, 43), "the revision's headline: 0/60, median 6, max 43"
+rev_rows = [[None if d >= REVISION_HORIZON else d for d in runs_of_prefix]  # (prefix, support): runs share a prefix
+            for runs_of_prefix in zip(*REVISION_FIRST_DIVERGENCE.values())]
+rev = survival_summary(rev_rows, REVISION_HORIZON)
+assert (rev["runs"], rev["median"], rev["identical"], rev["max"]) == (60, 6, 0, 43), "the revision: 0/60, median 6, max 43"
 
 sv_prompts = token_blocks(lm.tokenizer, BlockSpec(corpus, survival_prompt_tokens, survival_prompts, "eval", lm.spec.add_bos))
 last_candidates = survival_prompt_tokens + survival_gen_tokens - 1 - anchors - window  # at the last decode step
@@ -460,7 +462,7 @@ for support in supports:
 runs = greedy_survival(lm, sv_prompts, sv_rules, survival_gen_tokens, progress=True)
 sv = {name: survival_summary(ds, survival_gen_tokens) for name, ds in runs.items()}
 block_names = [name for name in sv_rules if name.startswith("revision")]  # never empty (chapter_params)
-pooled = survival_summary([d for name in block_names for d in runs[name]], survival_gen_tokens)
+pooled = survival_summary([[runs[name][i] for name in block_names] for i in range(survival_prompts)], survival_gen_tokens)
 
 
 def rev_identical(support):
@@ -468,8 +470,9 @@ def rev_identical(support):
     ds = REVISION_FIRST_DIVERGENCE[support]
     return f"{sum(d >= REVISION_HORIZON for d in ds)} of {len(ds)}"
 
-g("rev_n", rev["n"])
-g("rev_identical_count", int(round(rev["identical"] * rev["n"])))
+g("rev_n", rev["runs"])
+g("rev_prompts", rev["prompts"])
+g("rev_identical_count", int(round(rev["identical"] * rev["runs"])))
 g("rev_median", rev["median"])
 g("rev_median_lo", rev["median_ci"][0])
 g("rev_median_hi", rev["median_ci"][1])
@@ -486,8 +489,8 @@ g("sv_src_median", src_sv["median"])
 g("sv_src_identical", src_sv["identical"])
 g("sv_src_identical_lo", src_sv["identical_ci"][0])
 g("sv_src_identical_hi", src_sv["identical_ci"][1])
-g("sv_blk_runs", pooled["n"])
-g("sv_blk_identical_count", int(round(pooled["identical"] * pooled["n"])))
+g("sv_blk_runs", pooled["runs"])
+g("sv_blk_identical_count", int(round(pooled["identical"] * pooled["runs"])))
 g("sv_blk_identical", pooled["identical"])
 g("sv_blk_identical_lo", pooled["identical_ci"][0])
 g("sv_blk_identical_hi", pooled["identical_ci"][1])
@@ -496,28 +499,29 @@ g("sv_blk_median_lo", pooled["median_ci"][0])
 g("sv_blk_median_hi", pooled["median_ci"][1])
 
 # Agreement with the revision. Survival: our share identical through the horizon is compatible with its
-# 0 of 60 if our interval reaches down to its exact 95% upper bound for 0 of n (Clopper-Pearson,
-# 1 - 0.025^(1/n)). Early divergence: the two medians' bootstrap intervals overlap.
-rev_upper = 1 - 0.025 ** (1 / rev["n"])
+# 0 of 60 if our interval reaches down to its exact 95% upper bound for 0 of 60 (Clopper-Pearson,
+# 1 - 0.025^(1/60), the strictest reading: runs taken as independent). Early divergence: the two medians'
+# bootstrap intervals (both resampling prompts) overlap.
+rev_upper = 1 - 0.025 ** (1 / rev["runs"])
 survive_ok = pooled["identical_ci"][0] <= rev_upper
 median_ok = pooled["median_ci"][0] <= rev["median_ci"][1] and rev["median_ci"][0] <= pooled["median_ci"][1]
 if survive_ok and median_ok:
     sv_verdict = (f"agree with the revision: runs identical through {survival_gen_tokens} tokens are as rare as its "
-                  f"0 of {rev['n']}, and the median first divergence is as early")
+                  f"0 of {rev['runs']}, and the median first divergence is as early")
 elif survive_ok:
     sv_verdict = (f"agree with the revision that runs identical through {survival_gen_tokens} tokens are rare, but "
                   f"diverge {'later' if pooled['median'] > rev['median'] else 'earlier'} (median {pooled['median']:.0f} "
                   f"against {rev['median']:.0f})")
 else:
     sv_verdict = (f"disagree with the revision: {pooled['identical']:.0%} of our runs stay identical through "
-                  f"{survival_gen_tokens} tokens, against 0 of {rev['n']}")
+                  f"{survival_gen_tokens} tokens, against 0 of {rev['runs']}")
 g("sv_verdict", sv_verdict)
 
 sv_rows = []
 for name, s_ in sv.items():
     support = sv_rules[name].budget
     rev_s = REVISION_FIRST_DIVERGENCE.get(support) if name.startswith("revision") else None
-    sv_rows.append({"rule": name, "support S": support, "prompts": s_["n"],
+    sv_rows.append({"rule": name, "support S": support, "prompts": s_["prompts"],
                     "identical through 128": f"{s_['identical']:.0%} [{s_['identical_ci'][0]:.0%}, {s_['identical_ci'][1]:.0%}]",
                     "median first divergence": f"{s_['median']:.0f} [{s_['median_ci'][0]:.0f}, {s_['median_ci'][1]:.0f}]",
                     "largest": s_["max"],

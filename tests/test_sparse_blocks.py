@@ -212,12 +212,23 @@ def test_stopping_at_the_first_divergence_equals_decoding_to_the_end():
 
 def test_survival_summary_known_answer():
     s = survival_summary([None, 3, 5, None, 7], n_new=128, seed=1)
-    assert (s["n"], s["median"], s["identical"], s["max"]) == (5, 7.0, 0.4, 128)
+    assert (s["prompts"], s["runs"], s["median"], s["identical"], s["max"]) == (5, 5, 7.0, 0.4, 128)
     assert s["median_ci"][0] <= 7 <= s["median_ci"][1] and s["identical_ci"][0] <= 0.4 <= s["identical_ci"][1]
     assert s == survival_summary([None, 3, 5, None, 7], n_new=128, seed=1)
     assert survival_summary([2, 4], 128)["identical_ci"] == (0.0, 0.0)
     with pytest.raises(ValueError, match="at least one"):
         survival_summary([])
+    with pytest.raises(ValueError, match="same number"):
+        survival_summary([[1, 2], [3]])
+
+
+def test_survival_summary_resamples_prompts_with_all_their_runs():
+    """Two prompts, one surviving every rule and one diverging at once: a resample holds 0, 3 or 6 survivors."""
+    s = survival_summary([[None, None, None], [1, 1, 1]], n_new=16, n_resamples=400)
+    assert (s["prompts"], s["runs"], s["identical"], s["median"]) == (2, 6, 0.5, 8.5)
+    assert s["identical_ci"] == (0.0, 1.0)  # a run-level bootstrap would rarely reach 0 or 1 with 6 runs
+    flat = survival_summary([None, None, None, 1, 1, 1], n_new=16, n_resamples=400)
+    assert flat["identical_ci"][0] > 0 and flat["identical_ci"][1] < 1
     with pytest.raises(ValueError, match="n_new"):
         greedy_survival(load_model("toy-llama"), _tokens(8), {"dense": None}, n_new=1)
 

@@ -254,24 +254,35 @@ def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, Spa
     return result
 
 
-def survival_summary(first_divergences: list[int | None], n_new: int = 128, n_resamples: int = 2000,
-                     seed: int = 0) -> dict:
+def survival_summary(first_divergences: list, n_new: int = 128, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Median first divergence and the share of runs identical through ``n_new`` tokens, with 95% CIs.
 
     A run identical through n_new counts as diverging at n_new, as the revision's ``first_divergence``
     (= horizon for a surviving run) does, so the median is that of n_new-capped values.
 
     Args:
-        first_divergences: one per prompt, as ``greedy_survival`` returns them (None = identical).
+        first_divergences: per prompt, its first divergence, or a list of them (one per rule: runs that
+            share the prompt), as ``greedy_survival`` gives them (None = identical through n_new).
     Returns:
-        {"n", "median", "median_ci", "identical", "identical_ci", "max"}: the CIs are percentile bootstrap
-        intervals over prompts (``geometry.bootstrap_ci``, seeded).
+        {"prompts", "runs", "median", "median_ci", "identical", "identical_ci", "max"}: statistics over
+        every run; the CIs are percentile bootstrap intervals that resample prompts, each with all its
+        runs (``geometry.bootstrap_ci`` over prompt indices, seeded).
+    Raises:
+        ValueError: no prompt, or prompts with different numbers of runs.
     """
-    if not first_divergences:
-        raise ValueError("survival_summary needs at least one prompt's first divergence")
-    steps = np.array([n_new if d is None else d for d in first_divergences], dtype=np.float64)
-    identical = np.array([d is None for d in first_divergences], dtype=np.float64)
-    return {"n": len(steps), "median": float(np.median(steps)),
-            "median_ci": bootstrap_ci(steps, n_resamples, seed=seed, statistic=np.median),
-            "identical": float(identical.mean()), "identical_ci": bootstrap_ci(identical, n_resamples, seed=seed),
+    rows = [list(d) if isinstance(d, (list, tuple)) else [d] for d in first_divergences]
+    if not rows or not rows[0] or len({len(r) for r in rows}) != 1:
+        raise ValueError("survival_summary needs at least one prompt, each with the same number (≥ 1) of runs")
+    steps = np.array([[n_new if d is None else d for d in r] for r in rows], dtype=np.float64)  # (prompt, run)
+    identical = np.array([[d is None for d in r] for r in rows], dtype=np.float64)
+
+    def over_prompts(values, reduce):
+        """A statistic of resampled prompt indices (resample, prompt): ``reduce`` over all their runs."""
+        return lambda idx, axis: reduce(values[idx.astype(np.int64)].reshape(len(idx), -1), axis=1)
+
+    prompts = np.arange(len(rows))
+    return {"prompts": len(rows), "runs": steps.size, "median": float(np.median(steps)),
+            "median_ci": bootstrap_ci(prompts, n_resamples, seed=seed, statistic=over_prompts(steps, np.median)),
+            "identical": float(identical.mean()),
+            "identical_ci": bootstrap_ci(prompts, n_resamples, seed=seed, statistic=over_prompts(identical, np.mean)),
             "max": int(steps.max())}
