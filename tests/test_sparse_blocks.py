@@ -242,3 +242,23 @@ def test_errors_are_clear():
         block_mask(*_setup(n=10)[:5], SparseConfig())
     with pytest.raises(ValueError, match="blocks-mean"):
         SparseConfig(selector="blocks")
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_real_model_covering_budget_is_exact_and_the_revision_rule_differs(smollm2):
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.sparse.attention import MassLog
+
+    x = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 256, 1, "eval", smollm2.spec.add_bos))
+    smollm2.model(x)  # warm-up, as above
+    ref = smollm2.model(x).logits
+    with sparse_attention(smollm2.model, block_rule(257)):  # 1 + 64 + 192 candidates: covers the block
+        assert torch.equal(smollm2.model(x).logits, ref)
+    log = MassLog()
+    with sparse_attention(smollm2.model, block_rule(97), log):
+        sparse = smollm2.model(x).logits
+    assert (sparse - ref).abs().max() > 1e-3
+    assert 0 < log.means()["discarded"].mean() < 0.5
+    runs = greedy_survival(smollm2, x[:, :160], {"dense": None, "covering": block_rule(257)}, n_new=8)
+    assert runs == {"dense": [None], "covering": [None]}
