@@ -72,6 +72,19 @@ def test_vectorised_equals_the_reference_for_sliding_windows_and_caches(selector
                        block_mask_reference(query, key, sliding[None, None], q_pos, k_pos, cfg))
 
 
+@pytest.mark.parametrize("selector", BLOCK_SELECTORS)
+def test_vectorised_equals_the_reference_for_per_row_positions(selector):
+    cfg = SparseConfig(anchors=1, window=6, topk=10, selector=selector, page_size=4)
+    query, key, _, _, _ = _setup(n=50, nq=7, seed=1, batch=2)
+    k_pos = torch.arange(50) + 33
+    q_pos = k_pos[-7:]
+    rows_q = torch.stack([q_pos, q_pos - 5])  # (batch, query): row 1 is 5 positions behind (left padding)
+    rows_k = torch.stack([k_pos, k_pos - 5])
+    visible = (rows_k[:, None, :] <= rows_q[:, :, None])[:, None]  # (batch, 1, query, key)
+    assert torch.equal(_kept(query, key, visible, rows_q, rows_k, cfg),
+                       block_mask_reference(query, key, visible, rows_q, rows_k, cfg))
+
+
 def test_kv_variant_shares_each_choice_across_its_query_group():
     query, key, visible, q_pos, k_pos = _setup(n=90, h=6, kv=2)
     kv = _kept(query, key, visible, q_pos, k_pos, SparseConfig(1, 8, 16, selector="blocks-mean-kv", page_size=4))

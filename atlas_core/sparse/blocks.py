@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from atlas_core.sparse.kept import SparseConfig, fixed_mask
+from atlas_core.sparse.kept import SparseConfig, all_candidates_fit, fixed_mask
 
 BLOCK_SELECTORS = ("blocks-mean", "blocks-mean-kv")
 
@@ -132,8 +132,7 @@ def block_mask(query: torch.Tensor, key: torch.Tensor, visible, q_pos, k_pos, cf
     blocks = torch.zeros_like(bscore, dtype=torch.bool).scatter_(-1, idx, torch.isfinite(vals))
     per_key = blk.expand(b, n) if blk.dim() == 1 else blk  # (batch, key)
     chosen = blocks.gather(-1, per_key[:, None, None, :].expand(b, h, nq, n)) & rest
-    within = rest.sum(-1, keepdim=True) <= cfg.topk  # budget boundary: nothing needs dropping
-    return fixed, torch.where(within, rest, chosen)
+    return fixed, torch.where(all_candidates_fit(rest, cfg), rest, chosen)  # budget boundary: nothing to drop
 
 
 def block_mask_reference(query, key, visible, q_pos, k_pos, cfg: SparseConfig) -> torch.Tensor:
