@@ -3,8 +3,8 @@
 In every sparse layer the function scores all visible keys exactly, builds each query's kept set
 (``kept.kept_mask``, ``pages.page_mask`` or ``blocks.block_mask``), and then calls the model's own
 ``eager_attention_forward`` with the model's mask narrowed to the kept set: the softmax is renormalised
-over the kept keys and nothing else of the architecture is re-typed. With a kept set equal to the visible set the output is
-bit-identical to eager attention. GQA (shared KV heads), sliding-window layers (their mask already hides
+over the kept keys and nothing else of the architecture is re-typed. With a kept set equal to the
+visible set the output is bit-identical to eager attention. GQA (shared KV heads), sliding-window layers (their mask already hides
 keys outside the window) and the KV cache during generation work as in the model itself: during decoding
 the query is the newest token and the keys are whatever the cache returns.
 
