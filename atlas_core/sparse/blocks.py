@@ -125,8 +125,9 @@ def block_mask(query: torch.Tensor, key: torch.Tensor, visible, q_pos, k_pos, cf
     if cfg.head_average:  # one choice per layer, as the source's first code did for top-k
         bscore = bscore.mean(dim=1, keepdim=True).expand_as(bscore)
     elif cfg.selector == "blocks-mean-kv":  # one choice per KV head: the group's mean query
-        kv = key.shape[1]
-        bscore = bscore.view(b, kv, h // kv, nq, -1).mean(dim=2, keepdim=True).expand(-1, -1, h // kv, -1, -1).reshape(bscore.shape)
+        kv, g = key.shape[1], h // key.shape[1]
+        shared = bscore.view(b, kv, g, nq, -1).mean(dim=2, keepdim=True)  # (batch, kv_head, 1, query, block)
+        bscore = shared.expand(-1, -1, g, -1, -1).reshape(bscore.shape)
     take = min(cfg.n_pages, bscore.shape[-1])
     vals, idx = bscore.topk(take, dim=-1)  # (batch, head, query, take)
     blocks = torch.zeros_like(bscore, dtype=torch.bool).scatter_(-1, idx, torch.isfinite(vals))
