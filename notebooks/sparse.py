@@ -470,6 +470,7 @@ def rev_identical(support):
     ds = REVISION_FIRST_DIVERGENCE[support]
     return f"{sum(d >= REVISION_HORIZON for d in ds)} of {len(ds)}"
 
+
 g("rev_n", rev["runs"])
 g("rev_prompts", rev["prompts"])
 g("rev_identical_count", int(round(rev["identical"] * rev["runs"])))
