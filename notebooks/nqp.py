@@ -58,6 +58,9 @@
 #   of every layer but q and k are clipped, per output channel and group, to the fraction of their
 #   largest magnitude (1 down to 0.55) that minimises that group's output error. AWQ rounds on the same
 #   integer grid as the other methods here (its own quantizer differs only on groups of one sign).
+#   Otherwise it differs from llm-awq in its calibration text (ours, not samples of the Pile's
+#   validation split), in judging the clipping on every calibration token rather than 512 sampled ones, and in
+#   keeping a row unclipped where clipping group by group would raise that row's output error.
 #
 # The statistics come from one pass over the calibration split with the unquantized model: the input
 # second moment H, the mean absolute input $E|x|$, and the activation Fisher $F = E[gg^\top]$, where

@@ -13,8 +13,8 @@ are the full-precision outputs of the block before it):
    together, the loss is the squared error of the inspected module's output against the full-precision output
    summed over calibration tokens, and the α with the smallest loss wins. For one-linear groups (o, down) the
    loss is computed exactly from the input second moment H: Σ‖E x‖² = n·tr(E H Eᵀ), E = W − Ŵ.
-2. **Clipping** (llm-awq ``auto_clip_layer``), on every linear layer but q and k (AWQ skips them: the q·k product
-   makes their error hard to judge), with the scales applied (weights W·diag(s), inputs x/s). For each output
+2. **Clipping** (llm-awq ``auto_clip_layer``), on every linear layer but q and k (AWQ skips them by name, as the q·k
+   product makes their error hard to judge; a fused q/k/v is clipped, as there), with the scales applied (weights W·diag(s), inputs x/s). For each output
    channel and group of input columns, the weights are clamped to ±(1 − i/20)·max|w|, i = 0…9, quantized, and the
    bound with the smallest partial output error E[(x_g·(w_g − q_g))²] is kept.
 
@@ -25,6 +25,8 @@ folded model (v→o, up→down), which leaves per-row groups' rounding unchanged
 depends only on its own input scale. α = 0 without clipping is RTN bit for bit.
 
 Differences from llm-awq, all deliberate:
+- Calibration text: the blocks the caller passes (``atlas wquant`` and the nqp chapter: the corpus's calib split),
+  not samples of the Pile's validation split.
 - The quantizer is ours (``rtn.quantize_rtn``; llm-awq's ``pseudo_quantize_tensor`` does not stretch the range to
   hold 0, see ``rtn``): every method in this library rounds on one grid.
 - Clipping judges each group with the second moment H of all calibration tokens instead of 512 sampled tokens,
