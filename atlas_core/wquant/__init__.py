@@ -4,8 +4,10 @@
 - ``rotations``: Q(W U) Uᵀ with U = I, an eigenbasis, Haar random or randomized Hadamard.
 - ``gptq``: error feedback through the Cholesky factor of H⁻¹ (+ a column-by-column reference).
 - ``awq``: activation-aware scales shared by the layers that read one input (foldable), then a clipping search.
-- ``calib``: H = E[x xᵀ], E|x| and the activation Fisher of every linear layer; participation ratios.
-- ``apply``: one method over every linear layer of a model, in place, with per-layer errors.
+- ``calib``: H = E[x xᵀ], E|x| and the activation Fisher of every linear layer; participation ratios;
+  ``CalibConfig`` (which calibration tokens) and the per-decoder-block inputs of a sequential pipeline.
+- ``apply``: one method over every linear layer of a model, in place, with per-layer errors: from one
+  full-precision pass, or block by block through the already-quantized blocks (GPTQ's reference pipeline).
 """
 
 from atlas_core.wquant.awq import awq_search
