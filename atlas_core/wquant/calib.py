@@ -136,8 +136,8 @@ class CalibConfig:
     calibration token on smollm2-135m (~35 min for the reference's count), so the default is what was
     measured to serve as well here (issue 14, smollm2-135m at 3 bits, held-out perplexity): the largest
     offline corpus, ``plays`` (216 at 16K tokens against 290 for ``britannica``), blocks of 512 (2,048
-    read 264), and 8,192 tokens (187; 16K read 216: the size made no difference beyond the spread
-    between calibration sets), which keeps the nqp chapter's four GPTQ runs near 2 min each.
+    read 264), and 8,192 tokens (187; 16K and 32K read 216 and 179: no trend beyond the spread between
+    calibration sets), which keeps the nqp chapter's four GPTQ runs near 2 min each.
     """
 
     corpus: str = "plays"
