@@ -563,7 +563,7 @@ for name, s_ in sv.items():
 g("survival_table", pd.DataFrame(sv_rows).rename(columns={"identical through 128": f"identical through {survival_gen_tokens}"})
   .style.hide(axis="index"))
 
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1.3, 1]})
 names = list(sv)
 jitter = np.random.default_rng(0)
 for x, name in enumerate(names):
@@ -587,7 +587,7 @@ axes[1].set(ylabel=f"identical through {survival_gen_tokens} tokens", ylim=(-0.0
 axes[1].plot([], [], "x", color="C3", label="revision, Qwen2-0.5B (15 runs per support)")
 axes[1].legend(fontsize=8)
 for ax in axes:
-    ax.set_xticks(range(len(names)), [n.replace(": ", ":\n") for n in names], fontsize=8)
+    ax.set_xticks(range(len(names)), [n.replace(": ", ":\n").replace(", ", ",\n") for n in names], fontsize=8)
 fig.tight_layout()
 g("fig_survival", fig)
 plt.close(fig)
