@@ -62,8 +62,11 @@
 #   largest magnitude (1 down to 0.55) that minimises that group's output error. AWQ rounds on the same
 #   integer grid as the other methods here (its own quantizer differs only on groups of one sign).
 #   Otherwise it differs from llm-awq in its calibration text (ours, not samples of the Pile's
-#   validation split), in judging the clipping on every calibration token rather than 512 sampled ones, and in
-#   keeping a row unclipped where clipping group by group would raise that row's output error.
+#   validation split), in judging the clipping on every calibration token rather than 512 sampled ones, in
+#   keeping a row unclipped where clipping group by group would raise that row's output error, and in
+#   searching on the first {glue:text}`nqp_awq_search_tokens:d` calibration tokens rather than up to 128
+#   blocks of 512 (each of the 20 values of $\alpha$ costs a forward pass of the searched modules: on
+#   these CPUs the full calibration split would take half an hour per AWQ run).
 #
 # The statistics come from one pass over the calibration split with the unquantized model: the input
 # second moment H, the mean absolute input $E|x|$, and the activation Fisher $F = E[gg^\top]$, where
@@ -102,6 +105,7 @@ from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.eval import perplexity
 from atlas_core.glue import prefixed_glue
 from atlas_core.models import load_model
+from atlas_core.wquant.awq import AWQConfig
 from atlas_core.wquant.calib import CalibConfig, calibration_stats, participation_ratio, weight_of, linear_layers
 from atlas_core.wquant.experiment import run_wquant
 from atlas_core.wquant.rtn import WQuantSpec
@@ -118,6 +122,7 @@ gptq_calib = CalibConfig(**{k: v for k, v in (("corpus", gptq_calib_corpus), ("t
 g("gptq_calib_corpus", gptq_calib.corpus)
 g("gptq_calib_tokens", gptq_calib.tokens // gptq_calib.seq_len * gptq_calib.seq_len)
 g("gptq_calib_seq_len", gptq_calib.seq_len)
+g("awq_search_tokens", AWQConfig().search_blocks(calib).numel())  # the AWQ searches' share of the calibration split
 g("model", model)
 g("calib_tokens", calib.numel())
 g("eval_tokens", held_out.numel())

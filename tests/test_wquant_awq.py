@@ -158,3 +158,20 @@ def test_awq_needs_blocks_and_names_layers_like_calib():
         quantize_model(copy.deepcopy(lm.model), "awq", WQuantSpec(4))
     plan = awq_search(lm.model, _blocks(2, 16), WQuantSpec(4, 16), progress=False)
     assert set(plan) == set(linear_layers(lm.model))
+
+
+def test_searches_use_the_first_search_tokens_of_the_calibration():
+    blocks = _blocks()
+    n, width = blocks.shape
+    cfg = AWQConfig(search_tokens=width + 1)  # two blocks hold it
+    assert torch.equal(cfg.search_blocks(blocks), blocks[:2])
+    assert torch.equal(AWQConfig(search_tokens=None).search_blocks(blocks), blocks)
+    assert len(AWQConfig(search_tokens=1).search_blocks(blocks)) == 1
+    lm = load_model("toy-llama")
+    subset = awq_search(lm.model, blocks, WQuantSpec(3, 16), cfg, progress=False)
+    alone = awq_search(lm.model, blocks[:2], WQuantSpec(3, 16), AWQConfig(search_tokens=None), progress=False)
+    assert subset.keys() == alone.keys()
+    for name in subset:
+        assert torch.equal(subset[name].scale, alone[name].scale), name
+    with pytest.raises(ValueError, match="search_tokens"):
+        AWQConfig(search_tokens=0)

@@ -63,10 +63,23 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20  # clamp bounds (1 − i / clip_grid)·max|w|
     max_shrink: float = 0.5  # … for i < max_shrink·clip_grid
+    # Calibration tokens the searches see (the first blocks that hold them; None: every block given).
+    # Each α costs a forward of the searched modules over them: 20 α on 16K tokens is ~20 full-model
+    # forwards, half an hour of one CPU thread on smollm2-135m, so the default searches on 4,096
+    # (llm-awq: up to 128 blocks of 512 on a GPU).
+    search_tokens: int | None = 4096
 
     def __post_init__(self):
         if self.n_grid < 1 or self.clip_grid < 1 or not 0 < self.max_shrink < 1:
             raise ValueError(f"AWQConfig needs n_grid, clip_grid ≥ 1 and 0 < max_shrink < 1, got {self}")
+        if self.search_tokens is not None and (isinstance(self.search_tokens, bool) or self.search_tokens < 1):
+            raise ValueError(f"AWQConfig.search_tokens must be a positive number of tokens or None, got {self.search_tokens!r}")
+
+    def search_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(block, token) the first calibration blocks holding ``search_tokens`` tokens (at least one block)."""
+        if self.search_tokens is None:
+            return blocks
+        return blocks[: max(1, -(-self.search_tokens // blocks.shape[1]))]
 
     @property
     def alphas(self) -> tuple[float, ...]:
@@ -366,13 +379,14 @@ def awq_search(model, blocks: torch.Tensor, spec: WQuantSpec, cfg: AWQConfig = A
     """AWQ over every decoder block, each on the full-precision outputs of the one before (llm-awq ``run_awq``).
 
     Args:
-        blocks: (block, token) calibration token ids, run ``batch_size`` blocks at a time (memory only).
+        blocks: (block, token) calibration token ids; the first ``cfg.search_tokens`` of them are used, run
+            ``batch_size`` blocks at a time (memory only).
     Returns:
         {qualified linear name (as ``calib.linear_layers``): AWQLayer}
     """
     layers = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
-    inputs = block_inputs(model, blocks, batch_size)
+    inputs = block_inputs(model, cfg.search_blocks(blocks), batch_size)
     hidden, result = inputs.hidden, {}
     for i, block in enumerate(tqdm(layers, desc="awq", disable=not progress)):
         found, hidden = awq_block(block, i, inputs, hidden, spec, cfg)
