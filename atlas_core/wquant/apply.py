@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from atlas_core.wquant.awq import AWQConfig, AWQLayer, awq_quantize, awq_search, output_error
-from atlas_core.wquant.calib import (LayerStats, add_inputs, block_inputs, decoder_blocks, group_stats, linear_groups,
-                                     linear_layers, run_block, weight_of)
+from atlas_core.wquant.calib import (LayerStats, add_inputs, block_inputs, decoder_blocks, group_by_input, group_stats,
+                                     linear_groups, linear_layers, run_block, weight_of)
 from atlas_core.wquant.gptq import GPTQConfig, gptq
 from atlas_core.wquant.rotations import haar, lambda_scaled_quantize, randomized_hadamard, rotate_quantize
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
@@ -183,10 +183,4 @@ def _run_order_groups(model, batch: torch.Tensor, layers: dict) -> list[list[str
     finally:
         for h in hooks:
             h.remove()
-    groups: list[list[str]] = []
-    for k, (name, x) in enumerate(order):
-        if k and x is order[k - 1][1]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups
+    return group_by_input(order)

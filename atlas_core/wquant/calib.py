@@ -255,6 +255,11 @@ def linear_groups(layer, index: int, inputs: BlockInputs) -> list[list[str]]:
     finally:
         for h in hooks:
             h.remove()
+    return group_by_input(order)
+
+
+def group_by_input(order: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
+    """Names of layers in run order, consecutive layers that read the very same input tensor grouped."""
     groups: list[list[str]] = []
     for k, (name, x) in enumerate(order):
         if k and x is order[k - 1][1]:
