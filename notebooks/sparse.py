@@ -88,7 +88,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import beta as beta_dist
 
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, token_blocks
@@ -97,7 +96,7 @@ from atlas_core.models import load_model
 from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_sparse_decode
 from atlas_core.sparse.blocks import block_rule
-from atlas_core.sparse.fidelity import budget_sweep, greedy, greedy_survival, survival_summary, teacher_forced, trajectory_agreement
+from atlas_core.sparse.fidelity import budget_sweep, greedy, greedy_survival, survival_agreement, survival_summary, teacher_forced, trajectory_agreement
 
 g = prefixed_glue("sp")  # g(key, value) glues sp_<key>
 DEFAULTS = SparseConfig(anchors, window, topk, page_size=page_size)
@@ -505,30 +504,12 @@ g("sv_blk_median_hi", pooled["median_ci"][1])
 # the share identical through the horizon meets the exact (Clopper-Pearson) 95% interval of its k of 15.
 # Early divergence: the two medians' bootstrap intervals (both resampling prompts) overlap.
 REVISION_SHORTEST_CONTEXT = 2048
-
-
-def overlap(a, b):
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
-def clopper_pearson(k, n):
-    return (beta_dist.ppf(0.025, k, n - k + 1) if k else 0.0, beta_dist.ppf(0.975, k + 1, n - k) if k < n else 1.0)
-
-
 agree, differ = [], []
 for name in block_names:
     support, ours = sv_rules[name].budget, sv[name]
     if support not in REVISION_FIRST_DIVERGENCE:
         continue  # a support the revision did not run (only with other parameters than the defaults)
-    theirs = survival_summary([None if d >= REVISION_HORIZON else d for d in REVISION_FIRST_DIVERGENCE[support]],
-                              REVISION_HORIZON)
-    k = round(theirs["identical"] * theirs["runs"])
-    gaps = []
-    if not overlap(ours["identical_ci"], clopper_pearson(k, theirs["runs"])):
-        gaps.append(f"{ours['identical']:.0%} of runs stay identical through {survival_gen_tokens} tokens "
-                    f"(the revision: {k} of {theirs['runs']})")
-    if not overlap(ours["median_ci"], theirs["median_ci"]):
-        gaps.append(f"the median first divergence is {ours['median']:.0f} (the revision: {theirs['median']:.0f})")
+    gaps = survival_agreement(ours, survival_gen_tokens, REVISION_FIRST_DIVERGENCE[support], REVISION_HORIZON)
     if gaps:
         differ.append(f"at S = {support}, which keeps at least {support / (survival_prompt_tokens + survival_gen_tokens):.0%} "
                       f"of our keys against at most {support / REVISION_SHORTEST_CONTEXT:.0%} at the revision's "

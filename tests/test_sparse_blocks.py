@@ -7,7 +7,8 @@ from atlas_core.extract import attention_modules
 from atlas_core.models import load_model
 from atlas_core.sparse.attention import sparse_attention, sparse_attention_forward
 from atlas_core.sparse.blocks import BLOCK_SELECTORS, block_ids, block_mask, block_mask_reference, block_rule
-from atlas_core.sparse.fidelity import agreement, greedy_survival, survival_summary
+from atlas_core.sparse.fidelity import (agreement, clopper_pearson, greedy_survival, survival_agreement,
+                                       survival_summary)
 from atlas_core.sparse.kept import SparseConfig
 
 
@@ -275,3 +276,26 @@ def test_real_model_covering_budget_is_exact_and_the_revision_rule_differs(smoll
     assert 0 < log.means()["discarded"].mean() < 0.5
     runs = greedy_survival(smollm2, x[:, :160], {"dense": None, "covering": block_rule(257)}, n_new=8)
     assert runs == {"dense": [None], "covering": [None]}
+
+
+def test_clopper_pearson_known_answers():
+    from scipy.stats import binomtest
+
+    assert clopper_pearson(0, 15) == (0.0, pytest.approx(0.2180, abs=1e-4))  # 1 − 0.025^(1/15)
+    assert clopper_pearson(15, 15) == (pytest.approx(0.7820, abs=1e-4), 1.0)
+    ci = binomtest(7, 20).proportion_ci(0.95, method="exact")
+    assert clopper_pearson(7, 20) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+    with pytest.raises(ValueError, match="0 ≤ k ≤ n"):
+        clopper_pearson(3, 2)
+
+
+def test_survival_agreement_names_each_statistic_whose_intervals_do_not_meet():
+    theirs = [3, 6, 2, 9, 4, 6, 5, 7, 3, 6, 2, 8, 5, 4, 6]  # 0 of 15 identical, median 5
+    same = survival_summary([d if d < 128 else None for d in theirs], 128)
+    assert survival_agreement(same, 128, theirs, 128) == []
+    late = survival_summary([None] * 12 + [40] * 8, 128)  # 60% identical, median 128
+    gaps = survival_agreement(late, 128, theirs, 128)
+    assert gaps == ["60% of runs stay identical through 128 tokens (the revision: 0 of 15)",
+                    "the median first divergence is 128 (the revision: 5)"]
+    later = survival_summary([40] * 20, 128)  # none identical (agrees), but every run diverges late
+    assert survival_agreement(later, 128, theirs, 128) == ["the median first divergence is 40 (the revision: 5)"]

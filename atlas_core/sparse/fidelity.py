@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 import torch
+from scipy.stats import beta as beta_dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -31,7 +32,7 @@ from atlas_core.models import LoadedModel
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.kept import SparseConfig
 
-__all__ = ["agreement", "budget_sweep", "dense_logprobs", "fidelity_report", "greedy", "greedy_survival", "survival_summary",
+__all__ = ["agreement", "budget_sweep", "clopper_pearson", "dense_logprobs", "fidelity_report", "greedy", "greedy_survival", "survival_agreement", "survival_summary",
            "teacher_forced", "trajectory_agreement"]
 
 
@@ -286,3 +287,51 @@ def survival_summary(first_divergences: list, n_new: int = 128, n_resamples: int
             "identical": float(identical.mean()),
             "identical_ci": bootstrap_ci(prompts, n_resamples, seed=seed, statistic=over_prompts(identical, np.mean)),
             "max": int(steps.max())}
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a binomial share k / n.
+
+    Args:
+        k: successes, 0 ≤ k ≤ n; n: trials ≥ 1.
+    Returns:
+        (lo, hi), a ``level`` two-sided interval (lo = 0 at k = 0, hi = 1 at k = n).
+    Raises:
+        ValueError: k outside 0..n or n < 1.
+    Source: Clopper & Pearson (1934), the beta-quantile form.
+    """
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 ≤ k ≤ n and n ≥ 1, got k={k}, n={n}")
+    tail = (1 - level) / 2
+    lo = float(beta_dist.ppf(tail, k, n - k + 1)) if k else 0.0
+    hi = float(beta_dist.ppf(1 - tail, k + 1, n - k)) if k < n else 1.0
+    return lo, hi
+
+
+def survival_agreement(ours: dict, n_new: int, theirs_first_divergences: list, horizon: int) -> list[str]:
+    """How one rule's greedy survival differs from another's published runs (empty: not distinguishable).
+
+    Survival: our bootstrap interval of the share identical through the horizon against the exact
+    interval of their k of n. Early divergence: the two medians' bootstrap intervals (both resampling
+    prompts). Intervals that meet count as agreement.
+
+    Args:
+        ours: ``survival_summary`` of our runs, generated ``n_new`` tokens each.
+        theirs_first_divergences: their runs' first divergences (≥ horizon: identical through it).
+        horizon: their generation length.
+    Returns:
+        one phrase per statistic whose intervals do not meet, e.g. "the median first divergence is 30
+        (the revision: 14)".
+    """
+    theirs = survival_summary([None if d >= horizon else d for d in theirs_first_divergences], horizon)
+    k, n = round(theirs["identical"] * theirs["runs"]), theirs["runs"]
+    gaps = []
+    if not _meet(ours["identical_ci"], clopper_pearson(k, n)):
+        gaps.append(f"{ours['identical']:.0%} of runs stay identical through {n_new} tokens (the revision: {k} of {n})")
+    if not _meet(ours["median_ci"], theirs["median_ci"]):
+        gaps.append(f"the median first divergence is {ours['median']:.0f} (the revision: {theirs['median']:.0f})")
+    return gaps
+
+
+def _meet(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
