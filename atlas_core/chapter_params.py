@@ -141,8 +141,10 @@ def _sparse(p: dict) -> None:
         _fail("topks", p["topks"], "needs at least one value")
     if p["sweep_gen_tokens"] > p["gen_tokens"]:
         _fail("sweep_gen_tokens", p["sweep_gen_tokens"], f"exceeds gen_tokens ({p['gen_tokens']})")
-    if p["seq_len"] <= p["anchors"] + p["window"] + p["topk"]:
-        _fail("seq_len", p["seq_len"], "must be longer than anchors + window + topk, or nothing is dropped")
+    longest = p["anchors"] + max([p["window"], *p["windows"]]) + max([p["topk"], *p["topks"]])  # the sweep's too
+    if p["seq_len"] <= longest:
+        _fail("seq_len", p["seq_len"], f"must be longer than anchors + window + topk of every rule run ({longest}), "
+              "or nothing is dropped")
     _positive(p, "survival_prompts", "survival_prompt_tokens", "supports")
     _at_least(p, "survival_gen_tokens", 2)
     blocks = [(s - p["anchors"] - p["window"]) // p["page_size"] for s in p["supports"]]

@@ -415,6 +415,10 @@ def _wquant(args) -> None:
     cal = CalibConfig(**{k: v for k, v in given.items() if v is not None})
     gptq_config = GPTQConfig(act_order=args.act_order, sequential=not args.one_pass,
                              **({} if args.damp is None else {"damp": args.damp}))
+    gptq_only = [flag for flag, set_ in (("--damp", args.damp is not None), ("--act-order", args.act_order),
+                                         ("--one-pass", args.one_pass)) if set_]
+    if gptq_only and args.method != "gptq":
+        raise ValueError(f"{', '.join(gptq_only)} set GPTQ's settings; --method {args.method} has no use for them")
     if args.tokens < args.seq_len:
         raise ValueError(f"--tokens must be at least --seq-len ({args.seq_len})")
     lm = load_model(args.model, attn_implementation="sdpa")
@@ -424,7 +428,9 @@ def _wquant(args) -> None:
     r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge,
                    gptq_config=gptq_config, calib_config=cal)
     result = {"model": args.model, "corpus": args.corpus, "calib_corpus": cal.corpus, "calib_tokens": calib.numel(),
-              "tokens": blocks.numel(),
+              "calib_seq_len": cal.seq_len, "tokens": blocks.numel(),
+              **({"damp": gptq_config.damp, "act_order": gptq_config.act_order, "sequential": gptq_config.sequential}
+                 if args.method == "gptq" else {}),
               **{k: v for k, v in r.items() if k != "layers"}}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -37,6 +37,7 @@ def test_shipped_defaults_pass(chapter):
     ("sparse", "window", 0, "must be > 0"),
     ("sparse", "sweep_gen_tokens", 5000, "exceeds gen_tokens"),
     ("sparse", "seq_len", 64, "longer than anchors + window + topk"),
+    ("sparse", "seq_len", 256, "of every rule run (385)"),  # the sweep's W = 256, k = 128 (passed before)
     ("sparse", "supports", [97, 100], "anchors + window + page_size·r"),
     ("sparse", "survival_gen_tokens", 1, "must be ≥ 2"),
     ("models", "ppl_tokens", 1000, "multiple of ppl_seq_len"),

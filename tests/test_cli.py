@@ -106,7 +106,8 @@ def test_wquant_on_toy_model(capsys):
     assert main(args) == 0
     out = _json(capsys)
     assert out["method"] == "gptq" and out["bits"] == 3 and out["tokens"] == 256
-    assert out["calib_corpus"] == "britannica" and out["calib_tokens"] == 256
+    assert out["calib_corpus"] == "britannica" and out["calib_tokens"] == 256 and out["calib_seq_len"] == 64
+    assert (out["damp"], out["act_order"], out["sequential"]) == (0.01, False, True)  # the settings read back
     assert out["ppl"] > 0 and 0 < out["weight_error"] < 1 and out["output_error"] > 0
 
 
@@ -114,7 +115,11 @@ def test_wquant_on_toy_model(capsys):
                                            (["wquant", "--group", "0"], "group"),
                                            (["wquant", "--tokens", "10"], "--seq-len"),
                                            (["wquant", "--calib-tokens", "10"], "seq_len"),
-                                           (["wquant", "--damp", "2"], "damp")])
+                                           (["wquant", "--damp", "2"], "damp"),
+                                           (["wquant", "--damp", "0"], "damp"),  # was a Cholesky traceback
+                                           (["wquant", "--calib-seq-len", "0"], "seq_len"),  # was ZeroDivisionError
+                                           (["wquant", "--method", "rtn", "--damp", "0.1"], "no use"),  # was ignored
+                                           (["wquant", "--method", "awq", "--act-order"], "no use")])
 def test_wquant_bad_input_exits_2(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err

@@ -146,6 +146,8 @@ class CalibConfig:
     batch_size: int = 8  # blocks per forward; memory only, the statistics do not depend on it
 
     def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"calibration seq_len must be at least 2 tokens per block, got {self.seq_len}")
         if self.tokens < self.seq_len:
             raise ValueError(f"calibration tokens ({self.tokens}) must be at least seq_len ({self.seq_len})")
         if self.batch_size < 1:

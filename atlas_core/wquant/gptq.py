@@ -45,8 +45,8 @@ class GPTQConfig:
     block: int = 128
 
     def __post_init__(self):
-        if not 0 <= self.damp < 1:
-            raise ValueError(f"damp must be in [0, 1) (a fraction of mean diag H), got {self.damp!r}")
+        if not 0 < self.damp < 1:  # 0 leaves a singular H singular: Cholesky fails on unused inputs
+            raise ValueError(f"damp must be in (0, 1) (a fraction of mean diag H; the reference's 0.01), got {self.damp!r}")
         if self.block < 1:
             raise ValueError(f"block must be a positive number of columns, got {self.block!r}")
 
