@@ -1,0 +1,212 @@
+"""Seeded, paired block bootstrap: the one place every quoted figure gets its 95% interval (SPEC §11).
+
+The resampling unit is a block of text for teacher-forced figures and a prompt for greedy ones. A figure
+is a statistic of per-unit sums: a perplexity is exp(Σ_units NLL / Σ_units tokens), a KL or top-1
+agreement the ratio of the units' sums to their counts, so units of unequal length weigh by their tokens.
+Methods compared with each other are measured on the same units and resampled *together*: one draw of
+unit indices is shared by every method in a comparison (``draws``), so the interval of a difference or a
+ratio reflects how the methods differ on the same text, not how the texts differ.
+
+Each resample draws ``units`` indices with replacement (a NumPy ``Generator`` seeded with ``seed``); the
+interval is the percentile interval of the statistic over ``n_resamples`` draws (Efron & Tibshirani 1993,
+ch. 13). A comparison whose interval contains the null value (0 for a difference, 1 for a ratio) is "not
+distinguishable at this sample size" (``Estimate.distinguishable``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Bootstrap", "Estimate", "UnitSums", "unit_sums", "perplexity", "ppl_ratio", "ppl_difference",
+           "excess_removed", "mean", "mean_difference", "median", "share", "format_estimate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bootstrap:
+    """How intervals are drawn: resamples, level and the seed of the unit draws (SPEC §11: 2,000, 95%)."""
+
+    n_resamples: int = 2000
+    level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.n_resamples < 1:
+            raise ValueError(f"n_resamples must be ≥ 1, got {self.n_resamples}")
+        if not 0 < self.level < 1:
+            raise ValueError(f"level must lie in (0, 1), got {self.level}")
+
+    def draws(self, units: int) -> np.ndarray:
+        """(resample, unit) indices drawn with replacement; the same for every call with the same ``units``.
+
+        Raises:
+            ValueError: fewer than one unit.
+        """
+        if units < 1:
+            raise ValueError("a bootstrap needs at least one unit (block or prompt)")
+        return np.random.default_rng(self.seed).integers(0, units, size=(self.n_resamples, units))
+
+    def interval(self, resampled: np.ndarray) -> tuple[float, float]:
+        """Percentile interval of a statistic's resampled values (resample,); NaN draws are ignored."""
+        tail = (1 - self.level) / 2
+        lo, hi = np.nanquantile(np.asarray(resampled, dtype=np.float64), [tail, 1 - tail])
+        return float(lo), float(hi)
+
+
+DEFAULT = Bootstrap()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure, its interval and the number of resampled units."""
+
+    value: float
+    lo: float
+    hi: float
+    units: int
+
+    def distinguishable(self, null: float = 0.0) -> bool:
+        """True when the interval excludes ``null`` (0 for a difference, 1 for a ratio)."""
+        return not self.lo <= null <= self.hi
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "lo": self.lo, "hi": self.hi, "units": self.units}
+
+    def __format__(self, spec: str) -> str:
+        return format_estimate(self, spec or ".3g")
+
+
+def format_estimate(est: Estimate, spec: str = ".3g") -> str:
+    """"value [lo, hi]" with each number formatted by ``spec`` (e.g. ".2f", ".1%")."""
+    return f"{est.value:{spec}} [{est.lo:{spec}}, {est.hi:{spec}}]"
+
+
+@dataclass(frozen=True)
+class UnitSums:
+    """Per-unit sums and counts of a per-token quantity: total (unit,) and count (unit,)."""
+
+    total: np.ndarray
+    count: np.ndarray
+
+    def __post_init__(self):
+        if self.total.shape != self.count.shape or self.total.ndim != 1:
+            raise ValueError(f"total and count must be equal (unit,) vectors, got {self.total.shape} and {self.count.shape}")
+        if (self.count <= 0).any():
+            raise ValueError("every unit must hold at least one token")
+
+    def __len__(self) -> int:
+        return len(self.total)
+
+    def mean(self) -> float:
+        return float(self.total.sum() / self.count.sum())
+
+    def resampled_mean(self, idx: np.ndarray) -> np.ndarray:
+        """Ratio of sums over each draw of units, (resample,)."""
+        return self.total[idx].sum(1) / self.count[idx].sum(1)
+
+
+def unit_sums(values) -> UnitSums:
+    """Per-unit sums of a per-token quantity (NLL, KL, 0/1 agreement, discarded mass).
+
+    Args:
+        values: a (unit, token) tensor or array, or a sequence of per-unit 1-D ones (lengths may differ);
+            NaN entries (positions that do not count) are left out of both the sum and the count.
+    Returns:
+        ``UnitSums`` in float64.
+    """
+    if isinstance(values, UnitSums):
+        return values
+    total, count = [], []
+    for row in values:
+        r = row.detach().double().cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row, dtype=np.float64)
+        r = r.ravel()
+        keep = ~np.isnan(r)
+        total.append(r[keep].sum())
+        count.append(keep.sum())
+    return UnitSums(np.asarray(total, dtype=np.float64), np.asarray(count, dtype=np.float64))
+
+
+def _paired(*parts: UnitSums) -> int:
+    n = len(parts[0])
+    if any(len(p) != n for p in parts):
+        raise ValueError(f"paired figures need the same units for every method, got {[len(p) for p in parts]} units")
+    return n
+
+
+def _estimate(value: float, resampled: np.ndarray, units: int, boot: Bootstrap) -> Estimate:
+    lo, hi = boot.interval(resampled)
+    return Estimate(float(value), lo, hi, units)
+
+
+def perplexity(nll, boot: Bootstrap = DEFAULT) -> Estimate:
+    """Perplexity exp(Σ NLL / Σ tokens) with its block-bootstrap interval.
+
+    Args:
+        nll: per-token NLL in nats, (block, token) or per-block vectors, or their ``UnitSums``.
+    """
+    s = unit_sums(nll)
+    idx = boot.draws(len(s))
+    return _estimate(math.exp(s.mean()), np.exp(s.resampled_mean(idx)), len(s), boot)
+
+
+def ppl_ratio(nll_a, nll_b, boot: Bootstrap = DEFAULT) -> Estimate:
+    """PPL_a / PPL_b on the same blocks, paired; distinguishable when the interval excludes 1."""
+    a, b = unit_sums(nll_a), unit_sums(nll_b)
+    idx = boot.draws(_paired(a, b))
+    return _estimate(math.exp(a.mean() - b.mean()), np.exp(a.resampled_mean(idx) - b.resampled_mean(idx)), len(a), boot)
+
+
+def ppl_difference(nll_a, nll_b, boot: Bootstrap = DEFAULT) -> Estimate:
+    """PPL_a − PPL_b on the same blocks, paired; distinguishable when the interval excludes 0."""
+    a, b = unit_sums(nll_a), unit_sums(nll_b)
+    idx = boot.draws(_paired(a, b))
+    diff = np.exp(a.resampled_mean(idx)) - np.exp(b.resampled_mean(idx))
+    return _estimate(math.exp(a.mean()) - math.exp(b.mean()), diff, len(a), boot)
+
+
+def excess_removed(nll_base, nll_method, nll_fp, boot: Bootstrap = DEFAULT) -> Estimate:
+    """(PPL_base − PPL_method)/(PPL_base − PPL_fp), the three paired on the same blocks.
+
+    1 = all of the baseline's excess perplexity removed, 0 = none. A draw where the baseline does not
+    exceed fp leaves the fraction undefined (NaN) and out of the percentiles.
+    """
+    base, method, fp = (unit_sums(x) for x in (nll_base, nll_method, nll_fp))
+    idx = boot.draws(_paired(base, method, fp))
+    pb, pm, pf = (np.exp(s.resampled_mean(idx)) for s in (base, method, fp))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(pb > pf, (pb - pm) / (pb - pf), np.nan)
+    vb, vm, vf = (math.exp(s.mean()) for s in (base, method, fp))
+    value = (vb - vm) / (vb - vf) if vb != vf else math.nan
+    return _estimate(value, frac, len(base), boot)
+
+
+def mean(values, boot: Bootstrap = DEFAULT) -> Estimate:
+    """Token-weighted mean of a per-token quantity (KL, 0/1 agreement, discarded mass) over units."""
+    s = unit_sums(values)
+    return _estimate(s.mean(), s.resampled_mean(boot.draws(len(s))), len(s), boot)
+
+
+def mean_difference(values_a, values_b, boot: Bootstrap = DEFAULT) -> Estimate:
+    """mean(a) − mean(b) on the same units, paired."""
+    a, b = unit_sums(values_a), unit_sums(values_b)
+    idx = boot.draws(_paired(a, b))
+    return _estimate(a.mean() - b.mean(), a.resampled_mean(idx) - b.resampled_mean(idx), len(a), boot)
+
+
+def share(flags: Sequence[bool], boot: Bootstrap = DEFAULT) -> Estimate:
+    """Share of units where a flag holds (e.g. prompts identical through the horizon), prompts resampled."""
+    x = np.asarray(flags, dtype=np.float64).reshape(len(flags), -1)  # (unit, run)
+    idx = boot.draws(len(x))
+    return _estimate(x.mean(), x[idx].reshape(len(idx), -1).mean(1), len(x), boot)
+
+
+def median(values, boot: Bootstrap = DEFAULT, statistic: Callable = np.median) -> Estimate:
+    """Median (or another ``statistic``) of per-unit values, (unit,) or (unit, run): each drawn unit
+    brings all its runs (runs that share a prompt are resampled together)."""
+    x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # (unit, run)
+    idx = boot.draws(len(x))
+    return _estimate(float(statistic(x.ravel())), statistic(x[idx].reshape(len(idx), -1), axis=1), len(x), boot)

@@ -1,0 +1,102 @@
+"""The paired block bootstrap: values, pairing, determinism, and a plain-loop reference."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from atlas_core import interval
+from atlas_core.interval import Bootstrap
+
+
+def _nll(seed, blocks=12, tokens=50, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(blocks, tokens, generator=g) * 4 + shift).double()
+
+
+def test_perplexity_value_is_exp_mean_and_interval_brackets_it():
+    nll = _nll(0)
+    est = interval.perplexity(nll)
+    assert est.value == pytest.approx(math.exp(nll.mean().item()))
+    assert est.lo < est.value < est.hi and est.units == 12
+
+
+def test_unequal_blocks_weigh_by_tokens():
+    rows = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([4.0])]
+    assert interval.perplexity(rows).value == pytest.approx(math.exp(7 / 4))
+
+
+def test_nan_positions_are_left_out():
+    rows = torch.tensor([[1.0, float("nan")], [3.0, 3.0]])
+    assert interval.mean(rows).value == pytest.approx(7 / 3)
+
+
+def test_plain_loop_reference():
+    """Each draw recomputed by hand (a loop over resamples) gives the same percentile interval."""
+    a, b = _nll(1), _nll(2, shift=0.3)
+    boot = Bootstrap(n_resamples=200, seed=5)
+    est = interval.ppl_ratio(a, b, boot)
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, 12, size=(200, 12))
+    ratios = [math.exp(a[i].mean().item() - b[i].mean().item()) for i in idx]  # equal-length blocks
+    lo, hi = np.quantile(ratios, [0.025, 0.975])
+    assert (est.lo, est.hi) == pytest.approx((lo, hi), rel=1e-12)
+
+
+def test_paired_difference_of_identical_methods_is_exactly_zero():
+    a = _nll(3)
+    est = interval.ppl_difference(a, a.clone())
+    assert (est.value, est.lo, est.hi) == (0.0, 0.0, 0.0)
+    assert not est.distinguishable()
+
+
+def test_pairing_narrows_a_shared_block_effect():
+    """Two methods that differ by a small constant on blocks that differ a lot: paired is tight, and
+    a ratio's interval excludes 1."""
+    block = torch.linspace(0, 3, 20)[:, None]
+    a = block + _nll(4, blocks=20) * 0.01
+    b = a + 0.02
+    est = interval.ppl_ratio(b, a)
+    assert est.distinguishable(null=1.0)
+    assert est.hi - est.lo < 1e-3
+    wide = interval.perplexity(a)
+    assert wide.hi / wide.lo > 1.5
+
+
+def test_same_seed_same_interval_and_seed_matters():
+    a = _nll(6)
+    assert interval.perplexity(a) == interval.perplexity(a)
+    assert interval.perplexity(a, Bootstrap(seed=1)) != interval.perplexity(a, Bootstrap(seed=2))
+
+
+def test_excess_removed():
+    fp = _nll(7)
+    base = fp + 0.5
+    half = fp + 0.25
+    est = interval.excess_removed(base, half, fp)
+    pb, ph, pf = (math.exp(x.mean().item()) for x in (base, half, fp))
+    assert est.value == pytest.approx((pb - ph) / (pb - pf))
+    assert est.lo <= est.value <= est.hi
+
+
+def test_unpaired_units_refused():
+    with pytest.raises(ValueError, match="same units"):
+        interval.ppl_ratio(_nll(0, blocks=5), _nll(1, blocks=6))
+
+
+def test_median_and_share_resample_prompts_with_all_their_runs():
+    steps = np.array([[1, 2], [30, 40], [128, 128]])
+    est = interval.median(steps)
+    assert est.value == pytest.approx(np.median(steps)) and est.units == 3
+    s = interval.share([[False, True], [True, True], [False, False]])
+    assert s.value == pytest.approx(0.5) and 0 <= s.lo <= s.hi <= 1
+
+
+def test_format_and_bad_config():
+    est = interval.Estimate(1.0, 0.5, 2.0, 3)
+    assert f"{est:.2f}" == "1.00 [0.50, 2.00]"
+    with pytest.raises(ValueError):
+        Bootstrap(level=1.5)
+    with pytest.raises(ValueError):
+        Bootstrap().draws(0)
