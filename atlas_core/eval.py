@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 
 
 def token_logprobs(logits: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 

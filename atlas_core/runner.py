@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from atlas_core.cache import atomic_path, write_json
+from atlas_core.progress import CHAPTER_ENV, chapter_label
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m"
@@ -259,6 +261,20 @@ def _remove_stale_stages(out_dir: Path, chapter: str) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """Set one environment variable for the block (child processes inherit it); restore it after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def run_chapter(
     chapter: str,
     model: str = DEFAULT_MODEL,
@@ -309,12 +325,15 @@ def run_chapter(
         work.mkdir()
         src_ipynb, executed = stage / f"{chapter}.src.ipynb", stage / target.name
         nbformat.write(nb, src_ipynb)
+        name = chapter_label(chapter, model)
         try:
-            papermill.execute_notebook(
-                str(src_ipynb), str(executed),
-                parameters={"model": model, **values, "results_dir": "."},
-                kernel_name=kernel_name(), language="python", cwd=str(work), progress_bar=True,
-            )
+            with _environment(CHAPTER_ENV, name):  # the kernel inherits it: its bars name the chapter
+                papermill.execute_notebook(
+                    str(src_ipynb), str(executed),
+                    parameters={"model": model, **values, "results_dir": "."},
+                    kernel_name=kernel_name(), language="python", cwd=str(work),
+                    progress_bar={"desc": f"{name}: cells"},
+                )
         except PapermillExecutionError as err:
             raise ChapterError(f"chapter {chapter!r} ({model}) failed: {_summarise(err)}") from None
         if not (work / f"{chapter}.json").exists():

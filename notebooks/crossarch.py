@@ -68,7 +68,7 @@ import numpy as np
 import pandas as pd
 from myst_nb import glue
 from scipy.stats import rankdata
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core.cache import write_json
 from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj, point_indices

@@ -92,7 +92,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core.cache import write_json
 from atlas_core.glue import prefixed_glue

@@ -48,7 +48,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from myst_nb import glue
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, corpus_stats, token_blocks

@@ -170,3 +170,24 @@ def test_pages_with_cross_document_glue_are_touched(tmp_path):
     touched = runner.touch_cross_document_glue(tmp_path)
     assert touched == [tmp_path / "claims.md"]
     assert (tmp_path / "claims.md").stat().st_mtime > 0 and (tmp_path / "plain.md").stat().st_mtime == 0
+
+
+def test_every_progress_bar_of_a_run_names_its_chapter(tmp_path, capfd):
+    """Two chapters at once: papermill's bar (the runner's terminal) and the library's bars (inside the
+    kernel) both carry "<chapter> [<model>]"; outside a run the environment is left as it was."""
+    body = (
+        "import json, pathlib\n"
+        "from atlas_core.progress import tqdm\n"
+        "for _ in tqdm(range(3), desc='perplexity'):\n"
+        "    pass\n"
+        "pathlib.Path(results_dir, 'toy.json').write_text('{}')"
+    )
+    source = write_chapter(tmp_path, body)
+    before = os.environ.get("ATLAS_CHAPTER")
+    path = runner.run_chapter("toy", "tiny", {}, tmp_path / "out", source)
+    terminal = capfd.readouterr().err
+    assert "toy [tiny]: cells" in terminal
+    streams = "".join("".join(o.get("text", "")) for c in json.loads(path.read_text())["cells"]
+                      for o in c.get("outputs", []) if o.get("name") == "stderr")
+    assert "toy [tiny]: perplexity" in streams
+    assert os.environ.get("ATLAS_CHAPTER") == before

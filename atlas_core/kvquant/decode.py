@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 from transformers import DynamicCache
 
 from atlas_core.eval import token_nll

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy.stats import beta as beta_dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core.eval import token_logprobs
 from atlas_core.geometry import bootstrap_ci

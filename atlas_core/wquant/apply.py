@@ -17,7 +17,7 @@ tr(E H Eᵀ) / tr(W H Wᵀ), E = W − Ŵ.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 from transformers.pytorch_utils import Conv1D
 
 from atlas_core.wquant.awq import AWQConfig, AWQLayer, awq_quantize, awq_search, output_error

@@ -45,7 +45,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 from transformers.pytorch_utils import Conv1D
 
 from atlas_core.wquant.calib import BlockInputs, LayerStats, add_inputs, block_inputs, decoder_blocks, weight_of

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from atlas_core.progress import tqdm  # names the running chapter
 from transformers.pytorch_utils import Conv1D
 
 from atlas_core.models import LoadedModel
