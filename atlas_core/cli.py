@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--prefill", type=int, default=128, help="tokens of each block prefilled before decoding")
     k.add_argument("--calib-tokens", type=int, default=4096, help="HeadQ calibration tokens (calib split)")
     k.add_argument("--seed", type=int, default=0, help="seed of the random-basis control")
+    k.add_argument("--engine", default=None, choices=["onepass", "decode"],
+                   help="onepass: one forward per batch of blocks; decode: token by token through the cache (the reference); "
+                        "default: kvquant.experiment.EvalSetup's")
+    k.add_argument("--batch", type=int, default=None, help="blocks per forward (default: EvalSetup's)")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_kvquant)
 
@@ -278,34 +282,40 @@ def _ppl(args) -> None:
 
 def _kvquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
-    from atlas_core.kvquant.experiment import KVMethod, compare
+    from atlas_core.kvquant.experiment import EvalSetup, KVMethod, compare
     from atlas_core.models import load_model
 
     method = KVMethod(args.method, args.kbits, args.vbits, args.group, args.residual, args.rank, args.side_bits,
                       args.control, args.pre_rope, args.seed, args.base)  # validated before the model loads
+    chosen = {k: v for k, v in (("engine", args.engine), ("batch", args.batch)) if v is not None}
+    setup = EvalSetup(prefill=args.prefill, **chosen)
     if args.tokens < args.seq_len or not 1 <= args.prefill < args.seq_len - 1:
         raise ValueError(f"need --tokens ≥ --seq-len ({args.seq_len}) and 1 ≤ --prefill < {args.seq_len - 1}")
-    lm = load_model(args.model)
+    lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
     eval_blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
     calib = None
     if method.method == "headq":
         n_calib = max(1, args.calib_tokens // args.seq_len)
         calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_calib, "calib", lm.spec.add_bos))
     start = time.perf_counter()
-    r = compare(lm, eval_blocks, method, calib, args.prefill, progress=sys.stderr.isatty())
+    r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty())
     result = {"model": args.model, "corpus": args.corpus, "tokens": eval_blocks.numel(), "seq_len": args.seq_len,
-              "prefill": args.prefill, "method": r["method"]["label"], "ppl": r["method"]["ppl"],
-              "ppl_fp": r["fp"]["ppl"], "baseline": r["baseline"] and r["baseline"]["label"],
-              "ppl_baseline": r["baseline"] and r["baseline"]["ppl"], "excess_removed": r["excess_removed"],
-              "bits_key": r["method"]["bits_key"], "bits_value": r["method"]["bits_value"],
+              "blocks": len(eval_blocks), "prefill": args.prefill, "scored_tokens": r["method"]["nll"].numel(),
+              "engine": setup.engine, "method": r["method"]["label"], "baseline": r["baseline"] and r["baseline"]["label"],
+              **{name: est.as_dict() for name, est in r["figures"].items()},  # value, lo, hi (95%), units (blocks)
+              "verdict": r["verdict"], "bits_key": r["method"]["bits_key"], "bits_value": r["method"]["bits_value"],
               "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    line = f"{args.model} {result['method']}: perplexity {result['ppl']:.3f} (fp {result['ppl_fp']:.3f}"
+    f = r["figures"]
+    line = f"{args.model} {result['method']}: perplexity {f['ppl']:.3f} (fp {f['ppl_fp']:.3f}"
     if result["baseline"]:
-        line += f", {result['baseline']} {result['ppl_baseline']:.3f}; excess removed {result['excess_removed']:.1%}"
-    print(line + f"); stored bits per key {result['bits_key']:.3f}, per value {result['bits_value']:.3f}")
+        line += f", {result['baseline']} {f['ppl_baseline']:.3f}); it {r['verdict']}"
+    else:
+        line += ")"
+    print(line + f"; stored bits per key {result['bits_key']:.3f}, per value {result['bits_value']:.3f}; "
+          f"95% intervals over {len(eval_blocks)} blocks")
 
 
 def _run(args) -> None:

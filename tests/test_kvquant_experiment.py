@@ -2,12 +2,18 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from atlas_core.cli import main
-from atlas_core.kvquant.experiment import KVMethod, compare, evaluate
+from atlas_core import interval
+from atlas_core.interval import Estimate
+from atlas_core.kvquant.experiment import (EvalSetup, KVMethod, Runs, compare, evaluate, lower_verdict, lowest_verdict,
+                                           removal_verdict, side_code)
 from atlas_core.models import load_model
+
+DECODE = EvalSetup(engine="decode", prefill=8, batch=1)
 
 
 @pytest.mark.parametrize(
@@ -50,41 +56,127 @@ def test_kivi_is_kivis_rule_and_per_channel_is_ours():
     assert KVMethod("headq", 2, base="kivi").kv_config().residual_rule == "kivi"
 
 
-def test_compare_reports_fp_baseline_and_fraction():
+def test_compare_reports_fp_baseline_and_fraction_with_intervals():
     lm = load_model("toy-llama")
     gen = torch.Generator().manual_seed(0)
-    ids, calib = torch.randint(4, 260, (2, 40), generator=gen), torch.randint(4, 260, (2, 40), generator=gen)
-    r = compare(lm, ids, KVMethod("headq", 2, group=16, rank=4), calib, prefill=8)
+    ids, calib = torch.randint(4, 260, (3, 40), generator=gen), torch.randint(4, 260, (2, 40), generator=gen)
+    r = compare(lm, ids, KVMethod("headq", 2, group=16, rank=4), calib, DECODE)
     assert r["baseline"]["label"].startswith("per-token K2")
-    base, fp, hq = r["baseline"]["ppl"], r["fp"]["ppl"], r["method"]["ppl"]
-    assert r["excess_removed"] == pytest.approx((base - hq) / (base - fp))
+    assert r["method"]["nll"].shape == (3, 40 - 8 - 1)  # per block, per scored token
+    f = r["figures"]
+    base, fp, hq = f["ppl_baseline"].value, f["ppl_fp"].value, f["ppl"].value
+    assert f["excess_removed"].value == pytest.approx((base - hq) / (base - fp))
+    assert f["difference_baseline"].value == pytest.approx(hq - base) and f["ratio_fp"].value == pytest.approx(hq / fp)
+    assert hq == pytest.approx(math.exp(r["method"]["nll"].mean().item()))
+    assert all(e.units == 3 for e in f.values())
+    assert all(e.lo <= e.value <= e.hi for name, e in f.items() if name != "excess_removed")  # the toy's base may beat fp
+    paired = interval.excess_removed(r["baseline"]["nll"], r["method"]["nll"], r["fp"]["nll"])  # same blocks, one draw
+    np.testing.assert_equal(f["excess_removed"].as_dict(), paired.as_dict())  # NaN bounds compare equal here
+    assert r["verdict"] == removal_verdict(f["excess_removed"], f["difference_baseline"])
     assert r["method"]["bits_key"] > r["baseline"]["bits_key"] and r["fp"]["bits_key"] == 32.0  # measured: fp32 held
-    assert compare(lm, ids, KVMethod("per-token", 2, group=16), prefill=8)["excess_removed"] is None
+    plain = compare(lm, ids, KVMethod("per-token", 2, group=16), setup=DECODE)
+    assert plain["verdict"] is None and "excess_removed" not in plain["figures"]
     with pytest.raises(ValueError, match="calibration"):
-        compare(lm, ids, KVMethod("headq"), None, prefill=8)
+        compare(lm, ids, KVMethod("headq"), None, DECODE)
+
+
+def test_batched_blocks_score_like_one_batch():
+    lm = load_model("toy-qwen2")
+    ids = torch.randint(4, 260, (3, 30), generator=torch.Generator().manual_seed(2))
+    m = KVMethod("kivi", 2, 2, group=8)
+    whole = evaluate(lm, ids, m, setup=EvalSetup(engine="decode", prefill=8, batch=3))
+    split = evaluate(lm, ids, m, setup=EvalSetup(engine="decode", prefill=8, batch=2))
+    torch.testing.assert_close(whole["nll"], split["nll"], atol=1e-5, rtol=1e-5)
+    assert whole["bits_key"] == split["bits_key"] and whole["bits_value"] == split["bits_value"]
+
+
+def test_runs_reuse_fp_and_calibration_and_match_fresh_side_codes(monkeypatch):
+    lm = load_model("toy-llama")
+    gen = torch.Generator().manual_seed(3)
+    ids, calib = torch.randint(4, 260, (2, 32), generator=gen), torch.randint(4, 260, (2, 32), generator=gen)
+    runs = Runs(lm, ids, calib, DECODE)
+    calls = []
+    import atlas_core.kvquant.experiment as ex
+    real = ex.query_covariances
+    monkeypatch.setattr(ex, "query_covariances", lambda *a: calls.append(1) or real(*a))
+    for r in (2, 4):
+        m = KVMethod("headq", 2, group=16, rank=r)
+        runs.compare(m)
+        fresh = evaluate(lm, ids, m, side_code(lm, m, calib), DECODE)  # calibrated at this rank alone
+        torch.testing.assert_close(runs.nll(m), fresh["nll"])
+    runs.compare(KVMethod("headq", 2, group=16, rank=4, control="wrong-sign"))
+    assert len(calls) == 1  # Σ_q once for every rank and the wrong-sign control
+    assert KVMethod("fp") in runs.done and len(runs.done) == 5  # fp, per-token baseline, three HeadQ runs
+
+
+def test_headq_needs_its_side_code_and_others_refuse_one():
+    lm = load_model("toy-llama")
+    ids = torch.randint(4, 260, (1, 24), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="side code"):
+        evaluate(lm, ids, KVMethod("headq", 2, group=16), None, DECODE)
+    with pytest.raises(ValueError, match="engine"):
+        EvalSetup(engine="fast")
+    with pytest.raises(ValueError, match="batch"):
+        EvalSetup(batch=0)
+
+
+def est(value, lo, hi):
+    return Estimate(value, lo, hi, 32)
+
+
+@pytest.mark.parametrize(
+    "difference, expected",
+    [(est(-2.0, -3.0, -1.0), "removes 62.0% [48.0%, 75.0%] of the excess"),
+     (est(-0.5, -1.5, 0.4), "is not distinguishable from its baseline at this sample size (removes 62.0% [48.0%, 75.0%] of the excess)"),
+     (est(1.0, 0.5, 2.0), "adds to the excess (removes 62.0% [48.0%, 75.0%])")],
+)
+def test_removal_verdict(difference, expected):
+    assert removal_verdict(est(0.62, 0.48, 0.75), difference) == expected
+
+
+def test_lower_and_lowest_verdicts_say_when_the_sample_cannot_tell():
+    gen = torch.Generator().manual_seed(5)
+    base = 2.0 + 0.5 * torch.rand(32, 64, generator=gen)
+    noise = 0.05 * torch.randn(32, 64, generator=gen)
+    clearly_lower, same = base - 0.3, base + noise
+    assert lower_verdict(clearly_lower, base, "A", "B").startswith("A is lower than B (perplexity ratio 0.7")
+    assert lower_verdict(base + 0.3, base, "A", "B").startswith("A is higher than B")
+    tied = lower_verdict(same, base, "A", "B")
+    assert tied.startswith("A and B are not distinguishable at this sample size"), tied
+    assert lowest_verdict({"A": clearly_lower, "B": base}, "A") == ("A", "A is lower than every other")
+    assert lowest_verdict({"A": base, "B": clearly_lower}, "A") == ("B", "B is lower than A")
+    best, text = lowest_verdict({"A": base, "B": same, "C": base + 0.3}, "A")
+    assert "not distinguishable" in text and "C" not in text.split("from")[-1]
+    with pytest.raises(ValueError, match="not among"):
+        lowest_verdict({"A": base}, "Z")
 
 
 def test_pre_rope_runs_on_rope_models_and_is_refused_on_gpt2():
     ids = torch.randint(4, 260, (1, 24), generator=torch.Generator().manual_seed(1))
-    r = evaluate(load_model("toy-qwen2"), ids, KVMethod("kivi", 2, group=8, pre_rope=True), prefill=8)
-    assert math.isfinite(r["ppl"]) and r["label"].endswith("pre-RoPE")
+    r = evaluate(load_model("toy-qwen2"), ids, KVMethod("kivi", 2, group=8, pre_rope=True), setup=DECODE)
+    assert math.isfinite(r["ppl"].value) and r["label"].endswith("pre-RoPE")
     with pytest.raises(ValueError, match="no RoPE"):
-        evaluate(load_model("toy-gpt2"), ids, KVMethod("kivi", 2, group=8, pre_rope=True), prefill=8)
+        evaluate(load_model("toy-gpt2"), ids, KVMethod("kivi", 2, group=8, pre_rope=True), setup=DECODE)
 
 
 def test_cli_kvquant_json(capsys):
     args = ["kvquant", "--model", "toy-llama", "--corpus", "pydoc", "--method", "headq", "--tokens", "128",
-            "--seq-len", "64", "--prefill", "16", "--group", "16", "--rank", "4", "--calib-tokens", "128", "--json"]
+            "--seq-len", "64", "--prefill", "16", "--group", "16", "--rank", "4", "--calib-tokens", "128",
+            "--engine", "decode", "--json"]
     assert main(args) == 0
     out = __import__("json").loads(capsys.readouterr().out)
-    assert out["tokens"] == 128 and out["baseline"].startswith("per-token") and 0 < out["bits_key"] < 16
-    assert out["ppl_fp"] > 0 and out["excess_removed"] is not None
+    assert out["tokens"] == 128 and out["blocks"] == 2 and out["scored_tokens"] == 2 * (64 - 16 - 1)
+    assert out["baseline"].startswith("per-token") and 0 < out["bits_key"] < 16 and out["engine"] == "decode"
+    for name in ("ppl", "ppl_fp", "ratio_fp", "ppl_baseline", "difference_baseline", "excess_removed"):
+        assert set(out[name]) == {"value", "lo", "hi", "units"} and out[name]["units"] == 2
+        assert name == "excess_removed" or out[name]["lo"] <= out[name]["value"] <= out[name]["hi"]  # toy: base ≈ fp
+    assert out["ppl_fp"]["value"] > 0 and isinstance(out["verdict"], str)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [(["--method", "kivi", "--control", "wrong-sign"], "headq only"), (["--kbits", "9"], "kbits"),
-     (["--tokens", "10"], "--tokens"), (["--prefill", "600"], "--prefill")],
+     (["--tokens", "10"], "--tokens"), (["--prefill", "600"], "--prefill"), (["--batch", "0"], "batch")],
 )
 def test_cli_kvquant_bad_input_exits_2(args, message, capsys):
     assert main(["kvquant", "--model", "toy-llama", *args]) == 2
@@ -98,7 +190,38 @@ def test_smollm2_headq_beats_its_base_and_wrong_sign_hurts(smollm2):
     spec = smollm2.spec
     ids = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 192, 1, "eval", spec.add_bos))
     calib = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 256, 2, "calib", spec.add_bos))
-    r = compare(smollm2, ids, KVMethod("headq", 2), calib, prefill=64)
-    wrong = compare(smollm2, ids, KVMethod("headq", 2, control="wrong-sign"), calib, prefill=64)
-    assert r["fp"]["ppl"] < r["method"]["ppl"] < r["baseline"]["ppl"] < wrong["method"]["ppl"]
+    runs = Runs(smollm2, ids, calib, EvalSetup(prefill=64))
+    r = runs.compare(KVMethod("headq", 2))
+    wrong = runs.compare(KVMethod("headq", 2, control="wrong-sign"))
+    assert r["fp"]["ppl"].value < r["method"]["ppl"].value < r["baseline"]["ppl"].value < wrong["method"]["ppl"].value
     assert r["method"]["bits_key"] == pytest.approx(4.0)  # 2 + 32/32 + (8·4 + 32)/64
+
+
+def test_onepass_engine_equals_the_decode_reference_through_runs():
+    pytest.importorskip("atlas_core.kvquant.onepass")  # the engine lands in its own commit
+    lm = load_model("toy-qwen2")
+    gen = torch.Generator().manual_seed(6)
+    ids, calib = torch.randint(4, 260, (3, 40), generator=gen), torch.randint(4, 260, (2, 40), generator=gen)
+    one, ref = Runs(lm, ids, calib, EvalSetup(engine="onepass", prefill=8, batch=2)), Runs(lm, ids, calib, DECODE)
+    for m in (KVMethod("fp"), KVMethod("kivi", 2, 2, group=8), KVMethod("headq", 2, 3, group=8, rank=4)):
+        torch.testing.assert_close(one.nll(m), ref.nll(m), atol=2e-4, rtol=0)
+        assert one(m)["bits_key"] == ref(m)["bits_key"] and one(m)["bits_value"] == ref(m)["bits_value"]
+
+
+def test_a2_value_policy_is_measured_at_equal_payload_bits():
+    m = KVMethod("per-token", 2, 3, group=8, a2_low=2)
+    assert m.baseline() == KVMethod("per-token", 2, 3, group=8) and m.label().endswith("A²(2b/fp)")
+    assert m.value_policy().low == 2 and KVMethod("kivi", 2, 3).value_policy() is None
+    for bad in ({"vbits": 16}, {"a2_low": 3}, {"method": "fp"}):
+        with pytest.raises(ValueError, match="A² value policy"):
+            KVMethod(**({"method": "per-token", "kbits": 2, "vbits": 3, "a2_low": 2} | bad))
+    lm = load_model("toy-llama")
+    ids = torch.randint(4, 260, (2, 40), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="onepass"):
+        evaluate(lm, ids, m, setup=DECODE)
+    pytest.importorskip("atlas_core.kvquant.onepass")
+    runs = Runs(lm, ids, None, EvalSetup(engine="onepass", prefill=8))
+    r = runs.compare(m)
+    assert r["baseline"]["label"] == KVMethod("per-token", 2, 3, group=8).label()
+    assert r["method"]["value_payload"] <= 3 and r["baseline"]["value_payload"] == 3  # never above the uniform budget
+    assert r["method"]["bits_value"] == r["baseline"]["bits_value"]  # the cache's bytes: the same layout

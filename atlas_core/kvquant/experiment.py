@@ -13,25 +13,36 @@
   the smallest that KIVI's code accepts; KIVI's own examples use 128);
 - ``headq`` (+ a control): side codes on top of a base key quantizer (``base``).
 
-``evaluate`` runs decode-style perplexity through the cache; ``compare`` adds the fp reference and the
-method's same-bits baseline and reports the fraction of excess perplexity removed.
+``evaluate`` measures decode-time NLL through the cache, block by block; ``Runs`` memoises evaluations
+on one set of evaluation blocks (the fp reference and HeadQ's calibration computed once, reused by every
+method); ``compare`` adds the fp reference and the method's same-bits baseline. Every figure carries its
+95% interval from ``atlas_core.interval`` (blocks resampled, the methods of a comparison paired on the
+same blocks), and ``removal_verdict`` / ``lower_verdict`` state what the intervals allow one to say.
+
+Engines (``EvalSetup.engine``): "onepass" (``atlas_core.kvquant.onepass``: one forward per batch of
+blocks, each query seeing every key as the cache would hand it back) is the default; "decode"
+(``decode.decode_nll``: prefill, then one token at a time through ``QuantizedKVCache``) is the reference
+the one-pass engine is tested against.
 
 Baselines: HeadQ's baseline is its own base quantizer without the side code (per-token keys by default,
 or ``base="per-channel"``/``"kivi"``, at the same bits, group and residual); KIVI's and per-channel's is
 per-token at the same bits and residual (so the fraction says how much of per-token's excess they remove);
-per-token and fp have none.
+per-token and fp have none. A method with the A² value policy (``a2_low``: values at ``a2_low`` bits, the
+most attended ones in full precision, chosen causally at the mean payload bits ``vbits``; one-pass engine
+only) is measured against the same method with uniform ``vbits``-bit values: equal payload bits.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from atlas_core import interval
+from atlas_core.interval import Bootstrap, Estimate
 from atlas_core.kvquant.cache import KVQuantConfig
-from atlas_core.kvquant.decode import decode_nll, excess_removed
-from atlas_core.kvquant.headq import SideCode, calibrate
+from atlas_core.kvquant.decode import decode_nll
+from atlas_core.kvquant.headq import SideCode, calibrate, query_covariances, top_eigenvectors
 from atlas_core.kvquant.quant import QuantSpec
 from atlas_core.models import LoadedModel
 
@@ -39,6 +50,8 @@ METHODS = ("fp", "per-token", "per-channel", "kivi", "headq")
 BASES = ("per-token", "per-channel", "kivi")  # HeadQ's base key quantizers
 CONTROLS = ("none", "wrong-sign", "random-basis", "key-pca")
 DENSE = 16  # vbits=16: values kept in full precision (K-only)
+ENGINES = ("onepass", "decode")
+TIE = "not distinguishable at this sample size"
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class KVMethod:
     pre_rope: bool = False
     seed: int = 0  # the random-basis control
     base: str = "per-token"  # HeadQ's base key quantizer: one of BASES
+    a2_low: int | None = None  # A² value policy: most values at a2_low bits, the most attended in fp, mean payload vbits
 
     def __post_init__(self):
         if self.residual is None:  # frozen: resolved once here, so equal settings compare equal
@@ -72,6 +86,9 @@ class KVMethod:
             raise ValueError(f"kbits must be 1..8 and vbits 1..8 or 16 (dense), got {self.kbits}, {self.vbits}")
         if self.rank < 1 or not 1 <= self.side_bits <= 8 or self.residual < 0:
             raise ValueError("rank must be ≥ 1, side bits 1..8 and residual ≥ 0")
+        if self.a2_low is not None and (self.method == "fp" or self.vbits == DENSE or not 1 <= self.a2_low < self.vbits):
+            raise ValueError(f"the A² value policy needs quantized values (--vbits 1..8) and 1 ≤ low bits < --vbits, "
+                             f"got low {self.a2_low}, vbits {self.vbits}")
         if self.key_base() == "kivi" and (self.residual < 1 or self.residual % self.group):
             raise ValueError(f"KIVI's residual must be a positive multiple of --group ({self.group}), got {self.residual} "
                              "(KIVI's code asserts residual_length % group_size == 0)")
@@ -90,6 +107,7 @@ class KVMethod:
         if self.method == "headq":
             text += f" r{self.rank}b{self.side_bits}" + ("" if self.control == "none" else f" ({self.control})")
             text += "" if self.base == "per-token" else f" on {self.base}"
+        text += "" if self.a2_low is None else f" A²({self.a2_low}b/fp)"
         return text + (" pre-RoPE" if self.pre_rope else "")
 
     def kv_config(self) -> KVQuantConfig | None:
@@ -102,6 +120,14 @@ class KVMethod:
         rule = "kivi" if base == "kivi" else "recent"
         return KVQuantConfig(key, value, self.residual, pre_rope=self.pre_rope, memo=True, residual_rule=rule)
 
+    def value_policy(self):
+        """The causal A² value policy (``policy.ValuePolicy``) for the engine, or None for uniform values."""
+        if self.a2_low is None:
+            return None
+        from atlas_core.kvquant.policy import ValuePolicy
+
+        return ValuePolicy(low=self.a2_low)
+
     def canonical(self) -> KVMethod:
         """The same method with the settings it ignores reset to their defaults (a key for memoising runs)."""
         default = KVMethod()
@@ -112,11 +138,43 @@ class KVMethod:
         return self if self.control == "random-basis" else replace(self, seed=default.seed)
 
     def baseline(self) -> KVMethod | None:
-        """The same-bits method this one is measured against (None for fp and per-token)."""
+        """The same-bits method this one is measured against (None for fp and per-token); with the A² value
+        policy, the same method with uniform values at the same payload bits."""
+        if self.a2_low is not None:
+            return replace(self, a2_low=None).canonical()
         if self.method in ("headq", "per-channel", "kivi"):
             base = self.base if self.method == "headq" else "per-token"
             return replace(self, method=base, control="none").canonical()
         return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSetup:
+    """How decode perplexity is measured: the engine, the prefill, blocks per forward and the bootstrap.
+
+    ``engine``: "onepass" (one forward per batch of blocks; ``atlas_core.kvquant.onepass``) or "decode"
+    (token by token through ``QuantizedKVCache``; ``decode.decode_nll``), the reference that tests hold the
+    one-pass engine equal to. Both score the same tokens (prefill + 1 … T − 1 of each block).
+    """
+
+    engine: str = "decode"  # "onepass" once atlas_core.kvquant.onepass lands
+    prefill: int = 128  # tokens of each block prefilled (attending in full precision) before scoring starts
+    batch: int = 4  # blocks per forward (speed and memory only: every block is scored alike)
+    boot: Bootstrap = field(default_factory=Bootstrap)
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.prefill < 1 or self.batch < 1:
+            raise ValueError(f"prefill and batch must be ≥ 1, got {self.prefill} and {self.batch}")
+
+    def nll_function(self):
+        """The engine's ``(model, blocks, kv, side, prefill) -> (nll (batch, T − prefill − 1), bits)``."""
+        if self.engine == "decode":
+            return decode_nll
+        from atlas_core.kvquant.onepass import onepass_nll  # the engine helper's module
+
+        return onepass_nll
 
 
 def side_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor, bases: dict | None = None) -> SideCode | None:
@@ -135,25 +193,200 @@ def side_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor, bases: dic
     return SideCode(cut, method.side_bits, -1.0 if method.control == "wrong-sign" else 1.0)
 
 
-def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: SideCode | None = None, prefill: int = 128, progress: bool = False) -> dict:
-    """Decode perplexity of ``method`` on eval blocks (block, token) and the bits per key and value element
-    its cache held at the end (measured from the bytes: codes, scales, zeros, side codes, fp windows in the
-    model's dtype; the fp cache's too)."""
+def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: SideCode | None = None,
+             setup: EvalSetup = EvalSetup(), progress: bool = False) -> dict:
+    """Decode-time NLL of ``method`` on evaluation blocks, and the bits its cache held.
+
+    Args:
+        blocks: (block, token) token ids of the evaluation split, fed ``setup.batch`` blocks at a time.
+        side: HeadQ's side code (``side_code``); None for every other method.
+    Returns:
+        {"label", "nll": (block, token − prefill − 1) NLL in nats (float64), "ppl": ``Estimate`` (95%
+        block-bootstrap interval), "bits_key", "bits_value": bits per key / value element measured from the
+        bytes the cache held at the end (codes, scales, zeros, side codes, fp windows in the model's dtype;
+        the fp cache's too), "value_payload": mean payload bits per value element (the A² policy's as spent, over
+        all blocks; otherwise ``vbits``)}
+    Raises:
+        ValueError: pre-RoPE on GPT-2; HeadQ without its side code; the A² policy under the decode engine; a
+            prefill that leaves nothing to score.
+    """
     if method.pre_rope and lm.spec.family == "gpt2":
         raise ValueError("GPT-2 has no RoPE: --pre-rope does not apply")
-    nll, bits = decode_nll(lm.model, blocks, method.kv_config(), side, prefill, progress=progress)  # bits measured, fp too
-    return {"label": method.label(), "ppl": math.exp(nll.double().mean().item()), "bits_key": bits["key"], "bits_value": bits["value"]}
+    if (method.method == "headq") != (side is not None):
+        raise ValueError(f"{method.label()}: a side code is needed by HeadQ and by no other method (see side_code)")
+    nll_of, extra = setup.nll_function(), {}
+    if method.a2_low is not None:
+        if setup.engine != "onepass":
+            raise ValueError(f"{method.label()}: the A² value policy needs attention weights: only the onepass engine runs it")
+        extra["value_policy"] = method.value_policy()
+    parts, bits, payload = [], None, []
+    for start in range(0, len(blocks), setup.batch):
+        nll, held = nll_of(lm.model, blocks[start : start + setup.batch], method.kv_config(), side, setup.prefill,
+                           progress=progress, **extra)  # (batch, token − prefill − 1)
+        parts.append(nll.double())
+        bits = bits or held  # blocks of one length: every batch's cache holds the same bits per element
+        payload.append(held.get("value_payload", method.vbits) * len(nll))
+    nll = torch.cat(parts)
+    return {"label": method.label(), "nll": nll, "ppl": interval.perplexity(nll, setup.boot),
+            "bits_key": bits["key"], "bits_value": bits["value"],
+            "value_payload": sum(payload) / len(nll)}  # mean payload bits per value (A²: as spent; else vbits)
 
 
-def compare(lm: LoadedModel, eval_blocks: torch.Tensor, method: KVMethod, calib: torch.Tensor | None = None, prefill: int = 128, progress: bool = False) -> dict:
-    """``evaluate`` for the method, fp and the method's baseline; the excess perplexity removed."""
-    if method.method == "headq" and calib is None:
-        raise ValueError("HeadQ needs calibration blocks (the calib split)")
-    fp = evaluate(lm, eval_blocks, KVMethod("fp"), prefill=prefill, progress=progress)
-    run = evaluate(lm, eval_blocks, method, side_code(lm, method, calib), prefill, progress)
-    out = {"method": run, "fp": fp, "baseline": None, "excess_removed": None}
-    if method.baseline() is not None:
-        base = evaluate(lm, eval_blocks, method.baseline(), prefill=prefill, progress=progress)
-        out["baseline"] = base
-        out["excess_removed"] = excess_removed(base["ppl"], run["ppl"], fp["ppl"])
-    return out
+class Runs:
+    """Evaluations of many methods on the same evaluation blocks, each computed once.
+
+    The fp reference is evaluated once, and HeadQ's calibration (Σ_q and its eigenvectors; the key-PCA
+    bases per base quantizer) once from the calibration blocks, cut to each method's rank; so a sweep
+    (a chapter, or ``compare``'s method, fp and baseline) pays for each once. Methods are memoised by
+    ``KVMethod.canonical``.
+    """
+
+    def __init__(self, lm: LoadedModel, eval_blocks: torch.Tensor, calib: torch.Tensor | None = None,
+                 setup: EvalSetup = EvalSetup(), progress: bool = False):
+        self.lm, self.eval_blocks, self.calib, self.setup, self.progress = lm, eval_blocks, calib, setup, progress
+        self.done: dict[KVMethod, dict] = {}
+        self._sigma_q: dict | None = None
+        self._bases: dict[tuple, dict] = {}
+
+    def sigma_q(self) -> dict[int, torch.Tensor]:
+        """Σ_q of every layer, {layer: (kv_head, d_head, d_head)}, from the calibration blocks (once)."""
+        if self._sigma_q is None:
+            if self.calib is None:
+                raise ValueError("HeadQ needs calibration blocks (the calib split)")
+            self._sigma_q = query_covariances(self.lm, self.calib)
+        return self._sigma_q
+
+    def bases(self, method: KVMethod) -> dict[int, torch.Tensor]:
+        """HeadQ's (or a control's) bases {layer: (kv_head, d_head, r ≥ rank)}, computed once per kind."""
+        d_head = self.lm.spec.d_head
+        if method.control in ("none", "wrong-sign"):
+            key = ("query",)
+        elif method.control == "key-pca":
+            key = ("key-pca", method.kv_config().key)
+        else:
+            key = ("random", method.rank, method.seed)
+        if key not in self._bases:
+            if key[0] == "query":
+                self._bases[key] = {l: top_eigenvectors(s, d_head) for l, s in self.sigma_q().items()}
+            else:
+                if self.calib is None:
+                    raise ValueError("HeadQ needs calibration blocks (the calib split)")
+                rank = method.rank if key[0] == "random" else d_head
+                kind = "random" if key[0] == "random" else "key-pca"
+                self._bases[key] = calibrate(self.lm, self.calib, rank, kind, method.kv_config().key, method.seed)
+        return self._bases[key]
+
+    def __call__(self, method: KVMethod) -> dict:
+        """``evaluate``'s result for ``method`` (memoised), with "method" (the canonical ``KVMethod``) added."""
+        m = method.canonical()
+        if m not in self.done:
+            side = side_code(self.lm, m, self.calib, self.bases(m)) if m.method == "headq" else None
+            self.done[m] = evaluate(self.lm, self.eval_blocks, m, side, self.setup, self.progress) | {"method": m}
+        return self.done[m]
+
+    def nll(self, method: KVMethod) -> torch.Tensor:
+        """(block, token) NLL of ``method``."""
+        return self(method)["nll"]
+
+    def figures(self, method: KVMethod, baseline: KVMethod | None = None) -> dict[str, Estimate]:
+        """Every figure of ``method`` beside fp and a baseline (default: its own), paired over the same blocks.
+
+        Returns:
+            {"ppl", "ppl_fp", "ratio_fp" (PPL / PPL_fp)} and, with a baseline, {"ppl_baseline",
+            "difference_baseline" (PPL − PPL_baseline), "excess_removed" ((PPL_base − PPL)/(PPL_base − PPL_fp))};
+            each an ``Estimate`` with its 95% interval.
+        """
+        boot, fp = self.setup.boot, self.nll(KVMethod("fp"))
+        nll = self.nll(method)
+        out = {"ppl": self(method)["ppl"], "ppl_fp": self(KVMethod("fp"))["ppl"], "ratio_fp": interval.ppl_ratio(nll, fp, boot)}
+        baseline = baseline or method.baseline()
+        if baseline is not None:
+            base = self.nll(baseline)
+            out |= {"ppl_baseline": self(baseline)["ppl"], "difference_baseline": interval.ppl_difference(nll, base, boot),
+                    "excess_removed": interval.excess_removed(base, nll, fp, boot)}
+        return out
+
+    def compare(self, method: KVMethod) -> dict:
+        """``method``, fp and the method's baseline (None for fp and per-token), their figures and the verdict.
+
+        Returns:
+            {"method", "fp", "baseline": ``evaluate`` results (or None), "figures": ``figures``, "verdict": a
+            sentence from ``removal_verdict`` (None without a baseline)}
+        """
+        if method.method == "headq" and self.calib is None:
+            raise ValueError("HeadQ needs calibration blocks (the calib split)")
+        figures = self.figures(method)
+        baseline = method.baseline()
+        return {"method": self(method), "fp": self(KVMethod("fp")), "baseline": baseline and self(baseline),
+                "figures": figures,
+                "verdict": baseline and removal_verdict(figures["excess_removed"], figures["difference_baseline"])}
+
+
+def compare(lm: LoadedModel, eval_blocks: torch.Tensor, method: KVMethod, calib: torch.Tensor | None = None,
+            setup: EvalSetup = EvalSetup(), progress: bool = False) -> dict:
+    """``Runs.compare`` for one method: the method, fp and its baseline on the same blocks, with intervals."""
+    return Runs(lm, eval_blocks, calib, setup, progress).compare(method)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def removal_verdict(excess: Estimate, difference: Estimate, spec: str = ".1%") -> str:
+    """What an excess-removed fraction allows one to say, judged by the paired difference to the baseline.
+
+    Args:
+        excess: (PPL_base − PPL)/(PPL_base − PPL_fp) with its interval (``interval.excess_removed``).
+        difference: PPL − PPL_base on the same blocks (``interval.ppl_difference``).
+    Returns:
+        "removes X [lo, hi] of the excess" when the difference's interval lies below 0; "adds to the excess
+        (removes X [lo, hi])" when it lies above 0; "is not distinguishable from its baseline at this sample
+        size (removes X [lo, hi] of the excess)" when it contains 0.
+    """
+    fraction = format(excess, spec)
+    if not difference.distinguishable(0.0):
+        return f"is not distinguishable from its baseline at this sample size (removes {fraction} of the excess)"
+    if difference.hi < 0:
+        return f"removes {fraction} of the excess"
+    return f"adds to the excess (removes {fraction})"
+
+
+def lower_verdict(nll_a: torch.Tensor, nll_b: torch.Tensor, a: str, b: str, boot: Bootstrap = interval.DEFAULT,
+                  spec: str = ".3f") -> str:
+    """Which of two methods has the lower perplexity on the same blocks, or that the sample cannot tell.
+
+    Returns:
+        "a is lower than b (perplexity ratio r [lo, hi])", "a is higher than b (…)", or "a and b are not
+        distinguishable at this sample size (…)" when the paired ratio's interval contains 1.
+    """
+    ratio = interval.ppl_ratio(nll_a, nll_b, boot)
+    if not ratio.distinguishable(1.0):
+        how = f"{a} and {b} are {TIE}"
+    else:
+        how = f"{a} is {'lower' if ratio.hi < 1 else 'higher'} than {b}"
+    return f"{how} (perplexity ratio {ratio:{spec}})"
+
+
+def lowest_verdict(nlls: dict[str, torch.Tensor], focus: str, boot: Bootstrap = interval.DEFAULT) -> tuple[str, str]:
+    """Whether ``focus`` has the lowest perplexity of ``nlls`` (all on the same blocks), paired.
+
+    Args:
+        nlls: {name: (block, token) NLL}, ``focus`` among them.
+    Returns:
+        (best name, sentence): "<focus> is lower than every other", "<focus> is lowest, but not distinguishable
+        from A, B at this sample size", "<best> is lower than <focus>", or "<best> is lowest, but <focus> is not
+        distinguishable from it at this sample size".
+    Raises:
+        ValueError: ``focus`` is not in ``nlls``.
+    """
+    if focus not in nlls:
+        raise ValueError(f"{focus!r} is not among the compared methods {list(nlls)}")
+    ppl = {name: interval.unit_sums(v).mean() for name, v in nlls.items()}
+    best = min(ppl, key=ppl.get)
+    if best != focus:
+        tied = not interval.ppl_ratio(nlls[focus], nlls[best], boot).distinguishable(1.0)
+        return best, (f"{best} is lowest, but {focus} is not distinguishable from it at this sample size"
+                      if tied else f"{best} is lower than {focus}")
+    ties = [n for n in nlls if n != focus and not interval.ppl_ratio(nlls[n], nlls[focus], boot).distinguishable(1.0)]
+    if ties:
+        return best, f"{focus} is lowest, but not distinguishable from {', '.join(ties)} at this sample size"
+    return best, f"{focus} is lower than every other"
