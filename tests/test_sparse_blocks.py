@@ -170,6 +170,12 @@ def test_budget_covering_everything_is_bit_identical_to_eager(toy_lm, selector):
 # --- greedy survival (the revision's protocol) ----------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """greedy_survival caches dense continuations: a fresh directory per test."""
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @torch.no_grad()
 def test_survival_is_one_for_dense_and_for_a_rule_that_keeps_everything(toy_lm):
     prompts = _tokens(24, seed=7)

@@ -136,16 +136,16 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         raise RuntimeError(f"the '{SPARSE}' attention runs only inside atlas_core.sparse.sparse_attention(model, config)")
     layer, cfg, log = state
     eager = sys.modules[type(module).__module__].eager_attention_forward
-    if layer < cfg.dense_layers:
+    position_ids = kwargs.get("position_ids")
+    q_pos, k_pos = positions(position_ids.to(query.device) if position_ids is not None else None,
+                             query.shape[2], key.shape[2], query.shape[0])  # (batch, query), (batch, key)
+    if layer < cfg.dense_layers or bool((q_pos < cfg.sparse_from).all()):  # a dense layer, or a dense prefill
         return eager(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     key_rep = repeat_kv(key, query.shape[1] // key.shape[1])  # (batch, head, key, d_head)
     scores = query @ key_rep.transpose(-1, -2) * scale  # (batch, head, query, key)
     if kwargs.get("softcap"):
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
-    position_ids = kwargs.get("position_ids")
-    q_pos, k_pos = positions(position_ids.to(query.device) if position_ids is not None else None,
-                             query.shape[2], key.shape[2], query.shape[0])  # (batch, query), (batch, key)
     visible = _visible(attention_mask, q_pos, k_pos, query.dtype)
     if not real_queries(visible).any():  # keys not ending at the newest query: positions would be wrong
         raise ValueError("sparse attention needs a cache whose keys end at the newest query (DynamicCache); no query "
@@ -156,6 +156,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         fixed, chosen = block_mask(query, key, visible, q_pos, k_pos, cfg)
     else:
         fixed, chosen = page_mask(query, key_rep, scale, visible, q_pos, k_pos, cfg)
+    if cfg.sparse_from:  # queries of the dense prefill keep every visible key (as fixed: the parts stay disjoint)
+        prefill = visible & (q_pos < cfg.sparse_from)[:, None, :, None]  # (batch, 1, query, key)
+        fixed, chosen = fixed | prefill, chosen & ~prefill
     narrowed = torch.zeros((), dtype=query.dtype).where(fixed | chosen, torch.finfo(query.dtype).min)
     if log is not None:
         _log(log, layer, scores, visible, q_pos, k_pos, fixed, chosen, cfg)
@@ -163,8 +166,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def _log(log: MassLog, layer, scores, visible, q_pos, k_pos, fixed, chosen, cfg: SparseConfig) -> None:
-    """Log the mass split of the real queries past ``min_position``, each row by its own positions."""
-    rows = (q_pos >= (cfg.budget if log.min_position is None else log.min_position)) & real_queries(visible)
+    """Log the mass split of the real queries past ``min_position`` (and past the dense prefill,
+    ``cfg.sparse_from``), each row by its own positions."""
+    first = max(cfg.budget if log.min_position is None else log.min_position, cfg.sparse_from)  # dense prefill: not counted
+    rows = (q_pos >= first) & real_queries(visible)
     if not rows.any():
         return
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (batch, head, query, key); NaN on pad rows

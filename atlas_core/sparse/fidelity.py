@@ -1,84 +1,181 @@
-"""Fidelity of sparse attention against the model's own dense attention (SPEC §10).
+"""Fidelity of sparse attention against the model's own dense attention (SPEC §10), with intervals (SPEC §11).
 
-- Teacher forced, over token blocks: per position, KL(p_dense ‖ p_sparse) of the next-token
-  distribution and whether the two argmax tokens agree (both over the positions ≥ a + W + k, where the
-  sparse rule can drop anything), the perplexity of each, and the mass the kept sets capture.
-- Greedy generation from one prompt, dense and sparse, with the KV cache: the fraction of generated
-  positions where the tokens agree and the first position where they differ.
+- Teacher forced, over token blocks (``teacher_forced_rules``): per block and position,
+  KL(p_dense ‖ p_sparse) of the next-token distribution and whether the two argmax tokens agree (both at
+  the positions ≥ a + W + k, where the sparse rule can drop anything), the NLL of each, and the mass the
+  kept sets discard. The dense reference of a block is computed once and scored against every rule;
+  blocks are the bootstrap unit of every interval (``atlas_core.interval``).
+- Greedy generation from one prompt, dense and sparse, with the KV cache (``greedy``): the reference.
+  The dense continuation is cached on disk (``dense_continuation``).
 - The same first divergence for the price of one forward pass (``trajectory_agreement``): the sparse
   model reads the dense greedy continuation and we check, step by step, whether its own greedy choice
   would have been the dense token. Sparse greedy generation reproduces the dense tokens exactly up to
-  the first step where that check fails, so both give the same first divergence (up to float ties).
+  the first step where that check fails, so both give the same first divergence (up to float ties: the
+  one pass sums in another order than step-by-step decoding, so a step whose two best logits differ by
+  float rounding can go either way).
 - Greedy survival over many prompts (``greedy_survival``), by the revised source's protocol: a dense
-  prefill shared by dense and sparse decoding, then free-running greedy decoding; per prompt the first
-  divergence, summarised by its median and the share of runs identical through 128 tokens.
+  prefill shared by dense and sparse decoding, then greedy decoding with the rule active only in the
+  decode steps (``SparseConfig.sparse_from``); per prompt the first divergence, summarised by its median
+  and the share of runs identical through 128 tokens, prompts as the bootstrap unit. One sparse forward
+  pass over the dense continuation on top of the dense prefill's cache gives it;
+  ``greedy_survival_reference`` decodes free-running, step by step (a test holds the two equal).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 
 import numpy as np
 import torch
 from scipy.stats import beta as beta_dist
 import torch.nn.functional as F
-from atlas_core.progress import tqdm  # names the running chapter
 
+from atlas_core import interval
+from atlas_core.cache import atomic_path, cache_dir, cache_key
 from atlas_core.eval import token_logprobs
-from atlas_core.geometry import bootstrap_ci
 from atlas_core.models import LoadedModel
+from atlas_core.progress import tqdm  # names the running chapter
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.kept import SparseConfig
 
-__all__ = ["agreement", "budget_sweep", "clopper_pearson", "dense_logprobs", "fidelity_report", "greedy", "greedy_survival", "survival_agreement", "survival_summary",
-           "teacher_forced", "trajectory_agreement"]
+__all__ = ["MEASURES", "agreement", "budget_sweep", "clopper_pearson", "compare_rules", "dense_continuation",
+           "fidelity_report", "greedy", "greedy_survival", "greedy_survival_reference", "survival_agreement",
+           "survival_summary", "teacher_forced", "teacher_forced_rules", "trajectory_agreement"]
+
+# Teacher-forced figures, each with its interval: name -> what it is (per-token values averaged over blocks).
+MEASURES = ("kl", "top1_agree", "ppl_dense", "ppl_sparse", "ppl_change", "discarded")
+
+
+def _check_finite(logprobs: torch.Tensor) -> None:
+    if not torch.isfinite(logprobs).all():
+        raise FloatingPointError("non-finite logits; check the model's weights and dtype")
 
 
 @torch.no_grad()
-def dense_logprobs(lm: LoadedModel, blocks: torch.Tensor) -> list[torch.Tensor]:
-    """The model's own next-token log-probabilities, one (token − 1, vocab) tensor per block."""
-    return [token_logprobs(lm.model(block[None], use_cache=False).logits[0, :-1]) for block in blocks]
+def _block_logprobs(lm: LoadedModel, block: torch.Tensor) -> torch.Tensor:
+    """(token − 1, vocab) next-token log-probabilities of one (token,) block, with the attention in force."""
+    out = token_logprobs(lm.model(block[None], use_cache=False).logits[0, :-1])
+    _check_finite(out)
+    return out
 
 
 @torch.no_grad()
-def teacher_forced(lm: LoadedModel, blocks: torch.Tensor, cfg: SparseConfig, progress: bool = False,
-                   dense_lp: list[torch.Tensor] | None = None) -> dict:
-    """Dense vs sparse next-token distributions over token blocks (one block per forward pass).
+def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[SparseConfig], progress: bool = False,
+                         implementation: str | None = "sdpa") -> list[dict]:
+    """Dense vs sparse next-token distributions over token blocks, every rule on every block.
+
+    Per block, one dense forward pass (``implementation``: SDPA by default, exact to float rounding and
+    faster than eager) gives the reference that every rule's sparse pass is scored against; nothing
+    dense is computed twice.
 
     Args:
-        blocks: (block, token) token ids, each longer than the budget a + W + k.
-        dense_lp: ``dense_logprobs(lm, blocks)`` when already computed (a sweep reuses them).
+        blocks: (block, token) token ids, each longer than every rule's budget a + W + k.
+        configs: the sparse rules.
+        implementation: dense attention backend of the reference (None: the loaded one).
     Returns:
-        {"kl", "top1_agree", "ppl_dense", "ppl_sparse", "ppl_change", "positions", "mass"}; kl and
-        top1_agree average the positions ≥ budget; ``mass`` holds (layer, head) means of the fixed,
-        selected and discarded mass (and page recall for the page selector) over the sparse layers.
+        per rule, a dict: each of ``MEASURES`` as value, ``<name>_lo`` and ``<name>_hi`` (95% block
+        bootstrap; ppl_change = PPL_sparse / PPL_dense − 1, paired), ``estimates`` (name -> Estimate),
+        ``per_block`` (name -> list of per-block (token − 1,) float tensors: kl, top1_agree (0/1) and
+        discarded NaN where not counted, nll_dense, nll_sparse in nats), ``positions`` (tokens counted for
+        KL), ``blocks``, ``mass`` ((layer, head) means of the fixed, selected and discarded mass, and page
+        recall for the page selector, over the sparse layers) and ``log`` (the MassLog).
+    Raises:
+        ValueError: a block too short for a rule's budget, or no rule.
     """
-    if blocks.shape[1] <= cfg.budget + 1:
-        raise ValueError(f"blocks of {blocks.shape[1]} tokens are too short for the budget a+W+k = {cfg.budget}: "
-                         "nothing would be dropped; use longer blocks")
-    log = MassLog()
-    kl, agree, nll_dense, nll_sparse = [], [], [], []
-    for i, block in enumerate(tqdm(blocks, desc=f"sparse W={cfg.window} k={cfg.topk}", disable=not progress, leave=False)):
-        x = block[None]  # (1, token)
-        dense = dense_lp[i] if dense_lp is not None else dense_logprobs(lm, x)[0]  # (token - 1, vocab)
-        with sparse_attention(lm.model, cfg, log):
-            sparse = token_logprobs(lm.model(x, use_cache=False).logits[0, :-1])  # (token - 1, vocab)
-        if not (torch.isfinite(dense).all() and torch.isfinite(sparse).all()):
-            raise FloatingPointError("non-finite logits; check the model's weights and dtype")
-        active = slice(cfg.budget, None)  # logits at positions ≥ budget
-        kl.append(F.kl_div(sparse[active], dense[active], log_target=True, reduction="none").sum(-1))
-        agree.append(dense[active].argmax(-1) == sparse[active].argmax(-1))
-        target = block[1:, None]
+    if not configs:
+        raise ValueError("teacher_forced_rules needs at least one sparse rule")
+    for cfg in configs:
+        if blocks.shape[1] <= max(cfg.budget, cfg.sparse_from) + 1:
+            raise ValueError(f"blocks of {blocks.shape[1]} tokens are too short for the budget a+W+k = {cfg.budget}: "
+                             "nothing would be dropped; use longer blocks")
+    states = [{"log": MassLog(), "kl": [], "top1_agree": [], "nll_sparse": [], "discarded": []} for _ in configs]
+    nll_dense = []
+    for block in tqdm(blocks, desc=f"sparse: {len(configs)} rule(s) per block", disable=not progress, leave=False):
+        target = block[1:, None]  # (token - 1, 1)
+        with _implementation(lm.model, implementation):
+            dense = _block_logprobs(lm, block)  # (token - 1, vocab)
         nll_dense.append(-dense.gather(-1, target)[:, 0])
-        nll_sparse.append(-sparse.gather(-1, target)[:, 0])
-    ppl_dense = math.exp(torch.cat(nll_dense).double().mean().item())
-    ppl_sparse = math.exp(torch.cat(nll_sparse).double().mean().item())
-    kl, agree = torch.cat(kl), torch.cat(agree)
-    return {"kl": kl.double().mean().item(), "top1_agree": agree.double().mean().item(),
-            "ppl_dense": ppl_dense, "ppl_sparse": ppl_sparse, "ppl_change": ppl_sparse / ppl_dense - 1,
-            "positions": int(kl.numel()), "mass": log.means(), "log": log}
+        for cfg, st in zip(configs, states):
+            with sparse_attention(lm.model, cfg, st["log"]):
+                sparse = _block_logprobs(lm, block)  # (token - 1, vocab)
+            counted = torch.arange(len(block) - 1) >= max(cfg.budget, cfg.sparse_from)  # (token - 1,)
+            kl = F.kl_div(sparse, dense, log_target=True, reduction="none").sum(-1)
+            agree = (dense.argmax(-1) == sparse.argmax(-1)).double()
+            st["kl"].append(kl.double().where(counted, math.nan))
+            st["top1_agree"].append(agree.where(counted, math.nan))
+            st["nll_sparse"].append(-sparse.gather(-1, target)[:, 0])
+            st["discarded"].append(_block_discarded(st["log"], len(st["kl"])))
+    return [_summary(st, nll_dense) for st in states]
+
+
+def _block_discarded(log: MassLog, n_blocks: int) -> torch.Tensor:
+    """(counted query,) the newest block's discarded mass per query, averaged over sparse layers and heads."""
+    layers = [l for l in sorted(log.discarded) if len(log.discarded[l]) == n_blocks]  # layers that logged this block
+    if not layers:  # every layer dense: nothing discarded is measured
+        return torch.full((1,), math.nan, dtype=torch.float64)
+    return torch.stack([log.discarded[l][-1] for l in layers]).double().mean((0, 1))
+
+
+def _shift(est: interval.Estimate, by: float) -> interval.Estimate:
+    return interval.Estimate(est.value + by, est.lo + by, est.hi + by, est.units)
+
+
+def _summary(st: dict, nll_dense: list[torch.Tensor]) -> dict:
+    """Values and 95% block-bootstrap intervals of one rule's teacher-forced measures."""
+    est = {"kl": interval.mean(st["kl"]), "top1_agree": interval.mean(st["top1_agree"]),
+           "ppl_dense": interval.perplexity(nll_dense), "ppl_sparse": interval.perplexity(st["nll_sparse"]),
+           "ppl_change": _shift(interval.ppl_ratio(st["nll_sparse"], nll_dense), -1.0)}
+    discarded = st["discarded"]
+    est["discarded"] = (interval.mean(discarded) if not all(torch.isnan(d).all() for d in discarded)
+                        else interval.Estimate(math.nan, math.nan, math.nan, len(discarded)))
+    out = {}
+    for name, e in est.items():
+        out.update({name: e.value, f"{name}_lo": e.lo, f"{name}_hi": e.hi})
+    per_block = {"kl": st["kl"], "top1_agree": st["top1_agree"], "nll_dense": nll_dense, "nll_sparse": st["nll_sparse"],
+                 "discarded": discarded}
+    return {**out, "estimates": est, "per_block": per_block, "positions": int(sum((~k.isnan()).sum() for k in st["kl"])),
+            "blocks": len(nll_dense), "mass": st["log"].means(), "log": st["log"]}
+
+
+def teacher_forced(lm: LoadedModel, blocks: torch.Tensor, cfg: SparseConfig, progress: bool = False,
+                   implementation: str | None = "sdpa") -> dict:
+    """``teacher_forced_rules`` for one rule (see there for Args and Returns)."""
+    return teacher_forced_rules(lm, blocks, [cfg], progress, implementation)[0]
+
+
+def compare_rules(a: dict, b: dict, measure: str, names: tuple[str, str] = ("A", "B"), spec: str = ".3g") -> dict:
+    """Is rule a's teacher-forced ``measure`` different from rule b's? Paired on the same blocks.
+
+    Args:
+        a, b: ``teacher_forced_rules`` results on the same blocks.
+        measure: "kl", "top1_agree", "discarded" (difference of means) or "ppl" (ratio of the sparse
+            perplexities).
+        names: how the verdict names the two rules.
+    Returns:
+        {"difference": Estimate (a − b; for "ppl" the ratio PPL_a / PPL_b), "distinguishable": bool,
+        "verdict": a phrase: "<a> has lower KL than <b> (difference … [lo, hi])", or "<a> and <b> are not
+        distinguishable at this sample size (…)" when the interval contains 0 (1 for a ratio)}.
+    Raises:
+        ValueError: an unknown measure, or results on different numbers of blocks.
+    """
+    labels = {"kl": "KL", "top1_agree": "top-1 agreement", "discarded": "discarded mass", "ppl": "perplexity"}
+    if measure not in labels:
+        raise ValueError(f"measure must be one of {tuple(labels)}, got {measure!r}")
+    if measure == "ppl":
+        diff = interval.ppl_ratio(a["per_block"]["nll_sparse"], b["per_block"]["nll_sparse"])
+        null, what = 1.0, "ratio"
+    else:
+        diff = interval.mean_difference(a["per_block"][measure], b["per_block"][measure])
+        null, what = 0.0, "difference"
+    given = f"{what} {interval.format_estimate(diff, spec)}, {diff.units} blocks"
+    if not diff.distinguishable(null):
+        text = f"{names[0]} and {names[1]} are not distinguishable at this sample size in {labels[measure]} ({given})"
+    else:
+        text = f"{names[0]} has {'lower' if diff.value < null else 'higher'} {labels[measure]} than {names[1]} ({given})"
+    return {"difference": diff, "distinguishable": diff.distinguishable(null), "verdict": text}
 
 
 @torch.no_grad()
@@ -87,6 +184,7 @@ def greedy(lm: LoadedModel, prompt: torch.Tensor, n_new: int, cfg: SparseConfig 
     """Greedy continuation of one prompt through the KV cache, dense (cfg=None) or sparse.
 
     No end-of-sequence stop: exactly ``n_new`` tokens, so dense and sparse runs align position by position.
+    A rule with ``sparse_from`` = len(prompt) decodes after a dense prefill.
 
     Args:
         prompt: (token,) token ids.
@@ -107,6 +205,29 @@ def greedy(lm: LoadedModel, prompt: torch.Tensor, n_new: int, cfg: SparseConfig 
             if len(out) < n_new:
                 step = model(token.view(1, 1), past_key_values=step.past_key_values, use_cache=True)
     return torch.stack(out)
+
+
+def dense_continuation(lm: LoadedModel, prompt: torch.Tensor, n_new: int, implementation: str | None = None,
+                       progress: bool = False) -> torch.Tensor:
+    """``greedy(lm, prompt, n_new)`` (dense), cached on disk.
+
+    Key (SPEC §12): the model's name and dtype, the attention backend, the prompt's tokens, n_new and the
+    library cache version (``cache.cache_key``); written atomically, so a half-written file is never read.
+
+    Returns:
+        (n_new,) token ids.
+    """
+    model = lm.model
+    backend = implementation or model.config._attn_implementation
+    key = cache_key(kind="sparse-dense-continuation", model=lm.spec.name, dtype=str(next(model.parameters()).dtype),
+                    attention=backend, prompt=prompt.tolist(), n_new=int(n_new))
+    path = cache_dir("sparse", "continuations") / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    tokens = greedy(lm, prompt, n_new, implementation=implementation, progress=progress)
+    with atomic_path(path) as tmp:
+        torch.save(tokens, tmp)
+    return tokens
 
 
 @contextlib.contextmanager
@@ -138,18 +259,23 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def trajectory_agreement(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: torch.Tensor, cfg: SparseConfig | None,
-                         implementation: str | None = None) -> dict:
+                         implementation: str | None = None, dense_prefill: bool = False) -> dict:
     """Would sparse greedy decoding choose each token of the dense greedy continuation?
 
     Args:
         prompt: (token,) the prompt; dense_tokens: (n_new,) the dense greedy continuation of it.
         cfg: the sparse rule, or None for dense attention with another backend (``implementation``),
             which measures how far two exact implementations agree.
+        dense_prefill: the prompt's positions attend densely (the rule with ``sparse_from`` =
+            len(prompt)), as in ``greedy_survival``; else the rule also runs in the prefill, as in
+            ``greedy(lm, prompt, n, cfg)``.
     Returns:
         {"agree": fraction of steps where the sparse argmax equals the dense token, "first_divergence":
         first step where it does not (None if never), "identical_prefix"}.
     """
     x = torch.cat([prompt, dense_tokens[:-1]])[None]  # (1, prompt + n_new - 1)
+    if cfg is not None and dense_prefill:
+        cfg = dataclasses.replace(cfg, sparse_from=len(prompt))
     context = sparse_attention(lm.model, cfg) if cfg is not None else _implementation(lm.model, implementation)
     with context:
         logits = lm.model(x, use_cache=False, logits_to_keep=len(dense_tokens)).logits[0]  # (n_new, vocab)
@@ -158,43 +284,48 @@ def trajectory_agreement(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: to
 
 def fidelity_report(lm: LoadedModel, cfg: SparseConfig, prompt: torch.Tensor, n_new: int, eval_blocks: torch.Tensor,
                     progress: bool = False) -> dict:
-    """Everything ``atlas sparse`` prints: greedy agreement, teacher-forced KL / top-1 / perplexity, mass.
+    """Everything ``atlas sparse`` prints: greedy first divergence, teacher-forced KL / top-1 / perplexity, mass.
 
     Args:
-        prompt: (token,) the generation prompt; n_new: tokens generated by each of dense and sparse.
+        prompt: (token,) the generation prompt; n_new: tokens of the dense greedy continuation checked.
         eval_blocks: (block, token) held-out text for the teacher-forced measures.
+    Returns:
+        step_agreement and first_divergence along the dense continuation (one pass; the rule also in
+        the prefill, as ``greedy(lm, prompt, n_new, cfg)``), and every teacher-forced measure of
+        ``teacher_forced_rules`` with its ``_lo`` / ``_hi`` (95% block bootstrap), the mean fixed and
+        selected mass, the positions counted and the blocks.
     """
-    dense = greedy(lm, prompt, n_new, progress=progress)
-    sparse = greedy(lm, prompt, n_new, cfg, progress=progress)
+    dense = dense_continuation(lm, prompt, n_new, progress=progress)
+    gen = trajectory_agreement(lm, prompt, dense, cfg)
     tf = teacher_forced(lm, eval_blocks, cfg, progress=progress)
-    gen = agreement(dense, sparse)
-    return {"token_agreement": gen["agree"], "first_divergence": gen["first_divergence"],
-            "identical_prefix": gen["identical_prefix"], "top1_agreement": tf["top1_agree"], "kl": tf["kl"],
-            "ppl_dense": tf["ppl_dense"], "ppl_sparse": tf["ppl_sparse"], "ppl_change": tf["ppl_change"],
-            "discarded_mass": tf["mass"]["discarded"].mean().item(), "fixed_mass": tf["mass"]["fixed"].mean().item(),
-            "selected_mass": tf["mass"]["selected"].mean().item(), "tf_positions": tf["positions"]}
+    figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
+    return {"step_agreement": gen["agree"], "first_divergence": gen["first_divergence"],
+            "identical_prefix": gen["identical_prefix"], **figures,
+            "fixed_mass": tf["mass"]["fixed"].mean().item(), "selected_mass": tf["mass"]["selected"].mean().item(),
+            "tf_positions": tf["positions"], "tf_blocks": tf["blocks"]}
 
 
 def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Tensor, prompt: torch.Tensor,
                  dense_tokens: torch.Tensor, progress: bool = False) -> list[dict]:
-    """Teacher-forced fidelity and greedy first divergence of each sparse rule, one row per config.
+    """Teacher-forced fidelity (with intervals) and greedy first divergence of each sparse rule, one row each.
 
     Args:
         blocks: (block, token) held-out text; prompt: (token,); dense_tokens: (n_new,) the dense greedy
-            continuation of the prompt (``greedy(lm, prompt, n_new)``).
+            continuation of the prompt (``dense_continuation(lm, prompt, n_new)``).
     Returns:
-        rows with the rule's settings, kl, top1_agree, ppl_dense, ppl_sparse, ppl_change, the mean fixed,
-        selected and discarded mass (page recall for the page selector), step_agree and first_divergence.
+        rows with the rule's settings, each of ``MEASURES`` with its ``_lo`` / ``_hi``, the mean fixed,
+        selected and discarded mass (page recall for the page selector), step_agree and
+        first_divergence, and ``tf`` (the full ``teacher_forced_rules`` result, for paired comparisons).
     """
-    rows, dense_lp = [], dense_logprobs(lm, blocks)
-    for cfg in tqdm(configs, desc="sparse rules", disable=not progress):
-        tf = teacher_forced(lm, blocks, cfg, dense_lp=dense_lp)
+    rows = []
+    results = teacher_forced_rules(lm, blocks, configs, progress)
+    for cfg, tf in zip(configs, tqdm(results, desc="sparse rules: trajectories", disable=not progress, leave=False)):
         traj = trajectory_agreement(lm, prompt, dense_tokens, cfg)
-        mass = {"fixed": math.nan, "selected": math.nan, "discarded": math.nan}  # stay NaN if every layer is dense
-        mass.update({name: t.mean().item() for name, t in tf["mass"].items()})
-        rows.append({**cfg.__dict__, "kl": tf["kl"], "top1_agree": tf["top1_agree"], "ppl_dense": tf["ppl_dense"],
-                     "ppl_sparse": tf["ppl_sparse"], "ppl_change": tf["ppl_change"], **mass,
-                     "step_agree": traj["agree"], "first_divergence": traj["first_divergence"]})
+        mass = {"fixed": math.nan, "selected": math.nan}  # stay NaN if every layer is dense
+        mass.update({name: t.mean().item() for name, t in tf["mass"].items() if name != "discarded"})
+        figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
+        rows.append({**cfg.__dict__, **figures, **mass, "step_agree": traj["agree"],
+                     "first_divergence": traj["first_divergence"], "tf": tf})
     return rows
 
 
@@ -216,20 +347,28 @@ def _decode_from(model, cache, token: torch.Tensor, n_new: int, reference: torch
     return torch.stack(out), None
 
 
+def _check_survival(n_new: int) -> None:
+    if n_new < 2:
+        raise ValueError(f"n_new must be ≥ 2 (the first token comes from the shared dense prefill), got {n_new}")
+
+
 @torch.no_grad()
 def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, SparseConfig | None], n_new: int = 128,
-                    progress: bool = False) -> dict[str, list[int | None]]:
+                    implementation: str | None = None, progress: bool = False) -> dict[str, list[int | None]]:
     """First divergence from dense greedy decoding, per prompt and rule, by the revised source's protocol.
 
-    Per prompt, one dense prefill gives the KV cache and the first generated token, shared by every run;
-    dense greedy decoding (the model's loaded attention) continues it to ``n_new`` tokens. Each rule
-    then decodes from a copy of the same cache and first token, with the rule active in every decode
-    step, greedily and free-running, and stops at its first token that differs from the dense one.
+    Per prompt, the dense greedy continuation (``dense_continuation``, cached on disk) and one dense
+    prefill of the prompt, whose KV cache every rule shares. Each rule then reads the continuation in ONE
+    forward pass on top of a copy of that cache, active only in these decode positions (``sparse_from``
+    = len(prompt)), and its first divergence is the first step whose greedy choice is not the dense token:
+    up to float ties, where free-running decoding (``greedy_survival_reference``) first emits another
+    token, since until then it has read exactly the dense tokens.
 
     Args:
         prompts: (prompt, token) token ids.
-        rules: name -> sparse rule; None decodes dense again (a control: it never diverges).
+        rules: name -> sparse rule; None reads the continuation densely (a control: float noise only).
         n_new: generated tokens per run, the shared first one included.
+        implementation: dense attention backend of the prefill and the dense decoding (None: the loaded one).
     Returns:
         {name: [first divergence per prompt]}: the index (1 … n_new − 1) of the first generated token
         that differs from dense, the revision's one-based decode step with the shared first token
@@ -239,16 +378,47 @@ def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, Spa
 
     Source: Ruiz Williams 2026 (revision of arXiv 2602.06317), condensate/decode.py ``evaluate_decode``.
     """
-    if n_new < 2:
-        raise ValueError(f"n_new must be ≥ 2 (the first token comes from the shared dense prefill), got {n_new}")
+    _check_survival(n_new)
     model = lm.model
     result: dict[str, list[int | None]] = {name: [] for name in rules}
     for prompt in tqdm(prompts, desc="greedy survival", disable=not progress, leave=False):
-        prefill = model(prompt[None], use_cache=True)
-        first = prefill.logits[0, -1].argmax()
-        dense, _ = _decode_from(model, copy.deepcopy(prefill.past_key_values), first, n_new)
+        dense = dense_continuation(lm, prompt, n_new, implementation)  # (n_new,)
+        with _implementation(model, implementation):
+            prefill = model(prompt[None], use_cache=True, logits_to_keep=1).past_key_values  # the shared dense prefill
+        steps = dense[None, :-1]  # (1, n_new - 1): the inputs of decode steps 1 … n_new − 1
         for name, cfg in rules.items():
-            context = sparse_attention(model, cfg) if cfg is not None else contextlib.nullcontext()
+            context = (sparse_attention(model, dataclasses.replace(cfg, sparse_from=len(prompt))) if cfg is not None
+                       else _implementation(model, implementation))
+            with context:
+                logits = model(steps, past_key_values=copy.deepcopy(prefill), use_cache=True).logits[0]  # (n_new - 1, vocab)
+            first = agreement(dense[1:], logits.argmax(-1))["first_divergence"]
+            result[name].append(None if first is None else first + 1)
+    return result
+
+
+@torch.no_grad()
+def greedy_survival_reference(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, SparseConfig | None],
+                              n_new: int = 128, implementation: str | None = None,
+                              progress: bool = False) -> dict[str, list[int | None]]:
+    """``greedy_survival`` by free-running decoding, one token at a time (the reference).
+
+    Per prompt, one dense prefill gives the KV cache and the first generated token, shared by every run;
+    dense greedy decoding continues it to ``n_new`` tokens. Each rule then decodes from a copy of the same
+    cache and first token, with the rule active in every decode step, greedily and free-running, and
+    stops at its first token that differs from the dense one. Args and Returns as ``greedy_survival``.
+
+    Source: Ruiz Williams 2026 (revision of arXiv 2602.06317), condensate/decode.py ``evaluate_decode``.
+    """
+    _check_survival(n_new)
+    model = lm.model
+    result: dict[str, list[int | None]] = {name: [] for name in rules}
+    for prompt in tqdm(prompts, desc="greedy survival (free-running)", disable=not progress, leave=False):
+        with _implementation(model, implementation):
+            prefill = model(prompt[None], use_cache=True)
+            first = prefill.logits[0, -1].argmax()
+            dense, _ = _decode_from(model, copy.deepcopy(prefill.past_key_values), first, n_new)
+        for name, cfg in rules.items():
+            context = sparse_attention(model, cfg) if cfg is not None else _implementation(model, implementation)
             with context:
                 _, diverge = _decode_from(model, copy.deepcopy(prefill.past_key_values), first, n_new, dense)
             result[name].append(diverge)
@@ -256,7 +426,7 @@ def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, Spa
 
 
 def survival_summary(first_divergences: list, n_new: int = 128, n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Median first divergence and the share of runs identical through ``n_new`` tokens, with 95% CIs.
+    """Median first divergence and the share of runs identical through ``n_new`` tokens, with 95% intervals.
 
     A run identical through n_new counts as diverging at n_new, as the revision's ``first_divergence``
     (= horizon for a surviving run) does, so the median is that of n_new-capped values.
@@ -265,9 +435,10 @@ def survival_summary(first_divergences: list, n_new: int = 128, n_resamples: int
         first_divergences: per prompt, its first divergence, or a list of them (one per rule: runs that
             share the prompt), as ``greedy_survival`` gives them (None = identical through n_new).
     Returns:
-        {"prompts", "runs", "median", "median_ci", "identical", "identical_ci", "max"}: statistics over
-        every run; the CIs are percentile bootstrap intervals that resample prompts, each with all its
-        runs (``geometry.bootstrap_ci`` over prompt indices, seeded).
+        {"prompts", "runs", "median", "median_ci", "identical", "identical_ci", "max", "median_est",
+        "identical_est"}: statistics over every run; the intervals (``_ci`` as (lo, hi), ``_est`` as
+        ``interval.Estimate``) come from ``interval.median`` and ``interval.share``, which resample
+        prompts, each with all its runs (seeded).
     Raises:
         ValueError: no prompt, or prompts with different numbers of runs.
     """
@@ -276,17 +447,11 @@ def survival_summary(first_divergences: list, n_new: int = 128, n_resamples: int
         raise ValueError("survival_summary needs at least one prompt, each with the same number (≥ 1) of runs")
     steps = np.array([[n_new if d is None else d for d in r] for r in rows], dtype=np.float64)  # (prompt, run)
     identical = np.array([[d is None for d in r] for r in rows], dtype=np.float64)
-
-    def over_prompts(values, reduce):
-        """A statistic of resampled prompt indices (resample, prompt): ``reduce`` over all their runs."""
-        return lambda idx, axis: reduce(values[idx.astype(np.int64)].reshape(len(idx), -1), axis=1)
-
-    prompts = np.arange(len(rows))
-    return {"prompts": len(rows), "runs": steps.size, "median": float(np.median(steps)),
-            "median_ci": bootstrap_ci(prompts, n_resamples, seed=seed, statistic=over_prompts(steps, np.median)),
-            "identical": float(identical.mean()),
-            "identical_ci": bootstrap_ci(prompts, n_resamples, seed=seed, statistic=over_prompts(identical, np.mean)),
-            "max": int(steps.max())}
+    boot = interval.Bootstrap(n_resamples=n_resamples, seed=seed)
+    med, share = interval.median(steps, boot), interval.share(identical, boot)
+    return {"prompts": len(rows), "runs": steps.size, "median": med.value, "median_ci": (med.lo, med.hi),
+            "identical": share.value, "identical_ci": (share.lo, share.hi), "max": int(steps.max()),
+            "median_est": med, "identical_est": share}
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

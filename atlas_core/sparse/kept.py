@@ -24,7 +24,8 @@ __all__ = ["SELECTORS", "SparseConfig", "all_candidates_fit", "fixed_mask", "kep
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """The sparse rule: anchors a, window W, top-k, dense first layers, selector, page size, head averaging."""
+    """The sparse rule: anchors a, window W, top-k, dense first layers, selector, page size, head averaging,
+    and the first query position it applies to (``sparse_from``: every earlier query is a dense prefill)."""
 
     anchors: int = 1
     window: int = 64
@@ -34,9 +35,11 @@ class SparseConfig:
     # "blocks-mean"/"-kv": top ⌈k/P⌉ blocks by q · mean key, per query head / per KV head (the revised source)
     page_size: int = 16
     head_average: bool = False  # the source code's variant: one kept set per layer from head-averaged scores
+    sparse_from: int = 0  # queries at positions < sparse_from attend densely: a dense prefill of that many
+    # tokens, as in decoding after a dense prefill (set it to the prompt length to score decode steps in one pass)
 
     def __post_init__(self):
-        for name in ("anchors", "topk", "dense_layers"):
+        for name in ("anchors", "topk", "dense_layers", "sparse_from"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -134,10 +137,15 @@ def top_k_mask(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tenso
     valid = valid.expand_as(values)
     if k == 0:
         return torch.zeros_like(valid)
+    if k >= values.shape[-1]:  # no more entries than k: every valid one
+        return valid.clone()
     masked = values.masked_fill(~valid, float("-inf"))
-    kth = masked.topk(min(k, values.shape[-1]), dim=-1).values[..., -1:]  # (..., 1) the k-th largest
+    top = masked.topk(k + 1, dim=-1).values  # (..., k + 1) the largest
+    kth = top[..., k - 1:k]  # (..., 1) the k-th largest
     chosen = valid & (masked >= kth)
-    if not (chosen.sum(-1) > k).any():  # no tie at the k-th value (the usual case)
+    # A tie at the k-th value shows as a (k+1)-th value equal to it; checking that costs (..., 1), not a
+    # count over every key (the usual case has no tie and returns here).
+    if not ((top[..., k:] == kth) & (kth > float("-inf"))).any():
         return chosen
     above = valid & (masked > kth)
     tied = chosen & ~above
