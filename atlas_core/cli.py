@@ -127,8 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--head-average", action="store_true", help="one kept set per layer from head-averaged scores")
     s.add_argument("--corpus", default="britannica")
     s.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length (calib split)")
-    s.add_argument("--gen-tokens", type=int, default=1500, help="tokens generated greedily, dense and sparse")
-    s.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for teacher forcing (eval split)")
+    s.add_argument("--gen-tokens", type=int, default=1500,
+                   help="tokens of the dense greedy continuation (cached on disk) that the sparse rule is checked along")
+    s.add_argument("--eval-tokens", type=int, default=16384,
+                   help="held-out tokens for teacher forcing (eval split; a multiple of --seq-len, blocks are the bootstrap unit)")
     s.add_argument("--seq-len", type=int, default=1024, help="teacher-forced block length")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_sparse)
@@ -386,30 +388,36 @@ def _sparse(args) -> None:
 
     cfg = SparseConfig(args.anchors, args.window, args.topk, args.dense_layers, args.selector, args.page_size,
                        args.head_average)  # validated before the model loads
-    if args.prompt_tokens <= cfg.budget or args.seq_len <= cfg.budget + 1 or args.eval_tokens < args.seq_len:
+    if args.prompt_tokens <= cfg.budget or args.seq_len <= cfg.budget + 1:
         raise ValueError(f"--prompt-tokens and --seq-len must exceed the budget a+W+k = {cfg.budget} (nothing would be "
-                         f"dropped otherwise), and --eval-tokens ≥ --seq-len")
+                         "dropped otherwise)")
+    if args.eval_tokens < args.seq_len or args.eval_tokens % args.seq_len:
+        raise ValueError(f"--eval-tokens ({args.eval_tokens}) must be a positive multiple of --seq-len ({args.seq_len})")
     if args.gen_tokens < 1:
         raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
-    lm = load_model(args.model)
+    lm = load_model(args.model, attn_implementation="sdpa")  # dense references and generation; the rule runs eager
     prompt = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.prompt_tokens, 1, "calib", lm.spec.add_bos))[0]
     blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.eval_tokens // args.seq_len, "eval", lm.spec.add_bos))
     start = time.perf_counter()
     r = fidelity_report(lm, cfg, prompt, args.gen_tokens, blocks, progress=sys.stderr.isatty())
     result = {"model": args.model, "corpus": args.corpus, **cfg.__dict__, "prompt_tokens": len(prompt),
-              "gen_tokens": args.gen_tokens, "eval_tokens": blocks.numel(), **r,
-              "seconds": round(time.perf_counter() - start, 1)}
+              "gen_tokens": args.gen_tokens, "eval_tokens": blocks.numel(), "interval": "95% block bootstrap (SPEC §11)",
+              **r, "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
+
+    def ci(name, spec):
+        return f"{r[name]:{spec}} [{r[name + '_lo']:{spec}}, {r[name + '_hi']:{spec}}]"
+
     first = "none (identical)" if r["first_divergence"] is None else r["first_divergence"]
     print(f"{args.model}, a={cfg.anchors} W={cfg.window} k={cfg.topk} ({cfg.selector}, {cfg.dense_layers} dense layers):\n"
-          f"  greedy, {args.gen_tokens} tokens after a {len(prompt)}-token prompt: agreement {r['token_agreement']:.1%}, "
-          f"first divergence {first}\n"
-          f"  teacher forced ({r['tf_positions']} positions): top-1 agreement {r['top1_agreement']:.2%}, "
-          f"KL {r['kl']:.4f} nats\n"
-          f"  perplexity {r['ppl_dense']:.3f} -> {r['ppl_sparse']:.3f} ({r['ppl_change']:+.2%}); "
-          f"mean discarded mass {r['discarded_mass']:.4f}")
+          f"  along the dense greedy continuation ({args.gen_tokens} tokens after a {len(prompt)}-token prompt): "
+          f"step agreement {r['step_agreement']:.1%}, first divergence {first}\n"
+          f"  teacher forced ({r['tf_positions']} positions in {r['tf_blocks']} blocks; 95% intervals): top-1 agreement "
+          f"{ci('top1_agree', '.2%')}, KL {ci('kl', '.4f')} nats\n"
+          f"  perplexity {ci('ppl_dense', '.3f')} -> {ci('ppl_sparse', '.3f')} (change {ci('ppl_change', '+.2%')}); "
+          f"mean discarded mass {ci('discarded', '.4f')}")
 
 
 def _wquant(args) -> None:

@@ -66,7 +66,9 @@ def test_sparse_on_toy_model(capsys):
     assert main(args) == 0
     out = _json(capsys)
     assert out["window"] == 8 and out["prompt_tokens"] == 64 and out["gen_tokens"] == 12
-    assert 0 <= out["token_agreement"] <= 1 and out["tf_positions"] == 2 * (63 - 13)
+    assert 0 <= out["step_agreement"] <= 1 and out["tf_positions"] == 2 * (63 - 13) and out["tf_blocks"] == 2
+    for name in ("kl", "top1_agree", "ppl_change", "discarded"):  # every figure with its 95% interval
+        assert out[f"{name}_lo"] <= out[name] <= out[f"{name}_hi"]
     assert main(args) == 0
     again = _json(capsys)
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in out.items() if k != "seconds"}
@@ -79,6 +81,7 @@ def test_sparse_on_toy_model(capsys):
         (["sparse", "--selector", "magic"], "invalid choice"),
         (["sparse", "--prompt-tokens", "50"], "budget"),
         (["sparse", "--gen-tokens", "0"], "--gen-tokens"),
+        (["sparse", "--eval-tokens", "1500"], "multiple of --seq-len"),
         (["bench", "sparse-decode", "--context", "64"], "budget"),
         (["bench", "sparse-decode", "--heads", "5"], "divisible"),
     ],
