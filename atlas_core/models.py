@@ -7,6 +7,7 @@ truncated or corrupt cache is rebuilt rather than loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from atlas_core.zoo import DEFAULT_MODEL, EMBEDDED, ModelError, gguf_path
 MANIFEST = "atlas-manifest.json"
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "ModelError", "ModelSpec", "describe", "load_model", "model_spec"]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "ModelError", "ModelSpec", "describe", "load_model", "model_spec",
+           "scoring_attention"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,35 @@ def _finish(model, tokenizer, name, source, attn_implementation, add_bos) -> Loa
     model.set_attn_implementation(attn_implementation)
     model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, model_spec(model.config, tokenizer, name, source, add_bos))
+
+
+@contextlib.contextmanager
+def scoring_attention(model):
+    """Run the block with SDPA attention in place of plain eager attention, on the same loaded model.
+
+    Scoring (perplexity, NLL) needs only the attention output, not its probabilities, so the fused
+    ``torch.nn.functional.scaled_dot_product_attention`` gives the same numbers (to fp32 rounding) without
+    materialising the (batch, head, query, key) probabilities. Chapters load their model eagerly because
+    extraction hooks read those probabilities; this switches the backend for the block and back, with no
+    second load. Any other backend (a registered one such as top-1, capture or sparse attention, whose
+    numbers differ from plain attention on purpose; or SDPA already) is left as it is, and so is a model
+    whose class has no SDPA path.
+
+    Args:
+        model: a transformers ``PreTrainedModel``.
+    Yields:
+        the attention implementation in force inside the block ("sdpa" or the model's own).
+    Source: transformers' ``PreTrainedModel.set_attn_implementation`` and ``sdpa_attention_forward``.
+    """
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)  # None: not a transformers model
+    if previous != "eager" or not getattr(model, "_supports_sdpa", False):
+        yield previous
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield "sdpa"
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def _embedded_folder(name: str) -> Path:

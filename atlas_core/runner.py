@@ -35,6 +35,7 @@ NOTEBOOKS_ENV = "ATLAS_NOTEBOOKS_DIR"
 # priority, so that with two cores the short chapters fill in beside them and both cores finish close
 # together. Only an ordering hint; any chapter list works without it.
 LONGEST_FIRST = ("sparse", "kvquant", "nqp")
+BOOK_TIMING = Path("results") / "book.timing.json"  # the last `atlas book`: workflow, HTML, total seconds
 MATHJAX_HINT = "pip install django-static-mathjax==3.2.2.1 (MathJax 3, served locally)"
 
 
@@ -347,6 +348,7 @@ def run_chapter(
         write_json(out_dir / f"{chapter}.timing.json", {
             "chapter": chapter, "model": model, "params": values, "wall_s": round(wall, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "blas_threads": os.environ.get("OMP_NUM_THREADS"),  # the workflow runs each chapter on one
         })
         os.replace(executed, target)  # the notebook last: its presence means "done"
     return target
@@ -443,9 +445,20 @@ def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MO
     checked = browser_check(html.parent)
     folder = Path("results") / model_slug(models[0])
     print(_timing_table({c: ROOT / folder for c in CHAPTERS}, since))
-    print(f"workflow {ran:.1f} s, HTML {html_s:.1f} s, {checked}, total {time.time() - since:.1f} s")
+    total = time.time() - since
+    print(f"workflow {ran:.1f} s, HTML {html_s:.1f} s, {checked}, total {total:.1f} s")
+    write_json(ROOT / BOOK_TIMING, {  # read by `atlas bench book`
+        "models": models, "cores": cores, "workflow_s": round(ran, 2), "html_s": round(html_s, 2),
+        "total_s": round(total, 2), "browser": checked, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "chapters_ran": [c for c in CHAPTERS if _ran_since(ROOT / folder / f"{c}.timing.json", since)],
+    })
     print(f"book: {html}")
     return html
+
+
+def _ran_since(timing: Path, since: float) -> bool:
+    """True when a chapter's timing record was written after ``since`` (the chapter ran in this build)."""
+    return timing.exists() and timing.stat().st_mtime >= since
 
 
 def browser_check(html_dir: Path) -> str:

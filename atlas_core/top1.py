@@ -19,7 +19,6 @@ The model runs its own code: the registered attention function ``atlas_top1`` ca
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +26,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from atlas_core.eval import perplexity
+from atlas_core import interval
+from atlas_core.eval import block_nll
 from atlas_core.extract import attention_modules, extract
 from atlas_core.geometry import frames
 from atlas_core.models import LoadedModel
@@ -38,6 +38,7 @@ __all__ = [
     "fit_reconstruction",
     "hard_top1",
     "random_reconstruction",
+    "recovery_verdict",
     "top1_experiment",
     "top1_output",
 ]
@@ -201,11 +202,6 @@ def random_reconstruction(rec: dict[int, Reconstruction], seed: int = 0) -> dict
     return out
 
 
-def _recovered(ppl_top1: float, ppl_other: float, ppl_full: float) -> float:
-    damage = ppl_top1 - ppl_full
-    return (ppl_top1 - ppl_other) / damage if damage != 0 else math.nan
-
-
 def top1_experiment(
     lm: LoadedModel,
     eval_blocks: torch.Tensor,
@@ -216,8 +212,13 @@ def top1_experiment(
     seed: int = 0,
     batch_size: int = 4,
     progress: bool = False,
+    full_nll: torch.Tensor | None = None,
+    boot: interval.Bootstrap = interval.DEFAULT,
 ) -> dict:
     """Perplexity with full attention, hard top-1 in ``layers``, and top-1 plus the rank-k reconstruction.
+
+    Every figure carries its 95% interval from the paired block bootstrap (:mod:`atlas_core.interval`):
+    the settings are scored on the same evaluation blocks and resampled together.
 
     Args:
         lm: a loaded model.
@@ -227,26 +228,71 @@ def top1_experiment(
         k: reconstruction rank, 1 <= k <= d_head.
         random_basis: also run the random-frame control (``ppl_random``, ``recovered_random``).
         seed: seed of the random frames.
+        full_nll: (block, token - 1) NLL of ``eval_blocks`` with full attention when already measured
+            (``eval.block_nll``), so that several layer settings share one full pass.
+        boot: bootstrap settings of the intervals.
     Returns:
-        {"layers", "k", "ppl_full", "ppl_top1", "ppl_recon", "delta_top1", "recovered",
-         ["ppl_random", "recovered_random", "seed"]}; recovered fractions are NaN when top-1 does no damage.
+        {"layers", "k", "ppl_full", "ppl_top1", "ppl_recon", "delta_top1", "rel_top1", "recovered",
+         ["ppl_random", "recovered_random", "gain", "seed"], "intervals"}; "intervals" maps each figure
+        to ``Estimate.as_dict()`` (value, lo, hi, units). rel_top1 = PPL_top1/PPL_full − 1; gain =
+        recovered − recovered_random; recovered fractions are NaN when top-1 does no damage.
+    Raises:
+        ValueError: ``full_nll`` does not have the shape of ``eval_blocks``' predicted tokens.
     """
     layers = _layers(lm, layers)
     _check_k(lm, k)
+    expected = (eval_blocks.shape[0], eval_blocks.shape[1] - 1)
+    if full_nll is not None and tuple(full_nll.shape) != expected:
+        raise ValueError(f"full_nll must be the (block, token - 1) = {expected} NLL of eval_blocks, "
+                         f"got {tuple(full_nll.shape)}")
     rec = fit_reconstruction(lm, calib_blocks, layers, k, batch_size, progress)
 
-    def ppl() -> float:
-        return perplexity(lm.model, eval_blocks, batch_size, progress)
+    def nll() -> torch.Tensor:  # (block, token - 1); hard top-1 runs eager, full attention SDPA
+        return block_nll(lm.model, eval_blocks, batch_size, progress)
 
-    ppl_full = ppl()
+    nlls = {"full": nll() if full_nll is None else full_nll}
     with hard_top1(lm, layers):
-        ppl_top1 = ppl()
+        nlls["top1"] = nll()
     with hard_top1(lm, layers, rec):
-        ppl_recon = ppl()
-    result = {"layers": layers, "k": k, "ppl_full": ppl_full, "ppl_top1": ppl_top1, "ppl_recon": ppl_recon,
-              "delta_top1": ppl_top1 - ppl_full, "recovered": _recovered(ppl_top1, ppl_recon, ppl_full)}
+        nlls["recon"] = nll()
     if random_basis:
         with hard_top1(lm, layers, random_reconstruction(rec, seed)):
-            ppl_random = ppl()
-        result.update(ppl_random=ppl_random, recovered_random=_recovered(ppl_top1, ppl_random, ppl_full), seed=seed)
+            nlls["random"] = nll()
+    est = {f"ppl_{name}": interval.perplexity(v, boot) for name, v in nlls.items()}
+    est["delta_top1"] = interval.ppl_difference(nlls["top1"], nlls["full"], boot)
+    ratio = interval.ppl_ratio(nlls["top1"], nlls["full"], boot)
+    est["rel_top1"] = interval.Estimate(ratio.value - 1, ratio.lo - 1, ratio.hi - 1, ratio.units)
+    est["recovered"] = interval.excess_removed(nlls["top1"], nlls["recon"], nlls["full"], boot)
+    if random_basis:
+        est["recovered_random"] = interval.excess_removed(nlls["top1"], nlls["random"], nlls["full"], boot)
+        est["gain"] = interval.excess_removed_difference(nlls["top1"], nlls["recon"], nlls["random"], nlls["full"], boot)
+    result = {"layers": layers, "k": k, **{name: e.value for name, e in est.items()}}
+    if random_basis:
+        result["seed"] = seed
+    result["intervals"] = {name: e.as_dict() for name, e in est.items()}
     return result
+
+
+def recovery_verdict(gain: interval.Estimate, recovered: interval.Estimate, source: float) -> str:
+    """The top-1 verdict: does the fitted frame recover more than a random one, and how it compares with
+    the source's recovered fraction.
+
+    Args:
+        gain: recovered − recovered_random (paired; ``interval.excess_removed_difference``).
+        recovered: the fitted frame's recovered fraction.
+        source: the source's recovered fraction (0.559 for three layers of GPT-2).
+    Returns:
+        A clause for the prose; a comparison whose interval contains its null value says "not
+        distinguishable at this sample size" instead of a direction.
+    """
+    if not gain.distinguishable(0.0):
+        frame = "the frame and a random frame are not distinguishable at this sample size"
+    elif gain.value > 0:
+        frame = "the frame recovers more than a random frame"
+    else:
+        frame = "the frame recovers less than a random frame"
+    if not recovered.distinguishable(source):
+        versus = f"its recovery is not distinguishable from the source's {source:.1%} at this sample size"
+    else:
+        versus = f"it recovers {'less' if recovered.value < source else 'more'} than the source's {source:.1%}"
+    return f"{frame} ({100 * gain.value:+.1f} points [{100 * gain.lo:+.1f}, {100 * gain.hi:+.1f}]), and {versus}"

@@ -146,3 +146,45 @@ def test_every_nll_and_log_probability_goes_through_token_nll():
             continue
         offenders += [f"{rel}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == [], "reduce NLL / log-probabilities with eval.token_nll / token_logprobs"
+
+
+# --- perplexity under SDPA (issue 15 item 6) ------------------------------------------------------------
+
+def _eager_reference_nll(lm, blocks) -> torch.Tensor:
+    """The plain reference: eager attention, one forward of all blocks, NLL of every next token."""
+    assert lm.model.config._attn_implementation == "eager"
+    logits = lm.model(blocks, use_cache=False).logits[:, :-1]  # (block, token - 1, vocab)
+    return E.token_nll(logits, blocks[:, 1:])
+
+
+def test_perplexity_runs_sdpa_and_equals_eager_on_every_toy_family(toy_lm):
+    """Eager-loaded models score through SDPA (no probabilities needed) with the same NLL, and come back
+    eager (extraction hooks need the probabilities); GQA, MQA and sliding-window toys alike."""
+    from atlas_core.models import scoring_attention
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, 200, (3, 48), generator=g)  # longer than the toys' sliding windows
+    seen = []
+    hook = toy_lm.model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    try:
+        nll = E.block_nll(toy_lm.model, blocks, batch_size=2, progress=False)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {"sdpa"}
+    assert toy_lm.model.config._attn_implementation == "eager"
+    ref = _eager_reference_nll(toy_lm, blocks)
+    assert (nll - ref).abs().max().item() < 1e-4
+    assert E.perplexity(toy_lm.model, blocks, progress=False) == pytest.approx(math.exp(ref.double().mean().item()), rel=1e-5)
+    with scoring_attention(toy_lm.model) as inside:
+        assert inside == "sdpa"
+
+
+def test_scoring_leaves_a_registered_attention_alone(toy_lm):
+    """Hard top-1 (a registered attention that changes the numbers on purpose) is not replaced by SDPA."""
+    from atlas_core.models import scoring_attention
+    from atlas_core.top1 import TOP1, hard_top1
+
+    with hard_top1(toy_lm, [-1]):
+        with scoring_attention(toy_lm.model) as inside:
+            assert inside == TOP1 == toy_lm.model.config._attn_implementation
+    assert toy_lm.model.config._attn_implementation == "eager"

@@ -80,6 +80,18 @@ def test_excess_removed():
     assert est.lo <= est.value <= est.hi
 
 
+def test_excess_removed_difference_is_the_paired_difference_of_two_fractions():
+    fp = _nll(7)
+    base, a, b = fp + 0.5, fp + 0.1, fp + 0.3
+    boot = Bootstrap(n_resamples=300, seed=2)
+    est = interval.excess_removed_difference(base, a, b, fp, boot)
+    ea, eb = interval.excess_removed(base, a, fp, boot), interval.excess_removed(base, b, fp, boot)
+    assert est.value == pytest.approx(ea.value - eb.value)
+    assert est.lo <= est.value <= est.hi and est.distinguishable(0.0)
+    same = interval.excess_removed_difference(base, a, a, fp, boot)
+    assert same.value == same.lo == same.hi == 0.0 and not same.distinguishable(0.0)
+
+
 def test_unpaired_units_refused():
     with pytest.raises(ValueError, match="same units"):
         interval.ppl_ratio(_nll(0, blocks=5), _nll(1, blocks=6))

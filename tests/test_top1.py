@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -148,6 +150,43 @@ def test_top1_experiment_on_calibration_split():
     r3 = top1_experiment(lm, eval_blocks, calib_blocks, layers=[0, 1], k=3, random_basis=False)
     assert "ppl_random" not in r3 and r3["layers"] == [0, 1]
     assert lm.model.config._attn_implementation == "eager" and _no_marks(lm)
+
+
+def test_top1_figures_carry_paired_intervals_and_reuse_a_full_pass():
+    """Every figure has its block-bootstrap interval; a full-attention NLL passed in is used, not re-run."""
+    from atlas_core import interval
+    from atlas_core.eval import block_nll
+
+    lm = load_model("toy-llama")
+    eval_blocks = token_blocks(lm.tokenizer, BlockSpec(seq_len=32, n_blocks=6, split="eval"))
+    calib_blocks = token_blocks(lm.tokenizer, BlockSpec(seq_len=32, n_blocks=3, split="calib"))
+    full = block_nll(lm.model, eval_blocks, progress=False)
+    r = top1_experiment(lm, eval_blocks, calib_blocks, layers=[-1], k=3, full_nll=full)
+    ci = r["intervals"]
+    for name in ("ppl_full", "ppl_top1", "ppl_recon", "ppl_random", "delta_top1", "rel_top1", "recovered",
+                 "recovered_random", "gain"):
+        assert ci[name]["lo"] <= r[name] <= ci[name]["hi"] and ci[name]["units"] == 6, name
+    assert r["ppl_full"] == pytest.approx(interval.perplexity(full).value)
+    assert r["rel_top1"] == pytest.approx(r["ppl_top1"] / r["ppl_full"] - 1)
+    assert r["gain"] == pytest.approx(r["recovered"] - r["recovered_random"])
+    shifted = top1_experiment(lm, eval_blocks, calib_blocks, layers=[-1], k=3, full_nll=full + 0.1,
+                              random_basis=False)
+    assert shifted["ppl_full"] == pytest.approx(r["ppl_full"] * math.exp(0.1))  # the given pass, not a new one
+    with pytest.raises(ValueError, match="full_nll must be"):
+        top1_experiment(lm, eval_blocks, calib_blocks, layers=[-1], k=3, full_nll=full[:, 1:])
+
+
+def test_recovery_verdict_says_when_the_interval_contains_the_null():
+    from atlas_core.interval import Estimate
+    from atlas_core.top1 import recovery_verdict
+
+    rec = Estimate(0.30, 0.20, 0.40, 8)
+    assert recovery_verdict(Estimate(0.05, -0.01, 0.1, 8), rec, 0.559).startswith(
+        "the frame and a random frame are not distinguishable at this sample size")
+    assert "recovers more than a random frame" in recovery_verdict(Estimate(0.05, 0.01, 0.1, 8), rec, 0.559)
+    assert "recovers less than the source's 55.9%" in recovery_verdict(Estimate(0.05, 0.01, 0.1, 8), rec, 0.559)
+    assert "not distinguishable from the source's 55.9%" in recovery_verdict(
+        Estimate(0.05, 0.01, 0.1, 8), Estimate(0.5, 0.4, 0.6, 8), 0.559)
 
 
 @pytest.mark.slow
