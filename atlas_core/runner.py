@@ -394,16 +394,39 @@ def _timing_table(out_dirs: dict[str, Path], since: float) -> str:
     return "\n".join(lines)
 
 
-def touch_cross_document_glue(book: Path = ROOT / "book") -> list[Path]:
+def touch_cross_document_glue(book: Path = ROOT / "book", html: Path | None = None) -> list[Path]:
     """Mark pages that glue values from other documents (``{glue:…}`x.ipynb::key```) as changed.
 
     Sphinx rebuilds a page only when its own source changes, so without this the claims page would keep
-    the numbers of the previous chapter runs after an incremental build.
+    the numbers of the previous chapter runs after an incremental build. A page is touched only when a
+    notebook it glues from is newer than the page's built HTML under ``html`` (or that HTML is missing), so
+    a rebuild with nothing changed leaves Sphinx nothing to do; ``html=None`` touches every such page.
     """
-    pages = [p for p in sorted(book.rglob("*.md")) if ".ipynb::" in p.read_text(encoding="utf-8")]
-    for page in pages:
+    pattern = re.compile(r"([\w./-]+\.ipynb)::")
+    touched = []
+    for page in sorted(book.rglob("*.md")):
+        sources = {page.parent / name for name in pattern.findall(page.read_text(encoding="utf-8"))}
+        if not sources:
+            continue
+        built = None if html is None else html / page.relative_to(book.parent).with_suffix(".html")
+        if built is not None and built.exists():
+            newest = max((src.stat().st_mtime for src in sources if src.exists()), default=0.0)
+            if newest <= built.stat().st_mtime:
+                continue
         page.touch()
-    return pages
+        touched.append(page)
+    return touched
+
+
+def html_digest(html_dir: Path) -> str:
+    """sha256 over the names and bytes of every file of the built book (what the browser check opens)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in html_dir.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(html_dir)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,)) -> Path:
@@ -433,7 +456,7 @@ def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MO
     ran = time.time() - since
 
     install_mathjax()
-    touch_cross_document_glue()
+    touch_cross_document_glue(ROOT / "book", ROOT / "_build" / "html")
     book_start = time.time()
     jb = Path(sys.executable).with_name("jupyter-book")
     html_cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT),
@@ -464,11 +487,18 @@ def _ran_since(timing: Path, since: float) -> bool:
 def browser_check(html_dir: Path) -> str:
     """Open every built page in headless Chromium (:mod:`atlas_core.browser`); raise on any problem.
 
+    A book whose files are byte for byte those of the last check that passed (``html_digest``, stamped
+    beside the HTML folder) is not opened again: a rebuild with nothing changed reruns no check.
+
     Returns:
         A few words for the timing line ("browser check 4.1 s", or why it was skipped).
     """
     from atlas_core.browser import BrowserError, check_book, find_chromium, summary
 
+    stamp = html_dir.parent / ".atlas-browser-check"
+    digest = html_digest(html_dir)
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return "browser check skipped (pages unchanged since the last passing check)"
     try:
         find_chromium()
     except BrowserError as err:
@@ -478,7 +508,10 @@ def browser_check(html_dir: Path) -> str:
     reports = check_book(html_dir)
     print(summary(reports))
     if any(r.problems for r in reports):
+        stamp.unlink(missing_ok=True)
         raise BuildError("the rendered book failed the browser check (pages and problems above)")
+    with atomic_path(stamp) as tmp:
+        tmp.write_text(digest + "\n")
     return f"browser check {time.time() - start:.1f} s"
 
 

@@ -191,3 +191,39 @@ def test_every_progress_bar_of_a_run_names_its_chapter(tmp_path, capfd):
                       for o in c.get("outputs", []) if o.get("name") == "stderr")
     assert "toy [tiny]: perplexity" in streams
     assert os.environ.get("ATLAS_CHAPTER") == before
+
+
+def test_glue_pages_are_touched_only_when_a_glued_notebook_is_newer_than_their_html(tmp_path):
+    """A rebuild with nothing changed touches nothing (Sphinx then has nothing to rebuild)."""
+    book, html = tmp_path / "book", tmp_path / "_build" / "html"
+    (book / "chapters").mkdir(parents=True)
+    (html / "book").mkdir(parents=True)
+    page = book / "claims.md"
+    page.write_text("{glue:text}`chapters/a.ipynb::x:.2f`\n", encoding="utf-8")
+    (book / "chapters" / "a.ipynb").write_text("{}")
+    assert runner.touch_cross_document_glue(book, html) == [page]  # never built: touched
+    built = html / "book" / "claims.html"
+    built.write_text("<html/>")
+    os.utime(book / "chapters" / "a.ipynb", (100, 100))
+    os.utime(built, (200, 200))
+    os.utime(page, (50, 50))
+    assert runner.touch_cross_document_glue(book, html) == []
+    assert page.stat().st_mtime == 50
+    os.utime(book / "chapters" / "a.ipynb", (300, 300))  # the chapter ran again
+    assert runner.touch_cross_document_glue(book, html) == [page]
+
+
+def test_browser_check_is_not_rerun_on_an_unchanged_book(tmp_path, monkeypatch):
+    from atlas_core import browser
+
+    html = tmp_path / "html"
+    html.mkdir()
+    (html / "index.html").write_text("<html>a</html>")
+    calls = []
+    monkeypatch.setattr(browser, "find_chromium", lambda: "chromium")
+    monkeypatch.setattr(browser, "check_book", lambda d: calls.append(d) or [])
+    assert runner.browser_check(html).startswith("browser check ") and len(calls) == 1
+    assert "unchanged" in runner.browser_check(html) and len(calls) == 1
+    (html / "index.html").write_text("<html>b</html>")
+    runner.browser_check(html)
+    assert len(calls) == 2
