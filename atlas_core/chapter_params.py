@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from atlas_core.corpus import CORPORA
+from atlas_core.kvquant.experiment import ENGINES as KV_ENGINES
 from atlas_core.models import check_model_name
 from atlas_core.wquant.apply import METHODS as WQUANT_METHODS
 
@@ -109,6 +110,10 @@ def _kvquant(p: dict) -> None:
         _fail("bits", p["bits"], "each must be in 2..8")
     if not 1 <= p["side_bits"] <= 8:
         _fail("side_bits", p["side_bits"], "must be in 1..8")
+    if p["engine"] not in KV_ENGINES:
+        _fail("engine", p["engine"], f"must be one of {', '.join(KV_ENGINES)}")
+    if not 3 <= p["a2_budget"] <= 8:  # decode: values at a2_budget bits, the policy's at 2 bits and fp
+        _fail("a2_budget", p["a2_budget"], "must be in 3..8 (payload bits per value; the policy's low values take 2)")
 
 
 NQP_NEEDS = {"bits": [8, 4, 3],
@@ -132,13 +137,15 @@ def _nqp(p: dict) -> None:
 
 
 def _sparse(p: dict) -> None:
-    _positive(p, "seq_len", "eval_blocks", "prompt_tokens", "gen_tokens", "sweep_gen_tokens",
+    _positive(p, "seq_len", "eval_blocks", "sweep_blocks", "prompt_tokens", "gen_tokens", "sweep_gen_tokens",
               "window", "windows", "page_size", "contexts", "bench_rounds")
     _at_least(p, "anchors", 0)
     _at_least(p, "topk", 0)
     _at_least(p, "topks", 0)
     if not p["topks"]:
         _fail("topks", p["topks"], "needs at least one value")
+    if p["sweep_blocks"] > p["eval_blocks"]:
+        _fail("sweep_blocks", p["sweep_blocks"], f"exceeds eval_blocks ({p['eval_blocks']}): the sweep reads the first of them")
     if p["sweep_gen_tokens"] > p["gen_tokens"]:
         _fail("sweep_gen_tokens", p["sweep_gen_tokens"], f"exceeds gen_tokens ({p['gen_tokens']})")
     longest = p["anchors"] + max([p["window"], *p["windows"]]) + max([p["topk"], *p["topks"]])  # the sweep's too

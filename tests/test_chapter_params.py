@@ -34,8 +34,13 @@ def test_shipped_defaults_pass(chapter):
     ("crossarch", "seeds", [], "at least one seed"),
     ("kvquant", "prefill", 512, "shorter than seq_len"),
     ("kvquant", "ranks", [8, -1], "must be > 0"),
+    ("kvquant", "engine", "fast", "must be one of onepass, decode"),
+    ("kvquant", "a2_budget", 2, "must be in 3..8"),
+    ("kvquant", "eval_blocks", 0, "must be > 0"),
     ("sparse", "window", 0, "must be > 0"),
     ("sparse", "sweep_gen_tokens", 5000, "exceeds gen_tokens"),
+    ("sparse", "sweep_blocks", 17, "exceeds eval_blocks"),
+    ("sparse", "sweep_blocks", 0, "must be > 0"),
     ("sparse", "seq_len", 64, "longer than anchors + window + topk"),
     ("sparse", "seq_len", 256, "of every rule run (385)"),  # the sweep's W = 256, k = 128 (passed before)
     ("sparse", "supports", [97, 100], "anchors + window + page_size·r"),

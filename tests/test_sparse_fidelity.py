@@ -179,6 +179,17 @@ def test_teacher_forced_rules_share_the_dense_pass_and_give_per_block_values(qwe
         assert r["discarded"] == pytest.approx(r["mass"]["discarded"].mean().item(), rel=1e-5)
 
 
+def test_a_rule_on_fewer_blocks_is_the_rule_run_on_those_blocks(qwen_toy):
+    blocks = torch.stack([_prompt(40, s) for s in range(4)])
+    cfgs = [SparseConfig(1, 3, 2), SparseConfig(1, 8, 8)]
+    short, full = teacher_forced_rules(qwen_toy, blocks, cfgs, n_blocks=[2, 4])
+    alone = teacher_forced(qwen_toy, blocks[:2], cfgs[0])
+    assert short["blocks"] == 2 and full["blocks"] == 4
+    assert (short["kl"], short["ppl_dense"], short["kl_lo"]) == (alone["kl"], alone["ppl_dense"], alone["kl_lo"])
+    with pytest.raises(ValueError, match="n_blocks"):
+        teacher_forced_rules(qwen_toy, blocks, cfgs, n_blocks=[5, 1])
+
+
 def test_compare_rules_says_when_the_difference_is_not_distinguishable():
     def result(kl_per_block):
         kl = [torch.tensor(v, dtype=torch.float64) for v in kl_per_block]

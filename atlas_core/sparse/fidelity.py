@@ -64,7 +64,7 @@ def _block_logprobs(lm: LoadedModel, block: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[SparseConfig], progress: bool = False,
-                         implementation: str | None = "sdpa") -> list[dict]:
+                         implementation: str | None = "sdpa", n_blocks: list[int] | None = None) -> list[dict]:
     """Dense vs sparse next-token distributions over token blocks, every rule on every block.
 
     Per block, one dense forward pass (``implementation``: SDPA by default, exact to float rounding and
@@ -75,6 +75,8 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
         blocks: (block, token) token ids, each longer than every rule's budget a + W + k.
         configs: the sparse rules.
         implementation: dense attention backend of the reference (None: the loaded one).
+        n_blocks: per rule, how many of the first blocks it is scored on (default: all); a rule on
+            fewer blocks is paired with the others on those blocks.
     Returns:
         per rule, a dict: each of ``MEASURES`` as value, ``<name>_lo`` and ``<name>_hi`` (95% block
         bootstrap; ppl_change = PPL_sparse / PPL_dense − 1, paired), ``estimates`` (name -> Estimate),
@@ -87,18 +89,24 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
     """
     if not configs:
         raise ValueError("teacher_forced_rules needs at least one sparse rule")
+    n_blocks = [len(blocks)] * len(configs) if n_blocks is None else list(n_blocks)
+    if len(n_blocks) != len(configs) or not all(1 <= n <= len(blocks) for n in n_blocks):
+        raise ValueError(f"n_blocks must give each of the {len(configs)} rules 1 … {len(blocks)} blocks, got {n_blocks}")
     for cfg in configs:
         if blocks.shape[1] <= max(cfg.budget, cfg.sparse_from) + 1:
             raise ValueError(f"blocks of {blocks.shape[1]} tokens are too short for the budget a+W+k = {cfg.budget}: "
                              "nothing would be dropped; use longer blocks")
     states = [{"log": MassLog(), "kl": [], "top1_agree": [], "nll_sparse": [], "discarded": []} for _ in configs]
     nll_dense = []
-    for block in tqdm(blocks, desc=f"sparse: {len(configs)} rule(s) per block", disable=not progress, leave=False):
+    for i, block in enumerate(tqdm(blocks[:max(n_blocks)], desc=f"sparse: {len(configs)} rule(s) per block",
+                                   disable=not progress, leave=False)):
         target = block[1:, None]  # (token - 1, 1)
         with _implementation(lm.model, implementation):
             dense = _block_logprobs(lm, block)  # (token - 1, vocab)
         nll_dense.append(-dense.gather(-1, target)[:, 0])
-        for cfg, st in zip(configs, states):
+        for cfg, st, n in zip(configs, states, n_blocks):
+            if i >= n:
+                continue
             with sparse_attention(lm.model, cfg, st["log"]):
                 sparse = _block_logprobs(lm, block)  # (token - 1, vocab)
             counted = torch.arange(len(block) - 1) >= max(cfg.budget, cfg.sparse_from)  # (token - 1,)
@@ -108,7 +116,7 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
             st["top1_agree"].append(agree.where(counted, math.nan))
             st["nll_sparse"].append(-sparse.gather(-1, target)[:, 0])
             st["discarded"].append(_block_discarded(st["log"], len(st["kl"])))
-    return [_summary(st, nll_dense) for st in states]
+    return [_summary(st, nll_dense[:n]) for st, n in zip(states, n_blocks)]
 
 
 def _block_discarded(log: MassLog, n_blocks: int) -> torch.Tensor:
@@ -306,25 +314,26 @@ def fidelity_report(lm: LoadedModel, cfg: SparseConfig, prompt: torch.Tensor, n_
 
 
 def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Tensor, prompt: torch.Tensor,
-                 dense_tokens: torch.Tensor, progress: bool = False) -> list[dict]:
+                 dense_tokens: torch.Tensor, progress: bool = False, n_blocks: list[int] | None = None) -> list[dict]:
     """Teacher-forced fidelity (with intervals) and greedy first divergence of each sparse rule, one row each.
 
     Args:
         blocks: (block, token) held-out text; prompt: (token,); dense_tokens: (n_new,) the dense greedy
             continuation of the prompt (``dense_continuation(lm, prompt, n_new)``).
+        n_blocks: per rule, the first blocks it is scored on (``teacher_forced_rules``).
     Returns:
-        rows with the rule's settings, each of ``MEASURES`` with its ``_lo`` / ``_hi``, the mean fixed,
+        rows with the rule's settings, "blocks", each of ``MEASURES`` with its ``_lo`` / ``_hi``, the mean fixed,
         selected and discarded mass (page recall for the page selector), step_agree and
         first_divergence, and ``tf`` (the full ``teacher_forced_rules`` result, for paired comparisons).
     """
     rows = []
-    results = teacher_forced_rules(lm, blocks, configs, progress)
+    results = teacher_forced_rules(lm, blocks, configs, progress, n_blocks=n_blocks)
     for cfg, tf in zip(configs, tqdm(results, desc="sparse rules: trajectories", disable=not progress, leave=False)):
         traj = trajectory_agreement(lm, prompt, dense_tokens, cfg)
         mass = {"fixed": math.nan, "selected": math.nan}  # stay NaN if every layer is dense
         mass.update({name: t.mean().item() for name, t in tf["mass"].items() if name != "discarded"})
         figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
-        rows.append({**cfg.__dict__, **figures, **mass, "step_agree": traj["agree"],
+        rows.append({**cfg.__dict__, "blocks": tf["blocks"], **figures, **mass, "step_agree": traj["agree"],
                      "first_divergence": traj["first_divergence"], "tf": tf})
     return rows
 
