@@ -422,6 +422,7 @@ def _sparse(args) -> None:
 
 def _wquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.interval import Estimate
     from atlas_core.models import load_model
     from atlas_core.wquant.calib import CalibConfig, calibration_stats
     from atlas_core.wquant.experiment import run_wquant
@@ -449,13 +450,15 @@ def _wquant(args) -> None:
               "calib_seq_len": cal.seq_len, "tokens": blocks.numel(),
               **({"damp": gptq_config.damp, "act_order": gptq_config.act_order, "sequential": gptq_config.sequential}
                  if args.method == "gptq" else {}),
-              **{k: v for k, v in r.items() if k != "layers"}}
+              **{k: v for k, v in r.items() if k not in ("layers", "nll", "nll_fp")}}  # per-token NLL: not JSON
     if args.json:
         print(json.dumps(result, indent=2))
         return
     out = "" if r["output_error"] is None else f", output {r['output_error']:.3e}"
-    print(f"{args.model} {args.method} {args.bits}b (group {args.group or 'channel'}): perplexity {r['ppl']:.3f} "
-          f"(fp {r['ppl_fp']:.3f}); mean relative layer error: weight {r['weight_error']:.3e}{out} (held-out inputs); "
+    ppl, fp, ratio = (Estimate(**r[k]) for k in ("ppl", "ppl_fp", "ppl_ratio"))
+    print(f"{args.model} {args.method} {args.bits}b (group {args.group or 'channel'}): perplexity {ppl:.3f} "
+          f"(fp {fp:.3f}; ratio {ratio:.3f}, 95% block-bootstrap intervals on {ppl.units} blocks); "
+          f"mean relative layer error: weight {r['weight_error']:.3e}{out} (held-out inputs); "
           f"{r['seconds']:.1f} s")
 
 

@@ -111,7 +111,9 @@ def test_wquant_on_toy_model(capsys):
     assert out["method"] == "gptq" and out["bits"] == 3 and out["tokens"] == 256
     assert out["calib_corpus"] == "britannica" and out["calib_tokens"] == 256 and out["calib_seq_len"] == 64
     assert (out["damp"], out["act_order"], out["sequential"]) == (0.01, False, True)  # the settings read back
-    assert out["ppl"] > 0 and 0 < out["weight_error"] < 1 and out["output_error"] > 0
+    assert 0 < out["ppl"]["lo"] <= out["ppl"]["value"] <= out["ppl"]["hi"] and out["ppl"]["units"] == 4
+    assert out["ppl_ratio"]["lo"] <= out["ppl_ratio"]["value"] <= out["ppl_ratio"]["hi"]  # paired with fp
+    assert 0 < out["weight_error"] < 1 and out["output_error"] > 0
 
 
 @pytest.mark.parametrize("args, message", [(["wquant", "--bits", "1"], "bits"),

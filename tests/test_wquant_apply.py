@@ -6,7 +6,7 @@ import torch
 from atlas_core.eval import perplexity
 from atlas_core.models import load_model
 from atlas_core.wquant.apply import METHODS, quantize_model
-from atlas_core.wquant.calib import calibration_stats, linear_layers, participation_ratio
+from atlas_core.wquant.calib import calibration_stats, calibration_stats_reference, linear_layers, participation_ratio
 from atlas_core.wquant.rtn import WQuantSpec
 
 
@@ -23,6 +23,23 @@ def test_stats_cover_every_linear_layer(toy_and_stats):
     s = next(iter(stats.values()))
     assert s.n == 4 * 32 and torch.allclose(s.h, s.h.T)
     assert 1 <= participation_ratio(s.fisher) <= s.fisher.shape[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fast_statistics_equal_the_plain_fp64_ones(family):
+    """Shared x xᵀ per input tensor and fp32 products equal per-layer fp64 products to fp32 rounding."""
+    lm = load_model(f"toy-{family}")
+    blocks = torch.randint(4, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    fast, plain = calibration_stats(lm, blocks, progress=False), calibration_stats_reference(lm, blocks)
+    assert set(fast) == set(plain)
+    for name in plain:
+        for field in ("xx", "x_abs", "gg"):
+            a, b = getattr(fast[name], field), getattr(plain[name], field)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item(), msg=f"{name}.{field}")
+        assert fast[name].n == plain[name].n
+    if family == "llama":  # k and v read q's input: one sum, added to each
+        shared = [n for n in fast if n.endswith(("k_proj", "v_proj"))]
+        assert shared and all(torch.equal(fast[n].xx, fast[n.rsplit(".", 1)[0] + ".q_proj"].xx) for n in shared)
 
 
 def test_participation_ratio_known_answers():

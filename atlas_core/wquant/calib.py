@@ -22,7 +22,8 @@ from transformers.pytorch_utils import Conv1D
 from atlas_core.models import LoadedModel
 from atlas_core.wquant.rotations import eigh_descending
 
-__all__ = ["BlockInputs", "CalibConfig", "LayerStats", "add_inputs", "block_inputs", "calibration_stats", "decoder_blocks", "group_stats",
+__all__ = ["BlockInputs", "CalibConfig", "LayerStats", "add_inputs", "block_inputs", "calibration_stats",
+           "calibration_stats_reference", "decoder_blocks", "group_stats",
            "linear_groups", "linear_layers", "participation_ratio", "run_block"]
 
 
@@ -74,15 +75,30 @@ def calibration_stats(lm: LoadedModel, blocks: torch.Tensor, fisher: bool = True
                       progress: bool = True) -> dict[str, LayerStats]:
     """Accumulate H, E|x| and (optionally) the activation Fisher of every linear layer.
 
+    x xᵀ and g gᵀ are summed in fp32 within a batch and in fp64 across batches (``add_inputs``, GPTQ's
+    reference's precision), and the layers that read one input tensor (q/k/v, gate/up) share one x xᵀ
+    of it: ``calibration_stats_reference`` does every product in fp64 per layer, and a test holds the two
+    equal to fp32 rounding.
+
     Args:
         blocks: (block, token) calibration token ids.
         fisher: also run a backward pass per batch for F.
     Returns:
         {layer name: LayerStats}
     """
+    return _calibration_stats(lm, blocks, fisher, batch_size, progress, _FastHooks)
+
+
+def calibration_stats_reference(lm: LoadedModel, blocks: torch.Tensor, fisher: bool = True, batch_size: int = 2,
+                                progress: bool = False) -> dict[str, LayerStats]:
+    """``calibration_stats`` plainly: every layer's x xᵀ and g gᵀ in fp64 on its own."""
+    return _calibration_stats(lm, blocks, fisher, batch_size, progress, _PlainHooks)
+
+
+def _calibration_stats(lm, blocks, fisher, batch_size, progress, hooks) -> dict[str, LayerStats]:
     layers = linear_layers(lm.model)
     stats = {name: None for name in layers}
-    with _hooks(layers, stats, fisher), torch.set_grad_enabled(fisher):
+    with hooks(layers, stats, fisher), torch.set_grad_enabled(fisher):
         for start in tqdm(range(0, len(blocks), batch_size), desc="calibration", disable=not progress):
             batch = blocks[start : start + batch_size]
             # Weights stay frozen; gradients flow to the activations through embeddings that require them.
@@ -93,35 +109,72 @@ def calibration_stats(lm: LoadedModel, blocks: torch.Tensor, fisher: bool = True
     return stats
 
 
-@contextlib.contextmanager
-def _hooks(layers: dict, stats: dict, fisher: bool):
-    def forward(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (token, in)
-            s = stats[name]
-            if s is None:
-                d = x.shape[1]
-                s = stats[name] = LayerStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
-                                             torch.zeros(d, d, dtype=torch.float64) if fisher else None)
-            s.xx += x.T @ x
-            s.x_abs += x.abs().sum(0)
-            s.n += len(x)
-        return hook
+def _new_stats(d: int, fisher: bool) -> LayerStats:
+    return LayerStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
+                      torch.zeros(d, d, dtype=torch.float64) if fisher else None)
 
-    def backward(name):
-        def hook(module, grad_input, grad_output):
-            g = grad_input[0].detach().reshape(-1, grad_input[0].shape[-1]).double()  # (token, in)
-            stats[name].gg += g.T @ g
-        return hook
 
-    handles = [m.register_forward_hook(forward(n)) for n, m in layers.items()]
-    if fisher:
-        handles += [m.register_full_backward_hook(backward(n)) for n, m in layers.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
+class _PlainHooks(contextlib.AbstractContextManager):
+    """Forward hooks adding each layer's x xᵀ, Σ|x| (and backward hooks its g gᵀ) in fp64, layer by layer."""
+
+    def __init__(self, layers: dict, stats: dict, fisher: bool):
+        self.layers, self.stats, self.fisher = layers, stats, fisher
+        self.handles = [m.register_forward_hook(self._forward(n)) for n, m in layers.items()]
+        if fisher:
+            self.handles += [m.register_full_backward_hook(self._backward(n)) for n, m in layers.items()]
+
+    def __exit__(self, *exc):
+        for h in self.handles:
             h.remove()
+
+    def products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x xᵀ (in, in), Σ|x| (in,)) of inputs x (..., in), in fp64."""
+        x = x.detach().reshape(-1, x.shape[-1]).double()  # (token, in)
+        return x.T @ x, x.abs().sum(0)
+
+    def _forward(self, name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if self.stats[name] is None:
+                self.stats[name] = _new_stats(x.shape[-1], self.fisher)
+            s = self.stats[name]
+            xx, x_abs = self.products(x)
+            s.xx += xx
+            s.x_abs += x_abs
+            s.n += x.numel() // x.shape[-1]
+        return hook
+
+    def _backward(self, name):
+        def hook(module, grad_input, grad_output):
+            g = grad_input[0].detach().reshape(-1, grad_input[0].shape[-1])  # (token, in)
+            self.stats[name].gg += self.outer(g)
+        return hook
+
+    def outer(self, g: torch.Tensor) -> torch.Tensor:
+        g = g.double()
+        return g.T @ g
+
+
+class _FastHooks(_PlainHooks):
+    """The same sums, each product in fp32 and added in fp64, one x xᵀ per input tensor (q/k/v, gate/up share)."""
+
+    def __init__(self, layers: dict, stats: dict, fisher: bool):
+        self.last: tuple = (None, None)  # (input tensor, its products): the next layer may read the same tensor
+        super().__init__(layers, stats, fisher)
+
+    def products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.last[0] is not x:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # (token, in)
+            self.last = (x, ((flat.T @ flat).double(), flat.abs().sum(0).double()))
+        return self.last[1]
+
+    def outer(self, g: torch.Tensor) -> torch.Tensor:
+        g = g.float()
+        return (g.T @ g).double()
+
+    def __exit__(self, *exc):
+        self.last = (None, None)
+        return super().__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------- decoder blocks, one at a time

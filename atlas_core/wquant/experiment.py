@@ -1,27 +1,59 @@
-"""One weight-quantization run: calibrate, quantize a copy of the model, measure held-out perplexity."""
+"""One weight-quantization run (calibrate, quantize, measure held-out NLL per block), and the paired verdicts
+that compare runs.
+
+Every run is measured on the same held-out blocks, and returns the NLL of every predicted token
+(block, token − 1), so ``interval`` gives each perplexity its interval and each comparison between two
+methods the interval of their paired perplexity ratio. ``compare`` turns that ratio into a verdict that
+never rests on a difference the sample cannot show ("not distinguishable at this sample size", SPEC §11).
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 
-from atlas_core.eval import perplexity
+from atlas_core import interval
+from atlas_core.eval import block_nll
+from atlas_core.interval import DEFAULT, Bootstrap, Estimate
 from atlas_core.models import LoadedModel
 from atlas_core.wquant.apply import quantize_model, quantize_model_sequential
-from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats
+from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats, linear_layers
 from atlas_core.wquant.gptq import GPTQConfig
 from atlas_core.wquant.rtn import WQuantSpec
 
-__all__ = ["run_wquant"]
+__all__ = ["TIE", "Comparison", "best_method", "compare", "gate", "restored_weights", "run_wquant"]
+
+TIE = "not distinguishable at this sample size"
+
+
+@contextlib.contextmanager
+def restored_weights(model):
+    """Quantize ``model``'s decoder linear layers in place inside the block; their weights (and the norms AWQ
+    could fold into) come back bit for bit on exit. Cheaper than a deep copy of the whole model per run."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if _owned(n)}
+    try:
+        yield model
+    finally:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, p in saved.items():
+                params[n].copy_(p)
+
+
+def _owned(name: str) -> bool:
+    """Parameters a quantization run may change: everything inside the decoder blocks."""
+    return ".layers." in name or ".h." in name
 
 
 def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tensor, eval_blocks: torch.Tensor,
-               stats: dict[str, LayerStats] | None = None, ppl_fp: float | None = None, seed: int = 0,
+               stats: dict[str, LayerStats] | None = None, nll_fp: torch.Tensor | None = None, seed: int = 0,
                progress: bool = False, judge: dict[str, LayerStats] | None = None,
-               gptq_config: GPTQConfig = GPTQConfig(), calib_config: CalibConfig = CalibConfig()) -> dict:
-    """Quantize a deep copy of ``lm.model`` with ``method`` and measure it (the original is untouched).
+               gptq_config: GPTQConfig = GPTQConfig(), calib_config: CalibConfig = CalibConfig(),
+               batch_size: int = 8) -> dict:
+    """Quantize ``lm.model`` with ``method``, measure it, and put its weights back (the model is left unchanged).
 
     GPTQ with ``gptq_config.sequential`` (the default) runs its reference's pipeline
     (``apply.quantize_model_sequential``) on the blocks of ``calib_config``; every other method, and
@@ -29,31 +61,101 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
 
     Args:
         calib: (block, token) calibration blocks (used when ``stats`` is None and the method needs them).
-        eval_blocks: (block, token) held-out blocks for perplexity.
-        stats, ppl_fp: reuse across runs of a sweep.
+        eval_blocks: (block, token) held-out blocks.
+        stats, nll_fp: reuse across runs of a sweep (``nll_fp``: the unquantized model's NLL on ``eval_blocks``).
         judge: held-out input statistics for the layer output error (default: the calibration ones).
+        batch_size: held-out blocks per forward (speed only).
     Returns:
-        {"method", "bits", "group", "symmetric", "ppl", "ppl_fp", "weight_error", "output_error" (means over
-        layers), "layers" (per-layer rows), "seconds", "calib_corpus" and "calib_tokens" (sequential GPTQ)}
+        {"method", "bits", "group", "symmetric", "nll" (block, token − 1) NLL in nats, "nll_fp" (the same,
+        unquantized), "ppl" and "ppl_fp" (Estimate dicts {"value", "lo", "hi", "units"}: 95% block-bootstrap
+        intervals), "ppl_ratio" (PPL / PPL_fp, paired, an Estimate dict), "weight_error", "output_error" (means
+        over layers), "layers" (per-layer rows), "seconds", "calib_corpus" and "calib_tokens" (sequential GPTQ)}
     """
     start = time.perf_counter()
     sequential = method == "gptq" and gptq_config.sequential
     if stats is None and method != "rtn" and not sequential:
         stats = calibration_stats(lm, calib, fisher=method in ("rot-fisher", "nqp-scaled"), progress=progress)
-    if ppl_fp is None:
-        ppl_fp = perplexity(lm.model, eval_blocks, progress=progress)
-    model = copy.deepcopy(lm.model)
-    if sequential:
-        rows = quantize_model_sequential(model, method, spec, calib_config.blocks(lm), batch_size=calib_config.batch_size,
-                                         gptq_config=gptq_config, progress=progress, judge=judge)
-    else:
-        rows = quantize_model(model, method, spec, stats, seed, progress=progress, judge=judge, blocks=calib,  # AWQ searches on calib
-                              gptq_config=gptq_config)
-    ppl = perplexity(model, eval_blocks, progress=progress)
+    if nll_fp is None:
+        nll_fp = block_nll(lm.model, eval_blocks, batch_size, progress=progress)
+    with restored_weights(lm.model) as model:
+        if sequential:
+            rows = quantize_model_sequential(model, method, spec, calib_config.blocks(lm),
+                                             batch_size=calib_config.batch_size, gptq_config=gptq_config,
+                                             progress=progress, judge=judge)
+        else:
+            rows = quantize_model(model, method, spec, stats, seed, progress=progress, judge=judge, blocks=calib,
+                                  gptq_config=gptq_config)  # AWQ searches on calib
+        nll = block_nll(model, eval_blocks, batch_size, progress=progress)
     out_err = [r["output_error"] for r in rows if "output_error" in r]
-    return {"method": method, "bits": spec.bits, "group": spec.group, "symmetric": spec.symmetric, "ppl": ppl,
-            "ppl_fp": ppl_fp, "weight_error": sum(r["weight_error"] for r in rows) / len(rows),
+    return {"method": method, "bits": spec.bits, "group": spec.group, "symmetric": spec.symmetric,
+            "nll": nll, "nll_fp": nll_fp, "ppl": interval.perplexity(nll).as_dict(),
+            "ppl_fp": interval.perplexity(nll_fp).as_dict(), "ppl_ratio": interval.ppl_ratio(nll, nll_fp).as_dict(),
+            "weight_error": sum(r["weight_error"] for r in rows) / len(rows),
             "output_error": sum(out_err) / len(out_err) if out_err else None, "layers": rows,
             "seconds": time.perf_counter() - start,
             **({"calib_corpus": calib_config.corpus, "calib_tokens": calib_config.tokens // calib_config.seq_len
                 * calib_config.seq_len} if sequential else {})}
+
+
+# ----------------------------------------------------------------------------- paired verdicts
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """PPL_a / PPL_b on the same blocks (paired) and what it lets one say.
+
+    ``verdict`` is "lower" (the whole interval below 1), "higher" (above 1) or ``TIE``.
+    """
+
+    a: str
+    b: str
+    ratio: Estimate
+
+    @property
+    def verdict(self) -> str:
+        if not self.ratio.distinguishable(1.0):
+            return TIE
+        return "lower" if self.ratio.hi < 1 else "higher"
+
+    def sentence(self, spec: str = ".3f") -> str:
+        """E.g. "rot-fisher is higher than gptq (perplexity ratio 1.52 [1.41, 1.63])"."""
+        how = f"{self.a} and {self.b} are {TIE}" if self.verdict == TIE else f"{self.a} is {self.verdict} than {self.b}"
+        return f"{how} (perplexity ratio {self.ratio:{spec}})"
+
+
+def compare(nll_a, nll_b, a: str = "a", b: str = "b", boot: Bootstrap = DEFAULT) -> Comparison:
+    """Compare two runs' perplexities on the same held-out blocks.
+
+    Args:
+        nll_a, nll_b: (block, token) NLL of the two runs on the same blocks (``run_wquant``'s "nll").
+        a, b: their names, for ``Comparison.sentence``.
+    Returns:
+        ``Comparison`` with the paired ratio PPL_a / PPL_b and its 95% interval (``interval.ppl_ratio``).
+    Raises:
+        ValueError: the runs were not measured on the same number of blocks.
+    """
+    return Comparison(a, b, interval.ppl_ratio(nll_a, nll_b, boot))
+
+
+def gate(comparison: Comparison, want: str) -> str:
+    """A gate that asks for ``want`` ("lower" or "higher") of ``comparison``: "pass", "fail", or ``TIE`` when
+    the paired interval contains 1 (the sample cannot tell, so the gate neither passes nor fails)."""
+    if want not in ("lower", "higher"):
+        raise ValueError(f"a gate wants 'lower' or 'higher', got {want!r}")
+    return TIE if comparison.verdict == TIE else "pass" if comparison.verdict == want else "fail"
+
+
+def best_method(nlls: dict[str, torch.Tensor], boot: Bootstrap = DEFAULT) -> tuple[str, list[str]]:
+    """The run with the lowest perplexity, and the runs not distinguishable from it at this sample size.
+
+    Args:
+        nlls: {name: (block, token) NLL}, every run on the same blocks.
+    Returns:
+        (best name, [names whose paired ratio to the best has an interval containing 1], in the given order)
+    """
+    if not nlls:
+        raise ValueError("best_method needs at least one run")
+    ppl = {n: interval.unit_sums(v).mean() for n, v in nlls.items()}
+    best = min(ppl, key=ppl.get)
+    ties = [n for n in nlls if n != best and compare(nlls[n], nlls[best], n, best, boot).verdict == TIE]
+    return best, ties

@@ -1,0 +1,95 @@
+"""run_wquant's per-block NLL and intervals, the model left as it was, and the paired verdicts between runs."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from atlas_core import interval
+from atlas_core.eval import block_nll
+from atlas_core.models import load_model
+from atlas_core.wquant.apply import quantize_model
+from atlas_core.wquant.calib import calibration_stats
+from atlas_core.wquant.experiment import TIE, best_method, compare, gate, restored_weights, run_wquant
+from atlas_core.wquant.rtn import WQuantSpec
+
+
+def _nll(seed, blocks=16, tokens=64, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(blocks, tokens, generator=g) * 4 + shift
+
+
+def _noisy(base):
+    """base shifted by ±0.3 nats per block (as many up as down, shuffled) and 0.001 on average: a tiny
+    difference under a large paired spread."""
+    signs = torch.tensor([1.0, -1.0] * (len(base) // 2))[torch.randperm(len(base), generator=torch.Generator().manual_seed(1))]
+    return base + 0.3 * signs[:, None] + 0.001
+
+
+def test_compare_says_lower_higher_or_not_distinguishable():
+    base = _nll(0)
+    worse = base + 0.05  # every block 5% higher in nats: a paired shift the interval sees at once
+    assert compare(worse, base, "q", "fp").verdict == "higher"
+    assert compare(base, worse).verdict == "lower"
+    # Noise far larger than the shift, in both directions: the interval of the ratio contains 1.
+    noisy = _noisy(base)
+    c = compare(noisy, base, "q", "fp")
+    assert c.ratio.lo < 1 < c.ratio.hi and c.verdict == TIE
+    assert TIE in c.sentence() and "q and fp" in c.sentence()
+    assert compare(worse, base, "q", "fp").sentence().startswith("q is higher than fp (perplexity ratio 1.05")
+
+
+def test_compare_refuses_unpaired_runs():
+    with pytest.raises(ValueError, match="same units"):
+        compare(_nll(0, blocks=8), _nll(1, blocks=9))
+
+
+def test_gate_neither_passes_nor_fails_on_a_tie():
+    base = _nll(0)
+    assert gate(compare(base - 0.05, base), "lower") == "pass"
+    assert gate(compare(base + 0.05, base), "lower") == "fail"
+    assert gate(compare(base + 0.05, base), "higher") == "pass"
+    assert gate(compare(_noisy(base), base), "lower") == TIE
+    with pytest.raises(ValueError, match="lower"):
+        gate(compare(base, base), "better")
+
+
+def test_best_method_names_the_runs_it_cannot_tell_apart():
+    base = _nll(0)
+    runs = {"a": base + 0.2, "b": base, "c": _noisy(base), "d": base + 0.05}
+    best, ties = best_method(runs)
+    assert best == "b" and ties == ["c"]
+    assert best_method({"only": base}) == ("only", [])
+
+
+def test_run_wquant_returns_per_block_nll_with_intervals_and_leaves_the_model_unchanged():
+    lm = load_model("toy-llama")
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    calib, held_out = (torch.randint(4, 200, (n, 32), generator=gen) for n in (4, 6))
+    stats = calibration_stats(lm, calib, progress=False)
+    for method in ("rtn", "awq", "rot-fisher"):
+        r = run_wquant(lm, method, WQuantSpec(3), calib, held_out, stats)
+        assert r["nll"].shape == r["nll_fp"].shape == (6, 31)
+        assert r["ppl"]["value"] == pytest.approx(math.exp(r["nll"].double().mean().item()), rel=1e-9)
+        assert r["ppl"]["lo"] < r["ppl"]["value"] < r["ppl"]["hi"] and r["ppl"]["units"] == 6
+        assert r["ppl_ratio"] == interval.ppl_ratio(r["nll"], r["nll_fp"]).as_dict()
+        for n, p in lm.model.named_parameters():  # quantized in place, then put back bit for bit
+            assert torch.equal(p, before[n]), (method, n)
+    # The in-place run equals the plain one on a deep copy.
+    model = copy.deepcopy(lm.model)
+    quantize_model(model, "rtn", WQuantSpec(3), stats, progress=False)
+    r = run_wquant(lm, "rtn", WQuantSpec(3), calib, held_out, stats)
+    torch.testing.assert_close(r["nll"], block_nll(model, held_out, progress=False), rtol=0, atol=1e-5)
+
+
+def test_restored_weights_restores_after_an_error():
+    lm = load_model("toy-llama")
+    w = lm.model.model.layers[0].self_attn.q_proj.weight
+    kept = w.detach().clone()
+    with pytest.raises(RuntimeError), restored_weights(lm.model):
+        with torch.no_grad():
+            w.zero_()
+        raise RuntimeError("mid-run")
+    assert torch.equal(w, kept)
