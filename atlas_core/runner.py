@@ -96,6 +96,63 @@ def workflow_params(model: str, chapter: str) -> dict:
     return dict(((table or {}).get(model) or {}).get(chapter) or {})
 
 
+# The modules that only orchestrate (run notebooks, parse the command line, check parameters, the rendered
+# HTML or the timings): editing them changes no number, so it reruns no chapter.
+ORCHESTRATION = frozenset({"runner.py", "cli.py", "browser.py", "chapter_params.py", "compare.py", "progress.py",
+                           "book_bench.py", "__main__.py"})
+
+
+def _imported_modules(source: str) -> set[str]:
+    """Dotted names of every ``atlas_core`` module a Python source imports, anywhere (lazy imports too);
+    ``from atlas_core.x import y`` yields both ``atlas_core.x`` and ``atlas_core.x.y`` (y may be a module)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0] == "atlas_core"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "atlas_core":
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of a dotted ``atlas_core`` module (package ``__init__.py`` or ``.py``), None if not one."""
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def chapter_code(chapter: str, source: Path | None = None) -> list[str]:
+    """The library files a chapter's numbers depend on: the ``atlas_core`` modules its source imports,
+    followed through their own imports (and their packages' ``__init__``), minus ``ORCHESTRATION``.
+
+    The workflow reruns a chapter when one of these changes, and only then: an edit to the KV-cache code
+    reruns the chapters that import it, not the models chapter.
+
+    Returns:
+        Sorted absolute paths.
+    """
+    source = Path(source or notebook_source(chapter))
+    todo = sorted(_imported_modules(source.read_text(encoding="utf-8")) | {"atlas_core"})
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            parent = ".".join(parts[:i])
+            if parent in seen:
+                continue
+            path = _module_file(parent)
+            if path is None:
+                continue
+            seen[parent] = path
+            todo.extend(_imported_modules(path.read_text(encoding="utf-8")))
+    return sorted(str(p) for p in seen.values()
+                  if not (p.parent == ROOT / "atlas_core" and p.name in ORCHESTRATION))
+
+
 # --- parameters -----------------------------------------------------------------------------------
 
 def read_notebook(source: Path):

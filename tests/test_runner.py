@@ -227,3 +227,20 @@ def test_browser_check_is_not_rerun_on_an_unchanged_book(tmp_path, monkeypatch):
     (html / "index.html").write_text("<html>b</html>")
     runner.browser_check(html)
     assert len(calls) == 2
+
+
+def test_a_chapter_depends_on_the_library_code_it_imports_only(tmp_path):
+    """The workflow reruns a chapter when code it imports changes: lazy imports and package __init__ count,
+    orchestration modules and unrelated subpackages do not."""
+    lib = runner.ROOT / "atlas_core"
+    models = set(runner.chapter_code("models"))
+    assert {str(lib / "eval.py"), str(lib / "models.py"), str(lib / "zoo.py"), str(lib / "__init__.py")} <= models
+    assert not any("/kvquant/" in p or "/sparse/" in p or "/wquant/" in p for p in models)
+    assert not {str(lib / n) for n in runner.ORCHESTRATION} & models
+    kv = set(runner.chapter_code("kvquant"))
+    assert str(lib / "kvquant" / "__init__.py") in kv and str(lib / "kvquant" / "decode.py") in kv
+    source = tmp_path / "lazy.py"
+    source.write_text("def f():\n    from atlas_core.top1 import hard_top1\n    import atlas_core.runner\n")
+    lazy = set(runner.chapter_code("lazy", source))
+    assert str(lib / "top1.py") in lazy and str(lib / "eval.py") in lazy  # top1 imports eval
+    assert str(lib / "runner.py") not in lazy
