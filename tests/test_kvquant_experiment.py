@@ -225,3 +225,16 @@ def test_a2_value_policy_is_measured_at_equal_payload_bits():
     assert r["baseline"]["label"] == KVMethod("per-token", 2, 3, group=8).label()
     assert r["method"]["value_payload"] <= 3 and r["baseline"]["value_payload"] == 3  # never above the uniform budget
     assert r["method"]["bits_value"] == r["baseline"]["bits_value"]  # the cache's bytes: the same layout
+
+
+@pytest.mark.parametrize(
+    "excess, difference, expected",
+    [(est(0.5, 0.4, 0.6), est(-1, -2, -0.5), "below the paper's 84–94%"),
+     (est(0.8, 0.7, 0.86), est(-1, -2, -0.5), "consistent with the paper's 84–94%"),
+     (est(0.97, 0.95, 0.99), est(-1, -2, -0.5), "above the paper's 84–94%"),
+     (est(0.9, 0.4, 1.2), est(-1, -2, 0.1), "not distinguishable from its baseline at this sample size")],
+)
+def test_range_verdict(excess, difference, expected):
+    from atlas_core.kvquant.experiment import range_verdict
+
+    assert range_verdict(excess, difference, 0.84, 0.94) == expected

@@ -219,9 +219,12 @@ def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: Side
         if setup.engine != "onepass":
             raise ValueError(f"{method.label()}: the A² value policy needs attention weights: only the onepass engine runs it")
         extra["value_policy"] = method.value_policy()
+    if setup.engine == "onepass":
+        extra["batch_size"] = setup.batch  # one call: the bits are measured once, not per batch
+    step = len(blocks) if setup.engine == "onepass" else setup.batch  # decode: batch by batch through the cache
     parts, bits, payload = [], None, []
-    for start in range(0, len(blocks), setup.batch):
-        nll, held = nll_of(lm.model, blocks[start : start + setup.batch], method.kv_config(), side, setup.prefill,
+    for start in range(0, len(blocks), step):
+        nll, held = nll_of(lm.model, blocks[start : start + step], method.kv_config(), side, setup.prefill,
                            progress=progress, **extra)  # (batch, token − prefill − 1)
         parts.append(nll.double())
         bits = bits or held  # blocks of one length: every batch's cache holds the same bits per element
@@ -390,3 +393,23 @@ def lowest_verdict(nlls: dict[str, torch.Tensor], focus: str, boot: Bootstrap = 
     if ties:
         return best, f"{focus} is lowest, but not distinguishable from {', '.join(ties)} at this sample size"
     return best, f"{focus} is lower than every other"
+
+
+def range_verdict(excess: Estimate, difference: Estimate, low: float, high: float, source: str = "the paper's") -> str:
+    """Where an excess-removed fraction falls against a source's reported range [low, high].
+
+    Args:
+        excess: the fraction with its interval; difference: PPL − PPL_base on the same blocks.
+    Returns:
+        "not distinguishable from its baseline at this sample size" when the difference's interval contains 0;
+        else "below"/"above <source> …" when the whole interval lies below ``low``/above ``high``, and
+        "consistent with <source> …" when it meets the range.
+    """
+    reported = f"{source} {low:.0%}–{high:.0%}".replace("%–", "–")
+    if not difference.distinguishable(0.0):
+        return f"not distinguishable from its baseline at this sample size"
+    if excess.hi < low:
+        return f"below {reported}"
+    if excess.lo > high:
+        return f"above {reported}"
+    return f"consistent with {reported}"
