@@ -69,9 +69,10 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
         {"method", "bits", "group", "symmetric", "nll" (block, token − 1) NLL in nats, "nll_fp" (the same,
         unquantized), "ppl" and "ppl_fp" (Estimate dicts {"value", "lo", "hi", "units"}: 95% block-bootstrap
         intervals), "ppl_ratio" (PPL / PPL_fp, paired, an Estimate dict), "weight_error", "output_error" (means
-        over layers), "layers" (per-layer rows), "seconds", "calib_corpus" and "calib_tokens" (sequential GPTQ)}
+        over layers), "layers" (per-layer rows), "seconds" (wall) and "cpu_seconds" (this process's CPU time: what
+        the run costs on an idle machine with one thread), "calib_corpus" and "calib_tokens" (sequential GPTQ)}
     """
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     sequential = method == "gptq" and gptq_config.sequential
     if stats is None and method != "rtn" and not sequential:
         stats = calibration_stats(lm, calib, fisher=method in ("rot-fisher", "nqp-scaled"), progress=progress)
@@ -92,7 +93,7 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
             "ppl_fp": interval.perplexity(nll_fp).as_dict(), "ppl_ratio": interval.ppl_ratio(nll, nll_fp).as_dict(),
             "weight_error": sum(r["weight_error"] for r in rows) / len(rows),
             "output_error": sum(out_err) / len(out_err) if out_err else None, "layers": rows,
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
             **({"calib_corpus": calib_config.corpus, "calib_tokens": calib_config.tokens // calib_config.seq_len
                 * calib_config.seq_len} if sequential else {})}
 
