@@ -187,7 +187,18 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU exists")
     sb.add_argument("--json", action="store_true")
     sb.set_defaults(func=_bench_sparse)
+    bb = bsub.add_parser("book", help="issue 15's time targets: measured (recorded or run now) beside each target")
+    bb.add_argument("--run", nargs="*", default=[], choices=["fresh", "rebuild", "cli", "qwen"],
+                    help="measure now: fresh (book from a fresh clone), rebuild (nothing changed), cli, qwen")
+    bb.add_argument("--results", default=None, help="results folder with the runner's timing records")
+    bb.set_defaults(func=_bench_book)
     return p
+
+
+def _bench_book(args) -> None:
+    from atlas_core.book_bench import main
+
+    main(args.run, args.results)
 
 
 def _sparse_rule_args(p: argparse.ArgumentParser) -> None:
