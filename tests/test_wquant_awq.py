@@ -175,3 +175,24 @@ def test_searches_use_the_first_search_tokens_of_the_calibration():
         assert torch.equal(subset[name].scale, alone[name].scale), name
     with pytest.raises(ValueError, match="search_tokens"):
         AWQConfig(search_tokens=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_references_from_the_blocks_forward_equal_a_rerun_of_each_module(family):
+    """The search's full-precision references come from the block's own forward (``_capture``); re-running each
+    inspected module on its recorded arguments, the plain way, gives the same tensors bit for bit."""
+    from atlas_core.wquant.awq import _capture, _module_output
+
+    lm = load_model(f"toy-{family}")
+    block = decoder_blocks(lm.model)[0]
+    inputs = block_inputs(lm.model, _blocks(), 2)
+    inspected = {g.inspect: block.get_submodule(g.inspect) for g in scale_groups(block) if g.inspect not in g.layers}
+    args, refs = {}, {}
+    with torch.no_grad(), _capture(inspected, args, refs):
+        for b, h in enumerate(inputs.hidden):
+            inputs.call(block, 0, b, h)
+    with torch.no_grad():
+        for name, m in inspected.items():
+            rerun = [_module_output(m(*a, **k)) for a, k in args[name]]
+            assert len(rerun) == len(refs[name]) == len(inputs.hidden)
+            assert all(torch.equal(x, y) for x, y in zip(rerun, refs[name])), name

@@ -276,14 +276,21 @@ def _module_output(out) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _capture(modules: dict[str, torch.nn.Module], store: dict):
-    """Record each module's (args, kwargs) per call into ``store[name]`` (a list)."""
+def _capture(modules: dict[str, torch.nn.Module], store: dict, outputs: dict):
+    """Record each module's (args, kwargs) per call into ``store[name]`` and its output into ``outputs[name]``
+    (lists): the full-precision references of the search, from the block's own forward (no second one)."""
     def hook(name):
         def pre(module, args, kwargs):
             store.setdefault(name, []).append((args, kwargs))
         return pre
 
+    def post(name):
+        def after(module, args, output):
+            outputs.setdefault(name, []).append(_module_output(output))
+        return after
+
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
+    handles += [m.register_forward_hook(post(n)) for n, m in modules.items()]
     try:
         yield
     finally:
@@ -354,9 +361,9 @@ def awq_block(block, index: int, inputs: BlockInputs, hidden: list[torch.Tensor]
     inspected = {g.inspect: block.get_submodule(g.inspect) for g in groups if g.inspect not in g.layers}
     stats: dict[str, LayerStats] = {}
     captured: dict = {}
-    with _input_stats(block, linear_names, stats), _capture(inspected, captured):
+    refs: dict = {}
+    with _input_stats(block, linear_names, stats), _capture(inspected, captured, refs):
         outputs = [_module_output(inputs.call(block, index, b, h)) for b, h in enumerate(hidden)]
-    refs = {name: [_module_output(m(*a, **k)) for a, k in captured[name]] for name, m in inspected.items()}
     result = {n: AWQLayer(torch.ones(weight_of(block.get_submodule(n)).shape[1]), None, None) for n in linear_names}
     for group in groups:
         s, alpha = _search_group(block, group, captured.get(group.inspect, []), refs.get(group.inspect, []),
