@@ -118,6 +118,7 @@ def test_headq_needs_its_side_code_and_others_refuse_one():
         EvalSetup(engine="fast")
     with pytest.raises(ValueError, match="batch"):
         EvalSetup(batch=0)
+    assert EvalSetup().engine == "onepass"  # the default everywhere; decode is the reference
 
 
 def est(value, lo, hi):
@@ -198,7 +199,6 @@ def test_smollm2_headq_beats_its_base_and_wrong_sign_hurts(smollm2):
 
 
 def test_onepass_engine_equals_the_decode_reference_through_runs():
-    pytest.importorskip("atlas_core.kvquant.onepass")  # the engine lands in its own commit
     lm = load_model("toy-qwen2")
     gen = torch.Generator().manual_seed(6)
     ids, calib = torch.randint(4, 260, (3, 40), generator=gen), torch.randint(4, 260, (2, 40), generator=gen)
@@ -219,7 +219,6 @@ def test_a2_value_policy_is_measured_at_equal_payload_bits():
     ids = torch.randint(4, 260, (2, 40), generator=torch.Generator().manual_seed(7))
     with pytest.raises(ValueError, match="onepass"):
         evaluate(lm, ids, m, setup=DECODE)
-    pytest.importorskip("atlas_core.kvquant.onepass")
     runs = Runs(lm, ids, None, EvalSetup(engine="onepass", prefill=8))
     r = runs.compare(m)
     assert r["baseline"]["label"] == KVMethod("per-token", 2, 3, group=8).label()

@@ -43,6 +43,8 @@ from atlas_core.interval import Bootstrap, Estimate
 from atlas_core.kvquant.cache import KVQuantConfig
 from atlas_core.kvquant.decode import decode_nll
 from atlas_core.kvquant.headq import SideCode, calibrate, query_covariances, top_eigenvectors
+from atlas_core.kvquant.onepass import onepass_nll
+from atlas_core.kvquant.policy import ValuePolicy
 from atlas_core.kvquant.quant import QuantSpec
 from atlas_core.models import LoadedModel
 
@@ -120,13 +122,9 @@ class KVMethod:
         rule = "kivi" if base == "kivi" else "recent"
         return KVQuantConfig(key, value, self.residual, pre_rope=self.pre_rope, memo=True, residual_rule=rule)
 
-    def value_policy(self):
-        """The causal A² value policy (``policy.ValuePolicy``) for the engine, or None for uniform values."""
-        if self.a2_low is None:
-            return None
-        from atlas_core.kvquant.policy import ValuePolicy
-
-        return ValuePolicy(low=self.a2_low)
+    def value_policy(self) -> ValuePolicy | None:
+        """The causal A² value policy for the one-pass engine, or None for uniform values."""
+        return None if self.a2_low is None else ValuePolicy(low=self.a2_low)
 
     def canonical(self) -> KVMethod:
         """The same method with the settings it ignores reset to their defaults (a key for memoising runs)."""
@@ -157,7 +155,7 @@ class EvalSetup:
     one-pass engine equal to. Both score the same tokens (prefill + 1 … T − 1 of each block).
     """
 
-    engine: str = "decode"  # "onepass" once atlas_core.kvquant.onepass lands
+    engine: str = "onepass"
     prefill: int = 128  # tokens of each block prefilled (attending in full precision) before scoring starts
     batch: int = 4  # blocks per forward (speed and memory only: every block is scored alike)
     boot: Bootstrap = field(default_factory=Bootstrap)
@@ -172,8 +170,6 @@ class EvalSetup:
         """The engine's ``(model, blocks, kv, side, prefill) -> (nll (batch, T − prefill − 1), bits)``."""
         if self.engine == "decode":
             return decode_nll
-        from atlas_core.kvquant.onepass import onepass_nll  # the engine helper's module
-
         return onepass_nll
 
 
