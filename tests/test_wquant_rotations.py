@@ -43,3 +43,14 @@ def test_lambda_scaled_grid_with_flat_spectrum_is_the_eigenbasis_rotation():
     cov = torch.eye(32, dtype=torch.float64) * 3.0  # every λ equal: s = 1
     u = eigenbasis(cov)
     torch.testing.assert_close(lambda_scaled_quantize(w, cov, WQuantSpec(3)), rotate_quantize(w, u, WQuantSpec(3)))
+
+
+def test_haar_is_drawn_once_per_width_and_seed_and_each_call_gets_its_own_copy():
+    """The cached draw equals a fresh QR of the same seeded Gaussian, and a caller's edit cannot reach the cache."""
+    gen = torch.Generator().manual_seed(3)
+    q, r = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=torch.float64))
+    fresh = q * torch.sign(torch.diagonal(r))[None, :]
+    first = haar(24, 3)
+    assert torch.equal(first, fresh)
+    first.zero_()
+    assert torch.equal(haar(24, 3), fresh) and not torch.equal(haar(24, 4), fresh)

@@ -8,6 +8,8 @@ block dividing it, with random signs and a random permutation of the columns, st
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
@@ -34,7 +36,16 @@ def eigenbasis(cov: torch.Tensor) -> torch.Tensor:
 
 
 def haar(n: int, seed: int) -> torch.Tensor:
-    """A Haar-random orthogonal (n, n) matrix (QR of a Gaussian with the sign fix)."""
+    """A Haar-random orthogonal (n, n) fp64 matrix (QR of a Gaussian with the sign fix).
+
+    A function of (n, seed) only, so it is drawn once per pair and copied on later calls (every layer of one
+    width, at every bit width, uses the same one: 210 QRs per model and run otherwise).
+    """
+    return _haar(n, seed).clone()
+
+
+@lru_cache(maxsize=16)
+def _haar(n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))[None, :]
