@@ -21,21 +21,28 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    from atlas_core.corpus import CorpusError
-    from atlas_core.runner import RunnerError
-    from atlas_core.zoo import ModelError
-
     try:
         return args.func(args) or 0
-    except (ModelError, CorpusError, ValueError, FileNotFoundError) as err:
-        print(f"atlas: error: {err}", file=sys.stderr)
-        return 2
-    except RunnerError as err:  # a chapter or the book build failed while running
-        print(f"atlas: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # noqa: BLE001 (sorted below; anything else propagates)
+        # The error classes come from modules the command imported; importing corpus/zoo here would load
+        # torch and transformers (seconds) even for `atlas book`, whose work runs in other processes.
+        user = _loaded("atlas_core.corpus", "CorpusError") + _loaded("atlas_core.zoo", "ModelError")
+        if isinstance(err, (*user, ValueError, FileNotFoundError)):
+            print(f"atlas: error: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, _loaded("atlas_core.runner", "RunnerError")):  # a chapter or the book build failed
+            print(f"atlas: error: {err}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("atlas: interrupted", file=sys.stderr)
         return 130
+
+
+def _loaded(module: str, name: str) -> tuple[type, ...]:
+    """``(module.name,)`` if that module is already imported, else ``()`` (its error cannot have been raised)."""
+    found = sys.modules.get(module)
+    return (getattr(found, name),) if found is not None else ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -311,7 +318,7 @@ def _kvquant(args) -> None:
         n_calib = max(1, args.calib_tokens // args.seq_len)
         calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_calib, "calib", lm.spec.add_bos))
     start = time.perf_counter()
-    r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty())
+    r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty(), store=True)  # fp, Σ_q kept on disk
     result = {"model": args.model, "corpus": args.corpus, "tokens": eval_blocks.numel(), "seq_len": args.seq_len,
               "blocks": len(eval_blocks), "prefill": args.prefill, "scored_tokens": r["method"]["nll"].numel(),
               "engine": setup.engine, "method": r["method"]["label"], "baseline": r["baseline"] and r["baseline"]["label"],

@@ -475,6 +475,23 @@ def touch_cross_document_glue(book: Path = ROOT / "book", html: Path | None = No
     return touched
 
 
+def book_inputs_digest(root: Path = ROOT) -> str:
+    """sha256 over the name, size and mtime of every source of the HTML build (``_config.yml``,
+    ``_toc.yml``, ``book/`` with the chapter notebooks, minus the copied MathJax): equal digests, equal book,
+    so a rebuild with nothing changed skips Jupyter Book (whose start-up alone takes seconds)."""
+    import hashlib
+
+    mathjax = root / "book" / "_static" / "mathjax"
+    files = [root / "_config.yml", root / "_toc.yml",
+             *(p for p in (root / "book").rglob("*") if p.is_file() and mathjax not in p.parents)]
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        if path.exists():
+            st = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def html_digest(html_dir: Path) -> str:
     """sha256 over the names and bytes of every file of the built book (what the browser check opens)."""
     import hashlib
@@ -515,12 +532,19 @@ def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MO
     install_mathjax()
     touch_cross_document_glue(ROOT / "book", ROOT / "_build" / "html")
     book_start = time.time()
-    jb = Path(sys.executable).with_name("jupyter-book")
-    html_cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT),
-                "-W", "-n", "--keep-going"]
-    if subprocess.run(html_cmd, env=env, cwd=ROOT).returncode:
-        raise BuildError("jupyter-book build failed (warnings are errors); see its output above")
     html = ROOT / "_build" / "html" / "index.html"
+    inputs, stamp = book_inputs_digest(ROOT), ROOT / "_build" / ".atlas-html-inputs"
+    if html.exists() and stamp.exists() and stamp.read_text().strip() == inputs:
+        print("HTML up to date: no book source changed since the last successful build")
+    else:
+        jb = Path(sys.executable).with_name("jupyter-book")
+        html_cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(ROOT),
+                    "-W", "-n", "--keep-going"]
+        stamp.unlink(missing_ok=True)
+        if subprocess.run(html_cmd, env=env, cwd=ROOT).returncode:
+            raise BuildError("jupyter-book build failed (warnings are errors); see its output above")
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(book_inputs_digest(ROOT) + "\n")
     html_s = time.time() - book_start
     checked = browser_check(html.parent)
     folder = Path("results") / model_slug(models[0])

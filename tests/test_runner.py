@@ -244,3 +244,27 @@ def test_a_chapter_depends_on_the_library_code_it_imports_only(tmp_path):
     lazy = set(runner.chapter_code("lazy", source))
     assert str(lib / "top1.py") in lazy and str(lib / "eval.py") in lazy  # top1 imports eval
     assert str(lib / "runner.py") not in lazy
+
+
+def test_book_inputs_digest_changes_with_any_book_source(tmp_path):
+    (tmp_path / "book" / "chapters").mkdir(parents=True)
+    (tmp_path / "book" / "_static" / "mathjax").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml", "book/intro.md", "book/chapters/a.ipynb", "book/_static/mathjax/x.js"):
+        (tmp_path / name).write_text("x")
+    first = runner.book_inputs_digest(tmp_path)
+    assert runner.book_inputs_digest(tmp_path) == first
+    (tmp_path / "book" / "_static" / "mathjax" / "x.js").write_text("changed")  # a copied asset, not a source
+    assert runner.book_inputs_digest(tmp_path) == first
+    os.utime(tmp_path / "book" / "chapters" / "a.ipynb", (10**9, 10**9))  # a chapter re-ran
+    assert runner.book_inputs_digest(tmp_path) != first
+
+
+def test_atlas_book_imports_neither_torch_nor_transformers():
+    """`atlas book` only orchestrates (its chapters run in other processes): its start-up stays cheap."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from atlas_core import cli, runner; runner.build_book = lambda cores: None; "
+            "rc = cli.main(['book']); print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "False", "False"]
