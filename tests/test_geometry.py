@@ -234,3 +234,16 @@ def test_layer_overlap_on_c_reports_both_nulls():
     r = layer_overlap(c, groups, k=4, null_draws=100, w_o=w_o)
     assert r.d == 48 and r.colspace_null_mean is not None
     assert r.colspace_z == pytest.approx((r.o_h - r.colspace_null_mean) / r.colspace_null_std)
+
+
+def test_haar_null_is_computed_once_per_arguments_and_handed_out_as_a_copy():
+    from atlas_core import geometry
+
+    geometry._haar_null.cache_clear()
+    a = haar_null(64, 7, 9, n_draws=50, seed=3)
+    b = haar_null(64, 7, 9, n_draws=50, seed=3)
+    assert geometry._haar_null.cache_info().hits == 1
+    assert a == {**b, "draws": a["draws"]} and np.array_equal(a["draws"], b["draws"])
+    a["draws"][:] = -1  # a caller's edit does not reach the next caller
+    assert (haar_null(64, 7, 9, n_draws=50, seed=3)["draws"] >= 0).all()
+    assert haar_null(64, 7, 9, n_draws=50, seed=4)["mean"] != b["mean"]
