@@ -165,7 +165,7 @@ g("n_heads", s.n_heads)
 # smallest eigenvalues, where the queries look least. It tests the abstract's "null-space interventions".
 
 # %%
-runs = Runs(lm, eval_ids, calib_ids, EvalSetup(engine=engine, prefill=prefill))  # every method once; fp, Σ_q once
+runs = Runs(lm, eval_ids, calib_ids, EvalSetup(engine=engine, prefill=prefill), store=True)  # each method once; fp, Σ_q on disk
 sigma_q = runs.sigma_q()  # {layer: (kv_head, d, d)}, one calibration pass shared with the decode runs
 query_bases = runs.bases(KVMethod("headq"))  # {layer: (kv_head, d, d)}: every eigenvector, largest first
 metric_ids = eval_ids[:metric_blocks]

@@ -160,7 +160,8 @@ def test_pre_rope_runs_on_rope_models_and_is_refused_on_gpt2():
         evaluate(load_model("toy-gpt2"), ids, KVMethod("kivi", 2, group=8, pre_rope=True), setup=DECODE)
 
 
-def test_cli_kvquant_json(capsys):
+def test_cli_kvquant_json(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))  # the fp reference and Σ_q are kept on disk
     args = ["kvquant", "--model", "toy-llama", "--corpus", "pydoc", "--method", "headq", "--tokens", "128",
             "--seq-len", "64", "--prefill", "16", "--group", "16", "--rank", "4", "--calib-tokens", "128",
             "--engine", "decode", "--json"]
@@ -172,6 +173,8 @@ def test_cli_kvquant_json(capsys):
         assert set(out[name]) == {"value", "lo", "hi", "units"} and out[name]["units"] == 2
         assert name == "excess_removed" or out[name]["lo"] <= out[name]["value"] <= out[name]["hi"]  # toy: base ≈ fp
     assert out["ppl_fp"]["value"] > 0 and isinstance(out["verdict"], str)
+    assert len(list((tmp_path / "kvquant").glob("*.pt"))) == 2
+    assert main(args) == 0 and __import__("json").loads(capsys.readouterr().out)["ppl_fp"] == out["ppl_fp"]  # read back
 
 
 @pytest.mark.parametrize(
@@ -237,3 +240,24 @@ def test_range_verdict(excess, difference, expected):
     from atlas_core.kvquant.experiment import range_verdict
 
     assert range_verdict(excess, difference, 0.84, 0.94) == expected
+
+
+def test_store_keeps_fp_and_sigma_q_on_disk_keyed_by_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
+    lm = load_model("toy-llama")
+    gen = torch.Generator().manual_seed(8)
+    ids, calib = torch.randint(4, 260, (2, 32), generator=gen), torch.randint(4, 260, (2, 32), generator=gen)
+    first = Runs(lm, ids, calib, DECODE, store=True)
+    fp, sigma = first.nll(KVMethod("fp")), first.sigma_q()
+    assert len(list((tmp_path / "kvquant").glob("*.pt"))) == 2
+    import atlas_core.kvquant.experiment as ex
+    monkeypatch.setattr(ex, "query_covariances", lambda *a: pytest.fail("Σ_q recomputed"))
+    monkeypatch.setattr(ex, "evaluate", lambda *a, **k: pytest.fail("fp recomputed"))
+    again = Runs(lm, ids, calib, DECODE, store=True)
+    torch.testing.assert_close(again.nll(KVMethod("fp")), fp)
+    torch.testing.assert_close(again.sigma_q()[0], sigma[0])
+    assert again(KVMethod("fp"))["bits_key"] == first(KVMethod("fp"))["bits_key"]
+    with torch.no_grad():  # other weights, other key: computed afresh
+        next(lm.model.parameters()).add_(1.0)
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        Runs(lm, ids, calib, DECODE, store=True).nll(KVMethod("fp"))

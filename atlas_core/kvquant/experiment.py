@@ -34,11 +34,13 @@ only) is measured against the same method with uniform ``vbits``-bit values: equ
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from atlas_core import interval
+from atlas_core.cache import atomic_path, cache_dir, cache_key
 from atlas_core.interval import Bootstrap, Estimate
 from atlas_core.kvquant.cache import KVQuantConfig
 from atlas_core.kvquant.decode import decode_nll
@@ -237,22 +239,44 @@ class Runs:
     The fp reference is evaluated once, and HeadQ's calibration (Σ_q and its eigenvectors; the key-PCA
     bases per base quantizer) once from the calibration blocks, cut to each method's rank; so a sweep
     (a chapter, or ``compare``'s method, fp and baseline) pays for each once. Methods are memoised by
-    ``KVMethod.canonical``.
+    ``KVMethod.canonical``. With ``store``, the fp reference's NLL and Σ_q are also kept on disk, keyed by
+    the model's weights, the tokens and the settings (SPEC §12), so a later run on the same text skips them.
     """
 
     def __init__(self, lm: LoadedModel, eval_blocks: torch.Tensor, calib: torch.Tensor | None = None,
-                 setup: EvalSetup = EvalSetup(), progress: bool = False):
+                 setup: EvalSetup = EvalSetup(), progress: bool = False, store: bool = False):
         self.lm, self.eval_blocks, self.calib, self.setup, self.progress = lm, eval_blocks, calib, setup, progress
+        self.store = store  # keep the fp reference and Σ_q on disk (SPEC §12), for later runs on the same text
         self.done: dict[KVMethod, dict] = {}
         self._sigma_q: dict | None = None
         self._bases: dict[tuple, dict] = {}
+
+    def _stored(self, kind: str, blocks: torch.Tensor, compute, **fields):
+        """``compute()``, or its value from the disk cache when ``store`` is set.
+
+        Key (SPEC §12): ``kind``, the model's name and weights fingerprint, the tokens, ``fields`` and the
+        library cache version (``cache.cache_key``); written atomically, so a half-written file is never read.
+        """
+        if not self.store:
+            return compute()
+        from atlas_core.clouds import weights_fingerprint
+
+        tokens = hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(tuple(blocks.shape)).encode()).hexdigest()
+        key = cache_key(kind=kind, model=self.lm.spec.name, weights=weights_fingerprint(self.lm.model), tokens=tokens, **fields)
+        path = cache_dir("kvquant") / f"{kind}-{key}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        value = compute()
+        with atomic_path(path) as tmp:
+            torch.save(value, tmp)
+        return value
 
     def sigma_q(self) -> dict[int, torch.Tensor]:
         """Σ_q of every layer, {layer: (kv_head, d_head, d_head)}, from the calibration blocks (once)."""
         if self._sigma_q is None:
             if self.calib is None:
                 raise ValueError("HeadQ needs calibration blocks (the calib split)")
-            self._sigma_q = query_covariances(self.lm, self.calib)
+            self._sigma_q = self._stored("sigma-q", self.calib, lambda: query_covariances(self.lm, self.calib))
         return self._sigma_q
 
     def bases(self, method: KVMethod) -> dict[int, torch.Tensor]:
@@ -279,8 +303,14 @@ class Runs:
         """``evaluate``'s result for ``method`` (memoised), with "method" (the canonical ``KVMethod``) added."""
         m = method.canonical()
         if m not in self.done:
-            side = side_code(self.lm, m, self.calib, self.bases(m)) if m.method == "headq" else None
-            self.done[m] = evaluate(self.lm, self.eval_blocks, m, side, self.setup, self.progress) | {"method": m}
+            if m.method == "fp":  # the reference every comparison reads: kept on disk when ``store`` is set
+                fp = lambda: evaluate(self.lm, self.eval_blocks, m, None, self.setup, self.progress)  # noqa: E731
+                kept = self._stored("fp-nll", self.eval_blocks, lambda: {k: v for k, v in fp().items() if k != "ppl"},
+                                    prefill=self.setup.prefill, engine=self.setup.engine)
+                self.done[m] = kept | {"ppl": interval.perplexity(kept["nll"], self.setup.boot), "method": m}
+            else:
+                side = side_code(self.lm, m, self.calib, self.bases(m)) if m.method == "headq" else None
+                self.done[m] = evaluate(self.lm, self.eval_blocks, m, side, self.setup, self.progress) | {"method": m}
         return self.done[m]
 
     def nll(self, method: KVMethod) -> torch.Tensor:
@@ -322,9 +352,9 @@ class Runs:
 
 
 def compare(lm: LoadedModel, eval_blocks: torch.Tensor, method: KVMethod, calib: torch.Tensor | None = None,
-            setup: EvalSetup = EvalSetup(), progress: bool = False) -> dict:
+            setup: EvalSetup = EvalSetup(), progress: bool = False, store: bool = False) -> dict:
     """``Runs.compare`` for one method: the method, fp and its baseline on the same blocks, with intervals."""
-    return Runs(lm, eval_blocks, calib, setup, progress).compare(method)
+    return Runs(lm, eval_blocks, calib, setup, progress, store).compare(method)
 
 
 # ----------------------------------------------------------------------------- verdicts
