@@ -102,6 +102,7 @@ import torch
 from scipy.stats import spearmanr
 from atlas_core.progress import tqdm  # names the running chapter
 
+from atlas_core import interval
 from atlas_core.cache import write_json
 from atlas_core.glue import prefixed_glue
 from atlas_core.corpus import BlockSpec, token_blocks
@@ -113,6 +114,13 @@ from atlas_core.models import load_model
 
 
 g = prefixed_glue("kv")  # g(key, value) glues kv_<key>
+
+
+def ge(key: str, est) -> None:
+    """Glue a figure with its 95% interval: ``kv_<key>``, ``kv_<key>_lo``, ``kv_<key>_hi``."""
+    g(key, est.value)
+    g(f"{key}_lo", est.lo)
+    g(f"{key}_hi", est.hi)
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -132,6 +140,7 @@ g("model", model)
 g("corpus", corpus)
 g("seq_len", seq_len)
 g("eval_blocks", eval_blocks)
+g("metric_blocks", metric_blocks)
 g("eval_tokens", (seq_len - prefill - 1) * eval_blocks)
 g("engine", {"onepass": "in one forward pass per block", "decode": "token by token"}[engine])
 g("prefill", prefill)
@@ -236,10 +245,21 @@ g("n_error_rows", len(errors))
 g("n_configs", errors["config"].nunique())
 g("metric_layers", ", ".join(map(str, layers)))
 by_config = errors.groupby("config")[["key_mse", "logit_mse", "fisher", "kl"]].mean()
-null_ratio = by_config.loc["null-space", "kl"] / by_config.loc["per-token 2b", "kl"]
-g("null_kl_ratio", null_ratio)
-g("null_mse_ratio", by_config.loc["null-space", "key_mse"] / by_config.loc["per-token 2b", "key_mse"])
-g("fisher_kl_ratio", float(np.median(errors["kl"] / errors["fisher"])))
+
+
+def ratio_of_means(x: np.ndarray, axis=None) -> np.ndarray:
+    """mean(a)/mean(b) of interleaved (a, b) values (..., 2·unit): a statistic for ``interval.median``."""
+    return x[..., 0::2].mean(-1) / x[..., 1::2].mean(-1)
+
+
+by_head = errors.pivot_table(index=["layer", "head"], columns="config", values=["kl", "key_mse"])
+for name in ("kl", "key_mse"):  # null-space against 2-bit per-token, the (layer, head) pairs resampled together
+    pairs = np.stack([by_head[name]["null-space"], by_head[name]["per-token 2b"]], axis=1)  # (unit, 2)
+    ge(f"null_{name.replace('key_', '')}_ratio", interval.median(pairs, statistic=ratio_of_means))
+kl_per_fisher = (errors.assign(r=errors["kl"] / errors["fisher"])
+                 .pivot_table(index=["layer", "head"], columns="config", values="r").to_numpy())  # (layer·head, config)
+ge("fisher_kl_ratio", interval.median(kl_per_fisher))  # the median over rows; a (layer, head) brings all its configs
+g("n_metric_heads", len(by_head))
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
@@ -274,10 +294,16 @@ plt.close(fig)
 # Within one head, across configurations (median over heads), the three read
 # {glue:text}`kv_rho_within_key_mse:.2f`, {glue:text}`kv_rho_within_logit_mse:.2f` and
 # {glue:text}`kv_rho_within_fisher:.2f`. The Fisher form is close to the KL itself: the median ratio
-# KL/Fisher is {glue:text}`kv_fisher_kl_ratio:.2f`, near 1, as the second-order expansion says.
+# KL/Fisher is {glue:text}`kv_fisher_kl_ratio:.2f` [{glue:text}`kv_fisher_kl_ratio_lo:.2f`,
+# {glue:text}`kv_fisher_kl_ratio_hi:.2f`], near 1, as the second-order expansion says. (Intervals in this
+# section are 95% bootstrap intervals over the {glue:text}`kv_n_metric_heads:d` (layer, query head) pairs,
+# each drawn with all its configurations: the error study reads {glue:text}`kv_metric_blocks:d` blocks, too
+# few to resample blocks.)
 #
 # The null-space perturbation separates the two kinds of error. It has {glue:text}`kv_null_mse_ratio:.2f`×
-# the key MSE of 2-bit per-token quantization but only {glue:text}`kv_null_kl_ratio:.3f`× its attention
+# [{glue:text}`kv_null_mse_ratio_lo:.2f`, {glue:text}`kv_null_mse_ratio_hi:.2f`] the key MSE of 2-bit per-token
+# quantization but only {glue:text}`kv_null_kl_ratio:.3f`× [{glue:text}`kv_null_kl_ratio_lo:.3f`,
+# {glue:text}`kv_null_kl_ratio_hi:.3f`] its attention
 # KL, because it sits in the {glue:text}`kv_null_dirs:d` directions that the queries use least. It is not
 # invisible (those directions still carry some query energy), but key MSE alone cannot tell it from
 # quantization error that costs the model several times more.
@@ -307,12 +333,6 @@ def figs(m: KVMethod) -> dict:
 def K(method: str, b: int, **kw) -> KVMethod:
     return KVMethod(method, b, group=kw.pop("group", group), rank=kw.pop("rank", rank), side_bits=side_bits, seed=seed, **kw)
 
-
-def ge(key: str, est, scale: float = 1.0) -> None:
-    """Glue a figure with its interval: ``kv_<key>``, ``kv_<key>_lo``, ``kv_<key>_hi``."""
-    g(key, est.value * scale)
-    g(f"{key}_lo", est.lo * scale)
-    g(f"{key}_hi", est.hi * scale)
 
 
 a2_vbits = int(a2_budget)
@@ -844,8 +864,9 @@ write_json(out / "kvquant.json", {
 # - **Score-space error predicts attention KL: {glue:text}`kv_fisher_verdict:s`.** The Fisher form ranks
 #   attention KL with Spearman ρ = {glue:text}`kv_rho_fisher:.2f`, key MSE with ρ =
 #   {glue:text}`kv_rho_key_mse:.2f` ({numref}`fig-kv-metrics`). Null-space noise with
-#   {glue:text}`kv_null_mse_ratio:.2f`× the key MSE of 2-bit quantization has only
-#   {glue:text}`kv_null_kl_ratio:.3f`× its attention KL.
+#   {glue:text}`kv_null_mse_ratio:.2f`× [{glue:text}`kv_null_mse_ratio_lo:.2f`, {glue:text}`kv_null_mse_ratio_hi:.2f`]
+#   the key MSE of 2-bit quantization has only {glue:text}`kv_null_kl_ratio:.3f`× [{glue:text}`kv_null_kl_ratio_lo:.3f`,
+#   {glue:text}`kv_null_kl_ratio_hi:.3f`] its attention KL.
 # - **HeadQ at 2 bits, keys only: {glue:text}`kv_verdict:s`.** At rank {glue:text}`kv_rank:d` it removes
 #   {glue:text}`kv_removed_hq2:.1%` [{glue:text}`kv_removed_hq2_lo:.1%`, {glue:text}`kv_removed_hq2_hi:.1%`]
 #   of the excess perplexity of 2-bit per-token keys (the paper: 84–94%), on {glue:text}`kv_eval_tokens:d`
