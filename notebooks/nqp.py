@@ -547,6 +547,10 @@ for r in gates.itertuples():
     g(f"{r.gate.lower().replace('-', '')}", r._4)
 g("ag2_share", share_lower)
 g("n_gates_passed", int((gates["pass"] == "pass").sum()))
+idea = gates[gates.gate != "A-G1"]  # A-G1 tests the linear algebra; the other three test the idea
+outcomes = {o: list(idea.gate[idea["pass"] == o]) for o in ("pass", "fail", TIE)}
+g("gates_idea_verdict", "The three gates that test the idea itself fail" if len(outcomes["fail"]) == 3 else
+  "Of the three gates that test the idea itself, " + "; ".join(f"{', '.join(v)}: {o}" for o, v in outcomes.items() if v))
 
 werr = {m: float(table[(table.method == m) & (table.bits == 4) & table.group.isna()].weight_error.iloc[0])
         for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled")}
@@ -603,7 +607,10 @@ write_json(out / "nqp.json", {
 # {glue:text}`nqp_ag2:s` (the Fisher rotation has the lower weight error in
 # {glue:text}`nqp_ag2_share:.0%` of layers); A-G3: {glue:text}`nqp_ag3:s`; A-G4: {glue:text}`nqp_ag4:s`.
 # A-G1 only checks that the eigenbasis is orthogonal, a property of the linear algebra rather than of the
-# idea. The three gates that test the idea itself fail.
+# idea. {glue:text}`nqp_gates_idea_verdict:s`. A-G3 and A-G4 are judged on the paired perplexity ratio
+# (ratio {glue:text}`nqp_ag3_ratio_ci:s` against GPTQ, {glue:text}`nqp_ag4_ratio_ci:s` against the Haar
+# rotation): a gate whose ratio's interval contains 1 is reported as not distinguishable at this sample
+# size, neither passed nor failed.
 #
 # ## Where the time goes
 #
@@ -637,7 +644,7 @@ write_json(out / "nqp.json", {
 #   {glue:text}`nqp_ppl_nqp_scaled_4:,.0f`.
 # - **Weight L2 error as the judge:** {glue:text}`nqp_l2_verdict:s` (Spearman
 #   {glue:text}`nqp_rho_weight:.2f` against {glue:text}`nqp_rho_output:.2f`).
-# - **Gates:** {glue:text}`nqp_n_gates_passed:d` of 4 pass; only the orthogonality check does.
+# - **Gates:** {glue:text}`nqp_n_gates_passed:d` of 4 pass. {glue:text}`nqp_gates_idea_verdict:s`.
 # - **Caveat:** the model's weights were dequantized 4-bit GGUF weights, which a grid matching the
 #   original blocks recovers almost exactly ({glue:text}`nqp_ppl_gguf_grid:.3f` against
 #   {glue:text}`nqp_ppl_fp:.3f`); the comparison avoids that grid, but absolute gaps may differ on

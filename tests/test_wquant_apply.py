@@ -71,3 +71,20 @@ def test_methods_needing_statistics_say_so(toy_and_stats):
         quantize_model(copy.deepcopy(lm.model), "gptq", WQuantSpec(4), None)
     with pytest.raises(ValueError, match="unknown method"):
         quantize_model(lm.model, "magic", WQuantSpec(4))
+
+
+def test_relative_output_error_denominator_is_computed_once_per_layer_and_weight(toy_and_stats):
+    """tr(W H Wᵀ) is memoised on the statistics: a second run on the same model reuses it and gives the same
+    rows; the value equals the plain tr(W H Wᵀ); a different weight is not served the old value."""
+    from atlas_core.wquant.awq import output_error
+
+    lm, _, stats = toy_and_stats
+    judge = copy.deepcopy(stats)
+    first = quantize_model(copy.deepcopy(lm.model), "rtn", WQuantSpec(3), stats, progress=False, judge=judge)
+    sizes = {n: len(s.energies) for n, s in judge.items()}
+    again = quantize_model(copy.deepcopy(lm.model), "rtn", WQuantSpec(3), stats, progress=False, judge=judge)
+    assert first == again and {n: len(s.energies) for n, s in judge.items()} == sizes
+    name, layer = next(iter(linear_layers(lm.model).items()))
+    w = layer.weight.detach().float()
+    assert judge[name].output_energy(name, w) == output_error(w, torch.zeros_like(w), judge[name].h)
+    assert judge[name].output_energy(name, 2 * w) == pytest.approx(4 * judge[name].output_energy(name, w), rel=1e-12)

@@ -95,7 +95,7 @@ def _replace(name, module, method, spec, stats, seed, judge, gptq_config, awq_la
     row = {"layer": name, "weight_error": ((w_hat - w).norm() / w.norm()).item()}
     for key, ref in (("output_error", judge), ("calib_output_error", stats)):
         if ref is not None:
-            row[key] = output_error(w, w_hat, ref.h) / output_error(w, torch.zeros_like(w), ref.h)
+            row[key] = output_error(w, w_hat, ref.h) / ref.output_energy(name, w)
     module.weight.copy_(w_hat.T if isinstance(module, Conv1D) else w_hat)
     return row
 

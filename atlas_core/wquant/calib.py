@@ -11,7 +11,7 @@ For each linear layer, over the tokens of calibration blocks:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -35,6 +35,20 @@ class LayerStats:
     x_abs: torch.Tensor  # (in,) Σ |x|
     gg: torch.Tensor | None  # (in, in) Σ g gᵀ, or None without the Fisher
     n: int = 0
+    energies: dict = field(default_factory=dict, repr=False, compare=False)  # output_energy's memo
+
+    def output_energy(self, name: str, w: torch.Tensor) -> float:
+        """E‖W x‖² = tr(W H Wᵀ) of layer ``name``'s weight w (out, in) on these inputs (fp64).
+
+        The denominator of every relative output error; the same for every run that judges on these
+        statistics, so it is computed once per (layer, weight): the key holds the weight's sum and sum of
+        squares, so a changed weight is recomputed.
+        """
+        wd = w.detach().double()
+        key = (name, wd.sum().item(), wd.square().sum().item())
+        if key not in self.energies:
+            self.energies[key] = ((wd.to(self.xx.dtype) @ self.h) * wd).sum().item()
+        return self.energies[key]
 
     @property
     def h(self) -> torch.Tensor:
