@@ -51,7 +51,7 @@ null_draws = 500  # Monte Carlo draws of the Haar null
 seed = 0
 blas_threads = 1  # numpy's BLAS threads (see below)
 top1_seq_len = 512  # hard top-1 experiment: evaluation windows ...
-top1_eval_blocks = 3  # ... from the evaluation split
+top1_eval_blocks = 8  # ... from the evaluation split (the bootstrap resamples these windows)
 top1_calib_seq_len = 256  # calibration windows (ε frames of the reconstruction) ...
 top1_calib_blocks = 4  # ... from the calibration split, which never overlaps the evaluation split
 results_dir = "results"
@@ -74,7 +74,9 @@ from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.geometry import analytic_null_mean, gaussian_null_clouds, layer_overlap
 from atlas_core.intrinsic import DuplicatePointsWarning, layer_profile, per_head
 from atlas_core.models import load_model
-from atlas_core.top1 import top1_experiment
+from atlas_core.eval import block_nll
+from atlas_core.interval import Estimate, format_estimate
+from atlas_core.top1 import recovery_verdict, top1_experiment
 
 
 g = prefixed_glue("atlas")  # g(key, value) glues atlas_<key>
@@ -648,39 +650,38 @@ g("dropped_all", dropped_all)
 # %%
 eval_blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, top1_seq_len, top1_eval_blocks, "eval", s.add_bos))
 calib_blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, top1_calib_seq_len, top1_calib_blocks, "calib", s.add_bos))
-top1 = {name: top1_experiment(lm, eval_blocks, calib_blocks, layers, k=k, seed=seed)
+full_nll = block_nll(lm.model, eval_blocks, progress=False)  # (block, token - 1): one full pass for both settings
+top1 = {name: top1_experiment(lm, eval_blocks, calib_blocks, layers, k=k, seed=seed, full_nll=full_nll)
         for name, layers in (("deepest", [layer]), ("three deepest", list(range(max(0, layer - 2), layer + 1))))}
-top1_table = pd.DataFrame([{"layers": ", ".join(map(str, r["layers"])), "PPL full": r["ppl_full"],
-                            "PPL top-1": r["ppl_top1"], "Δ top-1": r["delta_top1"],
-                            f"PPL top-1 + rank-{k}": r["ppl_recon"], "recovered": r["recovered"],
-                            f"PPL top-1 + random rank-{k}": r["ppl_random"],
-                            "recovered (random)": r["recovered_random"]} for r in top1.values()],
+
+
+def cell(r: dict, name: str, spec: str) -> str:
+    """ "value [lo, hi]" of one top-1 figure."""
+    return format_estimate(Estimate(**r["intervals"][name]), spec)
+
+
+top1_table = pd.DataFrame([{"layers": ", ".join(map(str, r["layers"])), "PPL full": cell(r, "ppl_full", ".2f"),
+                            "PPL top-1": cell(r, "ppl_top1", ".2f"), "Δ top-1": cell(r, "delta_top1", "+.2f"),
+                            f"PPL top-1 + rank-{k}": cell(r, "ppl_recon", ".2f"),
+                            "recovered": cell(r, "recovered", ".1%"),
+                            f"PPL top-1 + random rank-{k}": cell(r, "ppl_random", ".2f"),
+                            "recovered (random)": cell(r, "recovered_random", ".1%")} for r in top1.values()],
                           index=pd.Index(list(top1), name="hard top-1 in"))
-tfmt = {c: "{:.2f}" for c in top1_table.columns if c != "layers"}
-tfmt.update({"Δ top-1": "{:+.2f}", "recovered": "{:.1%}", "recovered (random)": "{:.1%}"})
-g("top1_table", top1_table.style.format(tfmt))
+g("top1_table", top1_table)
 g("top1_eval_blocks", top1_eval_blocks)
 g("top1_seq_len", top1_seq_len)
 g("top1_calib_blocks", top1_calib_blocks)
 g("top1_calib_seq_len", top1_calib_seq_len)
+FIGURES = {"full": "ppl_full", "ppl": "ppl_top1", "delta": "delta_top1", "rel": "rel_top1", "recon": "ppl_recon",
+           "rec": "recovered", "rand": "ppl_random", "rec_rand": "recovered_random", "gain": "gain"}
 for name, tag in (("deepest", "1"), ("three deepest", "3")):
-    r = top1[name]
-    g(f"top1_full_{tag}", r["ppl_full"])
-    g(f"top1_ppl_{tag}", r["ppl_top1"])
-    g(f"top1_delta_{tag}", r["delta_top1"])
-    g(f"top1_rel_{tag}", r["delta_top1"] / r["ppl_full"])
-    g(f"top1_recon_{tag}", r["ppl_recon"])
-    g(f"top1_rec_{tag}", r["recovered"])
-    g(f"top1_rand_{tag}", r["ppl_random"])
-    g(f"top1_rec_rand_{tag}", r["recovered_random"])
-    g(f"top1_gain_{tag}", r["recovered"] - r["recovered_random"])
-rec, rec_rand = top1["three deepest"]["recovered"], top1["three deepest"]["recovered_random"]
+    for short, field in FIGURES.items():  # every quoted figure: value, lo, hi
+        figure = top1[name]["intervals"][field]
+        for part in ("", "_lo", "_hi"):
+            g(f"top1_{short}_{tag}{part}", figure[part.strip("_") or "value"])
 source_rec = 0.559  # the source's share recovered on GPT-2
-g("top1_verdict", ("the frame recovers more than a random frame" if rec > rec_rand else
-                   "the frame recovers no more than a random frame")
-  + f" ({100 * (rec - rec_rand):+.1f} points), and "
-  + ("about as much as" if abs(rec - source_rec) <= 0.05 else "less than" if rec < source_rec else "more than")
-  + " the source's 55.9%")
+three = top1["three deepest"]["intervals"]
+g("top1_verdict", recovery_verdict(Estimate(**three["gain"]), Estimate(**three["recovered"]), source_rec))
 
 # %% [markdown]
 # ```{glue:figure} atlas_top1_table
@@ -689,22 +690,23 @@ g("top1_verdict", ("the frame recovers more than a random frame" if rec > rec_ra
 # Perplexity on the evaluation windows with full attention, with hard top-1 attention in the deepest
 # layer or in the three deepest, and with top-1 plus a rank-{glue:text}`atlas_k:d` reconstruction of
 # $\varepsilon$ from PCA frames or from random frames (the control). "Recovered" is the fraction of the
-# top-1 damage that the reconstruction removes.
+# top-1 damage that the reconstruction removes. Every entry is "value [lo, hi]", the 95% interval of a
+# block bootstrap over the evaluation windows (2,000 resamples, all settings resampled together).
 # ```
 #
-# Keeping only the argmax key in the deepest layer ({numref}`tbl-atlas-top1`) moves perplexity from
-# {glue:text}`atlas_top1_full_1:.2f` to {glue:text}`atlas_top1_ppl_1:.2f`
-# ({glue:text}`atlas_top1_delta_1:+.2f`, a relative change of {glue:text}`atlas_top1_rel_1:+.1%`); in the
-# three deepest layers the change is {glue:text}`atlas_top1_delta_3:+.2f`
-# ({glue:text}`atlas_top1_rel_3:+.1%`). The source reports +7.7 for GPT-2's deepest layer; the models
+# Brackets give the same 95% intervals. Keeping only the argmax key in the deepest layer ({numref}`tbl-atlas-top1`) moves perplexity from
+# {glue:text}`atlas_top1_full_1:.2f` [{glue:text}`atlas_top1_full_1_lo:.2f`, {glue:text}`atlas_top1_full_1_hi:.2f`] to {glue:text}`atlas_top1_ppl_1:.2f` [{glue:text}`atlas_top1_ppl_1_lo:.2f`, {glue:text}`atlas_top1_ppl_1_hi:.2f`]
+# ({glue:text}`atlas_top1_delta_1:+.2f` [{glue:text}`atlas_top1_delta_1_lo:.2f`, {glue:text}`atlas_top1_delta_1_hi:.2f`], a relative change of {glue:text}`atlas_top1_rel_1:+.1%` [{glue:text}`atlas_top1_rel_1_lo:.1%`, {glue:text}`atlas_top1_rel_1_hi:.1%`]); in the
+# three deepest layers the change is {glue:text}`atlas_top1_delta_3:+.2f` [{glue:text}`atlas_top1_delta_3_lo:.2f`, {glue:text}`atlas_top1_delta_3_hi:.2f`]
+# ({glue:text}`atlas_top1_rel_3:+.1%` [{glue:text}`atlas_top1_rel_3_lo:.1%`, {glue:text}`atlas_top1_rel_3_hi:.1%`]). The source reports +7.7 for GPT-2's deepest layer; the models
 # differ, so only the sign and rough size are comparable. The rank-{glue:text}`atlas_k:d` reconstruction
-# recovers {glue:text}`atlas_top1_rec_1:.1%` of the one-layer damage and {glue:text}`atlas_top1_rec_3:.1%`
+# recovers {glue:text}`atlas_top1_rec_1:.1%` [{glue:text}`atlas_top1_rec_1_lo:.1%`, {glue:text}`atlas_top1_rec_1_hi:.1%`] of the one-layer damage and {glue:text}`atlas_top1_rec_3:.1%` [{glue:text}`atlas_top1_rec_3_lo:.1%`, {glue:text}`atlas_top1_rec_3_hi:.1%`]
 # of the three-layer damage; random frames of the same rank, with the same fitted mean, recover
-# {glue:text}`atlas_top1_rec_rand_1:.1%` and {glue:text}`atlas_top1_rec_rand_3:.1%`. The source reports
+# {glue:text}`atlas_top1_rec_rand_1:.1%` [{glue:text}`atlas_top1_rec_rand_1_lo:.1%`, {glue:text}`atlas_top1_rec_rand_1_hi:.1%`] and {glue:text}`atlas_top1_rec_rand_3:.1%` [{glue:text}`atlas_top1_rec_rand_3_lo:.1%`, {glue:text}`atlas_top1_rec_rand_3_hi:.1%`]. The source reports
 # 55.9% for three layers of GPT-2 (and 55.8% for a per-head autoencoder). Both reconstructions put back
 # the fitted mean $\mu_h$; the random control measures how much of the recovery needs no particular
-# subspace, and the PCA frames add {glue:text}`atlas_top1_gain_1:.1%` (one layer) and
-# {glue:text}`atlas_top1_gain_3:.1%` (three layers) of the damage beyond it. A recovered fraction is
+# subspace, and the PCA frames add {glue:text}`atlas_top1_gain_1:.1%` [{glue:text}`atlas_top1_gain_1_lo:.1%`, {glue:text}`atlas_top1_gain_1_hi:.1%`] (one layer) and
+# {glue:text}`atlas_top1_gain_3:.1%` [{glue:text}`atlas_top1_gain_3_lo:.1%`, {glue:text}`atlas_top1_gain_3_hi:.1%`] (three layers) of the damage beyond it. A recovered fraction is
 # therefore to be read against the random control, not against zero.
 #
 # ## Summary
@@ -734,10 +736,10 @@ g("top1_verdict", ("the frame recovers more than a random frame" if rec > rec_ra
 #   {glue:text}`atlas_depth_oh_max:.3f`; {glue:text}`atlas_depth_n_above:d` of
 #   {glue:text}`atlas_n_layers:d` layers lie two or more null standard deviations above chance and
 #   {glue:text}`atlas_depth_n_below:d` below it ({numref}`fig-atlas-depth`).
-# - **Hard top-1.** It costs {glue:text}`atlas_top1_delta_1:+.2f` perplexity in the deepest layer (source:
+# - **Hard top-1.** It costs {glue:text}`atlas_top1_delta_1:+.2f` [{glue:text}`atlas_top1_delta_1_lo:.2f`, {glue:text}`atlas_top1_delta_1_hi:.2f`] perplexity in the deepest layer (source:
 #   +7.7 on GPT-2). A rank-{glue:text}`atlas_k:d` reconstruction recovers
-#   {glue:text}`atlas_top1_rec_3:.1%` of the three-layer damage (source: 55.9%), random frames with the
-#   same mean {glue:text}`atlas_top1_rec_rand_3:.1%` ({numref}`tbl-atlas-top1`):
+#   {glue:text}`atlas_top1_rec_3:.1%` [{glue:text}`atlas_top1_rec_3_lo:.1%`, {glue:text}`atlas_top1_rec_3_hi:.1%`] of the three-layer damage (source: 55.9%), random frames with the
+#   same mean {glue:text}`atlas_top1_rec_rand_3:.1%` [{glue:text}`atlas_top1_rec_rand_3_lo:.1%`, {glue:text}`atlas_top1_rec_rand_3_hi:.1%`] ({numref}`tbl-atlas-top1`):
 #   {glue:text}`atlas_top1_verdict:s`.
 
 # %%

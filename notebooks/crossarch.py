@@ -250,9 +250,8 @@ def measure(name: str) -> dict:
 
 start = time.perf_counter()
 results = {}
-for name in tqdm(names, desc="models"):  # one model in memory at a time
+for name in tqdm(names, desc="models"):  # one model in memory at a time (extract_model frees it)
     results[name] = measure(name)
-    gc.collect()
 elapsed = time.perf_counter() - start
 glue("xa_n_deep", n_deep, display=False)
 glue("xa_mid_depth", f"{mid_depth:g}", display=False)

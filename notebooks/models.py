@@ -52,7 +52,8 @@ from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, corpus_stats, token_blocks
-from atlas_core.eval import perplexity
+from atlas_core import interval
+from atlas_core.eval import block_nll
 from atlas_core.extract import extract
 from atlas_core.models import load_model
 
@@ -103,14 +104,15 @@ def check_invariants(lm) -> dict:
 
 
 def perplexities(lm) -> list[dict]:
-    """Perplexity on the evaluation split of every corpus."""
+    """Perplexity on the evaluation split of every corpus, with its 95% block-bootstrap interval."""
     rows = []
     for corpus in corpora:
         spec = BlockSpec(corpus, ppl_seq_len, ppl_tokens // ppl_seq_len, "eval", lm.spec.add_bos)
         start = time.perf_counter()
-        value = perplexity(lm.model, token_blocks(lm.tokenizer, spec), progress=False)
-        rows.append({"model": lm.spec.name, "corpus": corpus, "perplexity": value,
-                     "seconds": time.perf_counter() - start})
+        nll = block_nll(lm.model, token_blocks(lm.tokenizer, spec), progress=False)  # (block, token - 1)
+        est = interval.perplexity(nll)
+        rows.append({"model": lm.spec.name, "corpus": corpus, "perplexity": est.value, "lo": est.lo,
+                     "hi": est.hi, "blocks": est.units, "seconds": time.perf_counter() - start})
     return rows
 
 
@@ -211,16 +213,21 @@ glue("inv_worst", f"{worst:.1e}", display=False)
 # tokenization had gone wrong would show far higher perplexities on ordinary prose.
 
 # %%
-for row in ppl_rows:
-    glue(key("ppl", row["model"], row["corpus"]), f"{row['perplexity']:.2f}", display=False)
+for row in ppl_rows:  # every quoted perplexity with its interval: value, lo, hi
+    for part, field in (("", "perplexity"), ("_lo", "lo"), ("_hi", "hi")):
+        glue(key("ppl", row["model"], row["corpus"]) + part, f"{row[field]:.2f}", display=False)
 ppl = pd.DataFrame(ppl_rows)
+ppl["cell"] = [f"{r.perplexity:.2f} [{r.lo:.2f}, {r.hi:.2f}]" for r in ppl.itertuples()]
 ppl_table = ppl.pivot(index="model", columns="corpus", values="perplexity").loc[names, corpora]
-glue("ppl_table", ppl_table.style.format("{:.2f}"), display=False)
+ppl_lo, ppl_hi = (ppl.pivot(index="model", columns="corpus", values=v).loc[names, corpora] for v in ("lo", "hi"))
+glue("ppl_table", ppl.pivot(index="model", columns="corpus", values="cell").loc[names, corpora], display=False)
+glue("ppl_blocks", ppl_tokens // ppl_seq_len, display=False)
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 width = 0.8 / len(names)
 for i, name in enumerate(names):
-    ax.bar(np.arange(len(corpora)) + i * width, ppl_table.loc[name], width, label=name)
+    err = np.stack([ppl_table.loc[name] - ppl_lo.loc[name], ppl_hi.loc[name] - ppl_table.loc[name]])
+    ax.bar(np.arange(len(corpora)) + i * width, ppl_table.loc[name], width, yerr=err, capsize=2, label=name)
 ax.set_xticks(np.arange(len(corpora)) + width * (len(names) - 1) / 2, corpora)
 ax.set_yscale("log")
 ax.set_ylabel("perplexity (log scale)")
@@ -229,31 +236,42 @@ ax.legend(frameon=False)
 fig.tight_layout()
 glue("fig_ppl", fig, display=False)
 plt.close(fig)
-glue("ppl_model_britannica", f"{ppl_table.loc[model, 'britannica']:.2f}" if "britannica" in corpora else "n/a",
-     display=False)
+for part, table in (("", ppl_table), ("_lo", ppl_lo), ("_hi", ppl_hi)):
+    glue("ppl_model_britannica" + part, f"{table.loc[model, 'britannica']:.2f}" if "britannica" in corpora else "n/a",
+         display=False)
 
 # %% [markdown]
 # ```{glue:figure} fig_ppl
 # :name: fig-models-ppl
 #
 # Perplexity of every model (bars) on every offline corpus (groups), on the evaluation split, with fp32
-# weights dequantized from 4-bit GGUF files; log scale, lower is better. The title gives the number of
-# tokens per corpus and the window length.
+# weights dequantized from 4-bit GGUF files; log scale, lower is better. Error bars: 95% intervals of a
+# block bootstrap over the {glue:text}`ppl_blocks:d` windows (2,000 resamples). The title gives the number
+# of tokens per corpus and the window length.
 # ```
 #
 # ```{glue:figure} ppl_table
 # :name: tbl-ppl
 #
-# The numbers behind {numref}`fig-models-ppl`: perplexity per model (rows) and corpus (columns).
+# The numbers behind {numref}`fig-models-ppl`: perplexity per model (rows) and corpus (columns), as
+# "value [lo, hi]" with the 95% block-bootstrap interval.
 # ```
 #
-# {numref}`fig-models-ppl` and {numref}`tbl-ppl` show the result. On the Britannica prose, SmolLM2
-# reaches {glue:text}`ppl_smollm2_135m_britannica:s`, Gemma 3 {glue:text}`ppl_gemma3_270m_britannica:s`
-# and Qwen2.5-Coder {glue:text}`ppl_qwen2_5_coder_0_5b_britannica:s`. These are plausible values for
-# small models on prose. The pattern across corpora fits what each model was trained on. The code model
-# is best on the language reference ({glue:text}`ppl_qwen2_5_coder_0_5b_pydoc:s`, against
-# {glue:text}`ppl_smollm2_135m_pydoc:s` for SmolLM2 and {glue:text}`ppl_gemma3_270m_pydoc:s` for
-# Gemma 3) and worst on the plays ({glue:text}`ppl_qwen2_5_coder_0_5b_plays:s`). All three find the
+# {numref}`fig-models-ppl` and {numref}`tbl-ppl` show the result; brackets give 95% intervals, with the
+# windows of text resampled. On the Britannica prose, SmolLM2 reaches
+# {glue:text}`ppl_smollm2_135m_britannica:s` [{glue:text}`ppl_smollm2_135m_britannica_lo:s`,
+# {glue:text}`ppl_smollm2_135m_britannica_hi:s`], Gemma 3 {glue:text}`ppl_gemma3_270m_britannica:s`
+# [{glue:text}`ppl_gemma3_270m_britannica_lo:s`, {glue:text}`ppl_gemma3_270m_britannica_hi:s`] and
+# Qwen2.5-Coder {glue:text}`ppl_qwen2_5_coder_0_5b_britannica:s`
+# [{glue:text}`ppl_qwen2_5_coder_0_5b_britannica_lo:s`, {glue:text}`ppl_qwen2_5_coder_0_5b_britannica_hi:s`].
+# These are plausible values for small models on prose. The pattern across corpora fits what each model was
+# trained on. The code model is best on the language reference ({glue:text}`ppl_qwen2_5_coder_0_5b_pydoc:s`
+# [{glue:text}`ppl_qwen2_5_coder_0_5b_pydoc_lo:s`, {glue:text}`ppl_qwen2_5_coder_0_5b_pydoc_hi:s`], against
+# {glue:text}`ppl_smollm2_135m_pydoc:s` [{glue:text}`ppl_smollm2_135m_pydoc_lo:s`,
+# {glue:text}`ppl_smollm2_135m_pydoc_hi:s`] for SmolLM2 and {glue:text}`ppl_gemma3_270m_pydoc:s`
+# [{glue:text}`ppl_gemma3_270m_pydoc_lo:s`, {glue:text}`ppl_gemma3_270m_pydoc_hi:s`] for Gemma 3) and worst on
+# the plays ({glue:text}`ppl_qwen2_5_coder_0_5b_plays:s` [{glue:text}`ppl_qwen2_5_coder_0_5b_plays_lo:s`,
+# {glue:text}`ppl_qwen2_5_coder_0_5b_plays_hi:s`]). All three find the
 # Early Modern English of the plays harder than modern prose.
 #
 # ## Summary
@@ -263,7 +281,8 @@ glue("ppl_model_britannica", f"{ppl_table.loc[model, 'britannica']:.2f}" if "bri
 # - The per-head extraction reproduces each model's attention output: the worst absolute deviation is
 #   {glue:text}`inv_worst:s` ({numref}`tbl-invariant`).
 # - The dequantized models still model text well: {glue:text}`run_model:s` reaches a perplexity of
-#   {glue:text}`ppl_model_britannica:s` on the Britannica prose; the code model is best on the Python
+#   {glue:text}`ppl_model_britannica:s` [{glue:text}`ppl_model_britannica_lo:s`,
+#   {glue:text}`ppl_model_britannica_hi:s`] on the Britannica prose; the code model is best on the Python
 #   language reference and worst on the plays ({numref}`tbl-ppl`).
 # - The source works used WikiText-103 and C4, which are not available offline; the Britannica article,
 #   the Python language reference and the plays stand in for them ({numref}`tbl-corpora`).
@@ -275,6 +294,6 @@ out.mkdir(parents=True, exist_ok=True)
 write_json(
     out / "models.json",
     {"model": model, "models": spec_rows, "corpora": corpus_rows, "invariants": invariant_rows,
-     "perplexity": [{k: v for k, v in r.items() if k != "seconds"} for r in ppl_rows],
+     "perplexity": [{k: v for k, v in r.items() if k != "seconds"} for r in ppl_rows],  # value, lo, hi, blocks
      "params": {"ppl_tokens": ppl_tokens, "ppl_seq_len": ppl_seq_len}},
 )
