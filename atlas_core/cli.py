@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--control", default="none", choices=["none", "wrong-sign", "random-basis", "key-pca"])
     k.add_argument("--base", default="per-token", choices=["per-token", "per-channel", "kivi"], help="HeadQ's base key quantizer")
     k.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE")
+    k.add_argument("--a2-low", type=int, default=None,
+                   help="A² value policy: values at this many bits, the most attended ones in fp, chosen causally at "
+                        "the mean payload of --vbits (one-pass engine); measured against uniform --vbits values")
     k.add_argument("--corpus", default="britannica")
     k.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (a multiple of --seq-len)")
     k.add_argument("--seq-len", type=int, default=512)
@@ -306,9 +309,10 @@ def _kvquant(args) -> None:
     from atlas_core.models import load_model
 
     method = KVMethod(args.method, args.kbits, args.vbits, args.group, args.residual, args.rank, args.side_bits,
-                      args.control, args.pre_rope, args.seed, args.base)  # validated before the model loads
+                      args.control, args.pre_rope, args.seed, args.base, args.a2_low)  # validated before the model loads
     chosen = {k: v for k, v in (("engine", args.engine), ("batch", args.batch)) if v is not None}
     setup = EvalSetup(prefill=args.prefill, **chosen)
+    setup.check(method)
     if args.tokens < args.seq_len or not 1 <= args.prefill < args.seq_len - 1:
         raise ValueError(f"need --tokens ≥ --seq-len ({args.seq_len}) and 1 ≤ --prefill < {args.seq_len - 1}")
     lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
@@ -324,6 +328,7 @@ def _kvquant(args) -> None:
               "engine": setup.engine, "method": r["method"]["label"], "baseline": r["baseline"] and r["baseline"]["label"],
               **{name: est.as_dict() for name, est in r["figures"].items()},  # value, lo, hi (95%), units (blocks)
               "verdict": r["verdict"], "bits_key": r["method"]["bits_key"], "bits_value": r["method"]["bits_value"],
+              "value_payload": r["method"]["value_payload"],
               "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -180,7 +180,8 @@ def test_cli_kvquant_json(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [(["--method", "kivi", "--control", "wrong-sign"], "headq only"), (["--kbits", "9"], "kbits"),
-     (["--tokens", "10"], "--tokens"), (["--prefill", "600"], "--prefill"), (["--batch", "0"], "batch")],
+     (["--tokens", "10"], "--tokens"), (["--prefill", "600"], "--prefill"), (["--batch", "0"], "batch"),
+     (["--a2-low", "2"], "A² value policy"), (["--vbits", "3", "--a2-low", "2", "--engine", "decode"], "onepass")],
 )
 def test_cli_kvquant_bad_input_exits_2(args, message, capsys):
     assert main(["kvquant", "--model", "toy-llama", *args]) == 2
@@ -261,3 +262,13 @@ def test_store_keeps_fp_and_sigma_q_on_disk_keyed_by_weights(tmp_path, monkeypat
         next(lm.model.parameters()).add_(1.0)
     with pytest.raises(pytest.fail.Exception, match="recomputed"):
         Runs(lm, ids, calib, DECODE, store=True).nll(KVMethod("fp"))
+
+
+def test_cli_kvquant_a2_json(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
+    args = ["kvquant", "--model", "toy-llama", "--corpus", "pydoc", "--method", "per-token", "--kbits", "2", "--vbits", "3",
+            "--a2-low", "2", "--tokens", "128", "--seq-len", "64", "--prefill", "16", "--group", "16", "--json"]
+    assert main(args) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["method"].endswith("A²(2b/fp)") and out["baseline"] == "per-token K2 V3 g16"
+    assert 2 <= out["value_payload"] <= 3 and out["engine"] == "onepass"

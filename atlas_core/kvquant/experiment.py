@@ -168,6 +168,11 @@ class EvalSetup:
         if self.prefill < 1 or self.batch < 1:
             raise ValueError(f"prefill and batch must be ≥ 1, got {self.prefill} and {self.batch}")
 
+    def check(self, method: KVMethod) -> None:
+        """Raise ValueError if this setup cannot measure ``method`` (the A² policy needs the one-pass engine)."""
+        if method.a2_low is not None and self.engine != "onepass":
+            raise ValueError(f"{method.label()}: the A² value policy needs attention weights: only the onepass engine runs it")
+
     def nll_function(self):
         """The engine's ``(model, blocks, kv, side, prefill) -> (nll (batch, T − prefill − 1), bits)``."""
         if self.engine == "decode":
@@ -212,10 +217,9 @@ def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: Side
         raise ValueError("GPT-2 has no RoPE: --pre-rope does not apply")
     if (method.method == "headq") != (side is not None):
         raise ValueError(f"{method.label()}: a side code is needed by HeadQ and by no other method (see side_code)")
+    setup.check(method)
     nll_of, extra = setup.nll_function(), {}
     if method.a2_low is not None:
-        if setup.engine != "onepass":
-            raise ValueError(f"{method.label()}: the A² value policy needs attention weights: only the onepass engine runs it")
         extra["value_policy"] = method.value_policy()
     if setup.engine == "onepass":
         extra["batch_size"] = setup.batch  # one call: the bits are measured once, not per batch
