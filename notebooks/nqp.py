@@ -145,6 +145,7 @@ g("model", model)
 g("calib_tokens", calib.numel())
 g("eval_tokens", held_out.numel())
 g("eval_blocks", len(held_out))
+g("old_eval_tokens", 4 * 512)  # the chapter's sample before intervals (4 blocks of 512)
 g("seq_len", seq_len)
 ge("ppl_fp", ppl_fp_est, ".3f")
 g("n_linear", len(stats))
@@ -347,6 +348,9 @@ for a_, b_, bb, grp in pairs:
     g(f"verdict_{key(a_)}_{key(b_)}_{bb}" + ("_g" if grp else ""), c.sentence())
 comparisons = pd.DataFrame(comparisons)
 g("n_ties", int((comparisons.verdict == TIE).sum()))
+ties = comparisons[comparisons.verdict == TIE]
+g("ties_list", "; ".join(f"{r.method} against {r.against} at {r.bits} bits ({r.grouping}, ratio {r['ratio [95%]']})"
+                         for _, r in ties.iterrows()) or "none")
 g("n_comparisons", len(comparisons))
 g("ratio_table", comparisons[["bits", "grouping", "method", "against", "ratio [95%]", "verdict"]].style.hide(axis="index"))
 
@@ -416,6 +420,11 @@ plt.close(fig)
 # {glue:text}`nqp_verdict_rot_fisher_rot_haar_3:s`. GPTQ against AWQ: at 4 bits
 # {glue:text}`nqp_verdict_gptq_awq_4:s`; at 3 bits {glue:text}`nqp_verdict_gptq_awq_3:s`; in groups
 # {glue:text}`nqp_verdict_gptq_awq_3_g:s`.
+#
+# Judged by point estimates alone, as this chapter did when it measured {glue:text}`nqp_old_eval_tokens:,d`
+# held-out tokens and quoted no intervals, every comparison has a winner. At this sample size, the
+# comparisons that are not distinguishable are: {glue:text}`nqp_ties_list:s`. A verdict below that rests on
+# one of them says so.
 #
 # The Fisher rotation does not collapse onto GPTQ and AWQ: it is worse than both, and worse than plain
 # RTN, at every bit width below 8, per channel and in groups. It is also worse than a Haar-random
