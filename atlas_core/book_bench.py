@@ -78,6 +78,9 @@ def chapter_figures(results: Path, model: str = DEFAULT_MODEL) -> list[Figure]:
             out.append(Figure(name=name, target_s=target, measured_s=None, source=f"no {path}"))
             continue
         notes = []
+        source = info.get("source")
+        if source and Path(source).resolve() != (ROOT / "notebooks" / f"{chapter}.py").resolve():
+            notes.append(f"ran {source}, not the book's chapter")
         if info.get("params"):
             notes.append(f"non-default params {info['params']}")
         threads = info.get("blas_threads")

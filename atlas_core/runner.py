@@ -406,6 +406,7 @@ def run_chapter(
             "chapter": chapter, "model": model, "params": values, "wall_s": round(wall, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "blas_threads": os.environ.get("OMP_NUM_THREADS"),  # the workflow runs each chapter on one
+            "source": str(source),
         })
         os.replace(executed, target)  # the notebook last: its presence means "done"
     return target

@@ -18,7 +18,11 @@ def test_chapter_figures_read_the_runner_records(tmp_path):
     assert figures["models"].ratio == 0.5 and figures["models"].note == ""
     assert figures["nqp"].ratio == 1.5 and "non-default params" in figures["nqp"].note and "2 BLAS" in figures["nqp"].note
     assert "OVER" in figures["nqp"].line() and " ok" in figures["models"].line()
-    missing = [f for n, f in figures.items() if n not in ("models", "nqp")]
+    (folder / "atlas.timing.json").write_text(json.dumps(
+        {"chapter": "atlas", "params": {}, "wall_s": 3.0, "blas_threads": "1", "source": "/tmp/standin/atlas.py"}))
+    figures = {f.name.split()[2]: f for f in book_bench.chapter_figures(tmp_path)}
+    assert "not the book's chapter" in figures["atlas"].note
+    missing = [f for n, f in figures.items() if n not in ("models", "nqp", "atlas")]
     assert all(f.measured_s is None and f.ratio is None for f in missing)
 
 
