@@ -165,10 +165,11 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, scaling
     plan.captured[layer] = (key[0].detach(), value[0].detach())
     groups = query.shape[1] // key.shape[1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    k_hat = plan.stored_keys(layer, key)
-    scores = torch.where(sched.seen_quantized(sched.key_flush).to(query.device),
-                         query @ repeat_kv(k_hat, groups).transpose(-1, -2),
-                         query @ repeat_kv(key, groups).transpose(-1, -2)) * scale  # (batch, head, query, key)
+    scores = query @ repeat_kv(key, groups).transpose(-1, -2)  # (batch, head, query, key)
+    if plan.kv.key is not None:  # else every key is seen as it is
+        k_hat = plan.stored_keys(layer, key)
+        scores = torch.where(sched.seen_quantized(sched.key_flush).to(query.device), query @ repeat_kv(k_hat, groups).transpose(-1, -2), scores)
+    scores = scores * scale
     if kwargs.get("softcap"):
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
     if attention_mask is not None:
@@ -176,6 +177,8 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, scaling
     else:  # a model that skipped its mask relies on causality
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (batch, head, query, key)
+    if plan.kv.value is None:
+        return (probs @ repeat_kv(value, groups)).transpose(1, 2).contiguous(), probs
     v_hat = _stored_values(plan, layer, value, probs)
     quantized = sched.seen_quantized(sched.value_flush).to(query.device)  # (query, key)
     out = (probs * quantized) @ repeat_kv(v_hat, groups) + (probs * ~quantized) @ repeat_kv(value, groups)
