@@ -494,10 +494,11 @@ def book_inputs_digest(root: Path = ROOT) -> str:
 
 
 def html_digest(html_dir: Path) -> str:
-    """sha256 over the names and bytes of every file of the built book (what the browser check opens)."""
+    """sha256 over the names and bytes of every file of the built book (what the browser check opens) and
+    of the checker itself (``browser.py``: a changed check runs again)."""
     import hashlib
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256((ROOT / "atlas_core" / "browser.py").read_bytes())
     for path in sorted(p for p in html_dir.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(html_dir)).encode() + b"\0")
         digest.update(path.read_bytes())
