@@ -10,7 +10,8 @@ from atlas_core import interval
 from atlas_core.eval import block_nll
 from atlas_core.models import load_model
 from atlas_core.wquant.apply import quantize_model
-from atlas_core.wquant.calib import calibration_stats
+from atlas_core.toy import FAMILIES
+from atlas_core.wquant.calib import calibration_stats, decoder_blocks
 from atlas_core.wquant.experiment import TIE, best_method, compare, gate, restored_weights, run_wquant
 from atlas_core.wquant.rtn import WQuantSpec
 
@@ -84,12 +85,13 @@ def test_run_wquant_returns_per_block_nll_with_intervals_and_leaves_the_model_un
     torch.testing.assert_close(r["nll"], block_nll(model, held_out, progress=False), rtol=0, atol=1e-5)
 
 
-def test_restored_weights_restores_after_an_error():
-    lm = load_model("toy-llama")
-    w = lm.model.model.layers[0].self_attn.q_proj.weight
-    kept = w.detach().clone()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restored_weights_restores_every_decoder_parameter_after_an_error(family):
+    lm = load_model(f"toy-{family}")
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     with pytest.raises(RuntimeError), restored_weights(lm.model):
         with torch.no_grad():
-            w.zero_()
+            for p in decoder_blocks(lm.model).parameters():
+                p.zero_()
         raise RuntimeError("mid-run")
-    assert torch.equal(w, kept)
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())

@@ -20,7 +20,7 @@ from atlas_core.eval import block_nll
 from atlas_core.interval import DEFAULT, Bootstrap, Estimate
 from atlas_core.models import LoadedModel
 from atlas_core.wquant.apply import quantize_model, quantize_model_sequential
-from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats, linear_layers
+from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats, decoder_blocks
 from atlas_core.wquant.gptq import GPTQConfig
 from atlas_core.wquant.rtn import WQuantSpec
 
@@ -31,21 +31,17 @@ TIE = "not distinguishable at this sample size"
 
 @contextlib.contextmanager
 def restored_weights(model):
-    """Quantize ``model``'s decoder linear layers in place inside the block; their weights (and the norms AWQ
-    could fold into) come back bit for bit on exit. Cheaper than a deep copy of the whole model per run."""
-    saved = {n: p.detach().clone() for n, p in model.named_parameters() if _owned(n)}
+    """Quantize ``model``'s decoder linear layers in place inside the block; every parameter of the decoder
+    blocks (linear weights, and the norms AWQ could fold into) comes back bit for bit on exit. Cheaper than
+    a deep copy of the whole model per run (embeddings and head are never touched)."""
+    params = dict(decoder_blocks(model).named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
     try:
         yield model
     finally:
-        params = dict(model.named_parameters())
         with torch.no_grad():
             for n, p in saved.items():
                 params[n].copy_(p)
-
-
-def _owned(name: str) -> bool:
-    """Parameters a quantization run may change: everything inside the decoder blocks."""
-    return ".layers." in name or ".h." in name
 
 
 def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tensor, eval_blocks: torch.Tensor,
