@@ -45,6 +45,23 @@ def test_full_rank_reconstruction_is_the_identity(toy_lm):
     assert (top1 - reference).abs().max() > 1e-3  # the bare top-1 does change the model
 
 
+def test_unmarked_layers_run_sdpa_and_leave_the_model_unchanged(toy_lm, monkeypatch):
+    """Only the last layer marked (identity reconstruction): the other layers run SDPA, not eager, and the
+    logits equal the unmodified model's (GQA, MQA, sliding windows)."""
+    import atlas_core.top1 as T
+
+    s = toy_lm.spec
+    rec = fit_reconstruction(toy_lm, _blocks(seed=1), [s.n_layers - 1], k=s.d_head)
+    blocks = _blocks(n=2, seed=2)
+    reference = _logits(toy_lm, blocks)
+    calls = []
+    sdpa = T.sdpa_attention_forward
+    monkeypatch.setattr(T, "sdpa_attention_forward", lambda m, *a, **k: calls.append(m) or sdpa(m, *a, **k))
+    with hard_top1(toy_lm, [s.n_layers - 1], rec):
+        torch.testing.assert_close(_logits(toy_lm, blocks), reference, atol=1e-4, rtol=0)
+    assert len(calls) == s.n_layers - 1 and attention_modules(toy_lm.model)[-1] not in calls
+
+
 def test_random_full_rank_frame_is_also_the_identity():
     lm = load_model("toy-llama")
     rec = random_reconstruction(fit_reconstruction(lm, _blocks(seed=1), [1], k=lm.spec.d_head), seed=3)
