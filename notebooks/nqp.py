@@ -118,6 +118,7 @@ g = prefixed_glue("nqp")  # g(key, value) glues nqp_<key>
 
 def ge(key, est, spec=".2f"):
     """Glue an Estimate: value, lo, hi as numbers, and "value [lo, hi]" as text (key_ci)."""
+    spec = ",.0f" if spec == ".2f" and est.value >= 1000 else spec  # failed runs read in the thousands
     g(key, est.value)
     g(f"{key}_lo", est.lo)
     g(f"{key}_hi", est.hi)
@@ -291,7 +292,8 @@ seconds["all runs"] = (time.perf_counter() - clock, time.process_time() - cpu)
 table = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("layers", "nll", "nll_fp", "ppl", "ppl_fp", "ppl_ratio")},
                        "ppl": r["ppl"]["value"], "ppl_lo": r["ppl"]["lo"], "ppl_hi": r["ppl"]["hi"]} for r in runs])
 table["grouping"] = table.group.map(lambda x: "channel" if pd.isna(x) else f"g{int(x)}")
-table["ppl_ci"] = [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(table.ppl, table.ppl_lo, table.ppl_hi)]
+table["ppl_ci"] = [f"{v:{f}} [{lo:{f}}, {hi:{f}}]" for v, lo, hi in zip(table.ppl, table.ppl_lo, table.ppl_hi)
+                   for f in [",.0f" if v >= 1000 else ".2f"]]
 pivot = table.pivot_table(index="method", columns=["bits", "grouping"], values="ppl_ci", aggfunc="first").reindex(methods)
 g("ppl_table", pivot.fillna("").style)
 
@@ -322,6 +324,7 @@ ge("ppl_gguf_grid", interval.perplexity(gguf_grid["nll"]), ".3f")
 g("werr_gguf_grid", gguf_grid["weight_error"])
 ge("ppl_gguf_int", interval.perplexity(gguf_int["nll"]), ".3f")
 ge("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, ".4f")
+ge("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, ".4f")
 
 
 def best_text(b):
@@ -436,11 +439,11 @@ plt.close(fig)
 # **The embedded weights are already 4-bit.** {glue:text}`nqp_model:s` ships as a GGUF file whose
 # linear weights were rounded to 4 bits in blocks of 32, each with a scale and a minimum; we run their
 # dequantized values. 4-bit RTN with that grid (groups of 32, zero at the group minimum) reads
-# {glue:text}`nqp_ppl_gguf_grid:.3f` against {glue:text}`nqp_ppl_fp:.3f` unquantized (mean relative
-# weight error {glue:text}`nqp_werr_gguf_grid:.1e`). It finds the original grid again and is nearly
+# {glue:text}`nqp_ppl_gguf_grid_ci:s` against {glue:text}`nqp_ppl_fp_ci:s` unquantized (paired ratio
+# {glue:text}`nqp_gguf_grid_ratio_ci:s`; mean relative weight error {glue:text}`nqp_werr_gguf_grid:.1e`). It finds the original grid again and is nearly
 # lossless, which no method could be on weights that were never quantized. The same groups with an
 # integer zero point (the range stretched to hold 0, as GPTQ's quantizer does) already read
-# {glue:text}`nqp_ppl_gguf_int:.3f`. This is why the
+# {glue:text}`nqp_ppl_gguf_int_ci:s` (paired ratio to unquantized {glue:text}`nqp_gguf_int_ratio_ci:s`). This is why the
 # comparison uses per-channel scales, and groups of {glue:text}`nqp_group:d`, which straddle the original
 # blocks, and goes down to 3 bits. On weights that were never quantized the gaps between methods may
 # differ; the chapter runs on any model whose original weights are available.
@@ -644,17 +647,17 @@ write_json(out / "nqp.json", {
 #   second moment H has far fewer effective directions (median {glue:text}`nqp_pr_h_median:.1f`).
 # - **Fisher-basis quantization does not work, but it does not "collapse onto GPTQ + AWQ + QuIP"
 #   either:** {glue:text}`nqp_collapse_verdict:s`. At 4 bits it reads
-#   {glue:text}`nqp_ppl_rot_fisher_4:.2f` against RTN {glue:text}`nqp_ppl_rtn_4:.2f`, GPTQ
-#   {glue:text}`nqp_ppl_gptq_4:.2f` and AWQ {glue:text}`nqp_ppl_awq_4:.2f`. The best method is
+#   {glue:text}`nqp_ppl_rot_fisher_4_ci:s` against RTN {glue:text}`nqp_ppl_rtn_4_ci:s`, GPTQ
+#   {glue:text}`nqp_ppl_gptq_4_ci:s` and AWQ {glue:text}`nqp_ppl_awq_4_ci:s`. The best method is
 #   {glue:text}`nqp_best_4:s` at 4 bits and {glue:text}`nqp_best_3:s` at 3 bits. The source's conclusion
 #   that the idea fails stands; its explanation does not.
-# - **The λ-scaled grid** at 8 bits ({glue:text}`nqp_ppl_nqp_scaled_8:.2f` against RTN
-#   {glue:text}`nqp_ppl_rtn_8:.2f`): {glue:text}`nqp_8bit_verdict:s`. At 4 bits it reads
-#   {glue:text}`nqp_ppl_nqp_scaled_4:,.0f`.
+# - **The λ-scaled grid** at 8 bits ({glue:text}`nqp_ppl_nqp_scaled_8_ci:s` against RTN
+#   {glue:text}`nqp_ppl_rtn_8_ci:s`): {glue:text}`nqp_8bit_verdict:s`. At 4 bits it reads
+#   {glue:text}`nqp_ppl_nqp_scaled_4_ci:s`.
 # - **Weight L2 error as the judge:** {glue:text}`nqp_l2_verdict:s` (Spearman
 #   {glue:text}`nqp_rho_weight:.2f` against {glue:text}`nqp_rho_output:.2f`).
 # - **Gates:** {glue:text}`nqp_n_gates_passed:d` of 4 pass. {glue:text}`nqp_gates_idea_verdict:s`.
 # - **Caveat:** the model's weights were dequantized 4-bit GGUF weights, which a grid matching the
-#   original blocks recovers almost exactly ({glue:text}`nqp_ppl_gguf_grid:.3f` against
-#   {glue:text}`nqp_ppl_fp:.3f`); the comparison avoids that grid, but absolute gaps may differ on
+#   original blocks recovers almost exactly (paired perplexity ratio {glue:text}`nqp_gguf_grid_ratio_ci:s`; {glue:text}`nqp_ppl_gguf_grid_ci:s` against
+#   {glue:text}`nqp_ppl_fp_ci:s`); the comparison avoids that grid, but absolute gaps may differ on
 #   never-quantized weights.
