@@ -223,6 +223,7 @@ def top1_experiment(
     progress: bool = False,
     full_nll: torch.Tensor | None = None,
     boot: interval.Bootstrap = interval.DEFAULT,
+    reconstruction: dict[int, Reconstruction] | None = None,
 ) -> dict:
     """Perplexity with full attention, hard top-1 in ``layers``, and top-1 plus the rank-k reconstruction.
 
@@ -240,13 +241,17 @@ def top1_experiment(
         full_nll: (block, token - 1) NLL of ``eval_blocks`` with full attention when already measured
             (``eval.block_nll``), so that several layer settings share one full pass.
         boot: bootstrap settings of the intervals.
+        reconstruction: ``fit_reconstruction(lm, calib_blocks, ..., k)`` when already fitted for these
+            layers or more (the fit of a layer does not depend on the other layers), so that settings that
+            share layers share one calibration pass.
     Returns:
         {"layers", "k", "ppl_full", "ppl_top1", "ppl_recon", "delta_top1", "rel_top1", "recovered",
          ["ppl_random", "recovered_random", "gain", "seed"], "intervals"}; "intervals" maps each figure
         to ``Estimate.as_dict()`` (value, lo, hi, units). rel_top1 = PPL_top1/PPL_full − 1; gain =
         recovered − recovered_random; recovered fractions are NaN when top-1 does no damage.
     Raises:
-        ValueError: ``full_nll`` does not have the shape of ``eval_blocks``' predicted tokens.
+        ValueError: ``full_nll`` does not have the shape of ``eval_blocks``' predicted tokens, or
+            ``reconstruction`` lacks a layer or has another rank.
     """
     layers = _layers(lm, layers)
     _check_k(lm, k)
@@ -254,7 +259,14 @@ def top1_experiment(
     if full_nll is not None and tuple(full_nll.shape) != expected:
         raise ValueError(f"full_nll must be the (block, token - 1) = {expected} NLL of eval_blocks, "
                          f"got {tuple(full_nll.shape)}")
-    rec = fit_reconstruction(lm, calib_blocks, layers, k, batch_size, progress)
+    if reconstruction is None:
+        rec = fit_reconstruction(lm, calib_blocks, layers, k, batch_size, progress)
+    else:
+        found = {l % lm.spec.n_layers: r for l, r in reconstruction.items()}
+        if any(l not in found or found[l].k != k for l in layers):
+            raise ValueError(f"reconstruction must hold rank-{k} fits of layers {layers}, "
+                             f"got ranks {({l: r.k for l, r in found.items()})}")
+        rec = {l: found[l] for l in layers}
 
     def nll() -> torch.Tensor:  # (block, token - 1); hard top-1 runs eager, full attention SDPA
         return block_nll(lm.model, eval_blocks, batch_size, progress)

@@ -191,6 +191,11 @@ def test_top1_figures_carry_paired_intervals_and_reuse_a_full_pass():
     assert shifted["ppl_full"] == pytest.approx(r["ppl_full"] * math.exp(0.1))  # the given pass, not a new one
     with pytest.raises(ValueError, match="full_nll must be"):
         top1_experiment(lm, eval_blocks, calib_blocks, layers=[-1], k=3, full_nll=full[:, 1:])
+    fitted = fit_reconstruction(lm, calib_blocks, [0, 1], k=3)  # both layers: the last layer's fit is the same
+    shared = top1_experiment(lm, eval_blocks, calib_blocks, layers=[-1], k=3, full_nll=full, reconstruction=fitted)
+    assert shared["intervals"] == r["intervals"]
+    with pytest.raises(ValueError, match="reconstruction must hold rank-3 fits of layers"):
+        top1_experiment(lm, eval_blocks, calib_blocks, layers=[0], k=3, reconstruction={1: fitted[1]})
 
 
 def test_recovery_verdict_says_when_the_interval_contains_the_null():
