@@ -255,8 +255,9 @@ def onepass_nll(
         batch_size: blocks per forward pass (memory: a few (batch, head, token, token) tensors per layer).
     Returns:
         (NLL (batch, token − prefill − 1) in nats of tokens prefill + 1 … token − 1, bits per key/value
-        element held, measured from a real cache's bytes). With a value policy the dict also holds
-        ``value_payload``: the mean payload bits of the stored values (all layers, rows and KV heads).
+        element held, measured from a real cache's bytes). With a value policy, ``value`` is still what
+        the uniform quantizer's cache holds (no cache holds mixed bits), and ``value_payload`` is the
+        policy's mean payload bits per stored value element (all layers, rows and KV heads; ≤ b).
     Raises:
         ValueError: prefill out of range, or a value policy without per-token quantized values.
     Source: the decode protocol of ``decode.decode_nll``; the flush rule of ``KVQuantConfig.flush_counts``.
