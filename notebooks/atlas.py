@@ -76,7 +76,7 @@ from atlas_core.intrinsic import DuplicatePointsWarning, layer_profile, per_head
 from atlas_core.models import load_model
 from atlas_core.eval import block_nll
 from atlas_core.interval import Estimate, format_estimate
-from atlas_core.top1 import recovery_verdict, top1_experiment
+from atlas_core.top1 import fit_reconstruction, recovery_verdict, top1_experiment
 
 
 g = prefixed_glue("atlas")  # g(key, value) glues atlas_<key>
@@ -651,8 +651,11 @@ g("dropped_all", dropped_all)
 eval_blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, top1_seq_len, top1_eval_blocks, "eval", s.add_bos))
 calib_blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, top1_calib_seq_len, top1_calib_blocks, "calib", s.add_bos))
 full_nll = block_nll(lm.model, eval_blocks, progress=False)  # (block, token - 1): one full pass for both settings
-top1 = {name: top1_experiment(lm, eval_blocks, calib_blocks, layers, k=k, seed=seed, full_nll=full_nll)
-        for name, layers in (("deepest", [layer]), ("three deepest", list(range(max(0, layer - 2), layer + 1))))}
+top1_layers = {"deepest": [layer], "three deepest": list(range(max(0, layer - 2), layer + 1))}
+top1_fit = fit_reconstruction(lm, calib_blocks, top1_layers["three deepest"], k)  # one calibration pass for both
+top1 = {name: top1_experiment(lm, eval_blocks, calib_blocks, layers, k=k, seed=seed, full_nll=full_nll,
+                              reconstruction=top1_fit)
+        for name, layers in top1_layers.items()}
 
 
 def cell(r: dict, name: str, spec: str) -> str:
