@@ -123,6 +123,8 @@ NQP_NEEDS = {"bits": [8, 4, 3],
 
 def _nqp(p: dict) -> None:
     _positive(p, "seq_len", "calib_blocks", "eval_blocks", "group")
+    if p["eval_blocks"] < 2:  # one block resamples to itself: every interval would be a point
+        _fail("eval_blocks", p["eval_blocks"], "must be ≥ 2: the intervals resample the held-out blocks")
     if not p["bits"] or any(not 2 <= b <= 16 for b in p["bits"]):
         _fail("bits", p["bits"], "each must be in 2..16")
     for name in ("methods", "grouped_methods"):

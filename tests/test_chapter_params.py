@@ -24,6 +24,7 @@ def test_shipped_defaults_pass(chapter):
     ("nqp", "bits", [4, 1], "2..16"),
     ("nqp", "methods", ["rtn", "magic"], "unknown ['magic']"),
     ("nqp", "calib_blocks", 0, "must be > 0"),
+    ("nqp", "eval_blocks", 1, "resample the held-out blocks"),  # one block: a point, not an interval
     ("nqp", "bits", [4, 3], "add [8]"),
     ("nqp", "methods", ["rtn", "gptq"], "add ['awq'"),
     ("nqp", "grouped_methods", ["rtn"], "add ['gptq', 'awq', 'rot-fisher']"),
