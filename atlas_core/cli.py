@@ -461,8 +461,8 @@ def _wquant(args) -> None:
                                          ("--one-pass", args.one_pass)) if set_]
     if gptq_only and args.method != "gptq":
         raise ValueError(f"{', '.join(gptq_only)} set GPTQ's settings; --method {args.method} has no use for them")
-    if args.tokens < args.seq_len:
-        raise ValueError(f"--tokens must be at least --seq-len ({args.seq_len})")
+    if args.tokens < 2 * args.seq_len:  # the intervals resample blocks: one block gives a point
+        raise ValueError(f"--tokens must hold at least two blocks of --seq-len ({2 * args.seq_len})")
     lm = load_model(args.model, attn_implementation="sdpa")
     calib = cal.blocks(lm)
     blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))

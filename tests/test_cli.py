@@ -119,6 +119,7 @@ def test_wquant_on_toy_model(capsys):
 @pytest.mark.parametrize("args, message", [(["wquant", "--bits", "1"], "bits"),
                                            (["wquant", "--group", "0"], "group"),
                                            (["wquant", "--tokens", "10"], "--seq-len"),
+                                           (["wquant", "--tokens", "1000"], "two blocks"),  # one block: no interval
                                            (["wquant", "--calib-tokens", "10"], "seq_len"),
                                            (["wquant", "--damp", "2"], "damp"),
                                            (["wquant", "--damp", "0"], "damp"),  # was a Cholesky traceback
