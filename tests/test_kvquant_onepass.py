@@ -7,7 +7,7 @@ MQA, sliding windows, GPT-2 without RoPE, partial RoPE), and the measured bits a
 
 import pytest
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
@@ -17,7 +17,7 @@ from atlas_core.extract import attention_modules
 from atlas_core.kvquant.cache import KVQuantConfig
 from atlas_core.kvquant.decode import decode_nll, make_cache
 from atlas_core.kvquant.experiment import KVMethod, side_code
-from atlas_core.kvquant.onepass import onepass_nll, schedule
+from atlas_core.kvquant.onepass import onepass_nll, prefill_caches, schedule
 from atlas_core.kvquant.policy import ValuePolicy, causal_a2_choice
 from atlas_core.kvquant.quant import QuantSpec, dequantize, quantize
 from atlas_core.models import load_model
@@ -100,6 +100,44 @@ def test_batches_are_independent(toys):
     whole, _ = onepass_nll(lm.model, ids, method.kv_config(), prefill=PREFILL)
     split, _ = onepass_nll(lm.model, ids, method.kv_config(), prefill=PREFILL, batch_size=2)
     assert torch.allclose(whole, split, atol=1e-5)
+
+
+SHARED = ["kivi K2 V2 R16 chunk 4", "per-channel K2 V3 chunk 5", "pre-RoPE per-token K2 V2", "headq on kivi V2 chunk 2"]
+
+
+def test_shared_prefill_equals_full_pass_and_is_not_mutated(toys):
+    """The tail on top of a held fp prefill gives the whole block's one-pass NLL and bits (every family,
+    sliding windows shorter than the block included); a configuration run after others on the same held
+    prefill gives its NLL alone, and the held keys/values are unchanged."""
+    ids = _blocks(4, n=3)
+    for family, lm in toys.items():
+        held = prefill_caches(lm.model, ids, PREFILL, batch_size=2)
+        before = [[(k.clone(), v.clone()) for k, v, *_ in cache] for cache in held]
+        for name in SHARED:
+            method, chunk = METHODS[name]
+            if method.pre_rope and family in NO_PRE_ROPE:
+                continue
+            side = side_code(lm, method, _blocks(1, 2, 32))
+            args = (lm.model, ids, method.kv_config(), side, PREFILL, chunk)
+            full, full_bits = onepass_nll(*args, batch_size=2, share_prefill=False)
+            shared, shared_bits = onepass_nll(*args, batch_size=2, prefill_kv=held)
+            alone, _ = onepass_nll(*args, batch_size=2)  # its own prefill, nothing run before on it
+            gap = (shared - full).abs().max().item()
+            assert gap < 1e-6 and shared_bits == full_bits, f"{name} on {family}: shared vs full prefill {gap:.2e}"
+            assert torch.equal(shared, alone), f"{name} on {family}: a config run after others moved"
+        for cache, kept in zip(held, before):
+            assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v, *_), (k0, v0) in zip(cache, kept))
+
+
+def test_bad_prefill_cache_is_refused(toys):
+    lm, kv = toys["gemma3"], KVMethod("kivi", 2, 2, group=8).kv_config()
+    ids = _blocks(0, n=3)
+    with pytest.raises(ValueError, match="batches"):  # built with another batch size
+        onepass_nll(lm.model, ids, kv, prefill=PREFILL, batch_size=2, prefill_kv=prefill_caches(lm.model, ids, PREFILL, 3))
+    sliding = DynamicCache(config=lm.model.config)  # window 8 < prefill: the sliding layer drops keys
+    lm.model(ids[:, :PREFILL], past_key_values=sliding, use_cache=True)
+    with pytest.raises(ValueError, match="sliding-window"):
+        onepass_nll(lm.model, ids, kv, prefill=PREFILL, prefill_kv=[sliding])
 
 
 @pytest.mark.parametrize("kv", [KVQuantConfig(QuantSpec(2, 8, "token"), residual=3),

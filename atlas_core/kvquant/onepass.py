@@ -27,6 +27,12 @@ discontinuous) and single tokens move by up to ~1 nat (4-bit) or ~5 nats (2-bit,
 step-by-step decode differs from itself as much when a block is decoded alone instead of in a batch of 2,
 and the mean NLL agrees to ~1e-3 nats (``tests/test_kvquant_onepass.py``, slow test).
 
+Update 0 attends in full precision, so the first ``prefill`` tokens' keys/values in every layer are the
+fp model's, the same for every configuration: ``prefill_caches`` computes them once per batch of blocks and
+``onepass_nll`` feeds only the rest of each block on top of a fresh cache holding them (the held one is
+never written), so a sweep pays for the prefill once. The whole block in one pass (``share_prefill=False``)
+stays as the plain reference; tests hold the two equal.
+
 The bits per key/value element are measured, not computed: one row's captured keys/values are fed through
 a real ``QuantizedKVCache`` in the same update schedule (no model forward), and its held bytes are read.
 
@@ -57,7 +63,7 @@ from atlas_core.kvquant.rope import rotary_tables
 ONEPASS = "atlas_kvquant"
 _STATE = "_atlas_kvquant"  # attribute on each attention module while in use: (layer, Plan)
 
-__all__ = ["ONEPASS", "Schedule", "schedule", "onepass_nll", "kvquant_attention"]
+__all__ = ["ONEPASS", "Schedule", "schedule", "onepass_nll", "prefill_caches", "kvquant_attention"]
 
 
 @dataclass(frozen=True)
@@ -146,41 +152,51 @@ def _through_store(store: _Store, x: torch.Tensor, flush: torch.Tensor, never: i
 def kvquant_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function ``atlas_kvquant``: eager attention as a quantized cache's decode would see it.
 
+    The queries may be the block's tail only (a shared fp prefill in the past cache, ``prefill_caches``):
+    the first key − query keys/values then come from that cache, and the schedule's (query, key) masks are
+    cut to the queries' rows.
+
     Args:
-        query: (batch, head, token, d_head); key, value: (batch, kv_head, token, d_head), the whole block.
-        attention_mask: the model's additive mask (batch, 1, token, token) or None.
+        query: (batch, head, query, d_head), the block's last ``query`` tokens; key, value: (batch, kv_head,
+            token, d_head), the whole block.
+        attention_mask: the model's additive mask (batch, 1, query, token) or None.
     Returns:
-        (output (batch, token, head, d_head), probabilities (batch, head, token, token)), as eager does.
+        (output (batch, query, head, d_head), probabilities (batch, head, query, token)), as eager does.
     Raises:
-        RuntimeError: called outside ``kvquant_attention``; ValueError: the keys are not the planned block.
+        RuntimeError: called outside ``kvquant_attention``; ValueError: the keys are not the planned block, or
+        a value policy without every query (its bits need the prefill's attention weights too).
     """
     state = getattr(module, _STATE, None)
     if state is None:
         raise RuntimeError(f"the '{ONEPASS}' attention runs only inside atlas_core.kvquant.onepass.kvquant_attention")
     layer, plan = state
     sched = plan.sched
-    if key.shape[-2] != len(sched.update) or query.shape[-2] != key.shape[-2]:
-        raise ValueError(f"one-pass attention needs the whole block of {len(sched.update)} tokens without a cache, "
-                         f"got {query.shape[-2]} queries and {key.shape[-2]} keys")
+    if key.shape[-2] != len(sched.update) or query.shape[-2] > key.shape[-2]:
+        raise ValueError(f"one-pass attention needs the keys of the whole block of {len(sched.update)} tokens "
+                         f"(a past cache may hold its start), got {query.shape[-2]} queries and {key.shape[-2]} keys")
+    past = key.shape[-2] - query.shape[-2]  # keys/values of the shared fp prefill, from the past cache
+    if past and plan.value_policy is not None:
+        raise ValueError("the A² value policy needs every query's attention weights: run it without a shared prefill")
     plan.captured[layer] = (key[0].detach(), value[0].detach())
     groups = query.shape[1] // key.shape[1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = query @ repeat_kv(key, groups).transpose(-1, -2)  # (batch, head, query, key)
     if plan.kv.key is not None:  # else every key is seen as it is
         k_hat = plan.stored_keys(layer, key)
-        scores = torch.where(sched.seen_quantized(sched.key_flush).to(query.device), query @ repeat_kv(k_hat, groups).transpose(-1, -2), scores)
+        seen = sched.seen_quantized(sched.key_flush)[past:]  # (query, key)
+        scores = torch.where(seen.to(query.device), query @ repeat_kv(k_hat, groups).transpose(-1, -2), scores)
     scores = scores * scale
     if kwargs.get("softcap"):
         scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]]
     else:  # a model that skipped its mask relies on causality
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1 + past), torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (batch, head, query, key)
     if plan.kv.value is None:
         return (probs @ repeat_kv(value, groups)).transpose(1, 2).contiguous(), probs
     v_hat = _stored_values(plan, layer, value, probs)
-    quantized = sched.seen_quantized(sched.value_flush).to(query.device)  # (query, key)
+    quantized = sched.seen_quantized(sched.value_flush)[past:].to(query.device)  # (query, key)
     out = (probs * quantized) @ repeat_kv(v_hat, groups) + (probs * ~quantized) @ repeat_kv(value, groups)
     return out.transpose(1, 2).contiguous(), probs
 
@@ -242,6 +258,8 @@ def onepass_nll(
     progress: bool = False,
     value_policy: ValuePolicy | None = None,
     batch_size: int = 8,
+    prefill_kv: list[DynamicCache] | None = None,
+    share_prefill: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``decode.decode_nll`` in one forward pass per batch of blocks: the same NLL and measured bits.
 
@@ -253,13 +271,20 @@ def onepass_nll(
         progress: a progress bar over batches.
         value_policy: the causal A² value bits (needs per-token quantized values; their bits are the budget).
         batch_size: blocks per forward pass (memory: a few (batch, head, token, token) tensors per layer).
+        prefill_kv: the fp prefill of each batch (``prefill_caches(model, blocks, prefill, batch_size)``),
+            computed once and shared by every configuration on these blocks; None: computed here. Not
+            mutated. Unused by the fp path and under a value policy (both run the whole block).
+        share_prefill: feed only tokens prefill … token − 2 on top of the fp prefill (update 0 attends in
+            full precision, so its keys/values are the fp model's); False: the whole block in one pass, the
+            plain reference that ``tests/test_kvquant_onepass.py`` holds the shared path equal to.
     Returns:
         (NLL (batch, token − prefill − 1) in nats of tokens prefill + 1 … token − 1, bits per key/value
         element held, measured from a real cache's bytes). With a value policy, ``value`` is still what
         the uniform quantizer's cache holds (no cache holds mixed bits), and ``value_payload`` is the
         policy's mean payload bits per stored value element (all layers, rows and KV heads; ≤ b).
     Raises:
-        ValueError: prefill out of range, or a value policy without per-token quantized values.
+        ValueError: prefill out of range, a value policy without per-token quantized values, or ``prefill_kv``
+            not the prefill of these blocks in batches of ``batch_size``.
     Source: the decode protocol of ``decode.decode_nll``; the flush rule of ``KVQuantConfig.flush_counts``.
     """
     n_fed = blocks.shape[1] - 1
@@ -273,17 +298,64 @@ def onepass_nll(
         value_policy.check(kv.value)
     rotary = rotary_tables(model) if kv.pre_rope and kv.key is not None else None
     sched = schedule(kv, n_fed, prefill, chunk)
+    batches = blocks.split(batch_size)
+    share = share_prefill and value_policy is None  # the A² policy needs the prefill queries' attention weights
+    if share and prefill_kv is None:
+        prefill_kv = prefill_caches(model, blocks, prefill, batch_size)
+    if share:
+        _check_prefill(prefill_kv, batches, prefill)
     nll, highs = [], []
-    for rows in tqdm(blocks.split(batch_size), desc="one-pass", leave=False, disable=not progress):
+    for i, rows in enumerate(tqdm(batches, desc="one-pass", leave=False, disable=not progress)):
         plan = Plan(kv, side, sched, rotary, value_policy)
         with kvquant_attention(model, plan):
-            logits = model(rows[:, :n_fed], use_cache=False, logits_to_keep=n_fed - prefill).logits  # (batch, scored, vocab)
-        nll.append(token_nll(logits, rows[:, prefill + 1 :]))
+            if share:  # a fresh cache on the held prefill: the forward's keys are appended there, not to it
+                past = DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in prefill_kv[i]])
+                logits = model(rows[:, prefill:n_fed], past_key_values=past, use_cache=True).logits
+            else:
+                logits = model(rows[:, :n_fed], use_cache=False, logits_to_keep=n_fed - prefill).logits
+        nll.append(token_nll(logits, rows[:, prefill + 1 :]))  # logits: (batch, scored, vocab)
         highs += list(plan.high.values())
     bits = measured_bits(model, plan, side)
     if value_policy is not None:
         bits["value_payload"] = _payload(highs, sched, value_policy, kv.value.bits)
     return torch.cat(nll), bits
+
+
+@torch.no_grad()
+def prefill_caches(model, blocks: torch.Tensor, prefill: int, batch_size: int = 8) -> list[DynamicCache]:
+    """The fp keys/values of every block's first ``prefill`` tokens, one ``DynamicCache`` per batch.
+
+    Update 0 of the decode attends in full precision, so these are the same for every cache configuration:
+    ``onepass_nll`` computes the rest of the block on top of them. Full (not sliding-window) layers: a
+    sliding layer would drop keys the schedule's store still needs; the model's mask applies the window.
+
+    Args:
+        blocks: (block, token) token ids; prefill: tokens per block; batch_size: blocks per cache.
+    Returns:
+        [DynamicCache] per batch of ``batch_size`` blocks, each layer's keys/values (batch, kv_head,
+        prefill, d_head). Memory: 2 · layers · kv_heads · d_head · prefill floats per block (smollm2-135m,
+        prefill 128, fp32: 5.9 MB).
+    """
+    caches = []
+    for rows in blocks.split(batch_size):
+        cache = DynamicCache()  # no config: every layer full
+        model(rows[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        caches.append(cache)
+    return caches
+
+
+def _check_prefill(caches: list[DynamicCache], batches: tuple[torch.Tensor, ...], prefill: int) -> None:
+    """Raise ValueError unless ``caches`` hold ``prefill`` tokens of every row of every batch, in every layer."""
+    if len(caches) != len(batches):
+        raise ValueError(f"prefill_kv holds {len(caches)} batches, the blocks make {len(batches)}: build it with "
+                         "prefill_caches(model, blocks, prefill, batch_size) on the same blocks and batch size")
+    for cache, rows in zip(caches, batches):
+        for k, v, *_ in cache:
+            if k is None or k.shape[0] != len(rows) or k.shape[-2] != prefill or v.shape[-2] != prefill:
+                got = None if k is None else tuple(k.shape)
+                raise ValueError(f"a prefill_kv layer holds keys of shape {got}, expected {len(rows)} rows × {prefill} "
+                                 "tokens: build it with prefill_caches on the same blocks, prefill and batch size "
+                                 "(a sliding-window cache drops the keys the schedule needs)")
 
 
 def _payload(highs: list[torch.Tensor], sched: Schedule, policy: ValuePolicy, budget: int) -> float:
