@@ -205,6 +205,8 @@ def test_compare_rules_says_when_the_difference_is_not_distinguishable():
     assert same["verdict"].startswith("a and b are not distinguishable at this sample size in KL")
     ratio = compare_rules(result(shifted), result(base), "ppl", ("a", "b"))
     assert ratio["distinguishable"] and ratio["difference"].value == pytest.approx(math.exp(0.5))
+    one = compare_rules(result(base[:1]), result(shifted[:1]), "kl", ("a", "b"))  # zero-width interval
+    assert not one["distinguishable"] and "cannot be compared on one block" in one["verdict"]
     with pytest.raises(ValueError, match="measure"):
         compare_rules(result(base), result(base), "ppx")
 

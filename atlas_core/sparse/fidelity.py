@@ -165,7 +165,8 @@ def compare_rules(a: dict, b: dict, measure: str, names: tuple[str, str] = ("A",
     Returns:
         {"difference": Estimate (a − b; for "ppl" the ratio PPL_a / PPL_b), "distinguishable": bool,
         "verdict": a phrase: "<a> has lower KL than <b> (difference … [lo, hi])", or "<a> and <b> are not
-        distinguishable at this sample size (…)" when the interval contains 0 (1 for a ratio)}.
+        distinguishable at this sample size (…)" when the interval contains 0 (1 for a ratio); never
+        distinguishable on a single block, where the bootstrap has no spread}.
     Raises:
         ValueError: an unknown measure, or results on different numbers of blocks.
     """
@@ -179,6 +180,9 @@ def compare_rules(a: dict, b: dict, measure: str, names: tuple[str, str] = ("A",
         diff = interval.mean_difference(a["per_block"][measure], b["per_block"][measure])
         null, what = 0.0, "difference"
     given = f"{what} {interval.format_estimate(diff, spec)}, {diff.units} blocks"
+    if diff.units < 2:  # one block resamples to itself: a zero-width interval that says nothing
+        return {"difference": diff, "distinguishable": False,
+                "verdict": f"{names[0]} and {names[1]} cannot be compared on one block (no interval; {given})"}
     if not diff.distinguishable(null):
         text = f"{names[0]} and {names[1]} are not distinguishable at this sample size in {labels[measure]} ({given})"
     else:
