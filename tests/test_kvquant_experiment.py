@@ -212,6 +212,25 @@ def test_onepass_engine_equals_the_decode_reference_through_runs():
         assert one(m)["bits_key"] == ref(m)["bits_key"] and one(m)["bits_value"] == ref(m)["bits_value"]
 
 
+def test_runs_computes_the_fp_prefill_once_and_shares_it(monkeypatch):
+    """``Runs`` (one-pass) builds the blocks' fp prefill once for all its methods, and each method's NLL is
+    what ``evaluate`` gives alone (the whole block in one pass, no shared prefill)."""
+    import atlas_core.kvquant.experiment as experiment
+    from atlas_core.kvquant import onepass
+
+    lm = load_model("toy-gemma3")  # sliding window 8 < the 40-token blocks
+    ids = torch.randint(4, 260, (3, 40), generator=torch.Generator().manual_seed(8))
+    setup = EvalSetup(engine="onepass", prefill=8, batch=2)
+    built = []
+    monkeypatch.setattr(experiment, "prefill_caches", lambda *a: built.append(a[2:]) or onepass.prefill_caches(*a))
+    runs = Runs(lm, ids, None, setup)
+    for m in (KVMethod("kivi", 2, 2, group=8), KVMethod("per-token", 3, 2, group=8, residual=4), KVMethod("per-channel", 2, 2, group=8)):
+        alone = evaluate(lm, ids, m, setup=setup)  # its own prefill: built inside onepass_nll, not counted
+        torch.testing.assert_close(runs.nll(m), alone["nll"], atol=1e-6, rtol=0)
+        assert runs(m)["bits_key"] == alone["bits_key"]
+    assert built == [(8, 2)]
+
+
 def test_a2_value_policy_is_measured_at_equal_payload_bits():
     m = KVMethod("per-token", 2, 3, group=8, a2_low=2)
     assert m.baseline() == KVMethod("per-token", 2, 3, group=8) and m.label().endswith("A²(2b/fp)")
