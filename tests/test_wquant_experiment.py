@@ -95,3 +95,21 @@ def test_restored_weights_restores_every_decoder_parameter_after_an_error(family
                 p.zero_()
         raise RuntimeError("mid-run")
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def test_methods_that_need_no_statistics_do_not_compute_them(monkeypatch):
+    """AWQ, the random rotations and RTN quantize without H or F: run_wquant computed a full calibration pass for
+    them only to report a calibration output error."""
+    import atlas_core.wquant.experiment as experiment
+
+    lm = load_model("toy-llama")
+    gen = torch.Generator().manual_seed(0)
+    calib, held_out = (torch.randint(4, 200, (n, 32), generator=gen) for n in (4, 2))
+    calls = []
+    real = experiment.calibration_stats
+    monkeypatch.setattr(experiment, "calibration_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for method in ("rtn", "awq", "rot-haar", "rot-hadamard"):
+        run_wquant(lm, method, WQuantSpec(3), calib, held_out)
+    assert calls == []
+    run_wquant(lm, "rot-fisher", WQuantSpec(3), calib, held_out)
+    assert calls == [1]

@@ -27,6 +27,7 @@ from atlas_core.wquant.rtn import WQuantSpec
 __all__ = ["TIE", "Comparison", "best_method", "compare", "gate", "restored_weights", "run_wquant"]
 
 TIE = "not distinguishable at this sample size"
+NEEDS_STATS = ("gptq", "rot-fisher", "nqp-scaled")  # methods quantized from calibration statistics (one-pass GPTQ)
 
 
 @contextlib.contextmanager
@@ -56,7 +57,8 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
     one-pass GPTQ, uses ``stats`` or statistics of ``calib``.
 
     Args:
-        calib: (block, token) calibration blocks (used when ``stats`` is None and the method needs them).
+        calib: (block, token) calibration blocks: AWQ searches on them; the statistics of ``NEEDS_STATS`` methods
+            come from them when ``stats`` is None (other methods then report no calibration output error).
         eval_blocks: (block, token) held-out blocks.
         stats, nll_fp: reuse across runs of a sweep (``nll_fp``: the unquantized model's NLL on ``eval_blocks``).
         judge: held-out input statistics for the layer output error (default: the calibration ones).
@@ -70,7 +72,7 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
     """
     start, cpu = time.perf_counter(), time.process_time()
     sequential = method == "gptq" and gptq_config.sequential
-    if stats is None and method != "rtn" and not sequential:
+    if stats is None and method in NEEDS_STATS and not sequential:  # the others use them only for diagnostics
         stats = calibration_stats(lm, calib, fisher=method in ("rot-fisher", "nqp-scaled"), progress=progress)
     if nll_fp is None:
         nll_fp = block_nll(lm.model, eval_blocks, batch_size, progress=progress)
