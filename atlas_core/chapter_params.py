@@ -106,8 +106,9 @@ def _kvquant(p: dict) -> None:
               "side_bits", "metric_blocks", "a2_budget")
     if not p["prefill"] < p["seq_len"]:
         _fail("prefill", p["prefill"], f"must be shorter than seq_len ({p['seq_len']}): nothing is decoded")
-    if not p["bits"] or any(not 2 <= b <= 8 for b in p["bits"]):
-        _fail("bits", p["bits"], "each must be in 2..8")
+    for name, needed in (("bits", [2, 3]), ("kv_bits", [2])):  # the prose quotes these runs; more may be added
+        if any(not 2 <= b <= 8 for b in p[name]) or any(b not in p[name] for b in needed):
+            _fail(name, p[name], f"each must be in 2..8, and the chapter compares {needed}")
     if not 1 <= p["side_bits"] <= 8:
         _fail("side_bits", p["side_bits"], "must be in 1..8")
     if p["engine"] not in KV_ENGINES:

@@ -38,6 +38,8 @@ def test_shipped_defaults_pass(chapter):
     ("kvquant", "engine", "fast", "must be one of onepass, decode"),
     ("kvquant", "a2_budget", 2, "must be in 3..8"),
     ("kvquant", "eval_blocks", 0, "must be > 0"),
+    ("kvquant", "bits", [2, 4], "compares [2, 3]"),
+    ("kvquant", "kv_bits", [3, 9], "each must be in 2..8"),
     ("sparse", "window", 0, "must be > 0"),
     ("sparse", "sweep_gen_tokens", 5000, "exceeds gen_tokens"),
     ("sparse", "sweep_blocks", 17, "exceeds eval_blocks"),
