@@ -7,7 +7,7 @@ import torch
 
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.kvquant.cache import KVQuantConfig
-from atlas_core.kvquant.decode import decode_nll, decode_perplexity, excess_removed
+from atlas_core.kvquant.decode import decode_nll, decode_perplexity
 from atlas_core.kvquant.quant import QuantSpec
 from atlas_core.models import load_model
 
@@ -24,8 +24,7 @@ def test_passthrough_decode_equals_fp_and_quantization_costs():
     assert not torch.equal(q1, fp) and bits["key"] < 16
 
 
-def test_excess_removed():
-    assert excess_removed(12.0, 10.5, 10.0) == pytest.approx(0.75)
+def test_bad_prefill_is_refused():
     with pytest.raises(ValueError):
         decode_perplexity(load_model("toy-gpt2").model, torch.zeros(1, 4, dtype=torch.long), None, prefill=3)
 

@@ -5,11 +5,14 @@
 - ``headq``: query-basis calibration, side codes, controls (wrong sign, random, key-PCA, null space).
 - ``cache``: ``QuantizedKVCache``, a transformers ``Cache`` storing codes, scales and side codes.
 - ``policy``: the A² value policy.
-- ``decode``: decode-style perplexity through the cache, excess perplexity removed.
+- ``decode``: decode-style perplexity through the cache, token by token (the reference).
+- ``onepass``: the same decode NLL in one forward pass per block (attention function ``atlas_kvquant``).
+
+Intervals and the excess-removed fraction come from ``atlas_core.interval``.
 """
 
 from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache, expected_bits
-from atlas_core.kvquant.decode import decode_nll, decode_perplexity, excess_removed
+from atlas_core.kvquant.decode import decode_nll, decode_perplexity
 from atlas_core.kvquant.headq import SideCode, calibrate
 from atlas_core.kvquant.quant import QuantSpec, bits_per_element, dequantize, quantize
 
@@ -23,7 +26,6 @@ __all__ = [
     "decode_nll",
     "decode_perplexity",
     "dequantize",
-    "excess_removed",
     "expected_bits",
     "quantize",
 ]

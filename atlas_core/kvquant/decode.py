@@ -72,8 +72,3 @@ def decode_perplexity(model, blocks, kv, side=None, prefill: int = 128, chunk: i
     """exp of the mean NLL of ``decode_nll``."""
     nll, _ = decode_nll(model, blocks, kv, side, prefill, chunk)
     return math.exp(nll.double().mean().item())
-
-
-def excess_removed(ppl_base: float, ppl_method: float, ppl_fp: float) -> float:
-    """(PPL_base − PPL_method)/(PPL_base − PPL_fp): 1 = all excess perplexity removed, 0 = none."""
-    return (ppl_base - ppl_method) / (ppl_base - ppl_fp)
