@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from atlas_core.interval import Bootstrap
+
 __all__ = [
     "OverlapResult",
     "analytic_null_mean",
@@ -193,10 +195,8 @@ def bootstrap_ci(values, n_resamples: int = 2000, level: float = 0.95, seed: int
     v = _array(values).ravel()
     if v.size == 0:
         raise ValueError("bootstrap_ci needs at least one value")
-    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_resamples, v.size))
-    means = statistic(v[idx], axis=1)  # (resample,)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    boot = Bootstrap(n_resamples=n_resamples, level=level, seed=seed)  # the one home of resampling (interval.py)
+    return boot.interval(statistic(v[boot.draws(v.size)], axis=1))  # statistic over (resample, pair)
 
 
 # --- nulls -----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 __all__ = ["Bootstrap", "Estimate", "UnitSums", "unit_sums", "perplexity", "ppl_ratio", "ppl_difference",
            "excess_removed", "excess_removed_difference", "mean", "mean_difference", "median", "share", "format_estimate"]
@@ -122,7 +121,7 @@ def unit_sums(values) -> UnitSums:
         return values
     total, count = [], []
     for row in values:
-        r = row.detach().double().cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row, dtype=np.float64)
+        r = row.detach().double().cpu().numpy() if hasattr(row, "detach") else np.asarray(row, dtype=np.float64)  # a torch tensor
         r = r.ravel()
         keep = ~np.isnan(r)
         total.append(r[keep].sum())
