@@ -21,8 +21,22 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Bootstrap", "Estimate", "UnitSums", "unit_sums", "perplexity", "ppl_ratio", "ppl_difference",
+__all__ = ["MIN_UNITS", "check_units", "Bootstrap", "Estimate", "UnitSums", "unit_sums", "perplexity", "ppl_ratio", "ppl_difference",
            "excess_removed", "excess_removed_difference", "mean", "mean_difference", "median", "share", "format_estimate"]
+
+
+MIN_UNITS = 2  # one unit resamples to itself: a zero-width "interval" that would call any difference real
+
+
+def check_units(n: int, what: str = "blocks") -> None:
+    """Refuse a sample too small to carry an interval (the CLI, the chapters' checks and the library share it).
+
+    Raises:
+        ValueError: fewer than ``MIN_UNITS`` units.
+    """
+    if n < MIN_UNITS:
+        raise ValueError(f"an interval needs at least {MIN_UNITS} {what} (the bootstrap resamples them; one resamples "
+                         f"to itself), got {n}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +66,10 @@ class Bootstrap:
     def interval(self, resampled: np.ndarray) -> tuple[float, float]:
         """Percentile interval of a statistic's resampled values (resample,); NaN draws are ignored."""
         tail = (1 - self.level) / 2
-        lo, hi = np.nanquantile(np.asarray(resampled, dtype=np.float64), [tail, 1 - tail])
+        resampled = np.asarray(resampled, dtype=np.float64)
+        if np.isnan(resampled).all():  # undefined in every draw (e.g. no excess to remove)
+            return math.nan, math.nan
+        lo, hi = np.nanquantile(resampled, [tail, 1 - tail])
         return float(lo), float(hi)
 
 
@@ -69,7 +86,9 @@ class Estimate:
     units: int
 
     def distinguishable(self, null: float = 0.0) -> bool:
-        """True when the interval excludes ``null`` (0 for a difference, 1 for a ratio)."""
+        """True when the interval excludes ``null`` (0 for a difference, 1 for a ratio); False when undefined."""
+        if any(math.isnan(x) for x in (self.value, self.lo, self.hi)):
+            return False
         return not self.lo <= null <= self.hi
 
     def as_dict(self) -> dict:
@@ -119,6 +138,9 @@ def unit_sums(values) -> UnitSums:
     """
     if isinstance(values, UnitSums):
         return values
+    if getattr(values, "ndim", 2) != 2 and not isinstance(values, (list, tuple)):
+        raise ValueError(f"pass per-token values as (unit, token) or a list of per-unit vectors, got shape "
+                         f"{tuple(values.shape)}: a flat vector would make every token its own unit")
     total, count = [], []
     for row in values:
         r = row.detach().double().cpu().numpy() if hasattr(row, "detach") else np.asarray(row, dtype=np.float64)  # a torch tensor
@@ -133,6 +155,8 @@ def _paired(*parts: UnitSums) -> int:
     n = len(parts[0])
     if any(len(p) != n for p in parts):
         raise ValueError(f"paired figures need the same units for every method, got {[len(p) for p in parts]} units")
+    if any(not np.array_equal(p.count, parts[0].count) for p in parts):
+        raise ValueError("paired figures need the same tokens in every unit for every method (counts differ)")
     return n
 
 
@@ -179,7 +203,7 @@ def excess_removed(nll_base, nll_method, nll_fp, boot: Bootstrap = DEFAULT) -> E
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.where(pb > pf, (pb - pm) / (pb - pf), np.nan)
     vb, vm, vf = (math.exp(s.mean()) for s in (base, method, fp))
-    value = (vb - vm) / (vb - vf) if vb != vf else math.nan
+    value = (vb - vm) / (vb - vf) if vb > vf else math.nan  # no excess over fp: nothing to remove
     return _estimate(value, frac, len(base), boot)
 
 
@@ -215,14 +239,16 @@ def mean_difference(values_a, values_b, boot: Bootstrap = DEFAULT) -> Estimate:
 
 def share(flags: Sequence[bool], boot: Bootstrap = DEFAULT) -> Estimate:
     """Share of units where a flag holds (e.g. prompts identical through the horizon), prompts resampled."""
+    idx = boot.draws(len(flags))
     x = np.asarray(flags, dtype=np.float64).reshape(len(flags), -1)  # (unit, run)
-    idx = boot.draws(len(x))
     return _estimate(x.mean(), x[idx].reshape(len(idx), -1).mean(1), len(x), boot)
 
 
 def median(values, boot: Bootstrap = DEFAULT, statistic: Callable = np.median) -> Estimate:
     """Median (or another ``statistic``) of per-unit values, (unit,) or (unit, run): each drawn unit
     brings all its runs (runs that share a prompt are resampled together)."""
+    idx = boot.draws(len(values))
     x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # (unit, run)
-    idx = boot.draws(len(x))
+    if np.isnan(x).any():
+        raise ValueError("median: NaN among the per-unit values; drop or resolve them first")
     return _estimate(float(statistic(x.ravel())), statistic(x[idx].reshape(len(idx), -1), axis=1), len(x), boot)

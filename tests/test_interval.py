@@ -112,3 +112,33 @@ def test_format_and_bad_config():
         Bootstrap(level=1.5)
     with pytest.raises(ValueError):
         Bootstrap().draws(0)
+
+
+def test_one_unit_is_refused_by_the_shared_check():
+    interval.check_units(2)
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        interval.check_units(1)
+
+
+def test_no_excess_over_fp_gives_an_undefined_fraction_not_a_number():
+    """A baseline below fp has no excess to remove: NaN value and interval, never 'distinguishable'."""
+    fp = _nll(8)
+    est = interval.excess_removed(fp - 0.1, fp - 0.05, fp)
+    assert math.isnan(est.value) and math.isnan(est.lo) and math.isnan(est.hi)
+    assert not est.distinguishable()
+
+
+def test_flat_vectors_and_unpaired_tokens_are_refused():
+    with pytest.raises(ValueError, match="flat vector"):
+        interval.perplexity(np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="same tokens"):
+        interval.ppl_ratio(_nll(0), _nll(1)[:, :5])
+
+
+def test_empty_and_nan_inputs_get_the_modules_message():
+    with pytest.raises(ValueError, match="at least one unit"):
+        interval.median([])
+    with pytest.raises(ValueError, match="at least one unit"):
+        interval.share([])
+    with pytest.raises(ValueError, match="NaN"):
+        interval.median([1.0, float("nan"), 3.0])

@@ -65,7 +65,8 @@ def test_compare_reports_fp_baseline_and_fraction_with_intervals():
     assert r["method"]["nll"].shape == (3, 40 - 8 - 1)  # per block, per scored token
     f = r["figures"]
     base, fp, hq = f["ppl_baseline"].value, f["ppl_fp"].value, f["ppl"].value
-    assert f["excess_removed"].value == pytest.approx((base - hq) / (base - fp))
+    expected = (base - hq) / (base - fp) if base > fp else math.nan  # a base below fp has no excess to remove
+    assert f["excess_removed"].value == pytest.approx(expected, nan_ok=True)
     assert f["difference_baseline"].value == pytest.approx(hq - base) and f["ratio_fp"].value == pytest.approx(hq / fp)
     assert hq == pytest.approx(math.exp(r["method"]["nll"].mean().item()))
     assert all(e.units == 3 for e in f.values())
@@ -133,6 +134,13 @@ def est(value, lo, hi):
 )
 def test_removal_verdict(difference, expected):
     assert removal_verdict(est(0.62, 0.48, 0.75), difference) == expected
+
+
+def test_removal_verdict_without_an_excess_reports_the_difference_only():
+    nan = float("nan")
+    text = removal_verdict(est(nan, nan, nan), est(1.0, 0.5, 2.0))
+    assert text == "is higher than its baseline at this sample size (the baseline has no excess over fp to remove)"
+    assert "not distinguishable" in removal_verdict(est(nan, nan, nan), est(0.1, -0.5, 0.6))
 
 
 def test_lower_and_lowest_verdicts_say_when_the_sample_cannot_tell():

@@ -35,6 +35,7 @@ only) is measured against the same method with uniform ``vbits``-bit values: equ
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -390,8 +391,13 @@ def removal_verdict(excess: Estimate, difference: Estimate, spec: str = ".1%") -
     Returns:
         "removes X [lo, hi] of the excess" when the difference's interval lies below 0; "adds to the excess
         (removes X [lo, hi])" when it lies above 0; "is not distinguishable from its baseline at this sample
-        size (removes X [lo, hi] of the excess)" when it contains 0.
+        size (removes X [lo, hi] of the excess)" when it contains 0; when the baseline has no excess over
+        fp (the fraction is undefined) the difference alone is reported.
     """
+    if math.isnan(excess.value):  # the baseline is not above fp: the fraction is undefined, the difference is not
+        what = "is not distinguishable from" if not difference.distinguishable(0.0) else (
+            "is lower than" if difference.hi < 0 else "is higher than")
+        return f"{what} its baseline at this sample size (the baseline has no excess over fp to remove)"
     fraction = format(excess, spec)
     if not difference.distinguishable(0.0):
         return f"is not distinguishable from its baseline at this sample size (removes {fraction} of the excess)"
