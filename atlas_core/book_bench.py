@@ -162,10 +162,13 @@ def recorded_book(results: Path) -> Figure:
 
 
 def has_interval(obj) -> bool:
-    """True when a JSON value holds an interval somewhere ("lo" and "hi" side by side, or a "ci" pair)."""
+    """True when a JSON value holds an interval somewhere ("lo" and "hi" side by side, flat "x_lo" and "x_hi"
+    beside "x", or a "ci" pair)."""
     if isinstance(obj, dict):
         if {"lo", "hi"} <= obj.keys() or any(k.endswith(("_ci", "ci")) and isinstance(v, list) and len(v) == 2
                                             for k, v in obj.items()):
+            return True
+        if any(f"{k}_lo" in obj and f"{k}_hi" in obj for k in obj):  # atlas sparse's flat keys
             return True
         return any(has_interval(v) for v in obj.values())
     if isinstance(obj, list):

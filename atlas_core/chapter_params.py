@@ -40,6 +40,15 @@ def _at_least(p: dict, name: str, low) -> None:
         _fail(name, value, f"must be ≥ {low}")
 
 
+def _units(p: dict, *names: str) -> None:
+    """Block counts that the intervals resample: at least ``interval.MIN_UNITS`` (one resamples to itself)."""
+    from atlas_core.interval import MIN_UNITS
+
+    for name in names:
+        if p[name] < MIN_UNITS:
+            _fail(name, p[name], f"must be ≥ {MIN_UNITS}: the intervals resample these blocks (one gives a point)")
+
+
 def _fraction(p: dict, name: str) -> None:
     if not 0.0 <= p[name] <= 1.0:
         _fail(name, p[name], "must lie in [0, 1]")
@@ -104,8 +113,9 @@ def _crossarch(p: dict) -> None:
 def _kvquant(p: dict) -> None:
     _positive(p, "seq_len", "eval_blocks", "prefill", "calib_blocks", "group", "ranks", "rank",
               "side_bits", "metric_blocks", "a2_budget")
-    if not p["prefill"] < p["seq_len"]:
-        _fail("prefill", p["prefill"], f"must be shorter than seq_len ({p['seq_len']}): nothing is decoded")
+    if not p["prefill"] <= p["seq_len"] - 2:
+        _fail("prefill", p["prefill"], f"must be at most seq_len − 2 ({p['seq_len'] - 2}): a token must be decoded and scored after it")
+    _units(p, "eval_blocks")
     for name, needed in (("bits", [2, 3]), ("kv_bits", [2])):  # the prose quotes these runs; more may be added
         if any(not 2 <= b <= 8 for b in p[name]) or any(b not in p[name] for b in needed):
             _fail(name, p[name], f"each must be in 2..8, and the chapter compares {needed}")
@@ -124,8 +134,7 @@ NQP_NEEDS = {"bits": [8, 4, 3],
 
 def _nqp(p: dict) -> None:
     _positive(p, "seq_len", "calib_blocks", "eval_blocks", "group")
-    if p["eval_blocks"] < 2:  # one block resamples to itself: every interval would be a point
-        _fail("eval_blocks", p["eval_blocks"], "must be ≥ 2: the intervals resample the held-out blocks")
+    _units(p, "eval_blocks")
     if not p["bits"] or any(not 2 <= b <= 16 for b in p["bits"]):
         _fail("bits", p["bits"], "each must be in 2..16")
     for name in ("methods", "grouped_methods"):
@@ -147,6 +156,7 @@ def _sparse(p: dict) -> None:
     _at_least(p, "topks", 0)
     if not p["topks"]:
         _fail("topks", p["topks"], "needs at least one value")
+    _units(p, "eval_blocks", "sweep_blocks")
     if p["sweep_blocks"] > p["eval_blocks"]:
         _fail("sweep_blocks", p["sweep_blocks"], f"exceeds eval_blocks ({p['eval_blocks']}): the sweep reads the first of them")
     if p["sweep_gen_tokens"] > p["gen_tokens"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -246,7 +247,7 @@ def _overlap(args) -> None:
     spec = _cloud_spec(args)  # validated before the model loads
     r = overlap_report(load_model(args.model), args.layer, args.k, args.residual, args.heads, spec, args.metric)
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(_json(r))
         return
     print(f"{r['model']} layer {r['layer']} {r['residual']} k={r['k']}: O_h = {r['o_h']:.4f} "
           f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] over {r['n_pairs']} {r['pairs']} pairs; "
@@ -260,7 +261,7 @@ def _id(args) -> None:
     spec = _cloud_spec(args)
     r = id_report(load_model(args.model), args.layer, args.estimator, args.residual, spec)
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(_json(r))
         return
     print(f"{r['model']} layer {r['layer']} {r['residual']} {r['estimator']}: mean d_int = {r['mean']:.2f} "
           f"(per head: {', '.join(f'{v:.1f}' for v in r['per_head'])})")
@@ -279,20 +280,46 @@ def _models(args) -> None:
              "sliding_layers": s.layer_types.count("sliding_attention"), "add_bos": s.add_bos}
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(_json(rows))
         return
     cols = ["name", "family", "layers", "heads", "kv_heads", "d_head", "d_model", "sliding_layers", "add_bos"]
     print(_table(rows, cols))
 
 
+def _json(obj) -> str:
+    """Strict JSON (indent 2): a non-finite number (an undefined fraction, say) is written as null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+def _blocks_of(tokens: int, seq_len: int, flag: str = "--tokens") -> int:
+    """Blocks in ``tokens``: a whole number of ``--seq-len`` blocks, at least the interval's minimum."""
+    from atlas_core.interval import MIN_UNITS
+
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be ≥ 2, got {seq_len}")
+    if tokens % seq_len or tokens < MIN_UNITS * seq_len:
+        raise ValueError(f"{flag} ({tokens}) must be a multiple of --seq-len ({seq_len}) holding at least {MIN_UNITS} "
+                         f"blocks (the intervals resample blocks), e.g. {max(MIN_UNITS, tokens // seq_len) * seq_len}")
+    return tokens // seq_len
+
+
 def _ppl(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.eval import perplexity
-    from atlas_core.models import load_model
+    from atlas_core.models import check_length, load_model
 
     if args.seq_len < 2 or args.tokens < args.seq_len:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}), which must be >= 2")
     lm = load_model(args.model, attn_implementation="sdpa")
+    check_length(lm, args.seq_len, "--seq-len")
     spec = BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, args.split, lm.spec.add_bos)
     blocks = token_blocks(lm.tokenizer, spec)
     start = time.perf_counter()
@@ -300,26 +327,31 @@ def _ppl(args) -> None:
     result = {"model": args.model, "corpus": args.corpus, "split": args.split, "seq_len": args.seq_len,
               "blocks": len(blocks), "tokens": blocks.numel(), "add_bos": lm.spec.add_bos,
               "perplexity": ppl, "seconds": round(time.perf_counter() - start, 2)}
-    print(json.dumps(result, indent=2) if args.json else f"{args.model} on {args.corpus}: perplexity {ppl:.3f}")
+    print(_json(result) if args.json else f"{args.model} on {args.corpus}: perplexity {ppl:.3f}")
 
 
 def _kvquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.kvquant.experiment import EvalSetup, KVMethod, compare
-    from atlas_core.models import load_model
+    from atlas_core.models import check_length, load_model
 
     method = KVMethod(args.method, args.kbits, args.vbits, args.group, args.residual, args.rank, args.side_bits,
                       args.control, args.pre_rope, args.seed, args.base, args.a2_low)  # validated before the model loads
     chosen = {k: v for k, v in (("engine", args.engine), ("batch", args.batch)) if v is not None}
     setup = EvalSetup(prefill=args.prefill, **chosen)
     setup.check(method)
-    if args.tokens < args.seq_len or not 1 <= args.prefill < args.seq_len - 1:
-        raise ValueError(f"need --tokens ≥ --seq-len ({args.seq_len}) and 1 ≤ --prefill < {args.seq_len - 1}")
+    n_blocks = _blocks_of(args.tokens, args.seq_len)
+    if not 1 <= args.prefill <= args.seq_len - 2:
+        raise ValueError(f"--prefill ({args.prefill}) must be in 1..{args.seq_len - 2} for --seq-len {args.seq_len} "
+                         "(at least one token is decoded and scored after it)")
+    if method.method == "headq" and args.calib_tokens < args.seq_len:
+        raise ValueError(f"--calib-tokens ({args.calib_tokens}) must hold at least one block of --seq-len ({args.seq_len})")
     lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
-    eval_blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
+    check_length(lm, args.seq_len, "--seq-len")
+    eval_blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_blocks, "eval", lm.spec.add_bos))
     calib = None
     if method.method == "headq":
-        n_calib = max(1, args.calib_tokens // args.seq_len)
+        n_calib = args.calib_tokens // args.seq_len
         calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_calib, "calib", lm.spec.add_bos))
     start = time.perf_counter()
     r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty(), store=True)  # fp, Σ_q kept on disk
@@ -331,7 +363,7 @@ def _kvquant(args) -> None:
               "value_payload": r["method"]["value_payload"],
               "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_json(result))
         return
     f = r["figures"]
     line = f"{args.model} {result['method']}: perplexity {f['ppl']:.3f} (fp {f['ppl_fp']:.3f}"
@@ -380,7 +412,7 @@ def _bench_extract(args) -> None:
 
     r = bench_extract(args.model, args.layer, args.blocks, args.seq_len, repeats=args.repeats)
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(_json(r))
     else:
         print(f"extract layer {r['layer']} / plain eager forward, {r['blocks']} x {r['seq_len']} tokens: "
               f"{r['extract_s']:.2f} s / {r['forward_s']:.2f} s = {r['ratio']:.3f}x")
@@ -393,7 +425,7 @@ def _bench_kvquant(args) -> None:
         raise ValueError("need --ctx ≥ 2, --steps ≥ 1, --rounds ≥ 1 and --bits in 1..8")
     r = bench_kvquant(args.model, args.ctx, args.steps, args.rounds, args.bits, args.group, args.rank, memo=args.memo)
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(_json(r))
         return
     print(f"{r['model']}, {r['n_ctx']} cached tokens, K and V at {r['bits']} bits"
           f"{' (memoised history)' if r['memo'] else ''}; decode step (median) and memory:")
@@ -406,6 +438,7 @@ def _bench_kvquant(args) -> None:
 def _sparse(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.models import load_model
+    from atlas_core.models import check_length
     from atlas_core.sparse import SparseConfig
     from atlas_core.sparse.fidelity import fidelity_report
 
@@ -414,20 +447,24 @@ def _sparse(args) -> None:
     if args.prompt_tokens <= cfg.budget or args.seq_len <= cfg.budget + 1:
         raise ValueError(f"--prompt-tokens and --seq-len must exceed the budget a+W+k = {cfg.budget} (nothing would be "
                          "dropped otherwise)")
-    if args.eval_tokens < args.seq_len or args.eval_tokens % args.seq_len:
-        raise ValueError(f"--eval-tokens ({args.eval_tokens}) must be a positive multiple of --seq-len ({args.seq_len})")
+    n_blocks = _blocks_of(args.eval_tokens, args.seq_len, "--eval-tokens")
     if args.gen_tokens < 1:
         raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
     lm = load_model(args.model, attn_implementation="sdpa")  # dense references and generation; the rule runs eager
+    if cfg.dense_layers >= lm.spec.n_layers:
+        raise ValueError(f"--dense-layers {cfg.dense_layers} keeps every one of the {lm.spec.n_layers} layers dense: "
+                         f"nothing is sparse; use at most {lm.spec.n_layers - 1}")
+    check_length(lm, args.seq_len, "--seq-len")
+    check_length(lm, args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")
     prompt = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.prompt_tokens, 1, "calib", lm.spec.add_bos))[0]
-    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.eval_tokens // args.seq_len, "eval", lm.spec.add_bos))
+    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_blocks, "eval", lm.spec.add_bos))
     start = time.perf_counter()
     r = fidelity_report(lm, cfg, prompt, args.gen_tokens, blocks, progress=sys.stderr.isatty())
     result = {"model": args.model, "corpus": args.corpus, **cfg.__dict__, "prompt_tokens": len(prompt),
               "gen_tokens": args.gen_tokens, "eval_tokens": blocks.numel(), "interval": "95% block bootstrap (SPEC §11)",
               **r, "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_json(result))
         return
 
     def ci(name, spec):
@@ -446,7 +483,7 @@ def _sparse(args) -> None:
 def _wquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.interval import Estimate
-    from atlas_core.models import load_model
+    from atlas_core.models import check_length, load_model
     from atlas_core.wquant.calib import CalibConfig, calibration_stats
     from atlas_core.wquant.experiment import run_wquant
     from atlas_core.wquant.gptq import GPTQConfig
@@ -461,11 +498,11 @@ def _wquant(args) -> None:
                                          ("--one-pass", args.one_pass)) if set_]
     if gptq_only and args.method != "gptq":
         raise ValueError(f"{', '.join(gptq_only)} set GPTQ's settings; --method {args.method} has no use for them")
-    if args.tokens < 2 * args.seq_len:  # the intervals resample blocks: one block gives a point
-        raise ValueError(f"--tokens must hold at least two blocks of --seq-len ({2 * args.seq_len})")
+    n_blocks = _blocks_of(args.tokens, args.seq_len)  # the intervals resample blocks: one block gives a point
     lm = load_model(args.model, attn_implementation="sdpa")
+    check_length(lm, max(args.seq_len, cal.seq_len), "--seq-len or --calib-seq-len")
     calib = cal.blocks(lm)
-    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, "eval", lm.spec.add_bos))
+    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_blocks, "eval", lm.spec.add_bos))
     judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
     r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge,
                    gptq_config=gptq_config, calib_config=cal)
@@ -475,7 +512,7 @@ def _wquant(args) -> None:
                  if args.method == "gptq" else {}),
               **{k: v for k, v in r.items() if k not in ("layers", "nll", "nll_fp")}}  # per-token NLL: not JSON
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_json(result))
         return
     out = "" if r["output_error"] is None else f", output {r['output_error']:.3e}"
     ppl, fp, ratio = (Estimate(**r[k]) for k in ("ppl", "ppl_fp", "ppl_ratio"))
@@ -498,7 +535,7 @@ def _bench_sparse(args) -> None:
     r = bench_sparse_decode(tuple(args.context), args.heads, args.kv_heads, args.d_head, cfg, args.rounds, args.steps,
                             device=args.device)
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(_json(r))
         return
     s = r["shape"]
     print(f"decode step, {s['heads']} heads / {s['kv_heads']} KV heads, d_head {s['d_head']}, fp32 on {s['device']} "

@@ -57,6 +57,19 @@ class LoadedModel(NamedTuple):
     spec: ModelSpec
 
 
+def check_length(lm: LoadedModel, n_tokens: int, what: str) -> None:
+    """Refuse a sequence longer than the model's positions (GPT-2's learned table has 1,024; RoPE models
+    state theirs as ``max_position_embeddings``).
+
+    Raises:
+        ValueError: ``n_tokens`` exceeds the positions the model's config declares.
+    """
+    config = lm.model.config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and n_tokens > limit:
+        raise ValueError(f"{what} is {n_tokens} tokens, longer than the {limit} positions of {lm.spec.name}; use at most {limit}")
+
+
 def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") -> LoadedModel:
     """Load a causal LM in fp32 on the CPU, in eval mode.
 

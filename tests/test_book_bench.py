@@ -37,6 +37,7 @@ def test_recorded_book_is_a_fresh_figure_only_when_every_chapter_ran(tmp_path):
 def test_has_interval_finds_lo_hi_anywhere():
     assert book_bench.has_interval({"a": [{"ppl": {"value": 1, "lo": 0.9, "hi": 1.1}}]})
     assert book_bench.has_interval({"kl_ci": [0.1, 0.2]})
+    assert book_bench.has_interval({"kl": 0.04, "kl_lo": 0.03, "kl_hi": 0.05})  # atlas sparse --json (flat keys)
     assert not book_bench.has_interval({"ppl": 21.3, "seconds": 4})
 
 

@@ -24,7 +24,7 @@ def test_shipped_defaults_pass(chapter):
     ("nqp", "bits", [4, 1], "2..16"),
     ("nqp", "methods", ["rtn", "magic"], "unknown ['magic']"),
     ("nqp", "calib_blocks", 0, "must be > 0"),
-    ("nqp", "eval_blocks", 1, "resample the held-out blocks"),  # one block: a point, not an interval
+    ("nqp", "eval_blocks", 1, "the intervals resample these blocks"),  # one block: a point, not an interval
     ("nqp", "bits", [4, 3], "add [8]"),
     ("nqp", "methods", ["rtn", "gptq"], "add ['awq'"),
     ("nqp", "grouped_methods", ["rtn"], "add ['gptq', 'awq', 'rot-fisher']"),
@@ -33,7 +33,9 @@ def test_shipped_defaults_pass(chapter):
     ("atlas", "metric", "cosine", "'source' or 'projection'"),
     ("crossarch", "mid_depth", 1.5, "[0, 1]"),
     ("crossarch", "seeds", [], "at least one seed"),
-    ("kvquant", "prefill", 512, "shorter than seq_len"),
+    ("kvquant", "prefill", 511, "at most seq_len − 2"),  # passed before, then failed inside the kernel
+    ("kvquant", "eval_blocks", 1, "must be ≥ 2"),  # one block: a zero-width interval and a verdict
+    ("sparse", "eval_blocks", 1, "must be ≥ 2"),
     ("kvquant", "ranks", [8, -1], "must be > 0"),
     ("kvquant", "engine", "fast", "must be one of onepass, decode"),
     ("kvquant", "a2_budget", 2, "must be in 3..8"),

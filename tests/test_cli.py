@@ -119,7 +119,7 @@ def test_wquant_on_toy_model(capsys):
 @pytest.mark.parametrize("args, message", [(["wquant", "--bits", "1"], "bits"),
                                            (["wquant", "--group", "0"], "group"),
                                            (["wquant", "--tokens", "10"], "--seq-len"),
-                                           (["wquant", "--tokens", "1000"], "two blocks"),  # one block: no interval
+                                           (["wquant", "--tokens", "1000"], "at least 2 blocks"),  # one block: no interval
                                            (["wquant", "--calib-tokens", "10"], "seq_len"),
                                            (["wquant", "--damp", "2"], "damp"),
                                            (["wquant", "--damp", "0"], "damp"),  # was a Cholesky traceback
@@ -140,3 +140,29 @@ def test_compare_exit_status_says_whether_numbers_match(tmp_path, capsys):
     assert "identical numbers" in capsys.readouterr().out
     assert main(["compare", str(a), str(c)]) == 1
     assert "/ppl: 23.76 vs 23.77" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["kvquant", "--model", "toy-llama", "--tokens", "128", "--seq-len", "128", "--prefill", "20"], "at least 2 blocks"),
+    (["kvquant", "--model", "toy-llama", "--tokens", "500", "--seq-len", "128", "--prefill", "20"], "multiple of --seq-len"),
+    (["kvquant", "--model", "toy-llama", "--tokens", "512", "--seq-len", "128"], "--prefill (128) must be in 1..126"),
+    (["kvquant", "--model", "toy-llama", "--method", "headq", "--calib-tokens", "0", "--tokens", "256",
+      "--seq-len", "128", "--prefill", "20"], "--calib-tokens (0)"),
+    (["kvquant", "--model", "toy-gpt2", "--tokens", "4096", "--seq-len", "2048", "--prefill", "20"], "positions"),
+    (["sparse", "--model", "toy-llama", "--eval-tokens", "1024", "--seq-len", "1024"], "at least 2 blocks"),
+    (["sparse", "--model", "toy-llama", "--dense-layers", "2", "--eval-tokens", "2048"], "every one of the 2 layers"),
+    (["wquant", "--model", "toy-llama", "--tokens", "1500", "--seq-len", "512"], "multiple of --seq-len"),
+    (["ppl", "--model", "toy-gpt2", "--tokens", "4096", "--seq-len", "2048"], "positions")])
+def test_sizes_that_cannot_carry_an_interval_or_fit_the_model_exit_2(args, message, capsys):
+    """Found by a fresh-user test: one block gave a zero-width 'interval' and a verdict, a non-multiple was
+    silently cut, all-dense layers and too-long sequences gave tracebacks."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_writes_undefined_figures_as_null():
+    from atlas_core.cli import _json as dumps
+
+    assert json.loads(dumps({"excess_removed": {"value": float("nan"), "lo": float("inf")}})) == \
+        {"excess_removed": {"value": None, "lo": None}}
