@@ -29,7 +29,8 @@ or ``base="per-channel"``/``"kivi"``, at the same bits, group and residual); KIV
 per-token at the same bits and residual (so the fraction says how much of per-token's excess they remove);
 per-token and fp have none. A method with the A² value policy (``a2_low``: values at ``a2_low`` bits, the
 most attended ones in full precision, chosen causally at the mean payload bits ``vbits``; one-pass engine
-only) is measured against the same method with uniform ``vbits``-bit values: equal payload bits.
+only) is measured against the same method with uniform ``vbits``-bit values: at most the same payload bits
+(the policy's running budget may leave some unspent; ``value_payload`` reports what it spent).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class KVMethod:
 
     def baseline(self) -> KVMethod | None:
         """The same-bits method this one is measured against (None for fp and per-token); with the A² value
-        policy, the same method with uniform values at the same payload bits."""
+        policy, the same method with uniform values at no fewer payload bits."""
         if self.a2_low is not None:
             return replace(self, a2_low=None).canonical()
         if self.method in ("headq", "per-channel", "kivi"):
