@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -203,7 +204,8 @@ def qwen_kvquant(out: Path) -> Figure:
 def readme_build_time(root: Path = ROOT) -> str:
     """The README's sentence(s) about the build time, to set beside the measured one."""
     lines = (root / "README.md").read_text(encoding="utf-8").splitlines()
-    hits = [l.strip() for l in lines if "minute" in l.lower() and ("book" in l.lower() or "build" in l.lower())]
+    said = re.compile(r"\b(minutes?|hours?|\d+(\.\d+)? min)\b", re.IGNORECASE)  # "20 minutes", "46 min", "an hour"
+    hits = [l.strip() for l in lines if said.search(l) and ("book" in l.lower() or "build" in l.lower() or "min" in l)]
     return "\n".join(hits) or "(no build-time sentence found in README.md)"
 
 
