@@ -56,7 +56,8 @@ def test_generate_runs_with_sparse_attention(toy_lm):
 
 
 @torch.no_grad()
-def test_layer_output_equals_the_reference_kept_set():
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "eager"])
+def test_layer_output_equals_the_reference_kept_set(reference):
     lm = load_model("toy-llama")  # 4 query heads share 2 KV heads
     module = attention_modules(lm.model)[1]
     gen = torch.Generator().manual_seed(3)
@@ -64,7 +65,7 @@ def test_layer_output_equals_the_reference_kept_set():
     pos = torch.arange(15)
     visible = (pos[None, :] <= pos[:, None])[None, None]
     mask = torch.zeros(1, 1, 15, 15).masked_fill(~visible, torch.finfo(torch.float32).min)
-    module._atlas_sparse = (1, NARROW, None)
+    module._atlas_sparse = (1, NARROW, None, reference)
     try:
         out, _ = sparse_attention_forward(module, q, k, v, mask, scaling=0.25)
     finally:
@@ -216,3 +217,25 @@ def test_a_static_cache_is_refused():
     lm = load_model("toy-llama")
     with sparse_attention(lm.model, NARROW), pytest.raises(ValueError, match="StaticCache"):
         lm.model(_tokens(20)[:1], past_key_values=StaticCache(config=lm.model.config, max_cache_len=64), use_cache=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", RULES + [SparseConfig(anchors=1, window=4, topk=4, sparse_from=12),
+                                         SparseConfig(anchors=1, window=4, topk=4, dense_layers=1)], ids=_rule_id)
+def test_fast_path_equals_the_eager_reference(toy_lm, cfg):
+    """kept_attention on the selection's own scores = the model's eager function under the narrowed mask:
+    logits, mass logs, a left-padded batch (pad rows keep nothing and stay finite) and cached decoding."""
+    model, (x, mask, pos) = toy_lm.model, _left_padded_batch()
+    out, logs = {}, {}
+    for reference in (True, False):
+        logs[reference] = MassLog()
+        with sparse_attention(model, cfg, logs[reference], reference=reference):
+            padded = model(x, attention_mask=mask, position_ids=pos).logits
+            step = model(x[1:, :12], use_cache=True)
+            step = model(x[1:, 12:], past_key_values=step.past_key_values, use_cache=True)
+            out[reference] = (padded, step.logits)
+    for fast, ref in zip(out[False], out[True]):
+        assert torch.isfinite(fast).all()
+        torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
+    for name, value in logs[True].means().items():
+        torch.testing.assert_close(logs[False].means()[name], value, atol=0, rtol=0)

@@ -121,7 +121,7 @@ def test_budget_boundary_keeps_every_visible_key(selector):
 
 def _layer_output(module, cfg, q, k, v, visible):
     mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
-    module._atlas_sparse = (1, cfg, None)
+    module._atlas_sparse = (1, cfg, None, False)
     try:
         return sparse_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
     finally:

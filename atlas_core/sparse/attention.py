@@ -1,10 +1,12 @@
 """Condensate attention inside any supported model: a registered attention function, ``atlas_sparse``.
 
 In every sparse layer the function scores all visible keys exactly, builds each query's kept set
-(``kept.kept_mask``, ``pages.page_mask`` or ``blocks.block_mask``), and then calls the model's own
-``eager_attention_forward`` with the model's mask narrowed to the kept set: the softmax is renormalised
-over the kept keys and nothing else of the architecture is re-typed. With a kept set equal to the
-visible set the output is bit-identical to eager attention. GQA (shared KV heads), sliding-window layers (their mask already hides
+(``kept.kept_mask``, ``pages.page_mask`` or ``blocks.block_mask``), and then takes the softmax over
+the kept keys from those same scores (``kept_attention``, the same operations as eager attention under
+the narrowed mask, without computing q·k twice). The plain reference (``sparse_attention(...,
+reference=True)``, and always in training mode) calls the model's own ``eager_attention_forward`` with the
+model's mask narrowed to the kept set; tests hold the two equal on every toy family and selector. With a
+kept set equal to the visible set the output is bit-identical to eager attention. GQA (shared KV heads), sliding-window layers (their mask already hides
 keys outside the window) and the KV cache during generation work as in the model itself: during decoding
 the query is the newest token and the keys are whatever the cache returns.
 
@@ -37,7 +39,7 @@ from atlas_core.sparse.pages import page_mask, selection_recall
 SPARSE = "atlas_sparse"
 _STATE = "_atlas_sparse"  # attribute on each attention module while sparse: (layer, config, log)
 
-__all__ = ["SPARSE", "MassLog", "positions", "real_queries", "sparse_attention", "sparse_attention_forward"]
+__all__ = ["SPARSE", "MassLog", "kept_attention", "positions", "real_queries", "sparse_attention", "sparse_attention_forward"]
 
 
 @dataclass
@@ -134,7 +136,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     state = getattr(module, _STATE, None)
     if state is None:
         raise RuntimeError(f"the '{SPARSE}' attention runs only inside atlas_core.sparse.sparse_attention(model, config)")
-    layer, cfg, log = state
+    layer, cfg, log, reference = state
     eager = sys.modules[type(module).__module__].eager_attention_forward
     position_ids = kwargs.get("position_ids")
     q_pos, k_pos = positions(position_ids.to(query.device) if position_ids is not None else None,
@@ -159,10 +161,33 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if cfg.sparse_from:  # queries of the dense prefill keep every visible key (as fixed: the parts stay disjoint)
         prefill = visible & (q_pos < cfg.sparse_from)[:, None, :, None]  # (batch, 1, query, key)
         fixed, chosen = fixed | prefill, chosen & ~prefill
-    narrowed = torch.zeros((), dtype=query.dtype).where(fixed | chosen, torch.finfo(query.dtype).min)
     if log is not None:
         _log(log, layer, scores, visible, q_pos, k_pos, fixed, chosen, cfg)
-    return eager(module, query, key, value, narrowed, scaling=scaling, **kwargs)
+    if reference or module.training:  # the model's own eager attention (with its dropout) under the narrowed mask (scores computed again)
+        narrowed = torch.zeros((), dtype=query.dtype).where(fixed | chosen, torch.finfo(query.dtype).min)
+        return eager(module, query, key, value, narrowed, scaling=scaling, **kwargs)
+    return kept_attention(scores, value, fixed | chosen, query.dtype)
+
+
+def kept_attention(scores: torch.Tensor, value: torch.Tensor, kept: torch.Tensor, dtype: torch.dtype):
+    """Softmax over each query's kept keys, from scores already computed (the fast path of ``atlas_sparse``).
+
+    The same operations as eager attention under the narrowed additive mask (a dropped key's logit becomes
+    the dtype's minimum, so a query with nothing kept, a pad row, gets finite weights as in eager, never NaN),
+    without computing q·k a second time. Eval mode only: no dropout.
+
+    Args:
+        scores: (batch, head, query, key) scaled (and soft-capped) logits.
+        value: (batch, kv_head, key, d_head).
+        kept: (batch, head, query, key) bool, fixed | chosen.
+    Returns:
+        (output (batch, query, head, d_head), probabilities (batch, head, query, key)), as eager returns them.
+    Source: transformers' ``eager_attention_forward`` (llama), which ``sparse_attention(..., reference=True)``
+    calls instead; tests hold the two equal on every toy family.
+    """
+    probs = scores.masked_fill(~kept, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32).to(dtype)
+    value_rep = repeat_kv(value, scores.shape[1] // value.shape[1])  # (batch, head, key, d_head)
+    return (probs @ value_rep).transpose(1, 2).contiguous(), probs
 
 
 def _log(log: MassLog, layer, scores, visible, q_pos, k_pos, fixed, chosen, cfg: SparseConfig) -> None:
@@ -186,20 +211,22 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(SPARSE, eager_mask)  # the additive masks 
 
 
 @contextlib.contextmanager
-def sparse_attention(model, cfg: SparseConfig, log: MassLog | None = None):
+def sparse_attention(model, cfg: SparseConfig, log: MassLog | None = None, reference: bool = False):
     """Run ``model`` with condensate attention (``cfg``) in every layer from ``cfg.dense_layers`` on.
 
     Args:
         model: a transformers causal LM of a supported family (see ``atlas_core.extract.LAYOUTS``).
         cfg: the sparse rule.
         log: if given, collects the mass captured per (layer, head).
+        reference: attend through the model's own eager function under the narrowed mask (the plain
+            reference) instead of ``kept_attention`` on the scores the selection already computed.
     """
     modules = attention_modules(model)
     if cfg.dense_layers > len(modules):
         raise ValueError(f"dense_layers={cfg.dense_layers} exceeds the model's {len(modules)} layers")
     previous = model.config._attn_implementation
     for layer, module in enumerate(modules):
-        setattr(module, _STATE, (layer, cfg, log))
+        setattr(module, _STATE, (layer, cfg, log, reference))
     model.set_attn_implementation(SPARSE)
     try:
         yield log
