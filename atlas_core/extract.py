@@ -4,7 +4,7 @@ The model runs its own code. A registered attention function (``atlas_capture``)
 ``eager_attention_forward`` and records its inputs and outputs in the requested layers; forward hooks
 record pre-RoPE queries and keys and the attention module's output. Where pre-RoPE q and k come from
 differs by architecture (a projection, a fused q/k/v projection, a q/k norm before or after the head
-transpose), so each family declares it in ``LAYOUTS`` and every pass checks the declared shape.
+transpose), so each family declares it in ``attention.LAYOUTS`` and every pass checks the declared shape.
 Nothing of an architecture's math is re-typed here except the per-head split of the output projection,
 c[h] = W_O[:, h] z[h], which the invariant Σ_h c[h] + b_O = attention output checks against the model.
 """
@@ -12,60 +12,17 @@ c[h] = W_O[:, h] z[h], which the invariant Σ_h c[h] + b_O = attention output ch
 from __future__ import annotations
 
 import contextlib
-import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from atlas_core.progress import tqdm  # names the running chapter
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
+from atlas_core.attention import (PRE_SHAPES, Layout, attention_modules, eager_of, intervene, layout_of, register,
+                                  kv_group, state_of, top1_values)
 from atlas_core.models import LoadedModel
 
 CAPTURE = "atlas_capture"
 FIELDS = ("q", "k", "q_pre", "k_pre", "v", "probs", "z", "c", "eps")
-
-
-# How a family's pre-RoPE module emits q or k (see ``Layout.pre_shape``); the target is (batch, head, token, d_head).
-PRE_SHAPES = {
-    "flat": "(batch, token, head * d_head)",  # a projection's output (Llama's q_proj)
-    "token_major": "(batch, token, head, d_head)",  # normed before the transpose (Qwen3's q_norm)
-    "head_major": "(batch, head, token, d_head)",  # normed after the transpose (Gemma 3's q_norm)
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Layout:
-    """Where one architecture keeps its attention pieces, declared per family (as transformers does).
-
-    The declared ``pre_shape`` is checked against the tensor's shape on every forward pass.
-    """
-
-    layers: str  # dotted path to the list of decoder layers
-    attn: str  # attention module inside a decoder layer
-    out_proj: str  # output projection inside the attention module
-    q_pre: str | None  # module whose output is the pre-RoPE query (None: the model has no RoPE)
-    k_pre: str | None
-    pre_shape: str = "flat"  # one of PRE_SHAPES: how the q_pre and k_pre modules lay out their output
-    fused_qkv: bool = False  # q_pre/k_pre emit q, k, v concatenated on the last axis (Phi-3's qkv_proj)
-    conv1d: bool = False  # GPT-2's Conv1D keeps its weight as (in, out)
-
-    def __post_init__(self):
-        if self.pre_shape not in PRE_SHAPES:
-            raise ValueError(f"pre_shape must be one of {sorted(PRE_SHAPES)}, got {self.pre_shape!r}")
-
-
-_ROPE = Layout(layers="model.layers", attn="self_attn", out_proj="o_proj", q_pre="q_proj", k_pre="k_proj")
-LAYOUTS = {
-    "gpt2": Layout(layers="transformer.h", attn="attn", out_proj="c_proj", q_pre=None, k_pre=None, conv1d=True),
-    "llama": _ROPE,
-    "mistral": _ROPE,
-    "qwen2": _ROPE,
-    # q_norm/k_norm precede RoPE: Qwen3 norms (batch, token, head, d_head), Gemma 3 after the transpose
-    "qwen3": replace(_ROPE, q_pre="q_norm", k_pre="k_norm", pre_shape="token_major"),
-    "gemma3_text": replace(_ROPE, q_pre="q_norm", k_pre="k_norm", pre_shape="head_major"),
-    "phi3": replace(_ROPE, q_pre="qkv_proj", k_pre="qkv_proj", fused_qkv=True),
-}
 
 
 @dataclass
@@ -85,27 +42,6 @@ class LayerActivations:
     attn_out: torch.Tensor | None = None  # (point, d_model), the attention module's own output
     out_bias: torch.Tensor | None = None  # (d_model,) or None
     kv_group: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # (head,)
-
-
-def layout_of(model) -> Layout:
-    """Return the layout of a supported architecture.
-
-    Raises:
-        ValueError: the model's family has no declared layout (extraction, top-1 and sparse attention
-            support only the families in ``LAYOUTS``, each tested on a toy model in ``atlas_core.toy``).
-    """
-    family = model.config.model_type  # the loaded class's own type: a multimodal Gemma 3 ("gemma3") nests its layers
-    if family not in LAYOUTS:
-        raise ValueError(f"model_type '{family}' is not supported: extraction, top-1 and sparse attention "
-                         f"work only on the families {sorted(LAYOUTS)}; use a model of one of them")
-    return LAYOUTS[family]
-
-
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The attention module of every decoder layer, in order."""
-    layout = layout_of(model)
-    layers = model.get_submodule(layout.layers)
-    return [layer.get_submodule(layout.attn) for layer in layers]
 
 
 def head_out_proj(model, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,8 +122,7 @@ class _Recorder:
         for name, raw in self.pre_rope.items():
             self.add(name, _points(_pre_rope_heads(raw, self.layout, name, query, key)))
         self.pre_rope.clear()
-        groups = query.shape[1] // key.shape[1]
-        self.kv_group = torch.arange(query.shape[1]) // groups
+        self.kv_group = kv_group(query.shape[1], key.shape[1])
         z = out.transpose(1, 2)  # (batch, head, query, d_head)
         for name, t in (("q", query), ("k", key), ("v", value), ("z", z)):
             if name in self.fields:
@@ -197,10 +132,7 @@ class _Recorder:
         if "c" in self.fields:
             self.add("c", _points(torch.einsum("bhtd,hdm->bhtm", z, self.w_o)))
         if "eps" in self.fields:
-            top = probs.argmax(dim=-1)  # (batch, head, query)
-            v_head = value[:, self.kv_group]  # (batch, head, key, d_head)
-            v_top = torch.gather(v_head, 2, top[..., None].expand(-1, -1, -1, v_head.shape[-1]))
-            self.add("eps", _points(z - v_top))
+            self.add("eps", _points(z - top1_values(value, probs)))
 
     def finish(self) -> LayerActivations:
         cat = {name: torch.cat(parts, dim=0 if name in ("probs", "attn_out") else 1) for name, parts in self.parts.items()}
@@ -243,7 +175,7 @@ def _pre_rope_heads(t: torch.Tensor, layout: Layout, name: str, query, key) -> t
 def _expect_shape(t: torch.Tensor, shape: tuple[int, ...], name: str, meaning: str) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: the module emitted {tuple(t.shape)}, not {shape} = {meaning} as its family's "
-                         "entry in atlas_core.extract.LAYOUTS declares; correct that entry")
+                         "entry in atlas_core.attention.LAYOUTS declares; correct that entry")
 
 
 def _check_shared_mask(mask: torch.Tensor | None) -> None:
@@ -259,16 +191,14 @@ def _d_head(attn) -> int:
 
 def capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """Attention function ``atlas_capture``: the model's own eager attention, recorded when asked."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    out, probs = eager(module, query, key, value, attention_mask, **kwargs)
-    recorder = getattr(module, "_atlas_recorder", None)
+    out, probs = eager_of(module)(module, query, key, value, attention_mask, **kwargs)
+    recorder = state_of(module, CAPTURE, required=False)
     if recorder is not None:
         recorder.attention(query, key, value, probs, out, attention_mask)
     return out, probs
 
 
-AttentionInterface.register(CAPTURE, capture_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE, eager_mask)  # same additive masks as eager
+register(CAPTURE, capture_attention_forward, owner="atlas_core.extract.extract(...)")
 
 
 @contextlib.contextmanager
@@ -276,27 +206,21 @@ def _capturing(model, recorders: dict[int, _Recorder]):
     """Switch the model to the capture attention and hook the recorded layers; undo on exit."""
     layout = layout_of(model)
     modules = attention_modules(model)
-    previous = model.config._attn_implementation
     handles = []
     for layer, rec in recorders.items():
         attn = modules[layer]
-        attn._atlas_recorder = rec
         for name, key in ((layout.q_pre, "q_pre"), (layout.k_pre, "k_pre")):
             if name and key in rec.fields:  # kept as emitted; the recorder reshapes it beside the post-RoPE q/k
                 hook = lambda m, i, o, r=rec, k=key: r.pre_rope.__setitem__(k, o.detach())
                 handles.append(attn.get_submodule(name).register_forward_hook(hook))
         handles.append(attn.register_forward_hook(lambda m, i, o, r=rec: r.add("attn_out", o[0].reshape(-1, o[0].shape[-1]))))
-    last = modules[max(recorders)]
-    handles.append(last.register_forward_hook(_stop))
-    model.set_attn_implementation(CAPTURE)
+    handles.append(modules[max(recorders)].register_forward_hook(_stop))
     try:
-        yield
+        with intervene(model, CAPTURE, recorders):
+            yield
     finally:
-        model.set_attn_implementation(previous)
         for h in handles:
             h.remove()
-        for layer in recorders:
-            del modules[layer]._atlas_recorder
 
 
 def _stop(module, inputs, output):

@@ -19,17 +19,15 @@ The model runs its own code: the registered attention function ``atlas_top1`` ca
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from atlas_core import interval
 from atlas_core.eval import block_nll
-from atlas_core.extract import attention_modules, extract
+from atlas_core.attention import eager_of, intervene, register, state_of, top1_values
+from atlas_core.extract import extract
 from atlas_core.geometry import frames
 from atlas_core.models import LoadedModel
 
@@ -44,8 +42,14 @@ __all__ = [
     "top1_output",
 ]
 
-TOP1 = "atlas_top1"
-_MARK = "_atlas_top1"  # attribute on a marked attention module: its Reconstruction, or None (bare top-1)
+TOP1 = "atlas_top1"  # a marked attention module's state inside ``hard_top1``: a _Marked
+
+
+@dataclass(frozen=True)
+class _Marked:
+    """A layer run with hard top-1: its ε reconstruction, or None for bare top-1."""
+
+    reconstruction: "Reconstruction | None"
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,7 @@ def top1_output(value: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     Returns:
         (batch, query, head, d_head), the layout of eager attention's output
     """
-    n_heads, n_kv = probs.shape[1], value.shape[1]
-    kv_group = torch.arange(n_heads, device=value.device) // (n_heads // n_kv)  # (head,)
-    top = probs.argmax(dim=-1)  # (batch, head, query)
-    v_head = value[:, kv_group]  # (batch, head, key, d_head)
-    v_top = torch.gather(v_head, 2, top[..., None].expand(-1, -1, -1, value.shape[-1]))  # (batch, head, query, d_head)
-    return v_top.transpose(1, 2)
+    return top1_values(value, probs).transpose(1, 2)
 
 
 def _reconstruct(out: torch.Tensor, v_top: torch.Tensor, rec: Reconstruction) -> torch.Tensor:
@@ -101,19 +100,18 @@ def top1_attention_forward(module, query, key, value, attention_mask, **kwargs):
     which gives the same output to fp32 rounding at a fraction of eager's cost (``tests/test_top1.py``
     holds a model with only identity-reconstructed layers marked to the unmodified model).
     """
-    if not hasattr(module, _MARK) and kwargs.get("softcap") is None:
+    mark = state_of(module, TOP1, required=False)
+    if mark is None and kwargs.get("softcap") is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    out, probs = eager(module, query, key, value, attention_mask, **kwargs)
-    if hasattr(module, _MARK):
-        rec = getattr(module, _MARK)
+    out, probs = eager_of(module)(module, query, key, value, attention_mask, **kwargs)
+    if mark is not None:
+        rec = mark.reconstruction
         v_top = top1_output(value, probs)
         out = (v_top if rec is None else _reconstruct(out, v_top, rec)).contiguous()
     return out, probs
 
 
-AttentionInterface.register(TOP1, top1_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(TOP1, eager_mask)  # same additive masks as eager
+register(TOP1, top1_attention_forward, owner="atlas_core.top1.hard_top1(lm, layers)")
 
 
 def _layers(lm: LoadedModel, layers) -> list[int]:
@@ -154,19 +152,9 @@ def hard_top1(lm: LoadedModel, layers, reconstruction: dict[int, Reconstruction]
             if reconstruction[l].mean.shape != (s.n_heads, s.d_head):
                 raise ValueError(f"layer {l}: reconstruction mean is {tuple(reconstruction[l].mean.shape)}, "
                                  f"the model needs (head, d_head) = ({s.n_heads}, {s.d_head})")
-    model = lm.model
-    modules = attention_modules(model)
-    previous = model.config._attn_implementation
-    try:
-        for l in layers:
-            setattr(modules[l], _MARK, None if reconstruction is None else reconstruction[l])
-        model.set_attn_implementation(TOP1)
+    marks = {l: _Marked(None if reconstruction is None else reconstruction[l]) for l in layers}
+    with intervene(lm.model, TOP1, marks):
         yield
-    finally:
-        model.set_attn_implementation(previous)
-        for l in layers:
-            if hasattr(modules[l], _MARK):
-                delattr(modules[l], _MARK)
 
 
 def fit_reconstruction(

@@ -3,7 +3,7 @@
 They exist for unit tests: seconds to build, no download, and they exercise the same code paths as the
 real models (GQA/MQA, sliding windows, q/k norms before (Qwen3) or after (Gemma 3) the head transpose,
 head_dim × heads ≠ d_model (Qwen3), fused q/k/v and gate/up projections with partial RoPE (Phi-3),
-biases, Conv1D projections). Every family in ``atlas_core.extract.LAYOUTS`` has one here.
+biases, Conv1D projections). Every family in ``atlas_core.attention.LAYOUTS`` has one here.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ from atlas_core import interval
 from atlas_core.cache import write_json
 from atlas_core.glue import prefixed_glue
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.extract import attention_modules, extract
+from atlas_core.attention import attention_modules
+from atlas_core.extract import extract
 from atlas_core.kvquant import headq, metrics, policy
 from atlas_core.kvquant.experiment import EvalSetup, KVMethod, Runs, lower_verdict, lowest_verdict, range_verdict
 from atlas_core.kvquant.quant import QuantSpec, dequantize, quantize

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, Qwen3Config, SiglipVisionConfig
 
-from atlas_core.extract import CAPTURE, FIELDS, LAYOUTS, _capturing, _Recorder, attention_modules, extract, head_out_proj
+from atlas_core.attention import LAYOUTS, attention_modules, state_of
+from atlas_core.extract import CAPTURE, FIELDS, _capturing, _Recorder, extract, head_out_proj
 from atlas_core.models import _finish, load_model
 from atlas_core.toy import FAMILIES, byte_tokenizer, toy_model
 
@@ -178,7 +179,7 @@ def test_capture_leaves_model_unchanged(toy_lm):
     before = toy_lm.model(blocks).logits
     extract(toy_lm, blocks, layers=[0], progress=False)
     assert toy_lm.model.config._attn_implementation == "eager"
-    assert not any(hasattr(m, "_atlas_recorder") for m in attention_modules(toy_lm.model))
+    assert not any(state_of(m, CAPTURE, required=False) is not None for m in attention_modules(toy_lm.model))
     torch.testing.assert_close(toy_lm.model(blocks).logits, before)
 
 

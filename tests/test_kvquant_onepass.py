@@ -7,13 +7,12 @@ MQA, sliding windows, GPT-2 without RoPE, partial RoPE), and the measured bits a
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.eval import token_nll
-from atlas_core.extract import attention_modules
+from atlas_core.attention import attention_modules, intervene, register, state_of
 from atlas_core.kvquant.cache import KVQuantConfig
 from atlas_core.kvquant.decode import decode_nll, make_cache
 from atlas_core.kvquant.experiment import KVMethod, side_code
@@ -171,7 +170,6 @@ def test_bad_input_is_refused(toys):
 # The A² value policy inside decoding: the one-pass engine vs a plain step-by-step reference.
 
 REF = "atlas_a2_reference"
-_REF_STATE = "_atlas_a2_reference"
 
 
 class _A2Decode:
@@ -226,11 +224,10 @@ class _A2Decode:
 
 
 def _reference_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    return getattr(module, _REF_STATE).step(query, key, value, attention_mask, scaling)
+    return state_of(module, REF).step(query, key, value, attention_mask, scaling)
 
 
-AttentionInterface.register(REF, _reference_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(REF, eager_mask)
+register(REF, _reference_forward, owner="a2_decode_reference")
 
 
 def a2_decode_reference(lm, ids: torch.Tensor, kv: KVQuantConfig, policy: ValuePolicy, chunk: int = 1):
@@ -239,21 +236,13 @@ def a2_decode_reference(lm, ids: torch.Tensor, kv: KVQuantConfig, policy: ValueP
     cache = make_cache(model, KVQuantConfig(kv.key, None, kv.residual, kv.pre_rope, residual_rule=kv.residual_rule))
     modules = attention_modules(model)
     states = [_A2Decode(kv, policy, ids.shape[0], spec.n_kv_heads, ids.shape[1], spec.d_head) for _ in modules]
-    for module, state in zip(modules, states):
-        setattr(module, _REF_STATE, state)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(REF)
-    try:
+    with intervene(model, REF, dict(enumerate(states))):
         model(ids[:, :PREFILL], past_key_values=cache, use_cache=True)
         nll = []
         for start in range(PREFILL, ids.shape[1] - 1, chunk):
             stop = min(start + chunk, ids.shape[1] - 1)
             logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits
             nll.append(token_nll(logits, ids[:, start + 1 : stop + 1]))
-    finally:
-        model.set_attn_implementation(previous)
-        for module in modules:
-            delattr(module, _REF_STATE)
     return torch.cat(nll, dim=1), [s.high for s in states]
 
 

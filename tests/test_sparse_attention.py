@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from atlas_core.extract import attention_modules
+from atlas_core.attention import attention_modules, intervene
 from atlas_core.models import load_model
-from atlas_core.sparse.attention import MassLog, positions, sparse_attention, sparse_attention_forward
+from atlas_core.sparse.attention import SPARSE, MassLog, positions, sparse_attention, sparse_attention_forward
 from atlas_core.sparse.kept import SELECTORS, SparseConfig, kept_mask_reference
 
 WIDE = SparseConfig(anchors=1, window=10_000, topk=0)  # keeps every visible key
@@ -65,11 +65,8 @@ def test_layer_output_equals_the_reference_kept_set(reference):
     pos = torch.arange(15)
     visible = (pos[None, :] <= pos[:, None])[None, None]
     mask = torch.zeros(1, 1, 15, 15).masked_fill(~visible, torch.finfo(torch.float32).min)
-    module._atlas_sparse = (1, NARROW, None, reference)
-    try:
+    with intervene(lm.model, SPARSE, {1: (1, NARROW, None, reference)}):
         out, _ = sparse_attention_forward(module, q, k, v, mask, scaling=0.25)
-    finally:
-        del module._atlas_sparse
     k_rep, v_rep = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     scores = q @ k_rep.transpose(-1, -2) * 0.25
     keep = kept_mask_reference(scores, visible, pos, pos, NARROW)

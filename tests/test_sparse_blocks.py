@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from atlas_core.extract import attention_modules
+from atlas_core.attention import attention_modules, intervene
+from atlas_core.sparse.attention import SPARSE
 from atlas_core.models import load_model
 from atlas_core.sparse.attention import sparse_attention, sparse_attention_forward
 from atlas_core.sparse.blocks import BLOCK_SELECTORS, block_ids, block_mask, block_mask_reference, block_rule
@@ -119,13 +120,10 @@ def test_budget_boundary_keeps_every_visible_key(selector):
     assert _kept(query, key, one_more, q_pos, k_pos, cfg).sum(-1).max() < 21
 
 
-def _layer_output(module, cfg, q, k, v, visible):
+def _layer_output(model, cfg, q, k, v, visible):
     mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
-    module._atlas_sparse = (1, cfg, None, False)
-    try:
-        return sparse_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
-    finally:
-        del module._atlas_sparse
+    with intervene(model, SPARSE, {1: (1, cfg, None, False)}):
+        return sparse_attention_forward(attention_modules(model)[1], q, k, v, mask, scaling=0.25)[0]
 
 
 @torch.no_grad()
@@ -143,11 +141,11 @@ def test_layer_output_equals_the_reference_kept_set_and_dense_at_the_boundary(se
     scores = q @ k_rep.transpose(-1, -2) * 0.25
     keep = block_mask_reference(q, k, visible, pos, pos, cfg)
     expected = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v_rep  # (batch, head, query, d_head)
-    torch.testing.assert_close(_layer_output(module, cfg, q, k, v, visible), expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(_layer_output(lm.model, cfg, q, k, v, visible), expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
     # At the boundary (a + W + k = 12 visible keys: every query up to position 11) the layer is dense.
     dense = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v_rep).transpose(1, 2)
-    torch.testing.assert_close(_layer_output(module, cfg, q, k, v, visible)[:, :12], dense[:, :12], atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(_layer_output(module, cfg, q, k, v, visible)[:, 12:], dense[:, 12:], atol=1e-4)
+    torch.testing.assert_close(_layer_output(lm.model, cfg, q, k, v, visible)[:, :12], dense[:, :12], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(_layer_output(lm.model, cfg, q, k, v, visible)[:, 12:], dense[:, 12:], atol=1e-4)
 
 
 def _tokens(n=40, seed=0):

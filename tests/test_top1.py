@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.extract import attention_modules, extract
+from atlas_core.attention import attention_modules, state_of
+from atlas_core.extract import extract
 from atlas_core.models import load_model
 from atlas_core.top1 import (
     TOP1,
@@ -27,7 +28,7 @@ def _logits(lm, blocks):
 
 
 def _no_marks(lm):
-    return not any(hasattr(m, "_atlas_top1") for m in attention_modules(lm.model))
+    return not any(state_of(m, TOP1, required=False) is not None for m in attention_modules(lm.model))
 
 
 def test_full_rank_reconstruction_is_the_identity(toy_lm):
@@ -114,7 +115,7 @@ def test_context_manager_restores_and_cleans_up():
     lm = load_model("toy-qwen2", attn_implementation="sdpa")
     with hard_top1(lm, [0, -1]):
         assert lm.model.config._attn_implementation == TOP1
-        assert all(hasattr(m, "_atlas_top1") for m in attention_modules(lm.model))
+        assert all(state_of(m, TOP1, required=False) is not None for m in attention_modules(lm.model))
     assert lm.model.config._attn_implementation == "sdpa" and _no_marks(lm)
     with pytest.raises(RuntimeError, match="boom"), hard_top1(lm, [1]):
         raise RuntimeError("boom")

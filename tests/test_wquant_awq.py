@@ -4,12 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from atlas_core.attention import decoder_layers
 from atlas_core.models import load_model
 from atlas_core.toy import FAMILIES, VOCAB
 from atlas_core.wquant.apply import quantize_model
 from atlas_core.wquant.awq import (AWQConfig, AWQLayer, awq_block, awq_quantize, awq_scales, awq_search, clip_search,
                                    fold_scales, output_error, scale_groups)
-from atlas_core.wquant.calib import block_inputs, decoder_blocks, linear_layers
+from atlas_core.wquant.calib import block_inputs, linear_layers
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
 
 
@@ -46,21 +47,21 @@ def test_folding_the_scales_leaves_the_fp_model_unchanged(family):
         before = model(ids).logits
         gen = torch.Generator().manual_seed(1)
         n_groups = 0
-        for block in decoder_blocks(model):
+        for block in decoder_layers(model):
             for group in scale_groups(block):
                 n_in = block.get_submodule(group.layers[0]).weight.shape[0 if "c_" in group.layers[0] else 1]
                 fold_scales(block, group, torch.exp(0.7 * torch.randn(n_in, generator=gen)))
                 n_groups += 1
         after = model(ids).logits
-    assert n_groups >= 3 * len(decoder_blocks(model))
-    norm = scale_groups(decoder_blocks(model)[0])[0].prev
-    assert not torch.equal(decoder_blocks(model)[0].get_submodule(norm).weight,
-                           decoder_blocks(lm.model)[0].get_submodule(norm).weight)  # the folding did happen
+    assert n_groups >= 3 * len(decoder_layers(model))
+    norm = scale_groups(decoder_layers(model)[0])[0].prev
+    assert not torch.equal(decoder_layers(model)[0].get_submodule(norm).weight,
+                           decoder_layers(lm.model)[0].get_submodule(norm).weight)  # the folding did happen
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
 def test_folding_refuses_what_it_cannot_absorb():
-    block = decoder_blocks(load_model("toy-llama").model)[0]
+    block = decoder_layers(load_model("toy-llama").model)[0]
     group = scale_groups(block)[0]
     bad = type(group)(prev="mlp.act_fn", layers=("mlp.down_proj",), inspect="mlp.down_proj")
     with pytest.raises(ValueError, match="cannot fold"):
@@ -70,7 +71,7 @@ def test_folding_refuses_what_it_cannot_absorb():
 def test_groups_match_llm_awq_for_llama():
     """llm-awq auto_scale_block, LlamaDecoderLayer: (input_layernorm → q, k, v; loss on self_attn), v → o only
     when v_proj and o_proj have one shape, (post_attention_layernorm → gate, up; loss on mlp), up → down."""
-    gqa = decoder_blocks(load_model("toy-llama").model)[0]  # 4 query heads, 2 KV heads: no v → o
+    gqa = decoder_layers(load_model("toy-llama").model)[0]  # 4 query heads, 2 KV heads: no v → o
     expected = [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
                 ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
                 ("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")]
@@ -82,12 +83,12 @@ def test_groups_match_llm_awq_for_llama():
 
 
 def test_groups_of_other_layouts():
-    gemma = scale_groups(decoder_blocks(load_model("toy-gemma3").model)[0])
+    gemma = scale_groups(decoder_layers(load_model("toy-gemma3").model)[0])
     assert gemma[1].prev == "pre_feedforward_layernorm"  # Gemma 3's post_attention_layernorm follows o_proj
-    gpt2 = scale_groups(decoder_blocks(load_model("toy-gpt2").model)[0])
+    gpt2 = scale_groups(decoder_layers(load_model("toy-gpt2").model)[0])
     assert [(g.prev, g.layers, g.prev_rows) for g in gpt2] == [
         ("ln_1", ("attn.c_attn",), 0), ("attn.c_attn", ("attn.c_proj",), 64), ("ln_2", ("mlp.c_fc",), 0)]
-    phi3 = scale_groups(decoder_blocks(load_model("toy-phi3").model)[0])  # GQA: no v → o; up is gate_up's 2nd half
+    phi3 = scale_groups(decoder_layers(load_model("toy-phi3").model)[0])  # GQA: no v → o; up is gate_up's 2nd half
     assert [(g.prev, g.layers, g.prev_rows) for g in phi3] == [
         ("input_layernorm", ("self_attn.qkv_proj",), 0), ("post_attention_layernorm", ("mlp.gate_up_proj",), 0),
         ("mlp.gate_up_proj", ("mlp.down_proj",), 128)]
@@ -125,7 +126,7 @@ def test_block_search_never_loses_to_rtn_on_each_groups_loss():
     """On toy-llama's first block, each scale group quantized alone: the inspected module's output error at the
     chosen α is at most RTN's (α = 0 is on the grid). (All groups at once may not be: AWQ searches them apart.)"""
     lm, spec = load_model("toy-llama"), WQuantSpec(3, 16)
-    block = decoder_blocks(lm.model)[0]
+    block = decoder_layers(lm.model)[0]
     inputs = block_inputs(lm.model, _blocks(), 2)
     found, outputs = awq_block(block, 0, inputs, inputs.hidden, spec, AWQConfig(clip=False))
     with torch.no_grad():
@@ -184,7 +185,7 @@ def test_references_from_the_blocks_forward_equal_a_rerun_of_each_module(family)
     from atlas_core.wquant.awq import _capture, _module_output
 
     lm = load_model(f"toy-{family}")
-    block = decoder_blocks(lm.model)[0]
+    block = decoder_layers(lm.model)[0]
     inputs = block_inputs(lm.model, _blocks(), 2)
     inspected = {g.inspect: block.get_submodule(g.inspect) for g in scale_groups(block) if g.inspect not in g.layers}
     args, refs = {}, {}

@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
+from atlas_core.attention import decoder_layers
 from atlas_core import interval
 from atlas_core.eval import block_nll
 from atlas_core.models import load_model
 from atlas_core.wquant.apply import quantize_model
 from atlas_core.toy import FAMILIES
-from atlas_core.wquant.calib import calibration_stats, decoder_blocks
+from atlas_core.wquant.calib import calibration_stats
 from atlas_core.wquant.experiment import TIE, best_method, compare, gate, restored_weights, run_wquant
 from atlas_core.wquant.rtn import WQuantSpec
 
@@ -91,7 +92,7 @@ def test_restored_weights_restores_every_decoder_parameter_after_an_error(family
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     with pytest.raises(RuntimeError), restored_weights(lm.model):
         with torch.no_grad():
-            for p in decoder_blocks(lm.model).parameters():
+            for p in decoder_layers(lm.model).parameters():
                 p.zero_()
         raise RuntimeError("mid-run")
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())

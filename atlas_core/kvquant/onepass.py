@@ -48,20 +48,18 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from atlas_core.eval import token_nll
-from atlas_core.extract import attention_modules
+from atlas_core.attention import attention_modules, intervene, register, state_of
 from atlas_core.kvquant.cache import KVQuantConfig, _Store, held_bits_per_element
 from atlas_core.kvquant.decode import make_cache
 from atlas_core.kvquant.headq import SideCode
 from atlas_core.kvquant.policy import ValuePolicy, causal_a2_choice, mixed_values
 from atlas_core.kvquant.rope import rotary_tables
 
-ONEPASS = "atlas_kvquant"
-_STATE = "_atlas_kvquant"  # attribute on each attention module while in use: (layer, Plan)
+ONEPASS = "atlas_kvquant"  # each attention module's state inside ``kvquant_attention``: (layer, Plan)
 
 __all__ = ["ONEPASS", "Schedule", "schedule", "onepass_nll", "prefill_caches", "kvquant_attention"]
 
@@ -166,10 +164,7 @@ def kvquant_attention_forward(module, query, key, value, attention_mask, scaling
         RuntimeError: called outside ``kvquant_attention``; ValueError: the keys are not the planned block, or
         a value policy without every query (its bits need the prefill's attention weights too).
     """
-    state = getattr(module, _STATE, None)
-    if state is None:
-        raise RuntimeError(f"the '{ONEPASS}' attention runs only inside atlas_core.kvquant.onepass.kvquant_attention")
-    layer, plan = state
+    layer, plan = state_of(module, ONEPASS)
     sched = plan.sched
     if key.shape[-2] != len(sched.update) or query.shape[-2] > key.shape[-2]:
         raise ValueError(f"one-pass attention needs the keys of the whole block of {len(sched.update)} tokens "
@@ -217,24 +212,14 @@ def _stored_values(plan: Plan, layer: int, value: torch.Tensor, probs: torch.Ten
     return mixed_values(value, high, plan.kv.value, plan.value_policy)
 
 
-AttentionInterface.register(ONEPASS, kvquant_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ONEPASS, eager_mask)  # the additive masks eager attention gets
+register(ONEPASS, kvquant_attention_forward, owner="atlas_core.kvquant.onepass.kvquant_attention(model, plan)")
 
 
 @contextlib.contextmanager
 def kvquant_attention(model, plan: Plan):
     """Run ``model`` with ``atlas_kvquant`` attention in every layer, following ``plan``."""
-    modules = attention_modules(model)
-    previous = model.config._attn_implementation
-    for layer, module in enumerate(modules):
-        setattr(module, _STATE, (layer, plan))
-    model.set_attn_implementation(ONEPASS)
-    try:
+    with intervene(model, ONEPASS, {layer: (layer, plan) for layer in range(len(attention_modules(model)))}):
         yield plan
-    finally:
-        model.set_attn_implementation(previous)
-        for module in modules:
-            delattr(module, _STATE)
 
 
 def measured_bits(model, plan: Plan, side: SideCode | None) -> dict[str, float]:

@@ -23,21 +23,17 @@ end at the newest query, is refused with a ValueError.
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from atlas_core.extract import attention_modules
+from atlas_core.attention import attention_modules, eager_of, intervene, register, state_of
 from atlas_core.sparse.blocks import BLOCK_SELECTORS, block_mask
 from atlas_core.sparse.kept import SparseConfig, kept_mask
 from atlas_core.sparse.pages import page_mask, selection_recall
 
-SPARSE = "atlas_sparse"
-_STATE = "_atlas_sparse"  # attribute on each attention module while sparse: (layer, config, log)
+SPARSE = "atlas_sparse"  # each attention module's state inside ``sparse_attention``: (layer, config, log, reference)
 
 __all__ = ["SPARSE", "MassLog", "kept_attention", "positions", "real_queries", "sparse_attention", "sparse_attention_forward"]
 
@@ -133,11 +129,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     Returns:
         (output (batch, query, head, d_head), probabilities (batch, head, query, key)), as eager does.
     """
-    state = getattr(module, _STATE, None)
-    if state is None:
-        raise RuntimeError(f"the '{SPARSE}' attention runs only inside atlas_core.sparse.sparse_attention(model, config)")
-    layer, cfg, log, reference = state
-    eager = sys.modules[type(module).__module__].eager_attention_forward
+    layer, cfg, log, reference = state_of(module, SPARSE)
+    eager = eager_of(module)
     position_ids = kwargs.get("position_ids")
     q_pos, k_pos = positions(position_ids.to(query.device) if position_ids is not None else None,
                              query.shape[2], key.shape[2], query.shape[0])  # (batch, query), (batch, key)
@@ -206,8 +199,7 @@ def _log(log: MassLog, layer, scores, visible, q_pos, k_pos, fixed, chosen, cfg:
     log.add(layer, {name: t.transpose(0, 1)[:, rows] for name, t in parts.items()})  # (head, counted)
 
 
-AttentionInterface.register(SPARSE, sparse_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(SPARSE, eager_mask)  # the additive masks eager attention gets
+register(SPARSE, sparse_attention_forward, owner="atlas_core.sparse.sparse_attention(model, config)")
 
 
 @contextlib.contextmanager
@@ -215,22 +207,14 @@ def sparse_attention(model, cfg: SparseConfig, log: MassLog | None = None, refer
     """Run ``model`` with condensate attention (``cfg``) in every layer from ``cfg.dense_layers`` on.
 
     Args:
-        model: a transformers causal LM of a supported family (see ``atlas_core.extract.LAYOUTS``).
+        model: a transformers causal LM of a supported family (see ``atlas_core.attention.LAYOUTS``).
         cfg: the sparse rule.
         log: if given, collects the mass captured per (layer, head).
         reference: attend through the model's own eager function under the narrowed mask (the plain
             reference) instead of ``kept_attention`` on the scores the selection already computed.
     """
-    modules = attention_modules(model)
-    if cfg.dense_layers > len(modules):
-        raise ValueError(f"dense_layers={cfg.dense_layers} exceeds the model's {len(modules)} layers")
-    previous = model.config._attn_implementation
-    for layer, module in enumerate(modules):
-        setattr(module, _STATE, (layer, cfg, log, reference))
-    model.set_attn_implementation(SPARSE)
-    try:
+    n_layers = len(attention_modules(model))
+    if cfg.dense_layers > n_layers:
+        raise ValueError(f"dense_layers={cfg.dense_layers} exceeds the model's {n_layers} layers")
+    with intervene(model, SPARSE, {layer: (layer, cfg, log, reference) for layer in range(n_layers)}):
         yield log
-    finally:
-        model.set_attn_implementation(previous)
-        for module in modules:
-            delattr(module, _STATE)

@@ -17,11 +17,12 @@ tr(E H Eᵀ) / tr(W H Wᵀ), E = W − Ŵ.
 from __future__ import annotations
 
 import torch
+from atlas_core.attention import decoder_layers
 from atlas_core.progress import tqdm  # names the running chapter
 from transformers.pytorch_utils import Conv1D
 
 from atlas_core.wquant.awq import AWQConfig, AWQLayer, awq_quantize, awq_search, output_error
-from atlas_core.wquant.calib import (LayerStats, add_inputs, block_inputs, decoder_blocks, group_by_input, group_stats,
+from atlas_core.wquant.calib import (LayerStats, add_inputs, block_inputs, group_by_input, group_stats,
                                      linear_groups, linear_layers, run_block, weight_of)
 from atlas_core.wquant.gptq import GPTQConfig, gptq
 from atlas_core.wquant.rotations import haar, lambda_scaled_quantize, randomized_hadamard, rotate_quantize
@@ -128,7 +129,7 @@ def quantize_model_sequential(model, method: str, spec: WQuantSpec, blocks: torc
     names = {m: n for n, m in model.named_modules()}
     inputs = block_inputs(model, blocks, batch_size)
     rows = []
-    for i, layer in enumerate(tqdm(decoder_blocks(model), desc=f"{method} (sequential)", disable=not progress)):
+    for i, layer in enumerate(tqdm(decoder_layers(model), desc=f"{method} (sequential)", disable=not progress)):
         groups = linear_groups(layer, i, inputs)
         for part in ([g] for g in groups) if gptq_config.true_sequential else [groups]:
             stats = group_stats(layer, i, inputs, part)

@@ -45,10 +45,11 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from atlas_core.attention import decoder_layers
 from atlas_core.progress import tqdm  # names the running chapter
 from transformers.pytorch_utils import Conv1D
 
-from atlas_core.wquant.calib import BlockInputs, LayerStats, add_inputs, block_inputs, decoder_blocks, weight_of
+from atlas_core.wquant.calib import BlockInputs, LayerStats, add_inputs, block_inputs, weight_of
 from atlas_core.wquant.rtn import WQuantSpec, quantize_rtn
 
 __all__ = ["AWQConfig", "AWQLayer", "ScaleGroup", "awq_block", "awq_quantize", "awq_scales", "awq_search",
@@ -391,7 +392,7 @@ def awq_search(model, blocks: torch.Tensor, spec: WQuantSpec, cfg: AWQConfig = A
     Returns:
         {qualified linear name (as ``calib.linear_layers``): AWQLayer}
     """
-    layers = decoder_blocks(model)
+    layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     inputs = block_inputs(model, cfg.search_blocks(blocks), batch_size)
     hidden, result = inputs.hidden, {}

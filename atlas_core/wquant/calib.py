@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from atlas_core.progress import tqdm  # names the running chapter
 from transformers.pytorch_utils import Conv1D
 
+from atlas_core.attention import decoder_layers
 from atlas_core.models import LoadedModel
 from atlas_core.wquant.rotations import eigh_descending
 
 __all__ = ["BlockInputs", "CalibConfig", "LayerStats", "add_inputs", "block_inputs", "calibration_stats",
-           "calibration_stats_reference", "decoder_blocks", "group_stats",
+           "calibration_stats_reference", "group_stats",
            "linear_groups", "linear_layers", "participation_ratio", "run_block"]
 
 
@@ -228,17 +229,6 @@ class CalibConfig:
                                                     lm.spec.add_bos))
 
 
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    """The decoder's list of blocks (``model.layers`` or GPT-2's ``transformer.h``)."""
-    for path in ("model.layers", "transformer.h", "model.decoder.layers"):
-        mod = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-        if isinstance(mod, torch.nn.ModuleList):
-            return mod
-    raise ValueError(f"{type(model).__name__} has no decoder block list (model.layers or transformer.h)")
-
-
 class _Stop(Exception):
     """Raised by a hook to end a forward once what it needed has been recorded."""
 
@@ -265,7 +255,7 @@ def block_inputs(model, blocks: torch.Tensor, batch_size: int) -> BlockInputs:
     depend only on the batch's shape, so one forward per distinct batch size, up to the last block, records
     them; every other batch stops at block 0.
     """
-    layers = decoder_blocks(model)
+    layers = decoder_layers(model)
     hidden, seen, rest = [], {}, [[] for _ in layers]
     record = {}
 

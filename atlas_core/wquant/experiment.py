@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from atlas_core.attention import decoder_layers
 from atlas_core import interval
 from atlas_core.eval import block_nll
 from atlas_core.interval import DEFAULT, Bootstrap, Estimate
 from atlas_core.models import LoadedModel
 from atlas_core.wquant.apply import quantize_model, quantize_model_sequential
-from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats, decoder_blocks
+from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats
 from atlas_core.wquant.gptq import GPTQConfig
 from atlas_core.wquant.rtn import WQuantSpec
 
@@ -35,7 +36,7 @@ def restored_weights(model):
     """Quantize ``model``'s decoder linear layers in place inside the block; every parameter of the decoder
     blocks (linear weights, and the norms AWQ could fold into) comes back bit for bit on exit. Cheaper than
     a deep copy of the whole model per run (embeddings and head are never touched)."""
-    params = dict(decoder_blocks(model).named_parameters())
+    params = dict(decoder_layers(model).named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items()}
     try:
         yield model
