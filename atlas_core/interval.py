@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["MIN_UNITS", "check_units", "Bootstrap", "Estimate", "UnitSums", "unit_sums", "perplexity", "ppl_ratio", "ppl_difference",
-           "excess_removed", "excess_removed_difference", "mean", "mean_difference", "median", "share", "format_estimate"]
+           "excess_removed", "excess_removed_difference", "mean", "mean_difference", "median", "ratio_of_means", "share", "format_estimate"]
 
 
 MIN_UNITS = 2  # one unit resamples to itself: a zero-width "interval" that would call any difference real
@@ -252,3 +252,25 @@ def median(values, boot: Bootstrap = DEFAULT, statistic: Callable = np.median) -
     if np.isnan(x).any():
         raise ValueError("median: NaN among the per-unit values; drop or resolve them first")
     return _estimate(float(statistic(x.ravel())), statistic(x[idx].reshape(len(idx), -1), axis=1), len(x), boot)
+
+
+def _ratio_of_interleaved(x: np.ndarray, axis=None) -> np.ndarray:
+    """mean(a)/mean(b) of interleaved (a, b) values (..., 2·unit), a ``statistic`` for ``median``."""
+    return x[..., 0::2].mean(-1) / x[..., 1::2].mean(-1)
+
+
+def ratio_of_means(a, b, boot: Bootstrap = DEFAULT) -> Estimate:
+    """mean(a) / mean(b) over paired units, each drawn unit bringing its a and its b.
+
+    Args:
+        a, b: (unit,) per-unit values measured on the same units (e.g. one (layer, head) pair's attention
+            KL under two key quantizers).
+    Returns:
+        ``Estimate`` of the ratio with its percentile interval (units resampled with replacement).
+    Raises:
+        ValueError: a and b of different lengths, or NaN among them (``median``'s message).
+    """
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"ratio_of_means needs a and b on the same units, got {a.size} and {b.size} values")
+    return median(np.stack([a, b], axis=1), boot, statistic=_ratio_of_interleaved)  # (unit, 2)

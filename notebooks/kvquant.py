@@ -92,7 +92,6 @@ seed = 0
 results_dir = "results"
 
 # %%
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,9 +108,9 @@ from atlas_core.glue import prefixed_glue
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.attention import attention_modules
 from atlas_core.extract import extract
-from atlas_core.kvquant import headq, metrics, policy
+from atlas_core.kvquant import metrics, policy
 from atlas_core.kvquant.experiment import EvalSetup, KVMethod, Runs, lower_verdict, lowest_verdict, range_verdict
-from atlas_core.kvquant.quant import QuantSpec, dequantize, quantize
+from atlas_core.kvquant.study import error_rows, key_variants, split_blocks, study_layers
 from atlas_core.models import load_model
 
 
@@ -125,18 +124,12 @@ def ge(key: str, est) -> None:
     g(f"{key}_hi", est.hi)
 
 
-def parse_layers(text: str, n_layers: int) -> list[int]:
-    """'first,middle,last' or indices -> sorted layer indices."""
-    named = {"first": 0, "middle": n_layers // 2, "last": n_layers - 1}
-    return sorted({named[t] if t in named else int(t) % n_layers for t in text.split(",")})
-
-
 torch.manual_seed(seed)
 lm = load_model(model, attn_implementation="sdpa")  # perplexity needs no attention weights; extract sets its own
 s = lm.spec
 eval_ids = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, eval_blocks, "eval", s.add_bos))
 calib_ids = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, calib_blocks, "calib", s.add_bos))
-layers = parse_layers(metric_layers, s.n_layers)
+layers = study_layers(metric_layers, s.n_layers)
 
 g("model", model)
 g("corpus", corpus)
@@ -184,55 +177,16 @@ acts = extract(lm, metric_ids, layers, fields=("q", "k", "v", "probs"), progress
 modules = attention_modules(lm.model)
 
 
-def blocks_of(t: torch.Tensor) -> torch.Tensor:
-    """(head, block·token, d) -> (head, block, token, d)."""
-    return t.reshape(t.shape[0], metric_blocks, seq_len, t.shape[-1])
-
-
-def attention_mask(layer: int) -> torch.Tensor:
-    """(query, key) mask of allowed keys: causal, and banded for sliding-window layers."""
-    mask = metrics.causal_mask(seq_len)
-    if s.windows[layer]:  # key j is seen by query i when i − j < window
-        mask &= ~metrics.causal_mask(seq_len).tril(-s.windows[layer])
-    return mask
-
-
-def key_variants(layer: int, k: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Quantized keys (kv_head, block, token, d) under each studied configuration."""
-    out = {}
-    for b in bits:
-        for name, axis in (("per-token", "token"), ("KIVI", "channel")):
-            spec = QuantSpec(b, group, axis)
-            out[f"{name} {b}b"] = dequantize(quantize(k, spec), spec)
-    base = QuantSpec(2, group, "token")
-    key_pca = headq.top_eigenvectors(headq.key_error_covariance(k.flatten(1, 2), base, seq_len), rank)
-    bases = {"HeadQ 2b": query_bases[layer][..., :rank],
-             "random basis 2b": headq.random_basis(s.n_kv_heads, s.d_head, rank, seed + layer),
-             "key-PCA basis 2b": key_pca}
-    for name, basis in bases.items():
-        side = headq.SideCode({layer: basis}, side_bits)
-        out[name] = torch.stack([headq.headq_keys(k[:, i : i + 1].transpose(0, 1), base, side, basis)[0]
-                                 for i in range(k.shape[1])], 1)
-    mse_2b = (out["per-token 2b"] - k).pow(2).mean()
-    n_dirs = null_dirs
-    size = math.sqrt(mse_2b.item() * s.d_head / n_dirs)  # the same key MSE as 2-bit per-token
-    flat = headq.null_space_perturbation(k.flatten(1, 2), sigma_q[layer], n_dirs, size, seed + layer)
-    out["null-space"] = flat.reshape(k.shape)
-    return out
-
-
 null_dirs = s.d_head // 4  # the weakest quarter of Σ_q's eigendirections
 g("null_dirs", null_dirs)
 rows = []
 for layer in tqdm(layers, desc="error study"):
     a = acts[layer]
-    q, k, v = blocks_of(a.q), blocks_of(a.k), blocks_of(a.v)  # (head | kv_head, block, token, d)
-    scale, mask = modules[layer].scaling, attention_mask(layer)
-    for config, k_hat in key_variants(layer, k).items():
-        for h in range(s.n_heads):
-            kv = int(a.kv_group[h])
-            r = metrics.key_error_report(q[h], k[kv], k_hat[kv], v[kv], mask, scale)
-            rows.append({"layer": layer, "head": h, "config": config, **r})
+    q, k, v = (split_blocks(t, metric_blocks) for t in (a.q, a.k, a.v))  # (head | kv_head, block, token, d)
+    variants = key_variants(k, bits=bits, group=group, query_basis=query_bases[layer], sigma_q=sigma_q[layer], rank=rank,
+                            side_bits=side_bits, null_dirs=null_dirs, seed=seed + layer)
+    mask = metrics.causal_mask(seq_len, window=s.windows[layer])  # (query, key)
+    rows += [{"layer": layer, **r} for r in error_rows(q, k, v, a.kv_group, variants, mask, modules[layer].scaling)]
 errors = pd.DataFrame(rows)
 errors["family"] = errors["config"].str.replace(r" \d+b$", "", regex=True)
 predictors = {"key_mse": "key MSE", "logit_mse": "logit MSE", "fisher": "Fisher form"}
@@ -249,15 +203,9 @@ g("metric_layers", ", ".join(map(str, layers)))
 by_config = errors.groupby("config")[["key_mse", "logit_mse", "fisher", "kl"]].mean()
 
 
-def ratio_of_means(x: np.ndarray, axis=None) -> np.ndarray:
-    """mean(a)/mean(b) of interleaved (a, b) values (..., 2·unit): a statistic for ``interval.median``."""
-    return x[..., 0::2].mean(-1) / x[..., 1::2].mean(-1)
-
-
 by_head = errors.pivot_table(index=["layer", "head"], columns="config", values=["kl", "key_mse"])
 for name in ("kl", "key_mse"):  # null-space against 2-bit per-token, the (layer, head) pairs resampled together
-    pairs = np.stack([by_head[name]["null-space"], by_head[name]["per-token 2b"]], axis=1)  # (unit, 2)
-    ge(f"null_{name.replace('key_', '')}_ratio", interval.median(pairs, statistic=ratio_of_means))
+    ge(f"null_{name.replace('key_', '')}_ratio", interval.ratio_of_means(by_head[name]["null-space"], by_head[name]["per-token 2b"]))
 kl_per_fisher = (errors.assign(r=errors["kl"] / errors["fisher"])
                  .pivot_table(index=["layer", "head"], columns="config", values="r").to_numpy())  # (layer·head, config)
 ge("fisher_kl_ratio", interval.median(kl_per_fisher))  # the median over rows; a (layer, head) brings all its configs
@@ -723,39 +671,9 @@ g("rope_table", rope_table.style.format(FMT, na_rep="—", subset=[c for c in FM
 # in the attention output. A control keeps the same number of *randomly* chosen tokens in full precision.
 
 # %%
-def value_errors(layer: int) -> dict[str, float]:
-    """Mean output error ‖Σ_j a_ij (v̂_j − v_j)‖ per policy, over heads, blocks and judged queries."""
-    a = acts[layer]
-    probs = a.probs.float()  # (block, head, query, key)
-    v = blocks_of(a.v).transpose(0, 1)  # (block, kv_head, token, d)
-    half = seq_len // 2
-    gen = torch.Generator().manual_seed(seed + layer)
-    errs: dict[str, list] = {}
-    for blk in range(metric_blocks):
-        for kvh in range(s.n_kv_heads):
-            heads = (a.kv_group == kvh).nonzero().squeeze(-1)
-            p = probs[blk, heads]  # (group head, query, key)
-            vv = v[blk, kvh]  # (token, d)
-            w_all = policy.a2_weights(p).sum(0)  # (key,)
-            w_causal = policy.a2_weights(p[:, :half]).sum(0)
-            n_high = policy.a2_bits(w_all, a2_budget).eq(16).sum()
-            rand = torch.full((seq_len,), 2, dtype=torch.long)
-            rand[torch.randperm(seq_len, generator=gen)[:n_high]] = 16
-            choices = {"uniform 2b": torch.full((seq_len,), 2), f"uniform {a2_budget:g}b": None,
-                       "A² (oracle)": policy.a2_bits(w_all, a2_budget), "A² (causal)": policy.a2_bits(w_causal, a2_budget),
-                       "random tokens fp": rand}
-            for name, b in choices.items():
-                if b is None:
-                    spec = QuantSpec(int(math.floor(a2_budget)), group, "token")
-                    v_hat = dequantize(quantize(vv, spec), spec)
-                else:
-                    v_hat = policy.quantize_tokens(vv, b, group)
-                judged = p[:, half:]  # the second half of the queries, for every policy alike
-                errs.setdefault(name, []).append(policy.value_output_error(judged, vv, v_hat).mean().item())
-    return {name: float(np.mean(e)) for name, e in errs.items()}
-
-
-value_table = pd.DataFrame({f"layer {l}": value_errors(l) for l in layers})
+value_table = pd.DataFrame({f"layer {l}": policy.value_policy_errors(acts[l].probs, split_blocks(acts[l].v, metric_blocks).transpose(0, 1),
+                                                                      acts[l].kv_group, a2_budget, group, seed + l)
+                            for l in layers})  # (block, head, query, key) weights, (block, kv_head, token, d) values
 value_table["mean"] = value_table.mean(axis=1)
 g("value_table", value_table.style.format("{:.4f}"))
 uni = value_table.loc[f"uniform {a2_budget:g}b", "mean"]

@@ -142,3 +142,19 @@ def test_empty_and_nan_inputs_get_the_modules_message():
         interval.share([])
     with pytest.raises(ValueError, match="NaN"):
         interval.median([1.0, float("nan"), 3.0])
+
+
+def test_ratio_of_means_resamples_each_units_pair_together():
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(1, 2, 30), rng.uniform(2, 4, 30)
+    boot = interval.Bootstrap(n_resamples=500, seed=7)
+    est = interval.ratio_of_means(a, b, boot)
+    idx = boot.draws(30)  # (resample, unit): a unit's a and b drawn together
+    lo, hi = np.quantile(a[idx].mean(1) / b[idx].mean(1), [0.025, 0.975])
+    assert est.value == pytest.approx(a.mean() / b.mean(), rel=1e-12)
+    assert (est.lo, est.hi) == pytest.approx((lo, hi), rel=1e-12) and est.units == 30
+
+
+def test_ratio_of_means_needs_the_same_units():
+    with pytest.raises(ValueError, match="same units"):
+        interval.ratio_of_means([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -51,3 +51,22 @@ def test_null_space_perturbation_moves_keys_not_attention():
     k_pert = null_space_perturbation(k, sigma, d - m, size=5.0, seed=0)
     r = metrics.key_error_report(q[0], k[0], k_pert[0])
     assert r["key_mse"] > 10 and r["kl"] < 1e-8 and r["fisher"] < 1e-8
+
+
+def test_causal_mask_matches_transformers_sliding_window_mask():
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    for n_query, n_key in ((6, 6), (3, 9), (1, 5)):
+        offset = n_key - n_query  # query i sits at position i + offset
+        for window in (None, 1, 2, 4, 100):
+            fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+            q_idx, kv_idx = torch.arange(n_query)[:, None] + offset, torch.arange(n_key)[None]  # (query, 1), (1, key)
+            ref = fn(torch.tensor(0), torch.tensor(0), q_idx, kv_idx).expand(n_query, n_key)
+            assert torch.equal(metrics.causal_mask(n_query, n_key, window=window), ref), (n_query, n_key, window)
+
+
+def test_causal_mask_refuses_an_empty_window():
+    import pytest
+
+    with pytest.raises(ValueError, match="sliding window"):
+        metrics.causal_mask(4, window=0)

@@ -35,10 +35,28 @@ def probs(logit: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor
     return torch.softmax(logit, dim=-1)
 
 
-def causal_mask(n_query: int, n_key: int | None = None) -> torch.Tensor:
-    """(query, key) bool mask; the last query sees every key (queries are the last n_query positions)."""
+def causal_mask(n_query: int, n_key: int | None = None, window: int | None = None) -> torch.Tensor:
+    """(query, key) bool mask of the keys each query sees: causal, and banded in a sliding-window layer.
+
+    Args:
+        n_query, n_key: the queries are the last ``n_query`` of ``n_key`` positions (the last query sees
+            every key); ``n_key`` defaults to ``n_query``.
+        window: a sliding-window layer's length (``ModelSpec.windows[layer]``): query i sees key j only
+            when i − j < window; None for full attention.
+    Returns:
+        (query, key) bool, True where the key is seen.
+    Raises:
+        ValueError: ``window`` below 1.
+    Source: transformers ``masking_utils.sliding_window_causal_mask_function`` (kv_idx > q_idx − window).
+    """
     n_key = n_query if n_key is None else n_key
-    return torch.ones(n_query, n_key, dtype=torch.bool).tril(diagonal=n_key - n_query)
+    offset = n_key - n_query  # query i sits at position i + offset
+    mask = torch.ones(n_query, n_key, dtype=torch.bool).tril(diagonal=offset)
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"a sliding window must hold at least 1 key, got window={window}")
+        mask &= ~torch.ones(n_query, n_key, dtype=torch.bool).tril(diagonal=offset - window)
+    return mask
 
 
 def key_mse(k: torch.Tensor, k_hat: torch.Tensor) -> torch.Tensor:

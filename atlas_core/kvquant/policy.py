@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from atlas_core.kvquant.quant import QuantSpec, dequantize, quantize
@@ -54,6 +55,54 @@ def quantize_tokens(v: torch.Tensor, bits: torch.Tensor, group: int = 32) -> tor
 def value_output_error(a: torch.Tensor, v: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
     """‖Σ_j a_ij (v̂_j − v_j)‖ per query (..., query), attention fixed."""
     return (a @ (v_hat - v)).norm(dim=-1)
+
+
+def value_policy_errors(probs: torch.Tensor, v: torch.Tensor, kv_group: torch.Tensor, budget: float, group: int,
+                        seed: int) -> dict[str, float]:
+    """Offline output error of value quantization policies at a mean payload budget, attention held fixed.
+
+    Per block and KV head, with w_j = Σ_i a_ij² summed over the KV group's query heads: every value at 2
+    bits ("uniform 2b"); every value at ⌊budget⌋ bits ("uniform {budget}b"); the A² policy with w from all
+    queries ("A² (oracle)") or from the first half of the queries ("A² (causal)"); and as many randomly
+    chosen tokens in full precision as the oracle keeps ("random tokens fp"). Each is judged on the second
+    half of the queries by ‖Σ_j a_ij (v̂_j − v_j)‖ (``value_output_error``).
+
+    Args:
+        probs: (block, head, query, key) attention weights of one layer (query = key positions).
+        v: (block, kv_head, key, d_head) its values.
+        kv_group: (head,) the KV head each query head reads.
+        budget: mean payload bits per value element, ≥ 2.
+        group: channels per per-token quantization group.
+        seed: seeds the random-token control (the chapter passes seed + layer).
+    Returns:
+        {policy: mean output error over blocks, KV heads, their query heads and the judged queries}.
+    Raises:
+        ValueError: budget below 2 bits (``a2_bits``).
+    Source: our reconstruction of HeadQ's "A² value policy" (Ruiz-Williams 2026, abstract); heavy hitters as in
+    H2O (Zhang et al. 2023).
+    """
+    n_block, _, n_query, n_key = probs.shape
+    half = n_query // 2
+    gen = torch.Generator().manual_seed(seed)
+    uniform = QuantSpec(bits=int(math.floor(budget)), group=group, axis="token")
+    errs: dict[str, list] = {}
+    for blk in range(n_block):
+        for kvh in range(v.shape[1]):
+            p = probs[blk, (kv_group == kvh).nonzero().squeeze(-1)].float()  # (group head, query, key)
+            vv = v[blk, kvh]  # (key, d_head)
+            w_all = a2_weights(p).sum(0)  # (key,)
+            w_causal = a2_weights(p[:, :half]).sum(0)
+            n_high = a2_bits(w_all, budget).eq(16).sum()
+            rand = torch.full((n_key,), 2, dtype=torch.long)
+            rand[torch.randperm(n_key, generator=gen)[:n_high]] = 16
+            choices = {"uniform 2b": torch.full((n_key,), 2), f"uniform {budget:g}b": None,
+                       "A² (oracle)": a2_bits(w_all, budget), "A² (causal)": a2_bits(w_causal, budget),
+                       "random tokens fp": rand}
+            judged = p[:, half:]  # the second half of the queries, for every policy alike
+            for name, b in choices.items():
+                v_hat = dequantize(quantize(vv, uniform), uniform) if b is None else quantize_tokens(vv, b, group)
+                errs.setdefault(name, []).append(value_output_error(judged, vv, v_hat).mean().item())
+    return {name: float(np.mean(e)) for name, e in errs.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
