@@ -109,8 +109,9 @@ from atlas_core.eval import block_nll
 from atlas_core.glue import prefixed_glue
 from atlas_core.models import load_model
 from atlas_core.wquant.awq import AWQConfig
-from atlas_core.wquant.calib import CalibConfig, calibration_stats, participation_ratio, weight_of, linear_layers
-from atlas_core.wquant.experiment import TIE, best_method, compare, gate, run_wquant
+from atlas_core.wquant.calib import CalibConfig, calibration_stats, weight_of, linear_layers
+from atlas_core.wquant.experiment import TIE, RunSet, best_method, compare, gate, run_wquant
+from atlas_core.wquant.layers import participation_rows
 from atlas_core.wquant.rtn import WQuantSpec
 
 g = prefixed_glue("nqp")  # g(key, value) glues nqp_<key>
@@ -152,15 +153,6 @@ ge("ppl_fp", ppl_fp_est, ".3f")
 g("n_linear", len(stats))
 
 
-def layer_type(name: str) -> str:
-    """Linear layers that read the same input share a type."""
-    leaf = name.rsplit(".", 1)[-1]
-    return {"q_proj": "attention in (q, k, v)", "k_proj": "attention in (q, k, v)", "v_proj": "attention in (q, k, v)",
-            "c_attn": "attention in (q, k, v)", "o_proj": "attention out", "c_proj": "out projection",
-            "gate_proj": "MLP in (gate, up)", "up_proj": "MLP in (gate, up)", "c_fc": "MLP in (gate, up)",
-            "down_proj": "MLP down"}.get(leaf, leaf)
-
-
 # %% [markdown]
 # {glue:text}`nqp_model:s` has {glue:text}`nqp_n_linear:d` linear layers in its decoder. Calibration uses
 # {glue:text}`nqp_calib_tokens:,d` tokens; perplexity is measured on {glue:text}`nqp_eval_tokens:,d`
@@ -182,9 +174,7 @@ def layer_type(name: str) -> str:
 # (q, k and v; gate and up) are counted once.
 
 # %%
-pr = pd.DataFrame([{"layer": name, "type": layer_type(name), "depth": int(name.split(".")[2]),
-                    "width": s.xx.shape[0], "pr_h": participation_ratio(s.h), "pr_fisher": participation_ratio(s.fisher)}
-                   for name, s in stats.items() if not name.endswith(("k_proj", "v_proj", "up_proj"))])  # shared inputs once
+pr = pd.DataFrame(participation_rows(stats))  # one row per linear layer; shared inputs (k, v, up) once
 by_type = pr.groupby("type")[["width", "pr_h", "pr_fisher"]].agg({"width": "first", "pr_h": "median", "pr_fisher": "median"})
 for t, r in by_type.iterrows():
     key = t.split(" ")[0].lower() + ("_" + t.split(" ")[1] if t.count(" ") else "")
@@ -298,16 +288,8 @@ pivot = table.pivot_table(index="method", columns=["bits", "grouping"], values="
 g("ppl_table", pivot.fillna("").style)
 
 
-def run_of(method, b, grp=None):
-    return next(r for r in runs if r["method"] == method and r["bits"] == b and r["group"] == grp)
-
-
-def nll(method, b, grp=None):
-    return run_of(method, b, grp)["nll"]
-
-
-def ppl(method, b, grp=None):
-    return run_of(method, b, grp)["ppl"]["value"]
+swept = RunSet(tuple(runs))
+nll, ppl = swept.nll, swept.ppl  # (method, bits, group=None) -> (block, token − 1) NLL; -> perplexity
 
 
 def key(m):

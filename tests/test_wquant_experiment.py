@@ -114,3 +114,16 @@ def test_methods_that_need_no_statistics_do_not_compute_them(monkeypatch):
     assert calls == []
     run_wquant(lm, "rot-fisher", WQuantSpec(3), calib, held_out)
     assert calls == [1]
+
+
+def test_runset_finds_each_run_by_method_bits_and_group():
+    from atlas_core.wquant.experiment import RunSet
+
+    runs = [{"method": m, "bits": b, "group": g, "nll": torch.full((2, 3), float(i)), "ppl": {"value": float(i)}}
+            for i, (m, b, g) in enumerate([("rtn", 4, None), ("rtn", 4, 32), ("gptq", 4, None), ("rtn", 3, None)])]
+    swept = RunSet(tuple(runs))
+    assert swept.get("rtn", 4, 32) is runs[1] and swept.ppl("gptq", 4) == 2.0 and swept.nll("rtn", 3)[0, 0] == 3.0
+    with pytest.raises(ValueError, match="no run of awq at 4 bits"):
+        swept.get("awq", 4)
+    with pytest.raises(ValueError, match="measured twice"):
+        RunSet(tuple(runs + [runs[0]]))

@@ -25,7 +25,7 @@ from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats
 from atlas_core.wquant.gptq import GPTQConfig
 from atlas_core.wquant.rtn import WQuantSpec
 
-__all__ = ["TIE", "Comparison", "best_method", "compare", "gate", "restored_weights", "run_wquant"]
+__all__ = ["TIE", "Comparison", "RunSet", "best_method", "compare", "gate", "restored_weights", "run_wquant"]
 
 TIE = "not distinguishable at this sample size"
 NEEDS_STATS = ("gptq", "rot-fisher", "nqp-scaled")  # methods quantized from calibration statistics (one-pass GPTQ)
@@ -159,3 +159,40 @@ def best_method(nlls: dict[str, torch.Tensor], boot: Bootstrap = DEFAULT) -> tup
     best = min(ppl, key=ppl.get)
     ties = [n for n in nlls if n != best and compare(nlls[n], nlls[best], n, best, boot).verdict == TIE]
     return best, ties
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """The runs of one sweep (``run_wquant``'s dicts), looked up by (method, bits, group).
+
+    Raises:
+        ValueError: two runs with the same (method, bits, group): a lookup would be ambiguous.
+    """
+
+    runs: tuple[dict, ...]
+
+    def __post_init__(self):
+        keys = [(r["method"], r["bits"], r["group"]) for r in self.runs]
+        twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if twice:
+            raise ValueError(f"runs measured twice: {twice}; a sweep runs each (method, bits, group) once")
+
+    def get(self, method: str, bits: int, group: int | None = None) -> dict:
+        """The run of ``method`` at ``bits`` (per output channel when ``group`` is None).
+
+        Raises:
+            ValueError: no such run, naming the ones there are.
+        """
+        for r in self.runs:
+            if (r["method"], r["bits"], r["group"]) == (method, bits, group):
+                return r
+        have = [(r["method"], r["bits"], r["group"]) for r in self.runs]
+        raise ValueError(f"no run of {method} at {bits} bits, group {group}; the sweep ran {have}")
+
+    def nll(self, method: str, bits: int, group: int | None = None) -> torch.Tensor:
+        """(block, token − 1) held-out NLL in nats of one run."""
+        return self.get(method, bits, group)["nll"]
+
+    def ppl(self, method: str, bits: int, group: int | None = None) -> float:
+        """The held-out perplexity of one run (point value; ``interval.perplexity`` of ``nll`` gives its interval)."""
+        return self.get(method, bits, group)["ppl"]["value"]
