@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from atlas_core import runner  # noqa: E402
+from atlas_core.book import runner  # noqa: E402
 
 
 def chapter_code(chapter: str, model: str, params: dict, out: Path) -> str:

@@ -2,8 +2,8 @@
 
 import json
 
-from atlas_core import book_bench
-from atlas_core.runner import CHAPTERS
+from atlas_core.book import book_bench
+from atlas_core.book.runner import CHAPTERS
 
 
 def test_chapter_figures_read_the_runner_records(tmp_path):

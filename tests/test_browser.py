@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atlas_core import runner
-from atlas_core.browser import (BrowserError, check_book, external_resources, find_chromium, redirect_target,
+from atlas_core.book import runner
+from atlas_core.book.browser import (BrowserError, check_book, external_resources, find_chromium, redirect_target,
                                 summary)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from atlas_core import runner
-from atlas_core.chapter_params import RULES, ParameterValueError, check_values
+from atlas_core.book import runner
+from atlas_core.book.chapter_params import RULES, ParameterValueError, check_values
 from atlas_core.zoo import ModelError
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from atlas_core.cli import main
+from atlas_core.book.cli import main
 
 
 def _json(capsys):
@@ -162,7 +162,7 @@ def test_sizes_that_cannot_carry_an_interval_or_fit_the_model_exit_2(args, messa
 
 
 def test_json_writes_undefined_figures_as_null():
-    from atlas_core.cli import _json as dumps
+    from atlas_core.book.cli import _json as dumps
 
     assert json.loads(dumps({"excess_removed": {"value": float("nan"), "lo": float("inf")}})) == \
         {"excess_removed": {"value": None, "lo": None}}

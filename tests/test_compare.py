@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from atlas_core.compare import compare_files, differences
+from atlas_core.book.compare import compare_files, differences
 
 
 def test_identical_values_have_no_differences():

@@ -1,6 +1,6 @@
 """The decode benchmark runs end to end on a toy model; its memory figures are measured from the bytes held."""
 
-from atlas_core.cli import main
+from atlas_core.book.cli import main
 from atlas_core.kvquant.bench import bench_kvquant
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_core.cli import main
+from atlas_core.book.cli import main
 from atlas_core import interval
 from atlas_core.interval import Estimate
 from atlas_core.kvquant.experiment import (EvalSetup, KVMethod, Runs, compare, evaluate, lower_verdict, lowest_verdict,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atlas_core import runner
+from atlas_core.book import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW = "sparse"  # the stand-in that takes long enough to be killed mid-run

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, (*user, ValueError, FileNotFoundError)):
             print(f"atlas: error: {err}", file=sys.stderr)
             return 2
-        if isinstance(err, _loaded("atlas_core.runner", "RunnerError")):  # a chapter or the book build failed
+        if isinstance(err, _loaded("atlas_core.book.runner", "RunnerError")):  # a chapter or the book build failed
             print(f"atlas: error: {err}", file=sys.stderr)
             return 1
         raise
@@ -207,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench_book(args) -> None:
-    from atlas_core.book_bench import main
+    from atlas_core.book.book_bench import main
 
     main(args.run, args.results)
 
@@ -376,20 +376,20 @@ def _kvquant(args) -> None:
 
 
 def _run(args) -> None:
-    from atlas_core.runner import run_chapter
+    from atlas_core.book.runner import run_chapter
 
     path = run_chapter(args.chapter, args.model, dict(args.param), out_dir=args.out)
     print(path)
 
 
 def _book(args) -> None:
-    from atlas_core.runner import build_book
+    from atlas_core.book.runner import build_book
 
     build_book(cores=args.cores)
 
 
 def _compare(args) -> int:
-    from atlas_core.compare import compare_files
+    from atlas_core.book.compare import compare_files
 
     found = compare_files(args.first, args.second)
     print("\n".join(found) if found else "identical numbers (timings skipped)")
@@ -397,7 +397,7 @@ def _compare(args) -> int:
 
 
 def _check_book(args) -> int:
-    from atlas_core.browser import BrowserError, check_book, summary
+    from atlas_core.book.browser import BrowserError, check_book, summary
 
     try:
         reports = check_book(args.html)

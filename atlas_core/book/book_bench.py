@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas_core.runner import BOOK_TIMING, CHAPTERS, DEFAULT_MODEL, ROOT, model_slug
+from atlas_core.book.runner import BOOK_TIMING, CHAPTERS, DEFAULT_MODEL, ROOT, model_slug
 
 CHAPTER_TARGET_S = 300  # every chapter on the default model, one BLAS thread
 LONG_CHAPTER_TARGET_S = {"nqp": 600}

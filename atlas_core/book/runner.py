@@ -26,7 +26,7 @@ import yaml
 from atlas_core.cache import atomic_path, write_json
 from atlas_core.progress import CHAPTER_ENV, chapter_label
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "smollm2-135m"
 RESERVED = ("model", "results_dir")  # set by the runner, never by the user
 KERNEL_NAME = "atlas"
@@ -96,10 +96,11 @@ def workflow_params(model: str, chapter: str) -> dict:
     return dict(((table or {}).get(model) or {}).get(chapter) or {})
 
 
-# The modules that only orchestrate (run notebooks, parse the command line, check parameters, the rendered
-# HTML or the timings): editing them changes no number, so it reruns no chapter.
-ORCHESTRATION = frozenset({"runner.py", "cli.py", "browser.py", "chapter_params.py", "compare.py", "progress.py",
-                           "book_bench.py", "__main__.py"})
+# What only orchestrates: the book package (run notebooks, parse the command line, check parameters, the
+# rendered HTML, the timings) and the progress bars' labels. Editing them changes no number, so it reruns
+# no chapter.
+BOOK_PACKAGE = Path(__file__).resolve().parent
+ORCHESTRATION = frozenset({BOOK_PACKAGE, ROOT / "atlas_core" / "progress.py"})
 
 
 def _imported_modules(source: str) -> set[str]:
@@ -149,8 +150,12 @@ def chapter_code(chapter: str, source: Path | None = None) -> list[str]:
                 continue
             seen[parent] = path
             todo.extend(_imported_modules(path.read_text(encoding="utf-8")))
-    return sorted(str(p) for p in seen.values()
-                  if not (p.parent == ROOT / "atlas_core" and p.name in ORCHESTRATION))
+    return sorted(str(p) for p in seen.values() if not _orchestration(p))
+
+
+def _orchestration(path: Path) -> bool:
+    """True for a file of ``ORCHESTRATION`` (the file itself, or one inside a listed folder)."""
+    return any(path == entry or entry in path.parents for entry in ORCHESTRATION)
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -262,12 +267,12 @@ def validate_parameters(defaults: dict, params: dict) -> dict:
 
 
 def check_chapter_values(chapter: str, values: dict) -> None:
-    """Value rules of :mod:`atlas_core.chapter_params` (impossible values, unknown models/corpora).
+    """Value rules of :mod:`atlas_core.book.chapter_params` (impossible values, unknown models/corpora).
 
     Raises:
         ParameterError: with the rule's message.
     """
-    from atlas_core.chapter_params import check_values  # imports torch: only when a chapter runs
+    from atlas_core.book.chapter_params import check_values  # imports torch: only when a chapter runs
     from atlas_core.zoo import ModelError
 
     try:
@@ -498,7 +503,7 @@ def html_digest(html_dir: Path) -> str:
     of the checker itself (``browser.py``: a changed check runs again)."""
     import hashlib
 
-    digest = hashlib.sha256((ROOT / "atlas_core" / "browser.py").read_bytes())
+    digest = hashlib.sha256((BOOK_PACKAGE / "browser.py").read_bytes())
     for path in sorted(p for p in html_dir.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(html_dir)).encode() + b"\0")
         digest.update(path.read_bytes())
@@ -568,7 +573,7 @@ def _ran_since(timing: Path, since: float) -> bool:
 
 
 def browser_check(html_dir: Path) -> str:
-    """Open every built page in headless Chromium (:mod:`atlas_core.browser`); raise on any problem.
+    """Open every built page in headless Chromium (:mod:`atlas_core.book.browser`); raise on any problem.
 
     A book whose files are byte for byte those of the last check that passed (``html_digest``, stamped
     beside the HTML folder) is not opened again: a rebuild with nothing changed reruns no check.
@@ -576,7 +581,7 @@ def browser_check(html_dir: Path) -> str:
     Returns:
         A few words for the timing line ("browser check 4.1 s", or why it was skipped).
     """
-    from atlas_core.browser import BrowserError, check_book, find_chromium, summary
+    from atlas_core.book.browser import BrowserError, check_book, find_chromium, summary
 
     stamp = html_dir.parent / ".atlas-browser-check"
     digest = html_digest(html_dir)
@@ -598,11 +603,11 @@ def browser_check(html_dir: Path) -> str:
     return f"browser check {time.time() - start:.1f} s"
 
 
-# --- command line (the Snakefile's entry; the user-facing CLI is atlas_core.cli) ------------------
+# --- command line (the Snakefile's entry; the user-facing CLI is atlas_core.book.cli) ------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m atlas_core.runner run CHAPTER --model M [-p NAME VALUE] [--out DIR]`` or ``book``."""
-    parser = argparse.ArgumentParser(prog="python -m atlas_core.runner",
+    """``python -m atlas_core.book.runner run CHAPTER --model M [-p NAME VALUE] [--out DIR]`` or ``book``."""
+    parser = argparse.ArgumentParser(prog="python -m atlas_core.book.runner",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute one chapter for one model")
