@@ -19,17 +19,29 @@ from atlas_core import CACHE_VERSION
 CACHE_ENV = "ATLAS_CACHE_DIR"
 
 
+class CacheError(ValueError):
+    """The cache folder cannot be created or written (a user's setting: the CLI reports it in one line)."""
+
+
 def cache_dir(*parts: str) -> Path:
     """Return (and create) a directory under the user cache root.
 
     The root is ``$ATLAS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/atlas`` or ``~/.cache/atlas``.
+
+    Raises:
+        CacheError: the folder cannot be created, or is not writable.
     """
     root = os.environ.get(CACHE_ENV)
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = str(Path(xdg) / "atlas")
     path = Path(root, *parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheError(f"cannot create the cache folder {path} ({err.strerror}); set {CACHE_ENV} to a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CacheError(f"the cache folder {path} is not writable; set {CACHE_ENV} to a writable folder")
     return path
 
 

@@ -156,7 +156,18 @@ def _load_hub(corpus: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _read_file(path: str, mtime_ns: int) -> str:
-    return Path(path).read_text(encoding="utf-8")
+    """The text of a corpus file.
+
+    Raises:
+        CorpusError: the file cannot be read or is not UTF-8 text (the message names the file and the byte).
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"corpus file {path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, e.g. "
+                          f"iconv -f latin1 -t utf-8 {path} > copy.txt, and pass the copy") from None
+    except OSError as err:
+        raise CorpusError(f"corpus file {path} cannot be read ({err.strerror}); check its permissions") from None
 
 
 @functools.lru_cache(maxsize=None)

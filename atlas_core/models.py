@@ -89,11 +89,22 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
         folder = Path(name).expanduser()
     else:  # a hub id: transformers resolves it (from the local cache when offline)
         folder = name
+    if source == "local":
+        check_model_name(name)  # a folder lacking config, weights or tokenizer: say which, before transformers does
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not load the tokenizer of '{name}' ({err.__class__.__name__}: {_first_line(err)}); "
+                         "save it beside the model with tokenizer.save_pretrained") from err
+    try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except OSError as err:
         raise ModelError(f"could not load '{name}' ({err.__class__.__name__}: {err}).\n" + _unknown_model_message(name)) from err
+    except Exception as err:  # noqa: BLE001 - safetensors/torch raise their own types for a damaged file
+        if source != "local" and type(err).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"the weights of '{name}' cannot be read ({type(err).__name__}: {_first_line(err)}): a file is "
+                         "damaged or truncated; copy or save the checkpoint again") from err
     add_bos = EMBEDDED[name].add_bos if name in EMBEDDED else None
     return _finish(model, tokenizer, name, source, attn_implementation, add_bos)
 
@@ -104,6 +115,9 @@ def _model_source(name: str) -> str:
     Raises:
         ModelError: none of these (the message lists what can be used).
     """
+    if not name.strip():
+        raise ModelError("the model name is empty; pass an embedded name (e.g. smollm2-135m), toy-<family>, "
+                         "a local checkpoint folder or a hub id")
     if name in EMBEDDED:
         return "embedded"
     if name.startswith("toy-"):
@@ -125,8 +139,11 @@ def check_model_name(name: str) -> None:
     source = _model_source(name)
     if source == "toy" and name.removeprefix("toy-") not in toy.FAMILIES:
         raise ModelError(_unknown_model_message(name))
-    if source == "local" and not (Path(name).expanduser() / "config.json").exists():
-        raise ModelError(f"folder '{name}' holds no config.json: it is not a transformers checkpoint")
+    if source == "local":
+        missing = local_checkpoint_gaps(Path(name).expanduser())
+        if missing:
+            raise ModelError(f"folder '{name}' is not a transformers checkpoint: it has no {' and no '.join(missing)}; "
+                             "save the model and its tokenizer there with save_pretrained")
     if source == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
@@ -134,6 +151,26 @@ def check_model_name(name: str) -> None:
             raise ModelError(f"'{name}' is not in the local Hugging Face cache and the hub is off "
                              "(HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 where the hub can be reached.\n"
                              + _unknown_model_message(name))
+
+
+# What a local checkpoint folder must hold: (what, any one of these file-name patterns)
+CHECKPOINT_FILES = (
+    ("config.json", ("config.json",)),
+    ("weights (*.safetensors or pytorch_model*.bin)", ("*.safetensors", "pytorch_model*.bin")),
+    ("tokenizer (tokenizer.json, tokenizer.model, vocab.json or tokenizer_config.json with its files)",
+     ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")),
+)
+
+
+def local_checkpoint_gaps(folder: Path) -> list[str]:
+    """What a local folder lacks to be loaded as a causal LM with its tokenizer ([] when complete).
+
+    Args:
+        folder: the checkpoint folder.
+    Returns:
+        the missing parts' names, in ``CHECKPOINT_FILES`` order.
+    """
+    return [what for what, patterns in CHECKPOINT_FILES if not any(any(folder.glob(p)) for p in patterns)]
 
 
 def describe(name: str = DEFAULT_MODEL) -> ModelSpec:
@@ -258,6 +295,11 @@ def _sha256(path: Path) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _unknown_model_message(name: str) -> str:
