@@ -98,7 +98,8 @@ from atlas_core.models import load_model
 from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_sparse_decode
 from atlas_core.sparse.blocks import block_rule
-from atlas_core.sparse.fidelity import (budget_sweep, compare_rules, dense_continuation, greedy_survival, survival_agreement,
+from atlas_core.sparse.fidelity import (MODEL_FIGURES, budget_sweep, compare_rules, dense_continuation,
+                                        greedy_survival, identical_count, model_rows, survival_agreement,
                                         survival_summary, trajectory_agreement)
 
 started, stage = time.perf_counter(), {}  # wall time per stage, for the closing note
@@ -279,24 +280,9 @@ def row(w=window, k=topk, rule="exact"):
     return rows[(rows.window == w) & (rows.topk == k) & (rows.rule == rule)].iloc[0]
 
 
-def tf_of(r):
-    return tfs[r.name]
-
-
-def on_first(tf_, n):
-    """A teacher-forced result cut to its first n blocks (to pair the defaults with a rule run on fewer)."""
-    return {"per_block": {k: v[:n] for k, v in tf_["per_block"].items()}}
-
-
-def versus(r, other=None, measure="kl", names=None):
-    """compare_rules of row r against the source defaults (or ``other``), paired on r's blocks."""
-    base = other if other is not None else rows.iloc[0]
-    n = min(int(r.blocks), int(base.blocks))
-    return compare_rules(on_first(tf_of(r), n), on_first(tf_of(base), n), measure, names or (r.rule, "the source defaults"))
-
-
-def first(r):
-    return "none" if pd.isna(r.first_divergence) else str(int(r.first_divergence))
+def first(d):
+    """A first divergence as text: its step, or "none" (identical throughout)."""
+    return "none" if pd.isna(d) else str(int(d))
 
 
 full = {}  # the source-default rules over the whole continuation (the sweep reads its first steps)
@@ -307,34 +293,29 @@ for rule, cfg in (("exact", DEFAULTS), ("exact, first 2 dense", variants[0])):
     rows.loc[mask, "first_divergence_full"] = np.nan if full[rule]["first_divergence"] is None else full[rule]["first_divergence"]
 
 
-def first_full(rule):
-    d = full[rule]["first_divergence"]
-    return "none" if d is None else str(d)
-
-
 src = row()
 assert src.name == 0 and int(src.blocks) == eval_blocks  # the source defaults: the first rule, on every block
 for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_dense", "ppl_dense"), ("ppl_sparse", "ppl_sparse"),
                   ("ppl_change", "ppl_change")):
     gci(f"src_{key}", src, name)
-g("src_first", first_full("exact"))
+g("src_first", first(full["exact"]["first_divergence"]))
 g("src_step_agree", full["exact"]["agree"])
 d2 = row(rule="exact, first 2 dense")
 for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_change", "ppl_change")):
     gci(f"d2_{key}", d2, name)
-g("d2_first", first_full("exact, first 2 dense"))
-g("d2_vs_src", versus(d2, names=("keeping the first two layers dense", "the source defaults"))["verdict"])
+g("d2_first", first(full["exact, first 2 dense"]["first_divergence"]))
+g("d2_vs_src", compare_rules(tfs[d2.name], tfs[0], "kl", ("keeping the first two layers dense", "the source defaults"))["verdict"])
 ha = row(rule="exact, head-averaged")
 gci("ha_kl", ha, "kl")
 gci("ha_ppl_change", ha, "ppl_change")
-g("ha_first", first(ha))
-g("ha_vs_src", versus(ha, names=("head-averaged selection", "per-head selection"))["verdict"])
+g("ha_first", first(ha.first_divergence))
+g("ha_vs_src", compare_rules(tfs[ha.name], tfs[0], "kl", ("head-averaged selection", "per-head selection"))["verdict"])
 largest = row(max(windows), max(topks))
 g("big_w", max(windows))
 g("big_k", max(topks))
 gci("big_kl", largest, "kl")
 gci("big_ppl_change", largest, "ppl_change")
-g("big_first", first(largest))
+g("big_first", first(largest.first_divergence))
 g("n_rules_lossless", int(((rows.kl == 0) & rows.first_divergence.isna()).sum()))
 g("n_rules", len(rows))
 
@@ -344,7 +325,7 @@ table = pd.DataFrame({"rule": rows.rule, "window": rows.window, "topk": rows.top
                       "top-1 agreement": [ci(r, "top1_agree", ".2%") for _, r in rows.iterrows()],
                       "perplexity change": [ci(r, "ppl_change", "+.2%") for _, r in rows.iterrows()],
                       "discarded mass": [ci(r, "discarded", ".4f") for _, r in rows.iterrows()],
-                      "first divergence": [first(r) for r in rows.itertuples()], "step agreement": rows.step_agree})
+                      "first divergence": [first(d) for d in rows.first_divergence], "step agreement": rows.step_agree})
 g("budget_table", table.style.format({"step agreement": "{:.1%}", "tokens": "{:,}"}).hide(axis="index"))
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -436,28 +417,18 @@ plt.close(fig)
 models_rows = []
 
 
-FIGURES = [f"{name}{suffix}" for name in ("kl", "top1_agree", "ppl_change", "discarded") for suffix in ("", "_lo", "_hi")]
-
-
-def model_rows(name, lm_, blocks_, prompt_, dense_):
-    cfgs = [DEFAULTS, SparseConfig(anchors, window, topk, dense_layers=2, page_size=page_size)]
-    for r in budget_sweep(lm_, cfgs, blocks_, prompt_, dense_):
-        models_rows.append({"model": name, "rule": "first 2 dense" if r["dense_layers"] else "every layer", "blocks": r["blocks"],
-                            **{k: r[k] for k in (*FIGURES, "step_agree", "first_divergence")}})
-
-
 for rule, label in (("exact", "every layer"), ("exact, first 2 dense", "first 2 dense")):
     r = row(rule=rule)
-    models_rows.append({"model": model, "rule": label, "blocks": r.blocks, **{k: r[k] for k in FIGURES},
+    models_rows.append({"model": model, "rule": label, "blocks": r.blocks, **{k: r[k] for k in MODEL_FIGURES},
                         "step_agree": full[rule]["agree"], "first_divergence": full[rule]["first_divergence"]})
 t0 = timed("one-pass greedy checks, tables", t0)
 for name in [m for m in other_models.split(",") if m and m != model]:
     other = load_model(name, attn_implementation="sdpa")
-    model_rows(name, other, *text_for(other, min(sweep_blocks, eval_blocks)))
+    models_rows += model_rows(name, other, [DEFAULTS, variants[0]], *text_for(other, min(sweep_blocks, eval_blocks)))
     del other
 t0 = timed("other models", t0)
 by_model = pd.DataFrame(models_rows)
-by_model["first_divergence"] = ["none" if pd.isna(d) else str(int(d)) for d in by_model.first_divergence]
+by_model["first_divergence"] = [first(d) for d in by_model.first_divergence]
 g("models_table", pd.DataFrame({
     "model": by_model.model, "rule": by_model.rule, "tokens": by_model.blocks * seq_len,
     "KL": [ci(r, "kl", ".4f") for _, r in by_model.iterrows()],
@@ -561,12 +532,6 @@ block_names = [name for name in sv_rules if name.startswith("revision")]  # neve
 pooled = survival_summary([[runs[name][i] for name in block_names] for i in range(survival_prompts)], survival_gen_tokens)
 
 
-def rev_identical(support):
-    """'k of n': the revision's runs at this support identical through its horizon."""
-    ds = REVISION_FIRST_DIVERGENCE[support]
-    return f"{sum(d >= REVISION_HORIZON for d in ds)} of {len(ds)}"
-
-
 g("rev_n", rev["runs"])
 g("rev_prompts", rev["prompts"])
 g("rev_identical_count", int(round(rev["identical"] * rev["runs"])))
@@ -637,7 +602,7 @@ for name, s_ in sv.items():
                     "median first divergence": f"{s_['median']:.0f} [{s_['median_ci'][0]:.0f}, {s_['median_ci'][1]:.0f}]",
                     "largest": s_["max"],
                     "revision: keys kept": f"≤ {support / REVISION_SHORTEST_CONTEXT:.0%}" if rev_s else "",
-                    "revision: identical": rev_identical(support) if rev_s else "",
+                    "revision: identical": f"{identical_count(rev_s, REVISION_HORIZON)} of {len(rev_s)}" if rev_s else "",
                     "revision: median": f"{np.median(rev_s):.0f}" if rev_s else ""})
 g("survival_table", pd.DataFrame(sv_rows).rename(columns={"identical through 128": f"identical through {survival_gen_tokens}"})
   .style.hide(axis="index"))
@@ -728,9 +693,9 @@ for key, r in (("pg", pages_row), ("pg4", pages_big)):
     gci(f"{key}_kl", r, "kl")
     gci(f"{key}_top1", r, "top1_agree")
     gci(f"{key}_ppl_change", r, "ppl_change")
-    g(f"{key}_first", first(r))
-g("pg_vs_src", versus(pages_row, names=("the page selector", "exact top-k"))["verdict"])
-g("pg4_vs_src", versus(pages_big, names=(f"the page selector at k = {topk * 4}", f"exact top-{topk}"))["verdict"])
+    g(f"{key}_first", first(r.first_divergence))
+g("pg_vs_src", compare_rules(tfs[pages_row.name], tfs[0], "kl", ("the page selector", "exact top-k"))["verdict"])
+g("pg4_vs_src", compare_rules(tfs[pages_big.name], tfs[0], "kl", (f"the page selector at k = {topk * 4}", f"exact top-{topk}"))["verdict"])
 g("pg4_k", topk * 4)
 
 # %% [markdown]

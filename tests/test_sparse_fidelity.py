@@ -9,8 +9,9 @@ import dataclasses
 from atlas_core import interval
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.blocks import block_rule
-from atlas_core.sparse.fidelity import (agreement, compare_rules, dense_continuation, fidelity_report, greedy,
-                                        greedy_survival, greedy_survival_reference, survival_summary, teacher_forced,
+from atlas_core.sparse.fidelity import (MODEL_FIGURES, agreement, common_positions, compare_rules, dense_continuation,
+                                        fidelity_report, greedy, greedy_survival, greedy_survival_reference,
+                                        identical_count, model_rows, survival_summary, teacher_forced,
                                         teacher_forced_rules, trajectory_agreement)
 from atlas_core.sparse.kept import SparseConfig
 
@@ -247,3 +248,48 @@ def test_real_model_one_pass_survival_equals_free_running(smollm2):
             top2 = logits.topk(2).values
             assert top2[0] - top2[1] < 1e-4, f"{name}, prompt {i}: one pass {a}, free-running {b}, not a tie"
     assert any(d is not None for d in fast["exact"] + fast["blocks"])
+
+
+def test_common_positions_keep_what_both_rules_count():
+    nan = math.nan
+    a = [torch.tensor([nan, 1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([nan, 4.0, 5.0, 6.0], dtype=torch.float64)]
+    b = [torch.tensor([nan, nan, 7.0, 8.0], dtype=torch.float64)]  # a larger budget, on the first block only
+    ca, cb = common_positions(a, b)
+    assert len(ca) == len(cb) == 1
+    assert torch.equal(ca[0].isnan(), torch.tensor([True, True, False, False]))
+    assert ca[0][2:].tolist() == [2.0, 3.0] and cb[0][2:].tolist() == [7.0, 8.0]
+    # discarded mass is logged for counted queries only: suffixes of different lengths, aligned at the end
+    ca, cb = common_positions([torch.tensor([1.0, 2.0, 3.0])], [torch.tensor([9.0, 8.0])])
+    assert ca[0].tolist() == [2.0, 3.0] and cb[0].tolist() == [9.0, 8.0]
+
+
+def test_compare_rules_pairs_rules_of_different_budgets_on_the_positions_both_count():
+    # before: the page selector at 4k (budget a + W + 4k) against the source defaults (a + W + k) raised
+    # "paired figures need the same tokens in every unit for every method (counts differ)" in the sparse chapter
+    gen = torch.Generator().manual_seed(0)
+    small = [torch.rand(12, generator=gen, dtype=torch.float64) for _ in range(4)]
+    big = [torch.rand(12, generator=gen, dtype=torch.float64) + 1 for _ in range(3)]  # three blocks, from position 5
+    for x in small:
+        x[:2] = math.nan
+    for x in big:
+        x[:5] = math.nan
+    res = compare_rules({"per_block": {"kl": big}}, {"per_block": {"kl": small}}, "kl", ("big", "small"))
+    by_hand = interval.mean_difference(big, [x.clone().masked_fill(torch.arange(12) < 5, math.nan) for x in small[:3]])
+    assert res["difference"] == by_hand and res["difference"].units == 3
+    assert res["verdict"].startswith("big has higher KL than small")
+
+
+def test_identical_count_reads_none_and_the_revisions_horizon():
+    assert identical_count([None, 3, 128, 200, 127], horizon=128) == 3
+
+
+def test_model_rows_label_each_rule_and_carry_its_figures(qwen_toy):
+    blocks = torch.stack([_prompt(40, s) for s in range(2)])
+    prompt = _prompt(24, 5)
+    dense = dense_continuation(qwen_toy, prompt, 4)
+    cfgs = [SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=3, topk=2, dense_layers=1)]
+    rows = model_rows("toy", qwen_toy, cfgs, blocks, prompt, dense)
+    assert [(r["model"], r["rule"], r["blocks"]) for r in rows] == [("toy", "every layer", 2), ("toy", "first 1 dense", 2)]
+    alone = teacher_forced(qwen_toy, blocks, cfgs[1])
+    assert set(rows[1]) == {"model", "rule", "blocks", *MODEL_FIGURES, "step_agree", "first_divergence"}
+    assert (rows[1]["kl"], rows[1]["kl_lo"], rows[1]["discarded"]) == (alone["kl"], alone["kl_lo"], alone["discarded"])

@@ -41,9 +41,10 @@ from atlas_core.progress import tqdm  # names the running chapter
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.kept import SparseConfig
 
-__all__ = ["MEASURES", "agreement", "budget_sweep", "clopper_pearson", "compare_rules", "dense_continuation",
-           "fidelity_report", "greedy", "greedy_survival", "greedy_survival_reference", "survival_agreement",
-           "survival_summary", "teacher_forced", "teacher_forced_rules", "trajectory_agreement"]
+__all__ = ["MEASURES", "MODEL_FIGURES", "agreement", "budget_sweep", "clopper_pearson", "common_positions",
+           "compare_rules", "dense_continuation", "fidelity_report", "greedy", "greedy_survival",
+           "greedy_survival_reference", "identical_count", "model_rows", "survival_agreement", "survival_summary",
+           "teacher_forced", "teacher_forced_rules", "trajectory_agreement"]
 
 # Teacher-forced figures, each with its interval: name -> what it is (per-token values averaged over blocks).
 MEASURES = ("kl", "top1_agree", "ppl_dense", "ppl_sparse", "ppl_change", "discarded")
@@ -155,10 +156,15 @@ def teacher_forced(lm: LoadedModel, blocks: torch.Tensor, cfg: SparseConfig, pro
 
 
 def compare_rules(a: dict, b: dict, measure: str, names: tuple[str, str] = ("A", "B"), spec: str = ".3g") -> dict:
-    """Is rule a's teacher-forced ``measure`` different from rule b's? Paired on the same blocks.
+    """Is rule a's teacher-forced ``measure`` different from rule b's? Paired on the same blocks and positions.
+
+    Rules scored on different numbers of blocks are compared on the blocks both were scored on (the first
+    ones: ``teacher_forced_rules`` gives each rule a prefix of the same blocks); rules of different budgets
+    count different positions, so per-position measures are compared on the positions both count
+    (``common_positions``).
 
     Args:
-        a, b: ``teacher_forced_rules`` results on the same blocks.
+        a, b: ``teacher_forced_rules`` results on (prefixes of) the same blocks.
         measure: "kl", "top1_agree", "discarded" (difference of means) or "ppl" (ratio of the sparse
             perplexities).
         names: how the verdict names the two rules.
@@ -168,16 +174,17 @@ def compare_rules(a: dict, b: dict, measure: str, names: tuple[str, str] = ("A",
         distinguishable at this sample size (…)" when the interval contains 0 (1 for a ratio); never
         distinguishable on a single block, where the bootstrap has no spread}.
     Raises:
-        ValueError: an unknown measure, or results on different numbers of blocks.
+        ValueError: an unknown measure.
     """
     labels = {"kl": "KL", "top1_agree": "top-1 agreement", "discarded": "discarded mass", "ppl": "perplexity"}
     if measure not in labels:
         raise ValueError(f"measure must be one of {tuple(labels)}, got {measure!r}")
     if measure == "ppl":
-        diff = interval.ppl_ratio(a["per_block"]["nll_sparse"], b["per_block"]["nll_sparse"])
+        n = min(len(a["per_block"]["nll_sparse"]), len(b["per_block"]["nll_sparse"]))
+        diff = interval.ppl_ratio(a["per_block"]["nll_sparse"][:n], b["per_block"]["nll_sparse"][:n])
         null, what = 1.0, "ratio"
     else:
-        diff = interval.mean_difference(a["per_block"][measure], b["per_block"][measure])
+        diff = interval.mean_difference(*common_positions(a["per_block"][measure], b["per_block"][measure]))
         null, what = 0.0, "difference"
     given = f"{what} {interval.format_estimate(diff, spec)}, {diff.units} blocks"
     if diff.units < 2:  # one block resamples to itself: a zero-width interval that says nothing
@@ -188,6 +195,30 @@ def compare_rules(a: dict, b: dict, measure: str, names: tuple[str, str] = ("A",
     else:
         text = f"{names[0]} has {'lower' if diff.value < null else 'higher'} {labels[measure]} than {names[1]} ({given})"
     return {"difference": diff, "distinguishable": diff.distinguishable(null), "verdict": text}
+
+
+def common_positions(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two rules' per-position values cut to the blocks and positions both count, for a paired comparison.
+
+    Counted positions are a suffix of each block (from the rule's budget on), so the values are aligned at
+    the block's end; a position either rule leaves out (NaN, or before its first counted position) is left
+    out of both.
+
+    Args:
+        a, b: per block, (position,) values of one measure (NaN = not counted), as ``teacher_forced_rules``'
+            ``per_block``; a rule scored on fewer blocks gives a shorter list.
+    Returns:
+        (a, b) on the first min(len(a), len(b)) blocks, each pair of blocks of equal length with NaN at the
+        same positions.
+    """
+    out_a, out_b = [], []
+    for x, y in zip(a, b):  # the blocks both were scored on
+        m = min(len(x), len(y))
+        x, y = x[len(x) - m:], y[len(y) - m:]  # (position,) aligned at the block's end
+        both = ~(torch.isnan(x) | torch.isnan(y))
+        out_a.append(x.where(both, math.nan))
+        out_b.append(y.where(both, math.nan))
+    return out_a, out_b
 
 
 @torch.no_grad()
@@ -513,3 +544,32 @@ def survival_agreement(ours: dict, n_new: int, theirs_first_divergences: list, h
 
 def _meet(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
+
+
+MODEL_FIGURES = tuple(f"{name}{suffix}" for name in ("kl", "top1_agree", "ppl_change", "discarded") for suffix in ("", "_lo", "_hi"))
+
+
+def model_rows(name: str, lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Tensor, prompt: torch.Tensor,
+               dense_tokens: torch.Tensor) -> list[dict]:
+    """One model's row per rule for the cross-model table: teacher-forced figures and greedy agreement.
+
+    Args:
+        name: the model's name, for the table.
+        configs: the rules (a rule with ``dense_layers`` is labelled "first 2 dense", the others "every layer").
+        blocks, prompt, dense_tokens: as ``budget_sweep`` takes them (every rule on every block).
+    Returns:
+        [{"model", "rule", "blocks", each of ``MODEL_FIGURES``, "step_agree", "first_divergence"}], one per rule.
+    """
+    return [{"model": name, "rule": f"first {r['dense_layers']} dense" if r["dense_layers"] else "every layer",
+             "blocks": r["blocks"], **{k: r[k] for k in (*MODEL_FIGURES, "step_agree", "first_divergence")}}
+            for r in budget_sweep(lm, configs, blocks, prompt, dense_tokens)]
+
+
+def identical_count(first_divergences: list, horizon: int) -> int:
+    """How many runs stayed identical through ``horizon`` tokens.
+
+    Args:
+        first_divergences: per run, its first divergence (None, or ≥ horizon as the revision records a
+            surviving run: identical through the horizon).
+    """
+    return sum(d is None or d >= horizon for d in first_divergences)
