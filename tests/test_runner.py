@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -94,12 +96,34 @@ def test_parameters_cell_must_define_model_and_results_dir(tmp_path, monkeypatch
 
 
 def test_cli_reports_parameter_errors_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    from atlas_core.book import cli
+
     forbid_execution(monkeypatch)
     source = write_chapter(tmp_path, "pass")
-    code = runner.main(["run", "toy", "--model", "m", "-p", "bogus", "1",
-                        "--out", str(tmp_path / "out"), "--source", str(source)])
+    code = cli.main(["run", "toy", "--model", "m", "-p", "bogus", "1",
+                     "--out", str(tmp_path / "out"), "--source", str(source)])
     assert code == 2
     assert "unknown parameter 'bogus'" in capsys.readouterr().err
+
+
+def test_atlas_is_the_only_command_line():
+    """One front door: the runner has no argument parser of its own, and the workflow's jobs are `atlas run`."""
+    assert not hasattr(runner, "main")
+    snakefile = (runner.ROOT / "workflow" / "Snakefile").read_text()
+    assert '} run {{wildcards.chapter}}' in snakefile and "-m atlas_core" not in snakefile
+    assert 'exec "$VENV/bin/atlas" book' in (runner.ROOT / "atlas.sh").read_text()
+
+
+def test_atlas_book_passes_cores_and_models_to_the_build(monkeypatch):
+    from atlas_core.book import cli
+
+    calls = []
+    monkeypatch.setattr(runner, "build_book", lambda cores, models: calls.append((cores, models)))
+    assert cli.main(["book", "--cores", "3", "--models", "toy-llama", "toy-gpt2"]) == 0
+    assert cli.main(["book", "--cores", "1"]) == 0
+    assert calls == [(3, ["toy-llama", "toy-gpt2"]), (1, [runner.DEFAULT_MODEL])]
+    from atlas_core.zoo import DEFAULT_MODEL
+    assert runner.DEFAULT_MODEL is DEFAULT_MODEL  # one default model
 
 
 def test_successful_run_writes_notebook_results_and_timing(tmp_path):
@@ -145,9 +169,25 @@ def test_chapters_come_from_the_toc_in_order(tmp_path):
 
 
 def test_params_file_names_known_chapters():
-    table = yaml.safe_load((runner.ROOT / "workflow" / "params.yaml").read_text())
+    table = runner.params_table()
+    assert table == yaml.safe_load(runner.PARAMS_FILE.read_text())
     for model, chapters in table.items():
         assert set(chapters or {}) <= set(runner.CHAPTERS), model
+
+
+def test_params_file_is_read_once_and_its_shape_checked(tmp_path, monkeypatch):
+    good = tmp_path / "params.yaml"
+    good.write_text("toy-llama:\n  atlas: {k: 4}\n")
+    reads = []
+    real = type(good).read_text
+    monkeypatch.setattr(type(good), "read_text", lambda self, *a, **k: reads.append(self) or real(self, *a, **k))
+    assert runner.params_table(good) == {"toy-llama": {"atlas": {"k": 4}}}
+    assert runner.params_table(good) == {"toy-llama": {"atlas": {"k": 4}}}
+    assert reads.count(good) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("toy-llama: [atlas]\n")
+    with pytest.raises(ParameterError, match="must map model -> chapter"):
+        runner.params_table(bad)
 
 
 def test_model_slug_is_a_single_path_component():
@@ -246,6 +286,56 @@ def test_a_chapter_depends_on_the_library_code_it_imports_only(tmp_path):
     assert not any("/atlas_core/book/" in p for p in lazy)
 
 
+def _code_digests() -> dict[str, str]:
+    """Per chapter, a sha256 over the names and bytes of its rerun inputs (runner.chapter_code)."""
+    import hashlib
+
+    out = {}
+    for chapter in runner.CHAPTERS:
+        digest = hashlib.sha256()
+        for path in runner.chapter_code(chapter):
+            digest.update(path.encode() + b"\0" + Path(path).read_bytes())
+        out[chapter] = digest.hexdigest()
+    return out
+
+
+def test_rerun_inputs_are_each_notebooks_import_closure():
+    """sparse/kernels.py is an input of sparse (which imports it) and of no other chapter; nqp's closure holds
+    no sparse or KV-cache module; no chapter has a book-machinery file (CLI, runner, checks) among its inputs."""
+    lib = runner.ROOT / "atlas_core"
+    code = {chapter: set(runner.chapter_code(chapter)) for chapter in runner.CHAPTERS}
+    kernels = str(lib / "sparse" / "kernels.py")
+    assert [c for c in runner.CHAPTERS if kernels in code[c]] == ["sparse"]
+    assert not any("/sparse/" in p or "/kvquant/" in p for p in code["nqp"])
+    assert str(lib / "wquant" / "gptq.py") in code["nqp"]
+    machinery = {str(p) for p in (lib / "book").glob("*.py")} | {str(lib / "progress.py")}
+    assert {str(lib / "book" / f"{n}.py") for n in ("cli", "runner", "chapter_params", "browser", "compare",
+                                                      "book_bench")} <= machinery
+    assert all(not machinery & files for files in code.values())
+
+
+def test_editing_book_machinery_reruns_no_chapter_and_a_kernel_edit_reruns_its_chapter(tmp_path, monkeypatch):
+    """On a copy of the library and notebooks: edits to every book-package module (even ones that add science
+    imports: no chapter imports the book) and to progress.py leave every chapter's code hash unchanged; an
+    edit to sparse/kernels.py changes sparse's hash only. (An import added to progress.py is followed: the
+    chapters that load progress would load that module too.)"""
+    shutil.copytree(runner.ROOT / "atlas_core", tmp_path / "atlas_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(runner.ROOT / "notebooks", tmp_path / "notebooks")
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    monkeypatch.delenv(runner.NOTEBOOKS_ENV, raising=False)
+    before = _code_digests()
+    for path in (tmp_path / "atlas_core" / "book").glob("*.py"):
+        path.write_text(path.read_text() + "\nimport atlas_core.sparse.kernels  # an edit\n")
+    progress = tmp_path / "atlas_core" / "progress.py"
+    progress.write_text(progress.read_text().replace("tqdm", "tqdm  # an edit", 1))
+    assert _code_digests() == before
+    kernels = tmp_path / "atlas_core" / "sparse" / "kernels.py"
+    kernels.write_text(kernels.read_text() + "\n# an edit\n")
+    after = _code_digests()
+    assert [c for c in runner.CHAPTERS if after[c] != before[c]] == ["sparse"]
+
+
 def test_book_inputs_digest_changes_with_any_book_source(tmp_path):
     (tmp_path / "book" / "chapters").mkdir(parents=True)
     (tmp_path / "book" / "_static" / "mathjax").mkdir(parents=True)
@@ -264,7 +354,7 @@ def test_atlas_book_imports_neither_torch_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys; from atlas_core.book import cli, runner; runner.build_book = lambda cores: None; "
+    code = ("import sys; from atlas_core.book import cli, runner; runner.build_book = lambda cores, models: None; "
             "rc = cli.main(['book']); print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "False", "False"]

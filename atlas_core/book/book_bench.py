@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas_core.book.runner import BOOK_TIMING, CHAPTERS, DEFAULT_MODEL, ROOT, model_slug
+from atlas_core.book.runner import BOOK_TIMING, CHAPTERS, ROOT, model_slug
+from atlas_core.zoo import DEFAULT_MODEL
 
 CHAPTER_TARGET_S = 300  # every chapter on the default model, one BLAS thread
 LONG_CHAPTER_TARGET_S = {"nqp": 600}

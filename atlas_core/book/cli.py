@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from atlas_core.zoo import DEFAULT_MODEL  # no torch: zoo reads only names and packages
+
 # Offline unless the user says otherwise (HF_HUB_OFFLINE=0): a hub lookup with no network retries for ~50 s.
 # Set before transformers is imported, which reads these once.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:
-        print("atlas: interrupted", file=sys.stderr)
+        print("atlas: interrupted (finished chapter runs are kept; the same command resumes)", file=sys.stderr)
         return 130
 
 
@@ -82,10 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     _model_arg(r)
     r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     r.add_argument("--out", default=None, help="output folder (default results/<model>/)")
+    r.add_argument("--source", default=None, help="a jupytext file to run instead of notebooks/CHAPTER.py")
     r.set_defaults(func=_run)
 
     b = sub.add_parser("book", help="run every chapter on the default model, then build the HTML book")
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    b.add_argument("--models", nargs="+", default=[DEFAULT_MODEL],
+                   help="models to run every chapter on (results/<model>/); the book shows the first")
     b.set_defaults(func=_book)
 
     d = sub.add_parser("compare", help="compare the numbers of two results JSON files (timings skipped)")
@@ -378,14 +383,14 @@ def _kvquant(args) -> None:
 def _run(args) -> None:
     from atlas_core.book.runner import run_chapter
 
-    path = run_chapter(args.chapter, args.model, dict(args.param), out_dir=args.out)
+    path = run_chapter(args.chapter, args.model, dict(args.param), out_dir=args.out, source=args.source)
     print(path)
 
 
 def _book(args) -> None:
     from atlas_core.book.runner import build_book
 
-    build_book(cores=args.cores)
+    build_book(cores=args.cores, models=args.models)
 
 
 def _compare(args) -> int:

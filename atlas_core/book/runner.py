@@ -8,8 +8,8 @@ sets both; the chapter writes ``<results_dir>/<chapter>.json``). The chapters, i
 
 from __future__ import annotations
 
-import argparse
 import ast
+import functools
 import contextlib
 import json
 import os
@@ -25,9 +25,10 @@ import yaml
 
 from atlas_core.cache import atomic_path, write_json
 from atlas_core.progress import CHAPTER_ENV, chapter_label
+from atlas_core.zoo import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = "smollm2-135m"
+PARAMS_FILE = ROOT / "workflow" / "params.yaml"
 RESERVED = ("model", "results_dir")  # set by the runner, never by the user
 KERNEL_NAME = "atlas"
 NOTEBOOKS_ENV = "ATLAS_NOTEBOOKS_DIR"
@@ -89,18 +90,34 @@ def notebook_source(chapter: str) -> Path:
     return Path(os.environ.get(NOTEBOOKS_ENV) or ROOT / "notebooks") / f"{chapter}.py"
 
 
-def workflow_params(model: str, chapter: str) -> dict:
-    """Parameters for (model, chapter) from ``workflow/params.yaml`` (model → chapter → params)."""
-    path = ROOT / "workflow" / "params.yaml"
+@functools.cache
+def params_table(path: Path = PARAMS_FILE) -> dict:
+    """The per-model chapter parameters of ``workflow/params.yaml`` (model → chapter → {name: value}),
+    read once per process: the one place the file is read (the workflow and ``atlas run`` both ask here).
+
+    Raises:
+        ParameterError: the file is not a mapping of models to mappings of chapters to mappings.
+    """
     table = yaml.safe_load(path.read_text()) if path.exists() else None
-    return dict(((table or {}).get(model) or {}).get(chapter) or {})
+    table = {} if table is None else table
+    shape = isinstance(table, dict) and all(
+        isinstance(chapters or {}, dict) and all(isinstance(v or {}, dict) for v in (chapters or {}).values())
+        for chapters in table.values())
+    if not shape:
+        raise ParameterError(f"{path}: must map model -> chapter -> {{name: value}}")
+    return table
+
+
+def workflow_params(model: str, chapter: str) -> dict:
+    """Parameters for (model, chapter) from ``workflow/params.yaml`` (a copy; empty when not listed)."""
+    return dict((params_table().get(model) or {}).get(chapter) or {})
 
 
 # What only orchestrates: the book package (run notebooks, parse the command line, check parameters, the
 # rendered HTML, the timings) and the progress bars' labels. Editing them changes no number, so it reruns
 # no chapter.
 BOOK_PACKAGE = Path(__file__).resolve().parent
-ORCHESTRATION = frozenset({BOOK_PACKAGE, ROOT / "atlas_core" / "progress.py"})
+ORCHESTRATION = (Path("atlas_core", "book"), Path("atlas_core", "progress.py"))  # relative to ROOT
 
 
 def _imported_modules(source: str) -> set[str]:
@@ -155,7 +172,7 @@ def chapter_code(chapter: str, source: Path | None = None) -> list[str]:
 
 def _orchestration(path: Path) -> bool:
     """True for a file of ``ORCHESTRATION`` (the file itself, or one inside a listed folder)."""
-    return any(path == entry or entry in path.parents for entry in ORCHESTRATION)
+    return any(path == ROOT / entry or ROOT / entry in path.parents for entry in ORCHESTRATION)
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -510,7 +527,7 @@ def html_digest(html_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def build_book(cores: int = 2, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,)) -> Path:
+def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,)) -> Path:
     """Run every chapter through the Snakemake workflow, then build the HTML book offline.
 
     Args:
@@ -601,38 +618,3 @@ def browser_check(html_dir: Path) -> str:
     with atomic_path(stamp) as tmp:
         tmp.write_text(digest + "\n")
     return f"browser check {time.time() - start:.1f} s"
-
-
-# --- command line (the Snakefile's entry; the user-facing CLI is atlas_core.book.cli) ------------------
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m atlas_core.book.runner run CHAPTER --model M [-p NAME VALUE] [--out DIR]`` or ``book``."""
-    parser = argparse.ArgumentParser(prog="python -m atlas_core.book.runner",
-                                     description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="execute one chapter for one model")
-    run.add_argument("chapter")
-    run.add_argument("--model", default=DEFAULT_MODEL)
-    run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    run.add_argument("--out", type=Path, default=None)
-    run.add_argument("--source", type=Path, default=None, help="jupytext file to run instead")
-    book = sub.add_parser("book", help="run all chapters (Snakemake), then build the HTML")
-    book.add_argument("--cores", type=int, default=2)
-    book.add_argument("--models", nargs="+", default=[DEFAULT_MODEL])
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            print(run_chapter(args.chapter, args.model, dict(args.p), args.out, args.source))
-        else:
-            build_book(args.cores, args.models)
-    except (ParameterError, RunnerError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ParameterError) else 1
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; the same command resumes", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
