@@ -270,16 +270,6 @@ plt.close(fig)
 # {glue:text}`kv_rank:d` and {glue:text}`kv_side_bits:d`-bit side codes on top of per-token keys.
 
 # %%
-def run(m: KVMethod) -> dict:
-    """Decode NLL per block, perplexity with its interval, and stored bits of one method (memoised)."""
-    return runs(m)
-
-
-def figs(m: KVMethod) -> dict:
-    """Every figure of ``m`` with its 95% interval: ppl, fp, ratio to fp, and against its baseline."""
-    return runs.figures(m)
-
-
 def K(method: str, b: int, **kw) -> KVMethod:
     return KVMethod(method, b, group=kw.pop("group", group), rank=kw.pop("rank", rank), side_bits=side_bits, seed=seed, **kw)
 
@@ -297,10 +287,10 @@ plan += [K(m, 2, pre_rope=True) for m in ("per-token", "kivi")] if s.family != "
 if engine == "onepass":  # the A² value policy needs the attention weights that only the one-pass engine sees
     plan += [K("headq", 2, vbits=a2_vbits), K("headq", 2, vbits=a2_vbits, a2_low=2)]
 for m in tqdm(plan, desc="decode runs"):
-    run(m)
+    runs(m)
 g("n_runs", len(runs.done))
 
-fp_ppl = run(KVMethod("fp"))["ppl"]
+fp_ppl = runs(KVMethod("fp"))["ppl"]
 ge("fp_ppl", fp_ppl)
 
 
@@ -313,7 +303,7 @@ def versus(f: dict) -> str:
 
 
 def row(m: KVMethod) -> dict:
-    r, f = run(m), figs(m)
+    r, f = runs(m), runs.figures(m)
     return {"method": r["label"], "bits/key": r["bits_key"], "bits/value": r["bits_value"],
             "bits/KV": (r["bits_key"] + r["bits_value"]) / 2, "PPL": f"{f['ppl']:.2f}",
             "PPL / fp": f"{f['ratio_fp']:.3f}",
@@ -332,7 +322,7 @@ g("bits_table", bits_table.style.format(FMT, na_rep="—"))
 
 def errorbars(ax, xs, ms, **kw) -> None:
     """Perplexity of ``ms`` at ``xs`` with their 95% intervals as error bars."""
-    est = [run(m)["ppl"] for m in ms]
+    est = [runs(m)["ppl"] for m in ms]
     y = np.array([e.value for e in est])
     err = np.array([[e.value - e.lo for e in est], [e.hi - e.value for e in est]])
     ax.errorbar(xs, y, yerr=err, capsize=3, **kw)
@@ -342,10 +332,10 @@ fig_bits, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
 for ax, (title, vb, xkey) in zip(axes, (("K-only (dense values)", None, "bits_key"), ("full KV", True, None))):
     for name, color in (("per-token", "C0"), ("kivi", "C1"), ("headq", "C2")):
         ms = [K(name, b, vbits=b) if vb else K(name, b) for b in (kv_bits if vb else bits)]
-        xs = [run(m)[xkey] if xkey else (run(m)["bits_key"] + run(m)["bits_value"]) / 2 for m in ms]
+        xs = [runs(m)[xkey] if xkey else (runs(m)["bits_key"] + runs(m)["bits_value"]) / 2 for m in ms]
         errorbars(ax, xs, ms, fmt="o-", color=color, label=name)
         for x, m in zip(xs, ms):
-            ax.annotate(f"{m.kbits}b", (x, run(m)["ppl"].value), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            ax.annotate(f"{m.kbits}b", (x, runs(m)["ppl"].value), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.axhline(fp_ppl.value, color="k", lw=0.8, ls="--", label="fp")
     ax.axhspan(fp_ppl.lo, fp_ppl.hi, color="k", alpha=0.08, lw=0)
     ax.set(yscale="log", title=title, xlabel="stored bits per key element" if xkey else "stored bits per K/V element (mean)")
@@ -358,15 +348,15 @@ plt.close(fig_bits)
 for tag, m in (("pt2", K("per-token", 2)), ("kivi2", K("kivi", 2)), ("hq2", K("headq", 2)), ("pt3", K("per-token", 3)),
                ("kivi3", K("kivi", 3)), ("pt2_kv", K("per-token", 2, vbits=2)), ("kivi2_kv", K("kivi", 2, vbits=2)),
                ("hq2_kv", K("headq", 2, vbits=2))):
-    ge(f"ppl_{tag}", run(m)["ppl"])
-    g(f"bits_{tag}", run(m)["bits_key"])
-ge("removed_hq2", figs(K("headq", 2))["excess_removed"])
-ge("removed_kivi2", figs(K("kivi", 2))["excess_removed"])
-ge("removed_hq2_kv", figs(K("headq", 2, vbits=2))["excess_removed"])
-g("hq_vs_kivi", lower_verdict(run(K("headq", 2))["nll"], run(K("kivi", 2))["nll"], "HeadQ", "KIVI", runs.setup.boot))
-best_base = min((K("per-token", 2), K("kivi", 2)), key=lambda m: run(m)["ppl"].value)
-g("best_base", run(best_base)["label"])
-ge("ppl_best_base", run(best_base)["ppl"])
+    ge(f"ppl_{tag}", runs(m)["ppl"])
+    g(f"bits_{tag}", runs(m)["bits_key"])
+ge("removed_hq2", runs.figures(K("headq", 2))["excess_removed"])
+ge("removed_kivi2", runs.figures(K("kivi", 2))["excess_removed"])
+ge("removed_hq2_kv", runs.figures(K("headq", 2, vbits=2))["excess_removed"])
+g("hq_vs_kivi", lower_verdict(runs(K("headq", 2))["nll"], runs(K("kivi", 2))["nll"], "HeadQ", "KIVI", runs.setup.boot))
+best_base = min((K("per-token", 2), K("kivi", 2)), key=lambda m: runs(m)["ppl"].value)
+g("best_base", runs(best_base)["label"])
+ge("ppl_best_base", runs(best_base)["ppl"])
 
 # %% [markdown]
 # ```{glue:figure} kv_fig_bits
@@ -439,7 +429,7 @@ rank_table = table([K("per-token", 2)] + rank_methods)
 g("rank_table", rank_table.style.format(FMT, na_rep="—"))
 fig, ax = plt.subplots(figsize=(5.5, 3.6))
 errorbars(ax, ranks, rank_methods, fmt="o-", color="C2", label="HeadQ 2b")
-pt2 = run(K("per-token", 2))["ppl"]
+pt2 = runs(K("per-token", 2))["ppl"]
 ax.axhline(pt2.value, color="C0", ls=":", label="per-token 2b (r = 0)")
 ax.axhspan(pt2.lo, pt2.hi, color="C0", alpha=0.1, lw=0)
 ax.axhline(fp_ppl.value, color="k", ls="--", lw=0.8, label="fp")
@@ -452,13 +442,13 @@ ax.legend(loc="center right")
 fig.tight_layout()
 g("fig_rank", fig)
 plt.close(fig)
-best_rank = min(rank_methods, key=lambda m: run(m)["ppl"].value)
+best_rank = min(rank_methods, key=lambda m: runs(m)["ppl"].value)
 g("best_rank", best_rank.rank)
-ge("best_rank_removed", figs(best_rank)["excess_removed"])
-g("best_rank_bits", run(best_rank)["bits_key"])
+ge("best_rank_removed", runs.figures(best_rank)["excess_removed"])
+g("best_rank_bits", runs(best_rank)["bits_key"])
 g("rank_min", rank_methods[0].rank)
-ge("rank1_removed", figs(rank_methods[0])["excess_removed"])
-g("rank1_verdict", figs(rank_methods[0])["difference_baseline"].distinguishable(0.0)
+ge("rank1_removed", runs.figures(rank_methods[0])["excess_removed"])
+g("rank1_verdict", runs.figures(rank_methods[0])["difference_baseline"].distinguishable(0.0)
   and "already" or "is not distinguishable from no side code at this sample size, though it")
 
 # %% [markdown]
@@ -506,13 +496,13 @@ control_methods = [K("headq", 2)] + [K("headq", 2, control=c) for c in ("wrong-s
 control_table = table([K("per-token", 2)] + control_methods)
 g("control_table", control_table.style.format(FMT, na_rep="—"))
 for c, m in zip(("query", "wrong", "random", "keypca"), control_methods):
-    ge(f"ctl_{c}_ppl", run(m)["ppl"])
-    ge(f"ctl_{c}_removed", figs(m)["excess_removed"])
+    ge(f"ctl_{c}_ppl", runs(m)["ppl"])
+    ge(f"ctl_{c}_removed", runs.figures(m)["excess_removed"])
 control_names = {"the query basis": K("headq", 2), "the wrong sign": K("headq", 2, control="wrong-sign"),
                  "a random basis": K("headq", 2, control="random-basis"), "the key-PCA basis": K("headq", 2, control="key-pca")}
-_, control_verdict = lowest_verdict({n: run(m)["nll"] for n, m in control_names.items()}, "the query basis", runs.setup.boot)
+_, control_verdict = lowest_verdict({n: runs(m)["nll"] for n, m in control_names.items()}, "the query basis", runs.setup.boot)
 g("control_verdict", control_verdict)
-g("keypca_vs_query", lower_verdict(run(K("headq", 2, control="key-pca"))["nll"], run(K("headq", 2))["nll"],
+g("keypca_vs_query", lower_verdict(runs(K("headq", 2, control="key-pca"))["nll"], runs(K("headq", 2))["nll"],
                                    "the key-PCA basis", "the query basis", runs.setup.boot))
 
 # %% [markdown]
@@ -552,25 +542,25 @@ g("keypca_vs_query", lower_verdict(run(K("headq", 2, control="key-pca"))["nll"],
 # %%
 budget_methods = [K("headq", 2), K("per-token", 3), K("kivi", 3), K("per-token", 2, group=group // 2),
                   K("kivi", 2, group=group // 2), K("headq", 2, rank=4), K("kivi", 2), K("headq", 2, base="kivi")]
-budget_methods.sort(key=lambda m: (run(m)["bits_key"], run(m)["ppl"].value))
+budget_methods.sort(key=lambda m: (runs(m)["bits_key"], runs(m)["ppl"].value))
 budget_table = table(budget_methods)
 g("budget_table", budget_table.style.format(FMT, na_rep="—"))
-ge("ppl_hq2_kivi", run(K("headq", 2, base="kivi"))["ppl"])
-g("bits_hq2_kivi", run(K("headq", 2, base="kivi"))["bits_key"])
-ge("removed_hq2_kivi", figs(K("headq", 2, base="kivi"))["excess_removed"])
-g("hq2_kivi_verdict", figs(K("headq", 2, base="kivi"))["difference_baseline"].distinguishable(0.0)
+ge("ppl_hq2_kivi", runs(K("headq", 2, base="kivi"))["ppl"])
+g("bits_hq2_kivi", runs(K("headq", 2, base="kivi"))["bits_key"])
+ge("removed_hq2_kivi", runs.figures(K("headq", 2, base="kivi"))["excess_removed"])
+g("hq2_kivi_verdict", runs.figures(K("headq", 2, base="kivi"))["difference_baseline"].distinguishable(0.0)
   and "removes" or "is not distinguishable from KIVI alone at this sample size; it removes")
-hq_bits = run(K("headq", 2))["bits_key"]
+hq_bits = runs(K("headq", 2))["bits_key"]
 same = [m for m, r in runs.done.items() if m.vbits == 16 and m.method != "fp" and abs(r["bits_key"] - hq_bits) < 1e-6]
-hq_label = run(K("headq", 2))["label"]
-best_label, budget_verdict = lowest_verdict({run(m)["label"]: run(m)["nll"] for m in same}, hq_label, runs.setup.boot)
+hq_label = runs(K("headq", 2))["label"]
+best_label, budget_verdict = lowest_verdict({runs(m)["label"]: runs(m)["nll"] for m in same}, hq_label, runs.setup.boot)
 g("budget_bits", hq_bits)
 g("budget_best", best_label)
-ge("budget_best_ppl", next(run(m)["ppl"] for m in same if run(m)["label"] == best_label))
-g("budget_hq_rank", sorted(run(m)["ppl"].value for m in same).index(run(K("headq", 2))["ppl"].value) + 1)
+ge("budget_best_ppl", next(runs(m)["ppl"] for m in same if runs(m)["label"] == best_label))
+g("budget_hq_rank", sorted(runs(m)["ppl"].value for m in same).index(runs(K("headq", 2))["ppl"].value) + 1)
 g("budget_n", len(same))
 g("budget_verdict", budget_verdict)
-g("kivi2_vs_hq2", lower_verdict(run(K("kivi", 2))["nll"], run(K("headq", 2))["nll"], "2-bit KIVI", "HeadQ", runs.setup.boot))
+g("kivi2_vs_hq2", lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq", 2))["nll"], "2-bit KIVI", "HeadQ", runs.setup.boot))
 
 # %% [markdown]
 # ```{glue:figure} kv_budget_table
@@ -619,12 +609,12 @@ g("kivi2_vs_hq2", lower_verdict(run(K("kivi", 2))["nll"], run(K("headq", 2))["nl
 # %%
 if s.family != "gpt2":
     rope_table = table([K("per-token", 2), K("per-token", 2, pre_rope=True), K("kivi", 2), K("kivi", 2, pre_rope=True)])
-    ge("rope_kivi_post", run(K("kivi", 2))["ppl"])
-    ge("rope_kivi_pre", run(K("kivi", 2, pre_rope=True))["ppl"])
-    ge("rope_pt_post", run(K("per-token", 2))["ppl"])
-    ge("rope_pt_pre", run(K("per-token", 2, pre_rope=True))["ppl"])
+    ge("rope_kivi_post", runs(K("kivi", 2))["ppl"])
+    ge("rope_kivi_pre", runs(K("kivi", 2, pre_rope=True))["ppl"])
+    ge("rope_pt_post", runs(K("per-token", 2))["ppl"])
+    ge("rope_pt_pre", runs(K("per-token", 2, pre_rope=True))["ppl"])
     for tag, m in (("kivi", K("kivi", 2)), ("pt", K("per-token", 2))):
-        g(f"rope_{tag}_verdict", lower_verdict(run(replace(m, pre_rope=True))["nll"], run(m)["nll"], "pre-RoPE",
+        g(f"rope_{tag}_verdict", lower_verdict(runs(replace(m, pre_rope=True))["nll"], runs(m)["nll"], "pre-RoPE",
                                                "post-RoPE", runs.setup.boot))
 else:
     rope_table = pd.DataFrame({"note": ["GPT-2 has no RoPE"]})
@@ -713,15 +703,15 @@ g("a2_random_ratio", value_table.loc["random tokens fp", "mean"] / uni)
 # %%
 if engine == "onepass":
     uniform_v, a2_v = K("headq", 2, vbits=a2_vbits), K("headq", 2, vbits=a2_vbits, a2_low=2)
-    a2_figs = figs(a2_v)
+    a2_figs = runs.figures(a2_v)
     ge("a2_decode_ppl", a2_figs["ppl"])
     ge("a2_uniform_ppl", a2_figs["ppl_baseline"])
     ge("a2_decode_diff", a2_figs["difference_baseline"])
-    g("a2_decode_payload", run(a2_v)["value_payload"])
-    g("a2_decode_verdict", lower_verdict(run(a2_v)["nll"], run(uniform_v)["nll"], "the A² policy",
+    g("a2_decode_payload", runs(a2_v)["value_payload"])
+    g("a2_decode_verdict", lower_verdict(runs(a2_v)["nll"], runs(uniform_v)["nll"], "the A² policy",
                                          f"uniform {a2_vbits}-bit values", runs.setup.boot))
-    a2_table = table([uniform_v, a2_v]).assign(**{"payload bits/value": [run(uniform_v)["value_payload"],
-                                                                         run(a2_v)["value_payload"]]})
+    a2_table = table([uniform_v, a2_v]).assign(**{"payload bits/value": [runs(uniform_v)["value_payload"],
+                                                                         runs(a2_v)["value_payload"]]})
     g("a2_table", a2_table.style.format(FMT | {"payload bits/value": "{:.3f}"}, na_rep="—"))
 else:
     for key in ("a2_decode_ppl", "a2_uniform_ppl", "a2_decode_diff"):
@@ -756,7 +746,7 @@ else:
 # reconstructed (full precision for the most attended values, 2 bits for the rest), not the authors'.
 
 # %%
-hq_figs = figs(K("headq", 2))
+hq_figs = runs.figures(K("headq", 2))
 g("verdict", range_verdict(hq_figs["excess_removed"], hq_figs["difference_baseline"], 0.84, 0.94))
 
 # The same verdicts on the first `previous_blocks` of these blocks: the sample of the chapter's earlier
@@ -766,13 +756,13 @@ previous_blocks = min(2, eval_blocks)
 
 def verdicts(n: int) -> dict[str, str]:
     """The chapter's headline verdicts from the first ``n`` evaluation blocks."""
-    nll = lambda m: run(m)["nll"][:n]  # noqa: E731
+    nll = lambda m: runs(m)["nll"][:n]  # noqa: E731
     pt2, hq2, fp = nll(K("per-token", 2)), nll(K("headq", 2)), nll(KVMethod("fp"))
     boot = runs.setup.boot
     out = {"HeadQ against the paper's 84–94%": range_verdict(interval.excess_removed(pt2, hq2, fp, boot),
                                                               interval.ppl_difference(hq2, pt2, boot), 0.84, 0.94),
            "HeadQ against KIVI": lower_verdict(hq2, nll(K("kivi", 2)), "HeadQ", "KIVI", boot),
-           "equal storage": lowest_verdict({run(m)["label"]: nll(m) for m in same}, hq_label, boot)[1],
+           "equal storage": lowest_verdict({runs(m)["label"]: nll(m) for m in same}, hq_label, boot)[1],
            "controls": lowest_verdict({c: nll(m) for c, m in control_names.items()}, "the query basis", boot)[1]}
     if engine == "onepass":
         out["A² in decode"] = lower_verdict(nll(a2_v), nll(uniform_v), "the A² policy", f"uniform {a2_vbits}-bit values", boot)
@@ -801,7 +791,7 @@ write_json(out / "kvquant.json", {
                "a2_budget": a2_budget, "seed": seed},
     "fp_ppl": fp_ppl.as_dict(),
     "runs": [{"label": r["label"], "bits_key": r["bits_key"], "bits_value": r["bits_value"], "value_payload": r["value_payload"],
-              "settings": vars(m)} | {name: est.as_dict() for name, est in figs(m).items()} for m, r in runs.done.items()],
+              "settings": vars(m)} | {name: est.as_dict() for name, est in runs.figures(m).items()} for m, r in runs.done.items()],
     "error_study": {"spearman": rho, "spearman_within_head": within,
                     "by_config": by_config.reset_index().to_dict(orient="records")},
     "value_policy": value_table.reset_index().to_dict(orient="records"),
