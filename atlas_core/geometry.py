@@ -27,14 +27,19 @@ __all__ = [
     "analytic_null_mean",
     "bootstrap_ci",
     "c_null_in_column_spaces",
+    "check_rank",
     "column_space_frames",
     "frame",
+    "frame_rank",
     "frames",
     "gaussian_null_clouds",
     "haar_cosines",
     "haar_frames",
+    "haar_head_overlaps",
     "haar_null",
+    "head_mean_overlap",
     "layer_overlap",
+    "overlap_sweep",
     "overlap_matrix",
     "pair_groups",
     "pair_overlaps",
@@ -400,6 +405,47 @@ def _mean_ci(values: np.ndarray, n_boot: int, seed: int):
     return float(values.mean()), bootstrap_ci(values, n_boot, seed=seed)
 
 
+def check_rank(k, d: int, n_points: int | None = None) -> int:
+    """The one rule for a frame rank k that an overlap can be read from: an integer, 1 <= k < d (and k < point).
+
+    A frame of rank d spans the whole space, so every pair of them overlaps exactly 1 and so does every
+    Haar frame: the overlap and its null say nothing (the z-score is then noise over a null std of ~0).
+    The CLI (``measure.overlap_report``), the chapters (through ``layer_overlap`` and ``overlap_sweep``)
+    and the chapters' parameter pre-check all call this.
+
+    Args:
+        k: frame rank
+        d: the clouds' dimension (d_head for ε and z, d_model for c)
+        n_points: points per cloud, when known (a centred cloud of N points spans at most N − 1 directions)
+    Returns:
+        k as an int
+    Raises:
+        ValueError: k not an integer, k < 1, k >= d or k >= n_points
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k = {k!r} must be an integer frame rank")
+    limit = d if n_points is None else min(d, n_points)
+    if not 1 <= k < limit:
+        points = "" if n_points is None else f" and the n_points = {n_points}"
+        raise ValueError(f"k = {k} must satisfy 1 <= k < d = {d}{points} (a frame of rank d spans the whole "
+                         f"space: every overlap is 1); choose k below {limit}")
+    return int(k)
+
+
+def frame_rank(d_int: float, d: int) -> int:
+    """The source work's per-model frame rank: a mean intrinsic dimension rounded, kept inside 1 <= k < d.
+
+    Args:
+        d_int: mean intrinsic dimension over heads
+        d: the clouds' dimension
+    Returns:
+        round(d_int) (half to even, as Python rounds) clipped to [1, d − 1]
+    """
+    if not math.isfinite(d_int):
+        raise ValueError(f"d_int = {d_int} must be finite to give a frame rank")
+    return int(min(max(round(float(d_int)), 1), d - 1))
+
+
 def layer_overlap(
     clouds,
     kv_group,
@@ -415,14 +461,57 @@ def layer_overlap(
     Args:
         clouds: (head, point, d) — ε or z (d = d_head) or c (d = d_model)
         kv_group: (head,) KV head of each query head (arange(head) under MHA)
-        k: frame rank
+        k: frame rank, 1 <= k < d (``check_rank``)
         w_o: (head, d_head, d_model), only for c clouds: adds the null inside the W_O column spaces
     Returns:
         OverlapResult; under MQA (no inter pairs) the headline is over all pairs, ``pairs="intra-only"``
+    Raises:
+        ValueError: k outside 1 <= k < d, fewer than two heads
     """
     x = _array(clouds)
-    n_heads, n_points, d = x.shape
-    b = frames(x, k)
+    _, n_points, d = x.shape
+    check_rank(k, d, n_points)
+    return _frames_overlap(frames(x, k), n_points, kv_group, metric, n_boot, seed, null_draws, w_o)
+
+
+def overlap_sweep(
+    clouds,
+    kv_group,
+    ks,
+    metric: str = "source",
+    n_boot: int = 2000,
+    seed: int = 0,
+    null_draws: int = 500,
+    w_o=None,
+) -> dict[int, OverlapResult]:
+    """``layer_overlap`` at every rank in ``ks`` from one SVD per head.
+
+    The top-k frame is the first k columns of the top-max(ks) frame (the same right singular vectors), so
+    each result equals ``layer_overlap(clouds, kv_group, k, ...)`` exactly: the same pairs, bootstrap and
+    nulls go through the same code path (``tests/test_geometry.py`` holds them equal).
+
+    Args:
+        clouds: (head, point, d)
+        kv_group: (head,)
+        ks: frame ranks, each 1 <= k < d (``check_rank``)
+        w_o: (head, d_head, d_model), only for c clouds
+    Returns:
+        {k: OverlapResult} in increasing k
+    Raises:
+        ValueError: no rank, or a rank outside 1 <= k < d
+    """
+    x = _array(clouds)
+    _, n_points, d = x.shape
+    ks = sorted({check_rank(k, d, n_points) for k in ks})
+    if not ks:
+        raise ValueError("overlap_sweep needs at least one frame rank k")
+    b = frames(x, ks[-1])  # (head, d, k_max)
+    return {k: _frames_overlap(b[..., :k], n_points, kv_group, metric, n_boot, seed, null_draws, w_o) for k in ks}
+
+
+def _frames_overlap(b, n_points, kv_group, metric, n_boot, seed, null_draws, w_o) -> OverlapResult:
+    """``layer_overlap`` from the heads' frames b (head, d, k)."""
+    _, d, k = b.shape
     matrix = overlap_matrix(b, metric)
     groups = pair_groups(kv_group)
     if len(groups["all"]) == 0:
@@ -451,3 +540,53 @@ def layer_overlap(
         delta=o_h - null["mean"], z=(o_h - null["mean"]) / null["std"],
         d=d, k=k, n_points=n_points, metric=metric, matrix=matrix, **col,
     )
+
+
+# --- per head ------------------------------------------------------------------------------------------
+
+
+def head_mean_overlap(matrix, kv_group) -> np.ndarray:
+    """Each head's mean overlap with the heads of other KV groups (with all other heads under MQA).
+
+    Args:
+        matrix: (head, head) overlap matrix (``overlap_matrix``, ``OverlapResult.matrix``)
+        kv_group: (head,) KV head of each query head
+    Returns:
+        (head,); under MQA (a single KV head, no inter-group pair) the mean over every other head
+    Raises:
+        ValueError: matrix not square, kv_group of another length, or fewer than two heads
+    """
+    m = _array(matrix)
+    g = np.asarray(kv_group).ravel()
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or len(g) != len(m) or len(g) < 2:
+        raise ValueError(f"head_mean_overlap needs a (head, head) matrix with head >= 2 and one KV group per "
+                         f"head; got matrix {m.shape} and {len(g)} groups")
+    partner = g[:, None] != g[None, :]  # (head, head): pairs across KV groups
+    if not partner.any():  # MQA: a single KV head, no inter-group pair exists
+        partner = ~np.eye(len(g), dtype=bool)
+    return (m * partner).sum(1) / partner.sum(1)
+
+
+def haar_head_overlaps(kv_group, d: int, k: int, n_layers: int, n_draws: int, seed: int = 0) -> np.ndarray:
+    """``head_mean_overlap`` of Haar-random frames in place of the heads' own, over layers and draws.
+
+    The null of a per-head statistic (its correlation with d_int, say): every head of each of ``n_layers``
+    layers gets an independent Haar k-frame in R^d in every draw. One Generator seeded with ``seed`` draws
+    the layers of draw 0 first, then those of draw 1, and so on.
+
+    Args:
+        kv_group: (head,) KV head of each query head (the same in every layer)
+        d, k: frame dimension and rank, 1 <= k < d
+        n_layers: layers per draw
+        n_draws: draws
+    Returns:
+        (draw, layer * head), layer-major within a draw (as ``np.repeat(layers, head)`` labels it)
+    """
+    check_rank(k, d)
+    g = np.asarray(kv_group).ravel()
+    rng = np.random.default_rng(seed)
+
+    def one_layer() -> np.ndarray:  # (head,)
+        return head_mean_overlap(overlap_matrix(haar_frames(len(g), d, k, rng)), g)
+
+    return np.array([np.concatenate([one_layer() for _ in range(n_layers)]) for _ in range(n_draws)])

@@ -16,7 +16,8 @@ cast to float64) and works from nearest-neighbour distances (``knn_distances``).
   dimension, rotated into ``ambient`` dimensions, for validation.
 
 Duplicates. A point at zero distance from its nearest neighbour has no ratio mu; such points are dropped
-and counted in a ``DuplicatePointsWarning`` (real clouds have them: every block's first token, say).
+and counted in a ``DuplicatePointsWarning`` (real clouds have them: every block's first token, say), or,
+with ``estimate_dropped``/``per_head_dropped``, the count is returned beside the estimate.
 Nothing divides by zero.
 
 Degenerate input. Every estimator returns a finite value or raises a ValueError that names the problem:
@@ -113,18 +114,19 @@ def knn_distances(X, k: int) -> np.ndarray:
     return out
 
 
-def _drop_zero(r: np.ndarray, column: int, who: str) -> np.ndarray:
-    """Rows of ``r`` whose ``column``-th neighbour distance is positive; warn with the count dropped."""
+def _drop_zero(r: np.ndarray, column: int, who: str, warn: bool = True) -> tuple[np.ndarray, int]:
+    """Rows of ``r`` whose ``column``-th neighbour distance is positive, and how many were dropped; warn
+    with that count unless ``warn`` is False (the caller then returns the count itself)."""
     keep = r[:, column] > 0
     n_drop = int((~keep).sum())
-    if n_drop:
+    if n_drop and warn:
         warnings.warn(
             f"{who}: dropped {n_drop} of {len(r)} points at zero distance from neighbour "
             f"{column + 1} (duplicate points)",
             DuplicatePointsWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return r[keep]
+    return r[keep], n_drop
 
 
 def _log_ratio(far: np.ndarray, near: np.ndarray) -> np.ndarray:
@@ -138,15 +140,15 @@ def _log_ratio(far: np.ndarray, near: np.ndarray) -> np.ndarray:
     return log_mu
 
 
-def _twonn_log_mu(X, who: str) -> np.ndarray:
-    """log(r2/r1) per point, duplicates dropped: ``(point,)``."""
+def _twonn_log_mu(X, who: str, warn: bool = True) -> tuple[np.ndarray, int]:
+    """log(r2/r1) per point ``(point,)``, duplicates dropped, and how many were dropped."""
     r = knn_distances(X, 2)
     n = len(r)
-    r = _drop_zero(r, 0, who)
+    r, n_drop = _drop_zero(r, 0, who, warn)
     if len(r) < 3:
         raise ValueError(f"{who}: only {len(r)} of {n} points have a positive distance to their nearest "
                          "neighbour, need at least 3 (a constant cloud, or nothing but duplicates)")
-    return _log_ratio(r[:, 1], r[:, 0])
+    return _log_ratio(r[:, 1], r[:, 0]), n_drop
 
 
 def _check_discard(discard_fraction: float) -> None:
@@ -181,8 +183,13 @@ def twonn(X, discard_fraction: float = DISCARD_FRACTION) -> float:
         then has F = 1 and -log(1 - F) = inf; scikit-dimension raises too), fewer than 3 distinct points,
         or every kept ratio tied at 1.
     """
+    return _twonn_counted(X, discard_fraction)[0]
+
+
+def _twonn_counted(X, discard_fraction: float = DISCARD_FRACTION, warn: bool = True) -> tuple[float, int]:
     _check_discard(discard_fraction)
-    return _twonn_line(_twonn_log_mu(X, "twonn"), discard_fraction)
+    log_mu, n_drop = _twonn_log_mu(X, "twonn", warn)
+    return _twonn_line(log_mu, discard_fraction), n_drop
 
 
 def _twonn_line(log_mu: np.ndarray, discard_fraction: float = DISCARD_FRACTION) -> float:
@@ -216,8 +223,13 @@ def twonn_source(X, discard_fraction: float = DISCARD_FRACTION) -> float:
         ValueError: discard_fraction outside [0, 1), fewer than 3 distinct points, no ratio kept, or
         every kept ratio tied at 1.
     """
+    return _twonn_source_counted(X, discard_fraction)[0]
+
+
+def _twonn_source_counted(X, discard_fraction: float = DISCARD_FRACTION, warn: bool = True) -> tuple[float, int]:
     _check_discard(discard_fraction)
-    return _twonn_source_fit(_twonn_log_mu(X, "twonn-source"), discard_fraction)
+    log_mu, n_drop = _twonn_log_mu(X, "twonn-source", warn)
+    return _twonn_source_fit(log_mu, discard_fraction), n_drop
 
 
 def _twonn_source_fit(log_mu: np.ndarray, discard_fraction: float = DISCARD_FRACTION) -> float:
@@ -245,18 +257,22 @@ def mle_levina_bickel(X, k: int = 20) -> float:
         ValueError: k not an integer >= 2, fewer than k + 1 points, no point with a positive
         nearest-neighbour distance (a constant cloud), or every T_k/T_j tied at 1.
     """
+    return _mle_counted(X, k)[0]
+
+
+def _mle_counted(X, k: int = 20, warn: bool = True) -> tuple[float, int]:
     if not _is_int(k) or k < 2:
         raise ValueError(f"k must be an integer of at least 2, got {k!r}")
     r = knn_distances(X, k)
     n = len(r)
-    r = _drop_zero(r, 0, "mle")
+    r, n_drop = _drop_zero(r, 0, "mle", warn)
     if len(r) == 0:
         raise ValueError(f"mle: none of {n} points has a positive distance to its nearest neighbour "
                          "(a constant cloud, or nothing but duplicates)")
     inv = _log_ratio(r[:, -1:], r[:, :-1]).mean(axis=1)  # (point,): 1/m(x)
     if not inv.any():
         raise _tied("mle", f"ratio T_{k}/T_j")
-    return float(1.0 / inv.mean())
+    return float(1.0 / inv.mean()), n_drop
 
 
 def _gride_cut(log_mu: np.ndarray) -> np.ndarray:
@@ -318,7 +334,7 @@ def _gride_log_mu(r: np.ndarray, n1: int) -> np.ndarray:
     """log(r_{2 n1} / r_{n1}) of the points GRIDE uses at order n1: duplicates and ties dropped (warned),
     then the outlier cut. ``r`` is (point, >= 2 n1) sorted neighbour distances."""
     who = f"gride (n={n1})"
-    rn = _drop_zero(r, n1 - 1, who)
+    rn, _ = _drop_zero(r, n1 - 1, who)
     log_mu = _log_ratio(rn[:, 2 * n1 - 1], rn[:, n1 - 1])
     tied = log_mu == 0  # mu = 1 has zero density for n2 > n1 + 1 and says nothing of d; scikit-dimension drops it
     if tied.any():
@@ -361,6 +377,13 @@ _DISPATCH: dict[str, Callable[..., float]] = {
 }
 
 
+_COUNTED: dict[str, Callable[..., tuple[float, int]]] = {
+    "twonn": _twonn_counted,
+    "twonn-source": _twonn_source_counted,
+    "mle": _mle_counted,
+}
+
+
 def estimate(X, estimator: str = "twonn", **kwargs) -> float:
     """Intrinsic dimension of one cloud with the named estimator (one of ``ESTIMATORS``)."""
     try:
@@ -377,12 +400,50 @@ def per_head(clouds, estimator: str = "twonn", **kwargs) -> np.ndarray:
     Raises:
         ValueError: an array that is not 3-d, no clouds, or (from ``estimate``) a degenerate cloud.
     """
+    _check_clouds(clouds)
+    return np.array([estimate(c, estimator, **kwargs) for c in clouds], dtype=np.float64)
+
+
+def estimate_dropped(X, estimator: str = "twonn", **kwargs) -> tuple[float, int]:
+    """``estimate`` and how many points it dropped as duplicates, returned instead of warned.
+
+    Args:
+        X: (point, feature)
+        estimator: one of ``ESTIMATORS``
+    Returns:
+        (d_int, points dropped: those at zero distance from their nearest neighbour)
+    Raises:
+        ValueError: as ``estimate``
+    """
+    try:
+        fn = _COUNTED[estimator]
+    except KeyError:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}") from None
+    return fn(X, **kwargs, warn=False)
+
+
+def per_head_dropped(clouds, estimator: str = "twonn", **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """``per_head`` and how many points each head's estimate dropped as duplicates (no warning).
+
+    Args:
+        clouds: (head, point, d_head) or a sequence of (point, d_head) clouds
+        estimator: one of ``ESTIMATORS``
+    Returns:
+        (d_int (head,) float64, dropped (head,) int64); d_int equals ``per_head``'s
+    Raises:
+        ValueError: as ``per_head``
+    """
+    _check_clouds(clouds)
+    out = [estimate_dropped(c, estimator, **kwargs) for c in clouds]
+    return np.array([v for v, _ in out], dtype=np.float64), np.array([n for _, n in out], dtype=np.int64)
+
+
+def _check_clouds(clouds) -> None:
     if hasattr(clouds, "ndim") and clouds.ndim != 3:
         raise ValueError(f"clouds must be (head, point, d_head) or a sequence of (point, d_head) clouds, "
                          f"got shape {tuple(clouds.shape)}")
     if len(clouds) == 0:
         raise ValueError("no clouds given")
-    return np.array([estimate(c, estimator, **kwargs) for c in clouds], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- depth profile

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj
-from atlas_core.geometry import layer_overlap
+from atlas_core.geometry import check_rank, layer_overlap
 from atlas_core.intrinsic import ESTIMATORS, per_head
 from atlas_core.models import LoadedModel
 
@@ -39,8 +39,7 @@ def overlap_report(
     """
     layer = _layer(lm, layer)
     d = lm.spec.d_model if residual == "c" else lm.spec.d_head
-    if not 1 <= k < min(d, spec.n_points):
-        raise ValueError(f"k={k} must be at least 1 and below the cloud dimension {d} and n_points")
+    check_rank(k, d, spec.n_points)  # before any extraction
     idx = select_heads(heads, lm.spec.n_heads)
     cloud = head_clouds(lm, [layer], residual, spec, progress)[layer][idx]
     w_o = out_proj(lm, layer)[idx] if residual == "c" else None

@@ -86,3 +86,86 @@ def spearman_by_group(x, y, groups, n_perm: int = N_PERM, seed: int = 0) -> dict
                     else (float("nan"), float("nan"), int(m.sum())))
     out["pooled"] = spearman_perm(x, y, n_perm, seed)
     return out
+
+
+def spearman_rows(x, ys) -> np.ndarray:
+    """Spearman's rho of one vector against every row of a matrix, at once (no p-value).
+
+    Fast path for the many draws of a null (``spearman_null``); ``spearman_perm``'s rho is the
+    reference (``tests/test_stats.py`` holds them equal). Average ranks for ties; a constant row gives NaN.
+
+    Args:
+        x: (n,)
+        ys: (draw, n)
+    Returns:
+        (draw,) rho of x against each row
+    Raises:
+        ValueError: ys is not (draw, n) for the n of x, or n < 3
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    ys = np.asarray(ys, dtype=np.float64)
+    if ys.ndim != 2 or ys.shape[1] != x.size or x.size < 3:
+        raise ValueError(f"spearman_rows needs x (n,) with n >= 3 and ys (draw, n); got {x.shape} and {ys.shape}")
+    centre = (x.size + 1) / 2  # the mean of ranks 1..n, with or without ties
+    rx = rankdata(x) - centre  # (n,)
+    ry = rankdata(ys, axis=1) - centre  # (draw, n)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant row: 0 / 0 = NaN, rho undefined
+        return ry @ rx / np.sqrt((rx @ rx) * (ry * ry).sum(1))
+
+
+def spearman_null(x, null_y, groups, n_perm: int = N_PERM, seed: int = 0) -> dict:
+    """Spearman's rho of ``x`` against null draws of ``y``, per group and pooled.
+
+    The null of a per-head correlation (d_int against mean overlap) keeps the real ``x`` and replaces
+    ``y`` by draws made under the null, e.g. Haar-random frames (``geometry.haar_head_overlaps``). The
+    first draw gets the full test (``spearman_by_group``, with its permutation p-value), every draw its
+    rho (``spearman_rows``), whose spread shows how large a correlation chance gives at this many heads.
+
+    Args:
+        x: (n,) the real values (d_int per head, say)
+        null_y: (draw, n) null draws of y
+        groups: (n,) group (layer) of each pair
+    Returns:
+        {"first": spearman_by_group(x, null_y[0], groups), "rho": {group: (draw,), ..., "pooled": (draw,)}}
+    Raises:
+        ValueError: no draw, or shapes that do not match
+    """
+    null_y = np.asarray(null_y, dtype=np.float64)
+    if null_y.ndim != 2 or len(null_y) == 0:
+        raise ValueError(f"null_y must be (draw, n) with at least one draw, got shape {null_y.shape}")
+    x, first = _pairs(x, null_y[0])
+    groups = np.asarray(groups).ravel()
+    if groups.shape != x.shape:
+        raise ValueError(f"groups has {groups.size} labels for {x.size} pairs")
+    rho = {"pooled": spearman_rows(x, null_y)}
+    rho.update({(g.item() if hasattr(g, "item") else g): spearman_rows(x[groups == g], null_y[:, groups == g])
+                for g in np.unique(groups)})
+    return {"first": spearman_by_group(x, first, groups, n_perm, seed), "rho": rho}
+
+
+def null_r2(observed, null) -> dict:
+    """How much of the variance of a measured value a null accounts for, with no fitted parameter.
+
+    R² = 1 − Σ (y − null)² / Σ (y − ȳ)²: 1 when every value sits on its null, 0 when the null does no better
+    than the mean, negative when worse. Nothing is fitted (no slope, no intercept), so this is not a
+    regression's R².
+
+    Args:
+        observed: (point,) measured values (O_h at each (model, k), say)
+        null: (point,) the null's value at the same points
+    Returns:
+        {"r2", "max_abs_dev": max |y − null|, "n": points}; both NaN below 2 points, r2 NaN for a constant y
+    Raises:
+        ValueError: lengths differ or a value is not finite
+    """
+    y = np.asarray(observed, dtype=np.float64).ravel()
+    m = np.asarray(null, dtype=np.float64).ravel()
+    if y.shape != m.shape:
+        raise ValueError(f"observed and null differ in length: {y.size} and {m.size}")
+    if not (np.isfinite(y).all() and np.isfinite(m).all()):
+        raise ValueError("observed and null must be finite")
+    if y.size < 2:
+        return {"r2": float("nan"), "max_abs_dev": float("nan"), "n": int(y.size)}
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1 - ((y - m) ** 2).sum() / total if total > 0 else float("nan")  # constant y: no variance to explain
+    return {"r2": float(r2), "max_abs_dev": float(np.abs(y - m).max()), "n": int(y.size)}

@@ -10,15 +10,20 @@ from atlas_core.geometry import (
     analytic_null_mean,
     bootstrap_ci,
     c_null_in_column_spaces,
+    check_rank,
     column_space_frames,
     frame,
+    frame_rank,
     frames,
     gaussian_null_clouds,
     haar_cosines,
     haar_frames,
+    haar_head_overlaps,
     haar_null,
+    head_mean_overlap,
     layer_overlap,
     overlap_matrix,
+    overlap_sweep,
     pair_groups,
     principal_cosines,
     projection_overlap,
@@ -247,3 +252,88 @@ def test_haar_null_is_computed_once_per_arguments_and_handed_out_as_a_copy():
     a["draws"][:] = -1  # a caller's edit does not reach the next caller
     assert (haar_null(64, 7, 9, n_draws=50, seed=3)["draws"] >= 0).all()
     assert haar_null(64, 7, 9, n_draws=50, seed=4)["mean"] != b["mean"]
+
+
+# --- overlap sweep, the rank rule, per-head means (issue 16) ----------------------------------------------
+
+
+def _same_result(a, b):
+    """Two OverlapResults hold the same numbers, to the bit."""
+    assert a.summary() == b.summary()
+    assert np.array_equal(a.matrix, b.matrix)
+
+
+@pytest.mark.parametrize("groups", [[0, 0, 1, 1, 2, 2], [0] * 4, list(range(5))], ids=["gqa", "mqa", "mha"])
+def test_overlap_sweep_equals_layer_overlap_at_every_k(groups):
+    """One SVD for all k gives exactly what one layer_overlap per k gives (the crossarch chapter's old assert)."""
+    clouds = np.random.default_rng(3).standard_normal((len(groups), 60, 12))
+    sweep = overlap_sweep(clouds, np.array(groups), [5, 2, 3, 5], n_boot=100, null_draws=40, seed=1)
+    assert list(sweep) == [2, 3, 5]  # sorted, repeats dropped
+    for k, r in sweep.items():
+        _same_result(r, layer_overlap(clouds, np.array(groups), k, n_boot=100, null_draws=40, seed=1))
+
+
+def test_overlap_sweep_on_c_keeps_the_column_space_null():
+    rng = np.random.default_rng(4)
+    w_o = rng.standard_normal((4, 6, 20))  # (head, d_head, d_model)
+    c = np.einsum("hpd,hdm->hpm", rng.standard_normal((4, 50, 6)), w_o)  # (head, point, d_model)
+    sweep = overlap_sweep(c, np.array([0, 0, 1, 1]), [2, 3], n_boot=50, null_draws=200, w_o=w_o)
+    for k, r in sweep.items():
+        assert r.colspace_null_mean is not None
+        _same_result(r, layer_overlap(c, np.array([0, 0, 1, 1]), k, n_boot=50, null_draws=200, w_o=w_o))
+
+
+@pytest.mark.parametrize("k", [16, 17, 0, -1, 2.5, True, "7"])
+def test_rank_rule_refuses_frames_that_fill_the_space(k):
+    """Issue 16: k = d_head = 16 gave O_h = 1.000 against a null of 1.000 (std 4e-17), which the atlas chapter
+    published with a z-score; now every entry point refuses it with one message naming k."""
+    clouds = np.random.default_rng(0).standard_normal((4, 200, 16))
+    with pytest.raises(ValueError, match="k = .* must"):
+        check_rank(k, 16)
+    with pytest.raises(ValueError, match="k = .* must"):
+        layer_overlap(clouds, np.array([0, 0, 1, 1]), k, n_boot=20, null_draws=10)
+    with pytest.raises(ValueError, match="k = .* must"):
+        overlap_sweep(clouds, np.array([0, 0, 1, 1]), [4, k], n_boot=20, null_draws=10)
+
+
+def test_rank_rule_accepts_up_to_d_minus_one_and_respects_the_point_count():
+    assert check_rank(15, 16) == 15 and check_rank(np.int64(3), 16) == 3
+    assert check_rank(9, 64, n_points=10) == 9
+    with pytest.raises(ValueError, match="n_points = 10"):
+        check_rank(10, 64, n_points=10)
+    with pytest.raises(ValueError, match="at least one"):
+        overlap_sweep(np.zeros((2, 5, 4)), np.array([0, 1]), [])
+
+
+def test_frame_rank_rounds_half_to_even_and_stays_a_valid_rank():
+    assert [frame_rank(v, 16) for v in (6.5, 7.5, 7.49, 0.2, 15.6, 40.0)] == [6, 8, 7, 1, 15, 15]
+    with pytest.raises(ValueError, match="finite"):
+        frame_rank(float("nan"), 16)
+
+
+def test_head_mean_overlap_by_hand():
+    m = np.array([[1.0, 0.9, 0.2, 0.4],
+                  [0.9, 1.0, 0.6, 0.8],
+                  [0.2, 0.6, 1.0, 0.7],
+                  [0.4, 0.8, 0.7, 1.0]])
+    # GQA, groups {0, 1} and {2, 3}: each head against the two heads of the other group
+    np.testing.assert_allclose(head_mean_overlap(m, [0, 0, 1, 1]), [0.3, 0.7, 0.4, 0.6])
+    # MQA: no inter-group pair, so every other head
+    np.testing.assert_allclose(head_mean_overlap(m, [0, 0, 0, 0]), [0.5, 2.3 / 3, 0.5, 1.9 / 3])
+    # MHA: every other head is another group
+    np.testing.assert_allclose(head_mean_overlap(m, [0, 1, 2, 3]), [0.5, 2.3 / 3, 0.5, 1.9 / 3])
+    with pytest.raises(ValueError, match="head_mean_overlap"):
+        head_mean_overlap(m, [0, 0, 1])
+
+
+def test_haar_head_overlaps_draws_layers_then_draws_from_one_generator():
+    groups = np.array([0, 0, 1, 1])
+    out = haar_head_overlaps(groups, 16, 3, n_layers=2, n_draws=5, seed=7)
+    assert out.shape == (5, 8)
+    rng = np.random.default_rng(7)  # the reference: the same draws in the same order, one layer at a time
+    ref = [[head_mean_overlap(overlap_matrix(haar_frames(4, 16, 3, rng)), groups) for _ in range(2)] for _ in range(5)]
+    np.testing.assert_array_equal(out, np.array(ref).reshape(5, 8))
+    big = haar_head_overlaps(groups, 64, 7, n_layers=1, n_draws=300, seed=0)
+    assert abs(big.mean() - analytic_null_mean(64, 7)) < 0.01  # random frames sit at the Haar level
+    with pytest.raises(ValueError, match="k = 16"):
+        haar_head_overlaps(groups, 16, 16, 1, 1)

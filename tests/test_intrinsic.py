@@ -358,3 +358,30 @@ def test_bad_parameters_are_refused():
         I.layer_profile({0: 1.0, 2.5: 2.0}, 12)
     with pytest.raises(ValueError, match="n_layers must be an integer"):
         I.layer_profile({0: 1.0}, 1)
+
+
+def test_dropped_points_are_returned_not_parsed_from_warnings():
+    """Issue 16: the atlas chapter read the duplicate count by parsing the warning's text; now the estimators
+    return it. 7 duplicated points make 14 points with r1 = 0 in every estimator."""
+    X = I.linear_subspace(600, 3, seed=0)
+    X = np.vstack([X, X[:7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all: the count is returned
+        for est, fn in (("twonn", I.twonn), ("twonn-source", I.twonn_source), ("mle", I.mle_levina_bickel)):
+            value, dropped = I.estimate_dropped(X, est)
+            assert dropped == 14
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", I.DuplicatePointsWarning)
+                assert value == fn(X)
+    Y = I.linear_subspace(605, 3, seed=1)
+    clouds = np.stack([X, np.vstack([Y, Y[:2]])])  # (head, point, d): 14 and 4 points at zero distance
+    values, dropped = I.per_head_dropped(clouds, "twonn")
+    assert dropped.tolist() == [14, 4] and dropped.dtype == np.int64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", I.DuplicatePointsWarning)
+        np.testing.assert_array_equal(values, I.per_head(clouds, "twonn"))
+    assert I.per_head_dropped(I.linear_subspace(300, 2, seed=2)[None], "mle", k=10)[1].tolist() == [0]
+    with pytest.raises(ValueError, match="unknown estimator"):
+        I.estimate_dropped(X, "gride")
+    with pytest.raises(ValueError, match="clouds must be"):
+        I.per_head_dropped(X, "twonn")

@@ -29,7 +29,7 @@ def test_first8_and_errors():
     lm = load_model("toy-gpt2")
     r = overlap_report(lm, k=3, heads="first8", spec=SMALL, null_draws=50, n_boot=100, progress=False)
     assert r["n_heads"] == 4  # fewer than 8 heads: all of them
-    with pytest.raises(ValueError, match="k="):
+    with pytest.raises(ValueError, match="k = 16 must satisfy"):
         overlap_report(lm, k=16, spec=SMALL, progress=False)
     with pytest.raises(ValueError, match="layer"):
         overlap_report(lm, layer=9, spec=SMALL, progress=False)

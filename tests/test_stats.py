@@ -81,3 +81,53 @@ def test_pooling_creates_a_correlation_no_group_has():
         assert p > 0.05
     rho, p, n = out["pooled"]
     assert n == 36 and rho > 0.7 and p < 1e-3
+
+
+# --- the null of a per-head correlation, and a null's R² (issue 16) --------------------------------------
+
+from atlas_core.stats import null_r2, spearman_null, spearman_rows  # noqa: E402
+
+
+def test_spearman_rows_equals_the_reference_rho_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 30).astype(float)  # ties
+    ys = rng.integers(0, 7, (6, 30)).astype(float)
+    ys[0] = x * 2 + 1  # a row perfectly monotone in x
+    rho = spearman_rows(x, ys)
+    np.testing.assert_allclose(rho, [spearman_perm(x, y, n_perm=1)[0] for y in ys], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rho, [sps.spearmanr(x, y).statistic for y in ys], rtol=0, atol=1e-12)
+    assert rho[0] == pytest.approx(1.0)
+    assert np.isnan(spearman_rows(x, np.ones((1, 30)))[0])  # a constant row has no rho
+    with pytest.raises(ValueError, match="spearman_rows"):
+        spearman_rows(x, ys[:, :5])
+
+
+def test_spearman_null_first_draw_gets_the_full_test_every_draw_its_rho():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(12)
+    null_y = rng.standard_normal((8, 12))
+    groups = np.repeat([3, 4, 5], 4)
+    out = spearman_null(x, null_y, groups, n_perm=200, seed=2)
+    assert out["first"] == spearman_by_group(x, null_y[0], groups, n_perm=200, seed=2)
+    assert list(out["rho"]) == ["pooled", 3, 4, 5]
+    np.testing.assert_array_equal(out["rho"]["pooled"], spearman_rows(x, null_y))
+    np.testing.assert_array_equal(out["rho"][4], spearman_rows(x[4:8], null_y[:, 4:8]))
+    with pytest.raises(ValueError, match="null_y"):
+        spearman_null(x, np.empty((0, 12)), groups)
+    with pytest.raises(ValueError, match="labels"):
+        spearman_null(x, null_y, groups[:-1])
+
+
+def test_null_r2_by_hand():
+    assert null_r2([1, 2, 3], [1, 2, 3]) == {"r2": 1.0, "max_abs_dev": 0.0, "n": 3}
+    assert null_r2([1, 2, 3], [2, 2, 2])["r2"] == 0.0  # the null does no better than the mean
+    # residuals (0.5, -0.5, 1): 1 - 1.5 / 2 = 0.25, no slope or intercept fitted
+    assert null_r2([1, 2, 3], [0.5, 2.5, 2]) == {"r2": 0.25, "max_abs_dev": 1.0, "n": 3}
+    assert null_r2([1, 3], [3, 1])["r2"] == -3.0  # worse than the mean
+    one = null_r2([0.3], [0.2])
+    assert math.isnan(one["r2"]) and math.isnan(one["max_abs_dev"]) and one["n"] == 1
+    assert math.isnan(null_r2([2, 2], [1, 3])["r2"])  # no variance to explain
+    with pytest.raises(ValueError, match="length"):
+        null_r2([1, 2], [1])
+    with pytest.raises(ValueError, match="finite"):
+        null_r2([1, np.nan], [1, 2])
