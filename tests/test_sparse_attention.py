@@ -219,9 +219,15 @@ def test_a_static_cache_is_refused():
 @torch.no_grad()
 @pytest.mark.parametrize("cfg", RULES + [SparseConfig(anchors=1, window=4, topk=4, sparse_from=12),
                                          SparseConfig(anchors=1, window=4, topk=4, dense_layers=1)], ids=_rule_id)
-def test_fast_path_equals_the_eager_reference(toy_lm, cfg):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "query-by-query"])
+def test_fast_path_equals_the_eager_reference(toy_lm, cfg, chunk_bytes, monkeypatch):
     """kept_attention on the selection's own scores = the model's eager function under the narrowed mask:
-    logits, mass logs, a left-padded batch (pad rows keep nothing and stay finite) and cached decoding."""
+    logits, mass logs (in query order), a left-padded batch (pad rows keep nothing and stay finite) and cached
+    decoding, with every query in one chunk or each in its own."""
+    import atlas_core.sparse.attention as sparse_attention_module
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(sparse_attention_module, "CHUNK_BYTES", chunk_bytes)
     model, (x, mask, pos) = toy_lm.model, _left_padded_batch()
     out, logs = {}, {}
     for reference in (True, False):
@@ -235,4 +241,15 @@ def test_fast_path_equals_the_eager_reference(toy_lm, cfg):
         assert torch.isfinite(fast).all()
         torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
     for name, value in logs[True].means().items():
-        torch.testing.assert_close(logs[False].means()[name], value, atol=0, rtol=0)
+        torch.testing.assert_close(logs[False].means()[name], value, atol=1e-6, rtol=0)
+    for layer in logs[True].discarded:  # per query, in the same order
+        torch.testing.assert_close(logs[False].discarded_values(layer), logs[True].discarded_values(layer), atol=1e-6, rtol=0)
+
+
+def test_query_chunks_cover_every_query_once_within_the_byte_budget():
+    from atlas_core.sparse.attention import CHUNK_BYTES, query_chunks
+
+    chunks = query_chunks(2, 9, 1024, 1024)
+    assert [i for c in chunks for i in range(1024)[c]] == list(range(1024))
+    assert all(4 * 2 * 9 * (c.stop - c.start) * 1024 <= CHUNK_BYTES for c in chunks) and len(chunks) > 1
+    assert query_chunks(1, 9, 1, 100_000) == [slice(0, 1)]  # one decode query is one chunk, whatever the cache
