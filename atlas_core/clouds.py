@@ -43,12 +43,39 @@ class CloudSpec:
             )
 
 
+def eligible_positions(spec: CloudSpec) -> np.ndarray:
+    """Every (block, token) position a cloud may sample, as flat point indices, sorted: position 0 of each
+    block left out; (n_blocks * (seq_len - 1),)."""
+    positions = np.arange(spec.n_blocks * spec.seq_len)
+    return positions[positions % spec.seq_len != 0]
+
+
 def point_indices(spec: CloudSpec) -> np.ndarray:
     """The sampled (block, token) positions as flat point indices, sorted; (n_points,)."""
-    positions = np.arange(spec.n_blocks * spec.seq_len)
-    eligible = positions[positions % spec.seq_len != 0]
     rng = np.random.default_rng(spec.seed)
-    return np.sort(rng.choice(eligible, size=spec.n_points, replace=False))
+    return np.sort(rng.choice(eligible_positions(spec), size=spec.n_points, replace=False))
+
+
+def subsample(full, spec: CloudSpec) -> np.ndarray:
+    """The points ``spec`` samples, taken from a cloud that holds every eligible point of its blocks.
+
+    One extraction at every eligible position then serves every sampling seed: for any seed the result
+    equals ``head_clouds(lm, [layer], residual, spec)`` (``tests/test_clouds.py`` holds them equal).
+
+    Args:
+        full: (head, eligible, d) clouds at ``eligible_positions(spec)``, e.g. ``head_clouds`` with
+            ``n_points = n_blocks * (seq_len - 1)`` and the same corpus, seq_len and n_blocks
+        spec: the sample to take (its corpus, seq_len and n_blocks must be those of ``full``)
+    Returns:
+        (head, n_points, d)
+    Raises:
+        ValueError: ``full`` does not hold one point per eligible position of ``spec``'s blocks
+    """
+    every = eligible_positions(spec)  # sorted
+    if np.ndim(full) != 3 or np.shape(full)[1] != len(every):
+        raise ValueError(f"full must be (head, {len(every)}, d): every eligible point of {spec.n_blocks} blocks of "
+                         f"{spec.seq_len} tokens; got shape {np.shape(full)}")
+    return full[:, np.searchsorted(every, point_indices(spec))]
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

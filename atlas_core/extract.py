@@ -225,3 +225,39 @@ def _capturing(model, recorders: dict[int, _Recorder]):
 
 def _stop(module, inputs, output):
     raise _StopForward
+
+
+# --- checks --------------------------------------------------------------------------------------------
+
+
+def invariant_errors(lm: LoadedModel, blocks: torch.Tensor, layers: list[int] | None = None) -> dict:
+    """Worst deviation of the extraction's two invariants on a model: Σ_h c[h] + b_O = attention output,
+    and every attention row sums to 1.
+
+    Args:
+        lm: a loaded model
+        blocks: (block, token) token ids, as ``extract`` takes them
+        layers: layers to check; the first, middle and last when None
+    Returns:
+        {"layers": the layers checked, "sum_abs": max |Σ_h c[h] + b_O − out|, "sum_rel": the same over
+        max |out| (the worst layer's), "rows": max |Σ_key p − 1|}, floats in the model's units
+    Raises:
+        ValueError: as ``extract``
+    """
+    n = lm.spec.n_layers
+    layers = sorted({0, n // 2, n - 1} if layers is None else {l % n for l in layers})
+    acts = extract(lm, blocks, layers, fields=("probs", "c"), progress=False)
+    errors = [layer_invariant_errors(acts[l]) for l in layers]
+    return {"layers": layers, **{name: max(e[name] for e in errors) for name in ("sum_abs", "sum_rel", "rows")}}
+
+
+def layer_invariant_errors(acts: LayerActivations) -> dict:
+    """The invariants of one layer's activations (its ``c``, ``attn_out`` and ``probs`` must be extracted).
+
+    Returns:
+        {"sum_abs": max |Σ_h c[h] + b_O − out|, "sum_rel": sum_abs / max |out|, "rows": max |Σ_key p − 1|}
+    """
+    bias = 0.0 if acts.out_bias is None else acts.out_bias  # (d_model,)
+    diff = (acts.c.sum(0) + bias - acts.attn_out).abs().max().item()  # c: (head, point, d_model)
+    return {"sum_abs": diff, "sum_rel": diff / acts.attn_out.abs().max().item(),
+            "rows": (acts.probs.sum(-1) - 1).abs().max().item()}  # probs: (block, head, query, key)

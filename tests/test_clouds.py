@@ -18,7 +18,7 @@ def test_point_indices_skip_position_zero_and_are_deterministic():
     assert len(idx) == len(set(idx)) == 100
     assert np.all(idx % SMALL.seq_len != 0) and idx.max() < SMALL.n_blocks * SMALL.seq_len
     assert np.array_equal(idx, point_indices(SMALL))
-    assert not np.array_equal(idx, point_indices(CloudSpec("pydoc", 64, 3, 100, seed=2)))
+    assert not np.array_equal(idx, point_indices(CloudSpec(corpus="pydoc", seq_len=64, n_blocks=3, n_points=100, seed=2)))
 
 
 def test_spec_rejects_impossible_point_counts():
@@ -68,3 +68,18 @@ def test_bad_residual_and_layer():
         head_clouds(lm, [0], "q", SMALL)
     with pytest.raises(ValueError, match="layers"):
         head_clouds(lm, [7], "eps", SMALL)
+
+
+def test_subsample_of_every_point_equals_the_sampled_clouds():
+    """One extraction at every eligible position serves every seed: the crossarch chapter's old assert."""
+    from dataclasses import replace
+
+    lm = load_model("toy-llama")
+    every = replace(SMALL, n_points=SMALL.n_blocks * (SMALL.seq_len - 1))
+    full = head_clouds(lm, [1], "eps", every, progress=False)[1]  # (head, eligible, d_head)
+    assert np.array_equal(clouds.eligible_positions(SMALL), point_indices(every))
+    for seed in (0, 1, 5):
+        spec = replace(SMALL, seed=seed)
+        assert np.array_equal(clouds.subsample(full, spec), head_clouds(lm, [1], "eps", spec, progress=False)[1])
+    with pytest.raises(ValueError, match="every eligible point"):
+        clouds.subsample(full[:, :-1], SMALL)

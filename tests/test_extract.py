@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, Qwen3Config, SiglipVisionConfig
 
 from atlas_core.attention import LAYOUTS, attention_modules, state_of
-from atlas_core.extract import CAPTURE, FIELDS, _capturing, _Recorder, extract, head_out_proj
+from atlas_core.extract import (CAPTURE, FIELDS, LayerActivations, _capturing, _Recorder, extract, head_out_proj,
+                                 invariant_errors, layer_invariant_errors)
 from atlas_core.models import _finish, load_model
 from atlas_core.toy import FAMILIES, byte_tokenizer, toy_model
 
@@ -15,16 +16,25 @@ def _blocks(n=5, t=24, seed=0):
     return torch.randint(4, 260, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _check_invariant(acts, atol):
-    bias = acts.out_bias if acts.out_bias is not None else 0.0
-    total = acts.c.sum(0) + bias  # (point, d_model)
-    torch.testing.assert_close(total, acts.attn_out, atol=atol, rtol=0)
-
-
 def test_head_contributions_sum_to_attention_output(toy_lm):
-    acts = extract(toy_lm, _blocks(), layers=[0, 1], progress=False)
-    for layer in (0, 1):
-        _check_invariant(acts[layer], atol=1e-5)
+    """Σ_h c[h] + b_O = the attention module's output, and attention rows sum to 1 (the models chapter's check)."""
+    errors = invariant_errors(toy_lm, _blocks())
+    assert errors["layers"] == [0, 1]  # first, middle and last of 2 layers
+    assert errors["sum_abs"] < 1e-5 and errors["sum_rel"] < 1e-5 and errors["rows"] < 1e-5
+
+
+def test_invariant_errors_by_hand():
+    """The reduction itself: a known deviation planted in c, attn_out and probs comes back exactly."""
+    c = torch.ones(2, 3, 4)  # (head, point, d_model): Σ_h c = 2 everywhere
+    out = torch.full((3, 4), 2.5)  # the module's output with b_O = 0.5 ...
+    out[1, 2] = 4.0  # ... but one entry off by 1.5
+    probs = torch.full((1, 2, 3, 3), 1 / 3)  # (block, head, query, key)
+    probs[0, 1, 2] = torch.tensor([0.5, 0.5, 0.25])  # a row summing to 1.25
+    acts = LayerActivations(layer=0, c=c, attn_out=out, out_bias=torch.full((4,), 0.5), probs=probs)
+    e = layer_invariant_errors(acts)
+    assert e["sum_abs"] == 1.5 and e["sum_rel"] == 1.5 / 4.0 and e["rows"] == pytest.approx(0.25, abs=1e-7)
+    no_bias = LayerActivations(layer=0, c=c, attn_out=torch.full((3, 4), 2.0), probs=probs)
+    assert layer_invariant_errors(no_bias)["sum_abs"] == 0.0
 
 
 def test_shapes_rows_and_eps(toy_lm):
@@ -199,7 +209,5 @@ def test_head_out_proj_shape(toy_lm):
 @pytest.mark.slow
 def test_invariant_on_smollm2(smollm2):
     blocks = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
-    acts = extract(smollm2, blocks, layers=[0, 15, 29], progress=False)
-    for a in acts.values():
-        _check_invariant(a, atol=1e-4)
-        torch.testing.assert_close(a.probs.sum(-1), torch.ones_like(a.probs[..., 0]), atol=1e-5, rtol=0)
+    errors = invariant_errors(smollm2, blocks, layers=[0, 15, 29])
+    assert errors["sum_abs"] < 1e-4 and errors["rows"] < 1e-5
