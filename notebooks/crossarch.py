@@ -59,24 +59,21 @@ results_dir = "results"
 import gc
 import re
 import time
-import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from myst_nb import glue
-from scipy.stats import rankdata
 from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core.cache import write_json
-from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj, point_indices
-from atlas_core.geometry import (analytic_null_mean, bootstrap_ci, frames, haar_frames, haar_null, layer_overlap,
-                                 overlap_matrix, pair_groups, pair_overlaps)
-from atlas_core.intrinsic import DuplicatePointsWarning, per_head
+from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj, subsample
+from atlas_core.geometry import (analytic_null_mean, frame_rank, haar_head_overlaps, haar_null, head_mean_overlap,
+                                 layer_overlap, overlap_sweep)
+from atlas_core.intrinsic import per_head_dropped
 from atlas_core.models import load_model
-from atlas_core.stats import spearman_by_group
+from atlas_core.stats import null_r2, spearman_by_group, spearman_null
 
 names = list(dict.fromkeys([model, *models]))  # the run's model first, no repeats
 n_available = n_blocks * (seq_len - 1)  # every eligible point of the blocks (position 0 left out)
@@ -120,12 +117,6 @@ def listing(items) -> str:
 # protocol's own seed); and $\varepsilon$ of the deepest layer on each further corpus.
 
 # %%
-def subsample(full: np.ndarray, spec: CloudSpec) -> np.ndarray:
-    """The points ``spec`` selects, taken from a cloud (head, point, d) holding every eligible point."""
-    every = point_indices(replace(spec, n_points=n_available))  # sorted, all eligible positions
-    return full[:, np.searchsorted(every, point_indices(spec))]
-
-
 def extract_model(name: str) -> dict:
     """Load one model, gather every cloud this chapter needs, and free the model."""
     lm = load_model(name)
@@ -142,17 +133,14 @@ def extract_model(name: str) -> dict:
     info = dict(spec=s.as_dict(), groups=kv_groups(lm), deep=deep, mid=mid, depth_layers=depth_layers)
     del lm
     gc.collect()
-    seed_clouds = {sd: subsample(full, cloud_spec(seed=sd)) for sd in seeds}
-    assert np.array_equal(seed_clouds[seeds[0]], eps[deep]), "seed subsampling must match head_clouds"
+    seed_clouds = {sd: subsample(full, cloud_spec(seed=sd)) for sd in seeds}  # equal to head_clouds (tested)
     c = np.einsum("hpd,hdm->hpm", z, w_o)  # (head, point, d_model): c_h = W_O^(h) z_h
     return dict(info, eps=eps, z=z, c=c, w_o=w_o, seeds=seed_clouds, corpora=other)
 
 
 def d_int(cloud: np.ndarray) -> dict:
     """Per-head intrinsic dimension (head,) with the TwoNN line fit and the source's biased variant."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DuplicatePointsWarning)  # repeated points are dropped and counted
-        return {"twonn": per_head(cloud, "twonn"), "twonn_source": per_head(cloud, "twonn-source")}
+    return {"twonn": per_head_dropped(cloud, "twonn")[0], "twonn_source": per_head_dropped(cloud, "twonn-source")[0]}
 
 
 def overlap(cloud: np.ndarray, groups: np.ndarray, w_o=None):
@@ -170,39 +158,6 @@ def summary(result, cloud=None) -> dict:
     return out
 
 
-def k_sweep(cloud: np.ndarray, groups: np.ndarray, ks: list[int]) -> dict:
-    """O_h and its Haar null at every k, from one SVD per head (the top-k frame is the first k columns
-    of the top-max(ks) frame); the same pairs, bootstrap and null as ``layer_overlap``."""
-    d = cloud.shape[-1]
-    ks = [kk for kk in ks if kk < d]
-    b = frames(cloud, max(ks))  # (head, d, k_max)
-    pairs = pair_groups(groups)
-    head_pairs = pairs["inter"] if len(pairs["inter"]) else pairs["all"]  # MQA: all pairs
-    out = {}
-    for kk in ks:
-        values = pair_overlaps(b[..., :kk], head_pairs)
-        null = haar_null(d, kk, len(head_pairs), null_draws, seeds[0])
-        o = float(values.mean())
-        out[kk] = {"o_h": o, "ci": list(bootstrap_ci(values, n_boot, seed=seeds[0])), "null_mean": null["mean"],
-                   "null_std": null["std"], "null_analytic": null["analytic"], "delta": o - null["mean"],
-                   "z": (o - null["mean"]) / null["std"], "n_pairs": len(head_pairs)}
-    return out
-
-
-def head_mean_overlap(matrix: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """(head,) each head's mean overlap with the heads of other KV groups (all other heads under MQA)."""
-    partner = groups[:, None] != groups[None, :]
-    if not partner.any():  # MQA: a single KV head, no inter-group pair exists
-        partner = ~np.eye(len(groups), dtype=bool)
-    return (matrix * partner).sum(1) / partner.sum(1)
-
-
-def rank_rho(x: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Spearman's rho of x (n,) against every row of ys (draw, n)."""
-    rx = rankdata(x) - (len(x) + 1) / 2
-    ry = rankdata(ys, axis=1) - (len(x) + 1) / 2
-    return ry @ rx / np.sqrt((rx @ rx) * (ry * ry).sum(1))
-
 
 # %%
 def measure(name: str) -> dict:
@@ -214,10 +169,12 @@ def measure(name: str) -> dict:
     depth = {L: summary(r) for L, r in depth_res.items()}
     main = {"eps": summary(depth_res[deep], x["eps"][deep]), "z": summary(overlap(x["z"], groups), x["z"]),
             "c": summary(overlap(x["c"], groups, x["w_o"]), x["c"])}
-    sweep = k_sweep(x["eps"][deep], groups, k_range)
-    assert np.isclose(sweep[k]["o_h"], main["eps"]["o_h"]) and np.allclose(sweep[k]["ci"], main["eps"]["ci"])
-    k_id = int(np.clip(round(main["eps"]["d_int_twonn_source"]), 1, d_head - 1))  # the source's per-model k
-    at_k_id = sweep.get(k_id) or k_sweep(x["eps"][deep], groups, [k_id])[k_id]
+    # O_h at every k from one SVD per head (equal to layer_overlap at each k: tested)
+    sweep = {kk: r.summary() for kk, r in overlap_sweep(x["eps"][deep], groups, k_range, "source", n_boot, seeds[0],
+                                                         null_draws).items()}
+    k_id = frame_rank(main["eps"]["d_int_twonn_source"], d_head)  # the source's per-model k
+    at_k_id = sweep.get(k_id) or layer_overlap(x["eps"][deep], groups, k_id, "source", n_boot, seeds[0],
+                                               null_draws).summary()
 
     # Per-head d_int (TwoNN) against mean inter-group overlap, in each deep layer and pooled.
     deep_layers = list(range(deep - n_deep + 1, deep + 1))
@@ -227,15 +184,9 @@ def measure(name: str) -> dict:
     labels = np.repeat(deep_layers, len(groups))
     real = spearman_by_group(xs, ys, labels, n_perm, seeds[0])
     # Null: Haar-random frames in place of the heads' frames, the real d_int kept.
-    rng = np.random.default_rng(seeds[0])
-
-    def random_heads() -> np.ndarray:  # (head,) mean inter-group overlap of Haar-random frames
-        return head_mean_overlap(overlap_matrix(haar_frames(len(groups), d_head, k, rng)), groups)
-
-    null_y = np.array([np.concatenate([random_heads() for _ in deep_layers]) for _ in range(spearman_null_draws)])
-    haar_first = spearman_by_group(xs, null_y[0], labels, n_perm, seeds[0])
-    haar_rho = {"pooled": rank_rho(xs, null_y)}
-    haar_rho.update({L: rank_rho(xs[labels == L], null_y[:, labels == L]) for L in deep_layers})
+    null_y = haar_head_overlaps(groups, d_head, k, len(deep_layers), spearman_null_draws, seeds[0])  # (draw, n)
+    null = spearman_null(xs, null_y, labels, n_perm, seeds[0])
+    haar_first, haar_rho = null["first"], null["rho"]
 
     seed_rows = {seeds[0]: main["eps"]} | {sd: summary(overlap(cl, groups), cl) for sd, cl in x["seeds"].items()
                                            if sd != seeds[0]}
@@ -440,19 +391,15 @@ glue("xa_k_range", f"{min(k_range)}…{max(k_range)}", display=False)
 
 # Share of the variance of O_h over (model, k) that the Haar null accounts for, with no fitted parameter
 # (inter-group headlines only: an MQA headline is intra-group, see above).
-sweep_pts = [(m["o_h"], m["null_mean"]) for n in inter_models for m in results[n]["sweep"].values()]
-if len(sweep_pts) > 1:
-    sweep_y, sweep_null = np.array(sweep_pts).T
-    r2_null = float(1 - ((sweep_y - sweep_null) ** 2).sum() / ((sweep_y - sweep_y.mean()) ** 2).sum())
-    worst = float(np.abs(sweep_y - sweep_null).max())
-else:
-    r2_null = worst = float("nan")
+sweep_fit = null_r2([m["o_h"] for n in inter_models for m in results[n]["sweep"].values()],
+                    [m["null_mean"] for n in inter_models for m in results[n]["sweep"].values()])
+r2_null, worst = sweep_fit["r2"], sweep_fit["max_abs_dev"]
 glue("xa_r2_null", f"{100 * r2_null:.1f}%", display=False)
 glue("xa_cluster_verdict", "explained by the null: random frames cluster by d_head in the same way"
      if src_dev_max <= NULL_TOL and r2_null >= 0.9 else
      "not explained by the null alone", display=False)
 glue("xa_sweep_worst", f"{worst:.3f}", display=False)
-glue("xa_n_sweep", len(sweep_pts), display=False)
+glue("xa_n_sweep", sweep_fit["n"], display=False)
 
 fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
 x_line = np.linspace(0.1, 0.75, 50)
