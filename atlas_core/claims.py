@@ -1,0 +1,804 @@
+"""The source works' published numbers, the thresholds we judge them by, and one function per verdict.
+
+The book's closing page (``book/claims.md``) sets each headline claim of a source work beside our own
+measurement. Every number a chapter compares against is in ``SOURCE`` (with the work, the place in it and
+what it measures), every threshold is a named constant below, and every verdict is a function here that
+returns a ``Verdict``: a short ``label`` a table or a test can read, the ``text`` the book glues, and the
+``figures`` it rests on. A comparison of two methods rests on the interval of their paired difference or
+ratio (``atlas_core.interval``): where it contains the null value, the verdict is ``TIE``.
+
+The numbers are those the sources report (recorded in the project's CLAIMS.md); none was re-run by us.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from atlas_core import interval
+from atlas_core.interval import Bootstrap, Estimate
+
+__all__ = [
+    "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "source_points", "direction",
+    # crossarch
+    "o_h_reproduced", "intra_reproduced", "spearman_replicates", "intra_above_null", "colspace_aligned",
+    "published_within_null", "scratch_explained", "cluster_explained", "corpus_stable", "corpus_claim",
+    "twonn_variant",
+    # atlas
+    "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "twonn_source", "top1_recovery",
+    # nqp
+    "gate", "gate_ag1", "gate_ag2", "gate_ag3", "gate_ag4", "gates_idea", "best_text", "fisher_rank2",
+    "fisher_collapse", "fisher_not_worse", "l2_predicts", "eight_bit",
+    # kvquant
+    "removal_verdict", "lower_verdict", "lowest_verdict", "range_verdict", "headq_range", "kv_headline",
+    "fisher_predicts", "a2_offline", "side_code_clause",
+    # sparse
+    "lossless", "kept_mass", "page_selection", "speedup", "survival_vs_revision",
+]
+
+TIE = "not distinguishable at this sample size"
+
+# ----------------------------------------------------------------------------- the source works
+
+WORKS = {
+    "atlas": "ATLAS (formerly NQP): its public repository's README and frozen preprint, 2026",
+    "nqp": "NQP, the Fisher-quantization branch of the same repository (its A→B→C roadmap and refutation record)",
+    "headq": "Ruiz Williams, HeadQ, arXiv 2605.03562 (abstract)",
+    "condensate": "Ruiz Williams, The Condensate Theorem, arXiv 2602.06317 v1 (abstract) and its repository",
+    "revision": "Ruiz Williams, Attention-Mass Condensation for Sparse Decoding (revision of arXiv 2602.06317); "
+                "repository JorgeLRW/condensate-theorem, results/qwen_survival_clean.json",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    """One published number (or a published series) and where it comes from.
+
+    Attributes:
+        value: the number as published; a tuple for a series (its order is given in ``what``).
+        what: what it measures, with its model and protocol.
+        work: a key of ``WORKS``.
+        where: the place in that work (section, table, file).
+        ci: the published 95% interval, where one is given.
+    """
+
+    value: float | tuple
+    what: str
+    work: str
+    where: str
+    ci: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.work not in WORKS:
+            raise ValueError(f"Source.work must be one of {sorted(WORKS)}, got {self.work!r}")
+
+
+_XA = "preprint §3.1b (cross-architecture table: deepest layer, k = 7, N = 1,200 points per head)"
+SOURCE: dict[str, Source] = {
+    # ATLAS: head manifolds (O_h = mean principal cosine between heads' k-frames)
+    "oh_gpt2": Source(value=0.284, ci=(0.276, 0.292), what="O_h, GPT-2 124M (first 8 heads), d_head 64, k 7",
+                      work="atlas", where=_XA),
+    "oh_gpt2_medium": Source(value=0.277, ci=(0.267, 0.288), what="O_h, GPT-2 medium, d_head 64, k 7", work="atlas",
+                             where=_XA),
+    "oh_gpt2_large": Source(value=0.281, ci=(0.272, 0.290), what="O_h, GPT-2 large, d_head 64, k 7", work="atlas",
+                            where=_XA),
+    "oh_qwen": Source(value=0.291, ci=(0.285, 0.298), what="O_h, Qwen2.5-0.5B (14 q / 2 kv heads), d_head 64, k 7",
+                      work="atlas", where=_XA),
+    "oh_llama": Source(value=0.197, ci=(0.195, 0.199), what="O_h, Llama-3.1-8B (32 / 8), d_head 128, k 7",
+                       work="atlas", where=_XA),
+    "oh_mistral": Source(value=0.199, ci=(0.198, 0.201), what="O_h, Mistral-7B (32 / 8), d_head 128, k 7",
+                         work="atlas", where=_XA),
+    "oh_llama_k11": Source(value=0.248, what="O_h, Llama-3.1-8B at its per-model k = 11", work="atlas", where=_XA),
+    "oh_mistral_k9": Source(value=0.226, what="O_h, Mistral-7B at its per-model k = 9", work="atlas", where=_XA),
+    "oh_gpt2_by_k": Source(value=(0.210, 0.241, 0.264, 0.284, 0.300, 0.321, 0.340),
+                           what="O_h, GPT-2 124M, k = 4, 5, …, 10", work="atlas", where="preprint, O_h versus k"),
+    "oh_by_design": Source(value=((64, 0.28), (128, 0.20)), what="(d_head, O_h ≈): magnitude clusters by design",
+                           work="atlas", where="README, 'The arc in one sentence' and 'Future directions'"),
+    "oh_scratch": Source(value=((32, 0.40), (64, 0.279), (128, 0.197), (256, 0.14)),
+                         what="(d_head, O_h) of models trained from scratch; k not stated beside them (the protocol's 7 "
+                              "assumed)", work="atlas", where="preprint, from-scratch models"),
+    "intra_qwen": Source(value=0.482, what="O_h of GQA intra-group pairs, Qwen2.5-0.5B", work="atlas",
+                         where="preprint, GQA intra-group pairs"),
+    "intra_llama": Source(value=0.64, what="O_h of GQA intra-group pairs, Llama-3.1-8B (≈)", work="atlas",
+                          where="preprint, GQA intra-group pairs"),
+    "corpus": Source(value=(0.284, 0.277), what="O_h on WikiText and on C4 (GPT-2)", work="atlas",
+                     where="preprint, inter-corpus control"),
+    "spearman_qwen": Source(value=(-0.53, 3e-4, 42), what="(ρ, p, n): Spearman of d_int against overlap, three "
+                            "deepest layers pooled, Qwen2.5-0.5B", work="atlas", where="README, Status table"),
+    "spearman_gpt2": Source(value=(-0.26, 0.13, 36), what="(ρ, p, n): the same on GPT-2 124M", work="atlas",
+                            where="README, Status table ('GPT-2 same sign, n.s.')"),
+    "twonn": Source(value=7.1, what="mean TwoNN dimension (their variant), GPT-2 and Qwen2.5-0.5B", work="atlas",
+                    where=_XA),
+    "top1_ppl": Source(value=7.7, what="perplexity added by hard top-1 attention in GPT-2's deepest layer",
+                       work="atlas", where="preprint, top-1 intervention"),
+    "top1_recovered": Source(value=0.559, what="share of the three-layer top-1 damage a rank-7 reconstruction "
+                             "recovers (GPT-2)", work="atlas", where="preprint, top-1 intervention"),
+    # NQP: weight quantization in the Fisher basis (GPT-2 small)
+    "ppl8": Source(value=(34.06, 36.67), what="perplexity at 8 bits: (standard integer, Fisher-scaled)", work="nqp",
+                   where="refutation record, NQP-C1"),
+    "werr4": Source(value=(4.97e-2, 5.10e-2, 5.27e-2, 9.08e-2), what="mean layer L2 error at 4 bits: (RTN, Fisher "
+                    "rotation, random rotation, Fisher with λ-scaled grid)", work="nqp",
+                    where="refutation record, L2-error vs PPL"),
+    "fisher_rank": Source(value=2, what="rank of the activation Fisher ('≈ 2')", work="nqp",
+                          where="README, Original hypothesis (refuted)"),
+    # The source's gates A-G1…A-G4 (their thresholds are the source's)
+    "ag1_tol": Source(value=1e-5, what="A-G1: U orthogonal and W U Uᵀ = W to within this", work="nqp",
+                      where="roadmap, gate A-G1"),
+    "ag2_share": Source(value=0.6, what="A-G2: share of layers where the Fisher rotation's L2 weight error is below "
+                        "RTN's at 4 bits", work="nqp", where="roadmap, gate A-G2"),
+    # HeadQ
+    "headq_removed": Source(value=(0.84, 0.94), what="share of the excess perplexity HeadQ removes, K-only 2-bit "
+                            "decode, strongest rows (low, high)", work="headq", where="abstract"),
+    # The Condensate Theorem and its revision
+    "mass": Source(value=0.941, what="attention mass on 'the manifold' (5.9% outside the fixed part)",
+                   work="condensate", where="the paper's own mass figure"),
+    "speedup": Source(value=159.0, what="speed-up over flash SDPA at 131K tokens (3.94 ms vs 627.58 ms, RTX 4090 "
+                      "laptop)", work="condensate", where="abstract"),
+    "revision_first_divergence": Source(
+        value=((97, (2, 13, 1, 5, 14, 2, 3, 9, 1, 4, 2, 1, 6, 3, 2)),
+               (193, (10, 13, 7, 10, 14, 3, 3, 9, 1, 4, 4, 3, 6, 14, 2)),
+               (385, (22, 25, 7, 4, 21, 4, 3, 17, 1, 11, 4, 3, 6, 15, 2)),
+               (769, (22, 43, 27, 14, 16, 17, 3, 32, 8, 11, 4, 3, 3, 15, 11))),
+        what="(support S, first divergence of each run): contexts 2K, 8K, 16K in turn, prompts 0-4 within each; "
+             "a run identical through the horizon reads 128", work="revision", where="results/qwen_survival_clean.json"),
+    "revision_horizon": Source(value=128, what="greedy tokens generated per run", work="revision",
+                               where="README, survival protocol"),
+    "revision_shortest_context": Source(value=2048, what="the shortest context of its runs (2K / 8K / 16K)",
+                                        work="revision", where="README, survival protocol"),
+}
+
+
+def source(name: str) -> float | tuple:
+    """The published value of ``SOURCE[name]``.
+
+    Raises:
+        KeyError: no such entry (the message lists them).
+    """
+    if name not in SOURCE:
+        raise KeyError(f"no source number {name!r}; known: {', '.join(SOURCE)}")
+    return SOURCE[name].value
+
+
+def source_points() -> list[tuple[str, int, int, float]]:
+    """Every published O_h as (label, d_head, k, O_h), for the cross-architecture figure and its null."""
+    gpt2_ks = range(4, 4 + len(source("oh_gpt2_by_k")))
+    return ([("GPT-2 124M", 64, k, o) for k, o in zip(gpt2_ks, source("oh_gpt2_by_k"))]
+            + [("GPT-2 medium", 64, 7, source("oh_gpt2_medium")), ("GPT-2 large", 64, 7, source("oh_gpt2_large")),
+               ("Qwen2.5-0.5B", 64, 7, source("oh_qwen")),
+               ("Llama-3.1-8B", 128, 7, source("oh_llama")), ("Llama-3.1-8B", 128, 11, source("oh_llama_k11")),
+               ("Mistral-7B", 128, 7, source("oh_mistral")), ("Mistral-7B", 128, 9, source("oh_mistral_k9"))]
+            + [(f"from scratch, d_head {d}", d, 7, o) for d, o in source("oh_scratch")])
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+REPRODUCED_TOL = 0.01  # our O_h "reproduces" a published one within this (or our CI half-width, if larger)
+Z_CHANCE = 2.0  # |z| below this: within two null standard deviations, i.e. at chance
+Z_ALIGNED = 3.0  # crossarch: a W_O-column-space z above this counts as more aligned than chance
+NULL_TOL = 0.02  # a published O_h "is" the Haar null within this: ~3 of the source's CI half-widths (Qwen2.5)
+R2_NULL = 0.9  # the null "explains" the sweep when it accounts for this share of the variance of O_h
+ALPHA = 0.05  # significance level of the Spearman test
+CORPUS_TOL = 0.021  # three times the source's own WikiText-vs-C4 difference, 0.284 − 0.277 = 0.007
+TWONN_TOL = 1.0  # the source variant's dimension is "near" the source's 7.1 within this
+TWONN_BIAS = 1.1  # the variant reads "biased upward" above this ratio to the unbiased fit
+FISHER_RANK_PR = 3.0  # "rank ≈ 2" holds when the median participation ratio is at most this
+MASS_TOL = 0.03  # kept mass "close to" the source's 94.1% within this
+M_ZERO = 1e-7  # a query's discarded mass below this counts as zero (fp32 softmax rounding)
+RECALL_NEAR = 0.9  # a selector "finds nearly the same set" at this index recall of the exact top-k
+RECALL_MOST = 0.5  # below this it "misses most" of the exact top-k
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """A verdict on one claim.
+
+    Attributes:
+        label: a short outcome a table or a test reads ("reproduced", "pass", ``TIE``, …).
+        text: the sentence or clause the book glues.
+        figures: the numbers the verdict rests on (floats, ``Estimate``s or lists of them), by name.
+    """
+
+    label: str
+    text: str
+    figures: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def direction(est: Estimate, null: float) -> str:
+    """"lower" or "higher" when ``est``'s interval lies wholly below or above ``null``, else ``TIE``.
+
+    Args:
+        est: a paired difference (null 0) or ratio (null 1) with its interval.
+    """
+    if not est.distinguishable(null):
+        return TIE
+    return "lower" if est.hi < null else "higher"
+
+
+# ----------------------------------------------------------------------------- crossarch
+
+
+def o_h_reproduced(source_value: float, o_h: float, ci: tuple[float, float], z: float, delta: float) -> Verdict:
+    """Does our O_h reproduce a published value, and where does it lie against the Haar null?
+
+    Args:
+        source_value: the published O_h; o_h, ci: ours and its 95% interval; z, delta: our (O_h − null)/s.d.
+            and O_h − null mean.
+    Returns:
+        label "reproduced" (|ours − source| ≤ max(``REPRODUCED_TOL``, CI half-width)) or "differs"; the text
+        adds "at the null" (|z| < ``Z_CHANCE``) or "null", then the excess and z.
+    """
+    half = (ci[1] - ci[0]) / 2
+    label = "reproduced" if abs(o_h - source_value) <= max(REPRODUCED_TOL, half) else "differs"
+    null = "at the null" if abs(z) < Z_CHANCE else "null"
+    return Verdict(label=label, text=f"{label}; {null} {delta:+.3f} (z-score {z:.1f})",
+                   figures={"source": source_value, "o_h": o_h, "ci": ci, "z": z, "delta": delta})
+
+
+def intra_reproduced(intra: float) -> Verdict:
+    """Our GQA intra-group O_h against the source's Qwen2.5-0.5B value (``REPRODUCED_TOL``)."""
+    value = source("intra_qwen")
+    label = "reproduced" if abs(intra - value) <= REPRODUCED_TOL else "differs"
+    return Verdict(label=label, text=f"{label}; above the null: the pairs share their value vectors",
+                   figures={"source": value, "intra": intra})
+
+
+def spearman_replicates(rho: float, p: float) -> Verdict:
+    """The source's intra-model Spearman result (ρ < 0, significant) on our pooled deepest layers.
+
+    Returns:
+        label "reproduced" when ρ < 0 and p < ``ALPHA``, else "not reproduced"; text for the claims page.
+    """
+    ok = p < ALPHA and rho < 0
+    return Verdict(label="reproduced" if ok else "not reproduced",
+                   text=f"replicates here: ρ < 0 with p < {ALPHA:g}" if ok else "does not replicate here",
+                   figures={"rho": rho, "p": p, "source": source("spearman_qwen")})
+
+
+def intra_above_null(intra_lo: list[float], null_mean: list[float]) -> Verdict:
+    """Whether every model's intra-group O_h lies above its Haar null (lower CI bound above the null mean).
+
+    Args:
+        intra_lo: per model with intra-group pairs, the lower 95% bound of its intra-group O_h.
+        null_mean: the same models' Haar null means.
+    Raises:
+        ValueError: the two lists differ in length.
+    """
+    if len(intra_lo) != len(null_mean):
+        raise ValueError(f"intra_above_null needs one null per model, got {len(intra_lo)} and {len(null_mean)}")
+    if not intra_lo:
+        return Verdict(label="n/a", text="no model in this run has heads that share a KV head")
+    above = all(lo > null for lo, null in zip(intra_lo, null_mean))
+    return Verdict(label="above" if above else "not above",
+                   text="far above the null, by construction: the paired heads average the same value vectors"
+                   if above else "not above the null in every model",
+                   figures={"intra_lo": list(intra_lo), "null_mean": list(null_mean)})
+
+
+def colspace_aligned(colspace_z: list[float]) -> Verdict:
+    """How many models' O_h after W_O lies above the null inside W_O's column space (z > ``Z_ALIGNED``)."""
+    n_above = sum(z > Z_ALIGNED for z in colspace_z)
+    every = n_above == len(colspace_z)
+    return Verdict(label="every" if every else f"{n_above} of {len(colspace_z)}",
+                   text="more aligned than chance in every model" if every else
+                   f"more aligned than chance in {n_above} of {len(colspace_z)} models",
+                   figures={"colspace_z": list(colspace_z), "n_above": n_above})
+
+
+def published_within_null(max_dev: float) -> Verdict:
+    """The published O_h values as a whole against the Haar null at each one's (d_head, k).
+
+    Args:
+        max_dev: max |published − Haar pair mean| over ``source_points()``.
+    """
+    ok = max_dev <= NULL_TOL
+    return Verdict(label="explained by the null" if ok else "not explained by the null alone",
+                   text="explained by the null" if ok else "not explained by the null alone",
+                   figures={"max_dev": max_dev})
+
+
+def scratch_explained(max_dev: float) -> Verdict:
+    """The from-scratch models' O_h (source) against the Haar null (``NULL_TOL``).
+
+    Args:
+        max_dev: max |published − Haar pair mean| over the from-scratch points.
+    """
+    ok = max_dev <= NULL_TOL
+    return Verdict(label="explained by the null" if ok else "not explained by the null alone",
+                   text="explained by the null, which does not depend on training at all" if ok else
+                   f"not explained by the null alone: a value lies {max_dev:.3f} from it", figures={"max_dev": max_dev})
+
+
+def cluster_explained(max_dev: float, r2: float) -> Verdict:
+    """'Magnitude clusters by attention design': explained by the null when every published value lies within
+    ``NULL_TOL`` of it and the null accounts for at least ``R2_NULL`` of the variance of our O_h over (model, k).
+    """
+    ok = max_dev <= NULL_TOL and r2 >= R2_NULL
+    return Verdict(label="explained by the null" if ok else "not explained by the null alone",
+                   text="explained by the null: random frames cluster by d_head in the same way" if ok else
+                   "not explained by the null alone", figures={"max_dev": max_dev, "r2": r2})
+
+
+def corpus_stable(spread: float) -> Verdict:
+    """The run model's O_h spread over corpora against ``CORPUS_TOL`` (3× the source's WikiText–C4 gap)."""
+    ok = spread <= CORPUS_TOL
+    gap = source("corpus")[0] - source("corpus")[1]
+    return Verdict(label="stable" if ok else "less stable",
+                   text="stable, as claimed; so is the null" if ok else
+                   f"less stable than claimed (the source's two corpora differ by {gap:.3f})",
+                   figures={"spread": spread, "tolerance": CORPUS_TOL})
+
+
+def corpus_claim(spreads: list[float]) -> Verdict:
+    """The inter-corpus claim over every model with inter-group pairs (the largest spread decides)."""
+    gap = source("corpus")[0] - source("corpus")[1]
+    if not spreads:
+        return Verdict(label="n/a", text="n/a")
+    ok = max(spreads) <= CORPUS_TOL
+    return Verdict(label="stable" if ok else "less stable",
+                   text=f"same order as the source's {gap:.3f} for inter-group headlines" if ok else
+                   f"larger than the source's {gap:.3f}", figures={"spreads": list(spreads)})
+
+
+def twonn_variant(variant: float, line_fit: float) -> Verdict:
+    """What the source's mean TwoNN (7.1) is: its variant's reading, set beside the line fit's."""
+    ratio = variant / line_fit
+    return Verdict(label="variant", text=f"the source's number is its variant's, which reads ×{ratio:.2f} the line fit",
+                   figures={"variant": variant, "line_fit": line_fit, "ratio": ratio, "source": source("twonn")})
+
+
+# ----------------------------------------------------------------------------- atlas
+
+
+def null_side(z: float) -> Verdict:
+    """Where an overlap lies against its null: label and text "is indistinguishable from" (|z| < ``Z_CHANCE``),
+    "lies above" or "lies below"."""
+    side = "is indistinguishable from" if abs(z) < Z_CHANCE else "lies above" if z > 0 else "lies below"
+    return Verdict(label=side, text=side, figures={"z": z})
+
+
+_O_H_CLAIM = {"is indistinguishable from": "does not replicate as a property of trained heads",
+              "lies below": "replicates beyond the null",
+              "lies above": "does not replicate (more aligned than chance)"}
+
+
+def o_h_claim(z: float) -> Verdict:
+    """The claim "head manifolds are mutually non-aligned (O_h ≪ 1)" judged against Haar frames of the same size.
+
+    Returns:
+        label: ``null_side(z).label``; text: whether the claim replicates beyond chance.
+    """
+    side = null_side(z).label
+    return Verdict(label=side, text=f"{_O_H_CLAIM[side]}: O_h {side} random frames in the same dimension",
+                   figures={"z": z})
+
+
+def sweep_clause(z_by_k: dict[int, float]) -> Verdict:
+    """Which k of a sweep put O_h two or more null s.d. from chance.
+
+    Args:
+        z_by_k: {k: z-score of O_h against the Haar null at that k}.
+    Returns:
+        label "within" or "outside"; ``figures["outside"]`` the k with |z| ≥ ``Z_CHANCE``; text a clause.
+    """
+    ks = list(z_by_k)
+    outside = [k for k in ks if abs(z_by_k[k]) >= Z_CHANCE]
+    if not outside:
+        text = "at every k of the sweep it stays within two null standard deviations of chance"
+    else:
+        sides = {"above" if z_by_k[k] > 0 else "below" for k in outside}
+        text = (f"over the sweep it lies two or more null standard deviations {' or '.join(sorted(sides))} "
+                f"chance at k = {', '.join(map(str, outside))} and within that band at the other "
+                f"{len(ks) - len(outside)} values of k")
+    return Verdict(label="outside" if outside else "within", text=text, figures={"z": dict(z_by_k), "outside": outside})
+
+
+def sweep_claim(z_by_k: dict[int, float]) -> Verdict:
+    """"O_h rises with k" (source: 0.210 … 0.340 on GPT-2) judged by how much of the sweep the null explains."""
+    clause = sweep_clause(z_by_k)
+    n_out, n = len(clause.figures["outside"]), len(z_by_k)
+    label = ("explained by the null" if not n_out else "mostly explained by the null" if n_out < n / 2 else
+             "not explained by the null alone")
+    return Verdict(label=label, text=f"{label}: {clause.text}", figures=clause.figures)
+
+
+def twonn_source(variant: float, line_fit: float) -> Verdict:
+    """The source's TwoNN variant on our heads, against the source's 7.1 (``TWONN_TOL``) and the unbiased fit
+    (biased when it reads more than ``TWONN_BIAS`` times it)."""
+    value, ratio = source("twonn"), variant / line_fit
+    near = abs(variant - value) <= TWONN_TOL
+    biased = ratio > TWONN_BIAS
+    text = (f"the source's estimator reads {variant:.1f} here"
+            + (f", near the source's {value}" if near else f", not the source's {value}")
+            + (f", and it is biased upward (×{ratio:.2f} the unbiased fit): use the unbiased fit" if biased
+               else ", and it agrees with the unbiased fit"))
+    return Verdict(label=("near" if near else "not near") + (", biased" if biased else ""), text=text,
+                   figures={"variant": variant, "line_fit": line_fit, "ratio": ratio, "source": value})
+
+
+def top1_recovery(gain: Estimate, recovered: Estimate) -> Verdict:
+    """The top-1 claim: does the fitted rank-k frame recover more than a random one, and how does its recovered
+    share compare with the source's 55.9% (three layers of GPT-2)?
+
+    Args:
+        gain: recovered − recovered_random (paired; ``interval.excess_removed_difference``).
+        recovered: the fitted frame's recovered fraction.
+    Returns:
+        label: "<frame direction>; <versus source>", each "more"/"less" or ``TIE``; text a clause for the prose.
+    """
+    value = source("top1_recovered")
+    frame = direction(gain, 0.0)
+    frame_text = {TIE: f"the frame and a random frame are {TIE}", "higher": "the frame recovers more than a random frame",
+                  "lower": "the frame recovers less than a random frame"}[frame]
+    versus = direction(recovered, value)
+    versus_text = (f"its recovery is not distinguishable from the source's {value:.1%} at this sample size"
+                   if versus == TIE else f"it recovers {'less' if versus == 'lower' else 'more'} than the source's {value:.1%}")
+    return Verdict(label=f"{frame}; {versus}",
+                   text=f"{frame_text} ({100 * gain.value:+.1f} points [{100 * gain.lo:+.1f}, {100 * gain.hi:+.1f}]), "
+                        f"and {versus_text}", figures={"gain": gain, "recovered": recovered, "source": value})
+
+
+# ----------------------------------------------------------------------------- nqp
+
+
+def gate(ratio: Estimate, want: str) -> str:
+    """A gate that asks for ``want`` ("lower" or "higher") of a paired perplexity ratio: "pass", "fail", or
+    ``TIE`` when the interval contains 1 (the sample cannot tell, so the gate neither passes nor fails).
+
+    Raises:
+        ValueError: ``want`` is neither "lower" nor "higher".
+    """
+    if want not in ("lower", "higher"):
+        raise ValueError(f"a gate wants 'lower' or 'higher', got {want!r}")
+    found = direction(ratio, 1.0)
+    return TIE if found == TIE else "pass" if found == want else "fail"
+
+
+def gate_ag1(orth: float, recon: float) -> Verdict:
+    """A-G1: the Fisher basis U is orthogonal and W U Uᵀ = W, both to within the source's 1e-5.
+
+    Args:
+        orth: max |UᵀU − I| over layers; recon: max |W U Uᵀ − W|.
+    """
+    tol = source("ag1_tol")
+    label = "pass" if orth < tol and recon < tol else "fail"
+    return Verdict(label=label, text=f"max |UᵀU − I| = {orth:.1e}, max |WUUᵀ − W| = {recon:.1e}",
+                   figures={"orth": orth, "recon": recon, "tolerance": tol})
+
+
+def gate_ag2(share_lower: float) -> Verdict:
+    """A-G2: the Fisher rotation's L2 weight error is below RTN's in at least 60% of layers at 4 bits."""
+    need = source("ag2_share")
+    return Verdict(label="pass" if share_lower >= need else "fail", text=f"{share_lower:.0%} of layers",
+                   figures={"share_lower": share_lower, "needed": need})
+
+
+def gate_ag3(ratio: Estimate, ppl_fisher: float, ppl_gptq: float) -> Verdict:
+    """A-G3: Fisher-rotation perplexity ≤ GPTQ's at 4 bits (paired ratio PPL_fisher / PPL_GPTQ below 1)."""
+    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_gptq:.2f}, ratio {ratio.value:.3f}",
+                   figures={"ratio": ratio})
+
+
+def gate_ag4(ratio: Estimate, ppl_fisher: float, ppl_haar: float) -> Verdict:
+    """A-G4: the Fisher basis beats a Haar-random rotation at 4 bits (paired ratio below 1)."""
+    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_haar:.2f}, ratio {ratio.value:.3f}",
+                   figures={"ratio": ratio})
+
+
+GATE_TESTS = {
+    "A-G1": "U orthogonal and W U Uᵀ = W to < 1e-5",
+    "A-G2": "Fisher rotation has lower L2 weight error than RTN in ≥ 60% of layers at 4 bits",
+    "A-G3": "Fisher rotation perplexity ≤ GPTQ at 4 bits (paired ratio below 1)",
+    "A-G4": "Fisher basis beats a random (Haar) rotation at 4 bits (paired ratio below 1)",
+}
+
+
+def gates_idea(outcomes: dict[str, str]) -> Verdict:
+    """A-G2…A-G4 together (A-G1 tests the linear algebra; the other three test the idea).
+
+    Args:
+        outcomes: {"A-G2": "pass" | "fail" | TIE, "A-G3": …, "A-G4": …}.
+    """
+    by = {o: [g for g, v in outcomes.items() if v == o] for o in ("pass", "fail", TIE)}
+    if len(by["fail"]) == len(outcomes) == 3:
+        return Verdict(label="fail", text="The three gates that test the idea itself fail", figures=dict(outcomes))
+    text = "Of the three gates that test the idea itself, " + "; ".join(f"{', '.join(v)}: {o}" for o, v in by.items() if v)
+    return Verdict(label="mixed", text=text, figures=dict(outcomes))
+
+
+def best_text(best: str, ties: list[str]) -> Verdict:
+    """The best method (lowest perplexity) and those the sample cannot tell from it (``best_method``'s result)."""
+    return Verdict(label=best, text=best + (f" ({', '.join(ties)} {TIE} from it)" if ties else ""),
+                   figures={"ties": list(ties)})
+
+
+def fisher_rank2(pr_median: float) -> Verdict:
+    """"The activation Fisher has rank ≈ 2": holds when its median participation ratio over layers is at most
+    ``FISHER_RANK_PR``."""
+    ok = pr_median <= FISHER_RANK_PR
+    return Verdict(label="holds" if ok else "does not hold",
+                   text="holds" if ok else f"does not hold: the median participation ratio is {pr_median:.1f}",
+                   figures={"pr_median": pr_median})
+
+
+def fisher_collapse(ratio: Estimate, baseline: str, bits: int = 3) -> Verdict:
+    """Fisher-basis quantization "collapses onto GPTQ + AWQ": the Fisher rotation against the better of the two.
+
+    Args:
+        ratio: PPL_fisher / PPL_baseline, paired; baseline: its name ("GPTQ" or "AWQ").
+    """
+    found = direction(ratio, 1.0)
+    text = {"higher": f"the Fisher rotation is worse than {baseline}, the better of GPTQ and AWQ, at {bits} bits",
+            "lower": f"the Fisher rotation beats {baseline}, the better of GPTQ and AWQ, at {bits} bits",
+            TIE: f"the Fisher rotation and {baseline} are {TIE} at {bits} bits"}[found]
+    return Verdict(label=found, text=text + f" (perplexity ratio {ratio:.3f})", figures={"ratio": ratio})
+
+
+def fisher_not_worse(ratios: dict[tuple[str, int, int | None], Estimate]) -> Verdict:
+    """The prose's claim that the Fisher rotation is worse than every other method below 8 bits.
+
+    Args:
+        ratios: {(other method, bits, group or None): PPL_fisher / PPL_other, paired}.
+    Returns:
+        label "worse everywhere" when every interval lies above 1, else "exceptions", naming them.
+    """
+    not_worse = [f"{o} at {b} bits" + (f" (g{grp})" if grp else "") + f": {direction(r, 1.0)} (ratio {r:.3f})"
+                 for (o, b, grp), r in ratios.items() if direction(r, 1.0) != "higher"]
+    if not not_worse:
+        text = ("The Fisher rotation does not collapse onto GPTQ and AWQ: it is worse than both, and worse than plain "
+                "RTN, at every bit width below 8, per channel and in groups, and worse than a Haar-random rotation, the "
+                "opposite of what the idea needs (every one of these paired ratios has its interval above 1)")
+    else:
+        text = ("The Fisher rotation is worse than RTN, GPTQ, AWQ and the Haar rotation below 8 bits except where the "
+                "paired interval says otherwise: " + "; ".join(not_worse))
+    return Verdict(label="exceptions" if not_worse else "worse everywhere", text=text, figures={"ratios": dict(ratios)})
+
+
+def l2_predicts(rho_weight: float, rho_output: float) -> Verdict:
+    """Which error ranks the runs as perplexity does (Spearman ρ with perplexity)."""
+    weight = rho_weight >= rho_output
+    return Verdict(label="weight" if weight else "output",
+                   text="weight error orders the methods as perplexity does" if weight else
+                   "layer output error predicts perplexity better than weight error",
+                   figures={"rho_weight": rho_weight, "rho_output": rho_output, "source": source("werr4")})
+
+
+def eight_bit(ratio: Estimate) -> Verdict:
+    """The source's 8-bit result (34.06 standard vs 36.67 λ-scaled) is a direction: λ-scaled worse.
+
+    Args:
+        ratio: PPL_λ-scaled / PPL_RTN at 8 bits, paired.
+    """
+    found = direction(ratio, 1.0)
+    text = {"higher": "replicates in direction: the λ-scaled grid is worse than standard rounding at 8 bits, as on GPT-2",
+            "lower": "does not replicate: at 8 bits the λ-scaled grid is better than standard rounding here",
+            TIE: f"does not replicate: at 8 bits the λ-scaled grid and standard rounding are {TIE}"}[found]
+    return Verdict(label=found, text=text + f" (perplexity ratio {ratio:.3f})",
+                   figures={"ratio": ratio, "source": source("ppl8")})
+
+
+# ----------------------------------------------------------------------------- kvquant
+
+
+def removal_verdict(excess: Estimate, difference: Estimate, spec: str = ".1%") -> Verdict:
+    """What an excess-removed fraction allows one to say, judged by the paired difference to the baseline.
+
+    Args:
+        excess: (PPL_base − PPL)/(PPL_base − PPL_fp) with its interval (``interval.excess_removed``).
+        difference: PPL − PPL_base on the same blocks (``interval.ppl_difference``).
+    Returns:
+        label ``direction(difference, 0)``; text "removes X [lo, hi] of the excess" (difference below 0),
+        "adds to the excess (removes X [lo, hi])" (above 0), "is not distinguishable from its baseline at this
+        sample size (removes X [lo, hi] of the excess)"; when the baseline has no excess over fp (the fraction is
+        undefined) the difference alone is reported.
+    """
+    found, figures = direction(difference, 0.0), {"excess": excess, "difference": difference}
+    if math.isnan(excess.value):  # the baseline is not above fp: the fraction is undefined, the difference is not
+        what = {TIE: "is not distinguishable from", "lower": "is lower than", "higher": "is higher than"}[found]
+        return Verdict(label=found, figures=figures,
+                       text=f"{what} its baseline at this sample size (the baseline has no excess over fp to remove)")
+    fraction = format(excess, spec)
+    text = {TIE: f"is not distinguishable from its baseline at this sample size (removes {fraction} of the excess)",
+            "lower": f"removes {fraction} of the excess", "higher": f"adds to the excess (removes {fraction})"}[found]
+    return Verdict(label=found, text=text, figures=figures)
+
+
+def lower_verdict(nll_a, nll_b, a: str, b: str, boot: Bootstrap = interval.DEFAULT, spec: str = ".3f") -> Verdict:
+    """Which of two methods has the lower perplexity on the same blocks, or that the sample cannot tell.
+
+    Args:
+        nll_a, nll_b: (block, token) NLL of the two methods on the same blocks.
+    Returns:
+        label ``direction(ratio, 1)``; text "a is lower than b (perplexity ratio r [lo, hi])", "a is higher than
+        b (…)", or "a and b are not distinguishable at this sample size (…)".
+    """
+    ratio = interval.ppl_ratio(nll_a, nll_b, boot)
+    found = direction(ratio, 1.0)
+    how = f"{a} and {b} are {TIE}" if found == TIE else f"{a} is {found} than {b}"
+    return Verdict(label=found, text=f"{how} (perplexity ratio {ratio:{spec}})", figures={"ratio": ratio})
+
+
+def lowest_verdict(nlls: dict, focus: str, boot: Bootstrap = interval.DEFAULT) -> Verdict:
+    """Whether ``focus`` has the lowest perplexity of ``nlls`` (all on the same blocks), paired.
+
+    Args:
+        nlls: {name: (block, token) NLL}, ``focus`` among them.
+    Returns:
+        label: the best name; text "<focus> is lower than every other", "<focus> is lowest, but not
+        distinguishable from A, B at this sample size", "<best> is lower than <focus>", or "<best> is lowest, but
+        <focus> is not distinguishable from it at this sample size"; figures {"ppl": {name: point perplexity}}.
+    Raises:
+        ValueError: ``focus`` is not in ``nlls``.
+    """
+    if focus not in nlls:
+        raise ValueError(f"{focus!r} is not among the compared methods {list(nlls)}")
+    ppl = {name: math.exp(interval.unit_sums(v).mean()) for name, v in nlls.items()}
+    best = min(ppl, key=ppl.get)
+    tied = lambda x, y: direction(interval.ppl_ratio(nlls[x], nlls[y], boot), 1.0) == TIE  # noqa: E731
+    if best != focus:
+        text = (f"{best} is lowest, but {focus} is not distinguishable from it at this sample size" if tied(focus, best)
+                else f"{best} is lower than {focus}")
+    else:
+        ties = [n for n in nlls if n != focus and tied(n, focus)]
+        text = (f"{focus} is lowest, but not distinguishable from {', '.join(ties)} at this sample size" if ties else
+                f"{focus} is lower than every other")
+    return Verdict(label=best, text=text, figures={"ppl": ppl})
+
+
+def range_verdict(excess: Estimate, difference: Estimate, low: float, high: float,
+                  source_name: str = "the paper's") -> Verdict:
+    """Where an excess-removed fraction falls against a source's reported range [low, high].
+
+    Args:
+        excess: the fraction with its interval; difference: PPL − PPL_base on the same blocks.
+    Returns:
+        label ``TIE`` when the difference's interval contains 0 ("not distinguishable from its baseline at this
+        sample size"); else "below" / "above" when the whole interval lies below ``low`` / above ``high``, and
+        "consistent" when it meets the range.
+    """
+    reported = f"{source_name} {low:.0%}–{high:.0%}".replace("%–", "–")
+    figures = {"excess": excess, "difference": difference, "range": (low, high)}
+    if not difference.distinguishable(0.0):
+        return Verdict(label=TIE, text="not distinguishable from its baseline at this sample size", figures=figures)
+    label = "below" if excess.hi < low else "above" if excess.lo > high else "consistent"
+    return Verdict(label=label, text=f"{'consistent with' if label == 'consistent' else label} {reported}",
+                   figures=figures)
+
+
+def headq_range(excess: Estimate, difference: Estimate) -> Verdict:
+    """HeadQ's 2-bit K-only excess removed against the paper's 84–94% (``range_verdict``)."""
+    low, high = source("headq_removed")
+    return range_verdict(excess, difference, low, high)
+
+
+def kv_headline(nll: dict, same: dict, focus: str, controls: dict, a2: tuple | None = None,
+                boot: Bootstrap = interval.DEFAULT) -> dict[str, Verdict]:
+    """The KV chapter's headline verdicts from one set of evaluation blocks (all on the same blocks).
+
+    Args:
+        nll: {"per-token 2b", "headq 2b", "fp", "kivi 2b": (block, token) NLL}.
+        same: {label: NLL} of the methods at HeadQ's storage; focus: HeadQ's label among them.
+        controls: {name: NLL}, "the query basis" among them.
+        a2: (A² policy NLL, uniform NLL, uniform's value bits) where the engine sees attention weights.
+    Returns:
+        {claim name: Verdict}, in the chapter's order.
+    """
+    pt2, hq2, fp = nll["per-token 2b"], nll["headq 2b"], nll["fp"]
+    out = {"HeadQ against the paper's 84–94%": headq_range(interval.excess_removed(pt2, hq2, fp, boot),
+                                                           interval.ppl_difference(hq2, pt2, boot)),
+           "HeadQ against KIVI": lower_verdict(hq2, nll["kivi 2b"], "HeadQ", "KIVI", boot),
+           "equal storage": lowest_verdict(same, focus, boot),
+           "controls": lowest_verdict(controls, "the query basis", boot)}
+    if a2 is not None:
+        a2_nll, uniform_nll, vbits = a2
+        out["A² in decode"] = lower_verdict(a2_nll, uniform_nll, "the A² policy", f"uniform {vbits}-bit values", boot)
+    return out
+
+
+def fisher_predicts(rho_fisher: float, rho_key_mse: float) -> Verdict:
+    """"Score-space (Fisher) error predicts attention KL far better than key MSE": Spearman ρ with the KL."""
+    ok = rho_fisher > rho_key_mse
+    return Verdict(label="replicates" if ok else "does not replicate", text="replicates" if ok else "does not replicate",
+                   figures={"rho_fisher": rho_fisher, "rho_key_mse": rho_key_mse})
+
+
+def a2_offline(a2_error: float, uniform_error: float) -> Verdict:
+    """The A² value policy's offline output error (attention fixed) against uniform values at the same bits."""
+    ok = a2_error < uniform_error
+    return Verdict(label="lower" if ok else "not lower", text="lower" if ok else "not lower",
+                   figures={"a2": a2_error, "uniform": uniform_error})
+
+
+def side_code_clause(difference: Estimate, baseline: str) -> Verdict:
+    """A prose clause on whether a side code changes perplexity beyond its baseline.
+
+    Args:
+        difference: PPL − PPL_baseline, paired; baseline: e.g. "no side code".
+    Returns:
+        label ``direction(difference, 0)``; text "already" when distinguishable, else "is not distinguishable from
+        <baseline> at this sample size, though it" (the prose continues with what it removes).
+    """
+    found = direction(difference, 0.0)
+    text = f"is not distinguishable from {baseline} at this sample size, though it" if found == TIE else "already"
+    return Verdict(label=found, text=text, figures={"difference": difference})
+
+
+# ----------------------------------------------------------------------------- sparse
+
+
+def lossless(kl: list[float], first_divergence: list) -> Verdict:
+    """"Anchor + window + top-k is lossless": holds only when every model's KL to dense is 0 and no greedy
+    continuation diverges.
+
+    Args:
+        kl: per model, the mean KL(dense ‖ sparse) of next-token distributions.
+        first_divergence: per model, its first diverging step, or None / "none" when identical throughout.
+    """
+    same = all(d is None or d == "none" for d in first_divergence)
+    ok = all(v == 0 for v in kl) and same
+    return Verdict(label="holds" if ok else "does not hold", text="holds" if ok else "does not hold",
+                   figures={"kl": list(kl), "first_divergence": list(first_divergence)})
+
+
+def kept_mass(kept: float, discarded: np.ndarray) -> Verdict:
+    """The kept set's attention mass against the source's 94.1%, and whether any query loses mass at all.
+
+    Args:
+        kept: mean kept mass over sparse layers, heads and queries.
+        discarded: every (layer, head, query)'s discarded mass m (any shape).
+    """
+    value = source("mass")
+    zero_share = float((np.asarray(discarded) < M_ZERO).mean())
+    closeness = "close to" if abs(kept - value) < MASS_TOL else ("above" if kept > value else "below")
+    text = (f"{closeness} the source's {value:.1%} on average; but m > {M_ZERO:g} for {1 - zero_share:.1%} of queries, "
+            f"so {'not ' if zero_share < 1 else ''}lossless")
+    return Verdict(label=closeness, text=text, figures={"kept": kept, "zero_share": zero_share, "source": value})
+
+
+def page_selection(index_recall: float) -> Verdict:
+    """The page selector against exact top-k: the share of the exact top-k keys it finds."""
+    if index_recall >= RECALL_NEAR:
+        label, text = "near", "finds nearly the same set"
+    elif index_recall < RECALL_MOST:
+        label, text = "misses most", "a further approximation: it misses most of the exact top-k"
+    else:
+        label, text = "misses part", "a further approximation: it misses part of the exact top-k"
+    return Verdict(label=label, text=text, figures={"index_recall": index_recall})
+
+
+def speedup(measured: float) -> Verdict:
+    """Our largest measured speed-up against the source's 159× (label and text "reached" / "not reached")."""
+    label = "reached" if measured >= source("speedup") else "not reached"
+    return Verdict(label=label, text=label, figures={"measured": measured, "source": source("speedup")})
+
+
+def survival_vs_revision(gaps: dict[int, list[str]], n_new: int, n_keys: int) -> Verdict:
+    """Our greedy survival against the revision's, support by support.
+
+    Args:
+        gaps: {support S the revision also ran: ``fidelity.survival_agreement``'s phrases (empty: they agree)}.
+        n_new: tokens generated per run; n_keys: prompt + generated tokens (the keys a support is a share of).
+    Returns:
+        label "n/a", "agree", "partly" or "disagree"; text for the claims page.
+    """
+    ran = [s for s, _ in source("revision_first_divergence")]
+    agree = [str(s) for s, g in gaps.items() if not g]
+    shortest = source("revision_shortest_context")
+    differ = [f"at S = {s}, which keeps at least {s / n_keys:.0%} of our keys against at most {s / shortest:.0%} at the "
+              f"revision's shortest context: " + " and ".join(g) for s, g in gaps.items() if g]
+    if not gaps:
+        return Verdict(label="n/a", text=f"cannot be compared with the revision: none of the supports run is one of its "
+                                         f"{', '.join(map(str, ran))}")
+    if not differ:
+        return Verdict(label="agree", figures={"gaps": dict(gaps)},
+                       text=f"agree with the revision at every support run (S = {', '.join(agree)}): runs identical "
+                            f"through {n_new} tokens are as rare and first divergences as early")
+    if agree:
+        return Verdict(label="partly", figures={"gaps": dict(gaps)},
+                       text=f"agree with the revision at S = {', '.join(agree)}; they differ " + "; ".join(differ))
+    return Verdict(label="disagree", figures={"gaps": dict(gaps)},
+                   text="disagree with the revision at every support run: " + "; ".join(differ))

@@ -1,0 +1,309 @@
+"""The claims table and every verdict: both sides of each threshold, and the tie branch of each interval."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from atlas_core import claims
+from atlas_core.claims import TIE, Estimate
+
+
+def est(value, lo, hi, units=8):
+    return Estimate(value, lo, hi, units)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def test_every_source_number_names_its_work_and_place():
+    for name, s in claims.SOURCE.items():
+        assert s.work in claims.WORKS and s.where and s.what, name
+        if s.ci is not None:
+            assert s.ci[0] <= s.value <= s.ci[1], name
+    with pytest.raises(KeyError, match="no source number 'nope'"):
+        claims.source("nope")
+    with pytest.raises(ValueError, match="Source.work"):
+        claims.Source(value=1.0, what="x", work="elsewhere", where="y")
+
+
+def test_source_points_are_the_published_o_h_values():
+    points = claims.source_points()
+    assert len(points) == 7 + 7 + 4
+    assert ("GPT-2 124M", 64, 4, 0.210) in points and ("GPT-2 124M", 64, 10, 0.340) in points
+    assert ("Llama-3.1-8B", 128, 11, 0.248) in points and ("from scratch, d_head 256", 256, 7, 0.14) in points
+
+
+def test_the_revisions_archived_runs_give_its_published_summary():
+    """The revision's own figures: 0 of 60 runs identical through 128 tokens, median first divergence 6, max 43."""
+    from atlas_core.sparse.fidelity import survival_summary
+
+    horizon = claims.source("revision_horizon")
+    per_support = [d for _, d in claims.source("revision_first_divergence")]
+    rows = [[None if d >= horizon else d for d in prefix] for prefix in zip(*per_support)]
+    rev = survival_summary(rows, horizon)
+    assert (rev["runs"], rev["median"], rev["identical"], rev["max"]) == (60, 6, 0, 43)
+
+
+def test_direction_reads_the_interval_not_the_point():
+    assert claims.direction(est(0.9, 0.8, 0.95), 1.0) == "lower"
+    assert claims.direction(est(1.1, 1.05, 1.2), 1.0) == "higher"
+    assert claims.direction(est(0.9, 0.8, 1.01), 1.0) == TIE
+    assert claims.direction(est(math.nan, math.nan, math.nan), 0.0) == TIE
+
+
+# ----------------------------------------------------------------------------- crossarch
+
+
+def test_o_h_reproduced_within_the_tolerance_or_the_ci_half_width():
+    close = claims.o_h_reproduced(0.291, 0.300, (0.29, 0.31), z=1.5, delta=0.01)
+    assert close.label == "reproduced" and close.text == "reproduced; at the null +0.010 (z-score 1.5)"
+    assert claims.o_h_reproduced(0.291, 0.302, (0.30, 0.304), z=1.0, delta=0.0).label == "differs"  # 0.011 > 0.01
+    assert claims.o_h_reproduced(0.291, 0.311, (0.28, 0.342), z=1.0, delta=0.0).label == "reproduced"  # half-width 0.031
+    assert claims.o_h_reproduced(0.291, 0.29, (0.28, 0.30), z=2.0, delta=0.05).text.startswith("reproduced; null +0.050")
+
+
+def test_intra_and_spearman_against_the_source():
+    assert claims.intra_reproduced(0.49).label == "reproduced"
+    assert claims.intra_reproduced(0.50).label == "differs"
+    assert claims.spearman_replicates(-0.4, 0.01).text == "replicates here: ρ < 0 with p < 0.05"
+    assert claims.spearman_replicates(-0.4, 0.05).label == "not reproduced"  # p must be below α
+    assert claims.spearman_replicates(0.4, 0.001).text == "does not replicate here"
+
+
+def test_intra_above_null_needs_every_model():
+    assert claims.intra_above_null([], []).text == "no model in this run has heads that share a KV head"
+    assert claims.intra_above_null([0.4, 0.35], [0.28, 0.28]).label == "above"
+    assert claims.intra_above_null([0.4, 0.28], [0.28, 0.28]).text == "not above the null in every model"
+    with pytest.raises(ValueError, match="one null per model"):
+        claims.intra_above_null([0.4], [])
+
+
+def test_colspace_alignment_counts_models_above_z_3():
+    assert claims.colspace_aligned([3.5, 10.0]).text == "more aligned than chance in every model"
+    assert claims.colspace_aligned([3.0, 10.0]).text == "more aligned than chance in 1 of 2 models"
+
+
+def test_null_explains_published_values_within_0_02():
+    assert claims.published_within_null(0.02).label == "explained by the null"
+    assert claims.published_within_null(0.021).label == "not explained by the null alone"
+    assert claims.scratch_explained(0.019).text == "explained by the null, which does not depend on training at all"
+    assert claims.scratch_explained(0.05).text == "not explained by the null alone: a value lies 0.050 from it"
+    assert claims.cluster_explained(0.01, 0.9).label == "explained by the null"
+    assert claims.cluster_explained(0.01, 0.89).label == "not explained by the null alone"
+    assert claims.cluster_explained(0.03, 0.99).label == "not explained by the null alone"
+
+
+def test_corpus_stability_at_three_times_the_sources_gap():
+    assert claims.CORPUS_TOL == pytest.approx(3 * (0.284 - 0.277))
+    assert claims.corpus_stable(0.021).text == "stable, as claimed; so is the null"
+    assert claims.corpus_stable(0.022).text == "less stable than claimed (the source's two corpora differ by 0.007)"
+    assert claims.corpus_claim([]).text == "n/a"
+    assert claims.corpus_claim([0.01, 0.02]).text == "same order as the source's 0.007 for inter-group headlines"
+    assert claims.corpus_claim([0.01, 0.03]).text == "larger than the source's 0.007"
+
+
+def test_twonn_variant_reports_the_ratio():
+    v = claims.twonn_variant(8.0, 6.4)
+    assert v.text == "the source's number is its variant's, which reads ×1.25 the line fit"
+    assert v.figures["ratio"] == pytest.approx(1.25)
+
+
+# ----------------------------------------------------------------------------- atlas
+
+
+def test_null_side_and_the_o_h_claim():
+    assert claims.null_side(1.99).label == "is indistinguishable from"
+    assert claims.null_side(2.0).label == "lies above"
+    assert claims.null_side(-2.0).label == "lies below"
+    assert claims.o_h_claim(-3.0).text == "replicates beyond the null: O_h lies below random frames in the same dimension"
+    assert claims.o_h_claim(0.5).text.startswith("does not replicate as a property of trained heads")
+    assert claims.o_h_claim(5.0).text.startswith("does not replicate (more aligned than chance)")
+
+
+def test_sweep_claim_by_the_share_of_k_outside_the_band():
+    assert claims.sweep_claim({4: 0.1, 5: -1.9}).text == (
+        "explained by the null: at every k of the sweep it stays within two null standard deviations of chance")
+    mostly = claims.sweep_claim({4: 0.1, 5: 1.0, 6: 2.5})
+    assert mostly.label == "mostly explained by the null" and mostly.figures["outside"] == [6]
+    assert "above chance at k = 6 and within that band at the other 2 values of k" in mostly.text
+    half = claims.sweep_claim({4: -2.5, 5: 3.0})
+    assert half.label == "not explained by the null alone" and "above or below chance at k = 4, 5" in half.text
+
+
+def test_twonn_source_near_and_bias():
+    near = claims.twonn_source(8.1, 7.0)
+    assert near.text == ("the source's estimator reads 8.1 here, near the source's 7.1, and it is biased upward "
+                         "(×1.16 the unbiased fit): use the unbiased fit")
+    far = claims.twonn_source(8.2, 7.5)
+    assert far.text == "the source's estimator reads 8.2 here, not the source's 7.1, and it agrees with the unbiased fit"
+
+
+def test_top1_recovery_both_comparisons_and_their_ties():
+    rec = est(0.40, 0.30, 0.50)
+    tied = claims.top1_recovery(est(0.05, -0.01, 0.1), rec)
+    assert tied.text.startswith("the frame and a random frame are not distinguishable at this sample size (+5.0 points")
+    assert "recovers less than the source's 55.9%" in tied.text
+    assert claims.top1_recovery(est(0.05, 0.01, 0.1), rec).text.startswith("the frame recovers more than a random frame")
+    assert "recovers less than a random frame" in claims.top1_recovery(est(-0.05, -0.1, -0.01), rec).text
+    assert "not distinguishable from the source's 55.9%" in claims.top1_recovery(est(0.05, 0.01, 0.1),
+                                                                                   est(0.5, 0.4, 0.6)).text
+    assert "recovers more than the source's" in claims.top1_recovery(est(0.05, 0.01, 0.1), est(0.7, 0.6, 0.8)).text
+
+
+# ----------------------------------------------------------------------------- nqp
+
+
+def test_gates_pass_fail_and_tie():
+    assert claims.gate(est(0.9, 0.8, 0.95), "lower") == "pass"
+    assert claims.gate(est(1.1, 1.05, 1.2), "lower") == "fail"
+    assert claims.gate(est(1.1, 1.05, 1.2), "higher") == "pass"
+    assert claims.gate(est(1.0, 0.9, 1.1), "lower") == TIE
+    with pytest.raises(ValueError, match="'lower' or 'higher'"):
+        claims.gate(est(1.0, 0.9, 1.1), "better")
+    assert claims.gate_ag1(9e-6, 1e-7).label == "pass"
+    assert claims.gate_ag1(1e-5, 1e-7).label == "fail"
+    assert claims.gate_ag2(0.6).label == "pass" and claims.gate_ag2(0.59).label == "fail"
+    assert claims.gate_ag2(0.6).text == "60% of layers"
+    ag3 = claims.gate_ag3(est(1.2, 1.1, 1.3), 30.0, 25.0)
+    assert (ag3.label, ag3.text) == ("fail", "30.00 vs 25.00, ratio 1.200")
+    assert claims.gate_ag4(est(1.0, 0.9, 1.1), 30.0, 30.0).label == TIE
+
+
+def test_gates_idea_names_each_outcome():
+    assert claims.gates_idea({"A-G2": "fail", "A-G3": "fail", "A-G4": "fail"}).text == (
+        "The three gates that test the idea itself fail")
+    assert claims.gates_idea({"A-G2": "pass", "A-G3": "fail", "A-G4": TIE}).text == (
+        f"Of the three gates that test the idea itself, A-G2: pass; A-G3: fail; A-G4: {TIE}")
+
+
+def test_nqp_verdicts():
+    assert claims.best_text("gptq", []).text == "gptq"
+    assert claims.best_text("gptq", ["awq", "rtn"]).text == f"gptq (awq, rtn {TIE} from it)"
+    assert claims.fisher_rank2(3.0).text == "holds"
+    assert claims.fisher_rank2(3.05).text == "does not hold: the median participation ratio is 3.0"
+    worse = claims.fisher_collapse(est(1.5, 1.4, 1.6), "GPTQ")
+    assert worse.text == ("the Fisher rotation is worse than GPTQ, the better of GPTQ and AWQ, at 3 bits "
+                          "(perplexity ratio 1.500 [1.400, 1.600])")
+    assert claims.fisher_collapse(est(0.9, 0.8, 0.95), "AWQ").text.startswith("the Fisher rotation beats AWQ")
+    assert claims.fisher_collapse(est(1.0, 0.9, 1.1), "AWQ").text.startswith(f"the Fisher rotation and AWQ are {TIE}")
+    assert claims.l2_predicts(0.9, 0.8).label == "weight" and claims.l2_predicts(0.7, 0.8).label == "output"
+    assert claims.eight_bit(est(1.1, 1.05, 1.2)).text.startswith("replicates in direction")
+    assert claims.eight_bit(est(0.9, 0.8, 0.95)).text.startswith("does not replicate: at 8 bits the λ-scaled grid is better")
+    assert claims.eight_bit(est(1.0, 0.9, 1.1)).label == TIE
+
+
+def test_fisher_not_worse_lists_the_exceptions():
+    worse = {("rtn", 4, None): est(1.2, 1.1, 1.3), ("gptq", 3, 128): est(1.5, 1.4, 1.6)}
+    assert claims.fisher_not_worse(worse).label == "worse everywhere"
+    mixed = claims.fisher_not_worse({**worse, ("rot-haar", 4, None): est(1.0, 0.9, 1.1)})
+    assert mixed.label == "exceptions" and mixed.text.endswith(
+        f"rot-haar at 4 bits: {TIE} (ratio 1.000 [0.900, 1.100])")
+    assert "gptq at 3 bits (g128)" not in mixed.text  # worse there: not an exception
+
+
+# ----------------------------------------------------------------------------- kvquant
+
+
+def test_removal_verdict_all_branches():
+    excess = est(0.62, 0.48, 0.75)
+    assert claims.removal_verdict(excess, est(-1.0, -1.5, -0.5)).text == "removes 62.0% [48.0%, 75.0%] of the excess"
+    assert claims.removal_verdict(excess, est(1.0, 0.5, 1.5)).text == "adds to the excess (removes 62.0% [48.0%, 75.0%])"
+    tie = claims.removal_verdict(excess, est(-0.1, -0.5, 0.4))
+    assert tie.label == TIE and tie.text.startswith("is not distinguishable from its baseline at this sample size")
+    nan = est(math.nan, math.nan, math.nan)
+    assert claims.removal_verdict(nan, est(1.0, 0.5, 2.0)).text.startswith("is higher than its baseline")
+    assert "not distinguishable" in claims.removal_verdict(nan, est(0.1, -0.5, 0.6)).text
+
+
+def _nll(seed, shift=0.0, blocks=8, tokens=64):
+    return torch.rand(blocks, tokens, generator=torch.Generator().manual_seed(seed)) + 2.0 + shift
+
+
+def test_lower_and_lowest_verdicts_paired():
+    base = _nll(0)
+    clearly_lower, same = base - 0.3, base + 0.01 * torch.randn(base.shape, generator=torch.Generator().manual_seed(1))
+    assert claims.lower_verdict(clearly_lower, base, "A", "B").text.startswith("A is lower than B (perplexity ratio 0.7")
+    assert claims.lower_verdict(base + 0.3, base, "A", "B").label == "higher"
+    tied = claims.lower_verdict(same, base, "A", "B")
+    assert tied.label == TIE and tied.text.startswith(f"A and B are {TIE}")
+    lowest = claims.lowest_verdict({"A": clearly_lower, "B": base}, "A")
+    assert (lowest.label, lowest.text) == ("A", "A is lower than every other")
+    assert claims.lowest_verdict({"A": base, "B": clearly_lower}, "A").text == "B is lower than A"
+    tie = claims.lowest_verdict({"A": base, "B": same, "C": base + 0.3}, "A")
+    assert tie.text in ("A is lowest, but not distinguishable from B at this sample size",
+                        "B is lowest, but A is not distinguishable from it at this sample size")
+    with pytest.raises(ValueError, match="not among the compared methods"):
+        claims.lowest_verdict({"A": base}, "Z")
+
+
+@pytest.mark.parametrize("excess, expected", [
+    (est(0.5, 0.4, 0.6), "below the paper's 84–94%"),
+    (est(0.97, 0.95, 0.99), "above the paper's 84–94%"),
+    (est(0.8, 0.7, 0.85), "consistent with the paper's 84–94%"),
+])
+def test_headq_range_against_84_to_94(excess, expected):
+    assert claims.headq_range(excess, est(-1.0, -2.0, -0.5)).text == expected
+    assert claims.headq_range(excess, est(-1.0, -2.0, 0.5)).text == (
+        "not distinguishable from its baseline at this sample size")
+
+
+def test_kv_headline_on_paired_blocks():
+    fp, pt2 = _nll(0), _nll(0, 1.0)
+    hq2, kivi = _nll(0, 0.02), _nll(0, 0.5)
+    out = claims.kv_headline({"per-token 2b": pt2, "headq 2b": hq2, "fp": fp, "kivi 2b": kivi},
+                             {"HeadQ": hq2, "per-token 3b": _nll(0, 0.3)}, "HeadQ",
+                             {"the query basis": hq2, "random basis": _nll(0, 0.6)}, a2=(_nll(0, 0.2), pt2, 2))
+    assert list(out) == ["HeadQ against the paper's 84–94%", "HeadQ against KIVI", "equal storage", "controls",
+                         "A² in decode"]
+    assert out["HeadQ against the paper's 84–94%"].label == "above"  # (e − e^0.02)/(e − 1) = 99% removed
+    assert out["HeadQ against KIVI"].label == "lower" and out["equal storage"].label == "HeadQ"
+    assert out["A² in decode"].text.startswith("the A² policy is lower than uniform 2-bit values")
+
+
+def test_kvquant_direction_verdicts():
+    assert claims.fisher_predicts(0.9, 0.3).text == "replicates"
+    assert claims.fisher_predicts(0.3, 0.3).text == "does not replicate"
+    assert claims.a2_offline(0.1, 0.2).text == "lower" and claims.a2_offline(0.2, 0.2).text == "not lower"
+    assert claims.side_code_clause(est(-1.0, -2.0, -0.5), "no side code").text == "already"
+    assert claims.side_code_clause(est(-1.0, -2.0, 0.5), "KIVI alone").text == (
+        "is not distinguishable from KIVI alone at this sample size, though it")
+
+
+# ----------------------------------------------------------------------------- sparse
+
+
+def test_lossless_needs_zero_kl_and_no_divergence():
+    assert claims.lossless([0.0, 0.0], ["none", None]).text == "holds"
+    assert claims.lossless([0.0, 1e-9], ["none", "none"]).text == "does not hold"
+    assert claims.lossless([0.0], [12]).text == "does not hold"
+
+
+def test_kept_mass_against_94_1_percent():
+    zero = np.zeros(10)
+    assert claims.kept_mass(0.95, zero).text == "close to the source's 94.1% on average; but m > 1e-07 for 0.0% of queries, so lossless"
+    assert claims.kept_mass(0.9711, zero).label == "above"  # 0.0301 from 0.941
+    assert claims.kept_mass(0.9109, zero).label == "below"
+    some = claims.kept_mass(0.99, np.array([0.0, 0.0, 0.0, 1e-3]))
+    assert some.text.endswith("m > 1e-07 for 25.0% of queries, so not lossless") and some.figures["zero_share"] == 0.75
+
+
+def test_page_selection_and_speedup_thresholds():
+    assert claims.page_selection(0.9).label == "near"
+    assert claims.page_selection(0.89).label == "misses part"
+    assert claims.page_selection(0.5).label == "misses part" and claims.page_selection(0.49).label == "misses most"
+    assert claims.speedup(159.0).text == "reached" and claims.speedup(158.9).text == "not reached"
+
+
+def test_survival_against_the_revision():
+    assert claims.survival_vs_revision({}, 128, 1024).text == (
+        "cannot be compared with the revision: none of the supports run is one of its 97, 193, 385, 769")
+    assert claims.survival_vs_revision({97: [], 193: []}, 128, 1024).text.startswith(
+        "agree with the revision at every support run (S = 97, 193): runs identical through 128 tokens")
+    partly = claims.survival_vs_revision({97: [], 193: ["the median first divergence is 30 (the revision: 4)"]}, 128, 1024)
+    assert partly.label == "partly" and partly.text == (
+        "agree with the revision at S = 97; they differ at S = 193, which keeps at least 19% of our keys against at "
+        "most 9% at the revision's shortest context: the median first divergence is 30 (the revision: 4)")
+    assert claims.survival_vs_revision({97: ["x"]}, 128, 1024).text.startswith(
+        "disagree with the revision at every support run: at S = 97")
