@@ -98,7 +98,7 @@ from atlas_core.models import load_model
 from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_sparse_decode
 from atlas_core.sparse.blocks import block_rule
-from atlas_core.sparse.fidelity import (MODEL_FIGURES, budget_sweep, compare_rules, dense_continuation,
+from atlas_core.sparse.fidelity import (MODEL_FIGURES, budget_sweep, compare_rules, fidelity_texts,
                                         greedy_survival, identical_count, model_rows, survival_agreement,
                                         survival_summary, trajectory_agreement)
 
@@ -115,14 +115,6 @@ if seq_len <= DEFAULTS.budget + 1 or prompt_tokens <= DEFAULTS.budget:
     raise ValueError(f"seq_len and prompt_tokens must be far longer than a + W + k = {DEFAULTS.budget}")
 
 
-def text_for(lm, n_blocks):
-    """Held-out blocks, the generation prompt and its dense greedy continuation (SDPA; cached on disk)."""
-    blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, n_blocks, "eval", lm.spec.add_bos))
-    prompt = token_blocks(lm.tokenizer, BlockSpec(corpus, prompt_tokens, 1, "calib", lm.spec.add_bos))[0]
-    dense = dense_continuation(lm, prompt, gen_tokens, progress=True)
-    return blocks, prompt, dense
-
-
 def gci(key, r, name):
     """Glue a figure and its 95% interval: <key>, <key>_lo, <key>_hi from a row's name, name_lo, name_hi."""
     for suffix in ("", "_lo", "_hi"):
@@ -136,7 +128,8 @@ def ci(r, name, fmt):
 
 t0 = time.perf_counter()
 lm = load_model(model, attn_implementation="sdpa")  # dense references and generation; the sparse rule runs eager
-blocks, prompt, dense_tokens = text_for(lm, eval_blocks)
+texts = dict(corpus=corpus, seq_len=seq_len, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, progress=True)
+blocks, prompt, dense_tokens = fidelity_texts(lm, n_blocks=eval_blocks, **texts)
 t0 = timed("load the model, dense greedy continuation", t0)
 g("model", model)
 g("seq_len", seq_len)
@@ -424,7 +417,8 @@ for rule, label in (("exact", "every layer"), ("exact, first 2 dense", "first 2 
 t0 = timed("one-pass greedy checks, tables", t0)
 for name in [m for m in other_models.split(",") if m and m != model]:
     other = load_model(name, attn_implementation="sdpa")
-    models_rows += model_rows(name, other, [DEFAULTS, variants[0]], *text_for(other, min(sweep_blocks, eval_blocks)))
+    other_texts = fidelity_texts(other, n_blocks=min(sweep_blocks, eval_blocks), **texts)
+    models_rows += model_rows(name, other, [DEFAULTS, variants[0]], *other_texts)
     del other
 t0 = timed("other models", t0)
 by_model = pd.DataFrame(models_rows)

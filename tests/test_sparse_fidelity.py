@@ -10,7 +10,7 @@ from atlas_core import interval
 from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.blocks import block_rule
 from atlas_core.sparse.fidelity import (MODEL_FIGURES, agreement, common_positions, compare_rules, dense_continuation,
-                                        fidelity_report, greedy, greedy_survival, greedy_survival_reference,
+                                        fidelity_report, fidelity_texts, greedy, greedy_survival, greedy_survival_reference,
                                         identical_count, model_rows, survival_summary, teacher_forced,
                                         teacher_forced_rules, trajectory_agreement)
 from atlas_core.sparse.kept import SparseConfig
@@ -293,3 +293,15 @@ def test_model_rows_label_each_rule_and_carry_its_figures(qwen_toy):
     alone = teacher_forced(qwen_toy, blocks, cfgs[1])
     assert set(rows[1]) == {"model", "rule", "blocks", *MODEL_FIGURES, "step_agree", "first_divergence"}
     assert (rows[1]["kl"], rows[1]["kl_lo"], rows[1]["discarded"]) == (alone["kl"], alone["kl_lo"], alone["discarded"])
+
+
+def test_fidelity_texts_are_the_held_out_blocks_a_calibration_prompt_and_its_dense_continuation(qwen_toy):
+    from atlas_core.corpus import BlockSpec, token_blocks
+
+    blocks, prompt, dense = fidelity_texts(qwen_toy, corpus="britannica", seq_len=32, n_blocks=2, prompt_tokens=24,
+                                           gen_tokens=5)
+    bos = qwen_toy.spec.add_bos
+    assert torch.equal(blocks, token_blocks(qwen_toy.tokenizer, BlockSpec(corpus="britannica", seq_len=32, n_blocks=2,
+                                                                          split="eval", add_bos=bos)))
+    calib = token_blocks(qwen_toy.tokenizer, BlockSpec(corpus="britannica", seq_len=24, n_blocks=1, split="calib", add_bos=bos))
+    assert torch.equal(prompt, calib[0]) and torch.equal(dense, greedy(qwen_toy, prompt, 5))

@@ -34,6 +34,7 @@ from scipy.stats import beta as beta_dist
 import torch.nn.functional as F
 
 from atlas_core import interval
+from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.cache import atomic_path, cache_dir, cache_key
 from atlas_core.eval import token_logprobs
 from atlas_core.models import LoadedModel
@@ -42,7 +43,7 @@ from atlas_core.sparse.attention import MassLog, sparse_attention
 from atlas_core.sparse.kept import SparseConfig
 
 __all__ = ["MEASURES", "MODEL_FIGURES", "agreement", "budget_sweep", "clopper_pearson", "common_positions",
-           "compare_rules", "dense_continuation", "fidelity_report", "greedy", "greedy_survival",
+           "compare_rules", "dense_continuation", "fidelity_report", "fidelity_texts", "greedy", "greedy_survival",
            "greedy_survival_reference", "identical_count", "model_rows", "survival_agreement", "survival_summary",
            "teacher_forced", "teacher_forced_rules", "trajectory_agreement"]
 
@@ -271,6 +272,26 @@ def dense_continuation(lm: LoadedModel, prompt: torch.Tensor, n_new: int, implem
     with atomic_path(path) as tmp:
         torch.save(tokens, tmp)
     return tokens
+
+
+def fidelity_texts(lm: LoadedModel, *, corpus: str, seq_len: int, n_blocks: int, prompt_tokens: int, gen_tokens: int,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The texts a fidelity study reads: held-out blocks, a generation prompt and its dense greedy continuation.
+
+    Args:
+        corpus: the corpus name (``atlas_core.corpus``).
+        seq_len, n_blocks: the held-out (evaluation split) blocks, teacher forced.
+        prompt_tokens: the prompt's length, from the calibration split (never overlapping the blocks).
+        gen_tokens: the dense greedy continuation's length (``dense_continuation``: cached on disk).
+    Returns:
+        (blocks (block, token), prompt (token,), dense_tokens (gen_tokens,)) token ids, BOS as the model wants.
+    Raises:
+        CorpusError: a split too small for the request.
+    """
+    bos = lm.spec.add_bos
+    blocks = token_blocks(lm.tokenizer, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split="eval", add_bos=bos))
+    prompt = token_blocks(lm.tokenizer, BlockSpec(corpus=corpus, seq_len=prompt_tokens, n_blocks=1, split="calib", add_bos=bos))[0]
+    return blocks, prompt, dense_continuation(lm, prompt, gen_tokens, progress=progress)
 
 
 @contextlib.contextmanager
