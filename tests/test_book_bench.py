@@ -26,6 +26,26 @@ def test_chapter_figures_read_the_runner_records(tmp_path):
     assert all(f.measured_s is None and f.ratio is None for f in missing)
 
 
+def test_a_record_without_wall_s_is_reported_not_a_key_error(tmp_path):
+    folder = tmp_path / "smollm2-135m"
+    folder.mkdir()
+    (folder / "models.timing.json").write_text(json.dumps({"chapter": "models", "blas_threads": "1"}))
+    (tmp_path / "book.timing.json").write_text(json.dumps({"chapters_ran": []}))
+    models = next(f for f in book_bench.chapter_figures(tmp_path) if " models " in f.name)
+    assert models.measured_s is None and "no wall_s" in models.note
+    assert book_bench.recorded_book(tmp_path).measured_s is None
+
+
+def test_report_columns_line_up_for_long_commands():
+    figures = [book_bench.Figure(name="atlas " + " ".join(book_bench.KVQUANT_CLI), target_s=180, measured_s=190.25, source="s"),
+               book_bench.Figure(name="short", target_s=300, measured_s=None, source="t"),
+               book_bench.Figure(name="bash atlas.sh book", target_s=1200, measured_s=5930.0, source="u")]
+    lines = book_bench.report(figures).splitlines()
+    starts = {line.index("[") for line in (lines[0], *lines[2:])}
+    assert len(starts) == 1  # every [source] starts in the same column
+    assert "1.06" in lines[2] and "OVER" in lines[2] and "4.94" in lines[4]
+
+
 def test_recorded_book_is_a_fresh_figure_only_when_every_chapter_ran(tmp_path):
     record = {"total_s": 20.0, "workflow_s": 5.0, "html_s": 10.0, "chapters_ran": []}
     (tmp_path / "book.timing.json").write_text(json.dumps(record))

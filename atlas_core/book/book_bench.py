@@ -53,12 +53,25 @@ class Figure:
     def ratio(self) -> float | None:
         return None if self.measured_s is None else self.measured_s / self.target_s
 
-    def line(self) -> str:
-        measured = "—" if self.measured_s is None else f"{self.measured_s:8.1f}"
-        ratio = "—" if self.ratio is None else f"{self.ratio:5.2f}"
-        verdict = "" if self.ratio is None else ("  ok" if self.ratio <= 1 else "  OVER")
+    def line(self, width: int = 58) -> str:
+        """One row of ``report``: the name padded to ``width``, then measured, target, ratio and verdict columns."""
+        measured = "—" if self.measured_s is None else f"{self.measured_s:.1f}"
+        ratio = "—" if self.ratio is None else f"{self.ratio:.2f}"
+        verdict = "" if self.ratio is None else ("ok" if self.ratio <= 1 else "OVER")
         note = f"  ({self.note})" if self.note else ""
-        return f"{self.name:<58} {measured:>8} {self.target_s:8.0f} {ratio:>6}{verdict}  [{self.source}]{note}"
+        return (f"{self.name:<{width}} {measured:>{COLUMN}} {self.target_s:>{COLUMN}.0f} {ratio:>{COLUMN}} {verdict:<4}"
+                f"  [{self.source}]{note}")
+
+
+COLUMN = 10  # width of the measured, target and ratio columns (the header "measured s" is the widest)
+
+
+def _seconds(info: dict | None, key: str) -> float | None:
+    """A recorded duration, or None when the record or the field is missing or not a number."""
+    try:
+        return None if info is None else float(info[key])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _read(path: Path) -> dict | None:
@@ -90,7 +103,9 @@ def chapter_figures(results: Path, model: str = DEFAULT_MODEL) -> list[Figure]:
             notes.append(f"{threads} BLAS threads")
         elif threads is None:
             notes.append("BLAS threads not recorded")
-        out.append(Figure(name=name, target_s=target, measured_s=float(info["wall_s"]),
+        if _seconds(info, "wall_s") is None:
+            notes.append("the record has no wall_s")
+        out.append(Figure(name=name, target_s=target, measured_s=_seconds(info, "wall_s"),
                           source=f"{path} {info.get('finished', '')}", note="; ".join(notes)))
     return out
 
@@ -157,7 +172,7 @@ def recorded_book(results: Path) -> Figure:
         return Figure(name=name, target_s=1200, measured_s=None, source=f"no {path}")
     everything = set(info.get("chapters_ran", [])) == set(CHAPTERS)
     return Figure(name=name + (" (every chapter ran)" if everything else " (a rebuild)"),
-                  target_s=1200 if everything else 30, measured_s=info["total_s"],
+                  target_s=1200 if everything else 30, measured_s=_seconds(info, "total_s"),
                   source=f"{path} {info.get('finished', '')}",
                   note=f"chapters run: {', '.join(info.get('chapters_ran', [])) or 'none'}; "
                        f"workflow {info.get('workflow_s')} s, HTML {info.get('html_s')} s")
@@ -211,8 +226,10 @@ def readme_build_time(root: Path = ROOT) -> str:
 
 
 def report(figures: list[Figure]) -> str:
-    head = f"{'target':<58} {'measured s':>8} {'target s':>8} {'ratio':>6}      [source]"
-    return "\n".join([head, "-" * len(head), *(f.line() for f in figures)])
+    """The figures as a table whose columns line up however long a command is."""
+    width = max([len("target"), *(len(f.name) for f in figures)])
+    head = f"{'target':<{width}} {'measured s':>{COLUMN}} {'target s':>{COLUMN}} {'ratio':>{COLUMN}} {'':<4}  [source]"
+    return "\n".join([head, "-" * len(head), *(f.line(width) for f in figures)])
 
 
 def main(runs: list[str], results: Path | None = None, model: str = DEFAULT_MODEL) -> list[Figure]:
@@ -235,7 +252,7 @@ def main(runs: list[str], results: Path | None = None, model: str = DEFAULT_MODE
         path = results / model_slug("qwen2.5-coder-0.5b") / "kvquant.timing.json"
         info = _read(path)
         figures.append(Figure(name="atlas run kvquant --model qwen2.5-coder-0.5b", target_s=900,
-                              measured_s=None if info is None else float(info["wall_s"]),
+                              measured_s=_seconds(info, "wall_s"),
                               source=str(path) if info else f"no {path} (--run qwen measures it)"))
     if "cli" in runs:
         figures += [cli_figure(KVQUANT_CLI), cli_figure(SPARSE_CLI)]
