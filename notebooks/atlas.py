@@ -58,8 +58,6 @@ results_dir = "results"
 
 # %%
 import math
-import re
-import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -71,8 +69,8 @@ from atlas_core.cache import write_json
 from atlas_core.glue import prefixed_glue
 from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.geometry import analytic_null_mean, gaussian_null_clouds, layer_overlap
-from atlas_core.intrinsic import DuplicatePointsWarning, layer_profile, per_head
+from atlas_core.geometry import analytic_null_mean, frame_rank, gaussian_null_clouds, layer_overlap, overlap_sweep
+from atlas_core.intrinsic import layer_profile, per_head_dropped
 from atlas_core.models import load_model
 from atlas_core.eval import block_nll
 from atlas_core.interval import Estimate, format_estimate
@@ -80,14 +78,6 @@ from atlas_core.top1 import fit_reconstruction, recovery_verdict, top1_experimen
 
 
 g = prefixed_glue("atlas")  # g(key, value) glues atlas_<key>
-
-
-def record_dropped(caught) -> int:
-    """Points dropped by the estimators as duplicates, summed from their warnings."""
-    found = (re.search(r"dropped (\d+) of", str(w.message)) for w in caught
-             if issubclass(w.category, DuplicatePointsWarning))
-    return sum(int(m.group(1)) for m in found if m)
-
 
 # The geometry runs many small LAPACK calls; a multi-threaded BLAS slows them down by an order of magnitude
 # when the cores are shared with torch or another job, so numpy's BLAS runs single-threaded here.
@@ -97,7 +87,7 @@ lm = load_model(model)
 s = lm.spec
 layer = s.n_layers - 1  # the deepest layer
 groups = kv_groups(lm)  # (head,) KV head of each query head
-cloud_spec = CloudSpec(corpus, seq_len, n_blocks, n_points, seed)
+cloud_spec = CloudSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, n_points=n_points, seed=seed)
 ks = sorted(set(k_sweep) | {k})
 
 eps_by_layer = head_clouds(lm, list(range(s.n_layers)), "eps", cloud_spec, progress=False)  # one pass
@@ -146,16 +136,11 @@ g("null_draws", null_draws)
 # beside this null, and {numref}`tbl-atlas-sweep` lists the numbers.
 
 # %%
-sweep = {res: {kk: layer_overlap(cloud, groups, kk, metric, n_boot, seed, null_draws) for kk in ks}
+# every k from one SVD per head (equal to layer_overlap at each k: tested)
+sweep = {res: overlap_sweep(cloud, groups, ks, metric, n_boot, seed, null_draws)
          for res, cloud in (("eps", eps), ("z", z_cloud))}
 head = sweep["eps"][k]  # the headline: ε at k
 mqa = head.pairs == "intra-only"
-
-
-def overlap_rows(results: dict) -> list[dict]:
-    """One JSON-ready row per k (the matrix left out)."""
-    return [r.summary() for r in results.values()]
-
 
 sweep_table = pd.DataFrame({
     "k": ks,
@@ -331,10 +316,9 @@ g("matrix_max", np.nanmax(mat))
 # estimates for each head, and {numref}`tbl-atlas-id` lists them.
 
 # %%
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", DuplicatePointsWarning)
-    ids = {est: per_head(eps, est) for est in ("twonn", "twonn-source", "mle")}
-dropped_last = record_dropped(caught)
+counted = {est: per_head_dropped(eps, est) for est in ("twonn", "twonn-source", "mle")}  # (d_int, dropped) per head
+ids = {est: v for est, (v, _) in counted.items()}
+dropped_last = sum(int(n.sum()) for _, n in counted.values())  # over all heads and estimators
 
 id_table = pd.DataFrame({"KV group": groups, "TwoNN": ids["twonn"], "TwoNN, source variant": ids["twonn-source"],
                          "MLE (20 NN)": ids["mle"]}, index=pd.Index(range(s.n_heads), name="head"))
@@ -369,15 +353,10 @@ g("id_verdict", f"the source's estimator reads {id_source:.1f} here"
 g("dropped_last", dropped_last)
 
 
-def overlap_at(kk: int):
-    """O_h of ε at rank kk: from the sweep when it was measured there, else measured now."""
-    kk = int(min(max(kk, 1), s.d_head - 1))
-    return sweep["eps"][kk] if kk in sweep["eps"] else layer_overlap(eps, groups, kk, metric, n_boot, seed, null_draws)
-
-
 per_model = {}
 for est in ("twonn", "twonn-source"):
-    r = overlap_at(round(ids[est].mean()))
+    kk = frame_rank(ids[est].mean(), s.d_head)  # the source's per-model k; from the sweep when measured there
+    r = sweep["eps"][kk] if kk in sweep["eps"] else layer_overlap(eps, groups, kk, metric, n_boot, seed, null_draws)
     per_model[est] = r
     tag = "twonn" if est == "twonn" else "source"
     g(f"k_{tag}", r.k)
@@ -503,9 +482,7 @@ g("c_verdict", "is indistinguishable from" if abs(c_res.colspace_z) < 2 else
 # %%
 gauss = gaussian_null_clouds(eps, seed)  # (head, point, d_head)
 gauss_res = layer_overlap(gauss, groups, k, metric, n_boot, seed, null_draws)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DuplicatePointsWarning)
-    gauss_id = per_head(gauss, "twonn")
+gauss_id, _ = per_head_dropped(gauss, "twonn")  # its duplicate count is not reported
 lam = np.linalg.svd(eps - eps.mean(1, keepdims=True), compute_uv=False) ** 2  # (head, d_head) ∝ eigenvalues
 participation = lam.sum(1) ** 2 / (lam**2).sum(1)
 
@@ -551,11 +528,10 @@ g("gauss_sentence", f"The real cloud has the lower TwoNN dimension in {n_below} 
 # shows both profiles.
 
 # %%
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", DuplicatePointsWarning)
-    depth_ids = {est: {l: per_head(eps_by_layer[l], est) for l in range(s.n_layers)}
-                 for est in ("twonn", "twonn-source")}
-dropped_all = record_dropped(caught)
+depth_counted = {est: {l: per_head_dropped(eps_by_layer[l], est) for l in range(s.n_layers)}
+                 for est in ("twonn", "twonn-source")}  # {est: {layer: (d_int, dropped) per head}}
+depth_ids = {est: {l: v for l, (v, _) in by.items()} for est, by in depth_counted.items()}
+dropped_all = sum(int(n.sum()) for by in depth_counted.values() for _, n in by.values())
 profiles = {est: layer_profile({l: v.mean() for l, v in by.items()}, s.n_layers) for est, by in depth_ids.items()}
 # O_h at k in every layer (the Haar null depends only on d, k, the pair count and the seed: the same in all)
 depth_oh = {l: layer_overlap(eps_by_layer[l], groups, k, metric, n_boot, seed, null_draws) for l in range(s.n_layers)}
@@ -758,7 +734,7 @@ write_json(out / "atlas.json", {
     "layer": layer,
     "kv_groups": groups.tolist(),
     "headline": head.summary(),
-    "sweep": {res: overlap_rows(r) for res, r in sweep.items()},
+    "sweep": {res: [r.summary() for r in by_k.values()] for res, by_k in sweep.items()},
     "matrix": head.matrix.tolist(),
     "intrinsic_dimension": {est: {"per_head": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1))}
                             for est, v in ids.items()},
