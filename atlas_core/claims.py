@@ -21,7 +21,7 @@ from atlas_core import interval
 from atlas_core.interval import Bootstrap, Estimate
 
 __all__ = [
-    "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "source_points", "direction",
+    "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "source_points", "is_source_qwen", "direction",
     # crossarch
     "o_h_reproduced", "intra_reproduced", "spearman_replicates", "intra_above_null", "colspace_aligned",
     "published_within_null", "scratch_explained", "cluster_explained", "corpus_stable", "corpus_claim",
@@ -159,6 +159,16 @@ def source(name: str) -> float | tuple:
     if name not in SOURCE:
         raise KeyError(f"no source number {name!r}; known: {', '.join(SOURCE)}")
     return SOURCE[name].value
+
+
+def is_source_qwen(spec: dict) -> bool:
+    """True for a model of the source's Qwen2.5-0.5B architecture (qwen2, 14 query / 2 KV heads, d_head 64), the
+    only one of its models with a per-model claim we can test offline.
+
+    Args:
+        spec: a model spec as a dict (``ModelSpec.as_dict()``: "family", "n_heads", "n_kv_heads", "d_head").
+    """
+    return spec["family"] == "qwen2" and (spec["n_heads"], spec["n_kv_heads"], spec["d_head"]) == (14, 2, 64)
 
 
 def source_points() -> list[tuple[str, int, int, float]]:

@@ -56,7 +56,6 @@ spearman_null_draws = 1000
 results_dir = "results"
 
 # %%
-import gc
 import re
 import time
 from pathlib import Path
@@ -67,26 +66,22 @@ import pandas as pd
 from myst_nb import glue
 from atlas_core.progress import tqdm  # names the running chapter
 
+from atlas_core import claims
 from atlas_core.cache import write_json
-from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj, subsample
-from atlas_core.geometry import (analytic_null_mean, frame_rank, haar_head_overlaps, haar_null, head_mean_overlap,
-                                 layer_overlap, overlap_sweep)
-from atlas_core.intrinsic import per_head_dropped
-from atlas_core.models import load_model
-from atlas_core.stats import null_r2, spearman_by_group, spearman_null
+from atlas_core.geometry import analytic_null_mean, haar_null
+from atlas_core.protocol import Protocol, measure_model
+from atlas_core.stats import null_r2
 
 names = list(dict.fromkeys([model, *models]))  # the run's model first, no repeats
-n_available = n_blocks * (seq_len - 1)  # every eligible point of the blocks (position 0 left out)
+protocol = Protocol(corpora=tuple(corpora), k=k, k_range=tuple(k_range), n_points=n_points, n_blocks=n_blocks,
+                    seq_len=seq_len, seeds=tuple(seeds), n_deep=n_deep, mid_depth=mid_depth, n_boot=n_boot,
+                    null_draws=null_draws, n_perm=n_perm, spearman_null_draws=spearman_null_draws)
 RESIDUALS = {"eps": "ε", "z": "z", "c": "c (after W_O)"}
 
 
 def key(*parts) -> str:
     """A glue key from arbitrary names (model ids contain dots, dashes and slashes)."""
     return "_".join(re.sub(r"\W+", "_", str(p)).strip("_") for p in parts)
-
-
-def cloud_spec(corpus: str = corpora[0], seed: int = seeds[0], points: int = n_points) -> CloudSpec:
-    return CloudSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, n_points=points, seed=seed)
 
 
 def f3(x) -> str:
@@ -113,96 +108,15 @@ def listing(items) -> str:
 # {glue:text}`xa_n_deep:d` layers and of the layer nearest relative depth {glue:text}`xa_mid_depth:s`;
 # $z$ of the deepest layer, from which $c_h = W_O^{(h)} z_h$ follows exactly, with no pass of its own;
 # $\varepsilon$ at every eligible position of the deepest layer, from which each sampling seed's 1,200
-# points are taken (the same points the protocol's sampler draws for that seed, which is checked for the
-# protocol's own seed); and $\varepsilon$ of the deepest layer on each further corpus.
+# points are taken (the same points the protocol's sampler draws for that seed, as a test of the library
+# checks); and $\varepsilon$ of the deepest layer on each further corpus. The measurements are
+# `atlas_core.protocol.measure_model`; this page formats what it returns.
 
 # %%
-def extract_model(name: str) -> dict:
-    """Load one model, gather every cloud this chapter needs, and free the model."""
-    lm = load_model(name)
-    s = lm.spec
-    deep = s.n_layers - 1
-    mid = int(round(mid_depth * (s.n_layers - 1)))
-    depth_layers = sorted({*range(s.n_layers - n_deep, s.n_layers), mid})
-    proto = cloud_spec()
-    eps = head_clouds(lm, depth_layers, "eps", proto, progress=False)  # {layer: (head, point, d_head)}
-    z = head_clouds(lm, [deep], "z", proto, progress=False)[deep]  # (head, point, d_head)
-    w_o = out_proj(lm, deep)  # (head, d_head, d_model)
-    full = head_clouds(lm, [deep], "eps", cloud_spec(points=n_available), progress=False)[deep]
-    other = {c: head_clouds(lm, [deep], "eps", cloud_spec(corpus=c), progress=False)[deep] for c in corpora[1:]}
-    info = dict(spec=s.as_dict(), groups=kv_groups(lm), deep=deep, mid=mid, depth_layers=depth_layers)
-    del lm
-    gc.collect()
-    seed_clouds = {sd: subsample(full, cloud_spec(seed=sd)) for sd in seeds}  # equal to head_clouds (tested)
-    c = np.einsum("hpd,hdm->hpm", z, w_o)  # (head, point, d_model): c_h = W_O^(h) z_h
-    return dict(info, eps=eps, z=z, c=c, w_o=w_o, seeds=seed_clouds, corpora=other)
-
-
-def d_int(cloud: np.ndarray) -> dict:
-    """Per-head intrinsic dimension (head,) with the TwoNN line fit and the source's biased variant."""
-    return {"twonn": per_head_dropped(cloud, "twonn")[0], "twonn_source": per_head_dropped(cloud, "twonn-source")[0]}
-
-
-def overlap(cloud: np.ndarray, groups: np.ndarray, w_o=None):
-    """The source protocol's O_h (k, mean principal cosine) with its nulls: an ``OverlapResult``."""
-    return layer_overlap(cloud, groups, k, "source", n_boot, seeds[0], null_draws, w_o)
-
-
-def summary(result, cloud=None) -> dict:
-    """JSON-ready summary of an ``OverlapResult``, with the mean d_int of ``cloud`` when given."""
-    out = result.summary()
-    if cloud is not None:
-        ids = d_int(cloud)
-        out.update({f"d_int_{e}": float(v.mean()) for e, v in ids.items()})
-        out.update({f"d_int_{e}_per_head": v.tolist() for e, v in ids.items()})
-    return out
-
-
-
-# %%
-def measure(name: str) -> dict:
-    """Every number of this chapter for one model."""
-    x = extract_model(name)
-    groups, deep, d_head = x["groups"], x["deep"], x["spec"]["d_head"]
-
-    depth_res = {L: overlap(x["eps"][L], groups) for L in x["depth_layers"]}  # OverlapResult per layer
-    depth = {L: summary(r) for L, r in depth_res.items()}
-    main = {"eps": summary(depth_res[deep], x["eps"][deep]), "z": summary(overlap(x["z"], groups), x["z"]),
-            "c": summary(overlap(x["c"], groups, x["w_o"]), x["c"])}
-    # O_h at every k from one SVD per head (equal to layer_overlap at each k: tested)
-    sweep = {kk: r.summary() for kk, r in overlap_sweep(x["eps"][deep], groups, k_range, "source", n_boot, seeds[0],
-                                                         null_draws).items()}
-    k_id = frame_rank(main["eps"]["d_int_twonn_source"], d_head)  # the source's per-model k
-    at_k_id = sweep.get(k_id) or layer_overlap(x["eps"][deep], groups, k_id, "source", n_boot, seeds[0],
-                                               null_draws).summary()
-
-    # Per-head d_int (TwoNN) against mean inter-group overlap, in each deep layer and pooled.
-    deep_layers = list(range(deep - n_deep + 1, deep + 1))
-    dint = {L: main["eps"]["d_int_twonn_per_head"] if L == deep else d_int(x["eps"][L])["twonn"] for L in deep_layers}
-    xs = np.concatenate([dint[L] for L in deep_layers])
-    ys = np.concatenate([head_mean_overlap(depth_res[L].matrix, groups) for L in deep_layers])
-    labels = np.repeat(deep_layers, len(groups))
-    real = spearman_by_group(xs, ys, labels, n_perm, seeds[0])
-    # Null: Haar-random frames in place of the heads' frames, the real d_int kept.
-    null_y = haar_head_overlaps(groups, d_head, k, len(deep_layers), spearman_null_draws, seeds[0])  # (draw, n)
-    null = spearman_null(xs, null_y, labels, n_perm, seeds[0])
-    haar_first, haar_rho = null["first"], null["rho"]
-
-    seed_rows = {seeds[0]: main["eps"]} | {sd: summary(overlap(cl, groups), cl) for sd, cl in x["seeds"].items()
-                                           if sd != seeds[0]}
-    corpus_rows = {corpora[0]: main["eps"]} | {c: summary(overlap(cl, groups), cl) for c, cl in x["corpora"].items()}
-    return dict(
-        spec=x["spec"], deep=deep, mid=x["mid"], kv_groups=groups.tolist(), main=main, sweep=sweep,
-        k_id=k_id, at_k_id=at_k_id, depth=depth, seeds=seed_rows, corpora=corpus_rows,
-        spearman=dict(layers=deep_layers, d_int=xs.tolist(), head_overlap=ys.tolist(), layer=labels.tolist(),
-                      mqa=main["eps"]["pairs"] != "inter", real=real, haar_first=haar_first, haar_rho=haar_rho),
-    )
-
-
 start = time.perf_counter()
 results = {}
-for name in tqdm(names, desc="models"):  # one model in memory at a time (extract_model frees it)
-    results[name] = measure(name)
+for name in tqdm(names, desc="models"):  # one model in memory at a time (measure_model frees it)
+    results[name] = measure_model(name, protocol)
 elapsed = time.perf_counter() - start
 glue("xa_n_deep", n_deep, display=False)
 glue("xa_mid_depth", f"{mid_depth:g}", display=False)
@@ -297,15 +211,11 @@ glue("xa_n_inter", len(inter_eps), display=False)
 intra_eps = [results[n]["main"]["eps"] for n in names if results[n]["main"]["eps"]["intra"] is not None]
 glue("xa_intra_o_h", span([m["intra"] for m in intra_eps], ".3f"), display=False)
 glue("xa_intra_null", span([results[n]["main"]["eps"]["null_mean"] for n in names], ".3f"), display=False)
-glue("xa_intra_verdict", "no model in this run has heads that share a KV head" if not intra_eps else
-     "far above the null, by construction: the paired heads average the same value vectors"
-     if all(m["intra_ci"][0] > m["null_mean"] for m in intra_eps) else
-     "not above the null in every model", display=False)
+glue("xa_intra_verdict", claims.intra_above_null([m["intra_ci"][0] for m in intra_eps],
+                                                 [m["null_mean"] for m in intra_eps]).text, display=False)
 c_z = [r["main"]["c"]["colspace_z"] for r in results.values()]
 glue("xa_c_colspace_z", span(c_z, ".1f"), display=False)
-n_above = sum(v > 3 for v in c_z)
-glue("xa_c_verdict", "more aligned than chance in every model" if n_above == len(c_z) else
-     f"more aligned than chance in {n_above} of {len(c_z)} models", display=False)
+glue("xa_c_verdict", claims.colspace_aligned(c_z).text, display=False)
 ratio_src = [r["main"]["eps"]["d_int_twonn_source"] / r["main"]["eps"]["d_int_twonn"] for r in results.values()]
 glue("xa_src_ratio", span(ratio_src, ".2f"), display=False)
 
@@ -361,15 +271,8 @@ glue("xa_src_ratio", span(ratio_src, ".2f"), display=False)
 # $k = 7$ values grouped by $d_\text{head}$.
 
 # %%
-# The source work's published O_h (CLAIMS.md): (label, d_head, k, O_h). The from-scratch models' k is not
-# stated beside their values; the source's protocol uses k = 7 throughout, which is assumed here.
-SOURCE_POINTS = (
-    [("GPT-2 124M", 64, kk, o) for kk, o in zip(range(4, 11), (0.210, 0.241, 0.264, 0.284, 0.300, 0.321, 0.340))]
-    + [("GPT-2 medium", 64, 7, 0.277), ("GPT-2 large", 64, 7, 0.281), ("Qwen2.5-0.5B", 64, 7, 0.291),
-       ("Llama-3.1-8B", 128, 7, 0.197), ("Llama-3.1-8B", 128, 11, 0.248),
-       ("Mistral-7B", 128, 7, 0.199), ("Mistral-7B", 128, 9, 0.226)]
-    + [(f"from scratch, d_head {d}", d, 7, o) for d, o in ((32, 0.40), (64, 0.279), (128, 0.197), (256, 0.14))]
-)
+# The source work's published O_h: (label, d_head, k, O_h), from the claims table (atlas_core.claims.SOURCE).
+SOURCE_POINTS = claims.source_points()
 # Mean overlap of one pair of Haar frames (Monte Carlo, 100 x null_draws pairs) at every d of the source's
 # points and of this run's models, for k = k_range.
 null_dims = sorted({d for _, d, _, _ in SOURCE_POINTS} | {r["spec"]["d_head"] for r in results.values()})
@@ -378,13 +281,8 @@ pair_null = {(d, kk): haar_null(d, kk, n_pairs=100, n_draws=null_draws, seed=see
 source_dev = np.array([o - pair_null[(d, kk)] for _, d, kk, o in SOURCE_POINTS])
 src_dev_max = np.abs(source_dev).max()
 glue("xa_src_dev_max", f"{src_dev_max:.3f}", display=False)
-# A published value "is" the null when within 0.02 of it: about three of the source's CI half-widths
-# (Qwen2.5: 0.291 [0.285, 0.298]).
-NULL_TOL = 0.02
 scratch_dev_max = np.abs(source_dev[[name.startswith("from scratch") for name, *_ in SOURCE_POINTS]]).max()
-glue("xa_scratch_verdict", "explained by the null, which does not depend on training at all"
-     if scratch_dev_max <= NULL_TOL else
-     f"not explained by the null alone: a value lies {scratch_dev_max:.3f} from it", display=False)
+glue("xa_scratch_verdict", claims.scratch_explained(scratch_dev_max).text, display=False)
 glue("xa_src_dev_mean", f"{source_dev.mean():+.3f}", display=False)
 glue("xa_n_src_points", len(SOURCE_POINTS), display=False)
 glue("xa_k_range", f"{min(k_range)}…{max(k_range)}", display=False)
@@ -395,9 +293,7 @@ sweep_fit = null_r2([m["o_h"] for n in inter_models for m in results[n]["sweep"]
                     [m["null_mean"] for n in inter_models for m in results[n]["sweep"].values()])
 r2_null, worst = sweep_fit["r2"], sweep_fit["max_abs_dev"]
 glue("xa_r2_null", f"{100 * r2_null:.1f}%", display=False)
-glue("xa_cluster_verdict", "explained by the null: random frames cluster by d_head in the same way"
-     if src_dev_max <= NULL_TOL and r2_null >= 0.9 else
-     "not explained by the null alone", display=False)
+glue("xa_cluster_verdict", claims.cluster_explained(src_dev_max, r2_null).text, display=False)
 glue("xa_sweep_worst", f"{worst:.3f}", display=False)
 glue("xa_n_sweep", sweep_fit["n"], display=False)
 
@@ -437,7 +333,7 @@ fig.tight_layout()
 glue("xa_fig_sqrt", fig, display=False)
 plt.close(fig)
 
-SOURCE_CLAIM = {64: "≈ 0.28", 128: "≈ 0.20"}
+SOURCE_CLAIM = {d: f"≈ {o:.2f}" for d, o in claims.source("oh_by_design")}
 cluster_rows = []
 for d in sorted({r["spec"]["d_head"] for r in results.values()} | set(SOURCE_CLAIM)):
     group = [n for n in inter_models if results[n]["spec"]["d_head"] == d]
@@ -506,7 +402,8 @@ for name, res in results.items():
                         "layer": L if L == "pooled" else f"L{L}", "n": n, "ρ": f"{rho:+.2f}",
                         "p (permutation)": f"{p:.2g}", "ρ, Haar frames (p)": f"{rho0:+.2f} ({p0:.2g})",
                         "Haar frames: 95% range of ρ": f"[{lo:+.2f}, {hi:+.2f}]"})
-for label, rho, p, n in (("source: Qwen2.5-0.5B", -0.53, 3e-4, 42), ("source: GPT-2 124M", -0.26, 0.13, 36)):
+for label, (rho, p, n) in (("source: Qwen2.5-0.5B", claims.source("spearman_qwen")),
+                           ("source: GPT-2 124M", claims.source("spearman_gpt2"))):
     sp_rows.append({"model": label, "layer": "pooled", "n": n, "ρ": f"{rho:+.2f}", "p (permutation)": f"{p:.2g}",
                     "ρ, Haar frames (p)": "—", "Haar frames: 95% range of ρ": "—"})
 sp_table = pd.DataFrame(sp_rows).set_index(["model", "layer"])
@@ -521,8 +418,7 @@ rho, p, n = run_sp["real"]["pooled"]
 glue("xa_run_rho_pooled", f"{rho:+.2f}", display=False)
 glue("xa_run_p_pooled", f"{p:.2g}", display=False)
 glue("xa_run_n_pooled", n, display=False)
-glue("xa_spearman_verdict", "replicates here: ρ < 0 with p < 0.05" if (p < 0.05 and rho < 0) else
-     "does not replicate here", display=False)
+glue("xa_spearman_verdict", claims.spearman_replicates(rho, p).text, display=False)
 glue("xa_run_rho_layers", span([run_sp["real"][L][0] for L in run_sp["layers"]], "+.2f"), display=False)
 pooled = {n: r["spearman"]["real"]["pooled"] for n, r in results.items()}
 glue("xa_rho_pooled_span", span([v[0] for v in pooled.values()], "+.2f"), display=False)
@@ -596,9 +492,7 @@ corpus_spread = {n: float(np.ptp([m["o_h"] for m in r["corpora"].values()])) for
 glue("xa_corpus_spread_inter", span([corpus_spread[n] for n in inter_models], ".3f"), display=False)
 glue("xa_corpus_spread_all", span(corpus_spread.values(), ".3f"), display=False)
 glue("xa_run_corpus_spread", f"{corpus_spread[model]:.3f}", display=False)
-CORPUS_TOL = 0.021  # three times the source's own WikiText-vs-C4 difference, 0.007
-glue("xa_corpus_verdict", "stable, as claimed; so is the null" if corpus_spread[model] <= CORPUS_TOL else
-     "less stable than claimed (the source's two corpora differ by 0.007)", display=False)
+glue("xa_corpus_verdict", claims.corpus_stable(corpus_spread[model]).text, display=False)
 glue("xa_run_corpora", "; ".join(f"{c} {with_ci(m['o_h'], m['ci'])}" for c, m in results[model]["corpora"].items()),
      display=False)
 
@@ -677,63 +571,49 @@ glue("xa_run_mid", f"layer {results[model]['mid']}, {results[model]['depth'][res
 # heads, $d_\text{head}$ = 64) with dequantized 4-bit weights, not the source's base model.
 
 # %%
-def models_where(test) -> list[str]:
-    return [n for n, r in results.items() if test(r)]
-
-
-def same_qwen(r) -> bool:  # the architecture of the source's Qwen2.5-0.5B
-    s = r["spec"]
-    return s["family"] == "qwen2" and (s["n_heads"], s["n_kv_heads"], s["d_head"]) == (14, 2, 64)
-
-
 def o_h_verdict(source_value: float, m: dict) -> str:
-    """Does our O_h match the source's value (within 0.01 or our CI half-width), and where is the null?"""
-    agree = abs(m["o_h"] - source_value) <= max(0.01, (m["ci"][1] - m["ci"][0]) / 2)
-    null = "at the null" if abs(m["z"]) < 2 else "null"
-    return f"{'reproduced' if agree else 'differs'}; {null} {m['delta']:+.3f} (z-score {m['z']:.1f})"
+    return claims.o_h_reproduced(source_value, m["o_h"], m["ci"], m["z"], m["delta"]).text
 
 
-claims = []
-for d, value in ((64, 0.28), (128, 0.20)):
+claim_rows = []
+for d, value in claims.source("oh_by_design"):
     group = [n for n in inter_models if results[n]["spec"]["d_head"] == d]
     for n in group or [None]:
         m = results[n]["main"]["eps"] if n else None
-        claims.append({"claim": f"O_h ≈ {value:.2f} at d_head = {d} (k = 7), 'clustering by design'",
+        claim_rows.append({"claim": f"O_h ≈ {value:.2f} at d_head = {d} (k = 7), 'clustering by design'",
                        "ours": f"{n}: {with_ci(m['o_h'], m['ci'])}" if n else "no such model in this run",
                        "null": f3(m["null_mean"] if n else pair_null[(d, k)]),
                        "verdict": o_h_verdict(value, m) if n else "the null alone gives this value"})
-claims.append({"claim": "the published O_h values as a whole (GPT-2, Qwen, Llama, Mistral, from scratch)",
-               "ours": f"max |published − random frames| = {src_dev_max:.3f}",
-               "null": "Haar mean at each (d, k)", "verdict": "explained by the null"})
-for n in models_where(same_qwen):
+claim_rows.append({"claim": "the published O_h values as a whole (GPT-2, Qwen, Llama, Mistral, from scratch)",
+                   "ours": f"max |published − random frames| = {src_dev_max:.3f}",
+                   "null": "Haar mean at each (d, k)", "verdict": claims.published_within_null(src_dev_max).text})
+qwen, (q_rho, q_p, q_n) = claims.SOURCE["oh_qwen"], claims.source("spearman_qwen")
+for n in [n for n, r in results.items() if claims.is_source_qwen(r["spec"])]:
     m = results[n]["main"]["eps"]
     rho, p, nn = results[n]["spearman"]["real"]["pooled"]
-    claims += [
-        {"claim": "Qwen2.5-0.5B: O_h = 0.291 [0.285, 0.298]", "ours": f"{n}: {with_ci(m['o_h'], m['ci'])}",
-         "null": f3(m["null_mean"]), "verdict": o_h_verdict(0.291, m)},
-        {"claim": "Qwen2.5-0.5B intra-group pairs: 0.482", "ours": f"{n}: {with_ci(m['intra'], m['intra_ci'])}",
-         "null": f3(m["null_mean"]),
-         "verdict": ("reproduced" if abs(m["intra"] - 0.482) <= 0.01 else "differs")
-                    + "; above the null: the pairs share their value vectors"},
-        {"claim": "Qwen2.5-0.5B: Spearman ρ = −0.53 (p = 3e-4, n = 42), 3 deepest layers pooled",
+    claim_rows += [
+        {"claim": f"Qwen2.5-0.5B: O_h = {qwen.value:.3f} [{qwen.ci[0]:.3f}, {qwen.ci[1]:.3f}]",
+         "ours": f"{n}: {with_ci(m['o_h'], m['ci'])}", "null": f3(m["null_mean"]), "verdict": o_h_verdict(qwen.value, m)},
+        {"claim": f"Qwen2.5-0.5B intra-group pairs: {claims.source('intra_qwen'):.3f}",
+         "ours": f"{n}: {with_ci(m['intra'], m['intra_ci'])}", "null": f3(m["null_mean"]),
+         "verdict": claims.intra_reproduced(m["intra"]).text},
+        {"claim": f"Qwen2.5-0.5B: Spearman ρ = {q_rho:.2f} (p = {q_p:.0e}, n = {q_n}), 3 deepest layers pooled"
+                  .replace("= -", "= −").replace("e-0", "e-"),
          "ours": f"{n}: ρ = {rho:+.2f} (p = {p:.2g}, n = {nn})", "null": "ρ = 0 (permutation, Haar frames)",
-         "verdict": "reproduced" if (p < 0.05 and rho < 0) else "not reproduced"},
+         "verdict": claims.spearman_replicates(rho, p).label},
     ]
 for n, r in results.items():
     m = r["main"]["eps"]
-    claims.append({"claim": "mean TwoNN (source variant) ≈ 7.1 (GPT-2, Qwen2.5)",
-                   "ours": f"{n}: variant {m['d_int_twonn_source']:.2f}, line fit {m['d_int_twonn']:.2f}",
-                   "null": "—", "verdict": f"the source's number is its variant's, which reads "
-                                           f"×{m['d_int_twonn_source'] / m['d_int_twonn']:.2f} the line fit"})
-claims.append({"claim": "inter-corpus: WikiText 0.284 vs C4 0.277",
-               "ours": f"spread over {', '.join(corpora)}: "
-                       + ", ".join(f"{n} {v:.3f}" for n, v in corpus_spread.items()),
-               "null": "independent of the text",
-               "verdict": ("n/a" if not inter_models else
-                           "same order as the source's 0.007 for inter-group headlines"
-                           if max(corpus_spread[n] for n in inter_models) <= CORPUS_TOL else
-                           "larger than the source's 0.007")})
-claims_table = pd.DataFrame(claims).set_index("claim")
+    claim_rows.append({"claim": f"mean TwoNN (source variant) ≈ {claims.source('twonn')} (GPT-2, Qwen2.5)",
+                       "ours": f"{n}: variant {m['d_int_twonn_source']:.2f}, line fit {m['d_int_twonn']:.2f}",
+                       "null": "—", "verdict": claims.twonn_variant(m["d_int_twonn_source"], m["d_int_twonn"]).text})
+wiki, c4 = claims.source("corpus")
+claim_rows.append({"claim": f"inter-corpus: WikiText {wiki:.3f} vs C4 {c4:.3f}",
+                   "ours": f"spread over {', '.join(corpora)}: "
+                           + ", ".join(f"{n} {v:.3f}" for n, v in corpus_spread.items()),
+                   "null": "independent of the text",
+                   "verdict": claims.corpus_claim([corpus_spread[n] for n in inter_models]).text})
+claims_table = pd.DataFrame(claim_rows).set_index("claim")
 with pd.option_context("display.max_colwidth", None):  # verdicts are sentences: never cut them with "…"
     glue("xa_claims_table", claims_table, display=False)
 
@@ -810,7 +690,7 @@ for r in results.values():  # keep a summary of the null draws, not every draw
 out = Path(results_dir)
 out.mkdir(parents=True, exist_ok=True)
 write_json(out / "crossarch.json", jsonable({
-    "model": model, "models": names, "headline": headline, "per_model": results, "claims": claims,
+    "model": model, "models": names, "headline": headline, "per_model": results, "claims": claim_rows,
     "sqrt_k_over_d": {"r2_null_inter": r2_null, "max_abs_dev_inter": worst,
                       "source_points": [{"label": lab, "d_head": d, "k": kk, "o_h": o, "haar": pair_null[(d, kk)]}
                                         for lab, d, kk, o in SOURCE_POINTS],

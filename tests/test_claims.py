@@ -307,3 +307,9 @@ def test_survival_against_the_revision():
         "most 9% at the revision's shortest context: the median first divergence is 30 (the revision: 4)")
     assert claims.survival_vs_revision({97: ["x"]}, 128, 1024).text.startswith(
         "disagree with the revision at every support run: at S = 97")
+
+
+def test_is_source_qwen_by_shape():
+    spec = {"family": "qwen2", "n_heads": 14, "n_kv_heads": 2, "d_head": 64}
+    assert claims.is_source_qwen(spec)
+    assert not claims.is_source_qwen({**spec, "n_kv_heads": 7}) and not claims.is_source_qwen({**spec, "family": "llama"})
