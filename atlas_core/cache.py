@@ -1,7 +1,13 @@
-"""On-disk cache: a user cache directory, explicit hash keys and atomic writes.
+"""On-disk cache: a user cache directory, explicit hash keys, atomic writes and checked artifacts.
 
 A file is written to a temporary name in the same directory and renamed into place, so a reader
-sees either nothing or a whole file; an interrupted write never leaves a half-file under the real name.
+sees either nothing or a whole file; an interrupted write never leaves a half-file under the real name
+(and a temporary left by a killed process is removed the next time that artifact is written).
+
+An artifact the library later trusts (a cloud, a dense continuation, a reference NLL, an assembled GGUF)
+goes through ``write_checked``/``read_checked``: its SHA-256 is written beside it (``<name>.sha256``) after
+the file itself, and a read verifies it first. A missing, truncated, bit-flipped or unreadable artifact is
+removed with a one-line notice and rebuilt by ``cached``, never used.
 """
 
 from __future__ import annotations
@@ -10,9 +16,14 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+CHECK_SUFFIX = ".sha256"
 
 from atlas_core import CACHE_VERSION
 
@@ -59,6 +70,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     staged = tmp / target.name
     try:
@@ -74,6 +86,89 @@ def write_json(path: str | Path, obj) -> None:
     """Write ``obj`` as pretty JSON atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_path(path: str | Path) -> Path:
+    """The file holding ``path``'s SHA-256: ``<path>.sha256`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + CHECK_SUFFIX)
+
+
+def write_checked(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write an artifact atomically with ``write(tmp_path)``, then its SHA-256 beside it.
+
+    The checksum is written second, so a reader never trusts an artifact whose checksum is missing or from
+    an earlier write (``read_checked`` treats both as damaged).
+    """
+    path = Path(path)
+    check_path(path).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        write(tmp)
+        digest = file_sha256(tmp)
+    with atomic_path(check_path(path)) as tmp:
+        tmp.write_text(digest + "\n")
+
+
+def read_checked(path: str | Path, read: Callable[[Path], T], what: str) -> T | None:
+    """``read(path)`` if the artifact exists and matches its SHA-256; else None, the damaged files removed.
+
+    Args:
+        read: loads the file (e.g. ``np.load``); an exception it raises on a file that passed the check is
+            treated as damage too.
+        what: the artifact's kind, for the notice ("cloud", "dense continuation", ...).
+    Returns:
+        the loaded value, or None when absent or damaged (a one-line notice on stderr names the file).
+    """
+    path = Path(path)
+    if not path.exists():
+        check_path(path).unlink(missing_ok=True)
+        return None
+    try:
+        expected = check_path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        expected = None
+    try:
+        if expected is not None and file_sha256(path) == expected:
+            return read(path)
+        problem = "has no checksum" if expected is None else "does not match its checksum"
+    except Exception as err:  # noqa: BLE001 - any failure to load a checked file means it must be rebuilt
+        problem = f"cannot be read ({type(err).__name__})"
+    print(f"[atlas] cached {what} {path} {problem}; removing it and rebuilding", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    check_path(path).unlink(missing_ok=True)
+    return None
+
+
+def cached(path: str | Path, build: Callable[[], T], write: Callable[[T, Path], None], read: Callable[[Path], T],
+           what: str) -> T:
+    """The checked artifact at ``path``, or ``build()`` written there (checked) and returned.
+
+    Args:
+        write: ``write(value, tmp_path)`` saves a built value; read: ``read(path)`` loads it.
+    """
+    value = read_checked(path, read, what)
+    if value is None:
+        value = build()
+        write_checked(path, lambda tmp: write(value, tmp))
+    return value
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove temporaries of ``target`` left by a process killed mid-write (older than an hour: a running
+    writer's own temporary is younger)."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                _remove(stale)
 
 
 def _remove(path: Path) -> None:

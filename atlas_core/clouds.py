@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from atlas_core.cache import atomic_path, cache_dir, cache_key
+from atlas_core.cache import cache_dir, cache_key, read_checked, write_checked
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.extract import extract, head_out_proj
 from atlas_core.models import LoadedModel
@@ -109,10 +109,20 @@ def head_clouds(
     layers = sorted({l % n for l in layers})
     fingerprint = weights_fingerprint(lm.model)
     paths = {l: _cache_path(lm, fingerprint, spec, l, residual) for l in layers}
-    missing = [l for l, p in paths.items() if not p.exists()]
+    clouds = {l: read_checked(p, _load_cloud, "cloud") for l, p in paths.items()}
+    missing = [l for l, c in clouds.items() if c is None]
     if missing:
-        _extract_into_cache(lm, missing, residual, spec, {l: paths[l] for l in missing}, progress)
-    return {l: np.load(paths[l]) for l in layers}
+        clouds.update(_extract_into_cache(lm, missing, residual, spec, {l: paths[l] for l in missing}, progress))
+    return {l: clouds[l] for l in layers}
+
+
+def _load_cloud(path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def _save_cloud(cloud: np.ndarray, path) -> None:
+    with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
+        np.save(f, cloud)
 
 
 def kv_groups(lm: LoadedModel) -> np.ndarray:
@@ -136,10 +146,11 @@ def _extract_into_cache(lm, layers, residual, spec, paths, progress):
     blocks = token_blocks(lm.tokenizer, BlockSpec(spec.corpus, spec.seq_len, spec.n_blocks, "eval", lm.spec.add_bos))
     acts = extract(lm, blocks, layers, fields=(residual,), progress=progress)
     index = torch.from_numpy(point_indices(spec))
+    clouds = {}
     for layer in layers:
         cloud = getattr(acts[layer], residual)[:, index].float().numpy()  # (head, n_points, d)
         if not np.isfinite(cloud).all():
             raise FloatingPointError(f"non-finite values in layer {layer} {residual}; check the model's weights")
-        with atomic_path(paths[layer]) as tmp:
-            with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
-                np.save(f, cloud)
+        write_checked(paths[layer], lambda tmp, cloud=cloud: _save_cloud(cloud, tmp))
+        clouds[layer] = cloud
+    return clouds

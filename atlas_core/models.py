@@ -8,7 +8,6 @@ truncated or corrupt cache is rebuilt rather than loaded.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from atlas_core import toy
-from atlas_core.cache import atomic_path, cache_dir
+from atlas_core.cache import atomic_path, cache_dir, file_sha256
 from atlas_core.zoo import DEFAULT_MODEL, EMBEDDED, ModelError, gguf_path
 
 MANIFEST = "atlas-manifest.json"
@@ -274,7 +273,7 @@ def _embedded_folder(name: str) -> Path:
 
 
 def _write_manifest(folder: Path, source: str) -> None:
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     (folder / MANIFEST).write_text(json.dumps({"source": source, "sha256": files}, indent=1))
 
 
@@ -282,19 +281,13 @@ def _valid_cache(folder: Path) -> bool:
     """True iff the folder has a manifest and every listed file has its recorded sha256."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        return all(_sha256(folder / n) == h for n, h in manifest["sha256"].items())
+        return all(file_sha256(folder / n) == h for n, h in manifest["sha256"].items())
     except (OSError, ValueError, KeyError, TypeError):
         if folder.exists():
             print(f"[atlas] cache {folder} is incomplete or corrupt; rebuilding it", file=sys.stderr)
         return False
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(err: BaseException) -> str:

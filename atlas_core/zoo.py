@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas_core.cache import atomic_path, cache_dir
+from atlas_core.cache import atomic_path, cache_dir, read_checked, write_checked
 
 GGUF_MAGIC = b"GGUF"
 
@@ -113,15 +113,16 @@ def _qwen_gguf(model: EmbeddedModel) -> Path:
     if missing:
         raise ModelError(f"missing pieces of '{model.name}': {missing}; run: {model.install}")
     target = cache_dir("gguf") / "qwen2.5-coder-0.5b-instruct-awq.gguf"
-    expected = sum(p.stat().st_size for p in parts)
-    if target.exists() and target.stat().st_size == expected:
-        return target
-    with atomic_path(target) as tmp:
-        with tmp.open("wb") as out:
-            for part in parts:
-                with part.open("rb") as piece:
-                    shutil.copyfileobj(piece, out, length=1 << 24)
+    if read_checked(target, lambda path: path, "assembled GGUF") is None:
+        write_checked(target, lambda tmp: _concatenate(parts, tmp))
     return target
+
+
+def _concatenate(parts: list[Path], out_path: Path) -> None:
+    with out_path.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as piece:
+                shutil.copyfileobj(piece, out, length=1 << 24)
 
 
 def _check_gguf_header(path: Path) -> None:

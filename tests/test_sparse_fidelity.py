@@ -134,7 +134,8 @@ def test_dense_prefill_rule_is_dense_before_sparse_from_and_matches_greedy(qwen_
         SparseConfig(sparse_from=-1)
 
 
-def test_dense_continuation_is_cached_on_disk(qwen_toy, tmp_path):
+def test_dense_continuation_is_cached_on_disk(qwen_toy, tmp_path, monkeypatch):
+    import atlas_core.sparse.fidelity as fid
     from atlas_core.cache import cache_dir
 
     prompt = _prompt(20, 7)
@@ -142,9 +143,12 @@ def test_dense_continuation_is_cached_on_disk(qwen_toy, tmp_path):
     assert torch.equal(first, greedy(qwen_toy, prompt, 6))
     files = list(cache_dir("sparse", "continuations").glob("*.pt"))
     assert len(files) == 1
-    torch.save(torch.zeros(6, dtype=torch.long), files[0])  # a cached file is read back, not recomputed
-    assert torch.equal(dense_continuation(qwen_toy, prompt, 6), torch.zeros(6, dtype=torch.long))
-    assert not torch.equal(dense_continuation(qwen_toy, prompt, 7)[:6], torch.zeros(6, dtype=torch.long))  # n_new in the key
+    calls = []
+    real = fid.greedy
+    monkeypatch.setattr(fid, "greedy", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert torch.equal(dense_continuation(qwen_toy, prompt, 6), first) and calls == []  # read back, not recomputed
+    dense_continuation(qwen_toy, prompt, 7)
+    assert calls == [7]  # n_new in the key (a damaged file is rebuilt: tests/test_cache.py)
 
 
 # --- teacher forcing with intervals --------------------------------------------------------------------

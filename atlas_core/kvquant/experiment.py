@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from atlas_core import interval
-from atlas_core.cache import atomic_path, cache_dir, cache_key
+from atlas_core.cache import cache_dir, cache_key, cached
 from atlas_core.interval import Bootstrap, Estimate
 from atlas_core.kvquant.cache import KVQuantConfig
 from atlas_core.kvquant.decode import decode_nll
@@ -277,7 +277,8 @@ class Runs:
         """``compute()``, or its value from the disk cache when ``store`` is set.
 
         Key (SPEC §12): ``kind``, the model's name and weights fingerprint, the tokens, ``fields`` and the
-        library cache version (``cache.cache_key``); written atomically, so a half-written file is never read.
+        library cache version (``cache.cache_key``); written atomically with its SHA-256 and verified on read
+        (``cache.cached``), so a half-written or damaged file is rebuilt, never used.
         """
         if not self.store:
             return compute()
@@ -286,12 +287,7 @@ class Runs:
         tokens = hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(tuple(blocks.shape)).encode()).hexdigest()
         key = cache_key(kind=kind, model=self.lm.spec.name, weights=weights_fingerprint(self.lm.model), tokens=tokens, **fields)
         path = cache_dir("kvquant") / f"{kind}-{key}.pt"
-        if path.exists():
-            return torch.load(path, weights_only=True)
-        value = compute()
-        with atomic_path(path) as tmp:
-            torch.save(value, tmp)
-        return value
+        return cached(path, compute, torch.save, lambda p: torch.load(p, weights_only=True), f"kvquant {kind}")
 
     def sigma_q(self) -> dict[int, torch.Tensor]:
         """Σ_q of every layer, {layer: (kv_head, d_head, d_head)}, from the calibration blocks (once)."""

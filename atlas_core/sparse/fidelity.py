@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from atlas_core import interval
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.cache import atomic_path, cache_dir, cache_key
+from atlas_core.cache import cache_dir, cache_key, cached
 from atlas_core.eval import token_logprobs
 from atlas_core.models import LoadedModel
 from atlas_core.progress import tqdm  # names the running chapter
@@ -256,7 +256,8 @@ def dense_continuation(lm: LoadedModel, prompt: torch.Tensor, n_new: int, implem
     """``greedy(lm, prompt, n_new)`` (dense), cached on disk.
 
     Key (SPEC §12): the model's name and dtype, the attention backend, the prompt's tokens, n_new and the
-    library cache version (``cache.cache_key``); written atomically, so a half-written file is never read.
+    library cache version (``cache.cache_key``); written atomically with its SHA-256 and verified on read
+    (``cache.cached``), so a half-written or damaged file is rebuilt, never used.
 
     Returns:
         (n_new,) token ids.
@@ -266,12 +267,8 @@ def dense_continuation(lm: LoadedModel, prompt: torch.Tensor, n_new: int, implem
     key = cache_key(kind="sparse-dense-continuation", model=lm.spec.name, dtype=str(next(model.parameters()).dtype),
                     attention=backend, prompt=prompt.tolist(), n_new=int(n_new))
     path = cache_dir("sparse", "continuations") / f"{key}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    tokens = greedy(lm, prompt, n_new, implementation=implementation, progress=progress)
-    with atomic_path(path) as tmp:
-        torch.save(tokens, tmp)
-    return tokens
+    return cached(path, lambda: greedy(lm, prompt, n_new, implementation=implementation, progress=progress),
+                  torch.save, lambda p: torch.load(p, weights_only=True), "dense continuation")
 
 
 def fidelity_texts(lm: LoadedModel, *, corpus: str, seq_len: int, n_blocks: int, prompt_tokens: int, gen_tokens: int,
