@@ -92,18 +92,15 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
         check_model_name(name)  # a folder lacking config, weights or tokenizer: say which, before transformers does
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"could not load the tokenizer of '{name}' ({err.__class__.__name__}: {_first_line(err)}); "
-                         "save it beside the model with tokenizer.save_pretrained") from err
-    try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except OSError as err:
         raise ModelError(f"could not load '{name}' ({err.__class__.__name__}: {err}).\n" + _unknown_model_message(name)) from err
-    except Exception as err:  # noqa: BLE001 - safetensors/torch raise their own types for a damaged file
+    except Exception as err:  # noqa: BLE001 - tokenizers, safetensors and torch raise their own types for a damaged file
         if source != "local" and type(err).__name__ != "SafetensorError":
             raise
-        raise ModelError(f"the weights of '{name}' cannot be read ({type(err).__name__}: {_first_line(err)}): a file is "
-                         "damaged or truncated; copy or save the checkpoint again") from err
+        # check_model_name found every part present, so a part that fails to load is damaged
+        raise ModelError(f"'{name}' cannot be read ({type(err).__name__}: {_first_line(err)}): a file of the checkpoint "
+                         "is damaged or truncated; copy or save it (model and tokenizer) again") from err
     add_bos = EMBEDDED[name].add_bos if name in EMBEDDED else None
     return _finish(model, tokenizer, name, source, attn_implementation, add_bos)
 

@@ -55,6 +55,10 @@ def test_truncated_weights_are_named_not_a_safetensors_traceback(checkpoint, tmp
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelError, match="damaged or truncated"):
         load_model(str(folder))
+    broken_tokenizer = _copy(checkpoint, tmp_path / "tok")
+    (broken_tokenizer / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="damaged or truncated"):
+        load_model(str(broken_tokenizer))
     _one_line_exit_2(["ppl", "--model", str(folder), "--corpus", "pydoc", "--tokens", "128", "--seq-len", "64"],
                      capsys, "cannot be read")
 
