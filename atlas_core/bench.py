@@ -10,11 +10,11 @@ import torch
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.eval import block_nll
 from atlas_core.extract import extract
-from atlas_core.models import load_model
+from atlas_core.models import DEFAULT_MODEL, load_model
 
 
 def bench_extract(
-    model: str = "smollm2-135m",
+    model: str = DEFAULT_MODEL,
     layer: int = -1,
     n_blocks: int = 12,
     seq_len: int = 256,
@@ -29,7 +29,7 @@ def bench_extract(
         dict with both medians (seconds), all samples and ``ratio`` = extract / forward.
     """
     lm = load_model(model, attn_implementation="eager")
-    blocks = token_blocks(lm.tokenizer, BlockSpec(seq_len=seq_len, n_blocks=n_blocks, add_bos=lm.spec.add_bos))
+    blocks = token_blocks(lm, BlockSpec(seq_len=seq_len, n_blocks=n_blocks))
     forward = lambda: block_nll(lm.model, blocks, batch_size=batch_size, progress=False)  # noqa: E731
     capture = lambda: extract(lm, blocks, [layer], batch_size=batch_size, progress=False)  # noqa: E731
     samples = {"forward": [], "extract": []}

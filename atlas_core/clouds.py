@@ -21,7 +21,7 @@ from atlas_core.models import LoadedModel
 RESIDUALS = ("eps", "z", "c")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CloudSpec:
     """Which points: N per head from the first ``n_blocks`` blocks of ``seq_len`` tokens of a corpus.
 
@@ -143,7 +143,7 @@ def _cache_path(lm, fingerprint, spec, layer, residual):
 
 
 def _extract_into_cache(lm, layers, residual, spec, paths, progress):
-    blocks = token_blocks(lm.tokenizer, BlockSpec(spec.corpus, spec.seq_len, spec.n_blocks, "eval", lm.spec.add_bos))
+    blocks = token_blocks(lm, BlockSpec(corpus=spec.corpus, seq_len=spec.seq_len, n_blocks=spec.n_blocks, split="eval"))
     acts = extract(lm, blocks, layers, fields=(residual,), progress=progress)
     index = torch.from_numpy(point_indices(spec))
     clouds = {}

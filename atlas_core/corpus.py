@@ -267,15 +267,19 @@ def split_capacity(tokenizer, corpus: str, seq_len: int, add_bos: bool) -> dict[
     return {split: len(r) for split, r in _split_ranges(n_total).items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlockSpec:
-    """Which token blocks to take: corpus, block length, count, split and BOS handling."""
+    """Which token blocks to take: corpus, block length, count, split and BOS handling.
+
+    ``add_bos`` None (the default) takes the BOS policy of the model ``token_blocks`` is given (its
+    ``spec.add_bos``), or no BOS when it is given a bare tokenizer; True/False overrides it.
+    """
 
     corpus: str = DEFAULT_CORPUS
     seq_len: int = 256  # tokens per block, BOS included when add_bos
     n_blocks: int = 12
     split: str = "eval"  # "eval" or "calib"
-    add_bos: bool = False
+    add_bos: bool | None = None
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -286,11 +290,27 @@ class BlockSpec:
             raise CorpusError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 
-def token_blocks(tokenizer, spec: BlockSpec) -> torch.LongTensor:
+def bos_policy(source, spec: BlockSpec) -> tuple[object, bool]:
+    """The tokenizer and the BOS rule for ``spec``: from a loaded model (its ``spec.add_bos``) or a tokenizer.
+
+    Args:
+        source: a ``models.LoadedModel`` (anything with ``tokenizer`` and ``spec.add_bos``) or a tokenizer.
+        spec: the request; its ``add_bos``, when not None, overrides the model's policy.
+    Returns:
+        (tokenizer, add_bos).
+    """
+    if hasattr(source, "tokenizer") and hasattr(source, "spec"):  # a LoadedModel (no import: models imports us)
+        return source.tokenizer, source.spec.add_bos if spec.add_bos is None else spec.add_bos
+    return source, bool(spec.add_bos)
+
+
+def token_blocks(source, spec: BlockSpec) -> torch.LongTensor:
     """The first ``spec.n_blocks`` blocks of ``spec.split`` (see the module docstring for the rule).
 
     Args:
-        tokenizer: a Hugging Face tokenizer (its ``bos_token_id`` is used when ``spec.add_bos``).
+        source: the loaded model (``models.LoadedModel``: its tokenizer, and its BOS policy unless
+            ``spec.add_bos`` says otherwise), or a bare Hugging Face tokenizer (BOS only if
+            ``spec.add_bos``; its ``bos_token_id`` is prepended).
         spec: the request.
     Returns:
         LongTensor of shape (n_blocks, seq_len).
@@ -298,19 +318,20 @@ def token_blocks(tokenizer, spec: BlockSpec) -> torch.LongTensor:
         CorpusError: no BOS token to prepend, or more blocks than the split holds (the message says
             how many).
     """
-    content = _check(spec.seq_len, spec.add_bos, tokenizer)
+    tokenizer, add_bos = bos_policy(source, spec)
+    content = _check(spec.seq_len, add_bos, tokenizer)
     stream = token_stream(tokenizer, spec.corpus)
     n_total = len(stream) // content
     rows = _split_ranges(n_total)[spec.split]
     if spec.n_blocks > len(rows):
         raise CorpusError(
             f"the {spec.split} split of {spec.corpus!r} holds {len(rows)} blocks "
-            f"({len(rows) * content} tokens) at seq_len={spec.seq_len} (add_bos={spec.add_bos}); "
+            f"({len(rows) * content} tokens) at seq_len={spec.seq_len} (add_bos={add_bos}); "
             f"{spec.n_blocks} were asked for. The corpus has {len(stream)} tokens in all: ask for "
             "fewer or shorter blocks, or use a larger corpus")
     start = rows.start * content
     blocks = stream[start : start + spec.n_blocks * content].view(spec.n_blocks, content)  # (block, content)
-    if spec.add_bos:
+    if add_bos:
         bos = torch.full((spec.n_blocks, 1), tokenizer.bos_token_id, dtype=torch.long)
         blocks = torch.cat([bos, blocks], dim=1)  # (block, seq_len)
     return blocks

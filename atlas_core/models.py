@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "ModelError", "ModelSpec"
            "scoring_attention"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """What the rest of the library needs to know about a model's attention."""
 
@@ -170,12 +170,39 @@ def local_checkpoint_gaps(folder: Path) -> list[str]:
 
 
 def describe(name: str = DEFAULT_MODEL) -> ModelSpec:
-    """The spec of an embedded model from its config alone (converting it once if needed)."""
-    if name not in EMBEDDED:
-        lm = load_model(name)
-        return lm.spec
-    config = AutoConfig.from_pretrained(_embedded_folder(name))
-    return model_spec(config, None, name, "embedded", EMBEDDED[name].add_bos)
+    """The spec of a model from its config and tokenizer alone: no weights are loaded.
+
+    An embedded model is converted once if needed (its config lives in the converted folder); a toy's
+    config is built; a local folder's or hub id's is read by transformers.
+
+    Raises:
+        ModelError: ``name`` is not a model ``load_model`` can load (see ``check_model_name``).
+    """
+    check_model_name(name)
+    source = _model_source(name)
+    if source == "embedded":
+        return model_spec(model_config(name), None, name, source, EMBEDDED[name].add_bos)
+    tokenizer = toy.byte_tokenizer() if source == "toy" else AutoTokenizer.from_pretrained(_folder(name, source))
+    return model_spec(model_config(name), tokenizer, name, source, None)
+
+
+def model_config(name: str):
+    """The transformers config of ``name`` (embedded, toy, local folder or hub id), without its weights."""
+    source = _model_source(name)
+    if source == "toy":
+        return toy.toy_config(name.removeprefix("toy-"))
+    try:
+        return AutoConfig.from_pretrained(_folder(name, source))
+    except OSError as err:
+        raise ModelError(f"could not read the config of '{name}' ({err.__class__.__name__}: {err}).\n"
+                         + _unknown_model_message(name)) from err
+
+
+def _folder(name: str, source: str):
+    """Where transformers reads ``name`` from: the converted folder, a local folder or the hub id."""
+    if source == "embedded":
+        return _embedded_folder(name)
+    return Path(name).expanduser() if source == "local" else name
 
 
 def model_spec(config, tokenizer, name: str, source: str, add_bos: bool | None = None) -> ModelSpec:

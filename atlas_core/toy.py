@@ -73,6 +73,18 @@ def _configs() -> dict:
 FAMILIES = tuple(_configs())
 
 
+def toy_config(family: str):
+    """The transformers config of one toy family (shapes only: no weights are made).
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    configs = _configs()
+    if family not in configs:
+        raise ValueError(f"unknown toy family '{family}'; choose one of {FAMILIES}")
+    return configs[family]
+
+
 def toy_model(family: str, seed: int = 0):
     """Build a tiny random model of one family, in fp32 eval mode.
 
@@ -82,11 +94,9 @@ def toy_model(family: str, seed: int = 0):
     Returns:
         (model, tokenizer)
     """
-    configs = _configs()
-    if family not in configs:
-        raise ValueError(f"unknown toy family '{family}'; choose one of {FAMILIES}")
+    config = toy_config(family)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(configs[family], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomise_norms_and_biases(model, seed)
     return model.eval(), byte_tokenizer()
 

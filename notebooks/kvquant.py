@@ -127,8 +127,8 @@ def ge(key: str, est) -> None:
 torch.manual_seed(seed)
 lm = load_model(model, attn_implementation="sdpa")  # perplexity needs no attention weights; extract sets its own
 s = lm.spec
-eval_ids = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, eval_blocks, "eval", s.add_bos))
-calib_ids = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, calib_blocks, "calib", s.add_bos))
+eval_ids = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=eval_blocks, split="eval"))
+calib_ids = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=calib_blocks, split="calib"))
 layers = study_layers(metric_layers, s.n_layers)
 
 g("model", model)
@@ -171,7 +171,7 @@ g("n_heads", s.n_heads)
 # %%
 runs = Runs(lm, eval_ids, calib_ids, EvalSetup(engine=engine, prefill=prefill), store=True)  # each method once; fp, Σ_q on disk
 sigma_q = runs.sigma_q()  # {layer: (kv_head, d, d)}, one calibration pass shared with the decode runs
-query_bases = runs.bases(KVMethod("headq"))  # {layer: (kv_head, d, d)}: every eigenvector, largest first
+query_bases = runs.bases(KVMethod(method="headq"))  # {layer: (kv_head, d, d)}: every eigenvector, largest first
 metric_ids = eval_ids[:metric_blocks]
 acts = extract(lm, metric_ids, layers, fields=("q", "k", "v", "probs"), progress=False)
 modules = attention_modules(lm.model)
@@ -271,12 +271,12 @@ plt.close(fig)
 
 # %%
 def K(method: str, b: int, **kw) -> KVMethod:
-    return KVMethod(method, b, group=kw.pop("group", group), rank=kw.pop("rank", rank), side_bits=side_bits, seed=seed, **kw)
+    return KVMethod(method=method, kbits=b, group=kw.pop("group", group), rank=kw.pop("rank", rank), side_bits=side_bits, seed=seed, **kw)
 
 
 
 a2_vbits = int(a2_budget)
-plan = [KVMethod("fp")]
+plan = [KVMethod(method="fp")]
 plan += [K(m, b) for b in bits for m in ("per-token", "kivi", "headq")]
 plan += [K(m, b, vbits=b) for b in kv_bits for m in ("per-token", "kivi", "headq")]
 plan += [K("headq", 2, rank=r) for r in ranks]
@@ -290,7 +290,7 @@ for m in tqdm(plan, desc="decode runs"):
     runs(m)
 g("n_runs", len(runs.done))
 
-fp_ppl = runs(KVMethod("fp"))["ppl"]
+fp_ppl = runs(KVMethod(method="fp"))["ppl"]
 ge("fp_ppl", fp_ppl)
 
 
@@ -315,7 +315,7 @@ def table(methods) -> pd.DataFrame:
 
 
 FMT = {"bits/key": "{:.3f}", "bits/value": "{:.3f}", "bits/KV": "{:.3f}"}
-bits_table = table([KVMethod("fp")] + [K(m, b) for m in ("per-token", "kivi", "headq") for b in bits]
+bits_table = table([KVMethod(method="fp")] + [K(m, b) for m in ("per-token", "kivi", "headq") for b in bits]
                    + [K(m, b, vbits=b) for m in ("per-token", "kivi", "headq") for b in kv_bits])
 g("bits_table", bits_table.style.format(FMT, na_rep="—"))
 
@@ -551,7 +551,7 @@ ge("removed_hq2_kivi", runs.figures(K("headq", 2, base="kivi"))["excess_removed"
 g("hq2_kivi_verdict", runs.figures(K("headq", 2, base="kivi"))["difference_baseline"].distinguishable(0.0)
   and "removes" or "is not distinguishable from KIVI alone at this sample size; it removes")
 hq_bits = runs(K("headq", 2))["bits_key"]
-same = [m for m, r in runs.done.items() if m.vbits == 16 and m.method != "fp" and abs(r["bits_key"] - hq_bits) < 1e-6]
+same = [m for m, r in runs.done.items() if m.vbits is None and m.method != "fp" and abs(r["bits_key"] - hq_bits) < 1e-6]
 hq_label = runs(K("headq", 2))["label"]
 best_label, budget_verdict = lowest_verdict({runs(m)["label"]: runs(m)["nll"] for m in same}, hq_label, runs.setup.boot)
 g("budget_bits", hq_bits)
@@ -757,7 +757,7 @@ previous_blocks = min(2, eval_blocks)
 def verdicts(n: int) -> dict[str, str]:
     """The chapter's headline verdicts from the first ``n`` evaluation blocks."""
     nll = lambda m: runs(m)["nll"][:n]  # noqa: E731
-    pt2, hq2, fp = nll(K("per-token", 2)), nll(K("headq", 2)), nll(KVMethod("fp"))
+    pt2, hq2, fp = nll(K("per-token", 2)), nll(K("headq", 2)), nll(KVMethod(method="fp"))
     boot = runs.setup.boot
     out = {"HeadQ against the paper's 84–94%": range_verdict(interval.excess_removed(pt2, hq2, fp, boot),
                                                               interval.ppl_difference(hq2, pt2, boot), 0.84, 0.94),

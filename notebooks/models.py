@@ -90,7 +90,7 @@ def measure(name: str) -> tuple[dict, dict, list[dict], object]:
 
 def check_invariants(lm) -> dict:
     """Worst deviation of Σ_h c_h + b_O from the attention output, and of attention rows from 1."""
-    spec = BlockSpec("britannica", invariant_seq_len, invariant_blocks, "eval", lm.spec.add_bos)
+    spec = BlockSpec(corpus="britannica", seq_len=invariant_seq_len, n_blocks=invariant_blocks, split="eval", add_bos=lm.spec.add_bos)
     layers = sorted({0, lm.spec.n_layers // 2, lm.spec.n_layers - 1})
     acts = extract(lm, token_blocks(lm.tokenizer, spec), layers, fields=("probs", "c"), progress=False)
     abs_err = rel_err = row_err = 0.0
@@ -107,7 +107,7 @@ def perplexities(lm) -> list[dict]:
     """Perplexity on the evaluation split of every corpus, with its 95% block-bootstrap interval."""
     rows = []
     for corpus in corpora:
-        spec = BlockSpec(corpus, ppl_seq_len, ppl_tokens // ppl_seq_len, "eval", lm.spec.add_bos)
+        spec = BlockSpec(corpus=corpus, seq_len=ppl_seq_len, n_blocks=ppl_tokens // ppl_seq_len, split="eval", add_bos=lm.spec.add_bos)
         start = time.perf_counter()
         nll = block_nll(lm.model, token_blocks(lm.tokenizer, spec), progress=False)  # (block, token - 1)
         est = interval.perplexity(nll)

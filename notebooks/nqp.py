@@ -130,8 +130,8 @@ seconds = {}  # where the chapter's time goes (closing note): (wall, CPU) second
 clock, cpu = time.perf_counter(), time.process_time()
 torch.manual_seed(seed)
 lm = load_model(model, attn_implementation="sdpa")  # perplexity needs no attention weights
-calib = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, calib_blocks, "calib", lm.spec.add_bos))
-held_out = token_blocks(lm.tokenizer, BlockSpec(corpus, seq_len, eval_blocks, "eval", lm.spec.add_bos))
+calib = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=calib_blocks, split="calib"))
+held_out = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=eval_blocks, split="eval"))
 stats = calibration_stats(lm, calib)  # once, for every bit width and method that needs it
 judge = calibration_stats(lm, held_out, fisher=False)  # held-out inputs judge the layer output error
 seconds["statistics: H, E|x|, Fisher (calib); H (held-out)"] = (time.perf_counter() - clock, time.process_time() - cpu)
@@ -268,13 +268,13 @@ clock, cpu = time.perf_counter(), time.process_time()
 runs = []
 for b in bits:
     for m in methods:
-        runs.append(run_wquant(lm, m, WQuantSpec(b), calib, held_out, stats, nll_fp, seed, judge=judge, calib_config=gptq_calib))
+        runs.append(run_wquant(lm, m, WQuantSpec(bits=b), calib, held_out, stats, nll_fp, seed, judge=judge, calib_config=gptq_calib))
 for m in grouped_methods:
-    runs.append(run_wquant(lm, m, WQuantSpec(3, group), calib, held_out, stats, nll_fp, seed, judge=judge,
+    runs.append(run_wquant(lm, m, WQuantSpec(bits=3, group=group), calib, held_out, stats, nll_fp, seed, judge=judge,
                            calib_config=gptq_calib))
 # The embedded weights' own grid: 4 bits in blocks of 32 with a scale and a minimum (GGUF Q4_1).
-gguf_grid = run_wquant(lm, "rtn", WQuantSpec(4, 32, zero="float"), calib, held_out, stats, nll_fp, seed, judge=judge)
-gguf_int = run_wquant(lm, "rtn", WQuantSpec(4, 32), calib, held_out, stats, nll_fp, seed, judge=judge)
+gguf_grid = run_wquant(lm, "rtn", WQuantSpec(bits=4, group=32, zero="float"), calib, held_out, stats, nll_fp, seed, judge=judge)
+gguf_int = run_wquant(lm, "rtn", WQuantSpec(bits=4, group=32), calib, held_out, stats, nll_fp, seed, judge=judge)
 for r in runs + [gguf_grid, gguf_int]:
     wall, used = seconds.get(r["method"], (0.0, 0.0))
     seconds[r["method"]] = (wall + r["seconds"], used + r["cpu_seconds"])

@@ -98,6 +98,7 @@ from atlas_core.models import load_model
 from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_sparse_decode
 from atlas_core.sparse.blocks import block_rule
+from atlas_core.sparse.experiment import SparseExperiment
 from atlas_core.sparse.fidelity import (MODEL_FIGURES, budget_sweep, compare_rules, fidelity_texts,
                                         greedy_survival, identical_count, model_rows, survival_agreement,
                                         survival_summary, trajectory_agreement)
@@ -110,9 +111,11 @@ def timed(name, since):
     return time.perf_counter()
 
 g = prefixed_glue("sp")  # g(key, value) glues sp_<key>
-DEFAULTS = SparseConfig(anchors, window, topk, page_size=page_size)
-if seq_len <= DEFAULTS.budget + 1 or prompt_tokens <= DEFAULTS.budget:
-    raise ValueError(f"seq_len and prompt_tokens must be far longer than a + W + k = {DEFAULTS.budget}")
+experiment = SparseExperiment(rule=SparseConfig(anchors=anchors, window=window, topk=topk, page_size=page_size),
+                              windows=tuple(windows), topks=tuple(topks))
+experiment.check_block(seq_len, "seq_len")  # every rule run drops keys in these blocks and this prompt
+experiment.check_prompt(prompt_tokens, "prompt_tokens")
+DEFAULTS = experiment.rule
 
 
 def gci(key, r, name):
@@ -182,12 +185,8 @@ g("n_heads", lm.spec.n_heads)
 # %%
 # Every rule's teacher forcing in one sweep over the blocks: each block's dense reference once, then each
 # rule on it (the source defaults on all blocks, the others on the first sweep_blocks).
-grid = [SparseConfig(anchors, w, k, page_size=page_size) for w in windows for k in topks]
-variants = [SparseConfig(anchors, window, topk, dense_layers=2, page_size=page_size),
-            SparseConfig(anchors, window, topk, head_average=True, page_size=page_size),
-            SparseConfig(anchors, window, topk, selector="pages", page_size=page_size),
-            SparseConfig(anchors, window, topk * 4, selector="pages", page_size=page_size)]
-rules = [DEFAULTS] + [c for c in grid if c != DEFAULTS] + variants  # the source defaults first, always measured
+variants = experiment.variants()  # first two layers dense, head-averaged, pages, pages at 4k
+rules = experiment.rules()  # the source defaults first (always measured), the W × k grid, the variants
 swept = budget_sweep(lm, rules, blocks, prompt, dense_tokens[:sweep_gen_tokens], progress=True,
                      n_blocks=[eval_blocks] + [min(sweep_blocks, eval_blocks)] * (len(rules) - 1))
 t0 = timed("teacher forcing, every rule", t0)
@@ -508,13 +507,13 @@ rev_rows = [[None if d >= REVISION_HORIZON else d for d in runs_of_prefix]  # (p
 rev = survival_summary(rev_rows, REVISION_HORIZON)
 assert (rev["runs"], rev["median"], rev["identical"], rev["max"]) == (60, 6, 0, 43), "the revision: 0/60, median 6, max 43"
 
-sv_prompts = token_blocks(lm.tokenizer, BlockSpec(corpus, survival_prompt_tokens, survival_prompts, "eval", lm.spec.add_bos))
+sv_prompts = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=survival_prompt_tokens, n_blocks=survival_prompts, split="eval"))
 last_candidates = survival_prompt_tokens + survival_gen_tokens - 1 - anchors - window  # at the last decode step
 sv_rules = {"original: a + W + top-k": DEFAULTS}
 covered = []
 for support in supports:
     cfg = block_rule(support, anchors, window, page_size)
-    if cfg.topk >= last_candidates:  # keeps every key of these runs: dense by construction
+    if cfg.keeps_every_key(survival_prompt_tokens + survival_gen_tokens - 1):  # every key of these runs: dense by construction
         covered.append(support)
     else:
         sv_rules[f"revision: blocks, S = {support}"] = cfg

@@ -21,34 +21,36 @@ def test_shipped_defaults_pass(chapter):
 
 
 @pytest.mark.parametrize("chapter, name, value, message", [
-    ("nqp", "bits", [4, 1], "2..16"),
+    ("nqp", "bits", [8, 4, 3, 1], "bits must be an integer in 2..16"),  # WQuantSpec's rule
     ("nqp", "methods", ["rtn", "magic"], "unknown ['magic']"),
-    ("nqp", "calib_blocks", 0, "must be > 0"),
+    ("nqp", "calib_blocks", 0, "must be ≥ 1"),
     ("nqp", "eval_blocks", 1, "the intervals resample these blocks"),  # one block: a point, not an interval
     ("nqp", "bits", [4, 3], "add [8]"),
     ("nqp", "methods", ["rtn", "gptq"], "add ['awq'"),
     ("nqp", "grouped_methods", ["rtn"], "add ['gptq', 'awq', 'rot-fisher']"),
     ("atlas", "k_sweep", [5, 6], "must contain the headline k"),
     ("atlas", "n_points", 10**6, "positions"),
-    ("atlas", "metric", "cosine", "'source' or 'projection'"),
-    ("crossarch", "mid_depth", 1.5, "[0, 1]"),
-    ("crossarch", "seeds", [], "at least one seed"),
+    ("atlas", "metric", "cosine", "choose from source, projection"),
+    ("crossarch", "mid_depth", 1.5, "must lie in [0.0, 1.0]"),
+    ("crossarch", "mid_depth", float("nan"), "must be a finite number"),
+    ("crossarch", "seeds", [], "needs at least one value"),
     ("kvquant", "prefill", 511, "at most seq_len − 2"),  # passed before, then failed inside the kernel
     ("kvquant", "eval_blocks", 1, "must be ≥ 2"),  # one block: a zero-width interval and a verdict
     ("sparse", "eval_blocks", 1, "must be ≥ 2"),
-    ("kvquant", "ranks", [8, -1], "must be > 0"),
-    ("kvquant", "engine", "fast", "must be one of onepass, decode"),
-    ("kvquant", "a2_budget", 2, "must be in 3..8"),
-    ("kvquant", "eval_blocks", 0, "must be > 0"),
+    ("kvquant", "ranks", [8, -1], "each must be ≥ 1"),
+    ("kvquant", "engine", "fast", "engine must be one of ('onepass', 'decode')"),  # EvalSetup's rule
+    ("kvquant", "a2_budget", 2, "the A² value policy needs"),  # KVMethod's rule: low 2 bits < vbits
+    ("kvquant", "a2_budget", 9, "vbits must be an integer in 1..8"),
+    ("kvquant", "eval_blocks", 0, "must be ≥ 1"),
     ("kvquant", "bits", [2, 4], "compares [2, 3]"),
-    ("kvquant", "kv_bits", [3, 9], "each must be in 2..8"),
-    ("sparse", "window", 0, "must be > 0"),
+    ("kvquant", "kv_bits", [2, 9], "kbits must be an integer in 1..8"),  # KVMethod's rule, not a copy
+    ("sparse", "window", 0, "must be ≥ 1"),
     ("sparse", "sweep_gen_tokens", 5000, "exceeds gen_tokens"),
     ("sparse", "sweep_blocks", 17, "exceeds eval_blocks"),
-    ("sparse", "sweep_blocks", 0, "must be > 0"),
-    ("sparse", "seq_len", 64, "longer than anchors + window + topk"),
-    ("sparse", "seq_len", 256, "of every rule run (385)"),  # the sweep's W = 256, k = 128 (passed before)
-    ("sparse", "supports", [97, 100], "anchors + window + page_size·r"),
+    ("sparse", "sweep_blocks", 0, "must be ≥ 1"),
+    ("sparse", "seq_len", 64, "too short for the rule a + W + k = 385"),
+    ("sparse", "seq_len", 256, "use at least 387"),  # the sweep's W = 256, k = 128 (passed before)
+    ("sparse", "supports", [97, 100], "must be a + W + P·r with r ≥ 1"),  # blocks.block_rule's rule
     ("sparse", "survival_gen_tokens", 1, "must be ≥ 2"),
     ("models", "ppl_tokens", 1000, "multiple of ppl_seq_len"),
     ("models", "corpora", ["britannica", "no-such-corpus"], "not a corpus"),
@@ -81,3 +83,107 @@ def test_the_runner_rejects_impossible_values_before_executing(tmp_path, monkeyp
     with pytest.raises(runner.ParameterError, match="parameter 'window' = 0"):
         runner.run_chapter("sparse", "smollm2-135m", {"window": "0"}, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- issue 16: every rule once, every list element checked, no traceback ------------------------------------
+
+@pytest.mark.parametrize("chapter, given, name, message", [
+    # passed the pre-check (off by one: the kernel needs a + W + k + 2 tokens), then failed inside the kernel
+    ("sparse", {"seq_len": 98, "windows": [64], "topks": [32]}, "seq_len", "use at least 195"),  # pages at 4k: 193
+    # the prompt was never checked against the rules' budgets: failed in the kernel
+    ("sparse", {"prompt_tokens": 50}, "prompt_tokens", "must exceed the budget a + W + k = 385"),
+    # the sweep's W = 2048: failed in the kernel after the 1,500-token dense generation
+    ("sparse", {"seq_len": 4096, "windows": [2048]}, "prompt_tokens", "must exceed the budget a + W + k = 2177"),
+    ("sparse", {"contexts": [64, 4096]}, "contexts", "every context (64 tokens) must exceed the budget"),
+    ("kvquant", {"bits": [2.5, 4]}, "bits", "must be integers; 2.5 is not"),
+    ("nqp", {"bits": [2.5, 4]}, "bits", "must be integers; 2.5 is not"),
+    ("sparse", {"topks": [0, 64.0]}, "topks", "must be integers; 64.0 is not"),
+    ("atlas", {"k_sweep": [4, 7, 7.5]}, "k_sweep", "must be integers; 7.5 is not"),
+    ("crossarch", {"seeds": [0, True]}, "seeds", "must be integers; True is not"),
+    ("sparse", {"topks": ["a"]}, "topks", "must be integers; 'a' is not"),  # crashed the validator (TypeError)
+    # k = d_head: O_h = 1.0 with a 'significant' z was published (atlas overlap --k 16 refuses it)
+    ("atlas", {"model": "toy-llama", "k": 16, "k_sweep": [16]}, "k", "1 <= k < d = 16"),
+    ("atlas", {"model": "toy-llama", "k_sweep": [7, 16]}, "k_sweep", "1 <= k < d = 16"),
+    ("crossarch", {"models": ["toy-llama"], "k_range": [7, 20]}, "k_range", "1 <= k < d = 16"),
+    ("kvquant", {"ranks": [1, 8, 65]}, "ranks", "rank (65) must be at most d_head (64)"),  # smollm2: d_head 64
+    ("kvquant", {"rank": 72}, "rank", "rank (72) must be at most d_head (64)"),
+    ("kvquant", {"side_bits": 9}, "side_bits", "side_bits must be an integer in 1..8"),
+    ("kvquant", {"group": 48}, "group", "per-token group 48 does not divide d_head=64"),
+    ("kvquant", {"group": 1}, "group", "group must be an integer ≥ 1"),  # HeadQ 2b's budget runs group // 2
+    ("kvquant", {"metric_layers": "first,99"}, "metric_layers", "does not exist"),
+    ("kvquant", {"metric_blocks": 40}, "metric_blocks", "exceeds eval_blocks"),
+    ("nqp", {"group": 100}, "group", "does not divide the layer's 576 input columns"),  # smollm2: 576 and 1536
+    ("nqp", {"gptq_calib_tokens": 100}, "gptq_calib_tokens", "must be at least seq_len"),
+    ("models", {"ppl_seq_len": 1, "ppl_tokens": 4}, "ppl_seq_len", "seq_len must be at least 2"),
+])
+def test_fault_cases_are_refused_before_any_kernel(chapter, given, name, message):
+    import re
+
+    with pytest.raises(ParameterValueError, match=rf"^parameter '{name}'.*{re.escape(message)}"):
+        check_values(chapter, {**defaults(chapter), **given})
+
+
+INT_LISTS = [("atlas", "k_sweep"), ("crossarch", "k_range"), ("crossarch", "seeds"), ("kvquant", "bits"),
+             ("kvquant", "kv_bits"), ("kvquant", "ranks"), ("nqp", "bits"), ("sparse", "windows"), ("sparse", "topks"),
+             ("sparse", "supports"), ("sparse", "contexts")]
+NAME_LISTS = [("models", "models"), ("models", "corpora"), ("crossarch", "models"), ("crossarch", "corpora"),
+              ("nqp", "methods"), ("nqp", "grouped_methods")]
+
+
+def test_every_list_parameter_is_listed():
+    """The lists above are every list parameter of every chapter (a new one must be added to them)."""
+    found = {(c, n) for c in runner.CHAPTERS for n, v in defaults(c).items() if isinstance(v, list)}
+    assert found == set(INT_LISTS) | set(NAME_LISTS)
+
+
+@pytest.mark.parametrize("chapter, name", INT_LISTS)
+@pytest.mark.parametrize("bad", [2.5, 4.0, True, "a", None, [4]])
+def test_integer_lists_check_every_element(chapter, name, bad):
+    value = defaults(chapter)[name] + [bad]
+    with pytest.raises(ParameterValueError, match=rf"^parameter '{name}' = .*must be integers; {__import__('re').escape(repr(bad))} is not"):
+        check_values(chapter, {**defaults(chapter), name: value})
+
+
+@pytest.mark.parametrize("chapter, name", INT_LISTS)
+def test_integer_lists_check_ranges_and_emptiness(chapter, name):
+    low = 0 if name in ("seeds", "topks") else 1
+    with pytest.raises(ParameterValueError, match=rf"^parameter '{name}' = .*each must be ≥ {low}"):
+        check_values(chapter, {**defaults(chapter), name: defaults(chapter)[name] + [low - 1]})
+    with pytest.raises(ParameterValueError, match=rf"^parameter '{name}' = \[\]: needs at least one value"):
+        check_values(chapter, {**defaults(chapter), name: []})
+
+
+@pytest.mark.parametrize("chapter, name", NAME_LISTS)
+@pytest.mark.parametrize("bad", [3, None, True, ["britannica"]])
+def test_name_lists_check_every_element(chapter, name, bad):
+    with pytest.raises(ParameterValueError, match=rf"^parameter '{name}' = .*is not"):
+        check_values(chapter, {**defaults(chapter), name: defaults(chapter)[name] + [bad]})
+
+
+@pytest.mark.parametrize("chapter, name", [("atlas", "k"), ("crossarch", "k"), ("kvquant", "rank"), ("sparse", "window"),
+                                           ("sparse", "topk"), ("nqp", "group"), ("kvquant", "side_bits")])
+@pytest.mark.parametrize("bad", [2.5, True, "7"])
+def test_integer_scalars_are_integers(chapter, name, bad):
+    """A value that reaches check_values by the Python API (YAML, a test) is checked too, not only the CLI's."""
+    with pytest.raises(ParameterValueError, match=rf"^parameter '{name}' = .*must be an integer"):
+        check_values(chapter, {**defaults(chapter), name: bad})
+
+
+def test_one_bit_keys_follow_the_librarys_rule():
+    """Bits were 1..8 in the library and 2..8 in the pre-check; now KVMethod's rule alone: 1..8."""
+    check_values("kvquant", {**defaults("kvquant"), "bits": [1, 2, 3]})
+
+
+def test_a_bad_list_element_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    """`atlas run sparse -p topks '["a"]'`: exit 2, one line naming the parameter, no traceback, nothing run."""
+    import papermill
+
+    from atlas_core.book.cli import main
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    for param, value in (("topks", '["a"]'), ("seq_len", "98"), ("prompt_tokens", "50"), ("seeds", "[0, true]")):
+        chapter = "crossarch" if param == "seeds" else "sparse"
+        extra = ["-p", "windows", "[64]", "-p", "topks", "[32]"] if param == "seq_len" else []
+        assert main(["run", chapter, "--out", str(tmp_path), "-p", param, value, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"parameter '{param}'" in err and "Traceback" not in err, err

@@ -89,12 +89,27 @@ def test_bos_is_prepended_exactly_when_asked(tok):
         token_blocks(no_bos, BlockSpec(seq_len=64, n_blocks=4, add_bos=True))
 
 
+@pytest.mark.parametrize("policy", [False, True])
+def test_blocks_take_the_loaded_models_bos_policy(tok, policy):
+    """token_blocks(lm, spec) follows lm.spec.add_bos; an explicit spec.add_bos still overrides it."""
+    from types import SimpleNamespace
+
+    from atlas_core.models import LoadedModel
+
+    lm = LoadedModel(model=None, tokenizer=tok, spec=SimpleNamespace(add_bos=policy))
+    spec = BlockSpec(seq_len=64, n_blocks=2)
+    assert torch.equal(token_blocks(lm, spec), token_blocks(tok, BlockSpec(seq_len=64, n_blocks=2, add_bos=policy)))
+    assert bool((token_blocks(lm, spec)[:, 0] == tok.bos_token_id).all()) is policy
+    forced = BlockSpec(seq_len=64, n_blocks=2, add_bos=not policy)
+    assert bool((token_blocks(lm, forced)[:, 0] == tok.bos_token_id).all()) is (not policy)
+
+
 def test_too_many_blocks_says_how_many(tok):
     cap = split_capacity(tok, "pydoc", 1024, False)
-    token_blocks(tok, BlockSpec("pydoc", seq_len=1024, n_blocks=cap["calib"], split="calib"))
+    token_blocks(tok, BlockSpec(corpus="pydoc", seq_len=1024, n_blocks=cap["calib"], split="calib"))
     for split in ("eval", "calib"):
         with pytest.raises(CorpusError, match=rf"holds {cap[split]} blocks \({cap[split] * 1024} tokens\)"):
-            token_blocks(tok, BlockSpec("pydoc", seq_len=1024, n_blocks=cap[split] + 1, split=split))
+            token_blocks(tok, BlockSpec(corpus="pydoc", seq_len=1024, n_blocks=cap[split] + 1, split=split))
 
 
 def test_bad_arguments_and_unknown_corpus(tok):
@@ -125,7 +140,7 @@ def test_local_text_file(tok, text_file):
     assert load_text(str(text_file)) == text
     stream = token_stream(tok, str(text_file))
     assert stream.tolist() == tok(text, add_special_tokens=False)["input_ids"]
-    blocks = token_blocks(tok, BlockSpec(str(text_file), seq_len=32, n_blocks=3, add_bos=True))
+    blocks = token_blocks(tok, BlockSpec(corpus=str(text_file), seq_len=32, n_blocks=3, add_bos=True))
     assert blocks.shape == (3, 32)
     stats = corpus_stats(tok, str(text_file))
     assert stats == {"corpus": str(text_file), "characters": len(text), "words": len(text.split()),

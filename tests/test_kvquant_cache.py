@@ -11,8 +11,8 @@ from atlas_core.kvquant.quant import QuantSpec, dequantize, quantize
 from atlas_core.extract import extract
 from atlas_core.models import load_model
 
-PER_TOKEN4 = KVQuantConfig(QuantSpec(4, 16, "token"), QuantSpec(4, 16, "token"))
-KIVI2 = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(2, 16, "token"), residual=3)
+PER_TOKEN4 = KVQuantConfig(key=QuantSpec(bits=4, group=16, axis="token"), value=QuantSpec(bits=4, group=16, axis="token"))
+KIVI2 = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=2, group=16, axis="token"), residual=3)
 
 
 def _ids(n=20, batch=2, seed=0):
@@ -46,7 +46,7 @@ def test_four_bits_close_two_bits_farther(toy_lm):
     model, ids = toy_lm.model, _ids()
     ref = _decode(model, ids, DynamicCache(config=model.config))
     err4 = (_decode(model, ids, QuantizedKVCache(model.config, PER_TOKEN4)) - ref).abs().max()
-    kv2 = KVQuantConfig(QuantSpec(2, 16, "token"), QuantSpec(2, 16, "token"))
+    kv2 = KVQuantConfig(key=QuantSpec(bits=2, group=16, axis="token"), value=QuantSpec(bits=2, group=16, axis="token"))
     err2 = (_decode(model, ids, QuantizedKVCache(model.config, kv2)) - ref).abs().max()
     assert 0 < err4 < 0.2 and err4 < err2
 
@@ -75,10 +75,10 @@ def test_chunked_prefill_sees_the_quantized_past():
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv", [PER_TOKEN4, KIVI2, KVQuantConfig(QuantSpec(2, 16, "token"))], ids=["per-token", "kivi", "k-only"])
+@pytest.mark.parametrize("kv", [PER_TOKEN4, KIVI2, KVQuantConfig(key=QuantSpec(bits=2, group=16, axis="token"))], ids=["per-token", "kivi", "k-only"])
 def test_generate_runs(toy_lm, kv):
     model, ids = toy_lm.model, _ids(6)
-    side = SideCode(_bases(toy_lm), bits=4) if kv.key is not None else None
+    side = SideCode(bases=_bases(toy_lm), bits=4) if kv.key is not None else None
     out = model.generate(ids, past_key_values=QuantizedKVCache(model.config, kv, side), max_new_tokens=12, do_sample=False)
     assert out.shape == (2, 18)
 
@@ -86,8 +86,8 @@ def test_generate_runs(toy_lm, kv):
 def test_memo_matches_codes_and_values_untouched_by_side_codes():
     lm = load_model("toy-llama")
     model, ids = lm.model, _ids(24)
-    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), None, residual=2, memo=True)
-    cache = QuantizedKVCache(model.config, kv, SideCode(_bases(lm), bits=4))
+    kv = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=None, residual=2, memo=True)
+    cache = QuantizedKVCache(model.config, kv, SideCode(bases=_bases(lm), bits=4))
     _decode(model, ids, cache)
     dyn = DynamicCache(config=model.config)
     _decode(model, ids, dyn)
@@ -103,7 +103,7 @@ def test_memo_matches_codes_and_values_untouched_by_side_codes():
 def test_sliding_layers_keep_only_the_window():
     lm = load_model("toy-gemma3")  # layer 0 slides over 8 tokens, layer 1 is global
     model, ids = lm.model, _ids(30)
-    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(2, 16, "token"), residual=2)
+    kv = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=2, group=16, axis="token"), residual=2)
     cache = QuantizedKVCache(model.config, kv)
     _decode(model, ids, cache)
     sliding, full = cache.layers
@@ -117,8 +117,8 @@ def test_measured_bits_match_accounting(rule):
     """Bits per element are measured from the bytes held; with whole-byte rows they equal the formula."""
     lm = load_model("toy-llama")  # d_head 16: 16·b code bits and 4·4 side-code bits are whole bytes
     model, ids = lm.model, _ids(23)
-    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(3, 8, "token"), residual=4 if rule == "kivi" else 3, residual_rule=rule)
-    side = SideCode(_bases(lm, r=4), bits=4)
+    kv = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=3, group=8, axis="token"), residual=4 if rule == "kivi" else 3, residual_rule=rule)
+    side = SideCode(bases=_bases(lm, r=4), bits=4)
     cache = QuantizedKVCache(model.config, kv, side)
     _decode(model, ids, cache)
     layer = cache.layers[0]
@@ -136,10 +136,10 @@ def test_measured_bits_match_accounting(rule):
 
 def test_memo_and_codes_give_identical_logits_and_packing_saves_memory(toy_lm):
     model, ids = toy_lm.model, _ids(20)
-    kv = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(3, 8, "token"), residual=2)
-    side = SideCode(_bases(toy_lm), bits=3)
+    kv = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=3, group=8, axis="token"), residual=2)
+    side = SideCode(bases=_bases(toy_lm), bits=3)
     plain = QuantizedKVCache(model.config, kv, side)
-    memo = QuantizedKVCache(model.config, KVQuantConfig(kv.key, kv.value, kv.residual, memo=True), side)
+    memo = QuantizedKVCache(model.config, KVQuantConfig(key=kv.key, value=kv.value, residual=kv.residual, memo=True), side)
     torch.testing.assert_close(_decode(model, ids, plain), _decode(model, ids, memo), atol=1e-5, rtol=0)  # einsum order only
     held, with_memo = plain.held_bytes(), memo.held_bytes()
     assert held["memo"] == 0 and with_memo["memo"] > 0 and held["storage"] == with_memo["storage"]
@@ -155,7 +155,7 @@ def test_pre_rope_keys_are_quantized_before_the_rotation(name):
     """The cache's codes are the quantization of the model's own pre-RoPE keys (captured by extract)."""
     lm = load_model(name)
     ids = _ids(16, batch=1)
-    kv = KVQuantConfig(QuantSpec(4, 8, "token"), None, pre_rope=True)
+    kv = KVQuantConfig(key=QuantSpec(bits=4, group=8, axis="token"), value=None, pre_rope=True)
     with pytest.raises(ValueError, match="rotary"):
         QuantizedKVCache(lm.model.config, kv)
     cache = QuantizedKVCache(lm.model.config, kv, rotary=rope.rotary_tables(lm.model))

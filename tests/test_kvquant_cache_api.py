@@ -54,10 +54,10 @@ def _bases(lm, r=2):
 def _caches(lm) -> dict:
     """name -> a function building a fresh cache: fp, and quantized caches covering every kind of state."""
     model = lm.model
-    kivi = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(2, 8, "token"), residual=4, residual_rule="kivi")
-    recent = KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(3, 8, "token"), residual=3, memo=True)
-    pre = KVQuantConfig(QuantSpec(3, 8, "token"), None, residual=2, pre_rope=True)
-    side = SideCode(_bases(lm), bits=4)
+    kivi = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=2, group=8, axis="token"), residual=4, residual_rule="kivi")
+    recent = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=3, group=8, axis="token"), residual=3, memo=True)
+    pre = KVQuantConfig(key=QuantSpec(bits=3, group=8, axis="token"), value=None, residual=2, pre_rope=True)
+    side = SideCode(bases=_bases(lm), bits=4)
     return {
         "dynamic": lambda: DynamicCache(config=model.config),
         "kivi": lambda: QuantizedKVCache(model.config, kivi),

@@ -20,7 +20,7 @@ def test_passthrough_decode_equals_fp_and_quantization_costs():
     assert fp.shape == (2, 15) and torch.equal(fp, same) and bits == {"key": 32.0, "value": 32.0}  # fp32, as held
     chunked, _ = decode_nll(lm.model, ids, None, prefill=8, chunk=4)
     assert torch.allclose(chunked, fp, atol=1e-4)
-    q1, bits = decode_nll(lm.model, ids, KVQuantConfig(QuantSpec(1, 16, "token")), prefill=8)
+    q1, bits = decode_nll(lm.model, ids, KVQuantConfig(key=QuantSpec(bits=1, group=16, axis="token")), prefill=8)
     assert not torch.equal(q1, fp) and bits["key"] < 16
 
 
@@ -31,8 +31,7 @@ def test_bad_prefill_is_refused():
 
 @pytest.mark.slow
 def test_smollm2_two_bit_keys_cost_perplexity(smollm2):
-    spec = BlockSpec(corpus="britannica", seq_len=160, n_blocks=1, split="eval", add_bos=smollm2.spec.add_bos)
-    ids = token_blocks(smollm2.tokenizer, spec)
+    ids = token_blocks(smollm2, BlockSpec(corpus="britannica", seq_len=160, n_blocks=1, split="eval"))
     fp = decode_perplexity(smollm2.model, ids, None, prefill=64)
-    q2 = decode_perplexity(smollm2.model, ids, KVQuantConfig(QuantSpec(2, 32, "token")), prefill=64)
+    q2 = decode_perplexity(smollm2.model, ids, KVQuantConfig(key=QuantSpec(bits=2, group=32, axis="token")), prefill=64)
     assert math.isfinite(fp) and q2 > fp

@@ -36,9 +36,9 @@ def test_query_covariance_and_basis():
 
 def test_side_code_is_an_additive_logit_correction():
     q, k = _head()
-    spec = QuantSpec(2, 32, "token")
+    spec = QuantSpec(bits=2, group=32, axis="token")
     u = headq.top_eigenvectors(headq.query_covariance(q, torch.tensor([0, 0]), 1), R)
-    side = SideCode({0: u}, bits=4)
+    side = SideCode(bases={0: u}, bits=4)
     k_hat = dequantize(quantize(k, spec), spec)
     codes = headq.encode_side(k, k_hat, u, side.spec())
     c_hat = dequantize(codes, side.spec())  # (batch, kv_head, key, r)
@@ -49,15 +49,15 @@ def test_side_code_is_an_additive_logit_correction():
 
 def test_headq_beats_base_and_controls():
     q, k = _head()
-    spec = QuantSpec(2, 32, "token")
+    spec = QuantSpec(bits=2, group=32, axis="token")
     sigma = headq.query_covariance(q, torch.tensor([0, 0]), 1)
     u = headq.top_eigenvectors(sigma, R)
     base = dequantize(quantize(k, spec), spec)
     kl = {
         "base": _kl(q, k, base),
-        "headq": _kl(q, k, headq.headq_keys(k, spec, SideCode({0: u}), u)),
-        "wrong-sign": _kl(q, k, headq.headq_keys(k, spec, SideCode({0: u}, sign=-1.0), u)),
-        "random": _kl(q, k, headq.headq_keys(k, spec, SideCode({0: u}), headq.random_basis(1, D, R, seed=0))),
+        "headq": _kl(q, k, headq.headq_keys(k, spec, SideCode(bases={0: u}), u)),
+        "wrong-sign": _kl(q, k, headq.headq_keys(k, spec, SideCode(bases={0: u}, sign=-1.0), u)),
+        "random": _kl(q, k, headq.headq_keys(k, spec, SideCode(bases={0: u}), headq.random_basis(1, D, R, seed=0))),
     }
     assert kl["headq"] < 0.1 * kl["base"]
     assert kl["wrong-sign"] > kl["base"]
@@ -66,7 +66,7 @@ def test_headq_beats_base_and_controls():
 
 def test_key_error_covariance_shape():
     k = torch.randn(2, 64, D, generator=torch.Generator().manual_seed(0))  # (kv_head, point, d_head)
-    cov = headq.key_error_covariance(k, QuantSpec(2, 8, "channel"), seq_len=32)
+    cov = headq.key_error_covariance(k, QuantSpec(bits=2, group=8, axis="channel"), seq_len=32)
     assert cov.shape == (2, D, D)
     assert torch.allclose(cov, cov.transpose(1, 2))
 
@@ -76,7 +76,7 @@ def test_calibrate_on_a_toy_model():
     blocks = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(0))
     spec = lm.spec
     for basis in headq.BASES:
-        bases = headq.calibrate(lm, blocks, rank=3, basis=basis, key_spec=QuantSpec(2, 8, "channel"))
+        bases = headq.calibrate(lm, blocks, rank=3, basis=basis, key_spec=QuantSpec(bits=2, group=8, axis="channel"))
         assert sorted(bases) == list(range(spec.n_layers))
         for u in bases.values():
             assert u.shape == (spec.n_kv_heads, spec.d_head, 3)

@@ -23,8 +23,8 @@ from atlas_core.models import load_model
 @pytest.mark.parametrize("residual, group, prefill", [(8, 4, 5), (8, 4, 16), (8, 4, 21), (32, 32, 45), (32, 32, 64)])
 @pytest.mark.parametrize("memo", [False, True])
 def test_cache_equals_the_plain_kivi_reference_at_every_step(residual, group, prefill, memo):
-    key, value = QuantSpec(2, group, "channel"), QuantSpec(2, 8, "token")
-    layer = QuantizedKVLayer(KVQuantConfig(key, value, residual, memo=memo, residual_rule="kivi"))
+    key, value = QuantSpec(bits=2, group=group, axis="channel"), QuantSpec(bits=2, group=8, axis="token")
+    layer = QuantizedKVLayer(KVQuantConfig(key=key, value=value, residual=residual, memo=memo, residual_rule="kivi"))
     ref = KIVIReference(key, value, residual)
     gen = torch.Generator().manual_seed(residual + prefill)
     k, v = torch.randn(2, 2, prefill + 70, 16, generator=gen), torch.randn(2, 2, prefill + 70, 16, generator=gen)
@@ -53,7 +53,7 @@ def _fp_seen_per_step(kv: KVQuantConfig, n: int = 320, prefill: int = 128) -> tu
 
 
 def test_kivi_keeps_one_to_r_keys_and_r_plus_one_values_per_step():
-    kv = KVMethod("kivi", 2, 2, group=32, residual=32).kv_config()
+    kv = KVMethod(method="kivi", kbits=2, vbits=2, group=32, residual=32).kv_config()
     seen_k, seen_v, held_k, held_v = _fp_seen_per_step(kv)
     assert seen_k == [(128 + i) % 32 + 1 for i in range(len(seen_k))]  # 1, 2, …, 32, 1, …
     assert (min(seen_k), max(seen_k), statistics.mean(seen_k[:192])) == (1, 32, 16.5)
@@ -63,20 +63,20 @@ def test_kivi_keeps_one_to_r_keys_and_r_plus_one_values_per_step():
 
 def test_per_channel_keeps_its_recent_window():
     """Ours, kept as ``per-channel``: one shared window of R … R + g − 1 tokens after a step."""
-    kv = KVMethod("per-channel", 2, 2, group=32, residual=32).kv_config()
+    kv = KVMethod(method="per-channel", kbits=2, vbits=2, group=32, residual=32).kv_config()
     seen_k, seen_v, held_k, _ = _fp_seen_per_step(kv)
     assert seen_k == seen_v and (min(seen_k), max(seen_k), statistics.mean(seen_k[:192])) == (33, 64, 48.5)
 
 
 def test_kivi_settings_are_checked():
     with pytest.raises(ValueError, match="multiple of the key group"):
-        KVQuantConfig(QuantSpec(2, 32, "channel"), None, residual=48, residual_rule="kivi")
+        KVQuantConfig(key=QuantSpec(bits=2, group=32, axis="channel"), value=None, residual=48, residual_rule="kivi")
     with pytest.raises(ValueError, match="residual_rule"):
         KVQuantConfig(residual_rule="sliding")
     with pytest.raises(ValueError, match="multiple of --group"):
-        KVMethod("kivi", 2, residual=0)
+        KVMethod(method="kivi", kbits=2, residual=0)
     with pytest.raises(ValueError, match="one token at a time"):
-        ref = KIVIReference(QuantSpec(2, 4, "channel"), QuantSpec(2, 8, "token"), 8)
+        ref = KIVIReference(QuantSpec(bits=2, group=4, axis="channel"), QuantSpec(bits=2, group=8, axis="token"), 8)
         x = torch.zeros(1, 1, 3, 16)
         ref.update(x, x)
         ref.update(x, x)

@@ -28,23 +28,23 @@ NO_PRE_ROPE = {"gpt2": "no RoPE", "phi3": "partial RoPE"}  # refused by both pat
 
 # every method and control of the CLI (KVMethod), small enough for toy heads (d_head 16) and 48 tokens
 METHODS = {
-    "per-token K2 (K-only, R0)": (KVMethod("per-token", 2, group=8), 1),
-    "per-token K2 V2 R0": (KVMethod("per-token", 2, 2, group=8), 1),
-    "per-token K3 V2 R5": (KVMethod("per-token", 3, 2, group=8, residual=5), 1),
-    "per-token K2 V2 R2 chunk 3": (KVMethod("per-token", 2, 2, group=8, residual=2), 3),
-    "per-channel K2 V2 R4": (KVMethod("per-channel", 2, 2, group=8, residual=4), 1),
-    "per-channel K2 V3 chunk 5": (KVMethod("per-channel", 2, 3, group=8), 5),
-    "kivi K2 V2 R8": (KVMethod("kivi", 2, 2, group=8), 1),
-    "kivi K2 V2 R16 chunk 4": (KVMethod("kivi", 2, 2, group=8, residual=16), 4),
-    "kivi K2 (K-only)": (KVMethod("kivi", 2, group=8), 1),
-    "pre-RoPE per-token K2 V2": (KVMethod("per-token", 2, 2, group=8, pre_rope=True), 1),
-    "pre-RoPE kivi K2 V2": (KVMethod("kivi", 2, 2, group=8, pre_rope=True), 1),
-    "headq K2 r4": (KVMethod("headq", 2, group=8, rank=4), 1),
-    "headq wrong-sign": (KVMethod("headq", 2, group=8, rank=4, control="wrong-sign"), 1),
-    "headq random-basis": (KVMethod("headq", 2, group=8, rank=4, control="random-basis"), 1),
-    "headq key-pca": (KVMethod("headq", 2, group=8, rank=4, control="key-pca"), 1),
-    "headq on kivi V2 chunk 2": (KVMethod("headq", 2, 2, group=8, rank=4, base="kivi"), 2),
-    "headq pre-RoPE on per-channel": (KVMethod("headq", 2, group=8, rank=4, base="per-channel", pre_rope=True), 1),
+    "per-token K2 (K-only, R0)": (KVMethod(method="per-token", kbits=2, group=8), 1),
+    "per-token K2 V2 R0": (KVMethod(method="per-token", kbits=2, vbits=2, group=8), 1),
+    "per-token K3 V2 R5": (KVMethod(method="per-token", kbits=3, vbits=2, group=8, residual=5), 1),
+    "per-token K2 V2 R2 chunk 3": (KVMethod(method="per-token", kbits=2, vbits=2, group=8, residual=2), 3),
+    "per-channel K2 V2 R4": (KVMethod(method="per-channel", kbits=2, vbits=2, group=8, residual=4), 1),
+    "per-channel K2 V3 chunk 5": (KVMethod(method="per-channel", kbits=2, vbits=3, group=8), 5),
+    "kivi K2 V2 R8": (KVMethod(method="kivi", kbits=2, vbits=2, group=8), 1),
+    "kivi K2 V2 R16 chunk 4": (KVMethod(method="kivi", kbits=2, vbits=2, group=8, residual=16), 4),
+    "kivi K2 (K-only)": (KVMethod(method="kivi", kbits=2, group=8), 1),
+    "pre-RoPE per-token K2 V2": (KVMethod(method="per-token", kbits=2, vbits=2, group=8, pre_rope=True), 1),
+    "pre-RoPE kivi K2 V2": (KVMethod(method="kivi", kbits=2, vbits=2, group=8, pre_rope=True), 1),
+    "headq K2 r4": (KVMethod(method="headq", kbits=2, group=8, rank=4), 1),
+    "headq wrong-sign": (KVMethod(method="headq", kbits=2, group=8, rank=4, control="wrong-sign"), 1),
+    "headq random-basis": (KVMethod(method="headq", kbits=2, group=8, rank=4, control="random-basis"), 1),
+    "headq key-pca": (KVMethod(method="headq", kbits=2, group=8, rank=4, control="key-pca"), 1),
+    "headq on kivi V2 chunk 2": (KVMethod(method="headq", kbits=2, vbits=2, group=8, rank=4, base="kivi"), 2),
+    "headq pre-RoPE on per-channel": (KVMethod(method="headq", kbits=2, group=8, rank=4, base="per-channel", pre_rope=True), 1),
 }
 
 
@@ -94,7 +94,7 @@ def test_fp_and_passthrough_match_decode(toys):
 
 
 def test_batches_are_independent(toys):
-    lm, method = toys["llama"], KVMethod("kivi", 2, 2, group=8)
+    lm, method = toys["llama"], KVMethod(method="kivi", kbits=2, vbits=2, group=8)
     ids = _blocks(3, n=3)
     whole, _ = onepass_nll(lm.model, ids, method.kv_config(), prefill=PREFILL)
     split, _ = onepass_nll(lm.model, ids, method.kv_config(), prefill=PREFILL, batch_size=2)
@@ -129,7 +129,7 @@ def test_shared_prefill_equals_full_pass_and_is_not_mutated(toys):
 
 
 def test_bad_prefill_cache_is_refused(toys):
-    lm, kv = toys["gemma3"], KVMethod("kivi", 2, 2, group=8).kv_config()
+    lm, kv = toys["gemma3"], KVMethod(method="kivi", kbits=2, vbits=2, group=8).kv_config()
     ids = _blocks(0, n=3)
     with pytest.raises(ValueError, match="batches"):  # built with another batch size
         onepass_nll(lm.model, ids, kv, prefill=PREFILL, batch_size=2, prefill_kv=prefill_caches(lm.model, ids, PREFILL, 3))
@@ -139,9 +139,9 @@ def test_bad_prefill_cache_is_refused(toys):
         onepass_nll(lm.model, ids, kv, prefill=PREFILL, prefill_kv=[sliding])
 
 
-@pytest.mark.parametrize("kv", [KVQuantConfig(QuantSpec(2, 8, "token"), residual=3),
-                                KVQuantConfig(QuantSpec(2, 8, "channel"), QuantSpec(2, 8, "token"), residual=2),
-                                KVQuantConfig(QuantSpec(2, 4, "channel"), QuantSpec(2, 8, "token"), residual=8, residual_rule="kivi")])
+@pytest.mark.parametrize("kv", [KVQuantConfig(key=QuantSpec(bits=2, group=8, axis="token"), residual=3),
+                                KVQuantConfig(key=QuantSpec(bits=2, group=8, axis="channel"), value=QuantSpec(bits=2, group=8, axis="token"), residual=2),
+                                KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=2, group=8, axis="token"), residual=8, residual_rule="kivi")])
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_schedule_is_the_caches_own_windows(toys, kv, chunk):
     """After every update, the tokens the schedule says are still unflushed are the cache's fp windows."""
@@ -159,9 +159,9 @@ def test_schedule_is_the_caches_own_windows(toys, kv, chunk):
 def test_bad_input_is_refused(toys):
     lm = toys["llama"]
     with pytest.raises(ValueError, match="prefill"):
-        onepass_nll(lm.model, _blocks(0), KVMethod("kivi", 2, group=8).kv_config(), prefill=TOKENS - 1)
+        onepass_nll(lm.model, _blocks(0), KVMethod(method="kivi", kbits=2, group=8).kv_config(), prefill=TOKENS - 1)
     with pytest.raises(ValueError, match="per-token quantized values"):
-        onepass_nll(lm.model, _blocks(0), KVMethod("per-token", 2, group=8).kv_config(), prefill=PREFILL, value_policy=ValuePolicy(low=1))
+        onepass_nll(lm.model, _blocks(0), KVMethod(method="per-token", kbits=2, group=8).kv_config(), prefill=PREFILL, value_policy=ValuePolicy(low=1))
     with pytest.raises(ValueError, match="low < high"):
         ValuePolicy(low=3, high=3)
 
@@ -218,7 +218,7 @@ class _A2Decode:
                     bits = p.high if j in ranked[: max(room, 0)] else p.low
                     self.high[row, head, j] = bits == p.high
                     if bits < 16:
-                        spec = QuantSpec(bits, self.kv.value.group, "token", self.kv.value.scale_dtype)
+                        spec = QuantSpec(bits=bits, group=self.kv.value.group, axis="token", scale_dtype=self.kv.value.scale_dtype)
                         x = self.seen[row, head, j : j + 1]
                         self.seen[row, head, j : j + 1] = dequantize(quantize(x, spec), spec, x.dtype)
 
@@ -233,7 +233,7 @@ register(REF, _reference_forward, owner="a2_decode_reference")
 def a2_decode_reference(lm, ids: torch.Tensor, kv: KVQuantConfig, policy: ValuePolicy, chunk: int = 1):
     """Per-step decode with the A² value policy: NLL (batch, token − prefill − 1) and the high-bit choices."""
     model, spec = lm.model, lm.spec
-    cache = make_cache(model, KVQuantConfig(kv.key, None, kv.residual, kv.pre_rope, residual_rule=kv.residual_rule))
+    cache = make_cache(model, KVQuantConfig(key=kv.key, value=None, residual=kv.residual, pre_rope=kv.pre_rope, residual_rule=kv.residual_rule))
     modules = attention_modules(model)
     states = [_A2Decode(kv, policy, ids.shape[0], spec.n_kv_heads, ids.shape[1], spec.d_head) for _ in modules]
     with intervene(model, REF, dict(enumerate(states))):
@@ -248,9 +248,9 @@ def a2_decode_reference(lm, ids: torch.Tensor, kv: KVQuantConfig, policy: ValueP
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 @pytest.mark.parametrize("method, chunk, policy", [
-    (KVMethod("per-token", 2, 2, group=8), 1, ValuePolicy(low=1)),
-    (KVMethod("per-token", 2, 3, group=8, residual=4), 3, ValuePolicy(low=2, high=8)),
-    (KVMethod("kivi", 2, 2, group=8), 1, ValuePolicy(low=1, high=4)),
+    (KVMethod(method="per-token", kbits=2, vbits=2, group=8), 1, ValuePolicy(low=1)),
+    (KVMethod(method="per-token", kbits=2, vbits=3, group=8, residual=4), 3, ValuePolicy(low=2, high=8)),
+    (KVMethod(method="kivi", kbits=2, vbits=2, group=8), 1, ValuePolicy(low=1, high=4)),
 ])
 def test_a2_policy_onepass_equals_per_step_reference(toys, family, method, chunk, policy):
     lm, kv = toys[family], method.kv_config()
@@ -290,13 +290,12 @@ def test_smollm2_onepass_equals_decode_to_its_own_noise(smollm2):
     code moves a token's NLL by up to ~1 nat: the step-by-step decode does not reproduce itself to 1e-4.
     So the fp path is held to 1e-4 and the quantized paths to the decode's own noise (batch vs alone): mean
     ΔNLL within max(0.01, 3× the decode's own), max |ΔNLL| within 3× the decode's own max."""
-    spec = BlockSpec(corpus="britannica", seq_len=256, n_blocks=2, split="eval", add_bos=smollm2.spec.add_bos)
-    ids = token_blocks(smollm2.tokenizer, spec)
+    ids = token_blocks(smollm2, BlockSpec(corpus="britannica", seq_len=256, n_blocks=2, split="eval"))
     fp, _ = decode_nll(smollm2.model, ids, None, prefill=64)
     fast_fp, _ = onepass_nll(smollm2.model, ids, None, prefill=64)
     assert (fast_fp - fp).abs().max() < 1e-4
     report = {}
-    for method in (KVMethod("kivi", 2, 2), KVMethod("per-token", 4, 4), KVMethod("headq", 2, control="random-basis")):
+    for method in (KVMethod(method="kivi", kbits=2, vbits=2), KVMethod(method="per-token", kbits=4, vbits=4), KVMethod(method="headq", kbits=2, control="random-basis")):
         side = side_code(smollm2, method, None) if method.method == "headq" else None
         ref, ref_bits = decode_nll(smollm2.model, ids, method.kv_config(), side, prefill=64)
         alone = torch.cat([decode_nll(smollm2.model, row[None], method.kv_config(), side, prefill=64)[0] for row in ids])

@@ -15,7 +15,7 @@ def _x(shape, seed=0):
 @pytest.mark.parametrize("axis,group", [("token", 8), ("token", 64), ("channel", 4)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 def test_vectorised_matches_reference(bits, axis, group, scale_dtype):
-    spec = QuantSpec(bits, group, axis, scale_dtype)
+    spec = QuantSpec(bits=bits, group=group, axis=axis, scale_dtype=scale_dtype)
     x = _x((12, 16))  # (key, d_head)
     fast, ref = quant.quantize(x, spec), quant.quantize_ref(x, spec)
     for a, b in zip(fast, ref):
@@ -24,7 +24,7 @@ def test_vectorised_matches_reference(bits, axis, group, scale_dtype):
 
 
 def test_batched_equals_per_slice():
-    spec = QuantSpec(3, 4, "channel")
+    spec = QuantSpec(bits=3, group=4, axis="channel")
     x = _x((2, 3, 8, 16))  # (batch, kv_head, key, d_head)
     full = quant.dequantize(quant.quantize(x, spec), spec)
     for b in range(2):
@@ -34,7 +34,7 @@ def test_batched_equals_per_slice():
 
 @pytest.mark.parametrize("axis,group", [("token", 8), ("channel", 4)])
 def test_grid_values_are_exact(axis, group):
-    spec = QuantSpec(4, group, axis, torch.float32)
+    spec = QuantSpec(bits=4, group=group, axis=axis, scale_dtype=torch.float32)
     codes = torch.randint(0, 16, (8, 16), generator=torch.Generator().manual_seed(1))
     if axis == "token":  # every group holds the min and the max code
         codes[:, 0], codes[:, 1], codes[:, 8], codes[:, 9] = 0, 15, 0, 15
@@ -47,7 +47,7 @@ def test_grid_values_are_exact(axis, group):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("axis", ["token", "channel"])
 def test_error_at_most_half_a_step(bits, axis):
-    spec = QuantSpec(bits, 8, axis, torch.float32)
+    spec = QuantSpec(bits=bits, group=8, axis=axis, scale_dtype=torch.float32)
     x = _x((16, 32), seed=bits)
     q = quant.quantize(x, spec)
     err = (quant.dequantize(q, spec) - x).abs()
@@ -56,7 +56,7 @@ def test_error_at_most_half_a_step(bits, axis):
 
 
 def test_two_bits_has_four_levels():
-    spec = QuantSpec(2, 32, "token", torch.float32)
+    spec = QuantSpec(bits=2, group=32, axis="token", scale_dtype=torch.float32)
     x = _x((5, 32))
     q = quant.quantize(x, spec)
     assert q.codes.max() == 3 and q.codes.min() == 0
@@ -65,23 +65,23 @@ def test_two_bits_has_four_levels():
 
 
 def test_constant_group_is_exact():
-    spec = QuantSpec(2, 4, "token")
+    spec = QuantSpec(bits=2, group=4, axis="token")
     x = torch.full((3, 8), 0.5)
     assert torch.equal(quant.dequantize(quant.quantize(x, spec), spec), x)
 
 
 def test_bits_per_element():
-    assert quant.bits_per_element(QuantSpec(2, 32, "token"), 64) == 3.0
-    assert quant.bits_per_element(QuantSpec(2, 128, "token"), 64) == 2.5  # group clamps to the head
-    assert quant.bits_per_element(QuantSpec(4, 64, "channel"), 64) == 4.5
+    assert quant.bits_per_element(QuantSpec(bits=2, group=32, axis="token"), 64) == 3.0
+    assert quant.bits_per_element(QuantSpec(bits=2, group=128, axis="token"), 64) == 2.5  # group clamps to the head
+    assert quant.bits_per_element(QuantSpec(bits=4, group=64, axis="channel"), 64) == 4.5
     assert quant.bits_per_element(None, 64) == 16.0
     x = _x((2, 2, 64, 64))
-    for spec in (QuantSpec(2, 32, "token"), QuantSpec(3, 32, "channel")):
+    for spec in (QuantSpec(bits=2, group=32, axis="token"), QuantSpec(bits=3, group=32, axis="channel")):
         assert quant.stored_bits(quant.quantize(x, spec), spec) == x.numel() * quant.bits_per_element(spec, 64)
 
 
 def test_channel_needs_whole_groups_and_drop_front():
-    spec = QuantSpec(2, 4, "channel")
+    spec = QuantSpec(bits=2, group=4, axis="channel")
     with pytest.raises(ValueError, match="multiple of 4"):
         quant.quantize(_x((6, 8)), spec)
     x = _x((12, 8))
@@ -113,3 +113,23 @@ def test_pack_known_answer():
     assert quant.pack(codes, 2).tolist() == [[0b11000110]]
     three = torch.tensor([[7, 0, 5]], dtype=torch.uint8)  # 111 000 101 (+ 7 zero bits)
     assert quant.pack(three, 3).tolist() == [[0b11100010, 0b10000000]]
+
+
+@pytest.mark.parametrize("bits", [0, 9, 2.5, True, "2"])
+def test_one_bits_rule_for_every_kv_code(bits):
+    """QuantSpec, KVMethod's kbits/vbits/side_bits and SideCode all refuse what ``quant.check_bits`` refuses."""
+    from atlas_core.kvquant.experiment import KVMethod
+    from atlas_core.kvquant.headq import SideCode
+
+    with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
+        QuantSpec(bits=bits)
+    for name in ("kbits", "vbits", "side_bits"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer in 1..8"):
+            KVMethod(method="headq", **{name: bits})
+    with pytest.raises(ValueError, match="side-code bits must be an integer in 1..8"):
+        SideCode(bases={}, bits=bits)
+
+
+def test_one_bit_codes_are_allowed_everywhere():
+    assert QuantSpec(bits=1).levels == 2
+    quant.check_bits(1, "kbits")

@@ -21,7 +21,7 @@ def test_full_budget_is_bit_identical_to_eager(toy_lm):
     ref = toy_lm.model(x).logits
     with sparse_attention(toy_lm.model, WIDE):
         assert torch.equal(toy_lm.model(x).logits, ref)
-    with sparse_attention(toy_lm.model, SparseConfig(1, 3, 2, dense_layers=toy_lm.spec.n_layers)):
+    with sparse_attention(toy_lm.model, SparseConfig(anchors=1, window=3, topk=2, dense_layers=toy_lm.spec.n_layers)):
         assert torch.equal(toy_lm.model(x).logits, ref)  # every layer dense
     with sparse_attention(toy_lm.model, NARROW):
         assert not torch.allclose(toy_lm.model(x).logits, ref, atol=1e-4)
@@ -103,13 +103,13 @@ def test_errors_are_clear():
 def test_real_model_full_budget_is_exact_and_sparse_differs(smollm2):
     from atlas_core.corpus import BlockSpec, token_blocks
 
-    x = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 256, 1, "eval", smollm2.spec.add_bos))
+    x = token_blocks(smollm2, BlockSpec(corpus="britannica", seq_len=256, n_blocks=1, split="eval"))
     smollm2.model(x)  # warm-up, as above
     ref = smollm2.model(x).logits
     with sparse_attention(smollm2.model, WIDE):
         assert torch.equal(smollm2.model(x).logits, ref)
     log = MassLog()
-    with sparse_attention(smollm2.model, SparseConfig(1, 16, 8), log):
+    with sparse_attention(smollm2.model, SparseConfig(anchors=1, window=16, topk=8), log):
         sparse = smollm2.model(x).logits
     assert (sparse - ref).abs().max() > 1e-3
     assert 0 < log.means()["discarded"].mean() < 0.5
@@ -117,8 +117,8 @@ def test_real_model_full_budget_is_exact_and_sparse_differs(smollm2):
 
 PAD = 3  # the toy tokenizer's <pad>
 # every selector, and the head-averaged variants: each must treat every row of a batch by its own positions
-RULES = [SparseConfig(1, 4, 4, selector=s, page_size=4) for s in SELECTORS] + [
-    SparseConfig(1, 4, 4, head_average=True), SparseConfig(1, 4, 4, selector="pages", page_size=4, head_average=True)]
+RULES = [SparseConfig(anchors=1, window=4, topk=4, selector=s, page_size=4) for s in SELECTORS] + [
+    SparseConfig(anchors=1, window=4, topk=4, head_average=True), SparseConfig(anchors=1, window=4, topk=4, selector="pages", page_size=4, head_average=True)]
 
 
 def _left_padded_batch():

@@ -89,8 +89,8 @@ def test_vectorised_equals_the_reference_for_per_row_positions(selector):
 
 def test_kv_variant_shares_each_choice_across_its_query_group():
     query, key, visible, q_pos, k_pos = _setup(n=90, h=6, kv=2)
-    kv = _kept(query, key, visible, q_pos, k_pos, SparseConfig(1, 8, 16, selector="blocks-mean-kv", page_size=4))
-    own = _kept(query, key, visible, q_pos, k_pos, SparseConfig(1, 8, 16, selector="blocks-mean", page_size=4))
+    kv = _kept(query, key, visible, q_pos, k_pos, SparseConfig(anchors=1, window=8, topk=16, selector="blocks-mean-kv", page_size=4))
+    own = _kept(query, key, visible, q_pos, k_pos, SparseConfig(anchors=1, window=8, topk=16, selector="blocks-mean", page_size=4))
     assert torch.equal(kv[:, 0], kv[:, 2]) and torch.equal(kv[:, 3], kv[:, 5])
     assert not torch.equal(kv[:, 0], kv[:, 3])
     assert not torch.equal(own[:, 0], own[:, 1])  # per query head, heads of one group choose differently
@@ -177,8 +177,8 @@ def _own_cache(tmp_path, monkeypatch):
 @torch.no_grad()
 def test_survival_is_one_for_dense_and_for_a_rule_that_keeps_everything(toy_lm):
     prompts = _tokens(24, seed=7)
-    rules = {"dense": None, "covering": SparseConfig(1, 3, 10_000, selector="blocks-mean-kv", page_size=4),
-             "covering exact": SparseConfig(1, 3, 10_000)}
+    rules = {"dense": None, "covering": SparseConfig(anchors=1, window=3, topk=10_000, selector="blocks-mean-kv", page_size=4),
+             "covering exact": SparseConfig(anchors=1, window=3, topk=10_000)}
     runs = greedy_survival(toy_lm, prompts, rules, n_new=10)
     for name in rules:
         assert runs[name] == [None, None]
@@ -193,7 +193,7 @@ def test_stopping_at_the_first_divergence_equals_decoding_to_the_end():
 
     lm = load_model("toy-qwen2")
     prompts = _tokens(30, seed=8)
-    narrow = SparseConfig(1, 2, 2, selector="blocks-mean", page_size=2)
+    narrow = SparseConfig(anchors=1, window=2, topk=2, selector="blocks-mean", page_size=2)
     runs = greedy_survival(lm, prompts, {"narrow": narrow}, n_new=16)["narrow"]
     expected = []
     for prompt in prompts:
@@ -252,7 +252,7 @@ def test_real_model_covering_budget_is_exact_and_the_revision_rule_differs(smoll
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.sparse.attention import MassLog
 
-    x = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 256, 1, "eval", smollm2.spec.add_bos))
+    x = token_blocks(smollm2, BlockSpec(corpus="britannica", seq_len=256, n_blocks=1, split="eval"))
     smollm2.model(x)  # warm-up, as above
     ref = smollm2.model(x).logits
     with sparse_attention(smollm2.model, block_rule(257)):  # 1 + 64 + 192 candidates: covers the block

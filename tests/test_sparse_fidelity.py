@@ -60,7 +60,7 @@ def test_teacher_forced_counts_positions_past_the_budget(qwen_toy):
 def test_trajectory_check_finds_greedy_first_divergence(qwen_toy):
     prompt = _prompt(30)
     dense = greedy(qwen_toy, prompt, 25)
-    for cfg in (SparseConfig(1, 3, 2), SparseConfig(1, 6, 4), SparseConfig(1, 2, 0)):
+    for cfg in (SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=6, topk=4), SparseConfig(anchors=1, window=2, topk=0)):
         sparse = greedy(qwen_toy, prompt, 25, cfg)
         assert trajectory_agreement(qwen_toy, prompt, dense, cfg)["first_divergence"] == agreement(dense, sparse)["first_divergence"]
 
@@ -75,7 +75,7 @@ def test_greedy_is_deterministic_and_matches_across_backends(qwen_toy):
 
 
 def test_fidelity_report_fields(qwen_toy):
-    r = fidelity_report(qwen_toy, SparseConfig(1, 3, 2), _prompt(20), 5, torch.stack([_prompt(30, 3), _prompt(30, 4)]))
+    r = fidelity_report(qwen_toy, SparseConfig(anchors=1, window=3, topk=2), _prompt(20), 5, torch.stack([_prompt(30, 3), _prompt(30, 4)]))
     assert set(r) >= {"step_agreement", "first_divergence", "top1_agree", "kl", "ppl_change", "discarded",
                       "kl_lo", "kl_hi", "ppl_change_lo", "top1_agree_hi", "discarded_lo", "tf_blocks"}
     assert 0 <= r["step_agreement"] <= 1 and 0 < r["discarded"] < 1
@@ -87,9 +87,9 @@ def test_fidelity_report_fields(qwen_toy):
 
 
 def _narrow_rules():
-    return {"dense": None, "exact": SparseConfig(1, 4, 4), "exact, head-averaged": SparseConfig(1, 4, 2, head_average=True),
-            "pages": SparseConfig(1, 4, 4, selector="pages", page_size=2),
-            "blocks": SparseConfig(1, 4, 4, selector="blocks-mean-kv", page_size=2)}
+    return {"dense": None, "exact": SparseConfig(anchors=1, window=4, topk=4), "exact, head-averaged": SparseConfig(anchors=1, window=4, topk=2, head_average=True),
+            "pages": SparseConfig(anchors=1, window=4, topk=4, selector="pages", page_size=2),
+            "blocks": SparseConfig(anchors=1, window=4, topk=4, selector="blocks-mean-kv", page_size=2)}
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def test_dense_prefill_rule_is_dense_before_sparse_from_and_matches_greedy(qwen_
     model = qwen_toy.model.double()
     x = _prompt(40, 5)[None]
     ref = model(x).logits
-    cfg = SparseConfig(1, 2, 2, sparse_from=25)
+    cfg = SparseConfig(anchors=1, window=2, topk=2, sparse_from=25)
     log = MassLog()
     with sparse_attention(model, cfg, log):
         out = model(x).logits
@@ -126,7 +126,7 @@ def test_dense_prefill_rule_is_dense_before_sparse_from_and_matches_greedy(qwen_
     assert log.counts[0] == 40 - 25  # only the sparse queries are logged
     prompt = _prompt(30, 6)
     dense = greedy(qwen_toy, prompt, 20)
-    for rule in (SparseConfig(1, 2, 2), SparseConfig(1, 3, 1), SparseConfig(1, 2, 4, selector="blocks-mean", page_size=2)):
+    for rule in (SparseConfig(anchors=1, window=2, topk=2), SparseConfig(anchors=1, window=3, topk=1), SparseConfig(anchors=1, window=2, topk=4, selector="blocks-mean", page_size=2)):
         free = greedy(qwen_toy, prompt, 20, dataclasses.replace(rule, sparse_from=len(prompt)))
         assert (trajectory_agreement(qwen_toy, prompt, dense, rule, dense_prefill=True)["first_divergence"]
                 == agreement(dense, free)["first_divergence"])
@@ -158,7 +158,7 @@ def test_teacher_forced_rules_share_the_dense_pass_and_give_per_block_values(qwe
     import atlas_core.sparse.fidelity as fid
 
     blocks = torch.stack([_prompt(40, s) for s in range(5)])
-    cfgs = [SparseConfig(1, 3, 2), SparseConfig(1, 8, 8), SparseConfig(1, 3, 2, selector="pages", page_size=2)]
+    cfgs = [SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=8, topk=8), SparseConfig(anchors=1, window=3, topk=2, selector="pages", page_size=2)]
     dense_calls = []
     real = fid._block_logprobs
 
@@ -186,7 +186,7 @@ def test_teacher_forced_rules_share_the_dense_pass_and_give_per_block_values(qwe
 
 def test_a_rule_on_fewer_blocks_is_the_rule_run_on_those_blocks(qwen_toy):
     blocks = torch.stack([_prompt(40, s) for s in range(4)])
-    cfgs = [SparseConfig(1, 3, 2), SparseConfig(1, 8, 8)]
+    cfgs = [SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=8, topk=8)]
     short, full = teacher_forced_rules(qwen_toy, blocks, cfgs, n_blocks=[2, 4])
     alone = teacher_forced(qwen_toy, blocks[:2], cfgs[0])
     assert short["blocks"] == 2 and full["blocks"] == 4
@@ -237,8 +237,8 @@ def test_real_model_one_pass_survival_equals_free_running(smollm2):
     """
     from atlas_core.corpus import BlockSpec, token_blocks
 
-    prompts = token_blocks(smollm2.tokenizer, BlockSpec("britannica", 256, 4, "eval", smollm2.spec.add_bos))
-    rules = {"dense": None, "exact": SparseConfig(1, 64, 32), "blocks": block_rule(97)}
+    prompts = token_blocks(smollm2, BlockSpec(corpus="britannica", seq_len=256, n_blocks=4, split="eval"))
+    rules = {"dense": None, "exact": SparseConfig(anchors=1, window=64, topk=32), "blocks": block_rule(97)}
     fast = greedy_survival(smollm2, prompts, rules, n_new=32)
     slow = greedy_survival_reference(smollm2, prompts, rules, n_new=32)
     for name, cfg in rules.items():

@@ -90,10 +90,10 @@ def _padded(n=24, h=3, d=8, pads=(5, 0), seed=2):
     return query, key, visible[:, None], pos, real
 
 
-@pytest.mark.parametrize("cfg", [SparseConfig(1, 3, 4, selector="pages", page_size=4),
-                                 SparseConfig(2, 2, 5, selector="pages", page_size=3),
-                                 SparseConfig(1, 4, 6, selector="pages", page_size=4, head_average=True),
-                                 SparseConfig(0, 1, 0, selector="pages", page_size=2)])
+@pytest.mark.parametrize("cfg", [SparseConfig(anchors=1, window=3, topk=4, selector="pages", page_size=4),
+                                 SparseConfig(anchors=2, window=2, topk=5, selector="pages", page_size=3),
+                                 SparseConfig(anchors=1, window=4, topk=6, selector="pages", page_size=4, head_average=True),
+                                 SparseConfig(anchors=0, window=1, topk=0, selector="pages", page_size=2)])
 def test_page_mask_equals_reference_on_a_padded_batch(cfg):
     query, key, visible, pos, _ = _padded()
     fixed, chosen = page_mask(query, key, 0.5, visible, pos, pos, cfg)
@@ -103,7 +103,7 @@ def test_page_mask_equals_reference_on_a_padded_batch(cfg):
 
 def test_each_padded_row_selects_as_it_would_alone():
     """Pad slots join no page summary, and pages follow each row's own positions."""
-    cfg = SparseConfig(1, 3, 4, selector="pages", page_size=4)
+    cfg = SparseConfig(anchors=1, window=3, topk=4, selector="pages", page_size=4)
     query, key, visible, pos, real = _padded()
     fixed, chosen = page_mask(query, key, 0.5, visible, pos, pos, cfg)
     for b in range(2):

@@ -214,9 +214,8 @@ def test_recovery_verdict_says_when_the_interval_contains_the_null():
 
 @pytest.mark.slow
 def test_smollm2_deepest_layer_top1_hurts(smollm2):
-    tok, s = smollm2.tokenizer, smollm2.spec
-    eval_blocks = token_blocks(tok, BlockSpec(seq_len=256, n_blocks=4, split="eval", add_bos=s.add_bos))
-    calib_blocks = token_blocks(tok, BlockSpec(seq_len=256, n_blocks=4, split="calib", add_bos=s.add_bos))
+    eval_blocks = token_blocks(smollm2, BlockSpec(seq_len=256, n_blocks=4, split="eval"))
+    calib_blocks = token_blocks(smollm2, BlockSpec(seq_len=256, n_blocks=4, split="calib"))
     r = top1_experiment(smollm2, eval_blocks, calib_blocks, layers=[-1], k=7, random_basis=False)
     print(r)
     assert r["ppl_top1"] > r["ppl_full"]

@@ -51,7 +51,7 @@ def test_participation_ratio_known_answers():
 def test_every_method_quantizes_the_model(toy_and_stats, method):
     lm, blocks, stats = toy_and_stats
     model = copy.deepcopy(lm.model)
-    rows = quantize_model(model, method, WQuantSpec(4, 16), stats, progress=False, blocks=blocks)  # AWQ searches on blocks
+    rows = quantize_model(model, method, WQuantSpec(bits=4, group=16), stats, progress=False, blocks=blocks)  # AWQ searches on blocks
     assert len(rows) == len(stats) and all(0 < r["weight_error"] < 1 for r in rows)
     assert torch.isfinite(torch.tensor(perplexity(model, blocks, progress=False)))
     w = model.model.layers[0].mlp.down_proj.weight
@@ -60,7 +60,7 @@ def test_every_method_quantizes_the_model(toy_and_stats, method):
 
 def test_gptq_beats_rtn_on_layer_output_error(toy_and_stats):
     lm, _, stats = toy_and_stats
-    err = {m: sum(r["output_error"] for r in quantize_model(copy.deepcopy(lm.model), m, WQuantSpec(3), stats, progress=False))
+    err = {m: sum(r["output_error"] for r in quantize_model(copy.deepcopy(lm.model), m, WQuantSpec(bits=3), stats, progress=False))
            for m in ("rtn", "gptq")}
     assert err["gptq"] < err["rtn"]
 
@@ -68,9 +68,9 @@ def test_gptq_beats_rtn_on_layer_output_error(toy_and_stats):
 def test_methods_needing_statistics_say_so(toy_and_stats):
     lm, _, _ = toy_and_stats
     with pytest.raises(ValueError, match="calibration"):
-        quantize_model(copy.deepcopy(lm.model), "gptq", WQuantSpec(4), None)
+        quantize_model(copy.deepcopy(lm.model), "gptq", WQuantSpec(bits=4), None)
     with pytest.raises(ValueError, match="unknown method"):
-        quantize_model(lm.model, "magic", WQuantSpec(4))
+        quantize_model(lm.model, "magic", WQuantSpec(bits=4))
 
 
 def test_relative_output_error_denominator_is_computed_once_per_layer_and_weight(toy_and_stats):
@@ -80,9 +80,9 @@ def test_relative_output_error_denominator_is_computed_once_per_layer_and_weight
 
     lm, _, stats = toy_and_stats
     judge = copy.deepcopy(stats)
-    first = quantize_model(copy.deepcopy(lm.model), "rtn", WQuantSpec(3), stats, progress=False, judge=judge)
+    first = quantize_model(copy.deepcopy(lm.model), "rtn", WQuantSpec(bits=3), stats, progress=False, judge=judge)
     sizes = {n: len(s.energies) for n, s in judge.items()}
-    again = quantize_model(copy.deepcopy(lm.model), "rtn", WQuantSpec(3), stats, progress=False, judge=judge)
+    again = quantize_model(copy.deepcopy(lm.model), "rtn", WQuantSpec(bits=3), stats, progress=False, judge=judge)
     assert first == again and {n: len(s.energies) for n, s in judge.items()} == sizes
     name, layer = next(iter(linear_layers(lm.model).items()))
     w = layer.weight.detach().float()

@@ -32,7 +32,7 @@ def test_scales_are_normalised_and_alpha_zero_is_one():
 
 def test_output_error_from_second_moment_equals_direct():
     w, x = _problem(5)
-    w_hat = quantize_rtn(w, WQuantSpec(3))
+    w_hat = quantize_rtn(w, WQuantSpec(bits=3))
     direct = (x @ (w - w_hat).T).pow(2).sum(1).mean().item()
     assert abs(output_error(w, w_hat, x.T @ x / len(x)) - direct) < 1e-4 * direct
 
@@ -97,17 +97,17 @@ def test_groups_of_other_layouts():
 
 
 def test_alpha_zero_without_clipping_is_rtn_bit_for_bit():
-    lm, spec = load_model("toy-llama"), WQuantSpec(3, 16)
+    lm, spec = load_model("toy-llama"), WQuantSpec(bits=3, group=16)
     awq_model, rtn_model = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
     quantize_model(awq_model, "awq", spec, blocks=_blocks(), awq_config=AWQConfig(n_grid=1, clip=False), progress=False)
     quantize_model(rtn_model, "rtn", spec, progress=False)
     for (name, a), (_, r) in zip(awq_model.state_dict().items(), rtn_model.state_dict().items()):
         assert torch.equal(a, r), name
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(awq_quantize(w, AWQLayer(torch.ones(32), None, 0.0), WQuantSpec(3)), quantize_rtn(w, WQuantSpec(3)))
+    assert torch.equal(awq_quantize(w, AWQLayer(torch.ones(32), None, 0.0), WQuantSpec(bits=3)), quantize_rtn(w, WQuantSpec(bits=3)))
 
 
-@pytest.mark.parametrize("spec", [WQuantSpec(3), WQuantSpec(3, 16), WQuantSpec(4, 8), WQuantSpec(2, 32)])
+@pytest.mark.parametrize("spec", [WQuantSpec(bits=3), WQuantSpec(bits=3, group=16), WQuantSpec(bits=4, group=8), WQuantSpec(bits=2, group=32)])
 def test_clipping_never_increases_the_calibration_output_error(spec):
     for seed in range(6):
         w, x = _problem(seed)
@@ -125,7 +125,7 @@ def test_clipping_never_increases_the_calibration_output_error(spec):
 def test_block_search_never_loses_to_rtn_on_each_groups_loss():
     """On toy-llama's first block, each scale group quantized alone: the inspected module's output error at the
     chosen α is at most RTN's (α = 0 is on the grid). (All groups at once may not be: AWQ searches them apart.)"""
-    lm, spec = load_model("toy-llama"), WQuantSpec(3, 16)
+    lm, spec = load_model("toy-llama"), WQuantSpec(bits=3, group=16)
     block = decoder_layers(lm.model)[0]
     inputs = block_inputs(lm.model, _blocks(), 2)
     found, outputs = awq_block(block, 0, inputs, inputs.hidden, spec, AWQConfig(clip=False))
@@ -156,8 +156,8 @@ def test_block_search_never_loses_to_rtn_on_each_groups_loss():
 def test_awq_needs_blocks_and_names_layers_like_calib():
     lm = load_model("toy-qwen2")
     with pytest.raises(ValueError, match="blocks"):
-        quantize_model(copy.deepcopy(lm.model), "awq", WQuantSpec(4))
-    plan = awq_search(lm.model, _blocks(2, 16), WQuantSpec(4, 16), progress=False)
+        quantize_model(copy.deepcopy(lm.model), "awq", WQuantSpec(bits=4))
+    plan = awq_search(lm.model, _blocks(2, 16), WQuantSpec(bits=4, group=16), progress=False)
     assert set(plan) == set(linear_layers(lm.model))
 
 
@@ -169,8 +169,8 @@ def test_searches_use_the_first_search_tokens_of_the_calibration():
     assert torch.equal(AWQConfig(search_tokens=None).search_blocks(blocks), blocks)
     assert len(AWQConfig(search_tokens=1).search_blocks(blocks)) == 1
     lm = load_model("toy-llama")
-    subset = awq_search(lm.model, blocks, WQuantSpec(3, 16), cfg, progress=False)
-    alone = awq_search(lm.model, blocks[:2], WQuantSpec(3, 16), AWQConfig(search_tokens=None), progress=False)
+    subset = awq_search(lm.model, blocks, WQuantSpec(bits=3, group=16), cfg, progress=False)
+    alone = awq_search(lm.model, blocks[:2], WQuantSpec(bits=3, group=16), AWQConfig(search_tokens=None), progress=False)
     assert subset.keys() == alone.keys()
     for name in subset:
         assert torch.equal(subset[name].scale, alone[name].scale), name

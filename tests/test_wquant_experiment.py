@@ -72,7 +72,7 @@ def test_run_wquant_returns_per_block_nll_with_intervals_and_leaves_the_model_un
     calib, held_out = (torch.randint(4, 200, (n, 32), generator=gen) for n in (4, 6))
     stats = calibration_stats(lm, calib, progress=False)
     for method in ("rtn", "awq", "rot-fisher"):
-        r = run_wquant(lm, method, WQuantSpec(3), calib, held_out, stats)
+        r = run_wquant(lm, method, WQuantSpec(bits=3), calib, held_out, stats)
         assert r["nll"].shape == r["nll_fp"].shape == (6, 31)
         assert r["ppl"]["value"] == pytest.approx(math.exp(r["nll"].double().mean().item()), rel=1e-9)
         assert r["ppl"]["lo"] < r["ppl"]["value"] < r["ppl"]["hi"] and r["ppl"]["units"] == 6
@@ -81,8 +81,8 @@ def test_run_wquant_returns_per_block_nll_with_intervals_and_leaves_the_model_un
             assert torch.equal(p, before[n]), (method, n)
     # The in-place run equals the plain one on a deep copy.
     model = copy.deepcopy(lm.model)
-    quantize_model(model, "rtn", WQuantSpec(3), stats, progress=False)
-    r = run_wquant(lm, "rtn", WQuantSpec(3), calib, held_out, stats)
+    quantize_model(model, "rtn", WQuantSpec(bits=3), stats, progress=False)
+    r = run_wquant(lm, "rtn", WQuantSpec(bits=3), calib, held_out, stats)
     torch.testing.assert_close(r["nll"], block_nll(model, held_out, progress=False), rtol=0, atol=1e-5)
 
 
@@ -110,9 +110,9 @@ def test_methods_that_need_no_statistics_do_not_compute_them(monkeypatch):
     real = experiment.calibration_stats
     monkeypatch.setattr(experiment, "calibration_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     for method in ("rtn", "awq", "rot-haar", "rot-hadamard"):
-        run_wquant(lm, method, WQuantSpec(3), calib, held_out)
+        run_wquant(lm, method, WQuantSpec(bits=3), calib, held_out)
     assert calls == []
-    run_wquant(lm, "rot-fisher", WQuantSpec(3), calib, held_out)
+    run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out)
     assert calls == [1]
 
 

@@ -26,7 +26,7 @@ def _out_err(w, w_hat, x):
     return (x @ (w - w_hat).T).pow(2).sum().item()
 
 
-@pytest.mark.parametrize("spec", [WQuantSpec(3), WQuantSpec(4, 16), WQuantSpec(3, 32, True)])
+@pytest.mark.parametrize("spec", [WQuantSpec(bits=3), WQuantSpec(bits=4, group=16), WQuantSpec(bits=3, group=32, symmetric=True)])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_blocked_gptq_equals_reference(spec, act_order):
     w, _, h = _problem(0)
@@ -36,7 +36,7 @@ def test_blocked_gptq_equals_reference(spec, act_order):
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("spec", [WQuantSpec(3), WQuantSpec(4, 16)])
+@pytest.mark.parametrize("spec", [WQuantSpec(bits=3), WQuantSpec(bits=4, group=16)])
 def test_gptq_output_error_never_worse_than_rtn(seed, spec):
     w, x, h = _problem(seed)
     assert _out_err(w, gptq(w, h, spec), x) <= _out_err(w, quantize_rtn(w, spec), x)
@@ -44,7 +44,7 @@ def test_gptq_output_error_never_worse_than_rtn(seed, spec):
 
 def test_gptq_zeroes_dead_inputs_and_stays_on_grid():
     w, _, h = _problem(1)
-    q = gptq(w, h, WQuantSpec(3))
+    q = gptq(w, h, WQuantSpec(bits=3))
     assert torch.all(q[:, 5] == 0)
     assert all(len(row.unique()) <= 8 for row in q)
 
@@ -59,7 +59,7 @@ def toy_blocks():
 
 def _quantized(family, blocks, pipeline, **kw):
     model = copy.deepcopy(load_model(f"toy-{family}").model)
-    rows = pipeline(model, "gptq", WQuantSpec(3), blocks, batch_size=2, **kw)
+    rows = pipeline(model, "gptq", WQuantSpec(bits=3), blocks, batch_size=2, **kw)
     return model, rows
 
 
@@ -87,7 +87,7 @@ def test_sequential_recollects_inputs_through_quantized_layers(toy_blocks):
     """o_proj's calibration inputs come from the quantized q/k/v, not from the full-precision model."""
     fp = load_model("toy-llama")
     _, seq = _quantized("llama", toy_blocks, quantize_model_sequential, progress=False)
-    one_pass = quantize_model(copy.deepcopy(fp.model), "gptq", WQuantSpec(3),
+    one_pass = quantize_model(copy.deepcopy(fp.model), "gptq", WQuantSpec(bits=3),
                               calibration_stats(fp, toy_blocks, fisher=False, progress=False), progress=False)
     first = [r["calib_output_error"] for r in seq[:3]]  # q, k, v see the same inputs either way
     assert first == pytest.approx([r["calib_output_error"] for r in one_pass[:3]], rel=1e-6)
@@ -102,7 +102,7 @@ def test_a_layer_never_depends_on_the_layers_after_it(toy_blocks):
     with torch.no_grad():
         for p in model.model.layers[1].parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    other = quantize_model_sequential(model, "gptq", WQuantSpec(3), toy_blocks, batch_size=2, progress=False)
+    other = quantize_model_sequential(model, "gptq", WQuantSpec(bits=3), toy_blocks, batch_size=2, progress=False)
     block0 = [k for k, r in enumerate(rows) if ".layers.0." in r["layer"]]
     assert [rows[k] for k in block0] == [other[k] for k in block0]
     for p, q in zip(base.model.layers[0].parameters(), model.model.layers[0].parameters()):
@@ -130,9 +130,9 @@ def test_run_wquant_runs_gptq_sequentially_by_default():
     lm = load_model("toy-llama")
     cal = CalibConfig(corpus="pydoc", tokens=96, seq_len=32, batch_size=2)
     held_out = torch.randint(4, 200, (2, 32), generator=torch.Generator().manual_seed(2))
-    r = run_wquant(lm, "gptq", WQuantSpec(3), None, held_out, calib_config=cal)
+    r = run_wquant(lm, "gptq", WQuantSpec(bits=3), None, held_out, calib_config=cal)
     model = copy.deepcopy(lm.model)
-    quantize_model_sequential(model, "gptq", WQuantSpec(3), cal.blocks(lm), batch_size=2, progress=False)
+    quantize_model_sequential(model, "gptq", WQuantSpec(bits=3), cal.blocks(lm), batch_size=2, progress=False)
     assert r["ppl"]["value"] == pytest.approx(perplexity(model, held_out, progress=False), rel=1e-9)
     assert r["calib_tokens"] == 96 and r["calib_corpus"] == "pydoc"
 
@@ -144,4 +144,4 @@ def test_bad_settings_say_what_to_do():
         CalibConfig(tokens=100, seq_len=512)
     lm = load_model("toy-llama")
     with pytest.raises(ValueError, match="sequentially"):
-        quantize_model_sequential(copy.deepcopy(lm.model), "rot-fisher", WQuantSpec(3), torch.zeros(2, 8, dtype=torch.long))
+        quantize_model_sequential(copy.deepcopy(lm.model), "rot-fisher", WQuantSpec(bits=3), torch.zeros(2, 8, dtype=torch.long))

@@ -21,13 +21,13 @@ def test_bases_are_orthogonal(u):
 
 def test_high_precision_rotation_is_nearly_exact():
     w = torch.randn(8, 64)
-    w_hat = rotate_quantize(w, haar(64, 3), WQuantSpec(16))
+    w_hat = rotate_quantize(w, haar(64, 3), WQuantSpec(bits=16))
     assert (w_hat - w).abs().max() < 1e-3 * w.abs().max()
 
 
 def test_identity_rotation_is_rtn():
     w = torch.randn(8, 64)
-    torch.testing.assert_close(rotate_quantize(w, torch.eye(64), WQuantSpec(3)), quantize_rtn(w, WQuantSpec(3)))
+    torch.testing.assert_close(rotate_quantize(w, torch.eye(64), WQuantSpec(bits=3)), quantize_rtn(w, WQuantSpec(bits=3)))
 
 
 def test_hadamard_known_answer_and_errors():
@@ -42,7 +42,7 @@ def test_lambda_scaled_grid_with_flat_spectrum_is_the_eigenbasis_rotation():
     w = torch.randn(8, 32)
     cov = torch.eye(32, dtype=torch.float64) * 3.0  # every λ equal: s = 1
     u = eigenbasis(cov)
-    torch.testing.assert_close(lambda_scaled_quantize(w, cov, WQuantSpec(3)), rotate_quantize(w, u, WQuantSpec(3)))
+    torch.testing.assert_close(lambda_scaled_quantize(w, cov, WQuantSpec(bits=3)), rotate_quantize(w, u, WQuantSpec(bits=3)))
 
 
 def test_haar_is_drawn_once_per_width_and_seed_and_each_call_gets_its_own_copy():

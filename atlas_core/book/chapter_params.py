@@ -1,21 +1,29 @@
 """What each chapter's parameters may be: checked by the runner before a kernel starts.
 
 The runner already checks names and types against the notebook's ``parameters`` cell; this module
-checks values (a block count of 0, an unknown corpus or model, 1-bit quantization, a frame rank larger
-than the head). One explicit function per chapter, so that a reader sees every rule in one place.
-Every chapter with an entry also gets the common rules (model, models, corpus, corpora must exist); a
-chapter without one (a user's own notebook) gets none.
+checks values: every element of a list (an integer where the notebook counts, a finite number, a known
+name), ranges, and the cross-field rules. It does not restate the library's rules: it builds the
+library's configs from the parameters (``SparseExperiment``, ``KVMethod``, ``WQuantSpec``,
+``BlockSpec``, ``CloudSpec``, ``CalibConfig``, ``EvalSetup``) and lets their rules speak, with the
+model's shape (read from its config and tokenizer, no weights: ``models.describe``) where a rule needs it
+(k < d_head, a group that divides the widths it applies to, rank ≤ d_head). Every refusal is one
+``ParameterValueError`` naming the parameter, never a traceback.
+
+One explicit function per chapter, so that a reader sees every rule in one place. Every chapter with an
+entry also gets the common rules (model, models, corpus, corpora must exist); a chapter without one (a
+user's own notebook) gets none.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 from typing import Callable
 
-from atlas_core.corpus import CORPORA
-from atlas_core.kvquant.experiment import ENGINES as KV_ENGINES
-from atlas_core.models import check_model_name
-from atlas_core.wquant.apply import METHODS as WQUANT_METHODS
+from atlas_core.corpus import CORPORA, BlockSpec
+from atlas_core.models import ModelSpec, check_model_name, describe, model_config
+from atlas_core.zoo import ModelError
 
 
 class ParameterValueError(ValueError):
@@ -26,18 +34,65 @@ def _fail(name: str, value, why: str) -> None:
     raise ParameterValueError(f"parameter {name!r} = {value!r}: {why}")
 
 
-def _positive(p: dict, *names: str) -> None:
+def _as(name: str, value, make: Callable):
+    """``make()``: a library config or rule; its ValueError becomes a refusal of parameter ``name``."""
+    try:
+        return make()
+    except (ParameterValueError, ModelError):
+        raise
+    except ValueError as err:
+        _fail(name, value, str(err))
+
+
+# --- elements and ranges ---------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(p: dict, *names: str, low: int = 1) -> None:
+    """Integers ≥ ``low`` (counts: ≥ 1; seeds and offsets: ≥ 0); a list needs one and checks each element."""
     for name in names:
         value = p[name]
         values = value if isinstance(value, list) else [value]
-        if not values or any(v <= 0 for v in values):
-            _fail(name, value, "must be > 0" + (" (and not empty)" if isinstance(value, list) else ""))
+        if isinstance(value, list) and not value:
+            _fail(name, value, "needs at least one value")
+        bad = [v for v in values if not _is_int(v)]
+        if bad:
+            _fail(name, value, f"must be integers; {bad[0]!r} is not" if isinstance(value, list) else "must be an integer")
+        if any(v < low for v in values):
+            what = "each must be" if isinstance(value, list) else "must be"
+            _fail(name, value, f"{what} ≥ {low}" + (" (a count)" if low == 1 else ""))
 
 
-def _at_least(p: dict, name: str, low) -> None:
+def _number(p: dict, name: str, low: float, high: float) -> None:
+    """A finite number in [low, high]."""
     value = p[name]
-    if any(v < low for v in (value if isinstance(value, list) else [value])):
-        _fail(name, value, f"must be ≥ {low}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, value, "must be a finite number")
+    if not low <= value <= high:
+        _fail(name, value, f"must lie in [{low}, {high}]")
+
+
+def _names(p: dict, name: str, allowed: tuple[str, ...] | None = None) -> None:
+    """Strings (a list needs one), each one of ``allowed`` when given."""
+    value = p[name]
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        _fail(name, value, "needs at least one value")
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        _fail(name, value, f"must be names (strings); {bad[0]!r} is not")
+    unknown = [v for v in values if allowed is not None and v not in allowed]
+    if unknown:
+        _fail(name, value, f"unknown {unknown}; choose from {', '.join(allowed)}")
+
+
+def _contains(p: dict, name: str, needed: list) -> None:
+    """The chapter's prose and verdicts compare these values: more may be added, none removed."""
+    missing = [v for v in needed if v not in p[name]]
+    if missing:
+        _fail(name, p[name], f"the chapter compares {needed}; add {missing}")
 
 
 def _units(p: dict, *names: str) -> None:
@@ -49,82 +104,176 @@ def _units(p: dict, *names: str) -> None:
             _fail(name, p[name], f"must be ≥ {MIN_UNITS}: the intervals resample these blocks (one gives a point)")
 
 
-def _fraction(p: dict, name: str) -> None:
-    if not 0.0 <= p[name] <= 1.0:
-        _fail(name, p[name], "must lie in [0, 1]")
-
-
-def _corpus(name: str, corpus: str) -> None:
+def _corpus(name: str, value, corpus) -> None:
+    if not isinstance(corpus, str):
+        _fail(name, value, f"must be corpus names; {corpus!r} is not")
     if corpus not in CORPORA and not Path(corpus).expanduser().is_file():
-        _fail(name, corpus, f"not a corpus ({', '.join(CORPORA)}) nor an existing text file")
+        _fail(name, value, f"not a corpus ({', '.join(CORPORA)}) nor an existing text file")
 
+
+def _blocks(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split: str = "eval") -> None:
+    """The blocks a chapter reads: ``BlockSpec``'s rules (seq_len ≥ 2, ≥ 1 block), naming ``name``."""
+    _as(name, p[name], lambda: BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split=split))
+
+
+# --- the model's shape -------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _shape(model: str) -> ModelSpec:
+    """The model's attention shape from its config and tokenizer (no weights; ``models.describe``)."""
+    return describe(model)
+
+
+@functools.lru_cache(maxsize=16)
+def _linear_widths(model: str) -> tuple[int, ...]:
+    """Input widths of the linear layers that weight quantization groups (decoder blocks, no lm_head).
+
+    The model is built on the meta device from its config: every shape, no weight read or allocated.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from atlas_core.wquant.calib import linear_layers
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config(model))
+    return tuple(sorted({m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features  # Conv1D's weight: (in, out)
+                         for m in linear_layers(skeleton).values()}))
+
+
+def _k_below_d_head(p: dict, name: str, models: list[str]) -> None:
+    """Frame ranks k of ε clouds: ``geometry.check_rank`` (1 ≤ k < d_head and k < n_points) on every model."""
+    from atlas_core.geometry import check_rank
+
+    ks = p[name] if isinstance(p[name], list) else [p[name]]
+    for model in models:
+        for k in ks:
+            _as(name, p[name], lambda k=k: check_rank(k, _shape(model).d_head, p["n_points"]))
+
+
+# --- per chapter -------------------------------------------------------------------------------------------
 
 def _common(p: dict) -> None:
     """Rules shared by every chapter: the models and corpora must exist."""
     for name in ("model", "models"):
         if name in p:
+            _names(p, name)
             for model in p[name] if isinstance(p[name], list) else [p[name]]:
                 check_model_name(model)
     if "other_models" in p:  # a comma-separated string
+        _names(p, "other_models")
         for model in filter(None, (m.strip() for m in p["other_models"].split(","))):
             check_model_name(model)
-    if "corpus" in p:
-        _corpus("corpus", p["corpus"])
-    if "corpora" in p:
-        if not p["corpora"]:
-            _fail("corpora", p["corpora"], "needs at least one corpus")
-        for corpus in p["corpora"]:
-            _corpus("corpora", corpus)
-    if "models" in p and not p["models"]:
-        _fail("models", p["models"], "needs at least one model")
+    for name in ("corpus", "corpora"):
+        if name in p:
+            values = p[name] if isinstance(p[name], list) else [p[name]]
+            if not values:
+                _fail(name, p[name], "needs at least one corpus")
+            for corpus in values:
+                _corpus(name, p[name], corpus)
 
 
 def _models(p: dict) -> None:
-    _positive(p, "ppl_tokens", "ppl_seq_len", "invariant_blocks", "invariant_seq_len")
+    _ints(p, "ppl_tokens", "ppl_seq_len", "invariant_blocks", "invariant_seq_len")
     if p["ppl_tokens"] % p["ppl_seq_len"]:
         _fail("ppl_tokens", p["ppl_tokens"], f"must be a multiple of ppl_seq_len ({p['ppl_seq_len']})")
+    _blocks(p, "ppl_seq_len", p["corpora"][0], p["ppl_seq_len"], p["ppl_tokens"] // p["ppl_seq_len"])
+    _blocks(p, "invariant_seq_len", "britannica", p["invariant_seq_len"], p["invariant_blocks"])
+
+
+def _cloud(p: dict, name: str, corpus: str, seed: int) -> None:
+    """The point clouds a chapter reads: ``CloudSpec``'s rule (2 ≤ n_points ≤ n_blocks × (seq_len − 1))."""
+    from atlas_core.clouds import CloudSpec
+
+    _as(name, p[name], lambda: CloudSpec(corpus=corpus, seq_len=p["seq_len"], n_blocks=p["n_blocks"],
+                                         n_points=p["n_points"], seed=seed))
 
 
 def _atlas(p: dict) -> None:
-    _positive(p, "seq_len", "n_blocks", "n_points", "k", "k_sweep", "n_boot", "null_draws",
-              "blas_threads", "top1_seq_len", "top1_eval_blocks", "top1_calib_seq_len",
-              "top1_calib_blocks")
-    _at_least(p, "seq_len", 2)
-    if p["metric"] not in ("source", "projection"):
-        _fail("metric", p["metric"], "must be 'source' or 'projection'")
+    from atlas_core.geometry import METRICS
+
+    _ints(p, "seq_len", "n_blocks", "n_points", "k", "k_sweep", "n_boot", "null_draws", "blas_threads",
+          "top1_seq_len", "top1_eval_blocks", "top1_calib_seq_len", "top1_calib_blocks")
+    _ints(p, "seed", low=0)
+    _names(p, "metric", METRICS)
     if p["k"] not in p["k_sweep"]:
         _fail("k_sweep", p["k_sweep"], f"must contain the headline k = {p['k']}")
-    if p["n_points"] > p["n_blocks"] * (p["seq_len"] - 1):
-        _fail("n_points", p["n_points"], f"more than the {p['n_blocks'] * (p['seq_len'] - 1)} positions "
-              "that n_blocks × (seq_len − 1) provide")
+    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["n_blocks"])
+    _cloud(p, "n_points", p["corpus"], p["seed"])
+    _blocks(p, "top1_seq_len", p["corpus"], p["top1_seq_len"], p["top1_eval_blocks"])
+    _blocks(p, "top1_calib_seq_len", p["corpus"], p["top1_calib_seq_len"], p["top1_calib_blocks"], "calib")
+    for name in ("k", "k_sweep"):
+        _k_below_d_head(p, name, [p["model"]])
 
 
 def _crossarch(p: dict) -> None:
-    _positive(p, "k", "k_range", "n_points", "n_blocks", "seq_len", "n_deep", "n_boot",
-              "null_draws", "n_perm", "spearman_null_draws")
-    _at_least(p, "seeds", 0)
-    if not p["seeds"]:
-        _fail("seeds", p["seeds"], "needs at least one seed")
-    _fraction(p, "mid_depth")
+    _ints(p, "k", "k_range", "n_points", "n_blocks", "seq_len", "n_deep", "n_boot", "null_draws", "n_perm",
+          "spearman_null_draws")
+    _ints(p, "seeds", low=0)
+    _number(p, "mid_depth", 0.0, 1.0)
     if p["k"] not in p["k_range"]:
         _fail("k_range", p["k_range"], f"must contain the headline k = {p['k']}")
+    _blocks(p, "seq_len", p["corpora"][0], p["seq_len"], p["n_blocks"])
+    for seed in p["seeds"]:
+        _cloud(p, "n_points", p["corpora"][0], seed)
+    models = list(dict.fromkeys([p["model"], *p["models"]]))
+    for name in ("k", "k_range"):
+        _k_below_d_head(p, name, models)
+
+
+def kvquant_methods(p: dict) -> dict[str, list]:
+    """The KV methods the kvquant chapter runs, by the parameter that sets them (bits, kv_bits, ranks, ...).
+
+    Raises:
+        ParameterValueError: a method the library refuses (``KVMethod``'s rules), naming the parameter.
+    """
+    from atlas_core.kvquant.experiment import CONTROLS, KVMethod
+
+    def k(name, method, b, **kw):
+        kw = {"group": p["group"], "rank": p["rank"], "side_bits": p["side_bits"], "seed": p["seed"], **kw}
+        return _as(name, p[name], lambda: KVMethod(method=method, kbits=b, **kw))
+
+    trio = ("per-token", "kivi", "headq")
+    return {  # the settings every method shares first, so that a bad one is named, not the bits it ran with
+        "side_bits": [k("side_bits", "headq", 2)],
+        "seed": [k("seed", "headq", 2, control="random-basis")],
+        "rank": [k("rank", "headq", 2, control=c) for c in CONTROLS] + [k("rank", "headq", 2, base="kivi")],
+        "group": [k("group", "per-token", 2, vbits=2)]
+        + [k("group", m, 2, group=p["group"] // 2) for m in ("per-token", "kivi")],  # HeadQ 2b's budget
+        "bits": [k("bits", m, b) for b in p["bits"] for m in trio],
+        "kv_bits": [k("kv_bits", m, b, vbits=b) for b in p["kv_bits"] for m in trio],
+        "ranks": [k("ranks", "headq", 2, rank=r) for r in p["ranks"]],
+        "a2_budget": [k("a2_budget", "headq", 2, vbits=p["a2_budget"]),
+                      k("a2_budget", "headq", 2, vbits=p["a2_budget"], a2_low=2)],  # the policy's low values: 2 bits
+    }
 
 
 def _kvquant(p: dict) -> None:
-    _positive(p, "seq_len", "eval_blocks", "prefill", "calib_blocks", "group", "ranks", "rank",
-              "side_bits", "metric_blocks", "a2_budget")
+    from atlas_core.kvquant.experiment import EvalSetup
+    from atlas_core.kvquant.study import study_layers
+
+    _ints(p, "seq_len", "eval_blocks", "prefill", "calib_blocks", "group", "bits", "kv_bits", "ranks", "rank",
+          "side_bits", "metric_blocks", "a2_budget")
+    _ints(p, "seed", low=0)
+    _names(p, "engine")
+    _as("engine", p["engine"], lambda: EvalSetup(engine=p["engine"], prefill=p["prefill"]))
     if not p["prefill"] <= p["seq_len"] - 2:
         _fail("prefill", p["prefill"], f"must be at most seq_len − 2 ({p['seq_len'] - 2}): a token must be decoded and scored after it")
+    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"])
+    _blocks(p, "calib_blocks", p["corpus"], p["seq_len"], p["calib_blocks"], "calib")
     _units(p, "eval_blocks")
+    if p["metric_blocks"] > p["eval_blocks"]:
+        _fail("metric_blocks", p["metric_blocks"], f"exceeds eval_blocks ({p['eval_blocks']}): the study reads the first of them")
     for name, needed in (("bits", [2, 3]), ("kv_bits", [2])):  # the prose quotes these runs; more may be added
-        if any(not 2 <= b <= 8 for b in p[name]) or any(b not in p[name] for b in needed):
-            _fail(name, p[name], f"each must be in 2..8, and the chapter compares {needed}")
-    if not 1 <= p["side_bits"] <= 8:
-        _fail("side_bits", p["side_bits"], "must be in 1..8")
-    if p["engine"] not in KV_ENGINES:
-        _fail("engine", p["engine"], f"must be one of {', '.join(KV_ENGINES)}")
-    if not 3 <= p["a2_budget"] <= 8:  # decode: values at a2_budget bits, the policy's at 2 bits and fp
-        _fail("a2_budget", p["a2_budget"], "must be in 3..8 (payload bits per value; the policy's low values take 2)")
+        _contains(p, name, needed)
+    shape = _shape(p["model"])
+    methods = kvquant_methods(p)  # built in the order that names a setting every method shares, not its bits
+    for name in sorted(methods, key=lambda name: {"group": 0, "rank": 1}.get(name, 2)):  # head rules: group, rank first
+        for method in methods[name]:
+            _as(name, p[name], lambda m=method: m.check_head(shape.d_head))
+    _names(p, "metric_layers")
+    _as("metric_layers", p["metric_layers"], lambda: study_layers(p["metric_layers"], shape.n_layers))
 
 
 NQP_NEEDS = {"bits": [8, 4, 3],
@@ -133,48 +282,69 @@ NQP_NEEDS = {"bits": [8, 4, 3],
 
 
 def _nqp(p: dict) -> None:
-    _positive(p, "seq_len", "calib_blocks", "eval_blocks", "group")
+    from atlas_core.wquant.apply import METHODS
+    from atlas_core.wquant.calib import CalibConfig
+    from atlas_core.wquant.rtn import WQuantSpec
+
+    _ints(p, "seq_len", "calib_blocks", "eval_blocks", "group", "bits")
+    _ints(p, "seed", low=0)
     _units(p, "eval_blocks")
-    if not p["bits"] or any(not 2 <= b <= 16 for b in p["bits"]):
-        _fail("bits", p["bits"], "each must be in 2..16")
     for name in ("methods", "grouped_methods"):
-        unknown = [m for m in p[name] if m not in WQUANT_METHODS]
-        if unknown:
-            _fail(name, p[name], f"unknown {unknown}; choose from {', '.join(WQUANT_METHODS)}")
-    # The chapter's prose and verdicts compare these settings; more may be added, none removed.
+        _names(p, name, METHODS)
     for name, needed in NQP_NEEDS.items():
-        missing = [v for v in needed if v not in p[name]]
-        if missing:
-            _fail(name, p[name], f"the chapter compares {needed}; add {missing}")
+        _contains(p, name, needed)
+    for b in p["bits"]:
+        _as("bits", p["bits"], lambda b=b: WQuantSpec(bits=b))
+    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"])
+    _blocks(p, "calib_blocks", p["corpus"], p["seq_len"], p["calib_blocks"], "calib")
+    grouped = _as("group", p["group"], lambda: WQuantSpec(bits=3, group=p["group"]))  # the grouped comparison: 3 bits
+    for width in _linear_widths(p["model"]):
+        _as("group", p["group"], lambda width=width: grouped.group_size(width))
+    given = {"corpus": p["gptq_calib_corpus"], "tokens": p["gptq_calib_tokens"]}
+    if given["corpus"] is not None:
+        _corpus("gptq_calib_corpus", given["corpus"], given["corpus"])
+    if given["tokens"] is not None:
+        _ints(p, "gptq_calib_tokens")
+    _as("gptq_calib_tokens", given["tokens"], lambda: CalibConfig(**{k: v for k, v in given.items() if v is not None}))
+
+
+def sparse_experiment(p: dict):
+    """The sparse chapter's rules (``SparseExperiment``) from its parameters; refusals name the parameter."""
+    from atlas_core.sparse.experiment import SparseExperiment
+    from atlas_core.sparse.kept import SparseConfig
+
+    rule = _as("window", p["window"], lambda: SparseConfig(anchors=p["anchors"], window=p["window"], topk=p["topk"],
+                                                           page_size=p["page_size"]))
+    return _as("windows", p["windows"], lambda: SparseExperiment(rule=rule, windows=tuple(p["windows"]),
+                                                                 topks=tuple(p["topks"])))
 
 
 def _sparse(p: dict) -> None:
-    _positive(p, "seq_len", "eval_blocks", "sweep_blocks", "prompt_tokens", "gen_tokens", "sweep_gen_tokens",
-              "window", "windows", "page_size", "contexts", "bench_rounds")
-    _at_least(p, "anchors", 0)
-    _at_least(p, "topk", 0)
-    _at_least(p, "topks", 0)
-    if not p["topks"]:
-        _fail("topks", p["topks"], "needs at least one value")
+    from atlas_core.sparse.blocks import block_rule
+
+    _ints(p, "seq_len", "eval_blocks", "sweep_blocks", "prompt_tokens", "gen_tokens", "sweep_gen_tokens", "window",
+          "windows", "page_size", "contexts", "bench_rounds", "survival_prompts", "survival_prompt_tokens", "supports")
+    _ints(p, "anchors", "topk", "topks", low=0)
+    _ints(p, "survival_gen_tokens", low=2)
     _units(p, "eval_blocks", "sweep_blocks")
     if p["sweep_blocks"] > p["eval_blocks"]:
         _fail("sweep_blocks", p["sweep_blocks"], f"exceeds eval_blocks ({p['eval_blocks']}): the sweep reads the first of them")
     if p["sweep_gen_tokens"] > p["gen_tokens"]:
         _fail("sweep_gen_tokens", p["sweep_gen_tokens"], f"exceeds gen_tokens ({p['gen_tokens']})")
-    longest = p["anchors"] + max([p["window"], *p["windows"]]) + max([p["topk"], *p["topks"]])  # the sweep's too
-    if p["seq_len"] <= longest:
-        _fail("seq_len", p["seq_len"], f"must be longer than anchors + window + topk of every rule run ({longest}), "
-              "or nothing is dropped")
-    _positive(p, "survival_prompts", "survival_prompt_tokens", "supports")
-    _at_least(p, "survival_gen_tokens", 2)
-    blocks = [(s - p["anchors"] - p["window"]) // p["page_size"] for s in p["supports"]]
-    if any(r < 1 or p["anchors"] + p["window"] + r * p["page_size"] != s for r, s in zip(blocks, p["supports"])):
-        _fail("supports", p["supports"], "each must be anchors + window + page_size·r with r ≥ 1 (the revision's block rule)")
-    last = p["survival_prompt_tokens"] + p["survival_gen_tokens"] - 1 - p["anchors"] - p["window"]  # candidates
-    if min(p["supports"]) - p["anchors"] - p["window"] >= last:
+    experiment = sparse_experiment(p)
+    _as("seq_len", p["seq_len"], lambda: experiment.check_block(p["seq_len"], "seq_len"))
+    _as("prompt_tokens", p["prompt_tokens"], lambda: experiment.check_prompt(p["prompt_tokens"], "prompt_tokens"))
+    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"])
+    _blocks(p, "survival_prompt_tokens", p["corpus"], p["survival_prompt_tokens"], p["survival_prompts"])
+    _as("contexts", p["contexts"], lambda: experiment.rule.check_context(min(p["contexts"]), "every context"))
+    rules = [_as("supports", p["supports"], lambda s=s: block_rule(s, p["anchors"], p["window"], p["page_size"]))
+             for s in p["supports"]]
+    seen = p["survival_prompt_tokens"] + p["survival_gen_tokens"] - 1  # keys at the last decode step
+    if all(rule.keeps_every_key(seen) for rule in rules):
+        smallest = min(p["supports"])
         _fail("survival_prompt_tokens", p["survival_prompt_tokens"],
-              f"too short: every support keeps every key (the smallest, {min(p['supports'])}, needs more than "
-              f"{min(p['supports']) - p['survival_gen_tokens'] + 1} prompt tokens)")
+              f"too short: every support keeps every key (the smallest, {smallest}, needs more than "
+              f"{smallest - p['survival_gen_tokens'] + 1} prompt tokens)")
 
 
 RULES: dict[str, Callable[[dict], None]] = {

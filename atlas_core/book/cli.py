@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 from atlas_core.zoo import DEFAULT_MODEL  # no torch: zoo reads only names and packages
 
@@ -48,6 +50,40 @@ def _loaded(module: str, name: str) -> tuple[type, ...]:
     return (getattr(found, name),) if found is not None else ()
 
 
+class _Choices(Sequence):
+    """A library constant ``module.NAME`` as argparse choices, imported only when argparse checks or prints
+    them: the choices live once, in the library, and building the parser imports no torch."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def _values(self) -> tuple:
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __getitem__(self, i):
+        return self._values()[i]
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+    def __contains__(self, value) -> bool:
+        return value in self._values()
+
+
+def _add_choice(p: argparse.ArgumentParser, flag: str, module: str, name: str, help: str = "", **kw) -> None:
+    """An option whose choices are the library constant ``module.name``, shown in the help (imported then only)."""
+    metavar = flag.lstrip("-").upper().replace("-", "_")  # a metavar of its own: argparse would list the choices now
+    p.add_argument(flag, choices=_Choices(module, name), metavar=metavar, help=f"{help} (%(choices)s)".lstrip(), **kw)
+
+
+def _given(args, **flags) -> dict:
+    """{field: args.<flag>} for the flags the user set (None: the library config's own default applies)."""
+    return {field: getattr(args, flag) for field, flag in flags.items() if getattr(args, flag) is not None}
+
+
+KV = "atlas_core.kvquant.experiment"  # the KV methods' constants (METHODS, CONTROLS, BASES, ENGINES)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atlas", description=__doc__)
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
@@ -61,21 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--corpus", default="britannica", help="britannica | pydoc | plays | wikitext-103 | c4 | a text file")
     q.add_argument("--tokens", type=int, default=4096, help="tokens to evaluate (a multiple of --seq-len)")
     q.add_argument("--seq-len", type=int, default=512, help="window length in tokens (BOS included)")
-    q.add_argument("--split", default="eval", choices=["eval", "calib"])
+    _add_choice(q, "--split", "atlas_core.corpus", "SPLITS", default="eval")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_ppl)
 
     o = sub.add_parser("overlap", help="head overlap O_h of one layer beside its random null (source protocol)")
     _cloud_args(o)
     o.add_argument("--k", type=int, default=7, help="frame rank")
-    o.add_argument("--heads", default="all", choices=["all", "first8"])
-    o.add_argument("--metric", default="source", choices=["source", "projection"])
+    _add_choice(o, "--heads", "atlas_core.measure", "HEAD_SETS", default="all")
+    _add_choice(o, "--metric", "atlas_core.geometry", "METRICS", default="source")
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=_overlap)
 
     i = sub.add_parser("id", help="per-head intrinsic dimension of one layer")
     _cloud_args(i)
-    i.add_argument("--estimator", default="twonn", choices=["twonn", "twonn-source", "mle"])
+    _add_choice(i, "--estimator", "atlas_core.intrinsic", "ESTIMATORS", default="twonn")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_id)
 
@@ -104,18 +140,18 @@ def _parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kvquant", help="decode perplexity with a quantized KV cache, beside fp and the same-bits baseline")
     _model_arg(k)
-    k.add_argument("--method", default="headq", choices=["fp", "per-token", "per-channel", "kivi", "headq"],
+    _add_choice(k, "--method", KV, "METHODS", default="headq",
                    help="kivi: KIVI's quantizers and residual rule, as its code runs them; per-channel: KIVI's quantizers, our window")
-    k.add_argument("--kbits", type=int, default=2, help="key bits (1..8)")
-    k.add_argument("--vbits", type=int, default=16, help="value bits (1..8), or 16 for dense values (K-only)")
-    k.add_argument("--group", type=int, default=32, help="group size: channels (per-token) or tokens (KIVI keys)")
+    k.add_argument("--kbits", type=int, help="key bits (1..8; default: KVMethod's, 2)")
+    k.add_argument("--vbits", type=int, help="value bits (1..8; default: values in full precision, K-only)")
+    k.add_argument("--group", type=int, help="group size: channels (per-token) or tokens (KIVI keys); default KVMethod's, 32")
     k.add_argument("--residual", type=int, default=None,
                    help="full-precision tokens: the most recent R (kivi: R values, keys flushed R at a time; "
                         "a multiple of --group); default 0, or --group for kivi")
-    k.add_argument("--rank", type=int, default=8, help="HeadQ side-code rank r")
-    k.add_argument("--side-bits", type=int, default=4, help="HeadQ side-code bits b'")
-    k.add_argument("--control", default="none", choices=["none", "wrong-sign", "random-basis", "key-pca"])
-    k.add_argument("--base", default="per-token", choices=["per-token", "per-channel", "kivi"], help="HeadQ's base key quantizer")
+    k.add_argument("--rank", type=int, help="HeadQ side-code rank r (default: KVMethod's, 8)")
+    k.add_argument("--side-bits", type=int, help="HeadQ side-code bits b' (default: KVMethod's, 4)")
+    _add_choice(k, "--control", KV, "CONTROLS", help="HeadQ's controls (default: none)")
+    _add_choice(k, "--base", KV, "BASES", help="HeadQ's base key quantizer (default: per-token)")
     k.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE")
     k.add_argument("--a2-low", type=int, default=None,
                    help="A² value policy: values at this many bits, the most attended ones in fp, chosen causally at "
@@ -125,8 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--seq-len", type=int, default=512)
     k.add_argument("--prefill", type=int, default=128, help="tokens of each block prefilled before decoding")
     k.add_argument("--calib-tokens", type=int, default=4096, help="HeadQ calibration tokens (calib split)")
-    k.add_argument("--seed", type=int, default=0, help="seed of the random-basis control")
-    k.add_argument("--engine", default=None, choices=["onepass", "decode"],
+    k.add_argument("--seed", type=int, help="seed of the random-basis control (default: KVMethod's, 0)")
+    _add_choice(k, "--engine", KV, "ENGINES", default=None,
                    help="onepass: one forward per batch of blocks; decode: token by token through the cache (the reference); "
                         "default: kvquant.experiment.EvalSetup's")
     k.add_argument("--batch", type=int, default=None, help="blocks per forward (default: EvalSetup's)")
@@ -136,11 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sparse", help="anchor + window + top-k attention vs dense: generation agreement, KL, perplexity")
     _model_arg(s)
     _sparse_rule_args(s)
-    s.add_argument("--dense-layers", type=int, default=0, help="the first n layers keep full attention")
-    s.add_argument("--selector", default="exact", choices=["exact", "pages", "blocks-mean", "blocks-mean-kv"],
+    s.add_argument("--dense-layers", type=int, help="the first n layers keep full attention (default: none)")
+    _add_choice(s, "--selector", "atlas_core.sparse.kept", "SELECTORS",
                    help="top-k by exact score, pages by a score bound, or ⌈k/P⌉ blocks of --page-size keys by q · mean key "
                         "(per query head, or per KV head as the revised Condensate paper: S = a + W + k, e.g. k = 128 for S = 193)")
-    s.add_argument("--head-average", action="store_true", help="one kept set per layer from head-averaged scores")
+    s.add_argument("--head-average", action="store_true", default=None, help="one kept set per layer from head-averaged scores")
     s.add_argument("--corpus", default="britannica")
     s.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length (calib split)")
     s.add_argument("--gen-tokens", type=int, default=1500,
@@ -153,10 +189,10 @@ def _parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("wquant", help="weight quantization (RTN, GPTQ, AWQ, rotations): held-out perplexity and layer errors")
     _model_arg(w)
-    w.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard", "nqp-scaled"])
-    w.add_argument("--bits", type=int, default=4)
+    _add_choice(w, "--method", "atlas_core.wquant.apply", "METHODS", default="gptq")
+    w.add_argument("--bits", type=int, help="weight bits (2..16; default: WQuantSpec's, 4)")
     w.add_argument("--group", type=int, default=None, help="input columns per group (default: one per output channel)")
-    w.add_argument("--symmetric", action="store_true")
+    w.add_argument("--symmetric", action="store_true", default=None)
     w.add_argument("--corpus", default="britannica", help="evaluation corpus (eval split)")
     w.add_argument("--calib-corpus", help="calibration corpus (calib split; default: wquant.calib.CalibConfig's)")
     w.add_argument("--calib-tokens", type=int, help="calibration tokens (default: CalibConfig's)")
@@ -204,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--json", action="store_true")
     sb.set_defaults(func=_bench_sparse)
     bb = bsub.add_parser("book", help="issue 15's time targets: measured (recorded or run now) beside each target")
-    bb.add_argument("--run", nargs="*", default=[], choices=["fresh", "rebuild", "cli", "qwen"],
+    _add_choice(bb, "--run", "atlas_core.book.book_bench", "RUNS", nargs="*", default=[],
                     help="measure now: fresh (book from a fresh clone), rebuild (nothing changed), cli, qwen")
     bb.add_argument("--results", default=None, help="results folder with the runner's timing records")
     bb.set_defaults(func=_bench_book)
@@ -218,20 +254,28 @@ def _bench_book(args) -> None:
 
 
 def _sparse_rule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--anchors", type=int, default=1, help="anchor tokens a (positions 0..a-1)")
-    p.add_argument("--window", type=int, default=64, help="recent window W (the query's own token included)")
-    p.add_argument("--topk", type=int, default=32, help="top-k keys among the rest")
-    p.add_argument("--page-size", type=int, default=16, help="keys per page for the page selector")
+    """The rule's flags; one left out takes ``SparseConfig``'s default (the source's a = 1, W = 64, k = 32, P = 16)."""
+    p.add_argument("--anchors", type=int, help="anchor tokens a (positions 0..a-1; default 1)")
+    p.add_argument("--window", type=int, help="recent window W (the query's own token included; default 64)")
+    p.add_argument("--topk", type=int, help="top-k keys among the rest (default 32)")
+    p.add_argument("--page-size", type=int, help="keys per page for the page selector (default 16)")
+
+
+def _sparse_config(args, **flags):
+    """The ``SparseConfig`` of the rule flags given (and ``flags``: field -> attribute), validated before any load."""
+    from atlas_core.sparse.kept import SparseConfig
+
+    return SparseConfig(**_given(args, anchors="anchors", window="window", topk="topk", page_size="page_size", **flags))
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, toy-<family>, local folder or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, toy-<family>, local folder or hub id")
 
 
 def _cloud_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     p.add_argument("--layer", type=int, default=-1, help="layer index; negative counts from the end")
-    p.add_argument("--residual", default="eps", choices=["eps", "z", "c"], help="ε = z − v[argmax p], z, or c after W_O")
+    _add_choice(p, "--residual", "atlas_core.clouds", "RESIDUALS", default="eps", help="ε = z − v[argmax p], z, or c after W_O")
     p.add_argument("--n-points", type=int, default=1200, help="points per head")
     p.add_argument("--corpus", default="britannica")
     p.add_argument("--blocks", type=int, default=12)
@@ -242,7 +286,7 @@ def _cloud_args(p: argparse.ArgumentParser) -> None:
 def _cloud_spec(args):
     from atlas_core.clouds import CloudSpec
 
-    return CloudSpec(args.corpus, args.seq_len, args.blocks, args.n_points, args.seed)
+    return CloudSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=args.blocks, n_points=args.n_points, seed=args.seed)
 
 
 def _overlap(args) -> None:
@@ -325,8 +369,8 @@ def _ppl(args) -> None:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}), which must be >= 2")
     lm = load_model(args.model, attn_implementation="sdpa")
     check_length(lm, args.seq_len, "--seq-len")
-    spec = BlockSpec(args.corpus, args.seq_len, args.tokens // args.seq_len, args.split, lm.spec.add_bos)
-    blocks = token_blocks(lm.tokenizer, spec)
+    blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=args.tokens // args.seq_len,
+                                        split=args.split))
     start = time.perf_counter()
     ppl = perplexity(lm.model, blocks)
     result = {"model": args.model, "corpus": args.corpus, "split": args.split, "seq_len": args.seq_len,
@@ -340,8 +384,9 @@ def _kvquant(args) -> None:
     from atlas_core.kvquant.experiment import EvalSetup, KVMethod, compare
     from atlas_core.models import check_length, load_model
 
-    method = KVMethod(args.method, args.kbits, args.vbits, args.group, args.residual, args.rank, args.side_bits,
-                      args.control, args.pre_rope, args.seed, args.base, args.a2_low)  # validated before the model loads
+    method = KVMethod(method=args.method, pre_rope=args.pre_rope,  # validated before the model loads
+                      **_given(args, kbits="kbits", vbits="vbits", group="group", residual="residual", rank="rank",
+                               side_bits="side_bits", control="control", seed="seed", base="base", a2_low="a2_low"))
     chosen = {k: v for k, v in (("engine", args.engine), ("batch", args.batch)) if v is not None}
     setup = EvalSetup(prefill=args.prefill, **chosen)
     setup.check(method)
@@ -353,11 +398,12 @@ def _kvquant(args) -> None:
         raise ValueError(f"--calib-tokens ({args.calib_tokens}) must hold at least one block of --seq-len ({args.seq_len})")
     lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
     check_length(lm, args.seq_len, "--seq-len")
-    eval_blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_blocks, "eval", lm.spec.add_bos))
+    method.check_head(lm.spec.d_head)  # per-token groups divide d_head; HeadQ's rank ≤ d_head
+    eval_blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     calib = None
     if method.method == "headq":
         n_calib = args.calib_tokens // args.seq_len
-        calib = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_calib, "calib", lm.spec.add_bos))
+        calib = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"))
     start = time.perf_counter()
     r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty(), store=True)  # fp, Σ_q kept on disk
     result = {"model": args.model, "corpus": args.corpus, "tokens": eval_blocks.numel(), "seq_len": args.seq_len,
@@ -426,8 +472,11 @@ def _bench_extract(args) -> None:
 def _bench_kvquant(args) -> None:
     from atlas_core.kvquant.bench import bench_kvquant
 
-    if args.ctx < 2 or args.steps < 1 or args.rounds < 1 or not 1 <= args.bits <= 8:
-        raise ValueError("need --ctx ≥ 2, --steps ≥ 1, --rounds ≥ 1 and --bits in 1..8")
+    from atlas_core.kvquant.quant import check_bits
+
+    check_bits(args.bits, "--bits")
+    if args.ctx < 2 or args.steps < 1 or args.rounds < 1:
+        raise ValueError("need --ctx ≥ 2, --steps ≥ 1 and --rounds ≥ 1")
     r = bench_kvquant(args.model, args.ctx, args.steps, args.rounds, args.bits, args.group, args.rank, memo=args.memo)
     if args.json:
         print(_json(r))
@@ -444,25 +493,20 @@ def _sparse(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.models import load_model
     from atlas_core.models import check_length
-    from atlas_core.sparse import SparseConfig
     from atlas_core.sparse.fidelity import fidelity_report
 
-    cfg = SparseConfig(args.anchors, args.window, args.topk, args.dense_layers, args.selector, args.page_size,
-                       args.head_average)  # validated before the model loads
-    if args.prompt_tokens <= cfg.budget or args.seq_len <= cfg.budget + 1:
-        raise ValueError(f"--prompt-tokens and --seq-len must exceed the budget a+W+k = {cfg.budget} (nothing would be "
-                         "dropped otherwise)")
+    cfg = _sparse_config(args, dense_layers="dense_layers", selector="selector", head_average="head_average")
+    cfg.check_context(args.prompt_tokens, "--prompt-tokens")  # validated before the model loads
+    cfg.check_block(args.seq_len, "--seq-len")
     n_blocks = _blocks_of(args.eval_tokens, args.seq_len, "--eval-tokens")
     if args.gen_tokens < 1:
         raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
     lm = load_model(args.model, attn_implementation="sdpa")  # dense references and generation; the rule runs eager
-    if cfg.dense_layers >= lm.spec.n_layers:
-        raise ValueError(f"--dense-layers {cfg.dense_layers} keeps every one of the {lm.spec.n_layers} layers dense: "
-                         f"nothing is sparse; use at most {lm.spec.n_layers - 1}")
+    cfg.check_layers(lm.spec.n_layers, "--dense-layers")
     check_length(lm, args.seq_len, "--seq-len")
     check_length(lm, args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")
-    prompt = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.prompt_tokens, 1, "calib", lm.spec.add_bos))[0]
-    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_blocks, "eval", lm.spec.add_bos))
+    prompt = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib"))[0]
+    blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     start = time.perf_counter()
     r = fidelity_report(lm, cfg, prompt, args.gen_tokens, blocks, progress=sys.stderr.isatty())
     result = {"model": args.model, "corpus": args.corpus, **cfg.__dict__, "prompt_tokens": len(prompt),
@@ -494,7 +538,7 @@ def _wquant(args) -> None:
     from atlas_core.wquant.gptq import GPTQConfig
     from atlas_core.wquant.rtn import WQuantSpec
 
-    spec = WQuantSpec(args.bits, args.group, args.symmetric)  # validated before the model loads
+    spec = WQuantSpec(**_given(args, bits="bits", group="group", symmetric="symmetric"))  # validated before the model loads
     given = {"corpus": args.calib_corpus, "tokens": args.calib_tokens, "seq_len": args.calib_seq_len}
     cal = CalibConfig(**{k: v for k, v in given.items() if v is not None})
     gptq_config = GPTQConfig(act_order=args.act_order, sequential=not args.one_pass,
@@ -507,7 +551,7 @@ def _wquant(args) -> None:
     lm = load_model(args.model, attn_implementation="sdpa")
     check_length(lm, max(args.seq_len, cal.seq_len), "--seq-len or --calib-seq-len")
     calib = cal.blocks(lm)
-    blocks = token_blocks(lm.tokenizer, BlockSpec(args.corpus, args.seq_len, n_blocks, "eval", lm.spec.add_bos))
+    blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
     r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge,
                    gptq_config=gptq_config, calib_config=cal)
@@ -521,17 +565,16 @@ def _wquant(args) -> None:
         return
     out = "" if r["output_error"] is None else f", output {r['output_error']:.3e}"
     ppl, fp, ratio = (Estimate(**r[k]) for k in ("ppl", "ppl_fp", "ppl_ratio"))
-    print(f"{args.model} {args.method} {args.bits}b (group {args.group or 'channel'}): perplexity {ppl:.3f} "
+    print(f"{args.model} {args.method} {spec.bits}b (group {spec.group or 'channel'}): perplexity {ppl:.3f} "
           f"(fp {fp:.3f}; ratio {ratio:.3f}, 95% block-bootstrap intervals on {ppl.units} blocks); "
           f"mean relative layer error: weight {r['weight_error']:.3e}{out} (held-out inputs); "
           f"{r['seconds']:.1f} s")
 
 
 def _bench_sparse(args) -> None:
-    from atlas_core.sparse import SparseConfig
     from atlas_core.sparse.bench import bench_sparse_decode
 
-    cfg = SparseConfig(args.anchors, args.window, args.topk, page_size=args.page_size)
+    cfg = _sparse_config(args)
     if args.device.startswith("cuda"):
         import torch
 

@@ -21,14 +21,14 @@ from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.kvquant.cache import QuantizedKVCache, held_bits_per_element
 from atlas_core.kvquant.experiment import KVMethod
 from atlas_core.kvquant.headq import SideCode, calibrate
-from atlas_core.models import LoadedModel, load_model
+from atlas_core.models import DEFAULT_MODEL, LoadedModel, load_model
 
 
 def _caches(lm: LoadedModel, bits: int, group: int, rank: int, side_bits: int, calib: torch.Tensor, memo: bool) -> dict:
     """name -> a function building a fresh cache."""
     config = lm.model.config
-    kv = {m: replace(KVMethod(m, bits, bits, group).kv_config(), memo=memo) for m in ("per-token", "kivi")}
-    side = SideCode(calibrate(lm, calib, rank, "query"), side_bits)
+    kv = {m: replace(KVMethod(method=m, kbits=bits, vbits=bits, group=group).kv_config(), memo=memo) for m in ("per-token", "kivi")}
+    side = SideCode(bases=calibrate(lm, calib, rank, "query"), bits=side_bits)
     return {
         "fp": lambda: DynamicCache(config=config),
         "per-token": lambda: QuantizedKVCache(config, kv["per-token"]),
@@ -64,7 +64,7 @@ def _memory(cache) -> dict:
 
 
 def bench_kvquant(
-    model: str = "smollm2-135m",
+    model: str = DEFAULT_MODEL,
     n_ctx: int = 2048,
     steps: int = 16,
     rounds: int = 3,
@@ -82,8 +82,8 @@ def bench_kvquant(
         ``headq_vs_per_token`` (HeadQ's step over its base quantizer's).
     """
     lm = load_model(model, attn_implementation="sdpa")
-    ctx = token_blocks(lm.tokenizer, BlockSpec(seq_len=n_ctx, n_blocks=1, add_bos=lm.spec.add_bos))
-    calib = token_blocks(lm.tokenizer, BlockSpec(seq_len=512, n_blocks=4, split="calib", add_bos=lm.spec.add_bos))
+    ctx = token_blocks(lm, BlockSpec(seq_len=n_ctx, n_blocks=1))
+    calib = token_blocks(lm, BlockSpec(seq_len=512, n_blocks=4, split="calib"))
     builders = _caches(lm, bits, group, rank, side_bits, calib, memo)
     samples: dict[str, list[float]] = {name: [] for name in builders}
     memory = {}

@@ -59,7 +59,7 @@ from atlas_core.kvquant.quant import QTensor, QuantSpec
 RESIDUAL_RULES = ("recent", "kivi")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVQuantConfig:
     """What the cache quantizes. ``None`` keeps that tensor in full precision.
 

@@ -49,24 +49,26 @@ from atlas_core.kvquant.decode import decode_nll
 from atlas_core.kvquant.headq import SideCode, calibrate, query_covariances, top_eigenvectors
 from atlas_core.kvquant.onepass import onepass_nll, prefill_caches
 from atlas_core.kvquant.policy import ValuePolicy
-from atlas_core.kvquant.quant import QuantSpec
+from atlas_core.kvquant.quant import QuantSpec, check_bits
 from atlas_core.models import LoadedModel
 
 METHODS = ("fp", "per-token", "per-channel", "kivi", "headq")
 BASES = ("per-token", "per-channel", "kivi")  # HeadQ's base key quantizers
 CONTROLS = ("none", "wrong-sign", "random-basis", "key-pca")
-DENSE = 16  # vbits=16: values kept in full precision (K-only)
 ENGINES = ("onepass", "decode")
 TIE = "not distinguishable at this sample size"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVMethod:
-    """A KV-cache quantization method and its settings."""
+    """A KV-cache quantization method and its settings.
+
+    Values are not quantized when ``vbits`` is None (K-only), as ``KVQuantConfig.value`` None says.
+    """
 
     method: str = "per-token"
     kbits: int = 2
-    vbits: int = DENSE  # 16: dense values (K-only)
+    vbits: int | None = None  # None: values in full precision (K-only)
     group: int = 32  # channels per group (per-token) or tokens per group (KIVI keys)
     residual: int | None = None  # fp tokens (see the module docstring); None: 0, or ``group`` under KIVI's rule
     rank: int = 8  # HeadQ side-code rank r
@@ -88,13 +90,19 @@ class KVMethod:
             raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
         if self.control != "none" and self.method != "headq":
             raise ValueError(f"--control {self.control} applies to --method headq only")
-        if not (1 <= self.kbits <= 8 and (1 <= self.vbits <= 8 or self.vbits == DENSE)):
-            raise ValueError(f"kbits must be 1..8 and vbits 1..8 or 16 (dense), got {self.kbits}, {self.vbits}")
-        if self.rank < 1 or not 1 <= self.side_bits <= 8 or self.residual < 0:
-            raise ValueError("rank must be ≥ 1, side bits 1..8 and residual ≥ 0")
-        if self.a2_low is not None and (self.method == "fp" or self.vbits == DENSE or not 1 <= self.a2_low < self.vbits):
-            raise ValueError(f"the A² value policy needs quantized values (--vbits 1..8) and 1 ≤ low bits < --vbits, "
-                             f"got low {self.a2_low}, vbits {self.vbits}")
+        check_bits(self.kbits, "kbits")
+        if self.vbits is not None:
+            check_bits(self.vbits, "vbits")
+        check_bits(self.side_bits, "side_bits")
+        for name in ("group", "rank", "seed", "residual"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("seed", "residual") else 1):
+                raise ValueError(f"{name} must be an integer ≥ {0 if name in ('seed', 'residual') else 1}, got {value!r}")
+        if self.a2_low is not None:
+            check_bits(self.a2_low, "a2_low")
+            if self.method == "fp" or self.vbits is None or not self.a2_low < self.vbits:
+                raise ValueError(f"the A² value policy needs quantized values (--vbits 1..8) and 1 ≤ low bits < --vbits, "
+                                 f"got low {self.a2_low}, vbits {self.vbits}")
         if self.key_base() == "kivi" and (self.residual < 1 or self.residual % self.group):
             raise ValueError(f"KIVI's residual must be a positive multiple of --group ({self.group}), got {self.residual} "
                              "(KIVI's code asserts residual_length % group_size == 0)")
@@ -106,7 +114,7 @@ class KVMethod:
     def label(self) -> str:
         if self.method == "fp":
             return "fp"
-        values = "dense V" if self.vbits == DENSE else f"V{self.vbits}"
+        values = "dense V" if self.vbits is None else f"V{self.vbits}"
         text = f"{self.method} K{self.kbits} {values} g{self.group}"
         if self.residual:
             text += f" R{self.residual}"
@@ -121,10 +129,24 @@ class KVMethod:
         if self.method == "fp":
             return None
         base = self.key_base()
-        key = QuantSpec(self.kbits, self.group, "token" if base == "per-token" else "channel")
-        value = None if self.vbits == DENSE else QuantSpec(self.vbits, self.group, "token")
+        key = QuantSpec(bits=self.kbits, group=self.group, axis="token" if base == "per-token" else "channel")
+        value = None if self.vbits is None else QuantSpec(bits=self.vbits, group=self.group, axis="token")
         rule = "kivi" if base == "kivi" else "recent"
-        return KVQuantConfig(key, value, self.residual, pre_rope=self.pre_rope, memo=True, residual_rule=rule)
+        return KVQuantConfig(key=key, value=value, residual=self.residual, pre_rope=self.pre_rope, memo=True,
+                             residual_rule=rule)
+
+    def check_head(self, d_head: int) -> None:
+        """Raise ValueError if this method cannot run on heads ``d_head`` wide.
+
+        Per-token groups must divide d_head (a group wider than the head is the whole head), and HeadQ's
+        side-code rank is at most d_head (a frame of r orthonormal directions in d_head dimensions).
+        """
+        cfg = self.kv_config()
+        for spec in (None,) if cfg is None else (cfg.key, cfg.value):
+            if spec is not None and spec.axis == "token":
+                spec.channel_group(d_head)
+        if self.method == "headq" and self.rank > d_head:
+            raise ValueError(f"rank ({self.rank}) must be at most d_head ({d_head})")
 
     def value_policy(self) -> ValuePolicy | None:
         """The causal A² value policy for the one-pass engine, or None for uniform values."""
@@ -134,7 +156,7 @@ class KVMethod:
         """The same method with the settings it ignores reset to their defaults (a key for memoising runs)."""
         default = KVMethod()
         if self.method == "fp":
-            return KVMethod("fp")
+            return KVMethod(method="fp")
         if self.method != "headq":
             return replace(self, rank=default.rank, side_bits=default.side_bits, seed=default.seed, base=default.base)
         return self if self.control == "random-basis" else replace(self, seed=default.seed)
@@ -195,7 +217,7 @@ def side_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor, bases: dic
     cut = {layer: b[..., : method.rank] for layer, b in bases.items()}
     if next(iter(cut.values())).shape[-1] < method.rank:
         raise ValueError(f"the bases have fewer than rank {method.rank} columns")
-    return SideCode(cut, method.side_bits, -1.0 if method.control == "wrong-sign" else 1.0)
+    return SideCode(bases=cut, bits=method.side_bits, sign=-1.0 if method.control == "wrong-sign" else 1.0)
 
 
 def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: SideCode | None = None,
@@ -235,11 +257,12 @@ def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: Side
                            progress=progress, **extra)  # (batch, token − prefill − 1)
         parts.append(nll.double())
         bits = bits or held  # blocks of one length: every batch's cache holds the same bits per element
-        payload.append(held.get("value_payload", method.vbits) * len(nll))
+        payload.append(held.get("value_payload", method.vbits or math.nan) * len(nll))
     nll = torch.cat(parts)
+    spent = sum(payload) / len(nll)  # mean payload bits per value (A²: as spent; else vbits; None: fp values)
     return {"label": method.label(), "nll": nll, "ppl": interval.perplexity(nll, setup.boot),
             "bits_key": bits["key"], "bits_value": bits["value"],
-            "value_payload": sum(payload) / len(nll)}  # mean payload bits per value (A²: as spent; else vbits)
+            "value_payload": None if method.vbits is None else spent}
 
 
 class Runs:
@@ -344,9 +367,9 @@ class Runs:
             "difference_baseline" (PPL − PPL_baseline), "excess_removed" ((PPL_base − PPL)/(PPL_base − PPL_fp))};
             each an ``Estimate`` with its 95% interval.
         """
-        boot, fp = self.setup.boot, self.nll(KVMethod("fp"))
+        boot, fp = self.setup.boot, self.nll(KVMethod(method="fp"))
         nll = self.nll(method)
-        out = {"ppl": self(method)["ppl"], "ppl_fp": self(KVMethod("fp"))["ppl"], "ratio_fp": interval.ppl_ratio(nll, fp, boot)}
+        out = {"ppl": self(method)["ppl"], "ppl_fp": self(KVMethod(method="fp"))["ppl"], "ratio_fp": interval.ppl_ratio(nll, fp, boot)}
         baseline = baseline or method.baseline()
         if baseline is not None:
             base = self.nll(baseline)
@@ -365,7 +388,7 @@ class Runs:
             raise ValueError("HeadQ needs calibration blocks (the calib split)")
         figures = self.figures(method)
         baseline = method.baseline()
-        return {"method": self(method), "fp": self(KVMethod("fp")), "baseline": baseline and self(baseline),
+        return {"method": self(method), "fp": self(KVMethod(method="fp")), "baseline": baseline and self(baseline),
                 "figures": figures,
                 "verdict": baseline and removal_verdict(figures["excess_removed"], figures["difference_baseline"])}
 

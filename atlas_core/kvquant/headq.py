@@ -23,19 +23,24 @@ from dataclasses import dataclass
 import torch
 
 from atlas_core.extract import extract
-from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor, QuantSpec, dequantize, quantize
+from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor, QuantSpec, check_bits, dequantize, quantize
 from atlas_core.models import LoadedModel
 
 BASES = ("query", "random", "key-pca")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SideCode:
     """Side-code settings and the per-layer bases, {layer: (kv_head, d_head, r)}."""
 
     bases: dict
-    bits: int = 4  # b′
+    bits: int = 4  # b′, 1..8 (``quant.check_bits``)
     sign: float = 1.0  # -1.0: the wrong-sign control
+
+    def __post_init__(self):
+        check_bits(self.bits, "side-code bits")
+        if self.sign not in (1.0, -1.0):
+            raise ValueError(f"sign must be 1.0 or -1.0 (the wrong-sign control), got {self.sign!r}")
 
     @property
     def rank(self) -> int:

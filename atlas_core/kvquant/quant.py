@@ -24,19 +24,33 @@ AXES = ("token", "channel")
 OVERHEAD_BITS = 16  # bits of one stored scale or zero (fp16)
 
 
-@dataclass(frozen=True)
+BITS = range(1, 9)  # payload bits a code may carry: one byte at most (codes are uint8)
+
+
+def check_bits(bits, name: str = "bits") -> None:
+    """Raise ValueError unless ``bits`` is an integer in 1..8 (``BITS``): the one rule for KV-cache code widths.
+
+    Args:
+        bits: the value to check; name: what the caller calls it (kbits, vbits, side_bits, a flag).
+    Raises:
+        ValueError: a bool, a non-integer (2.5) or a width outside 1..8, naming ``name``.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"{name} must be an integer in {BITS.start}..{BITS.stop - 1}, got {bits!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """How one kind of cached tensor is quantized."""
 
-    bits: int = 2  # payload bits per element, 1..8
+    bits: int = 2  # payload bits per element, 1..8 (``BITS``)
     group: int = 32  # group length: channels (axis="token") or tokens (axis="channel")
     axis: str = "token"  # "token" (groups along d_head) or "channel" (groups along key)
     scale_dtype: torch.dtype = torch.float16  # storage of scale and zero; float32 for exact tests
 
     def __post_init__(self):
-        if not 1 <= self.bits <= 8:
-            raise ValueError(f"bits must be in 1..8, got {self.bits}")
-        if self.group < 1:
+        check_bits(self.bits)
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
             raise ValueError(f"group must be positive, got {self.group}")
         if self.axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")

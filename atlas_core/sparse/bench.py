@@ -61,8 +61,7 @@ def bench_sparse_decode(contexts=(131072,), heads: int = 9, kv_heads: int = 3, d
     """
     if heads % kv_heads or min(heads, kv_heads, d_head, rounds, steps) < 1:
         raise ValueError(f"need positive sizes and heads ({heads}) divisible by kv_heads ({kv_heads})")
-    if min(contexts) <= cfg.budget:
-        raise ValueError(f"every context must exceed the budget a+W+k = {cfg.budget}, got {min(contexts)}")
+    cfg.check_context(min(contexts), "every context")
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for n in contexts:

@@ -95,9 +95,7 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
     if len(n_blocks) != len(configs) or not all(1 <= n <= len(blocks) for n in n_blocks):
         raise ValueError(f"n_blocks must give each of the {len(configs)} rules 1 … {len(blocks)} blocks, got {n_blocks}")
     for cfg in configs:
-        if blocks.shape[1] <= max(cfg.budget, cfg.sparse_from) + 1:
-            raise ValueError(f"blocks of {blocks.shape[1]} tokens are too short for the budget a+W+k = {cfg.budget}: "
-                             "nothing would be dropped; use longer blocks")
+        cfg.check_block(blocks.shape[1], "blocks")
     states = [{"log": MassLog(), "kl": [], "top1_agree": [], "nll_sparse": [], "discarded": []} for _ in configs]
     nll_dense = []
     for i, block in enumerate(tqdm(blocks[:max(n_blocks)], desc=f"sparse: {len(configs)} rule(s) per block",

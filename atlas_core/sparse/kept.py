@@ -22,7 +22,7 @@ SELECTORS = ("exact", "pages", "blocks-mean", "blocks-mean-kv")  # the block sel
 __all__ = ["SELECTORS", "SparseConfig", "all_candidates_fit", "fixed_mask", "kept_mask", "kept_mask_reference", "output_split", "top_k_mask"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SparseConfig:
     """The sparse rule: anchors a, window W, top-k, dense first layers, selector, page size, head averaging,
     and the first query position it applies to (``sparse_from``: every earlier query is a dense prefill)."""
@@ -67,6 +67,57 @@ class SparseConfig:
             bool, or a bool tensor of the same shape.
         """
         return n_candidates <= self.topk
+
+    def keeps_every_key(self, n_keys):
+        """Whether a query that sees ``n_keys`` keys keeps them all: n ≤ a + W + k (nothing to drop).
+
+        Args:
+            n_keys: an int or an integer tensor of counts of visible keys.
+        Returns:
+            bool, or a bool tensor of the same shape.
+        """
+        return n_keys <= self.budget  # ``keeps_all`` of its n − a − W candidates (none when n ≤ a + W)
+
+    def check_context(self, n_tokens: int, name: str = "the context") -> None:
+        """Raise ValueError unless a query that sees ``n_tokens`` keys can drop one (n > a + W + k).
+
+        Used for a generation prompt (every later step sees more keys) and a decode benchmark's cache.
+
+        Args:
+            n_tokens: keys the query sees; name: what the caller calls that length (a flag, a parameter).
+        Raises:
+            ValueError: naming ``name``: the rule keeps every key, so sparse equals dense by construction.
+        """
+        if self.keeps_every_key(n_tokens):
+            raise ValueError(f"{name} ({n_tokens} tokens) must exceed the budget a + W + k = {self.budget} "
+                             f"(a={self.anchors}, W={self.window}, k={self.topk}): otherwise nothing is dropped")
+
+    def min_block_tokens(self) -> int:
+        """Shortest teacher-forced block with a scored position where the rule can drop a key.
+
+        Positions i ≥ max(a + W + k, sparse_from) are scored (their query sees i + 1 > a + W + k keys), and
+        position i is scored on token i + 1, so the block needs max(a + W + k, sparse_from) + 2 tokens.
+        """
+        return max(self.budget, self.sparse_from) + 2
+
+    def check_block(self, n_tokens: int, name: str = "blocks") -> None:
+        """Raise ValueError unless blocks of ``n_tokens`` tokens hold a position the rule is scored at.
+
+        Args:
+            n_tokens: tokens per block; name: what the caller calls that length (a flag, a parameter).
+        Raises:
+            ValueError: naming ``name`` and the shortest length that works (``min_block_tokens``).
+        """
+        if n_tokens < self.min_block_tokens():
+            raise ValueError(f"{name} ({n_tokens} tokens) is too short for the rule a + W + k = {self.budget}"
+                             + (f" from position {self.sparse_from}" if self.sparse_from > self.budget else "")
+                             + f": nothing would be dropped and scored; use at least {self.min_block_tokens()}")
+
+    def check_layers(self, n_layers: int, name: str = "dense_layers") -> None:
+        """Raise ValueError if the dense first layers are every layer of an ``n_layers``-layer model."""
+        if self.dense_layers >= n_layers:
+            raise ValueError(f"{name} ({self.dense_layers}) keeps every one of the {n_layers} layers dense: nothing is "
+                             f"sparse; use at most {n_layers - 1}")
 
     @property
     def n_pages(self) -> int:

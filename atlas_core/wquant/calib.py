@@ -225,8 +225,8 @@ class CalibConfig:
         """(block, token) calibration ids: the first tokens // seq_len blocks of the calib split."""
         from atlas_core.corpus import BlockSpec, token_blocks
 
-        return token_blocks(lm.tokenizer, BlockSpec(self.corpus, self.seq_len, self.tokens // self.seq_len, "calib",
-                                                    lm.spec.add_bos))
+        return token_blocks(lm, BlockSpec(corpus=self.corpus, seq_len=self.seq_len, n_blocks=self.tokens // self.seq_len,
+                                          split="calib"))
 
 
 class _Stop(Exception):

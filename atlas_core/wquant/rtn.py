@@ -23,7 +23,7 @@ import torch
 __all__ = ["WQuantSpec", "group_params", "quantize_rtn", "quantize_rtn_reference", "quantize_with"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WQuantSpec:
     """Bits, group size (None: one group per output channel) and symmetry of a weight quantizer."""
 
