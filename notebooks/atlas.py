@@ -65,6 +65,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from atlas_core import claims
 from atlas_core.cache import write_json
 from atlas_core.glue import prefixed_glue
 from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj
@@ -74,7 +75,7 @@ from atlas_core.intrinsic import layer_profile, per_head_dropped
 from atlas_core.models import load_model
 from atlas_core.eval import block_nll
 from atlas_core.interval import Estimate, format_estimate
-from atlas_core.top1 import fit_reconstruction, recovery_verdict, top1_experiment
+from atlas_core.top1 import fit_reconstruction, top1_experiment
 
 
 g = prefixed_glue("atlas")  # g(key, value) glues atlas_<key>
@@ -195,25 +196,12 @@ g("n_intra", head.n_intra)
 g("ratio", head.o_h / head.null_mean)
 g("pair_label", "head pairs (every head reads the single KV head)" if mqa else
   "inter-group pairs (heads that read different KV heads)" if head.n_intra else "head pairs")
-oh_side = "is indistinguishable from" if abs(head.z) < 2 else "lies above" if head.z > 0 else "lies below"
-g("verdict", oh_side)
-outside = [kk for kk in ks if abs(sweep["eps"][kk].z) >= 2]
-if not outside:
-    sweep_verdict = "at every k of the sweep it stays within two null standard deviations of chance"
-else:
-    sides = {"above" if sweep["eps"][kk].z > 0 else "below" for kk in outside}
-    sweep_verdict = (f"over the sweep it lies two or more null standard deviations {' or '.join(sorted(sides))} "
-                     f"chance at k = {', '.join(map(str, outside))} and within that band at the other "
-                     f"{len(ks) - len(outside)} values of k")
-g("sweep_verdict", sweep_verdict)
+g("verdict", claims.null_side(head.z).text)
+sweep_z = {kk: sweep["eps"][kk].z for kk in ks}
+g("sweep_verdict", claims.sweep_clause(sweep_z).text)
 # The claims page's verdicts on the headline and on the sweep, whichever way the z-scores fall.
-g("claim_verdict", {"is indistinguishable from": "does not replicate as a property of trained heads",
-                    "lies below": "replicates beyond the null",
-                    "lies above": "does not replicate (more aligned than chance)"}[oh_side]
-  + f": O_h {oh_side} random frames in the same dimension")
-g("sweep_claim_verdict", ("explained by the null: " if not outside else
-                          "mostly explained by the null: " if len(outside) < len(ks) / 2 else
-                          "not explained by the null alone: ") + sweep_verdict)
+g("claim_verdict", claims.o_h_claim(head.z).text)
+g("sweep_claim_verdict", claims.sweep_claim(sweep_z).text)
 if head.intra is None:
     split = "every pair of heads reads a different KV head, so there is no intra-group split"
 elif mqa:
@@ -346,10 +334,7 @@ id_ratio = id_source / ids["twonn"].mean()
 g("id_source", id_source)
 g("id_mle", ids["mle"].mean())
 g("id_source_ratio", id_ratio)
-g("id_verdict", f"the source's estimator reads {id_source:.1f} here"
-  + (", near the source's 7.1" if abs(id_source - 7.1) <= 1 else ", not the source's 7.1")
-  + (f", and it is biased upward (×{id_ratio:.2f} the unbiased fit): use the unbiased fit" if id_ratio > 1.1
-     else ", and it agrees with the unbiased fit"))
+g("id_verdict", claims.twonn_source(id_source, ids["twonn"].mean()).text)
 g("dropped_last", dropped_last)
 
 
@@ -444,8 +429,7 @@ g("c_z", c_res.z)
 g("c_col_null", c_res.colspace_null_mean)
 g("c_col_std", c_res.colspace_null_std)
 g("c_col_z", c_res.colspace_z)
-g("c_verdict", "is indistinguishable from" if abs(c_res.colspace_z) < 2 else
-  "lies above" if c_res.colspace_z > 0 else "lies below")
+g("c_verdict", claims.null_side(c_res.colspace_z).text)
 
 # %% [markdown]
 # ```{glue:figure} atlas_coord_table
@@ -658,9 +642,8 @@ for name, tag in (("deepest", "1"), ("three deepest", "3")):
         figure = top1[name]["intervals"][field]
         for part in ("", "_lo", "_hi"):
             g(f"top1_{short}_{tag}{part}", figure[part.strip("_") or "value"])
-source_rec = 0.559  # the source's share recovered on GPT-2
 three = top1["three deepest"]["intervals"]
-g("top1_verdict", recovery_verdict(Estimate(**three["gain"]), Estimate(**three["recovered"]), source_rec))
+g("top1_verdict", claims.top1_recovery(Estimate(**three["gain"]), Estimate(**three["recovered"])).text)
 
 # %% [markdown]
 # ```{glue:figure} atlas_top1_table
