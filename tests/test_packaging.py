@@ -44,3 +44,13 @@ def test_book_config_builds_offline():
     sphinx = config["sphinx"]["config"]
     assert "intersphinx_mapping" not in sphinx
     assert not sphinx["mathjax_path"].startswith(("http:", "https:", "//"))
+
+
+def test_the_atlas_command_is_the_book_packages_cli():
+    """One front door: pyproject's `atlas` script is atlas_core.book.cli:main, and it resolves."""
+    import importlib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["atlas"]
+    module, _, name = target.partition(":")
+    assert target == "atlas_core.book.cli:main"
+    assert callable(getattr(importlib.import_module(module), name))
