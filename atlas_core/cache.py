@@ -82,6 +82,18 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+def jsonable(obj):
+    """``obj`` with numpy arrays and scalars made Python values, tuples made lists and every key a string,
+    so that ``write_json`` can write it (recursively through dicts, lists and tuples)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars (and tensors): Python lists and numbers
+        return jsonable(obj.tolist())
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write ``obj`` as pretty JSON atomically."""
     with atomic_path(path) as tmp:

@@ -56,7 +56,6 @@ spearman_null_draws = 1000
 results_dir = "results"
 
 # %%
-import re
 import time
 from pathlib import Path
 
@@ -67,7 +66,8 @@ from myst_nb import glue
 from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core import claims
-from atlas_core.cache import write_json
+from atlas_core.cache import jsonable, write_json
+from atlas_core.glue import glue_key as key, listing, number as f3, span, with_ci
 from atlas_core.geometry import analytic_null_mean, haar_null
 from atlas_core.protocol import Protocol, measure_model
 from atlas_core.stats import null_r2
@@ -77,27 +77,6 @@ protocol = Protocol(corpora=tuple(corpora), k=k, k_range=tuple(k_range), n_point
                     seq_len=seq_len, seeds=tuple(seeds), n_deep=n_deep, mid_depth=mid_depth, n_boot=n_boot,
                     null_draws=null_draws, n_perm=n_perm, spearman_null_draws=spearman_null_draws)
 RESIDUALS = {"eps": "ε", "z": "z", "c": "c (after W_O)"}
-
-
-def key(*parts) -> str:
-    """A glue key from arbitrary names (model ids contain dots, dashes and slashes)."""
-    return "_".join(re.sub(r"\W+", "_", str(p)).strip("_") for p in parts)
-
-
-def f3(x) -> str:
-    return "—" if x is None or not np.isfinite(x) else f"{x:.3f}"
-
-
-def with_ci(value, ci) -> str:
-    return "—" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def listing(items) -> str:
-    """Names for prose: "a", "a and b", "a, b and c"; "none in this run" when empty."""
-    items = list(items)
-    if not items:
-        return "none in this run"
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 # %% [markdown]
@@ -191,15 +170,6 @@ glue("xa_run_c_colspace", f"{run['c']['colspace_null_mean']:.3f}", display=False
 glue("xa_run_c_colspace_z", f"{run['c']['colspace_z']:.1f}", display=False)
 glue("xa_run_twonn", f"{run['eps']['d_int_twonn']:.2f}", display=False)
 glue("xa_run_twonn_source", f"{run['eps']['d_int_twonn_source']:.2f}", display=False)
-
-
-def span(values, fmt: str) -> str:
-    """"a" when all values agree to the format, else "a to b"; "n/a" when there are none."""
-    values = list(values)
-    if not values:
-        return "n/a"
-    lo, hi = format(min(values), fmt), format(max(values), fmt)
-    return lo if lo == hi else f"{lo} to {hi}"
 
 
 inter_eps = [results[n]["main"]["eps"] for n in inter_models]
@@ -668,19 +638,6 @@ with pd.option_context("display.max_colwidth", None):  # verdicts are sentences:
 #   across sampling seeds ({numref}`tbl-xa-corpus`, {numref}`tbl-xa-spread`).
 
 # %%
-def jsonable(obj):
-    """Numpy values, tuples and non-string keys made JSON-ready."""
-    if isinstance(obj, dict):
-        return {str(k_): jsonable(v) for k_, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 headline = {n: {f: r["main"]["eps"][f] for f in ("o_h", "ci", "pairs", "null_mean", "null_std", "delta", "z",
                                                    "d_int_twonn", "d_int_twonn_source")}
             | {"spearman_pooled": r["spearman"]["real"]["pooled"]} for n, r in results.items()}

@@ -143,3 +143,18 @@ def test_the_assembled_qwen_gguf_is_checked_not_only_sized(tmp_path, monkeypatch
     assert read_checked(target, lambda p: p, "assembled GGUF") is None
     write_checked(target, lambda tmp: zoo._concatenate(parts, tmp))
     assert target.read_bytes() == whole
+
+
+def test_jsonable_makes_numpy_tuples_and_keys_writable(tmp_path):
+    import json
+
+    import numpy as np
+
+    from atlas_core.cache import jsonable, write_json
+
+    obj = {7: (np.float64(0.5), np.int64(3)), "a": {"b": np.arange(3), (1, 2): [np.bool_(True)]}, "s": "x"}
+    out = jsonable(obj)
+    assert out == {"7": [0.5, 3], "a": {"b": [0, 1, 2], "(1, 2)": [True]}, "s": "x"}
+    assert type(out["7"][0]) is float and type(out["7"][1]) is int and type(out["a"]["(1, 2)"][0]) is bool
+    write_json(tmp_path / "r.json", out)
+    assert json.loads((tmp_path / "r.json").read_text()) == out
