@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-from atlas_core.models import scoring_attention
+from atlas_core import interval
+from atlas_core.corpus import BlockSpec, token_blocks
+from atlas_core.models import LoadedModel, scoring_attention
 from atlas_core.progress import tqdm  # names the running chapter
 
 
@@ -98,3 +100,17 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool 
         perplexity (float); the mean NLL is taken in float64.
     """
     return math.exp(block_nll(model, blocks, batch_size, progress).double().mean().item())
+
+
+def corpus_perplexity(lm: LoadedModel, spec: BlockSpec) -> interval.Estimate:
+    """Perplexity of a loaded model on the token blocks ``spec`` names, with its 95% block-bootstrap interval.
+
+    Args:
+        lm: a ``models.LoadedModel`` (its BOS policy applies unless ``spec.add_bos`` overrides it)
+        spec: a ``corpus.BlockSpec``: corpus, seq_len, n_blocks, split
+    Returns:
+        ``interval.Estimate``: exp(Σ NLL / Σ tokens) over the blocks, its interval and the block count
+    Raises:
+        CorpusError: more blocks than the split holds
+    """
+    return interval.perplexity(block_nll(lm.model, token_blocks(lm, spec), progress=False))  # nll: (block, token - 1)

@@ -40,7 +40,6 @@ invariant_seq_len = 256
 results_dir = "results"
 
 # %%
-import re
 import time
 from pathlib import Path
 
@@ -52,18 +51,12 @@ from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, corpus_stats, token_blocks
-from atlas_core import interval
-from atlas_core.eval import block_nll
-from atlas_core.extract import extract
+from atlas_core.eval import corpus_perplexity
+from atlas_core.extract import invariant_errors
+from atlas_core.glue import glue_key as key
 from atlas_core.models import load_model
 
 names = list(dict.fromkeys([model, *models]))  # the run's model first, no repeats
-
-
-def key(*parts) -> str:
-    """A glue key from arbitrary names (model ids contain dots, dashes and slashes)."""
-    return "_".join(re.sub(r"\W+", "_", str(p)).strip("_") for p in parts)
-
 
 # %% [markdown]
 # ## The models
@@ -76,54 +69,29 @@ def key(*parts) -> str:
 # are instruction-tuned; Gemma 3 270M is a base model.
 
 # %%
-def measure(name: str) -> tuple[dict, dict, list[dict], object]:
-    """Load one model, read its shape, check the extraction invariants and measure its perplexities."""
-    lm = load_model(name)
-    s = lm.spec
-    shape = {"model": name, "family": s.family, "layers": s.n_layers, "heads": s.n_heads,
-             "kv heads": s.n_kv_heads, "d_head": s.d_head, "d_model": s.d_model,
-             "sliding layers": s.layer_types.count("sliding_attention"),
-             "window": max((w for w in s.windows if w), default=None), "BOS": s.add_bos,
-             "parameters (M)": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 1)}
-    return shape, check_invariants(lm), perplexities(lm), lm.tokenizer
-
-
-def check_invariants(lm) -> dict:
-    """Worst deviation of Σ_h c_h + b_O from the attention output, and of attention rows from 1."""
-    spec = BlockSpec(corpus="britannica", seq_len=invariant_seq_len, n_blocks=invariant_blocks, split="eval", add_bos=lm.spec.add_bos)
-    layers = sorted({0, lm.spec.n_layers // 2, lm.spec.n_layers - 1})
-    acts = extract(lm, token_blocks(lm.tokenizer, spec), layers, fields=("probs", "c"), progress=False)
-    abs_err = rel_err = row_err = 0.0
-    for a in acts.values():
-        bias = 0.0 if a.out_bias is None else a.out_bias
-        diff = (a.c.sum(0) + bias - a.attn_out).abs().max().item()
-        abs_err, rel_err = max(abs_err, diff), max(rel_err, diff / a.attn_out.abs().max().item())
-        row_err = max(row_err, (a.probs.sum(-1) - 1).abs().max().item())
-    return {"model": lm.spec.name, "layers checked": str(layers), "max |Σc + b − out|": abs_err,
-            "relative": rel_err, "max |Σp − 1|": row_err}
-
-
-def perplexities(lm) -> list[dict]:
-    """Perplexity on the evaluation split of every corpus, with its 95% block-bootstrap interval."""
-    rows = []
-    for corpus in corpora:
-        spec = BlockSpec(corpus=corpus, seq_len=ppl_seq_len, n_blocks=ppl_tokens // ppl_seq_len, split="eval", add_bos=lm.spec.add_bos)
-        start = time.perf_counter()
-        nll = block_nll(lm.model, token_blocks(lm.tokenizer, spec), progress=False)  # (block, token - 1)
-        est = interval.perplexity(nll)
-        rows.append({"model": lm.spec.name, "corpus": corpus, "perplexity": est.value, "lo": est.lo,
-                     "hi": est.hi, "blocks": est.units, "seconds": time.perf_counter() - start})
-    return rows
-
-
 spec_rows, invariant_rows, ppl_rows = [], [], []
 for name in tqdm(names, desc="models"):  # one model in memory at a time
-    shape, invariants, ppls, tok = measure(name)
-    spec_rows.append(shape)
-    invariant_rows.append(invariants)
-    ppl_rows.extend(ppls)
+    lm = load_model(name)
+    s = lm.spec
+    spec_rows.append({"model": name, "family": s.family, "layers": s.n_layers, "heads": s.n_heads,
+                      "kv heads": s.n_kv_heads, "d_head": s.d_head, "d_model": s.d_model,
+                      "sliding layers": s.layer_types.count("sliding_attention"),
+                      "window": max((w for w in s.windows if w), default=None), "BOS": s.add_bos,
+                      "parameters (M)": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 1)})
+    # Σ_h c_h + b_O against the attention output, and attention rows against 1: first, middle and last layer
+    inv = invariant_errors(lm, token_blocks(lm, BlockSpec(corpus="britannica", seq_len=invariant_seq_len,
+                                                          n_blocks=invariant_blocks, split="eval")))
+    invariant_rows.append({"model": s.name, "layers checked": str(inv["layers"]), "max |Σc + b − out|": inv["sum_abs"],
+                           "relative": inv["sum_rel"], "max |Σp − 1|": inv["rows"]})
+    for corpus in corpora:  # perplexity on each evaluation split, with its 95% block-bootstrap interval
+        start = time.perf_counter()
+        est = corpus_perplexity(lm, BlockSpec(corpus=corpus, seq_len=ppl_seq_len, n_blocks=ppl_tokens // ppl_seq_len,
+                                              split="eval"))
+        ppl_rows.append({"model": s.name, "corpus": corpus, "perplexity": est.value, "lo": est.lo, "hi": est.hi,
+                         "blocks": est.units, "seconds": time.perf_counter() - start})
     if name == model:
-        tokenizer = tok
+        tokenizer = lm.tokenizer
+    del lm
 spec_table = pd.DataFrame(spec_rows).set_index("model")
 glue("models_table", spec_table, display=False)
 glue("n_models", len(names), display=False)

@@ -188,3 +188,16 @@ def test_scoring_leaves_a_registered_attention_alone(toy_lm):
         with scoring_attention(toy_lm.model) as inside:
             assert inside == TOP1 == toy_lm.model.config._attn_implementation
     assert toy_lm.model.config._attn_implementation == "eager"
+
+
+def test_corpus_perplexity_is_the_interval_of_the_blocks_nll():
+    from atlas_core import interval
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.models import load_model
+
+    lm = load_model("toy-llama")
+    spec = BlockSpec(corpus="pydoc", seq_len=32, n_blocks=4, split="eval")
+    est = E.corpus_perplexity(lm, spec)
+    ref = interval.perplexity(E.block_nll(lm.model, token_blocks(lm, spec), progress=False))
+    assert (est.value, est.lo, est.hi, est.units) == (ref.value, ref.lo, ref.hi, ref.units) and est.units == 4
+    assert est.value == pytest.approx(E.perplexity(lm.model, token_blocks(lm, spec), progress=False), rel=1e-6)
