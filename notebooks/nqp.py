@@ -110,7 +110,9 @@ from atlas_core.glue import prefixed_glue
 from atlas_core.models import load_model
 from atlas_core.wquant.awq import AWQConfig
 from atlas_core.wquant.calib import CalibConfig, calibration_stats, weight_of, linear_layers
-from atlas_core.wquant.experiment import TIE, RunSet, best_method, compare, gate, run_wquant
+from atlas_core import claims
+from atlas_core.claims import TIE
+from atlas_core.wquant.experiment import RunSet, best_method, compare, run_wquant
 from atlas_core.wquant.layers import participation_rows
 from atlas_core.wquant.rtn import WQuantSpec
 
@@ -309,14 +311,9 @@ ge("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, ".4f")
 ge("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, ".4f")
 
 
-def best_text(b):
-    """The best method per channel at b bits, and those the sample cannot tell from it."""
-    best, ties = best_method({m: nll(m, b) for m in methods})
-    return best + (f" ({', '.join(ties)} {TIE} from it)" if ties else "")
-
-
-g("best_4", best_text(4))
-g("best_3", best_text(3))
+# The best method per channel at 4 and 3 bits, and those the sample cannot tell from it.
+g("best_4", claims.best_text(*best_method({m: nll(m, 4) for m in methods})).text)
+g("best_3", claims.best_text(*best_method({m: nll(m, 3) for m in methods})).text)
 
 # Paired comparisons (same blocks): each method against RTN, and the pairs the verdicts below rest on.
 pairs = [(m, "rtn", b, None) for b in bits for m in methods if m != "rtn"]
@@ -342,13 +339,7 @@ g("n_comparisons", len(comparisons))
 fisher_cases = [(other, b, grp) for b, grp in ((4, None), (3, None), (3, group))
                 for other in ("rtn", "gptq", "awq")] + [("rot-haar", 4, None), ("rot-haar", 3, None)]
 fisher_vs = {(o, b, grp): compare(nll("rot-fisher", b, grp), nll(o, b, grp), "rot-fisher", o) for o, b, grp in fisher_cases}
-not_worse = [f"{o} at {b} bits" + (f" (g{grp})" if grp else "") + f": {c.verdict} (ratio {c.ratio:.3f})"
-             for (o, b, grp), c in fisher_vs.items() if c.verdict != "higher"]
-g("fisher_claim", "The Fisher rotation does not collapse onto GPTQ and AWQ: it is worse than both, and worse than plain "
-  "RTN, at every bit width below 8, per channel and in groups, and worse than a Haar-random rotation, the opposite of "
-  "what the idea needs (every one of these paired ratios has its interval above 1)" if not not_worse else
-  "The Fisher rotation is worse than RTN, GPTQ, AWQ and the Haar rotation below 8 bits except where the paired "
-  "interval says otherwise: " + "; ".join(not_worse))
+g("fisher_claim", claims.fisher_not_worse({case: c.ratio for case, c in fisher_vs.items()}).text)
 g("ratio_table", comparisons[["bits", "grouping", "method", "against", "ratio [95%]", "verdict"]].style.hide(axis="index"))
 
 fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -534,16 +525,11 @@ fis4 = next(r for r in runs if r["method"] == "rot-fisher" and r["bits"] == 4 an
 share_lower = np.mean([f["weight_error"] < r["weight_error"] for f, r in zip(fis4["layers"], rtn4["layers"])])
 ag3 = compare(nll("rot-fisher", 4), nll("gptq", 4), "rot-fisher", "gptq")  # paired on the held-out blocks
 ag4 = compare(nll("rot-fisher", 4), nll("rot-haar", 4), "rot-fisher", "rot-haar")
-gates = pd.DataFrame([
-    {"gate": "A-G1", "test": "U orthogonal and W U Uᵀ = W to < 1e-5", "measured": f"max |UᵀU − I| = {orth:.1e}, max |WUUᵀ − W| = {recon:.1e}",
-     "pass": "pass" if orth < 1e-5 and recon < 1e-5 else "fail"},
-    {"gate": "A-G2", "test": "Fisher rotation has lower L2 weight error than RTN in ≥ 60% of layers at 4 bits",
-     "measured": f"{share_lower:.0%} of layers", "pass": "pass" if share_lower >= 0.6 else "fail"},
-    {"gate": "A-G3", "test": "Fisher rotation perplexity ≤ GPTQ at 4 bits (paired ratio below 1)",
-     "measured": f"{ppl('rot-fisher', 4):.2f} vs {ppl('gptq', 4):.2f}, ratio {ag3.ratio:.3f}", "pass": gate(ag3, "lower")},
-    {"gate": "A-G4", "test": "Fisher basis beats a random (Haar) rotation at 4 bits (paired ratio below 1)",
-     "measured": f"{ppl('rot-fisher', 4):.2f} vs {ppl('rot-haar', 4):.2f}, ratio {ag4.ratio:.3f}", "pass": gate(ag4, "lower")},
-])
+gate_verdicts = {"A-G1": claims.gate_ag1(orth, recon), "A-G2": claims.gate_ag2(share_lower),
+                 "A-G3": claims.gate_ag3(ag3.ratio, ppl("rot-fisher", 4), ppl("gptq", 4)),
+                 "A-G4": claims.gate_ag4(ag4.ratio, ppl("rot-fisher", 4), ppl("rot-haar", 4))}
+gates = pd.DataFrame([{"gate": name, "test": claims.GATE_TESTS[name], "measured": v.text, "pass": v.label}
+                      for name, v in gate_verdicts.items()])
 g("gates_table", gates.style.hide(axis="index"))
 ge("ag3_ratio", ag3.ratio, ".3f")
 ge("ag4_ratio", ag4.ratio, ".3f")
@@ -551,32 +537,22 @@ for r in gates.itertuples():
     g(f"{r.gate.lower().replace('-', '')}", r._4)
 g("ag2_share", share_lower)
 g("n_gates_passed", int((gates["pass"] == "pass").sum()))
-idea = gates[gates.gate != "A-G1"]  # A-G1 tests the linear algebra; the other three test the idea
-outcomes = {o: list(idea.gate[idea["pass"] == o]) for o in ("pass", "fail", TIE)}
-g("gates_idea_verdict", "The three gates that test the idea itself fail" if len(outcomes["fail"]) == 3 else
-  "Of the three gates that test the idea itself, " + "; ".join(f"{', '.join(v)}: {o}" for o, v in outcomes.items() if v))
+# A-G1 tests the linear algebra; the other three test the idea.
+g("gates_idea_verdict", claims.gates_idea({name: v.label for name, v in gate_verdicts.items() if name != "A-G1"}).text)
 
 werr = {m: float(table[(table.method == m) & (table.bits == 4) & table.group.isna()].weight_error.iloc[0])
         for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled")}
 for m, v in werr.items():
     g(f"werr4_{m.replace('-', '_')}", v)
-g("rank2_verdict", "holds" if pr.pr_fisher.median() <= 3 else
-  f"does not hold: the median participation ratio is {pr.pr_fisher.median():.1f}")
+g("rank2_verdict", claims.fisher_rank2(pr.pr_fisher.median()).text)
 baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the two at 3 bits
 collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", baseline.upper())
 ge("collapse_ratio", collapse.ratio, ".3f")
-g("collapse_verdict", {"higher": f"the Fisher rotation is worse than {baseline.upper()}, the better of GPTQ and AWQ, at 3 bits",
-                       "lower": f"the Fisher rotation beats {baseline.upper()}, the better of GPTQ and AWQ, at 3 bits",
-                       TIE: f"the Fisher rotation and {baseline.upper()} are {TIE} at 3 bits"}[collapse.verdict]
-  + f" (perplexity ratio {collapse.ratio:.3f})")
-g("l2_verdict", "weight error orders the methods as perplexity does" if rho_w >= rho_o
-  else "layer output error predicts perplexity better than weight error")
+g("collapse_verdict", claims.fisher_collapse(collapse.ratio, baseline.upper()).text)
+g("l2_verdict", claims.l2_predicts(rho_w, rho_o).text)
 # The source's 8-bit result (GPT-2: 34.06 standard, 36.67 λ-scaled) is a direction, so judge the direction.
 eight = compare(nll("nqp-scaled", 8), nll("rtn", 8), "λ-scaled", "RTN")
-g("8bit_verdict", {"higher": "replicates in direction: the λ-scaled grid is worse than standard rounding at 8 bits, as on GPT-2",
-                   "lower": "does not replicate: at 8 bits the λ-scaled grid is better than standard rounding here",
-                   TIE: f"does not replicate: at 8 bits the λ-scaled grid and standard rounding are {TIE}"}[eight.verdict]
-  + f" (perplexity ratio {eight.ratio:.3f})")
+g("8bit_verdict", claims.eight_bit(eight.ratio).text)
 
 g("time_table", pd.DataFrame([{"stage": k, "wall (s)": w, "CPU (s)": c} for k, (w, c) in seconds.items()])
   .style.format(precision=0).hide(axis="index"))

@@ -13,7 +13,8 @@ from atlas_core.models import load_model
 from atlas_core.wquant.apply import quantize_model
 from atlas_core.toy import FAMILIES
 from atlas_core.wquant.calib import calibration_stats
-from atlas_core.wquant.experiment import TIE, best_method, compare, gate, restored_weights, run_wquant
+from atlas_core.claims import TIE, gate
+from atlas_core.wquant.experiment import best_method, compare, restored_weights, run_wquant
 from atlas_core.wquant.rtn import WQuantSpec
 
 
@@ -49,12 +50,12 @@ def test_compare_refuses_unpaired_runs():
 
 def test_gate_neither_passes_nor_fails_on_a_tie():
     base = _nll(0)
-    assert gate(compare(base - 0.05, base), "lower") == "pass"
-    assert gate(compare(base + 0.05, base), "lower") == "fail"
-    assert gate(compare(base + 0.05, base), "higher") == "pass"
-    assert gate(compare(_noisy(base), base), "lower") == TIE
+    assert gate(compare(base - 0.05, base).ratio, "lower") == "pass"
+    assert gate(compare(base + 0.05, base).ratio, "lower") == "fail"
+    assert gate(compare(base + 0.05, base).ratio, "higher") == "pass"
+    assert gate(compare(_noisy(base), base).ratio, "lower") == TIE
     with pytest.raises(ValueError, match="lower"):
-        gate(compare(base, base), "better")
+        gate(compare(base, base).ratio, "better")
 
 
 def test_best_method_names_the_runs_it_cannot_tell_apart():

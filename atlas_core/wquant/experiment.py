@@ -23,11 +23,10 @@ from atlas_core.models import LoadedModel
 from atlas_core.wquant.apply import quantize_model, quantize_model_sequential
 from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats
 from atlas_core.wquant.gptq import GPTQConfig
+from atlas_core.claims import TIE, direction
 from atlas_core.wquant.rtn import WQuantSpec
 
-__all__ = ["TIE", "Comparison", "RunSet", "best_method", "compare", "gate", "restored_weights", "run_wquant"]
-
-TIE = "not distinguishable at this sample size"
+__all__ = ["Comparison", "RunSet", "best_method", "compare", "restored_weights", "run_wquant"]
 NEEDS_STATS = ("gptq", "rot-fisher", "nqp-scaled")  # methods quantized from calibration statistics (one-pass GPTQ)
 
 
@@ -104,7 +103,7 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
 class Comparison:
     """PPL_a / PPL_b on the same blocks (paired) and what it lets one say.
 
-    ``verdict`` is "lower" (the whole interval below 1), "higher" (above 1) or ``TIE``.
+    ``verdict`` is "lower" (the whole interval below 1), "higher" (above 1) or ``claims.TIE``.
     """
 
     a: str
@@ -113,9 +112,7 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        if not self.ratio.distinguishable(1.0):
-            return TIE
-        return "lower" if self.ratio.hi < 1 else "higher"
+        return direction(self.ratio, 1.0)
 
     def sentence(self, spec: str = ".3f") -> str:
         """E.g. "rot-fisher is higher than gptq (perplexity ratio 1.52 [1.41, 1.63])"."""
@@ -135,14 +132,6 @@ def compare(nll_a, nll_b, a: str = "a", b: str = "b", boot: Bootstrap = DEFAULT)
         ValueError: the runs were not measured on the same number of blocks.
     """
     return Comparison(a, b, interval.ppl_ratio(nll_a, nll_b, boot))
-
-
-def gate(comparison: Comparison, want: str) -> str:
-    """A gate that asks for ``want`` ("lower" or "higher") of ``comparison``: "pass", "fail", or ``TIE`` when
-    the paired interval contains 1 (the sample cannot tell, so the gate neither passes nor fails)."""
-    if want not in ("lower", "higher"):
-        raise ValueError(f"a gate wants 'lower' or 'higher', got {want!r}")
-    return TIE if comparison.verdict == TIE else "pass" if comparison.verdict == want else "fail"
 
 
 def best_method(nlls: dict[str, torch.Tensor], boot: Bootstrap = DEFAULT) -> tuple[str, list[str]]:
