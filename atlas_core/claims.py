@@ -489,13 +489,13 @@ def gate_ag2(share_lower: float) -> Verdict:
 
 def gate_ag3(ratio: Estimate, ppl_fisher: float, ppl_gptq: float) -> Verdict:
     """A-G3: Fisher-rotation perplexity ≤ GPTQ's at 4 bits (paired ratio PPL_fisher / PPL_GPTQ below 1)."""
-    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_gptq:.2f}, ratio {ratio.value:.3f}",
+    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_gptq:.2f}, ratio {ratio:.3f}",
                    figures={"ratio": ratio})
 
 
 def gate_ag4(ratio: Estimate, ppl_fisher: float, ppl_haar: float) -> Verdict:
     """A-G4: the Fisher basis beats a Haar-random rotation at 4 bits (paired ratio below 1)."""
-    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_haar:.2f}, ratio {ratio.value:.3f}",
+    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_haar:.2f}, ratio {ratio:.3f}",
                    figures={"ratio": ratio})
 
 

@@ -167,7 +167,7 @@ def test_gates_pass_fail_and_tie():
     assert claims.gate_ag2(0.6).label == "pass" and claims.gate_ag2(0.59).label == "fail"
     assert claims.gate_ag2(0.6).text == "60% of layers"
     ag3 = claims.gate_ag3(est(1.2, 1.1, 1.3), 30.0, 25.0)
-    assert (ag3.label, ag3.text) == ("fail", "30.00 vs 25.00, ratio 1.200")
+    assert (ag3.label, ag3.text) == ("fail", "30.00 vs 25.00, ratio 1.200 [1.100, 1.300]")
     assert claims.gate_ag4(est(1.0, 0.9, 1.1), 30.0, 30.0).label == TIE
 
 
