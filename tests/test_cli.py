@@ -166,3 +166,37 @@ def test_json_writes_undefined_figures_as_null():
 
     assert json.loads(dumps({"excess_removed": {"value": float("nan"), "lo": float("inf")}})) == \
         {"excess_removed": {"value": None, "lo": None}}
+
+
+def test_choices_and_defaults_come_from_the_library():
+    """Every option with choices lists a library constant (one home), and the default model is zoo's."""
+    import argparse
+
+    from atlas_core.book.cli import _parser
+    from atlas_core.clouds import RESIDUALS
+    from atlas_core.kvquant.experiment import BASES, CONTROLS, ENGINES, METHODS
+    from atlas_core.sparse.kept import SELECTORS
+    from atlas_core.wquant.apply import METHODS as WQUANT_METHODS
+    from atlas_core.zoo import DEFAULT_MODEL
+
+    subs = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    options = {(name, o): a for name, sub in subs.items() for a in sub._actions for o in a.option_strings}
+    expected = {("kvquant", "--method"): METHODS, ("kvquant", "--control"): CONTROLS, ("kvquant", "--base"): BASES,
+                ("kvquant", "--engine"): ENGINES, ("sparse", "--selector"): SELECTORS, ("wquant", "--method"): WQUANT_METHODS,
+                ("overlap", "--residual"): RESIDUALS}
+    for key, values in expected.items():
+        assert tuple(options[key].choices) == tuple(values), key
+    assert all(a.default == DEFAULT_MODEL for (name, o), a in options.items() if o == "--model")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sparse", "--model", "toy-llama", "--prompt-tokens", "97"], "--prompt-tokens (97 tokens) must exceed the budget"),
+    (["sparse", "--model", "toy-llama", "--seq-len", "98", "--eval-tokens", "196"], "--seq-len (98 tokens) is too short"),
+    (["kvquant", "--model", "toy-llama", "--method", "headq", "--rank", "17"], "rank (17) must be at most d_head (16)"),
+    (["kvquant", "--model", "toy-llama", "--method", "per-token", "--kbits", "9"], "kbits must be an integer in 1..8"),
+    (["kvquant", "--model", "toy-llama", "--method", "per-token", "--vbits", "16"], "vbits must be an integer in 1..8"),
+])
+def test_the_cli_calls_the_configs_rules(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atlas: error:") and message in err and err.count("\n") == 1, err
