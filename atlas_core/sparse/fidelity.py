@@ -96,7 +96,7 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
         raise ValueError(f"n_blocks must give each of the {len(configs)} rules 1 … {len(blocks)} blocks, got {n_blocks}")
     for cfg in configs:
         cfg.check_block(blocks.shape[1], "blocks")
-    states = [{"log": MassLog(), "kl": [], "top1_agree": [], "nll_sparse": [], "discarded": []} for _ in configs]
+    states = [{"log": MassLog(), "kl": [], "top1_agree": [], "nll_sparse": [], "parts": {}} for _ in configs]
     nll_dense = []
     for i, block in enumerate(tqdm(blocks[:max(n_blocks)], desc=f"sparse: {len(configs)} rule(s) per block",
                                    disable=not progress, leave=False)):
@@ -115,16 +115,26 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
             st["kl"].append(kl.double().where(counted, math.nan))
             st["top1_agree"].append(agree.where(counted, math.nan))
             st["nll_sparse"].append(-sparse.gather(-1, target)[:, 0])
-            st["discarded"].append(_block_discarded(st["log"], len(st["kl"])))
+            for name, values in _block_parts(st["log"], len(st["kl"])).items():
+                st["parts"].setdefault(name, []).append(values)
     return [_summary(st, nll_dense[:n]) for st, n in zip(states, n_blocks)]
 
 
-def _block_discarded(log: MassLog, n_blocks: int) -> torch.Tensor:
-    """(counted query,) the newest block's discarded mass per query, averaged over sparse layers and heads."""
-    layers = [l for l in sorted(log.discarded) if len(log.discarded[l]) == n_blocks]  # layers that logged this block
-    if not layers:  # every layer dense: nothing discarded is measured
-        return torch.full((1,), math.nan, dtype=torch.float64)
-    return torch.stack([log.discarded[l][-1] for l in layers]).double().mean((0, 1))
+MASS_PARTS = ("fixed", "selected", "discarded", "index_recall", "mass_recall")  # the last two: approximate selectors
+
+
+def _block_parts(log: MassLog, n_blocks: int) -> dict[str, torch.Tensor]:
+    """{part: (counted query,)} the newest block's fixed, selected and discarded mass (and an approximate
+    selector's recall) per query, averaged over sparse layers and heads; NaN when every layer is dense."""
+    out = {}
+    for name in MASS_PARTS:
+        logged = log.per_query.get(name, {})
+        layers = [l for l in sorted(logged) if len(logged[l]) == n_blocks]  # layers that logged this block
+        if layers:
+            out[name] = torch.stack([logged[l][-1] for l in layers]).mean(0)
+        elif name in ("fixed", "selected", "discarded"):  # every layer dense: nothing is measured
+            out[name] = torch.full((1,), math.nan, dtype=torch.float64)
+    return out
 
 
 def _shift(est: interval.Estimate, by: float) -> interval.Estimate:
@@ -136,14 +146,14 @@ def _summary(st: dict, nll_dense: list[torch.Tensor]) -> dict:
     est = {"kl": interval.mean(st["kl"]), "top1_agree": interval.mean(st["top1_agree"]),
            "ppl_dense": interval.perplexity(nll_dense), "ppl_sparse": interval.perplexity(st["nll_sparse"]),
            "ppl_change": _shift(interval.ppl_ratio(st["nll_sparse"], nll_dense), -1.0)}
-    discarded = st["discarded"]
-    est["discarded"] = (interval.mean(discarded) if not all(torch.isnan(d).all() for d in discarded)
-                        else interval.Estimate(math.nan, math.nan, math.nan, len(discarded)))
+    for name, values in st["parts"].items():  # fixed, selected, discarded mass (and page recall), per block
+        est[name] = (interval.mean(values) if not all(torch.isnan(v).all() for v in values)
+                     else interval.Estimate(math.nan, math.nan, math.nan, len(values)))
     out = {}
     for name, e in est.items():
         out.update({name: e.value, f"{name}_lo": e.lo, f"{name}_hi": e.hi})
     per_block = {"kl": st["kl"], "top1_agree": st["top1_agree"], "nll_dense": nll_dense, "nll_sparse": st["nll_sparse"],
-                 "discarded": discarded}
+                 **st["parts"]}
     return {**out, "estimates": est, "per_block": per_block, "positions": int(sum((~k.isnan()).sum() for k in st["kl"])),
             "blocks": len(nll_dense), "mass": st["log"].means(), "log": st["log"]}
 
@@ -283,9 +293,8 @@ def fidelity_texts(lm: LoadedModel, *, corpus: str, seq_len: int, n_blocks: int,
     Raises:
         CorpusError: a split too small for the request.
     """
-    bos = lm.spec.add_bos
-    blocks = token_blocks(lm.tokenizer, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split="eval", add_bos=bos))
-    prompt = token_blocks(lm.tokenizer, BlockSpec(corpus=corpus, seq_len=prompt_tokens, n_blocks=1, split="calib", add_bos=bos))[0]
+    blocks = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split="eval"))  # the model's BOS
+    prompt = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=prompt_tokens, n_blocks=1, split="calib"))[0]
     return blocks, prompt, dense_continuation(lm, prompt, gen_tokens, progress=progress)
 
 
@@ -360,7 +369,7 @@ def fidelity_report(lm: LoadedModel, cfg: SparseConfig, prompt: torch.Tensor, n_
     figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
     return {"step_agreement": gen["agree"], "first_divergence": gen["first_divergence"],
             "identical_prefix": gen["identical_prefix"], **figures,
-            "fixed_mass": tf["mass"]["fixed"].mean().item(), "selected_mass": tf["mass"]["selected"].mean().item(),
+            **{f"{part}_mass{suffix}": tf[f"{part}{suffix}"] for part in ("fixed", "selected") for suffix in ("", "_lo", "_hi")},
             "tf_positions": tf["positions"], "tf_blocks": tf["blocks"]}
 
 
@@ -381,8 +390,8 @@ def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Ten
     results = teacher_forced_rules(lm, blocks, configs, progress, n_blocks=n_blocks)
     for cfg, tf in zip(configs, tqdm(results, desc="sparse rules: trajectories", disable=not progress, leave=False)):
         traj = trajectory_agreement(lm, prompt, dense_tokens, cfg)
-        mass = {"fixed": math.nan, "selected": math.nan}  # stay NaN if every layer is dense
-        mass.update({name: t.mean().item() for name, t in tf["mass"].items() if name != "discarded"})
+        mass = {f"{part}{suffix}": tf[f"{part}{suffix}"] for part in MASS_PARTS if part != "discarded" and part in tf
+                for suffix in ("", "_lo", "_hi")}  # NaN if every layer is dense
         figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
         rows.append({**cfg.__dict__, "blocks": tf["blocks"], **figures, **mass, "step_agree": traj["agree"],
                      "first_divergence": traj["first_divergence"], "tf": tf})
