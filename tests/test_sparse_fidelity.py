@@ -182,6 +182,11 @@ def test_teacher_forced_rules_share_the_dense_pass_and_give_per_block_values(qwe
         assert r["kl"] == pytest.approx(interval.mean(r["per_block"]["kl"]).value)
         assert r["ppl_change"] == pytest.approx(r["ppl_sparse"] / r["ppl_dense"] - 1)
         assert r["discarded"] == pytest.approx(r["mass"]["discarded"].mean().item(), rel=1e-5)
+        parts = ("fixed", "selected", "discarded") + (("index_recall", "mass_recall") if cfg.selector == "pages" else ())
+        for name in parts:  # every mass figure carries its block-bootstrap interval
+            assert r[f"{name}_lo"] <= r[name] <= r[f"{name}_hi"], name
+            assert r[name] == pytest.approx(r["mass"][name].mean().item(), rel=1e-5), name  # equal heads per layer
+        assert r["fixed"] + r["selected"] + r["discarded"] == pytest.approx(1, abs=1e-6)
 
 
 def test_a_rule_on_fewer_blocks_is_the_rule_run_on_those_blocks(qwen_toy):

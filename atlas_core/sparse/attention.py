@@ -51,6 +51,9 @@ class MassLog:
     sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> name -> (head,)
     counts: dict[int, int] = field(default_factory=dict)  # layer -> queries counted (per head)
     discarded: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [(head, query)] m values
+    # name -> layer -> [(query,)] per forward call: every part's per-query value, averaged over heads (for
+    # block-bootstrap intervals of the fixed/selected/discarded mass and page recall)
+    per_query: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=dict)
 
     def add(self, layer: int, parts: dict[str, torch.Tensor]) -> None:
         """Accumulate the counted queries of one forward call.
@@ -63,6 +66,8 @@ class MassLog:
             sums[name] = sums.get(name, 0) + t.double().nansum(dim=1)
         self.counts[layer] = self.counts.get(layer, 0) + parts["fixed"].shape[1]
         self.discarded.setdefault(layer, []).append(parts["discarded"])
+        for name, t in parts.items():
+            self.per_query.setdefault(name, {}).setdefault(layer, []).append(t.double().mean(0))
 
     def means(self) -> dict[str, torch.Tensor]:
         """{name: (layer, head) mean over counted queries}, layers in logged order (sorted)."""
