@@ -193,8 +193,8 @@ t0 = timed("teacher forcing, every rule", t0)
 tf = swept[0]["tf"]
 mass = {name: t.numpy() for name, t in tf["mass"].items()}  # (layer, head)
 m_all = torch.cat([tf["log"].discarded_values(l).flatten() for l in sorted(tf["log"].sums)]).numpy()
-g("mass_fixed", mass["fixed"].mean())
-g("mass_selected", mass["selected"].mean())
+gci("mass_fixed", swept[0], "fixed")  # per-query means over sparse layers and heads, blocks resampled
+gci("mass_selected", swept[0], "selected")
 gci("mass_discarded", swept[0], "discarded")  # per-query mean over sparse layers and heads, blocks resampled
 g("mass_kept", 1 - swept[0]["discarded"])
 g("mass_kept_lo", 1 - swept[0]["discarded_hi"])
@@ -230,8 +230,10 @@ plt.close(fig)
 # would put every query at the far left ($m$ below $10^{-9}$ is drawn at $-9$).
 # ```
 #
-# **Result.** In {numref}`fig-sparse-mass` the fixed part holds {glue:text}`sp_mass_fixed:.1%` of the mass
-# on average and the top-k a further {glue:text}`sp_mass_selected:.1%`, so the kept set holds
+# **Result.** In {numref}`fig-sparse-mass` the fixed part holds {glue:text}`sp_mass_fixed:.1%`
+# [{glue:text}`sp_mass_fixed_lo:.1%`, {glue:text}`sp_mass_fixed_hi:.1%`] of the mass on average and the top-k a
+# further {glue:text}`sp_mass_selected:.1%` [{glue:text}`sp_mass_selected_lo:.1%`,
+# {glue:text}`sp_mass_selected_hi:.1%`], so the kept set holds
 # {glue:text}`sp_mass_kept:.1%` (95% interval {glue:text}`sp_mass_kept_lo:.1%` to
 # {glue:text}`sp_mass_kept_hi:.1%` over {glue:text}`sp_eval_blocks:d` blocks). The source's own figure is 94.1%, with 5.9% outside the fixed part. Read
 # as the share of the whole kept set, our figure is comparable. Read as the share of the fixed part alone,
@@ -681,8 +683,8 @@ g("page_size", page_size)
 pages_row = row(rule="pages")
 pages_big = row(k=topk * 4, rule="pages")
 for key, r in (("pg", pages_row), ("pg4", pages_big)):
-    g(f"{key}_index_recall", r.index_recall)
-    g(f"{key}_mass_recall", r.mass_recall)
+    gci(f"{key}_index_recall", r, "index_recall")
+    gci(f"{key}_mass_recall", r, "mass_recall")
     gci(f"{key}_kl", r, "kl")
     gci(f"{key}_top1", r, "top1_agree")
     gci(f"{key}_ppl_change", r, "ppl_change")
@@ -694,14 +696,17 @@ g("pg4_k", topk * 4)
 # %% [markdown]
 # **Result.** With the same key budget (k = {glue:text}`sp_topk:d`, {glue:text}`sp_page_size:d`-key pages;
 # the "pages" rows of {numref}`tbl-sparse-budget`), the page selector finds
-# {glue:text}`sp_pg_index_recall:.1%` of the exact top-k keys and {glue:text}`sp_pg_mass_recall:.1%` of
-# their attention mass. KL is {glue:text}`sp_pg_kl:.4f` ({glue:text}`sp_pg_kl_lo:.4f` to
+# {glue:text}`sp_pg_index_recall:.1%` [{glue:text}`sp_pg_index_recall_lo:.1%`, {glue:text}`sp_pg_index_recall_hi:.1%`]
+# of the exact top-k keys and {glue:text}`sp_pg_mass_recall:.1%` [{glue:text}`sp_pg_mass_recall_lo:.1%`,
+# {glue:text}`sp_pg_mass_recall_hi:.1%`] of their attention mass. KL is {glue:text}`sp_pg_kl:.4f` ({glue:text}`sp_pg_kl_lo:.4f` to
 # {glue:text}`sp_pg_kl_hi:.4f`; exact top-k: {glue:text}`sp_src_kl:.4f`), top-1 agreement
 # {glue:text}`sp_pg_top1:.2%` ({glue:text}`sp_pg_top1_lo:.2%` to {glue:text}`sp_pg_top1_hi:.2%`) and perplexity
 # changes by {glue:text}`sp_pg_ppl_change:+.2%` ({glue:text}`sp_pg_ppl_change_lo:+.2%` to
 # {glue:text}`sp_pg_ppl_change_hi:+.2%`; first divergence at step {glue:text}`sp_pg_first:s`). Paired on the
 # same blocks, {glue:text}`sp_pg_vs_src:s`. With four times the budget (k = {glue:text}`sp_pg4_k:d`), recall
-# is {glue:text}`sp_pg4_index_recall:.1%` of keys and {glue:text}`sp_pg4_mass_recall:.1%` of mass; KL is
+# is {glue:text}`sp_pg4_index_recall:.1%` [{glue:text}`sp_pg4_index_recall_lo:.1%`, {glue:text}`sp_pg4_index_recall_hi:.1%`]
+# of keys and {glue:text}`sp_pg4_mass_recall:.1%` [{glue:text}`sp_pg4_mass_recall_lo:.1%`,
+# {glue:text}`sp_pg4_mass_recall_hi:.1%`] of mass; KL is
 # {glue:text}`sp_pg4_kl:.4f` ({glue:text}`sp_pg4_kl_lo:.4f` to {glue:text}`sp_pg4_kl_hi:.4f`), top-1
 # {glue:text}`sp_pg4_top1:.2%` ({glue:text}`sp_pg4_top1_lo:.2%` to {glue:text}`sp_pg4_top1_hi:.2%`), perplexity
 # change {glue:text}`sp_pg4_ppl_change:+.2%` ({glue:text}`sp_pg4_ppl_change_lo:+.2%` to
@@ -873,11 +878,13 @@ write_json(out / "sparse.json", {
 #   ({numref}`fig-sparse-survival`). Our
 #   measurements {glue:text}`sp_sv_verdict:s`.
 # - **Attention mass (source: 94.1%):** the kept set holds {glue:text}`sp_mass_kept:.1%`, the fixed part
-#   alone {glue:text}`sp_mass_fixed:.1%` ({numref}`fig-sparse-mass`); the mean discarded mass is
+#   alone {glue:text}`sp_mass_fixed:.1%` [{glue:text}`sp_mass_fixed_lo:.1%`, {glue:text}`sp_mass_fixed_hi:.1%`]
+#   ({numref}`fig-sparse-mass`); the mean discarded mass is
 #   {glue:text}`sp_mass_discarded:.4f` [{glue:text}`sp_mass_discarded_lo:.4f`, {glue:text}`sp_mass_discarded_hi:.4f`]. Verdict:
 #   {glue:text}`sp_mass_verdict:s`.
 # - **Finding the kept set without reading every key:** the page selector recovers
-#   {glue:text}`sp_pg_index_recall:.1%` of the exact top-k keys at the same budget, with KL
+#   {glue:text}`sp_pg_index_recall:.1%` [{glue:text}`sp_pg_index_recall_lo:.1%`, {glue:text}`sp_pg_index_recall_hi:.1%`]
+#   of the exact top-k keys at the same budget, with KL
 #   {glue:text}`sp_pg_kl:.4f` [{glue:text}`sp_pg_kl_lo:.4f`, {glue:text}`sp_pg_kl_hi:.4f`]. The selector is
 #   {glue:text}`sp_pg_verdict:s`.
 # - **159× at 131K tokens (withdrawn in the revision): {glue:text}`sp_speed_verdict:s` here.** The page-selected step is
