@@ -698,8 +698,9 @@ def kv_headline(nll: dict, same: dict, focus: str, controls: dict, a2: tuple | N
         {claim name: Verdict}, in the chapter's order.
     """
     pt2, hq2, fp = nll["per-token 2b"], nll["headq 2b"], nll["fp"]
-    out = {"HeadQ against the paper's 84–94%": headq_range(interval.excess_removed(pt2, hq2, fp, boot),
-                                                           interval.ppl_difference(hq2, pt2, boot)),
+    low, high = source("headq_removed")
+    out = {f"HeadQ against the paper's {low:.0%}–{high:.0%}".replace("%–", "–"):
+           headq_range(interval.excess_removed(pt2, hq2, fp, boot), interval.ppl_difference(hq2, pt2, boot)),
            "HeadQ against KIVI": lower_verdict(hq2, nll["kivi 2b"], "HeadQ", "KIVI", boot),
            "equal storage": lowest_verdict(same, focus, boot),
            "controls": lowest_verdict(controls, "the query basis", boot)}
@@ -723,17 +724,19 @@ def a2_offline(a2_error: float, uniform_error: float) -> Verdict:
                    figures={"a2": a2_error, "uniform": uniform_error})
 
 
-def side_code_clause(difference: Estimate, baseline: str) -> Verdict:
+def side_code_clause(difference: Estimate, baseline: str, distinct: str, tail: str) -> Verdict:
     """A prose clause on whether a side code changes perplexity beyond its baseline.
 
     Args:
         difference: PPL − PPL_baseline, paired; baseline: e.g. "no side code".
+        distinct: the clause when the difference's interval excludes 0 (e.g. "already");
+        tail: what follows "is not distinguishable from <baseline> at this sample size" otherwise (", though it").
     Returns:
-        label ``direction(difference, 0)``; text "already" when distinguishable, else "is not distinguishable from
-        <baseline> at this sample size, though it" (the prose continues with what it removes).
+        label ``direction(difference, 0)``; text ``distinct`` or the not-distinguishable clause (the prose continues
+        with what the side code removes).
     """
     found = direction(difference, 0.0)
-    text = f"is not distinguishable from {baseline} at this sample size, though it" if found == TIE else "already"
+    text = f"is not distinguishable from {baseline} at this sample size{tail}" if found == TIE else distinct
     return Verdict(label=found, text=text, figures={"difference": difference})
 
 

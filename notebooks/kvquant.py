@@ -109,7 +109,8 @@ from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.attention import attention_modules
 from atlas_core.extract import extract
 from atlas_core.kvquant import metrics, policy
-from atlas_core.kvquant.experiment import EvalSetup, KVMethod, Runs, lower_verdict, lowest_verdict, range_verdict
+from atlas_core import claims
+from atlas_core.kvquant.experiment import EvalSetup, KVMethod, Runs
 from atlas_core.kvquant.study import error_rows, key_variants, split_blocks, study_layers
 from atlas_core.models import load_model
 
@@ -298,8 +299,8 @@ def versus(f: dict) -> str:
     """The paired difference to the baseline in one word (or that the sample cannot tell)."""
     if "difference_baseline" not in f:
         return "—"
-    d = f["difference_baseline"]
-    return "n.d." if not d.distinguishable(0.0) else "lower" if d.hi < 0 else "higher"
+    d = claims.direction(f["difference_baseline"], 0.0)
+    return "n.d." if d == claims.TIE else d
 
 
 def row(m: KVMethod) -> dict:
@@ -353,7 +354,8 @@ for tag, m in (("pt2", K("per-token", 2)), ("kivi2", K("kivi", 2)), ("hq2", K("h
 ge("removed_hq2", runs.figures(K("headq", 2))["excess_removed"])
 ge("removed_kivi2", runs.figures(K("kivi", 2))["excess_removed"])
 ge("removed_hq2_kv", runs.figures(K("headq", 2, vbits=2))["excess_removed"])
-g("hq_vs_kivi", lower_verdict(runs(K("headq", 2))["nll"], runs(K("kivi", 2))["nll"], "HeadQ", "KIVI", runs.setup.boot))
+g("hq_vs_kivi", claims.lower_verdict(runs(K("headq", 2))["nll"], runs(K("kivi", 2))["nll"], "HeadQ", "KIVI",
+                                     runs.setup.boot).text)
 best_base = min((K("per-token", 2), K("kivi", 2)), key=lambda m: runs(m)["ppl"].value)
 g("best_base", runs(best_base)["label"])
 ge("ppl_best_base", runs(best_base)["ppl"])
@@ -448,8 +450,8 @@ ge("best_rank_removed", runs.figures(best_rank)["excess_removed"])
 g("best_rank_bits", runs(best_rank)["bits_key"])
 g("rank_min", rank_methods[0].rank)
 ge("rank1_removed", runs.figures(rank_methods[0])["excess_removed"])
-g("rank1_verdict", runs.figures(rank_methods[0])["difference_baseline"].distinguishable(0.0)
-  and "already" or "is not distinguishable from no side code at this sample size, though it")
+g("rank1_verdict", claims.side_code_clause(runs.figures(rank_methods[0])["difference_baseline"], "no side code",
+                                           "already", ", though it").text)
 
 # %% [markdown]
 # ```{glue:figure} kv_fig_rank
@@ -500,10 +502,10 @@ for c, m in zip(("query", "wrong", "random", "keypca"), control_methods):
     ge(f"ctl_{c}_removed", runs.figures(m)["excess_removed"])
 control_names = {"the query basis": K("headq", 2), "the wrong sign": K("headq", 2, control="wrong-sign"),
                  "a random basis": K("headq", 2, control="random-basis"), "the key-PCA basis": K("headq", 2, control="key-pca")}
-_, control_verdict = lowest_verdict({n: runs(m)["nll"] for n, m in control_names.items()}, "the query basis", runs.setup.boot)
-g("control_verdict", control_verdict)
-g("keypca_vs_query", lower_verdict(runs(K("headq", 2, control="key-pca"))["nll"], runs(K("headq", 2))["nll"],
-                                   "the key-PCA basis", "the query basis", runs.setup.boot))
+g("control_verdict", claims.lowest_verdict({n: runs(m)["nll"] for n, m in control_names.items()}, "the query basis",
+                                           runs.setup.boot).text)
+g("keypca_vs_query", claims.lower_verdict(runs(K("headq", 2, control="key-pca"))["nll"], runs(K("headq", 2))["nll"],
+                                          "the key-PCA basis", "the query basis", runs.setup.boot).text)
 
 # %% [markdown]
 # ```{glue:figure} kv_control_table
@@ -548,19 +550,21 @@ g("budget_table", budget_table.style.format(FMT, na_rep="—"))
 ge("ppl_hq2_kivi", runs(K("headq", 2, base="kivi"))["ppl"])
 g("bits_hq2_kivi", runs(K("headq", 2, base="kivi"))["bits_key"])
 ge("removed_hq2_kivi", runs.figures(K("headq", 2, base="kivi"))["excess_removed"])
-g("hq2_kivi_verdict", runs.figures(K("headq", 2, base="kivi"))["difference_baseline"].distinguishable(0.0)
-  and "removes" or "is not distinguishable from KIVI alone at this sample size; it removes")
+g("hq2_kivi_verdict", claims.side_code_clause(runs.figures(K("headq", 2, base="kivi"))["difference_baseline"], "KIVI alone",
+                                              "removes", "; it removes").text)
 hq_bits = runs(K("headq", 2))["bits_key"]
 same = [m for m, r in runs.done.items() if m.vbits is None and m.method != "fp" and abs(r["bits_key"] - hq_bits) < 1e-6]
 hq_label = runs(K("headq", 2))["label"]
-best_label, budget_verdict = lowest_verdict({runs(m)["label"]: runs(m)["nll"] for m in same}, hq_label, runs.setup.boot)
+budget = claims.lowest_verdict({runs(m)["label"]: runs(m)["nll"] for m in same}, hq_label, runs.setup.boot)
+best_label = budget.label
 g("budget_bits", hq_bits)
 g("budget_best", best_label)
 ge("budget_best_ppl", next(runs(m)["ppl"] for m in same if runs(m)["label"] == best_label))
 g("budget_hq_rank", sorted(runs(m)["ppl"].value for m in same).index(runs(K("headq", 2))["ppl"].value) + 1)
 g("budget_n", len(same))
-g("budget_verdict", budget_verdict)
-g("kivi2_vs_hq2", lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq", 2))["nll"], "2-bit KIVI", "HeadQ", runs.setup.boot))
+g("budget_verdict", budget.text)
+g("kivi2_vs_hq2", claims.lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq", 2))["nll"], "2-bit KIVI", "HeadQ",
+                                       runs.setup.boot).text)
 
 # %% [markdown]
 # ```{glue:figure} kv_budget_table
@@ -614,8 +618,8 @@ if s.family != "gpt2":
     ge("rope_pt_post", runs(K("per-token", 2))["ppl"])
     ge("rope_pt_pre", runs(K("per-token", 2, pre_rope=True))["ppl"])
     for tag, m in (("kivi", K("kivi", 2)), ("pt", K("per-token", 2))):
-        g(f"rope_{tag}_verdict", lower_verdict(runs(replace(m, pre_rope=True))["nll"], runs(m)["nll"], "pre-RoPE",
-                                               "post-RoPE", runs.setup.boot))
+        g(f"rope_{tag}_verdict", claims.lower_verdict(runs(replace(m, pre_rope=True))["nll"], runs(m)["nll"], "pre-RoPE",
+                                                      "post-RoPE", runs.setup.boot).text)
 else:
     rope_table = pd.DataFrame({"note": ["GPT-2 has no RoPE"]})
     for key in ("kivi_post", "kivi_pre", "pt_post", "pt_pre"):
@@ -708,8 +712,8 @@ if engine == "onepass":
     ge("a2_uniform_ppl", a2_figs["ppl_baseline"])
     ge("a2_decode_diff", a2_figs["difference_baseline"])
     g("a2_decode_payload", runs(a2_v)["value_payload"])
-    g("a2_decode_verdict", lower_verdict(runs(a2_v)["nll"], runs(uniform_v)["nll"], "the A² policy",
-                                         f"uniform {a2_vbits}-bit values", runs.setup.boot))
+    g("a2_decode_verdict", claims.lower_verdict(runs(a2_v)["nll"], runs(uniform_v)["nll"], "the A² policy",
+                                                f"uniform {a2_vbits}-bit values", runs.setup.boot).text)
     a2_table = table([uniform_v, a2_v]).assign(**{"payload bits/value": [runs(uniform_v)["value_payload"],
                                                                          runs(a2_v)["value_payload"]]})
     g("a2_table", a2_table.style.format(FMT | {"payload bits/value": "{:.3f}"}, na_rep="—"))
@@ -747,7 +751,7 @@ else:
 
 # %%
 hq_figs = runs.figures(K("headq", 2))
-g("verdict", range_verdict(hq_figs["excess_removed"], hq_figs["difference_baseline"], 0.84, 0.94))
+g("verdict", claims.headq_range(hq_figs["excess_removed"], hq_figs["difference_baseline"]).text)
 
 # The same verdicts on the first `previous_blocks` of these blocks: the sample of the chapter's earlier
 # version (2 blocks of 512, 766 scored tokens), so the prose can say which verdicts the larger sample changed.
@@ -755,18 +759,14 @@ previous_blocks = min(2, eval_blocks)
 
 
 def verdicts(n: int) -> dict[str, str]:
-    """The chapter's headline verdicts from the first ``n`` evaluation blocks."""
+    """The chapter's headline verdicts (``claims.kv_headline``) from the first ``n`` evaluation blocks, as text."""
     nll = lambda m: runs(m)["nll"][:n]  # noqa: E731
-    pt2, hq2, fp = nll(K("per-token", 2)), nll(K("headq", 2)), nll(KVMethod(method="fp"))
-    boot = runs.setup.boot
-    out = {"HeadQ against the paper's 84–94%": range_verdict(interval.excess_removed(pt2, hq2, fp, boot),
-                                                              interval.ppl_difference(hq2, pt2, boot), 0.84, 0.94),
-           "HeadQ against KIVI": lower_verdict(hq2, nll(K("kivi", 2)), "HeadQ", "KIVI", boot),
-           "equal storage": lowest_verdict({runs(m)["label"]: nll(m) for m in same}, hq_label, boot)[1],
-           "controls": lowest_verdict({c: nll(m) for c, m in control_names.items()}, "the query basis", boot)[1]}
-    if engine == "onepass":
-        out["A² in decode"] = lower_verdict(nll(a2_v), nll(uniform_v), "the A² policy", f"uniform {a2_vbits}-bit values", boot)
-    return out
+    headline = claims.kv_headline(
+        {"per-token 2b": nll(K("per-token", 2)), "headq 2b": nll(K("headq", 2)), "fp": nll(KVMethod(method="fp")),
+         "kivi 2b": nll(K("kivi", 2))}, {runs(m)["label"]: nll(m) for m in same}, hq_label,
+        {c: nll(m) for c, m in control_names.items()},
+        (nll(a2_v), nll(uniform_v), a2_vbits) if engine == "onepass" else None, runs.setup.boot)
+    return {name: v.text for name, v in headline.items()}
 
 
 now, before = verdicts(eval_blocks), verdicts(previous_blocks)
@@ -777,8 +777,8 @@ g("previous_blocks", previous_blocks)
 g("previous_tokens", previous_blocks * (seq_len - prefill - 1))
 g("n_changed", len(changed))
 g("changed", ", ".join(changed) if changed else "none")
-g("fisher_verdict", "replicates" if rho["fisher"] > rho["key_mse"] else "does not replicate")
-g("a2_verdict", "lower" if value_table.loc["A² (causal)", "mean"] < uni else "not lower")
+g("fisher_verdict", claims.fisher_predicts(rho["fisher"], rho["key_mse"]).text)
+g("a2_verdict", claims.a2_offline(value_table.loc["A² (causal)", "mean"], uni).text)
 
 out = Path(results_dir)
 out.mkdir(parents=True, exist_ok=True)

@@ -266,9 +266,10 @@ def test_kvquant_direction_verdicts():
     assert claims.fisher_predicts(0.9, 0.3).text == "replicates"
     assert claims.fisher_predicts(0.3, 0.3).text == "does not replicate"
     assert claims.a2_offline(0.1, 0.2).text == "lower" and claims.a2_offline(0.2, 0.2).text == "not lower"
-    assert claims.side_code_clause(est(-1.0, -2.0, -0.5), "no side code").text == "already"
-    assert claims.side_code_clause(est(-1.0, -2.0, 0.5), "KIVI alone").text == (
-        "is not distinguishable from KIVI alone at this sample size, though it")
+    assert claims.side_code_clause(est(-1.0, -2.0, -0.5), "no side code", "already", ", though it").text == "already"
+    assert claims.side_code_clause(est(1.0, 0.5, 2.0), "no side code", "already", ", though it").label == "higher"
+    assert claims.side_code_clause(est(-1.0, -2.0, 0.5), "KIVI alone", "removes", "; it removes").text == (
+        "is not distinguishable from KIVI alone at this sample size; it removes")
 
 
 # ----------------------------------------------------------------------------- sparse

@@ -8,9 +8,8 @@ import torch
 
 from atlas_core.book.cli import main
 from atlas_core import interval
-from atlas_core.interval import Estimate
-from atlas_core.kvquant.experiment import (EvalSetup, KVMethod, Runs, compare, evaluate, lower_verdict, lowest_verdict,
-                                           removal_verdict, side_code)
+from atlas_core.claims import removal_verdict
+from atlas_core.kvquant.experiment import EvalSetup, KVMethod, Runs, compare, evaluate, side_code
 from atlas_core.models import load_model
 
 DECODE = EvalSetup(engine="decode", prefill=8, batch=1)
@@ -93,7 +92,7 @@ def test_compare_reports_fp_baseline_and_fraction_with_intervals():
     assert all(e.lo <= e.value <= e.hi for name, e in f.items() if name != "excess_removed")  # the toy's base may beat fp
     paired = interval.excess_removed(r["baseline"]["nll"], r["method"]["nll"], r["fp"]["nll"])  # same blocks, one draw
     np.testing.assert_equal(f["excess_removed"].as_dict(), paired.as_dict())  # NaN bounds compare equal here
-    assert r["verdict"] == removal_verdict(f["excess_removed"], f["difference_baseline"])
+    assert r["verdict"] == removal_verdict(f["excess_removed"], f["difference_baseline"]).text
     assert r["method"]["bits_key"] > r["baseline"]["bits_key"] and r["fp"]["bits_key"] == 32.0  # measured: fp32 held
     plain = compare(lm, ids, KVMethod(method="per-token", kbits=2, group=16), setup=DECODE)
     assert plain["verdict"] is None and "excess_removed" not in plain["figures"]
@@ -140,44 +139,6 @@ def test_headq_needs_its_side_code_and_others_refuse_one():
     with pytest.raises(ValueError, match="batch"):
         EvalSetup(batch=0)
     assert EvalSetup().engine == "onepass"  # the default everywhere; decode is the reference
-
-
-def est(value, lo, hi):
-    return Estimate(value, lo, hi, 32)
-
-
-@pytest.mark.parametrize(
-    "difference, expected",
-    [(est(-2.0, -3.0, -1.0), "removes 62.0% [48.0%, 75.0%] of the excess"),
-     (est(-0.5, -1.5, 0.4), "is not distinguishable from its baseline at this sample size (removes 62.0% [48.0%, 75.0%] of the excess)"),
-     (est(1.0, 0.5, 2.0), "adds to the excess (removes 62.0% [48.0%, 75.0%])")],
-)
-def test_removal_verdict(difference, expected):
-    assert removal_verdict(est(0.62, 0.48, 0.75), difference) == expected
-
-
-def test_removal_verdict_without_an_excess_reports_the_difference_only():
-    nan = float("nan")
-    text = removal_verdict(est(nan, nan, nan), est(1.0, 0.5, 2.0))
-    assert text == "is higher than its baseline at this sample size (the baseline has no excess over fp to remove)"
-    assert "not distinguishable" in removal_verdict(est(nan, nan, nan), est(0.1, -0.5, 0.6))
-
-
-def test_lower_and_lowest_verdicts_say_when_the_sample_cannot_tell():
-    gen = torch.Generator().manual_seed(5)
-    base = 2.0 + 0.5 * torch.rand(32, 64, generator=gen)
-    noise = 0.05 * torch.randn(32, 64, generator=gen)
-    clearly_lower, same = base - 0.3, base + noise
-    assert lower_verdict(clearly_lower, base, "A", "B").startswith("A is lower than B (perplexity ratio 0.7")
-    assert lower_verdict(base + 0.3, base, "A", "B").startswith("A is higher than B")
-    tied = lower_verdict(same, base, "A", "B")
-    assert tied.startswith("A and B are not distinguishable at this sample size"), tied
-    assert lowest_verdict({"A": clearly_lower, "B": base}, "A") == ("A", "A is lower than every other")
-    assert lowest_verdict({"A": base, "B": clearly_lower}, "A") == ("B", "B is lower than A")
-    best, text = lowest_verdict({"A": base, "B": same, "C": base + 0.3}, "A")
-    assert "not distinguishable" in text and "C" not in text.split("from")[-1]
-    with pytest.raises(ValueError, match="not among"):
-        lowest_verdict({"A": base}, "Z")
 
 
 def test_pre_rope_runs_on_rope_models_and_is_refused_on_gpt2():
@@ -277,19 +238,6 @@ def test_a2_value_policy_is_measured_at_equal_payload_bits():
     assert r["method"]["bits_value"] == r["baseline"]["bits_value"]  # the cache's bytes: the same layout
 
 
-@pytest.mark.parametrize(
-    "excess, difference, expected",
-    [(est(0.5, 0.4, 0.6), est(-1, -2, -0.5), "below the paper's 84–94%"),
-     (est(0.8, 0.7, 0.86), est(-1, -2, -0.5), "consistent with the paper's 84–94%"),
-     (est(0.97, 0.95, 0.99), est(-1, -2, -0.5), "above the paper's 84–94%"),
-     (est(0.9, 0.4, 1.2), est(-1, -2, 0.1), "not distinguishable from its baseline at this sample size")],
-)
-def test_range_verdict(excess, difference, expected):
-    from atlas_core.kvquant.experiment import range_verdict
-
-    assert range_verdict(excess, difference, 0.84, 0.94) == expected
-
-
 def test_store_keeps_fp_and_sigma_q_on_disk_keyed_by_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
     lm = load_model("toy-llama")
@@ -319,3 +267,10 @@ def test_cli_kvquant_a2_json(capsys, tmp_path, monkeypatch):
     out = __import__("json").loads(capsys.readouterr().out)
     assert out["method"].endswith("A²(2b/fp)") and out["baseline"] == "per-token K2 V3 g16"
     assert 2 <= out["value_payload"] <= 3 and out["engine"] == "onepass"
+
+
+def test_the_prefill_rule_lives_on_evalsetup():
+    """One rule for the CLI and the chapter's pre-check: a block scores tokens prefill + 1 … T − 1."""
+    EvalSetup(prefill=126).check_block(128)
+    with pytest.raises(ValueError, match=r"--prefill \(127\) must be in 1..126 for --seq-len 128"):
+        EvalSetup(prefill=127).check_block(128, ("--prefill", "--seq-len"))

@@ -17,7 +17,7 @@
 on one set of evaluation blocks (the fp reference and HeadQ's calibration computed once, reused by every
 method); ``compare`` adds the fp reference and the method's same-bits baseline. Every figure carries its
 95% interval from ``atlas_core.interval`` (blocks resampled, the methods of a comparison paired on the
-same blocks), and ``removal_verdict`` / ``lower_verdict`` state what the intervals allow one to say.
+same blocks), and ``atlas_core.claims.removal_verdict`` states what the intervals allow one to say.
 
 Engines (``EvalSetup.engine``): "onepass" (``atlas_core.kvquant.onepass``: one forward per batch of
 blocks, each query seeing every key as the cache would hand it back) is the default; "decode"
@@ -43,6 +43,7 @@ import torch
 
 from atlas_core import interval
 from atlas_core.cache import cache_dir, cache_key, cached
+from atlas_core.claims import removal_verdict
 from atlas_core.interval import Bootstrap, Estimate
 from atlas_core.kvquant.cache import KVQuantConfig
 from atlas_core.kvquant.decode import decode_nll
@@ -56,7 +57,6 @@ METHODS = ("fp", "per-token", "per-channel", "kivi", "headq")
 BASES = ("per-token", "per-channel", "kivi")  # HeadQ's base key quantizers
 CONTROLS = ("none", "wrong-sign", "random-basis", "key-pca")
 ENGINES = ("onepass", "decode")
-TIE = "not distinguishable at this sample size"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +191,18 @@ class EvalSetup:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.prefill < 1 or self.batch < 1:
             raise ValueError(f"prefill and batch must be ≥ 1, got {self.prefill} and {self.batch}")
+
+    def check_block(self, seq_len: int, names: tuple[str, str] = ("prefill", "seq_len")) -> None:
+        """Raise ValueError unless blocks of ``seq_len`` tokens leave a token to decode and score after the prefill.
+
+        Both engines score tokens prefill + 1 … T − 1 of a block, so the prefill is at most T − 2.
+
+        Args:
+            seq_len: tokens per block T; names: what the caller calls the prefill and T (flags, parameters).
+        """
+        if self.prefill > seq_len - 2:
+            raise ValueError(f"{names[0]} ({self.prefill}) must be in 1..{seq_len - 2} for {names[1]} {seq_len}: at least "
+                             "one token is decoded and scored after it")
 
     def check(self, method: KVMethod) -> None:
         """Raise ValueError if this setup cannot measure ``method`` (the A² policy needs the one-pass engine)."""
@@ -382,7 +394,7 @@ class Runs:
 
         Returns:
             {"method", "fp", "baseline": ``evaluate`` results (or None), "figures": ``figures``, "verdict": a
-            sentence from ``removal_verdict`` (None without a baseline)}
+            sentence from ``claims.removal_verdict`` (None without a baseline)}
         """
         if method.method == "headq" and self.calib is None:
             raise ValueError("HeadQ needs calibration blocks (the calib split)")
@@ -390,7 +402,7 @@ class Runs:
         baseline = method.baseline()
         return {"method": self(method), "fp": self(KVMethod(method="fp")), "baseline": baseline and self(baseline),
                 "figures": figures,
-                "verdict": baseline and removal_verdict(figures["excess_removed"], figures["difference_baseline"])}
+                "verdict": baseline and removal_verdict(figures["excess_removed"], figures["difference_baseline"]).text}
 
 
 def compare(lm: LoadedModel, eval_blocks: torch.Tensor, method: KVMethod, calib: torch.Tensor | None = None,
@@ -398,91 +410,3 @@ def compare(lm: LoadedModel, eval_blocks: torch.Tensor, method: KVMethod, calib:
     """``Runs.compare`` for one method: the method, fp and its baseline on the same blocks, with intervals."""
     return Runs(lm, eval_blocks, calib, setup, progress, store).compare(method)
 
-
-# ----------------------------------------------------------------------------- verdicts
-
-
-def removal_verdict(excess: Estimate, difference: Estimate, spec: str = ".1%") -> str:
-    """What an excess-removed fraction allows one to say, judged by the paired difference to the baseline.
-
-    Args:
-        excess: (PPL_base − PPL)/(PPL_base − PPL_fp) with its interval (``interval.excess_removed``).
-        difference: PPL − PPL_base on the same blocks (``interval.ppl_difference``).
-    Returns:
-        "removes X [lo, hi] of the excess" when the difference's interval lies below 0; "adds to the excess
-        (removes X [lo, hi])" when it lies above 0; "is not distinguishable from its baseline at this sample
-        size (removes X [lo, hi] of the excess)" when it contains 0; when the baseline has no excess over
-        fp (the fraction is undefined) the difference alone is reported.
-    """
-    if math.isnan(excess.value):  # the baseline is not above fp: the fraction is undefined, the difference is not
-        what = "is not distinguishable from" if not difference.distinguishable(0.0) else (
-            "is lower than" if difference.hi < 0 else "is higher than")
-        return f"{what} its baseline at this sample size (the baseline has no excess over fp to remove)"
-    fraction = format(excess, spec)
-    if not difference.distinguishable(0.0):
-        return f"is not distinguishable from its baseline at this sample size (removes {fraction} of the excess)"
-    if difference.hi < 0:
-        return f"removes {fraction} of the excess"
-    return f"adds to the excess (removes {fraction})"
-
-
-def lower_verdict(nll_a: torch.Tensor, nll_b: torch.Tensor, a: str, b: str, boot: Bootstrap = interval.DEFAULT,
-                  spec: str = ".3f") -> str:
-    """Which of two methods has the lower perplexity on the same blocks, or that the sample cannot tell.
-
-    Returns:
-        "a is lower than b (perplexity ratio r [lo, hi])", "a is higher than b (…)", or "a and b are not
-        distinguishable at this sample size (…)" when the paired ratio's interval contains 1.
-    """
-    ratio = interval.ppl_ratio(nll_a, nll_b, boot)
-    if not ratio.distinguishable(1.0):
-        how = f"{a} and {b} are {TIE}"
-    else:
-        how = f"{a} is {'lower' if ratio.hi < 1 else 'higher'} than {b}"
-    return f"{how} (perplexity ratio {ratio:{spec}})"
-
-
-def lowest_verdict(nlls: dict[str, torch.Tensor], focus: str, boot: Bootstrap = interval.DEFAULT) -> tuple[str, str]:
-    """Whether ``focus`` has the lowest perplexity of ``nlls`` (all on the same blocks), paired.
-
-    Args:
-        nlls: {name: (block, token) NLL}, ``focus`` among them.
-    Returns:
-        (best name, sentence): "<focus> is lower than every other", "<focus> is lowest, but not distinguishable
-        from A, B at this sample size", "<best> is lower than <focus>", or "<best> is lowest, but <focus> is not
-        distinguishable from it at this sample size".
-    Raises:
-        ValueError: ``focus`` is not in ``nlls``.
-    """
-    if focus not in nlls:
-        raise ValueError(f"{focus!r} is not among the compared methods {list(nlls)}")
-    ppl = {name: interval.unit_sums(v).mean() for name, v in nlls.items()}
-    best = min(ppl, key=ppl.get)
-    if best != focus:
-        tied = not interval.ppl_ratio(nlls[focus], nlls[best], boot).distinguishable(1.0)
-        return best, (f"{best} is lowest, but {focus} is not distinguishable from it at this sample size"
-                      if tied else f"{best} is lower than {focus}")
-    ties = [n for n in nlls if n != focus and not interval.ppl_ratio(nlls[n], nlls[focus], boot).distinguishable(1.0)]
-    if ties:
-        return best, f"{focus} is lowest, but not distinguishable from {', '.join(ties)} at this sample size"
-    return best, f"{focus} is lower than every other"
-
-
-def range_verdict(excess: Estimate, difference: Estimate, low: float, high: float, source: str = "the paper's") -> str:
-    """Where an excess-removed fraction falls against a source's reported range [low, high].
-
-    Args:
-        excess: the fraction with its interval; difference: PPL − PPL_base on the same blocks.
-    Returns:
-        "not distinguishable from its baseline at this sample size" when the difference's interval contains 0;
-        else "below"/"above <source> …" when the whole interval lies below ``low``/above ``high``, and
-        "consistent with <source> …" when it meets the range.
-    """
-    reported = f"{source} {low:.0%}–{high:.0%}".replace("%–", "–")
-    if not difference.distinguishable(0.0):
-        return f"not distinguishable from its baseline at this sample size"
-    if excess.hi < low:
-        return f"below {reported}"
-    if excess.lo > high:
-        return f"above {reported}"
-    return f"consistent with {reported}"
