@@ -145,7 +145,7 @@ def test_compare_exit_status_says_whether_numbers_match(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["kvquant", "--model", "toy-llama", "--tokens", "128", "--seq-len", "128", "--prefill", "20"], "at least 2 blocks"),
     (["kvquant", "--model", "toy-llama", "--tokens", "500", "--seq-len", "128", "--prefill", "20"], "multiple of --seq-len"),
-    (["kvquant", "--model", "toy-llama", "--tokens", "512", "--seq-len", "128"], "--prefill (128) must be in 1..126"),
+    (["kvquant", "--model", "toy-llama", "--tokens", "512", "--seq-len", "128"], "--prefill (128) must be in 1..126 for --seq-len 128"),
     (["kvquant", "--model", "toy-llama", "--method", "headq", "--calib-tokens", "0", "--tokens", "256",
       "--seq-len", "128", "--prefill", "20"], "--calib-tokens (0)"),
     (["kvquant", "--model", "toy-gpt2", "--tokens", "4096", "--seq-len", "2048", "--prefill", "20"], "positions"),

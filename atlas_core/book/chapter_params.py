@@ -257,9 +257,8 @@ def _kvquant(p: dict) -> None:
           "side_bits", "metric_blocks", "a2_budget")
     _ints(p, "seed", low=0)
     _names(p, "engine")
-    _as("engine", p["engine"], lambda: EvalSetup(engine=p["engine"], prefill=p["prefill"]))
-    if not p["prefill"] <= p["seq_len"] - 2:
-        _fail("prefill", p["prefill"], f"must be at most seq_len − 2 ({p['seq_len'] - 2}): a token must be decoded and scored after it")
+    setup = _as("engine", p["engine"], lambda: EvalSetup(engine=p["engine"], prefill=p["prefill"]))
+    _as("prefill", p["prefill"], lambda: setup.check_block(p["seq_len"]))
     _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"])
     _blocks(p, "calib_blocks", p["corpus"], p["seq_len"], p["calib_blocks"], "calib")
     _units(p, "eval_blocks")

@@ -391,9 +391,7 @@ def _kvquant(args) -> None:
     setup = EvalSetup(prefill=args.prefill, **chosen)
     setup.check(method)
     n_blocks = _blocks_of(args.tokens, args.seq_len)
-    if not 1 <= args.prefill <= args.seq_len - 2:
-        raise ValueError(f"--prefill ({args.prefill}) must be in 1..{args.seq_len - 2} for --seq-len {args.seq_len} "
-                         "(at least one token is decoded and scored after it)")
+    setup.check_block(args.seq_len, ("--prefill", "--seq-len"))
     if method.method == "headq" and args.calib_tokens < args.seq_len:
         raise ValueError(f"--calib-tokens ({args.calib_tokens}) must hold at least one block of --seq-len ({args.seq_len})")
     lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
