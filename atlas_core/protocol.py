@@ -21,6 +21,7 @@ from atlas_core.geometry import (OverlapResult, check_rank, frame_rank, haar_hea
                                  layer_overlap, overlap_sweep)
 from atlas_core.intrinsic import per_head_dropped
 from atlas_core.models import LoadedModel, load_model
+from atlas_core import interval
 from atlas_core.stats import spearman_by_group, spearman_null
 
 
@@ -162,4 +163,17 @@ def _spearman(x: dict, depth_res: dict, main: dict, p: Protocol) -> dict:
     null = spearman_null(xs, null_y, labels, p.n_perm, p.seeds[0])
     return dict(layers=layers, d_int=xs.tolist(), head_overlap=ys.tolist(), layer=labels.tolist(),
                 mqa=main["eps"]["pairs"] != "inter", real=spearman_by_group(xs, ys, labels, p.n_perm, p.seeds[0]),
-                haar_first=null["first"], haar_rho=null["rho"])
+                ci=_rho_intervals(xs, ys, labels), haar_first=null["first"], haar_rho=null["rho"])
+
+
+def _rho_intervals(xs: np.ndarray, ys: np.ndarray, labels: np.ndarray) -> dict:
+    """{layer: (lo, hi), ..., "pooled": (lo, hi)} 95% intervals of Spearman's rho, heads resampled
+    (``interval.spearman``); NaN where a layer has too few heads or a constant side."""
+    out = {}
+    for key, m in [*((L.item(), labels == L) for L in np.unique(labels)), ("pooled", np.ones_like(labels, bool))]:
+        try:
+            est = interval.spearman(xs[m], ys[m])
+            out[key] = (est.lo, est.hi)
+        except ValueError:  # fewer than MIN_UNITS heads
+            out[key] = (float("nan"), float("nan"))
+    return out

@@ -368,13 +368,14 @@ for name, res in results.items():
         rho, p, n = sp["real"][L]
         rho0, p0, _ = sp["haar_first"][L]
         lo, hi = np.nanquantile(sp["haar_rho"][L], [0.025, 0.975])
+        ci_lo, ci_hi = sp["ci"][L]
         sp_rows.append({"model": name + (" (MQA: all pairs)" if sp["mqa"] else ""),
-                        "layer": L if L == "pooled" else f"L{L}", "n": n, "ρ": f"{rho:+.2f}",
+                        "layer": L if L == "pooled" else f"L{L}", "n": n, "ρ [95%, heads resampled]": f"{rho:+.2f} [{ci_lo:+.2f}, {ci_hi:+.2f}]",
                         "p (permutation)": f"{p:.2g}", "ρ, Haar frames (p)": f"{rho0:+.2f} ({p0:.2g})",
                         "Haar frames: 95% range of ρ": f"[{lo:+.2f}, {hi:+.2f}]"})
 for label, (rho, p, n) in (("source: Qwen2.5-0.5B", claims.source("spearman_qwen")),
                            ("source: GPT-2 124M", claims.source("spearman_gpt2"))):
-    sp_rows.append({"model": label, "layer": "pooled", "n": n, "ρ": f"{rho:+.2f}", "p (permutation)": f"{p:.2g}",
+    sp_rows.append({"model": label, "layer": "pooled", "n": n, "ρ [95%, heads resampled]": f"{rho:+.2f}", "p (permutation)": f"{p:.2g}",
                     "ρ, Haar frames (p)": "—", "Haar frames: 95% range of ρ": "—"})
 sp_table = pd.DataFrame(sp_rows).set_index(["model", "layer"])
 glue("xa_spearman_table", sp_table, display=False)
@@ -386,6 +387,7 @@ for name, res in results.items():
 run_sp = results[model]["spearman"]
 rho, p, n = run_sp["real"]["pooled"]
 glue("xa_run_rho_pooled", f"{rho:+.2f}", display=False)
+glue("xa_run_rho_pooled_ci", "[{:+.2f}, {:+.2f}]".format(*run_sp["ci"]["pooled"]), display=False)
 glue("xa_run_p_pooled", f"{p:.2g}", display=False)
 glue("xa_run_n_pooled", n, display=False)
 glue("xa_spearman_verdict", claims.spearman_replicates(rho, p).text, display=False)
@@ -432,7 +434,8 @@ plt.close(fig)
 # ```
 #
 # On the run's model the pooled correlation is $\rho$ = {glue:text}`xa_run_rho_pooled:s`
-# ($p$ = {glue:text}`xa_run_p_pooled:s`, $n$ = {glue:text}`xa_run_n_pooled:d`); the single layers give
+# {glue:text}`xa_run_rho_pooled_ci:s` (95% interval, heads resampled; $p$ = {glue:text}`xa_run_p_pooled:s`,
+# $n$ = {glue:text}`xa_run_n_pooled:d`); the single layers give
 # {glue:text}`xa_run_rho_layers:s`. Over the {glue:text}`xa_n_models:d` models the pooled $\rho$ is
 # {glue:text}`xa_rho_pooled_span:s`, negative in {glue:text}`xa_n_neg_pooled:d`, and
 # {glue:text}`xa_n_sig_pooled:d` reach $p < 0.05$ (smallest $p$ = {glue:text}`xa_p_pooled_min:s`). With

@@ -158,3 +158,20 @@ def test_ratio_of_means_resamples_each_units_pair_together():
 def test_ratio_of_means_needs_the_same_units():
     with pytest.raises(ValueError, match="same units"):
         interval.ratio_of_means([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_spearman_matches_scipy_and_its_interval_moves_with_the_pairs():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = -0.6 * x + rng.normal(size=40)
+    y[:3] = y[3]  # ties
+    est = interval.spearman(x, y)
+    assert est.value == pytest.approx(spearmanr(x, y).statistic) and est.units == 40
+    assert est.lo < est.value < est.hi < 0  # clearly negative at n = 40
+    assert interval.spearman(x, rng.normal(size=40)).distinguishable(0) is False
+    with pytest.raises(ValueError, match="same units"):
+        interval.spearman(x, y[:-1])
+    with pytest.raises(ValueError, match="at least"):
+        interval.spearman(x[:1], y[:1])

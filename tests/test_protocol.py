@@ -38,6 +38,10 @@ def test_measure_model_equals_the_protocol_done_by_hand():
                          for L in (0, 1)])
     assert r["spearman"]["real"] == spearman_by_group(xs, ys, np.repeat([0, 1], 4), 50, 0)
     assert r["spearman"]["haar_rho"]["pooled"].shape == (6,)
+    from atlas_core import interval
+
+    pooled = interval.spearman(xs, ys)  # heads resampled; each layer alone has 4 heads
+    assert r["spearman"]["ci"]["pooled"] == (pooled.lo, pooled.hi) and set(r["spearman"]["ci"]) == {0, 1, "pooled"}
 
 
 def test_protocol_refuses_what_the_model_cannot_run():
