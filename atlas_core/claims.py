@@ -767,7 +767,8 @@ def kept_mass(kept: float, discarded: np.ndarray) -> Verdict:
     value = source("mass")
     zero_share = float((np.asarray(discarded) < M_ZERO).mean())
     closeness = "close to" if abs(kept - value) < MASS_TOL else ("above" if kept > value else "below")
-    text = (f"{closeness} the source's {value:.1%} on average; but m > {M_ZERO:g} for {1 - zero_share:.1%} of queries, "
+    zero = f"{M_ZERO:.0e}".replace("e-0", "e-")  # "1e-7"
+    text = (f"{closeness} the source's {value:.1%} on average; but m > {zero} for {1 - zero_share:.1%} of queries, "
             f"so {'not ' if zero_share < 1 else ''}lossless")
     return Verdict(label=closeness, text=text, figures={"kept": kept, "zero_share": zero_share, "source": value})
 

@@ -91,6 +91,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from atlas_core import claims
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.glue import prefixed_glue
@@ -202,11 +203,11 @@ g("mass_kept_hi", 1 - swept[0]["discarded_lo"])
 g("m_median", float(np.median(m_all)))
 g("m_p99", float(np.quantile(m_all, 0.99)))
 g("m_max", float(m_all.max()))
-g("m_zero_share", float((m_all < 1e-7).mean()))
+g("m_zero_share", float((m_all < claims.M_ZERO).mean()))
 g("m_count", int(m_all.size))
 g("worst_layer", int(mass["discarded"].mean(1).argmax()))
 g("worst_layer_m", float(mass["discarded"].mean(1).max()))
-g("heads_fixed_941", float((mass["fixed"] >= 0.941).mean()))
+g("heads_fixed_941", float((mass["fixed"] >= claims.source("mass")).mean()))
 
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
 for ax, (name, title) in zip(axes, [("fixed", "anchor + window"), ("selected", f"top-{topk}"), ("discarded", "discarded m")]):
@@ -495,19 +496,13 @@ g("latest_divergence", max((int(x) for x in by_model.first_divergence if x != "n
 # {glue:text}`sp_sv_covered_note:s`
 
 # %%
-# The revision's archived first divergences (results/qwen_survival_clean.json of its repository), per
-# support S: contexts 2K, 8K, 16K in turn, prompts 0-4 within each. A run that survives would read 128.
-REVISION_FIRST_DIVERGENCE = {
-    97: [2, 13, 1, 5, 14, 2, 3, 9, 1, 4, 2, 1, 6, 3, 2],
-    193: [10, 13, 7, 10, 14, 3, 3, 9, 1, 4, 4, 3, 6, 14, 2],
-    385: [22, 25, 7, 4, 21, 4, 3, 17, 1, 11, 4, 3, 6, 15, 2],
-    769: [22, 43, 27, 14, 16, 17, 3, 32, 8, 11, 4, 3, 3, 15, 11],
-}
-REVISION_HORIZON = 128
+# The revision's archived first divergences, per support S (claims.SOURCE: contexts 2K, 8K, 16K in turn,
+# prompts 0-4 within each; a run that survives would read 128).
+REVISION_FIRST_DIVERGENCE = dict(claims.source("revision_first_divergence"))
+REVISION_HORIZON = claims.source("revision_horizon")
 rev_rows = [[None if d >= REVISION_HORIZON else d for d in runs_of_prefix]  # (prefix, support): runs share a prefix
             for runs_of_prefix in zip(*REVISION_FIRST_DIVERGENCE.values())]
-rev = survival_summary(rev_rows, REVISION_HORIZON)
-assert (rev["runs"], rev["median"], rev["identical"], rev["max"]) == (60, 6, 0, 43), "the revision: 0/60, median 6, max 43"
+rev = survival_summary(rev_rows, REVISION_HORIZON)  # 0 of 60 identical, median 6, max 43 (tests/test_claims.py)
 
 sv_prompts = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=survival_prompt_tokens, n_blocks=survival_prompts, split="eval"))
 last_candidates = survival_prompt_tokens + survival_gen_tokens - 1 - anchors - window  # at the last decode step
@@ -561,29 +556,11 @@ g("sv_blk_median_hi", pooled["median_ci"][1])
 # as the context grows, so each is compared with its own 15 runs). Survival: our bootstrap interval of
 # the share identical through the horizon meets the exact (Clopper-Pearson) 95% interval of its k of 15.
 # Early divergence: the two medians' bootstrap intervals (both resampling prompts) overlap.
-REVISION_SHORTEST_CONTEXT = 2048
-agree, differ = [], []
-for name in block_names:
-    support, ours = sv_rules[name].budget, sv[name]
-    if support not in REVISION_FIRST_DIVERGENCE:
-        continue  # a support the revision did not run (only with other parameters than the defaults)
-    gaps = survival_agreement(ours, survival_gen_tokens, REVISION_FIRST_DIVERGENCE[support], REVISION_HORIZON)
-    if gaps:
-        differ.append(f"at S = {support}, which keeps at least {support / (survival_prompt_tokens + survival_gen_tokens):.0%} "
-                      f"of our keys against at most {support / REVISION_SHORTEST_CONTEXT:.0%} at the revision's "
-                      f"shortest context: " + " and ".join(gaps))
-    else:
-        agree.append(str(support))
-if not agree and not differ:
-    sv_verdict = (f"cannot be compared with the revision: none of the supports run is one of its "
-                  f"{', '.join(map(str, REVISION_FIRST_DIVERGENCE))}")
-elif not differ:
-    sv_verdict = (f"agree with the revision at every support run (S = {', '.join(agree)}): runs identical through "
-                  f"{survival_gen_tokens} tokens are as rare and first divergences as early")
-elif agree:
-    sv_verdict = f"agree with the revision at S = {', '.join(agree)}; they differ " + "; ".join(differ)
-else:
-    sv_verdict = "disagree with the revision at every support run: " + "; ".join(differ)
+REVISION_SHORTEST_CONTEXT = claims.source("revision_shortest_context")
+gaps = {sv_rules[name].budget: survival_agreement(sv[name], survival_gen_tokens, REVISION_FIRST_DIVERGENCE[sv_rules[name].budget],
+                                                  REVISION_HORIZON)
+        for name in block_names if sv_rules[name].budget in REVISION_FIRST_DIVERGENCE}  # supports the revision ran
+sv_verdict = claims.survival_vs_revision(gaps, survival_gen_tokens, survival_prompt_tokens + survival_gen_tokens).text
 g("sv_verdict", sv_verdict)
 
 sv_rows = []
@@ -760,8 +737,9 @@ axes[0].legend()
 for kind, label in (("topk", "exact top-k"), ("pages", "page-selected")):
     line, = axes[1].plot(speed.n, speed[f"speedup_{kind}"], "o-", label=f"{label}: measured")
     axes[1].plot(speed.n, speed[f"bytes_ratio_{kind}"], "--", color=line.get_color(), label=f"{label}: dense bytes ÷ its bytes")
-axes[1].axhline(159, color="grey", ls=":", lw=1)
-axes[1].annotate("source claim: 159×", (speed.n.min(), 159), va="bottom", fontsize=8)
+axes[1].axhline(claims.source("speedup"), color="grey", ls=":", lw=1)
+axes[1].annotate(f"source claim: {claims.source('speedup'):.0f}×", (speed.n.min(), claims.source("speedup")), va="bottom",
+                 fontsize=8)
 axes[1].set(xscale="log", yscale="log", xlabel="cached tokens n", ylabel="speed-up over dense")
 axes[1].legend(fontsize=8)
 fig.tight_layout()
@@ -809,16 +787,10 @@ plt.close(fig)
 # ## Summary
 
 # %%
-lossless = by_model.kl.eq(0).all() and (by_model.first_divergence == "none").all()
-g("lossless_verdict", "holds" if lossless else "does not hold")
-kept_share, zero_share = 1 - mass["discarded"].mean(), float((m_all < 1e-7).mean())
-closeness = "close to" if abs(kept_share - 0.941) < 0.03 else ("above" if kept_share > 0.941 else "below")
-g("mass_verdict", f"{closeness} the source's 94.1% on average; but m > 1e-7 for {1 - zero_share:.1%} of queries, "
-                  f"so {'not ' if zero_share < 1 else ''}lossless")
-g("pg_verdict", "finds nearly the same set" if pages_row.index_recall >= 0.9 else
-  "a further approximation: it misses most of the exact top-k" if pages_row.index_recall < 0.5 else
-  "a further approximation: it misses part of the exact top-k")
-g("speed_verdict", "reached" if at.loc[n_max, "speedup_pages"] >= 159 else "not reached")
+g("lossless_verdict", claims.lossless(list(by_model.kl), list(by_model.first_divergence)).text)
+g("mass_verdict", claims.kept_mass(1 - mass["discarded"].mean(), m_all).text)
+g("pg_verdict", claims.page_selection(pages_row.index_recall).text)
+g("speed_verdict", claims.speedup(at.loc[n_max, "speedup_pages"]).text)
 
 def plain(summary):
     """A survival summary with its Estimates as dicts, for the JSON."""

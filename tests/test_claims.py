@@ -283,11 +283,11 @@ def test_lossless_needs_zero_kl_and_no_divergence():
 
 def test_kept_mass_against_94_1_percent():
     zero = np.zeros(10)
-    assert claims.kept_mass(0.95, zero).text == "close to the source's 94.1% on average; but m > 1e-07 for 0.0% of queries, so lossless"
+    assert claims.kept_mass(0.95, zero).text == "close to the source's 94.1% on average; but m > 1e-7 for 0.0% of queries, so lossless"
     assert claims.kept_mass(0.9711, zero).label == "above"  # 0.0301 from 0.941
     assert claims.kept_mass(0.9109, zero).label == "below"
     some = claims.kept_mass(0.99, np.array([0.0, 0.0, 0.0, 1e-3]))
-    assert some.text.endswith("m > 1e-07 for 25.0% of queries, so not lossless") and some.figures["zero_share"] == 0.75
+    assert some.text.endswith("m > 1e-7 for 25.0% of queries, so not lossless") and some.figures["zero_share"] == 0.75
 
 
 def test_page_selection_and_speedup_thresholds():
