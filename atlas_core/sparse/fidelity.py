@@ -34,6 +34,7 @@ from scipy.stats import beta as beta_dist
 import torch.nn.functional as F
 
 from atlas_core import interval
+from atlas_core.claims import TIE, direction
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.cache import cache_dir, cache_key, cached
 from atlas_core.eval import token_logprobs
@@ -199,10 +200,11 @@ def compare_rules(a: dict, b: dict, measure: str, names: tuple[str, str] = ("A",
     if diff.units < 2:  # one block resamples to itself: a zero-width interval that says nothing
         return {"difference": diff, "distinguishable": False,
                 "verdict": f"{names[0]} and {names[1]} cannot be compared on one block (no interval; {given})"}
-    if not diff.distinguishable(null):
-        text = f"{names[0]} and {names[1]} are not distinguishable at this sample size in {labels[measure]} ({given})"
+    found = direction(diff, null)
+    if found == TIE:
+        text = f"{names[0]} and {names[1]} are {TIE} in {labels[measure]} ({given})"
     else:
-        text = f"{names[0]} has {'lower' if diff.value < null else 'higher'} {labels[measure]} than {names[1]} ({given})"
+        text = f"{names[0]} has {found} {labels[measure]} than {names[1]} ({given})"
     return {"difference": diff, "distinguishable": diff.distinguishable(null), "verdict": text}
 
 
