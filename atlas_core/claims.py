@@ -717,11 +717,19 @@ def fisher_predicts(rho_fisher: float, rho_key_mse: float) -> Verdict:
                    figures={"rho_fisher": rho_fisher, "rho_key_mse": rho_key_mse})
 
 
-def a2_offline(a2_error: float, uniform_error: float) -> Verdict:
-    """The A² value policy's offline output error (attention fixed) against uniform values at the same bits."""
-    ok = a2_error < uniform_error
-    return Verdict(label="lower" if ok else "not lower", text="lower" if ok else "not lower",
-                   figures={"a2": a2_error, "uniform": uniform_error})
+def a2_offline(ratio: Estimate) -> Verdict:
+    """The A² value policy's offline output error (attention fixed) against uniform values at the same bits.
+
+    Args:
+        ratio: mean A² error / mean uniform error over paired (layer, block) units, with its interval
+            (``interval.ratio_of_means``).
+    Returns:
+        label ``direction(ratio, 1)``; text "is lower than", "is higher than" or "is not distinguishable at this
+        sample size from" (the prose continues with "that of uniform quantization").
+    """
+    found = direction(ratio, 1.0)
+    text = {"lower": "is lower than", "higher": "is higher than", TIE: f"is {TIE} from"}[found]
+    return Verdict(label=found, text=text, figures={"ratio": ratio})
 
 
 def side_code_clause(difference: Estimate, baseline: str, distinct: str, tail: str) -> Verdict:

@@ -265,7 +265,9 @@ def test_kv_headline_on_paired_blocks():
 def test_kvquant_direction_verdicts():
     assert claims.fisher_predicts(0.9, 0.3).text == "replicates"
     assert claims.fisher_predicts(0.3, 0.3).text == "does not replicate"
-    assert claims.a2_offline(0.1, 0.2).text == "lower" and claims.a2_offline(0.2, 0.2).text == "not lower"
+    assert claims.a2_offline(est(0.5, 0.4, 0.6)).text == "is lower than"
+    assert claims.a2_offline(est(1.2, 1.1, 1.3)).label == "higher"
+    assert claims.a2_offline(est(0.9, 0.7, 1.05)).text == "is not distinguishable at this sample size from"
     assert claims.side_code_clause(est(-1.0, -2.0, -0.5), "no side code", "already", ", though it").text == "already"
     assert claims.side_code_clause(est(1.0, 0.5, 2.0), "no side code", "already", ", though it").label == "higher"
     assert claims.side_code_clause(est(-1.0, -2.0, 0.5), "KIVI alone", "removes", "; it removes").text == (

@@ -71,6 +71,18 @@ def test_value_policy_errors_reads_each_kv_groups_own_heads():
     assert swapped["A² (oracle)"] == 0.0  # still the group's own keys, whichever KV head it is
 
 
+def test_value_policy_errors_per_block_average_to_the_overall_mean():
+    gen = torch.Generator().manual_seed(2)
+    probs = torch.rand(3, 4, 8, 8, generator=gen).tril().softmax(-1)  # (block, head, query, key)
+    v = torch.randn(3, 2, 8, 32, generator=gen)
+    whole = policy.value_policy_errors(probs, v, torch.tensor([0, 0, 1, 1]), budget=3, group=32, seed=0)
+    blocks = policy.value_policy_errors(probs, v, torch.tensor([0, 0, 1, 1]), budget=3, group=32, seed=0, per_block=True)
+    assert list(blocks) == list(whole) and all(b.shape == (3,) for b in blocks.values())
+    for name in whole:
+        assert abs(blocks[name].mean() - whole[name]) < 1e-9, name
+    assert len({tuple(b) for b in blocks.values()}) > 1  # the blocks differ: something to resample
+
+
 def test_value_policy_errors_refuses_a_budget_below_two_bits():
     probs = _one_hot_probs(4, [0, 1, 2, 3])[None, None]
     with pytest.raises(ValueError, match="below the low precision"):

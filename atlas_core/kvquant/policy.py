@@ -58,7 +58,7 @@ def value_output_error(a: torch.Tensor, v: torch.Tensor, v_hat: torch.Tensor) ->
 
 
 def value_policy_errors(probs: torch.Tensor, v: torch.Tensor, kv_group: torch.Tensor, budget: float, group: int,
-                        seed: int) -> dict[str, float]:
+                        seed: int, per_block: bool = False) -> dict[str, float] | dict[str, np.ndarray]:
     """Offline output error of value quantization policies at a mean payload budget, attention held fixed.
 
     Per block and KV head, with w_j = Σ_i a_ij² summed over the KV group's query heads: every value at 2
@@ -74,8 +74,11 @@ def value_policy_errors(probs: torch.Tensor, v: torch.Tensor, kv_group: torch.Te
         budget: mean payload bits per value element, ≥ 2.
         group: channels per per-token quantization group.
         seed: seeds the random-token control (the chapter passes seed + layer).
+        per_block: return each block's mean (over KV heads, query heads and judged queries) instead of the
+            overall mean, for block-bootstrap intervals of ratios between policies (``interval.ratio_of_means``).
     Returns:
-        {policy: mean output error over blocks, KV heads, their query heads and the judged queries}.
+        {policy: mean output error over blocks, KV heads, their query heads and the judged queries}, or with
+        ``per_block`` {policy: (block,) array} whose mean is that figure.
     Raises:
         ValueError: budget below 2 bits (``a2_bits``).
     Source: our reconstruction of HeadQ's "A² value policy" (Ruiz-Williams 2026, abstract); heavy hitters as in
@@ -102,6 +105,8 @@ def value_policy_errors(probs: torch.Tensor, v: torch.Tensor, kv_group: torch.Te
             for name, b in choices.items():
                 v_hat = dequantize(quantize(vv, uniform), uniform) if b is None else quantize_tokens(vv, b, group)
                 errs.setdefault(name, []).append(value_output_error(judged, vv, v_hat).mean().item())
+    if per_block:  # errs[name] holds block-major (block, kv_head) entries
+        return {name: np.asarray(e).reshape(n_block, -1).mean(1) for name, e in errs.items()}
     return {name: float(np.mean(e)) for name, e in errs.items()}
 
 
