@@ -544,19 +544,16 @@ glue("xa_run_mid", f"layer {results[model]['mid']}, {results[model]['depth'][res
 # heads, $d_\text{head}$ = 64) with dequantized 4-bit weights, not the source's base model.
 
 # %%
-def o_h_verdict(source_value: float, m: dict) -> str:
-    return claims.o_h_reproduced(source_value, m["o_h"], m["ci"], m["z"], m["delta"]).text
-
-
 claim_rows = []
 for d, value in claims.source("oh_by_design"):
     group = [n for n in inter_models if results[n]["spec"]["d_head"] == d]
     for n in group or [None]:
         m = results[n]["main"]["eps"] if n else None
         claim_rows.append({"claim": f"O_h ≈ {value:.2f} at d_head = {d} (k = 7), 'clustering by design'",
-                       "ours": f"{n}: {with_ci(m['o_h'], m['ci'])}" if n else "no such model in this run",
-                       "null": f3(m["null_mean"] if n else pair_null[(d, k)]),
-                       "verdict": o_h_verdict(value, m) if n else "the null alone gives this value"})
+                           "ours": f"{n}: {with_ci(m['o_h'], m['ci'])}" if n else "no such model in this run",
+                           "null": f3(m["null_mean"] if n else pair_null[(d, k)]),
+                           "verdict": claims.o_h_reproduced(value, m["o_h"], m["ci"], m["z"], m["delta"]).text if n
+                           else "the null alone gives this value"})
 claim_rows.append({"claim": "the published O_h values as a whole (GPT-2, Qwen, Llama, Mistral, from scratch)",
                    "ours": f"max |published − random frames| = {src_dev_max:.3f}",
                    "null": "Haar mean at each (d, k)", "verdict": claims.published_within_null(src_dev_max).text})
@@ -566,7 +563,8 @@ for n in [n for n, r in results.items() if claims.is_source_qwen(r["spec"])]:
     rho, p, nn = results[n]["spearman"]["real"]["pooled"]
     claim_rows += [
         {"claim": f"Qwen2.5-0.5B: O_h = {qwen.value:.3f} [{qwen.ci[0]:.3f}, {qwen.ci[1]:.3f}]",
-         "ours": f"{n}: {with_ci(m['o_h'], m['ci'])}", "null": f3(m["null_mean"]), "verdict": o_h_verdict(qwen.value, m)},
+         "ours": f"{n}: {with_ci(m['o_h'], m['ci'])}", "null": f3(m["null_mean"]),
+         "verdict": claims.o_h_reproduced(qwen.value, m["o_h"], m["ci"], m["z"], m["delta"]).text},
         {"claim": f"Qwen2.5-0.5B intra-group pairs: {claims.source('intra_qwen'):.3f}",
          "ours": f"{n}: {with_ci(m['intra'], m['intra_ci'])}", "null": f3(m["null_mean"]),
          "verdict": claims.intra_reproduced(m["intra"]).text},
