@@ -316,3 +316,34 @@ def test_is_source_qwen_by_shape():
     spec = {"family": "qwen2", "n_heads": 14, "n_kv_heads": 2, "d_head": 64}
     assert claims.is_source_qwen(spec)
     assert not claims.is_source_qwen({**spec, "n_kv_heads": 7}) and not claims.is_source_qwen({**spec, "family": "llama"})
+
+
+def test_the_claims_page_quotes_the_claims_table():
+    """book/claims.md writes the source numbers as text: each must be the value in claims.SOURCE."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "book" / "claims.md").read_text(encoding="utf-8")
+    s = claims.source
+    by_k, scratch = s("oh_gpt2_by_k"), s("oh_scratch")
+    rho, p, n = s("spearman_qwen")
+    low, high = s("headq_removed")
+    quoted = [
+        f"{s('oh_gpt2'):.3f} (GPT-2), {s('oh_qwen'):.3f} (Qwen2.5-0.5B)",
+        f"{s('oh_gpt2'):.3f}, {s('oh_gpt2_medium'):.3f}, {s('oh_gpt2_large'):.3f}, {s('oh_qwen'):.3f} (d_head 64); "
+        f"{s('oh_llama'):.3f}, {s('oh_mistral'):.3f} (d_head 128)",
+        f"{by_k[0]:.3f} … {by_k[-1]:.3f} for k = 4 … {3 + len(by_k)}",
+        f"Qwen {s('intra_qwen'):.3f}, Llama ≈ {s('intra_llama'):.2f}",
+        "O_h " + " / ".join(format(o, f) for (_, o), f in zip(scratch, (".2f", ".3f", ".3f", ".2f")))  # as published
+        + " at d_head " + " / ".join(str(d) for d, _ in scratch),
+        f"Qwen ρ = −{-rho:.2f} (p = {p:.0e}, n = {n})".replace("e-0", "e-"),
+        f"WikiText {s('corpus')[0]:.3f} vs C4 {s('corpus')[1]:.3f}",
+        f"{s('twonn')} (GPT-2, Qwen)",
+        f"+{s('top1_ppl')} PPL, {s('top1_recovered'):.1%} (GPT-2)",
+        f"standard integer {s('ppl8')[0]:.2f} vs Fisher-scaled {s('ppl8')[1]:.2f}",
+        "RTN {:.2e}, Fisher rotation {:.2e}, random rotation {:.2e}, λ-scaled {:.2e}".format(*s("werr4")).replace("e-02", "e-2"),
+        f"{low:.0%}–{high:.0%}".replace("%–", "–"),
+        f"\"the manifold\": {s('mass'):.1%}",
+        f"{s('speedup'):.0f}× over flash SDPA",
+    ]
+    missing = [q for q in quoted if q not in page]
+    assert not missing, f"book/claims.md does not quote these as claims.SOURCE has them: {missing}"
