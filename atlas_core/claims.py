@@ -27,7 +27,7 @@ __all__ = [
     "published_within_null", "scratch_explained", "cluster_explained", "corpus_stable", "corpus_claim",
     "twonn_variant",
     # atlas
-    "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "twonn_source", "top1_recovery",
+    "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "intra_split", "twonn_source", "top1_recovery",
     # nqp
     "gate", "gate_ag1", "gate_ag2", "gate_ag3", "gate_ag4", "gates_idea", "best_text", "fisher_rank2",
     "fisher_collapse", "fisher_not_worse", "l2_predicts", "eight_bit",
@@ -416,6 +416,29 @@ def sweep_claim(z_by_k: dict[int, float]) -> Verdict:
     return Verdict(label=label, text=f"{label}: {clause.text}", figures=clause.figures)
 
 
+def intra_split(*, o_h_ci: tuple[float, float], intra: float | None, intra_ci: tuple[float, float] | None,
+                n_intra: int, n_inter: int, all_pairs: float | None, mqa: bool) -> Verdict:
+    """How heads that share a KV head overlap against the headline's pairs (their 95% intervals compared).
+
+    Args:
+        o_h_ci: the headline O_h's interval (inter-group pairs); intra, intra_ci: the intra-group pairs' O_h and
+            interval (None without GQA); n_intra, n_inter: the pair counts; all_pairs: O_h over every pair;
+            mqa: every head reads one KV head (the headline is then over intra-group pairs).
+    Returns:
+        label "none", "mqa", "more", "less" or "about as much" (the intervals overlap); text a clause.
+    """
+    if intra is None:
+        return Verdict(label="none", text="every pair of heads reads a different KV head, so there is no intra-group split")
+    if mqa:
+        return Verdict(label="mqa", figures={"intra": intra},
+                       text=f"all {n_intra} pairs share the single KV head, so the headline is over them (O = {intra:.3f})")
+    more = "more" if intra_ci[0] > o_h_ci[1] else "less" if intra_ci[1] < o_h_ci[0] else "about as much"
+    return Verdict(label=more, figures={"intra": intra, "intra_ci": intra_ci, "o_h_ci": o_h_ci, "all_pairs": all_pairs},
+                   text=f"the {n_intra} intra-group pairs (two query heads reading the same KV head) overlap {more}, "
+                        f"O = {intra:.3f} [{intra_ci[0]:.3f}, {intra_ci[1]:.3f}], and all {n_inter + n_intra} pairs "
+                        f"together give {all_pairs:.3f}")
+
+
 def twonn_source(variant: float, line_fit: float) -> Verdict:
     """The source's TwoNN variant on our heads, against the source's 7.1 (``TWONN_TOL``) and the unbiased fit
     (biased when it reads more than ``TWONN_BIAS`` times it)."""
@@ -568,13 +591,21 @@ def fisher_not_worse(ratios: dict[tuple[str, int, int | None], Estimate]) -> Ver
     return Verdict(label="exceptions" if not_worse else "worse everywhere", text=text, figures={"ratios": dict(ratios)})
 
 
-def l2_predicts(rho_weight: float, rho_output: float) -> Verdict:
-    """Which error ranks the runs as perplexity does (Spearman ρ with perplexity)."""
-    weight = rho_weight >= rho_output
-    return Verdict(label="weight" if weight else "output",
-                   text="weight error orders the methods as perplexity does" if weight else
-                   "layer output error predicts perplexity better than weight error",
-                   figures={"rho_weight": rho_weight, "rho_output": rho_output, "source": source("werr4")})
+def l2_predicts(difference: Estimate) -> Verdict:
+    """Which error ranks the runs as perplexity does (Spearman ρ with perplexity).
+
+    Args:
+        difference: ρ(weight error, perplexity) − ρ(output error, perplexity) over the same runs, paired
+            (``interval.spearman_difference``).
+    Returns:
+        label "weight", "output" or ``TIE`` (the interval of the difference contains 0).
+    """
+    found = direction(difference, 0.0)
+    label = {"higher": "weight", "lower": "output", TIE: TIE}[found]
+    text = {"weight": "weight error orders the methods as perplexity does, better than the layer output error",
+            "output": "layer output error predicts perplexity better than weight error",
+            TIE: f"weight and layer output error rank the methods alike ({TIE})"}[label]
+    return Verdict(label=label, text=text, figures={"difference": difference, "source": source("werr4")})
 
 
 def eight_bit(ratio: Estimate) -> Verdict:
@@ -710,11 +741,18 @@ def kv_headline(nll: dict, same: dict, focus: str, controls: dict, a2: tuple | N
     return out
 
 
-def fisher_predicts(rho_fisher: float, rho_key_mse: float) -> Verdict:
-    """"Score-space (Fisher) error predicts attention KL far better than key MSE": Spearman ρ with the KL."""
-    ok = rho_fisher > rho_key_mse
-    return Verdict(label="replicates" if ok else "does not replicate", text="replicates" if ok else "does not replicate",
-                   figures={"rho_fisher": rho_fisher, "rho_key_mse": rho_key_mse})
+def fisher_predicts(difference: Estimate) -> Verdict:
+    """"Score-space (Fisher) error predicts attention KL far better than key MSE": Spearman ρ with the KL.
+
+    Args:
+        difference: ρ(Fisher form, KL) − ρ(key MSE, KL) on the same (layer, head) units, paired
+            (``interval.spearman_difference``).
+    Returns:
+        "replicates" when the difference's interval lies above 0, "does not replicate" below, else ``TIE``.
+    """
+    found = direction(difference, 0.0)
+    label = {"higher": "replicates", "lower": "does not replicate", TIE: TIE}[found]
+    return Verdict(label=label, text=label, figures={"difference": difference})
 
 
 def a2_offline(ratio: Estimate) -> Verdict:

@@ -132,6 +132,18 @@ def test_sweep_claim_by_the_share_of_k_outside_the_band():
     assert half.label == "not explained by the null alone" and "above or below chance at k = 4, 5" in half.text
 
 
+def test_intra_split_compares_the_two_intervals():
+    base = dict(o_h_ci=(0.27, 0.29), n_intra=6, n_inter=85, all_pairs=0.3, mqa=False)
+    assert claims.intra_split(**{**base, "intra": None, "intra_ci": None}).label == "none"
+    more = claims.intra_split(**base, intra=0.5, intra_ci=(0.3, 0.7))
+    assert more.text == ("the 6 intra-group pairs (two query heads reading the same KV head) overlap more, "
+                         "O = 0.500 [0.300, 0.700], and all 91 pairs together give 0.300")
+    assert claims.intra_split(**base, intra=0.2, intra_ci=(0.1, 0.26)).label == "less"
+    assert claims.intra_split(**base, intra=0.3, intra_ci=(0.29, 0.4)).label == "about as much"  # the intervals meet
+    assert claims.intra_split(**{**base, "mqa": True}, intra=0.5, intra_ci=(0.3, 0.7)).text == (
+        "all 6 pairs share the single KV head, so the headline is over them (O = 0.500)")
+
+
 def test_twonn_source_near_and_bias():
     near = claims.twonn_source(8.1, 7.0)
     assert near.text == ("the source's estimator reads 8.1 here, near the source's 7.1, and it is biased upward "
@@ -188,7 +200,9 @@ def test_nqp_verdicts():
                           "(perplexity ratio 1.500 [1.400, 1.600])")
     assert claims.fisher_collapse(est(0.9, 0.8, 0.95), "AWQ").text.startswith("the Fisher rotation beats AWQ")
     assert claims.fisher_collapse(est(1.0, 0.9, 1.1), "AWQ").text.startswith(f"the Fisher rotation and AWQ are {TIE}")
-    assert claims.l2_predicts(0.9, 0.8).label == "weight" and claims.l2_predicts(0.7, 0.8).label == "output"
+    assert claims.l2_predicts(est(0.1, 0.05, 0.2)).label == "weight"
+    assert claims.l2_predicts(est(-0.1, -0.2, -0.05)).label == "output"
+    assert claims.l2_predicts(est(0.1, -0.05, 0.2)).label == claims.TIE
     assert claims.eight_bit(est(1.1, 1.05, 1.2)).text.startswith("replicates in direction")
     assert claims.eight_bit(est(0.9, 0.8, 0.95)).text.startswith("does not replicate: at 8 bits the λ-scaled grid is better")
     assert claims.eight_bit(est(1.0, 0.9, 1.1)).label == TIE
@@ -263,8 +277,9 @@ def test_kv_headline_on_paired_blocks():
 
 
 def test_kvquant_direction_verdicts():
-    assert claims.fisher_predicts(0.9, 0.3).text == "replicates"
-    assert claims.fisher_predicts(0.3, 0.3).text == "does not replicate"
+    assert claims.fisher_predicts(est(0.6, 0.4, 0.8)).text == "replicates"
+    assert claims.fisher_predicts(est(-0.2, -0.3, -0.1)).text == "does not replicate"
+    assert claims.fisher_predicts(est(0.1, -0.1, 0.3)).text == claims.TIE
     assert claims.a2_offline(est(0.5, 0.4, 0.6)).text == "is lower than"
     assert claims.a2_offline(est(1.2, 1.1, 1.3)).label == "higher"
     assert claims.a2_offline(est(0.9, 0.7, 1.05)).text == "is not distinguishable at this sample size from"
