@@ -202,18 +202,8 @@ g("sweep_verdict", claims.sweep_clause(sweep_z).text)
 # The claims page's verdicts on the headline and on the sweep, whichever way the z-scores fall.
 g("claim_verdict", claims.o_h_claim(head.z).text)
 g("sweep_claim_verdict", claims.sweep_claim(sweep_z).text)
-if head.intra is None:
-    split = "every pair of heads reads a different KV head, so there is no intra-group split"
-elif mqa:
-    split = (f"all {head.n_intra} pairs share the single KV head, so the headline is over them "
-             f"(O = {head.intra:.3f})")
-else:
-    more = ("more" if head.intra_ci[0] > head.ci[1] else "less" if head.intra_ci[1] < head.ci[0]
-            else "about as much")
-    split = (f"the {head.n_intra} intra-group pairs (two query heads reading the same KV head) overlap {more}, "
-             f"O = {head.intra:.3f} [{head.intra_ci[0]:.3f}, {head.intra_ci[1]:.3f}], and all "
-             f"{head.n_inter + head.n_intra} pairs together give {head.all_pairs:.3f}")
-g("split", split)
+g("split", claims.intra_split(o_h_ci=head.ci, intra=head.intra, intra_ci=head.intra_ci, n_intra=head.n_intra,
+                              n_inter=head.n_inter, all_pairs=head.all_pairs, mqa=mqa).text)
 
 # %% [markdown]
 # ```{glue:figure} atlas_fig_sweep
