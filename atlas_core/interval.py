@@ -279,12 +279,14 @@ def ratio_of_means(a, b, boot: Bootstrap = DEFAULT) -> Estimate:
 def spearman(x, y, boot: Bootstrap = DEFAULT) -> Estimate:
     """Spearman's rho of paired values (e.g. heads' intrinsic dimension against their overlap), pairs resampled.
 
-    Each draw takes n (x, y) pairs with replacement and ranks them afresh (average ranks for ties); a draw
-    whose x or y is constant has no rho and is left out of the percentiles. The pairs are treated as
-    exchangeable units, so the interval says how much rho moves with the heads drawn, not with the text.
+    Each draw takes n units with replacement and ranks their pairs afresh (average ranks for ties); a draw
+    whose x or y is constant has no rho and is left out of the percentiles. With (unit, run) input each
+    drawn unit brings all its runs (e.g. a head measured under several quantizers: the runs of one head are
+    not independent, so the head is the unit). The units are treated as exchangeable, so the interval says
+    how much rho moves with the units drawn, not with the text.
 
     Args:
-        x, y: (n,) values of the same units, n >= ``MIN_UNITS`` and no NaN.
+        x, y: (unit,) or (unit, run) values of the same units and runs, units >= ``MIN_UNITS``, no NaN.
     Returns:
         ``Estimate`` of rho (the plain Spearman rho of all pairs) with its percentile interval.
     Raises:
@@ -292,18 +294,44 @@ def spearman(x, y, boot: Bootstrap = DEFAULT) -> Estimate:
     Source: Efron & Tibshirani, *An Introduction to the Bootstrap* (1993), §6 (the paired bootstrap of a
     correlation coefficient).
     """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim not in (1, 2) or np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError(f"spearman needs x and y of the same units (and runs) without NaN, got shapes "
+                         f"{x.shape} and {y.shape}")
+    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)  # (unit, run)
+    check_units(len(x), "units")
+    idx = boot.draws(len(x))  # (resample, unit)
+
+    return _estimate(float(_rho(_flat(x)[None], _flat(y)[None])[0]), _rho(_flat(x[idx]), _flat(y[idx])), len(x), boot)
+
+
+def spearman_difference(x_a, x_b, y, boot: Bootstrap = DEFAULT) -> Estimate:
+    """rho(x_a, y) − rho(x_b, y) on the same drawn units: does predictor a rank y better than predictor b?
+
+    Args:
+        x_a, x_b, y: (unit,) or (unit, run) values of the same units and runs (as ``spearman``).
+    Returns:
+        ``Estimate`` of the difference of the two Spearman rhos with its paired percentile interval.
+    Raises:
+        ValueError: shapes differ, NaN, or fewer than ``MIN_UNITS`` units.
+    """
+    a, b = spearman(x_a, y, boot), spearman(x_b, y, boot)  # validates; same draws (the seed fixes them)
+    xa, xb, yy = (np.asarray(t, dtype=np.float64).reshape(len(t), -1) for t in (x_a, x_b, y))
+    idx = boot.draws(len(yy))
+    resampled = _rho(_flat(xa[idx]), _flat(yy[idx])) - _rho(_flat(xb[idx]), _flat(yy[idx]))
+    return _estimate(a.value - b.value, resampled, len(yy), boot)
+
+
+def _flat(t: np.ndarray) -> np.ndarray:
+    """(..., unit, run) -> (..., unit·run)."""
+    return t.reshape(*t.shape[:-2], -1)
+
+
+def _rho(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Spearman's rho along the last axis, (..., n) pairs -> (...); NaN where a side is constant."""
     from scipy.stats import rankdata
 
-    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape or np.isnan(x).any() or np.isnan(y).any():
-        raise ValueError(f"spearman needs x and y of the same units without NaN, got {x.size} and {y.size} values")
-    check_units(len(x), "pairs")
-    idx = boot.draws(len(x))  # (resample, n)
-
-    def rho(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:  # rows of (draw, n) -> (draw,)
-        rx = rankdata(xs, axis=-1) - (xs.shape[-1] + 1) / 2
-        ry = rankdata(ys, axis=-1) - (ys.shape[-1] + 1) / 2
-        with np.errstate(invalid="ignore", divide="ignore"):  # a constant draw: 0 / 0 = NaN
-            return (rx * ry).sum(-1) / np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))
-
-    return _estimate(float(rho(x[None], y[None])[0]), rho(x[idx], y[idx]), len(x), boot)
+    rx = rankdata(xs, axis=-1) - (xs.shape[-1] + 1) / 2
+    ry = rankdata(ys, axis=-1) - (ys.shape[-1] + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant draw: 0 / 0 = NaN
+        return (rx * ry).sum(-1) / np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))

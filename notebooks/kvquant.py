@@ -191,12 +191,15 @@ for layer in tqdm(layers, desc="error study"):
 errors = pd.DataFrame(rows)
 errors["family"] = errors["config"].str.replace(r" \d+b$", "", regex=True)
 predictors = {"key_mse": "key MSE", "logit_mse": "logit MSE", "fisher": "Fisher form"}
-rho = {name: spearmanr(errors[name], errors["kl"]).statistic for name in predictors}
+by_head = [grp.sort_values("config") for _, grp in errors.groupby(["layer", "head"])]  # units: (layer, head)
+per_head = {name: np.stack([grp[name].to_numpy() for grp in by_head]) for name in (*predictors, "kl")}  # (unit, config)
+rho_est = {name: interval.spearman(per_head[name], per_head["kl"]) for name in predictors}  # heads resampled
+rho = {name: est.value for name, est in rho_est.items()}
 within = {name: float(np.median([spearmanr(grp[name], grp["kl"]).statistic
                                  for _, grp in errors.groupby(["layer", "head"])]))
           for name in predictors}
 for name in predictors:
-    g(f"rho_{name}", rho[name])
+    ge(f"rho_{name}", rho_est[name])
     g(f"rho_within_{name}", within[name])
 g("n_error_rows", len(errors))
 g("n_configs", errors["config"].nunique())
@@ -240,8 +243,9 @@ plt.close(fig)
 # ```
 #
 # **Result.** {numref}`fig-kv-metrics` shows the three measures against attention KL. Across heads and
-# configurations, attention KL has a rank correlation of {glue:text}`kv_rho_key_mse:.2f` with key MSE,
-# {glue:text}`kv_rho_logit_mse:.2f` with logit MSE and {glue:text}`kv_rho_fisher:.2f` with the Fisher form.
+# configurations, attention KL has a rank correlation of {glue:text}`kv_rho_key_mse:.2f` [{glue:text}`kv_rho_key_mse_lo:.2f`, {glue:text}`kv_rho_key_mse_hi:.2f`] with key MSE,
+# {glue:text}`kv_rho_logit_mse:.2f` [{glue:text}`kv_rho_logit_mse_lo:.2f`, {glue:text}`kv_rho_logit_mse_hi:.2f`] with logit MSE and {glue:text}`kv_rho_fisher:.2f` [{glue:text}`kv_rho_fisher_lo:.2f`, {glue:text}`kv_rho_fisher_hi:.2f`] with the Fisher form
+# (95% intervals, (layer, head) units resampled with all their configurations).
 # Within one head, across configurations (median over heads), the three read
 # {glue:text}`kv_rho_within_key_mse:.2f`, {glue:text}`kv_rho_within_logit_mse:.2f` and
 # {glue:text}`kv_rho_within_fisher:.2f`. The Fisher form is close to the KL itself: the median ratio
@@ -777,7 +781,8 @@ g("previous_blocks", previous_blocks)
 g("previous_tokens", previous_blocks * (seq_len - prefill - 1))
 g("n_changed", len(changed))
 g("changed", ", ".join(changed) if changed else "none")
-g("fisher_verdict", claims.fisher_predicts(rho["fisher"], rho["key_mse"]).text)
+g("fisher_verdict", claims.fisher_predicts(interval.spearman_difference(per_head["fisher"], per_head["key_mse"],
+                                                                         per_head["kl"])).text)
 g("a2_verdict", claims.a2_offline(interval.ratio_of_means(units["A² (causal)"], units[f"uniform {a2_budget:g}b"])).text)
 
 out = Path(results_dir)
@@ -821,8 +826,8 @@ write_json(out / "kvquant.json", {
 # {glue:text}`kv_model:s` and {glue:text}`kv_corpus:s` text, not for the authors' code.
 #
 # - **Score-space error predicts attention KL: {glue:text}`kv_fisher_verdict:s`.** The Fisher form ranks
-#   attention KL with Spearman ρ = {glue:text}`kv_rho_fisher:.2f`, key MSE with ρ =
-#   {glue:text}`kv_rho_key_mse:.2f` ({numref}`fig-kv-metrics`). Null-space noise with
+#   attention KL with Spearman ρ = {glue:text}`kv_rho_fisher:.2f` [{glue:text}`kv_rho_fisher_lo:.2f`, {glue:text}`kv_rho_fisher_hi:.2f`], key MSE with ρ =
+#   {glue:text}`kv_rho_key_mse:.2f` [{glue:text}`kv_rho_key_mse_lo:.2f`, {glue:text}`kv_rho_key_mse_hi:.2f`] ({numref}`fig-kv-metrics`). Null-space noise with
 #   {glue:text}`kv_null_mse_ratio:.2f`× [{glue:text}`kv_null_mse_ratio_lo:.2f`, {glue:text}`kv_null_mse_ratio_hi:.2f`]
 #   the key MSE of 2-bit quantization has only {glue:text}`kv_null_kl_ratio:.3f`× [{glue:text}`kv_null_kl_ratio_lo:.3f`,
 #   {glue:text}`kv_null_kl_ratio_hi:.3f`] its attention KL.

@@ -98,7 +98,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
 import time
 
@@ -468,10 +467,10 @@ plt.close(fig)
 
 # %%
 summary = table.assign(log_excess=np.log(table.ppl / ppl_fp).clip(lower=1e-6))
-rho_w = spearmanr(summary.weight_error, summary.ppl).statistic
-rho_o = spearmanr(summary.output_error, summary.ppl).statistic
-g("rho_weight", rho_w)
-g("rho_output", rho_o)
+rho_w = interval.spearman(summary.weight_error, summary.ppl)  # runs resampled
+rho_o = interval.spearman(summary.output_error, summary.ppl)
+ge("rho_weight", rho_w, ".2f")
+ge("rho_output", rho_o, ".2f")
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
 for m, grp in summary.groupby("method"):
     axes[0].scatter(grp.weight_error, grp.ppl, label=m, s=18)
@@ -494,8 +493,9 @@ plt.close(fig)
 # ```
 #
 # Over all runs, the Spearman correlation between perplexity and the weight error is
-# {glue:text}`nqp_rho_weight:.2f`, and between perplexity and the layer output error
-# {glue:text}`nqp_rho_output:.2f` ({numref}`fig-nqp-errors`): {glue:text}`nqp_l2_verdict:s`. The weight
+# {glue:text}`nqp_rho_weight_ci:s`, and between perplexity and the layer output error
+# {glue:text}`nqp_rho_output_ci:s` (95% intervals, runs resampled; {numref}`fig-nqp-errors`):
+# {glue:text}`nqp_l2_verdict:s` (decided on the paired difference of the two). The weight
 # error is not useless, since at a fixed bit width a larger rounding error generally costs perplexity,
 # but it misjudges methods that move error between directions, such as AWQ and GPTQ.
 #
@@ -549,7 +549,8 @@ baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the tw
 collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", baseline.upper())
 ge("collapse_ratio", collapse.ratio, ".3f")
 g("collapse_verdict", claims.fisher_collapse(collapse.ratio, baseline.upper()).text)
-g("l2_verdict", claims.l2_predicts(rho_w, rho_o).text)
+g("l2_verdict", claims.l2_predicts(interval.spearman_difference(summary.weight_error, summary.output_error,
+                                                                 summary.ppl)).text)
 # The source's 8-bit result (GPT-2: 34.06 standard, 36.67 λ-scaled) is a direction, so judge the direction.
 eight = compare(nll("nqp-scaled", 8), nll("rtn", 8), "λ-scaled", "RTN")
 g("8bit_verdict", claims.eight_bit(eight.ratio).text)
@@ -623,7 +624,7 @@ write_json(out / "nqp.json", {
 #   {glue:text}`nqp_ppl_rtn_8_ci:s`): {glue:text}`nqp_8bit_verdict:s`. At 4 bits it reads
 #   {glue:text}`nqp_ppl_nqp_scaled_4_ci:s`.
 # - **Weight L2 error as the judge:** {glue:text}`nqp_l2_verdict:s` (Spearman
-#   {glue:text}`nqp_rho_weight:.2f` against {glue:text}`nqp_rho_output:.2f`).
+#   {glue:text}`nqp_rho_weight_ci:s` against {glue:text}`nqp_rho_output_ci:s`).
 # - **Gates:** {glue:text}`nqp_n_gates_passed:d` of 4 pass. {glue:text}`nqp_gates_idea_verdict:s`.
 # - **Caveat:** the model's weights were dequantized 4-bit GGUF weights, which a grid matching the
 #   original blocks recovers almost exactly (paired perplexity ratio {glue:text}`nqp_gguf_grid_ratio_ci:s`; {glue:text}`nqp_ppl_gguf_grid_ci:s` against

@@ -175,3 +175,14 @@ def test_spearman_matches_scipy_and_its_interval_moves_with_the_pairs():
         interval.spearman(x, y[:-1])
     with pytest.raises(ValueError, match="at least"):
         interval.spearman(x[:1], y[:1])
+    # (unit, run): each unit's runs are drawn together; rho itself is the rho of every pair
+    xs, ys = x.reshape(10, 4), y.reshape(10, 4)
+    clustered = interval.spearman(xs, ys)
+    assert clustered.value == pytest.approx(est.value) and clustered.units == 10
+    assert clustered.hi - clustered.lo > 0
+    # a better predictor of y against a worse one, paired on the same draws
+    better = interval.spearman_difference(y + 0.1 * rng.normal(size=40), x, y)
+    assert better.value == pytest.approx(interval.spearman(y + 0.1 * rng.normal(size=40), y).value - est.value, abs=0.05)
+    assert better.lo > 0
+    same = interval.spearman_difference(x, x, y)
+    assert same.value == 0 and same.lo == same.hi == 0
