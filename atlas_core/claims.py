@@ -22,6 +22,9 @@ from atlas_core.interval import Bootstrap, Estimate
 
 __all__ = [
     "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "source_points", "is_source_qwen", "direction",
+    # thresholds
+    "REPRODUCED_TOL", "Z_CHANCE", "Z_ALIGNED", "NULL_TOL", "R2_NULL", "ALPHA", "CORPUS_TOL", "TWONN_TOL", "TWONN_BIAS",
+    "FISHER_RANK_PR", "MASS_TOL", "M_ZERO", "RECALL_NEAR", "RECALL_MOST", "GATE_TESTS",
     # crossarch
     "o_h_reproduced", "intra_reproduced", "spearman_replicates", "intra_above_null", "colspace_aligned",
     "published_within_null", "scratch_explained", "cluster_explained", "corpus_stable", "corpus_claim",
