@@ -165,6 +165,12 @@ def _estimate(value: float, resampled: np.ndarray, units: int, boot: Bootstrap) 
     return Estimate(float(value), lo, hi, units)
 
 
+def estimate(value: float, resampled, units: int, boot: Bootstrap = DEFAULT) -> Estimate:
+    """An ``Estimate`` from a statistic's value and its values on ``boot``'s draws (resample,), for statistics
+    computed elsewhere on the same draws (``boot.draws(units)``)."""
+    return _estimate(value, resampled, units, boot)
+
+
 def perplexity(nll, boot: Bootstrap = DEFAULT) -> Estimate:
     """Perplexity exp(Σ NLL / Σ tokens) with its block-bootstrap interval.
 

@@ -100,7 +100,7 @@ from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_sparse_decode
 from atlas_core.sparse.blocks import block_rule
 from atlas_core.sparse.experiment import SparseExperiment
-from atlas_core.sparse.fidelity import (MODEL_FIGURES, budget_sweep, compare_rules, fidelity_texts,
+from atlas_core.sparse.fidelity import (MODEL_FIGURES, block_discarded, budget_sweep, compare_rules, discarded_statistics, fidelity_texts,
                                         greedy_survival, identical_count, model_rows, survival_agreement,
                                         survival_summary, trajectory_agreement)
 
@@ -200,10 +200,10 @@ gci("mass_discarded", swept[0], "discarded")  # per-query mean over sparse layer
 g("mass_kept", 1 - swept[0]["discarded"])
 g("mass_kept_lo", 1 - swept[0]["discarded_hi"])
 g("mass_kept_hi", 1 - swept[0]["discarded_lo"])
-g("m_median", float(np.median(m_all)))
-g("m_p99", float(np.quantile(m_all, 0.99)))
-g("m_max", float(m_all.max()))
-g("m_zero_share", float((m_all < claims.M_ZERO).mean()))
+m_stats = discarded_statistics(block_discarded(tf["log"]), claims.M_ZERO)  # blocks resampled
+for name, key in (("median", "m_median"), ("p99", "m_p99"), ("max", "m_max"), ("share_below", "m_zero_share")):
+    est = m_stats[name]
+    g(key, est.value), g(f"{key}_lo", est.lo), g(f"{key}_hi", est.hi)
 g("m_count", int(m_all.size))
 g("worst_layer", int(mass["discarded"].mean(1).argmax()))
 g("worst_layer_m", float(mass["discarded"].mean(1).max()))
@@ -242,9 +242,11 @@ plt.close(fig)
 # anchor and window.
 #
 # The discarded mass is almost never negligible. Its median over {glue:text}`sp_m_count:,` (layer, head,
-# query) triples is {glue:text}`sp_m_median:.2e`, its 99th percentile {glue:text}`sp_m_p99:.3f` and its
-# maximum {glue:text}`sp_m_max:.3f`. Only {glue:text}`sp_m_zero_share:.2%` of queries discard less than
-# $10^{-7}$. The worst layer is layer {glue:text}`sp_worst_layer:d`, with mean $m$ =
+# query) triples is {glue:text}`sp_m_median:.2e` [{glue:text}`sp_m_median_lo:.2e`, {glue:text}`sp_m_median_hi:.2e`],
+# its 99th percentile {glue:text}`sp_m_p99:.3f` [{glue:text}`sp_m_p99_lo:.3f`, {glue:text}`sp_m_p99_hi:.3f`] and its
+# maximum {glue:text}`sp_m_max:.3f` [{glue:text}`sp_m_max_lo:.3f`, {glue:text}`sp_m_max_hi:.3f`] (95% intervals,
+# blocks resampled). Only {glue:text}`sp_m_zero_share:.2%` [{glue:text}`sp_m_zero_share_lo:.2%`,
+# {glue:text}`sp_m_zero_share_hi:.2%`] of queries discard less than $10^{-7}$. The worst layer is layer {glue:text}`sp_worst_layer:d`, with mean $m$ =
 # {glue:text}`sp_worst_layer_m:.3f`. By the identity above, every query with $m > 0$ gets a different
 # output; whether the difference changes the model's predictions is measured next.
 #
@@ -370,8 +372,9 @@ plt.close(fig)
 # the sweep. At the source defaults the sparse model's next-token distribution differs from the dense one
 # by KL = {glue:text}`sp_src_kl:.4f` nats ({glue:text}`sp_src_kl_lo:.4f` to {glue:text}`sp_src_kl_hi:.4f`). The
 # top-1 predictions agree at {glue:text}`sp_src_top1:.2%` of positions ({glue:text}`sp_src_top1_lo:.2%` to
-# {glue:text}`sp_src_top1_hi:.2%`), and perplexity moves from {glue:text}`sp_src_ppl_dense:.3f` to
-# {glue:text}`sp_src_ppl_sparse:.3f` ({glue:text}`sp_src_ppl_change:+.2%`, interval
+# {glue:text}`sp_src_top1_hi:.2%`), and perplexity moves from {glue:text}`sp_src_ppl_dense:.3f`
+# [{glue:text}`sp_src_ppl_dense_lo:.3f`, {glue:text}`sp_src_ppl_dense_hi:.3f`] to {glue:text}`sp_src_ppl_sparse:.3f`
+# [{glue:text}`sp_src_ppl_sparse_lo:.3f`, {glue:text}`sp_src_ppl_sparse_hi:.3f`] ({glue:text}`sp_src_ppl_change:+.2%`, interval
 # {glue:text}`sp_src_ppl_change_lo:+.2%` to {glue:text}`sp_src_ppl_change_hi:+.2%`). Greedy generation first diverges
 # at step {glue:text}`sp_src_first:s` of {glue:text}`sp_gen_tokens:d`. Along the dense continuation the
 # sparse model would choose the same token at {glue:text}`sp_src_step_agree:.1%` of steps: the two agree

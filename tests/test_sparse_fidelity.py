@@ -187,6 +187,10 @@ def test_teacher_forced_rules_share_the_dense_pass_and_give_per_block_values(qwe
             assert r[f"{name}_lo"] <= r[name] <= r[f"{name}_hi"], name
             assert r[name] == pytest.approx(r["mass"][name].mean().item(), rel=1e-5), name  # equal heads per layer
         assert r["fixed"] + r["selected"] + r["discarded"] == pytest.approx(1, abs=1e-6)
+        from atlas_core.sparse.fidelity import block_discarded
+
+        m = block_discarded(r["log"])  # (block, layer · head · query)
+        assert m.shape[0] == 5 and m.mean() == pytest.approx(r["discarded"], rel=1e-6)
 
 
 def test_a_rule_on_fewer_blocks_is_the_rule_run_on_those_blocks(qwen_toy):
@@ -314,3 +318,30 @@ def test_fidelity_texts_are_the_held_out_blocks_a_calibration_prompt_and_its_den
                                                                           split="eval", add_bos=bos)))
     calib = token_blocks(qwen_toy.tokenizer, BlockSpec(corpus="britannica", seq_len=24, n_blocks=1, split="calib", add_bos=bos))
     assert torch.equal(prompt, calib[0]) and torch.equal(dense, greedy(qwen_toy, prompt, 5))
+
+
+def test_discarded_statistics_values_are_exact_and_intervals_follow_the_drawn_blocks():
+    import numpy as np
+
+    from atlas_core.sparse.fidelity import discarded_statistics
+
+    rng = np.random.default_rng(0)
+    m = 10 ** rng.uniform(-10, -0.5, size=(6, 500))  # (block, value), spread over many decades
+    m[0, :50] = 1e-9  # block 0 holds most of the negligible values
+    boot = interval.Bootstrap(n_resamples=300, seed=1)
+    st = discarded_statistics(m, 1e-7, boot)
+    assert st["median"].value == np.quantile(m, 0.5) and st["p99"].value == np.quantile(m, 0.99)
+    assert st["max"].value == m.max() and st["share_below"].value == (m < 1e-7).mean()
+    idx = boot.draws(6)
+    exact_median = np.array([np.quantile(m[i].ravel(), 0.5) for i in idx])  # the slow, plain way
+    lo, hi = boot.interval(exact_median)
+    assert st["median"].lo == pytest.approx(lo, rel=0.004) and st["median"].hi == pytest.approx(hi, rel=0.004)
+    exact_p99 = np.array([np.quantile(m[i].ravel(), 0.99) for i in idx])
+    # in the sparse tail (30 values above p99 per draw here) np.quantile interpolates between order statistics,
+    # the histogram within a bin: the two agree to the gap between neighbouring values (millions in the chapter)
+    assert (st["p99"].lo, st["p99"].hi) == pytest.approx(boot.interval(exact_p99), rel=0.02)
+    exact_share = np.array([(m[i] < 1e-7).mean() for i in idx])
+    assert (st["share_below"].lo, st["share_below"].hi) == pytest.approx(boot.interval(exact_share))
+    assert st["max"].hi == m.max() and all(e.units == 6 for e in st.values())
+    with pytest.raises(ValueError, match="at least"):
+        discarded_statistics(m[:1], 1e-7)
