@@ -83,8 +83,11 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 
 def jsonable(obj):
-    """``obj`` with numpy arrays and scalars made Python values, tuples made lists and every key a string,
-    so that ``write_json`` can write it (recursively through dicts, lists and tuples)."""
+    """``obj`` with numpy arrays and scalars made Python values, tuples made lists, every key a string and
+    interval Estimates made {value, lo, hi, units}, so that ``write_json`` can write it (recursively through
+    dicts, lists and tuples)."""
+    if hasattr(obj, "as_dict"):  # an interval.Estimate
+        return jsonable(obj.as_dict())
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -118,13 +118,6 @@ from atlas_core.models import load_model
 g = prefixed_glue("kv")  # g(key, value) glues kv_<key>
 
 
-def ge(key: str, est) -> None:
-    """Glue a figure with its 95% interval: ``kv_<key>``, ``kv_<key>_lo``, ``kv_<key>_hi``."""
-    g(key, est.value)
-    g(f"{key}_lo", est.lo)
-    g(f"{key}_hi", est.hi)
-
-
 torch.manual_seed(seed)
 lm = load_model(model, attn_implementation="sdpa")  # perplexity needs no attention weights; extract sets its own
 s = lm.spec
@@ -199,7 +192,7 @@ within = {name: float(np.median([spearmanr(grp[name], grp["kl"]).statistic
                                  for _, grp in errors.groupby(["layer", "head"])]))
           for name in predictors}
 for name in predictors:
-    ge(f"rho_{name}", rho_est[name])
+    g.estimate(f"rho_{name}", rho_est[name])
     g(f"rho_within_{name}", within[name])
 g("n_error_rows", len(errors))
 g("n_configs", errors["config"].nunique())
@@ -209,10 +202,10 @@ by_config = errors.groupby("config")[["key_mse", "logit_mse", "fisher", "kl"]].m
 
 by_head = errors.pivot_table(index=["layer", "head"], columns="config", values=["kl", "key_mse"])
 for name in ("kl", "key_mse"):  # null-space against 2-bit per-token, the (layer, head) pairs resampled together
-    ge(f"null_{name.replace('key_', '')}_ratio", interval.ratio_of_means(by_head[name]["null-space"], by_head[name]["per-token 2b"]))
+    g.estimate(f"null_{name.replace('key_', '')}_ratio", interval.ratio_of_means(by_head[name]["null-space"], by_head[name]["per-token 2b"]))
 kl_per_fisher = (errors.assign(r=errors["kl"] / errors["fisher"])
                  .pivot_table(index=["layer", "head"], columns="config", values="r").to_numpy())  # (layer·head, config)
-ge("fisher_kl_ratio", interval.median(kl_per_fisher))  # the median over rows; a (layer, head) brings all its configs
+g.estimate("fisher_kl_ratio", interval.median(kl_per_fisher))  # the median over rows; a (layer, head) brings all its configs
 g("n_metric_heads", len(by_head))
 
 # %%
@@ -296,7 +289,7 @@ for m in tqdm(plan, desc="decode runs"):
 g("n_runs", len(runs.done))
 
 fp_ppl = runs(KVMethod(method="fp"))["ppl"]
-ge("fp_ppl", fp_ppl)
+g.estimate("fp_ppl", fp_ppl)
 
 
 def versus(f: dict) -> str:
@@ -353,16 +346,16 @@ plt.close(fig_bits)
 for tag, m in (("pt2", K("per-token", 2)), ("kivi2", K("kivi", 2)), ("hq2", K("headq", 2)), ("pt3", K("per-token", 3)),
                ("kivi3", K("kivi", 3)), ("pt2_kv", K("per-token", 2, vbits=2)), ("kivi2_kv", K("kivi", 2, vbits=2)),
                ("hq2_kv", K("headq", 2, vbits=2))):
-    ge(f"ppl_{tag}", runs(m)["ppl"])
+    g.estimate(f"ppl_{tag}", runs(m)["ppl"])
     g(f"bits_{tag}", runs(m)["bits_key"])
-ge("removed_hq2", runs.figures(K("headq", 2))["excess_removed"])
-ge("removed_kivi2", runs.figures(K("kivi", 2))["excess_removed"])
-ge("removed_hq2_kv", runs.figures(K("headq", 2, vbits=2))["excess_removed"])
+g.estimate("removed_hq2", runs.figures(K("headq", 2))["excess_removed"])
+g.estimate("removed_kivi2", runs.figures(K("kivi", 2))["excess_removed"])
+g.estimate("removed_hq2_kv", runs.figures(K("headq", 2, vbits=2))["excess_removed"])
 g("hq_vs_kivi", claims.lower_verdict(runs(K("headq", 2))["nll"], runs(K("kivi", 2))["nll"], "HeadQ", "KIVI",
                                      runs.setup.boot).text)
 best_base = min((K("per-token", 2), K("kivi", 2)), key=lambda m: runs(m)["ppl"].value)
 g("best_base", runs(best_base)["label"])
-ge("ppl_best_base", runs(best_base)["ppl"])
+g.estimate("ppl_best_base", runs(best_base)["ppl"])
 
 # %% [markdown]
 # ```{glue:figure} kv_fig_bits
@@ -450,10 +443,10 @@ g("fig_rank", fig)
 plt.close(fig)
 best_rank = min(rank_methods, key=lambda m: runs(m)["ppl"].value)
 g("best_rank", best_rank.rank)
-ge("best_rank_removed", runs.figures(best_rank)["excess_removed"])
+g.estimate("best_rank_removed", runs.figures(best_rank)["excess_removed"])
 g("best_rank_bits", runs(best_rank)["bits_key"])
 g("rank_min", rank_methods[0].rank)
-ge("rank1_removed", runs.figures(rank_methods[0])["excess_removed"])
+g.estimate("rank1_removed", runs.figures(rank_methods[0])["excess_removed"])
 g("rank1_verdict", claims.side_code_clause(runs.figures(rank_methods[0])["difference_baseline"], "no side code",
                                            "already", ", though it").text)
 
@@ -502,8 +495,8 @@ control_methods = [K("headq", 2)] + [K("headq", 2, control=c) for c in ("wrong-s
 control_table = table([K("per-token", 2)] + control_methods)
 g("control_table", control_table.style.format(FMT, na_rep="—"))
 for c, m in zip(("query", "wrong", "random", "keypca"), control_methods):
-    ge(f"ctl_{c}_ppl", runs(m)["ppl"])
-    ge(f"ctl_{c}_removed", runs.figures(m)["excess_removed"])
+    g.estimate(f"ctl_{c}_ppl", runs(m)["ppl"])
+    g.estimate(f"ctl_{c}_removed", runs.figures(m)["excess_removed"])
 control_names = {"the query basis": K("headq", 2), "the wrong sign": K("headq", 2, control="wrong-sign"),
                  "a random basis": K("headq", 2, control="random-basis"), "the key-PCA basis": K("headq", 2, control="key-pca")}
 g("control_verdict", claims.lowest_verdict({n: runs(m)["nll"] for n, m in control_names.items()}, "the query basis",
@@ -551,9 +544,9 @@ budget_methods = [K("headq", 2), K("per-token", 3), K("kivi", 3), K("per-token",
 budget_methods.sort(key=lambda m: (runs(m)["bits_key"], runs(m)["ppl"].value))
 budget_table = table(budget_methods)
 g("budget_table", budget_table.style.format(FMT, na_rep="—"))
-ge("ppl_hq2_kivi", runs(K("headq", 2, base="kivi"))["ppl"])
+g.estimate("ppl_hq2_kivi", runs(K("headq", 2, base="kivi"))["ppl"])
 g("bits_hq2_kivi", runs(K("headq", 2, base="kivi"))["bits_key"])
-ge("removed_hq2_kivi", runs.figures(K("headq", 2, base="kivi"))["excess_removed"])
+g.estimate("removed_hq2_kivi", runs.figures(K("headq", 2, base="kivi"))["excess_removed"])
 g("hq2_kivi_verdict", claims.side_code_clause(runs.figures(K("headq", 2, base="kivi"))["difference_baseline"], "KIVI alone",
                                               "removes", "; it removes").text)
 hq_bits = runs(K("headq", 2))["bits_key"]
@@ -563,7 +556,7 @@ budget = claims.lowest_verdict({runs(m)["label"]: runs(m)["nll"] for m in same},
 best_label = budget.label
 g("budget_bits", hq_bits)
 g("budget_best", best_label)
-ge("budget_best_ppl", next(runs(m)["ppl"] for m in same if runs(m)["label"] == best_label))
+g.estimate("budget_best_ppl", next(runs(m)["ppl"] for m in same if runs(m)["label"] == best_label))
 g("budget_hq_rank", sorted(runs(m)["ppl"].value for m in same).index(runs(K("headq", 2))["ppl"].value) + 1)
 g("budget_n", len(same))
 g("budget_verdict", budget.text)
@@ -617,10 +610,10 @@ g("kivi2_vs_hq2", claims.lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq"
 # %%
 if s.family != "gpt2":
     rope_table = table([K("per-token", 2), K("per-token", 2, pre_rope=True), K("kivi", 2), K("kivi", 2, pre_rope=True)])
-    ge("rope_kivi_post", runs(K("kivi", 2))["ppl"])
-    ge("rope_kivi_pre", runs(K("kivi", 2, pre_rope=True))["ppl"])
-    ge("rope_pt_post", runs(K("per-token", 2))["ppl"])
-    ge("rope_pt_pre", runs(K("per-token", 2, pre_rope=True))["ppl"])
+    g.estimate("rope_kivi_post", runs(K("kivi", 2))["ppl"])
+    g.estimate("rope_kivi_pre", runs(K("kivi", 2, pre_rope=True))["ppl"])
+    g.estimate("rope_pt_post", runs(K("per-token", 2))["ppl"])
+    g.estimate("rope_pt_pre", runs(K("per-token", 2, pre_rope=True))["ppl"])
     for tag, m in (("kivi", K("kivi", 2)), ("pt", K("per-token", 2))):
         g(f"rope_{tag}_verdict", claims.lower_verdict(runs(replace(m, pre_rope=True))["nll"], runs(m)["nll"], "pre-RoPE",
                                                       "post-RoPE", runs.setup.boot).text)
@@ -678,7 +671,7 @@ g("value_table", value_table.style.format("{:.4f}"))
 g("a2_budget", a2_budget)
 units = {name: np.concatenate([value_blocks[l][name] for l in layers]) for name in value_table.index}  # (layer·block,)
 for key, name in (("oracle", "A² (oracle)"), ("causal", "A² (causal)"), ("random", "random tokens fp")):
-    ge(f"a2_{key}_ratio", interval.ratio_of_means(units[name], units[f"uniform {a2_budget:g}b"]))  # paired units
+    g.estimate(f"a2_{key}_ratio", interval.ratio_of_means(units[name], units[f"uniform {a2_budget:g}b"]))  # paired units
 
 # %% [markdown]
 # ```{glue:figure} kv_value_table
@@ -712,9 +705,9 @@ for key, name in (("oracle", "A² (oracle)"), ("causal", "A² (causal)"), ("rand
 if engine == "onepass":
     uniform_v, a2_v = K("headq", 2, vbits=a2_vbits), K("headq", 2, vbits=a2_vbits, a2_low=2)
     a2_figs = runs.figures(a2_v)
-    ge("a2_decode_ppl", a2_figs["ppl"])
-    ge("a2_uniform_ppl", a2_figs["ppl_baseline"])
-    ge("a2_decode_diff", a2_figs["difference_baseline"])
+    g.estimate("a2_decode_ppl", a2_figs["ppl"])
+    g.estimate("a2_uniform_ppl", a2_figs["ppl_baseline"])
+    g.estimate("a2_decode_diff", a2_figs["difference_baseline"])
     g("a2_decode_payload", runs(a2_v)["value_payload"])
     g("a2_decode_verdict", claims.lower_verdict(runs(a2_v)["nll"], runs(uniform_v)["nll"], "the A² policy",
                                                 f"uniform {a2_vbits}-bit values", runs.setup.boot).text)

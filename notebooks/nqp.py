@@ -105,7 +105,7 @@ from atlas_core import interval
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.eval import block_nll
-from atlas_core.glue import prefixed_glue
+from atlas_core.glue import glue_key, prefixed_glue
 from atlas_core.models import load_model
 from atlas_core.wquant.awq import AWQConfig
 from atlas_core.wquant.calib import CalibConfig, calibration_stats, weight_of, linear_layers
@@ -116,15 +116,6 @@ from atlas_core.wquant.layers import participation_rows
 from atlas_core.wquant.rtn import WQuantSpec
 
 g = prefixed_glue("nqp")  # g(key, value) glues nqp_<key>
-
-
-def ge(key, est, spec=".2f"):
-    """Glue an Estimate: value, lo, hi as numbers, and "value [lo, hi]" as text (key_ci)."""
-    spec = ",.0f" if spec == ".2f" and est.value >= 1000 else spec  # failed runs read in the thousands
-    g(key, est.value)
-    g(f"{key}_lo", est.lo)
-    g(f"{key}_hi", est.hi)
-    g(f"{key}_ci", f"{est:{spec}}")
 
 
 seconds = {}  # where the chapter's time goes (closing note): (wall, CPU) seconds per stage
@@ -150,7 +141,7 @@ g("eval_tokens", held_out.numel())
 g("eval_blocks", len(held_out))
 g("old_eval_tokens", 4 * 512)  # the chapter's sample before intervals (4 blocks of 512)
 g("seq_len", seq_len)
-ge("ppl_fp", ppl_fp_est, ".3f")
+g.estimate("ppl_fp", ppl_fp_est, ".3f")
 g("n_linear", len(stats))
 
 
@@ -293,21 +284,17 @@ swept = RunSet(tuple(runs))
 nll, ppl = swept.nll, swept.ppl  # (method, bits, group=None) -> (block, token − 1) NLL; -> perplexity
 
 
-def key(m):
-    return m.replace("-", "_")
-
-
 for m in methods:
     for b in bits:
-        ge(f"ppl_{key(m)}_{b}", interval.perplexity(nll(m, b)))
+        g.estimate(f"ppl_{glue_key(m)}_{b}", interval.perplexity(nll(m, b)), ".2f")
 for m in grouped_methods:
-    ge(f"ppl_{key(m)}_3_g", interval.perplexity(nll(m, 3, group)))
+    g.estimate(f"ppl_{glue_key(m)}_3_g", interval.perplexity(nll(m, 3, group)), ".2f")
 g("group", group)
-ge("ppl_gguf_grid", interval.perplexity(gguf_grid["nll"]), ".3f")
+g.estimate("ppl_gguf_grid", interval.perplexity(gguf_grid["nll"]), ".3f")
 g("werr_gguf_grid", gguf_grid["weight_error"])
-ge("ppl_gguf_int", interval.perplexity(gguf_int["nll"]), ".3f")
-ge("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, ".4f")
-ge("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, ".4f")
+g.estimate("ppl_gguf_int", interval.perplexity(gguf_int["nll"]), ".3f")
+g.estimate("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, ".4f")
+g.estimate("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, ".4f")
 
 
 # The best method per channel at 4 and 3 bits, and those the sample cannot tell from it.
@@ -325,8 +312,8 @@ for a_, b_, bb, grp in pairs:
     comparisons.append({"bits": bb, "grouping": "channel" if grp is None else f"g{grp}", "method": a_, "against": b_,
                         "ratio": c.ratio.value, "lo": c.ratio.lo, "hi": c.ratio.hi, "ratio [95%]": f"{c.ratio:.3f}",
                         "verdict": c.verdict})
-    ge(f"ratio_{key(a_)}_{key(b_)}_{bb}" + ("_g" if grp else ""), c.ratio, ".3f")
-    g(f"verdict_{key(a_)}_{key(b_)}_{bb}" + ("_g" if grp else ""), c.sentence())
+    g.estimate(f"ratio_{glue_key(a_)}_{glue_key(b_)}_{bb}" + ("_g" if grp else ""), c.ratio, ".3f")
+    g(f"verdict_{glue_key(a_)}_{glue_key(b_)}_{bb}" + ("_g" if grp else ""), c.sentence())
 comparisons = pd.DataFrame(comparisons)
 g("n_ties", int((comparisons.verdict == TIE).sum()))
 ties = comparisons[comparisons.verdict == TIE]
@@ -469,8 +456,8 @@ plt.close(fig)
 summary = table.assign(log_excess=np.log(table.ppl / ppl_fp).clip(lower=1e-6))
 rho_w = interval.spearman(summary.weight_error, summary.ppl)  # runs resampled
 rho_o = interval.spearman(summary.output_error, summary.ppl)
-ge("rho_weight", rho_w, ".2f")
-ge("rho_output", rho_o, ".2f")
+g.estimate("rho_weight", rho_w, ".2f")
+g.estimate("rho_output", rho_o, ".2f")
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
 for m, grp in summary.groupby("method"):
     axes[0].scatter(grp.weight_error, grp.ppl, label=m, s=18)
@@ -531,8 +518,8 @@ gate_verdicts = {"A-G1": claims.gate_ag1(orth, recon), "A-G2": claims.gate_ag2(s
 gates = pd.DataFrame([{"gate": name, "test": claims.GATE_TESTS[name], "measured": v.text, "pass": v.label}
                       for name, v in gate_verdicts.items()])
 g("gates_table", gates.style.hide(axis="index"))
-ge("ag3_ratio", ag3.ratio, ".3f")
-ge("ag4_ratio", ag4.ratio, ".3f")
+g.estimate("ag3_ratio", ag3.ratio, ".3f")
+g.estimate("ag4_ratio", ag4.ratio, ".3f")
 for r in gates.itertuples():
     g(f"{r.gate.lower().replace('-', '')}", r._4)
 g("ag2_share", share_lower)
@@ -547,7 +534,7 @@ for m, v in werr.items():
 g("rank2_verdict", claims.fisher_rank2(pr.pr_fisher.median()).text)
 baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the two at 3 bits
 collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", baseline.upper())
-ge("collapse_ratio", collapse.ratio, ".3f")
+g.estimate("collapse_ratio", collapse.ratio, ".3f")
 g("collapse_verdict", claims.fisher_collapse(collapse.ratio, baseline.upper()).text)
 g("l2_verdict", claims.l2_predicts(interval.spearman_difference(summary.weight_error, summary.output_error,
                                                                  summary.ppl)).text)

@@ -92,9 +92,9 @@ import pandas as pd
 import torch
 
 from atlas_core import claims
-from atlas_core.cache import write_json
+from atlas_core.cache import jsonable, write_json
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.glue import prefixed_glue
+from atlas_core.glue import prefixed_glue, row_interval
 from atlas_core.models import load_model
 from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_sparse_decode
@@ -117,17 +117,6 @@ experiment = SparseExperiment(rule=SparseConfig(anchors=anchors, window=window, 
 experiment.check_block(seq_len, "seq_len")  # every rule run drops keys in these blocks and this prompt
 experiment.check_prompt(prompt_tokens, "prompt_tokens")
 DEFAULTS = experiment.rule
-
-
-def gci(key, r, name):
-    """Glue a figure and its 95% interval: <key>, <key>_lo, <key>_hi from a row's name, name_lo, name_hi."""
-    for suffix in ("", "_lo", "_hi"):
-        g(f"{key}{suffix}", float(r[f"{name}{suffix}"]))
-
-
-def ci(r, name, fmt):
-    """'value [lo, hi]' of a row's figure, for tables."""
-    return f"{r[name]:{fmt}} [{r[name + '_lo']:{fmt}}, {r[name + '_hi']:{fmt}}]"
 
 
 t0 = time.perf_counter()
@@ -194,9 +183,9 @@ t0 = timed("teacher forcing, every rule", t0)
 tf = swept[0]["tf"]
 mass = {name: t.numpy() for name, t in tf["mass"].items()}  # (layer, head)
 m_all = torch.cat([tf["log"].discarded_values(l).flatten() for l in sorted(tf["log"].sums)]).numpy()
-gci("mass_fixed", swept[0], "fixed")  # per-query means over sparse layers and heads, blocks resampled
-gci("mass_selected", swept[0], "selected")
-gci("mass_discarded", swept[0], "discarded")  # per-query mean over sparse layers and heads, blocks resampled
+g.row("mass_fixed", swept[0], "fixed")  # per-query means over sparse layers and heads, blocks resampled
+g.row("mass_selected", swept[0], "selected")
+g.row("mass_discarded", swept[0], "discarded")  # per-query mean over sparse layers and heads, blocks resampled
 g("mass_kept", 1 - swept[0]["discarded"])
 g("mass_kept_lo", 1 - swept[0]["discarded_hi"])
 g("mass_kept_hi", 1 - swept[0]["discarded_lo"])
@@ -294,34 +283,34 @@ src = row()
 assert src.name == 0 and int(src.blocks) == eval_blocks  # the source defaults: the first rule, on every block
 for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_dense", "ppl_dense"), ("ppl_sparse", "ppl_sparse"),
                   ("ppl_change", "ppl_change")):
-    gci(f"src_{key}", src, name)
+    g.row(f"src_{key}", src, name)
 g("src_first", first(full["exact"]["first_divergence"]))
 g("src_step_agree", full["exact"]["agree"])
 d2 = row(rule="exact, first 2 dense")
 for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_change", "ppl_change")):
-    gci(f"d2_{key}", d2, name)
+    g.row(f"d2_{key}", d2, name)
 g("d2_first", first(full["exact, first 2 dense"]["first_divergence"]))
 g("d2_vs_src", compare_rules(tfs[d2.name], tfs[0], "kl", ("keeping the first two layers dense", "the source defaults"))["verdict"])
 ha = row(rule="exact, head-averaged")
-gci("ha_kl", ha, "kl")
-gci("ha_ppl_change", ha, "ppl_change")
+g.row("ha_kl", ha, "kl")
+g.row("ha_ppl_change", ha, "ppl_change")
 g("ha_first", first(ha.first_divergence))
 g("ha_vs_src", compare_rules(tfs[ha.name], tfs[0], "kl", ("head-averaged selection", "per-head selection"))["verdict"])
 largest = row(max(windows), max(topks))
 g("big_w", max(windows))
 g("big_k", max(topks))
-gci("big_kl", largest, "kl")
-gci("big_ppl_change", largest, "ppl_change")
+g.row("big_kl", largest, "kl")
+g.row("big_ppl_change", largest, "ppl_change")
 g("big_first", first(largest.first_divergence))
 g("n_rules_lossless", int(((rows.kl == 0) & rows.first_divergence.isna()).sum()))
 g("n_rules", len(rows))
 
 table = pd.DataFrame({"rule": rows.rule, "window": rows.window, "topk": rows.topk,
                       "budget": rows.anchors + rows.window + rows.topk, "tokens": rows.blocks * seq_len,
-                      "KL": [ci(r, "kl", ".4f") for _, r in rows.iterrows()],
-                      "top-1 agreement": [ci(r, "top1_agree", ".2%") for _, r in rows.iterrows()],
-                      "perplexity change": [ci(r, "ppl_change", "+.2%") for _, r in rows.iterrows()],
-                      "discarded mass": [ci(r, "discarded", ".4f") for _, r in rows.iterrows()],
+                      "KL": [row_interval(r, "kl", ".4f") for _, r in rows.iterrows()],
+                      "top-1 agreement": [row_interval(r, "top1_agree", ".2%") for _, r in rows.iterrows()],
+                      "perplexity change": [row_interval(r, "ppl_change", "+.2%") for _, r in rows.iterrows()],
+                      "discarded mass": [row_interval(r, "discarded", ".4f") for _, r in rows.iterrows()],
                       "first divergence": [first(d) for d in rows.first_divergence], "step agreement": rows.step_agree})
 g("budget_table", table.style.format({"step agreement": "{:.1%}", "tokens": "{:,}"}).hide(axis="index"))
 
@@ -430,10 +419,10 @@ by_model = pd.DataFrame(models_rows)
 by_model["first_divergence"] = [first(d) for d in by_model.first_divergence]
 g("models_table", pd.DataFrame({
     "model": by_model.model, "rule": by_model.rule, "tokens": by_model.blocks * seq_len,
-    "KL": [ci(r, "kl", ".4f") for _, r in by_model.iterrows()],
-    "top-1 agreement": [ci(r, "top1_agree", ".2%") for _, r in by_model.iterrows()],
-    "perplexity change": [ci(r, "ppl_change", "+.2%") for _, r in by_model.iterrows()],
-    "discarded mass": [ci(r, "discarded", ".4f") for _, r in by_model.iterrows()],
+    "KL": [row_interval(r, "kl", ".4f") for _, r in by_model.iterrows()],
+    "top-1 agreement": [row_interval(r, "top1_agree", ".2%") for _, r in by_model.iterrows()],
+    "perplexity change": [row_interval(r, "ppl_change", "+.2%") for _, r in by_model.iterrows()],
+    "discarded mass": [row_interval(r, "discarded", ".4f") for _, r in by_model.iterrows()],
     "first divergence": by_model.first_divergence, "step agreement": by_model.step_agree,
 }).style.format({"step agreement": "{:.1%}", "tokens": "{:,}"}).hide(axis="index"))
 g("n_models", by_model.model.nunique())
@@ -441,8 +430,8 @@ lossless_models = by_model[(by_model.kl == 0) & (by_model.first_divergence == "n
 g("n_lossless_models", lossless_models.model.nunique())
 top = by_model.loc[by_model.top1_agree.idxmax()]
 bottom = by_model.loc[by_model.top1_agree.idxmin()]
-gci("max_top1_all", top, "top1_agree")
-gci("min_top1_all", bottom, "top1_agree")
+g.row("max_top1_all", top, "top1_agree")
+g.row("min_top1_all", bottom, "top1_agree")
 g("latest_divergence", max((int(x) for x in by_model.first_divergence if x != "none"), default=gen_tokens))
 
 # %% [markdown]
@@ -663,11 +652,11 @@ g("page_size", page_size)
 pages_row = row(rule="pages")
 pages_big = row(k=topk * 4, rule="pages")
 for key, r in (("pg", pages_row), ("pg4", pages_big)):
-    gci(f"{key}_index_recall", r, "index_recall")
-    gci(f"{key}_mass_recall", r, "mass_recall")
-    gci(f"{key}_kl", r, "kl")
-    gci(f"{key}_top1", r, "top1_agree")
-    gci(f"{key}_ppl_change", r, "ppl_change")
+    g.row(f"{key}_index_recall", r, "index_recall")
+    g.row(f"{key}_mass_recall", r, "mass_recall")
+    g.row(f"{key}_kl", r, "kl")
+    g.row(f"{key}_top1", r, "top1_agree")
+    g.row(f"{key}_ppl_change", r, "ppl_change")
     g(f"{key}_first", first(r.first_divergence))
 g("pg_vs_src", compare_rules(tfs[pages_row.name], tfs[0], "kl", ("the page selector", "exact top-k"))["verdict"])
 g("pg4_vs_src", compare_rules(tfs[pages_big.name], tfs[0], "kl", (f"the page selector at k = {topk * 4}", f"exact top-{topk}"))["verdict"])
@@ -795,11 +784,6 @@ g("mass_verdict", claims.kept_mass(1 - mass["discarded"].mean(), m_all).text)
 g("pg_verdict", claims.page_selection(pages_row.index_recall).text)
 g("speed_verdict", claims.speedup(at.loc[n_max, "speedup_pages"]).text)
 
-def plain(summary):
-    """A survival summary with its Estimates as dicts, for the JSON."""
-    return {k: (v.as_dict() if hasattr(v, "as_dict") else v) for k, v in summary.items()}
-
-
 stage["total (chapter kernel)"] = time.perf_counter() - started
 g("timing_table", pd.DataFrame({"stage": list(stage), "seconds": [round(v, 1) for v in stage.values()]})
   .style.format({"seconds": "{:.1f}"}).hide(axis="index"))
@@ -822,8 +806,8 @@ write_json(out / "sparse.json", {
     "models": by_model.to_dict(orient="records"),
     "survival": {"params": {"prompts": survival_prompts, "prompt_tokens": survival_prompt_tokens,
                             "gen_tokens": survival_gen_tokens, "supports": supports, "covered": covered},
-                 "first_divergence": runs, "summary": {k: plain(v) for k, v in sv.items()},
-                 "pooled_blocks": plain(pooled), "revision": plain(rev),
+                 "first_divergence": runs, "summary": {k: jsonable(v) for k, v in sv.items()},
+                 "pooled_blocks": jsonable(pooled), "revision": jsonable(rev),
                  "verdict": sv_verdict},
     "bench": bench,
     "seconds": stage,

@@ -29,3 +29,29 @@ def test_formatting_helpers():
     assert listing([], empty="none") == "none"
     assert span([0.2811, 0.2814], ".3f") == "0.281" and span([-0.012, 0.031], "+.3f") == "-0.012 to +0.031"
     assert span([], ".2f") == "n/a"
+
+
+def test_estimates_and_rows_are_glued_with_their_intervals():
+    from atlas_core.glue import Glue, estimate_text, row_interval
+    from atlas_core.interval import Estimate
+
+    seen = []
+    g = Glue("nqp", glue=lambda key, value, display: seen.append((key, value)))
+    g.estimate("ppl_rtn_3", Estimate(value=475.2, lo=377.6, hi=580.9, units=16), ".2f")
+    assert seen == [("nqp_ppl_rtn_3", 475.2), ("nqp_ppl_rtn_3_lo", 377.6), ("nqp_ppl_rtn_3_hi", 580.9),
+                    ("nqp_ppl_rtn_3_ci", "475.20 [377.60, 580.90]")]
+    seen.clear()
+    g.row("pg_recall", {"index_recall": 0.5, "index_recall_lo": 0.4, "index_recall_hi": np.float32(0.6)}, "index_recall")
+    assert [k for k, _ in seen] == ["nqp_pg_recall", "nqp_pg_recall_lo", "nqp_pg_recall_hi"]
+    assert all(type(v) is float for _, v in seen)
+    assert estimate_text(16476.0, 12048.0, 23392.0, ".2f") == "16,476 [12,048, 23,392]"  # failed runs: no decimals
+    assert estimate_text(float("nan"), float("nan"), float("nan"), ".2f") == "— [—, —]"
+    assert row_interval({"kl": 0.04, "kl_lo": 0.03, "kl_hi": 0.05}, "kl", ".3f") == "0.040 [0.030, 0.050]"
+
+
+def test_jsonable_writes_estimates_as_their_figures():
+    from atlas_core.cache import jsonable
+    from atlas_core.interval import Estimate
+
+    assert jsonable({"a": Estimate(value=1.0, lo=0.5, hi=2.0, units=3)}) == {
+        "a": {"value": 1.0, "lo": 0.5, "hi": 2.0, "units": 3}}
