@@ -159,3 +159,15 @@ def test_every_glue_key_of_the_book_pages_is_glued_by_its_chapter(executed):
             if on_toy(key) not in glued.get(chapter, ()):
                 missing.append(f"{page.name}: {notebook}::{key}")
     assert not missing, "glue keys no chapter glues:\n" + "\n".join(sorted(missing))
+
+
+def test_every_chapters_default_model_is_the_librarys():
+    """One DEFAULT_MODEL: a chapter's parameter cell (papermill needs literals there) names zoo's default, and
+    the model lists name only embedded models."""
+    from atlas_core.zoo import DEFAULT_MODEL
+
+    for chapter in runner.CHAPTERS:
+        params = runner.notebook_parameters(runner.read_notebook(runner.notebook_source(chapter)))
+        assert params["model"] == DEFAULT_MODEL, chapter
+        for name in params.get("models", []):
+            assert name in EMBEDDED, (chapter, name)
