@@ -37,7 +37,6 @@ __all__ = [
     "fit_reconstruction",
     "hard_top1",
     "random_reconstruction",
-    "recovery_verdict",
     "top1_experiment",
     "top1_output",
 ]
@@ -280,28 +279,3 @@ def top1_experiment(
         result["seed"] = seed
     result["intervals"] = {name: e.as_dict() for name, e in est.items()}
     return result
-
-
-def recovery_verdict(gain: interval.Estimate, recovered: interval.Estimate, source: float) -> str:
-    """The top-1 verdict: does the fitted frame recover more than a random one, and how it compares with
-    the source's recovered fraction.
-
-    Args:
-        gain: recovered − recovered_random (paired; ``interval.excess_removed_difference``).
-        recovered: the fitted frame's recovered fraction.
-        source: the source's recovered fraction (0.559 for three layers of GPT-2).
-    Returns:
-        A clause for the prose; a comparison whose interval contains its null value says "not
-        distinguishable at this sample size" instead of a direction.
-    """
-    if not gain.distinguishable(0.0):
-        frame = "the frame and a random frame are not distinguishable at this sample size"
-    elif gain.value > 0:
-        frame = "the frame recovers more than a random frame"
-    else:
-        frame = "the frame recovers less than a random frame"
-    if not recovered.distinguishable(source):
-        versus = f"its recovery is not distinguishable from the source's {source:.1%} at this sample size"
-    else:
-        versus = f"it recovers {'less' if recovered.value < source else 'more'} than the source's {source:.1%}"
-    return f"{frame} ({100 * gain.value:+.1f} points [{100 * gain.lo:+.1f}, {100 * gain.hi:+.1f}]), and {versus}"

@@ -199,19 +199,6 @@ def test_top1_figures_carry_paired_intervals_and_reuse_a_full_pass():
         top1_experiment(lm, eval_blocks, calib_blocks, layers=[0], k=3, reconstruction={1: fitted[1]})
 
 
-def test_recovery_verdict_says_when_the_interval_contains_the_null():
-    from atlas_core.interval import Estimate
-    from atlas_core.top1 import recovery_verdict
-
-    rec = Estimate(0.30, 0.20, 0.40, 8)
-    assert recovery_verdict(Estimate(0.05, -0.01, 0.1, 8), rec, 0.559).startswith(
-        "the frame and a random frame are not distinguishable at this sample size")
-    assert "recovers more than a random frame" in recovery_verdict(Estimate(0.05, 0.01, 0.1, 8), rec, 0.559)
-    assert "recovers less than the source's 55.9%" in recovery_verdict(Estimate(0.05, 0.01, 0.1, 8), rec, 0.559)
-    assert "not distinguishable from the source's 55.9%" in recovery_verdict(
-        Estimate(0.05, 0.01, 0.1, 8), Estimate(0.5, 0.4, 0.6, 8), 0.559)
-
-
 @pytest.mark.slow
 def test_smollm2_deepest_layer_top1_hurts(smollm2):
     eval_blocks = token_blocks(smollm2, BlockSpec(seq_len=256, n_blocks=4, split="eval"))
