@@ -133,6 +133,28 @@ def write_checked(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp.write_text(digest + "\n")
 
 
+def seal(path: str | Path) -> None:
+    """Write the SHA-256 of an existing file beside it (``<name>.sha256``), for files another tool wrote
+    atomically (a chapter's notebook and results), so that later reads can verify them (``check_problem``)."""
+    path = Path(path)
+    digest = file_sha256(path)
+    with atomic_path(check_path(path)) as tmp:
+        tmp.write_text(digest + "\n")
+
+
+def check_problem(path: str | Path) -> str | None:
+    """Why a sealed file cannot be trusted ("is missing", "has no checksum", "does not match its checksum"),
+    or None when it matches its ``.sha256``."""
+    path = Path(path)
+    if not path.is_file():
+        return "is missing"
+    try:
+        expected = check_path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return "has no checksum"
+    return None if file_sha256(path) == expected else "does not match its checksum"
+
+
 def read_checked(path: str | Path, read: Callable[[Path], T], what: str) -> T | None:
     """``read(path)`` if the artifact exists and matches its SHA-256; else None, the damaged files removed.
 

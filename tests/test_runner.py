@@ -139,10 +139,42 @@ def test_successful_run_writes_notebook_results_and_timing(tmp_path):
     assert json.loads((out / "toy.json").read_text()) == {"model": "tiny", "n": 42, "layers": [7]}
     timing = json.loads((out / "toy.timing.json").read_text())
     assert timing["chapter"] == "toy" and timing["wall_s"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["toy.ipynb", "toy.json", "toy.timing.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["toy.ipynb", "toy.ipynb.sha256", "toy.json", "toy.json.sha256",
+                                                     "toy.timing.json", "toy.timing.json.sha256"]  # sealed
     injected = [c for c in json.loads(path.read_text())["cells"]
                 if "injected-parameters" in c["metadata"].get("tags", [])]
     assert "n_points = 21" in "".join(injected[0]["source"])
+
+
+@pytest.mark.parametrize("damage", ["bit-flip", "truncated", "empty", "no-checksum"])
+def test_a_damaged_chapter_run_is_removed_so_the_workflow_reruns_it(tmp_path, damage, capsys):
+    source = write_chapter(tmp_path, "import json, pathlib\npathlib.Path(results_dir, 'toy.json').write_text(json.dumps({'x': [1.5] * 50}))")
+    out = tmp_path / "results" / "tiny"
+    runner.run_chapter("toy", "tiny", {}, out, source)
+    (tmp_path / "o").mkdir()
+    runner.run_chapter("other", "tiny", {}, out, write_chapter(tmp_path / "o", "import json, pathlib\n"
+                       "pathlib.Path(results_dir, 'other.json').write_text('{}')", name="other"))
+    assert runner.discard_damaged_results(tmp_path / "results", ("toy", "other")) == []  # intact: kept
+    results = out / "toy.json"
+    data = bytearray(results.read_bytes())
+    if damage == "bit-flip":
+        data[len(data) // 2] ^= 0x01
+        results.write_bytes(bytes(data))
+    elif damage == "truncated":
+        results.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "empty":
+        results.write_bytes(b"")
+    else:
+        (out / "toy.json.sha256").unlink()
+    from atlas_core.book.compare import compare_files
+
+    if damage != "no-checksum":  # `atlas compare` refuses a sealed file that changed
+        with pytest.raises(ValueError, match="rerun the chapter"):
+            compare_files(results, results)
+    assert runner.discard_damaged_results(tmp_path / "results", ("toy", "other")) == ["tiny/toy"]
+    assert "toy.json" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("toy")) == []  # the whole run goes
+    assert (out / "other.ipynb").exists()  # the intact chapter stays
 
 
 def test_failing_notebook_leaves_nothing(tmp_path):

@@ -49,8 +49,12 @@ def compare_files(first: Path | str, second: Path | str) -> list[str]:
     Raises:
         ValueError: a file is not valid JSON (the message names it).
     """
+    from atlas_core.cache import check_path, check_problem
+
     values = []
     for path in (first, second):
+        if check_path(path).exists() and check_problem(path):  # a chapter's results are sealed when written
+            raise ValueError(f"{path} {check_problem(path)}: the file changed after its chapter wrote it; rerun the chapter")
         try:
             values.append(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as err:

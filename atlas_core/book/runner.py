@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from atlas_core.cache import atomic_path, write_json
+from atlas_core.cache import atomic_path, check_path, check_problem, seal, write_json
 from atlas_core.progress import CHAPTER_ENV, chapter_label
 from atlas_core.zoo import DEFAULT_MODEL
 
@@ -430,8 +430,47 @@ def run_chapter(
             "blas_threads": os.environ.get("OMP_NUM_THREADS"),  # the workflow runs each chapter on one
             "source": str(source),
         })
+        for path in (out_dir / f"{chapter}.json", out_dir / f"{chapter}.timing.json", executed):
+            seal(path)  # checksums first: a sealed notebook means "done and whole"
+        os.replace(check_path(executed), check_path(target))
         os.replace(executed, target)  # the notebook last: its presence means "done"
     return target
+
+
+def chapter_outputs(out_dir: Path, chapter: str) -> list[Path]:
+    """The files a chapter run leaves in ``out_dir``: its notebook, results JSON and timing record."""
+    return [out_dir / f"{chapter}.ipynb", out_dir / f"{chapter}.json", out_dir / f"{chapter}.timing.json"]
+
+
+def discard_damaged_results(results: Path, chapters=CHAPTERS) -> list[str]:
+    """Remove every chapter run whose notebook, results or timing record fails its checksum, so the workflow
+    reruns it; a one-line notice each on stderr.
+
+    A run the workflow considers done (its notebook exists) is kept only if all three files match the
+    ``.sha256`` written beside them when it finished (``run_chapter``); an unchecked or damaged run is never
+    glued into the book.
+
+    Returns:
+        "<model>/<chapter>" of each run removed.
+    """
+    removed = []
+    for out_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()) if Path(results).is_dir() else []:
+        for chapter in chapters:
+            files = chapter_outputs(out_dir, chapter)
+            if not files[0].exists():
+                continue  # not run (or interrupted): the workflow runs it anyway
+            problems = [(f, check_problem(f)) for f in files]
+            bad = [(f, p) for f, p in problems if p]
+            if not bad:
+                continue
+            f, problem = bad[0]
+            print(f"[atlas] {f} {problem}; removing the {chapter} run of {out_dir.name} so that it runs again",
+                  file=sys.stderr)
+            for path in files:
+                path.unlink(missing_ok=True)
+                check_path(path).unlink(missing_ok=True)
+            removed.append(f"{out_dir.name}/{chapter}")
+    return removed
 
 
 # --- the book -------------------------------------------------------------------------------------
@@ -540,6 +579,7 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
     models = list(models) or [DEFAULT_MODEL]
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
+    discard_damaged_results(ROOT / "results")  # a damaged or unchecked run is rerun, never glued
     since = time.time()
     workflow = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile"),
