@@ -115,15 +115,19 @@ def test_damaged_kvquant_references_are_recomputed(tmp_path, monkeypatch, kind, 
     from atlas_core.book.cli import main
 
     monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
-    args = ["kvquant", "--model", "toy-llama", "--corpus", "pydoc", "--method", "kivi", "--tokens", "128",
-            "--seq-len", "64", "--prefill", "16", "--group", "16", "--json"]
+    args = ["kvquant", "--model", "toy-llama", "--corpus", "pydoc", "--method", "headq", "--tokens", "128",
+            "--seq-len", "64", "--prefill", "16", "--group", "16", "--rank", "4", "--calib-tokens", "128", "--json"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
+    stored = sorted(p.name.split("-")[0] for p in (tmp_path / "kvquant").glob("*.pt"))
+    assert stored == ["fp", "sigma"]  # the fp reference NLL and the calibration statistic Σ_q
     for path in (tmp_path / "kvquant").glob("*.pt"):
         damage(path, kind)
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out)["ppl_fp"] == first["ppl_fp"] and "kvquant fp-nll" in err
+    again = json.loads(out)
+    assert again["ppl_fp"] == first["ppl_fp"] and again["ppl"] == first["ppl"]  # identical numbers after the rebuild
+    assert "kvquant fp-nll" in err and "kvquant sigma-q" in err
 
 
 def test_the_assembled_qwen_gguf_is_checked_not_only_sized(tmp_path, monkeypatch):
