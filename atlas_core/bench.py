@@ -10,7 +10,23 @@ import torch
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.eval import block_nll
 from atlas_core.extract import extract
-from atlas_core.models import DEFAULT_MODEL, load_model
+from atlas_core.models import DEFAULT_MODEL, check_layer, check_positions, describe, load_model
+
+
+def check_extract(model: str, layer: int, n_blocks: int, seq_len: int, batch_size: int, repeats: int) -> None:
+    """Refuse, from the model's config alone, a benchmark ``bench_extract`` cannot run or summarise.
+
+    Raises:
+        ModelError: not a model; ValueError: the layer is not one of the model's, a size is below 1 (a
+            median needs at least one repeat; a block at least 2 tokens), or a block exceeds the positions.
+    """
+    spec = describe(model)
+    for name, value, low in (("--blocks", n_blocks, 1), ("--seq-len", seq_len, 2), ("batch_size", batch_size, 1),
+                             ("--repeats", repeats, 1)):  # named as `atlas bench extract` calls them
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    check_layer(spec, layer)
+    check_positions(model, seq_len, "--seq-len")
 
 
 def bench_extract(
@@ -27,7 +43,10 @@ def bench_extract(
 
     Returns:
         dict with both medians (seconds), all samples and ``ratio`` = extract / forward.
+    Raises:
+        ValueError: see ``check_extract`` (before the model loads).
     """
+    check_extract(model, layer, n_blocks, seq_len, batch_size, repeats)
     lm = load_model(model, attn_implementation="eager")
     blocks = token_blocks(lm, BlockSpec(seq_len=seq_len, n_blocks=n_blocks))
     forward = lambda: block_nll(lm.model, blocks, batch_size=batch_size, progress=False)  # noqa: E731

@@ -35,6 +35,10 @@ class CloudSpec:
     seed: int = 0
 
     def __post_init__(self):
+        for name, low in (("seq_len", 2), ("n_blocks", 1), ("seed", 0)):  # the seed also draws the bootstrap
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
         available = self.n_blocks * (self.seq_len - 1)
         if self.n_points < 2 or self.n_points > available:
             raise ValueError(

@@ -201,6 +201,16 @@ def load_text(corpus: str) -> str:
     raise _unknown(corpus)
 
 
+def check_corpus(corpus: str) -> None:
+    """Refuse, before any model loads, a corpus that is neither a name in ``CORPORA`` nor an existing file.
+
+    Raises:
+        CorpusError: the message lists the corpora (the same one ``load_text`` gives).
+    """
+    if corpus not in CORPORA and not os.path.isfile(corpus):
+        raise _unknown(corpus)
+
+
 # ----------------------------------------------------------------------------- tokens
 
 

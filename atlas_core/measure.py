@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj
+from atlas_core.clouds import RESIDUALS, CloudSpec, head_clouds, kv_groups, out_proj
 from atlas_core.geometry import check_rank, layer_overlap
 from atlas_core.intrinsic import ESTIMATORS, per_head
-from atlas_core.models import LoadedModel
+from atlas_core.models import LoadedModel, ModelSpec, check_layer
 
 HEAD_SETS = ("all", "first8")
 
@@ -37,9 +37,7 @@ def overlap_report(
     Returns:
         a JSON-ready dict (``OverlapResult.summary()`` plus model, layer, residual, heads).
     """
-    layer = _layer(lm, layer)
-    d = lm.spec.d_model if residual == "c" else lm.spec.d_head
-    check_rank(k, d, spec.n_points)  # before any extraction
+    layer = check_request(lm.spec, layer, residual, spec, k)  # before any extraction
     idx = select_heads(heads, lm.spec.n_heads)
     cloud = head_clouds(lm, [layer], residual, spec, progress)[layer][idx]
     w_o = out_proj(lm, layer)[idx] if residual == "c" else None
@@ -59,7 +57,7 @@ def id_report(
     """Per-head intrinsic dimension of one layer's clouds and its mean over heads."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator '{estimator}'; choose one of {ESTIMATORS}")
-    layer = _layer(lm, layer)
+    layer = check_request(lm.spec, layer, residual, spec)
     cloud = head_clouds(lm, [layer], residual, spec, progress)[layer]
     values = per_head(cloud, estimator)
     return {"model": lm.spec.name, "layer": layer, "residual": residual, "estimator": estimator,
@@ -67,8 +65,22 @@ def id_report(
             "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
-def _layer(lm: LoadedModel, layer: int) -> int:
-    n = lm.spec.n_layers
-    if not -n <= layer < n:
-        raise ValueError(f"layer {layer} out of range: the model has layers 0..{n - 1} (or -{n}..-1)")
-    return layer % n
+def check_request(model: ModelSpec, layer: int, residual: str, spec: CloudSpec, k: int | None = None) -> int:
+    """Refuse, from the model's shape alone (``models.describe``: no weights), a layer, residual or frame
+    rank the model cannot give; the CLI calls it before loading, the reports again on the loaded model.
+
+    Args:
+        model: the model's attention layout; layer: an index, negative counting from the end;
+        residual: one of ``clouds.RESIDUALS``; spec: the clouds; k: the frame rank (O_h only).
+    Returns:
+        The layer index in 0..n_layers-1.
+    Raises:
+        ValueError: the layer is out of range, the residual unknown, or k not in 1..d-1 (d = d_model for c,
+            else d_head) or not below the points per head.
+    """
+    index = check_layer(model, layer)
+    if residual not in RESIDUALS:
+        raise ValueError(f"unknown residual '{residual}'; choose one of {RESIDUALS}")
+    if k is not None:
+        check_rank(k, model.d_model if residual == "c" else model.d_head, spec.n_points)
+    return index

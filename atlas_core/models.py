@@ -63,10 +63,37 @@ def check_length(lm: LoadedModel, n_tokens: int, what: str) -> None:
     Raises:
         ValueError: ``n_tokens`` exceeds the positions the model's config declares.
     """
-    config = lm.model.config.get_text_config(decoder=True)
+    _refuse_longer(lm.model.config, lm.spec.name, n_tokens, what)
+
+
+def check_positions(name: str, n_tokens: int, what: str) -> None:
+    """``check_length`` from the model's config alone, before any weights load (the CLI's up-front check).
+
+    Raises:
+        ModelError: ``name`` is not a model (see ``check_model_name``).
+        ValueError: ``n_tokens`` exceeds the positions the model's config declares.
+    """
+    check_model_name(name)
+    _refuse_longer(model_config(name), name, n_tokens, what)
+
+
+def check_layer(spec: ModelSpec, layer: int) -> int:
+    """The index in 0..n_layers-1 of ``layer`` (negative counts from the end).
+
+    Raises:
+        ValueError: ``layer`` is not an integer in -n_layers..n_layers-1.
+    """
+    n = spec.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+        raise ValueError(f"layer {layer} out of range: {spec.name} has layers 0..{n - 1} (or -{n}..-1)")
+    return layer % n
+
+
+def _refuse_longer(config, name: str, n_tokens: int, what: str) -> None:
+    config = config.get_text_config(decoder=True)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and n_tokens > limit:
-        raise ValueError(f"{what} is {n_tokens} tokens, longer than the {limit} positions of {lm.spec.name}; use at most {limit}")
+        raise ValueError(f"{what} is {n_tokens} tokens, longer than the {limit} positions of {name}; use at most {limit}")
 
 
 def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") -> LoadedModel:
@@ -145,7 +172,7 @@ def check_model_name(name: str) -> None:
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
             raise ModelError(f"'{name}' is not in the local Hugging Face cache and the hub is off "
-                             "(HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 where the hub can be reached.\n"
+                             "(HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 where the hub can be reached. "
                              + _unknown_model_message(name))
 
 

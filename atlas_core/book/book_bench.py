@@ -237,6 +237,8 @@ def main(runs: list[str], results: Path | None = None, model: str = DEFAULT_MODE
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
         raise ValueError(f"unknown --run {unknown}; choose from {', '.join(RUNS)}")
+    if results is not None and not Path(results).is_dir():
+        raise ValueError(f"--results {results} is not a folder; give the results folder the runner wrote (default results/)")
     results = Path(results or ROOT / "results")
     figures = []
     if "fresh" in runs:

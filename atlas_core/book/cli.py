@@ -290,10 +290,12 @@ def _cloud_spec(args):
 
 
 def _overlap(args) -> None:
-    from atlas_core.measure import overlap_report
+    from atlas_core.measure import check_request, overlap_report
     from atlas_core.models import load_model
 
-    spec = _cloud_spec(args)  # validated before the model loads
+    spec = _cloud_spec(args)  # validated before the model loads, with the layer and k on the model's shape
+    check_request(_model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")]), args.layer, args.residual, spec,
+                  args.k)
     r = overlap_report(load_model(args.model), args.layer, args.k, args.residual, args.heads, spec, args.metric)
     if args.json:
         print(_json(r))
@@ -304,10 +306,11 @@ def _overlap(args) -> None:
 
 
 def _id(args) -> None:
-    from atlas_core.measure import id_report
+    from atlas_core.measure import check_request, id_report
     from atlas_core.models import load_model
 
     spec = _cloud_spec(args)
+    check_request(_model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")]), args.layer, args.residual, spec)
     r = id_report(load_model(args.model), args.layer, args.estimator, args.residual, spec)
     if args.json:
         print(_json(r))
@@ -348,27 +351,44 @@ def _json(obj) -> str:
     return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
-def _blocks_of(tokens: int, seq_len: int, flag: str = "--tokens") -> int:
-    """Blocks in ``tokens``: a whole number of ``--seq-len`` blocks, at least the interval's minimum."""
+def _blocks_of(tokens: int, seq_len: int, flag: str = "--tokens", at_least: int | None = None) -> int:
+    """Blocks in ``tokens``: a whole number of ``--seq-len`` blocks, at least ``at_least`` (default: the
+    interval's minimum; calibration needs one block)."""
     from atlas_core.interval import MIN_UNITS
 
     if seq_len < 2:
         raise ValueError(f"--seq-len must be ≥ 2, got {seq_len}")
-    if tokens % seq_len or tokens < MIN_UNITS * seq_len:
-        raise ValueError(f"{flag} ({tokens}) must be a multiple of --seq-len ({seq_len}) holding at least {MIN_UNITS} "
-                         f"blocks (the intervals resample blocks), e.g. {max(MIN_UNITS, tokens // seq_len) * seq_len}")
+    at_least = MIN_UNITS if at_least is None else at_least
+    why = " (the intervals resample blocks)" if at_least == MIN_UNITS else ""
+    if tokens % seq_len or tokens < at_least * seq_len:
+        raise ValueError(f"{flag} ({tokens}) must be a multiple of --seq-len ({seq_len}) holding at least {at_least} "
+                         f"block{'s' if at_least > 1 else ''}{why}, e.g. {max(at_least, tokens // seq_len) * seq_len}")
     return tokens // seq_len
+
+
+def _model_shape(model: str, corpora: Sequence[str] = (), lengths: Sequence[tuple[int, str]] = ()):
+    """The model's ``ModelSpec`` from its config alone (no weights), once the checks that need no weights
+    pass: the model exists, each corpus is a known name or a file, each (tokens, flag) fits the positions."""
+    from atlas_core.corpus import check_corpus
+    from atlas_core.models import check_positions, describe
+
+    for corpus in corpora:
+        check_corpus(corpus)
+    spec = describe(model)
+    for n_tokens, flag in lengths:
+        check_positions(model, n_tokens, flag)
+    return spec
 
 
 def _ppl(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.eval import perplexity
-    from atlas_core.models import check_length, load_model
+    from atlas_core.models import load_model
 
     if args.seq_len < 2 or args.tokens < args.seq_len:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}), which must be >= 2")
+    _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")])  # before the weights load
     lm = load_model(args.model, attn_implementation="sdpa")
-    check_length(lm, args.seq_len, "--seq-len")
     blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=args.tokens // args.seq_len,
                                         split=args.split))
     start = time.perf_counter()
@@ -382,7 +402,7 @@ def _ppl(args) -> None:
 def _kvquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.kvquant.experiment import EvalSetup, KVMethod, compare
-    from atlas_core.models import check_length, load_model
+    from atlas_core.models import load_model
 
     method = KVMethod(method=args.method, pre_rope=args.pre_rope,  # validated before the model loads
                       **_given(args, kbits="kbits", vbits="vbits", group="group", residual="residual", rank="rank",
@@ -392,15 +412,14 @@ def _kvquant(args) -> None:
     setup.check(method)
     n_blocks = _blocks_of(args.tokens, args.seq_len)
     setup.check_block(args.seq_len, ("--prefill", "--seq-len"))
-    if method.method == "headq" and args.calib_tokens < args.seq_len:
-        raise ValueError(f"--calib-tokens ({args.calib_tokens}) must hold at least one block of --seq-len ({args.seq_len})")
+    n_calib = _blocks_of(args.calib_tokens, args.seq_len, "--calib-tokens", at_least=1) if method.method == "headq" else 0
+    method.check_block(args.seq_len, "--seq-len")
+    spec = _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")])
+    method.check_head(spec.d_head)  # per-token groups divide d_head; HeadQ's rank ≤ d_head
     lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
-    check_length(lm, args.seq_len, "--seq-len")
-    method.check_head(lm.spec.d_head)  # per-token groups divide d_head; HeadQ's rank ≤ d_head
     eval_blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     calib = None
     if method.method == "headq":
-        n_calib = args.calib_tokens // args.seq_len
         calib = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"))
     start = time.perf_counter()
     r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty(), store=True)  # fp, Σ_q kept on disk
@@ -470,12 +489,8 @@ def _bench_extract(args) -> None:
 def _bench_kvquant(args) -> None:
     from atlas_core.kvquant.bench import bench_kvquant
 
-    from atlas_core.kvquant.quant import check_bits
-
-    check_bits(args.bits, "--bits")
-    if args.ctx < 2 or args.steps < 1 or args.rounds < 1:
-        raise ValueError("need --ctx ≥ 2, --steps ≥ 1 and --rounds ≥ 1")
-    r = bench_kvquant(args.model, args.ctx, args.steps, args.rounds, args.bits, args.group, args.rank, memo=args.memo)
+    r = bench_kvquant(  # checks every setting on the model's config (kvquant.bench.check_bench) before loading it
+        args.model, args.ctx, args.steps, args.rounds, args.bits, args.group, args.rank, memo=args.memo)
     if args.json:
         print(_json(r))
         return
@@ -490,7 +505,6 @@ def _bench_kvquant(args) -> None:
 def _sparse(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.models import load_model
-    from atlas_core.models import check_length
     from atlas_core.sparse.fidelity import fidelity_report
 
     cfg = _sparse_config(args, dense_layers="dense_layers", selector="selector", head_average="head_average")
@@ -499,10 +513,10 @@ def _sparse(args) -> None:
     n_blocks = _blocks_of(args.eval_tokens, args.seq_len, "--eval-tokens")
     if args.gen_tokens < 1:
         raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
+    cfg.check_layers(_model_shape(args.model, [args.corpus]).n_layers, "--dense-layers")
+    _model_shape(args.model, lengths=[(args.seq_len, "--seq-len"),
+                                      (args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")])
     lm = load_model(args.model, attn_implementation="sdpa")  # dense references and generation; the rule runs eager
-    cfg.check_layers(lm.spec.n_layers, "--dense-layers")
-    check_length(lm, args.seq_len, "--seq-len")
-    check_length(lm, args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")
     prompt = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib"))[0]
     blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     start = time.perf_counter()
@@ -530,7 +544,7 @@ def _sparse(args) -> None:
 def _wquant(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.interval import Estimate
-    from atlas_core.models import check_length, load_model
+    from atlas_core.models import load_model
     from atlas_core.wquant.calib import CalibConfig, calibration_stats
     from atlas_core.wquant.experiment import run_wquant
     from atlas_core.wquant.gptq import GPTQConfig
@@ -546,8 +560,12 @@ def _wquant(args) -> None:
     if gptq_only and args.method != "gptq":
         raise ValueError(f"{', '.join(gptq_only)} set GPTQ's settings; --method {args.method} has no use for them")
     n_blocks = _blocks_of(args.tokens, args.seq_len)  # the intervals resample blocks: one block gives a point
+    _model_shape(args.model, [args.corpus, cal.corpus], [(max(args.seq_len, cal.seq_len), "--seq-len or --calib-seq-len")])
+    from atlas_core.book.chapter_params import _linear_widths  # from the config on the meta device: no weights
+
+    for width in _linear_widths(args.model):
+        spec.group_size(width)  # --group divides every layer's input columns
     lm = load_model(args.model, attn_implementation="sdpa")
-    check_length(lm, max(args.seq_len, cal.seq_len), "--seq-len or --calib-seq-len")
     calib = cal.blocks(lm)
     blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
@@ -573,13 +591,8 @@ def _bench_sparse(args) -> None:
     from atlas_core.sparse.bench import bench_sparse_decode
 
     cfg = _sparse_config(args)
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but torch sees no GPU here; use --device cpu")
-    r = bench_sparse_decode(tuple(args.context), args.heads, args.kv_heads, args.d_head, cfg, args.rounds, args.steps,
-                            device=args.device)
+    r = bench_sparse_decode(  # sizes, device and memory checked (sparse.bench.check_decode) before any tensor is made
+        tuple(args.context), args.heads, args.kv_heads, args.d_head, cfg, args.rounds, args.steps, device=args.device)
     if args.json:
         print(_json(r))
         return

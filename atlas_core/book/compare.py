@@ -57,6 +57,8 @@ def compare_files(first: Path | str, second: Path | str) -> list[str]:
             raise ValueError(f"{path} {check_problem(path)}: the file changed after its chapter wrote it; rerun the chapter")
         try:
             values.append(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err}); rerun the chapter that wrote it") from None
+        except OSError as err:  # missing, a folder, unreadable
+            raise ValueError(f"{path} cannot be read ({err.strerror}); give a results JSON file") from None
     return differences(*values)

@@ -355,6 +355,34 @@ def _environment(name: str, value: str):
             os.environ[name] = before
 
 
+OUTPUT_FREE_BYTES = 256 * 2**20  # a chapter's notebook (figures inline), results and stages: tens of MiB at most
+
+
+def check_output_dir(path: Path | str, need_bytes: int = OUTPUT_FREE_BYTES) -> None:
+    """Refuse, before any work and without creating anything, a folder that cannot take a chapter's outputs.
+
+    The nearest existing folder on the way to ``path`` must be a folder, accept a new file (a probe file is
+    made and removed: a read-only file system refuses even root) and have ``need_bytes`` free.
+
+    Raises:
+        ParameterError: a file in the way, a folder that refuses writes, or too little free space (the
+            message names the folder and what to do).
+    """
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ParameterError(f"output folder {path}: {existing} is a file, not a folder; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ParameterError(f"output folder {path} is not writable ({err.strerror}); choose another --out") from None
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise ParameterError(f"output folder {path} has {free / 2**20:.0f} MiB free, under the {need_bytes / 2**20:.0f} MiB "
+                             "a chapter's outputs may take; free some space or choose another --out")
+
+
 def run_chapter(
     chapter: str,
     model: str = DEFAULT_MODEL,
@@ -394,6 +422,7 @@ def run_chapter(
     if source.resolve() == (ROOT / "notebooks" / f"{chapter}.py").resolve():  # the book's own chapter
         check_chapter_values(chapter, {**defaults, **values, "model": model})
     out_dir = Path(out_dir or Path("results") / model_slug(model))
+    check_output_dir(out_dir)  # before the kernel starts: a full or read-only folder would fail only at the end
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{chapter}.ipynb"
 
@@ -575,8 +604,18 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
 
     Returns:
         Path of ``_build/html/index.html``.
+
+    Raises:
+        ParameterError: before any chapter runs, ``cores`` below 1 or a name that is not a model.
     """
     models = list(models) or [DEFAULT_MODEL]
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        raise ParameterError(f"--cores must be an integer ≥ 1 (parallel chapter jobs), got {cores!r}")
+    from atlas_core.models import check_model_name  # imports torch: only once the book is really built
+
+    for model in models:
+        check_model_name(model)
+    check_output_dir(ROOT / "results")
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
     discard_damaged_results(ROOT / "results")  # a damaged or unchecked run is rerun, never glued

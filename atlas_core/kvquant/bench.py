@@ -21,7 +21,7 @@ from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.kvquant.cache import QuantizedKVCache, held_bits_per_element
 from atlas_core.kvquant.experiment import KVMethod
 from atlas_core.kvquant.headq import SideCode, calibrate
-from atlas_core.models import DEFAULT_MODEL, LoadedModel, load_model
+from atlas_core.models import DEFAULT_MODEL, LoadedModel, check_positions, describe, load_model
 
 
 def _caches(lm: LoadedModel, bits: int, group: int, rank: int, side_bits: int, calib: torch.Tensor, memo: bool) -> dict:
@@ -63,6 +63,27 @@ def _memory(cache) -> dict:
                   "window_bytes": held["window"], "memo_bytes": held["memo"]}
 
 
+def check_bench(model: str, n_ctx: int, steps: int, rounds: int, bits: int, group: int, rank: int,
+                side_bits: int) -> None:
+    """Refuse, from the model's config alone (no weights), settings ``bench_kvquant`` cannot run.
+
+    The caches' own rules apply (``KVMethod``: bits in 1..8, per-token groups dividing d_head, HeadQ's
+    rank at most d_head, full-precision tokens fewer than the context), and the context with its timed steps (and two warm-up steps) must fit the positions.
+
+    Raises:
+        ModelError: not a model; ValueError: a size below its minimum or a rule above.
+    """
+    spec = describe(model)
+    for name, value, low in (("--ctx", n_ctx, 2), ("--steps", steps, 1), ("--rounds", rounds, 1)):  # the CLI's flags
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    for name in ("per-token", "kivi", "headq"):
+        method = KVMethod(method=name, kbits=bits, vbits=bits, group=group, rank=rank, side_bits=side_bits)
+        method.check_head(spec.d_head)
+        method.check_block(n_ctx, "--ctx")  # KIVI keeps its last `group` tokens in fp: the context must be longer
+    check_positions(model, n_ctx + steps + 2, "--ctx + --steps (and 2 warm-up steps)")
+
+
 def bench_kvquant(
     model: str = DEFAULT_MODEL,
     n_ctx: int = 2048,
@@ -80,7 +101,10 @@ def bench_kvquant(
     Returns:
         dict with per-cache ``step_s`` (median), ``ratio_vs_fp``, memory, and
         ``headq_vs_per_token`` (HeadQ's step over its base quantizer's).
+    Raises:
+        ValueError: see ``check_bench`` (before the model loads).
     """
+    check_bench(model, n_ctx, steps, rounds, bits, group, rank, side_bits)
     lm = load_model(model, attn_implementation="sdpa")
     ctx = token_blocks(lm, BlockSpec(seq_len=n_ctx, n_blocks=1))
     calib = token_blocks(lm, BlockSpec(seq_len=512, n_blocks=4, split="calib"))

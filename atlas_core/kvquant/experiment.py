@@ -148,6 +148,18 @@ class KVMethod:
         if self.method == "headq" and self.rank > d_head:
             raise ValueError(f"rank ({self.rank}) must be at most d_head ({d_head})")
 
+    def check_block(self, seq_len: int, name: str = "seq_len") -> None:
+        """Raise ValueError if blocks of ``seq_len`` tokens leave nothing quantized: with ``residual`` ≥ T the
+        most recent R tokens are every token, and the method would measure the fp cache under its name.
+
+        Args:
+            seq_len: tokens per block (or cached tokens) T; name: what the caller calls T.
+        """
+        if self.method != "fp" and self.residual >= seq_len:
+            why = " (KIVI's residual is its group unless given)" if self.key_base() == "kivi" else ""
+            raise ValueError(f"residual ({self.residual}){why} must be below {name} ({seq_len}): with R ≥ T every token "
+                             "stays in full precision")
+
     def value_policy(self) -> ValuePolicy | None:
         """The causal A² value policy for the one-pass engine, or None for uniform values."""
         return None if self.a2_low is None else ValuePolicy(low=self.a2_low)

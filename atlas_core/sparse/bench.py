@@ -8,6 +8,7 @@ this synthetic cache only (the sparse chapter measures recall on real keys insid
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -44,6 +45,59 @@ def _once(fn, steps: int) -> float:
 
 
 @torch.inference_mode()
+def check_device(device: str) -> torch.device:
+    """The torch device named ``device``, refused unless this machine has it (cpu, or a cuda device torch sees).
+
+    Raises:
+        ValueError: not a device name, a kind other than cpu/cuda, or a GPU torch does not see here.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device name; use cpu, or cuda where a GPU exists") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no GPU here; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} GPU(s) here (cuda:0 ..)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: the benchmark runs on cpu or cuda")
+    return dev
+
+
+def free_bytes(dev: torch.device) -> int:
+    """Memory free on ``dev`` now: the GPU's free memory, or the host's available physical memory."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_decode(contexts, heads: int, kv_heads: int, d_head: int, cfg: SparseConfig, rounds: int, steps: int,
+                 device: str) -> None:
+    """Refuse, before any tensor is made, a layer shape, timing or device ``bench_sparse_decode`` cannot run.
+
+    Raises:
+        ValueError: a size below 1, heads not divisible by kv_heads, a context the rule keeps whole
+            (``SparseConfig.check_context``) or shorter than a page, a device this machine lacks, or a cache whose keys and values
+            alone (2 · kv_heads · n · d_head fp32 numbers) exceed the memory free on the device.
+    """
+    for name, value in (("--heads", heads), ("--kv-heads", kv_heads), ("--d-head", d_head), ("--rounds", rounds),
+                        ("--steps", steps), *(("--context", n) for n in contexts)):  # as `atlas bench sparse-decode` names them
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
+    cfg.check_context(min(contexts), "every context")
+    if cfg.page_size > min(contexts):
+        raise ValueError(f"page_size ({cfg.page_size}) must be at most the shortest context ({min(contexts)}): "
+                         "one page would hold the whole cache")
+    dev = check_device(device)
+    need = (heads + 2 * kv_heads * max(contexts)) * d_head * 4  # the query and the cache, fp32
+    if need > free_bytes(dev):
+        raise ValueError(f"keys and values of context {max(contexts)} x kv_heads {kv_heads} x d_head {d_head} need "
+                         f"{need / 2**30:.1f} GiB; {device} has {free_bytes(dev) / 2**30:.1f} GiB free: lower one of them")
+
+
 def bench_sparse_decode(contexts=(131072,), heads: int = 9, kv_heads: int = 3, d_head: int = 64,
                         cfg: SparseConfig = SparseConfig(), rounds: int = 5, steps: int = 5, seed: int = 0,
                         device: str = "cpu") -> dict:
@@ -59,9 +113,7 @@ def bench_sparse_decode(contexts=(131072,), heads: int = 9, kv_heads: int = 3, d
         {"shape", "config", "rows": [{n, <kernel>_s, <kernel>_bytes, speedup_topk, speedup_pages,
         bytes_ratio_topk, bytes_ratio_pages, index_recall, mass_recall}]}
     """
-    if heads % kv_heads or min(heads, kv_heads, d_head, rounds, steps) < 1:
-        raise ValueError(f"need positive sizes and heads ({heads}) divisible by kv_heads ({kv_heads})")
-    cfg.check_context(min(contexts), "every context")
+    check_decode(contexts, heads, kv_heads, d_head, cfg, rounds, steps, device)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for n in contexts:
