@@ -254,8 +254,8 @@ def test_an_impossible_value_is_refused_before_any_work(path, name, value, word,
         lines = err.strip().splitlines()
         assert status == 2 and len(lines) == 1 and lines[0].startswith("atlas: error: "), (argv, status, err)
         named = {word, name, name.lstrip("-").replace("-", "_")}  # the flag, its field, or RULES' word
-        if late:  # the corpus's own message: the blocks asked for and the tokens it has
-            named.add("were asked for")
+        if late and path[0] in ("overlap", "id", "bench"):  # the corpus's own message, the blocks asked for
+            named.add("were asked for")  # (their blocks are cut inside the library: no flag to prefix)
         assert any(w in lines[0] for w in named), (argv, named, lines[0])
     assert _written(tmp_path, late) == before, f"{argv} wrote files"
     assert not os.path.exists(places["out"]), f"{argv} created the output folder"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -380,6 +381,15 @@ def _model_shape(model: str, corpora: Sequence[str] = (), lengths: Sequence[tupl
     return spec
 
 
+@contextlib.contextmanager
+def _for(flag: str):
+    """Name ``flag`` in a refusal from inside (the corpus knows how many blocks it holds, not which flag asked)."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
 def _ppl(args) -> None:
     from atlas_core.corpus import BlockSpec, token_blocks
     from atlas_core.eval import perplexity
@@ -389,8 +399,9 @@ def _ppl(args) -> None:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}), which must be >= 2")
     _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")])  # before the weights load
     lm = load_model(args.model, attn_implementation="sdpa")
-    blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=args.tokens // args.seq_len,
-                                        split=args.split))
+    with _for("--tokens"):
+        blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=args.tokens // args.seq_len,
+                                            split=args.split))
     start = time.perf_counter()
     ppl = perplexity(lm.model, blocks)
     result = {"model": args.model, "corpus": args.corpus, "split": args.split, "seq_len": args.seq_len,
@@ -417,10 +428,12 @@ def _kvquant(args) -> None:
     spec = _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")])
     method.check_head(spec.d_head)  # per-token groups divide d_head; HeadQ's rank ≤ d_head
     lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
-    eval_blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
+    with _for("--tokens"):
+        eval_blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     calib = None
     if method.method == "headq":
-        calib = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"))
+        with _for("--calib-tokens"):
+            calib = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"))
     start = time.perf_counter()
     r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty(), store=True)  # fp, Σ_q kept on disk
     result = {"model": args.model, "corpus": args.corpus, "tokens": eval_blocks.numel(), "seq_len": args.seq_len,
@@ -517,8 +530,10 @@ def _sparse(args) -> None:
     _model_shape(args.model, lengths=[(args.seq_len, "--seq-len"),
                                       (args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")])
     lm = load_model(args.model, attn_implementation="sdpa")  # dense references and generation; the rule runs eager
-    prompt = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib"))[0]
-    blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
+    with _for("--prompt-tokens"):
+        prompt = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib"))[0]
+    with _for("--eval-tokens"):
+        blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     start = time.perf_counter()
     r = fidelity_report(lm, cfg, prompt, args.gen_tokens, blocks, progress=sys.stderr.isatty())
     result = {"model": args.model, "corpus": args.corpus, **cfg.__dict__, "prompt_tokens": len(prompt),
@@ -566,8 +581,10 @@ def _wquant(args) -> None:
     for width in _linear_widths(args.model):
         spec.group_size(width)  # --group divides every layer's input columns
     lm = load_model(args.model, attn_implementation="sdpa")
-    calib = cal.blocks(lm)
-    blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
+    with _for("--calib-tokens"):
+        calib = cal.blocks(lm)
+    with _for("--tokens"):
+        blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
     judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
     r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge,
                    gptq_config=gptq_config, calib_config=cal)
