@@ -205,8 +205,11 @@ def check_corpus(corpus: str) -> None:
     """Refuse, before any model loads, a corpus that is neither a name in ``CORPORA`` nor an existing file.
 
     Raises:
-        CorpusError: the message lists the corpora (the same one ``load_text`` gives).
+        CorpusError: not a string, or neither a corpus name nor a file (the message lists the corpora, the same
+            one ``load_text`` gives; a path is taken as written, as ``load_text`` takes it).
     """
+    if not isinstance(corpus, str):
+        raise CorpusError(f"a corpus is a name or a file path; {corpus!r} is not")
     if corpus not in CORPORA and not os.path.isfile(corpus):
         raise _unknown(corpus)
 

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from atlas_core.corpus import CORPORA, BlockSpec
+from atlas_core.corpus import CORPORA, BlockSpec, check_corpus
 from atlas_core.models import ModelSpec, check_model_name, describe, model_config
 from atlas_core.zoo import ModelError
 
@@ -105,10 +105,8 @@ def _units(p: dict, *names: str) -> None:
 
 
 def _corpus(name: str, value, corpus) -> None:
-    if not isinstance(corpus, str):
-        _fail(name, value, f"must be corpus names; {corpus!r} is not")
-    if corpus not in CORPORA and not Path(corpus).expanduser().is_file():
-        _fail(name, value, f"not a corpus ({', '.join(CORPORA)}) nor an existing text file")
+    """``corpus.check_corpus``'s rule (the one ``load_text`` applies), naming parameter ``name``."""
+    _as(name, value, lambda: check_corpus(corpus))
 
 
 def _blocks(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split: str = "eval") -> None:
@@ -126,20 +124,10 @@ def _shape(model: str) -> ModelSpec:
 
 @functools.lru_cache(maxsize=16)
 def _linear_widths(model: str) -> tuple[int, ...]:
-    """Input widths of the linear layers that weight quantization groups (decoder blocks, no lm_head).
+    """``wquant.layers.linear_widths`` of the model's config (no weights), once per model."""
+    from atlas_core.wquant.layers import linear_widths
 
-    The model is built on the meta device from its config: every shape, no weight read or allocated.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    from atlas_core.wquant.calib import linear_layers
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config(model))
-    return tuple(sorted({m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features  # Conv1D's weight: (in, out)
-                         for m in linear_layers(skeleton).values()}))
+    return linear_widths(model_config(model))
 
 
 def _k_below_d_head(p: dict, name: str, models: list[str]) -> None:

@@ -576,9 +576,10 @@ def _wquant(args) -> None:
         raise ValueError(f"{', '.join(gptq_only)} set GPTQ's settings; --method {args.method} has no use for them")
     n_blocks = _blocks_of(args.tokens, args.seq_len)  # the intervals resample blocks: one block gives a point
     _model_shape(args.model, [args.corpus, cal.corpus], [(max(args.seq_len, cal.seq_len), "--seq-len or --calib-seq-len")])
-    from atlas_core.book.chapter_params import _linear_widths  # from the config on the meta device: no weights
+    from atlas_core.models import model_config
+    from atlas_core.wquant.layers import linear_widths  # from the config on the meta device: no weights
 
-    for width in _linear_widths(args.model):
+    for width in linear_widths(model_config(args.model)):
         spec.group_size(width)  # --group divides every layer's input columns
     lm = load_model(args.model, attn_implementation="sdpa")
     with _for("--calib-tokens"):

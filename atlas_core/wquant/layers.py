@@ -79,3 +79,26 @@ def participation_rows(stats: dict[str, LayerStats]) -> list[dict]:
         rows.append({"layer": name, "type": layer_type(name), "depth": layer_index(name), "width": s.xx.shape[0],
                      "pr_h": participation_ratio(s.h), "pr_fisher": participation_ratio(s.fisher)})
     return rows
+
+
+def linear_widths(config) -> tuple[int, ...]:
+    """Input widths of the linear layers weight quantization groups (decoder blocks, no lm_head), from a config.
+
+    The model is built on the meta device: every shape, no weight read or allocated. The CLI and the nqp
+    chapter's pre-check test a quantization group against these widths before a model loads.
+
+    Args:
+        config: a transformers causal-LM config (``models.model_config``).
+    Returns:
+        the distinct input widths, ascending.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from atlas_core.wquant.calib import linear_layers
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return tuple(sorted({m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features  # Conv1D's weight: (in, out)
+                         for m in linear_layers(skeleton).values()}))
