@@ -53,7 +53,7 @@ def test_shipped_defaults_pass(chapter):
     ("sparse", "supports", [97, 100], "must be a + W + P·r with r ≥ 1"),  # blocks.block_rule's rule
     ("sparse", "survival_gen_tokens", 1, "must be ≥ 2"),
     ("models", "ppl_tokens", 1000, "multiple of ppl_seq_len"),
-    ("models", "corpora", ["britannica", "no-such-corpus"], "not a corpus"),
+    ("models", "corpora", ["britannica", "no-such-corpus"], "unknown corpus"),
 ])
 def test_impossible_values_are_named(chapter, name, value, message):
     with pytest.raises(ParameterValueError, match=rf"parameter '{name}'.*{__import__('re').escape(message)}"):

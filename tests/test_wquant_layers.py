@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from atlas_core.models import load_model
 from atlas_core.toy import FAMILIES, toy_model
 from atlas_core.wquant.calib import LayerStats, linear_layers
 from atlas_core.wquant.layers import layer_index, layer_type, participation_rows
@@ -47,3 +48,14 @@ def test_participation_rows_count_each_input_once_with_hand_values():
 def test_participation_rows_need_the_fisher():
     with pytest.raises(ValueError, match="fisher=True"):
         participation_rows({"model.layers.0.mlp.down_proj": _stats([1, 1], None)})
+
+
+def test_linear_widths_come_from_the_config_alone():
+    from atlas_core.models import model_config
+    from atlas_core.wquant.layers import linear_widths
+
+    for family in ("llama", "gpt2", "phi3"):
+        lm = load_model(f"toy-{family}")
+        real = sorted({w.shape[1] if not family == "gpt2" else w.shape[0]
+                       for name, w in ((n, m.weight) for n, m in linear_layers(lm.model).items())})
+        assert list(linear_widths(model_config(f"toy-{family}"))) == real, family
