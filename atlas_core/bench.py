@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from atlas_core.corpus import BlockSpec, token_blocks
+from atlas_core.corpus import BlockSpec, check_blocks, token_blocks
 from atlas_core.eval import block_nll
 from atlas_core.extract import extract
-from atlas_core.models import DEFAULT_MODEL, check_layer, check_positions, describe, load_model
+from atlas_core.models import DEFAULT_MODEL, check_layer, check_positions, describe, load_model, load_tokenizer
 
 
 def check_extract(model: str, layer: int, n_blocks: int, seq_len: int, batch_size: int, repeats: int) -> None:
@@ -27,6 +27,10 @@ def check_extract(model: str, layer: int, n_blocks: int, seq_len: int, batch_siz
             raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
     check_layer(spec, layer)
     check_positions(model, seq_len, "--seq-len")
+    try:  # the corpus holds the blocks asked for (its tokenizer only: no weights)
+        check_blocks(load_tokenizer(model), BlockSpec(seq_len=seq_len, n_blocks=n_blocks))
+    except ValueError as err:
+        raise ValueError(f"--blocks: {err}") from None
 
 
 def bench_extract(

@@ -46,6 +46,11 @@ class CloudSpec:
                 f"{self.n_blocks} blocks x {self.seq_len - 1} positions; raise n_blocks or lower n_points"
             )
 
+    def block_spec(self) -> BlockSpec:
+        """The held-out blocks the points come from (``head_clouds`` reads these; a pre-check can ask the
+        corpus for them before a model loads, ``corpus.check_blocks``)."""
+        return BlockSpec(corpus=self.corpus, seq_len=self.seq_len, n_blocks=self.n_blocks, split="eval")
+
 
 def eligible_positions(spec: CloudSpec) -> np.ndarray:
     """Every (block, token) position a cloud may sample, as flat point indices, sorted: position 0 of each
@@ -147,7 +152,7 @@ def _cache_path(lm, fingerprint, spec, layer, residual):
 
 
 def _extract_into_cache(lm, layers, residual, spec, paths, progress):
-    blocks = token_blocks(lm, BlockSpec(corpus=spec.corpus, seq_len=spec.seq_len, n_blocks=spec.n_blocks, split="eval"))
+    blocks = token_blocks(lm, spec.block_spec())
     acts = extract(lm, blocks, layers, fields=(residual,), progress=progress)
     index = torch.from_numpy(point_indices(spec))
     clouds = {}

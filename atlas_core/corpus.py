@@ -227,7 +227,7 @@ def token_stream(tokenizer, corpus: str) -> torch.LongTensor:
     the pieces are tokenized as one batch, and the ids are concatenated: a deterministic function of
     the text that never hits a tokenizer's length limit. For tokenizers that pre-split text with a
     GPT-2 style pattern (byte-level BPE) it equals tokenizing the whole text at once. Cached per
-    (tokenizer object, corpus).
+    (tokenizer, corpus): two tokenizers loaded from the same source share the stream.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -235,7 +235,7 @@ def token_stream(tokenizer, corpus: str) -> torch.LongTensor:
     Returns:
         LongTensor of shape (n_tokens,).
     """
-    return _token_stream(tokenizer, corpus, _text_key(corpus)).clone()
+    return _token_stream(_SameTokenizer(tokenizer), corpus, _text_key(corpus)).clone()
 
 
 def _text_key(corpus: str) -> int:
@@ -243,10 +243,26 @@ def _text_key(corpus: str) -> int:
     return 0 if corpus in CORPORA or not os.path.isfile(corpus) else os.stat(corpus).st_mtime_ns
 
 
+class _SameTokenizer:
+    """A tokenizer compared by what it is (class, source, vocabulary size, special ids), not by object: the
+    tokenizer a pre-check loads and the one ``load_model`` loads then share one cached token stream."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.key = (type(tokenizer).__qualname__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer),
+                    tokenizer.bos_token_id, tokenizer.eos_token_id, id(tokenizer) if not getattr(tokenizer, "name_or_path", "") else 0)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _SameTokenizer) and self.key == other.key
+
+
 @functools.lru_cache(maxsize=16)
-def _token_stream(tokenizer, corpus: str, text_key: int) -> torch.LongTensor:
+def _token_stream(same: _SameTokenizer, corpus: str, text_key: int) -> torch.LongTensor:
     pieces = _PARAGRAPH.split(load_text(corpus))
-    ids = tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = same.tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
 
 
@@ -317,6 +333,33 @@ def bos_policy(source, spec: BlockSpec) -> tuple[object, bool]:
     return source, bool(spec.add_bos)
 
 
+def _rows(source, spec: BlockSpec) -> tuple[torch.Tensor, range, int]:
+    """(token stream, the split's block rows, content tokens per block); refuses more blocks than the split holds."""
+    tokenizer, add_bos = bos_policy(source, spec)
+    content = _check(spec.seq_len, add_bos, tokenizer)
+    stream = token_stream(tokenizer, spec.corpus)
+    rows = _split_ranges(len(stream) // content)[spec.split]
+    if spec.n_blocks > len(rows):
+        raise CorpusError(
+            f"the {spec.split} split of {spec.corpus!r} holds {len(rows)} blocks "
+            f"({len(rows) * content} tokens) at seq_len={spec.seq_len} (add_bos={add_bos}); "
+            f"{spec.n_blocks} were asked for. The corpus has {len(stream)} tokens in all: ask for "
+            "fewer or shorter blocks, or use a larger corpus")
+    return stream, rows, content
+
+
+def check_blocks(source, spec: BlockSpec) -> None:
+    """Refuse a request for more blocks than the split holds, the rule ``token_blocks`` applies, before a
+    model loads: ``source`` may be a tokenizer beside the model's spec (``models.load_tokenizer``).
+
+    Args:
+        source: as ``token_blocks`` takes it (anything with ``tokenizer`` and ``spec.add_bos``, or a tokenizer).
+    Raises:
+        CorpusError: as ``token_blocks``.
+    """
+    _rows(source, spec)
+
+
 def token_blocks(source, spec: BlockSpec) -> torch.LongTensor:
     """The first ``spec.n_blocks`` blocks of ``spec.split`` (see the module docstring for the rule).
 
@@ -332,16 +375,7 @@ def token_blocks(source, spec: BlockSpec) -> torch.LongTensor:
             how many).
     """
     tokenizer, add_bos = bos_policy(source, spec)
-    content = _check(spec.seq_len, add_bos, tokenizer)
-    stream = token_stream(tokenizer, spec.corpus)
-    n_total = len(stream) // content
-    rows = _split_ranges(n_total)[spec.split]
-    if spec.n_blocks > len(rows):
-        raise CorpusError(
-            f"the {spec.split} split of {spec.corpus!r} holds {len(rows)} blocks "
-            f"({len(rows) * content} tokens) at seq_len={spec.seq_len} (add_bos={add_bos}); "
-            f"{spec.n_blocks} were asked for. The corpus has {len(stream)} tokens in all: ask for "
-            "fewer or shorter blocks, or use a larger corpus")
+    stream, rows, content = _rows(source, spec)
     start = rows.start * content
     blocks = stream[start : start + spec.n_blocks * content].view(spec.n_blocks, content)  # (block, content)
     if add_bos:

@@ -196,6 +196,27 @@ def local_checkpoint_gaps(folder: Path) -> list[str]:
     return [what for what, patterns in CHECKPOINT_FILES if not any(any(folder.glob(p)) for p in patterns)]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelText:
+    """A model's tokenizer and spec without its weights: enough to ask the corpus for blocks before loading
+    (``corpus.check_blocks``, which reads ``tokenizer`` and ``spec.add_bos`` as from a ``LoadedModel``)."""
+
+    tokenizer: object
+    spec: ModelSpec
+
+
+def load_tokenizer(name: str) -> ModelText:
+    """The tokenizer and spec of a model, no weights loaded (an embedded model is converted once if needed).
+
+    Raises:
+        ModelError: ``name`` is not a model ``load_model`` can load.
+    """
+    spec = describe(name)
+    source = _model_source(name)
+    tokenizer = toy.byte_tokenizer() if source == "toy" else AutoTokenizer.from_pretrained(_folder(name, source))
+    return ModelText(tokenizer=tokenizer, spec=spec)
+
+
 def describe(name: str = DEFAULT_MODEL) -> ModelSpec:
     """The spec of a model from its config and tokenizer alone: no weights are loaded.
 

@@ -72,11 +72,10 @@ FLOAT_BAD = ("nan", "inf", "-1", "x")
 MISSING = "{tmp}/no-such-file"
 A_FILE = "{file}"  # a file where a folder is wanted
 
-# Refused only once the model's tokenizer has counted the corpus (its size in tokens needs the tokenizer):
-# still exit 2 in one line before any measurement, but after the (toy) model loads.
-LATE = {("ppl", "--tokens", BIG), ("kvquant", "--tokens", BIG), ("kvquant", "--calib-tokens", BIG),
-        ("sparse", "--eval-tokens", BIG), ("wquant", "--tokens", BIG), ("wquant", "--calib-tokens", BIG),
-        ("overlap", "--blocks", BIG), ("id", "--blocks", BIG), ("bench", "extract", "--blocks", BIG)}
+# Values refused only after the model loads: none. A request for more tokens than the corpus holds (10**9
+# --tokens, --calib-tokens, --eval-tokens, --blocks) is counted with the model's tokenizer alone
+# (models.load_tokenizer, corpus.check_blocks) before the weights load.
+LATE: frozenset = frozenset()
 
 # (command, option) -> {"ok": values of the type's sweep that the option allows (and why),
 #                       "bad": [(value, word the message must hold)] the rule knows beyond the type,

@@ -295,8 +295,8 @@ def _overlap(args) -> None:
     from atlas_core.models import load_model
 
     spec = _cloud_spec(args)  # validated before the model loads, with the layer and k on the model's shape
-    check_request(_model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")]), args.layer, args.residual, spec,
-                  args.k)
+    check_request(_model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")], [(spec.block_spec(), "--blocks")]),
+                  args.layer, args.residual, spec, args.k)
     r = overlap_report(load_model(args.model), args.layer, args.k, args.residual, args.heads, spec, args.metric)
     if args.json:
         print(_json(r))
@@ -311,7 +311,8 @@ def _id(args) -> None:
     from atlas_core.models import load_model
 
     spec = _cloud_spec(args)
-    check_request(_model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")]), args.layer, args.residual, spec)
+    check_request(_model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")], [(spec.block_spec(), "--blocks")]),
+                  args.layer, args.residual, spec)
     r = id_report(load_model(args.model), args.layer, args.estimator, args.residual, spec)
     if args.json:
         print(_json(r))
@@ -367,17 +368,24 @@ def _blocks_of(tokens: int, seq_len: int, flag: str = "--tokens", at_least: int 
     return tokens // seq_len
 
 
-def _model_shape(model: str, corpora: Sequence[str] = (), lengths: Sequence[tuple[int, str]] = ()):
+def _model_shape(model: str, corpora: Sequence[str] = (), lengths: Sequence[tuple[int, str]] = (),
+                 blocks: Sequence[tuple[object, str]] = ()):
     """The model's ``ModelSpec`` from its config alone (no weights), once the checks that need no weights
-    pass: the model exists, each corpus is a known name or a file, each (tokens, flag) fits the positions."""
-    from atlas_core.corpus import check_corpus
-    from atlas_core.models import check_positions, describe
+    pass: the model exists, each corpus is a known name or a file, each (tokens, flag) fits the positions, and
+    each (BlockSpec, flag) fits its corpus split (its tokenizer only; the token stream is cached for the run)."""
+    from atlas_core.corpus import check_blocks, check_corpus
+    from atlas_core.models import check_positions, describe, load_tokenizer
 
     for corpus in corpora:
         check_corpus(corpus)
     spec = describe(model)
     for n_tokens, flag in lengths:
         check_positions(model, n_tokens, flag)
+    if blocks:
+        text = load_tokenizer(model)
+        for block_spec, flag in blocks:
+            with _for(flag):
+                check_blocks(text, block_spec)
     return spec
 
 
@@ -397,11 +405,11 @@ def _ppl(args) -> None:
 
     if args.seq_len < 2 or args.tokens < args.seq_len:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len}), which must be >= 2")
-    _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")])  # before the weights load
+    request = BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=args.tokens // args.seq_len, split=args.split)
+    _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")], [(request, "--tokens")])  # before the weights load
     lm = load_model(args.model, attn_implementation="sdpa")
     with _for("--tokens"):
-        blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=args.tokens // args.seq_len,
-                                            split=args.split))
+        blocks = token_blocks(lm, request)
     start = time.perf_counter()
     ppl = perplexity(lm.model, blocks)
     result = {"model": args.model, "corpus": args.corpus, "split": args.split, "seq_len": args.seq_len,
@@ -425,15 +433,18 @@ def _kvquant(args) -> None:
     setup.check_block(args.seq_len, ("--prefill", "--seq-len"))
     n_calib = _blocks_of(args.calib_tokens, args.seq_len, "--calib-tokens", at_least=1) if method.method == "headq" else 0
     method.check_block(args.seq_len, "--seq-len")
-    spec = _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")])
+    requests = [(BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"), "--tokens")]
+    if method.method == "headq":
+        requests.append((BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"), "--calib-tokens"))
+    spec = _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")], requests)
     method.check_head(spec.d_head)  # per-token groups divide d_head; HeadQ's rank ≤ d_head
     lm = load_model(args.model, attn_implementation="sdpa")  # perplexity needs no attention weights
     with _for("--tokens"):
-        eval_blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
+        eval_blocks = token_blocks(lm, requests[0][0])
     calib = None
     if method.method == "headq":
         with _for("--calib-tokens"):
-            calib = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"))
+            calib = token_blocks(lm, requests[1][0])
     start = time.perf_counter()
     r = compare(lm, eval_blocks, method, calib, setup, progress=sys.stderr.isatty(), store=True)  # fp, Σ_q kept on disk
     result = {"model": args.model, "corpus": args.corpus, "tokens": eval_blocks.numel(), "seq_len": args.seq_len,
@@ -527,13 +538,16 @@ def _sparse(args) -> None:
     if args.gen_tokens < 1:
         raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
     cfg.check_layers(_model_shape(args.model, [args.corpus]).n_layers, "--dense-layers")
+    prompt_spec = BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib")
+    eval_spec = BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval")
     _model_shape(args.model, lengths=[(args.seq_len, "--seq-len"),
-                                      (args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")])
+                                      (args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")],
+                 blocks=[(prompt_spec, "--prompt-tokens"), (eval_spec, "--eval-tokens")])
     lm = load_model(args.model, attn_implementation="sdpa")  # dense references and generation; the rule runs eager
     with _for("--prompt-tokens"):
-        prompt = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib"))[0]
+        prompt = token_blocks(lm, prompt_spec)[0]
     with _for("--eval-tokens"):
-        blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
+        blocks = token_blocks(lm, eval_spec)
     start = time.perf_counter()
     r = fidelity_report(lm, cfg, prompt, args.gen_tokens, blocks, progress=sys.stderr.isatty())
     result = {"model": args.model, "corpus": args.corpus, **cfg.__dict__, "prompt_tokens": len(prompt),
@@ -575,7 +589,9 @@ def _wquant(args) -> None:
     if gptq_only and args.method != "gptq":
         raise ValueError(f"{', '.join(gptq_only)} set GPTQ's settings; --method {args.method} has no use for them")
     n_blocks = _blocks_of(args.tokens, args.seq_len)  # the intervals resample blocks: one block gives a point
-    _model_shape(args.model, [args.corpus, cal.corpus], [(max(args.seq_len, cal.seq_len), "--seq-len or --calib-seq-len")])
+    eval_spec = BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval")
+    _model_shape(args.model, [args.corpus, cal.corpus], [(max(args.seq_len, cal.seq_len), "--seq-len or --calib-seq-len")],
+                 [(cal.block_spec(), "--calib-tokens"), (eval_spec, "--tokens")])
     from atlas_core.models import model_config
     from atlas_core.wquant.layers import linear_widths  # from the config on the meta device: no weights
 
@@ -585,7 +601,7 @@ def _wquant(args) -> None:
     with _for("--calib-tokens"):
         calib = cal.blocks(lm)
     with _for("--tokens"):
-        blocks = token_blocks(lm, BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"))
+        blocks = token_blocks(lm, eval_spec)
     judge = calibration_stats(lm, blocks, fisher=False, progress=False)  # output errors on held-out inputs
     r = run_wquant(lm, args.method, spec, calib, blocks, seed=args.seed, progress=sys.stderr.isatty(), judge=judge,
                    gptq_config=gptq_config, calib_config=cal)

@@ -221,12 +221,17 @@ class CalibConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
-    def blocks(self, lm: LoadedModel) -> torch.Tensor:
-        """(block, token) calibration ids: the first tokens // seq_len blocks of the calib split."""
-        from atlas_core.corpus import BlockSpec, token_blocks
+    def block_spec(self):
+        """The ``corpus.BlockSpec`` of the calibration blocks: the first tokens // seq_len of the calib split."""
+        from atlas_core.corpus import BlockSpec
 
-        return token_blocks(lm, BlockSpec(corpus=self.corpus, seq_len=self.seq_len, n_blocks=self.tokens // self.seq_len,
-                                          split="calib"))
+        return BlockSpec(corpus=self.corpus, seq_len=self.seq_len, n_blocks=self.tokens // self.seq_len, split="calib")
+
+    def blocks(self, lm: LoadedModel) -> torch.Tensor:
+        """(block, token) calibration ids (``block_spec``)."""
+        from atlas_core.corpus import token_blocks
+
+        return token_blocks(lm, self.block_spec())
 
 
 class _Stop(Exception):
