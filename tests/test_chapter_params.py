@@ -115,6 +115,18 @@ def test_the_runner_rejects_impossible_values_before_executing(tmp_path, monkeyp
     ("nqp", {"group": 100}, "group", "does not divide the layer's 576 input columns"),  # smollm2: 576 and 1536
     ("nqp", {"gptq_calib_tokens": 100}, "gptq_calib_tokens", "must be at least seq_len"),
     ("models", {"ppl_seq_len": 1, "ppl_tokens": 4}, "ppl_seq_len", "seq_len must be at least 2"),
+    # found by the fresh-user test of this issue: each started the kernel and ended in a traceback
+    ("atlas", {"model": "toy-gpt2", "seq_len": 1024}, "seq_len", "longer than the 512 positions of toy-gpt2"),
+    ("models", {"models": ["toy-gpt2"], "ppl_seq_len": 1024, "ppl_tokens": 2048}, "ppl_seq_len", "512 positions"),
+    ("kvquant", {"model": "toy-llama", "calib_blocks": 100000, "seq_len": 160, "prefill": 32}, "calib_blocks",
+     "were asked for"),  # more blocks than the corpus split holds
+    ("kvquant", {"model": "toy-llama", "seq_len": 160, "prefill": 32, "group": 64, "ranks": [1, 8], "rank": 8}, "group",
+     "per-channel quantization needs a multiple of 64 tokens, got 160"),
+    ("crossarch", {"models": ["toy-llama"], "model": "toy-llama", "n_deep": 5}, "n_deep", "2 layers of toy-llama"),
+    ("nqp", {"model": "toy-llama", "seq_len": 64, "group": 32, "gptq_calib_tokens": 10**7}, "gptq_calib_tokens",
+     "were asked for"),
+    ("sparse", {"model": "toy-llama", "other_models": "", "seq_len": 400, "prompt_tokens": 100000}, "prompt_tokens",
+     "positions of toy-llama"),
 ])
 def test_fault_cases_are_refused_before_any_kernel(chapter, given, name, message):
     import re

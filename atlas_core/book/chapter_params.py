@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from atlas_core.corpus import CORPORA, BlockSpec, check_corpus
-from atlas_core.models import ModelSpec, check_model_name, describe, model_config
+from atlas_core.corpus import CORPORA, BlockSpec, check_blocks, check_corpus
+from atlas_core.models import ModelSpec, check_model_name, check_positions, describe, load_tokenizer, model_config
 from atlas_core.zoo import ModelError
 
 
@@ -109,9 +109,21 @@ def _corpus(name: str, value, corpus) -> None:
     _as(name, value, lambda: check_corpus(corpus))
 
 
-def _blocks(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split: str = "eval") -> None:
-    """The blocks a chapter reads: ``BlockSpec``'s rules (seq_len ≥ 2, ≥ 1 block), naming ``name``."""
-    _as(name, p[name], lambda: BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split=split))
+def _blocks(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split: str = "eval",
+            models: list[str] | None = None) -> None:
+    """The blocks a chapter reads, naming ``name``: ``BlockSpec``'s rules (seq_len ≥ 2, ≥ 1 block), no longer
+    than each model's positions (``models.check_positions``), and no more than the corpus split holds
+    (``corpus.check_blocks`` with the model's tokenizer alone)."""
+    spec = _as(name, p[name], lambda: BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split=split))
+    for model in models or [p["model"]]:
+        _as(name, p[name], lambda model=model: check_positions(model, seq_len, name))
+        _as(name, p[name], lambda model=model: check_blocks(_tokenizer(model), spec))
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer(model: str):
+    """The model's tokenizer and spec, no weights (``models.load_tokenizer``), once per model."""
+    return load_tokenizer(model)
 
 
 # --- the model's shape -------------------------------------------------------------------------------------
@@ -166,8 +178,9 @@ def _models(p: dict) -> None:
     _ints(p, "ppl_tokens", "ppl_seq_len", "invariant_blocks", "invariant_seq_len")
     if p["ppl_tokens"] % p["ppl_seq_len"]:
         _fail("ppl_tokens", p["ppl_tokens"], f"must be a multiple of ppl_seq_len ({p['ppl_seq_len']})")
-    _blocks(p, "ppl_seq_len", p["corpora"][0], p["ppl_seq_len"], p["ppl_tokens"] // p["ppl_seq_len"])
-    _blocks(p, "invariant_seq_len", "britannica", p["invariant_seq_len"], p["invariant_blocks"])
+    for corpus in p["corpora"]:
+        _blocks(p, "ppl_seq_len", corpus, p["ppl_seq_len"], p["ppl_tokens"] // p["ppl_seq_len"], models=p["models"])
+    _blocks(p, "invariant_seq_len", "britannica", p["invariant_seq_len"], p["invariant_blocks"], models=p["models"])
 
 
 def _cloud(p: dict, name: str, corpus: str, seed: int) -> None:
@@ -202,12 +215,17 @@ def _crossarch(p: dict) -> None:
     _number(p, "mid_depth", 0.0, 1.0)
     if p["k"] not in p["k_range"]:
         _fail("k_range", p["k_range"], f"must contain the headline k = {p['k']}")
-    _blocks(p, "seq_len", p["corpora"][0], p["seq_len"], p["n_blocks"])
+    models = list(dict.fromkeys([p["model"], *p["models"]]))
+    for corpus in p["corpora"]:
+        _blocks(p, "seq_len", corpus, p["seq_len"], p["n_blocks"], models=models)
     for seed in p["seeds"]:
         _cloud(p, "n_points", p["corpora"][0], seed)
-    models = list(dict.fromkeys([p["model"], *p["models"]]))
     for name in ("k", "k_range"):
         _k_below_d_head(p, name, models)
+    for model in models:  # the depth test reads the n_deep deepest layers of every model
+        n_layers = _shape(model).n_layers
+        if not 1 <= p["n_deep"] <= n_layers:
+            _fail("n_deep", p["n_deep"], f"must be between 1 and the {n_layers} layers of {model}")
 
 
 def kvquant_methods(p: dict) -> dict[str, list]:
@@ -261,6 +279,9 @@ def _kvquant(p: dict) -> None:
             _as(name, p[name], lambda m=method: m.check_head(shape.d_head))
     _names(p, "metric_layers")
     _as("metric_layers", p["metric_layers"], lambda: study_layers(p["metric_layers"], shape.n_layers))
+    from atlas_core.kvquant.quant import QuantSpec  # the offline study groups each block's keys per channel (KIVI)
+
+    _as("group", p["group"], lambda: QuantSpec(bits=2, group=p["group"], axis="channel").check_tokens(p["seq_len"]))
 
 
 NQP_NEEDS = {"bits": [8, 4, 3],
@@ -292,7 +313,9 @@ def _nqp(p: dict) -> None:
         _corpus("gptq_calib_corpus", given["corpus"], given["corpus"])
     if given["tokens"] is not None:
         _ints(p, "gptq_calib_tokens")
-    _as("gptq_calib_tokens", given["tokens"], lambda: CalibConfig(**{k: v for k, v in given.items() if v is not None}))
+    cal = _as("gptq_calib_tokens", given["tokens"], lambda: CalibConfig(**{k: v for k, v in given.items() if v is not None}))
+    _blocks({**p, "gptq_calib_tokens": cal.tokens}, "gptq_calib_tokens", cal.corpus, cal.seq_len,
+            cal.block_spec().n_blocks, "calib")
 
 
 def sparse_experiment(p: dict):
@@ -321,8 +344,16 @@ def _sparse(p: dict) -> None:
     experiment = sparse_experiment(p)
     _as("seq_len", p["seq_len"], lambda: experiment.check_block(p["seq_len"], "seq_len"))
     _as("prompt_tokens", p["prompt_tokens"], lambda: experiment.check_prompt(p["prompt_tokens"], "prompt_tokens"))
-    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"])
+    others = [m.strip() for m in p["other_models"].split(",") if m.strip()]
+    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"], models=[p["model"], *others])
+    _blocks(p, "prompt_tokens", p["corpus"], p["prompt_tokens"], 1, "calib", models=[p["model"], *others])
     _blocks(p, "survival_prompt_tokens", p["corpus"], p["survival_prompt_tokens"], p["survival_prompts"])
+    for model in [p["model"], *others]:  # a prompt and its generation share the positions
+        _as("gen_tokens", p["gen_tokens"], lambda m=model: check_positions(m, p["prompt_tokens"] + p["gen_tokens"],
+                                                                           "prompt_tokens + gen_tokens"))
+    _as("survival_gen_tokens", p["survival_gen_tokens"],
+        lambda: check_positions(p["model"], p["survival_prompt_tokens"] + p["survival_gen_tokens"],
+                                "survival_prompt_tokens + survival_gen_tokens"))
     _as("contexts", p["contexts"], lambda: experiment.rule.check_context(min(p["contexts"]), "every context"))
     rules = [_as("supports", p["supports"], lambda s=s: block_rule(s, p["anchors"], p["window"], p["page_size"]))
              for s in p["supports"]]

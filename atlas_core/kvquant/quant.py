@@ -63,6 +63,15 @@ class QuantSpec:
         """Tokens that must be quantized together (a whole group for per-channel)."""
         return self.group if self.axis == "channel" else 1
 
+    def check_tokens(self, n_key: int) -> None:
+        """Refuse a key count a per-channel quantizer cannot group (it quantizes ``group`` tokens together).
+
+        Raises:
+            ValueError: axis "channel" and ``n_key`` not a multiple of ``group``.
+        """
+        if self.axis == "channel" and n_key % self.group:
+            raise ValueError(f"per-channel quantization needs a multiple of {self.group} tokens, got {n_key}")
+
     def channel_group(self, d_head: int) -> int:
         """Effective per-token group length (the whole head when ``group`` exceeds it)."""
         g = min(self.group, d_head)
@@ -112,8 +121,7 @@ def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.axis == "token":
         g = spec.channel_group(d)
         return x.reshape(*lead, n_key, d // g, g)  # (..., key, d_head/g, g)
-    if n_key % spec.group:
-        raise ValueError(f"per-channel quantization needs a multiple of {spec.group} tokens, got {n_key}")
+    spec.check_tokens(n_key)
     blocks = x.reshape(*lead, n_key // spec.group, spec.group, d)  # (..., key/g, g, d_head)
     return blocks.transpose(-1, -2)  # (..., key/g, d_head, g)
 
