@@ -119,7 +119,11 @@ def load_model(name: str = DEFAULT_MODEL, attn_implementation: str = "eager") ->
         check_model_name(name)  # a folder lacking config, weights or tokenizer: say which, before transformers does
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with _quiet_loading():  # the weight bar and load report: our own check names what is wrong, in one line
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        _check_loading(name, info)
+    except ModelError:
+        raise
     except OSError as err:
         raise ModelError(f"could not load '{name}' ({err.__class__.__name__}: {err}).\n" + _unknown_model_message(name)) from err
     except Exception as err:  # noqa: BLE001 - tokenizers, safetensors and torch raise their own types for a damaged file
@@ -360,6 +364,38 @@ def _valid_cache(folder: Path) -> bool:
         return False
 
 
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' weight-loading progress bar and load report off for the span of one load."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_loading(name: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not fill the model: transformers would initialise the missing ones
+    at random (a different model, and different numbers, on every load) and only print a report.
+
+    Raises:
+        ModelError: missing or mismatched weights (the first few named).
+    """
+    missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        named = ", ".join(str(k[0] if isinstance(k, tuple) else k) for k in (missing + mismatched)[:3])
+        more = len(missing) + len(mismatched) - 3
+        raise ModelError(f"the weights of '{name}' do not fill its model: {len(missing)} missing and {len(mismatched)} "
+                         f"of the wrong shape ({named}{f', and {more} more' if more > 0 else ''}); transformers "
+                         "would draw them at random. Save the model whole with save_pretrained")
 
 
 def _first_line(err: BaseException) -> str:

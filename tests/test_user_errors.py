@@ -63,6 +63,21 @@ def test_truncated_weights_are_named_not_a_safetensors_traceback(checkpoint, tmp
                      capsys, "cannot be read")
 
 
+def test_weights_that_do_not_fill_the_model_are_refused(checkpoint, tmp_path, capsys):
+    """A missing weight (or a config of another architecture) made transformers draw weights at random:
+    perplexity 252.407, then 252.345 on the next run, exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(checkpoint, tmp_path / "missing")
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.self_attn.q_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="1 missing .*q_proj"):
+        load_model(str(folder))
+    _one_line_exit_2(["ppl", "--model", str(folder), "--corpus", "pydoc", "--tokens", "128", "--seq-len", "64"],
+                     capsys, "do not fill")
+
+
 @pytest.mark.parametrize("name", ["", "  "])
 def test_an_empty_model_name_is_refused(name, capsys):
     with pytest.raises(ModelError, match="empty"):
