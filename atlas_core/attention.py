@@ -171,7 +171,13 @@ def intervene(model, name: str, states: dict[int, object]):
 
 
 def kv_group(n_heads: int, n_kv: int, device=None) -> torch.Tensor:
-    """(head,) the KV head each query head reads: h // (n_heads / n_kv) (transformers' ``repeat_kv`` order)."""
+    """(head,) the KV head each query head reads: h // (n_heads / n_kv) (transformers' ``repeat_kv`` order).
+
+    Raises:
+        ValueError: ``n_kv`` is not a positive divisor of ``n_heads`` (no GQA grouping has that shape).
+    """
+    if n_kv < 1 or n_heads % n_kv:
+        raise ValueError(f"{n_kv} KV heads cannot serve {n_heads} query heads: the count must divide it")
     return torch.arange(n_heads, device=device) // (n_heads // n_kv)
 
 

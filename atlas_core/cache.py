@@ -88,6 +88,8 @@ def jsonable(obj):
     dicts, lists and tuples)."""
     if hasattr(obj, "as_dict"):  # an interval.Estimate
         return jsonable(obj.as_dict())
+    if isinstance(obj, float) and not math.isfinite(obj):  # an undefined figure: null, as strict JSON allows
+        return None
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -98,9 +100,9 @@ def jsonable(obj):
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write ``obj`` as pretty JSON atomically."""
+    """Write ``obj`` as pretty, strict JSON atomically (``jsonable``: undefined figures become null)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -311,10 +311,10 @@ class BlockSpec:
     add_bos: bool | None = None
 
     def __post_init__(self):
-        if self.seq_len < 2:
-            raise CorpusError(f"seq_len must be at least 2, got {self.seq_len}")
-        if self.n_blocks < 1:
-            raise CorpusError(f"n_blocks must be at least 1, got {self.n_blocks}")
+        for name, low in (("seq_len", 2), ("n_blocks", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise CorpusError(f"{name} must be an integer of at least {low}, got {value!r}")
         if self.split not in SPLITS:
             raise CorpusError(f"split must be one of {SPLITS}, got {self.split!r}")
 

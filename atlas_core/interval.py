@@ -161,7 +161,9 @@ def _paired(*parts: UnitSums) -> int:
 
 
 def _estimate(value: float, resampled: np.ndarray, units: int, boot: Bootstrap) -> Estimate:
-    lo, hi = boot.interval(resampled)
+    """An Estimate; an undefined value (NaN: e.g. no excess to remove) has an undefined interval too (a few
+    draws can define the statistic where the whole sample does not, and would give a bare [lo, hi])."""
+    lo, hi = boot.interval(resampled) if math.isfinite(value) or math.isinf(value) else (math.nan, math.nan)
     return Estimate(float(value), lo, hi, units)
 
 

@@ -62,6 +62,9 @@ def test_state_of_outside_the_block_names_the_context_manager():
 def test_kv_group_and_top1_values_match_a_loop():
     assert kv_group(8, 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert kv_group(4, 1).tolist() == [0] * 4 and kv_group(3, 3).tolist() == [0, 1, 2]
+    for n_kv in (3, 0):  # 4 query heads cannot share 3 KV heads (it returned [0, 1, 2, 3]); 0 divided by zero
+        with pytest.raises(ValueError, match="cannot serve"):
+            kv_group(4, n_kv)
     gen = torch.Generator().manual_seed(0)
     value, probs = torch.randn(2, 2, 7, 5, generator=gen), torch.rand(2, 6, 4, 7, generator=gen)
     out = top1_values(value, probs)  # (batch, head, query, d_head)

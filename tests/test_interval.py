@@ -160,6 +160,13 @@ def test_ratio_of_means_needs_the_same_units():
         interval.ratio_of_means([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
+def test_an_undefined_value_has_no_interval():
+    base = torch.tensor([[1.01, 1.0], [1.99, 2.0]])  # the baseline's excess over fp: 0.005 in one block, -0.005 in the other
+    fp = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    est = interval.excess_removed(base, fp, fp)  # no excess overall: undefined, and so is its interval
+    assert math.isnan(est.value) and math.isnan(est.lo) and math.isnan(est.hi)  # was lo = hi = 1.0
+
+
 def test_spearman_matches_scipy_and_its_interval_moves_with_the_pairs():
     from scipy.stats import spearmanr
 

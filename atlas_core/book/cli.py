@@ -470,6 +470,10 @@ def _kvquant(args) -> None:
 def _run(args) -> None:
     from atlas_core.book.runner import run_chapter
 
+    from atlas_core.book.runner import CHAPTERS
+
+    if args.source is None and args.chapter not in CHAPTERS:
+        raise ValueError(f"no chapter {args.chapter!r}; the chapters are {', '.join(CHAPTERS)} (or give --source FILE)")
     path = run_chapter(args.chapter, args.model, dict(args.param), out_dir=args.out, source=args.source)
     print(path)
 
