@@ -55,3 +55,14 @@ def test_jsonable_writes_estimates_as_their_figures():
 
     assert jsonable({"a": Estimate(value=1.0, lo=0.5, hi=2.0, units=3)}) == {
         "a": {"value": 1.0, "lo": 0.5, "hi": 2.0, "units": 3}}
+
+
+def test_results_json_is_strict_undefined_figures_are_null(tmp_path):
+    import json
+
+    from atlas_core.cache import write_json
+
+    write_json(tmp_path / "r.json", {"excess_removed": {"value": float("nan"), "lo": 1.0}, "x": [float("inf"), 2.0]})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"excess_removed": {"value": None, "lo": 1.0}, "x": [None, 2.0]}
