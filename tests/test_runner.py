@@ -156,16 +156,9 @@ def test_a_damaged_chapter_run_is_removed_so_the_workflow_reruns_it(tmp_path, da
                        "pathlib.Path(results_dir, 'other.json').write_text('{}')", name="other"))
     assert runner.discard_damaged_results(tmp_path / "results", ("toy", "other")) == []  # intact: kept
     results = out / "toy.json"
-    data = bytearray(results.read_bytes())
-    if damage == "bit-flip":
-        data[len(data) // 2] ^= 0x01
-        results.write_bytes(bytes(data))
-    elif damage == "truncated":
-        results.write_bytes(bytes(data[: len(data) // 2]))
-    elif damage == "empty":
-        results.write_bytes(b"")
-    else:
-        (out / "toy.json.sha256").unlink()
+    from test_cache import damage as damage_file  # the ways disks and killed processes damage a file
+
+    damage_file(results, damage)
     from atlas_core.book.compare import compare_files
 
     if damage != "no-checksum":  # `atlas compare` refuses a sealed file that changed
