@@ -348,9 +348,21 @@ def _rows(source, spec: BlockSpec) -> tuple[torch.Tensor, range, int]:
     return stream, rows, content
 
 
+MAX_CHARS_PER_TOKEN = 20  # no tokenizer of natural text averages more characters per token (English BPE: ~4)
+
+
+def surely_holds(spec: BlockSpec) -> bool:
+    """Whether the split certainly holds the blocks without tokenizing: their tokens, at the most characters
+    a token can average (``MAX_CHARS_PER_TOKEN``), fit in the split's share of the text. A pre-check that
+    finds this need not count tokens (tokenizing a corpus of millions of tokens takes seconds per model)."""
+    share = EVAL_FRACTION if spec.split == "eval" else 1 - EVAL_FRACTION
+    return spec.n_blocks * spec.seq_len * MAX_CHARS_PER_TOKEN <= len(load_text(spec.corpus)) * share
+
+
 def check_blocks(source, spec: BlockSpec) -> None:
     """Refuse a request for more blocks than the split holds, the rule ``token_blocks`` applies, before a
-    model loads: ``source`` may be a tokenizer beside the model's spec (``models.load_tokenizer``).
+    model loads: ``source`` may be a tokenizer beside the model's spec (``models.load_tokenizer``). Callers
+    that can skip loading a tokenizer test ``surely_holds`` first.
 
     Args:
         source: as ``token_blocks`` takes it (anything with ``tokenizer`` and ``spec.add_bos``, or a tokenizer).

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from atlas_core.corpus import CORPORA, BlockSpec, check_blocks, check_corpus
+from atlas_core.corpus import CORPORA, BlockSpec, check_blocks, check_corpus, surely_holds
 from atlas_core.models import ModelSpec, check_model_name, check_positions, describe, load_tokenizer, model_config
 from atlas_core.zoo import ModelError
 
@@ -117,7 +117,8 @@ def _blocks(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split:
     spec = _as(name, p[name], lambda: BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split=split))
     for model in models or [p["model"]]:
         _as(name, p[name], lambda model=model: check_positions(model, seq_len, name))
-        _as(name, p[name], lambda model=model: check_blocks(_tokenizer(model), spec))
+        if not surely_holds(spec):  # count the tokens only when the text's length cannot vouch for them
+            _as(name, p[name], lambda model=model: check_blocks(_tokenizer(model), spec))
 
 
 @functools.lru_cache(maxsize=16)

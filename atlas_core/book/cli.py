@@ -373,7 +373,7 @@ def _model_shape(model: str, corpora: Sequence[str] = (), lengths: Sequence[tupl
     """The model's ``ModelSpec`` from its config alone (no weights), once the checks that need no weights
     pass: the model exists, each corpus is a known name or a file, each (tokens, flag) fits the positions, and
     each (BlockSpec, flag) fits its corpus split (its tokenizer only; the token stream is cached for the run)."""
-    from atlas_core.corpus import check_blocks, check_corpus
+    from atlas_core.corpus import check_blocks, check_corpus, surely_holds
     from atlas_core.models import check_positions, describe, load_tokenizer
 
     for corpus in corpora:
@@ -381,11 +381,11 @@ def _model_shape(model: str, corpora: Sequence[str] = (), lengths: Sequence[tupl
     spec = describe(model)
     for n_tokens, flag in lengths:
         check_positions(model, n_tokens, flag)
-    if blocks:
-        text = load_tokenizer(model)
-        for block_spec, flag in blocks:
-            with _for(flag):
-                check_blocks(text, block_spec)
+    counted = [(b, flag) for b, flag in blocks if not surely_holds(b)]  # the text's length vouches for the rest
+    text = load_tokenizer(model) if counted else None
+    for block_spec, flag in counted:
+        with _for(flag):
+            check_blocks(text, block_spec)
     return spec
 
 
