@@ -114,7 +114,7 @@ def test_the_runner_rejects_impossible_values_before_executing(tmp_path, monkeyp
     ("kvquant", {"metric_blocks": 40}, "metric_blocks", "exceeds eval_blocks"),
     ("nqp", {"group": 100}, "group", "does not divide the layer's 576 input columns"),  # smollm2: 576 and 1536
     ("nqp", {"gptq_calib_tokens": 100}, "gptq_calib_tokens", "must be at least seq_len"),
-    ("models", {"ppl_seq_len": 1, "ppl_tokens": 4}, "ppl_seq_len", "seq_len must be at least 2"),
+    ("models", {"ppl_seq_len": 1, "ppl_tokens": 4}, "ppl_seq_len", "seq_len must be an integer of at least 2"),
     # found by the fresh-user test of this issue: each started the kernel and ended in a traceback
     ("atlas", {"model": "toy-gpt2", "seq_len": 1024}, "seq_len", "longer than the 512 positions of toy-gpt2"),
     ("models", {"models": ["toy-gpt2"], "ppl_seq_len": 1024, "ppl_tokens": 2048}, "ppl_seq_len", "512 positions"),

@@ -181,3 +181,13 @@ def test_blocks_are_checked_from_the_tokenizer_alone_and_its_stream_is_shared(tm
     after = corpus_module._token_stream.cache_info()
     assert after.misses == before.misses and after.hits > before.hits  # the pre-check's stream, reused
     assert blocks.shape == (2, 64)
+
+
+def test_surely_holds_only_when_the_text_is_long_enough_for_any_tokenizer():
+    from atlas_core.corpus import MAX_CHARS_PER_TOKEN, BlockSpec, load_text, surely_holds
+
+    chars = len(load_text("pydoc"))
+    fits = chars * 0.75 // (64 * MAX_CHARS_PER_TOKEN)  # eval share: 3/4 of the text
+    assert surely_holds(BlockSpec(corpus="pydoc", seq_len=64, n_blocks=int(fits)))
+    assert not surely_holds(BlockSpec(corpus="pydoc", seq_len=64, n_blocks=int(fits) + 1))  # then the tokens are counted
+    assert not surely_holds(BlockSpec(corpus="pydoc", seq_len=64, n_blocks=int(fits), split="calib"))  # 1/4 of it
