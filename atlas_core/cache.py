@@ -131,9 +131,7 @@ def write_checked(path: str | Path, write: Callable[[Path], None]) -> None:
     check_path(path).unlink(missing_ok=True)
     with atomic_path(path) as tmp:
         write(tmp)
-        digest = file_sha256(tmp)
-    with atomic_path(check_path(path)) as tmp:
-        tmp.write_text(digest + "\n")
+    seal(path)
 
 
 def seal(path: str | Path) -> None:
@@ -172,16 +170,12 @@ def read_checked(path: str | Path, read: Callable[[Path], T], what: str) -> T | 
     if not path.exists():
         check_path(path).unlink(missing_ok=True)
         return None
-    try:
-        expected = check_path(path).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        expected = None
-    try:
-        if expected is not None and file_sha256(path) == expected:
+    problem = check_problem(path)
+    if problem is None:
+        try:
             return read(path)
-        problem = "has no checksum" if expected is None else "does not match its checksum"
-    except Exception as err:  # noqa: BLE001 - any failure to load a checked file means it must be rebuilt
-        problem = f"cannot be read ({type(err).__name__})"
+        except Exception as err:  # noqa: BLE001 - any failure to load a checked file means it must be rebuilt
+            problem = f"cannot be read ({type(err).__name__})"
     print(f"[atlas] cached {what} {path} {problem}; removing it and rebuilding", file=sys.stderr)
     path.unlink(missing_ok=True)
     check_path(path).unlink(missing_ok=True)
