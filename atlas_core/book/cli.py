@@ -541,12 +541,12 @@ def _sparse(args) -> None:
     n_blocks = _blocks_of(args.eval_tokens, args.seq_len, "--eval-tokens")
     if args.gen_tokens < 1:
         raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
+    cfg.check_layers(_model_shape(args.model, [args.corpus]).n_layers, "--dense-layers")
     prompt_spec = BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib")
     eval_spec = BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval")
-    shape = _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len"),
-                                                     (args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")],
-                         [(prompt_spec, "--prompt-tokens"), (eval_spec, "--eval-tokens")])
-    cfg.check_layers(shape.n_layers, "--dense-layers")
+    _model_shape(args.model, lengths=[(args.seq_len, "--seq-len"),
+                                      (args.prompt_tokens + args.gen_tokens, "--prompt-tokens + --gen-tokens")],
+                 blocks=[(prompt_spec, "--prompt-tokens"), (eval_spec, "--eval-tokens")])
     lm = load_model(args.model, attn_implementation="sdpa")  # dense references and generation; the rule runs eager
     with _for("--prompt-tokens"):
         prompt = token_blocks(lm, prompt_spec)[0]
