@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-SELECTORS = ("exact", "pages", "blocks-mean", "blocks-mean-kv")  # the block selectors: sparse/blocks.py
+SELECTORS = ("exact", "pages", "blocks-mean", "blocks-mean-kv", "certified")  # blocks: sparse/blocks.py; certified: sparse/certified.py
+BOUNDS = ("minmax", "centroid", "lowrank", "min")  # page score bounds of the certified selector (sparse/certified.py)
 
-__all__ = ["SELECTORS", "SparseConfig", "all_candidates_fit", "fixed_mask", "kept_mask", "kept_mask_reference", "output_split", "top_k_mask"]
+__all__ = ["BOUNDS", "SELECTORS", "SparseConfig", "all_candidates_fit", "fixed_mask", "kept_mask", "kept_mask_reference", "output_split", "top_k_mask"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,12 @@ class SparseConfig:
     head_average: bool = False  # the source code's variant: one kept set per layer from head-averaged scores
     sparse_from: int = 0  # queries at positions < sparse_from attend densely: a dense prefill of that many
     # tokens, as in decoding after a dense prefill (set it to the prompt length to score decode steps in one pass)
+    # The certified selector (sparse/certified.py) ignores topk: it reads pages in descending score-bound order
+    # until its certificate of the discarded mass is at most eps (or max_pages are read, when max_pages > 0).
+    eps: float = 1e-3
+    bound: str = "lowrank"  # one of BOUNDS: the page summary that bounds every score in a page
+    rank: int = 8  # the low-rank bound's sketch rank r (per KV head), r < d_head
+    max_pages: int = 0  # a cap on the pages the certified selector reads (0: none; the certificate may then exceed eps)
 
     def __post_init__(self):
         for name in ("anchors", "topk", "dense_layers", "sparse_from"):
@@ -49,6 +56,14 @@ class SparseConfig:
             raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
             raise ValueError(f"page_size must be a positive integer, got {self.page_size!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ValueError(f"eps must be a number in (0, 1), the discarded mass the certificate allows, got {self.eps!r}")
+        if self.bound not in BOUNDS:
+            raise ValueError(f"bound must be one of {BOUNDS}, got {self.bound!r}")
+        for name in ("rank", "max_pages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "rank"):
+                raise ValueError(f"{name} must be an integer ≥ {int(name == 'rank')}, got {value!r}")
 
     @property
     def budget(self) -> int:

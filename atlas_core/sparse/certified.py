@@ -1,0 +1,421 @@
+"""Certified sparse attention: read pages in descending score-bound order until the discarded mass is provably ≤ ε.
+
+A query's fixed keys F (anchors + window) are always read. The other visible keys (candidates) lie in pages
+of P consecutive positions, and a page summary gives an upper bound u_p on every score in page p. After
+reading the pages R exactly,
+
+    Z_kept = Σ_{j ∈ F ∪ R} e^{s_j},    U = Σ_{p ∉ R} n_p · e^{u_p}  ≥  Σ_{j unread} e^{s_j}
+
+(n_p the page's candidates), so the discarded mass m = Z_rest / (Z_kept + Z_rest) is at most
+c = U / (Z_kept + U), since x / (a + x) grows with x. Reading pages in descending u_p until c ≤ ε is the
+certified rule; c is its certificate. Because Z_kept only grows and U only shrinks, c falls with every page,
+so the first page count t with c(t) ≤ ε (computed from all pages' exact sums at once, ``certified_mask``)
+is the count the sequential reader stops at (``certified_mask_reference``, ``certified_decode``). The output
+error is exactly m · ‖o_rest − o_kept‖ (``kept.output_split``) ≤ c · (max_{unread} ‖v_j‖ + ‖o_kept‖), with
+the per-page maximum value norm as a summary.
+
+Page bounds (``BOUNDS``; floats per page in ``summary_floats``):
+
+- ``minmax`` (Quest): elementwise min and max of the page's keys, u = q⁺·max + q⁻·min; 2·d floats.
+- ``centroid``: the page's mean key c and radius r = max ‖k − c‖, u = q·c + ‖q‖·r (Cauchy–Schwarz); d + 1.
+- ``lowrank``: an orthonormal basis B (d, r) of the KV head's keys (top-r eigenvectors of Kᵀ K), the page's
+  min and max of the coordinates z = Bᵀk, and the largest residual ‖k − Bz‖; u = q̃⁺·max + q̃⁻·min +
+  ‖q − Bq̃‖·max ‖k − Bz‖ with q̃ = Bᵀq (the residual is orthogonal to B); 2·r + 1 floats, and d·r per head.
+- ``min``: the smallest of the three (each is an upper bound); the sum of their floats.
+
+Each bound gets a margin for float rounding of both the scores and the bound (8·d·u_fp32 · scale · ‖q‖ ·
+‖max_j |k_j|‖, Higham's dot-product error bound), so the certificate also holds for scores as computed.
+
+Pages are aligned to absolute positions (``pages.page_index``) and summarised over the keys present in the
+call, as the Quest selector's are. Sources: Quest (Tang et al. 2024, arXiv 2406.10774) for page summaries;
+the certificate is ours (issue 18).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from atlas_core.sparse.kept import BOUNDS, SparseConfig, fixed_mask
+from atlas_core.sparse.pages import _row_summaries, page_index, score_bound
+
+__all__ = ["BOUNDS", "CertifiedCache", "certified_cache", "certified_decode", "certified_mask", "certified_mask_reference",
+           "certify", "key_basis", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
+
+ROUNDING = 8 * 2.0**-24  # per d_head term: Higham's γ_d ≈ d·u for the score and again for the bound, doubled
+
+
+def summary_floats(bound: str, d_head: int, rank: int) -> tuple[int, int]:
+    """Floats one page's key summary takes, and floats per KV head shared by every page (the low-rank basis).
+
+    Returns:
+        (per page, per head); the per-page maximum value norm (for the output-error bound) is not included.
+    """
+    per = {"minmax": (2 * d_head, 0), "centroid": (d_head + 1, 0), "lowrank": (2 * rank + 1, d_head * rank)}
+    if bound == "min":
+        return tuple(sum(v[i] for v in per.values()) for i in (0, 1))
+    return per[bound]
+
+
+def key_basis(key: torch.Tensor, present: torch.Tensor, rank: int) -> torch.Tensor:
+    """Orthonormal basis of the top-``rank`` directions of each head's present keys (uncentred: Kᵀ K).
+
+    Args:
+        key: (batch, kv_head, key, d_head); present: (batch, key) bool.
+    Returns:
+        (batch, kv_head, d_head, rank), columns orthonormal (any orthonormal B keeps the bound valid; the top
+        eigenvectors make the residual small).
+    Raises:
+        ValueError: rank ≥ d_head (the residual would be empty; use the minmax bound).
+    """
+    d = key.shape[-1]
+    if rank >= d:
+        raise ValueError(f"rank ({rank}) must be below d_head ({d}) for the low-rank bound; use bound='minmax' instead")
+    k = (key * present[:, None, :, None]).double()
+    gram = k.transpose(-1, -2) @ k  # (batch, kv_head, d, d)
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vecs[..., -rank:].flip(-1).to(key.dtype)
+
+
+@dataclass(frozen=True)
+class PageSketch:
+    """Per-page key summaries of one attention call (leading axes (batch, kv_head)); None for unused bounds."""
+
+    bound: str
+    kmin: torch.Tensor | None = None  # (batch, kv_head, page, d_head)
+    kmax: torch.Tensor | None = None
+    centre: torch.Tensor | None = None  # (batch, kv_head, page, d_head)
+    radius: torch.Tensor | None = None  # (batch, kv_head, page)
+    basis: torch.Tensor | None = None  # (batch, kv_head, d_head, rank)
+    zmin: torch.Tensor | None = None  # (batch, kv_head, page, rank)
+    zmax: torch.Tensor | None = None
+    resid: torch.Tensor | None = None  # (batch, kv_head, page) largest residual norm
+    kabs: torch.Tensor | None = None  # (batch, kv_head) ‖max_j |k_j|‖ over present keys, for the rounding margin
+
+    def repeat(self, groups: int) -> "PageSketch":
+        """The sketch with each KV head repeated for its ``groups`` query heads (as ``repeat_kv``)."""
+        rep = {f: (t.repeat_interleave(groups, 1) if isinstance(t, torch.Tensor) else t) for f, t in vars(self).items()}
+        return PageSketch(**rep)
+
+
+def _page_max(x: torch.Tensor, present: torch.Tensor, page: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """(batch, head, page) max of x (batch, head, key) over each page's present keys (−inf for none)."""
+    return _row_summaries(x[..., None], present, page, n_pages)[1][..., 0]
+
+
+def page_sketch(key: torch.Tensor, present: torch.Tensor, page: torch.Tensor, n_pages: int, cfg: SparseConfig) -> PageSketch:
+    """Summaries of every page for ``cfg.bound`` (``min``: all three).
+
+    Args:
+        key: (batch, kv_head, key, d_head); present: (batch, key) bool, the keys summarised;
+        page: (1 or batch, key) page of each key (``pages.page_index``); n_pages: pages per row.
+    Returns:
+        a ``PageSketch``.
+    """
+    fields = {"bound": cfg.bound}
+    kept = key.masked_fill(~present[:, None, :, None], 0.0)
+    fields["kabs"] = kept.abs().amax(-2).norm(dim=-1)  # (batch, kv_head)
+    if cfg.bound in ("minmax", "min"):
+        fields["kmin"], fields["kmax"] = _row_summaries(key, present, page, n_pages)
+    if cfg.bound in ("centroid", "min"):
+        b, h, n, d = key.shape
+        idx = page.expand(b, n)[:, None, :, None].expand(b, h, n, d)
+        total = key.new_zeros(b, h, n_pages, d).scatter_add(2, idx, kept)
+        count = present.to(key.dtype).new_zeros(b, n_pages).scatter_add(1, page.expand(b, n), present.to(key.dtype))
+        centre = total / count.clamp_min(1)[:, None, :, None]  # (batch, kv_head, page, d_head)
+        dist = (key - centre.gather(2, idx)).norm(dim=-1)  # (batch, kv_head, key)
+        fields["centre"], fields["radius"] = centre, _page_max(dist, present, page, n_pages)
+    if cfg.bound in ("lowrank", "min"):
+        basis = key_basis(key, present, cfg.rank)  # (batch, kv_head, d_head, rank)
+        z = key @ basis  # (batch, kv_head, key, rank)
+        resid = (key - z @ basis.transpose(-1, -2)).norm(dim=-1)  # (batch, kv_head, key)
+        fields["basis"] = basis
+        fields["zmin"], fields["zmax"] = _row_summaries(z, present, page, n_pages)
+        fields["resid"] = _page_max(resid, present, page, n_pages)
+    return PageSketch(**fields)
+
+
+def page_bounds(query: torch.Tensor, sk: PageSketch, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Upper bound of every (soft-capped) score scale·q·k over each page's summarised keys.
+
+    Args:
+        query: (batch, head, query, d_head); sk: a sketch whose heads match the query's (``PageSketch.repeat``).
+        scale: the attention scaling; softcap: the logit soft-cap (tanh(s/c)·c, monotone) or None.
+    Returns:
+        (batch, head, query, page); −inf for a page with no summarised key.
+    """
+    d = query.shape[-1]
+    qnorm = query.norm(dim=-1, keepdim=True)  # (batch, head, query, 1)
+    bounds = []
+    if sk.kmin is not None:
+        bounds.append(score_bound(query, sk.kmin, sk.kmax))
+    if sk.centre is not None:
+        bounds.append(query @ sk.centre.transpose(-1, -2) + qnorm * sk.radius[:, :, None, :])
+    if sk.basis is not None:
+        qt = query @ sk.basis  # (batch, head, query, rank)
+        q_perp = (query - qt @ sk.basis.transpose(-1, -2)).norm(dim=-1, keepdim=True)
+        bounds.append(score_bound(qt, sk.zmin, sk.zmax) + q_perp * sk.resid[:, :, None, :])
+    u = torch.stack(bounds).amin(0)  # each is a bound: their minimum is the tightest
+    u = (u + ROUNDING * d * qnorm * sk.kabs[:, :, None, None]) * scale
+    u = u.nan_to_num(nan=-math.inf)  # an empty page: (+inf) + (−inf) terms
+    return torch.tanh(u / softcap) * softcap if softcap else u
+
+
+def certify(z_fixed: torch.Tensor, z_page: torch.Tensor, bound_page: torch.Tensor, order: torch.Tensor,
+            eps: float, max_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pages read and certificate of the certified rule, from every page's exact and bounded sums at once.
+
+    Args:
+        z_fixed: (...,) Σ e^{s − M} over the fixed keys (float64).
+        z_page: (..., page) Σ e^{s − M} over each page's candidate keys.
+        bound_page: (..., page) n_p · e^{u_p − M}, 0 for a page without candidates.
+        order: (..., page) pages in reading order (descending bound; pages without candidates last).
+        eps: the certificate's target; max_pages: a cap on pages read (0: none).
+    Returns:
+        (t (...,) int64 pages read, c (...,) float64 the certificate U / (Z_kept + U) after them).
+    """
+    zs, bs = z_page.gather(-1, order), bound_page.gather(-1, order)  # (..., page) in reading order
+    zero = torch.zeros_like(z_fixed)[..., None]
+    z_kept = z_fixed[..., None] + torch.cat([zero, zs.cumsum(-1)], -1)  # (..., page + 1) after t pages
+    unread = torch.cat([bs.flip(-1).cumsum(-1).flip(-1), zero], -1)  # (..., page + 1) Σ bounds of pages ≥ t
+    denom = z_kept + unread
+    c = torch.where(denom > 0, unread / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(denom))
+    t = (c <= eps).to(torch.int8).argmax(-1)  # the first t with c(t) ≤ eps (c(all pages) = 0 always qualifies)
+    if max_pages:
+        t = t.clamp(max=max_pages)
+    return t, c.gather(-1, t[..., None])[..., 0]
+
+
+def certified_mask(query: torch.Tensor, key: torch.Tensor, scores: torch.Tensor, scale: float, visible, q_pos, k_pos,
+                   cfg: SparseConfig, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Fixed part, certified pages and certificate of every query's kept set (vectorised over queries).
+
+    The pages read are those the sequential reader (``certified_mask_reference``) reads: descending bound,
+    ties to the earliest page, stopping at the first count whose certificate is ≤ ε (``certify``).
+
+    Args:
+        query: (batch, head, query, d_head); key: (batch, kv_head, key, d_head) (not repeated).
+        scores: (batch, head, query, key) the exact (soft-capped) logits the attention uses.
+        visible: (batch, 1 or head, query, key) bool; q_pos (batch, query), k_pos (batch, key) absolute positions.
+        cfg: the rule (anchors, window, page_size, eps, bound, rank, max_pages).
+    Returns:
+        (fixed, chosen, stats): fixed and chosen (batch, head, query, key) bool and disjoint; stats
+        {"certificate", "pages_read", "candidate_pages"} each (batch, head, query).
+    """
+    b, h, nq, n = scores.shape
+    fixed = (visible & fixed_mask(q_pos, k_pos, cfg)).expand(b, h, nq, n)
+    rest = visible & ~fixed  # (batch, head, query, key)
+    page, n_pages = page_index(k_pos, cfg.page_size)  # (1 or batch, key)
+    present = visible.expand(b, -1, -1, -1).any(1).any(1)  # (batch, key)
+    sk = page_sketch(key, present, page, n_pages, cfg).repeat(h // key.shape[1])
+    u = page_bounds(query, sk, scale, softcap).double()  # (batch, head, query, page)
+    idx = page.expand(b, n)[:, None, None, :].expand(b, h, nq, n)
+    count = torch.zeros(b, h, nq, n_pages, dtype=torch.float64).scatter_add(-1, idx, rest.double())
+    u = u.masked_fill(count == 0, -math.inf)
+    s = scores.double().masked_fill(~visible, -math.inf)
+    top = torch.maximum(s.amax(-1), u.amax(-1)).clamp_min(-1e300)[..., None]  # (batch, head, query, 1) the shift M
+    e = (s - top).exp()  # (batch, head, query, key)
+    z_fixed = (e * fixed).sum(-1)
+    z_page = torch.zeros_like(count).scatter_add(-1, idx, e * rest)
+    bound_page = count * (u - top).exp()
+    order = u.sort(dim=-1, descending=True, stable=True).indices  # (batch, head, query, page)
+    t, cert = certify(z_fixed, z_page, bound_page, order, cfg.eps, cfg.max_pages)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pages).expand_as(order))  # page -> reading rank
+    chosen = rest & (rank.gather(-1, idx) < t[..., None])
+    stats = {"certificate": cert.float(), "pages_read": t.float(), "candidate_pages": (count > 0).sum(-1).float()}
+    return fixed, chosen, stats
+
+
+def page_bounds_reference(q: torch.Tensor, keys: torch.Tensor, basis: torch.Tensor | None, bound: str,
+                          scale: float) -> float:
+    """One page's bound for one query, written plainly from its keys (the reference for ``page_bounds``).
+
+    Args:
+        q: (d_head,); keys: (member, d_head) the page's summarised keys; basis: (d_head, rank) for lowrank/min.
+    Returns:
+        the bound on scale·q·k before rounding margin and soft-cap.
+    """
+    out = []
+    if bound in ("minmax", "min"):
+        lo, hi = keys.amin(0), keys.amax(0)
+        out.append(sum(max(float(q[i] * lo[i]), float(q[i] * hi[i])) for i in range(len(q))))
+    if bound in ("centroid", "min"):
+        c = keys.mean(0)
+        out.append(float(q @ c) + float(q.norm()) * max(float((k - c).norm()) for k in keys))
+    if bound in ("lowrank", "min"):
+        z = keys @ basis  # (member, rank)
+        qt = q @ basis
+        lin = sum(max(float(qt[i] * z[:, i].min()), float(qt[i] * z[:, i].max())) for i in range(len(qt)))
+        resid = max(float((k - basis @ (basis.T @ k)).norm()) for k in keys)
+        out.append(lin + float((q - basis @ qt).norm()) * resid)
+    return min(out) * scale
+
+
+def certified_mask_reference(query, key, scores, scale: float, visible, q_pos, k_pos, cfg: SparseConfig,
+                             softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The certified selector written as loops, reading one page at a time (the reference for ``certified_mask``).
+
+    Returns:
+        (keep (batch, head, query, key) bool, certificate (batch, head, query) float64).
+    """
+    b, h, nq, n = scores.shape
+    groups = h // key.shape[1]
+    visible = visible.expand(b, h, nq, n)
+    keep, cert = torch.zeros(b, h, nq, n, dtype=torch.bool), torch.zeros(b, h, nq, dtype=torch.float64)
+    for bi in range(b):
+        qp, kp = (t[bi] if t.dim() == 2 else t for t in (q_pos, k_pos))
+        present = [j for j in range(n) if visible[bi, :, :, j].any()]
+        pages = sorted({int(kp[j]) // cfg.page_size for j in present})
+        members = {p: [j for j in present if int(kp[j]) // cfg.page_size == p] for p in pages}
+        for hi in range(h):
+            k_head = key[bi, hi // groups]
+            basis = (key_basis(key[bi:bi + 1, hi // groups: hi // groups + 1], torch.tensor([[j in present for j in range(n)]]),
+                               cfg.rank)[0, 0] if cfg.bound in ("lowrank", "min") else None)
+            margin = ROUNDING * key.shape[-1] * float(k_head[present].abs().amax(0).norm())
+            for qi in range(nq):
+                i, q = int(qp[qi]), query[bi, hi, qi]
+                seen = [j for j in range(n) if visible[bi, hi, qi, j]]
+                fixed = [j for j in seen if int(kp[j]) < cfg.anchors or i - cfg.window < int(kp[j]) <= i]
+                cand = {p: [j for j in members[p] if j in seen and j not in fixed] for p in pages}
+                bounds = {}
+                for p in pages:
+                    if cand[p]:
+                        u = page_bounds_reference(q, k_head[members[p]], basis, cfg.bound, 1.0)
+                        u = (u + margin * float(q.norm())) * scale
+                        bounds[p] = math.tanh(u / softcap) * softcap if softcap else u
+                order = sorted(bounds, key=lambda p: -bounds[p])  # stable: ties to the earliest page
+                s = {j: float(scores[bi, hi, qi, j]) for j in seen}
+                top = max([*s.values(), *bounds.values()], default=0.0)
+                z_kept = sum(math.exp(s[j] - top) for j in fixed)
+                read, c = 0, None
+                while True:
+                    unread = sum(len(cand[p]) * math.exp(bounds[p] - top) for p in order[read:])
+                    c = unread / (z_kept + unread) if z_kept + unread > 0 else 0.0
+                    if c <= cfg.eps or read == len(order) or (cfg.max_pages and read == cfg.max_pages):
+                        break
+                    z_kept += sum(math.exp(s[j] - top) for j in cand[order[read]])
+                    read += 1
+                cert[bi, hi, qi] = c
+                for j in fixed + [j for p in order[:read] for j in cand[p]]:
+                    keep[bi, hi, qi, j] = True
+    return keep, cert
+
+
+@dataclass(frozen=True)
+class CertifiedCache:
+    """One layer's keys and values with the page summaries of the certified kernel (one decode query)."""
+
+    keys: torch.Tensor  # (kv_head, key, d_head)
+    values: torch.Tensor  # (kv_head, key, d_head)
+    sketch: PageSketch  # leading axes (1, kv_head)
+    vnorm: torch.Tensor  # (kv_head, page) largest value norm in each page
+    cfg: SparseConfig
+
+
+def certified_cache(keys: torch.Tensor, values: torch.Tensor, cfg: SparseConfig) -> CertifiedCache:
+    """Summarise a cache into pages of ``cfg.page_size`` for ``certified_decode`` (a real cache would update the
+    newest page's summaries per token; the low-rank basis comes from the keys summarised)."""
+    n = keys.shape[1]
+    page, n_pages = page_index(torch.arange(n, device=keys.device), cfg.page_size)
+    present = torch.ones(1, n, dtype=torch.bool, device=keys.device)
+    sk = page_sketch(keys[None], present, page, n_pages, cfg)
+    vnorm = _page_max(values[None].norm(dim=-1), present, page, n_pages)[0]
+    return CertifiedCache(keys, values, sk, vnorm, cfg)
+
+
+def _middle_pages(n: int, cfg: SparseConfig, device) -> tuple[int, int, int, int, torch.Tensor]:
+    """The candidate range [lo, hi) of a decode query at position n − 1, its pages [p_lo, p_hi) and each page's
+    candidate count (page,)."""
+    lo = min(cfg.anchors, n)
+    hi = max(n - cfg.window, lo)
+    p_lo, p_hi = lo // cfg.page_size, -(-hi // cfg.page_size)
+    start = torch.arange(p_lo, p_hi, device=device) * cfg.page_size
+    count = ((start + cfg.page_size).clamp(max=hi) - start.clamp(min=lo)).clamp_min(0)
+    return lo, hi, p_lo, p_hi, count
+
+
+def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None = None, rounds: int = 8) -> tuple[torch.Tensor, dict]:
+    """One decode step with certified page selection: read pages in bound order, in growing batches, until each
+    query head's certificate is ≤ ε.
+
+    Each batch of pages is read for every head still uncertified (batches double from ``rounds`` pages), and
+    within a batch each head keeps exactly the pages up to its first certified count, so the kept set is the
+    sequential reader's (``certified_mask`` on the same cache; tests hold them equal).
+
+    Args:
+        q: (head, d_head) the query at position n − 1; cache: ``certified_cache`` of n keys.
+        scale: attention scaling (default d_head^-0.5); rounds: pages in the first batch.
+    Returns:
+        (output (head, d_head), info): info holds per query head "pages_read", "certificate" (float64),
+        "error_bound" (bound on ‖o_full − o_kept‖), "keys_read" (fixed + read page slots), and "pages_fetched"
+        (pages the batches actually gathered, ≥ pages_read).
+    """
+    keys, values, cfg = cache.keys, cache.values, cache.cfg
+    n_kv, n, d = keys.shape
+    qg = q.view(n_kv, -1, d)  # (kv_head, group, d_head)
+    scale = d**-0.5 if scale is None else scale
+    lo, hi, p_lo, p_hi, count = _middle_pages(n, cfg, keys.device)
+    fixed = torch.cat([torch.arange(lo, device=keys.device), torch.arange(hi, n, device=keys.device)])
+    f_scores = (qg @ keys[:, fixed].transpose(-1, -2) * scale).double()  # (kv_head, group, fixed)
+    sk = _slice_pages(cache.sketch, p_lo, p_hi)
+    u = page_bounds(qg[None], sk, scale)[0].double()  # (kv_head, group, page)
+    u = u.masked_fill(count == 0, -math.inf)
+    top = torch.cat([f_scores, u], -1).amax(-1, keepdim=True)  # (kv_head, group, 1) the shift M
+    order = u.sort(dim=-1, descending=True, stable=True).indices
+    bound_sorted = (count * (u - top).exp()).gather(-1, order)  # (kv_head, group, page) in reading order
+    unread = torch.cat([bound_sorted.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(top)], -1)  # after t pages
+    z_kept = (f_scores - top).exp().sum(-1, keepdim=True)  # (kv_head, group, 1)
+    n_pages, size = p_hi - p_lo, cfg.page_size
+    cap = min(cfg.max_pages or n_pages, n_pages)
+    t = torch.full(z_kept.shape[:2], -1, dtype=torch.long, device=keys.device)  # -1: not yet certified
+    read_scores, read_idx, start, batch = [], [], 0, rounds
+    c0 = unread[..., 0] / (z_kept[..., 0] + unread[..., 0])
+    t[c0 <= cfg.eps] = 0
+    while bool((t < 0).any()) and start < cap:
+        stop = min(start + batch, cap)
+        pages = order[..., start:stop] + p_lo  # (kv_head, group, b) absolute page numbers
+        slots = (pages[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)  # (kv_head, group, b·P)
+        inside = (slots >= lo) & (slots < hi)
+        k_sel = keys[torch.arange(n_kv, device=keys.device)[:, None, None], slots.clamp(max=n - 1)]  # (kv_head, group, b·P, d)
+        s = ((k_sel @ qg[..., None])[..., 0] * scale).double().masked_fill(~inside, -math.inf)
+        z = (s - top).exp().view(*s.shape[:2], -1, size).sum(-1)  # (kv_head, group, b) per page
+        zk = z_kept + z.cumsum(-1)  # after start+1 … stop pages
+        c = unread[..., start + 1:stop + 1] / (zk + unread[..., start + 1:stop + 1])
+        ok = (c <= cfg.eps)
+        first = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1) + start + 1, torch.full_like(t, -1))
+        t = torch.where(t < 0, first, t)
+        z_kept = zk[..., -1:]
+        read_scores.append(s)
+        read_idx.append(slots.clamp(max=n - 1))
+        start, batch = stop, batch * 2
+    t = torch.where(t < 0, torch.full_like(t, cap), t)  # the cap (or every page) reached
+    cert = unread.gather(-1, t[..., None])[..., 0]
+    if read_scores:
+        s_all, idx_all = torch.cat(read_scores, -1), torch.cat(read_idx, -1)  # (kv_head, group, fetched·P)
+        within = torch.arange(s_all.shape[-1], device=keys.device) < t[..., None] * size
+        s_all = s_all.masked_fill(~within, -math.inf)
+        v_sel = values[torch.arange(n_kv, device=keys.device)[:, None, None], idx_all]
+    else:
+        s_all = f_scores.new_zeros(*f_scores.shape[:2], 0)
+        v_sel = values.new_zeros(n_kv, qg.shape[1], 0, d)
+    probs = torch.cat([f_scores, s_all], -1).softmax(-1).to(q.dtype)  # (kv_head, group, fixed + fetched)
+    nf = fixed.numel()
+    out = probs[..., :nf] @ values[:, fixed] + (probs[..., nf:, None] * v_sel).sum(-2)  # (kv_head, group, d_head)
+    # Z_kept / (Z_kept + U) normalisation: the certificate in the unshifted sums.
+    z_total = (f_scores - top).exp().sum(-1) + (s_all - top).exp().sum(-1)
+    cert = cert / (z_total + cert)
+    vmax = (cache.vnorm[:, p_lo:p_hi][:, None, :].expand_as(u).gather(-1, order)  # (kv_head, group, page) reading order
+            .masked_fill(torch.arange(n_pages, device=keys.device) < t[..., None], 0).amax(-1) if n_pages else torch.zeros_like(cert))
+    info = {"pages_read": t.flatten(), "certificate": cert.flatten(),
+            "error_bound": (cert * (vmax + out.norm(dim=-1))).flatten(),
+            "keys_read": (nf + t * size).flatten(), "pages_fetched": start}
+    return out.reshape(-1, d), info
+
+
+def _slice_pages(sk: PageSketch, p_lo: int, p_hi: int) -> PageSketch:
+    """The sketch's pages [p_lo, p_hi) (the basis and kabs are per head, kept whole)."""
+    cut = {f: (t[:, :, p_lo:p_hi] if isinstance(t, torch.Tensor) and f not in ("basis", "kabs") else t)
+           for f, t in vars(sk).items()}
+    return PageSketch(**cut)
