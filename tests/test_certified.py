@@ -125,3 +125,31 @@ def test_decode_kernel_equals_mask_and_reference(bound, n, groups):
     assert (m[0, :, 0] <= info["certificate"] * (1 + 1e-5) + 1e-9).all()
     err = (o_full - o_kept)[0, :, 0].norm(dim=-1)
     assert (err <= info["error_bound"] * (1 + 1e-4) + 1e-6).all()  # 1e-6: fp32 rounding of the two outputs
+
+
+@pytest.mark.parametrize("family", ["toy-llama", "toy-qwen2", "toy-gemma3"])
+@pytest.mark.parametrize("eps", [1e-2, 0.3])
+def test_in_model_logs_certificate_above_true_mass_and_fast_equals_reference(family, eps):
+    from atlas_core.models import load_model
+    from atlas_core.sparse.attention import MassLog, sparse_attention
+
+    lm = load_model(family)
+    ids = torch.randint(0, lm.model.config.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0))
+    cfg = SparseConfig(anchors=1, window=8, page_size=4, eps=eps, selector="certified", bound="min", rank=4)
+    logs = {}
+    outs = {}
+    for reference in (False, True):
+        logs[reference] = MassLog(min_position=0)
+        with torch.no_grad(), sparse_attention(lm.model, cfg, logs[reference], reference=reference):
+            outs[reference] = lm.model(ids).logits
+    torch.testing.assert_close(outs[False], outs[True], rtol=1e-4, atol=1e-4)
+    log = logs[False]
+    for layer in log.sums:  # query by query, head by head
+        m, c = log.discarded_values(layer), log.certificate_values(layer)  # (head, query)
+        assert m.shape == c.shape and (m <= c * (1 + 1e-4) + 1e-6).all()
+    means = log.means()
+    assert (means["certificate"] >= means["discarded"] - 1e-7).all()
+    assert (means["certificate"] <= cfg.eps).all()
+    assert ((means["key_bytes"] > 0) & (means["pages_read"] <= means["candidate_pages"])).all()
+    if eps > 0.1:  # a loose target leaves pages unread (random toy weights spread attention evenly)
+        assert (means["pages_read"] < means["candidate_pages"]).any() and (means["discarded"] > 0).any()

@@ -30,6 +30,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from atlas_core.attention import attention_modules, eager_of, intervene, register, state_of
 from atlas_core.sparse.blocks import BLOCK_SELECTORS, block_mask
+from atlas_core.sparse.certified import certified_mask
 from atlas_core.sparse.kept import SparseConfig, kept_mask
 from atlas_core.sparse.pages import page_mask, selection_recall
 
@@ -54,6 +55,7 @@ class MassLog:
     # name -> layer -> [(query,)] per forward call: every part's per-query value, averaged over heads (for
     # block-bootstrap intervals of the fixed/selected/discarded mass and page recall)
     per_query: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=dict)
+    certificates: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [(head, query)] (certified)
 
     def add(self, layer: int, parts: dict[str, torch.Tensor]) -> None:
         """Accumulate the counted queries of one forward call.
@@ -66,6 +68,8 @@ class MassLog:
             sums[name] = sums.get(name, 0) + t.double().nansum(dim=1)
         self.counts[layer] = self.counts.get(layer, 0) + parts["fixed"].shape[1]
         self.discarded.setdefault(layer, []).append(parts["discarded"])
+        if "certificate" in parts:  # beside m, query by query: the calibration of the certified selector
+            self.certificates.setdefault(layer, []).append(parts["certificate"])
         for name, t in parts.items():
             self.per_query.setdefault(name, {}).setdefault(layer, []).append(t.double().mean(0))
 
@@ -78,6 +82,10 @@ class MassLog:
     def discarded_values(self, layer: int) -> torch.Tensor:
         """(head, query) every counted query's discarded mass m in one layer."""
         return torch.cat(self.discarded[layer], dim=1)
+
+    def certificate_values(self, layer: int) -> torch.Tensor:
+        """(head, query) the certified selector's certificate for the same queries as ``discarded_values``."""
+        return torch.cat(self.certificates[layer], dim=1)
 
 
 def positions(position_ids: torch.Tensor | None, n_query: int, n_key: int, batch: int = 1):
@@ -152,16 +160,16 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     select = lambda rows: _kept_sets(query[:, :, rows], key, key_rep, visible[:, :, rows], q_pos[:, rows], k_pos,
                                      cfg, scale, kwargs.get("softcap"))
     if reference or module.training:  # the model's own eager attention (with its dropout) under the narrowed mask
-        scores, fixed, chosen = select(slice(None))
+        scores, fixed, chosen, stats = select(slice(None))
         if log is not None:
-            _log(log, layer, [_mass_parts(scores, visible, q_pos, k_pos, fixed, chosen, cfg)], visible, q_pos, cfg)
+            _log(log, layer, [_mass_parts(scores, visible, q_pos, k_pos, fixed, chosen, cfg, stats)], visible, q_pos, cfg)
         narrowed = torch.zeros((), dtype=query.dtype).where(fixed | chosen, torch.finfo(query.dtype).min)
         return eager(module, query, key, value, narrowed, scaling=scaling, **kwargs)
     outputs, parts = [], []
     for rows in query_chunks(*query.shape[:3], key.shape[2]):
-        scores, fixed, chosen = select(rows)
+        scores, fixed, chosen, stats = select(rows)
         if log is not None:
-            parts.append(_mass_parts(scores, visible[:, :, rows], q_pos[:, rows], k_pos, fixed, chosen, cfg))
+            parts.append(_mass_parts(scores, visible[:, :, rows], q_pos[:, rows], k_pos, fixed, chosen, cfg, stats))
         outputs.append(kept_attention(scores, value, fixed | chosen, query.dtype)[0])
     if log is not None:
         _log(log, layer, parts, visible, q_pos, cfg)
@@ -189,13 +197,18 @@ def _kept_sets(query, key, key_rep, visible, q_pos, k_pos, cfg: SparseConfig, sc
         query: (batch, head, query, d_head); key: (batch, kv_head, key, d_head); key_rep: its heads repeated.
         visible: (batch, 1, query, key); q_pos: (batch, query); k_pos: (batch, key).
     Returns:
-        (scores, fixed, chosen), each (batch, head, query, key); fixed and chosen disjoint bool.
+        (scores, fixed, chosen, stats): scores, fixed and chosen (batch, head, query, key), fixed and chosen
+        disjoint bool; stats: the certified selector's {"certificate", "pages_read", "candidate_pages"}, each
+        (batch, head, query) (empty for the other selectors).
     """
     scores = query @ key_rep.transpose(-1, -2) * scale  # (batch, head, query, key)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    stats = {}
     if cfg.selector == "exact":
         fixed, chosen = kept_mask(scores, visible, q_pos, k_pos, cfg)
+    elif cfg.selector == "certified":
+        fixed, chosen, stats = certified_mask(query, key, scores, scale, visible, q_pos, k_pos, cfg, softcap)
     elif cfg.selector in BLOCK_SELECTORS:
         fixed, chosen = block_mask(query, key, visible, q_pos, k_pos, cfg)
     else:
@@ -203,7 +216,7 @@ def _kept_sets(query, key, key_rep, visible, q_pos, k_pos, cfg: SparseConfig, sc
     if cfg.sparse_from:  # queries of the dense prefill keep every visible key (as fixed: the parts stay disjoint)
         prefill = visible & (q_pos < cfg.sparse_from)[:, None, :, None]  # (batch, 1, query, key)
         fixed, chosen = fixed | prefill, chosen & ~prefill
-    return scores, fixed, chosen
+    return scores, fixed, chosen, stats
 
 
 def kept_attention(scores: torch.Tensor, value: torch.Tensor, kept: torch.Tensor, dtype: torch.dtype):
@@ -227,13 +240,15 @@ def kept_attention(scores: torch.Tensor, value: torch.Tensor, kept: torch.Tensor
     return (probs @ value_rep).transpose(1, 2).contiguous(), probs
 
 
-def _mass_parts(scores, visible, q_pos, k_pos, fixed, chosen, cfg: SparseConfig) -> dict[str, torch.Tensor]:
+def _mass_parts(scores, visible, q_pos, k_pos, fixed, chosen, cfg: SparseConfig, stats: dict) -> dict[str, torch.Tensor]:
     """{name: (batch, head, query)} the full softmax's mass on the fixed, selected and discarded keys (and an
-    approximate selector's recall of exact top-k)."""
+    approximate selector's recall of exact top-k; the certified selector's certificate, pages read and share of
+    the key bytes read)."""
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (batch, head, query, key); NaN on pad rows
     parts = {"fixed": (probs * fixed).sum(-1), "selected": (probs * chosen).sum(-1)}  # (batch, head, query)
     parts["discarded"] = (1 - parts["fixed"] - parts["selected"]).clamp_min(0)
-    if cfg.selector != "exact":
+    parts.update(stats)
+    if cfg.selector not in ("exact", "certified"):  # recall of exact top-k: the fixed-budget selectors
         _, exact = kept_mask(scores, visible, q_pos, k_pos, cfg)
         parts["index_recall"], parts["mass_recall"] = selection_recall(probs, chosen, exact)
     return parts

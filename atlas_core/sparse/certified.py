@@ -42,7 +42,7 @@ from atlas_core.sparse.kept import BOUNDS, SparseConfig, fixed_mask
 from atlas_core.sparse.pages import _row_summaries, page_index, score_bound
 
 __all__ = ["BOUNDS", "CertifiedCache", "certified_cache", "certified_decode", "certified_mask", "certified_mask_reference",
-           "certify", "key_basis", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
+           "certify", "key_basis", "key_bytes_share", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
 
 ROUNDING = 8 * 2.0**-24  # per d_head term: Higham's γ_d ≈ d·u for the score and again for the bound, doubled
 
@@ -224,8 +224,24 @@ def certified_mask(query: torch.Tensor, key: torch.Tensor, scores: torch.Tensor,
     t, cert = certify(z_fixed, z_page, bound_page, order, cfg.eps, cfg.max_pages)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pages).expand_as(order))  # page -> reading rank
     chosen = rest & (rank.gather(-1, idx) < t[..., None])
-    stats = {"certificate": cert.float(), "pages_read": t.float(), "candidate_pages": (count > 0).sum(-1).float()}
+    cand_pages = (count > 0).sum(-1)
+    stats = {"certificate": cert.float(), "pages_read": t.float(), "candidate_pages": cand_pages.float(),
+             "key_bytes": key_bytes_share(cfg, query.shape[-1], fixed.sum(-1) + chosen.sum(-1), cand_pages,
+                                          visible.expand(b, h, nq, n).sum(-1))}
     return fixed, chosen, stats
+
+
+def key_bytes_share(cfg: SparseConfig, d_head: int, keys_read, candidate_pages, n_keys):
+    """Share of a query's key bytes the certified rule reads: its keys (fixed and read pages), every candidate
+    page's summary and the low-rank basis, over all its n visible keys (the value bytes are the kept keys').
+
+    Args:
+        keys_read, candidate_pages, n_keys: int tensors (or ints) of one shape.
+    Returns:
+        float tensor (or float) of that shape; can exceed 1 when the summaries outweigh what they save.
+    """
+    per_page, per_head = summary_floats(cfg.bound, d_head, cfg.rank)
+    return (keys_read * d_head + candidate_pages * per_page + per_head) / (n_keys * d_head)
 
 
 def page_bounds_reference(q: torch.Tensor, keys: torch.Tensor, basis: torch.Tensor | None, bound: str,
