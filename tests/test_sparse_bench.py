@@ -27,3 +27,49 @@ def test_pages_of_one_key_recall_everything():
     q, keys = torch.randn(4, 16, generator=gen), torch.randn(2, 300, 16, generator=gen)
     r = page_recall(q, keys, SparseConfig(anchors=1, window=8, topk=10, page_size=1))
     assert r == {"index_recall": 1.0, "mass_recall": 1.0}
+
+
+def test_certified_bench_reports_ratios_certificate_and_oracle():
+    from atlas_core.sparse.bench import bench_certified_decode
+
+    cfg = SparseConfig(selector="certified", eps=1e-2, bound="min", rank=4, window=16, page_size=8)
+    r = bench_certified_decode((512, 1024), cfg, heads=4, kv_heads=2, d_head=16, rounds=1, steps=1)
+    for row in r["rows"]:
+        assert row["speedup_certified"] == pytest.approx(row["dense_s"] / row["certified_s"])
+        assert row["violations"] == 0 and row["m"] <= row["certificate"] + 1e-12 <= cfg.eps + 1e-12
+        assert 0 < row["oracle_key_bytes"] <= 1 and row["oracle_key_bytes"] <= row["key_bytes"] + 1e-9
+        assert 0 <= row["topk_mass_recall"] <= 1
+
+
+def test_certified_bench_on_real_keys_tiles_past_the_prompt(tmp_path, monkeypatch):
+    from atlas_core.sparse.bench import bench_certified_decode
+    from atlas_core.sparse.realkeys import real_keys
+
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
+    real = real_keys("toy-llama", (256, 512), n_query=2)
+    cfg = SparseConfig(selector="certified", eps=1e-2, window=16, page_size=8, bound="minmax")
+    r = bench_certified_decode((256, 512, 1024), cfg, real, rounds=1, steps=1)
+    assert [row["tiled"] for row in r["rows"]] == [False, False, True]
+    assert [row["queries"] for row in r["rows"]] == [2, 2, 1]
+    assert all(row["violations"] == 0 for row in r["rows"])
+    with pytest.raises(ValueError, match="no queries at context 300"):
+        bench_certified_decode((300,), cfg, real, rounds=1, steps=1)
+    with pytest.raises(ValueError, match="selector='certified'"):
+        bench_certified_decode((256,), SparseConfig(), real)
+
+
+def test_cli_certified_bench_prints_json_and_refuses_a_rank_without_residual(capsys):
+    import json
+
+    from atlas_core.book.cli import main
+
+    base = ["bench", "sparse-decode", "--selector", "certified", "--context", "512", "--heads", "4", "--kv-heads", "2",
+            "--d-head", "16", "--rounds", "1", "--steps", "1", "--window", "16", "--page-size", "8", "--eps", "0.01"]
+    assert main([*base, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["n"] == 512 and row["violations"] == 0 and "speedup_certified" in row
+    assert main([*base, "--rank", "16"]) == 2
+    assert "rank (16) must be below d_head (16)" in capsys.readouterr().err
+    assert main(["sparse", "--model", "toy-llama", "--selector", "certified", "--rank", "16", "--prompt-tokens", "128",
+                 "--seq-len", "128", "--eval-tokens", "256", "--window", "8"]) == 2
+    assert "--rank (16) must be below d_head (16)" in capsys.readouterr().err

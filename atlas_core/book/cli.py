@@ -231,10 +231,18 @@ def _parser() -> argparse.ArgumentParser:
     kb.set_defaults(func=_bench_kvquant)
     sb = bsub.add_parser("sparse-decode", help="one layer's decode step: dense SDPA vs exact top-k vs page-selected")
     sb.add_argument("--context", type=int, nargs="+", default=[32768, 131072], help="cached tokens (one or more)")
-    sb.add_argument("--heads", type=int, default=9)
-    sb.add_argument("--kv-heads", type=int, default=3)
-    sb.add_argument("--d-head", type=int, default=64)
+    sb.add_argument("--heads", type=int, help="query heads of the synthetic cache (default 9)")
+    sb.add_argument("--kv-heads", type=int, help="KV heads of the synthetic cache (default 3)")
+    sb.add_argument("--d-head", type=int, help="d_head of the synthetic cache (default 64)")
     _sparse_rule_args(sb)
+    sb.add_argument("--selector", choices=["pages", "certified"], default="pages",
+                    help="pages: dense vs exact top-k vs Quest pages; certified: also the certified kernel, its "
+                         "certificate beside the true discarded mass, bytes read and recall of the exact top-k mass")
+    sb.add_argument("--real-keys", metavar="MODEL", help="certified: a real long prompt's keys, values and queries from "
+                    "MODEL's last full-attention layer instead of a synthetic Gaussian cache")
+    sb.add_argument("--real-tokens", type=int, help="--real-keys: the real prompt's length (default 32768); longer "
+                    "contexts tile its keys (reported as tiled)")
+    sb.add_argument("--real-corpus", help="--real-keys: the corpus of the prompt (default britannica)")
     sb.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     sb.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
     sb.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU exists")
@@ -260,13 +268,18 @@ def _sparse_rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, help="recent window W (the query's own token included; default 64)")
     p.add_argument("--topk", type=int, help="top-k keys among the rest (default 32)")
     p.add_argument("--page-size", type=int, help="keys per page for the page selector (default 16)")
+    p.add_argument("--eps", type=float, help="certified selector: the discarded attention mass its certificate allows (default 1e-3)")
+    _add_choice(p, "--bound", "atlas_core.sparse.kept", "BOUNDS", help="certified selector: the page score bound (default lowrank)")
+    p.add_argument("--rank", type=int, help="certified selector: rank of the low-rank key sketch (default 8)")
+    p.add_argument("--max-pages", type=int, help="certified selector: a cap on pages read (default 0: none)")
 
 
 def _sparse_config(args, **flags):
     """The ``SparseConfig`` of the rule flags given (and ``flags``: field -> attribute), validated before any load."""
     from atlas_core.sparse.kept import SparseConfig
 
-    return SparseConfig(**_given(args, anchors="anchors", window="window", topk="topk", page_size="page_size", **flags))
+    return SparseConfig(**_given(args, anchors="anchors", window="window", topk="topk", page_size="page_size", eps="eps",
+                                 bound="bound", rank="rank", max_pages="max_pages", **flags))
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -541,7 +554,9 @@ def _sparse(args) -> None:
     n_blocks = _blocks_of(args.eval_tokens, args.seq_len, "--eval-tokens")
     if args.gen_tokens < 1:
         raise ValueError(f"--gen-tokens must be ≥ 1, got {args.gen_tokens}")
-    cfg.check_layers(_model_shape(args.model, [args.corpus]).n_layers, "--dense-layers")
+    shape = _model_shape(args.model, [args.corpus])
+    cfg.check_layers(shape.n_layers, "--dense-layers")
+    cfg.check_head(shape.d_head, "--rank")
     prompt_spec = BlockSpec(corpus=args.corpus, seq_len=args.prompt_tokens, n_blocks=1, split="calib")
     eval_spec = BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval")
     _model_shape(args.model, lengths=[(args.seq_len, "--seq-len"),
@@ -628,9 +643,15 @@ def _wquant(args) -> None:
 def _bench_sparse(args) -> None:
     from atlas_core.sparse.bench import bench_sparse_decode
 
+    if args.selector == "certified":
+        return _bench_certified(args)
+    if args.real_keys is not None:
+        raise ValueError("--real-keys goes with --selector certified (the pages benchmark runs on a synthetic cache)")
+    _check_real_flags(args)
     cfg = _sparse_config(args)
+    shape = {"heads": 9, "kv_heads": 3, "d_head": 64, **_given(args, heads="heads", kv_heads="kv_heads", d_head="d_head")}
     r = bench_sparse_decode(  # sizes, device and memory checked (sparse.bench.check_decode) before any tensor is made
-        tuple(args.context), args.heads, args.kv_heads, args.d_head, cfg, args.rounds, args.steps, device=args.device)
+        tuple(args.context), shape["heads"], shape["kv_heads"], shape["d_head"], cfg, args.rounds, args.steps, device=args.device)
     if args.json:
         print(_json(r))
         return
@@ -642,6 +663,56 @@ def _bench_sparse(args) -> None:
               f"(x{row['speedup_topk']:.2f}, reads 1/{row['bytes_ratio_topk']:.1f}) | pages {row['pages_s'] * 1e3:8.3f} ms "
               f"(x{row['speedup_pages']:.2f}, reads 1/{row['bytes_ratio_pages']:.1f}); page recall of exact top-k "
               f"(synthetic cache): index {row['index_recall']:.3f}, mass {row['mass_recall']:.3f}")
+
+
+def _check_real_flags(args) -> None:
+    """Refuse the --real-* settings without --real-keys (they would be ignored)."""
+    if args.real_keys is None:
+        for flag, value in (("--real-tokens", args.real_tokens), ("--real-corpus", args.real_corpus)):
+            if value is not None:
+                raise ValueError(f"{flag} goes with --real-keys MODEL (it sets the real prompt); add --real-keys or leave it out")
+
+
+def _bench_certified(args) -> None:
+    from atlas_core.sparse.bench import bench_certified_decode, check_decode
+
+    _check_real_flags(args)
+    cfg = _sparse_config(args, selector="selector")
+    real, shape = None, {"heads": 9, "kv_heads": 3, "d_head": 64}
+    given = _given(args, **{"--heads": "heads", "--kv-heads": "kv_heads", "--d-head": "d_head"})
+    if args.real_keys is not None:
+        from atlas_core.sparse.realkeys import real_keys
+
+        if given:
+            raise ValueError(f"{', '.join(given)}: the real keys bring their own layer shape; leave these out with --real-keys")
+        tokens = 32768 if args.real_tokens is None else args.real_tokens
+        if tokens < 1:
+            raise ValueError(f"--real-tokens must be an integer ≥ 1, got {tokens}")
+        check_decode(tuple(args.context), 1, 1, 1, cfg, args.rounds, args.steps, args.device)
+        cfg.check_head(_model_shape(args.real_keys).d_head, "--rank")
+        captured = sorted({min(n, tokens) for n in args.context})
+        real = real_keys(args.real_keys, tuple(captured), corpus=args.real_corpus or "britannica",
+                         progress=sys.stderr.isatty())
+    else:
+        shape.update(_given(args, heads="heads", kv_heads="kv_heads", d_head="d_head"))
+    r = bench_certified_decode(tuple(args.context), cfg, real, shape["heads"], shape["kv_heads"], shape["d_head"],
+                               args.rounds, args.steps, device=args.device)
+    if args.json:
+        print(_json(r))
+        return
+    s = r["shape"]
+    print(f"certified decode step on {r['source']}: {s['heads']} heads / {s['kv_heads']} KV heads, d_head {s['d_head']}, "
+          f"fp32 on {s['device']} ({s['threads']} threads); a={cfg.anchors} W={cfg.window} P={cfg.page_size} "
+          f"eps={cfg.eps:g} bound={cfg.bound} (rank {cfg.rank}); top-k k={cfg.topk}; median of {r['rounds']} rounds")
+    for row in r["rows"]:
+        print(f"  n={row['n']:>7}{' (tiled)' if row['tiled'] else ''}: dense {row['dense_s'] * 1e3:.3f} ms | certified "
+              f"{row['certified_s'] * 1e3:.3f} ms (x{row['speedup_certified']:.2f}) | top-k x{row['speedup_topk']:.2f} | "
+              f"pages x{row['speedup_pages']:.2f}\n"
+              f"      certified reads {row['key_bytes']:.1%} of the key bytes (max {row['key_bytes_max']:.1%}; an oracle "
+              f"with exact page masses: {row['oracle_key_bytes']:.1%}), {row['certified_bytes'] / row['dense_bytes']:.1%} "
+              f"of dense's bytes; recall of the exact top-{cfg.topk} mass {row['topk_mass_recall']:.3f}\n"
+              f"      certificate mean {row['certificate']:.2e} max {row['certificate_max']:.2e} | true m mean "
+              f"{row['m']:.2e} max {row['m_max']:.2e} | m > certificate: {row['violations']} of {row['queries'] * s['heads']}")
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:

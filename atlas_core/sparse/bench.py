@@ -15,12 +15,13 @@ import time
 import torch
 
 from atlas_core.sparse.kept import SparseConfig, kept_mask
-from atlas_core.sparse.kernels import bytes_read, dense_decode, page_decode, paged_cache, topk_decode
+from atlas_core.sparse.certified import certified_cache, certified_decode, certified_mask, certify, summary_floats
+from atlas_core.sparse.kernels import _fixed_index, bytes_read, dense_decode, page_decode, paged_cache, topk_decode
 from atlas_core.sparse.pages import page_mask, selection_recall
 
 KERNELS = ("dense", "topk", "pages")
 
-__all__ = ["KERNELS", "bench_sparse_decode", "page_recall"]
+__all__ = ["KERNELS", "bench_certified_decode", "bench_sparse_decode", "certified_bytes", "page_recall"]
 
 
 def page_recall(q, keys, cfg: SparseConfig) -> dict:
@@ -151,3 +152,142 @@ def _synced(fn, device: str):
         fn()
         torch.cuda.synchronize()
     return run
+
+
+def _certified_stats(q: torch.Tensor, keys: torch.Tensor, cfg: SparseConfig, scale: float, softcap=None) -> dict:
+    """The certified rule's kept set for one decode query (``certified_mask``, the kernel's set), and what it cost.
+
+    Args:
+        q: (head, d_head) the query at position n − 1; keys: (kv_head, n, d_head).
+    Returns:
+        per query head (head,) tensors: certificate, true discarded mass m, key-byte share, recall of the exact
+        top-k mass (share of the mass of the exact top ``cfg.topk`` candidates inside the kept set), and the
+        oracle's key-byte share: the fixed keys plus the fewest pages (largest true mass first) with m ≤ ε,
+        the floor of any page rule at this ε whatever its summaries.
+    """
+    n_kv, n, d = keys.shape
+    groups = q.shape[0] // n_kv
+    query = q[None, :, None]  # (1, head, 1, d_head)
+    scores = query @ keys.repeat_interleave(groups, 0)[None].transpose(-1, -2) * scale  # (1, head, 1, key)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos, k_pos = torch.tensor([[n - 1]]), torch.arange(n)[None]
+    visible = torch.ones(1, 1, 1, n, dtype=torch.bool)
+    fixed, chosen, st = certified_mask(query, keys[None], scores, scale, visible, q_pos, k_pos, cfg, softcap)
+    probs = scores.double().softmax(-1)
+    m = (probs * ~(fixed | chosen)).sum(-1)
+    _, exact = kept_mask(scores, visible, q_pos, k_pos, cfg)
+    recall = (probs * (exact & chosen)).sum(-1) / (probs * exact).sum(-1).clamp_min(1e-300)
+    # The oracle: each page's true candidate mass, read largest first, with exact sums as its "bounds".
+    rest = ~fixed
+    page = k_pos // cfg.page_size
+    n_pages = int(page.max()) + 1
+    idx = page[:, None, None, :].expand_as(probs)
+    z_page = torch.zeros(*probs.shape[:3], n_pages, dtype=torch.float64).scatter_add(-1, idx, probs * rest)
+    order = z_page.sort(dim=-1, descending=True, stable=True).indices
+    t, _ = certify((probs * fixed).sum(-1), z_page, z_page, order, cfg.eps)
+    oracle_keys = fixed.sum(-1) + (rank_keys := torch.zeros_like(z_page).scatter_add(-1, idx, rest.double())).gather(
+        -1, order).cumsum(-1).gather(-1, (t[..., None] - 1).clamp_min(0))[..., 0] * (t > 0)
+    return {"certificate": st["certificate"][0, :, 0].double(), "m": m[0, :, 0], "key_bytes": st["key_bytes"][0, :, 0],
+            "topk_mass_recall": recall[0, :, 0], "oracle_key_bytes": (oracle_keys / n)[0, :, 0],
+            "pages_read": st["pages_read"][0, :, 0], "candidate_pages": st["candidate_pages"][0, :, 0]}
+
+
+def certified_bytes(info: dict, cache_pages: int, n_fixed: int, n_kv: int, d_head: int, cfg: SparseConfig,
+                    itemsize: int = 4) -> int:
+    """Bytes one certified decode step reads: every candidate page's key summary and value-norm summary, the
+    low-rank basis, the fixed keys and values, and each query head's read pages' keys and values."""
+    per_page, per_head = summary_floats(cfg.bound, d_head, cfg.rank)
+    summaries = n_kv * (cache_pages * (per_page + 1) + per_head)
+    rows = 2 * n_kv * n_fixed + 2 * int(info["pages_read"].sum()) * cfg.page_size
+    return (summaries + rows * d_head) * itemsize
+
+
+def bench_certified_decode(contexts=(32768,), cfg: SparseConfig = SparseConfig(selector="certified"), real=None,
+                           heads: int = 9, kv_heads: int = 3, d_head: int = 64, rounds: int = 5, steps: int = 5,
+                           seed: int = 0, device: str = "cpu") -> dict:
+    """Time one decode step of dense SDPA, exact top-k, Quest pages and the certified kernel, and measure the
+    certified rule's certificate, true discarded mass, bytes and recall, on real keys where given.
+
+    Args:
+        contexts: cached tokens n. With ``real`` (a ``realkeys.RealKeys``) the cache is its keys[:, :n] and the
+            queries its ``queries[n]`` (each at its own position, seeing the keys up to it); a context longer
+            than the real prompt tiles the real keys end to end (reported as ``tiled``: a speed measurement,
+            its recall describes a repeated text). Without ``real``: the synthetic Gaussian cache of
+            ``bench_sparse_decode``.
+        cfg: the certified rule (eps, bound, rank, page size, anchors, window; topk is exact top-k's and
+            Quest's budget, and the k of the recall).
+    Returns:
+        {"shape", "config", "source", "rows": [{n, tiled, <kernel>_s, speedup_<kernel>, certified_bytes,
+        dense_bytes, key_bytes (mean share of key bytes the certified rule reads), oracle_key_bytes, certificate
+        and m (mean and max over queries and heads), topk_mass_recall, violations (m > certificate)}]}
+    Raises:
+        ValueError: as ``bench_sparse_decode``; a selector other than certified.
+    """
+    if cfg.selector != "certified":
+        raise ValueError(f"bench_certified_decode needs selector='certified', got {cfg.selector!r}")
+    if real is not None:
+        kv_heads, d_head = real.keys.shape[0], real.keys.shape[2]
+        heads = next(iter(real.queries.values())).shape[1]
+    check_decode(contexts, heads, kv_heads, d_head, cfg, rounds, steps, device)
+    cfg.check_head(d_head, "rank")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in contexts:
+        keys, values, queries, scale, softcap, tiled = _decode_inputs(n, real, heads, kv_heads, d_head, gen)
+        stats = [_certified_stats(q, keys[:, :pos + 1], cfg, scale, softcap) for pos, q in queries]
+        keys, values = keys.to(device), values.to(device)
+        q = queries[-1][1].to(device)
+        cache, paged = certified_cache(keys, values, cfg), paged_cache(keys, values, cfg.page_size)
+        fns = {"dense": lambda: _dense(q, keys, values, scale), "topk": lambda: topk_decode(q, keys, values, cfg),
+               "pages": lambda: page_decode(q, paged, cfg), "certified": lambda: certified_decode(q, cache, scale)}
+        for fn in fns.values():  # warm-up
+            fn()
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(_once(_synced(fn, device), steps))
+        _, info = certified_decode(q, cache, scale)
+        row = {"n": n, "tiled": tiled, "queries": len(queries)}
+        for name in fns:
+            row[f"{name}_s"] = statistics.median(times[name])
+            row[f"speedup_{name}"] = row["dense_s"] / row[f"{name}_s"]
+        _, lo, hi = _fixed_index(n, cfg)
+        row["dense_bytes"] = bytes_read("dense", n, heads, kv_heads, d_head, cfg)
+        row["certified_bytes"] = certified_bytes(info, -(-hi // cfg.page_size) - lo // cfg.page_size, n - (hi - lo),
+                                                 kv_heads, d_head, cfg)
+        for name in ("certificate", "m", "key_bytes", "oracle_key_bytes", "topk_mass_recall", "pages_read", "candidate_pages"):
+            values_ = torch.cat([s[name].double() for s in stats])
+            row[name] = values_.mean().item()
+            row[f"{name}_max"] = values_.max().item()
+        row["violations"] = int(sum(int((s["m"] > s["certificate"] * (1 + 1e-5) + 1e-9).sum()) for s in stats))
+        rows.append(row)
+    source = "synthetic" if real is None else f"{real.model} layer {real.layer}, {real.corpus}"
+    return {"shape": {"heads": heads, "kv_heads": kv_heads, "d_head": d_head, "dtype": "float32", "device": device,
+                      "threads": torch.get_num_threads()},
+            "config": {"anchors": cfg.anchors, "window": cfg.window, "topk": cfg.topk, "page_size": cfg.page_size,
+                       "eps": cfg.eps, "bound": cfg.bound, "rank": cfg.rank, "max_pages": cfg.max_pages},
+            "source": source, "rounds": rounds, "steps": steps, "rows": rows}
+
+
+def _dense(q, keys, values, scale):
+    out = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], keys[None], values[None], enable_gqa=True, scale=scale)
+    return out[0, :, 0]
+
+
+def _decode_inputs(n: int, real, heads: int, kv_heads: int, d_head: int, gen):
+    """Keys, values, [(position, query (head, d_head))], scale, softcap and whether real keys were tiled."""
+    if real is None:
+        keys, values = (torch.randn(kv_heads, n, d_head, generator=gen) for _ in range(2))
+        return keys, values, [(n - 1, torch.randn(heads, d_head, generator=gen))], d_head**-0.5, None, False
+    have = real.keys.shape[1]
+    if n <= have and n in real.queries:
+        qs = real.queries[n]  # (n_query, head, d_head) at positions n − n_query … n − 1
+        return (real.keys[:, :n], real.values[:, :n], [(n - len(qs) + i, qs[i]) for i in range(len(qs))],
+                real.scaling, real.softcap, False)
+    if n <= have:
+        raise ValueError(f"the real keys hold no queries at context {n}; capture them with that context (have {sorted(real.queries)})")
+    reps = -(-n // have)  # tile the whole prompt, keep the last n keys: the newest keys stay the real recent ones
+    keys, values = (t.repeat(1, reps, 1)[:, -n:] for t in (real.keys, real.values))
+    last = real.queries[have][-1]  # the query at the prompt's last position
+    return keys, values, [(n - 1, last)], real.scaling, real.softcap, True

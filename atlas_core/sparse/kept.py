@@ -134,6 +134,12 @@ class SparseConfig:
             raise ValueError(f"{name} ({self.dense_layers}) keeps every one of the {n_layers} layers dense: nothing is "
                              f"sparse; use at most {n_layers - 1}")
 
+    def check_head(self, d_head: int, name: str = "rank") -> None:
+        """Raise ValueError if the certified selector's low-rank sketch leaves no residual: rank ≥ d_head."""
+        if self.selector == "certified" and self.bound in ("lowrank", "min") and self.rank >= d_head:
+            raise ValueError(f"{name} ({self.rank}) must be below d_head ({d_head}) for the {self.bound} bound; "
+                             "lower it or use --bound minmax")
+
     @property
     def n_pages(self) -> int:
         """Pages the page selector keeps: ⌈k / P⌉, the same key budget as exact top-k."""
