@@ -153,3 +153,14 @@ def test_in_model_logs_certificate_above_true_mass_and_fast_equals_reference(fam
     assert ((means["key_bytes"] > 0) & (means["pages_read"] <= means["candidate_pages"])).all()
     if eps > 0.1:  # a loose target leaves pages unread (random toy weights spread attention evenly)
         assert (means["pages_read"] < means["candidate_pages"]).any() and (means["discarded"] > 0).any()
+
+
+def test_bound_slack_is_never_negative_and_min_is_tightest():
+    from atlas_core.sparse.certified import bound_slack
+
+    g = torch.Generator().manual_seed(5)
+    keys, q = torch.randn(2, 300, 16, generator=g), torch.randn(4, 16, generator=g) * 3
+    out = bound_slack(q, keys, SparseConfig(window=16, page_size=8, rank=4), 0.25)
+    assert set(out) == set(BOUNDS)
+    assert all(v[1] >= 0 for v in out.values())  # 10th percentile: every page's bound is above its max
+    assert out["min"][0] <= min(out[b][0] for b in ("minmax", "centroid", "lowrank")) + 1e-9

@@ -712,7 +712,9 @@ def _bench_certified(args) -> None:
               f"with exact page masses: {row['oracle_key_bytes']:.1%}), {row['certified_bytes'] / row['dense_bytes']:.1%} "
               f"of dense's bytes; recall of the exact top-{cfg.topk} mass {row['topk_mass_recall']:.3f}\n"
               f"      certificate mean {row['certificate']:.2e} max {row['certificate_max']:.2e} | true m mean "
-              f"{row['m']:.2e} max {row['m_max']:.2e} | m > certificate: {row['violations']} of {row['queries'] * s['heads']}")
+              f"{row['m']:.2e} max {row['m_max']:.2e} | m > certificate: {row['violations']} of {row['queries'] * s['heads']}\n"
+              f"      bound slack u_p - max s over a page, median logits (last query): "
+              + ", ".join(f"{b} {v[0]:.1f}" for b, v in row["slack"].items()))
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:

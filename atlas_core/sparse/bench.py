@@ -15,7 +15,7 @@ import time
 import torch
 
 from atlas_core.sparse.kept import SparseConfig, kept_mask
-from atlas_core.sparse.certified import certified_cache, certified_decode, certified_mask, certify, summary_floats
+from atlas_core.sparse.certified import bound_slack, certified_cache, certified_decode, certified_mask, certify, summary_floats
 from atlas_core.sparse.kernels import _fixed_index, bytes_read, dense_decode, page_decode, paged_cache, topk_decode
 from atlas_core.sparse.pages import page_mask, selection_recall
 
@@ -261,6 +261,8 @@ def bench_certified_decode(contexts=(32768,), cfg: SparseConfig = SparseConfig(s
             row[name] = values_.mean().item()
             row[f"{name}_max"] = values_.max().item()
         row["violations"] = int(sum(int((s["m"] > s["certificate"] * (1 + 1e-5) + 1e-9).sum()) for s in stats))
+        pos, last = queries[-1]
+        row["slack"] = bound_slack(last, keys[:, :pos + 1].cpu(), cfg, scale, softcap)  # bound -> (median, p10, p90) logits
         rows.append(row)
     source = "synthetic" if real is None else f"{real.model} layer {real.layer}, {real.corpus}"
     return {"shape": {"heads": heads, "kv_heads": kv_heads, "d_head": d_head, "dtype": "float32", "device": device,

@@ -34,7 +34,7 @@ the certificate is ours (issue 18).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,7 +42,7 @@ from atlas_core.sparse.kept import BOUNDS, SparseConfig, fixed_mask
 from atlas_core.sparse.pages import _row_summaries, page_index, score_bound
 
 __all__ = ["BOUNDS", "CertifiedCache", "certified_cache", "certified_decode", "certified_mask", "certified_mask_reference",
-           "certify", "key_basis", "key_bytes_share", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
+           "bound_slack", "certify", "key_basis", "key_bytes_share", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
 
 ROUNDING = 8 * 2.0**-24  # per d_head term: Higham's γ_d ≈ d·u for the score and again for the bound, doubled
 
@@ -435,3 +435,38 @@ def _slice_pages(sk: PageSketch, p_lo: int, p_hi: int) -> PageSketch:
     cut = {f: (t[:, :, p_lo:p_hi] if isinstance(t, torch.Tensor) and f not in ("basis", "kabs") else t)
            for f, t in vars(sk).items()}
     return PageSketch(**cut)
+
+
+def bound_slack(q: torch.Tensor, keys: torch.Tensor, cfg: SparseConfig, scale: float, softcap: float | None = None) -> dict:
+    """How loose each page bound is for one decode query: u_p − max_{j ∈ p} s_j over the candidate pages, in logits.
+
+    The certificate pays e^{slack} per unread page, so a bound with a median slack of 10 logits overstates an
+    unread page's mass about 22,000-fold.
+
+    Args:
+        q: (head, d_head) the query at position n − 1; keys: (kv_head, n, d_head); cfg: anchors, window, page
+            size and rank (its bound is ignored: every bound in ``BOUNDS`` is measured).
+    Returns:
+        {bound: (median, 10th percentile, 90th percentile) of the slack over candidate pages and heads}.
+    """
+    n_kv, n, d = keys.shape
+    groups = q.shape[0] // n_kv
+    query = q[None, :, None]  # (1, head, 1, d_head)
+    scores = (query @ keys.repeat_interleave(groups, 0)[None].transpose(-1, -2))[0, :, 0] * scale  # (head, key)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    lo, hi, p_lo, p_hi, count = _middle_pages(n, cfg, keys.device)
+    cand = torch.full_like(scores, -math.inf)
+    cand[:, lo:hi] = scores[:, lo:hi]
+    n_pages = -(-n // cfg.page_size)
+    padded = torch.nn.functional.pad(cand, (0, n_pages * cfg.page_size - n), value=-math.inf)
+    smax = padded.view(-1, n_pages, cfg.page_size).amax(-1)[:, p_lo:p_hi]  # (head, page) candidates' max score
+    page, _ = page_index(torch.arange(n), cfg.page_size)
+    present = torch.ones(1, n, dtype=torch.bool)
+    out = {}
+    for bound in BOUNDS:
+        sk = page_sketch(keys[None], present, page, n_pages, replace(cfg, bound=bound))
+        u = page_bounds(query.view(1, n_kv, groups, d), _slice_pages(sk, p_lo, p_hi), scale, softcap)[0]
+        slack = (u.reshape(-1, p_hi - p_lo) - smax)[smax > -math.inf].double()
+        out[bound] = tuple(slack.quantile(torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist())
+    return out
