@@ -104,14 +104,15 @@ def test_config_refuses(bad):
 
 @pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("n,groups", [(131, 3), (64, 1), (20, 2)])
-def test_decode_kernel_equals_mask_and_reference(bound, n, groups):
+@pytest.mark.parametrize("share", [0.0, 0.25, 1.0])  # contiguous pass at once, after gathered rounds, never
+def test_decode_kernel_equals_mask_and_reference(bound, n, groups, share):
     g = torch.Generator().manual_seed(n)
     kvh, d = 2, 16
     q = torch.randn(kvh * groups, d, generator=g) * 5
     keys, values = torch.randn(kvh, n, d, generator=g) * 0.3, torch.randn(kvh, n, d, generator=g)
     keys[:, 50:54] += q.view(kvh, groups, d)[:, :1] * 0.4
     cfg = SparseConfig(anchors=2, window=8, page_size=4, eps=1e-3, bound=bound, rank=4)
-    out, info = certified_decode(q, certified_cache(keys, values, cfg), rounds=2)
+    out, info = certified_decode(q, certified_cache(keys, values, cfg), rounds=2, gather_share=share)
     scores = q[None, :, None] @ keys.repeat_interleave(groups, 0)[None].transpose(-1, -2) * d**-0.5  # (1, head, 1, n)
     pos = torch.arange(n)[None]
     vis = torch.ones(1, 1, 1, n, dtype=torch.bool)

@@ -352,82 +352,165 @@ def _middle_pages(n: int, cfg: SparseConfig, device) -> tuple[int, int, int, int
     return lo, hi, p_lo, p_hi, count
 
 
-def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None = None, rounds: int = 8) -> tuple[torch.Tensor, dict]:
+def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None = None, rounds: int = 8,
+                     gather_share: float = 0.25) -> tuple[torch.Tensor, dict]:
     """One decode step with certified page selection: read pages in bound order, in growing batches, until each
     query head's certificate is ≤ ε.
 
-    Each batch of pages is read for every head still uncertified (batches double from ``rounds`` pages), and
-    within a batch each head keeps exactly the pages up to its first certified count, so the kept set is the
-    sequential reader's (``certified_mask`` on the same cache; tests hold them equal).
+    Batches of pages (doubling from ``rounds`` pages) are gathered for every query head while they cover less
+    than ``gather_share`` of the pages; a head still uncertified then has to read much of the cache, and the
+    kernel scores the remaining keys with one contiguous pass (cheaper than gathering most pages one head at a
+    time). Either way each head keeps exactly the pages up to its first certified count, so the kept set is
+    the sequential reader's (``certified_mask`` on the same cache; tests hold them equal).
 
     Args:
         q: (head, d_head) the query at position n − 1; cache: ``certified_cache`` of n keys.
         scale: attention scaling (default d_head^-0.5); rounds: pages in the first batch.
     Returns:
-        (output (head, d_head), info): info holds per query head "pages_read", "certificate" (float64),
-        "error_bound" (bound on ‖o_full − o_kept‖), "keys_read" (fixed + read page slots), and "pages_fetched"
-        (pages the batches actually gathered, ≥ pages_read).
+        (output (head, d_head), info): per query head "pages_read", "certificate" (float64), "error_bound" (a
+        bound on ‖o_full − o_kept‖), "keys_read" (fixed + read page slots); "pages_fetched" (pages the kernel
+        read, ≥ the most any head needed; all of them after a contiguous pass).
     """
-    keys, values, cfg = cache.keys, cache.values, cache.cfg
+    keys, cfg = cache.keys, cache.cfg
     n_kv, n, d = keys.shape
     qg = q.view(n_kv, -1, d)  # (kv_head, group, d_head)
     scale = d**-0.5 if scale is None else scale
+    st = _decode_setup(qg, cache, scale)
+    cap = min(cfg.max_pages or st["n_pages"], st["n_pages"])
+    t = torch.where(st["c0"] <= cfg.eps, 0, -1)  # (kv_head, group) pages read; -1: not yet certified
+    z_kept, start, batch, reads = st["z_fixed"], 0, rounds, []
+    while bool((t < 0).any()) and start < cap and start < gather_share * st["n_pages"]:
+        stop = min(start + batch, cap)
+        scores, slots, z = _read_pages(qg, keys, st, start, stop, scale)
+        t, z_kept = _first_certified(t, z_kept, z, st["unread"], start, cfg.eps)
+        reads.append((scores, slots))
+        start, batch = stop, batch * 2
+    contiguous = bool((t < 0).any()) and start < cap
+    if contiguous:  # the rest in one pass over the cache
+        z = _page_sums(qg, keys, st, scale).gather(-1, st["order"])[..., start:cap]  # (kv_head, group, cap − start)
+        t, z_kept = _first_certified(t, z_kept, z, st["unread"], start, cfg.eps)
+    t = torch.where(t < 0, cap, t)  # the cap (or every page) reached
+    out, z_total = (_attend_all(qg, cache, st, t, scale) if contiguous else _attend_read(qg, cache, st, t, reads, scale))
+    u_t = st["unread"].gather(-1, t[..., None])[..., 0]
+    cert = u_t / (z_total + u_t)  # U / (Z_kept + U), both shifted by the same M
+    read = torch.arange(st["n_pages"], device=keys.device) < t[..., None]
+    vmax = cache.vnorm[:, st["p_lo"]:st["p_hi"]][:, None, :].expand_as(st["order"]).gather(-1, st["order"])
+    vmax = vmax.masked_fill(read, 0).amax(-1) if st["n_pages"] else torch.zeros_like(cert)
+    info = {"pages_read": t.flatten(), "certificate": cert.flatten(), "error_bound": (cert * (vmax + out.norm(dim=-1))).flatten(),
+            "keys_read": (st["fixed"].numel() + t * cfg.page_size).flatten(),
+            "pages_fetched": st["n_pages"] if contiguous else start}
+    return out.reshape(-1, d), info
+
+
+def _decode_setup(qg: torch.Tensor, cache: CertifiedCache, scale: float) -> dict:
+    """Fixed keys' scores, page bounds, reading order and the unread-bound suffix sums of one decode query.
+
+    qg (kv_head, group, d_head). Returns a dict: lo, hi, p_lo, p_hi, n_pages, fixed (index), f_scores (kv_head,
+    group, fixed), top (kv_head, group, 1) the shift M, order (kv_head, group, page), unread (kv_head, group,
+    page + 1) Σ n_p e^{u_p − M} over the pages from rank t on, z_fixed (kv_head, group, 1), c0 the certificate
+    before any page (kv_head, group).
+    """
+    keys, cfg = cache.keys, cache.cfg
+    n = keys.shape[1]
     lo, hi, p_lo, p_hi, count = _middle_pages(n, cfg, keys.device)
     fixed = torch.cat([torch.arange(lo, device=keys.device), torch.arange(hi, n, device=keys.device)])
     f_scores = (qg @ keys[:, fixed].transpose(-1, -2) * scale).double()  # (kv_head, group, fixed)
-    sk = _slice_pages(cache.sketch, p_lo, p_hi)
-    u = page_bounds(qg[None], sk, scale)[0].double()  # (kv_head, group, page)
+    u = page_bounds(qg[None], _slice_pages(cache.sketch, p_lo, p_hi), scale)[0].double()  # (kv_head, group, page)
     u = u.masked_fill(count == 0, -math.inf)
-    top = torch.cat([f_scores, u], -1).amax(-1, keepdim=True)  # (kv_head, group, 1) the shift M
+    top = torch.cat([f_scores, u], -1).amax(-1, keepdim=True)  # (kv_head, group, 1)
     order = u.sort(dim=-1, descending=True, stable=True).indices
     bound_sorted = (count * (u - top).exp()).gather(-1, order)  # (kv_head, group, page) in reading order
-    unread = torch.cat([bound_sorted.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(top)], -1)  # after t pages
-    z_kept = (f_scores - top).exp().sum(-1, keepdim=True)  # (kv_head, group, 1)
-    n_pages, size = p_hi - p_lo, cfg.page_size
-    cap = min(cfg.max_pages or n_pages, n_pages)
-    t = torch.full(z_kept.shape[:2], -1, dtype=torch.long, device=keys.device)  # -1: not yet certified
-    read_scores, read_idx, start, batch = [], [], 0, rounds
-    c0 = unread[..., 0] / (z_kept[..., 0] + unread[..., 0])
-    t[c0 <= cfg.eps] = 0
-    while bool((t < 0).any()) and start < cap:
-        stop = min(start + batch, cap)
-        pages = order[..., start:stop] + p_lo  # (kv_head, group, b) absolute page numbers
-        slots = (pages[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)  # (kv_head, group, b·P)
-        inside = (slots >= lo) & (slots < hi)
-        k_sel = keys[torch.arange(n_kv, device=keys.device)[:, None, None], slots.clamp(max=n - 1)]  # (kv_head, group, b·P, d)
-        s = ((k_sel @ qg[..., None])[..., 0] * scale).double().masked_fill(~inside, -math.inf)
-        z = (s - top).exp().view(*s.shape[:2], -1, size).sum(-1)  # (kv_head, group, b) per page
-        zk = z_kept + z.cumsum(-1)  # after start+1 … stop pages
-        c = unread[..., start + 1:stop + 1] / (zk + unread[..., start + 1:stop + 1])
-        ok = (c <= cfg.eps)
-        first = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1) + start + 1, torch.full_like(t, -1))
-        t = torch.where(t < 0, first, t)
-        z_kept = zk[..., -1:]
-        read_scores.append(s)
-        read_idx.append(slots.clamp(max=n - 1))
-        start, batch = stop, batch * 2
-    t = torch.where(t < 0, torch.full_like(t, cap), t)  # the cap (or every page) reached
-    cert = unread.gather(-1, t[..., None])[..., 0]
-    if read_scores:
-        s_all, idx_all = torch.cat(read_scores, -1), torch.cat(read_idx, -1)  # (kv_head, group, fetched·P)
-        within = torch.arange(s_all.shape[-1], device=keys.device) < t[..., None] * size
-        s_all = s_all.masked_fill(~within, -math.inf)
-        v_sel = values[torch.arange(n_kv, device=keys.device)[:, None, None], idx_all]
+    unread = torch.cat([bound_sorted.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(top)], -1)
+    z_fixed = (f_scores - top).exp().sum(-1, keepdim=True)
+    return {"size": cfg.page_size, "lo": lo, "hi": hi, "p_lo": p_lo, "p_hi": p_hi, "n_pages": p_hi - p_lo, "fixed": fixed, "f_scores": f_scores,
+            "top": top, "order": order, "unread": unread, "z_fixed": z_fixed, "c0": unread[..., 0] / (z_fixed[..., 0] + unread[..., 0])}
+
+
+def _read_pages(qg, keys, st: dict, start: int, stop: int, scale: float):
+    """Gather and score the pages of reading ranks [start, stop) per query head.
+
+    Returns (scores (kv_head, group, b·P) fp32, −inf outside the candidates; slots (kv_head, group, b·P);
+    z (kv_head, group, b) Σ e^{s − M} per page, float64).
+    """
+    n_kv, n, _ = keys.shape
+    size = st["size"]
+    pages = st["order"][..., start:stop] + st["p_lo"]  # (kv_head, group, b) absolute page numbers
+    slots = (pages[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)  # (kv_head, group, b·P)
+    inside = (slots >= st["lo"]) & (slots < st["hi"])
+    slots = slots.clamp(max=n - 1)
+    k_sel = keys[torch.arange(n_kv, device=keys.device)[:, None, None], slots]  # (kv_head, group, b·P, d_head)
+    scores = ((k_sel @ qg[..., None])[..., 0] * scale).masked_fill(~inside, -math.inf)
+    z = (scores - st["top"].float()).exp().view(*scores.shape[:2], -1, size).sum(-1, dtype=torch.float64)
+    return scores, slots, z
+
+
+def _first_certified(t, z_kept, z, unread, start: int, eps: float):
+    """Advance the heads not yet certified over pages of ranks start … start + b − 1 (their exact sums z).
+
+    t (kv_head, group), −1 where uncertified; z_kept (kv_head, group, 1) after ``start`` pages; z (kv_head, group, b).
+    Returns (t, z_kept after start + b pages).
+    """
+    zk = z_kept + z.cumsum(-1)  # (kv_head, group, b) after start + 1 … start + b pages
+    u = unread[..., start + 1:start + 1 + z.shape[-1]]
+    ok = u / (zk + u) <= eps
+    first = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1) + start + 1, -1)
+    return torch.where(t < 0, first, t), zk[..., -1:]
+
+
+def _page_sums(qg, keys, st: dict, scale: float) -> torch.Tensor:
+    """(kv_head, group, page) Σ e^{s − M} over every middle page's candidates, in one contiguous pass."""
+    size, lo, hi = st["size"], st["lo"], st["hi"]
+    s = (qg @ keys[:, lo:hi].transpose(-1, -2) * scale - st["top"].float()).exp()  # (kv_head, group, hi − lo)
+    lead = lo - st["p_lo"] * size
+    s = torch.nn.functional.pad(s, (lead, st["n_pages"] * size - lead - (hi - lo)))
+    return s.view(*s.shape[:2], st["n_pages"], size).sum(-1, dtype=torch.float64)
+
+
+def _kept_pages(st: dict, t: torch.Tensor) -> torch.Tensor:
+    """(kv_head, group, page) bool: the pages of reading rank below t."""
+    rank = torch.empty_like(st["order"]).scatter_(-1, st["order"], torch.arange(st["n_pages"], device=t.device).expand_as(st["order"]))
+    return rank < t[..., None]
+
+
+def _attend_all(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, scale: float):
+    """Softmax over the fixed keys and the first t pages, by masking one contiguous pass over the cache.
+
+    Returns (output (kv_head, group, d_head), Z_kept (kv_head, group) shifted by M)."""
+    keys, values, size = cache.keys, cache.values, st["size"]
+    n = keys.shape[1]
+    s = (qg @ keys.transpose(-1, -2) * scale).double()  # (kv_head, group, n)
+    kept_page = _kept_pages(st, t).repeat_interleave(size, -1)  # (kv_head, group, n_pages·P) from page p_lo
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    keep[..., st["fixed"]] = True
+    span = min(n - st["p_lo"] * size, kept_page.shape[-1])
+    middle = torch.zeros_like(keep)
+    middle[..., st["p_lo"] * size:st["p_lo"] * size + span] = kept_page[..., :span]
+    middle[..., :st["lo"]] = False
+    middle[..., st["hi"]:] = False
+    s = s.masked_fill(~(keep | middle), -math.inf)
+    probs = s.softmax(-1).to(qg.dtype)
+    return probs @ values, (s - st["top"]).exp().sum(-1)
+
+
+def _attend_read(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, reads: list, scale: float):
+    """Softmax over the fixed keys and each head's first t gathered pages.
+
+    Returns (output (kv_head, group, d_head), Z_kept (kv_head, group) shifted by M)."""
+    values, size = cache.values, st["size"]
+    n_kv, _, d = values.shape
+    f_scores = st["f_scores"]
+    if reads:
+        s_all = torch.cat([r[0] for r in reads], -1).double()  # (kv_head, group, fetched·P)
+        idx = torch.cat([r[1] for r in reads], -1)
+        s_all = s_all.masked_fill(torch.arange(s_all.shape[-1], device=t.device) >= t[..., None] * size, -math.inf)
+        v_sel = values[torch.arange(n_kv, device=t.device)[:, None, None], idx]  # (kv_head, group, fetched·P, d_head)
     else:
-        s_all = f_scores.new_zeros(*f_scores.shape[:2], 0)
-        v_sel = values.new_zeros(n_kv, qg.shape[1], 0, d)
-    probs = torch.cat([f_scores, s_all], -1).softmax(-1).to(q.dtype)  # (kv_head, group, fixed + fetched)
-    nf = fixed.numel()
-    out = probs[..., :nf] @ values[:, fixed] + (probs[..., nf:, None] * v_sel).sum(-2)  # (kv_head, group, d_head)
-    # Z_kept / (Z_kept + U) normalisation: the certificate in the unshifted sums.
-    z_total = (f_scores - top).exp().sum(-1) + (s_all - top).exp().sum(-1)
-    cert = cert / (z_total + cert)
-    vmax = (cache.vnorm[:, p_lo:p_hi][:, None, :].expand_as(u).gather(-1, order)  # (kv_head, group, page) reading order
-            .masked_fill(torch.arange(n_pages, device=keys.device) < t[..., None], 0).amax(-1) if n_pages else torch.zeros_like(cert))
-    info = {"pages_read": t.flatten(), "certificate": cert.flatten(),
-            "error_bound": (cert * (vmax + out.norm(dim=-1))).flatten(),
-            "keys_read": (nf + t * size).flatten(), "pages_fetched": start}
-    return out.reshape(-1, d), info
+        s_all, v_sel = f_scores.new_zeros(*f_scores.shape[:2], 0), values.new_zeros(n_kv, qg.shape[1], 0, d)
+    probs = torch.cat([f_scores, s_all], -1).softmax(-1).to(qg.dtype)  # (kv_head, group, fixed + fetched)
+    nf = st["fixed"].numel()
+    out = probs[..., :nf] @ values[:, st["fixed"]] + (probs[..., nf:, None] * v_sel).sum(-2)
+    z = (f_scores - st["top"]).exp().sum(-1) + (s_all - st["top"]).exp().sum(-1)
+    return out, z
 
 
 def _slice_pages(sk: PageSketch, p_lo: int, p_hi: int) -> PageSketch:
