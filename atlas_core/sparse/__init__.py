@@ -6,8 +6,11 @@
 - ``attention``: the registered attention function ``atlas_sparse`` and the ``sparse_attention`` context.
 - ``fidelity``: teacher-forced KL / top-1 / perplexity, greedy-generation agreement and greedy survival
   over many prompts, dense vs sparse.
+- ``certified``: certified page selection: pages read in bound order until the discarded mass is provably ≤ ε
+  (selector ``"certified"``; minmax, centroid, low-rank and min bounds; decode kernel; bound slack).
 - ``kernels``: one layer's decode step over a long cache: dense, exact top-k, page-selected.
-- ``bench``: decode-step time and bytes read against context length.
+- ``realkeys``: a real long prompt's post-RoPE keys, values and queries of one full-attention layer.
+- ``bench``: decode-step time and bytes read against context length (synthetic or real keys).
 """
 
 from atlas_core.sparse.attention import MassLog, sparse_attention
