@@ -38,6 +38,18 @@ def page_recall(q, keys, cfg: SparseConfig) -> dict:
     return {"index_recall": index.mean().item(), "mass_recall": mass.mean().item()}
 
 
+def _interleaved(fns: dict, rounds: int, steps: int, device: str) -> dict[str, float]:
+    """{name: median seconds per call}: one warm-up call each, then ``rounds`` rounds that time every function in
+    turn over ``steps`` calls (interleaved, so a slow spell of the machine hits them all)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_once(_synced(fn, device), steps))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _once(fn, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -123,15 +135,10 @@ def bench_sparse_decode(contexts=(131072,), heads: int = 9, kv_heads: int = 3, d
         cache = paged_cache(keys, values, cfg.page_size)
         fns = {"dense": lambda: dense_decode(q, keys, values), "topk": lambda: topk_decode(q, keys, values, cfg),
                "pages": lambda: page_decode(q, cache, cfg)}
-        for fn in fns.values():  # warm-up
-            fn()
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(_once(_synced(fn, device), steps))
+        medians = _interleaved(fns, rounds, steps, device)
         row = {"n": n}
         for name in fns:
-            row[f"{name}_s"] = statistics.median(times[name])
+            row[f"{name}_s"] = medians[name]
             row[f"{name}_bytes"] = bytes_read(name, n, heads, kv_heads, d_head, cfg, keys.element_size())
         for name in ("topk", "pages"):
             row[f"speedup_{name}"] = row["dense_s"] / row[f"{name}_s"]
@@ -241,16 +248,11 @@ def bench_certified_decode(contexts=(32768,), cfg: SparseConfig = SparseConfig(s
         cache, paged = certified_cache(keys, values, cfg), paged_cache(keys, values, cfg.page_size)
         fns = {"dense": lambda: _dense(q, keys, values, scale), "topk": lambda: topk_decode(q, keys, values, cfg),
                "pages": lambda: page_decode(q, paged, cfg), "certified": lambda: certified_decode(q, cache, scale)}
-        for fn in fns.values():  # warm-up
-            fn()
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(_once(_synced(fn, device), steps))
+        medians = _interleaved(fns, rounds, steps, device)
         _, info = certified_decode(q, cache, scale)
         row = {"n": n, "tiled": tiled, "queries": len(queries)}
         for name in fns:
-            row[f"{name}_s"] = statistics.median(times[name])
+            row[f"{name}_s"] = medians[name]
             row[f"speedup_{name}"] = row["dense_s"] / row[f"{name}_s"]
         _, lo, hi = _fixed_index(n, cfg)
         row["dense_bytes"] = bytes_read("dense", n, heads, kv_heads, d_head, cfg)
