@@ -386,11 +386,12 @@ def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None
         reads.append((scores, slots))
         start, batch = stop, batch * 2
     contiguous = bool((t < 0).any()) and start < cap
-    if contiguous:  # the rest in one pass over the cache
-        z = _page_sums(qg, keys, st, scale).gather(-1, st["order"])[..., start:cap]  # (kv_head, group, cap − start)
+    if contiguous:  # the rest in one pass over the cache: every key's score once
+        s_full = qg @ keys.transpose(-1, -2) * scale  # (kv_head, group, n)
+        z = _page_sums(s_full, st).gather(-1, st["order"])[..., start:cap]  # (kv_head, group, cap − start)
         t, z_kept = _first_certified(t, z_kept, z, st["unread"], start, cfg.eps)
     t = torch.where(t < 0, cap, t)  # the cap (or every page) reached
-    out, z_total = (_attend_all(qg, cache, st, t, scale) if contiguous else _attend_read(qg, cache, st, t, reads, scale))
+    out, z_total = (_attend_all(s_full, cache, st, t) if contiguous else _attend_read(qg, cache, st, t, reads, scale))
     u_t = st["unread"].gather(-1, t[..., None])[..., 0]
     cert = u_t / (z_total + u_t)  # U / (Z_kept + U), both shifted by the same M
     read = torch.arange(st["n_pages"], device=keys.device) < t[..., None]
@@ -457,10 +458,10 @@ def _first_certified(t, z_kept, z, unread, start: int, eps: float):
     return torch.where(t < 0, first, t), zk[..., -1:]
 
 
-def _page_sums(qg, keys, st: dict, scale: float) -> torch.Tensor:
-    """(kv_head, group, page) Σ e^{s − M} over every middle page's candidates, in one contiguous pass."""
+def _page_sums(s_full: torch.Tensor, st: dict) -> torch.Tensor:
+    """(kv_head, group, page) Σ e^{s − M} over every middle page's candidates, from every key's score (kv_head, group, n)."""
     size, lo, hi = st["size"], st["lo"], st["hi"]
-    s = (qg @ keys[:, lo:hi].transpose(-1, -2) * scale - st["top"].float()).exp()  # (kv_head, group, hi − lo)
+    s = (s_full[..., lo:hi] - st["top"].float()).exp()  # (kv_head, group, hi − lo)
     lead = lo - st["p_lo"] * size
     s = torch.nn.functional.pad(s, (lead, st["n_pages"] * size - lead - (hi - lo)))
     return s.view(*s.shape[:2], st["n_pages"], size).sum(-1, dtype=torch.float64)
@@ -472,13 +473,12 @@ def _kept_pages(st: dict, t: torch.Tensor) -> torch.Tensor:
     return rank < t[..., None]
 
 
-def _attend_all(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, scale: float):
-    """Softmax over the fixed keys and the first t pages, by masking one contiguous pass over the cache.
+def _attend_all(s: torch.Tensor, cache: CertifiedCache, st: dict, t: torch.Tensor):
+    """Softmax over the fixed keys and the first t pages, by masking every key's score s (kv_head, group, n).
 
     Returns (output (kv_head, group, d_head), Z_kept (kv_head, group) shifted by M)."""
-    keys, values, size = cache.keys, cache.values, st["size"]
-    n = keys.shape[1]
-    s = (qg @ keys.transpose(-1, -2) * scale).double()  # (kv_head, group, n)
+    values, size = cache.values, st["size"]
+    n = s.shape[-1]
     kept_page = _kept_pages(st, t).repeat_interleave(size, -1)  # (kv_head, group, n_pages·P) from page p_lo
     keep = torch.zeros_like(s, dtype=torch.bool)
     keep[..., st["fixed"]] = True
@@ -488,8 +488,7 @@ def _attend_all(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, scale: flo
     middle[..., :st["lo"]] = False
     middle[..., st["hi"]:] = False
     s = s.masked_fill(~(keep | middle), -math.inf)
-    probs = s.softmax(-1).to(qg.dtype)
-    return probs @ values, (s - st["top"]).exp().sum(-1)
+    return s.softmax(-1) @ values, (s - st["top"].float()).exp().sum(-1, dtype=torch.float64)
 
 
 def _attend_read(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, reads: list, scale: float):
