@@ -100,7 +100,7 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
 register(REALKEYS, _attention_forward, owner="atlas_core.sparse.realkeys.capture(model, prompt, layer, positions)")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the returned tensors stay ordinary tensors a caller may edit in place
 def capture(model, prompt: torch.Tensor, layer: int, wanted: tuple[int, ...], chunk: int = CHUNK,
             progress: bool = False) -> dict:
     """Run ``prompt`` in chunks through a DynamicCache; return one layer's keys, values and some queries.
