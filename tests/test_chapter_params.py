@@ -52,6 +52,16 @@ def test_shipped_defaults_pass(chapter):
     ("sparse", "seq_len", 256, "use at least 387"),  # the sweep's W = 256, k = 128 (passed before)
     ("sparse", "supports", [97, 100], "must be a + W + P·r with r ≥ 1"),  # blocks.block_rule's rule
     ("sparse", "survival_gen_tokens", 1, "must be ≥ 2"),
+    ("sparse", "certified_eps", [1e-2, 1e-3, 1.5], "eps must be a number in (0, 1)"),  # SparseConfig's rule
+    ("sparse", "certified_eps", [1e-3, "a"], "eps must be a number in (0, 1)"),
+    ("sparse", "certified_eps", [1e-2, 1e-4], "compares [0.001]"),
+    ("sparse", "certified_eps", [], "needs at least one value"),
+    ("sparse", "certified_bound", "tight", "choose from minmax"),
+    ("sparse", "certified_blocks", 1, "must be ≥ 2"),
+    ("sparse", "certified_survival_prompts", 0, "must be ≥ 1"),
+    ("sparse", "certified_prompt_tokens", 60, "use at least 67"),  # a + W + 2 with k = 0
+    ("sparse", "certified_prompt_tokens", 10**6, "positions"),
+    ("sparse", "certified_corpus", "no-such-corpus", "unknown corpus"),
     ("models", "ppl_tokens", 1000, "multiple of ppl_seq_len"),
     ("models", "corpora", ["britannica", "no-such-corpus"], "unknown corpus"),
 ])
@@ -140,12 +150,13 @@ INT_LISTS = [("atlas", "k_sweep"), ("crossarch", "k_range"), ("crossarch", "seed
              ("sparse", "supports"), ("sparse", "contexts")]
 NAME_LISTS = [("models", "models"), ("models", "corpora"), ("crossarch", "models"), ("crossarch", "corpora"),
               ("nqp", "methods"), ("nqp", "grouped_methods")]
+FLOAT_LISTS = [("sparse", "certified_eps")]  # each element checked by the library's rule (test_impossible_values_are_named)
 
 
 def test_every_list_parameter_is_listed():
     """The lists above are every list parameter of every chapter (a new one must be added to them)."""
     found = {(c, n) for c in runner.CHAPTERS for n, v in defaults(c).items() if isinstance(v, list)}
-    assert found == set(INT_LISTS) | set(NAME_LISTS)
+    assert found == set(INT_LISTS) | set(NAME_LISTS) | set(FLOAT_LISTS)
 
 
 @pytest.mark.parametrize("chapter, name", INT_LISTS)

@@ -30,7 +30,8 @@ SMALL = {  # chapter -> -p overrides (strings, as on the command line)
     "sparse": {"other_models": "", "seq_len": "128", "prompt_tokens": "96", "gen_tokens": "40",
                "sweep_gen_tokens": "20", "window": "8", "topk": "4", "windows": "[4, 8]", "topks": "[0, 4]",
                "page_size": "4", "contexts": "[256, 512]", "bench_rounds": "1", "survival_prompts": "4",
-               "survival_prompt_tokens": "64", "survival_gen_tokens": "16", "supports": "[13, 17, 25, 41, 89]"},
+               "survival_prompt_tokens": "64", "survival_gen_tokens": "16", "supports": "[13, 17, 25, 41, 89]",
+               "certified_prompt_tokens": "160", "certified_blocks": "2", "certified_survival_prompts": "2"},
 }
 SLOW: frozenset[str] = frozenset()  # chapters whose toy run takes over a minute (none at present)
 

@@ -364,6 +364,42 @@ def _sparse(p: dict) -> None:
         _fail("survival_prompt_tokens", p["survival_prompt_tokens"],
               f"too short: every support keeps every key (the smallest, {smallest}, needs more than "
               f"{smallest - p['survival_gen_tokens'] + 1} prompt tokens)")
+    _certified(p, [p["model"]])
+
+
+CERTIFIED_NEEDS = [1e-3]  # the certified section's prose reads its ε = 10⁻³ figures (the issue's targets)
+
+
+def certified_rules(p: dict) -> list:
+    """The sparse chapter's certified rules, one per ``certified_eps`` (``SparseConfig``'s rules name the value)."""
+    from atlas_core.sparse.kept import SparseConfig
+
+    eps = p["certified_eps"]
+    if not isinstance(eps, list) or not eps:
+        _fail("certified_eps", eps, "needs at least one value")
+    return [_as("certified_eps", eps, lambda e=e: SparseConfig(
+        selector="certified", eps=e, bound=p["certified_bound"], anchors=p["anchors"], window=p["window"], topk=0,
+        page_size=p["page_size"])) for e in eps]
+
+
+def _certified(p: dict, models: list[str]) -> None:
+    """Certified sparse decoding: its ε targets, page bound, block length, blocks and survival prompts."""
+    from atlas_core.sparse.kept import BOUNDS
+
+    _ints(p, "certified_prompt_tokens", "certified_blocks", "certified_survival_prompts")
+    _units(p, "certified_blocks")
+    _names(p, "certified_bound", BOUNDS)
+    _corpus("certified_corpus", p["certified_corpus"], p["certified_corpus"])
+    rules = certified_rules(p)
+    _contains(p, "certified_eps", CERTIFIED_NEEDS)
+    n = p["certified_prompt_tokens"]
+    for model in models:
+        _as("certified_bound", p["certified_bound"], lambda m=model: rules[0].check_head(_shape(m).d_head, "certified_bound's rank"))
+        _as("certified_prompt_tokens", n, lambda m=model: check_positions(
+            m, n + p["survival_gen_tokens"], "certified_prompt_tokens + survival_gen_tokens"))
+    _as("certified_prompt_tokens", n, lambda: rules[0].check_block(n, "certified_prompt_tokens"))
+    _blocks(p, "certified_prompt_tokens", p["certified_corpus"], n, max(p["certified_blocks"], p["certified_survival_prompts"]),
+            models=models)
 
 
 RULES: dict[str, Callable[[dict], None]] = {
