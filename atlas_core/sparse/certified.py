@@ -378,8 +378,13 @@ def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None
     st = _decode_setup(qg, cache, scale)
     cap = min(cfg.max_pages or st["n_pages"], st["n_pages"])
     t = torch.where(st["c0"] <= cfg.eps, 0, -1)  # (kv_head, group) pages read; -1: not yet certified
-    z_kept, start, batch, reads = st["z_fixed"], 0, rounds, []
-    while bool((t < 0).any()) and start < cap and start < gather_share * st["n_pages"]:
+    z_kept, start, reads = st["z_fixed"], 0, []
+    # Every page read adds at most its bound to Z_kept, so c(t) ≥ U(t) / (Z_fixed + U(0)): pages below the first t
+    # where that floor is ≤ ε are read in any case; when that alone is much of the cache, skip the gathering.
+    floor = st["unread"] / (st["z_fixed"] + st["unread"][..., :1])  # (kv_head, group, page + 1)
+    need = int((floor > cfg.eps).sum(-1).max())  # the floor falls with t: its count above ε is the first t below
+    batch = max(rounds, need)
+    while bool((t < 0).any()) and start < cap and start + batch <= max(gather_share * st["n_pages"], rounds):
         stop = min(start + batch, cap)
         scores, slots, z = _read_pages(qg, keys, st, start, stop, scale)
         t, z_kept = _first_certified(t, z_kept, z, st["unread"], start, cfg.eps)
