@@ -1103,7 +1103,10 @@ write_json(out / "sparse.json", {
 #   {glue:text}`sp_pg_index_recall:.1%` [{glue:text}`sp_pg_index_recall_lo:.1%`, {glue:text}`sp_pg_index_recall_hi:.1%`]
 #   of the exact top-k keys at the same budget, with KL
 #   {glue:text}`sp_pg_kl:.4f` [{glue:text}`sp_pg_kl_lo:.4f`, {glue:text}`sp_pg_kl_hi:.4f`]. The selector is
-#   {glue:text}`sp_pg_verdict:s`.
+#   {glue:text}`sp_pg_verdict:s`. A rule that proves its loss (certified selection, the discarded mass bounded
+#   by ε query by query) {glue:text}`sp_cert_dynamic:s`, with KL {glue:text}`sp_cert_kl:.2e`
+#   [{glue:text}`sp_cert_kl_lo:.2e`, {glue:text}`sp_cert_kl_hi:.2e`]; {glue:text}`sp_cert_violations:d` of
+#   {glue:text}`sp_cert_pairs:,` certificates fall below the true discarded mass ({numref}`tbl-sparse-certified`).
 # - **159× at 131K tokens (withdrawn in the revision): {glue:text}`sp_speed_verdict:s` here.** The page-selected step is
 #   {glue:text}`sp_speedup_pages_max:.1f`× faster than dense at {glue:text}`sp_n_max_k:s` tokens on a CPU,
 #   where it reads {glue:text}`sp_bytes_ratio_pages_max:.1f`× fewer bytes; exact top-k, the rule the
