@@ -165,3 +165,32 @@ def test_bound_slack_is_never_negative_and_min_is_tightest():
     assert set(out) == set(BOUNDS)
     assert all(v[1] >= 0 for v in out.values())  # 10th percentile: every page's bound is above its max
     assert out["min"][0] <= min(out[b][0] for b in ("minmax", "centroid", "lowrank")) + 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eps", [1e-3, 0.3])
+def test_real_model_certificate_holds_and_fast_equals_reference(smollm2, eps):
+    """Real keys (smollm2-135m, 512 held-out tokens): every query's and head's true m below its certificate, the
+    fast path equal to the model's own eager attention under the narrowed mask, decoding through the cache equal."""
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.sparse.attention import MassLog, sparse_attention
+
+    x = token_blocks(smollm2, BlockSpec(corpus="britannica", seq_len=512, n_blocks=1, split="eval"))
+    cfg = SparseConfig(anchors=1, window=64, page_size=16, eps=eps, selector="certified", bound="min")
+    logs, outs = {}, {}
+    for reference in (False, True):
+        logs[reference] = MassLog()
+        with torch.no_grad(), sparse_attention(smollm2.model, cfg, logs[reference], reference=reference):
+            outs[reference] = smollm2.model(x).logits
+    torch.testing.assert_close(outs[False], outs[True], rtol=1e-4, atol=1e-4)
+    log = logs[False]
+    for layer in log.sums:
+        m, c = log.discarded_values(layer), log.certificate_values(layer)
+        assert (m <= c * (1 + 1e-4) + 1e-6).all() and (c <= eps).all()
+    with torch.no_grad(), sparse_attention(smollm2.model, cfg):
+        step = smollm2.model(x[:, :480], use_cache=True)
+        steps = [step.logits[0, -1:]]
+        for t in range(480, 511):
+            step = smollm2.model(x[:, t:t + 1], past_key_values=step.past_key_values, use_cache=True)
+            steps.append(step.logits[0])
+    torch.testing.assert_close(torch.cat(steps), outs[False][0, 479:511], rtol=1e-3, atol=1e-3)
