@@ -953,7 +953,7 @@ cert_json = {f"{eps:g}": {
     "key_bytes": {"value": cert_bytes[eps].value, "lo": cert_bytes[eps].lo, "hi": cert_bytes[eps].hi},
     "pages_read": pages_share(cert_tf[eps]),
     "calibration": {k: cert_cal[eps][k] for k in ("pairs", "violations", "certified_share", "all_read", "rounding_floor",
-                                                    "max_ratio")},
+                                                    "tolerance", "max_ratio")},
     "equal_bytes": {name: {"window": cfg.window, "topk": cfg.topk, "selector": cfg.selector,
                            "key_bytes": key_bytes_read(cfg, certified_prompt_tokens, lm.spec.d_head),
                            **{m: base_tf[cfg][m] for m in MODEL_FIGURES}} for name, cfg in equal[eps].items()},
@@ -992,9 +992,10 @@ cert_json["params"] = {"eps": certified_eps, "bound": certified_bound, "prompt_t
 #
 # The numbers of {numref}`fig-sparse-certified-calibration`, over every (layer, head, query): the share
 # certified at $\varepsilon$, the share that read every candidate page, the pairs with $m$ above the
-# certificate (beyond the float32 rounding of the logged $m$, $10^{-6}$), the largest $m / c$ (over
-# certificates above $10^{-6}$), the medians, and the rounding floor (the largest logged $m$ where every key
-# was kept, so the true $m$ is 0).
+# certificate (beyond the float32 rounding of the logged $m$: the larger of $10^{-6}$ and the rounding floor),
+# the largest $m / c$ (over certificates above that tolerance), the medians, and the rounding floor: the
+# largest logged $m$ where every key was kept, so that the true $m$ is 0 (the log computes $m$ as one minus
+# the kept mass in float32).
 # ```
 #
 # **Result.** The certificate holds: of {glue:text}`sp_cert_pairs:,` (layer, head, query) pairs over every

@@ -78,12 +78,16 @@ def _log_with(cert, m):
 
 
 def test_calibration_counts_a_violation_beyond_rounding():
-    c = calibration(_log_with([1e-3, 1e-3, 0.0, 0.5, 0.0], [1e-3, 2e-3, 1.8e-7, 0.1, 3e-6]), eps=1e-3)
-    # 2e-3 > 1e-3 and 3e-6 over a zero certificate are violations; 1.8e-7 over zero is float32 rounding of m
-    assert c["pairs"] == 5 and c["violations"] == 2
-    assert c["certified_share"] == 0.8 and c["max_ratio"] == pytest.approx(2.0)
-    assert c["all_read"] == 0.4 and c["rounding_floor"] == pytest.approx(3e-6)
-    np.testing.assert_array_equal(c["layer"], [0] * 5)
+    c = calibration(_log_with([1e-3, 1e-3, 0.0, 0.5, 0.0, 1e-7], [1e-3, 2e-3, 1.8e-7, 0.1, 3e-6, 5e-6]), eps=1e-3)
+    # where the certificate is 0 the true m is 0: the logged 3e-6 is rounding and sets the tolerance, so
+    # 2e-3 over 1e-3 and 5e-6 over 1e-7 are violations, 1.8e-7 and 3e-6 over 0 are not
+    assert c["pairs"] == 6 and c["violations"] == 2
+    assert c["rounding_floor"] == pytest.approx(3e-6) and c["tolerance"] == pytest.approx(3e-6)
+    assert c["certified_share"] == pytest.approx(5 / 6) and c["max_ratio"] == pytest.approx(2.0)
+    assert c["all_read"] == pytest.approx(2 / 6)
+    np.testing.assert_array_equal(c["layer"], [0] * 6)
+    small = calibration(_log_with([1e-8, 0.0], [1.5e-6, 0.0]), eps=1e-3)  # no rounding seen: the tolerance is 1e-6
+    assert small["tolerance"] == 1e-6 and small["violations"] == 1 and math.isnan(small["max_ratio"])
     with pytest.raises(ValueError, match="certified"):
         calibration(MassLog(), eps=1e-3)
 
@@ -106,7 +110,7 @@ def test_calibration_of_a_model_run_has_no_violation(certified_run):
         assert c["violations"] == 0 and c["certified_share"] == 1.0  # no page cap: every query certified
         assert (c["certificate"] <= cfg.eps).all() and (c["discarded"] >= 0).all()
         assert c["max_ratio"] <= 1 + 1e-5 or math.isnan(c["max_ratio"])
-        assert 0 < c["all_read"] <= 1 and c["rounding_floor"] < 1e-6  # the toy reads every page for some queries
+        assert 0 < c["all_read"] <= 1 and c["rounding_floor"] < 1e-6 and c["tolerance"] == 1e-6  # toy: little rounding
     assert calibration(results[0]["log"], cfgs[0].eps)["all_read"] < 1  # at eps = 0.1 some queries leave pages unread
 
 

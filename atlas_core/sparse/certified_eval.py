@@ -38,8 +38,9 @@ __all__ = ["EQUAL_BYTES", "SOURCE_WINDOW", "calibration", "candidate_pages", "eq
 SOURCE_WINDOW = 64  # the source's window W
 EQUAL_BYTES = ("window only", "anchor + window + top-k", "Quest pages")  # the names ``equal_bytes_rules`` returns
 # m above the certificate by more than float rounding. The log's m is 1 − (fixed + selected mass) in float32
-# (``attention._mass_parts``), which carries an absolute rounding of about 1e-7 (up to 1.8e-7 measured on
-# toy-llama where every key is kept and m is exactly 0), so the absolute tolerance is 1e-6, not 1e-9.
+# (``attention._mass_parts``), whose absolute rounding grows with the context: up to 1.8e-7 on toy-llama and
+# 1.5e-6 on smollm2-135m at 4,096 tokens, measured where every key is kept and the true m is exactly 0. The
+# absolute tolerance is therefore that measured rounding floor, and at least 1e-6 (``calibration``).
 VIOLATION_RTOL, VIOLATION_ATOL = 1e-5, 1e-6
 
 
@@ -137,13 +138,13 @@ def calibration(log: MassLog, eps: float) -> dict:
         log: the MassLog of a certified run (``teacher_forced_rules``' "log"); eps: its target.
     Returns:
         {"certificate", "discarded": (pair,) float64 arrays over layers, heads and queries (layer-major),
-        "layer": (pair,) int array, "pairs": their count, "violations": pairs with
-        m > certificate·(1 + 1e-5) + 1e-6 (beyond the float32 rounding of the logged m; must be 0),
-        "certified_share": share of pairs with certificate ≤ eps (1 unless ``max_pages`` capped the reading),
-        "all_read": share of pairs with certificate 0 (every candidate page read, so the true m is 0),
-        "rounding_floor": the largest logged m among those (the float32 rounding of the log's m; 0 if none),
-        "max_ratio": the largest m / certificate over pairs with a certificate above 1e-6 (≤ 1 when the bound
-        holds; NaN without any)}.
+        "layer": (pair,) int array, "pairs": their count, "all_read": share of pairs with certificate 0 (every
+        candidate page read: the kept set is the visible set, so the true m is exactly 0), "rounding_floor": the
+        largest logged m among those (the float32 rounding of the log's m; 0 if none), "tolerance": the
+        absolute tolerance max(1e-6, rounding_floor), "violations": pairs with m > certificate·(1 + 1e-5) +
+        tolerance (must be 0), "certified_share": share of pairs with certificate ≤ eps (1 unless ``max_pages``
+        capped the reading), "max_ratio": the largest m / certificate over pairs with a certificate above the
+        tolerance (≤ 1 when the bound holds; NaN without any)}.
     Raises:
         ValueError: a log without certificates (not a certified run).
     """
@@ -154,11 +155,13 @@ def calibration(log: MassLog, eps: float) -> dict:
     cert = [log.certificate_values(l).double().flatten().numpy() for l in layers]
     m = [log.discarded_values(l).double().flatten().numpy() for l in layers]
     c, d = np.concatenate(cert), np.concatenate(m)
-    positive, zero = c > VIOLATION_ATOL, c == 0  # ratios only where m's rounding cannot dominate
+    zero = c == 0
+    floor = float(d[zero].max()) if zero.any() else 0.0  # the logged m where the true m is 0: its rounding
+    tol = max(VIOLATION_ATOL, floor)
+    positive = c > tol  # ratios only where m's rounding cannot dominate
     return {"certificate": c, "discarded": d, "layer": np.repeat(layers, [len(x) for x in cert]), "pairs": int(c.size),
-            "violations": int((d > c * (1 + VIOLATION_RTOL) + VIOLATION_ATOL).sum()),
-            "all_read": float(zero.mean()) if c.size else math.nan,
-            "rounding_floor": float(d[zero].max()) if zero.any() else 0.0,
+            "all_read": float(zero.mean()) if c.size else math.nan, "rounding_floor": floor, "tolerance": tol,
+            "violations": int((d > c * (1 + VIOLATION_RTOL) + tol).sum()),
             # the log holds certificates in float32: compare with eps rounded the same way (rounding is monotone)
             "certified_share": float((c <= float(np.float32(eps))).mean()) if c.size else math.nan,
             "max_ratio": float((d[positive] / c[positive]).max()) if positive.any() else math.nan}
