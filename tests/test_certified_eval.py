@@ -1,5 +1,6 @@
 """Equal-bytes baselines of the certified rule and its calibration (atlas_core.sparse.certified_eval)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -30,8 +31,11 @@ def test_equal_bytes_arithmetic_at_a_quarter_of_4k():
     assert key_bytes_read(window, 4096, 64) == 0.25
     assert 0.25 - 16 / 4096 < key_bytes_read(quest, 4096, 64) <= 0.25  # within one page of the share
     assert key_bytes_read(source, 4096, 64) == 1.0  # exact top-k ranks every key: equal kept keys, not bytes
-    for cfg in rules.values():  # the certified rule's other settings carry over
-        assert cfg.dense_layers == CERT.dense_layers and cfg.sparse_from == CERT.sparse_from
+    other = dataclasses.replace(CERT, eps=1e-4, bound="lowrank", dense_layers=2, sparse_from=7)
+    for cfg, again in zip(rules.values(), equal_bytes_rules(other, 0.25, 4096, 64).values()):
+        assert (again.dense_layers, again.sparse_from) == (2, 7)  # carried over; eps and bound are not
+        assert again == dataclasses.replace(cfg, dense_layers=2, sparse_from=7)
+    assert equal_bytes_rules(dataclasses.replace(CERT, eps=1e-2), 0.25, 4096, 64) == rules  # one set per share
 
 
 @pytest.mark.parametrize("share", [1e-4, 0.02, 0.5, 0.97, 1.0, 1.3])

@@ -119,7 +119,10 @@ def equal_bytes_rules(cfg_certified: SparseConfig, key_bytes_share: float, n_tok
         raise ValueError(f"d_head must be ≥ 1, got {d_head}")
     top = n_tokens - 2  # the largest budget a + W + k a block of n tokens still scores
     keys = min(math.floor(min(key_bytes_share, 1.0) * n_tokens), top)  # K: the budget in keys' worth of bytes
-    base = dataclasses.replace(cfg_certified, selector="exact", head_average=False, max_pages=0)
+    # the fields every rule shares with the certified one; its eps, bound, rank and cap do not apply (left at
+    # their defaults, so the rules at two ε of equal share are equal and run once)
+    base = SparseConfig(anchors=a, window=1, topk=0, page_size=size, dense_layers=cfg_certified.dense_layers,
+                        sparse_from=cfg_certified.sparse_from)
     window_only = dataclasses.replace(base, window=max(1, keys - a), topk=0)
     w = min(source_window, max(1, keys - a), top - a)
     source = dataclasses.replace(base, window=w, topk=max(0, keys - a - w))
