@@ -194,3 +194,20 @@ def test_real_model_certificate_holds_and_fast_equals_reference(smollm2, eps):
             step = smollm2.model(x[:, t:t + 1], past_key_values=step.past_key_values, use_cache=True)
             steps.append(step.logits[0])
     torch.testing.assert_close(torch.cat(steps), outs[False][0, 479:511], rtol=1e-3, atol=1e-3)
+
+
+def test_kept_everything_logs_exactly_zero_discarded_mass():
+    """m is summed over the dropped keys, not 1 − kept: a query that keeps every key has m = 0 exactly, so a
+    certificate of 0 is never 'violated' by float32 rounding (1 − kept rounded to ~1e-6 at 4K keys)."""
+    from atlas_core.models import load_model
+    from atlas_core.sparse.attention import MassLog, sparse_attention
+
+    lm = load_model("toy-llama")
+    ids = torch.randint(0, lm.model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1))
+    log = MassLog(min_position=0)
+    cfg = SparseConfig(anchors=1, window=8, page_size=4, eps=1e-9, selector="certified", bound="minmax")
+    with torch.no_grad(), sparse_attention(lm.model, cfg, log):
+        lm.model(ids)
+    for layer in log.sums:
+        m, c = log.discarded_values(layer), log.certificate_values(layer)
+        assert (m[c == 0] == 0).all()

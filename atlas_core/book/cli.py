@@ -587,6 +587,11 @@ def _sparse(args) -> None:
           f"{ci('top1_agree', '.2%')}, KL {ci('kl', '.4f')} nats\n"
           f"  perplexity {ci('ppl_dense', '.3f')} -> {ci('ppl_sparse', '.3f')} (change {ci('ppl_change', '+.2%')}); "
           f"mean discarded mass {ci('discarded', '.4f')}")
+    if cfg.selector == "certified":
+        print(f"  certified (eps {cfg.eps:g}, {cfg.bound} bound): reads {ci('key_bytes', '.1%')} of the key bytes, "
+              f"{r['pages_read_share']:.1%} of the candidate pages; certificate mean {r['certificate_mean']:.2e} max "
+              f"{r['certificate_max']:.2e}, true m mean {r['m_mean']:.2e} max {r['m_max']:.2e}; m above the certificate: "
+              f"{r['violations']} of {r['calibration_pairs']} (query, head, layer) cases")
 
 
 def _wquant(args) -> None:

@@ -246,7 +246,9 @@ def _mass_parts(scores, visible, q_pos, k_pos, fixed, chosen, cfg: SparseConfig,
     the key bytes read)."""
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (batch, head, query, key); NaN on pad rows
     parts = {"fixed": (probs * fixed).sum(-1), "selected": (probs * chosen).sum(-1)}  # (batch, head, query)
-    parts["discarded"] = (1 - parts["fixed"] - parts["selected"]).clamp_min(0)
+    # Summed directly, not 1 − kept: at thousands of keys 1 − kept carries ~1e-6 of float32 rounding, which would
+    # swamp a certificate of that size (and a kept-everything query's m must be exactly 0).
+    parts["discarded"] = (probs * (visible & ~(fixed | chosen))).sum(-1)
     parts.update(stats)
     if cfg.selector not in ("exact", "certified"):  # recall of exact top-k: the fixed-budget selectors
         _, exact = kept_mask(scores, visible, q_pos, k_pos, cfg)

@@ -369,10 +369,28 @@ def fidelity_report(lm: LoadedModel, cfg: SparseConfig, prompt: torch.Tensor, n_
     gen = trajectory_agreement(lm, prompt, dense, cfg)
     tf = teacher_forced(lm, eval_blocks, cfg, progress=progress)
     figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
-    return {"step_agreement": gen["agree"], "first_divergence": gen["first_divergence"],
-            "identical_prefix": gen["identical_prefix"], **figures,
-            **{f"{part}_mass{suffix}": tf[f"{part}{suffix}"] for part in ("fixed", "selected") for suffix in ("", "_lo", "_hi")},
-            "tf_positions": tf["positions"], "tf_blocks": tf["blocks"]}
+    out = {"step_agreement": gen["agree"], "first_divergence": gen["first_divergence"],
+           "identical_prefix": gen["identical_prefix"], **figures,
+           **{f"{part}_mass{suffix}": tf[f"{part}{suffix}"] for part in ("fixed", "selected") for suffix in ("", "_lo", "_hi")},
+           "tf_positions": tf["positions"], "tf_blocks": tf["blocks"]}
+    if cfg.selector == "certified":
+        out.update(_certified_figures(tf["log"], cfg))
+    return out
+
+
+def _certified_figures(log: MassLog, cfg: SparseConfig) -> dict:
+    """The certified rule's share of key bytes read (block-bootstrap interval), pages read, and its calibration:
+    certificate and true m (mean, max) and the queries whose m exceeds the certificate (must be 0)."""
+    from atlas_core.sparse.certified_eval import calibration, key_bytes_estimate
+
+    share = key_bytes_estimate(log)
+    cal = calibration(log, cfg.eps)
+    means = log.means()
+    return {"key_bytes": share.value, "key_bytes_lo": share.lo, "key_bytes_hi": share.hi,
+            "pages_read_share": float(means["pages_read"].sum() / means["candidate_pages"].sum().clamp_min(1)),
+            "certificate_mean": float(cal["certificate"].mean()), "certificate_max": float(cal["certificate"].max()),
+            "m_mean": float(cal["discarded"].mean()), "m_max": float(cal["discarded"].max()), "violations": int(cal["violations"]),
+            "calibration_pairs": cal["pairs"]}
 
 
 def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Tensor, prompt: torch.Tensor,
