@@ -8,6 +8,7 @@
   over many prompts, dense vs sparse.
 - ``certified``: certified page selection: pages read in bound order until the discarded mass is provably ≤ ε
   (selector ``"certified"``; minmax, centroid, low-rank and min bounds; decode kernel; bound slack).
+- ``certified_eval``: the certified rule judged: fixed-budget rules at its measured key bytes, its calibration.
 - ``kernels``: one layer's decode step over a long cache: dense, exact top-k, page-selected.
 - ``realkeys``: a real long prompt's post-RoPE keys, values and queries of one full-attention layer.
 - ``bench``: decode-step time and bytes read against context length (synthetic or real keys).
