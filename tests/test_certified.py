@@ -211,3 +211,42 @@ def test_kept_everything_logs_exactly_zero_discarded_mass():
     for layer in log.sums:
         m, c = log.discarded_values(layer), log.certificate_values(layer)
         assert (m[c == 0] == 0).all()
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("spread", [8.0, 30.0, 100.0])
+def test_scores_far_apart_give_a_valid_certificate_not_a_false_zero(bound, spread):
+    """Before the sums were kept as logs, bounds ~745 logits above every score underflowed Z_kept and U to 0 and
+    0/0 was read as a certificate of 0 (m = 1 beside c = 0 at spread 30); the kernel's fp32 sums gave NaN at 8."""
+    g = torch.Generator().manual_seed(int(spread))
+    q = torch.randn(1, 4, 3, 16, generator=g) * spread
+    k = torch.randn(1, 2, 64, 16, generator=g) * spread
+    pos = torch.arange(64)[None]
+    vis = pos[:, None, None, :] <= pos[:, -3:, None][:, None]
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25
+    cfg = SparseConfig(anchors=1, window=4, page_size=4, eps=1e-2, bound=bound, rank=4)
+    fixed, chosen, st = certified_mask(q, k, scores, 0.25, vis, pos[:, -3:], pos, cfg)
+    keep, cert = certified_mask_reference(q, k, scores, 0.25, vis, pos[:, -3:], pos, cfg)
+    assert torch.equal(fixed | chosen, keep)
+    c = st["certificate"]
+    assert torch.isfinite(c).all() and (c <= 1).all()
+    assert (_discarded(scores, vis, keep) <= c * (1 + 1e-5) + 1e-7).all()
+    values = torch.randn(2, 64, 16, generator=g)
+    out, info = certified_decode(q[0, :, -1], certified_cache(k[0], values, cfg), scale=0.25)
+    assert torch.isfinite(info["certificate"]).all() and torch.isfinite(out).all()
+    assert info["pages_read"].tolist() == st["pages_read"][0, :, -1].long().tolist()
+    assert (info["keys_read"] <= 64).all()
+
+
+def test_decode_kernel_applies_the_softcap():
+    g = torch.Generator().manual_seed(2)
+    q, keys, values = torch.randn(4, 16, generator=g) * 6, torch.randn(2, 80, 16, generator=g), torch.randn(2, 80, 16, generator=g)
+    cfg = SparseConfig(anchors=1, window=8, page_size=4, eps=1e-2, bound="minmax")
+    out, info = certified_decode(q, certified_cache(keys, values, cfg), scale=0.25, softcap=3.0)
+    scores = torch.tanh(q[None, :, None] @ keys.repeat_interleave(2, 0)[None].transpose(-1, -2) * 0.25 / 3.0) * 3.0
+    pos = torch.arange(80)[None]
+    fixed, chosen, st = certified_mask(q[None, :, None], keys[None], scores, 0.25, torch.ones(1, 1, 1, 80, dtype=torch.bool),
+                                       pos[:, -1:], pos, cfg, softcap=3.0)
+    assert info["pages_read"].tolist() == st["pages_read"][0, :, 0].long().tolist()
+    probs = scores.masked_fill(~(fixed | chosen), -math.inf).softmax(-1)
+    torch.testing.assert_close(out, (probs @ values.repeat_interleave(2, 0)[None])[0, :, 0], rtol=1e-4, atol=1e-5)

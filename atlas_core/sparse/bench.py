@@ -192,7 +192,7 @@ def _certified_stats(q: torch.Tensor, keys: torch.Tensor, cfg: SparseConfig, sca
     idx = page[:, None, None, :].expand_as(probs)
     z_page = torch.zeros(*probs.shape[:3], n_pages, dtype=torch.float64).scatter_add(-1, idx, probs * rest)
     order = z_page.sort(dim=-1, descending=True, stable=True).indices
-    t, _ = certify((probs * fixed).sum(-1), z_page, z_page, order, cfg.eps)
+    t, _ = certify((probs * fixed).sum(-1).log(), z_page.log(), z_page.log(), order, cfg.eps)  # its bounds: the exact masses
     oracle_keys = fixed.sum(-1) + (rank_keys := torch.zeros_like(z_page).scatter_add(-1, idx, rest.double())).gather(
         -1, order).cumsum(-1).gather(-1, (t[..., None] - 1).clamp_min(0))[..., 0] * (t > 0)
     return {"certificate": st["certificate"][0, :, 0].double(), "m": m[0, :, 0], "key_bytes": st["key_bytes"][0, :, 0],
@@ -247,9 +247,9 @@ def bench_certified_decode(contexts=(32768,), cfg: SparseConfig = SparseConfig(s
         q = queries[-1][1].to(device)
         cache, paged = certified_cache(keys, values, cfg), paged_cache(keys, values, cfg.page_size)
         fns = {"dense": lambda: _dense(q, keys, values, scale), "topk": lambda: topk_decode(q, keys, values, cfg),
-               "pages": lambda: page_decode(q, paged, cfg), "certified": lambda: certified_decode(q, cache, scale)}
+               "pages": lambda: page_decode(q, paged, cfg), "certified": lambda: certified_decode(q, cache, scale, softcap)}
         medians = _interleaved(fns, rounds, steps, device)
-        _, info = certified_decode(q, cache, scale)
+        _, info = certified_decode(q, cache, scale, softcap)
         row = {"n": n, "tiled": tiled, "queries": len(queries)}
         for name in fns:
             row[f"{name}_s"] = medians[name]

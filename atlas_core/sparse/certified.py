@@ -42,7 +42,7 @@ from atlas_core.sparse.kept import BOUNDS, SparseConfig, fixed_mask
 from atlas_core.sparse.pages import _row_summaries, page_index, score_bound
 
 __all__ = ["BOUNDS", "CertifiedCache", "certified_cache", "certified_decode", "certified_mask", "certified_mask_reference",
-           "bound_slack", "certify", "key_basis", "key_bytes_share", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
+           "bound_slack", "certificate", "certify", "key_basis", "key_bytes_share", "page_logsumexp", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
 
 ROUNDING = 8 * 2.0**-24  # per d_head term: Higham's γ_d ≈ d·u for the score and again for the bound, doubled
 
@@ -163,29 +163,51 @@ def page_bounds(query: torch.Tensor, sk: PageSketch, scale: float, softcap: floa
     return torch.tanh(u / softcap) * softcap if softcap else u
 
 
-def certify(z_fixed: torch.Tensor, z_page: torch.Tensor, bound_page: torch.Tensor, order: torch.Tensor,
+def certificate(log_unread: torch.Tensor, log_kept: torch.Tensor) -> torch.Tensor:
+    """c = U / (Z_kept + U) from log U and log Z_kept (any shape): 0 where nothing is unread, 1 where nothing
+    is kept; computed as a sigmoid of the log ratio, so neither sum can underflow to a false 0/0."""
+    c = torch.sigmoid(log_unread - log_kept)
+    return c.masked_fill(log_unread == -math.inf, 0.0)
+
+
+def certify(log_z_fixed: torch.Tensor, log_z_page: torch.Tensor, log_bound_page: torch.Tensor, order: torch.Tensor,
             eps: float, max_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pages read and certificate of the certified rule, from every page's exact and bounded sums at once.
 
+    All sums are logs (log-sum-exp), so scores thousands of logits apart neither overflow nor underflow.
+
     Args:
-        z_fixed: (...,) Σ e^{s − M} over the fixed keys (float64).
-        z_page: (..., page) Σ e^{s − M} over each page's candidate keys.
-        bound_page: (..., page) n_p · e^{u_p − M}, 0 for a page without candidates.
+        log_z_fixed: (...,) log Σ e^s over the fixed keys (float64).
+        log_z_page: (..., page) log Σ e^s over each page's candidate keys (−inf for none).
+        log_bound_page: (..., page) log(n_p) + u_p, −inf for a page without candidates.
         order: (..., page) pages in reading order (descending bound; pages without candidates last).
         eps: the certificate's target; max_pages: a cap on pages read (0: none).
     Returns:
         (t (...,) int64 pages read, c (...,) float64 the certificate U / (Z_kept + U) after them).
     """
-    zs, bs = z_page.gather(-1, order), bound_page.gather(-1, order)  # (..., page) in reading order
-    zero = torch.zeros_like(z_fixed)[..., None]
-    z_kept = z_fixed[..., None] + torch.cat([zero, zs.cumsum(-1)], -1)  # (..., page + 1) after t pages
-    unread = torch.cat([bs.flip(-1).cumsum(-1).flip(-1), zero], -1)  # (..., page + 1) Σ bounds of pages ≥ t
-    denom = z_kept + unread
-    c = torch.where(denom > 0, unread / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(denom))
+    zs, bs = log_z_page.gather(-1, order), log_bound_page.gather(-1, order)  # (..., page) in reading order
+    none = torch.full_like(log_z_fixed, -math.inf)[..., None]
+    log_kept = torch.logaddexp(log_z_fixed[..., None], torch.cat([none, zs.logcumsumexp(-1)], -1))  # (..., page + 1)
+    log_unread = torch.cat([bs.flip(-1).logcumsumexp(-1).flip(-1), none], -1)  # (..., page + 1) pages ≥ t
+    c = certificate(log_unread, log_kept)
     t = (c <= eps).to(torch.int8).argmax(-1)  # the first t with c(t) ≤ eps (c(all pages) = 0 always qualifies)
     if max_pages:
         t = t.clamp(max=max_pages)
     return t, c.gather(-1, t[..., None])[..., 0]
+
+
+def page_logsumexp(s: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """(..., page) log Σ e^{s_j} over the masked keys of each page (−inf for none).
+
+    Args:
+        s: (..., key) scores; mask: (..., key) bool; idx: (..., key) page of each key.
+    """
+    s = s.masked_fill(~mask, -math.inf)
+    top = torch.full((*s.shape[:-1], n_pages), -math.inf, dtype=s.dtype).scatter_reduce(-1, idx, s, "amax")
+    shift = top.gather(-1, idx)
+    e = (s - shift).masked_fill(~mask, -math.inf).exp()  # a masked key: exp(−inf) = 0, never NaN
+    total = torch.zeros_like(top).scatter_add(-1, idx, e)
+    return total.log() + top.masked_fill(top == -math.inf, 0.0)
 
 
 def certified_mask(query: torch.Tensor, key: torch.Tensor, scores: torch.Tensor, scale: float, visible, q_pos, k_pos,
@@ -214,14 +236,11 @@ def certified_mask(query: torch.Tensor, key: torch.Tensor, scores: torch.Tensor,
     idx = page.expand(b, n)[:, None, None, :].expand(b, h, nq, n)
     count = torch.zeros(b, h, nq, n_pages, dtype=torch.float64).scatter_add(-1, idx, rest.double())
     u = u.masked_fill(count == 0, -math.inf)
-    s = scores.double().masked_fill(~visible, -math.inf)
-    top = torch.maximum(s.amax(-1), u.amax(-1)).clamp_min(-1e300)[..., None]  # (batch, head, query, 1) the shift M
-    e = (s - top).exp()  # (batch, head, query, key)
-    z_fixed = (e * fixed).sum(-1)
-    z_page = torch.zeros_like(count).scatter_add(-1, idx, e * rest)
-    bound_page = count * (u - top).exp()
+    s = scores.double()
+    log_z_fixed = s.masked_fill(~fixed, -math.inf).logsumexp(-1)  # (batch, head, query)
+    log_z_page = page_logsumexp(s, rest, idx, n_pages)  # (batch, head, query, page)
     order = u.sort(dim=-1, descending=True, stable=True).indices  # (batch, head, query, page)
-    t, cert = certify(z_fixed, z_page, bound_page, order, cfg.eps, cfg.max_pages)
+    t, cert = certify(log_z_fixed, log_z_page, count.log() + u, order, cfg.eps, cfg.max_pages)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pages).expand_as(order))  # page -> reading rank
     chosen = rest & (rank.gather(-1, idx) < t[..., None])
     cand_pages = (count > 0).sum(-1)
@@ -303,20 +322,26 @@ def certified_mask_reference(query, key, scores, scale: float, visible, q_pos, k
                         bounds[p] = math.tanh(u / softcap) * softcap if softcap else u
                 order = sorted(bounds, key=lambda p: -bounds[p])  # stable: ties to the earliest page
                 s = {j: float(scores[bi, hi, qi, j]) for j in seen}
-                top = max([*s.values(), *bounds.values()], default=0.0)
-                z_kept = sum(math.exp(s[j] - top) for j in fixed)
+                kept = [s[j] for j in fixed]
                 read, c = 0, None
                 while True:
-                    unread = sum(len(cand[p]) * math.exp(bounds[p] - top) for p in order[read:])
-                    c = unread / (z_kept + unread) if z_kept + unread > 0 else 0.0
+                    unread = _lse([math.log(len(cand[p])) + bounds[p] for p in order[read:]])
+                    z_kept = _lse(kept)
+                    c = 0.0 if unread == -math.inf else 1.0 if z_kept == -math.inf else 1 / (1 + math.exp(min(z_kept - unread, 700)))
                     if c <= cfg.eps or read == len(order) or (cfg.max_pages and read == cfg.max_pages):
                         break
-                    z_kept += sum(math.exp(s[j] - top) for j in cand[order[read]])
+                    kept += [s[j] for j in cand[order[read]]]
                     read += 1
                 cert[bi, hi, qi] = c
                 for j in fixed + [j for p in order[:read] for j in cand[p]]:
                     keep[bi, hi, qi, j] = True
     return keep, cert
+
+
+def _lse(values: list[float]) -> float:
+    """log Σ e^v, written plainly (−inf for none)."""
+    top = max(values, default=-math.inf)
+    return top if top == -math.inf else top + math.log(sum(math.exp(v - top) for v in values))
 
 
 @dataclass(frozen=True)
@@ -352,91 +377,103 @@ def _middle_pages(n: int, cfg: SparseConfig, device) -> tuple[int, int, int, int
     return lo, hi, p_lo, p_hi, count
 
 
-def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None = None, rounds: int = 8,
-                     gather_share: float = 0.25) -> tuple[torch.Tensor, dict]:
+def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None = None, softcap: float | None = None,
+                     rounds: int = 8, gather_share: float = 0.25) -> tuple[torch.Tensor, dict]:
     """One decode step with certified page selection: read pages in bound order, in growing batches, until each
     query head's certificate is ≤ ε.
 
-    Batches of pages (doubling from ``rounds`` pages) are gathered for every query head while they cover less
-    than ``gather_share`` of the pages; a head still uncertified then has to read much of the cache, and the
-    kernel scores the remaining keys with one contiguous pass (cheaper than gathering most pages one head at a
-    time). Either way each head keeps exactly the pages up to its first certified count, so the kept set is
-    the sequential reader's (``certified_mask`` on the same cache; tests hold them equal).
+    Batches of pages (doubling from ``rounds`` pages, or from the count the bounds alone show is needed) are
+    gathered for every query head while they cover less than ``gather_share`` of the pages; a head still
+    uncertified then has to read much of the cache, and the kernel scores the remaining keys in one contiguous
+    pass (cheaper than gathering most pages one head at a time). Either way each head keeps exactly the pages up
+    to its first certified count, so the kept set is the sequential reader's (``certified_mask`` on the same
+    cache; tests hold them equal). Sums are kept as logs (no underflow however far apart the scores are).
 
     Args:
         q: (head, d_head) the query at position n − 1; cache: ``certified_cache`` of n keys.
-        scale: attention scaling (default d_head^-0.5); rounds: pages in the first batch.
+        scale: attention scaling (default d_head^-0.5); softcap: the model's logit soft-cap, or None.
+        rounds: pages in the first batch; gather_share: the share of pages gathered before the contiguous pass.
     Returns:
         (output (head, d_head), info): per query head "pages_read", "certificate" (float64), "error_bound" (a
-        bound on ‖o_full − o_kept‖), "keys_read" (fixed + read page slots); "pages_fetched" (pages the kernel
-        read, ≥ the most any head needed; all of them after a contiguous pass).
+        bound on ‖o_full − o_kept‖), "keys_read" (fixed keys + candidate keys of the read pages); "pages_fetched"
+        (pages the kernel read, ≥ the most any head needed; all of them after a contiguous pass).
+    Raises:
+        ValueError: q's heads not a multiple of the cache's KV heads.
+    Source: the certificate of the module docstring; page summaries after Quest (arXiv 2406.10774).
     """
     keys, cfg = cache.keys, cache.cfg
     n_kv, n, d = keys.shape
+    if q.shape[0] % n_kv:
+        raise ValueError(f"the query's {q.shape[0]} heads must be a multiple of the cache's {n_kv} KV heads")
     qg = q.view(n_kv, -1, d)  # (kv_head, group, d_head)
     scale = d**-0.5 if scale is None else scale
-    st = _decode_setup(qg, cache, scale)
+    score = lambda x: _capped(x, softcap)  # noqa: E731
+    st = _decode_setup(qg, cache, scale, softcap)
     cap = min(cfg.max_pages or st["n_pages"], st["n_pages"])
-    t = torch.where(st["c0"] <= cfg.eps, 0, -1)  # (kv_head, group) pages read; -1: not yet certified
-    z_kept, start, reads = st["z_fixed"], 0, []
+    t = torch.where(certificate(st["unread"][..., 0], st["log_z_fixed"]) <= cfg.eps, 0, -1)  # -1: not yet certified
+    log_kept, start, reads = st["log_z_fixed"], 0, []
     # Every page read adds at most its bound to Z_kept, so c(t) ≥ U(t) / (Z_fixed + U(0)): pages below the first t
     # where that floor is ≤ ε are read in any case; when that alone is much of the cache, skip the gathering.
-    floor = st["unread"] / (st["z_fixed"] + st["unread"][..., :1])  # (kv_head, group, page + 1)
+    floor = certificate(st["unread"], torch.logaddexp(st["log_z_fixed"], st["unread"][..., 0])[..., None])
     need = int((floor > cfg.eps).sum(-1).max())  # the floor falls with t: its count above ε is the first t below
     batch = max(rounds, need)
     while bool((t < 0).any()) and start < cap and start + batch <= max(gather_share * st["n_pages"], rounds):
         stop = min(start + batch, cap)
-        scores, slots, z = _read_pages(qg, keys, st, start, stop, scale)
-        t, z_kept = _first_certified(t, z_kept, z, st["unread"], start, cfg.eps)
+        scores, slots, z = _read_pages(qg, keys, st, start, stop, scale, score)
+        t, log_kept = _first_certified(t, log_kept, z, st["unread"], start, cfg.eps)
         reads.append((scores, slots))
         start, batch = stop, batch * 2
     contiguous = bool((t < 0).any()) and start < cap
     if contiguous:  # the rest in one pass over the cache: every key's score once
-        s_full = qg @ keys.transpose(-1, -2) * scale  # (kv_head, group, n)
+        s_full = score(qg @ keys.transpose(-1, -2) * scale)  # (kv_head, group, n)
         z = _page_sums(s_full, st).gather(-1, st["order"])[..., start:cap]  # (kv_head, group, cap − start)
-        t, z_kept = _first_certified(t, z_kept, z, st["unread"], start, cfg.eps)
+        t, log_kept = _first_certified(t, log_kept, z, st["unread"], start, cfg.eps)
     t = torch.where(t < 0, cap, t)  # the cap (or every page) reached
-    out, z_total = (_attend_all(s_full, cache, st, t) if contiguous else _attend_read(qg, cache, st, t, reads, scale))
-    u_t = st["unread"].gather(-1, t[..., None])[..., 0]
-    cert = u_t / (z_total + u_t)  # U / (Z_kept + U), both shifted by the same M
+    out, log_total = (_attend_all(s_full, cache, st, t) if contiguous else _attend_read(qg, cache, st, t, reads))
+    cert = certificate(st["unread"].gather(-1, t[..., None])[..., 0], log_total)
     read = torch.arange(st["n_pages"], device=keys.device) < t[..., None]
     vmax = cache.vnorm[:, st["p_lo"]:st["p_hi"]][:, None, :].expand_as(st["order"]).gather(-1, st["order"])
     vmax = vmax.masked_fill(read, 0).amax(-1) if st["n_pages"] else torch.zeros_like(cert)
+    kept_keys = (st["count_sorted"] * read).sum(-1)  # candidates of the read pages (partial pages counted as such)
     info = {"pages_read": t.flatten(), "certificate": cert.flatten(), "error_bound": (cert * (vmax + out.norm(dim=-1))).flatten(),
-            "keys_read": (st["fixed"].numel() + t * cfg.page_size).flatten(),
-            "pages_fetched": st["n_pages"] if contiguous else start}
+            "keys_read": (st["fixed"].numel() + kept_keys).flatten(), "pages_fetched": st["n_pages"] if contiguous else start}
     return out.reshape(-1, d), info
 
 
-def _decode_setup(qg: torch.Tensor, cache: CertifiedCache, scale: float) -> dict:
+def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The logit soft-cap tanh(x / c) · c (identity without one), as the model applies it."""
+    return torch.tanh(x / softcap) * softcap if softcap else x
+
+
+def _decode_setup(qg: torch.Tensor, cache: CertifiedCache, scale: float, softcap: float | None) -> dict:
     """Fixed keys' scores, page bounds, reading order and the unread-bound suffix sums of one decode query.
 
-    qg (kv_head, group, d_head). Returns a dict: lo, hi, p_lo, p_hi, n_pages, fixed (index), f_scores (kv_head,
-    group, fixed), top (kv_head, group, 1) the shift M, order (kv_head, group, page), unread (kv_head, group,
-    page + 1) Σ n_p e^{u_p − M} over the pages from rank t on, z_fixed (kv_head, group, 1), c0 the certificate
-    before any page (kv_head, group).
+    qg (kv_head, group, d_head); softcap: the logit soft-cap or None. Returns a dict: size, lo, hi, p_lo,
+    p_hi, n_pages, fixed (index), f_scores (kv_head, group, fixed) float64, order (kv_head, group, page),
+    count_sorted (kv_head, group, page) candidates per page in reading order, unread (kv_head, group, page + 1)
+    log Σ n_p e^{u_p} over the pages of rank ≥ t, log_z_fixed (kv_head, group).
     """
     keys, cfg = cache.keys, cache.cfg
     n = keys.shape[1]
     lo, hi, p_lo, p_hi, count = _middle_pages(n, cfg, keys.device)
     fixed = torch.cat([torch.arange(lo, device=keys.device), torch.arange(hi, n, device=keys.device)])
-    f_scores = (qg @ keys[:, fixed].transpose(-1, -2) * scale).double()  # (kv_head, group, fixed)
-    u = page_bounds(qg[None], _slice_pages(cache.sketch, p_lo, p_hi), scale)[0].double()  # (kv_head, group, page)
+    f_scores = _capped(qg @ keys[:, fixed].transpose(-1, -2) * scale, softcap).double()  # (kv_head, group, fixed)
+    u = page_bounds(qg[None], _slice_pages(cache.sketch, p_lo, p_hi), scale, softcap)[0].double()  # (kv_head, group, page)
     u = u.masked_fill(count == 0, -math.inf)
-    top = torch.cat([f_scores, u], -1).amax(-1, keepdim=True)  # (kv_head, group, 1)
     order = u.sort(dim=-1, descending=True, stable=True).indices
-    bound_sorted = (count * (u - top).exp()).gather(-1, order)  # (kv_head, group, page) in reading order
-    unread = torch.cat([bound_sorted.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(top)], -1)
-    z_fixed = (f_scores - top).exp().sum(-1, keepdim=True)
-    return {"size": cfg.page_size, "lo": lo, "hi": hi, "p_lo": p_lo, "p_hi": p_hi, "n_pages": p_hi - p_lo, "fixed": fixed, "f_scores": f_scores,
-            "top": top, "order": order, "unread": unread, "z_fixed": z_fixed, "c0": unread[..., 0] / (z_fixed[..., 0] + unread[..., 0])}
+    bound_sorted = (count.double().log() + u).gather(-1, order)  # (kv_head, group, page) in reading order
+    none = torch.full_like(bound_sorted[..., :1], -math.inf)
+    unread = torch.cat([bound_sorted.flip(-1).logcumsumexp(-1).flip(-1), none], -1)
+    return {"size": cfg.page_size, "lo": lo, "hi": hi, "p_lo": p_lo, "p_hi": p_hi, "n_pages": p_hi - p_lo, "fixed": fixed,
+            "f_scores": f_scores, "order": order, "count_sorted": count.expand_as(u).gather(-1, order), "unread": unread,
+            "log_z_fixed": f_scores.logsumexp(-1)}
 
 
-def _read_pages(qg, keys, st: dict, start: int, stop: int, scale: float):
+def _read_pages(qg, keys, st: dict, start: int, stop: int, scale: float, score):
     """Gather and score the pages of reading ranks [start, stop) per query head.
 
     Returns (scores (kv_head, group, b·P) fp32, −inf outside the candidates; slots (kv_head, group, b·P);
-    z (kv_head, group, b) Σ e^{s − M} per page, float64).
+    z (kv_head, group, b) log Σ e^s per page, float64).
     """
     n_kv, n, _ = keys.shape
     size = st["size"]
@@ -445,31 +482,29 @@ def _read_pages(qg, keys, st: dict, start: int, stop: int, scale: float):
     inside = (slots >= st["lo"]) & (slots < st["hi"])
     slots = slots.clamp(max=n - 1)
     k_sel = keys[torch.arange(n_kv, device=keys.device)[:, None, None], slots]  # (kv_head, group, b·P, d_head)
-    scores = ((k_sel @ qg[..., None])[..., 0] * scale).masked_fill(~inside, -math.inf)
-    z = (scores - st["top"].float()).exp().view(*scores.shape[:2], -1, size).sum(-1, dtype=torch.float64)
+    scores = score((k_sel @ qg[..., None])[..., 0] * scale).masked_fill(~inside, -math.inf)
+    z = scores.double().view(*scores.shape[:2], -1, size).logsumexp(-1)
     return scores, slots, z
 
 
-def _first_certified(t, z_kept, z, unread, start: int, eps: float):
-    """Advance the heads not yet certified over pages of ranks start … start + b − 1 (their exact sums z).
+def _first_certified(t, log_kept, z, unread, start: int, eps: float):
+    """Advance the heads not yet certified over pages of ranks start … start + b − 1 (their log sums z).
 
-    t (kv_head, group), −1 where uncertified; z_kept (kv_head, group, 1) after ``start`` pages; z (kv_head, group, b).
-    Returns (t, z_kept after start + b pages).
+    t (kv_head, group), −1 where uncertified; log_kept (kv_head, group) after ``start`` pages; z (kv_head, group, b).
+    Returns (t, log_kept after start + b pages).
     """
-    zk = z_kept + z.cumsum(-1)  # (kv_head, group, b) after start + 1 … start + b pages
-    u = unread[..., start + 1:start + 1 + z.shape[-1]]
-    ok = u / (zk + u) <= eps
+    zk = torch.logaddexp(log_kept[..., None], z.logcumsumexp(-1))  # (kv_head, group, b) after start + 1 … start + b
+    ok = certificate(unread[..., start + 1:start + 1 + z.shape[-1]], zk) <= eps
     first = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1) + start + 1, -1)
-    return torch.where(t < 0, first, t), zk[..., -1:]
+    return torch.where(t < 0, first, t), zk[..., -1]
 
 
 def _page_sums(s_full: torch.Tensor, st: dict) -> torch.Tensor:
-    """(kv_head, group, page) Σ e^{s − M} over every middle page's candidates, from every key's score (kv_head, group, n)."""
+    """(kv_head, group, page) log Σ e^s over every middle page's candidates, from every key's score (kv_head, group, n)."""
     size, lo, hi = st["size"], st["lo"], st["hi"]
-    s = (s_full[..., lo:hi] - st["top"].float()).exp()  # (kv_head, group, hi − lo)
     lead = lo - st["p_lo"] * size
-    s = torch.nn.functional.pad(s, (lead, st["n_pages"] * size - lead - (hi - lo)))
-    return s.view(*s.shape[:2], st["n_pages"], size).sum(-1, dtype=torch.float64)
+    s = torch.nn.functional.pad(s_full[..., lo:hi].double(), (lead, st["n_pages"] * size - lead - (hi - lo)), value=-math.inf)
+    return s.view(*s.shape[:2], st["n_pages"], size).logsumexp(-1)
 
 
 def _kept_pages(st: dict, t: torch.Tensor) -> torch.Tensor:
@@ -481,7 +516,7 @@ def _kept_pages(st: dict, t: torch.Tensor) -> torch.Tensor:
 def _attend_all(s: torch.Tensor, cache: CertifiedCache, st: dict, t: torch.Tensor):
     """Softmax over the fixed keys and the first t pages, by masking every key's score s (kv_head, group, n).
 
-    Returns (output (kv_head, group, d_head), Z_kept (kv_head, group) shifted by M)."""
+    Returns (output (kv_head, group, d_head), log Z_kept (kv_head, group))."""
     values, size = cache.values, st["size"]
     n = s.shape[-1]
     kept_page = _kept_pages(st, t).repeat_interleave(size, -1)  # (kv_head, group, n_pages·P) from page p_lo
@@ -493,13 +528,13 @@ def _attend_all(s: torch.Tensor, cache: CertifiedCache, st: dict, t: torch.Tenso
     middle[..., :st["lo"]] = False
     middle[..., st["hi"]:] = False
     s = s.masked_fill(~(keep | middle), -math.inf)
-    return s.softmax(-1) @ values, (s - st["top"].float()).exp().sum(-1, dtype=torch.float64)
+    return s.softmax(-1) @ values, s.double().logsumexp(-1)
 
 
-def _attend_read(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, reads: list, scale: float):
+def _attend_read(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, reads: list):
     """Softmax over the fixed keys and each head's first t gathered pages.
 
-    Returns (output (kv_head, group, d_head), Z_kept (kv_head, group) shifted by M)."""
+    Returns (output (kv_head, group, d_head), log Z_kept (kv_head, group))."""
     values, size = cache.values, st["size"]
     n_kv, _, d = values.shape
     f_scores = st["f_scores"]
@@ -510,11 +545,11 @@ def _attend_read(qg, cache: CertifiedCache, st: dict, t: torch.Tensor, reads: li
         v_sel = values[torch.arange(n_kv, device=t.device)[:, None, None], idx]  # (kv_head, group, fetched·P, d_head)
     else:
         s_all, v_sel = f_scores.new_zeros(*f_scores.shape[:2], 0), values.new_zeros(n_kv, qg.shape[1], 0, d)
-    probs = torch.cat([f_scores, s_all], -1).softmax(-1).to(qg.dtype)  # (kv_head, group, fixed + fetched)
+    both = torch.cat([f_scores, s_all], -1)
+    probs = both.softmax(-1).to(qg.dtype)  # (kv_head, group, fixed + fetched)
     nf = st["fixed"].numel()
     out = probs[..., :nf] @ values[:, st["fixed"]] + (probs[..., nf:, None] * v_sel).sum(-2)
-    z = (f_scores - st["top"]).exp().sum(-1) + (s_all - st["top"]).exp().sum(-1)
-    return out, z
+    return out, both.logsumexp(-1)
 
 
 def _slice_pages(sk: PageSketch, p_lo: int, p_hi: int) -> PageSketch:
