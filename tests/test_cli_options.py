@@ -120,10 +120,6 @@ RULES = {
     ("id", "--seq-len"): {"word": "seq_len"},
     ("book", "--cores"): {"ok": (BIG,)},  # more jobs than cores: Snakemake queues them
     ("bench", "sparse-decode", "--device"): {"bad": [("foo", "--device"), ("cuda:99", "--device")]},
-    ("sparse", "--max-pages"): {"ok": ("0", BIG)},  # 0: no cap; a cap above every page is no cap
-    ("bench", "sparse-decode", "--max-pages"): {"ok": ("0", BIG)},
-    ("sparse", "--rank"): {"ok": (BIG,)},  # unused by the default top-k selector
-    ("bench", "sparse-decode", "--rank"): {"ok": (BIG,)},  # unused by the default pages benchmark
     ("bench", "sparse-decode", "--real-keys"): {"bad": [("no-such-model", "--real-keys")]},  # needs --selector certified
     ("bench", "sparse-decode", "--real-corpus"): {"bad": [(MISSING, "--real-corpus")]},  # needs --real-keys
     ("ppl", "--corpus"): {"bad": [(MISSING, "corpus")]},

@@ -68,8 +68,25 @@ def test_cli_certified_bench_prints_json_and_refuses_a_rank_without_residual(cap
     assert main([*base, "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["n"] == 512 and row["violations"] == 0 and "speedup_certified" in row
-    assert main([*base, "--rank", "16"]) == 2
+    assert main([*base, "--rank", "16", "--bound", "lowrank"]) == 2
     assert "rank (16) must be below d_head (16)" in capsys.readouterr().err
-    assert main(["sparse", "--model", "toy-llama", "--selector", "certified", "--rank", "16", "--prompt-tokens", "128",
-                 "--seq-len", "128", "--eval-tokens", "256", "--window", "8"]) == 2
+    assert main(["sparse", "--model", "toy-llama", "--selector", "certified", "--rank", "16", "--bound", "min",
+                 "--prompt-tokens", "128", "--gen-tokens", "8", "--seq-len", "128", "--eval-tokens", "256", "--window", "8"]) == 2
     assert "--rank (16) must be below d_head (16)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sparse", "--model", "toy-llama", "--eps", "0.5"], "--eps goes with --selector certified"),
+    (["sparse", "--model", "toy-llama", "--selector", "pages", "--bound", "centroid"], "--bound goes with --selector certified"),
+    (["sparse", "--model", "toy-llama", "--selector", "certified", "--topk", "5"], "--topk does not apply to --selector certified"),
+    (["sparse", "--model", "toy-llama", "--selector", "certified", "--head-average"], "head_average does not apply"),
+    (["bench", "sparse-decode", "--context", "512", "--eps", "0.5"], "--eps goes with --selector certified"),
+    (["bench", "sparse-decode", "--context", "512", "--max-pages", "3"], "--max-pages goes with --selector certified"),
+])
+def test_cli_refuses_flags_that_do_not_apply(argv, message, capsys):
+    """Each was silently ignored before (the fresh-user test of issue 18)."""
+    from atlas_core.book.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -240,8 +240,8 @@ def _parser() -> argparse.ArgumentParser:
                          "certificate beside the true discarded mass, bytes read and recall of the exact top-k mass")
     sb.add_argument("--real-keys", metavar="MODEL", help="certified: a real long prompt's keys, values and queries from "
                     "MODEL's last full-attention layer instead of a synthetic Gaussian cache")
-    sb.add_argument("--real-tokens", type=int, help="--real-keys: the real prompt's length (default 32768); longer "
-                    "contexts tile its keys (reported as tiled)")
+    sb.add_argument("--real-tokens", type=int, help="--real-keys: the longest real prompt to capture (default 32768); the "
+                    "prompt is min(this, the longest --context), and longer contexts tile its keys (reported as tiled)")
     sb.add_argument("--real-corpus", help="--real-keys: the corpus of the prompt (default britannica)")
     sb.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     sb.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
@@ -269,14 +269,30 @@ def _sparse_rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, help="top-k keys among the rest (default 32)")
     p.add_argument("--page-size", type=int, help="keys per page for the page selector (default 16)")
     p.add_argument("--eps", type=float, help="certified selector: the discarded attention mass its certificate allows (default 1e-3)")
-    _add_choice(p, "--bound", "atlas_core.sparse.kept", "BOUNDS", help="certified selector: the page score bound (default lowrank)")
+    _add_choice(p, "--bound", "atlas_core.sparse.kept", "BOUNDS", help="certified selector: the page score bound (default minmax)")
     p.add_argument("--rank", type=int, help="certified selector: rank of the low-rank key sketch (default 8)")
     p.add_argument("--max-pages", type=int, help="certified selector: a cap on pages read (default 0: none)")
 
 
-def _sparse_config(args, **flags):
-    """The ``SparseConfig`` of the rule flags given (and ``flags``: field -> attribute), validated before any load."""
+CERTIFIED_FLAGS = {"--eps": "eps", "--bound": "bound", "--rank": "rank", "--max-pages": "max_pages"}
+
+
+def _sparse_config(args, topk_used: bool = True, **flags):
+    """The ``SparseConfig`` of the rule flags given (and ``flags``: field -> attribute), validated before any load.
+
+    The certified selector's flags are refused with any other selector (they would be ignored), and --topk with
+    the certified selector where nothing else uses it (``topk_used`` False: ``atlas sparse``; the benchmark's k
+    is its top-k and Quest kernels').
+    """
     from atlas_core.sparse.kept import SparseConfig
+
+    certified = getattr(args, "selector", None) == "certified"
+    given = [flag for flag, attr in CERTIFIED_FLAGS.items() if getattr(args, attr) is not None]
+    if given and not certified:
+        raise ValueError(f"{given[0]} goes with --selector certified; add it or leave {given[0]} out")
+    if certified and args.topk is not None and not topk_used:
+        raise ValueError("--topk does not apply to --selector certified (it reads pages until its certificate is at most "
+                         "--eps); leave it out")
 
     return SparseConfig(**_given(args, anchors="anchors", window="window", topk="topk", page_size="page_size", eps="eps",
                                  bound="bound", rank="rank", max_pages="max_pages", **flags))
@@ -548,7 +564,7 @@ def _sparse(args) -> None:
     from atlas_core.models import load_model
     from atlas_core.sparse.fidelity import fidelity_report
 
-    cfg = _sparse_config(args, dense_layers="dense_layers", selector="selector", head_average="head_average")
+    cfg = _sparse_config(args, topk_used=False, dense_layers="dense_layers", selector="selector", head_average="head_average")
     cfg.check_context(args.prompt_tokens, "--prompt-tokens")  # validated before the model loads
     cfg.check_block(args.seq_len, "--seq-len")
     n_blocks = _blocks_of(args.eval_tokens, args.seq_len, "--eval-tokens")
@@ -710,12 +726,13 @@ def _bench_certified(args) -> None:
           f"fp32 on {s['device']} ({s['threads']} threads); a={cfg.anchors} W={cfg.window} P={cfg.page_size} "
           f"eps={cfg.eps:g} bound={cfg.bound} (rank {cfg.rank}); top-k k={cfg.topk}; median of {r['rounds']} rounds")
     for row in r["rows"]:
-        print(f"  n={row['n']:>7}{' (tiled)' if row['tiled'] else ''}: dense {row['dense_s'] * 1e3:.3f} ms | certified "
-              f"{row['certified_s'] * 1e3:.3f} ms (x{row['speedup_certified']:.2f}) | top-k x{row['speedup_topk']:.2f} | "
-              f"pages x{row['speedup_pages']:.2f}\n"
+        print(f"  n={row['n']:>7}{' (tiled)' if row['tiled'] else ''}: dense SDPA {row['dense_s'] * 1e3:.3f} ms "
+              f"(matmul-softmax-matmul {row['dense_plain_s'] * 1e3:.3f} ms) | certified {row['certified_s'] * 1e3:.3f} ms "
+              f"(x{row['speedup_certified']:.2f} over SDPA, x{row['speedup_certified_vs_plain']:.2f} over the plain dense) | "
+              f"top-k x{row['speedup_topk']:.2f} | pages x{row['speedup_pages']:.2f}\n"
               f"      certified reads {row['key_bytes']:.1%} of the key bytes (max {row['key_bytes_max']:.1%}; an oracle "
               f"with exact page masses: {row['oracle_key_bytes']:.1%}), {row['certified_bytes'] / row['dense_bytes']:.1%} "
-              f"of dense's bytes; recall of the exact top-{cfg.topk} mass {row['topk_mass_recall']:.3f}\n"
+              f"of dense's bytes (read pages counted per query head); recall of the exact top-{cfg.topk} mass {row['topk_mass_recall']:.3f}\n"
               f"      certificate mean {row['certificate']:.2e} max {row['certificate_max']:.2e} | true m mean "
               f"{row['m']:.2e} max {row['m_max']:.2e} | m > certificate: {row['violations']} of {row['queries'] * s['heads']}\n"
               f"      bound slack u_p - max s over a page, median logits (last query): "

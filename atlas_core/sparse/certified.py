@@ -50,6 +50,8 @@ ROUNDING = 8 * 2.0**-24  # per d_head term: Higham's γ_d ≈ d·u for the score
 def summary_floats(bound: str, d_head: int, rank: int) -> tuple[int, int]:
     """Floats one page's key summary takes, and floats per KV head shared by every page (the low-rank basis).
 
+    Args:
+        bound: one of ``BOUNDS``; d_head: floats per key; rank: the low-rank sketch's r.
     Returns:
         (per page, per head); the per-page maximum value norm (for the output-error bound) is not included.
     """
@@ -68,11 +70,14 @@ def key_basis(key: torch.Tensor, present: torch.Tensor, rank: int) -> torch.Tens
         (batch, kv_head, d_head, rank), columns orthonormal (any orthonormal B keeps the bound valid; the top
         eigenvectors make the residual small).
     Raises:
-        ValueError: rank ≥ d_head (the residual would be empty; use the minmax bound).
+        ValueError: rank ≥ d_head (the residual would be empty; use the minmax bound), or a present key that is
+            not finite.
     """
     d = key.shape[-1]
     if rank >= d:
         raise ValueError(f"rank ({rank}) must be below d_head ({d}) for the low-rank bound; use bound='minmax' instead")
+    if not torch.isfinite(key[present[:, None, :, None].expand_as(key)]).all():
+        raise ValueError("the keys hold NaN or inf: no page bound holds; check the model's activations (or its dtype)")
     k = (key * present[:, None, :, None]).double()
     gram = k.transpose(-1, -2) @ k  # (batch, kv_head, d, d)
     _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
@@ -292,6 +297,8 @@ def certified_mask_reference(query, key, scores, scale: float, visible, q_pos, k
                              softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The certified selector written as loops, reading one page at a time (the reference for ``certified_mask``).
 
+    Args: as ``certified_mask`` (query (batch, head, query, d_head), key (batch, kv_head, key, d_head), scores
+        (batch, head, query, key), visible, positions, the rule, the soft-cap).
     Returns:
         (keep (batch, head, query, key) bool, certificate (batch, head, query) float64).
     """
@@ -346,7 +353,10 @@ def _lse(values: list[float]) -> float:
 
 @dataclass(frozen=True)
 class CertifiedCache:
-    """One layer's keys and values with the page summaries of the certified kernel (one decode query)."""
+    """One layer's keys and values with the page summaries of the certified kernel (one decode query).
+
+    Made by ``certified_cache``; ``certified_decode`` reads it. The summaries are those of ``cfg.bound``.
+    """
 
     keys: torch.Tensor  # (kv_head, key, d_head)
     values: torch.Tensor  # (kv_head, key, d_head)
@@ -356,8 +366,18 @@ class CertifiedCache:
 
 
 def certified_cache(keys: torch.Tensor, values: torch.Tensor, cfg: SparseConfig) -> CertifiedCache:
-    """Summarise a cache into pages of ``cfg.page_size`` for ``certified_decode`` (a real cache would update the
-    newest page's summaries per token; the low-rank basis comes from the keys summarised)."""
+    """Summarise a cache into pages of ``cfg.page_size`` for ``certified_decode``.
+
+    A real cache would update the newest page's summaries per token; the low-rank basis comes from the keys
+    summarised.
+
+    Args:
+        keys, values: (kv_head, n, d_head); cfg: the certified rule (page size, bound, rank, eps, anchors, window).
+    Returns:
+        a ``CertifiedCache``: the tensors, the page sketch (leading axes (1, kv_head)) and each page's largest value norm.
+    Raises:
+        ValueError: rank ≥ d_head for the lowrank/min bound, or non-finite keys (``key_basis``).
+    """
     n = keys.shape[1]
     page, n_pages = page_index(torch.arange(n, device=keys.device), cfg.page_size)
     present = torch.ones(1, n, dtype=torch.bool, device=keys.device)
@@ -587,7 +607,7 @@ def bound_slack(q: torch.Tensor, keys: torch.Tensor, cfg: SparseConfig, scale: f
     present = torch.ones(1, n, dtype=torch.bool)
     out = {}
     for bound in BOUNDS:
-        sk = page_sketch(keys[None], present, page, n_pages, replace(cfg, bound=bound))
+        sk = page_sketch(keys[None], present, page, n_pages, replace(cfg, bound=bound, rank=min(cfg.rank, d - 1)))
         u = page_bounds(query.view(1, n_kv, groups, d), _slice_pages(sk, p_lo, p_hi), scale, softcap)[0]
         slack = (u.reshape(-1, p_hi - p_lo) - smax)[smax > -math.inf].double()
         out[bound] = tuple(slack.quantile(torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist())

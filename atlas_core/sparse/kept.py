@@ -41,7 +41,9 @@ class SparseConfig:
     # The certified selector (sparse/certified.py) ignores topk: it reads pages in descending score-bound order
     # until its certificate of the discarded mass is at most eps (or max_pages are read, when max_pages > 0).
     eps: float = 1e-3
-    bound: str = "lowrank"  # one of BOUNDS: the page summary that bounds every score in a page
+    bound: str = "minmax"  # one of BOUNDS: the page summary that bounds every score in a page (minmax: the tightest
+    # measured on real keys; lowrank/min take their basis from every key of the attention call, so in a one-pass
+    # teacher-forced block a query's basis has seen later keys: valid, but not what decoding would compute)
     rank: int = 8  # the low-rank bound's sketch rank r (per KV head), r < d_head
     max_pages: int = 0  # a cap on the pages the certified selector reads (0: none; the certificate may then exceed eps)
 
@@ -60,6 +62,9 @@ class SparseConfig:
             raise ValueError(f"eps must be a number in (0, 1), the discarded mass the certificate allows, got {self.eps!r}")
         if self.bound not in BOUNDS:
             raise ValueError(f"bound must be one of {BOUNDS}, got {self.bound!r}")
+        if self.selector == "certified" and self.head_average:
+            raise ValueError("head_average does not apply to the certified selector (each query head certifies its own "
+                             "kept set); leave it out")
         for name in ("rank", "max_pages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (name == "rank"):
@@ -67,8 +72,9 @@ class SparseConfig:
 
     @property
     def budget(self) -> int:
-        """Keys kept per query once the context is longer than a + W + k."""
-        return self.anchors + self.window + self.topk
+        """Keys kept per query once the context is longer than a + W + k (the certified selector: a + W, beyond
+        which it may drop keys; it has no k)."""
+        return self.anchors + self.window + (0 if self.selector == "certified" else self.topk)
 
     def keeps_all(self, n_candidates):
         """Whether a query with this many candidates (keys outside anchor and window) keeps them all.
