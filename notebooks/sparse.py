@@ -109,7 +109,8 @@ from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_certified_decode, bench_sparse_decode
 from atlas_core.sparse.realkeys import real_keys
 from atlas_core.sparse.blocks import block_rule
-from atlas_core.sparse.certified_eval import calibration, equal_bytes_rules, key_bytes_estimate, key_bytes_read
+from atlas_core.sparse.certified_eval import (calibration, equal_bytes_rules, key_bytes_estimate, key_bytes_read,
+                                             pages_read_share)
 from atlas_core.sparse.experiment import SparseExperiment
 from atlas_core.sparse.fidelity import (MODEL_FIGURES, block_discarded, budget_sweep, compare_rules, discarded_statistics, fidelity_texts,
                                         greedy_survival, identical_count, model_rows, survival_agreement,
@@ -861,16 +862,11 @@ for eps in certified_eps:
                     "median": survival_summary(firsts, survival_gen_tokens)["median"], "first_divergence": firsts}
 
 
-def pages_share(r):
-    """Share of the candidate pages read, pooled over layers, heads and queries (per-(layer, head) means)."""
-    return float(r["mass"]["pages_read"].double().mean() / r["mass"]["candidate_pages"].double().mean())
-
-
 cert_rows = []
 for eps in certified_eps:
     r, sv_, b = cert_tf[eps], cert_sv[eps], cert_bytes[eps]
     cert_rows.append({"ε": f"{eps:g}", "rule": "certified", "setting": f"{certified_bound} bound",
-                      "key bytes read": estimate_text(b.value, b.lo, b.hi, ".1%"), "pages read": f"{pages_share(r):.1%}",
+                      "key bytes read": estimate_text(b.value, b.lo, b.hi, ".1%"), "pages read": f"{pages_read_share(r['log']):.1%}",
                       "KL": row_interval(r, "kl", ".2e"), "top-1 agreement": row_interval(r, "top1_agree", ".2%"),
                       "perplexity change": row_interval(r, "ppl_change", "+.3%"),
                       f"identical through {survival_gen_tokens}": f"{sv_['k']} of {sv_['n']} [{sv_['lo']:.0%}, {sv_['hi']:.0%}]"})
@@ -921,7 +917,7 @@ g("cert_eps_list", ", ".join(f"{eps:g}" for eps in certified_eps))
 g("cert_eps", CERT_HEADLINE)
 g("cert_sv_prompts", certified_survival_prompts)
 g.estimate("cert_key_bytes", head_bytes)
-g("cert_pages_read", pages_share(head))
+g("cert_pages_read", pages_read_share(head["log"]))
 g("cert_bytes_span", span([b.value for b in cert_bytes.values()], ".0%"))
 for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_change", "ppl_change")):
     g.row(f"cert_{key}", head, name)
@@ -954,7 +950,7 @@ cert_json = {f"{eps:g}": {
     "ppl_change": {k: cert_tf[eps][f"ppl_change{s}"] for k, s in (("value", ""), ("lo", "_lo"), ("hi", "_hi"))},
     "survival_identical": {k: cert_sv[eps][k] for k in ("k", "n", "share", "lo", "hi", "median", "first_divergence")},
     "key_bytes": {"value": cert_bytes[eps].value, "lo": cert_bytes[eps].lo, "hi": cert_bytes[eps].hi},
-    "pages_read": pages_share(cert_tf[eps]),
+    "pages_read": pages_read_share(cert_tf[eps]["log"]),
     "calibration": {k: cert_cal[eps][k] for k in ("pairs", "violations", "certified_share", "all_read", "rounding_floor",
                                                     "tolerance", "max_ratio")},
     "equal_bytes": {name: {"window": cfg.window, "topk": cfg.topk, "selector": cfg.selector,

@@ -136,3 +136,18 @@ def test_equal_bytes_rules_run_in_the_model(certified_run):
     out = teacher_forced_rules(lm, blocks, list(rules.values()))
     for r in out:
         assert r["blocks"] == 2 and r["kl"] >= 0 and r["kl_lo"] <= r["kl"] <= r["kl_hi"]
+
+
+def test_pages_read_share_pools_layers_and_heads():
+    from atlas_core.sparse.attention import MassLog
+    from atlas_core.sparse.certified_eval import pages_read_share
+
+    log = MassLog()
+    one = torch.ones(2, 3)  # (head, query)
+    log.add(0, {"fixed": one, "selected": one, "discarded": 0 * one, "certificate": 0 * one,
+                "pages_read": torch.tensor([[1.0, 2, 3], [0, 0, 0]]), "candidate_pages": torch.full((2, 3), 4.0)})
+    assert pages_read_share(log) == pytest.approx(6 / 24)
+    with pytest.raises(ValueError, match="certified run"):
+        empty = MassLog()
+        empty.add(0, {"fixed": one, "selected": one, "discarded": 0 * one})
+        pages_read_share(empty)

@@ -33,7 +33,7 @@ from atlas_core.sparse.attention import MassLog
 from atlas_core.sparse.kept import SparseConfig
 
 __all__ = ["EQUAL_BYTES", "SOURCE_WINDOW", "calibration", "candidate_pages", "equal_bytes_rules", "key_bytes_estimate",
-           "key_bytes_read"]
+           "key_bytes_read", "pages_read_share"]
 
 SOURCE_WINDOW = 64  # the source's window W
 EQUAL_BYTES = ("window only", "anchor + window + top-k", "Quest pages")  # the names ``equal_bytes_rules`` returns
@@ -190,3 +190,20 @@ def key_bytes_estimate(log: MassLog) -> interval.Estimate:
     layers = sorted(logged)
     per_block = [torch.stack([logged[l][b] for l in layers]).mean(0) for b in range(calls.pop())]  # (query,) each
     return interval.mean(per_block)
+
+
+def pages_read_share(log: MassLog) -> float:
+    """Share of the candidate pages the certified rule read, pooled over sparse layers, heads and queries.
+
+    Args:
+        log: a certified run's MassLog (its per-(layer, head) means of "pages_read" and "candidate_pages").
+    Returns:
+        Σ pages read / Σ candidate pages of the (layer, head) means, in [0, 1] (each (layer, head) counts the
+        same queries, so this is the pooled share).
+    Raises:
+        ValueError: no pages logged (not a certified run).
+    """
+    means = log.means()
+    if "pages_read" not in means:
+        raise ValueError("pages_read_share needs the MassLog of a certified run; this one logged no pages")
+    return float(means["pages_read"].double().sum() / means["candidate_pages"].double().sum().clamp_min(1))

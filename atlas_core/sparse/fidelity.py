@@ -381,13 +381,11 @@ def fidelity_report(lm: LoadedModel, cfg: SparseConfig, prompt: torch.Tensor, n_
 def _certified_figures(log: MassLog, cfg: SparseConfig) -> dict:
     """The certified rule's share of key bytes read (block-bootstrap interval), pages read, and its calibration:
     certificate and true m (mean, max) and the queries whose m exceeds the certificate (must be 0)."""
-    from atlas_core.sparse.certified_eval import calibration, key_bytes_estimate
+    from atlas_core.sparse.certified_eval import calibration, key_bytes_estimate, pages_read_share
 
     share = key_bytes_estimate(log)
     cal = calibration(log, cfg.eps)
-    means = log.means()
-    return {"key_bytes": share.value, "key_bytes_lo": share.lo, "key_bytes_hi": share.hi,
-            "pages_read_share": float(means["pages_read"].sum() / means["candidate_pages"].sum().clamp_min(1)),
+    return {"key_bytes": share.value, "key_bytes_lo": share.lo, "key_bytes_hi": share.hi, "pages_read_share": pages_read_share(log),
             "certificate_mean": float(cal["certificate"].mean()), "certificate_max": float(cal["certificate"].max()),
             "m_mean": float(cal["discarded"].mean()), "m_max": float(cal["discarded"].max()), "violations": int(cal["violations"]),
             "calibration_pairs": cal["pairs"]}
