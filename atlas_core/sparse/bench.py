@@ -193,8 +193,9 @@ def _certified_stats(q: torch.Tensor, keys: torch.Tensor, cfg: SparseConfig, sca
     z_page = torch.zeros(*probs.shape[:3], n_pages, dtype=torch.float64).scatter_add(-1, idx, probs * rest)
     order = z_page.sort(dim=-1, descending=True, stable=True).indices
     t, _ = certify((probs * fixed).sum(-1).log(), z_page.log(), z_page.log(), order, cfg.eps)  # its bounds: the exact masses
-    oracle_keys = fixed.sum(-1) + (rank_keys := torch.zeros_like(z_page).scatter_add(-1, idx, rest.double())).gather(
-        -1, order).cumsum(-1).gather(-1, (t[..., None] - 1).clamp_min(0))[..., 0] * (t > 0)
+    page_keys = torch.zeros_like(z_page).scatter_add(-1, idx, rest.double()).gather(-1, order)  # candidates, reading order
+    read_keys = torch.cat([torch.zeros_like(page_keys[..., :1]), page_keys.cumsum(-1)], -1).gather(-1, t[..., None])[..., 0]
+    oracle_keys = fixed.sum(-1) + read_keys  # (1, head, 1) the fixed keys and the first t pages' candidates
     return {"certificate": st["certificate"][0, :, 0].double(), "m": m[0, :, 0], "key_bytes": st["key_bytes"][0, :, 0],
             "topk_mass_recall": recall[0, :, 0], "oracle_key_bytes": (oracle_keys / n)[0, :, 0],
             "pages_read": st["pages_read"][0, :, 0], "candidate_pages": st["candidate_pages"][0, :, 0]}
