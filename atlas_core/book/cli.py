@@ -274,6 +274,7 @@ def _sparse_rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pages", type=int, help="certified selector: a cap on pages read (default 0: none)")
 
 
+SYNTHETIC_SHAPE = {"heads": 9, "kv_heads": 3, "d_head": 64}  # the decode benchmarks' default layer: smollm2-135m's
 CERTIFIED_FLAGS = {"--eps": "eps", "--bound": "bound", "--rank": "rank", "--max-pages": "max_pages"}
 
 
@@ -670,7 +671,7 @@ def _bench_sparse(args) -> None:
         raise ValueError("--real-keys goes with --selector certified (the pages benchmark runs on a synthetic cache)")
     _check_real_flags(args)
     cfg = _sparse_config(args)
-    shape = {"heads": 9, "kv_heads": 3, "d_head": 64, **_given(args, heads="heads", kv_heads="kv_heads", d_head="d_head")}
+    shape = {**SYNTHETIC_SHAPE, **_given(args, heads="heads", kv_heads="kv_heads", d_head="d_head")}
     r = bench_sparse_decode(  # sizes, device and memory checked (sparse.bench.check_decode) before any tensor is made
         tuple(args.context), shape["heads"], shape["kv_heads"], shape["d_head"], cfg, args.rounds, args.steps, device=args.device)
     if args.json:
@@ -699,7 +700,7 @@ def _bench_certified(args) -> None:
 
     _check_real_flags(args)
     cfg = _sparse_config(args, selector="selector")
-    real, shape = None, {"heads": 9, "kv_heads": 3, "d_head": 64}
+    real, shape = None, dict(SYNTHETIC_SHAPE)
     given = _given(args, **{"--heads": "heads", "--kv-heads": "kv_heads", "--d-head": "d_head"})
     if args.real_keys is not None:
         from atlas_core.sparse.realkeys import real_keys

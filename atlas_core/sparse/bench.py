@@ -15,7 +15,7 @@ import time
 import torch
 
 from atlas_core.sparse.kept import SparseConfig, kept_mask
-from atlas_core.sparse.certified import bound_slack, certified_cache, certified_decode, certified_mask, certify, summary_floats
+from atlas_core.sparse.certified import _capped, bound_slack, certified_cache, certified_decode, certified_mask, certify, summary_floats
 from atlas_core.sparse.kernels import _fixed_index, bytes_read, dense_decode, page_decode, paged_cache, topk_decode
 from atlas_core.sparse.pages import page_mask, selection_recall
 
@@ -176,8 +176,7 @@ def _certified_stats(q: torch.Tensor, keys: torch.Tensor, cfg: SparseConfig, sca
     groups = q.shape[0] // n_kv
     query = q[None, :, None]  # (1, head, 1, d_head)
     scores = query @ keys.repeat_interleave(groups, 0)[None].transpose(-1, -2) * scale  # (1, head, 1, key)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = _capped(scores, softcap)
     q_pos, k_pos = torch.tensor([[n - 1]]), torch.arange(n)[None]
     visible = torch.ones(1, 1, 1, n, dtype=torch.bool)
     fixed, chosen, st = certified_mask(query, keys[None], scores, scale, visible, q_pos, k_pos, cfg, softcap)
@@ -248,7 +247,7 @@ def bench_certified_decode(contexts=(32768,), cfg: SparseConfig = SparseConfig(s
         keys, values = keys.to(device), values.to(device)
         q = queries[-1][1].to(device)
         cache, paged = certified_cache(keys, values, cfg), paged_cache(keys, values, cfg.page_size)
-        fns = {"dense": lambda: _dense(q, keys, values, scale), "dense_plain": lambda: _dense_plain(q, keys, values, scale),
+        fns = {"dense": lambda: dense_decode(q, keys, values, scale), "dense_plain": lambda: _dense_plain(q, keys, values, scale),
                "topk": lambda: topk_decode(q, keys, values, cfg),
                "pages": lambda: page_decode(q, paged, cfg), "certified": lambda: certified_decode(q, cache, scale, softcap)}
         medians = _interleaved(fns, rounds, steps, device)
@@ -282,11 +281,6 @@ def _dense_plain(q, keys, values, scale):
     """Dense attention as matmul, softmax, matmul over each KV head's group (on CPU often faster than SDPA with GQA)."""
     qg = q.view(keys.shape[0], -1, q.shape[-1])  # (kv_head, group, d_head)
     return ((qg @ keys.transpose(-1, -2) * scale).softmax(-1) @ values).reshape(q.shape)
-
-
-def _dense(q, keys, values, scale):
-    out = torch.nn.functional.scaled_dot_product_attention(q[None, :, None], keys[None], values[None], enable_gqa=True, scale=scale)
-    return out[0, :, 0]
 
 
 def _decode_inputs(n: int, real, heads: int, kv_heads: int, d_head: int, gen):

@@ -39,12 +39,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from atlas_core.sparse.kept import BOUNDS, SparseConfig, fixed_mask
+from atlas_core.sparse.kernels import _fixed_index
 from atlas_core.sparse.pages import _row_summaries, page_index, score_bound
 
 __all__ = ["BOUNDS", "CertifiedCache", "certified_cache", "certified_decode", "certified_mask", "certified_mask_reference",
            "bound_slack", "certificate", "certify", "key_basis", "key_bytes_share", "page_logsumexp", "page_bounds", "page_bounds_reference", "page_sketch", "summary_floats"]
 
 ROUNDING = 8 * 2.0**-24  # per d_head term: Higham's γ_d ≈ d·u for the score and again for the bound, doubled
+
+
+def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The logit soft-cap tanh(x / c) · c (identity without one), as the model applies it."""
+    return torch.tanh(x / softcap) * softcap if softcap else x
 
 
 def summary_floats(bound: str, d_head: int, rank: int) -> tuple[int, int]:
@@ -165,7 +171,7 @@ def page_bounds(query: torch.Tensor, sk: PageSketch, scale: float, softcap: floa
     u = torch.stack(bounds).amin(0)  # each is a bound: their minimum is the tightest
     u = (u + ROUNDING * d * qnorm * sk.kabs[:, :, None, None]) * scale
     u = u.nan_to_num(nan=-math.inf)  # an empty page: (+inf) + (−inf) terms
-    return torch.tanh(u / softcap) * softcap if softcap else u
+    return _capped(u, softcap)
 
 
 def certificate(log_unread: torch.Tensor, log_kept: torch.Tensor) -> torch.Tensor:
@@ -387,10 +393,9 @@ def certified_cache(keys: torch.Tensor, values: torch.Tensor, cfg: SparseConfig)
 
 
 def _middle_pages(n: int, cfg: SparseConfig, device) -> tuple[int, int, int, int, torch.Tensor]:
-    """The candidate range [lo, hi) of a decode query at position n − 1, its pages [p_lo, p_hi) and each page's
-    candidate count (page,)."""
-    lo = min(cfg.anchors, n)
-    hi = max(n - cfg.window, lo)
+    """The candidate range [lo, hi) of a decode query at position n − 1 (``kernels._fixed_index``), its pages
+    [p_lo, p_hi) and each page's candidate count (page,)."""
+    _, lo, hi = _fixed_index(n, cfg, device)
     p_lo, p_hi = lo // cfg.page_size, -(-hi // cfg.page_size)
     start = torch.arange(p_lo, p_hi, device=device) * cfg.page_size
     count = ((start + cfg.page_size).clamp(max=hi) - start.clamp(min=lo)).clamp_min(0)
@@ -460,11 +465,6 @@ def certified_decode(q: torch.Tensor, cache: CertifiedCache, scale: float | None
     return out.reshape(-1, d), info
 
 
-def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """The logit soft-cap tanh(x / c) · c (identity without one), as the model applies it."""
-    return torch.tanh(x / softcap) * softcap if softcap else x
-
-
 def _decode_setup(qg: torch.Tensor, cache: CertifiedCache, scale: float, softcap: float | None) -> dict:
     """Fixed keys' scores, page bounds, reading order and the unread-bound suffix sums of one decode query.
 
@@ -476,7 +476,7 @@ def _decode_setup(qg: torch.Tensor, cache: CertifiedCache, scale: float, softcap
     keys, cfg = cache.keys, cache.cfg
     n = keys.shape[1]
     lo, hi, p_lo, p_hi, count = _middle_pages(n, cfg, keys.device)
-    fixed = torch.cat([torch.arange(lo, device=keys.device), torch.arange(hi, n, device=keys.device)])
+    fixed, _, _ = _fixed_index(n, cfg, keys.device)
     f_scores = _capped(qg @ keys[:, fixed].transpose(-1, -2) * scale, softcap).double()  # (kv_head, group, fixed)
     u = page_bounds(qg[None], _slice_pages(cache.sketch, p_lo, p_hi), scale, softcap)[0].double()  # (kv_head, group, page)
     u = u.masked_fill(count == 0, -math.inf)
@@ -595,8 +595,7 @@ def bound_slack(q: torch.Tensor, keys: torch.Tensor, cfg: SparseConfig, scale: f
     groups = q.shape[0] // n_kv
     query = q[None, :, None]  # (1, head, 1, d_head)
     scores = (query @ keys.repeat_interleave(groups, 0)[None].transpose(-1, -2))[0, :, 0] * scale  # (head, key)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = _capped(scores, softcap)
     lo, hi, p_lo, p_hi, count = _middle_pages(n, cfg, keys.device)
     cand = torch.full_like(scores, -math.inf)
     cand[:, lo:hi] = scores[:, lo:hi]

@@ -42,9 +42,11 @@ def paged_cache(keys: torch.Tensor, values: torch.Tensor, page_size: int = 16) -
     return PagedCache(keys, values, *page_summaries(keys, page_size), page_size)
 
 
-def dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Full attention of one query per head over the whole cache, by torch SDPA. Returns (head, d_head)."""
-    out = F.scaled_dot_product_attention(q[None, :, None], keys[None], values[None], enable_gqa=True)
+def dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Full attention of one query per head over the whole cache, by torch SDPA (scale: default d_head^-0.5).
+
+    Returns (head, d_head)."""
+    out = F.scaled_dot_product_attention(q[None, :, None], keys[None], values[None], enable_gqa=True, scale=scale)
     return out[0, :, 0]
 
 
