@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_choice(k, "--control", KV, "CONTROLS", help="HeadQ's controls (default: none)")
     _add_choice(k, "--base", KV, "BASES", help="HeadQ's base key quantizer (default: per-token)")
     k.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE")
+    _add_choice(k, "--grid", KV, "GRIDS", help="per-channel key grid of kivi, per-channel, query-tc, hadamard, random-rotation: "
+                "lloyd-max levels learned on the calib split, same storage (default: uniform)")
+    k.add_argument("--budget", type=float, default=None,
+                   help="query-tc: stored bits per key element (codes + scales + zeros); default --kbits + 32/--group")
     k.add_argument("--a2-low", type=int, default=None,
                    help="A² value policy: values at this many bits, the most attended ones in fp, chosen causally at "
                         "the mean payload of --vbits (one-pass engine); measured against uniform --vbits values")
@@ -161,8 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (a multiple of --seq-len)")
     k.add_argument("--seq-len", type=int, default=512)
     k.add_argument("--prefill", type=int, default=128, help="tokens of each block prefilled before decoding")
-    k.add_argument("--calib-tokens", type=int, default=4096, help="HeadQ calibration tokens (calib split)")
-    k.add_argument("--seed", type=int, help="seed of the random-basis control (default: KVMethod's, 0)")
+    k.add_argument("--calib-tokens", type=int, default=4096,
+                   help="calibration tokens (calib split) of HeadQ, query-tc and the lloyd-max grid")
+    k.add_argument("--seed", type=int, help="seed of the random-basis control, the hadamard signs and the random rotation "
+                   "(default: KVMethod's, 0)")
     _add_choice(k, "--engine", KV, "ENGINES", default=None,
                    help="onepass: one forward per batch of blocks; decode: token by token through the cache (the reference); "
                         "default: kvquant.experiment.EvalSetup's")
@@ -455,16 +461,17 @@ def _kvquant(args) -> None:
 
     method = KVMethod(method=args.method, pre_rope=args.pre_rope,  # validated before the model loads
                       **_given(args, kbits="kbits", vbits="vbits", group="group", residual="residual", rank="rank",
-                               side_bits="side_bits", control="control", seed="seed", base="base", a2_low="a2_low"))
+                               side_bits="side_bits", control="control", seed="seed", base="base", a2_low="a2_low",
+                               grid="grid", budget="budget"))
     chosen = {k: v for k, v in (("engine", args.engine), ("batch", args.batch)) if v is not None}
     setup = EvalSetup(prefill=args.prefill, **chosen)
     setup.check(method)
     n_blocks = _blocks_of(args.tokens, args.seq_len)
     setup.check_block(args.seq_len, ("--prefill", "--seq-len"))
-    n_calib = _blocks_of(args.calib_tokens, args.seq_len, "--calib-tokens", at_least=1) if method.method == "headq" else 0
+    n_calib = _blocks_of(args.calib_tokens, args.seq_len, "--calib-tokens", at_least=1) if method.needs_calibration() else 0
     method.check_block(args.seq_len, "--seq-len")
     requests = [(BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"), "--tokens")]
-    if method.method == "headq":
+    if method.needs_calibration():
         requests.append((BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"), "--calib-tokens"))
     spec = _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")], requests)
     method.check_head(spec.d_head)  # per-token groups divide d_head; HeadQ's rank ≤ d_head
@@ -472,7 +479,7 @@ def _kvquant(args) -> None:
     with _for("--tokens"):
         eval_blocks = token_blocks(lm, requests[0][0])
     calib = None
-    if method.method == "headq":
+    if method.needs_calibration():
         with _for("--calib-tokens"):
             calib = token_blocks(lm, requests[1][0])
     start = time.perf_counter()

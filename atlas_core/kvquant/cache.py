@@ -41,6 +41,10 @@ shorter run would hold.
 
 With ``pre_rope=True`` keys are quantized in pre-RoPE coordinates: the cache undoes the rotation of the
 keys it receives (exact, orthogonal), quantizes, and rotates the dequantized keys back.
+
+With ``key_transform`` (``transform.TransformCode``) keys are stored by a transform code instead of the
+key ``QuantSpec``'s quantizer (an orthogonal rotation, a width per coordinate, per-channel groups of
+``key.group`` tokens; ``transform.encode``/``decode``); the key spec still sets the flush unit.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
-from atlas_core.kvquant import quant, rope
+from atlas_core.kvquant import quant, rope, transform
 from atlas_core.kvquant.headq import SideCode, apply_side, encode_side
 from atlas_core.kvquant.quant import QTensor, QuantSpec
 
@@ -74,8 +78,12 @@ class KVQuantConfig:
     pre_rope: bool = False  # quantize keys before RoPE (the cache undoes and redoes the rotation)
     memo: bool = False  # also hold the dequantized history: faster decode, no memory saved
     residual_rule: str = "recent"
+    key_transform: transform.TransformCode | None = None  # keys stored by a transform code (per layer)
 
     def __post_init__(self):
+        if self.key_transform is not None and (self.key is None or self.key.axis != "channel"
+                                               or self.key.group != self.key_transform.spec.group):
+            raise ValueError("a key transform code needs per-channel keys (axis 'channel') with the transform's group")
         if self.residual_rule not in RESIDUAL_RULES:
             raise ValueError(f"residual_rule must be one of {RESIDUAL_RULES}, got {self.residual_rule!r}")
         if self.residual < 0:
@@ -108,8 +116,12 @@ class _Store:
     ``start`` is the absolute position of the oldest held token (positions are needed to undo RoPE).
     """
 
-    def __init__(self, spec: QuantSpec | None, side: SideCode | None = None, basis: torch.Tensor | None = None, rotary=None, memo: bool = False):
+    def __init__(self, spec: QuantSpec | None, side: SideCode | None = None, basis: torch.Tensor | None = None, rotary=None,
+                 memo: bool = False, code: transform.LayerCode | None = None):
+        if code is not None and (spec is None or side is not None):
+            raise ValueError("a transform code stores quantized keys without a side code")
         self.spec, self.side, self.basis, self.rotary, self.keep_memo = spec, side, basis, rotary, memo
+        self.code = code  # transform code of the keys (``transform.LayerCode``), or None: the spec's quantizer
         self.n, self.start, self.dtype, self.d = 0, 0, None, None
         self.dense: torch.Tensor | None = None  # (batch, kv_head, key, d_head) when spec is None
         self.codes: QTensor | None = None  # packed codes (batch, kv_head, key, ⌈d_head·b/8⌉) + scale/zero
@@ -127,9 +139,14 @@ class _Store:
             self.n += x.shape[-2]
             return
         pos = torch.arange(self.start + self.n, self.start + self.n + x.shape[-2], device=x.device)
-        q = quant.quantize(self._to_storage(x, pos), self.spec)
-        seen = self._from_storage(quant.dequantize(q, self.spec, x.dtype), pos)
-        self.codes = _cat_q(self.codes, quant.pack_qtensor(q, self.spec.bits))
+        if self.code is not None:  # packed by the transform code itself
+            q = transform.encode(self._to_storage(x, pos), self.code)
+            seen = self._from_storage(transform.decode(q, self.code, x.dtype), pos)
+            self.codes = _cat_q(self.codes, q)
+        else:
+            q = quant.quantize(self._to_storage(x, pos), self.spec)
+            seen = self._from_storage(quant.dequantize(q, self.spec, x.dtype), pos)
+            self.codes = _cat_q(self.codes, quant.pack_qtensor(q, self.spec.bits))
         if self.side is not None:
             basis = self.basis.to(x)
             s = encode_side(x, seen, basis, self.side.spec())
@@ -174,6 +191,8 @@ class _Store:
         if self.spec is None or self.codes is None:
             return self.dense
         pos = torch.arange(self.start, self.start + self.n, device=self.codes.codes.device)
+        if self.code is not None:
+            return self._from_storage(transform.decode(self.codes, self.code, self.dtype), pos)
         codes = quant.unpack_qtensor(self.codes, self.spec.bits, self.d)
         seen = self._from_storage(quant.dequantize(codes, self.spec, self.dtype), pos)
         if self.side_codes is not None:
@@ -221,12 +240,13 @@ class QuantizedKVLayer(DynamicLayer):
         self.kv, self.sliding_window = kv, sliding_window
         self.is_sliding = sliding_window is not None
         self.side, self.basis, self.rotary = side, (side.bases[layer] if side is not None else None), rotary
+        self.code = kv.key_transform.layers[layer] if kv.key_transform is not None else None
         self.cumulative_length = 0
         self._new_stores()
 
     def _new_stores(self) -> None:
         side = self.side if self.kv.key is not None else None
-        self.key_store = _Store(self.kv.key, side, self.basis, self.rotary, self.kv.memo)
+        self.key_store = _Store(self.kv.key, side, self.basis, self.rotary, self.kv.memo, self.code)
         self.value_store = _Store(self.kv.value, memo=self.kv.memo)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -11,7 +11,17 @@
 - ``kivi``: KIVI exactly as its code runs it: KIVI's quantizers and KIVI's residual rule (keys flushed
   ``residual`` at a time, the ``residual`` most recent values in fp; ``residual`` defaults to ``group``,
   the smallest that KIVI's code accepts; KIVI's own examples use 128);
-- ``headq`` (+ a control): side codes on top of a base key quantizer (``base``).
+- ``headq`` (+ a control): side codes on top of a base key quantizer (``base``);
+- ``query-tc``: query-aware transform coding of keys (``transform.py``): keys rotated into the eigenbasis
+  of the calibration query covariance, integer bits per coordinate by reverse water-filling on the query
+  energy at ``budget`` bits per key element (default ``kbits + 32/group``, per-channel ``kbits``' storage),
+  KIVI's groups and residual rule;
+- ``hadamard``: a seeded random-sign Walsh–Hadamard rotation before KIVI's per-channel ``kbits``-bit keys
+  (QuaRot/SpinQuant-style baseline); ``random-rotation``: a seeded Haar rotation (TurboQuant-style).
+
+``grid`` ("uniform" | "lloyd-max") picks the per-channel grid of kivi, per-channel and the three transform
+methods: "lloyd-max" rounds each min–max normalised group to levels learned per layer-coordinate on the
+calibration keys (KVQuant's non-uniform datatype), at the same storage.
 
 ``evaluate`` measures decode-time NLL through the cache, block by block; ``Runs`` memoises evaluations
 on one set of evaluation blocks (the fp reference and HeadQ's calibration computed once, reused by every
@@ -27,7 +37,8 @@ the one-pass engine is tested against.
 Baselines: HeadQ's baseline is its own base quantizer without the side code (per-token keys by default,
 or ``base="per-channel"``/``"kivi"``, at the same bits, group and residual); KIVI's and per-channel's is
 per-token at the same bits and residual (so the fraction says how much of per-token's excess they remove);
-per-token and fp have none. A method with the A² value policy (``a2_low``: values at ``a2_low`` bits, the
+per-token and fp have none; query-tc's, hadamard's and random-rotation's is kivi at the same bits, group and
+residual; a lloyd-max grid's is the same method on the uniform grid. A method with the A² value policy (``a2_low``: values at ``a2_low`` bits, the
 most attended ones in full precision, chosen causally at the mean payload bits ``vbits``; one-pass engine
 only) is measured against the same method with uniform ``vbits``-bit values: at most the same payload bits
 (the policy's running budget may leave some unspent; ``value_payload`` reports what it spent).
@@ -51,9 +62,13 @@ from atlas_core.kvquant.headq import SideCode, calibrate, query_covariances, top
 from atlas_core.kvquant.onepass import onepass_nll, prefill_caches
 from atlas_core.kvquant.policy import ValuePolicy
 from atlas_core.kvquant.quant import QuantSpec, check_bits
+from atlas_core.kvquant.transform import GRIDS, TransformCode, TransformSpec, check_budget
+from atlas_core.kvquant.transform import calibrate as calibrate_transform
 from atlas_core.models import LoadedModel
 
-METHODS = ("fp", "per-token", "per-channel", "kivi", "headq")
+METHODS = ("fp", "per-token", "per-channel", "kivi", "headq", "query-tc", "hadamard", "random-rotation")
+TRANSFORMS = {"query-tc": ("query", "waterfill"), "hadamard": ("hadamard", "uniform"), "random-rotation": ("random", "uniform")}
+GRID_METHODS = ("kivi", "per-channel", *TRANSFORMS)  # methods whose per-channel keys may take a lloyd-max grid
 BASES = ("per-token", "per-channel", "kivi")  # HeadQ's base key quantizers
 CONTROLS = ("none", "wrong-sign", "random-basis", "key-pca")
 ENGINES = ("onepass", "decode")
@@ -75,9 +90,11 @@ class KVMethod:
     side_bits: int = 4  # HeadQ side-code bits b′
     control: str = "none"  # HeadQ controls: wrong-sign, random-basis, key-pca
     pre_rope: bool = False
-    seed: int = 0  # the random-basis control
+    seed: int = 0  # the random-basis control; the hadamard signs and the random rotation
     base: str = "per-token"  # HeadQ's base key quantizer: one of BASES
     a2_low: int | None = None  # A² value policy: most values at a2_low bits, the most attended in fp, mean payload vbits
+    grid: str = "uniform"  # per-channel key grid: "uniform" or "lloyd-max" (GRID_METHODS only)
+    budget: float | None = None  # query-tc: bits per key element; None: kbits + 32/group (per-channel kbits' storage)
 
     def __post_init__(self):
         if self.residual is None:  # frozen: resolved once here, so equal settings compare equal
@@ -90,6 +107,17 @@ class KVMethod:
             raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
         if self.control != "none" and self.method != "headq":
             raise ValueError(f"--control {self.control} applies to --method headq only")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid != "uniform" and self.method not in GRID_METHODS:
+            raise ValueError(f"--grid {self.grid} applies to --method {', '.join(GRID_METHODS)} (per-channel keys) only")
+        if self.budget is not None:
+            if self.method != "query-tc":
+                raise ValueError("--budget applies to --method query-tc only")
+            check_budget(self.budget)
+        if self.pre_rope and self.method == "query-tc":
+            raise ValueError("--pre-rope with query-tc needs the RoPE-averaged query covariance, not available yet: "
+                             "use post-RoPE keys, or --method hadamard / random-rotation")
         check_bits(self.kbits, "kbits")
         if self.vbits is not None:
             check_bits(self.vbits, "vbits")
@@ -109,6 +137,8 @@ class KVMethod:
 
     def key_base(self) -> str:
         """The key quantizer and window rule: per-token, per-channel or kivi (HeadQ's base, or the method)."""
+        if self.method in TRANSFORMS:
+            return "kivi"
         return self.base if self.method == "headq" else self.method
 
     def label(self) -> str:
@@ -122,10 +152,16 @@ class KVMethod:
             text += f" r{self.rank}b{self.side_bits}" + ("" if self.control == "none" else f" ({self.control})")
             text += "" if self.base == "per-token" else f" on {self.base}"
         text += "" if self.a2_low is None else f" A²({self.a2_low}b/fp)"
+        text += "" if self.budget is None else f" budget {self.budget:g}"
+        text += "" if self.grid == "uniform" else f" {self.grid}"
+        text += f" seed {self.seed}" if self.method in ("hadamard", "random-rotation") and self.seed else ""
         return text + (" pre-RoPE" if self.pre_rope else "")
 
-    def kv_config(self) -> KVQuantConfig | None:
-        """Cache settings (memoised history for speed; the stored codes are the same), None for fp."""
+    def kv_config(self, transform: TransformCode | None = None) -> KVQuantConfig | None:
+        """Cache settings (memoised history for speed; the stored codes are the same), None for fp.
+
+        ``transform``: the calibrated key transform code (``transform_code``) of a method that has one.
+        """
         if self.method == "fp":
             return None
         base = self.key_base()
@@ -133,7 +169,26 @@ class KVMethod:
         value = None if self.vbits is None else QuantSpec(bits=self.vbits, group=self.group, axis="token")
         rule = "kivi" if base == "kivi" else "recent"
         return KVQuantConfig(key=key, value=value, residual=self.residual, pre_rope=self.pre_rope, memo=True,
-                             residual_rule=rule)
+                             residual_rule=rule, key_transform=transform)
+
+    def transform_spec(self) -> TransformSpec | None:
+        """The key transform code this method stores keys with (``transform.py``), None for the plain quantizers.
+
+        query-tc: query basis, water-filled bits; hadamard / random-rotation: that rotation, ``kbits`` everywhere;
+        kivi / per-channel with a lloyd-max grid: no rotation, ``kbits`` everywhere, the learned grid.
+        """
+        rotation, allocation = TRANSFORMS.get(self.method, ("identity", "uniform"))
+        if self.method not in TRANSFORMS and self.grid == "uniform":
+            return None
+        if self.method not in GRID_METHODS:
+            return None
+        return TransformSpec(rotation=rotation, allocation=allocation, grid=self.grid, bits=self.kbits, group=self.group,
+                             budget=self.budget, seed=self.seed)
+
+    def needs_calibration(self) -> bool:
+        """Whether the method needs calibration blocks (HeadQ's bases; a query basis, water-filling or a learned grid)."""
+        spec = self.transform_spec()
+        return self.method == "headq" or (spec is not None and spec.needs_calibration())
 
     def check_head(self, d_head: int) -> None:
         """Raise ValueError if this method cannot run on heads ``d_head`` wide.
@@ -147,6 +202,8 @@ class KVMethod:
                 spec.channel_group(d_head)
         if self.method == "headq" and self.rank > d_head:
             raise ValueError(f"rank ({self.rank}) must be at most d_head ({d_head})")
+        if self.method == "hadamard" and d_head & (d_head - 1):
+            raise ValueError(f"--method hadamard needs d_head a power of two, got {d_head}")
 
     def check_block(self, seq_len: int, name: str = "seq_len") -> None:
         """Raise ValueError if blocks of ``seq_len`` tokens leave nothing quantized: with ``residual`` ≥ T the
@@ -169,6 +226,8 @@ class KVMethod:
         default = KVMethod()
         if self.method == "fp":
             return KVMethod(method="fp")
+        if self.method in ("hadamard", "random-rotation"):  # their rotation is drawn from the seed
+            return replace(self, rank=default.rank, side_bits=default.side_bits, base=default.base)
         if self.method != "headq":
             return replace(self, rank=default.rank, side_bits=default.side_bits, seed=default.seed, base=default.base)
         return self if self.control == "random-basis" else replace(self, seed=default.seed)
@@ -178,6 +237,10 @@ class KVMethod:
         policy, the same method with uniform values at no fewer payload bits."""
         if self.a2_low is not None:
             return replace(self, a2_low=None).canonical()
+        if self.method in TRANSFORMS:
+            return replace(self, method="kivi", grid="uniform", budget=None).canonical()
+        if self.grid != "uniform":
+            return replace(self, grid="uniform").canonical()
         if self.method in ("headq", "per-channel", "kivi"):
             base = self.base if self.method == "headq" else "per-token"
             return replace(self, method=base, control="none").canonical()
@@ -244,8 +307,24 @@ def side_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor, bases: dic
     return SideCode(bases=cut, bits=method.side_bits, sign=-1.0 if method.control == "wrong-sign" else 1.0)
 
 
+def transform_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor | None,
+                   sigma_q: dict | None = None) -> TransformCode | None:
+    """The method's key transform code calibrated on ``calib`` (block, token), or None for a plain quantizer.
+
+    Args:
+        sigma_q: {layer: Σ_q (kv_head, d_head, d_head)} from ``calib`` (``headq.query_covariances``), if at hand.
+    Raises:
+        ValueError: calibration blocks are needed and missing; the query basis or water-filling pre-RoPE.
+    """
+    spec = method.transform_spec()
+    if spec is None:
+        return None
+    return calibrate_transform(lm, calib, spec, sigma_q, method.pre_rope)
+
+
 def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: SideCode | None = None,
-             setup: EvalSetup = EvalSetup(), progress: bool = False, prefill_kv: list | None = None) -> dict:
+             setup: EvalSetup = EvalSetup(), progress: bool = False, prefill_kv: list | None = None,
+             transform: TransformCode | None = None) -> dict:
     """Decode-time NLL of ``method`` on evaluation blocks, and the bits its cache held.
 
     Args:
@@ -253,6 +332,7 @@ def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: Side
         side: HeadQ's side code (``side_code``); None for every other method.
         prefill_kv: the one-pass engine's fp prefill of ``blocks`` (``onepass.prefill_caches`` with
             ``setup.prefill`` and ``setup.batch``), shared by every method; None: computed per call.
+        transform: the key transform code (``transform_code``) of a method that has one, else None.
     Returns:
         {"label", "nll": (block, token − prefill − 1) NLL in nats (float64), "ppl": ``Estimate`` (95%
         block-bootstrap interval), "bits_key", "bits_value": bits per key / value element measured from the
@@ -260,13 +340,16 @@ def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: Side
         the fp cache's too), "value_payload": mean payload bits per value element (the A² policy's as spent, over
         all blocks; otherwise ``vbits``)}
     Raises:
-        ValueError: pre-RoPE on GPT-2; HeadQ without its side code; the A² policy under the decode engine; a
-            prefill that leaves nothing to score.
+        ValueError: pre-RoPE on GPT-2; HeadQ without its side code; a transform method without its code (or
+            a code for another method); the A² policy under the decode engine; a prefill that leaves nothing to score.
     """
     if method.pre_rope and lm.spec.family == "gpt2":
         raise ValueError("GPT-2 has no RoPE: --pre-rope does not apply")
     if (method.method == "headq") != (side is not None):
         raise ValueError(f"{method.label()}: a side code is needed by HeadQ and by no other method (see side_code)")
+    if (method.transform_spec() is not None) != (transform is not None):
+        raise ValueError(f"{method.label()}: a key transform code is needed by query-tc, hadamard, random-rotation and "
+                         "the lloyd-max grid, and by no other method (see transform_code)")
     setup.check(method)
     nll_of, extra = setup.nll_function(), {}
     if method.a2_low is not None:
@@ -277,7 +360,7 @@ def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: Side
     step = len(blocks) if setup.engine == "onepass" else setup.batch  # decode: batch by batch through the cache
     parts, bits, payload = [], None, []
     for start in range(0, len(blocks), step):
-        nll, held = nll_of(lm.model, blocks[start : start + step], method.kv_config(), side, setup.prefill,
+        nll, held = nll_of(lm.model, blocks[start : start + step], method.kv_config(transform), side, setup.prefill,
                            progress=progress, **extra)  # (batch, token − prefill − 1)
         parts.append(nll.double())
         bits = bits or held  # blocks of one length: every batch's cache holds the same bits per element
@@ -310,6 +393,7 @@ class Runs:
         self.done: dict[KVMethod, dict] = {}
         self._sigma_q: dict | None = None
         self._bases: dict[tuple, dict] = {}
+        self._transforms: dict[tuple, TransformCode] = {}
         self._prefill_kv: list | None = None
 
     def prefill_kv(self) -> list | None:
@@ -364,6 +448,18 @@ class Runs:
                 self._bases[key] = calibrate(self.lm, self.calib, rank, kind, method.kv_config().key, method.seed)
         return self._bases[key]
 
+    def transform(self, method: KVMethod) -> TransformCode | None:
+        """The method's key transform code, calibrated once per (transform spec, pre-RoPE); Σ_q shared with HeadQ."""
+        spec = method.transform_spec()
+        if spec is None:
+            return None
+        key = (spec, method.pre_rope)
+        if key not in self._transforms:
+            uses_sigma = spec.rotation == "query" or spec.allocation == "waterfill"
+            sigma = self.sigma_q() if uses_sigma and not method.pre_rope else None  # pre-RoPE: refused by the calibration
+            self._transforms[key] = transform_code(self.lm, method, self.calib, sigma)
+        return self._transforms[key]
+
     def __call__(self, method: KVMethod) -> dict:
         """``evaluate``'s result for ``method`` (memoised), with "method" (the canonical ``KVMethod``) added."""
         m = method.canonical()
@@ -376,7 +472,7 @@ class Runs:
             else:
                 side = side_code(self.lm, m, self.calib, self.bases(m)) if m.method == "headq" else None
                 self.done[m] = evaluate(self.lm, self.eval_blocks, m, side, self.setup, self.progress,
-                                        self.prefill_kv()) | {"method": m}
+                                        self.prefill_kv(), self.transform(m)) | {"method": m}
         return self.done[m]
 
     def nll(self, method: KVMethod) -> torch.Tensor:
@@ -408,8 +504,8 @@ class Runs:
             {"method", "fp", "baseline": ``evaluate`` results (or None), "figures": ``figures``, "verdict": a
             sentence from ``claims.removal_verdict`` (None without a baseline)}
         """
-        if method.method == "headq" and self.calib is None:
-            raise ValueError("HeadQ needs calibration blocks (the calib split)")
+        if method.needs_calibration() and self.calib is None:
+            raise ValueError(f"{method.label()} needs calibration blocks (the calib split)")
         figures = self.figures(method)
         baseline = method.baseline()
         return {"method": self(method), "fp": self(KVMethod(method="fp")), "baseline": baseline and self(baseline),

@@ -131,7 +131,9 @@ class Plan:
         rotary = self.rotary[layer] if self.rotary is not None else None
         side = self.side if self.kv.key is not None else None
         basis = side.bases[layer] if side is not None else None
-        return _through_store(_Store(self.kv.key, side, basis, rotary, memo=True), key, self.sched.key_flush, self.sched.never)
+        code = self.kv.key_transform.layers[layer] if self.kv.key_transform is not None else None
+        store = _Store(self.kv.key, side, basis, rotary, memo=True, code=code)
+        return _through_store(store, key, self.sched.key_flush, self.sched.never)
 
 
 def _through_store(store: _Store, x: torch.Tensor, flush: torch.Tensor, never: int) -> torch.Tensor:
