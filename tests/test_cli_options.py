@@ -96,6 +96,8 @@ RULES = {
     ("overlap", "--k"): {"bad": [("16", "--k")]},  # k < d_head = 16
     ("kvquant", "--calib-tokens"): {"bad": [("100", "--calib-tokens")]},  # not a whole number of --seq-len blocks
     ("kvquant", "--prefill"): {"bad": [("63", "--prefill")]},  # leaves nothing to decode in 64-token blocks
+    ("kvquant", "--basis"): {"bad": [(("whitened", "--control", "key-pca"), "--basis"),  # a HeadQ variant, not a control
+                                     (("whitened", "--method", "kivi"), "--basis")]},  # nor another method's
     # Counts whose only limit at 10**9 is time, not a rule: a billion rounds is slow, not impossible.
     ("bench", "extract", "--repeats"): {"ok": (BIG,)},
     ("bench", "kvquant", "--rounds"): {"ok": (BIG,)},

@@ -153,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--side-bits", type=int, help="HeadQ side-code bits b' (default: KVMethod's, 4)")
     _add_choice(k, "--control", KV, "CONTROLS", help="HeadQ's controls (default: none)")
     _add_choice(k, "--base", KV, "BASES", help="HeadQ's base key quantizer (default: per-token)")
+    _add_choice(k, "--basis", KV, "SIDE_BASES", help="HeadQ's side-code basis: query (top eigenvectors of Σ_q) or whitened "
+                "(the best rank-r correction in the Σ_q metric, headq.whitened_bases; --control none) (default: query)")
     k.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE")
     _add_choice(k, "--grid", KV, "GRIDS", help="per-channel key grid of kivi, per-channel, query-tc, hadamard, random-rotation: "
                 "lloyd-max levels learned on the calib split, same storage (default: uniform)")
@@ -461,7 +463,7 @@ def _kvquant(args) -> None:
 
     method = KVMethod(method=args.method, pre_rope=args.pre_rope,  # validated before the model loads
                       **_given(args, kbits="kbits", vbits="vbits", group="group", residual="residual", rank="rank",
-                               side_bits="side_bits", control="control", seed="seed", base="base", a2_low="a2_low",
+                               side_bits="side_bits", control="control", seed="seed", base="base", basis="basis", a2_low="a2_low",
                                grid="grid", budget="budget"))
     chosen = {k: v for k, v in (("engine", args.engine), ("batch", args.batch)) if v is not None}
     setup = EvalSetup(prefill=args.prefill, **chosen)

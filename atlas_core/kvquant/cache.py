@@ -117,10 +117,11 @@ class _Store:
     """
 
     def __init__(self, spec: QuantSpec | None, side: SideCode | None = None, basis: torch.Tensor | None = None, rotary=None,
-                 memo: bool = False, code: transform.LayerCode | None = None):
+                 memo: bool = False, code: transform.LayerCode | None = None, decoder: torch.Tensor | None = None):
         if code is not None and (spec is None or side is not None):
             raise ValueError("a transform code stores quantized keys without a side code")
         self.spec, self.side, self.basis, self.rotary, self.keep_memo = spec, side, basis, rotary, memo
+        self.decoder = basis if decoder is None else decoder  # HeadQ: encodes with basis, decodes with decoder
         self.code = code  # transform code of the keys (``transform.LayerCode``), or None: the spec's quantizer
         self.n, self.start, self.dtype, self.d = 0, 0, None, None
         self.dense: torch.Tensor | None = None  # (batch, kv_head, key, d_head) when spec is None
@@ -152,7 +153,7 @@ class _Store:
             s = encode_side(x, seen, basis, self.side.spec())
             self.side_codes = _cat_q(self.side_codes, quant.pack_qtensor(s, self.side.bits))
             if self.keep_memo:  # otherwise the corrected keys are rebuilt from the codes when needed
-                seen = apply_side(seen.contiguous(), s, basis, self.side.spec(), self.side.sign, inplace=True)
+                seen = apply_side(seen.contiguous(), s, self.decoder.to(x), self.side.spec(), self.side.sign, inplace=True)
         if self.keep_memo:
             self.memo = _cat(self.memo, seen)
         self.n += x.shape[-2]
@@ -197,7 +198,7 @@ class _Store:
         seen = self._from_storage(quant.dequantize(codes, self.spec, self.dtype), pos)
         if self.side_codes is not None:
             side = quant.unpack_qtensor(self.side_codes, self.side.bits, self.side.rank)
-            seen = apply_side(seen.contiguous(), side, self.basis, self.side.spec(), self.side.sign, inplace=True)  # seen is ours
+            seen = apply_side(seen.contiguous(), side, self.decoder, self.side.spec(), self.side.sign, inplace=True)  # seen is ours
         return seen
 
     def held_bytes(self) -> dict[str, int]:
@@ -240,13 +241,14 @@ class QuantizedKVLayer(DynamicLayer):
         self.kv, self.sliding_window = kv, sliding_window
         self.is_sliding = sliding_window is not None
         self.side, self.basis, self.rotary = side, (side.bases[layer] if side is not None else None), rotary
+        self.decoder = side.decoder(layer) if side is not None else None
         self.code = kv.key_transform.layers[layer] if kv.key_transform is not None else None
         self.cumulative_length = 0
         self._new_stores()
 
     def _new_stores(self) -> None:
         side = self.side if self.kv.key is not None else None
-        self.key_store = _Store(self.kv.key, side, self.basis, self.rotary, self.kv.memo, self.code)
+        self.key_store = _Store(self.kv.key, side, self.basis, self.rotary, self.kv.memo, self.code, decoder=self.decoder)
         self.value_store = _Store(self.kv.value, memo=self.kv.memo)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -58,7 +58,8 @@ from atlas_core.claims import removal_verdict
 from atlas_core.interval import Bootstrap, Estimate
 from atlas_core.kvquant.cache import KVQuantConfig
 from atlas_core.kvquant.decode import decode_nll
-from atlas_core.kvquant.headq import SideCode, calibrate, query_covariances, top_eigenvectors
+from atlas_core.kvquant.headq import (SideCode, calibrate, calibrate_side, key_error_covariances, query_covariances,
+                                      top_eigenvectors, whitened_bases)
 from atlas_core.kvquant.onepass import onepass_nll, prefill_caches
 from atlas_core.kvquant.policy import ValuePolicy
 from atlas_core.kvquant.quant import QuantSpec, check_bits
@@ -71,6 +72,7 @@ TRANSFORMS = {"query-tc": ("query", "waterfill"), "hadamard": ("hadamard", "unif
 GRID_METHODS = ("kivi", "per-channel", *TRANSFORMS)  # methods whose per-channel keys may take a lloyd-max grid
 BASES = ("per-token", "per-channel", "kivi")  # HeadQ's base key quantizers
 CONTROLS = ("none", "wrong-sign", "random-basis", "key-pca")
+SIDE_BASES = ("query", "whitened")  # HeadQ's side-code basis: top eigenvectors of Σ_q, or headq.whitened_bases
 ENGINES = ("onepass", "decode")
 
 
@@ -92,6 +94,7 @@ class KVMethod:
     pre_rope: bool = False
     seed: int = 0  # the random-basis control; the hadamard signs and the random rotation
     base: str = "per-token"  # HeadQ's base key quantizer: one of BASES
+    basis: str = "query"  # HeadQ's side-code basis: one of SIDE_BASES ("whitened": headq.whitened_bases)
     a2_low: int | None = None  # A² value policy: most values at a2_low bits, the most attended in fp, mean payload vbits
     grid: str = "uniform"  # per-channel key grid: "uniform" or "lloyd-max" (GRID_METHODS only)
     budget: float | None = None  # query-tc: bits per key element; None: kbits + 32/group (per-channel kbits' storage)
@@ -107,6 +110,10 @@ class KVMethod:
             raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
         if self.control != "none" and self.method != "headq":
             raise ValueError(f"--control {self.control} applies to --method headq only")
+        if self.basis not in SIDE_BASES:
+            raise ValueError(f"basis must be one of {SIDE_BASES}, got {self.basis!r}")
+        if self.basis != "query" and (self.method != "headq" or self.control != "none"):
+            raise ValueError(f"--basis {self.basis} is a HeadQ variant: it applies to --method headq with --control none only")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
         if self.grid != "uniform" and self.method not in GRID_METHODS:
@@ -150,6 +157,7 @@ class KVMethod:
             text += f" R{self.residual}"
         if self.method == "headq":
             text += f" r{self.rank}b{self.side_bits}" + ("" if self.control == "none" else f" ({self.control})")
+            text += "" if self.basis == "query" else f" {self.basis}"
             text += "" if self.base == "per-token" else f" on {self.base}"
         text += "" if self.a2_low is None else f" A²({self.a2_low}b/fp)"
         text += "" if self.budget is None else f" budget {self.budget:g}"
@@ -291,20 +299,29 @@ class EvalSetup:
         return onepass_nll
 
 
-def side_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor, bases: dict | None = None) -> SideCode | None:
+def side_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor, bases: dict | None = None,
+              decoders: dict | None = None) -> SideCode | None:
     """HeadQ side-code settings with bases calibrated on ``calib`` (block, token), or given ``bases``.
 
-    ``bases`` may hold more columns than the rank (the top eigenvectors first); they are cut to the rank.
+    ``bases`` (and ``decoders``, the whitened basis's) may hold more columns than the rank (the top
+    eigenvectors first); they are cut to the rank. ``decoders`` None: each basis decodes itself.
+
+    Raises:
+        ValueError: bases with fewer columns than the rank; the whitened basis given without its decoders.
     """
     if method.method != "headq":
         return None
     if bases is None:
-        kind = {"random-basis": "random", "key-pca": "key-pca"}.get(method.control, "query")
-        bases = calibrate(lm, calib, method.rank, kind, method.kv_config().key, method.seed)
+        kind = {"random-basis": "random", "key-pca": "key-pca"}.get(method.control, method.basis)
+        bases, decoders = calibrate_side(lm, calib, method.rank, kind, method.kv_config().key, method.seed)
+    if (method.basis == "whitened") != (decoders is not None):
+        raise ValueError("the whitened basis, and only it, decodes with decoders apart from its encoders")
     cut = {layer: b[..., : method.rank] for layer, b in bases.items()}
     if next(iter(cut.values())).shape[-1] < method.rank:
         raise ValueError(f"the bases have fewer than rank {method.rank} columns")
-    return SideCode(bases=cut, bits=method.side_bits, sign=-1.0 if method.control == "wrong-sign" else 1.0)
+    decoders = None if decoders is None else {layer: d[..., : method.rank] for layer, d in decoders.items()}
+    return SideCode(bases=cut, bits=method.side_bits, sign=-1.0 if method.control == "wrong-sign" else 1.0,
+                    decoders=decoders)
 
 
 def transform_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor | None,
@@ -393,6 +410,7 @@ class Runs:
         self.done: dict[KVMethod, dict] = {}
         self._sigma_q: dict | None = None
         self._bases: dict[tuple, dict] = {}
+        self._decoders: dict[tuple, dict] = {}  # the whitened basis's decoders, keyed as ``_bases``
         self._transforms: dict[tuple, TransformCode] = {}
         self._prefill_kv: list | None = None
 
@@ -431,7 +449,9 @@ class Runs:
     def bases(self, method: KVMethod) -> dict[int, torch.Tensor]:
         """HeadQ's (or a control's) bases {layer: (kv_head, d_head, r ≥ rank)}, computed once per kind."""
         d_head = self.lm.spec.d_head
-        if method.control in ("none", "wrong-sign"):
+        if method.basis == "whitened":
+            key = ("whitened", method.kv_config().key)
+        elif method.control in ("none", "wrong-sign"):
             key = ("query",)
         elif method.control == "key-pca":
             key = ("key-pca", method.kv_config().key)
@@ -440,6 +460,11 @@ class Runs:
         if key not in self._bases:
             if key[0] == "query":
                 self._bases[key] = {l: top_eigenvectors(s, d_head) for l, s in self.sigma_q().items()}
+            elif key[0] == "whitened":  # Σ_q shared with the query basis; Σ_δ under this base quantizer
+                errors = key_error_covariances(self.lm, self.calib, key[1])
+                pairs = {l: whitened_bases(s, errors[l], d_head) for l, s in self.sigma_q().items()}
+                self._bases[key] = {l: e for l, (e, _) in pairs.items()}
+                self._decoders[key] = {l: d for l, (_, d) in pairs.items()}
             else:
                 if self.calib is None:
                     raise ValueError("HeadQ needs calibration blocks (the calib split)")
@@ -447,6 +472,14 @@ class Runs:
                 kind = "random" if key[0] == "random" else "key-pca"
                 self._bases[key] = calibrate(self.lm, self.calib, rank, kind, method.kv_config().key, method.seed)
         return self._bases[key]
+
+    def decoders(self, method: KVMethod) -> dict[int, torch.Tensor] | None:
+        """The whitened basis's decoders {layer: (kv_head, d_head, d_head)} (computed with ``bases``); None for
+        the orthonormal bases, which decode themselves."""
+        if method.basis != "whitened":
+            return None
+        self.bases(method)
+        return self._decoders[("whitened", method.kv_config().key)]
 
     def transform(self, method: KVMethod) -> TransformCode | None:
         """The method's key transform code, calibrated once per (transform spec, pre-RoPE); Σ_q shared with HeadQ."""
@@ -470,7 +503,7 @@ class Runs:
                                     prefill=self.setup.prefill, engine=self.setup.engine)
                 self.done[m] = kept | {"ppl": interval.perplexity(kept["nll"], self.setup.boot), "method": m}
             else:
-                side = side_code(self.lm, m, self.calib, self.bases(m)) if m.method == "headq" else None
+                side = side_code(self.lm, m, self.calib, self.bases(m), self.decoders(m)) if m.method == "headq" else None
                 self.done[m] = evaluate(self.lm, self.eval_blocks, m, side, self.setup, self.progress,
                                         self.prefill_kv(), self.transform(m)) | {"method": m}
         return self.done[m]

@@ -130,9 +130,9 @@ class Plan:
         """Keys (batch, kv_head, token, d_head) as the cache's store returns them once flushed."""
         rotary = self.rotary[layer] if self.rotary is not None else None
         side = self.side if self.kv.key is not None else None
-        basis = side.bases[layer] if side is not None else None
+        basis, decoder = (side.bases[layer], side.decoder(layer)) if side is not None else (None, None)
         code = self.kv.key_transform.layers[layer] if self.kv.key_transform is not None else None
-        store = _Store(self.kv.key, side, basis, rotary, memo=True, code=code)
+        store = _Store(self.kv.key, side, basis, rotary, memo=True, code=code, decoder=decoder)
         return _through_store(store, key, self.sched.key_flush, self.sched.never)
 
 
