@@ -106,6 +106,8 @@ RULES = {
     ("bench", "sparse-decode", "--heads"): {"ok": (BIG,)},  # 10**9 query heads: 64 GB of queries, which may fit
     ("kvquant", "--batch"): {"ok": (BIG,)},  # more blocks per forward than blocks: one forward
     ("kvquant", "--group"): {"ok": (BIG,), "bad": [("5", "--group")]},  # wider than the head: the whole head
+    ("kvquant", "--grid"): {"bad": [("lloyd-max", "--grid")]},  # per-channel keys only: not HeadQ (the base command)
+    ("kvquant", "--budget"): {"bad": [("3", "--budget")]},  # query-tc only: not HeadQ (the base command)
     ("sparse", "--anchors"): {"ok": ("0",), "word": "budget"},  # no anchor; 10**9: a budget above the prompt
     ("sparse", "--window"): {"word": "budget"},
     ("sparse", "--topk"): {"ok": ("0",), "word": "budget"},  # anchors and window only

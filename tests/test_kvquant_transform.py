@@ -1,0 +1,286 @@
+"""Transform coding of keys (``atlas_core.kvquant.transform``): rotations, the loop reference, water-filling,
+bit accounting, and the methods built on it (query-tc, hadamard, random-rotation, the lloyd-max grid) through
+both engines and the CLI."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from atlas_core.book.cli import main
+from atlas_core.kvquant import quant, transform as T
+from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache, _Store
+from atlas_core.kvquant.decode import decode_nll
+from atlas_core.kvquant.experiment import KVMethod, transform_code
+from atlas_core.kvquant.onepass import onepass_nll
+from atlas_core.kvquant.quant import QuantSpec
+from atlas_core.models import load_model
+from atlas_core.toy import FAMILIES
+
+H, D, G = 2, 16, 8  # KV heads, d_head, tokens per group
+
+
+def _keys(seed: int, blocks: int = 3, tokens: int = 32) -> torch.Tensor:
+    """Calibration-like keys (kv_head, block, token, d_head) with unequal channel scales and offsets."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(H, blocks, tokens, D, generator=gen) * torch.linspace(0.1, 3, D) + torch.linspace(-1, 1, D)
+
+
+def _sigma(seed: int, zero_from: int | None = None) -> torch.Tensor:
+    """A query covariance (kv_head, d, d); ``zero_from``: coordinates from there on get no query energy."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(H, D, D, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.1, D, dtype=torch.float64)
+    if zero_from is not None:
+        a[..., zero_from:] = 0  # Σ_cc = Σ_i a_ic²: the last coordinates carry no query energy
+    return a.transpose(-1, -2) @ a
+
+
+def _code(rotation="identity", allocation="uniform", grid="uniform", bits=2, seed=0, sigma=None, keys=None) -> T.LayerCode:
+    spec = T.TransformSpec(rotation=rotation, allocation=allocation, grid=grid, bits=bits, group=G, seed=seed)
+    return T.calibrate_layer(spec, _keys(1) if keys is None else keys, _sigma(2) if sigma is None else sigma, H, D)
+
+
+@pytest.mark.parametrize("kind", T.ROTATIONS)
+def test_every_rotation_is_orthogonal(kind):
+    r = T.rotations(kind, H, 64, seed=3, sigma=torch.cat([_sigma(2)] * 16, -1).repeat_interleave(4, -2)[..., :64, :64])
+    if kind == "identity":
+        assert r is None
+        return
+    eye = torch.eye(64).expand(H, 64, 64)
+    assert torch.allclose(r.transpose(-1, -2) @ r, eye, atol=1e-5) and torch.allclose(r @ r.transpose(-1, -2), eye, atol=1e-5)
+    if kind in ("hadamard", "random"):  # seeded: the same seed draws the same matrix, another seed another
+        assert torch.equal(r, T.rotations(kind, H, 64, seed=3)) and not torch.equal(r, T.rotations(kind, H, 64, seed=4))
+    if kind == "hadamard":  # every entry ±1/√d
+        assert torch.allclose(r.abs(), torch.full_like(r, 1 / 8))
+
+
+def test_hadamard_refuses_a_width_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        T.hadamard(48, 0)
+    with pytest.raises(ValueError, match="power of two"):
+        KVMethod(method="hadamard").check_head(48)
+
+
+def test_query_rotation_is_the_covariance_eigenbasis_largest_first():
+    sigma = _sigma(5)
+    r = T.rotations("query", H, D, sigma=sigma).double()
+    energy = torch.diagonal(r.transpose(-1, -2) @ sigma @ r, dim1=-2, dim2=-1)  # eigenvalues, descending
+    assert torch.all(energy[:, :-1] >= energy[:, 1:] - 1e-6)
+    off = r.transpose(-1, -2) @ sigma @ r - torch.diag_embed(energy)
+    assert off.abs().max() < 1e-4 * energy.max()
+
+
+@pytest.mark.parametrize("kind,grid", list(itertools.product(T.ROTATIONS, T.GRIDS)))
+def test_round_trip_at_8_bits_is_within_one_quantization_step(kind, grid):
+    code = _code(kind, grid=grid, bits=8)
+    x = _keys(7, blocks=2, tokens=16).permute(1, 0, 2, 3)  # (batch, kv_head, key, d_head)
+    x_hat = T.decode(T.encode(x, code), code)
+    err = T.rotate(x_hat - x, code.rotation)  # per rotated coordinate
+    y = T.rotate(x, code.rotation)
+    span = y.unflatten(2, (-1, G)).amax(3) - y.unflatten(2, (-1, G)).amin(3)  # (batch, kv_head, key/g, d_head)
+    step = (span / 255).repeat_interleave(G, 2)
+    if grid == "lloyd-max":  # learned levels: the widest gap between neighbouring levels sets the step
+        gap = (code.levels[..., 1:] - code.levels[..., :-1]).amax(-1)  # (kv_head, d_head)
+        step = span.repeat_interleave(G, 2) * gap[None, :, None, :]
+    assert torch.all(err.abs() <= step + 2e-3 * y.abs().amax()), (err.abs() - step).max()
+    assert (x_hat - x).abs().max() < 0.05 * x.abs().max()
+
+
+@pytest.mark.parametrize("kind,grid,allocation", list(itertools.product(T.ROTATIONS, T.GRIDS, T.ALLOCATIONS)))
+def test_vectorised_code_equals_the_per_coordinate_loop(kind, grid, allocation):
+    code = _code(kind, allocation, grid, bits=2, sigma=_sigma(2, zero_from=12))
+    if allocation == "waterfill":  # widths really differ; in a basis aligned with Σ_q, unseen coordinates get none
+        assert code.bits.unique().numel() > 1, code.bits
+        assert kind not in ("identity", "query") or (code.bits[:, 12:] == 0).all(), code.bits
+    x = _keys(9, blocks=2, tokens=16).permute(1, 0, 2, 3)  # (batch, kv_head, key, d_head)
+    q = T.encode(x, code)
+    x_hat = T.decode(q, code)
+    codes = T.unpack_codes(q.codes, code)  # (batch, key, column)
+    for b in range(x.shape[0]):
+        ref, ref_codes = T.roundtrip_ref(x[b], code)
+        assert torch.allclose(x_hat[b], ref, atol=1e-5), (x_hat[b] - ref).abs().max()
+        flat = torch.stack([c for head in ref_codes for c in head], -1)  # (key, column), head-major
+        assert torch.equal(codes[b].long(), flat)
+
+
+def test_packing_round_trips_every_width_mix():
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 9, (3, 11), generator=gen)
+    code = T.LayerCode(None, bits, torch.zeros(3, 11), None, "uniform", G)
+    top = 2 ** code.column_bits()
+    codes = (torch.rand(2, 5, len(code.columns), generator=gen) * top).long().to(torch.uint8)
+    packed = T.pack_codes(codes, code)
+    head_bits = bits.sum(1)
+    assert packed.shape[-1] == sum(math.ceil(b / 8) for b in head_bits.tolist()) == code.bytes_per_token()
+    assert torch.equal(T.unpack_codes(packed, code), codes)
+
+
+def test_identity_uniform_equals_the_per_channel_quantizer():
+    x = _keys(11, blocks=2, tokens=24).permute(1, 0, 2, 3)
+    for bits in (2, 3, 4):
+        code = _code("identity", bits=bits)
+        spec = QuantSpec(bits=bits, group=G, axis="channel")
+        assert torch.equal(T.decode(T.encode(x, code), code), quant.dequantize(quant.quantize(x, spec), spec))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Water-filling.
+
+
+def _convex_table(var: torch.Tensor) -> torch.Tensor:
+    """D_c(b) = var_c · 4^{-b}, (d, 9): the high-rate distortion of a Gaussian coordinate (convex, decreasing)."""
+    return var[:, None] * 4.0 ** -torch.arange(9, dtype=torch.float64)
+
+
+def test_waterfill_spends_at_most_the_budget_and_nothing_where_queries_never_look():
+    energy = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.0, 0.0, 3.0, 0.0])
+    table = _convex_table(torch.tensor([1.0, 2.0, 0.5, 1.0, 9.0, 5.0, 1.0, 2.0], dtype=torch.float64))
+    for budget, overhead in ((24.0, 1.0), (30.0, 2.0), (11.0, 0.5), (3.0, 1.0)):
+        bits = T.waterfill(energy, table, budget, overhead)
+        used = math.ceil(int(bits.sum()) / 8) * 8 + int((bits > 0).sum()) * overhead
+        assert used <= budget and torch.all(bits[energy == 0] == 0), (budget, bits)
+    assert int(T.waterfill(energy, table, 24.0, 1.0, byte=1).sum()) > 0
+
+
+def test_waterfill_matches_the_brute_force_optimum_on_a_tiny_case():
+    energy = torch.tensor([3.0, 1.0, 0.4, 0.1], dtype=torch.float64)
+    table = _convex_table(torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=torch.float64))
+    overhead = 0.5
+    for budget in (4.0, 6.5, 9.0, 12.0):
+        greedy = T.waterfill(energy, table, budget, overhead, byte=1)
+        cost = lambda b: sum(b) + overhead * sum(x > 0 for x in b)  # noqa: E731
+        loss = lambda b: float(sum(energy[c] * table[c, b[c]] for c in range(4)))  # noqa: E731
+        best = min((b for b in itertools.product(range(6), repeat=4) if cost(b) <= budget), key=loss)
+        assert loss(greedy.tolist()) == pytest.approx(loss(best), rel=1e-12), (budget, greedy.tolist(), best)
+
+
+def test_waterfill_spends_kivi_storage_by_default():
+    code = _code("query", "waterfill", bits=2, sigma=_sigma(2))  # no zero-energy coordinate: the budget binds
+    assert code.bits_per_element() <= 2 + 32 / G + 1e-12
+    assert code.bits_per_element() > 2 + 32 / G - 8 / D  # at most a byte per head per token left unspent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage: the bytes held are the accounting formula.
+
+
+@pytest.mark.parametrize("kind,allocation", [("query", "waterfill"), ("hadamard", "uniform"), ("identity", "uniform")])
+def test_bits_held_equal_the_accounting_formula(kind, allocation):
+    code = _code(kind, allocation, "lloyd-max" if kind == "identity" else "uniform", bits=3)
+    store = _Store(QuantSpec(bits=3, group=G, axis="channel"), code=code)
+    x = _keys(13, blocks=2, tokens=32).permute(1, 0, 2, 3)  # (batch 2, kv_head, 32 keys, d_head)
+    store.append(x[..., :16, :])
+    store.append(x[..., 16:, :])
+    held = 8 * store.held_bytes()["storage"] / x.numel()
+    assert held == pytest.approx(code.bits_per_element(), rel=1e-12)
+    assert torch.allclose(store.from_codes(), T.decode(T.encode(x, code), code), atol=1e-6)
+
+
+def test_cache_bits_equal_the_formula_with_the_fp_window():
+    lm = load_model("toy-llama")
+    method = KVMethod(method="query-tc", kbits=2, group=G)
+    code = transform_code(lm, method, _blocks(1, 2, 32))
+    cache = QuantizedKVCache(lm.model.config, method.kv_config(code))
+    ids = _blocks(0, 1, 44)
+    lm.model(ids, past_key_values=cache, use_cache=True)
+    n_q, n_fp = 40, 4  # KIVI's rule: keys flushed R = group at a time
+    per_layer = [(c.bits_per_element() * n_q + 32 * n_fp) / (n_q + n_fp) for c in code.layers.values()]
+    assert cache.bits_per_element()["key"] == pytest.approx(sum(per_layer) / len(per_layer), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The methods through both engines, and their settings.
+
+PREFILL, TOKENS = 16, 48
+NEW = {
+    "query-tc K2": (KVMethod(method="query-tc", kbits=2, group=8), 1),
+    "query-tc K3 V2 budget 4 chunk 3": (KVMethod(method="query-tc", kbits=3, vbits=2, group=8, budget=4.0), 3),
+    "query-tc lloyd-max": (KVMethod(method="query-tc", kbits=2, group=8, grid="lloyd-max"), 1),
+    "hadamard K2 V2": (KVMethod(method="hadamard", kbits=2, vbits=2, group=8), 1),
+    "random-rotation K2 seed 3": (KVMethod(method="random-rotation", kbits=2, group=8, seed=3), 2),
+    "kivi lloyd-max": (KVMethod(method="kivi", kbits=2, group=8, grid="lloyd-max"), 1),
+    "per-channel lloyd-max R4": (KVMethod(method="per-channel", kbits=2, group=8, residual=4, grid="lloyd-max"), 1),
+    "pre-RoPE hadamard": (KVMethod(method="hadamard", kbits=2, group=8, pre_rope=True), 1),
+}
+NO_PRE_ROPE = ("gpt2", "phi3")
+
+
+def _blocks(seed: int, n: int = 2, tokens: int = TOKENS) -> torch.Tensor:
+    return torch.randint(4, 260, (n, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def toys():
+    return {family: load_model(f"toy-{family}") for family in FAMILIES}
+
+
+@pytest.mark.parametrize("name", list(NEW))
+def test_onepass_equals_decode_for_every_transform_method(toys, name):
+    method, chunk = NEW[name]
+    costs = {}
+    for family, lm in toys.items():
+        if method.pre_rope and family in NO_PRE_ROPE:
+            continue
+        code = transform_code(lm, method, _blocks(1, 2, 32))
+        kv = method.kv_config(code)
+        ref, ref_bits = decode_nll(lm.model, _blocks(0), kv, None, PREFILL, chunk)
+        fast, fast_bits = onepass_nll(lm.model, _blocks(0), kv, None, PREFILL, chunk)
+        fp, _ = decode_nll(lm.model, _blocks(0), None, prefill=PREFILL)
+        assert fast_bits == ref_bits, f"{name} on {family}: bits {fast_bits} != {ref_bits}"
+        gap = (fast - ref).abs().max().item()
+        assert gap < 1e-4, f"{name} on {family}: one-pass vs decode {gap:.2e} nats"
+        costs[family] = (ref - fp).abs().max().item()
+        if method.budget is None and method.method in ("query-tc", "hadamard", "random-rotation"):  # equal storage
+            kivi = KVMethod(method="kivi", kbits=method.kbits, vbits=method.vbits, group=method.group)
+            _, kivi_bits = onepass_nll(lm.model, _blocks(0), kivi.kv_config(), None, PREFILL, chunk)
+            assert fast_bits["key"] <= kivi_bits["key"] + 1e-12, (family, fast_bits, kivi_bits)
+    assert max(costs.values()) > 1e-2, f"{name}: quantization changes nothing, the equality would be empty ({costs})"
+
+
+def test_methods_settings_and_baselines():
+    assert KVMethod(method="query-tc").baseline() == KVMethod(method="kivi")
+    assert KVMethod(method="hadamard", grid="lloyd-max", seed=2).baseline() == KVMethod(method="kivi")
+    assert KVMethod(method="kivi", grid="lloyd-max").baseline() == KVMethod(method="kivi")
+    assert KVMethod(method="random-rotation", seed=5).canonical().seed == 5  # the seed draws the rotation
+    assert KVMethod(method="query-tc").residual == 32 and KVMethod(method="query-tc").kv_config().residual_rule == "kivi"
+    spec = KVMethod(method="query-tc", kbits=3, group=16, budget=3.5).transform_spec()
+    assert (spec.rotation, spec.allocation, spec.total_budget()) == ("query", "waterfill", 3.5)
+    assert KVMethod(method="kivi").transform_spec() is None and not KVMethod(method="hadamard").needs_calibration()
+    for bad, word in ((dict(method="kivi", budget=3.0), "budget"), (dict(method="query-tc", budget=0.0), "budget"),
+                      (dict(method="query-tc", budget=math.nan), "budget"), (dict(method="per-token", grid="lloyd-max"), "grid"),
+                      (dict(method="headq", grid="lloyd-max"), "grid"), (dict(method="kivi", grid="nuq"), "grid"),
+                      (dict(method="query-tc", pre_rope=True), "pre-rope")):
+        with pytest.raises(ValueError, match=word):
+            KVMethod(**bad)
+
+
+def test_a_transform_method_needs_its_code(toys):
+    from atlas_core.kvquant.experiment import evaluate
+
+    lm = toys["llama"]
+    with pytest.raises(ValueError, match="transform code"):
+        evaluate(lm, _blocks(0), KVMethod(method="hadamard", group=8))
+    with pytest.raises(ValueError, match="calibration"):
+        transform_code(lm, KVMethod(method="query-tc", group=8), None)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--method", "query-tc", "--budget", "0"],
+    ["--method", "kivi", "--budget", "3"],
+    ["--method", "per-token", "--grid", "lloyd-max"],
+    ["--method", "query-tc", "--pre-rope"],
+])
+def test_cli_refuses_bad_transform_settings_in_one_line(argv, capsys):
+    status = main(["kvquant", "--model", "toy-llama", "--tokens", "128", "--seq-len", "64", "--prefill", "16", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("atlas: error: "), err
+
+
+def test_cli_runs_query_tc_and_reports_the_bits_held(capsys):
+    import json
+
+    status = main(["kvquant", "--model", "toy-llama", "--method", "query-tc", "--tokens", "128", "--seq-len", "64",
+                   "--prefill", "16", "--group", "16", "--calib-tokens", "128", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert status in (None, 0) and out["baseline"].startswith("kivi K2") and 0 < out["bits_key"] <= 32
