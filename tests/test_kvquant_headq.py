@@ -242,3 +242,41 @@ def test_basis_flag_is_a_headq_variant():
                 dict(method="headq", basis="nope")):
         with pytest.raises(ValueError, match="basis"):
             KVMethod(**bad)
+
+
+def test_pre_rope_key_error_is_the_caches_own():
+    """With the layer's RoPE tables, the calibration key error is what the cache's pre-RoPE store leaves
+    (quantized before RoPE, compared after), and it differs from the post-RoPE quantizer's."""
+    from atlas_core.extract import extract
+    from atlas_core.kvquant import rope
+    from atlas_core.kvquant.cache import _Store
+
+    lm = load_model("toy-llama")
+    blocks = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(0))
+    k = extract(lm, blocks, [0], fields=("k",), progress=False)[0].k  # (kv_head, point, d_head)
+    cos_sin = rope.rotary_tables(lm.model)[0]
+    spec = QuantSpec(bits=2, group=8, axis="channel")
+    cov = headq.key_error_covariance(k, spec, 32, cos_sin)
+    per_block = k.reshape(k.shape[0], 2, 32, -1).transpose(0, 1)  # (block, kv_head, token, d_head)
+    errs = []
+    for b in per_block:
+        store = _Store(spec, rotary=cos_sin, memo=True)
+        store.append(b[None])
+        errs.append((store.seen() - b[None])[0].reshape(-1, k.shape[-1]).double())
+    err = torch.cat(errs)  # head-major within each block: the same pairs, another order
+    torch.testing.assert_close(cov.sum(0), err.T @ err / (len(err) / k.shape[0]), atol=1e-5, rtol=1e-4)
+    assert (cov - headq.key_error_covariance(k, spec, 32)).abs().max() > 0.1 * cov.abs().max()  # not the same error
+
+
+def test_whitened_pre_rope_onepass_equals_decode():
+    from atlas_core.kvquant.decode import decode_nll
+    from atlas_core.kvquant.experiment import KVMethod, side_code
+    from atlas_core.kvquant.onepass import onepass_nll
+
+    lm = load_model("toy-qwen2")
+    ids = torch.randint(4, 260, (2, 48), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(1))
+    method = KVMethod(method="headq", kbits=2, group=8, rank=4, basis="whitened", base="per-channel", pre_rope=True)
+    side = side_code(lm, method, calib)
+    (ref, ref_bits), (fast, fast_bits) = (f(lm.model, ids, method.kv_config(), side, 16, 1) for f in (decode_nll, onepass_nll))
+    assert (fast - ref).abs().max().item() < 1e-4 and fast_bits == ref_bits

@@ -313,7 +313,7 @@ def side_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor, bases: dic
         return None
     if bases is None:
         kind = {"random-basis": "random", "key-pca": "key-pca"}.get(method.control, method.basis)
-        bases, decoders = calibrate_side(lm, calib, method.rank, kind, method.kv_config().key, method.seed)
+        bases, decoders = calibrate_side(lm, calib, method.rank, kind, method.kv_config().key, method.seed, method.pre_rope)
     if (method.basis == "whitened") != (decoders is not None):
         raise ValueError("the whitened basis, and only it, decodes with decoders apart from its encoders")
     cut = {layer: b[..., : method.rank] for layer, b in bases.items()}
@@ -450,18 +450,18 @@ class Runs:
         """HeadQ's (or a control's) bases {layer: (kv_head, d_head, r ≥ rank)}, computed once per kind."""
         d_head = self.lm.spec.d_head
         if method.basis == "whitened":
-            key = ("whitened", method.kv_config().key)
+            key = ("whitened", method.kv_config().key, method.pre_rope)
         elif method.control in ("none", "wrong-sign"):
             key = ("query",)
         elif method.control == "key-pca":
-            key = ("key-pca", method.kv_config().key)
+            key = ("key-pca", method.kv_config().key, method.pre_rope)
         else:
             key = ("random", method.rank, method.seed)
         if key not in self._bases:
             if key[0] == "query":
                 self._bases[key] = {l: top_eigenvectors(s, d_head) for l, s in self.sigma_q().items()}
             elif key[0] == "whitened":  # Σ_q shared with the query basis; Σ_δ under this base quantizer
-                errors = key_error_covariances(self.lm, self.calib, key[1])
+                errors = key_error_covariances(self.lm, self.calib, key[1], method.pre_rope)
                 pairs = {l: whitened_bases(s, errors[l], d_head) for l, s in self.sigma_q().items()}
                 self._bases[key] = {l: e for l, (e, _) in pairs.items()}
                 self._decoders[key] = {l: d for l, (_, d) in pairs.items()}
@@ -470,7 +470,8 @@ class Runs:
                     raise ValueError("HeadQ needs calibration blocks (the calib split)")
                 rank = method.rank if key[0] == "random" else d_head
                 kind = "random" if key[0] == "random" else "key-pca"
-                self._bases[key] = calibrate(self.lm, self.calib, rank, kind, method.kv_config().key, method.seed)
+                self._bases[key] = calibrate(self.lm, self.calib, rank, kind, method.kv_config().key, method.seed,
+                                             method.pre_rope)
         return self._bases[key]
 
     def decoders(self, method: KVMethod) -> dict[int, torch.Tensor] | None:
@@ -479,7 +480,7 @@ class Runs:
         if method.basis != "whitened":
             return None
         self.bases(method)
-        return self._decoders[("whitened", method.kv_config().key)]
+        return self._decoders[("whitened", method.kv_config().key, method.pre_rope)]
 
     def transform(self, method: KVMethod) -> TransformCode | None:
         """The method's key transform code, calibrated once per (transform spec, pre-RoPE); Σ_q shared with HeadQ."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from atlas_core.extract import extract
+from atlas_core.kvquant import rope
 from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor, QuantSpec, check_bits, dequantize, quantize
 from atlas_core.models import LoadedModel
 
@@ -135,14 +136,24 @@ def random_basis(n_kv: int, d: int, r: int, seed: int) -> torch.Tensor:
     return q.float()
 
 
-def key_error_covariance(k: torch.Tensor, key_spec: QuantSpec, seq_len: int) -> torch.Tensor:
-    """E[(k − k̂)(k − k̂)ᵀ] per KV head from k (kv_head, point, d_head) in blocks of ``seq_len`` points."""
+def key_error_covariance(k: torch.Tensor, key_spec: QuantSpec, seq_len: int, cos_sin: rope.CosSin | None = None) -> torch.Tensor:
+    """E[(k − k̂)(k − k̂)ᵀ] per KV head from post-RoPE k (kv_head, point, d_head) in blocks of ``seq_len`` points.
+
+    ``cos_sin`` (the layer's RoPE tables): k̂ is quantized pre-RoPE as the cache does with ``pre_rope`` (keys
+    un-rotated at their positions 0 … seq_len − 1 in the block, quantized, rotated back); the error is
+    still post-RoPE, where side codes live.
+    """
     n_kv, n, d = k.shape
     usable = n // seq_len * seq_len
     blocks = k[:, :usable].reshape(n_kv, -1, seq_len, d)  # (kv_head, block, token, d_head)
     if key_spec.axis == "channel":
         blocks = blocks[:, :, : seq_len // key_spec.group * key_spec.group]
-    err = (dequantize(quantize(blocks, key_spec), key_spec) - blocks).reshape(n_kv, -1, d).double()
+    if cos_sin is None:
+        k_hat = dequantize(quantize(blocks, key_spec), key_spec)
+    else:
+        cos, sin = (t.to(blocks) for t in cos_sin(torch.arange(blocks.shape[2])))  # (token, rotary dim)
+        k_hat = rope.rotate(dequantize(quantize(rope.unrotate(blocks, cos, sin), key_spec), key_spec), cos, sin)
+    err = (k_hat - blocks).reshape(n_kv, -1, d).double()
     return err.transpose(1, 2) @ err / err.shape[1]
 
 
@@ -179,11 +190,16 @@ def whitened_bases(sigma_q: torch.Tensor, sigma_delta: torch.Tensor, r: int, flo
 
 
 @torch.no_grad()
-def key_error_covariances(lm: LoadedModel, blocks: torch.Tensor, key_spec: QuantSpec) -> dict[int, torch.Tensor]:
+def key_error_covariances(lm: LoadedModel, blocks: torch.Tensor, key_spec: QuantSpec, pre_rope: bool = False) -> dict[int, torch.Tensor]:
     """Σ_δ of every layer, {layer: (kv_head, d_head, d_head)}: post-RoPE keys of calibration blocks (block,
-    token) quantized by ``key_spec`` a block at a time (``key_error_covariance``)."""
+    token) quantized by ``key_spec`` a block at a time (``key_error_covariance``), pre-RoPE if ``pre_rope``.
+
+    Raises:
+        ValueError: ``pre_rope`` on a model without RoPE (``rope.rotary_tables``).
+    """
+    tables = rope.rotary_tables(lm.model) if pre_rope else [None] * lm.spec.n_layers
     acts = extract(lm, blocks, list(range(lm.spec.n_layers)), fields=("k",), progress=False)
-    return {l: key_error_covariance(a.k, key_spec, blocks.shape[1]) for l, a in acts.items()}
+    return {l: key_error_covariance(a.k, key_spec, blocks.shape[1], tables[l]) for l, a in acts.items()}
 
 
 @torch.no_grad()
@@ -201,6 +217,7 @@ def calibrate_side(
     basis: str = "query",
     key_spec: QuantSpec | None = None,
     seed: int = 0,
+    pre_rope: bool = False,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
     """Per-layer encoders and decoders, ({layer: (kv_head, d_head, rank)}, same or None), from calibration blocks.
 
@@ -209,7 +226,8 @@ def calibrate_side(
         basis: "query" (HeadQ: top eigenvectors of Σ_q), "random" (seeded), "key-pca" (top eigenvectors of
             the key-error covariance under ``key_spec``), or "whitened" (``whitened_bases`` from Σ_q and the
             key-error covariance under ``key_spec``; the only kind with a decoder apart from its encoder).
-        key_spec: the base key quantizer (needed by "key-pca" and "whitened").
+        key_spec: the base key quantizer (needed by "key-pca" and "whitened"); ``pre_rope``: it quantizes
+            keys before RoPE (the key error is measured that way; side codes stay post-RoPE).
     Returns:
         (encoders, decoders): decoders None for the orthonormal kinds (each basis decodes itself).
     Raises:
@@ -224,7 +242,7 @@ def calibrate_side(
         return {l: random_basis(spec.n_kv_heads, spec.d_head, rank, seed + l) for l in range(spec.n_layers)}, None
     if basis == "query":
         return {l: top_eigenvectors(sigma, rank) for l, sigma in query_covariances(lm, blocks).items()}, None
-    errors = key_error_covariances(lm, blocks, key_spec)
+    errors = key_error_covariances(lm, blocks, key_spec, pre_rope)
     if basis == "key-pca":
         return {l: top_eigenvectors(cov, rank) for l, cov in errors.items()}, None
     pairs = {l: whitened_bases(sigma, errors[l], rank) for l, sigma in query_covariances(lm, blocks).items()}
@@ -238,6 +256,7 @@ def calibrate(
     basis: str = "query",
     key_spec: QuantSpec | None = None,
     seed: int = 0,
+    pre_rope: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Per-layer orthonormal bases {layer: (kv_head, d_head, rank)}: ``calibrate_side`` for "query", "random"
     and "key-pca".
@@ -248,7 +267,7 @@ def calibrate(
     """
     if basis == "whitened":
         raise ValueError("the whitened basis has a decoder apart from its encoder: use calibrate_side")
-    return calibrate_side(lm, blocks, rank, basis, key_spec, seed)[0]
+    return calibrate_side(lm, blocks, rank, basis, key_spec, seed, pre_rope)[0]
 
 
 def null_space_perturbation(k: torch.Tensor, sigma: torch.Tensor, n_dirs: int, size: float, seed: int) -> torch.Tensor:
