@@ -202,6 +202,7 @@ NEW = {
     "kivi lloyd-max": (KVMethod(method="kivi", kbits=2, group=8, grid="lloyd-max"), 1),
     "per-channel lloyd-max R4": (KVMethod(method="per-channel", kbits=2, group=8, residual=4, grid="lloyd-max"), 1),
     "pre-RoPE hadamard": (KVMethod(method="hadamard", kbits=2, group=8, pre_rope=True), 1),
+    "pre-RoPE query-tc V2": (KVMethod(method="query-tc", kbits=2, vbits=2, group=8, pre_rope=True), 1),
 }
 NO_PRE_ROPE = ("gpt2", "phi3")
 
@@ -249,8 +250,7 @@ def test_methods_settings_and_baselines():
     assert KVMethod(method="kivi").transform_spec() is None and not KVMethod(method="hadamard").needs_calibration()
     for bad, word in ((dict(method="kivi", budget=3.0), "budget"), (dict(method="query-tc", budget=0.0), "budget"),
                       (dict(method="query-tc", budget=math.nan), "budget"), (dict(method="per-token", grid="lloyd-max"), "grid"),
-                      (dict(method="headq", grid="lloyd-max"), "grid"), (dict(method="kivi", grid="nuq"), "grid"),
-                      (dict(method="query-tc", pre_rope=True), "pre-rope")):
+                      (dict(method="headq", grid="lloyd-max"), "grid"), (dict(method="kivi", grid="nuq"), "grid")):
         with pytest.raises(ValueError, match=word):
             KVMethod(**bad)
 
@@ -269,7 +269,7 @@ def test_a_transform_method_needs_its_code(toys):
     ["--method", "query-tc", "--budget", "0"],
     ["--method", "kivi", "--budget", "3"],
     ["--method", "per-token", "--grid", "lloyd-max"],
-    ["--method", "query-tc", "--pre-rope"],
+    ["--method", "query-tc", "--budget", "inf"],
 ])
 def test_cli_refuses_bad_transform_settings_in_one_line(argv, capsys):
     status = main(["kvquant", "--model", "toy-llama", "--tokens", "128", "--seq-len", "64", "--prefill", "16", *argv])

@@ -122,9 +122,6 @@ class KVMethod:
             if self.method != "query-tc":
                 raise ValueError("--budget applies to --method query-tc only")
             check_budget(self.budget)
-        if self.pre_rope and self.method == "query-tc":
-            raise ValueError("--pre-rope with query-tc needs the RoPE-averaged query covariance, not available yet: "
-                             "use post-RoPE keys, or --method hadamard / random-rotation")
         check_bits(self.kbits, "kbits")
         if self.vbits is not None:
             check_bits(self.vbits, "vbits")
@@ -329,9 +326,10 @@ def transform_code(lm: LoadedModel, method: KVMethod, calib: torch.Tensor | None
     """The method's key transform code calibrated on ``calib`` (block, token), or None for a plain quantizer.
 
     Args:
-        sigma_q: {layer: Σ_q (kv_head, d_head, d_head)} from ``calib`` (``headq.query_covariances``), if at hand.
+        sigma_q: {layer: (kv_head, d_head, d_head)} from ``calib``, if at hand: Σ_q (``headq.query_covariances``)
+            post-RoPE, the RoPE-averaged Σ̄ (``rope.averaged_query_covariances``) pre-RoPE.
     Raises:
-        ValueError: calibration blocks are needed and missing; the query basis or water-filling pre-RoPE.
+        ValueError: calibration blocks are needed and missing.
     """
     spec = method.transform_spec()
     if spec is None:
@@ -490,7 +488,9 @@ class Runs:
         key = (spec, method.pre_rope)
         if key not in self._transforms:
             uses_sigma = spec.rotation == "query" or spec.allocation == "waterfill"
-            sigma = self.sigma_q() if uses_sigma and not method.pre_rope else None  # pre-RoPE: refused by the calibration
+            sigma = None  # pre-RoPE: the RoPE-averaged covariance, computed by the calibration
+            if uses_sigma and not method.pre_rope:
+                sigma = self.sigma_q()
             self._transforms[key] = transform_code(self.lm, method, self.calib, sigma)
         return self._transforms[key]
 

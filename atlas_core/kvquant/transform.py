@@ -552,13 +552,14 @@ def calibrate(lm, blocks: torch.Tensor | None, spec: TransformSpec, sigma_q: dic
     """Per-layer transform codes from calibration blocks (block, token) of the calib split.
 
     Args:
-        sigma_q: {layer: Σ_q (kv_head, d_head, d_head)} post-RoPE, needed by the query rotation and
-            water-filling (``headq.query_covariances``); computed here from ``blocks`` when None.
+        sigma_q: {layer: (kv_head, d_head, d_head)} the query covariance in the coordinates keys are quantized
+            in, needed by the query rotation and water-filling: post-RoPE Σ_q (``headq.query_covariances``),
+            or pre-RoPE the RoPE-averaged Σ̄ = mean_Δ M_Δᵀ Σ'_q M_Δ (``rope.averaged_query_covariances``,
+            which makes E[(q·δ_post)²] = δ'ᵀ Σ̄ δ' for a pre-RoPE key error δ'); computed here when None.
         pre_rope: keys are quantized before RoPE: calibration keys are un-rotated at their positions
-            (``rope.unrotate``), and Σ_q must be the RoPE-averaged covariance, which this code does not
-            have for a query basis or water-filling (ValueError).
+            (``rope.unrotate``).
     Raises:
-        ValueError: calibration is needed and no blocks are given; the query basis or water-filling pre-RoPE.
+        ValueError: calibration is needed and no blocks are given; pre-RoPE on a model without RoPE.
     """
     from atlas_core.extract import extract
     from atlas_core.kvquant import rope
@@ -566,16 +567,13 @@ def calibrate(lm, blocks: torch.Tensor | None, spec: TransformSpec, sigma_q: dic
 
     s = lm.spec
     uses_sigma = spec.rotation == "query" or spec.allocation == "waterfill"
-    if pre_rope and uses_sigma:
-        raise ValueError("pre-RoPE keys need the RoPE-averaged query covariance for the query basis and water-filling, "
-                         "which is not available: use post-RoPE keys, or a hadamard/random/identity rotation")
     if not spec.needs_calibration():
         return TransformCode(spec, {l: calibrate_layer(spec, None, None, s.n_kv_heads, s.d_head) for l in range(s.n_layers)})
     if blocks is None:
         raise ValueError(f"the {spec.rotation} rotation with {spec.allocation} bits and the {spec.grid} grid needs "
                          "calibration blocks (the calib split)")
     if uses_sigma and sigma_q is None:
-        sigma_q = query_covariances(lm, blocks)
+        sigma_q = rope.averaged_query_covariances(lm, blocks) if pre_rope else query_covariances(lm, blocks)
     acts = extract(lm, blocks, list(range(s.n_layers)), fields=("k",), progress=False)
     tables = rope.rotary_tables(lm.model) if pre_rope else None
     n_block, t = blocks.shape
