@@ -78,7 +78,7 @@ def _state_tensors(layer) -> list[torch.Tensor]:
     found = []
     for obj in (layer, getattr(layer, "key_store", None), getattr(layer, "value_store", None)):
         for name, value in (vars(obj) if obj is not None else {}).items():
-            if name in ("basis", "rotary", "side", "_sliding_window_tensor"):
+            if name in ("basis", "decoder", "rotary", "side", "_sliding_window_tensor"):
                 continue  # per-layer settings, not batch state
             if isinstance(value, torch.Tensor):
                 found.append(value)
