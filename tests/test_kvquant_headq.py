@@ -237,7 +237,10 @@ def test_whitened_onepass_equals_decode_and_holds_the_query_basis_bits():
 def test_basis_flag_is_a_headq_variant():
     from atlas_core.kvquant.experiment import KVMethod
 
-    assert "whitened" in KVMethod(method="headq", basis="whitened").label()
+    whitened = KVMethod(method="headq", basis="whitened")
+    assert "whitened" in whitened.label()
+    assert whitened.baseline() == KVMethod(method="per-token")  # its baseline is the base quantizer alone
+    assert whitened.canonical() != KVMethod(method="headq").canonical()  # memoised apart from the query basis
     for bad in (dict(method="headq", basis="whitened", control="key-pca"), dict(method="kivi", basis="whitened"),
                 dict(method="headq", basis="nope")):
         with pytest.raises(ValueError, match="basis"):

@@ -248,7 +248,7 @@ class KVMethod:
             return replace(self, grid="uniform").canonical()
         if self.method in ("headq", "per-channel", "kivi"):
             base = self.base if self.method == "headq" else "per-token"
-            return replace(self, method=base, control="none").canonical()
+            return replace(self, method=base, control="none", basis="query").canonical()
         return None
 
 
