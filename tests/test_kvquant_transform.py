@@ -143,15 +143,33 @@ def test_waterfill_spends_at_most_the_budget_and_nothing_where_queries_never_loo
     assert int(T.waterfill(energy, table, 24.0, 1.0, byte=1).sum()) > 0
 
 
+def _brute_force(energy, table, budget, overhead):
+    cost = lambda b: sum(b) + overhead * sum(x > 0 for x in b)  # noqa: E731
+    loss = lambda b: float(sum(energy[c] * table[c, b[c]] for c in range(len(b))))  # noqa: E731
+    best = min((b for b in itertools.product(range(9), repeat=len(energy)) if cost(b) <= budget), key=loss)
+    return loss, best
+
+
 def test_waterfill_matches_the_brute_force_optimum_on_a_tiny_case():
     energy = torch.tensor([3.0, 1.0, 0.4, 0.1], dtype=torch.float64)
     table = _convex_table(torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=torch.float64))
     overhead = 0.5
     for budget in (4.0, 6.5, 9.0, 12.0):
         greedy = T.waterfill(energy, table, budget, overhead, byte=1)
-        cost = lambda b: sum(b) + overhead * sum(x > 0 for x in b)  # noqa: E731
-        loss = lambda b: float(sum(energy[c] * table[c, b[c]] for c in range(4)))  # noqa: E731
-        best = min((b for b in itertools.product(range(6), repeat=4) if cost(b) <= budget), key=loss)
+        loss, best = _brute_force(energy, table, budget, overhead)
+        assert loss(greedy.tolist()) == pytest.approx(loss(best), rel=1e-12), (budget, greedy.tolist(), best)
+
+
+def test_waterfill_starts_a_coordinate_whose_one_bit_code_is_worse_than_its_mean():
+    """Min–max codes: 1 bit often does worse than the mean (D(1) > D(0)); the steepest multi-bit step still
+    starts such a coordinate (the lower convex hull), where a one-bit-at-a-time greedy would never."""
+    energy = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+    table = _convex_table(torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64))
+    table[:, 1] = table[:, 0] * 1.5  # 1 bit worse than nothing
+    for budget in (3.0, 7.5, 10.0):
+        greedy = T.waterfill(energy, table, budget, 0.5, byte=1)
+        loss, best = _brute_force(energy, table, budget, 0.5)
+        assert (greedy != 1).all() and greedy.sum() > 0
         assert loss(greedy.tolist()) == pytest.approx(loss(best), rel=1e-12), (budget, greedy.tolist(), best)
 
 

@@ -420,10 +420,14 @@ def waterfill(energy: torch.Tensor, distortion: torch.Tensor, budget: float, ove
     it is Σ_c λ_c E[δ_c²] (only the error covariance's diagonal counts), the score-space error of SPEC §9
     before the 1/√d scale. Reverse water-filling (Cover & Thomas, Elements of Information Theory, Thm
     10.3.3) spends bits on components by their weighted variance; in its operational integer form (Goyal
-    2001, "Theoretical foundations of transform coding", §III) one starts from b = 0 and repeatedly gives a
-    bit to the coordinate with the largest λ_c·(D_c(b) − D_c(b + 1)) / cost (Shoham & Gersho 1988; optimal
-    for convex decreasing D, Fox 1966), cost = 1 + ``overhead`` for 0 → 1 (its scale and zero appear),
-    else 1, while the budget allows. A coordinate with λ_c = 0 gains nothing and gets 0 bits.
+    2001, "Theoretical foundations of transform coding", §III; Shoham & Gersho 1988) one starts from b = 0
+    and repeatedly takes the steepest step λ_c·(D_c(b) − D_c(b′)) / cost(b → b′) over every coordinate and
+    every b′ > b that the budget allows, cost = b′ − b, plus ``overhead`` when b = 0 (the scale and zero
+    appear). Steps of more than one bit walk the lower convex hull of each coordinate's measured (rate,
+    distortion) points: min–max codes are not convex at low rates (1 bit often does worse than the mean,
+    D_c(1) > D_c(0)), and a one-bit-at-a-time greedy then never starts such a coordinate. On convex D the
+    steps are single bits and this is Fox's (1966) greedy. A coordinate with λ_c = 0 gains nothing and
+    gets 0 bits.
 
     Args:
         energy: λ (d,) query energy per coordinate, (RᵀΣ_qR)_cc.
@@ -437,17 +441,20 @@ def waterfill(energy: torch.Tensor, distortion: torch.Tensor, budget: float, ove
     d = len(energy)
     bits = torch.zeros(d, dtype=torch.long)
     lam, dist = energy.double(), distortion.double()
-    spent = lambda code_bits, n_stored: math.ceil(code_bits / byte) * byte + n_stored * overhead  # noqa: E731
+    targets = torch.arange(MAX_BITS + 1)  # b′
     while True:
-        step = torch.where(bits < MAX_BITS, bits + 1, bits)
-        gain = lam * (dist.gather(1, bits[:, None]) - dist.gather(1, step[:, None])).squeeze(1)
-        cost = torch.where(bits == 0, 1 + overhead, 1.0)
-        code_bits, n_stored = int(bits.sum()), int((bits > 0).sum())
-        fits = torch.tensor([spent(code_bits + 1, n_stored + int(b == 0)) <= budget + 1e-9 for b in bits.tolist()])
-        ratio = torch.where((bits < MAX_BITS) & (gain > 0) & fits, gain / cost, torch.full_like(gain, -math.inf))
-        if not torch.isfinite(ratio.max()):
+        ahead = targets[None, :] > bits[:, None]  # (d, 9) steps b → b′ > b
+        gain = lam[:, None] * (dist.gather(1, bits[:, None]) - dist)  # (d, 9)
+        cost = (targets[None, :] - bits[:, None]).double() + overhead * (bits[:, None] == 0)
+        code_bits = int(bits.sum()) + (targets[None, :] - bits[:, None])  # (d, 9) after the step
+        n_stored = int((bits > 0).sum()) + (bits[:, None] == 0).long()  # (d, 1)
+        spent = torch.ceil(code_bits / byte) * byte + n_stored * overhead
+        ok = ahead & (gain > 0) & (spent <= budget + 1e-9)
+        slope = torch.where(ok, gain / cost.clamp(min=1e-12), torch.full_like(gain, -math.inf))
+        if not torch.isfinite(slope.max()):
             return bits
-        bits[int(ratio.argmax())] += 1
+        c, b = divmod(int(slope.argmax()), MAX_BITS + 1)
+        bits[c] = b
 
 
 def _grouped_columns(y: torch.Tensor, group: int) -> torch.Tensor:
