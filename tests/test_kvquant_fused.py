@@ -84,3 +84,88 @@ def test_refuses_what_it_cannot_read():
         fused.decode(torch.randn(1, 1, 16), exact, 0.25)
     with pytest.raises(ValueError, match="KV heads"):
         fused.decode(torch.randn(1, 1, 8), kv, 0.25)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In the cache: KVQuantConfig(fused=True) under the FUSED attention.
+
+from dataclasses import replace  # noqa: E402
+
+from atlas_core.kvquant import headq  # noqa: E402
+from atlas_core.kvquant.cache import KVQuantConfig, QuantizedKVCache  # noqa: E402
+from atlas_core.kvquant.headq import SideCode  # noqa: E402
+from atlas_core.models import load_model  # noqa: E402
+
+KIVI2 = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), value=QuantSpec(bits=2, group=16, axis="token"),
+                      residual=4, residual_rule="kivi")
+TOKEN3 = KVQuantConfig(key=QuantSpec(bits=3, group=16, axis="token"), value=QuantSpec(bits=3, group=16, axis="token"), residual=2)
+K_ONLY = KVQuantConfig(key=QuantSpec(bits=2, group=4, axis="channel"), residual=3)
+
+
+def _side(lm):
+    bases = {l: headq.random_basis(lm.spec.n_kv_heads, lm.spec.d_head, 2, l) for l in range(lm.spec.n_layers)}
+    return SideCode(bases=bases, bits=4)
+
+
+class _Counting:
+    """Counts the kernel's calls and the histories the cache dequantizes (``_Store.from_codes``)."""
+
+    def __init__(self, monkeypatch):
+        from atlas_core.kvquant import cache as cache_mod
+        self.kernel = self.dequantized = 0
+        decode, from_codes = fused.decode, cache_mod._Store.from_codes
+
+        def counted_decode(*a, **k):
+            self.kernel += 1
+            return decode(*a, **k)
+
+        def counted_from_codes(store):
+            self.dequantized += 1
+            return from_codes(store)
+        monkeypatch.setattr(fused, "decode", counted_decode)
+        monkeypatch.setattr(cache_mod._Store, "from_codes", counted_from_codes)
+
+
+@pytest.mark.parametrize("kv,side", [(KIVI2, False), (TOKEN3, True), (K_ONLY, False)], ids=["kivi2", "headq-token3", "k-only"])
+def test_greedy_generation_identical_and_logits_close(kv, side, monkeypatch):
+    lm = load_model("toy-llama")
+    model = lm.model
+    sc = _side(lm) if side else None
+    ids = torch.randint(4, 260, (2, 10), generator=torch.Generator().manual_seed(1))
+    plain = model.generate(ids, past_key_values=QuantizedKVCache(model.config, kv, sc), max_new_tokens=32, do_sample=False)
+    counts = _Counting(monkeypatch)
+    with fused.decoding(model):
+        out = model.generate(ids, past_key_values=QuantizedKVCache(model.config, replace(kv, fused=True), sc),
+                             max_new_tokens=32, do_sample=False)
+    assert torch.equal(out, plain)
+    assert counts.kernel == 31 * lm.spec.n_layers  # every decode step after the prefill, every layer
+    assert counts.dequantized == 0  # ... and no history was dequantized
+    assert model.config._attn_implementation != fused.FUSED  # restored
+
+    # one real decode step's logits over a history of quantized codes
+    caches = [QuantizedKVCache(model.config, replace(kv, fused=f), sc) for f in (False, True)]
+    for cache in caches:
+        model(out[:, :-1], past_key_values=cache, use_cache=True)
+    ref = model(out[:, -1:], past_key_values=caches[0], use_cache=True).logits
+    with fused.decoding(model):
+        got = model(out[:, -1:], past_key_values=caches[1], use_cache=True).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert len(caches[1].layers[0].key_store) > 0
+
+
+def test_falls_back_without_the_fused_attention_or_on_a_sliding_layer(monkeypatch):
+    counts = _Counting(monkeypatch)
+    lm = load_model("toy-llama")
+    ids = torch.randint(4, 260, (1, 12), generator=torch.Generator().manual_seed(2))
+    lm.model.generate(ids, past_key_values=QuantizedKVCache(lm.model.config, replace(KIVI2, fused=True)), max_new_tokens=4,
+                      do_sample=False)  # the model's own attention: the plain path
+    assert counts.kernel == 0 and counts.dequantized > 0
+    gemma = load_model("toy-gemma3")  # layer 0 slides: plain path there, kernel on the global layer
+    model = gemma.model
+    ids = torch.randint(4, 260, (1, 20), generator=torch.Generator().manual_seed(3))
+    plain = model.generate(ids, past_key_values=QuantizedKVCache(model.config, KIVI2), max_new_tokens=8, do_sample=False)
+    counts.kernel = 0
+    with fused.decoding(model):
+        out = model.generate(ids, past_key_values=QuantizedKVCache(model.config, replace(KIVI2, fused=True)),
+                             max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, plain) and counts.kernel == 7

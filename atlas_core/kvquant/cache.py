@@ -79,6 +79,7 @@ class KVQuantConfig:
     memo: bool = False  # also hold the dequantized history: faster decode, no memory saved
     residual_rule: str = "recent"
     key_transform: transform.TransformCode | None = None  # keys stored by a transform code (per layer)
+    fused: bool = False  # one-token decode steps hand the packed codes to the fused kernel (kvquant.fused)
 
     def __post_init__(self):
         if self.key_transform is not None and (self.key is None or self.key.axis != "channel"
@@ -227,6 +228,12 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _fused():
+    """``kvquant.fused``, imported when first needed (it imports numba and registers its attention)."""
+    from atlas_core.kvquant import fused
+    return fused
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One layer's quantized cache; a sliding layer keeps only what its window can still see.
 
@@ -270,6 +277,10 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)  # fp windows, (batch, kv_head, key, d_head)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        step = self._fused_step(key_states.shape[-2])
+        if step is not None:  # the kernel reads the codes as they stand now: no dequantized history
+            self._flush()
+            return _fused().mark(key_states, step), value_states
         keys = self._visible(self.key_store, self.keys)
         values = self._visible(self.value_store, self.values)
         if self.is_sliding:
@@ -283,6 +294,30 @@ class QuantizedKVLayer(DynamicLayer):
     @staticmethod
     def _visible(store: _Store, window: torch.Tensor) -> torch.Tensor:
         return window if len(store) == 0 else torch.cat([store.seen(), window], dim=-2)
+
+    attn_config = None  # the model's (text) config, set by QuantizedKVCache: its attention implementation decides fusing
+
+    def _fused_step(self, n_new: int):
+        """This step's packed state (``fused.DecodeKV``) when the fused kernel takes it, else None.
+
+        It does when ``kv.fused``, the model runs ``fused.FUSED`` attention, the step is one token, the layer
+        is full attention, keys are quantized post-RoPE by the spec's quantizer (no transform code), and
+        the kernel can read the tensors (``fused.unsupported``: numba, CPU, fp16 stats).
+        """
+        if not (self.kv.fused and n_new == 1 and not self.is_sliding and self.rotary is None and self.code is None):
+            return None
+        fused = _fused()
+        if not fused.is_active(self.attn_config):
+            return None
+        k, v = self.key_store, self.value_store
+        has_side = k.side_codes is not None
+        step = fused.DecodeKV(
+            key=k.codes, key_spec=k.spec, value=v.codes, value_spec=v.spec,
+            key_window=self.keys if k.dense is None else torch.cat([k.dense, self.keys], dim=-2),
+            value_window=self.values if v.dense is None else torch.cat([v.dense, self.values], dim=-2),
+            side=k.side_codes, side_spec=k.side.spec() if has_side else None,
+            basis=k.decoder if has_side else None, sign=k.side.sign if has_side else 1.0)
+        return step if fused.unsupported(step) is None else None
 
     def _flush(self) -> None:
         n_key, n_value = self.kv.flush_counts(self.keys.shape[-2], self.values.shape[-2])
@@ -419,6 +454,8 @@ class QuantizedKVCache(Cache):
         ]
         super().__init__(layers=layers)
         self.kv, self.side = kv, side
+        for layer in self.layers:
+            layer.attn_config = config.get_text_config(decoder=True)
 
     def bits_per_element(self) -> dict[str, float]:
         """Bits per held key and value element over all layers, measured from the bytes held.
