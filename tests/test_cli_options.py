@@ -60,6 +60,8 @@ BASE = {
     ("bench", "extract"): ["--model", "toy-llama", "--blocks", "2", "--seq-len", "32", "--repeats", "1"],
     ("bench", "kvquant"): ["--model", "toy-llama", "--ctx", "64", "--steps", "2", "--rounds", "1", "--group", "16",
                            "--rank", "4"],
+    ("bench", "kv-decode"): ["--context", "128", "--heads", "4", "--kv-heads", "2", "--d-head", "32", "--rounds", "1",
+                             "--steps", "1"],
     ("bench", "sparse-decode"): ["--context", "256", "--heads", "4", "--kv-heads", "2", "--d-head", "16",
                                  "--rounds", "1", "--steps", "1", "--window", "8", "--topk", "4"],
     ("bench", "book"): ["--results", "{tmp}"],
@@ -102,6 +104,11 @@ RULES = {
     ("bench", "extract", "--repeats"): {"ok": (BIG,)},
     ("bench", "kvquant", "--rounds"): {"ok": (BIG,)},
     ("bench", "sparse-decode", "--rounds"): {"ok": (BIG,)},
+    ("bench", "kv-decode", "--rounds"): {"ok": (BIG,)},  # slow, not impossible
+    ("bench", "kv-decode", "--steps"): {"ok": (BIG,)},
+    ("bench", "kv-decode", "--kv-heads"): {"bad": [("3", "--kv-heads")]},  # does not divide --heads 4
+    ("bench", "kv-decode", "--d-head"): {"bad": [("48", "group")]},  # the value group 32 does not divide 48
+    ("bench", "kv-decode", "--context"): {"bad": [("63", "--context")]},  # one key group beside the 32-token window
     ("bench", "sparse-decode", "--steps"): {"ok": (BIG,)},
     ("bench", "sparse-decode", "--heads"): {"ok": (BIG,)},  # 10**9 query heads: 64 GB of queries, which may fit
     ("kvquant", "--batch"): {"ok": (BIG,)},  # more blocks per forward than blocks: one forward

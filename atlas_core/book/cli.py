@@ -237,6 +237,16 @@ def _parser() -> argparse.ArgumentParser:
     kb.add_argument("--memo", action="store_true", help="also keep the dequantized history (faster, no memory saved)")
     kb.add_argument("--json", action="store_true")
     kb.set_defaults(func=_bench_kvquant)
+    kd = bsub.add_parser("kv-decode", help="one layer's decode attention: fused low-bit kernel vs fp32 SDPA (ratios, bytes)")
+    kd.add_argument("--context", type=int, nargs="+", default=[32768, 131072], help="cached tokens (one or more)")
+    kd.add_argument("--bits", type=int, default=2, help="key and value bits (KIVI layout, groups of 32)")
+    kd.add_argument("--heads", type=int, help="query heads (default 9)")
+    kd.add_argument("--kv-heads", type=int, help="KV heads (default 3)")
+    kd.add_argument("--d-head", type=int, help="d_head (default 64)")
+    kd.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    kd.add_argument("--steps", type=int, default=5, help="calls timed per round")
+    kd.add_argument("--json", action="store_true")
+    kd.set_defaults(func=_bench_kv_decode)
     sb = bsub.add_parser("sparse-decode", help="one layer's decode step: dense SDPA vs exact top-k vs page-selected")
     sb.add_argument("--context", type=int, nargs="+", default=[32768, 131072], help="cached tokens (one or more)")
     sb.add_argument("--heads", type=int, help="query heads of the synthetic cache (default 9)")
@@ -567,6 +577,30 @@ def _bench_kvquant(args) -> None:
         print(f"  {name:10s} {c['step_s'] * 1e3:7.2f} ms  x{c['ratio_vs_fp']:.2f} vs fp   held {c['held_bytes'] / 2**20:7.2f} MiB"
               f"   {c['held_bits_per_element']:.3f} bits/element held")
     print(f"HeadQ step / per-token step = {r['headq_vs_per_token']:.3f}")
+    if r["fused"]:
+        print(f"fused (numba {r['numba_threads']} threads): HeadQ step / per-token step = {r['headq_vs_per_token_fused']:.3f}; "
+              + ", ".join(f"{m} fused/plain = {x:.3f}" for m, x in r["fused_vs_plain"].items()))
+    else:
+        print("fused steps not timed: numba is not installed")
+
+
+def _bench_kv_decode(args) -> None:
+    from atlas_core.kvquant.bench import bench_kv_decode
+
+    shape = {**SYNTHETIC_SHAPE, **_given(args, heads="heads", kv_heads="kv_heads", d_head="d_head")}
+    r = bench_kv_decode(  # every setting checked (kvquant.bench.check_kv_decode) before any tensor is made
+        tuple(args.context), args.bits, shape["heads"], shape["kv_heads"], shape["d_head"], args.rounds, args.steps)
+    if args.json:
+        print(_json(r))
+        return
+    s = r["shape"]
+    print(f"one layer's decode attention, {s['heads']} heads / {s['kv_heads']} KV heads, d_head {s['d_head']}, {r['bits']}-bit "
+          f"{r['layout']}; torch {r['torch_threads']} / numba {r['numba_threads']} threads; median of {r['rounds']} rounds")
+    for row in r["rows"]:
+        print(f"  n={row['n']:>7}: fused {row['fused_s'] * 1e3:8.3f} ms | fp32 SDPA {row['sdpa_fp32_s'] * 1e3:8.3f} ms "
+              f"(fused x{row['speedup_vs_sdpa']:.2f}) | dequantize+SDPA {row['dequant_sdpa_s'] * 1e3:8.3f} ms "
+              f"(fused x{row['speedup_vs_dequant']:.2f}); reads {row['bytes_fused'] / 2**20:.2f} MiB vs "
+              f"{row['bytes_sdpa_fp32'] / 2**20:.2f} MiB fp32 (1/{row['bytes_ratio']:.1f}); |fused - reference| {row['max_abs_diff']:.1e}")
 
 
 def _sparse(args) -> None:
