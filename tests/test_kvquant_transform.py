@@ -173,6 +173,18 @@ def test_waterfill_starts_a_coordinate_whose_one_bit_code_is_worse_than_its_mean
         assert loss(greedy.tolist()) == pytest.approx(loss(best), rel=1e-12), (budget, greedy.tolist(), best)
 
 
+def test_pooled_waterfill_pads_each_stream_and_spends_at_most_the_budget():
+    gen = torch.Generator().manual_seed(4)
+    energy = torch.rand(12, generator=gen, dtype=torch.float64) * torch.tensor([5.0] * 6 + [0.2] * 6, dtype=torch.float64)
+    table = _convex_table(torch.rand(12, generator=gen, dtype=torch.float64) + 0.1)
+    heads = torch.arange(2).repeat_interleave(6)
+    for budget in (20.0, 33.0, 50.0):
+        bits = T.waterfill(energy, table, budget, 1.0, heads=heads)
+        used = sum(math.ceil(int(bits[heads == h].sum()) / 8) * 8 for h in range(2)) + int((bits > 0).sum())
+        assert used <= budget, (budget, bits)
+        assert bits[:6].sum() > bits[6:].sum()  # the head whose queries read more gets more of the bits
+
+
 def test_waterfill_spends_kivi_storage_by_default():
     code = _code("query", "waterfill", bits=2, sigma=_sigma(2))  # no zero-energy coordinate: the budget binds
     assert code.bits_per_element() <= 2 + 32 / G + 1e-12

@@ -22,7 +22,10 @@ the normalised calibration values: KVQuant's non-uniform "nuq" datatype, Hooper 
 once per layer).
 
 Bit allocation (``ALLOCATIONS``): "uniform" (every coordinate the same ``bits``) or "waterfill" (``waterfill``:
-reverse water-filling on the query energy, greedy marginal allocation under the storage budget).
+reverse water-filling on the query energy, greedy marginal allocation under the storage budget), by default
+over all coordinates of a layer's KV heads at once (``pool="layer"``: their logit errors add, so a head
+whose queries read more gets more of the layer's bits; the layer's total storage is the budget's), or per
+KV head (``pool="head"``).
 
 Storage is real: per token and KV head the codes of all coordinates with b_c > 0 are one bit stream of
 Σ_c b_c bits (coordinates in order, each code most significant bit first) padded to whole bytes and packed
@@ -45,6 +48,7 @@ from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor
 ROTATIONS = ("identity", "hadamard", "random", "query")
 ALLOCATIONS = ("uniform", "waterfill")
 GRIDS = ("uniform", "lloyd-max")
+POOLS = ("head", "layer")
 MAX_BITS = 8  # codes are uint8
 LLOYD_ITERATIONS = 30
 
@@ -66,10 +70,11 @@ class TransformSpec:
     group: int = 32
     budget: float | None = None
     seed: int = 0  # the hadamard signs and the random rotation
+    pool: str = "layer"  # waterfill: one budget shared by a layer's KV heads ("layer") or one per KV head ("head")
     scale_dtype: torch.dtype = torch.float16
 
     def __post_init__(self):
-        for name, allowed in (("rotation", ROTATIONS), ("allocation", ALLOCATIONS), ("grid", GRIDS)):
+        for name, allowed in (("rotation", ROTATIONS), ("allocation", ALLOCATIONS), ("grid", GRIDS), ("pool", POOLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         quant.check_bits(self.bits)
@@ -413,7 +418,8 @@ def roundtrip_ref(x: torch.Tensor, code: LayerCode) -> tuple[torch.Tensor, list]
 # Calibration: distortion per width, reverse water-filling, levels.
 
 
-def waterfill(energy: torch.Tensor, distortion: torch.Tensor, budget: float, overhead: float, byte: int = 8) -> torch.Tensor:
+def waterfill(energy: torch.Tensor, distortion: torch.Tensor, budget: float, overhead: float, byte: int = 8,
+              heads: torch.Tensor | None = None) -> torch.Tensor:
     """Integer widths b_c minimising Σ_c λ_c D_c(b_c) under the storage budget (greedy marginal allocation).
 
     The expected squared logit error of a key code is E[(q·(k̂ − k))²] = tr(Σ_q Σ_δ); in the Σ_q eigenbasis
@@ -435,20 +441,26 @@ def waterfill(energy: torch.Tensor, distortion: torch.Tensor, budget: float, ove
         budget: bits per token for the whole head (codes + scales + zeros).
         overhead: scale + zero bits per token of a stored coordinate (32/group).
         byte: code bits are held in whole units of ``byte`` bits (8: bytes; 1: no padding).
+        heads: (d,) the stream (KV head) each coordinate's code bits are packed in, padded apart; None: one.
+            Coordinates of several KV heads allocated together share one budget (their logit errors add).
     Returns:
-        (d,) long widths, spending at most ``budget`` with the code bits padded to whole units.
+        (d,) long widths, spending at most ``budget`` with each stream's code bits padded to whole units.
     """
     d = len(energy)
     bits = torch.zeros(d, dtype=torch.long)
     lam, dist = energy.double(), distortion.double()
+    heads = torch.zeros(d, dtype=torch.long) if heads is None else heads.long()
     targets = torch.arange(MAX_BITS + 1)  # b′
+    padded = lambda n: torch.ceil(n / byte) * byte  # noqa: E731
     while True:
         ahead = targets[None, :] > bits[:, None]  # (d, 9) steps b → b′ > b
         gain = lam[:, None] * (dist.gather(1, bits[:, None]) - dist)  # (d, 9)
         cost = (targets[None, :] - bits[:, None]).double() + overhead * (bits[:, None] == 0)
-        code_bits = int(bits.sum()) + (targets[None, :] - bits[:, None])  # (d, 9) after the step
+        stream = torch.zeros(int(heads.max()) + 1, dtype=torch.float64).index_add_(0, heads, bits.double())  # code bits per stream
+        own = stream[heads][:, None]  # (d, 1) code bits of the coordinate's stream before the step
+        after = own + (targets[None, :] - bits[:, None])  # (d, 9) … and after it
         n_stored = int((bits > 0).sum()) + (bits[:, None] == 0).long()  # (d, 1)
-        spent = torch.ceil(code_bits / byte) * byte + n_stored * overhead
+        spent = padded(stream).sum() - padded(own) + padded(after) + n_stored * overhead
         ok = ahead & (gain > 0) & (spent <= budget + 1e-9)
         slope = torch.where(ok, gain / cost.clamp(min=1e-12), torch.full_like(gain, -math.inf))
         if not torch.isfinite(slope.max()):
@@ -531,7 +543,12 @@ def calibrate_layer(spec: TransformSpec, keys: torch.Tensor | None, sigma: torch
         rot = torch.eye(d, dtype=torch.float64).expand(n_kv, d, d) if rotation is None else rotation.double()
         energy = torch.diagonal(rot.transpose(-1, -2) @ sigma.double() @ rot, dim1=-2, dim2=-1)  # (kv_head, d_head) λ_c
         overhead = 2 * OVERHEAD_BITS / spec.group
-        bits = torch.stack([waterfill(energy[h], table[h], spec.total_budget() * d, overhead) for h in range(n_kv)])
+        if spec.pool == "layer":  # one budget for the layer's KV heads: their logit errors add
+            heads = torch.arange(n_kv).repeat_interleave(d)
+            bits = waterfill(energy.reshape(-1), table.reshape(n_kv * d, -1), spec.total_budget() * d * n_kv, overhead,
+                             heads=heads).view(n_kv, d)
+        else:
+            bits = torch.stack([waterfill(energy[h], table[h], spec.total_budget() * d, overhead) for h in range(n_kv)])
     else:
         bits = torch.full((n_kv, d), spec.bits, dtype=torch.long)
     levels = None
