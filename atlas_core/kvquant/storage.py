@@ -19,14 +19,14 @@ from atlas_core.claims import direction, lower_verdict
 from atlas_core.interval import Estimate
 from atlas_core.kvquant.experiment import KVMethod, Runs
 
-__all__ = ["NEW_CODES", "TOLERANCE", "as_json", "at_storage", "budget_methods", "equal_storage", "family", "pareto_front",
-           "pareto_methods", "pareto_rows", "versus"]
+__all__ = ["FAMILIES", "NEW_CODES", "TOLERANCE", "as_json", "at_storage", "budget_methods", "equal_storage", "family",
+           "pareto_front", "pareto_methods", "pareto_rows", "study", "study_methods", "versus"]
 
 NEW_CODES = ("query-tc", "hadamard", "random-rotation")  # the key codes of issue 19 (``KVMethod.method``)
 TOLERANCE = 1e-3  # bits per key element: measured storages closer than this are equal
 
 
-def pareto_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: int = 8) -> list[KVMethod]:
+def pareto_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: int = 8, pre_rope: bool = True) -> list[KVMethod]:
     """Every method of the Pareto figure at the given key bits: baselines, HeadQ and the new key codes.
 
     Args:
@@ -35,10 +35,13 @@ def pareto_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: in
         group: quantization group (channels per token, or tokens per channel).
         values: False: K-only (values dense); True: values per token at the key bits (full KV).
         rank: HeadQ's side-code rank.
+        pre_rope: include the pre-RoPE methods (False for a model without RoPE, e.g. GPT-2, which refuses them).
     Returns:
         fp first, then per family and bits: per-token, KIVI, KIVI with Lloyd-Max grids, KIVI pre-RoPE,
         HeadQ (query basis), HeadQ (whitened basis), Hadamard, random rotation, query-aware transform coding
         (uniform and Lloyd-Max grids, post- and pre-RoPE).
+    Raises:
+        ValueError: a setting ``KVMethod`` refuses (bits outside 1..8, group or rank < 1).
     """
     out = [KVMethod(method="fp")]
     for b in kbits:
@@ -50,7 +53,7 @@ def pareto_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: in
                 KVMethod(method="hadamard", **common), KVMethod(method="random-rotation", **common),
                 KVMethod(method="query-tc", **common), KVMethod(method="query-tc", grid="lloyd-max", **common),
                 KVMethod(method="query-tc", pre_rope=True, **common)]
-    return out
+    return [m for m in out if pre_rope or not m.pre_rope]
 
 
 def family(method: KVMethod) -> str:
@@ -155,13 +158,20 @@ def versus(runs: Runs, method: KVMethod, others: list[KVMethod]) -> dict[str, st
             for o in others}
 
 
-def as_json(entry: dict) -> dict:
-    """``equal_storage``'s entry with every ``Estimate`` as {value, lo, hi, units} and no ``KVMethod``."""
+def as_json(entry):
+    """``equal_storage``'s entry (or ``study``'s result, or any nesting of dicts and lists) as plain JSON data:
+    every ``Estimate`` as {value, lo, hi, units}, no ``KVMethod`` (a list of them is dropped too), dict keys
+    as strings (``study``'s key bits)."""
+    def method_like(v):
+        return isinstance(v, KVMethod) or (isinstance(v, list) and v and all(isinstance(m, KVMethod) for m in v))
+
     def plain(x):
         if isinstance(x, Estimate):
             return x.as_dict()
         if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items() if not isinstance(v, KVMethod)}
+            return {str(k): plain(v) for k, v in x.items() if not method_like(v)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
         return x
     return plain(entry)
 
@@ -169,3 +179,89 @@ def as_json(entry: dict) -> dict:
 def budget_methods(method: KVMethod, budgets) -> list[KVMethod]:
     """``method`` at each budget (bits per key element, codes + scales + zeros): a query-tc curve."""
     return [replace(method, budget=float(b)) for b in budgets]
+
+
+def study_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: int = 8,
+                  families: tuple[str, ...] | None = None, pre_rope: bool = True, d_head: int | None = None) -> list[KVMethod]:
+    """The methods ``study`` runs: ``pareto_methods`` cut to ``families``, with the references every verdict reads.
+
+    fp and KIVI (uniform grid) at each bits are always kept (the equal-storage reference), and per-token at each
+    bits when query-tc is kept (``versus`` pairs query-tc with it).
+
+    Args:
+        kbits: distinct key bits, each 1..8; group, values, rank: as ``pareto_methods``.
+        families: ``FAMILIES`` names to keep; None: every family the model can run.
+        pre_rope: whether the model has RoPE; False drops the pre-RoPE families (and refuses them when named).
+        d_head: the model's head width, if known: hadamard is dropped (refused when named) unless it is a power
+            of two, and every kept method is checked on it (``KVMethod.check_head``: per-token groups divide it,
+            HeadQ's rank is at most it).
+    Raises:
+        ValueError: no or repeated key bits; an unknown family; a family named that the model cannot run (pre-RoPE
+            without RoPE, hadamard on heads not a power of two wide); any setting ``KVMethod`` refuses.
+    """
+    kbits = tuple(kbits)
+    if not kbits or len(set(kbits)) != len(kbits):
+        raise ValueError(f"kbits must name one or more distinct key bits, got {list(kbits)}")
+    if families is not None:
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown or not families:
+            raise ValueError(f"families must be among {FAMILIES}, got {list(families)}")
+    cannot = {f: "the model has no RoPE (GPT-2): pre-RoPE keys do not apply" for f in FAMILIES
+              if f.endswith("pre-RoPE") and not pre_rope}
+    if d_head is not None and d_head & (d_head - 1):
+        cannot["hadamard"] = f"the Walsh-Hadamard rotation needs d_head a power of two, got {d_head}"
+    for f in families or ():
+        if f in cannot:
+            raise ValueError(f"family {f!r}: {cannot[f]}")
+    methods = [m for m in pareto_methods(kbits, group, values, rank, pre_rope) if family(m) not in cannot]
+    if families is not None:
+        wanted = set(families) | {"kivi"} | ({"per-token"} if "query-tc" in families else set())
+        methods = [m for m in methods if m.method == "fp" or family(m) in wanted]
+    for m in methods if d_head is not None else ():
+        m.check_head(d_head)
+    return methods
+
+
+def study(runs: Runs, kbits=(2, 3), group: int = 32, values: bool = False, families: tuple[str, ...] | None = None,
+          rank: int = 8, progress=None, pre_rope: bool | None = None) -> dict:
+    """The whole equal-storage comparison on one model: every method's row, and per key bits the best new key
+    code against KIVI at KIVI's measured storage, and query-tc against per-token and KIVI at the same bits.
+
+    Args:
+        runs: the evaluations (calibration blocks given: the new codes calibrate on them).
+        kbits: key bits of the families (each b is compared with KIVI-b).
+        group: quantization group; values: full KV (values at the key bits) or K-only.
+        families: keep only these ``family`` names (``study_methods``: fp, KIVI, and per-token beside query-tc,
+            are always kept); None: every method the model can run.
+        rank: HeadQ's side-code rank.
+        progress: a callable wrapping an iterable (e.g. tqdm), or None.
+        pre_rope: whether to run the pre-RoPE methods; None: when the model has RoPE (not GPT-2). The methods
+            are checked on the model's head width (``study_methods``' d_head).
+    Returns:
+        {"methods": the ``KVMethod`` list run, "rows": ``pareto_rows``, "equal_storage": {b: ``equal_storage``
+        entry (None when no new code fits)}, "versus": {b: ``versus`` of query-tc-b against per-token-b and
+        KIVI-b ({} when query-tc is not run)}}.
+    Raises:
+        ValueError: as ``study_methods``.
+    """
+    if pre_rope is None:
+        pre_rope = runs.lm.spec.family != "gpt2"
+    methods = study_methods(kbits, group, values, rank, families, pre_rope, runs.lm.spec.d_head)
+    for m in (progress or (lambda x: x))(methods):
+        runs(m)
+    rows = pareto_rows(runs, methods)
+    entries, against = {}, {}
+    for b in kbits:
+        cands = [m for m in methods if m.kbits == b and m.method in NEW_CODES]
+        v = b if values else None
+        try:
+            entries[b] = equal_storage(runs, cands, kbits=b, group=group, values=values)
+        except ValueError:
+            entries[b] = None
+        tc = KVMethod(method="query-tc", kbits=b, vbits=v, group=group)
+        others = [KVMethod(method=m, kbits=b, vbits=v, group=group) for m in ("per-token", "kivi")]
+        against[b] = versus(runs, tc, others) if any(m.canonical() == tc.canonical() for m in methods) else {}
+    return {"methods": methods, "rows": rows, "equal_storage": entries, "versus": against}
+
+
+FAMILIES = tuple(dict.fromkeys(family(m) for m in pareto_methods((2,))[1:]))  # every curve of the figure (CLI choices)
