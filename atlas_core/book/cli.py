@@ -178,6 +178,26 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_kvquant)
 
+    ks = sub.add_parser("kv-storage", help="every KV key code at equal measured storage: Pareto rows, the best new code vs "
+                        "KIVI, query-tc vs per-token and KIVI (one run)")
+    _model_arg(ks)
+    ks.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="key bits of every family, each compared with KIVI "
+                    "at those bits (1..8, distinct; default: 2 3)")
+    ks.add_argument("--values", action="store_true", help="full KV: values per token at the key bits (default: K-only)")
+    _add_choice(ks, "--families", "atlas_core.kvquant.storage", "FAMILIES", nargs="+", default=None,
+                help="the curves to run (fp, KIVI, and per-token beside query-tc, always run); default: every one the "
+                     "model can run")
+    ks.add_argument("--group", type=int, help="group size: channels (per-token) or tokens (KIVI keys); default 32")
+    ks.add_argument("--rank", type=int, help="HeadQ side-code rank r (default 8)")
+    ks.add_argument("--corpus", default="britannica")
+    ks.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (a multiple of --seq-len)")
+    ks.add_argument("--seq-len", type=int, default=512)
+    ks.add_argument("--prefill", type=int, default=128, help="tokens of each block prefilled before decoding")
+    ks.add_argument("--calib-tokens", type=int, default=4096,
+                    help="calibration tokens (calib split) of HeadQ, query-tc and the lloyd-max grids")
+    ks.add_argument("--json", action="store_true")
+    ks.set_defaults(func=_kv_storage)
+
     s = sub.add_parser("sparse", help="anchor + window + top-k attention vs dense: generation agreement, KL, perplexity")
     _model_arg(s)
     _sparse_rule_args(s)
@@ -514,6 +534,70 @@ def _kvquant(args) -> None:
         line += ")"
     print(line + f"; stored bits per key {result['bits_key']:.3f}, per value {result['bits_value']:.3f}; "
           f"95% intervals over {len(eval_blocks)} blocks")
+
+
+def _kv_storage(args) -> None:
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.kvquant import storage
+    from atlas_core.kvquant.experiment import EvalSetup, Runs
+    from atlas_core.models import load_model
+
+    chosen = dict(kbits=args.bits, values=args.values, families=args.families, **_given(args, group="group", rank="rank"))
+    methods = storage.study_methods(**chosen)  # bits, group, rank, families: validated before the model loads
+    setup = EvalSetup(prefill=args.prefill)
+    n_blocks = _blocks_of(args.tokens, args.seq_len)
+    setup.check_block(args.seq_len, ("--prefill", "--seq-len"))
+    for m in methods:
+        m.check_block(args.seq_len, "--seq-len")  # KIVI's residual (its group) below the block
+    calibrates = any(m.needs_calibration() for m in methods)
+    n_calib = _blocks_of(args.calib_tokens, args.seq_len, "--calib-tokens", at_least=1) if calibrates else 0
+    requests = [(BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_blocks, split="eval"), "--tokens")]
+    if calibrates:
+        requests.append((BlockSpec(corpus=args.corpus, seq_len=args.seq_len, n_blocks=n_calib, split="calib"), "--calib-tokens"))
+    spec = _model_shape(args.model, [args.corpus], [(args.seq_len, "--seq-len")], requests)
+    rope = spec.family != "gpt2"
+    storage.study_methods(**chosen, pre_rope=rope, d_head=spec.d_head)  # what the model can run; groups, rank on d_head
+    lm = load_model(args.model, attn_implementation="sdpa")
+    with _for("--tokens"):
+        eval_blocks = token_blocks(lm, requests[0][0])
+    calib = None
+    if calibrates:
+        with _for("--calib-tokens"):
+            calib = token_blocks(lm, requests[1][0])
+    from atlas_core.progress import tqdm
+
+    start = time.perf_counter()
+    runs = Runs(lm, eval_blocks, calib, setup, progress=sys.stderr.isatty(), store=True)  # fp, Σ_q kept on disk
+    bar = lambda ms: tqdm(ms, desc="methods", disable=not sys.stderr.isatty())  # noqa: E731
+    r = storage.study(runs, args.bits, values=args.values, families=args.families, progress=bar, pre_rope=rope,
+                      **_given(args, group="group", rank="rank"))
+    result = {"model": args.model, "corpus": args.corpus, "tokens": eval_blocks.numel(), "seq_len": args.seq_len,
+              "blocks": len(eval_blocks), "prefill": args.prefill, "calib_tokens": 0 if calib is None else calib.numel(),
+              "values": "full KV" if args.values else "K-only", "bits": args.bits,
+              "families": list(dict.fromkeys(storage.family(m) for m in r["methods"][1:])),
+              **storage.as_json({k: r[k] for k in ("rows", "equal_storage", "versus")}),
+              "seconds": round(time.perf_counter() - start, 1)}
+    if args.json:
+        print(_json(result))
+        return
+    print(f"{args.model}, {result['values']}, {len(eval_blocks)} blocks of {args.seq_len} tokens ({args.corpus}); "
+          "bits per element measured from the bytes held; 95% intervals over blocks")
+    print(_table([{"label": row["label"], "family": row["family"], "bits/key": f"{row['bits_key']:.3f}",
+                   "bits/value": f"{row['bits_value']:.3f}", "PPL [lo, hi]": f"{row['ppl']:.3f}",
+                   "front": "*" if row["on_front"] else ""} for row in r["rows"]],
+                 ["label", "family", "bits/key", "bits/value", "PPL [lo, hi]", "front"]))
+    for b in args.bits:
+        e = r["equal_storage"][b]
+        print(f"\nK{b} at equal storage:")
+        if e is None:
+            print(f"  no new key code ({', '.join(storage.NEW_CODES)}) run here fits KIVI-{b}'s storage")
+        else:
+            kivi = e["kivi"]
+            print(f"  {kivi['label']}: {kivi['bits_key']:.3f} bits/key, PPL {kivi['ppl']:.3f}; fp PPL {e['ppl_fp']:.3f}\n"
+                  f"  best new code {e['best']}: {e['bits_key']:.3f} bits/key, PPL {e['ppl']:.3f}; difference "
+                  f"{e['difference']:.3f}; excess removed {e['excess_removed']:.1%}\n  {e['verdict']}")
+        for text in r["versus"][b].values():
+            print(f"  {text}")
 
 
 def _run(args) -> None:
