@@ -53,6 +53,8 @@ BASE = {
     ("check-book",): ["--html", "{tmp}"],
     ("kvquant",): ["--model", "toy-llama", "--method", "headq", "--tokens", "256", "--seq-len", "64", "--prefill", "16",
                    "--calib-tokens", "128", "--group", "16", "--rank", "4"],
+    ("kv-storage",): ["--model", "toy-llama", "--bits", "2", "--tokens", "256", "--seq-len", "64", "--prefill", "16",
+                      "--calib-tokens", "128", "--group", "16", "--rank", "4"],
     ("sparse",): ["--model", "toy-llama", "--prompt-tokens", "128", "--gen-tokens", "4", "--eval-tokens", "256",
                   "--seq-len", "128", "--window", "8", "--topk", "4"],
     ("wquant",): ["--model", "toy-llama", "--tokens", "256", "--seq-len", "64", "--calib-tokens", "128",
@@ -115,6 +117,13 @@ RULES = {
     ("kvquant", "--group"): {"ok": (BIG,), "bad": [("5", "--group")]},  # wider than the head: the whole head
     ("kvquant", "--grid"): {"bad": [("lloyd-max", "--grid")]},  # per-channel keys only: not HeadQ (the base command)
     ("kvquant", "--budget"): {"bad": [("3", "--budget")]},  # query-tc only: not HeadQ (the base command)
+    ("kv-storage", "--bits"): {"bad": [(("2", "2"), "bits"), (("2", "9"), "bits")]},  # distinct, each 1..8
+    ("kv-storage", "--families"): {"bad": [(("kivi pre-RoPE", "--model", "toy-gpt2"), "--families")]},  # GPT-2: no RoPE
+    ("kv-storage", "--group"): {"bad": [("5", "--group"), ("64", "KIVI's residual")]},  # 5: does not divide d_head 16;
+    # 64 (and 10**9): KIVI's fp window, its group, holds the whole 64-token block
+    ("kv-storage", "--rank"): {"bad": [("17", "--rank"), ("99", "--rank")]},  # toy-llama's d_head is 16
+    ("kv-storage", "--calib-tokens"): {"bad": [("100", "--calib-tokens")]},  # not a whole number of --seq-len blocks
+    ("kv-storage", "--prefill"): {"bad": [("63", "--prefill")]},  # leaves nothing to decode in 64-token blocks
     ("sparse", "--anchors"): {"ok": ("0",), "word": "budget"},  # no anchor; 10**9: a budget above the prompt
     ("sparse", "--window"): {"word": "budget"},
     ("sparse", "--topk"): {"ok": ("0",), "word": "budget"},  # anchors and window only
@@ -137,6 +146,7 @@ RULES = {
     ("overlap", "--corpus"): {"bad": [(MISSING, "corpus")]},
     ("id", "--corpus"): {"bad": [(MISSING, "corpus")]},
     ("kvquant", "--corpus"): {"bad": [(MISSING, "corpus")]},
+    ("kv-storage", "--corpus"): {"bad": [(MISSING, "corpus")]},
     ("sparse", "--corpus"): {"bad": [(MISSING, "corpus")]},
     ("wquant", "--corpus"): {"bad": [(MISSING, "corpus")]},
     ("wquant", "--calib-corpus"): {"bad": [(MISSING, "corpus")]},

@@ -212,7 +212,7 @@ def study_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: int
         cannot["hadamard"] = f"the Walsh-Hadamard rotation needs d_head a power of two, got {d_head}"
     for f in families or ():
         if f in cannot:
-            raise ValueError(f"family {f!r}: {cannot[f]}")
+            raise ValueError(f"families: {f!r} cannot run on this model: {cannot[f]}")
     methods = [m for m in pareto_methods(kbits, group, values, rank, pre_rope) if family(m) not in cannot]
     if families is not None:
         wanted = set(families) | {"kivi"} | ({"per-token"} if "query-tc" in families else set())
