@@ -116,6 +116,18 @@ def test_packing_round_trips_every_width_mix():
     assert torch.equal(T.unpack_codes(packed, code), codes)
 
 
+def test_lloyd_max_equals_its_plain_reference_and_beats_the_uniform_grid():
+    gen = torch.Generator().manual_seed(6)
+    u = torch.rand(5, 400, generator=gen) ** 3  # skewed, as normalised key groups are
+    u[:, :2] = torch.tensor([0.0, 1.0])  # every group holds its min and max
+    for levels in (2, 4, 16):
+        fast, ref = T.lloyd_max(u, levels), T.lloyd_max_ref(u, levels)
+        assert torch.allclose(fast, ref, atol=1e-6), (fast - ref).abs().max()
+        grid = torch.linspace(0, 1, levels).expand(5, -1)
+        err = lambda lv: (u[..., None] - lv[:, None, :]).abs().min(-1).values.pow(2).mean()  # noqa: E731
+        assert err(fast) < err(grid)
+
+
 def test_identity_uniform_equals_the_per_channel_quantizer():
     x = _keys(11, blocks=2, tokens=24).permute(1, 0, 2, 3)
     for bits in (2, 3, 4):

@@ -225,7 +225,30 @@ def lloyd_max(u: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS
     """1-D Lloyd-Max (k-means) levels per column of u (column, point) in [0, 1] -> (column, n_levels), sorted.
 
     Starts from the uniform grid k/(n_levels − 1); an empty cell keeps its level (Lloyd 1982; Max 1960).
+    Each point belongs to the cell of the nearest level (ties to the lower, as ``nearest_level``); the cells'
+    sums come from prefix sums of the sorted points, so an iteration costs O(levels · log points) per column
+    (``lloyd_max_ref`` assigns every point instead).
     """
+    return _lloyd_sorted(u.double().sort(-1).values.contiguous(), n_levels, iterations)
+
+
+def _lloyd_sorted(points: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:
+    """``lloyd_max`` on points already sorted along the last axis, (column, point) float64 contiguous."""
+    n_col, n = points.shape
+    levels = torch.linspace(0, 1, n_levels, dtype=torch.float64).expand(n_col, -1).clone()
+    prefix = torch.nn.functional.pad(points.cumsum(-1), (1, 0))  # (column, point + 1), a leading 0
+    ends = torch.full((n_col, 1), n, dtype=torch.long)
+    for _ in range(iterations):
+        mids = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+        edges = torch.cat([torch.zeros_like(ends), torch.searchsorted(points, mids, right=True), ends], -1)  # (column, L + 1)
+        count = (edges[:, 1:] - edges[:, :-1]).double()
+        total = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
+        levels = torch.where(count > 0, total / count.clamp(min=1), levels).sort(-1).values
+    return levels.float()
+
+
+def lloyd_max_ref(u: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:
+    """Plain reference of ``lloyd_max``: every point assigned to its nearest level, cells averaged."""
     n_col = u.shape[0]
     levels = torch.linspace(0, 1, n_levels, dtype=torch.float64).expand(n_col, -1).clone()
     u = u.double()
@@ -492,13 +515,16 @@ def distortion_table(y: torch.Tensor, spec: TransformSpec) -> tuple[torch.Tensor
     n_col = cols.shape[-1]
     table = torch.zeros(n_col, MAX_BITS + 1, dtype=torch.float64)
     table[:, 0] = ((cols - cols.mean((0, 1))) ** 2).mean((0, 1)).double()
-    levels = torch.zeros(n_col, MAX_BITS + 1, 2**MAX_BITS) if spec.grid == "lloyd-max" else None
+    levels, points = None, None
+    if spec.grid == "lloyd-max":
+        levels = torch.zeros(n_col, MAX_BITS + 1, 2**MAX_BITS)
+        points = _normalised(cols, spec).reshape(-1, n_col).T.double().sort(-1).values.contiguous()  # (column, point)
     for b in range(1, MAX_BITS + 1):
         widths = torch.full((n_col,), b, dtype=torch.long)
         lv = None
         if spec.grid == "lloyd-max":
             lv = torch.zeros(n_col, 2**MAX_BITS)
-            lv[:, : 2**b] = lloyd_max(_normalised(cols, spec).reshape(-1, n_col).T, 2**b)
+            lv[:, : 2**b] = _lloyd_sorted(points, 2**b)
             lv[:, 2**b :] = 1.0
             levels[:, b] = lv
         q = quantize_columns(cols, widths, spec.grid, lv, spec.group, spec.scale_dtype)
