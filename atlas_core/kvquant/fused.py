@@ -138,13 +138,22 @@ _FAST = {"reassoc", "contract", "arcp", "nsz"}
 _HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)  # fp16 bits -> fp32
 
 
-def _lut(bits: int) -> np.ndarray:
-    """(256, 8 // bits) fp32: the codes of every byte, msb-first; (256, 1) zeros when bits does not divide 8."""
-    if 8 % bits:
-        return np.zeros((256, 1), np.float32)
-    per = 8 // bits
-    byte = np.arange(256)[:, None]
-    return ((byte >> (8 - bits * (np.arange(per) + 1))) & (2**bits - 1)).astype(np.float32)
+def _order(bits: int, n: int, group: int | None = None) -> tuple[int, int, np.ndarray]:
+    """How a packed row of n codes is unpacked: (per, units, channel of each unpacked position).
+
+    A row is read in units of whole bytes (bits dividing 8: one byte holds per = 8 // bits codes; 3 bits:
+    three bytes hold 8). The kernel unpacks code k of every unit into one contiguous run, position
+    p = k·units + i for the code of channel i·per + k, so each run is a vector shift-and-mask; the query
+    (and the value accumulator) is permuted to match once per call. ``group``: a per-token channel group
+    that must stay whole within runs (group % per == 0); otherwise, and for other widths, per = 1 (channel
+    order, read bit by bit).
+    """
+    per = 8 // bits if 8 % bits == 0 else (8 if bits == 3 else 1)
+    if n % per or (group is not None and group % per):
+        per = 1
+    units = n // per
+    pos = np.arange(n)
+    return per, units, ((pos % units) * per + pos // units).astype(np.int64)
 
 
 def _chunk_size(kv: DecodeKV, chunk: int) -> int:
@@ -155,54 +164,63 @@ def _chunk_size(kv: DecodeKV, chunk: int) -> int:
 if numba is not None:
 
     @njit(cache=True, fastmath=_FAST, inline="always")
-    def _unpack(row, bits, n, lut, out):
-        """Codes of one packed row (bytes,) uint8 into out[:n] (fp32), msb-first (``quant.pack``).
+    def _unpack(row, bits, per, units_in, out):
+        """Codes of one packed row (bytes,) uint8 into out (fp32) in ``_order``'s positions: run k holds
+        code k of every unit (msb-first, ``quant.pack``); per = 1 reads channel order bit by bit.
 
-        ``lut`` (256, 8 // bits) holds each byte's codes when ``bits`` divides 8 (a table read per byte is
-        ~8x faster here than shifts); 3-bit codes are read 8 at a time from 24-bit words; other widths bit
-        by bit from a 16-bit window.
+        Written for the vectoriser: int32 lanes (an int64 shift makes the float conversion scalar), plain
+        offsets rather than slices (a slice per run costs ~6x here), and ``units`` known positive so numba's
+        negative-index wraparound folds away.
         """
-        if bits == 2 and n % 4 == 0:
-            for i in range(n // 4):
-                b = row[i]
-                out[4 * i] = lut[b, 0]
-                out[4 * i + 1] = lut[b, 1]
-                out[4 * i + 2] = lut[b, 2]
-                out[4 * i + 3] = lut[b, 3]
-        elif bits == 4 and n % 2 == 0:
-            for i in range(n // 2):
-                b = row[i]
-                out[2 * i] = lut[b, 0]
-                out[2 * i + 1] = lut[b, 1]
-        elif bits == 8:
-            for i in range(n):
-                out[i] = row[i]
-        elif bits == 3 and n % 8 == 0:
-            for i in range(n // 8):
-                w = (np.int32(row[3 * i]) << 16) | (np.int32(row[3 * i + 1]) << 8) | np.int32(row[3 * i + 2])
+        units = max(units_in, 1)
+        if per == 4:  # 2 bits
+            for i in range(units):
+                b = np.int32(row[i])
+                out[i] = (b >> np.int32(6)) & np.int32(3)
+                out[units + i] = (b >> np.int32(4)) & np.int32(3)
+                out[2 * units + i] = (b >> np.int32(2)) & np.int32(3)
+                out[3 * units + i] = b & np.int32(3)
+        elif per == 2:  # 4 bits
+            for i in range(units):
+                b = np.int32(row[i])
+                out[i] = b >> np.int32(4)
+                out[units + i] = b & np.int32(15)
+        elif per == 1:
+            if bits == 8:
+                for i in range(units):
+                    out[i] = row[i]
+            else:  # a bitstream across bytes, any width
+                mask = (1 << bits) - 1
+                nbytes = row.shape[0]
+                for i in range(units):
+                    off = i * bits
+                    bi = off >> 3
+                    word = np.int32(row[bi]) << 8
+                    if bi + 1 < nbytes:
+                        word |= np.int32(row[bi + 1])
+                    out[i] = (word >> (16 - (off & 7) - bits)) & mask
+        elif bits == 3:  # 8 codes in each 24-bit word
+            for i in range(units):
+                word = (np.int32(row[3 * i]) << 16) | (np.int32(row[3 * i + 1]) << 8) | np.int32(row[3 * i + 2])
                 for k in range(8):
-                    out[8 * i + k] = (w >> (21 - 3 * k)) & 7
-        else:  # a bitstream across bytes, any width
-            mask = (1 << bits) - 1
-            nbytes = row.shape[0]
-            for i in range(n):
-                off = i * bits
-                bi = off >> 3
-                word = np.int32(row[bi]) << 8
-                if bi + 1 < nbytes:
-                    word |= np.int32(row[bi + 1])
-                out[i] = (word >> (16 - (off & 7) - bits)) & mask
+                    out[k * units + i] = (word >> np.int32(21 - 3 * k)) & np.int32(7)
+        else:  # 1 bit: 8 codes a byte
+            for i in range(units):
+                b = np.int32(row[i])
+                for k in range(8):
+                    out[k * units + i] = (b >> np.int32(7 - k)) & np.int32(1)
 
     @njit(cache=True, fastmath=_FAST, parallel=True)
     def _partials(q, uq, scaling, softcap, mask, has_mask,
-                  kp, ks, kz, kbits, kgroup, kchan, kwin,
-                  sp, ss, sz, sbits, sign, has_side,
-                  vp, vs, vz, vbits, vgroup, vchan, vwin,
-                  chunk, m_out, l_out, acc_out, half, klut, slut, vlut):
+                  kp, ks, kz, kbits, kgroup, kchan, kper, kcperm, kwin,
+                  sp, ss, sz, sbits, sper, sign, has_side,
+                  vp, vs, vz, vbits, vgroup, vchan, vper, vcperm, vwin,
+                  chunk, m_out, l_out, acc_out, half):
         """Per (batch, KV head, chunk): max m, sum l and unnormalised value sum acc of every query head.
 
-        q (B, H, D) fp32; uq (B, H, r) = U_rᵀq; mask (B, T) additive; k*/s*/v* packed codes and fp16-bit
-        stats (uint16); kwin/vwin fp32 windows; outputs m_out/l_out (B, H, C), acc_out (B, H, C, D).
+        q (B, H, D) fp32; uq (B, H, r) = U_rᵀq in the side codes' ``_order``; mask (B, T) additive; k*/s*/v*
+        packed codes, fp16-bit stats (uint16), ``_order``'s per and channel map; kwin/vwin fp32 windows;
+        outputs m_out/l_out (B, H, C), acc_out (B, H, C, D).
         """
         B, H, D = q.shape
         KV = kwin.shape[1]
@@ -211,6 +229,7 @@ if numba is not None:
         T = Nk + kwin.shape[2]
         C = m_out.shape[2]
         R = uq.shape[2]
+        k_units, v_units, s_units = max(D // kper, 1), max(D // vper, 1), max(max(R, 1) // sper, 1)
         for item in prange(B * KV * C):
             b = item // (KV * C)
             h = (item // C) % KV
@@ -218,13 +237,18 @@ if numba is not None:
             t0 = c * chunk
             t1 = min(T, t0 + chunk)
             n = t1 - t0
-            u = np.empty(D, np.float32)  # one token's codes
+            h0 = h * G
+            u = np.empty(D, np.float32)  # one token's codes, in ``_order``'s positions
             vhat = np.empty(D, np.float32)
             su = np.empty(max(R, 1), np.float32)
-            qs = np.empty((G, D), np.float32)  # query folded with a key group's scales
+            qp = np.empty((G, D), np.float32)  # the queries in the key codes' order
+            qs = np.empty((G, D), np.float32)  # ... folded with a key group's scales
             bias = np.empty(G, np.float32)
             score = np.empty((G, n), np.float32)
-            h0 = h * G
+            acc = np.zeros((G, D), np.float32)  # in the value codes' order
+            for a in range(G):
+                for p in range(D):
+                    qp[a, p] = q[b, h0 + a, kcperm[p]]
             # --- scores: quantized keys [t0, min(t1, Nk)) ---
             kq1 = min(t1, Nk)
             if kchan:
@@ -233,33 +257,40 @@ if numba is not None:
                     for a in range(G):
                         s_b = np.float32(0.0)
                         for d in range(D):
-                            qs[a, d] = q[b, h0 + a, d] * half[ks[b, h, gi, d]]
                             s_b += q[b, h0 + a, d] * half[kz[b, h, gi, d]]
                         bias[a] = s_b
+                        for p in range(D):
+                            qs[a, p] = qp[a, p] * half[ks[b, h, gi, kcperm[p]]]
                     for j in range(g0, min(g0 + kgroup, kq1)):
-                        _unpack(kp[b, h, j], kbits, D, klut, u)
+                        _unpack(kp[b, h, j], kbits, kper, k_units, u)
                         for a in range(G):
                             s = bias[a]
-                            for d in range(D):
-                                s += qs[a, d] * u[d]
+                            qa = qs[a]
+                            for p in range(D):
+                                s += qa[p] * u[p]
                             score[a, j - t0] = s
             else:
                 ng = D // kgroup
+                run = max(kgroup // kper, 1)  # a group's positions: one run of this length in each of the per runs
+                qsum = np.zeros((G, ng), np.float32)
+                for a in range(G):
+                    for d in range(D):
+                        qsum[a, d // kgroup] += q[b, h0 + a, d]
                 for j in range(t0, kq1):
-                    _unpack(kp[b, h, j], kbits, D, klut, u)
+                    _unpack(kp[b, h, j], kbits, kper, k_units, u)
                     for a in range(G):
                         s = np.float32(0.0)
                         for gi in range(ng):
                             part = np.float32(0.0)
-                            qsum = np.float32(0.0)
-                            for d in range(gi * kgroup, (gi + 1) * kgroup):
-                                part += q[b, h0 + a, d] * u[d]
-                                qsum += q[b, h0 + a, d]
-                            s += half[ks[b, h, j, gi]] * part + half[kz[b, h, j, gi]] * qsum
+                            for k in range(kper):
+                                lo = k * k_units + gi * run
+                                for i in range(run):
+                                    part += qp[a, lo + i] * u[lo + i]
+                            s += half[ks[b, h, j, gi]] * part + half[kz[b, h, j, gi]] * qsum[a, gi]
                         score[a, j - t0] = s
             if has_side:
                 for j in range(t0, kq1):
-                    _unpack(sp[b, h, j], sbits, R, slut, su)
+                    _unpack(sp[b, h, j], sbits, sper, s_units, su)
                     s_s, s_z = half[ss[b, h, j, 0]], half[sz[b, h, j, 0]]
                     for a in range(G):
                         part = np.float32(0.0)
@@ -300,7 +331,6 @@ if numba is not None:
                 m_out[b, h0 + a, c] = mx
                 l_out[b, h0 + a, c] = total
             # --- values: quantized [t0, min(t1, Nv)) ---
-            acc = np.zeros((G, D), np.float32)  # contiguous, so the d loops vectorise
             vq1 = min(t1, Nv)
             if vchan:
                 tmp = np.empty((G, D), np.float32)
@@ -310,35 +340,40 @@ if numba is not None:
                     tmp[:] = 0.0
                     psum[:] = 0.0
                     for j in range(g0, min(g0 + vgroup, vq1)):
-                        _unpack(vp[b, h, j], vbits, D, vlut, u)
+                        _unpack(vp[b, h, j], vbits, vper, v_units, u)
                         for a in range(G):
-                            p = score[a, j - t0]
-                            psum[a] += p
-                            for d in range(D):
-                                tmp[a, d] += p * u[d]
+                            pr = score[a, j - t0]
+                            psum[a] += pr
+                            for p in range(D):
+                                tmp[a, p] += pr * u[p]
                     for a in range(G):
-                        for d in range(D):
-                            acc[a, d] += half[vs[b, h, gi, d]] * tmp[a, d] + half[vz[b, h, gi, d]] * psum[a]
+                        for p in range(D):
+                            acc[a, p] += half[vs[b, h, gi, vcperm[p]]] * tmp[a, p] + half[vz[b, h, gi, vcperm[p]]] * psum[a]
             else:
-                vg = max(vgroup, 1)  # known positive: LLVM drops numba's negative-index wraparound and vectorises
-                for i in range(vq1 - t0):
-                    j = t0 + i
-                    _unpack(vp[b, h, j], vbits, D, vlut, u)
-                    for gi in range(D // vg):  # this token's values, dequantized in a (d_head,) scratch
+                run = max(vgroup // vper, 1)
+                for j in range(t0, vq1):
+                    _unpack(vp[b, h, j], vbits, vper, v_units, u)
+                    for gi in range(D // vgroup):  # this token's values, dequantized in a (d_head,) scratch
                         s_v, z_v = half[vs[b, h, j, gi]], half[vz[b, h, j, gi]]
-                        for dd in range(vg):
-                            vhat[gi * vg + dd] = s_v * u[gi * vg + dd] + z_v
+                        for k in range(vper):
+                            lo = k * v_units + gi * run
+                            va, ua = vhat[lo:lo + run], u[lo:lo + run]
+                            for i in range(run):
+                                va[i] = s_v * ua[i] + z_v
                     for a in range(G):
-                        p = score[a, i]
-                        for d in range(D):
-                            acc[a, d] += p * vhat[d]
+                        pr = score[a, j - t0]
+                        ar = acc[a]  # a row view: the vectoriser then sees one store stream
+                        for p in range(D):
+                            ar[p] += pr * vhat[p]
             # --- values: fp [max(t0, Nv), t1) ---
             for j in range(max(t0, Nv), t1):
                 for a in range(G):
-                    p = score[a, j - t0]
-                    for d in range(D):
-                        acc[a, d] += p * vwin[b, h, j - Nv, d]
-            acc_out[b, h0:h0 + G, c] = acc
+                    pr = score[a, j - t0]
+                    for p in range(D):
+                        acc[a, p] += pr * vwin[b, h, j - Nv, vcperm[p]]
+            for a in range(G):
+                for p in range(D):
+                    acc_out[b, h0 + a, c, vcperm[p]] = acc[a, p]
 
     @njit(cache=True, fastmath=_FAST)
     def _merge(m, l, acc, out):
@@ -421,15 +456,19 @@ def decode(q: torch.Tensor, kv: DecodeKV, scaling: float, softcap: float | None 
         sbits = 8
     kp, ks, kz, kbits, kgroup, kchan = _operands(kv.key, kv.key_spec, B, KV, D)
     vp, vs, vz, vbits, vgroup, vchan = _operands(kv.value, kv.value_spec, B, KV, D)
+    kper, _, kcperm = _order(kbits, D, None if kchan else kgroup)
+    vper, _, vcperm = _order(vbits, D, None if vchan else vgroup)
+    sper, _, scperm = _order(sbits, max(uq.shape[-1], 1))
+    uq = uq[..., scperm[: uq.shape[-1]]]  # U_rᵀq in the side codes' order
     mask_np = np.zeros((B, 0), np.float32) if mask is None else _np(mask.float())
     m = np.empty((B, H, C), np.float32)
     l = np.empty((B, H, C), np.float32)
     acc = np.empty((B, H, C, D), np.float32)
     _partials(q32.numpy(), _np(uq.float()), np.float32(scaling), np.float32(softcap or 0.0), mask_np, mask is not None,
-              kp, ks, kz, kbits, kgroup, kchan, _np(kv.key_window.float()),
-              sp, ss, sz, sbits, np.float32(kv.sign), kv.side is not None,
-              vp, vs, vz, vbits, vgroup, vchan, _np(kv.value_window.float()),
-              chunk, m, l, acc, _HALF, _lut(kbits), _lut(sbits), _lut(vbits))
+              kp, ks, kz, kbits, kgroup, kchan, kper, kcperm, _np(kv.key_window.float()),
+              sp, ss, sz, sbits, sper, np.float32(kv.sign), kv.side is not None,
+              vp, vs, vz, vbits, vgroup, vchan, vper, vcperm, _np(kv.value_window.float()),
+              chunk, m, l, acc, _HALF)
     out = np.empty((B, H, D), np.float32)
     _merge(m, l, acc, out)
     return torch.from_numpy(out).to(q.dtype)
