@@ -839,6 +839,29 @@ def speedup(measured: float) -> Verdict:
     return Verdict(label=label, text=label, figures={"measured": measured, "source": source("speedup")})
 
 
+def fused_decode(kernel_ratio: float, step_ratio: float) -> Verdict:
+    """Whether a low-bit cache decodes faster than fp: the fused kernel against fp32 SDPA, and the whole step.
+
+    Args:
+        kernel_ratio: fp32 SDPA time / fused kernel time for one layer's decode attention (> 1: the kernel is faster).
+        step_ratio: the quantized cache's fused whole decode step / the fp cache's step (≤ 1: no slower); NaN when
+            the whole step was not timed.
+    Returns:
+        label "faster" (kernel ratio > 1 and the step no slower, or not timed), "kernel only" (the kernel is faster
+        but the whole step is slower) or "not faster"; a sentence naming both figures.
+    """
+    kernel = f"the fused 2-bit kernel runs at {kernel_ratio:.2f}× the speed of fp32 SDPA"
+    step = "" if math.isnan(step_ratio) else f", and the whole decode step takes {step_ratio:.2f}× the fp cache's"
+    if kernel_ratio <= 1.0:
+        label = "not faster"
+    elif not math.isnan(step_ratio) and step_ratio > 1.0:
+        label = "kernel only"
+    else:
+        label = "faster"
+    prefix = {"not faster": "not faster", "kernel only": "faster in the kernel only", "faster": "faster"}[label]
+    return Verdict(label=label, text=f"{prefix}: {kernel}{step}", figures={"kernel": kernel_ratio, "step": step_ratio})
+
+
 def survival_vs_revision(gaps: dict[int, list[str]], n_new: int, n_keys: int) -> Verdict:
     """Our greedy survival against the revision's, support by support.
 

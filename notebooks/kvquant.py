@@ -881,6 +881,9 @@ else:
     for key in ("step_ctx", "step_kivi_fused", "step_kivi_plain", "step_headq_fused"):
         g(key, math.nan)
 g("step_table", step_table.style.format("{:.3f}"))
+g("speed_verdict", claims.fused_decode(speed["rows"][-1]["speedup_vs_sdpa"], caches.get("kivi-fused", {}).get("ratio_vs_fp", math.nan)
+                                       if step is not None else math.nan).text if speed is not None
+  else "not measured (numba is not installed)")
 
 # %% [markdown]
 # ```{glue:figure} kv_speed_table
@@ -906,6 +909,11 @@ g("step_table", step_table.style.format("{:.3f}"))
 # In the whole model at {glue:text}`kv_step_ctx:d` tokens ({numref}`tbl-kv-step`), the KIVI cache's step is
 # {glue:text}`kv_step_kivi_plain:.2f`× the fp cache's on the plain path and {glue:text}`kv_step_kivi_fused:.2f`×
 # fused; HeadQ's side code costs {glue:text}`kv_step_headq_fused:.2f`× the fused step without it.
+#
+# **Verdict.** On this CPU a low-bit cache decodes {glue:text}`kv_speed_verdict:s`. These are timings of one
+# machine (medians over repeats, interleaved so that drift hits every variant alike), not intervals over a
+# sample; the benchmark commands `atlas bench kv-decode` and `atlas bench kvquant` print the same ratios for a
+# reader's own machine and contexts.
 #
 
 # %% [markdown]
@@ -1120,5 +1128,8 @@ write_json(out / "kvquant.json", {
 #   [{glue:text}`kv_rope_kivi_pre_lo:.2f`, {glue:text}`kv_rope_kivi_pre_hi:.2f`] pre-RoPE against
 #   {glue:text}`kv_rope_kivi_post:.2f` [{glue:text}`kv_rope_kivi_post_lo:.2f`,
 #   {glue:text}`kv_rope_kivi_post_hi:.2f`] post-RoPE: {glue:text}`kv_rope_kivi_verdict:s`.
+# - **A key code at equal storage** ({numref}`fig-kv-pareto`, {numref}`tbl-kv-storage`): at KIVI-{glue:text}`kv_es_bits_low:d`'s
+#   {glue:text}`kv_es_kivi_bits:.3f` bits per key element, {glue:text}`kv_es_verdict:s`.
+# - **Decoding faster than fp** ({numref}`tbl-kv-speed`, {numref}`tbl-kv-step`): {glue:text}`kv_speed_verdict:s`.
 # - **Not tested here:** the paper's six models, WikiText-103, and its anomaly in small Pythia models at a
 #   low-entropy route-flip boundary. None of these models or corpora is available offline.

@@ -362,3 +362,13 @@ def test_the_claims_page_quotes_the_claims_table():
     ]
     missing = [q for q in quoted if q not in page]
     assert not missing, f"book/claims.md does not quote these as claims.SOURCE has them: {missing}"
+
+
+def test_fused_decode_verdict_reads_both_figures():
+    from atlas_core.claims import fused_decode
+
+    assert fused_decode(1.8, 0.9).label == "faster" and "1.80×" in fused_decode(1.8, 0.9).text
+    assert fused_decode(1.8, math.nan).label == "faster" and "whole decode step" not in fused_decode(1.8, math.nan).text
+    assert fused_decode(1.8, 1.2).label == "kernel only"
+    assert fused_decode(0.9, 0.8).label == "not faster"
+    assert fused_decode(1.0, 0.8).label == "not faster"  # equal is not faster
