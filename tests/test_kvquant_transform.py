@@ -80,7 +80,7 @@ def test_round_trip_at_8_bits_is_within_one_quantization_step(kind, grid):
     y = T.rotate(x, code.rotation)
     span = y.unflatten(2, (-1, G)).amax(3) - y.unflatten(2, (-1, G)).amin(3)  # (batch, kv_head, key/g, d_head)
     step = (span / 255).repeat_interleave(G, 2)
-    if grid == "lloyd-max":  # learned levels: the widest gap between neighbouring levels sets the step
+    if grid != "uniform":  # learned levels: the widest gap between neighbouring levels sets the step
         gap = (code.levels[..., 1:] - code.levels[..., :-1]).amax(-1)  # (kv_head, d_head)
         step = span.repeat_interleave(G, 2) * gap[None, :, None, :]
     assert torch.all(err.abs() <= step + 2e-3 * y.abs().amax()), (err.abs() - step).max()
@@ -126,6 +126,8 @@ def test_lloyd_max_equals_its_plain_reference_and_beats_the_uniform_grid():
         grid = torch.linspace(0, 1, levels).expand(5, -1)
         err = lambda lv: (u[..., None] - lv[:, None, :]).abs().min(-1).values.pow(2).mean()  # noqa: E731
         assert err(fast) < err(grid)
+    pinned = T._lloyd_sorted(u.double().sort(-1).values.contiguous(), 8, pinned=True)
+    assert torch.all(pinned[:, 0] == 0) and torch.all(pinned[:, -1] == 1) and torch.all(pinned.diff(dim=-1) >= 0)
 
 
 def test_identity_uniform_equals_the_per_channel_quantizer():
@@ -239,6 +241,7 @@ NEW = {
     "query-tc K2": (KVMethod(method="query-tc", kbits=2, group=8), 1),
     "query-tc K3 V2 budget 4 chunk 3": (KVMethod(method="query-tc", kbits=3, vbits=2, group=8, budget=4.0), 3),
     "query-tc lloyd-max": (KVMethod(method="query-tc", kbits=2, group=8, grid="lloyd-max"), 1),
+    "query-tc lloyd-max-pinned": (KVMethod(method="query-tc", kbits=2, group=8, grid="lloyd-max-pinned"), 1),
     "hadamard K2 V2": (KVMethod(method="hadamard", kbits=2, vbits=2, group=8), 1),
     "random-rotation K2 seed 3": (KVMethod(method="random-rotation", kbits=2, group=8, seed=3), 2),
     "kivi lloyd-max": (KVMethod(method="kivi", kbits=2, group=8, grid="lloyd-max"), 1),

@@ -19,9 +19,10 @@
 - ``hadamard``: a seeded random-sign Walsh–Hadamard rotation before KIVI's per-channel ``kbits``-bit keys
   (QuaRot/SpinQuant-style baseline); ``random-rotation``: a seeded Haar rotation (TurboQuant-style).
 
-``grid`` ("uniform" | "lloyd-max") picks the per-channel grid of kivi, per-channel and the three transform
-methods: "lloyd-max" rounds each min–max normalised group to levels learned per layer-coordinate on the
-calibration keys (KVQuant's non-uniform datatype), at the same storage.
+``grid`` ("uniform" | "lloyd-max" | "lloyd-max-pinned") picks the per-channel grid of kivi, per-channel and the
+three transform methods: "lloyd-max" rounds each min–max normalised group to levels learned per
+layer-coordinate on the calibration keys (KVQuant's non-uniform datatype), at the same storage;
+"lloyd-max-pinned" keeps the end levels at each group's min and max (``transform.py``).
 
 ``evaluate`` measures decode-time NLL through the cache, block by block; ``Runs`` memoises evaluations
 on one set of evaluation blocks (the fp reference and HeadQ's calibration computed once, reused by every
@@ -96,7 +97,7 @@ class KVMethod:
     base: str = "per-token"  # HeadQ's base key quantizer: one of BASES
     basis: str = "query"  # HeadQ's side-code basis: one of SIDE_BASES ("whitened": headq.whitened_bases)
     a2_low: int | None = None  # A² value policy: most values at a2_low bits, the most attended in fp, mean payload vbits
-    grid: str = "uniform"  # per-channel key grid: "uniform" or "lloyd-max" (GRID_METHODS only)
+    grid: str = "uniform"  # per-channel key grid: one of transform.GRIDS (not "uniform": GRID_METHODS only)
     budget: float | None = None  # query-tc: bits per key element; None: kbits + 32/group (per-channel kbits' storage)
 
     def __post_init__(self):

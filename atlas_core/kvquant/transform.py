@@ -15,11 +15,13 @@ Rotations (``ROTATIONS``), all exactly orthogonal:
   Mezzadri 2007), as TurboQuant (Zandieh et al. 2025) rotates before quantizing;
 - "query": per KV head the eigenbasis of the calibration query covariance Σ_q, largest eigenvalue first.
 
-Grids (``GRIDS``): "uniform" (asymmetric min–max, exactly ``quant.quantize`` per channel) or "lloyd-max"
+Grids (``GRIDS``): "uniform" (asymmetric min–max, exactly ``quant.quantize`` per channel), "lloyd-max"
 (each group is min–max normalised to [0, 1], stored as fp16 zero = min and range = max − min, and each
 value is rounded to the nearest of 2^b levels learned per layer-coordinate by 1-D Lloyd-Max / k-means on
 the normalised calibration values: KVQuant's non-uniform "nuq" datatype, Hooper et al. 2024; levels held
-once per layer).
+once per layer), or "lloyd-max-pinned" (the same with the end levels fixed at 0 and 1, so each group's min
+and max are reproduced exactly as on the uniform grid: Lloyd-Max pulls the extreme levels inward, and on
+smollm2-135m KIVI-2 with plain lloyd-max keys does worse than on the uniform grid).
 
 Bit allocation (``ALLOCATIONS``): "uniform" (every coordinate the same ``bits``) or "waterfill" (``waterfill``:
 reverse water-filling on the query energy, greedy marginal allocation under the storage budget), by default
@@ -47,7 +49,7 @@ from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor
 
 ROTATIONS = ("identity", "hadamard", "random", "query")
 ALLOCATIONS = ("uniform", "waterfill")
-GRIDS = ("uniform", "lloyd-max")
+GRIDS = ("uniform", "lloyd-max", "lloyd-max-pinned")
 POOLS = ("head", "layer")
 MAX_BITS = 8  # codes are uint8
 LLOYD_ITERATIONS = 30
@@ -91,7 +93,7 @@ class TransformSpec:
 
     def needs_calibration(self) -> bool:
         """Whether calibration keys or queries are needed (a query basis, water-filling or learned levels)."""
-        return self.rotation == "query" or self.allocation == "waterfill" or self.grid == "lloyd-max"
+        return self.rotation == "query" or self.allocation == "waterfill" or self.grid != "uniform"
 
 
 def check_budget(budget) -> None:
@@ -232,8 +234,12 @@ def lloyd_max(u: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS
     return _lloyd_sorted(u.double().sort(-1).values.contiguous(), n_levels, iterations)
 
 
-def _lloyd_sorted(points: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:
-    """``lloyd_max`` on points already sorted along the last axis, (column, point) float64 contiguous."""
+def _lloyd_sorted(points: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS, pinned: bool = False) -> torch.Tensor:
+    """``lloyd_max`` on points already sorted along the last axis, (column, point) float64 contiguous.
+
+    ``pinned``: the end levels stay at 0 and 1 (each group's min and max reproduced exactly, as the uniform
+    grid does); only the inner levels move.
+    """
     n_col, n = points.shape
     levels = torch.linspace(0, 1, n_levels, dtype=torch.float64).expand(n_col, -1).clone()
     prefix = torch.nn.functional.pad(points.cumsum(-1), (1, 0))  # (column, point + 1), a leading 0
@@ -244,6 +250,8 @@ def _lloyd_sorted(points: torch.Tensor, n_levels: int, iterations: int = LLOYD_I
         count = (edges[:, 1:] - edges[:, :-1]).double()
         total = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
         levels = torch.where(count > 0, total / count.clamp(min=1), levels).sort(-1).values
+        if pinned:
+            levels[:, 0], levels[:, -1] = 0.0, 1.0
     return levels.float()
 
 
@@ -289,7 +297,7 @@ class LayerCode:
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
         if int(self.bits.min()) < 0 or int(self.bits.max()) > MAX_BITS:
             raise ValueError(f"bit widths must be in 0..{MAX_BITS}")
-        if self.grid == "lloyd-max" and self.levels is None:
+        if self.grid != "uniform" and self.levels is None:
             raise ValueError("the lloyd-max grid needs its levels")
         flat = self.bits.reshape(-1)
         columns = torch.nonzero(flat > 0).squeeze(-1)  # head-major, coordinate order
@@ -516,15 +524,15 @@ def distortion_table(y: torch.Tensor, spec: TransformSpec) -> tuple[torch.Tensor
     table = torch.zeros(n_col, MAX_BITS + 1, dtype=torch.float64)
     table[:, 0] = ((cols - cols.mean((0, 1))) ** 2).mean((0, 1)).double()
     levels, points = None, None
-    if spec.grid == "lloyd-max":
+    if spec.grid != "uniform":
         levels = torch.zeros(n_col, MAX_BITS + 1, 2**MAX_BITS)
         points = _normalised(cols, spec).reshape(-1, n_col).T.double().sort(-1).values.contiguous()  # (column, point)
     for b in range(1, MAX_BITS + 1):
         widths = torch.full((n_col,), b, dtype=torch.long)
         lv = None
-        if spec.grid == "lloyd-max":
+        if spec.grid != "uniform":
             lv = torch.zeros(n_col, 2**MAX_BITS)
-            lv[:, : 2**b] = _lloyd_sorted(points, 2**b)
+            lv[:, : 2**b] = _lloyd_sorted(points, 2**b, pinned=spec.grid == "lloyd-max-pinned")
             lv[:, 2**b :] = 1.0
             levels[:, b] = lv
         q = quantize_columns(cols, widths, spec.grid, lv, spec.group, spec.scale_dtype)
