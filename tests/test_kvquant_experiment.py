@@ -162,8 +162,10 @@ def test_cli_kvquant_json(capsys, tmp_path, monkeypatch):
         assert set(out[name]) == {"value", "lo", "hi", "units"} and out[name]["units"] == 2
         assert name == "excess_removed" or out[name]["lo"] <= out[name]["value"] <= out[name]["hi"]  # toy: base ≈ fp
     assert out["ppl_fp"]["value"] > 0 and isinstance(out["verdict"], str)
-    assert len(list((tmp_path / "kvquant").glob("*.pt"))) == 2
-    assert main(args) == 0 and __import__("json").loads(capsys.readouterr().out)["ppl_fp"] == out["ppl_fp"]  # read back
+    kept = sorted(p.name.split("-")[0] for p in (tmp_path / "kvquant").glob("*.pt"))
+    assert kept == ["eval", "eval", "fp", "sigma"]  # HeadQ's and its baseline's evaluations, fp's NLL, Σ_q
+    again = main(args) == 0 and __import__("json").loads(capsys.readouterr().out)
+    assert again["ppl_fp"] == out["ppl_fp"] and again["ppl"] == out["ppl"]  # read back
 
 
 @pytest.mark.parametrize(
@@ -257,6 +259,32 @@ def test_store_keeps_fp_and_sigma_q_on_disk_keyed_by_weights(tmp_path, monkeypat
         next(lm.model.parameters()).add_(1.0)
     with pytest.raises(pytest.fail.Exception, match="recomputed"):
         Runs(lm, ids, calib, DECODE, store=True).nll(KVMethod(method="fp"))
+
+
+def test_store_keeps_each_evaluation_keyed_by_method_calibration_and_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
+    lm = load_model("toy-llama")
+    gen = torch.Generator().manual_seed(9)
+    ids, calib = torch.randint(4, 260, (2, 32), generator=gen), torch.randint(4, 260, (2, 32), generator=gen)
+    kivi, tc = KVMethod(method="kivi", kbits=2, group=8), KVMethod(method="query-tc", kbits=2, group=8)
+    first = Runs(lm, ids, calib, DECODE, store=True)
+    kept = {m: first(m) for m in (kivi, tc)}
+    import atlas_core.kvquant.experiment as ex
+    real_evaluate = ex.evaluate
+    monkeypatch.setattr(ex, "evaluate", lambda *a, **k: pytest.fail("recomputed"))
+    again = Runs(lm, ids, calib, DECODE, store=True)
+    for m, r in kept.items():  # the same numbers, read back
+        torch.testing.assert_close(again.nll(m), r["nll"])
+        assert again(m)["bits_key"] == r["bits_key"] and again(m)["ppl"].as_dict() == r["ppl"].as_dict()
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):  # another method: computed afresh
+        again(KVMethod(method="kivi", kbits=3, group=8))
+    other_calib = torch.randint(4, 260, (2, 32), generator=gen)
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):  # another calibration: computed afresh
+        Runs(lm, ids, other_calib, DECODE, store=True)(tc)
+    monkeypatch.setattr(ex, "code_version", lambda: "another version of the code")
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):  # other kvquant code: computed afresh
+        Runs(lm, ids, calib, DECODE, store=True)(kivi)
+    monkeypatch.setattr(ex, "evaluate", real_evaluate)
 
 
 def test_cli_kvquant_a2_json(capsys, tmp_path, monkeypatch):

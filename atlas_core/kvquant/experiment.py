@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -388,14 +389,30 @@ def evaluate(lm: LoadedModel, blocks: torch.Tensor, method: KVMethod, side: Side
             "value_payload": None if method.vbits is None else spent}
 
 
+def code_version() -> str:
+    """SHA-256 of the kvquant package's source files: a stored evaluation is reused only by the code that made it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _tokens_hash(blocks: torch.Tensor | None) -> str | None:
+    if blocks is None:
+        return None
+    return hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(tuple(blocks.shape)).encode()).hexdigest()
+
+
 class Runs:
     """Evaluations of many methods on the same evaluation blocks, each computed once.
 
     The fp reference is evaluated once, and HeadQ's calibration (Σ_q and its eigenvectors; the key-PCA
     bases per base quantizer) once from the calibration blocks, cut to each method's rank; so a sweep
     (a chapter, or ``compare``'s method, fp and baseline) pays for each once. Methods are memoised by
-    ``KVMethod.canonical``. With ``store``, the fp reference's NLL and Σ_q are also kept on disk, keyed by
-    the model's weights, the tokens and the settings (SPEC §12), so a later run on the same text skips them.
+    ``KVMethod.canonical``. With ``store``, the fp reference's NLL, Σ_q and every method's evaluation are also
+    kept on disk, keyed by the model's weights, the tokens and the settings (SPEC §12; a method's evaluation also
+    by the calibration tokens and ``code_version``, the hash of the kvquant source), so a later run on the same
+    text skips them.
     Under the one-pass engine, the blocks' fp prefill (update 0's keys/values, the same for every method)
     is computed once and held (``onepass.prefill_caches``; smollm2-135m, 32 blocks × prefill 128, fp32:
     2 · 30 layers · 3 KV heads · 64 · 128 · 4 B ≈ 5.9 MB a block, 189 MB in all), so each method runs only
@@ -405,7 +422,7 @@ class Runs:
     def __init__(self, lm: LoadedModel, eval_blocks: torch.Tensor, calib: torch.Tensor | None = None,
                  setup: EvalSetup = EvalSetup(), progress: bool = False, store: bool = False):
         self.lm, self.eval_blocks, self.calib, self.setup, self.progress = lm, eval_blocks, calib, setup, progress
-        self.store = store  # keep the fp reference and Σ_q on disk (SPEC §12), for later runs on the same text
+        self.store = store  # keep the fp reference, Σ_q and each evaluation on disk (SPEC §12), for later runs
         self.done: dict[KVMethod, dict] = {}
         self._sigma_q: dict | None = None
         self._bases: dict[tuple, dict] = {}
@@ -432,8 +449,8 @@ class Runs:
             return compute()
         from atlas_core.clouds import weights_fingerprint
 
-        tokens = hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(tuple(blocks.shape)).encode()).hexdigest()
-        key = cache_key(kind=kind, model=self.lm.spec.name, weights=weights_fingerprint(self.lm.model), tokens=tokens, **fields)
+        key = cache_key(kind=kind, model=self.lm.spec.name, weights=weights_fingerprint(self.lm.model), tokens=_tokens_hash(blocks),
+                        **fields)
         path = cache_dir("kvquant") / f"{kind}-{key}.pt"
         return cached(path, compute, torch.save, lambda p: torch.load(p, weights_only=True), f"kvquant {kind}")
 
@@ -505,9 +522,17 @@ class Runs:
                                     prefill=self.setup.prefill, engine=self.setup.engine)
                 self.done[m] = kept | {"ppl": interval.perplexity(kept["nll"], self.setup.boot), "method": m}
             else:
-                side = side_code(self.lm, m, self.calib, self.bases(m), self.decoders(m)) if m.method == "headq" else None
-                self.done[m] = evaluate(self.lm, self.eval_blocks, m, side, self.setup, self.progress,
-                                        self.prefill_kv(), self.transform(m)) | {"method": m}
+                def run() -> dict:
+                    side = side_code(self.lm, m, self.calib, self.bases(m), self.decoders(m)) if m.method == "headq" else None
+                    done = evaluate(self.lm, self.eval_blocks, m, side, self.setup, self.progress, self.prefill_kv(),
+                                    self.transform(m))
+                    return {k: v for k, v in done.items() if k != "ppl"}
+
+                # kept on disk too (``store``): keyed by the method, the calibration tokens and the kvquant code that
+                # made it, so a sweep resumed or rerun later (a chapter, ``atlas kv-storage``) reuses only its own runs
+                kept = self._stored("eval", self.eval_blocks, run, method=repr(m), calib=_tokens_hash(self.calib),
+                                    prefill=self.setup.prefill, engine=self.setup.engine, code=code_version())
+                self.done[m] = kept | {"ppl": interval.perplexity(kept["nll"], self.setup.boot), "method": m}
         return self.done[m]
 
     def nll(self, method: KVMethod) -> torch.Tensor:
