@@ -13,9 +13,14 @@ and HeadQ's score-space correction (``headq``: k̃_j = k̂_j + sign·U_r ĉ_j) a
 
     sign · (U_rᵀq)·ĉ_j = sign · (s′_j Σ_i (U_rᵀq)_i code′_{j,i} + z′_j Σ_i (U_rᵀq)_i).
 
-Values fold the probability into the scale: Σ_j p_j v̂_{j,c} = Σ_j (p_j s_{j,γ}) code_{j,c} + Σ_j p_j z_{j,γ}
-(per token), or s_{G,c} Σ_{j∈G} p_j code_{j,c} + z_{G,c} Σ_{j∈G} p_j (per channel). GQA: each KV head's
-codes are unpacked once per token for all query heads of its group. Scores and the softmax are fp32 with max
+Per-channel values fold the scale out of the token sum: Σ_{j∈G} p_j v̂_{j,c} = s_{G,c} Σ_{j∈G} p_j code_{j,c}
++ z_{G,c} Σ_{j∈G} p_j. Per-token values (KIVI's) are scaled once per token into a (d_head,) scratch,
+v̂_j = s_{j,γ} code_j + z_{j,γ}, which every query head of the group adds with its weight p_j: one token's
+scratch, never a copy of the history (folding p_j·s_{j,γ} per head instead costs a multiply per head and
+group and measured slower here). GQA: each KV head's codes are unpacked once per token for all query heads
+of its group. A packed row is unpacked per byte unit into contiguous runs (``_order``: code k of every byte
+in run k), with the query and the value accumulator permuted once per call to match, so the unpacking is a
+vector shift-and-mask. Scores and the softmax are fp32 with max
 subtraction; the history is split into chunks (a multiple of every per-channel group) processed in parallel,
 each with its own max and sum, and the chunks are merged exactly as flash-decoding does (Dao et al. 2023,
 "Flash-Decoding for long-context inference"): out = Σ_c e^{m_c−M} acc_c / Σ_c e^{m_c−M} l_c.
@@ -41,6 +46,7 @@ layer the kernel cannot take) arrives as ordinary tensors and runs SDPA (eager w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -138,6 +144,7 @@ _FAST = {"reassoc", "contract", "arcp", "nsz"}
 _HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)  # fp16 bits -> fp32
 
 
+@functools.lru_cache(maxsize=64)
 def _order(bits: int, n: int, group: int | None = None) -> tuple[int, int, np.ndarray]:
     """How a packed row of n codes is unpacked: (per, units, channel of each unpacked position).
 
