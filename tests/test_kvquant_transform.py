@@ -80,17 +80,28 @@ def test_round_trip_at_8_bits_is_within_one_quantization_step(kind, grid):
     y = T.rotate(x, code.rotation)
     span = y.unflatten(2, (-1, G)).amax(3) - y.unflatten(2, (-1, G)).amin(3)  # (batch, kv_head, key/g, d_head)
     step = (span / 255).repeat_interleave(G, 2)
-    if grid != "uniform":  # learned levels: the widest gap between neighbouring levels sets the step
+    if grid == "static":  # raw levels: the widest gap, plus how far a value lies beyond the calibrated range (clipped)
+        lv = code.levels  # (kv_head, d_head, 256), all 256 used at 8 bits
+        gap = (lv[..., 1:] - lv[..., :-1]).amax(-1)[None, :, None, :]
+        beyond = (y - lv[..., -1][None, :, None, :]).clamp(min=0) + (lv[..., 0][None, :, None, :] - y).clamp(min=0)
+        step = gap + beyond
+    elif grid != "uniform":  # learned levels: the widest gap between neighbouring levels sets the step
         gap = (code.levels[..., 1:] - code.levels[..., :-1]).amax(-1)  # (kv_head, d_head)
         step = span.repeat_interleave(G, 2) * gap[None, :, None, :]
     assert torch.all(err.abs() <= step + 2e-3 * y.abs().amax()), (err.abs() - step).max()
+    if grid == "static":  # within the calibrated range the error is small; beyond it, clipped (bounded above)
+        inside = beyond == 0
+        assert inside.float().mean() > 0.5 and err.abs()[inside].mean() < 0.01 * y.abs().max()
+        return
     assert (x_hat - x).abs().max() < 0.05 * x.abs().max()
 
 
 @pytest.mark.parametrize("kind,grid,allocation", list(itertools.product(T.ROTATIONS, T.GRIDS, T.ALLOCATIONS)))
 def test_vectorised_code_equals_the_per_coordinate_loop(kind, grid, allocation):
     code = _code(kind, allocation, grid, bits=2, sigma=_sigma(2, zero_from=12))
-    if allocation == "waterfill":  # widths really differ; in a basis aligned with Σ_q, unseen coordinates get none
+    if allocation == "waterfill" and (grid != "static" or kind in ("identity", "query")):
+        # widths really differ (a random basis spreads the query energy: with no 32/g cost, even widths can win);
+        # in a basis aligned with Σ_q, unseen coordinates get none
         assert code.bits.unique().numel() > 1, code.bits
         assert kind not in ("identity", "query") or (code.bits[:, 12:] == 0).all(), code.bits
     x = _keys(9, blocks=2, tokens=16).permute(1, 0, 2, 3)  # (batch, kv_head, key, d_head)
@@ -128,6 +139,40 @@ def test_lloyd_max_equals_its_plain_reference_and_beats_the_uniform_grid():
         assert err(fast) < err(grid)
     pinned = T._lloyd_sorted(u.double().sort(-1).values.contiguous(), 8, pinned=True)
     assert torch.all(pinned[:, 0] == 0) and torch.all(pinned[:, -1] == 1) and torch.all(pinned.diff(dim=-1) >= 0)
+
+
+def test_static_levels_are_lloyd_max_on_raw_values():
+    """The static grid's levels: Lloyd-Max on the raw values (affine-equivariant: the reference on values mapped to
+    [0, 1] and back), each level the mean of its cell, so the outer levels are the tails' conditional means."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 500, generator=gen, dtype=torch.float64) ** 3 * 4 - 2  # heavy-tailed, offset
+    pts = x.sort(-1).values.contiguous()
+    lo, hi = pts[:, :1], pts[:, -1:]
+    for n in (2, 4, 8):
+        lv = T.static_levels(pts, n).double()
+        unit = ((pts - lo) / (hi - lo))
+        ref = T.lloyd_max_ref(unit, n, T.STATIC_ITERATIONS, init=T.quantile_init(unit, n)).double() * (hi - lo) + lo
+        assert torch.allclose(lv, ref, atol=1e-4 * float((hi - lo).max())), (lv - ref).abs().max()
+        cell = torch.searchsorted(((lv[:, 1:] + lv[:, :-1]) / 2).contiguous(), x.contiguous())
+        for c in range(3):  # a fixed point with no dead level: every level the mean of the values nearest to it
+            means = torch.stack([x[c][cell[c] == k].mean() for k in range(n)])
+            assert torch.allclose(lv[c], means, atol=1e-3 * float(hi[c] - lo[c]))
+
+
+def test_static_grid_is_exact_when_its_levels_are_the_data():
+    """Keys whose rotated coordinates take at most 2^b values, calibrated on themselves: the code is lossless,
+    and it holds only the code bits (no scale or zero)."""
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(H, D, 4, generator=gen) * 3  # 4 distinct values per coordinate, equally often
+    pick = torch.argsort(torch.rand(H, 2, 32, D, generator=gen), dim=2) % 4
+    keys = torch.gather(values[:, None, None].expand(H, 2, 32, D, 4), -1, pick[..., None]).squeeze(-1)  # (H, block, token, D)
+    spec = T.TransformSpec(rotation="identity", allocation="uniform", grid="static", bits=2, group=G)
+    code = T.calibrate_layer(spec, keys, None, H, D)
+    x = keys.permute(1, 0, 2, 3)  # (batch, kv_head, key, d_head)
+    q = T.encode(x, code)
+    assert torch.allclose(T.decode(q, code), x, rtol=1e-6, atol=1e-6)
+    assert q.scale.numel() == 0 and q.zero.numel() == 0
+    assert code.bits_per_element() == 2.0
 
 
 def test_identity_uniform_equals_the_per_channel_quantizer():
@@ -199,19 +244,34 @@ def test_pooled_waterfill_pads_each_stream_and_spends_at_most_the_budget():
         assert bits[:6].sum() > bits[6:].sum()  # the head whose queries read more gets more of the bits
 
 
-def test_waterfill_spends_kivi_storage_by_default():
-    code = _code("query", "waterfill", bits=2, sigma=_sigma(2))  # no zero-energy coordinate: the budget binds
+@pytest.mark.parametrize("grid", ["uniform", "static"])
+def test_waterfill_spends_kivi_storage_by_default(grid):
+    code = _code("query", "waterfill", grid, bits=2, sigma=_sigma(2))  # no zero-energy coordinate: the budget binds
     assert code.bits_per_element() <= 2 + 32 / G + 1e-12
     assert code.bits_per_element() > 2 + 32 / G - 8 / D  # at most a byte per head per token left unspent
+    if grid == "static":  # no 32/g term: the whole budget is code bits
+        assert int(code.bits.sum()) > (2 + 32 / G - 8 / D) * H * D - 1e-9
+
+
+def test_static_grid_water_filling_has_no_per_group_cost():
+    assert T.TransformSpec(grid="static", group=G).overhead() == 0.0
+    assert T.TransformSpec(grid="uniform", group=G).overhead() == 32 / G
+    energy = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    table = _convex_table(torch.ones(4, dtype=torch.float64))
+    spec = T.TransformSpec(grid="static", group=G, allocation="waterfill", bits=2)
+    bits = T.waterfill(energy, table, 2.0 * 4, spec.overhead(), byte=1)  # 8 bits for 4 coordinates, nothing for stats
+    assert int(bits.sum()) == 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Storage: the bytes held are the accounting formula.
 
 
-@pytest.mark.parametrize("kind,allocation", [("query", "waterfill"), ("hadamard", "uniform"), ("identity", "uniform")])
-def test_bits_held_equal_the_accounting_formula(kind, allocation):
-    code = _code(kind, allocation, "lloyd-max" if kind == "identity" else "uniform", bits=3)
+@pytest.mark.parametrize("kind,allocation,grid", [("query", "waterfill", "uniform"), ("hadamard", "uniform", "uniform"),
+                                                  ("identity", "uniform", "lloyd-max"), ("query", "waterfill", "static"),
+                                                  ("identity", "uniform", "static")])
+def test_bits_held_equal_the_accounting_formula(kind, allocation, grid):
+    code = _code(kind, allocation, grid, bits=3)
     store = _Store(QuantSpec(bits=3, group=G, axis="channel"), code=code)
     x = _keys(13, blocks=2, tokens=32).permute(1, 0, 2, 3)  # (batch 2, kv_head, 32 keys, d_head)
     store.append(x[..., :16, :])
@@ -219,6 +279,8 @@ def test_bits_held_equal_the_accounting_formula(kind, allocation):
     held = 8 * store.held_bytes()["storage"] / x.numel()
     assert held == pytest.approx(code.bits_per_element(), rel=1e-12)
     assert torch.allclose(store.from_codes(), T.decode(T.encode(x, code), code), atol=1e-6)
+    if grid == "static":  # no scale or zero bytes: code bytes only, Σ_head ⌈Σ_c b_c / 8⌉ per token
+        assert held == pytest.approx(8 * sum(math.ceil(int(b) / 8) for b in code.bits.sum(1)) / (H * D), rel=1e-12)
 
 
 def test_cache_bits_equal_the_formula_with_the_fp_window():
@@ -242,6 +304,9 @@ NEW = {
     "query-tc K3 V2 budget 4 chunk 3": (KVMethod(method="query-tc", kbits=3, vbits=2, group=8, budget=4.0), 3),
     "query-tc lloyd-max": (KVMethod(method="query-tc", kbits=2, group=8, grid="lloyd-max"), 1),
     "query-tc lloyd-max-pinned": (KVMethod(method="query-tc", kbits=2, group=8, grid="lloyd-max-pinned"), 1),
+    "query-tc static": (KVMethod(method="query-tc", kbits=2, group=8, grid="static"), 1),
+    "query-tc static chunk 3 V2": (KVMethod(method="query-tc", kbits=2, vbits=2, group=8, grid="static"), 3),
+    "kivi static": (KVMethod(method="kivi", kbits=2, group=8, grid="static"), 1),
     "hadamard K2 V2": (KVMethod(method="hadamard", kbits=2, vbits=2, group=8), 1),
     "random-rotation K2 seed 3": (KVMethod(method="random-rotation", kbits=2, group=8, seed=3), 2),
     "kivi lloyd-max": (KVMethod(method="kivi", kbits=2, group=8, grid="lloyd-max"), 1),

@@ -157,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
                 "(the best rank-r correction in the Σ_q metric, headq.whitened_bases; --control none) (default: query)")
     k.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE")
     _add_choice(k, "--grid", KV, "GRIDS", help="per-channel key grid of kivi, per-channel, query-tc, hadamard, random-rotation: "
-                "lloyd-max levels learned on the calib split, same storage (default: uniform)")
+                "lloyd-max levels learned on the calib split, same storage; static: levels per coordinate learned on "
+                "the calib split, no per-group scale or zero (default: uniform)")
     k.add_argument("--budget", type=float, default=None,
                    help="query-tc: stored bits per key element (codes + scales + zeros); default --kbits + 32/--group")
     k.add_argument("--a2-low", type=int, default=None,

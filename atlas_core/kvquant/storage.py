@@ -39,7 +39,7 @@ def pareto_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: in
     Returns:
         fp first, then per family and bits: per-token, KIVI, KIVI with Lloyd-Max grids, KIVI pre-RoPE,
         HeadQ (query basis), HeadQ (whitened basis), Hadamard, random rotation, query-aware transform coding
-        (uniform and Lloyd-Max grids, post- and pre-RoPE).
+        (uniform, Lloyd-Max and static grids, post- and pre-RoPE).
     Raises:
         ValueError: a setting ``KVMethod`` refuses (bits outside 1..8, group or rank < 1).
     """
@@ -52,7 +52,7 @@ def pareto_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: in
                 KVMethod(method="headq", rank=rank, **common), KVMethod(method="headq", rank=rank, basis="whitened", **common),
                 KVMethod(method="hadamard", **common), KVMethod(method="random-rotation", **common),
                 KVMethod(method="query-tc", **common), KVMethod(method="query-tc", grid="lloyd-max", **common),
-                KVMethod(method="query-tc", pre_rope=True, **common)]
+                KVMethod(method="query-tc", grid="static", **common), KVMethod(method="query-tc", pre_rope=True, **common)]
     return [m for m in out if pre_rope or not m.pre_rope]
 
 

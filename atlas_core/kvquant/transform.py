@@ -21,7 +21,12 @@ value is rounded to the nearest of 2^b levels learned per layer-coordinate by 1-
 the normalised calibration values: KVQuant's non-uniform "nuq" datatype, Hooper et al. 2024; levels held
 once per layer), or "lloyd-max-pinned" (the same with the end levels fixed at 0 and 1, so each group's min
 and max are reproduced exactly as on the uniform grid: Lloyd-Max pulls the extreme levels inward, and on
-smollm2-135m KIVI-2 with plain lloyd-max keys does worse than on the uniform grid).
+smollm2-135m KIVI-2 with plain lloyd-max keys does worse than on the uniform grid), or "static" (no per-group
+statistics at all: each coordinate is rounded to the nearest of 2^b levels learned per layer-coordinate by
+1-D Lloyd-Max on the calibration values themselves, not normalised per group; values beyond the calibrated
+range take the outer level, itself the conditional mean of its tail cell. KVQuant calibrates its key
+scaling offline, Hooper et al. 2024 §3.3; the static grid drops the per-group scale and zero, 32/group bits
+per stored coordinate, so every stored bit is a code bit and water-filling spends them so).
 
 Bit allocation (``ALLOCATIONS``): "uniform" (every coordinate the same ``bits``) or "waterfill" (``waterfill``:
 reverse water-filling on the query energy, greedy marginal allocation under the storage budget), by default
@@ -49,10 +54,11 @@ from atlas_core.kvquant.quant import OVERHEAD_BITS, QTensor
 
 ROTATIONS = ("identity", "hadamard", "random", "query")
 ALLOCATIONS = ("uniform", "waterfill")
-GRIDS = ("uniform", "lloyd-max", "lloyd-max-pinned")
+GRIDS = ("uniform", "lloyd-max", "lloyd-max-pinned", "static")
 POOLS = ("head", "layer")
 MAX_BITS = 8  # codes are uint8
 LLOYD_ITERATIONS = 30
+STATIC_ITERATIONS = 100  # the static grid's Lloyd-Max on raw values: heavier tails, slower convergence from the uniform start
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,12 +94,23 @@ class TransformSpec:
             check_budget(self.budget)
 
     def total_budget(self) -> float:
-        """Bits per key element the allocation may spend (codes + scales + zeros)."""
+        """Bits per key element the allocation may spend (codes + scales + zeros); by default per-channel
+        ``bits``' storage (``bits + 32/group``), whatever the grid (the static grid spends it all on codes)."""
         return self.budget if self.budget is not None else self.bits + 2 * OVERHEAD_BITS / self.group
+
+    def overhead(self) -> float:
+        """Scale + zero bits per token of a stored coordinate: 32/group, none on the static grid."""
+        return grid_overhead(self.grid, self.group)
 
     def needs_calibration(self) -> bool:
         """Whether calibration keys or queries are needed (a query basis, water-filling or learned levels)."""
         return self.rotation == "query" or self.allocation == "waterfill" or self.grid != "uniform"
+
+
+def grid_overhead(grid: str, group: int) -> float:
+    """Per-group statistics in bits per token of a stored coordinate: fp16 scale + zero over ``group`` tokens
+    (32/group), 0 for the static grid (its levels are held once per layer)."""
+    return 0.0 if grid == "static" else 2 * OVERHEAD_BITS / group
 
 
 def check_budget(budget) -> None:
@@ -176,15 +193,19 @@ def quantize_columns(y: torch.Tensor, bits: torch.Tensor, grid: str, levels: tor
     """Quantize columns of y (..., key, column) per channel over groups of ``group`` tokens.
 
     Args:
-        bits: (column,) widths 1..8; levels: (column, 256) Lloyd-Max levels in [0, 1] (the first 2^b used),
-            for grid "lloyd-max".
+        bits: (column,) widths 1..8; levels: (column, 256) Lloyd-Max levels (the first 2^b used), in [0, 1]
+            for the lloyd-max grids, in the values' own units for the static grid.
     Returns:
         ``QTensor``: codes uint8 (..., key, column), scale and zero (..., key/group, column) in ``scale_dtype``.
-        Uniform: scale = (max − min)/(2^b − 1), as ``quant.quantize``; lloyd-max: scale = max − min.
+        Uniform: scale = (max − min)/(2^b − 1), as ``quant.quantize``; lloyd-max: scale = max − min;
+        static: no statistics, scale and zero (..., key/group, 0).
     """
     *lead, n_key, n_col = y.shape
     if n_key % group:
         raise ValueError(f"per-channel quantization needs a multiple of {group} tokens, got {n_key}")
+    if grid == "static":
+        none = torch.zeros(*lead, n_key // group, 0, dtype=scale_dtype, device=y.device)
+        return QTensor(nearest_level(y, levels, bits).to(torch.uint8), none, none.clone())
     g = y.reshape(*lead, n_key // group, group, n_col)  # (..., key/g, g, column)
     lo, hi = g.amin(-2, keepdim=True), g.amax(-2, keepdim=True)  # (..., key/g, 1, column)
     zero = lo.to(scale_dtype)
@@ -215,6 +236,8 @@ def nearest_level(u: torch.Tensor, levels: torch.Tensor, bits: torch.Tensor) -> 
 def dequantize_columns(q: QTensor, grid: str, levels: torch.Tensor | None, group: int, dtype=torch.float32) -> torch.Tensor:
     """Inverse of ``quantize_columns``: (..., key, column) in ``dtype``."""
     *lead, n_key, n_col = q.codes.shape
+    if grid == "static":
+        return levels.to(q.codes.device, dtype)[torch.arange(n_col, device=q.codes.device), q.codes.long()]
     scale = q.scale.to(dtype).repeat_interleave(group, dim=-2)  # (..., key, column)
     zero = q.zero.to(dtype).repeat_interleave(group, dim=-2)
     if grid == "uniform":
@@ -234,14 +257,16 @@ def lloyd_max(u: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS
     return _lloyd_sorted(u.double().sort(-1).values.contiguous(), n_levels, iterations)
 
 
-def _lloyd_sorted(points: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS, pinned: bool = False) -> torch.Tensor:
+def _lloyd_sorted(points: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS, pinned: bool = False,
+                  init: torch.Tensor | None = None) -> torch.Tensor:
     """``lloyd_max`` on points already sorted along the last axis, (column, point) float64 contiguous.
 
     ``pinned``: the end levels stay at 0 and 1 (each group's min and max reproduced exactly, as the uniform
-    grid does); only the inner levels move.
+    grid does); only the inner levels move. ``init``: (column, n_levels) starting levels, sorted; None: the
+    uniform grid on [0, 1].
     """
     n_col, n = points.shape
-    levels = torch.linspace(0, 1, n_levels, dtype=torch.float64).expand(n_col, -1).clone()
+    levels = torch.linspace(0, 1, n_levels, dtype=torch.float64).expand(n_col, -1).clone() if init is None else init.double().clone()
     prefix = torch.nn.functional.pad(points.cumsum(-1), (1, 0))  # (column, point + 1), a leading 0
     ends = torch.full((n_col, 1), n, dtype=torch.long)
     for _ in range(iterations):
@@ -255,10 +280,11 @@ def _lloyd_sorted(points: torch.Tensor, n_levels: int, iterations: int = LLOYD_I
     return levels.float()
 
 
-def lloyd_max_ref(u: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS) -> torch.Tensor:
-    """Plain reference of ``lloyd_max``: every point assigned to its nearest level, cells averaged."""
+def lloyd_max_ref(u: torch.Tensor, n_levels: int, iterations: int = LLOYD_ITERATIONS, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain reference of ``lloyd_max``: every point assigned to its nearest level, cells averaged (``init``: as
+    ``_lloyd_sorted``)."""
     n_col = u.shape[0]
-    levels = torch.linspace(0, 1, n_levels, dtype=torch.float64).expand(n_col, -1).clone()
+    levels = torch.linspace(0, 1, n_levels, dtype=torch.float64).expand(n_col, -1).clone() if init is None else init.double().clone()
     u = u.double()
     for _ in range(iterations):
         mids = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
@@ -279,7 +305,8 @@ class LayerCode:
 
     Fields (kv_head = H, d_head = d):
         rotation: (H, d, d) float32 or None (identity); bits: (H, d) long in 0..8; mean: (H, d) float32 μ_c;
-        levels: (H, d, 256) float32 Lloyd-Max levels in [0, 1] (grid "lloyd-max"), else None.
+        levels: (H, d, 256) float32 Lloyd-Max levels, in [0, 1] (the lloyd-max grids) or in the rotated
+        coordinates' units (static), else None.
     """
 
     rotation: torch.Tensor | None
@@ -325,8 +352,9 @@ class LayerCode:
         return len(self.planes) // 8
 
     def bits_per_element(self) -> float:
-        """The accounting formula: stored bits per key element, (8·B + (columns)·32/group) / (H·d)."""
-        return (8 * self.bytes_per_token() + len(self.columns) * 2 * OVERHEAD_BITS / self.group) / (self.n_kv * self.d)
+        """The accounting formula: stored bits per key element, (8·B + (columns)·32/group) / (H·d); the static
+        grid holds no per-group statistics: 8·B / (H·d)."""
+        return (8 * self.bytes_per_token() + len(self.columns) * grid_overhead(self.grid, self.group)) / (self.n_kv * self.d)
 
 
 def _plane_sources(bits: torch.Tensor) -> torch.Tensor:
@@ -420,6 +448,14 @@ def roundtrip_ref(x: torch.Tensor, code: LayerCode) -> tuple[torch.Tensor, list]
                 y_hat[:, c] = code.mean[h, c]
                 continue
             codes = torch.zeros(n_key, dtype=torch.long)
+            if code.grid == "static":  # no groups: the nearest of the coordinate's own levels
+                grid = code.levels[h, c, : 2**b]
+                thresholds = (grid[1:] + grid[:-1]) / 2  # a value above k thresholds is nearest level k
+                for i, v in enumerate(y[:, c]):
+                    codes[i] = int((thresholds < v).sum())  # ties: the lower (of repeated levels: the last)
+                    y_hat[i, c] = grid[codes[i]]
+                head_codes.append(codes)
+                continue
             for s in range(0, n_key, code.group):
                 values = y[s : s + code.group, c]
                 zero = values.min().to(code.scale_dtype)
@@ -526,11 +562,16 @@ def distortion_table(y: torch.Tensor, spec: TransformSpec) -> tuple[torch.Tensor
     levels, points = None, None
     if spec.grid != "uniform":
         levels = torch.zeros(n_col, MAX_BITS + 1, 2**MAX_BITS)
-        points = _normalised(cols, spec).reshape(-1, n_col).T.double().sort(-1).values.contiguous()  # (column, point)
+        points = cols if spec.grid == "static" else _normalised(cols, spec)
+        points = points.reshape(-1, n_col).T.double().sort(-1).values.contiguous()  # (column, point)
     for b in range(1, MAX_BITS + 1):
         widths = torch.full((n_col,), b, dtype=torch.long)
         lv = None
-        if spec.grid != "uniform":
+        if spec.grid == "static":
+            lv = static_levels(points, 2**b)
+            lv = torch.cat([lv, lv[:, -1:].expand(-1, 2**MAX_BITS - 2**b)], -1)  # unused slots: the top level
+            levels[:, b] = lv
+        elif spec.grid != "uniform":
             lv = torch.zeros(n_col, 2**MAX_BITS)
             lv[:, : 2**b] = _lloyd_sorted(points, 2**b, pinned=spec.grid == "lloyd-max-pinned")
             lv[:, 2**b :] = 1.0
@@ -540,6 +581,30 @@ def distortion_table(y: torch.Tensor, spec: TransformSpec) -> tuple[torch.Tensor
         table[:, b] = (err.double() ** 2).mean((0, 1))
     table = table.view(h, d, MAX_BITS + 1)
     return table, None if levels is None else levels.view(h, d, MAX_BITS + 1, -1)
+
+
+def static_levels(points: torch.Tensor, n_levels: int, iterations: int = STATIC_ITERATIONS) -> torch.Tensor:
+    """The static grid's levels: 1-D Lloyd-Max on raw sorted points (column, point) float64 -> (column, n_levels)
+    float32 in the points' units.
+
+    Started from the points' quantiles at (k + ½)/L (``quantile_init``), not from the uniform grid over
+    [min, max]: key coordinates are heavy-tailed, and a uniform start leaves levels in the empty tails, where
+    an empty cell keeps its level for good (a dead level: a code never used). Lloyd's iteration commutes
+    with an affine map, so this is ``_lloyd_sorted`` on the points mapped to [0, 1] by the column's min and
+    range, mapped back.
+    """
+    lo, hi = points[:, :1], points[:, -1:]
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    unit = ((points - lo) / span).contiguous()
+    levels = _lloyd_sorted(unit, n_levels, iterations, init=quantile_init(unit, n_levels)).double()
+    return (levels * span + lo).float()
+
+
+def quantile_init(points: torch.Tensor, n_levels: int) -> torch.Tensor:
+    """Starting levels: the sorted points (column, point) at ranks ⌊(k + ½)·n/L⌋, k = 0 … L − 1 -> (column, L)."""
+    n = points.shape[-1]
+    ranks = ((torch.arange(n_levels, dtype=torch.float64) + 0.5) * n / n_levels).long().clamp(max=n - 1)
+    return points[:, ranks]
 
 
 def _normalised(cols: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
@@ -576,7 +641,7 @@ def calibrate_layer(spec: TransformSpec, keys: torch.Tensor | None, sigma: torch
             raise ValueError("water-filling needs the calibration query covariance Σ_q")
         rot = torch.eye(d, dtype=torch.float64).expand(n_kv, d, d) if rotation is None else rotation.double()
         energy = torch.diagonal(rot.transpose(-1, -2) @ sigma.double() @ rot, dim1=-2, dim2=-1)  # (kv_head, d_head) λ_c
-        overhead = 2 * OVERHEAD_BITS / spec.group
+        overhead = spec.overhead()  # 32/group, 0 on the static grid
         if spec.pool == "layer":  # one budget for the layer's KV heads: their logit errors add
             heads = torch.arange(n_kv).repeat_interleave(d)
             bits = waterfill(energy.reshape(-1), table.reshape(n_kv * d, -1), spec.total_budget() * d * n_kv, overhead,
