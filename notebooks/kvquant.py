@@ -91,7 +91,7 @@ a2_budget = 3  # A² value policy: mean payload bits per value element (offline,
 code_bits = [2, 3]  # key bits of the equal-storage study of key codes (K-only), each compared with KIVI at those bits
 code_kv_bits = [2]  # bits of the full-KV equal-storage study (values per token at the key bits); [] to skip
 code_families = ""  # comma list of kvquant.storage.FAMILIES for the K-only study; empty: every one the model can run
-code_kv_families = "hadamard,kivi lloyd-max,query-tc,query-tc lloyd-max"  # the full-KV study's (fp and KIVI always run)
+code_kv_families = "hadamard,query-tc,query-tc static"  # the full-KV study's (fp and KIVI always run)
 speed_contexts = [8192, 32768]  # cached tokens of the one-layer decode-attention benchmark (fused low-bit vs fp32 SDPA)
 step_ctx = 2048  # cached tokens of the whole-step decode benchmark (fp, quantized, fused caches); 0 to skip
 seed = 0
@@ -670,7 +670,10 @@ g("rope_table", rope_table.style.format(FMT, na_rep="—", subset=[c for c in FM
 # directions get more than the nominal width. We call it **query-aware transform coding** (query-tc). Each
 # coordinate is quantized per channel over groups of {glue:text}`kv_group:d` tokens with an fp16 scale and
 # zero, as KIVI does, under KIVI's residual rule, and its budget is KIVI's own storage, $b + 32/g$ bits per
-# key element: the two hold the same bytes.
+# key element: the two hold the same bytes. A variant, **query-tc static**, drops the per-group scales and
+# zeros: each coordinate is rounded to $2^{b_c}$ levels learned once by Lloyd–Max on the calibration keys'
+# raw values (KVQuant also calibrates its key quantizer offline), so every stored bit of the same budget is a
+# code bit.
 #
 # Beside it stand the strongest baselines we could build at the same storage, each a named idea from the
 # field: a normalised Hadamard rotation with random signs before per-channel quantization (QuaRot-style

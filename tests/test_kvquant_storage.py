@@ -80,9 +80,9 @@ def test_study_methods_keep_the_references_and_drop_only_what_the_model_cannot_r
         storage.study_methods(kbits=(2,), families=("query-tc pre-RoPE",), pre_rope=False)
     with pytest.raises(ValueError, match="power of two"):
         storage.study_methods(kbits=(2,), families=("hadamard",), d_head=48)
-    with pytest.raises(ValueError, match="distinct key bits"):
+    with pytest.raises(ValueError, match="key bits .--bits. must name one or more distinct widths"):
         storage.study_methods(kbits=(2, 2))
-    with pytest.raises(ValueError, match="kbits must be an integer in 1..8"):
+    with pytest.raises(ValueError, match=r"key bits \(--bits\) must be an integer in 1..8"):
         storage.study_methods(kbits=(9,))
     with pytest.raises(ValueError, match="families must be among"):
         storage.study_methods(kbits=(2,), families=("kivi-3",))

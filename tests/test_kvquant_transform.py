@@ -394,3 +394,15 @@ def test_cli_runs_query_tc_and_reports_the_bits_held(capsys):
                    "--prefill", "16", "--group", "16", "--calib-tokens", "128", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert status in (None, 0) and out["baseline"].startswith("kivi K2") and 0 < out["bits_key"] <= 32
+
+
+def test_a_budget_above_what_8_bit_codes_hold_is_refused():
+    from atlas_core.kvquant.experiment import KVMethod
+
+    KVMethod(method="query-tc", budget=9.0)  # 8-bit codes + fp16 scale and zero per 32 tokens: exactly the ceiling
+    with pytest.raises(ValueError, match="at most 9 bits per key element"):
+        KVMethod(method="query-tc", budget=100.0)
+    with pytest.raises(ValueError, match="at most 8 bits per key element"):
+        KVMethod(method="query-tc", grid="static", budget=8.5)  # no scales: 8 bits at most
+    with pytest.raises(ValueError, match="at most 10 bits"):
+        KVMethod(method="query-tc", group=16, budget=10.5)

@@ -596,7 +596,9 @@ def _kv_storage(args) -> None:
             kivi = e["kivi"]
             print(f"  {kivi['label']}: {kivi['bits_key']:.3f} bits/key, PPL {kivi['ppl']:.3f}; fp PPL {e['ppl_fp']:.3f}\n"
                   f"  best new code {e['best']}: {e['bits_key']:.3f} bits/key, PPL {e['ppl']:.3f}; difference "
-                  f"{e['difference']:.3f}; excess removed {e['excess_removed']:.1%}\n  {e['verdict']}")
+                  f"{e['difference']:.3f}; excess removed "
+                  f"{'undefined (KIVI is not above fp)' if math.isnan(e['excess_removed'].value) else format(e['excess_removed'], '.1%')}"
+                  f"\n  {e['verdict']}")
         for text in r["versus"][b].values():
             print(f"  {text}")
 

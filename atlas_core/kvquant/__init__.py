@@ -7,6 +7,13 @@
 - ``policy``: the A² value policy.
 - ``decode``: decode-style perplexity through the cache, token by token (the reference).
 - ``onepass``: the same decode NLL in one forward pass per block (attention function ``atlas_kvquant``).
+- ``transform``: transform codes of keys: query-aware transform coding (Σ_q eigenbasis, bits by reverse
+  water-filling on the query energy), Hadamard and random rotations, Lloyd–Max and static grids.
+- ``rope``: RoPE tables, un-/re-rotation for pre-RoPE keys, the RoPE-averaged query covariance.
+- ``storage``: every key code at the storage KIVI actually holds (Pareto rows, equal-storage verdicts).
+- ``fused``: a numba decode-attention kernel that reads the packed codes (``KVQuantConfig(fused=True)``
+  under ``fused.decoding(model)``), with its plain torch reference.
+- ``bench``: decode step time and memory (``atlas bench kvquant``, ``atlas bench kv-decode``).
 
 Intervals and the excess-removed fraction come from ``atlas_core.interval``.
 """

@@ -124,6 +124,7 @@ class KVMethod:
             if self.method != "query-tc":
                 raise ValueError("--budget applies to --method query-tc only")
             check_budget(self.budget)
+            self.transform_spec()  # the budget's ceiling depends on the grid and group (TransformSpec's rule)
         check_bits(self.kbits, "kbits")
         if self.vbits is not None:
             check_bits(self.vbits, "vbits")

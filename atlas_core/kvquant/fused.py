@@ -31,8 +31,10 @@ fp32 dot products and sums into SIMD lanes (the order of additions changes, so r
 reference by fp32 rounding only, ~1e-6 relative; no inf/nan arithmetic is relied on: a fully masked chunk
 is detected by comparison before any exp); ``parallel`` runs the (batch, KV head, chunk) items over the
 machine's threads (numba's own pool, ``numba.set_num_threads``). Softcap (tanh) and an additive mask row
-are applied as eager attention does; sliding-window layers, pre-RoPE keys and stats not held in fp16 are
-not fused (``unsupported`` says why; the cache then takes its plain path).
+are applied as eager attention does; sliding-window layers, pre-RoPE keys, transform-coded keys (query-tc,
+hadamard, random-rotation and the learned grids of ``transform.py``) and stats not held in fp16 are not fused
+(``unsupported`` says why; the cache then takes its plain path). Threads: numba's "workqueue" layer (the "omp"
+layer would reset torch's OpenMP thread count), sized at every call to torch's thread count.
 
 ``decode_reference`` is the plain torch path beside it (unpack + dequantize + side correction, then
 matmul–softmax–matmul in fp32); tests hold the two equal (``tests/test_kvquant_fused.py``).
@@ -48,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +62,12 @@ from atlas_core.kvquant import quant
 from atlas_core.kvquant.headq import apply_side
 from atlas_core.kvquant.quant import QTensor, QuantSpec
 
+# numba's default "omp" threading layer shares the OpenMP runtime with torch and resets its thread count to the
+# core count on first use (an OMP_NUM_THREADS=1 run would then run torch on every core); the "workqueue" layer
+# is numba's own pool and leaves torch's threads alone. Its size starts at torch's thread count, and ``decode``
+# follows torch's setting on every call, so the kernel and SDPA always run on the same number of threads.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+os.environ.setdefault("NUMBA_NUM_THREADS", str(max(torch.get_num_threads(), 1)))
 try:
     import numba
     from numba import njit, prange
@@ -468,6 +477,7 @@ def decode(q: torch.Tensor, kv: DecodeKV, scaling: float, softcap: float | None 
     sper, _, scperm = _order(sbits, max(uq.shape[-1], 1))
     uq = uq[..., scperm[: uq.shape[-1]]]  # U_rᵀq in the side codes' order
     mask_np = np.zeros((B, 0), np.float32) if mask is None else _np(mask.float())
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # SDPA's thread count
     m = np.empty((B, H, C), np.float32)
     l = np.empty((B, H, C), np.float32)
     acc = np.empty((B, H, C, D), np.float32)

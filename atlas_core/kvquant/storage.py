@@ -18,6 +18,7 @@ from atlas_core import interval
 from atlas_core.claims import direction, lower_verdict
 from atlas_core.interval import Estimate
 from atlas_core.kvquant.experiment import KVMethod, Runs
+from atlas_core.kvquant.quant import check_bits
 
 __all__ = ["FAMILIES", "NEW_CODES", "TOLERANCE", "as_json", "at_storage", "budget_methods", "equal_storage", "family",
            "pareto_front", "pareto_methods", "pareto_rows", "study", "study_methods", "versus"]
@@ -201,7 +202,9 @@ def study_methods(kbits=(2, 3), group: int = 32, values: bool = False, rank: int
     """
     kbits = tuple(kbits)
     if not kbits or len(set(kbits)) != len(kbits):
-        raise ValueError(f"kbits must name one or more distinct key bits, got {list(kbits)}")
+        raise ValueError(f"key bits (--bits) must name one or more distinct widths, got {list(kbits)}")
+    for b in kbits:
+        check_bits(b, "key bits (--bits)")
     if families is not None:
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:

@@ -92,6 +92,15 @@ class TransformSpec:
             if self.allocation != "waterfill":
                 raise ValueError("a bit budget applies to the waterfill allocation only")
             check_budget(self.budget)
+            if self.budget > self.most_bits():
+                raise ValueError(f"budget {self.budget:g} is more than {self.grid}-grid codes can hold: at most "
+                                 f"{self.most_bits():g} bits per key element (8-bit codes"
+                                 f"{'' if self.grid == 'static' else f' with their scales and zeros, group {self.group}'})")
+
+    def most_bits(self) -> float:
+        """The most bits per key element any allocation can spend: 8-bit codes, plus the fp16 scale and zero of
+        each group of ``group`` tokens unless the grid is static."""
+        return quant.BITS.stop - 1 + (0.0 if self.grid == "static" else 2 * OVERHEAD_BITS / self.group)
 
     def total_budget(self) -> float:
         """Bits per key element the allocation may spend (codes + scales + zeros); by default per-channel
