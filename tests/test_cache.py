@@ -120,14 +120,14 @@ def test_damaged_kvquant_references_are_recomputed(tmp_path, monkeypatch, kind, 
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     stored = sorted(p.name.split("-")[0] for p in (tmp_path / "kvquant").glob("*.pt"))
-    assert stored == ["fp", "sigma"]  # the fp reference NLL and the calibration statistic Σ_q
+    assert stored == ["eval", "eval", "fp", "sigma"]  # HeadQ's and its baseline's runs, the fp NLL and Σ_q
     for path in (tmp_path / "kvquant").glob("*.pt"):
         damage(path, kind)
     assert main(args) == 0
     out, err = capsys.readouterr()
     again = json.loads(out)
     assert again["ppl_fp"] == first["ppl_fp"] and again["ppl"] == first["ppl"]  # identical numbers after the rebuild
-    assert "kvquant fp-nll" in err and "kvquant sigma-q" in err
+    assert "kvquant fp-nll" in err and "kvquant sigma-q" in err and "kvquant eval" in err
 
 
 def test_the_assembled_qwen_gguf_is_checked_not_only_sized(tmp_path, monkeypatch):
