@@ -147,10 +147,25 @@ def test_fault_cases_are_refused_before_any_kernel(chapter, given, name, message
 
 INT_LISTS = [("atlas", "k_sweep"), ("crossarch", "k_range"), ("crossarch", "seeds"), ("kvquant", "bits"),
              ("kvquant", "kv_bits"), ("kvquant", "ranks"), ("nqp", "bits"), ("sparse", "windows"), ("sparse", "topks"),
-             ("sparse", "supports"), ("sparse", "contexts")]
+             ("sparse", "supports"), ("sparse", "contexts"), ("kvquant", "code_bits"), ("kvquant", "code_kv_bits"),
+             ("kvquant", "speed_contexts")]
 NAME_LISTS = [("models", "models"), ("models", "corpora"), ("crossarch", "models"), ("crossarch", "corpora"),
               ("nqp", "methods"), ("nqp", "grouped_methods")]
 FLOAT_LISTS = [("sparse", "certified_eps")]  # each element checked by the library's rule (test_impossible_values_are_named)
+
+
+def test_key_code_parameters_are_checked_by_the_librarys_rules():
+    toy = {**defaults("kvquant"), "model": "toy-llama", "eval_blocks": 2, "calib_blocks": 2, "seq_len": 160, "prefill": 32,
+           "ranks": [1, 8], "step_ctx": 64, "speed_contexts": [256, 512]}
+    check_values("kvquant", toy)  # the chapter test's toy settings pass
+    with pytest.raises(ParameterValueError, match=r"^parameter 'code_families'.*families must be among"):
+        check_values("kvquant", {**toy, "code_families": "kivi-3"})
+    with pytest.raises(ParameterValueError, match=r"^parameter 'code_kv_families'.*distinct"):
+        check_values("kvquant", {**toy, "code_kv_bits": [2, 2]})
+    with pytest.raises(ParameterValueError, match=r"^parameter 'speed_contexts'.*--context must be integers ≥ 64"):
+        check_values("kvquant", {**toy, "speed_contexts": [32]})
+    with pytest.raises(ParameterValueError, match=r"^parameter 'step_ctx'"):
+        check_values("kvquant", {**toy, "step_ctx": 10**9})
 
 
 def test_every_list_parameter_is_listed():

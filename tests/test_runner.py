@@ -325,12 +325,12 @@ def _code_digests() -> dict[str, str]:
 
 
 def test_rerun_inputs_are_each_notebooks_import_closure():
-    """sparse/kernels.py is an input of sparse (which imports it) and of no other chapter; nqp's closure holds
+    """sparse/kernels.py is an input of sparse and kvquant (their benchmarks' dense decode) and of no other chapter; nqp's closure holds
     no sparse or KV-cache module; no chapter has a book-machinery file (CLI, runner, checks) among its inputs."""
     lib = runner.ROOT / "atlas_core"
     code = {chapter: set(runner.chapter_code(chapter)) for chapter in runner.CHAPTERS}
     kernels = str(lib / "sparse" / "kernels.py")
-    assert [c for c in runner.CHAPTERS if kernels in code[c]] == ["sparse"]
+    assert [c for c in runner.CHAPTERS if kernels in code[c]] == ["kvquant", "sparse"]  # kvquant's bench: dense_decode
     assert not any("/sparse/" in p or "/kvquant/" in p for p in code["nqp"])
     assert str(lib / "wquant" / "gptq.py") in code["nqp"]
     machinery = {str(p) for p in (lib / "book").glob("*.py")} | {str(lib / "progress.py")}
@@ -342,7 +342,7 @@ def test_rerun_inputs_are_each_notebooks_import_closure():
 def test_editing_book_machinery_reruns_no_chapter_and_a_kernel_edit_reruns_its_chapter(tmp_path, monkeypatch):
     """On a copy of the library and notebooks: edits to every book-package module (even ones that add science
     imports: no chapter imports the book) and to progress.py leave every chapter's code hash unchanged; an
-    edit to sparse/kernels.py changes sparse's hash only. (An import added to progress.py is followed: the
+    edit to sparse/kernels.py changes the hashes of sparse and kvquant (whose benchmark uses its dense decode) only. (An import added to progress.py is followed: the
     chapters that load progress would load that module too.)"""
     shutil.copytree(runner.ROOT / "atlas_core", tmp_path / "atlas_core",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -358,7 +358,7 @@ def test_editing_book_machinery_reruns_no_chapter_and_a_kernel_edit_reruns_its_c
     kernels = tmp_path / "atlas_core" / "sparse" / "kernels.py"
     kernels.write_text(kernels.read_text() + "\n# an edit\n")
     after = _code_digests()
-    assert [c for c in runner.CHAPTERS if after[c] != before[c]] == ["sparse"]
+    assert [c for c in runner.CHAPTERS if after[c] != before[c]] == ["kvquant", "sparse"]  # both import it
 
 
 def test_book_inputs_digest_changes_with_any_book_source(tmp_path):

@@ -283,6 +283,28 @@ def _kvquant(p: dict) -> None:
     from atlas_core.kvquant.quant import QuantSpec  # the offline study groups each block's keys per channel (KIVI)
 
     _as("group", p["group"], lambda: QuantSpec(bits=2, group=p["group"], axis="channel").check_tokens(p["seq_len"]))
+    _kvquant_codes(p, shape)
+
+
+def _kvquant_codes(p: dict, shape) -> None:
+    """The key-code study (``storage.study_methods``) and the speed benchmarks (``bench.check_kv_decode``,
+    ``bench.check_bench``) of the kvquant chapter, by the rules those functions apply."""
+    from atlas_core.kvquant import bench, fused, storage
+
+    _ints(p, "code_bits", "code_kv_bits", "speed_contexts")
+    _ints(p, "step_ctx", low=0)
+    pre_rope = shape.family != "gpt2"
+    for bits, fams in (("code_bits", "code_families"), ("code_kv_bits", "code_kv_families")):
+        _names(p, fams)
+        chosen = tuple(f.strip() for f in p[fams].split(",") if f.strip()) or None
+        _as(fams, p[fams], lambda b=bits, c=chosen: storage.study_methods(
+            p[b], p["group"], b == "code_kv_bits", p["rank"], c, pre_rope, shape.d_head))
+    if fused.available():
+        _as("speed_contexts", p["speed_contexts"], lambda: bench.check_kv_decode(
+            p["speed_contexts"], 2, shape.n_heads, shape.n_kv_heads, shape.d_head, 3, 3))
+    if p["step_ctx"]:
+        _as("step_ctx", p["step_ctx"], lambda: bench.check_bench(p["model"], p["step_ctx"], 8, 2, 2, p["group"], p["rank"],
+                                                                  p["side_bits"]))
 
 
 NQP_NEEDS = {"bits": [8, 4, 3],
