@@ -4,8 +4,13 @@ The book's closing page (``book/claims.md``) sets each headline claim of a sourc
 measurement. Every number a chapter compares against is in ``SOURCE`` (with the work, the place in it and
 what it measures), every threshold is a named constant below, and every verdict is a function here that
 returns a ``Verdict``: a short ``label`` a table or a test can read, the ``text`` the book glues, and the
-``figures`` it rests on. A comparison of two methods rests on the interval of their paired difference or
-ratio (``atlas_core.interval``): where it contains the null value, the verdict is ``TIE``.
+``figures`` it rests on.
+
+One decision rule decides every comparison (``DecisionRule``, ``decide``; Methods, "One decision rule"): an
+estimate with its 95% interval from the evaluation engine (``atlas_core.interval``), or a z-score against a
+null with the null's spread, is "distinguishable, higher/lower" when the interval excludes the null value,
+"equivalent within ±margin" when the whole interval lies inside the margin around it, and otherwise "not
+distinguishable at this sample size" (``TIE``).
 
 The numbers are those the sources report (recorded in the project's CLAIMS.md); none was re-run by us.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
@@ -22,8 +28,10 @@ from atlas_core.interval import Bootstrap, Estimate
 
 __all__ = [
     "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "source_points", "is_source_qwen", "direction",
+    # the decision rule
+    "DecisionRule", "RULE", "OVERLAP_RULE", "HIGHER", "LOWER", "EQUIVALENT", "decide", "decide_z", "z_interval",
     # thresholds
-    "REPRODUCED_TOL", "Z_CHANCE", "Z_ALIGNED", "NULL_TOL", "R2_NULL", "ALPHA", "CORPUS_TOL", "TWONN_TOL", "TWONN_BIAS",
+    "REPRODUCED_TOL", "NULL_TOL", "R2_NULL", "ALPHA", "CORPUS_TOL", "TWONN_TOL", "TWONN_BIAS",
     "FISHER_RANK_PR", "MASS_TOL", "M_ZERO", "RECALL_NEAR", "RECALL_MOST", "GATE_TESTS",
     # crossarch
     "o_h_reproduced", "intra_reproduced", "spearman_replicates", "intra_above_null", "colspace_aligned",
@@ -187,12 +195,9 @@ def source_points() -> list[tuple[str, int, int, float]]:
 
 # ----------------------------------------------------------------------------- thresholds
 
-REPRODUCED_TOL = 0.01  # our O_h "reproduces" a published one within this (or our CI half-width, if larger)
-Z_CHANCE = 2.0  # |z| below this: within two null standard deviations, i.e. at chance
-Z_ALIGNED = 3.0  # crossarch: a W_O-column-space z above this counts as more aligned than chance
 NULL_TOL = 0.02  # a published O_h "is" the Haar null within this: ~3 of the source's CI half-widths (Qwen2.5)
 R2_NULL = 0.9  # the null "explains" the sweep when it accounts for this share of the variance of O_h
-ALPHA = 0.05  # significance level of the Spearman test
+ALPHA = 0.05  # the significance level of every test: 95% intervals, Spearman permutation p-values
 CORPUS_TOL = 0.021  # three times the source's own WikiText-vs-C4 difference, 0.284 − 0.277 = 0.007
 TWONN_TOL = 1.0  # the source variant's dimension is "near" the source's 7.1 within this
 TWONN_BIAS = 1.1  # the variant reads "biased upward" above this ratio to the unbiased fit
@@ -221,43 +226,159 @@ class Verdict:
         return self.text
 
 
+# ----------------------------------------------------------------------------- the decision rule
+
+HIGHER, LOWER, EQUIVALENT = "higher", "lower", "equivalent"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecisionRule:
+    """The book's one decision rule: a significance level and an equivalence margin.
+
+    An estimate is judged by its two-sided (1 − ``alpha``) interval against a null value (0 for a difference,
+    1 for a ratio, a null model's mean for an overlap): "distinguishable, higher/lower" when the interval
+    excludes the null value; "equivalent within ±margin" when the whole interval lies inside
+    [null − margin, null + margin] (two one-sided tests, TOST, read off the same interval: at the 95% interval
+    each one-sided test runs at 2.5%, so the equivalence call is conservative); otherwise "not distinguishable
+    at this sample size" (the interval holds the null value but is wider than the margin). A rule with no
+    margin never calls equivalence. An interval inside the margin that also excludes the null value is
+    equivalent (the difference is real but smaller than the margin); its ``figures`` say so.
+
+    Attributes:
+        alpha: two-sided significance level, 0 < alpha < 1 (0.05: the engine's 95% intervals).
+        margin: the equivalence margin, in the estimate's own units (> 0), or None.
+    Raises:
+        ValueError: alpha outside (0, 1), or a margin that is not a positive finite number.
+    """
+
+    alpha: float = ALPHA
+    margin: float | None = None
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"DecisionRule.alpha must lie in (0, 1), got {self.alpha!r}")
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin > 0):
+            raise ValueError(f"DecisionRule.margin must be a positive finite number or None, got {self.margin!r}")
+
+    @property
+    def z_crit(self) -> float:
+        """The two-sided normal quantile of ``alpha`` (1.96 at 0.05): a z-score beyond ±z_crit is distinguishable."""
+        return NormalDist().inv_cdf(1 - self.alpha / 2)
+
+
+RULE = DecisionRule()  # comparisons of methods (paired differences and ratios): no equivalence margin
+OVERLAP_RULE = DecisionRule(margin=0.01)  # overlaps O (mean principal cosines): ±0.01, the size of the source's
+# own 95% half-widths (0.008 on GPT-2, 0.0065 on Qwen2.5-0.5B); "reproduces a published O_h" and "at the null"
+REPRODUCED_TOL = OVERLAP_RULE.margin  # a point value within this of a published O_h (no interval to judge)
+
+
+def z_interval(z: float, spread: float, rule: DecisionRule = RULE) -> Estimate:
+    """The (1 − alpha) interval of an observed − null difference from its z-score and the null's spread.
+
+    Args:
+        z: (observed − null mean) / null s.d.; spread: the null's s.d., in the observed quantity's units (> 0).
+    Returns:
+        ``Estimate`` of observed − null mean: z·spread ± z_crit·spread (``units`` 0: no resampled units).
+    Raises:
+        ValueError: spread not positive.
+    """
+    if not spread > 0:
+        raise ValueError(f"a null's spread must be positive, got {spread!r}")
+    delta = z * spread
+    return Estimate(value=delta, lo=delta - rule.z_crit * spread, hi=delta + rule.z_crit * spread, units=0)
+
+
+def decide(est: Estimate, null: float = 0.0, rule: DecisionRule = RULE) -> Verdict:
+    """The one decision rule (``DecisionRule``) applied to an estimate with its interval.
+
+    Args:
+        est: the figure and its (1 − ``rule.alpha``) interval from the evaluation engine (``interval``).
+        null: the value of no effect: 0 for a difference, 1 for a ratio.
+    Returns:
+        label ``HIGHER``, ``LOWER``, ``EQUIVALENT`` or ``TIE``; text "distinguishable, higher", "distinguishable,
+        lower", "equivalent within ±m" or "not distinguishable at this sample size"; figures {"estimate",
+        "null", "margin", "distinguishable"}. An undefined (NaN) interval is ``TIE``.
+    """
+    defined = not any(math.isnan(x) for x in (est.value, est.lo, est.hi))
+    apart = defined and not est.lo <= null <= est.hi
+    inside = (defined and rule.margin is not None
+              and null - rule.margin <= est.lo and est.hi <= null + rule.margin)
+    figures = {"estimate": est, "null": null, "margin": rule.margin, "distinguishable": apart}
+    if inside:
+        return Verdict(label=EQUIVALENT, text=f"equivalent within ±{rule.margin:g}", figures=figures)
+    if apart:
+        side = LOWER if est.hi < null else HIGHER
+        return Verdict(label=side, text=f"distinguishable, {side}", figures=figures)
+    return Verdict(label=TIE, text=TIE, figures=figures)
+
+
+def decide_z(z: float, spread: float | None = None, rule: DecisionRule = RULE) -> Verdict:
+    """The decision rule on a z-score against a null model.
+
+    Args:
+        z: (observed − null mean) / null s.d.
+        spread: the null's s.d. in the observed quantity's units; without it the interval is read in z units and
+            no equivalence can be called (the margin is in the quantity's units).
+    Returns:
+        ``decide`` of ``z_interval(z, spread)`` against 0.
+    """
+    if spread is None:
+        return decide(Estimate(value=z, lo=z - rule.z_crit, hi=z + rule.z_crit, units=0), 0.0,
+                      DecisionRule(alpha=rule.alpha))
+    return decide(z_interval(z, spread, rule), 0.0, rule)
+
+
 def direction(est: Estimate, null: float) -> str:
-    """"lower" or "higher" when ``est``'s interval lies wholly below or above ``null``, else ``TIE``.
+    """"lower" or "higher" when ``est``'s interval lies wholly below or above ``null``, else ``TIE``: the label
+    of ``decide`` under ``RULE`` (no equivalence margin).
 
     Args:
         est: a paired difference (null 0) or ratio (null 1) with its interval.
     """
-    if not est.distinguishable(null):
-        return TIE
-    return "lower" if est.hi < null else "higher"
+    return decide(est, null, RULE).label
 
 
 # ----------------------------------------------------------------------------- crossarch
 
 
-def o_h_reproduced(source_value: float, o_h: float, ci: tuple[float, float], z: float, delta: float) -> Verdict:
-    """Does our O_h reproduce a published value, and where does it lie against the Haar null?
+def o_h_reproduced(source_value: float, o_h: float, ci: tuple[float, float], z: float, delta: float,
+                   null_std: float | None = None) -> Verdict:
+    """Does our O_h reproduce a published value, and where does it lie against the Haar null? Both by the rule.
 
     Args:
         source_value: the published O_h; o_h, ci: ours and its 95% interval; z, delta: our (O_h − null)/s.d.
-            and O_h − null mean.
+            and O_h − null mean; null_std: the null's s.d. (without it the null side is read in z units, with no
+            equivalence branch).
     Returns:
-        label "reproduced" (|ours − source| ≤ max(``REPRODUCED_TOL``, CI half-width)) or "differs"; the text
-        adds "at the null" (|z| < ``Z_CHANCE``) or "null", then the excess and z.
+        label "reproduced" (our O_h − source, with our interval, equivalent within ±``OVERLAP_RULE.margin``),
+        "not distinguishable" (the interval holds the source value but is wider than the margin) or "differs"
+        (the interval excludes it and leaves the margin); the text adds where O_h lies against the null
+        (``null_side``), the excess and z.
     """
-    half = (ci[1] - ci[0]) / 2
-    label = "reproduced" if abs(o_h - source_value) <= max(REPRODUCED_TOL, half) else "differs"
-    null = "at the null" if abs(z) < Z_CHANCE else "null"
-    return Verdict(label=label, text=f"{label}; {null} {delta:+.3f} (z-score {z:.1f})",
-                   figures={"source": source_value, "o_h": o_h, "ci": ci, "z": z, "delta": delta})
+    versus = decide(Estimate(value=o_h - source_value, lo=ci[0] - source_value, hi=ci[1] - source_value, units=0),
+                    0.0, OVERLAP_RULE)
+    label = {EQUIVALENT: "reproduced", TIE: "not distinguishable", HIGHER: "differs", LOWER: "differs"}[versus.label]
+    word = {EQUIVALENT: "reproduced", TIE: "not distinguishable from the source at this sample size",
+            HIGHER: "differs (higher)", LOWER: "differs (lower)"}[versus.label]
+    null = null_side(z, null_std).text
+    return Verdict(label=label, text=f"{word}; {null} the null, {delta:+.3f} (z-score {z:.1f})",
+                   figures={"source": source_value, "o_h": o_h, "ci": ci, "z": z, "delta": delta, "versus": versus})
 
 
-def intra_reproduced(intra: float) -> Verdict:
-    """Our GQA intra-group O_h against the source's Qwen2.5-0.5B value (``REPRODUCED_TOL``)."""
+def intra_reproduced(intra: float, ci: tuple[float, float] | None = None) -> Verdict:
+    """Our GQA intra-group O_h against the source's Qwen2.5-0.5B value (0.482).
+
+    Args:
+        intra: our intra-group O_h; ci: its 95% interval (without it, the point is read against the margin alone).
+    Returns:
+        label "reproduced" (equivalent within ±``OVERLAP_RULE.margin``), "not distinguishable" or "differs".
+    """
     value = source("intra_qwen")
-    label = "reproduced" if abs(intra - value) <= REPRODUCED_TOL else "differs"
-    return Verdict(label=label, text=f"{label}; above the null: the pairs share their value vectors",
-                   figures={"source": value, "intra": intra})
+    lo, hi = ci if ci is not None else (intra, intra)
+    versus = decide(Estimate(value=intra - value, lo=lo - value, hi=hi - value, units=0), 0.0, OVERLAP_RULE)
+    label = {EQUIVALENT: "reproduced", TIE: "not distinguishable", HIGHER: "differs", LOWER: "differs"}[versus.label]
+    return Verdict(label=label, text=f"{label} (source {value:.3f})",
+                   figures={"source": value, "intra": intra, "ci": ci, "versus": versus})
 
 
 def spearman_replicates(rho: float, p: float) -> Verdict:
@@ -272,29 +393,45 @@ def spearman_replicates(rho: float, p: float) -> Verdict:
                    figures={"rho": rho, "p": p, "source": source("spearman_qwen")})
 
 
-def intra_above_null(intra_lo: list[float], null_mean: list[float]) -> Verdict:
-    """Whether every model's intra-group O_h lies above its Haar null (lower CI bound above the null mean).
+def intra_above_null(intra: list[float], null_mean: list[float], null_std: list[float]) -> Verdict:
+    """Whether every model's intra-group O_h lies above the shared-value null (``intra_null.intra_group_null``).
 
     Args:
-        intra_lo: per model with intra-group pairs, the lower 95% bound of its intra-group O_h.
-        null_mean: the same models' Haar null means.
+        intra: per model with intra-group pairs, its intra-group O_h.
+        null_mean, null_std: the same models' shared-value null (heads reading the same keys and values with
+            independent query weights), over the same pairs.
+    Returns:
+        label "above" (every model distinguishable, higher, by ``OVERLAP_RULE``), "not above" or "n/a"; the text
+        counts the models on each side.
     Raises:
-        ValueError: the two lists differ in length.
+        ValueError: the lists differ in length.
     """
-    if len(intra_lo) != len(null_mean):
-        raise ValueError(f"intra_above_null needs one null per model, got {len(intra_lo)} and {len(null_mean)}")
-    if not intra_lo:
+    if not len(intra) == len(null_mean) == len(null_std):
+        raise ValueError(f"intra_above_null needs one null per model, got {len(intra)}, {len(null_mean)} and "
+                         f"{len(null_std)}")
+    if not intra:
         return Verdict(label="n/a", text="no model in this run has heads that share a KV head")
-    above = all(lo > null for lo, null in zip(intra_lo, null_mean))
-    return Verdict(label="above" if above else "not above",
-                   text="far above the null, by construction: the paired heads average the same value vectors"
-                   if above else "not above the null in every model",
-                   figures={"intra_lo": list(intra_lo), "null_mean": list(null_mean)})
+    sides = [decide_z((o - m) / sd, sd, OVERLAP_RULE).label for o, m, sd in zip(intra, null_mean, null_std)]
+    n_above = sides.count(HIGHER)
+    if n_above == len(sides):
+        text = "more aligned than heads that read the same values with independent queries, in every model"
+    else:
+        text = (f"more aligned than heads that read the same values with independent queries in {n_above} of "
+                f"{len(sides)} models")
+    return Verdict(label="above" if n_above == len(sides) else "not above", text=text,
+                   figures={"intra": list(intra), "null_mean": list(null_mean), "null_std": list(null_std),
+                            "sides": sides})
 
 
-def colspace_aligned(colspace_z: list[float]) -> Verdict:
-    """How many models' O_h after W_O lies above the null inside W_O's column space (z > ``Z_ALIGNED``)."""
-    n_above = sum(z > Z_ALIGNED for z in colspace_z)
+def colspace_aligned(colspace_z: list[float], spreads: list[float] | None = None) -> Verdict:
+    """How many models' O_h after W_O lies above the null inside W_O's column space, by the rule (``decide_z``).
+
+    Args:
+        colspace_z: per model, (O_h(c) − column-space null mean) / its s.d.; spreads: those s.d.s (for the
+            equivalence branch; without them the z-scores alone are read).
+    """
+    spreads = list(spreads) if spreads is not None else [None] * len(colspace_z)
+    n_above = sum(decide_z(z, sd, OVERLAP_RULE).label == HIGHER for z, sd in zip(colspace_z, spreads))
     every = n_above == len(colspace_z)
     return Verdict(label="every" if every else f"{n_above} of {len(colspace_z)}",
                    text="more aligned than chance in every model" if every else
@@ -367,52 +504,70 @@ def twonn_variant(variant: float, line_fit: float) -> Verdict:
 # ----------------------------------------------------------------------------- atlas
 
 
-def null_side(z: float) -> Verdict:
-    """Where an overlap lies against its null: label and text "is indistinguishable from" (|z| < ``Z_CHANCE``),
-    "lies above" or "lies below"."""
-    side = "is indistinguishable from" if abs(z) < Z_CHANCE else "lies above" if z > 0 else "lies below"
-    return Verdict(label=side, text=side, figures={"z": z})
+_SIDE = {TIE: "is not distinguishable from", HIGHER: "lies above", LOWER: "lies below"}
 
 
-_O_H_CLAIM = {"is indistinguishable from": "does not replicate as a property of trained heads",
-              "lies below": "replicates beyond the null",
-              "lies above": "does not replicate (more aligned than chance)"}
-
-
-def o_h_claim(z: float) -> Verdict:
-    """The claim "head manifolds are mutually non-aligned (O_h ≪ 1)" judged against Haar frames of the same size.
-
-    Returns:
-        label: ``null_side(z).label``; text: whether the claim replicates beyond chance.
-    """
-    side = null_side(z).label
-    return Verdict(label=side, text=f"{_O_H_CLAIM[side]}: O_h {side} random frames in the same dimension",
-                   figures={"z": z})
-
-
-def sweep_clause(z_by_k: dict[int, float]) -> Verdict:
-    """Which k of a sweep put O_h two or more null s.d. from chance.
+def null_side(z: float, std: float | None = None) -> Verdict:
+    """Where an overlap lies against its null, by the rule (``decide_z`` with ``OVERLAP_RULE``).
 
     Args:
-        z_by_k: {k: z-score of O_h against the Haar null at that k}.
+        z: (O − null mean) / null s.d.; std: the null's s.d. (enables the equivalence branch).
     Returns:
-        label "within" or "outside"; ``figures["outside"]`` the k with |z| ≥ ``Z_CHANCE``; text a clause.
+        label and text "lies above", "lies below", "is not distinguishable from" or "is equivalent, within
+        ±0.01, to" (the prose continues with the null).
+    """
+    found = decide_z(z, std, OVERLAP_RULE)
+    side = (f"is equivalent, within ±{OVERLAP_RULE.margin:g}, to" if found.label == EQUIVALENT else
+            _SIDE[found.label])
+    return Verdict(label=side, text=side, figures={"z": z, "std": std, "decision": found.label})
+
+
+_O_H_CLAIM = {TIE: "does not replicate as a property of trained heads",
+              EQUIVALENT: "does not replicate as a property of trained heads",
+              LOWER: "replicates beyond the null",
+              HIGHER: "does not replicate (more aligned than chance)"}
+
+
+def o_h_claim(z: float, std: float | None = None) -> Verdict:
+    """The claim "head manifolds are mutually non-aligned (O_h ≪ 1)" judged against Haar frames of the same size.
+
+    Args:
+        z: the headline's z-score against the Haar null; std: the null's s.d. (enables the equivalence branch).
+    Returns:
+        label: ``null_side(z, std).label``; text: whether the claim replicates beyond chance.
+    """
+    side = null_side(z, std)
+    return Verdict(label=side.label, figures={"z": z, "std": std},
+                   text=f"{_O_H_CLAIM[side.figures['decision']]}: O_h {side.label} random frames in the same dimension")
+
+
+def sweep_clause(z_by_k: dict[int, float], std_by_k: dict[int, float] | None = None) -> Verdict:
+    """At which k of a sweep O_h is distinguishable from chance (the rule at each k).
+
+    Args:
+        z_by_k: {k: z-score of O_h against the Haar null at that k}; std_by_k: {k: the null's s.d.}, optional.
+    Returns:
+        label "within" or "outside"; ``figures["outside"]`` the k where O_h is distinguishable from the null;
+        text a clause.
     """
     ks = list(z_by_k)
-    outside = [k for k in ks if abs(z_by_k[k]) >= Z_CHANCE]
+    std_by_k = std_by_k or {}
+    sides = {k: decide_z(z_by_k[k], std_by_k.get(k), OVERLAP_RULE).label for k in ks}
+    outside = [k for k in ks if sides[k] in (HIGHER, LOWER)]
     if not outside:
-        text = "at every k of the sweep it stays within two null standard deviations of chance"
+        text = "at no k of the sweep is it distinguishable from chance"
     else:
-        sides = {"above" if z_by_k[k] > 0 else "below" for k in outside}
-        text = (f"over the sweep it lies two or more null standard deviations {' or '.join(sorted(sides))} "
-                f"chance at k = {', '.join(map(str, outside))} and within that band at the other "
+        where = {"above" if sides[k] == HIGHER else "below" for k in outside}
+        text = (f"over the sweep it lies distinguishably {' or '.join(sorted(where))} chance at "
+                f"k = {', '.join(map(str, outside))} and is not distinguishable from it at the other "
                 f"{len(ks) - len(outside)} values of k")
-    return Verdict(label="outside" if outside else "within", text=text, figures={"z": dict(z_by_k), "outside": outside})
+    return Verdict(label="outside" if outside else "within", text=text,
+                   figures={"z": dict(z_by_k), "outside": outside, "sides": sides})
 
 
-def sweep_claim(z_by_k: dict[int, float]) -> Verdict:
+def sweep_claim(z_by_k: dict[int, float], std_by_k: dict[int, float] | None = None) -> Verdict:
     """"O_h rises with k" (source: 0.210 … 0.340 on GPT-2) judged by how much of the sweep the null explains."""
-    clause = sweep_clause(z_by_k)
+    clause = sweep_clause(z_by_k, std_by_k)
     n_out, n = len(clause.figures["outside"]), len(z_by_k)
     label = ("explained by the null" if not n_out else "mostly explained by the null" if n_out < n / 2 else
              "not explained by the null alone")

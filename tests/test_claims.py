@@ -56,33 +56,41 @@ def test_direction_reads_the_interval_not_the_point():
 # ----------------------------------------------------------------------------- crossarch
 
 
-def test_o_h_reproduced_within_the_tolerance_or_the_ci_half_width():
-    close = claims.o_h_reproduced(0.291, 0.300, (0.29, 0.31), z=1.5, delta=0.01)
-    assert close.label == "reproduced" and close.text == "reproduced; at the null +0.010 (z-score 1.5)"
-    assert claims.o_h_reproduced(0.291, 0.302, (0.30, 0.304), z=1.0, delta=0.0).label == "differs"  # 0.011 > 0.01
-    assert claims.o_h_reproduced(0.291, 0.311, (0.28, 0.342), z=1.0, delta=0.0).label == "reproduced"  # half-width 0.031
-    assert claims.o_h_reproduced(0.291, 0.29, (0.28, 0.30), z=2.0, delta=0.05).text.startswith("reproduced; null +0.050")
+def test_o_h_reproduced_by_the_rule_against_the_source_and_the_null():
+    close = claims.o_h_reproduced(0.291, 0.295, (0.289, 0.299), z=1.5, delta=0.0075, null_std=0.005)
+    assert close.label == "reproduced"  # [−0.002, +0.008] inside ±0.01
+    assert close.text == "reproduced; is not distinguishable from the null, +0.007 (z-score 1.5)"
+    higher = claims.o_h_reproduced(0.291, 0.305, (0.302, 0.308), z=2.7, delta=0.008, null_std=0.003)
+    assert higher.label == "differs" and higher.text.startswith("differs (higher); lies above the null, +0.008")
+    wide = claims.o_h_reproduced(0.291, 0.311, (0.28, 0.342), z=1.0, delta=0.0)
+    assert wide.label == "not distinguishable"  # holds the source value, wider than the margin
+    at_null = claims.o_h_reproduced(0.291, 0.29, (0.285, 0.295), z=0.5, delta=0.001, null_std=0.002)
+    assert "is equivalent, within ±0.01, to the null" in at_null.text
 
 
 def test_intra_and_spearman_against_the_source():
     assert claims.intra_reproduced(0.49).label == "reproduced"
     assert claims.intra_reproduced(0.50).label == "differs"
+    assert claims.intra_reproduced(0.49, (0.47, 0.51)).label == "not distinguishable"  # wider than ±0.01
+    assert claims.intra_reproduced(0.485, (0.479, 0.49)).text == "reproduced (source 0.482)"
     assert claims.spearman_replicates(-0.4, 0.01).text == "replicates here: ρ < 0 with p < 0.05"
     assert claims.spearman_replicates(-0.4, 0.05).label == "not reproduced"  # p must be below α
     assert claims.spearman_replicates(0.4, 0.001).text == "does not replicate here"
 
 
 def test_intra_above_null_needs_every_model():
-    assert claims.intra_above_null([], []).text == "no model in this run has heads that share a KV head"
-    assert claims.intra_above_null([0.4, 0.35], [0.28, 0.28]).label == "above"
-    assert claims.intra_above_null([0.4, 0.28], [0.28, 0.28]).text == "not above the null in every model"
+    assert claims.intra_above_null([], [], []).text == "no model in this run has heads that share a KV head"
+    assert claims.intra_above_null([0.60, 0.55], [0.50, 0.50], [0.01, 0.02]).label == "above"  # z 10 and 2.5
+    mixed = claims.intra_above_null([0.60, 0.52], [0.50, 0.50], [0.01, 0.02])  # z = 1.0: not distinguishable
+    assert mixed.label == "not above" and mixed.text.endswith("in 1 of 2 models")
     with pytest.raises(ValueError, match="one null per model"):
-        claims.intra_above_null([0.4], [])
+        claims.intra_above_null([0.4], [], [])
 
 
-def test_colspace_alignment_counts_models_above_z_3():
-    assert claims.colspace_aligned([3.5, 10.0]).text == "more aligned than chance in every model"
-    assert claims.colspace_aligned([3.0, 10.0]).text == "more aligned than chance in 1 of 2 models"
+def test_colspace_alignment_counts_models_distinguishably_above():
+    assert claims.colspace_aligned([2.0, 10.0]).text == "more aligned than chance in every model"  # 2.0 > 1.96
+    assert claims.colspace_aligned([1.9, 10.0]).text == "more aligned than chance in 1 of 2 models"
+    assert claims.colspace_aligned([-3.0, 10.0], [0.01, 0.01]).figures["n_above"] == 1
 
 
 def test_null_explains_published_values_within_0_02():
@@ -114,22 +122,27 @@ def test_twonn_variant_reports_the_ratio():
 
 
 def test_null_side_and_the_o_h_claim():
-    assert claims.null_side(1.99).label == "is indistinguishable from"
-    assert claims.null_side(2.0).label == "lies above"
-    assert claims.null_side(-2.0).label == "lies below"
+    assert claims.null_side(1.95).label == "is not distinguishable from"
+    assert claims.null_side(1.97).label == "lies above"
+    assert claims.null_side(-1.97).label == "lies below"
+    assert claims.null_side(0.5, std=0.002).label == "is equivalent, within ±0.01, to"  # 0.001 ± 0.004
+    assert claims.null_side(0.5, std=0.01).label == "is not distinguishable from"  # 0.005 ± 0.0196
     assert claims.o_h_claim(-3.0).text == "replicates beyond the null: O_h lies below random frames in the same dimension"
     assert claims.o_h_claim(0.5).text.startswith("does not replicate as a property of trained heads")
+    assert claims.o_h_claim(0.5, 0.002).text.endswith("O_h is equivalent, within ±0.01, to random frames in the same dimension")
     assert claims.o_h_claim(5.0).text.startswith("does not replicate (more aligned than chance)")
 
 
 def test_sweep_claim_by_the_share_of_k_outside_the_band():
     assert claims.sweep_claim({4: 0.1, 5: -1.9}).text == (
-        "explained by the null: at every k of the sweep it stays within two null standard deviations of chance")
+        "explained by the null: at no k of the sweep is it distinguishable from chance")
     mostly = claims.sweep_claim({4: 0.1, 5: 1.0, 6: 2.5})
     assert mostly.label == "mostly explained by the null" and mostly.figures["outside"] == [6]
-    assert "above chance at k = 6 and within that band at the other 2 values of k" in mostly.text
+    assert "above chance at k = 6 and is not distinguishable from it at the other 2 values of k" in mostly.text
     half = claims.sweep_claim({4: -2.5, 5: 3.0})
     assert half.label == "not explained by the null alone" and "above or below chance at k = 4, 5" in half.text
+    equal = claims.sweep_clause({4: 0.2, 5: 0.3}, {4: 0.001, 5: 0.001})
+    assert equal.figures["sides"] == {4: claims.EQUIVALENT, 5: claims.EQUIVALENT} and equal.label == "within"
 
 
 def test_intra_split_compares_the_two_intervals():
@@ -372,3 +385,50 @@ def test_fused_decode_verdict_reads_both_figures():
     assert fused_decode(1.8, 1.2).label == "kernel only"
     assert fused_decode(0.9, 0.8).label == "not faster"
     assert fused_decode(1.0, 0.8).label == "not faster"  # equal is not faster
+
+
+# ----------------------------------------------------------------------------- the decision rule
+
+
+def test_decide_every_branch_and_its_edges():
+    rule = claims.DecisionRule(margin=0.1)
+    assert claims.decide(est(0.3, 0.2, 0.4), 0.0, rule).text == "distinguishable, higher"
+    assert claims.decide(est(-0.3, -0.4, -0.2), 0.0, rule).text == "distinguishable, lower"
+    assert claims.decide(est(0.01, -0.05, 0.08), 0.0, rule).text == "equivalent within ±0.1"
+    assert claims.decide(est(0.05, -0.05, 0.15), 0.0, rule).text == TIE  # holds 0, wider than the margin
+    # edges: an interval touching the null value holds it; one touching the margin is inside it
+    assert claims.decide(est(0.1, 0.0, 0.2), 0.0, claims.RULE).label == TIE
+    assert claims.decide(est(0.0, -0.1, 0.1), 0.0, rule).label == claims.EQUIVALENT
+    assert claims.decide(est(0.0, -0.1, 0.1 + 1e-9), 0.0, rule).label == TIE
+    # distinguishable yet inside the margin: equivalent, and the figures keep the difference
+    small = claims.decide(est(0.05, 0.02, 0.08), 0.0, rule)
+    assert small.label == claims.EQUIVALENT and small.figures["distinguishable"] is True
+    # a ratio against 1; no margin never calls equivalence; NaN is undefined
+    assert claims.decide(est(1.001, 0.999, 1.003), 1.0, claims.RULE).label == TIE
+    assert claims.decide(est(1.001, 0.999, 1.003), 1.0, claims.DecisionRule(margin=0.01)).label == claims.EQUIVALENT
+    assert claims.decide(est(math.nan, math.nan, math.nan), 0.0, rule).label == TIE
+
+
+def test_decide_z_reads_the_null_spread():
+    assert claims.RULE.z_crit == pytest.approx(1.959964, abs=1e-6)
+    assert claims.decide_z(1.96).label == claims.HIGHER and claims.decide_z(1.95).label == TIE
+    assert claims.decide_z(-6.5).label == claims.LOWER
+    z = claims.z_interval(2.0, 0.01)
+    assert (z.value, z.lo, z.hi) == pytest.approx((0.02, 0.02 - 0.0196, 0.02 + 0.0196), abs=1e-4)
+    assert claims.decide_z(0.2, 0.001, claims.OVERLAP_RULE).label == claims.EQUIVALENT
+    assert claims.decide_z(0.2, None, claims.OVERLAP_RULE).label == TIE  # no spread: no equivalence call
+    assert claims.decide_z(2.7, 0.003, claims.OVERLAP_RULE).text == "distinguishable, higher"
+    with pytest.raises(ValueError, match="spread must be positive"):
+        claims.z_interval(1.0, 0.0)
+
+
+def test_the_rule_matches_the_engines_intervals_and_refuses_bad_settings():
+    from atlas_core import interval
+
+    assert interval.DEFAULT.level == pytest.approx(1 - claims.RULE.alpha)
+    assert claims.OVERLAP_RULE.margin == claims.REPRODUCED_TOL == 0.01
+    for bad in ({"alpha": 0.0}, {"alpha": 1.0}, {"margin": 0.0}, {"margin": -0.1}, {"margin": math.inf}):
+        with pytest.raises(ValueError):
+            claims.DecisionRule(**bad)
+    with pytest.raises(Exception):
+        claims.RULE.alpha = 0.1  # frozen
