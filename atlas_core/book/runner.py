@@ -25,6 +25,7 @@ import yaml
 
 from atlas_core.cache import atomic_path, check_path, check_problem, seal, write_json
 from atlas_core.progress import CHAPTER_ENV, chapter_label
+from atlas_core.provenance import DATA_DIR, code_label, params_label
 from atlas_core.zoo import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +66,7 @@ def _toc_chapters(toc: Path) -> tuple[str, ...]:
     def walk(node) -> None:
         if isinstance(node, dict):
             file = str(node.get("file", ""))
-            if file.startswith("book/chapters/"):
+            if file.startswith("book/chapters/") and file.count("/") == 2:  # not the appendix pages below it
                 found.append(Path(file).stem)
             for value in node.values():
                 walk(value)
@@ -450,8 +451,11 @@ def run_chapter(
         done = nbformat.read(executed, as_version=4)  # record the real paths, not the staging ones
         done.metadata.papermill.update(input_path=str(source), output_path=str(target))
         nbformat.write(done, executed)
-        for produced in sorted(work.iterdir()):  # the chapter's JSON and any other files
-            os.replace(produced, out_dir / produced.name)
+        for produced in sorted(work.iterdir()):  # the chapter's JSON, its data folder and any other files
+            if produced.name == DATA_DIR:
+                _replace_chapter_data(produced / chapter, out_dir / DATA_DIR / chapter)
+            else:
+                os.replace(produced, out_dir / produced.name)
         wall = time.perf_counter() - start
         write_json(out_dir / f"{chapter}.timing.json", {
             "chapter": chapter, "model": model, "params": values, "wall_s": round(wall, 2),
@@ -464,6 +468,16 @@ def run_chapter(
         os.replace(check_path(executed), check_path(target))
         os.replace(executed, target)  # the notebook last: its presence means "done"
     return target
+
+
+def _replace_chapter_data(new: Path, old: Path) -> None:
+    """Put a run's data folder (``data/<chapter>/``: the CSV beside each glued figure and table) in place of
+    the previous run's, so that no file of a figure the chapter no longer draws stays behind."""
+    if old.exists():
+        shutil.rmtree(old)
+    if new.is_dir():
+        old.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new, old)
 
 
 def chapter_outputs(out_dir: Path, chapter: str) -> list[Path]:
@@ -540,6 +554,123 @@ def _timing_table(out_dirs: dict[str, Path], since: float) -> str:
         status = "ran" if timing.stat().st_mtime >= since else "up to date"
         lines.append(f"{chapter:<12} {info['model']:<22} {info['wall_s']:>8.1f}  {status}")
     return "\n".join(lines)
+
+
+APPENDIX_DIR = Path("book", "chapters", "code")  # _toc.yml's appendix part globs it; names keep book order
+
+
+def appendix_name(chapter: str, chapters=CHAPTERS) -> str:
+    """The appendix page of a chapter, numbered in book order so that the toc's glob lists them in order:
+    ``02-nqp`` for the second chapter."""
+    return f"{list(chapters).index(chapter) + 1:02d}-{chapter}"
+
+
+def parameters_markdown(defaults: dict, used: dict) -> str:
+    """The rendered parameters table of a chapter run (MyST): name, value used, default, one row per
+    parameter of the notebook's ``parameters`` cell (``results_dir`` left out: a folder of the machine)."""
+    def cell(value) -> str:
+        return "`" + json.dumps(value, ensure_ascii=False).replace("|", "\\|") + "`"
+
+    rows = ["| parameter | value used | default |", "|---|---|---|"]
+    for name, default in defaults.items():
+        if name != "results_dir":
+            rows.append(f"| `{name}` | {cell(used.get(name, default))} | {cell(default)} |")
+    return "\n".join(rows)
+
+
+def appendix_notebook(executed, chapter: str, defaults: dict, timing: dict | None = None):
+    """The appendix page of a chapter: its executed notebook with the code shown, the chapter's prose left
+    out (its figure and table labels would be defined twice), headed by the parameters table.
+
+    Args:
+        executed: the executed chapter (an nbformat notebook); not modified.
+        chapter: its name (labels ``code-<chapter>`` and ``params-<chapter>``).
+        defaults: the defaults of its ``parameters`` cell (``notebook_parameters``).
+        timing: its ``<chapter>.timing.json`` (wall time, date), when there is one.
+
+    Returns:
+        A new notebook whose metadata asks myst-nb to show the code (``remove_code_source: false``).
+    """
+    import copy
+
+    import nbformat
+
+    nb = copy.deepcopy(executed)
+    used = dict(nb.metadata.get("papermill", {}).get("parameters", {}))
+    first = next((c.source for c in nb.cells if c.cell_type == "markdown"), "")
+    title = next((line[2:].strip() for line in first.splitlines() if line.startswith("# ")), chapter)
+    ran = "" if not timing else (f" It ran in {timing.get('wall_s', '?')} s, finished {timing.get('finished', '?')}"
+                                 f" (model `{timing.get('model', '?')}`).")
+    head = (f"({code_label(chapter)})=\n# {title}: code and parameters\n\n"
+            f"The executed notebook of {{doc}}`/book/chapters/{chapter}`, with its code and the parameters it ran "
+            f"with; the chapter's prose, figures and tables are on the chapter's own page.{ran} The download "
+            f"button above gives the notebook itself (`.ipynb`).\n\n"
+            f"({params_label(chapter)})=\n## Parameters\n\n{parameters_markdown(defaults, used)}\n\n## Code")
+    header = nbformat.v4.new_markdown_cell(head)
+    header["id"] = f"appendix-{chapter}"  # not a random id: an unchanged chapter writes identical bytes
+    nb.cells = [header] + [c for c in nb.cells if c.cell_type == "code"]
+    nb.metadata["mystnb"] = {"remove_code_source": False}
+    return nb
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    """Write ``data`` atomically unless ``path`` already holds it (an unchanged book keeps its mtimes, so
+    ``book_inputs_digest`` stays equal and no rebuild happens). Returns True when written."""
+    if path.exists() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
+def prepare_book(model: str = DEFAULT_MODEL, root: Path = ROOT, chapters=CHAPTERS) -> None:
+    """Put beside the book's chapters what their pages link to: each chapter's data folder
+    (``results/<model>/data/<chapter>/`` → ``book/chapters/data/<chapter>/``) and its appendix page
+    (``book/chapters/code/NN-<chapter>.ipynb``, ``appendix_notebook``). Files already up to date are left
+    untouched; data files no longer produced are removed.
+
+    Raises:
+        BuildError: a chapter of the book has not been run for ``model`` (no executed notebook).
+    """
+    import nbformat
+
+    results = root / "results" / model_slug(model)
+    for chapter in chapters:
+        executed = root / "book" / "chapters" / f"{chapter}.ipynb"
+        if not executed.exists():
+            raise BuildError(f"{executed.relative_to(root)} is missing: run the chapter first (atlas book)")
+        src, dest = results / DATA_DIR / chapter, root / "book" / "chapters" / DATA_DIR / chapter
+        wanted = {p.relative_to(src) for p in src.rglob("*") if p.is_file()} if src.is_dir() else set()
+        for rel in sorted(wanted):
+            _write_if_changed(dest / rel, (src / rel).read_bytes())
+        for stale in (p for p in dest.rglob("*") if p.is_file() and p.relative_to(dest) not in wanted) if dest.is_dir() else []:
+            stale.unlink()
+        timing = results / f"{chapter}.timing.json"
+        page = appendix_notebook(nbformat.read(executed, as_version=4), chapter,
+                                 notebook_parameters(read_notebook(notebook_source(chapter))),
+                                 json.loads(timing.read_text()) if timing.exists() else None)
+        _write_if_changed(root / APPENDIX_DIR / f"{appendix_name(chapter, chapters)}.ipynb",
+                          nbformat.writes(page).encode())
+    known = {f"{appendix_name(c, chapters)}.ipynb" for c in chapters}
+    for old in (root / APPENDIX_DIR).glob("*.ipynb") if (root / APPENDIX_DIR).is_dir() else []:
+        if old.name not in known:  # a chapter removed from the toc
+            old.unlink()
+
+
+def check_glue(book: Path = ROOT / "book") -> None:
+    """Fail before the HTML build when a page glues a key no chapter produced, or shows a glued figure or
+    table without its data file (``glue_check.glue_problems``).
+
+    Raises:
+        BuildError: one line: the first problem, and how many more there are.
+    """
+    from atlas_core.book.glue_check import glue_problems
+
+    problems = glue_problems(book)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BuildError(problems[0] + more)
 
 
 def touch_cross_document_glue(book: Path = ROOT / "book", html: Path | None = None) -> list[Path]:
@@ -633,6 +764,8 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
     ran = time.time() - since
 
     install_mathjax()
+    prepare_book(models[0])
+    check_glue(ROOT / "book")
     touch_cross_document_glue(ROOT / "book", ROOT / "_build" / "html")
     book_start = time.time()
     html = ROOT / "_build" / "html" / "index.html"

@@ -1,0 +1,167 @@
+"""The book's one figure style: sizes that fit the text column at 100%, one set of font sizes, and one
+colour (and marker) per method or model that never changes between figures.
+
+Every chapter calls ``use_book_style()`` once (``glue.chapter_glue`` does it) and sizes its figures with
+``figsize``; a line, bar or marker that stands for a method takes ``style(name)`` (or ``color(name)``).
+
+Sizes. Figures are saved as SVG, whose width and height are in points, so the browser draws them at
+96 px per inch at 100% zoom whatever the screen: a figure ``COLUMN_IN`` inches wide is 672 px wide, inside
+the book theme's article column (about 46 rem = 736 px at 1280 px and wider), and a 9 pt label is 12 px
+tall, never scaled down. Multi-panel figures are as wide as the column and taller, never wider.
+
+Colours. The Okabe–Ito palette (Okabe & Ito 2008, "Color Universal Design") followed by Paul Tol's
+"muted" scheme (Tol 2021, "Colour Schemes", SRON/EPS/TN/09-002): both are distinguishable under the
+common colour-vision deficiencies. Known methods and models have a fixed entry in ``COLORS``; a variant
+("kivi lloyd-max", "query-tc pre-RoPE") takes its family's colour and a marker and dash of its own; any
+other name gets a deterministic colour from the same palette (a hash of the name, not of the run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# --- sizes (inches) and fonts (points) --------------------------------------------------------------
+
+PX_PER_IN = 96  # CSS pixels per inch: an SVG of w pt is drawn w * 96 / 72 px wide at 100% zoom
+COLUMN_IN = 7.0  # the text column (≈ 46 rem = 736 px) less a margin for the tight bounding box
+FONT_PT = {"base": 10, "label": 10, "title": 10, "tick": 9, "legend": 9, "annotation": 9}
+MIN_FONT_PT = 9  # nothing on a figure is smaller (labels readable at 100% zoom)
+FORMAT = "svg"  # what the notebook's inline backend emits, and so what myst-nb glues
+
+# --- colours -------------------------------------------------------------------------------------------
+
+OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+TOL_MUTED = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499")
+# Colours a name hashes into: both palettes without black (reserved for fp / dense references) and the two
+# pale yellows (too faint for lines on white).
+PALETTE = tuple(c for c in OKABE_ITO + TOL_MUTED if c not in ("#000000", "#F0E442", "#DDCC77"))
+
+COLORS = {
+    # references
+    "fp": "#000000", "dense": "#000000", "full precision": "#000000",
+    # weight quantization (nqp chapter)
+    "rtn": "#E69F00", "gptq": "#0072B2", "awq": "#009E73",
+    "rot-fisher": "#D55E00", "fisher": "#D55E00", "nqp": "#D55E00", "nqp-scaled": "#882255",
+    "rot-haar": "#CC79A7", "random-rotation": "#CC79A7",
+    "rot-hadamard": "#56B4E9", "hadamard": "#56B4E9",
+    # KV-cache quantization (kvquant chapter)
+    "per-token": "#999933", "per-channel": "#44AA99", "kivi": "#332288", "headq": "#CC6677",
+    "query-tc": "#117733",
+    # sparse attention (sparse chapter)
+    "top-k": "#AA4499", "condensate": "#AA4499", "pages": "#88CCEE", "quest": "#88CCEE",
+    "anchor": "#E69F00", "window": "#E69F00", "anchor+window": "#E69F00",
+    # models (models and crossarch chapters)
+    "smollm2-135m": "#0072B2", "gemma3-270m": "#D55E00", "qwen2.5-coder-0.5b": "#009E73",
+}
+# Markers and dashes of a family's variants, in order of first use; the family itself takes the first.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+DASHES = ("-", "--", ":", "-.")
+
+
+def family(name: str) -> str:
+    """The known name a method belongs to: ``name`` itself when it is in ``COLORS``, else the longest key of
+    ``COLORS`` that starts it followed by a space or "(" ("kivi lloyd-max" → "kivi", "headq (whitened)" →
+    "headq"); ``name`` unchanged when none does."""
+    if name in COLORS:
+        return name
+    stems = [k for k in COLORS if name.startswith(k + " ") or name.startswith(k + "(")]
+    return max(stems, key=len) if stems else name
+
+
+def _hash_index(name: str, n: int) -> int:
+    """A stable index in [0, n) from ``name`` (sha256, so the same in every process and run)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % n
+
+
+def color(name: str) -> str:
+    """The colour of a method or model, as "#RRGGBB": its family's entry of ``COLORS``, or for a name no
+    family covers, a colour of ``PALETTE`` chosen by a hash of the name (the same in every figure and run)."""
+    fam = family(str(name))
+    return COLORS.get(fam) or PALETTE[_hash_index(fam, len(PALETTE))]
+
+
+def style(name: str) -> dict:
+    """Matplotlib keyword arguments for a method's line or markers: ``color``, ``marker``, ``linestyle``.
+
+    The family itself is drawn with circles and a solid line; each variant ("kivi lloyd-max") keeps the
+    family colour and takes a marker and dash chosen by a hash of its suffix, so it stays apart from the
+    family in any figure and never changes between figures.
+    """
+    name = str(name)
+    fam = family(name)
+    if fam == name:
+        return {"color": color(name), "marker": MARKERS[0], "linestyle": DASHES[0]}
+    suffix = name[len(fam):].strip()
+    return {"color": color(name), "marker": MARKERS[1 + _hash_index(suffix, len(MARKERS) - 1)],
+            "linestyle": DASHES[1 + _hash_index(suffix, len(DASHES) - 1)]}
+
+
+# --- sizes ---------------------------------------------------------------------------------------------
+
+
+def figsize(rows: int = 1, cols: int = 1, *, panel_aspect: float = 0.6, width: float = 1.0) -> tuple[float, float]:
+    """(width, height) in inches for a grid of ``rows`` × ``cols`` panels that fits the text column.
+
+    Args:
+        rows, cols: panels of the figure.
+        panel_aspect: each panel's height over its width (0.6: landscape; 1: square heat maps).
+        width: fraction of the column the figure spans (0 < width ≤ 1).
+
+    Returns:
+        (width_in, height_in): the width is ``width * COLUMN_IN``, never more; the height follows the panels,
+        plus room for the axis labels (0.45 in) of each row.
+
+    Raises:
+        ValueError: rows or cols below 1, a width outside (0, 1], a panel_aspect ≤ 0.
+    """
+    if rows < 1 or cols < 1 or not 0 < width <= 1 or panel_aspect <= 0:
+        raise ValueError(f"figsize: rows, cols ≥ 1, 0 < width ≤ 1, panel_aspect > 0 (got {rows}, {cols}, "
+                         f"{width}, {panel_aspect})")
+    w = COLUMN_IN * width
+    return w, rows * (w / cols * panel_aspect + 0.45)
+
+
+def rc_params() -> dict:
+    """The matplotlib settings of the book's style (fonts in points, SVG output, a light grid, no top and
+    right spines, deterministic SVG ids so that reruns write identical files)."""
+    from cycler import cycler  # matplotlib's own dependency
+
+    return {
+        "font.size": FONT_PT["base"], "axes.labelsize": FONT_PT["label"], "axes.titlesize": FONT_PT["title"],
+        "xtick.labelsize": FONT_PT["tick"], "ytick.labelsize": FONT_PT["tick"],
+        "legend.fontsize": FONT_PT["legend"], "legend.title_fontsize": FONT_PT["legend"],
+        "figure.titlesize": FONT_PT["title"], "figure.figsize": figsize(), "figure.dpi": PX_PER_IN,
+        "savefig.dpi": 2 * PX_PER_IN,  # rasterised parts (heat maps) at 2× for sharp zoom
+        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+        "grid.linewidth": 0.6, "legend.frameon": False, "lines.markersize": 5, "errorbar.capsize": 2,
+        "axes.prop_cycle": cycler(color=list(PALETTE)),
+        "image.cmap": "viridis", "svg.fonttype": "path", "svg.hashsalt": "atlas",
+    }
+
+
+def use_book_style() -> None:
+    """Apply ``rc_params()`` and, inside an IPython kernel, make the inline backend emit ``FORMAT`` (SVG),
+    which is what myst-nb glues into the book. Safe to call more than once; outside IPython it only sets
+    the matplotlib parameters."""
+    import matplotlib
+
+    matplotlib.rcParams.update(rc_params())
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with the notebook stack
+        return
+    if get_ipython() is not None:
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+        set_matplotlib_formats(FORMAT)
+
+
+def small_fonts(fig) -> list[str]:
+    """Texts of ``fig`` drawn below ``MIN_FONT_PT`` (tick labels, legends, titles, annotations), as
+    "text (size pt)"; empty when every text is readable at 100%. Draws the figure first."""
+    fig.canvas.draw()
+    found = []
+    for text in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text")):
+        if text.get_visible() and text.get_text().strip() and text.get_fontsize() < MIN_FONT_PT - 1e-9:
+            found.append(f"{text.get_text()!r} ({text.get_fontsize():g} pt)")
+    return found

@@ -1,0 +1,64 @@
+"""The book's figure style: sizes inside the text column, readable fonts, one colour per method."""
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pytest
+
+from atlas_core import figures
+from atlas_core.figures import COLORS, PALETTE, color, family, figsize, style
+
+
+def test_a_method_keeps_its_colour_and_variants_keep_their_family_colour():
+    assert color("kivi") == COLORS["kivi"] and color("kivi lloyd-max") == COLORS["kivi"]
+    assert color("headq (whitened)") == COLORS["headq"] and color("query-tc pre-RoPE") == COLORS["query-tc"]
+    assert family("query-tc static") == "query-tc" and family("per-token") == "per-token"
+    assert color("hadamard") == color("rot-hadamard") and color("random-rotation") == color("rot-haar")
+    # a variant differs from its family in marker or dash, so both can share a figure
+    assert style("kivi lloyd-max") != style("kivi") and style("kivi")["marker"] == "o"
+    assert style("kivi lloyd-max") == style("kivi lloyd-max")
+
+
+def test_methods_of_one_chapter_have_distinct_colours():
+    chapters = {
+        "nqp": ["fp", "rtn", "gptq", "awq", "rot-fisher", "rot-haar", "rot-hadamard", "nqp-scaled"],
+        "kvquant": ["fp", "per-token", "per-channel", "kivi", "headq", "hadamard", "random-rotation", "query-tc"],
+        "sparse": ["dense", "top-k", "pages", "anchor+window"],
+        "models": ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"],
+    }
+    for chapter, names in chapters.items():
+        assert len({color(n) for n in names}) == len(names), chapter
+
+
+def test_unknown_names_get_a_stable_palette_colour():
+    assert color("some-new-method") in PALETTE
+    assert color("some-new-method") == color("some-new-method")
+    assert len({color(f"method-{i}") for i in range(40)}) > 5  # the hash spreads over the palette
+    assert "#000000" not in PALETTE  # black stays the fp / dense reference
+
+
+def test_figures_fit_the_text_column_and_reject_bad_shapes():
+    w, h = figsize()
+    assert w == figures.COLUMN_IN and 0 < h < w
+    assert figures.COLUMN_IN * figures.PX_PER_IN <= 46 * 16  # inside a 46 rem column at 100%
+    assert figsize(2, 3)[0] == w and figsize(2, 3)[1] > figsize(1, 3)[1]
+    assert figsize(width=0.5)[0] == w / 2
+    for bad in ({"rows": 0}, {"width": 1.5}, {"panel_aspect": 0}):
+        with pytest.raises(ValueError):
+            figsize(**bad)
+
+
+def test_the_style_sets_readable_fonts_and_svg(tmp_path):
+    figures.use_book_style()
+    assert matplotlib.rcParams["svg.hashsalt"] == "atlas"
+    fig, ax = plt.subplots(figsize=figsize())
+    ax.plot([0, 1], [0, 1], label="fp", **style("fp"))
+    ax.set(xlabel="bits", ylabel="perplexity", title="t")
+    ax.legend()
+    assert figures.small_fonts(fig) == []
+    ax.text(0.5, 0.5, "tiny", fontsize=6)
+    assert figures.small_fonts(fig) == ["'tiny' (6 pt)"]
+    fig.savefig(tmp_path / "a.svg")
+    head = (tmp_path / "a.svg").read_text()[:2000]
+    assert 'width="504pt"' in head or "width=\"504" in head  # 7 in = 504 pt = 672 CSS px
+    plt.close(fig)
+    assert all(size >= figures.MIN_FONT_PT for size in figures.FONT_PT.values())
