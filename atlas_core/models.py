@@ -27,6 +27,7 @@ MANIFEST = "atlas-manifest.json"
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 __all__ = ["DEFAULT_MODEL", "EMBEDDED", "LoadedModel", "ModelError", "ModelSpec", "describe", "load_model", "model_spec",
+           "n_parameters", "parameter_count",
            "scoring_attention"]
 
 
@@ -87,6 +88,38 @@ def check_layer(spec: ModelSpec, layer: int) -> int:
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
         raise ValueError(f"layer {layer} out of range: {spec.name} has layers 0..{n - 1} (or -{n}..-1)")
     return layer % n
+
+
+def n_parameters(model: torch.nn.Module, tied_embeddings: bool | None = None) -> int:
+    """The number of a model's parameters, each weight counted once.
+
+    A weight shared by two modules (tied input and output embeddings) is one tensor and counts once. When the
+    original network ties its embeddings but the loaded model holds the output embedding as a separate copy of
+    the same shape (an embedded GGUF that stores the tied matrix twice), that copy is not counted.
+
+    Args:
+        model: a causal LM.
+        tied_embeddings: whether the original network ties its output embedding to its input one; None reads
+            the model's config (``tie_word_embeddings``).
+    Returns:
+        the count (an int).
+    """
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    total = sum(unique.values())
+    if tied_embeddings is None:
+        tied_embeddings = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if (tied_embeddings and out is not None and inp is not None and out.weight.shape == inp.weight.shape
+            and out.weight.data_ptr() != inp.weight.data_ptr()):
+        total -= out.weight.numel()
+    return total
+
+
+def parameter_count(lm: LoadedModel) -> int:
+    """``n_parameters`` of a loaded model; an embedded model's tying is the zoo's (``EmbeddedModel.tied_embeddings``),
+    any other model's its config's. Qwen2.5-Coder-0.5B: 494.0 M, not the 630.2 M of its two embedding copies."""
+    tied = EMBEDDED[lm.spec.name].tied_embeddings if lm.spec.source == "embedded" else None
+    return n_parameters(lm.model, tied)
 
 
 def _refuse_longer(config, name: str, n_tokens: int, what: str) -> None:

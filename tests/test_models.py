@@ -105,3 +105,28 @@ def test_corrupt_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
     again = load_model("smollm2-135m")
     assert models._valid_cache(folder)
     assert torch.equal(again.model(ids).logits, reference)
+
+
+def test_parameter_count_takes_tied_embeddings_once():
+    lm = load_model("toy-llama")
+    model = lm.model
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    body = sum(p.numel() for n, p in model.named_parameters() if p is not emb and p is not head)
+    tied = head.data_ptr() == emb.data_ptr()
+    assert models.n_parameters(model) == body + emb.numel() + (0 if tied else head.numel())
+    # a separate copy of the embedding as the output (a GGUF that stores the tied matrix twice)
+    model.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
+    assert models.n_parameters(model, tied_embeddings=False) == body + 2 * emb.numel()
+    assert models.n_parameters(model, tied_embeddings=True) == body + emb.numel()
+    assert models.parameter_count(lm) == models.n_parameters(model)  # a toy: its config decides
+
+
+def test_every_embedded_model_ties_its_embeddings():
+    assert all(m.tied_embeddings for m in EMBEDDED.values())  # SmolLM2, Gemma 3 and Qwen2.5-0.5B all tie
+
+
+@pytest.mark.slow
+def test_qwen_parameter_count_is_the_published_one():
+    lm = load_model("qwen2.5-coder-0.5b")
+    assert sum(p.numel() for p in lm.model.parameters()) / 1e6 == pytest.approx(630.2, abs=0.1)  # two copies
+    assert models.parameter_count(lm) / 1e6 == pytest.approx(494.0, abs=0.1)  # Qwen2.5-0.5B: 0.49 B
