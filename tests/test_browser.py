@@ -190,3 +190,26 @@ def test_external_resources_are_found_in_tags_and_inline_scripts():
             '<a href="https://doi.org/10.1/xyz">a citation</a><script src="_static/d.js"></script>')
     assert external_resources(html) == ["https://cdn.example.org/a.css", "//cdn.example.org/b.js",
                                         "https://unpkg.com/x/index.js"]
+
+
+@needs_chromium
+def test_the_session_evaluates_scripts_and_prints_pdf(tmp_path):
+    from atlas_core.book.browser import Chromium
+
+    page = tmp_path / "p.html"
+    page.write_text("<html><head><title>T</title></head><body><p>printed words</p></body></html>")
+    with Chromium() as browser:
+        browser.open(page.as_uri())
+        assert browser.evaluate("1 + 1") == 2
+        assert browser.evaluate("new Promise(r => setTimeout(() => r(document.title), 10))") == "T"  # awaited
+        with pytest.raises(BrowserError, match="my check failed: .*boom"):
+            browser.evaluate("(() => { throw new Error('boom'); })()", "my check")
+        data = browser.print_pdf(paperWidth=4.0, paperHeight=3.0)
+    assert data.startswith(b"%PDF")
+    import io
+
+    from pypdf import PdfReader
+
+    reader = PdfReader(io.BytesIO(data))
+    assert len(reader.pages) == 1 and "printed words" in reader.pages[0].extract_text()
+    assert float(reader.pages[0].mediabox.width) == pytest.approx(4.0 * 72, abs=1)  # the paper size asked for

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -200,3 +201,26 @@ def test_the_cli_calls_the_configs_rules(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("atlas: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_book_pdf_without_chromium_is_one_line_before_any_chapter_runs(monkeypatch, capsys):
+    from atlas_core.book import runner
+
+    monkeypatch.setenv("ATLAS_CHROMIUM", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(runner, "build_book", lambda **kw: pytest.fail("the book was built"))
+    assert main(["book", "--pdf", "--cores", "1", "--models", "toy-llama"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("atlas: error: --pdf: no Chromium found") and "apt-get install chromium" in err
+
+
+def test_book_pdf_prints_the_built_book(monkeypatch, capsys, tmp_path):
+    from atlas_core.book import pdf, runner
+
+    html = tmp_path / "_build" / "html" / "index.html"
+    monkeypatch.setenv("ATLAS_CHROMIUM", sys.executable)  # any executable: found, never started here
+    monkeypatch.setattr(runner, "build_book", lambda **kw: html)
+    monkeypatch.setattr(pdf, "book_pdf", lambda html_dir: f"PDF of {html_dir}")
+    assert main(["book", "--pdf", "--cores", "1", "--models", "toy-llama"]) == 0
+    assert capsys.readouterr().out.strip() == f"PDF of {html.parent}"

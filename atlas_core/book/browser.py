@@ -5,7 +5,9 @@ messages ending in NUL on file descriptors 3 and 4), so no driver package is nee
 ``chromium``. For every HTML page it checks that the page loads, every ``<img>`` decodes with a non-zero
 size, MathJax typeset every math element without a TeX error, no glued value shows as missing
 (empty, nan, None), nothing was requested from outside the book's folder, and the HTML names no resource
-outside it (the book must work offline; hyperlinks such as a citation's DOI are allowed).
+outside it (the book must work offline; hyperlinks such as a citation's DOI are allowed). The same session
+prints pages to PDF (:meth:`Chromium.print_pdf`), which :mod:`atlas_core.book.pdf` assembles into the book's PDF
+and checks.
 """
 
 from __future__ import annotations
@@ -166,10 +168,7 @@ class Chromium:
         self._events.clear()
         self.call("Page.navigate", session=True, url=url)
         self.wait_event("Page.loadEventFired")
-        result = self.call("Runtime.evaluate", session=True, expression=PAGE_PROBE,
-                           awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise BrowserError(f"page probe failed on {url}: {result['exceptionDetails'].get('text')}")
+        probe = self.evaluate(PAGE_PROBE, f"page probe on {url}")
         urls = {e["params"]["requestId"]: e["params"]["request"]["url"] for e in self._events
                 if e.get("method") == "Network.requestWillBeSent"}
         # Only this page's requests: one left over from the previous page is aborted by the navigation.
@@ -177,7 +176,32 @@ class Chromium:
                   for e in self._events if e.get("method") == "Network.loadingFailed"
                   and e["params"]["requestId"] in urls]
         requested = list(urls.values())
-        return result["result"]["value"], requested, failed
+        return probe, requested, failed
+
+    def evaluate(self, expression: str, what: str = "script"):
+        """Run ``expression`` in the page, await it if it is a promise, and return its value (JSON-like).
+
+        Raises:
+            BrowserError: the script threw (``what`` names it in the message), or Chromium stopped answering.
+        """
+        result = self.call("Runtime.evaluate", session=True, expression=expression,
+                           awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            reason = details.get("exception", {}).get("description") or details.get("text")
+            raise BrowserError(f"{what} failed: {reason}")
+        return result["result"].get("value")
+
+    def print_pdf(self, **options) -> bytes:
+        """The loaded page printed to PDF (DevTools ``Page.printToPDF``; ``options`` are its parameters:
+        paper size and margins in inches, ``displayHeaderFooter``, header and footer templates...).
+
+        Returns:
+            The PDF file's bytes, printed with the page's print CSS (``@media print``).
+        """
+        import base64
+
+        return base64.b64decode(self.call("Page.printToPDF", session=True, **options)["data"])
 
 
 # Tags that make a browser load something, with an address outside the book (http:, https:, //host).

@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     b.add_argument("--models", nargs="+", default=[DEFAULT_MODEL],
                    help="models to run every chapter on (results/<model>/); the book shows the first")
+    b.add_argument("--pdf", action="store_true", help="also print the rendered book to one checked PDF, "
+                   "_build/pdf/book.pdf, through headless Chromium (up-to-date chapters and HTML are not redone)")
     b.set_defaults(func=_book)
 
     d = sub.add_parser("compare", help="compare the numbers of two results JSON files (timings skipped)")
@@ -617,7 +619,18 @@ def _run(args) -> None:
 def _book(args) -> None:
     from atlas_core.book.runner import build_book
 
-    build_book(cores=args.cores, models=args.models)
+    if args.pdf:  # before any chapter runs: the PDF needs Chromium
+        from atlas_core.book.browser import BrowserError, find_chromium
+
+        try:
+            find_chromium()
+        except BrowserError as err:
+            raise ValueError(f"--pdf: {err}") from None
+    html = build_book(cores=args.cores, models=args.models)
+    if args.pdf:
+        from atlas_core.book.pdf import book_pdf
+
+        print(book_pdf(html.parent))
 
 
 def _compare(args) -> int:
