@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from atlas_core.book import runner
+from atlas_core.book.glue_check import references
 from atlas_core.zoo import EMBEDDED
 
 TOY = "toy-llama"
@@ -36,19 +37,11 @@ SMALL = {  # chapter -> -p overrides (strings, as on the command line)
 }
 SLOW: frozenset[str] = frozenset()  # chapters whose toy run takes over a minute (none at present)
 
-# {glue:text}`key:fmt`, {glue:}`chapters/x.ipynb::key`, and the ```{glue:figure} key directive.
-GLUE_ROLE = re.compile(r"\{glue(?::[a-z]*)?\}`([^`]+)`")
-GLUE_DIRECTIVE = re.compile(r"(?:```|:::)\{glue(?::[a-z]*)?\}[ \t]+(\S+)")
-
-
 def glue_references(text: str) -> set[tuple[str | None, str]]:
-    """(notebook, key) for every glue reference in MyST text; notebook is the ``x.ipynb`` before ``::``
-    (a value glued in another document), None for the page's own notebook."""
-    found = set()
-    for target in GLUE_ROLE.findall(text) + GLUE_DIRECTIVE.findall(text):
-        path, sep, rest = target.rpartition("::")
-        found.add((path or None, (rest if sep else target).split(":")[0]))
-    return found
+    """(notebook, key) for every glue reference in MyST text (``{glue:text}`key:fmt```,
+    ``{glue:}`chapters/x.ipynb::key```, the ```{glue:figure} key directive): the book's own parser
+    (``glue_check.references``, which the build check uses); notebook is None for the page's own notebook."""
+    return set(references(text))
 
 
 def slug(model: str) -> str:
@@ -72,9 +65,9 @@ def glued_keys(notebook: Path) -> set[str]:
 
 
 def glue_prefixes(source: str) -> set[str]:
-    """The key prefixes a chapter's source glues under: ``prefixed_glue("kv")`` → kv, ``glue(key("xa", …))``
-    → xa, ``glue("models_table", …)`` → models."""
-    found = re.findall(r"""prefixed_glue\(["'](\w+)["']\)|glue\(key\(["'](\w+)["']|glue\(["']([A-Za-z0-9]+)_""", source)
+    """The key prefixes a chapter's source glues under: ``prefixed_glue("kv")`` or ``chapter_glue("kv", …)``
+    → kv, ``glue(key("xa", …))`` → xa, ``glue("models_table", …)`` → models."""
+    found = re.findall(r"""(?:prefixed|chapter)_glue\(["'](\w+)["']|glue\(key\(["'](\w+)["']|glue\(["']([A-Za-z0-9]+)_""", source)
     return {next(part for part in groups if part) for groups in found}
 
 

@@ -142,6 +142,9 @@ def test_prepare_book_copies_data_and_writes_the_appendix_page(tmp_path, monkeyp
     monkeypatch.setenv(runner.NOTEBOOKS_ENV, str(chapter_src.parent))
     executed_notebook(root / "book" / "chapters" / "demo.ipynb", {}, "# Demo chapter\n\n```{glue:figure} k\n:name: fig-k\n```",
                       params={"model": "toy", "n": 5, "results_dir": "."})
+    (root / "results" / "toy").mkdir(parents=True)
+    (root / "results" / "toy" / "demo.timing.json").write_text(json.dumps(
+        {"model": "toy", "wall_s": 318.0, "finished": "2026-12-01T05:00:00+0000"}))
     data = root / "results" / "toy" / "data" / "demo"
     data.mkdir(parents=True)
     (data / "demo_fig.csv").write_text("a\n1\n")
@@ -153,7 +156,7 @@ def test_prepare_book_copies_data_and_writes_the_appendix_page(tmp_path, monkeyp
     page = nbformat.read(root / runner.APPENDIX_DIR / "01-demo.ipynb", as_version=4)
     head = page.cells[0].source
     assert "(code-demo)=" in head and "(params-demo)=" in head and "# Demo chapter: code and parameters" in head
-    assert "| `n` | `5` | `3` |" in head and "results_dir" not in head
+    assert "| `n` | `5` | `3` |" in head and "results_dir" not in head and "`toy` in 5.3 min" in head
     assert [c.cell_type for c in page.cells[1:]] == ["code"]  # the prose (and its labels) left out
     assert page.metadata["mystnb"] == {"remove_code_source": False}
     mtime = (root / runner.APPENDIX_DIR / "01-demo.ipynb").stat().st_mtime_ns

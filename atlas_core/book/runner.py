@@ -25,7 +25,7 @@ import yaml
 
 from atlas_core.cache import atomic_path, check_path, check_problem, seal, write_json
 from atlas_core.progress import CHAPTER_ENV, chapter_label
-from atlas_core.provenance import DATA_DIR, code_label, params_label
+from atlas_core.provenance import DATA_DIR, code_label, duration, params_label
 from atlas_core.zoo import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -599,8 +599,8 @@ def appendix_notebook(executed, chapter: str, defaults: dict, timing: dict | Non
     used = dict(nb.metadata.get("papermill", {}).get("parameters", {}))
     first = next((c.source for c in nb.cells if c.cell_type == "markdown"), "")
     title = next((line[2:].strip() for line in first.splitlines() if line.startswith("# ")), chapter)
-    ran = "" if not timing else (f" It ran in {timing.get('wall_s', '?')} s, finished {timing.get('finished', '?')}"
-                                 f" (model `{timing.get('model', '?')}`).")
+    ran = "" if not timing else (f" It ran on model `{timing['model']}` in {duration(timing['wall_s'])}, finished "
+                                 f"{timing['finished']}.")
     head = (f"({code_label(chapter)})=\n# {title}: code and parameters\n\n"
             f"The executed notebook of {{doc}}`/book/chapters/{chapter}`, with its code and the parameters it ran "
             f"with; the chapter's prose, figures and tables are on the chapter's own page.{ran} The download "
