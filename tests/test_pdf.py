@@ -27,9 +27,12 @@ def _name(text: str) -> NameObject:
     return NameObject(text)
 
 
-def pdf_bytes(pages: list[list[str]], image: tuple[int, int] | None = None, links: tuple[str, ...] = ()) -> bytes:
+def pdf_bytes(pages: list[list[str]], image: tuple[int, int] | None = None, links: tuple[str, ...] = (),
+              anchors: tuple[str, ...] = ()) -> bytes:
     """A PDF of Letter pages, each with its lines of Helvetica text; ``image`` (w, h) draws a grey image of
-    that pixel size on the first page, ``links`` add URI link annotations to it."""
+    that pixel size on the first page, ``links`` add link annotations to it (a URI, or ``#anchor`` for an
+    in-document link as Chromium writes it), ``anchors`` are named destinations on the first page (in the
+    catalog's ``/Dests``, as Chromium writes a page's element ids)."""
     writer = PdfWriter()
     font = writer._add_object(DictionaryObject({_name("/Type"): _name("/Font"), _name("/Subtype"): _name("/Type1"),
                                                 _name("/BaseFont"): _name("/Helvetica")}))
@@ -54,8 +57,14 @@ def pdf_bytes(pages: list[list[str]], image: tuple[int, int] | None = None, link
             page[_name("/Annots")] = ArrayObject(writer._add_object(DictionaryObject({
                 _name("/Type"): _name("/Annot"), _name("/Subtype"): _name("/Link"),
                 _name("/Rect"): ArrayObject(FloatObject(v) for v in (72, 72, 144, 84)),
-                _name("/A"): DictionaryObject({_name("/S"): _name("/URI"), _name("/URI"): TextStringObject(uri)}),
+                **({_name("/Dest"): _name("/" + uri[1:])} if uri.startswith("#") else
+                   {_name("/A"): DictionaryObject({_name("/S"): _name("/URI"), _name("/URI"): TextStringObject(uri)})}),
             })) for uri in links)
+    if anchors:
+        first = writer.pages[0].indirect_reference
+        writer._root_object[_name("/Dests")] = DictionaryObject({
+            _name(f"/{a}"): ArrayObject([first, _name("/XYZ"), FloatObject(0), FloatObject(700), FloatObject(0)])
+            for a in anchors})
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
@@ -97,6 +106,20 @@ def test_toc_entries_follow_the_reading_order_with_their_parts(tmp_path):
     assert toc_entries(toc) == (entry("book/intro"), entry("book/methods", "Set-up"),
                                 entry("book/chapters/a", "Chapters"), entry("book/chapters/a1", "Chapters"),
                                 entry("book/chapters/b", "Chapters"), entry("book/references", "Closing"))
+
+
+def test_toc_glob_entries_list_their_pages_sorted_and_skip_pages_listed_elsewhere(tmp_path):
+    code = tmp_path / "book" / "chapters" / "code"
+    code.mkdir(parents=True)
+    for name in ("02-b.md", "01-a.ipynb", "10-c.md", "notes.txt", ".hidden.md"):
+        (code / name).write_text("")
+    toc = tmp_path / "_toc.yml"
+    toc.write_text(yaml.safe_dump({"root": "book/intro", "parts": [
+        {"caption": "Chapters", "chapters": [{"file": "book/chapters/code/10-c"}]},
+        {"caption": "Appendix", "chapters": [{"glob": "book/chapters/code/*"}]}]}))
+    assert toc_entries(toc) == (entry("book/intro"), entry("book/chapters/code/10-c", "Chapters"),
+                                entry("book/chapters/code/01-a", "Appendix"),
+                                entry("book/chapters/code/02-b", "Appendix"))
 
 
 def test_toc_entries_without_parts_and_without_a_root(tmp_path):
@@ -146,6 +169,35 @@ def test_assemble_merges_numbers_every_page_and_bookmarks_each(tmp_path):
     uris = [a.get_object()["/A"]["/URI"] for a in reader.pages[2].get("/Annots", [])]
     assert uris == ["https://doi.org/10.1/x"]  # the link into this machine's build folder is gone
     assert reader.metadata.title == "A book"
+
+
+def test_links_between_pages_point_inside_the_pdf_and_equal_anchors_stay_apart():
+    html = "file:///tmp/x/_build/html/book"
+    intro = PrintedPage(entry=entry("book/intro"), title="Intro", pdf_pages=1)
+    chapter = PrintedPage(entry=entry("book/chapters/a", "Chapters"), title="A", pdf_pages=1)
+    printed = [(intro, pdf_bytes([["Intro"]], anchors=("main-content", "results"),
+                                 links=(f"{html}/chapters/a.html#results", f"{html}/chapters/a.html",
+                                        f"{html}/chapters/gone.html", "#results"))),
+               (chapter, pdf_bytes([["A"]], anchors=("main-content", "results"),
+                                   links=(f"{html}/intro.html#nowhere", "#results", "https://doi.org/10.1/x")))]
+    writer = assemble(pdf_bytes([["Contents"]]), printed, numbers(3), "A book")
+    out = io.BytesIO()
+    writer.write(out)
+    reader = PdfReader(out)
+    dests = reader.named_destinations
+
+    def targets(page):
+        found = []
+        for annot in reader.pages[page]["/Annots"]:
+            annot = annot.get_object()
+            found.append((annot["/Dest"], reader.get_destination_page_number(dests[annot["/Dest"]]))
+                         if "/Dest" in annot else annot["/A"]["/URI"])
+        return found
+
+    # the chapter's anchor, the chapter's top, (a page not printed: dropped), the intro's own anchor
+    assert targets(1) == [("/p1-results", 2), ("/p1-main-content", 2), ("/p0-results", 1)]
+    # an anchor the intro lacks: its top; the chapter's own "results", not the intro's; the web link kept
+    assert targets(2) == [("/p0-main-content", 1), ("/p1-results", 2), "https://doi.org/10.1/x"]
 
 
 def test_assemble_refuses_a_numbering_layer_of_the_wrong_length():
@@ -242,7 +294,7 @@ pathlib.Path(results_dir, "line.json").write_text(json.dumps({"figures": 1}))
 
 INTRO = """# A tiny book
 
-Inline $\\sqrt{x}$ and a display:
+Inline $\\sqrt{x}$ and a display, then {doc}`chapters/line`:
 
 $$E = m c^2$$
 """
@@ -298,6 +350,9 @@ def test_a_tiny_book_prints_to_a_checked_pdf(tiny_book, monkeypatch):
     assert any(figure_size(html) in image_sizes(p) for p in reader.pages[2:])  # the figure's PNG, full size
     assert all(f"{i} / {len(texts)}" in t for i, t in enumerate(texts, 1))
     assert not any(word in texts[1] for word in ("Search the book", "Contents\n", "Next"))  # no theme chrome
+    links = [a.get_object() for a in reader.pages[1].get("/Annots", [])]  # the intro's link to the chapter
+    chapter_start = next(i for i, t in enumerate(texts) if "A line that rises." in t)  # its caption
+    assert [reader.get_destination_page_number(reader.named_destinations[a["/Dest"]]) for a in links] == [chapter_start]
 
     def trip(*args, **kwargs):
         raise AssertionError("printed again with nothing changed")
@@ -318,4 +373,5 @@ def test_a_figure_lost_from_the_pdf_fails_the_check(tiny_book, tmp_path):
     writer.remove_images()
     writer.write(book.path)
     w, h = figure_size(html)
-    assert f"book/chapters/line (PDF pages 3-3): figure of {w}x{h} px not in the PDF at full resolution" in check_pdf(book)
+    lost = f"book/chapters/line (PDF pages 3-3): figure of {w}x{h} px not in the PDF at full resolution"
+    assert lost in check_pdf(book)

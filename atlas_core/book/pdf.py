@@ -7,8 +7,8 @@ theme's navigation, sidebars and search, and the page is printed with DevTools `
 at their own resolution, the page title in the header). Once every page's length is known, a contents page
 with each page's first page number is printed, then one numbering layer ("n / N" in the footer, printed
 by Chromium itself), and :mod:`pypdf` merges them: contents, pages, numbers laid over every page, one
-bookmark per page under its part. Links to the book's own HTML files (``file:`` addresses, which would
-point into this machine's build folder) are dropped from the PDF; links to the web (a citation's DOI) stay.
+bookmark per page under its part. Links between the book's pages (``file:`` addresses into this machine's
+build folder, as printed) become links inside the PDF; links to the web (a citation's DOI) stay.
 
 :func:`check_pdf` reads the written file back and lists what a reader would miss: pages, numbering,
 extractable text, each page's title, every figure and table caption number, every raster figure at its
@@ -171,16 +171,19 @@ class BookPdf:
 
 def toc_entries(toc: Path | str) -> tuple[TocEntry, ...]:
     """Every page of a Jupyter Book ``_toc.yml`` in reading order: the root, then each ``file`` entry
-    (nested ``sections`` after their parent), each with the caption of its part.
+    (nested ``sections`` after their parent) and the pages each ``glob`` entry matches (sorted by name, as
+    Jupyter Book lists them; pages listed elsewhere left out), each with the caption of its part.
 
     Raises:
         FileNotFoundError: ``toc`` does not exist.
         ValueError: it names no root page.
     """
-    data = yaml.safe_load(Path(toc).read_text(encoding="utf-8")) or {}
+    toc = Path(toc)
+    data = yaml.safe_load(toc.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict) or not data.get("root"):
         raise ValueError(f"{toc}: no 'root' page in the table of contents")
     found = [TocEntry(file=_stem(data["root"]))]
+    listed = set(_listed(data))
 
     def walk(node, part: str) -> None:
         if isinstance(node, list):
@@ -190,6 +193,9 @@ def toc_entries(toc: Path | str) -> tuple[TocEntry, ...]:
             part = str(node.get("caption", part)) if "caption" in node and "file" not in node else part
             if node.get("file"):
                 found.append(TocEntry(file=_stem(node["file"]), part=part))
+            if node.get("glob"):
+                matched = _glob(toc.parent, str(node["glob"]))
+                found.extend(TocEntry(file=f, part=part) for f in matched if f not in listed)
             for key in ("parts", "chapters", "sections"):
                 walk(node.get(key), part)
 
@@ -197,10 +203,30 @@ def toc_entries(toc: Path | str) -> tuple[TocEntry, ...]:
     return tuple(found)
 
 
+SOURCE_SUFFIXES = (".md", ".ipynb", ".rst")  # the page sources a glob entry matches
+
+
+def _listed(node) -> list[str]:
+    """Every page a toc names explicitly (``root`` and ``file`` entries)."""
+    if isinstance(node, list):
+        return [f for item in node for f in _listed(item)]
+    if isinstance(node, dict):
+        own = [_stem(node[k]) for k in ("root", "file") if node.get(k)]
+        return own + [f for v in node.values() if isinstance(v, (list, dict)) for f in _listed(v)]
+    return []
+
+
+def _glob(root: Path, pattern: str) -> list[str]:
+    """The pages (source files, suffix dropped, relative to ``root``) a toc ``glob`` pattern matches, sorted."""
+    return sorted({_stem(str(path.relative_to(root))) for path in root.glob(pattern)
+                   if path.suffix in SOURCE_SUFFIXES and path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(root).parts)})
+
+
 def _stem(file: str) -> str:
     """A toc ``file`` without its suffix (``book/intro.md`` -> ``book/intro``)."""
     path = Path(str(file))
-    return str(path.with_suffix("")) if path.suffix in (".md", ".ipynb", ".rst", ".py") else str(path)
+    return str(path.with_suffix("")) if path.suffix in SOURCE_SUFFIXES else str(path)
 
 
 def page_starts(counts: list[int], contents_pages: int) -> list[int]:
@@ -292,15 +318,62 @@ def print_page(browser, page: Path, entry: TocEntry, book_title: str) -> tuple[P
                        captions=tuple(shown["captions"])), data
 
 
-def _drop_local_links(page) -> None:
-    """Remove link annotations that point at ``file:`` addresses (the build folder of this machine)."""
-    from pypdf.generic import ArrayObject, NameObject
+def _prefix_destinations(reader, prefix: str) -> set[str]:
+    """Rename every named destination of one printed page (Chromium writes the page's anchors as a
+    ``/Dests`` dictionary, and its in-page links as ``/Dest`` names) to ``/<prefix><anchor>``, so that two
+    pages' equal anchors ("results") stay apart once merged. Returns the new names."""
+    from pypdf.generic import NameObject
+
+    dests = reader.trailer["/Root"].get("/Dests")
+    renamed: set[str] = set()
+    if dests is not None:
+        dests = dests.get_object()
+        for key in list(dests.keys()):
+            name = NameObject(f"/{prefix}{key[1:]}")
+            dests[name] = dests.pop(key)
+            renamed.add(name)
+    for page in reader.pages:
+        for annot in page.get("/Annots") or []:
+            annot = annot.get_object()
+            if isinstance(annot.get("/Dest"), NameObject):
+                annot[NameObject("/Dest")] = NameObject(f"/{prefix}{annot['/Dest'][1:]}")
+    return renamed
+
+
+def _link_target(uri: str, prefixes: dict[str, str], names: set[str]) -> str | None:
+    """The merged document's destination for a link to a page of the book (``file:…/<page>.html#anchor``):
+    the anchor, or the page's top (its ``main-content`` anchor); None when the page was not printed."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    path = unquote(parts.path)
+    for file, prefix in prefixes.items():
+        if path.endswith(f"/{file}.html"):
+            for anchor in (parts.fragment, "main-content"):
+                if anchor and f"/{prefix}{anchor}" in names:
+                    return f"/{prefix}{anchor}"
+    return None
+
+
+def _relink(page, prefixes: dict[str, str], names: set[str]) -> None:
+    """Turn links to the book's own HTML pages (``file:`` addresses into this machine's build folder) into
+    links inside the PDF, and drop those to pages that were not printed; links to the web stay."""
+    from pypdf.generic import ArrayObject, NameObject, TextStringObject
 
     annots = page.get("/Annots")
     if annots is None:
         return
-    kept = ArrayObject(a for a in annots.get_object()
-                       if not str(a.get_object().get("/A", {}).get("/URI", "")).startswith("file:"))
+    kept = ArrayObject()
+    for ref in annots.get_object():
+        annot = ref.get_object()
+        uri = str(annot.get("/A", {}).get("/URI", ""))
+        if uri.startswith("file:"):
+            target = _link_target(uri, prefixes, names)
+            if target is None:
+                continue
+            del annot["/A"]
+            annot[NameObject("/Dest")] = TextStringObject(target)  # a key of the merged names tree, as pypdf writes it
+        kept.append(ref)
     if kept:
         page[NameObject("/Annots")] = kept
     else:
@@ -309,6 +382,9 @@ def _drop_local_links(page) -> None:
 
 def assemble(contents: bytes, pages: list[tuple[PrintedPage, bytes]], numbers: bytes, title: str):
     """Merge the contents, every printed page and the numbering layer into one document.
+
+    Each page's anchors are renamed ``p<i>-<anchor>`` (see :func:`_prefix_destinations`) and its links to
+    other pages of the book point inside the PDF (:func:`_relink`).
 
     Args:
         contents: the contents page(s), printed.
@@ -327,9 +403,12 @@ def assemble(contents: bytes, pages: list[tuple[PrintedPage, bytes]], numbers: b
     writer = PdfWriter()
     writer.append(PdfReader(io.BytesIO(contents)), import_outline=False)
     starts = page_starts([p.pdf_pages for p, _ in pages], len(writer.pages))
+    prefixes = {page.entry.file: f"p{i}-" for i, (page, _) in enumerate(pages)}
+    readers = [PdfReader(io.BytesIO(data)) for _, data in pages]
+    names = set().union(*(_prefix_destinations(r, prefixes[p.entry.file]) for (p, _), r in zip(pages, readers)))
     parts: dict[str, object] = {}
-    for (page, data), start in zip(pages, starts):
-        writer.append(PdfReader(io.BytesIO(data)), import_outline=False)
+    for (page, _), reader, start in zip(pages, readers, starts):
+        writer.append(reader, import_outline=False)
         part = page.entry.part
         if part and part not in parts:
             parts[part] = writer.add_outline_item(title=part, page_number=start - 1)
@@ -337,8 +416,8 @@ def assemble(contents: bytes, pages: list[tuple[PrintedPage, bytes]], numbers: b
     layer = PdfReader(io.BytesIO(numbers))
     if len(layer.pages) != len(writer.pages):
         raise PdfError(f"numbering layer has {len(layer.pages)} pages for a {len(writer.pages)}-page book")
-    for page, number in zip(writer.pages, layer.pages):
-        _drop_local_links(page)
+    for page, number in zip(writer.pages, layer.pages):  # links once every destination is in (pypdf drops
+        _relink(page, prefixes, names)                   # a link to a page not yet appended)
         page.merge_page(number)
     writer.add_metadata({"/Title": title, "/Creator": "atlas book --pdf (headless Chromium, pypdf)"})
     return writer
