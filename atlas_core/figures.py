@@ -165,3 +165,25 @@ def small_fonts(fig) -> list[str]:
         if text.get_visible() and text.get_text().strip() and text.get_fontsize() < MIN_FONT_PT - 1e-9:
             found.append(f"{text.get_text()!r} ({text.get_fontsize():g} pt)")
     return found
+
+
+class FigureStyleError(ValueError):
+    """A figure breaks the book's style: wider than the text column, or with text below ``MIN_FONT_PT``."""
+
+
+def check_figure(fig) -> None:
+    """Refuse a figure a reader could not read at 100% zoom (``Glue.figure`` calls this before gluing).
+
+    Raises:
+        FigureStyleError: one line naming what is wrong: a width above ``COLUMN_IN`` (size the figure with
+            ``figsize``: drawn wider, it would be scaled down with its labels) or texts below
+            ``MIN_FONT_PT`` (``small_fonts``).
+    """
+    width = fig.get_size_inches()[0]
+    problems = [f"{width:.2f} in wide, wider than the {COLUMN_IN} in text column (use figures.figsize)"] \
+        if width > COLUMN_IN + 1e-6 else []
+    small = small_fonts(fig)
+    if small:
+        problems.append(f"text below {MIN_FONT_PT} pt: {', '.join(small[:3])}" + (" …" if len(small) > 3 else ""))
+    if problems:
+        raise FigureStyleError("figure " + "; ".join(problems))

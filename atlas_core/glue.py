@@ -85,9 +85,13 @@ class Glue:
         Raises:
             RuntimeError: this ``Glue`` has no ``ChapterRun`` (made by ``prefixed_glue``, not ``chapter_glue``).
             TypeError: ``data`` is not a DataFrame or Series.
+            figures.FigureStyleError: the figure is wider than the text column or has text below 9 pt.
         """
         import matplotlib.pyplot as plt
 
+        from atlas_core.figures import check_figure
+
+        check_figure(fig)
         self._with_data(key, fig, data, sample, corpus)
         plt.close(fig)
 

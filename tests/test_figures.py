@@ -62,3 +62,16 @@ def test_the_style_sets_readable_fonts_and_svg(tmp_path):
     assert 'width="504pt"' in head or "width=\"504" in head  # 7 in = 504 pt = 672 CSS px
     plt.close(fig)
     assert all(size >= figures.MIN_FONT_PT for size in figures.FONT_PT.values())
+
+
+def test_a_figure_too_wide_or_with_tiny_text_is_refused():
+    figures.use_book_style()
+    fig, ax = plt.subplots(figsize=(12, 4))
+    ax.text(0, 0, "tiny", fontsize=5)
+    with pytest.raises(figures.FigureStyleError, match=r"12.00 in wide.*'tiny' \(5 pt\)"):
+        figures.check_figure(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=figsize(2, 2, panel_aspect=1))
+    ax.set_title("readable")
+    figures.check_figure(fig)  # no error
+    plt.close(fig)

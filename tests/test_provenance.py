@@ -72,6 +72,15 @@ def test_figure_data_must_be_a_table_and_a_plain_glue_cannot_glue_figures(tmp_pa
     g = chapter_glue("demo", chapter="demo", model="m", corpus="c", results_dir=tmp_path, glue=glue)
     with pytest.raises(TypeError, match="DataFrame"):
         g.table("t", pd.DataFrame({"a": [1]}), data=[1, 2], sample="s")
+    import matplotlib.pyplot as plt
+
+    from atlas_core.figures import FigureStyleError
+
+    fig, _ = plt.subplots(figsize=(11, 3))
+    with pytest.raises(FigureStyleError, match="wider than"):
+        g.figure("wide", fig, data=pd.DataFrame({"a": [1]}), sample="s")
+    assert not (tmp_path / "data" / "demo" / "demo_wide.csv").exists()  # refused before anything is written
+    plt.close(fig)
     with pytest.raises(RuntimeError, match="chapter_glue"):
         Glue("demo", glue=glue).table("t", pd.DataFrame({"a": [1]}), sample="s")
 
