@@ -629,7 +629,7 @@ def top1_recovery(gain: Estimate, recovered: Estimate) -> Verdict:
     versus_text = (f"its recovery is not distinguishable from the source's {value:.1%} at this sample size"
                    if versus == TIE else f"it recovers {'less' if versus == 'lower' else 'more'} than the source's {value:.1%}")
     return Verdict(label=f"{frame}; {versus}",
-                   text=f"{frame_text} ({100 * gain.value:+.1f} points [{100 * gain.lo:+.1f}, {100 * gain.hi:+.1f}]), "
+                   text=f"{frame_text} ({gain.value:+.1%} [{gain.lo:+.1%}, {gain.hi:+.1%}] of the damage), "
                         f"and {versus_text}", figures={"gain": gain, "recovered": recovered, "source": value})
 
 

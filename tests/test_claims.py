@@ -168,7 +168,9 @@ def test_twonn_source_near_and_bias():
 def test_top1_recovery_both_comparisons_and_their_ties():
     rec = est(0.40, 0.30, 0.50)
     tied = claims.top1_recovery(est(0.05, -0.01, 0.1), rec)
-    assert tied.text.startswith("the frame and a random frame are not distinguishable at this sample size (+5.0 points")
+    assert tied.text.startswith("the frame and a random frame are not distinguishable at this sample size (+5.0% [")
+    # the same formatter as the chapter's glued percentages (".1%"), so the two never differ in the last digit
+    assert "(+12.0% [+8.0%, +16.1%] of the damage)" in claims.top1_recovery(est(0.1205, 0.08, 0.1605), rec).text
     assert "recovers less than the source's 55.9%" in tied.text
     assert claims.top1_recovery(est(0.05, 0.01, 0.1), rec).text.startswith("the frame recovers more than a random frame")
     assert "recovers less than a random frame" in claims.top1_recovery(est(-0.05, -0.1, -0.01), rec).text
