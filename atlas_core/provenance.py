@@ -32,6 +32,12 @@ def data_path(chapter: str, key: str) -> Path:
     return Path(DATA_DIR, chapter, f"{key}.csv")
 
 
+def results_path(chapter: str) -> Path:
+    """Where the book keeps a chapter's results JSON, relative to the chapter page's folder (the runner
+    copies ``results/<model>/<chapter>.json`` there): ``data/<chapter>/<chapter>.json``."""
+    return Path(DATA_DIR, chapter, f"{chapter}.json")
+
+
 def code_label(chapter: str) -> str:
     """The label of a chapter's appendix page (its executed notebook with the code)."""
     return f"code-{chapter}"
@@ -155,8 +161,9 @@ def run_box(info: RunInfo, *, chapter: str, model: str, wall_s: float) -> str:
         f"- **Versions:** {versions}; Python {info.python}",
         f"- **Hardware:** {info.hardware()}",
         f"- **Run:** {info.date}; wall time {duration(wall_s)}",
-        f"- **Parameters and code:** {{ref}}`parameters <{params_label(chapter)}>`, "
-        f"{{ref}}`executed notebook <{code_label(chapter)}>`",
+        f"- **Parameters, code and numbers:** {{ref}}`parameters <{params_label(chapter)}>`, "
+        f"{{ref}}`executed notebook <{code_label(chapter)}>`, "
+        f"{{download}}`{chapter}.json <{results_path(chapter).as_posix()}>` (every number of the run)",
         ":::",
     ])
 

@@ -62,6 +62,7 @@ def test_figures_and_tables_are_glued_with_their_data_and_provenance(tmp_path):
     g.finish()
     box = seen["demo_run_box"].data
     assert box.startswith(":::{admonition}") and "toy-llama" in box and "wall time" in box and "numpy" in box
+    assert "{download}`demo.json <data/demo/demo.json>`" in box
     assert isinstance(seen["demo_wall_s"], float)
 
 
@@ -152,6 +153,7 @@ def test_prepare_book_copies_data_and_writes_the_appendix_page(tmp_path, monkeyp
     executed_notebook(root / "book" / "chapters" / "demo.ipynb", {}, "# Demo chapter\n\n```{glue:figure} k\n:name: fig-k\n```",
                       params={"model": "toy", "n": 5, "results_dir": "."})
     (root / "results" / "toy").mkdir(parents=True)
+    (root / "results" / "toy" / "demo.json").write_text('{"ppl": 1}')
     (root / "results" / "toy" / "demo.timing.json").write_text(json.dumps(
         {"model": "toy", "wall_s": 318.0, "finished": "2026-12-01T05:00:00+0000"}))
     data = root / "results" / "toy" / "data" / "demo"
@@ -161,7 +163,9 @@ def test_prepare_book_copies_data_and_writes_the_appendix_page(tmp_path, monkeyp
     stale.parent.mkdir(parents=True)
     stale.write_text("x")
     runner.prepare_book("toy", root=root, chapters=("demo",))
-    assert (root / "book" / "chapters" / "data" / "demo" / "demo_fig.csv").read_text() == "a\n1\n" and not stale.exists()
+    copied = root / "book" / "chapters" / "data" / "demo"
+    assert (copied / "demo_fig.csv").read_text() == "a\n1\n" and not stale.exists()
+    assert (copied / "demo.json").read_text() == '{"ppl": 1}'  # the run's numbers, linked from the opening box
     page = nbformat.read(root / runner.APPENDIX_DIR / "01-demo.ipynb", as_version=4)
     head = page.cells[0].source
     assert "(code-demo)=" in head and "(params-demo)=" in head and "# Demo chapter: code and parameters" in head

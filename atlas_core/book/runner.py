@@ -626,7 +626,8 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
 
 def prepare_book(model: str = DEFAULT_MODEL, root: Path = ROOT, chapters=CHAPTERS) -> None:
     """Put beside the book's chapters what their pages link to: each chapter's data folder
-    (``results/<model>/data/<chapter>/`` → ``book/chapters/data/<chapter>/``) and its appendix page
+    (``results/<model>/data/<chapter>/`` → ``book/chapters/data/<chapter>/``, with the run's
+    ``<chapter>.json``, linked from the opening box) and its appendix page
     (``book/chapters/code/NN-<chapter>.ipynb``, ``appendix_notebook``). Files already up to date are left
     untouched; data files no longer produced are removed.
 
@@ -641,9 +642,12 @@ def prepare_book(model: str = DEFAULT_MODEL, root: Path = ROOT, chapters=CHAPTER
         if not executed.exists():
             raise BuildError(f"{executed.relative_to(root)} is missing: run the chapter first (atlas book)")
         src, dest = results / DATA_DIR / chapter, root / "book" / "chapters" / DATA_DIR / chapter
-        wanted = {p.relative_to(src) for p in src.rglob("*") if p.is_file()} if src.is_dir() else set()
-        for rel in sorted(wanted):
-            _write_if_changed(dest / rel, (src / rel).read_bytes())
+        wanted = {p.relative_to(src): p for p in src.rglob("*") if p.is_file()} if src.is_dir() else {}
+        numbers = results / f"{chapter}.json"  # every number of the run, linked from the opening box
+        if numbers.exists():
+            wanted[Path(numbers.name)] = numbers
+        for rel, path in sorted(wanted.items()):
+            _write_if_changed(dest / rel, path.read_bytes())
         for stale in (p for p in dest.rglob("*") if p.is_file() and p.relative_to(dest) not in wanted) if dest.is_dir() else []:
             stale.unlink()
         timing = results / f"{chapter}.timing.json"
