@@ -48,7 +48,7 @@ def pdf_bytes(pages: list[list[str]], image: tuple[int, int] | None = None, link
                         _name("/Width"): NumberObject(w), _name("/Height"): NumberObject(h),
                         _name("/ColorSpace"): _name("/DeviceGray"), _name("/BitsPerComponent"): NumberObject(8)})
             resources[_name("/XObject")] = DictionaryObject({_name("/Im1"): writer._add_object(img)})
-            ops += f" q {w} 0 0 {h} 72 300 cm /Im1 Do Q"
+            ops += f" /Figure <</MCID 0>> BDC q {w} 0 0 {h} 72 300 cm /Im1 Do Q EMC"  # tagged, as Chromium does
         page[_name("/Resources")] = resources
         content = DecodedStreamObject()
         content.set_data(ops.encode("latin-1"))
@@ -78,13 +78,15 @@ def entry(file: str, part: str = "") -> TocEntry:
     return TocEntry(file=file, part=part)
 
 
-def small_book(tmp_path, figure=(30, 20), captions=("Fig. 1",)) -> BookPdf:
+def small_book(tmp_path, figure=(30, 20), captions=("Fig. 1",), images=1, too_wide=(), header=True) -> BookPdf:
     """Contents, an intro of one page, a chapter of two pages (a figure and its caption), merged and written."""
     intro = PrintedPage(entry=entry("book/intro"), title="A test book", pdf_pages=1)
     chapter = PrintedPage(entry=entry("book/chapters/demo", "Chapters"), title="1. A glued chapter", pdf_pages=2,
-                          figures=(figure,), captions=captions)
+                          header="A book - 1. A glued chapter", images=images, raster=(figure,), captions=captions,
+                          too_wide=too_wide)
     printed = [(intro, pdf_bytes([["A test book", "Some words."]])),
-               (chapter, pdf_bytes([["1. A glued chapter", "Fig. 1 A line that rises."], ["More words."]],
+               (chapter, pdf_bytes([["A book - 1. A glued chapter"] * header + ["1. A glued chapter", "Fig. 1 A line."],
+                                    ["A book - 1. A glued chapter"] * header + ["More words."]],
                                    image=(30, 20), links=("file:///tmp/x/book/intro.html", "https://doi.org/10.1/x")))]
     contents = pdf_bytes([["Contents", "A test book 2", "Chapters", "1. A glued chapter 3"]])
     writer = assemble(contents, printed, numbers(4), "A book")
@@ -223,6 +225,28 @@ def test_a_missing_or_downsampled_figure_is_caught(tmp_path):
     assert problems == ["book/chapters/demo (PDF pages 3-4): figure of 60x40 px not in the PDF at full resolution"]
 
 
+def test_an_image_not_drawn_and_an_element_too_wide_are_caught(tmp_path):
+    problems = check_pdf(small_book(tmp_path, images=2, too_wide=('table "x y"',)))
+    assert problems == ["book/chapters/demo (PDF pages 3-4): 2 images on the page, 1 figures drawn in the PDF",
+                        'book/chapters/demo (PDF pages 3-4): table "x y" is wider than the page (cut at the margin)']
+
+
+def test_the_running_header_and_numbers_are_not_the_pages_text(tmp_path):
+    header = "A book - Intro"
+    page = PrintedPage(entry=entry("i"), title="Intro", pdf_pages=1, header=header)
+    path = tmp_path / "b.pdf"
+    for body, problem in (([], "no extractable text"), (["Other words."], "title 'Intro' not found in the text")):
+        writer = assemble(pdf_bytes([["Contents", "Intro 2"]]), [(page, pdf_bytes([[header, *body]]))], numbers(2), "A")
+        writer.write(path)
+        assert check_pdf(BookPdf(path=path, pages=(page,), contents_pages=1)) == [f"i (PDF pages 2-2): {problem}"]
+
+
+def test_figure_marks_count_tagged_drawings(tmp_path):
+    book = small_book(tmp_path)
+    reader = PdfReader(book.path)
+    assert [pdf.figure_marks(p) for p in reader.pages] == [0, 0, 1, 0]
+
+
 def test_a_missing_caption_is_caught(tmp_path):
     problems = check_pdf(small_book(tmp_path, captions=("Fig. 1", "Table 1")))
     assert problems == ["book/chapters/demo (PDF pages 3-4): caption 'Table 1' not found in the text"]
@@ -268,12 +292,18 @@ def test_an_unbuilt_page_is_refused_before_chromium_starts(tmp_path, monkeypatch
 CHAPTER = '''# %% [markdown]
 # # A chapter with a figure
 #
-# {numref}`fig-line` shows a line.
+# {numref}`fig-line` shows a line, {numref}`fig-curve` a curve (SVG, as the book's figures are).
 #
 # ```{glue:figure} line_fig
 # :name: fig-line
 #
 # A line that rises.
+# ```
+#
+# ```{glue:figure} line_curve
+# :name: fig-curve
+#
+# A curve that bends.
 # ```
 
 # %% tags=["parameters"]
@@ -289,6 +319,13 @@ fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
 ax.plot([0, 1], [0, 1])
 prefixed_glue("line")("fig", fig)
 plt.close(fig)
+from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+set_matplotlib_formats("svg")
+fig, ax = plt.subplots(figsize=(4, 3))
+ax.plot([0, 1, 2], [0, 1, 4])
+prefixed_glue("line")("curve", fig)
+plt.close(fig)
 pathlib.Path(results_dir, "line.json").write_text(json.dumps({"figures": 1}))
 '''
 
@@ -297,6 +334,12 @@ INTRO = """# A tiny book
 Inline $\\sqrt{x}$ and a display, then {doc}`chapters/line`:
 
 $$E = m c^2$$
+
+A table wider than the paper's column (scaled to fit when printed):
+
+| """ + " | ".join(f"column_{i}_without_a_break" for i in range(12)) + """ |
+|""" + "---|" * 12 + """
+| """ + " | ".join(str(i) for i in range(12)) + """ |
 """
 
 
@@ -341,12 +384,15 @@ def test_a_tiny_book_prints_to_a_checked_pdf(tiny_book, monkeypatch):
     line = pdf.book_pdf(html, tiny_book)
     out = tiny_book / "_build" / "pdf" / "book.pdf"
     assert line.startswith("PDF check:") and str(out) in line
+    assert "2 figures, all present, 1 wide elements scaled to the column" in line  # the table; no problem left
     reader = PdfReader(out)
     texts = [unicodedata.normalize("NFKC", p.extract_text()) for p in reader.pages]  # ligatures: "ﬁ" -> "fi"
     assert len(reader.pages) >= 3  # contents, the intro, the chapter
     assert "Contents" in texts[0] and "A tiny book" in texts[0] and "A chapter with a figure" in texts[0]
     assert "mc2" in "".join(texts[1].split())  # MathJax typeset the display before the print
     assert any("Fig. 1" in t and "A line that rises." in t for t in texts[2:])
+    assert any("Fig. 2" in t and "A curve that bends." in t for t in texts[2:])
+    assert sum(pdf.figure_marks(p) for p in reader.pages[2:]) == 2  # the PNG and the SVG, each drawn
     assert any(figure_size(html) in image_sizes(p) for p in reader.pages[2:])  # the figure's PNG, full size
     assert all(f"{i} / {len(texts)}" in t for i, t in enumerate(texts, 1))
     assert not any(word in texts[1] for word in ("Search the book", "Contents\n", "Next"))  # no theme chrome
@@ -367,7 +413,8 @@ def test_a_figure_lost_from_the_pdf_fails_the_check(tiny_book, tmp_path):
     html = Path(shutil.copytree(tiny_book / "_build" / "html", tmp_path / "_build" / "html"))
     book = pdf.print_book(html, tiny_book / "_toc.yml", tmp_path / "b.pdf", "T")
     chapter = book.pages[1]
-    assert chapter.figures == (figure_size(html),) and chapter.captions == ("Fig. 1",)
+    assert chapter.images == 2 and chapter.raster == (figure_size(html),)  # the SVG is drawn as vectors
+    assert chapter.captions == ("Fig. 1", "Fig. 2") and book.pages[0].scaled == 1
     assert check_pdf(book) == []
     writer = PdfWriter(clone_from=book.path)  # the same PDF with the chapter's images removed
     writer.remove_images()

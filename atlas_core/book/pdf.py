@@ -39,6 +39,7 @@ STAMP_NAME = ".atlas-pdf-inputs"  # beside the PDF: the digest of the HTML (and 
 # A4 in inches; the top and bottom margins hold the header (page title) and the footer (page number).
 PAPER = {"paperWidth": 8.27, "paperHeight": 11.69, "marginTop": 0.75, "marginBottom": 0.75,
          "marginLeft": 0.7, "marginRight": 0.7}
+COLUMN_PX = round((PAPER["paperWidth"] - PAPER["marginLeft"] - PAPER["marginRight"]) * 96)  # CSS px
 PRINT_TIMEOUT_S = 300.0  # one DevTools call; the longest chapter pages take seconds to print
 MAX_CONTENTS_ROUNDS = 4  # the contents page is printed until its own length stops changing
 
@@ -51,7 +52,8 @@ PRINT_CSS = """
   .search-button, .search-button-field, .theme-switch-button, .sidebar-toggle, .skip-link, #pst-back-to-top,
   .headerlink, .toggle-button, .copybtn, .bd-header-announcement { display: none !important; }
   html, body, .bd-page-width, .bd-container, .bd-container__inner, .bd-main, .bd-content, .bd-article-container,
-  .bd-article { max-width: none !important; width: auto !important; margin: 0 !important; padding: 0 !important; }
+  .bd-article { max-width: none !important; width: auto !important; min-width: 0 !important; margin: 0 !important;
+                padding: 0 !important; }
   body { font-size: 10pt; background: white !important; }
   img { max-width: 100% !important; height: auto !important; }
   figure, img, table, .math, .admonition, pre { break-inside: avoid; }
@@ -63,8 +65,10 @@ PRINT_CSS = """
 """
 
 # Runs in each page after the browser check's probe (MathJax typeset, images decoded): the print
-# stylesheet and the light theme applied, every image loaded eagerly, fonts loaded; then what the PDF
-# must hold (read under print media: only what will be printed).
+# stylesheet and the light theme applied, every image loaded eagerly, fonts loaded; a table, code block or
+# displayed equation wider than the text column is scaled down to fit (CSS zoom; on paper it would be cut
+# at the margin); then what the PDF must hold (read under print media, the viewport as wide as the
+# printed column: only what will be printed, as it will be laid out).
 PRINT_PREPARE = """
 (async (css) => {
   document.documentElement.dataset.theme = 'light';
@@ -79,13 +83,24 @@ PRINT_PREPARE = """
   await document.fonts.ready;
   const main = document.querySelector('article.bd-article, main, body');
   const shown = e => e.getClientRects().length > 0;
+  const room = document.documentElement.clientWidth;  // the viewport: as wide as the paper's text column
+  const wide = () => Array.from(main.querySelectorAll('table, pre, mjx-container[display="true"], img, svg'))
+                       .filter(e => shown(e) && e.getBoundingClientRect().right > room + 1);
+  const scaled = wide();
+  for (let round = 0; round < 4; round++) {  // borders and text hinting do not scale exactly: refine
+    wide().forEach(e => { const box = e.getBoundingClientRect();
+                          const zoom = (parseFloat(e.style.zoom) || 1) * (room - Math.max(box.left, 0)) / box.width;
+                          e.style.zoom = (0.995 * zoom).toFixed(4); });
+  }
   const h1 = main.querySelector('h1');
   const title = h1 ? Array.from(h1.childNodes).filter(n => !(n.classList && n.classList.contains('headerlink')))
                           .map(n => n.textContent).join('').trim() : document.title;
   return {
     title: title,
-    figures: Array.from(main.querySelectorAll('img')).filter(shown)
+    images: Array.from(main.querySelectorAll('img')).filter(shown)
                .map(i => ({src: i.currentSrc || i.src, width: i.naturalWidth, height: i.naturalHeight})),
+    scaled: scaled.length,
+    too_wide: wide().map(e => `${e.tagName.toLowerCase()} "${e.textContent.trim().slice(0, 40)}"`),
     captions: Array.from(main.querySelectorAll('.caption-number')).filter(shown)
                .map(e => e.textContent.trim()),
   };
@@ -133,16 +148,23 @@ class PrintedPage:
         entry: its place in the table of contents.
         title: its first heading (section number included), as the contents page lists it.
         pdf_pages: how many PDF pages it printed to (≥ 1).
-        figures: ``(width, height)`` in pixels of every raster image shown in its article (SVG left out:
-            it prints as vectors).
+        header: the running header printed on each of its PDF pages.
+        images: how many images (``<img>``: raster and SVG figures) its article shows.
+        raster: ``(width, height)`` in pixels of each raster image among them (SVG prints as vectors).
         captions: the caption numbers shown on it ("Fig. 2", "Table 1"), in page order.
+        scaled: wide elements (tables, code, displayed equations) scaled down to the text column.
+        too_wide: elements still wider than the column once scaled (cut on paper; a check problem).
     """
 
     entry: TocEntry
     title: str
     pdf_pages: int
-    figures: tuple[tuple[int, int], ...] = ()
+    header: str = ""
+    images: int = 0
+    raster: tuple[tuple[int, int], ...] = ()
     captions: tuple[str, ...] = ()
+    scaled: int = 0
+    too_wide: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,16 +328,17 @@ def print_page(browser, page: Path, entry: TocEntry, book_title: str) -> tuple[P
                        f"typeset, {probe['math_errors']} TeX errors, images not decoded: {bad}); "
                        f"run `atlas check-book` for details")
     shown = browser.evaluate(f"{PRINT_PREPARE}({json.dumps(PRINT_CSS)})", f"print preparation of {entry.file}")
-    data = browser.print_pdf(**PAPER, printBackground=True, displayHeaderFooter=True,
-                             headerTemplate=_template(f"{book_title} · {shown['title']}"),
-                             footerTemplate=_template(""))
+    header = f"{book_title} · {shown['title']}"
+    data = browser.print_pdf(**PAPER, printBackground=True, displayHeaderFooter=True, generateTaggedPDF=True,
+                             headerTemplate=_template(header), footerTemplate=_template(""))
     count = _count_pages(data)
     if count < 1:
         raise PdfError(f"{entry.file}: printed to no page")
-    figures = tuple((f["width"], f["height"]) for f in shown["figures"]
-                    if not f["src"].split("?")[0].lower().endswith(".svg"))
-    return PrintedPage(entry=entry, title=shown["title"], pdf_pages=count, figures=figures,
-                       captions=tuple(shown["captions"])), data
+    raster = tuple((i["width"], i["height"]) for i in shown["images"]
+                   if not i["src"].split("?")[0].lower().endswith(".svg"))
+    return PrintedPage(entry=entry, title=shown["title"], pdf_pages=count, header=header,
+                       images=len(shown["images"]), raster=raster, captions=tuple(shown["captions"]),
+                       scaled=shown["scaled"], too_wide=tuple(shown["too_wide"])), data
 
 
 def _prefix_destinations(reader, prefix: str) -> set[str]:
@@ -452,7 +475,10 @@ def print_book(html_dir: Path | str, toc: Path | str, out: Path | str, title: st
                                 "build the book first")
     with Chromium(executable, timeout=PRINT_TIMEOUT_S) as browser, \
             tempfile.TemporaryDirectory(prefix="atlas-pdf-") as tmp:
-        browser.call("Emulation.setEmulatedMedia", session=True, media="print")  # probe what will print
+        # Pages are probed as they will print: print media, laid out as wide as the paper's text column.
+        browser.call("Emulation.setEmulatedMedia", session=True, media="print")
+        browser.call("Emulation.setDeviceMetricsOverride", session=True, width=COLUMN_PX, height=1000,
+                     deviceScaleFactor=1, mobile=False)
         printed = [print_page(browser, e.html(html_dir), e, title) for e in entries]
         pages = [p for p, _ in printed]
         contents_pages, contents = 1, b""
@@ -503,14 +529,25 @@ def image_sizes(page) -> set[tuple[int, int]]:
     return found
 
 
+_FIGURE_MARK = re.compile(rb"/Figure\s*<<[^>]*>>\s*BDC")
+
+
+def figure_marks(page) -> int:
+    """How many figures a PDF page draws: Chromium's tagged PDF marks the drawing of every ``<img>``, raster
+    or SVG (whose vectors are drawn inline), as a ``/Figure`` marked-content sequence."""
+    contents = page.get_contents()
+    return 0 if contents is None else len(_FIGURE_MARK.findall(contents.get_data()))
+
+
 def check_pdf(book: BookPdf) -> list[str]:
     """Read the written PDF back and list what a reader would miss (empty: the PDF passed).
 
     Checked: the file opens and holds every printed page (more than none, at least one per book page);
     every page carries its number "n / N"; the contents page lists each page's title and first page; each
-    book page's PDF range has extractable text with its title, every caption number shown on the HTML page
-    ("Fig. 3", "Table 2"), and every raster figure as an image of the same pixel size (present, and not
-    downsampled).
+    book page's PDF range has extractable text (beside its header and numbers) with its title, every caption
+    number shown on the HTML page ("Fig. 3", "Table 2"), a drawn figure for every image (:func:`figure_marks`),
+    every raster figure as an image of the same pixel size (present, and not downsampled), and nothing left
+    wider than the text column.
     """
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
@@ -531,16 +568,21 @@ def check_pdf(book: BookPdf) -> list[str]:
         where = f"{page.entry.file} (PDF pages {start}-{start + page.pdf_pages - 1})"
         if _squash(page.title) + str(start) not in contents:
             problems.append(f"contents: no entry '{page.title} … {start}'")
-        text = "".join(texts[start - 1:start - 1 + page.pdf_pages])
-        if not text.replace(f"{start}/{total}", ""):
+        span = range(start - 1, start - 1 + page.pdf_pages)
+        text = "".join(texts[i].replace(_squash(page.header), "").replace(f"{i + 1}/{total}", "") for i in span)
+        if not text:  # the body, without the running header and the page numbers
             problems.append(f"{where}: no extractable text")
         elif _squash(page.title) not in text:
             problems.append(f"{where}: title '{page.title}' not found in the text")
         problems += [f"{where}: caption '{c}' not found in the text" for c in page.captions
                      if _squash(c) not in text]
-        drawn = set().union(*(image_sizes(reader.pages[i]) for i in range(start - 1, start - 1 + page.pdf_pages)))
-        problems += [f"{where}: figure of {w}x{h} px not in the PDF at full resolution" for w, h in page.figures
+        marks = sum(figure_marks(reader.pages[i]) for i in span)
+        if marks < page.images:
+            problems.append(f"{where}: {page.images} images on the page, {marks} figures drawn in the PDF")
+        drawn = set().union(*(image_sizes(reader.pages[i]) for i in span))
+        problems += [f"{where}: figure of {w}x{h} px not in the PDF at full resolution" for w, h in page.raster
                      if (w, h) not in drawn]
+        problems += [f"{where}: {what} is wider than the page (cut at the margin)" for what in page.too_wide]
     return problems
 
 
@@ -597,4 +639,5 @@ def book_pdf(html_dir: Path | str = ROOT / "_build" / "html", root: Path | str =
     with atomic_path(stamp) as tmp:
         tmp.write_text(digest + "\n")
     return (f"PDF check: {book.total_pages} pages ({book.contents_pages} contents + {len(book.pages)} book pages), "
-            f"{sum(len(p.figures) for p in book.pages)} figures, all present; {time.time() - start:.1f} s: {out}")
+            f"{sum(p.images for p in book.pages)} figures, all present, {sum(p.scaled for p in book.pages)} wide "
+            f"elements scaled to the column; {time.time() - start:.1f} s: {out}")
