@@ -1,18 +1,19 @@
 """The whole book as one PDF, printed offline by the headless Chromium of the browser check, and checked.
 
-Every page of ``_toc.yml`` (the root page, then each ``file`` entry in order, part captions kept) is opened
-in Chromium (:class:`atlas_core.book.browser.Chromium`), which waits until MathJax has typeset the page, the
-images have decoded and the web fonts have loaded; a print stylesheet (:data:`PRINT_CSS`) hides the
-theme's navigation, sidebars and search, and the page is printed with DevTools ``Page.printToPDF`` (images
-at their own resolution, the page title in the header). Once every page's length is known, a contents page
+Every page of ``_toc.yml`` (the root page, then each ``file`` and ``glob`` entry in order, part captions
+kept) is opened in Chromium (:class:`atlas_core.book.browser.Chromium`), which waits until MathJax has typeset
+the page, the images have decoded and the web fonts have loaded; a print stylesheet (:data:`PRINT_CSS`) hides
+the theme's navigation, sidebars and search, anything wider than the paper's text column (a wide table) is
+scaled to fit, and the page is printed with DevTools ``Page.printToPDF`` (images at their own resolution,
+a tagged PDF, the page title in the header). Once every page's length is known, a contents page
 with each page's first page number is printed, then one numbering layer ("n / N" in the footer, printed
 by Chromium itself), and :mod:`pypdf` merges them: contents, pages, numbers laid over every page, one
 bookmark per page under its part. Links between the book's pages (``file:`` addresses into this machine's
 build folder, as printed) become links inside the PDF; links to the web (a citation's DOI) stay.
 
-:func:`check_pdf` reads the written file back and lists what a reader would miss: pages, numbering,
-extractable text, each page's title, every figure and table caption number, every raster figure at its
-full pixel size.
+:func:`check_pdf` reads the written file back and lists what a reader would miss: pages, numbering, the
+contents, extractable text, each page's title, every figure and table caption number, every figure drawn
+(SVG included), every raster figure at its full pixel size, nothing cut at the margin.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ PRINT_CSS = """
   figure, img, table, .math, .admonition, pre { break-inside: avoid; }
   h1, h2, h3, h4, figcaption, .caption { break-after: avoid; }
   table { font-size: 8pt; }
-  .table-wrapper, div.cell_output, .output { overflow: visible !important; }
+  .table-wrapper, .pst-scrollable-table-container, div.cell_output, .output { overflow: visible !important; }
   pre { white-space: pre-wrap; }
 }
 """
@@ -84,8 +85,11 @@ PRINT_PREPARE = """
   const main = document.querySelector('article.bd-article, main, body');
   const shown = e => e.getClientRects().length > 0;
   const room = document.documentElement.clientWidth;  // the viewport: as wide as the paper's text column
-  const wide = () => Array.from(main.querySelectorAll('table, pre, mjx-container[display="true"], img, svg'))
-                       .filter(e => shown(e) && e.getBoundingClientRect().right > room + 1);
+  const wide = () => {
+    const over = Array.from(main.querySelectorAll('table, pre, mjx-container[display="true"], img, svg'))
+                   .filter(e => shown(e) && e.getBoundingClientRect().right > room + 1);
+    return over.filter(e => !over.some(o => o !== e && o.contains(e)));  // the outermost: zoom scales the rest
+  };
   const scaled = wide();
   for (let round = 0; round < 4; round++) {  // borders and text hinting do not scale exactly: refine
     wide().forEach(e => { const box = e.getBoundingClientRect();
@@ -299,8 +303,7 @@ def _print_document(browser, document: str, folder: Path, name: str, **options) 
     """Print an HTML string made here (the contents, the numbering layer) through ``browser``."""
     path = folder / name
     path.write_text(document, encoding="utf-8")
-    browser.call("Page.navigate", session=True, url=path.as_uri())
-    browser.wait_event("Page.loadEventFired")
+    browser.open(path.as_uri())
     return browser.print_pdf(**PAPER, **options)
 
 
@@ -320,7 +323,6 @@ def print_page(browser, page: Path, entry: TocEntry, book_title: str) -> tuple[P
         PdfError: the page did not finish rendering (math left untypeset or a TeX error, an image that did
             not decode), or it printed to no page.
     """
-
     probe, _, _ = browser.open(page.as_uri())
     bad = [img["src"] for img in probe["images"] if not (img["width"] > 0 and img["height"] > 0)]
     if probe["typeset"] < probe["math"] or probe["math_errors"] or bad:
@@ -372,7 +374,7 @@ def _link_target(uri: str, prefixes: dict[str, str], names: set[str]) -> str | N
     path = unquote(parts.path)
     for file, prefix in prefixes.items():
         if path.endswith(f"/{file}.html"):
-            for anchor in (parts.fragment, "main-content"):
+            for anchor in (unquote(parts.fragment), "main-content"):
                 if anchor and f"/{prefix}{anchor}" in names:
                     return f"/{prefix}{anchor}"
     return None
