@@ -6,8 +6,9 @@ Every chapter calls ``use_book_style()`` once (``glue.chapter_glue`` does it) an
 
 Sizes. Figures are saved as SVG, whose width and height are in points, so the browser draws them at
 96 px per inch at 100% zoom whatever the screen: a figure ``COLUMN_IN`` inches wide is 672 px wide, inside
-the book theme's article column (about 46 rem = 736 px at 1280 px and wider), and a 9 pt label is 12 px
-tall, never scaled down. Multi-panel figures are as wide as the column and taller, never wider.
+the book theme's article column (measured in Chromium with sphinx-book-theme 1.3.0: 740 px = 46.25 rem
+at a 1280 px window), and a 9 pt label is 12 px tall, never scaled down. On a phone (420 px) the
+column is narrower and figures scale down; a click opens them full size (``book/_static/atlas.js``). Multi-panel figures are as wide as the column and taller, never wider.
 
 Colours. The Okabe–Ito palette (Okabe & Ito 2008, "Color Universal Design") followed by Paul Tol's
 "muted" scheme (Tol 2021, "Colour Schemes", SRON/EPS/TN/09-002): both are distinguishable under the
