@@ -58,7 +58,7 @@ from atlas_core.eval import corpus_perplexity
 from atlas_core.extract import invariant_errors
 from atlas_core.figures import color, figsize
 from atlas_core.glue import chapter_glue, glue_key as key, listing, plural
-from atlas_core.models import load_model
+from atlas_core.models import load_model, parameter_count
 
 g = chapter_glue("models", chapter="models", model=model, corpus=listing(corpora), results_dir=results_dir)
 names = list(dict.fromkeys([model, *models]))  # the run's model first, no repeats
@@ -84,7 +84,7 @@ for name in tqdm(names, desc="models"):  # one model in memory at a time
                       "sliding layers": s.layer_types.count("sliding_attention"),
                       "window (tokens)": "none" if window is None else f"{window:,}",
                       "BOS": "yes" if s.add_bos else "no",
-                      "parameters (M)": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 1)})
+                      "parameters (M)": round(parameter_count(lm) / 1e6, 1)})
     # Σ_h c_h + b_O against the attention output, and attention rows against 1: first, middle and last layer
     inv = invariant_errors(lm, token_blocks(lm, BlockSpec(corpus="britannica", seq_len=invariant_seq_len,
                                                           n_blocks=invariant_blocks, split="eval")))
