@@ -24,8 +24,10 @@ def _own_cache(tmp_path, monkeypatch):
 
 def test_agreement_known_answers():
     a = torch.tensor([1, 2, 3, 4])
-    assert agreement(a, a) == {"agree": 1.0, "first_divergence": None, "identical_prefix": 4}
-    assert agreement(a, torch.tensor([1, 2, 9, 4])) == {"agree": 0.75, "first_divergence": 2, "identical_prefix": 2}
+    same, other = agreement(a, a), agreement(a, torch.tensor([1, 2, 9, 4]))
+    assert same.pop("matches").tolist() == [True] * 4 and other.pop("matches").tolist() == [True, True, False, True]
+    assert same == {"agree": 1.0, "first_divergence": None, "identical_prefix": 4}
+    assert other == {"agree": 0.75, "first_divergence": 2, "identical_prefix": 2}
     with pytest.raises(ValueError, match="length"):
         agreement(a, a[:3])
 
@@ -304,7 +306,8 @@ def test_model_rows_label_each_rule_and_carry_its_figures(qwen_toy):
     rows = model_rows("toy", qwen_toy, cfgs, blocks, prompt, dense)
     assert [(r["model"], r["rule"], r["blocks"]) for r in rows] == [("toy", "every layer", 2), ("toy", "first 1 dense", 2)]
     alone = teacher_forced(qwen_toy, blocks, cfgs[1])
-    assert set(rows[1]) == {"model", "rule", "blocks", *MODEL_FIGURES, "step_agree", "first_divergence"}
+    assert set(rows[1]) == {"model", "rule", "blocks", *MODEL_FIGURES, "step_agree", "step_matches", "first_divergence"}
+    assert rows[1]["step_matches"].shape == (4,) and rows[1]["step_matches"].mean() == rows[1]["step_agree"]
     assert (rows[1]["kl"], rows[1]["kl_lo"], rows[1]["discarded"]) == (alone["kl"], alone["kl_lo"], alone["discarded"])
 
 

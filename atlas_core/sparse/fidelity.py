@@ -316,7 +316,8 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
     Returns:
         {"agree": fraction of equal positions, "first_divergence": first unequal position (None if
-        identical), "identical_prefix": tokens before it}.
+        identical), "identical_prefix": tokens before it, "matches": (position,) numpy booleans, True where
+        the two agree (for ``segments.segment_agreement``)}.
     """
     if reference.shape != other.shape:
         raise ValueError(f"sequences differ in length: {tuple(reference.shape)} vs {tuple(other.shape)}")
@@ -324,7 +325,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
     diverge = (~same).nonzero()
     first = int(diverge[0]) if len(diverge) else None
     return {"agree": same.double().mean().item(), "first_divergence": first,
-            "identical_prefix": first if first is not None else int(same.numel())}
+            "identical_prefix": first if first is not None else int(same.numel()), "matches": same.cpu().numpy()}
 
 
 @torch.no_grad()
@@ -341,7 +342,7 @@ def trajectory_agreement(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: to
             ``greedy(lm, prompt, n, cfg)``.
     Returns:
         {"agree": fraction of steps where the sparse argmax equals the dense token, "first_divergence":
-        first step where it does not (None if never), "identical_prefix"}.
+        first step where it does not (None if never), "identical_prefix", "matches" (step,) booleans}.
     """
     x = torch.cat([prompt, dense_tokens[:-1]])[None]  # (1, prompt + n_new - 1)
     if cfg is not None and dense_prefill:
@@ -401,8 +402,8 @@ def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Ten
         n_blocks: per rule, the first blocks it is scored on (``teacher_forced_rules``).
     Returns:
         rows with the rule's settings, "blocks", each of ``MEASURES`` with its ``_lo`` / ``_hi``, the mean fixed,
-        selected and discarded mass (page recall for the page selector), step_agree and
-        first_divergence, and ``tf`` (the full ``teacher_forced_rules`` result, for paired comparisons).
+        selected and discarded mass (page recall for the page selector), step_agree, step_matches ((step,)
+        booleans: the sparse choice is the dense token) and first_divergence, and ``tf`` (the full ``teacher_forced_rules`` result, for paired comparisons).
     """
     rows = []
     results = teacher_forced_rules(lm, blocks, configs, progress, n_blocks=n_blocks)
@@ -412,7 +413,7 @@ def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Ten
                 for suffix in ("", "_lo", "_hi")}  # NaN if every layer is dense
         figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
         rows.append({**cfg.__dict__, "blocks": tf["blocks"], **figures, **mass, "step_agree": traj["agree"],
-                     "first_divergence": traj["first_divergence"], "tf": tf})
+                     "step_matches": traj["matches"], "first_divergence": traj["first_divergence"], "tf": tf})
     return rows
 
 
@@ -601,10 +602,11 @@ def model_rows(name: str, lm: LoadedModel, configs: list[SparseConfig], blocks: 
         configs: the rules (a rule with ``dense_layers`` is labelled "first 2 dense", the others "every layer").
         blocks, prompt, dense_tokens: as ``budget_sweep`` takes them (every rule on every block).
     Returns:
-        [{"model", "rule", "blocks", each of ``MODEL_FIGURES``, "step_agree", "first_divergence"}], one per rule.
+        [{"model", "rule", "blocks", each of ``MODEL_FIGURES``, "step_agree", "step_matches", "first_divergence"}],
+        one per rule.
     """
     return [{"model": name, "rule": f"first {r['dense_layers']} dense" if r["dense_layers"] else "every layer",
-             "blocks": r["blocks"], **{k: r[k] for k in (*MODEL_FIGURES, "step_agree", "first_divergence")}}
+             "blocks": r["blocks"], **{k: r[k] for k in (*MODEL_FIGURES, "step_agree", "step_matches", "first_divergence")}}
             for r in budget_sweep(lm, configs, blocks, prompt, dense_tokens)]
 
 
