@@ -5,6 +5,8 @@ each head's value coordinates; frames of rank k; O = mean principal cosine; inte
 headline under grouped-query attention; a bootstrap CI over pairs; the Haar null (``geometry``). The
 controls repeat it on z and on c = W_O z, at every k of a sweep, on further corpora, sampling seeds and
 layers, and set each head's d_int against its mean overlap (``stats``), with Haar frames as the null.
+Intra-group pairs (heads that share a KV head) are judged against the shared-value null instead
+(``intra_null``: the same keys and values, each head's queries independently rotated).
 
 ``measure_model`` returns every number the chapter prints for one model; the chapter only formats them.
 """
@@ -16,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj, subsample
+from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj, point_indices, subsample
 from atlas_core.geometry import (OverlapResult, check_rank, frame_rank, haar_head_overlaps, head_mean_overlap,
                                  layer_overlap, overlap_sweep)
+from atlas_core.intra_null import IntraNullSpec, intra_group_null, layer_group_attention
 from atlas_core.intrinsic import per_head_dropped
 from atlas_core.models import LoadedModel, load_model
 from atlas_core import interval
@@ -42,6 +45,7 @@ class Protocol:
     null_draws: int = 500
     n_perm: int = 20_000
     spearman_null_draws: int = 1000
+    intra_null_draws: int = 200  # draws of the shared-value null of intra-group pairs (``intra_null``)
 
     def cloud_spec(self, corpus: str | None = None, seed: int | None = None, n_points: int | None = None) -> CloudSpec:
         """The clouds of one corpus and seed (the protocol's own by default)."""
@@ -110,18 +114,43 @@ def overlap_summary(result: OverlapResult, cloud=None) -> dict:
     return out
 
 
+def intra_null(lm: LoadedModel, layer: int, p: Protocol) -> dict | None:
+    """The shared-value null of the protocol's intra-group O_h (ε, rank p.k) in one layer: heads reading the
+    same keys and values with independent query weights (``intra_null.intra_group_null``), on the protocol's
+    own blocks and points.
+
+    Args:
+        lm: the loaded model; layer: its index (the protocol's deepest layer).
+        p: the protocol (its clouds, k, first seed and ``intra_null_draws``).
+    Returns:
+        {"mean", "std": of the draws, "n_pairs": intra-group pairs, "n_draws", "observed": the same statistic on
+        the model's own queries (the protocol's intra-group O_h up to floating-point error)}; None when no two
+        query heads share a KV head (MHA).
+    """
+    if len(np.unique(kv_groups(lm))) == lm.spec.n_heads:
+        return None
+    spec = p.cloud_spec()
+    null = intra_group_null(layer_group_attention(lm, layer, spec), point_indices(spec),
+                            IntraNullSpec(k=p.k, n_draws=p.intra_null_draws, seed=p.seeds[0]))
+    return {"mean": null["mean"], "std": null["std"], "n_pairs": null["n_pairs"], "n_draws": p.intra_null_draws,
+            "observed": null["observed"]}
+
+
 def measure_model(name: str, p: Protocol) -> dict:
     """Every number of the crossarch chapter for one model; the model is loaded, read and freed first.
 
     Returns:
         {"spec", "deep", "mid", "kv_groups", "main": {"eps"|"z"|"c": summary}, "sweep": {k: summary},
          "k_id", "at_k_id": summary at the source's per-model k, "depth": {layer: summary},
-         "seeds": {seed: summary}, "corpora": {corpus: summary}, "spearman": the per-head test and its null}
+         "seeds": {seed: summary}, "corpora": {corpus: summary}, "spearman": the per-head test and its null};
+        main["eps"] also holds "intra_null_mean", "intra_null_std" and "intra_null_z" (the intra-group O_h against
+        the shared-value null, ``intra_null``; None under MHA)
     Raises:
         ValueError: a protocol the model cannot run (``Protocol.check``)
     """
     lm = load_model(name)
     x = model_clouds(lm, p)
+    shared = intra_null(lm, x["deep"], p)
     del lm
     gc.collect()  # one model in memory at a time
     groups, deep, d_head = x["groups"], x["deep"], x["spec"]["d_head"]
@@ -131,6 +160,7 @@ def measure_model(name: str, p: Protocol) -> dict:
     main = {"eps": overlap_summary(depth_res[deep], x["eps"][deep]),
             "z": overlap_summary(protocol_overlap(x["z"], groups, p), x["z"]),
             "c": overlap_summary(protocol_overlap(c, groups, p, x["w_o"]), c)}
+    main["eps"].update(intra_null_summary(main["eps"]["intra"], shared))
     sweep = {kk: r.summary() for kk, r in overlap_sweep(x["eps"][deep], groups, p.k_range, "source", p.n_boot,
                                                          p.seeds[0], p.null_draws).items()}
     k_id = frame_rank(main["eps"]["d_int_twonn_source"], d_head)  # the source's per-model k
@@ -147,6 +177,16 @@ def measure_model(name: str, p: Protocol) -> dict:
                                                for cn, cl in x["corpora"].items()},
         spearman=_spearman(x, depth_res, main, p),
     )
+
+
+def intra_null_summary(intra: float | None, null: dict | None) -> dict:
+    """{"intra_null_mean", "intra_null_std", "intra_null_n_pairs", "intra_null_z"}: an intra-group O_h against its
+    shared-value null (``intra_null``); every value None when there is no intra-group pair, the z-score NaN when
+    the null has no spread (values confined to k directions: every draw gives the same overlap)."""
+    if intra is None or null is None:
+        return dict.fromkeys(("intra_null_mean", "intra_null_std", "intra_null_n_pairs", "intra_null_z"))
+    return {"intra_null_mean": null["mean"], "intra_null_std": null["std"], "intra_null_n_pairs": null["n_pairs"],
+            "intra_null_z": (intra - null["mean"]) / null["std"] if null["std"] > 0 else float("nan")}
 
 
 def _spearman(x: dict, depth_res: dict, main: dict, p: Protocol) -> dict:

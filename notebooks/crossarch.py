@@ -53,6 +53,7 @@ n_boot = 2000
 null_draws = 500
 n_perm = 20000
 spearman_null_draws = 1000
+intra_null_draws = 200  # draws of the shared-value null of intra-group pairs
 results_dir = "results"
 
 # %%
@@ -75,7 +76,8 @@ from atlas_core.stats import null_r2
 names = list(dict.fromkeys([model, *models]))  # the run's model first, no repeats
 protocol = Protocol(corpora=tuple(corpora), k=k, k_range=tuple(k_range), n_points=n_points, n_blocks=n_blocks,
                     seq_len=seq_len, seeds=tuple(seeds), n_deep=n_deep, mid_depth=mid_depth, n_boot=n_boot,
-                    null_draws=null_draws, n_perm=n_perm, spearman_null_draws=spearman_null_draws)
+                    null_draws=null_draws, n_perm=n_perm, spearman_null_draws=spearman_null_draws,
+                    intra_null_draws=intra_null_draws)
 RESIDUALS = {"eps": "ε", "z": "z", "c": "c (after W_O)"}
 
 

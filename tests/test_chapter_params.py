@@ -34,6 +34,7 @@ def test_shipped_defaults_pass(chapter):
     ("crossarch", "mid_depth", 1.5, "must lie in [0.0, 1.0]"),
     ("crossarch", "mid_depth", float("nan"), "must be a finite number"),
     ("crossarch", "seeds", [], "needs at least one value"),
+    ("crossarch", "intra_null_draws", 1, "must be ≥ 2"),
     ("kvquant", "prefill", 511, "must be in 1..510 for seq_len 512"),  # EvalSetup.check_block  # passed before, then failed inside the kernel
     ("kvquant", "eval_blocks", 1, "must be ≥ 2"),  # one block: a zero-width interval and a verdict
     ("sparse", "eval_blocks", 1, "must be ≥ 2"),

@@ -23,7 +23,8 @@ TOY = "toy-llama"
 SMALL = {  # chapter -> -p overrides (strings, as on the command line)
     "models": {"models": '["toy-llama"]', "ppl_tokens": "512", "ppl_seq_len": "128", "invariant_seq_len": "64"},
     "crossarch": {"models": '["toy-llama"]', "n_points": "200", "n_blocks": "4", "seq_len": "64", "n_deep": "2",
-                  "n_boot": "200", "null_draws": "50", "n_perm": "200", "spearman_null_draws": "20"},
+                  "n_boot": "200", "null_draws": "50", "n_perm": "200", "spearman_null_draws": "20",
+                  "intra_null_draws": "5"},
     "atlas": {"n_points": "200", "n_blocks": "4", "seq_len": "64", "n_boot": "200", "null_draws": "50",
               "top1_seq_len": "64", "top1_eval_blocks": "2", "top1_calib_seq_len": "64", "top1_calib_blocks": "2"},
     "nqp": {"eval_blocks": "2", "calib_blocks": "2", "seq_len": "64", "group": "32"},

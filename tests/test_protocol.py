@@ -7,11 +7,15 @@ from atlas_core.clouds import head_clouds, kv_groups
 from atlas_core.geometry import head_mean_overlap, layer_overlap
 from atlas_core.intrinsic import per_head
 from atlas_core.models import load_model
-from atlas_core.protocol import Protocol, intrinsic_dims, measure_model, overlap_summary, protocol_overlap
+from atlas_core.clouds import point_indices
+from atlas_core.intra_null import IntraNullSpec, intra_group_null, layer_group_attention
+from atlas_core.protocol import (Protocol, intra_null, intra_null_summary, intrinsic_dims, measure_model, overlap_summary,
+                                 protocol_overlap)
 from atlas_core.stats import spearman_by_group
 
 TINY = Protocol(corpora=("pydoc", "britannica"), k=3, k_range=(2, 3, 5), n_points=120, n_blocks=3, seq_len=64,
-                seeds=(0, 4), n_deep=2, mid_depth=0.5, n_boot=50, null_draws=20, n_perm=50, spearman_null_draws=6)
+                seeds=(0, 4), n_deep=2, mid_depth=0.5, n_boot=50, null_draws=20, n_perm=50, spearman_null_draws=6,
+                intra_null_draws=5)
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +67,25 @@ def test_summary_adds_the_cloud_d_int():
     assert out["o_h"] == res.o_h and out["k"] == 3
     assert out["d_int_twonn_source"] == ids["twonn_source"].mean() and out["d_int_twonn_per_head"] == ids["twonn"].tolist()
     assert "d_int_twonn" not in overlap_summary(res)
+
+
+def test_intra_group_pairs_get_the_shared_value_null():
+    """measure_model judges the intra-group O_h against heads reading the same keys and values with independent
+    queries (intra_null), on the protocol's own points: its unrotated statistic is the protocol's intra O_h."""
+    r = measure_model("toy-llama", TINY)["main"]["eps"]
+    lm = load_model("toy-llama")
+    by_hand = intra_group_null(layer_group_attention(lm, 1, TINY.cloud_spec()), point_indices(TINY.cloud_spec()),
+                               IntraNullSpec(k=3, n_draws=5, seed=0))
+    assert r["intra_null_mean"] == by_hand["mean"] and r["intra_null_std"] == by_hand["std"]
+    assert r["intra_null_n_pairs"] == by_hand["n_pairs"] == r["n_intra"] == 2  # toy-llama: 2 heads per KV head
+    assert r["intra_null_z"] == pytest.approx((r["intra"] - by_hand["mean"]) / by_hand["std"])
+    assert by_hand["observed"] == pytest.approx(r["intra"], abs=1e-4)
+    assert intra_null(lm, 1, TINY)["n_draws"] == 5
+    assert intra_null(load_model("toy-gpt2"), 1, TINY) is None  # MHA: no two heads share a KV head
+
+
+def test_intra_null_summary_without_intra_pairs_or_spread():
+    assert set(intra_null_summary(None, None).values()) == {None}  # MHA: no intra-group pair
+    flat = intra_null_summary(1.0, {"mean": 1.0, "std": 0.0, "n_pairs": 3})
+    assert np.isnan(flat["intra_null_z"]) and flat["intra_null_mean"] == 1.0
+    assert intra_null_summary(0.6, {"mean": 0.5, "std": 0.05, "n_pairs": 3})["intra_null_z"] == pytest.approx(2.0)

@@ -212,6 +212,7 @@ def _atlas(p: dict) -> None:
 def _crossarch(p: dict) -> None:
     _ints(p, "k", "k_range", "n_points", "n_blocks", "seq_len", "n_deep", "n_boot", "null_draws", "n_perm",
           "spearman_null_draws")
+    _ints(p, "intra_null_draws", low=2)  # a mean and a standard deviation of the draws
     _ints(p, "seeds", low=0)
     _number(p, "mid_depth", 0.0, 1.0)
     if p["k"] not in p["k_range"]:
