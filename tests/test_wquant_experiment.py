@@ -128,3 +128,19 @@ def test_runset_finds_each_run_by_method_bits_and_group():
         swept.get("awq", 4)
     with pytest.raises(ValueError, match="measured twice"):
         RunSet(tuple(runs + [runs[0]]))
+
+
+def test_best_across_names_each_outcome_once():
+    # before: "the best method is awq at 4 bits and awq at 3 bits"
+    from atlas_core.wquant.experiment import best_across, label
+
+    assert best_across({4: ("awq", []), 3: ("awq", [])}) == "AWQ at both 3 and 4 bits"
+    assert best_across({4: ("awq", []), 3: ("gptq", [])}) == "AWQ at 4 bits and GPTQ at 3 bits"
+    assert best_across({3: ("rot-fisher", [])}) == "Fisher rotation at 3 bits"
+    three = best_across({8: ("rtn", ["awq"]), 4: ("rtn", ["awq"]), 3: ("rtn", ["awq"])})
+    assert three == f"RTN (AWQ {TIE} from it) at 3, 4 and 8 bits"
+    # the same best with different ties is a different outcome, named apart
+    assert best_across({4: ("awq", ["gptq"]), 3: ("awq", [])}) == f"AWQ (GPTQ {TIE} from it) at 4 bits and AWQ at 3 bits"
+    assert label("nqp-scaled") == "NQP λ-scaled" and label("mystery") == "mystery"
+    with pytest.raises(ValueError, match="at least one"):
+        best_across({})

@@ -45,6 +45,34 @@ def test_participation_rows_count_each_input_once_with_hand_values():
     assert rows[1]["pr_h"] == pytest.approx(16 / 10) and rows[1]["pr_fisher"] == pytest.approx(1.0)  # (3+1)²/(9+1)
 
 
+def test_participation_rows_bound_the_fisher_by_the_smaller_width():
+    # g = Wᵀ ∂L/∂y lies in W's row space: a down projection's F has rank ≤ its output width (SmolLM2: 576, not
+    # the 1,536 of its input), H only by its input width
+    stats = {"model.layers.0.mlp.down_proj": _stats([1, 1, 1, 1], [1, 1, 0, 0]),
+             "model.layers.0.self_attn.q_proj": _stats([1, 1], [1, 1])}
+    rows = participation_rows(stats, {"model.layers.0.mlp.down_proj": 2, "model.layers.0.self_attn.q_proj": 6})
+    assert [(r["width"], r["out_width"], r["fisher_bound"]) for r in rows] == [(4, 2, 2), (2, 6, 2)]
+    assert "fisher_bound" not in participation_rows(stats)[0]
+    with pytest.raises(ValueError, match="no output width"):
+        participation_rows(stats, {"model.layers.0.mlp.down_proj": 2})
+
+
+def test_fisher_bound_holds_on_a_toy_model():
+    """On a real (toy) calibration, F's participation ratio never exceeds min(in, out), nor H's the input width."""
+    from atlas_core.corpus import BlockSpec, token_blocks
+    from atlas_core.wquant.calib import calibration_stats
+    from atlas_core.wquant.layers import output_widths
+
+    lm = load_model("toy-llama")
+    blocks = token_blocks(lm, BlockSpec(corpus="britannica", seq_len=32, n_blocks=2, split="calib"))
+    widths = output_widths(lm.model)
+    rows = participation_rows(calibration_stats(lm, blocks, progress=False), widths)
+    assert {r["layer"] for r in rows} <= set(widths)
+    for r in rows:
+        assert r["out_width"] == widths[r["layer"]] and r["fisher_bound"] == min(r["width"], r["out_width"])
+        assert 1 - 1e-9 <= r["pr_fisher"] <= r["fisher_bound"] + 1e-6 and r["pr_h"] <= r["width"] + 1e-6
+
+
 def test_participation_rows_need_the_fisher():
     with pytest.raises(ValueError, match="fisher=True"):
         participation_rows({"model.layers.0.mlp.down_proj": _stats([1, 1], None)})

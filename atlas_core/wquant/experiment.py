@@ -23,11 +23,19 @@ from atlas_core.models import LoadedModel
 from atlas_core.wquant.apply import quantize_model, quantize_model_sequential
 from atlas_core.wquant.calib import CalibConfig, LayerStats, calibration_stats
 from atlas_core.wquant.gptq import GPTQConfig
-from atlas_core.claims import TIE, direction
+from atlas_core.claims import TIE, best_text, direction
 from atlas_core.wquant.rtn import WQuantSpec
 
-__all__ = ["Comparison", "RunSet", "best_method", "compare", "restored_weights", "run_wquant"]
+__all__ = ["LABELS", "Comparison", "RunSet", "best_across", "best_method", "compare", "label", "restored_weights",
+           "run_wquant"]
 NEEDS_STATS = ("gptq", "rot-fisher", "nqp-scaled")  # methods quantized from calibration statistics (one-pass GPTQ)
+LABELS = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "rot-fisher": "Fisher rotation", "rot-haar": "Haar rotation",
+          "rot-hadamard": "Hadamard rotation", "nqp-scaled": "NQP λ-scaled"}  # apply.METHODS as the book names them
+
+
+def label(method: str) -> str:
+    """A method's name in the book's prose, tables and legends (``LABELS``); an unknown name unchanged."""
+    return LABELS.get(method, method)
 
 
 @contextlib.contextmanager
@@ -148,6 +156,33 @@ def best_method(nlls: dict[str, torch.Tensor], boot: Bootstrap = DEFAULT) -> tup
     best = min(ppl, key=ppl.get)
     ties = [n for n in nlls if n != best and compare(nlls[n], nlls[best], n, best, boot).verdict == TIE]
     return best, ties
+
+
+def best_across(best: dict[int, tuple[str, list[str]]]) -> str:
+    """The best method at each bit width in one phrase, each outcome named once: "AWQ at both 3 and 4 bits",
+    "AWQ at 4 bits and GPTQ at 3 bits", "GPTQ (AWQ not distinguishable … from it) at 3, 4 and 8 bits".
+
+    Args:
+        best: {bits: ``best_method``'s (best, ties)}, methods by their ids (named with ``label``).
+    Returns:
+        the phrase; bit widths with the same best and the same ties are named together, ascending.
+    Raises:
+        ValueError: ``best`` is empty.
+    """
+    if not best:
+        raise ValueError("best_across needs the best method of at least one bit width")
+    by_text: dict[str, list[int]] = {}
+    for bits in sorted(best, reverse=True):  # the widest first, as the chapter reports them
+        name, ties = best[bits]
+        by_text.setdefault(best_text(label(name), [label(t) for t in ties]).text, []).append(bits)
+
+    def widths(bits: list[int]) -> str:
+        b = [str(x) for x in sorted(bits)]
+        return (f"at {b[0]} bits" if len(b) == 1 else f"at both {b[0]} and {b[1]} bits" if len(b) == 2
+                else f"at {', '.join(b[:-1])} and {b[-1]} bits")
+
+    parts = [f"{text} {widths(bits)}" for text, bits in by_text.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 @dataclass(frozen=True)

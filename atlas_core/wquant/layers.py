@@ -9,9 +9,10 @@ projections included); GPT-2 calls two different layers ``c_proj``, so its paren
 
 from __future__ import annotations
 
-from atlas_core.wquant.calib import LayerStats, participation_ratio
+from atlas_core.wquant.calib import LayerStats, linear_layers, participation_ratio, weight_of
 
-__all__ = ["LAYER_TYPES", "SHARED_INPUT", "layer_index", "layer_type", "participation_rows"]
+__all__ = ["LAYER_TYPES", "SHARED_INPUT", "layer_index", "layer_type", "linear_widths", "output_widths",
+           "participation_rows"]
 
 ATTN_IN, ATTN_OUT, MLP_IN, MLP_DOWN = "attention in (q, k, v)", "attention out", "MLP in (gate, up)", "MLP down"
 LAYER_TYPES = {  # the layer's name (its last one or two components) -> its type
@@ -56,19 +57,27 @@ def layer_index(name: str) -> int:
     raise ValueError(f"linear layer {name!r} names no decoder block index")
 
 
-def participation_rows(stats: dict[str, LayerStats]) -> list[dict]:
+def participation_rows(stats: dict[str, LayerStats], out_widths: dict[str, int] | None = None) -> list[dict]:
     """Participation ratios of each linear layer's input second moment H and activation Fisher F.
 
     Layers that read an input already counted (``SHARED_INPUT``: k and v after q, up after gate) are left
     out, so each input is counted once.
 
+    The largest participation ratio a matrix can have is its rank. H = E[x xᵀ] is (in, in): at most the input
+    width. F = E[g gᵀ] with g = Wᵀ ∂L/∂y, the gradient through this layer alone (``calibration_stats``' backward
+    hook), lies in the row space of W: F's rank is at most min(in, out). For an MLP's down projection that is
+    the residual width, not its (wider) input width.
+
     Args:
         stats: {layer name: ``LayerStats`` with ``fisher``} (``calib.calibration_stats``).
+        out_widths: {layer name: output width} (``output_widths``); with it each row also has "out_width" and
+            "fisher_bound".
     Returns:
-        [{"layer", "type", "depth" (block index), "width" (input width), "pr_h", "pr_fisher"}] in ``stats``' order;
-        a participation ratio is (Σλ)²/Σλ²: 1 for rank one, the width for an isotropic matrix.
+        [{"layer", "type", "depth" (block index), "width" (input width), "pr_h", "pr_fisher"} (+ "out_width",
+        "fisher_bound" = min(width, out_width))] in ``stats``' order; a participation ratio is (Σλ)²/Σλ²: 1 for
+        rank one, the width for an isotropic matrix.
     Raises:
-        ValueError: statistics without a Fisher, or a layer of no known type.
+        ValueError: statistics without a Fisher, a layer of no known type, or a layer missing from ``out_widths``.
     """
     rows = []
     for name, s in stats.items():
@@ -76,9 +85,19 @@ def participation_rows(stats: dict[str, LayerStats]) -> list[dict]:
             continue
         if s.gg is None:
             raise ValueError(f"{name}: statistics without a Fisher; compute them with calibration_stats(..., fisher=True)")
-        rows.append({"layer": name, "type": layer_type(name), "depth": layer_index(name), "width": s.xx.shape[0],
-                     "pr_h": participation_ratio(s.h), "pr_fisher": participation_ratio(s.fisher)})
+        row = {"layer": name, "type": layer_type(name), "depth": layer_index(name), "width": s.xx.shape[0],
+               "pr_h": participation_ratio(s.h), "pr_fisher": participation_ratio(s.fisher)}
+        if out_widths is not None:
+            if name not in out_widths:
+                raise ValueError(f"{name}: no output width given; out_widths has {sorted(out_widths)[:4]} …")
+            row.update(out_width=out_widths[name], fisher_bound=min(row["width"], out_widths[name]))
+        rows.append(row)
     return rows
+
+
+def output_widths(model) -> dict[str, int]:
+    """{name: output width} of the decoder's linear layers (``calib.linear_layers``), whatever their weight layout."""
+    return {name: weight_of(m).shape[0] for name, m in linear_layers(model).items()}
 
 
 def linear_widths(config) -> tuple[int, ...]:
@@ -95,8 +114,6 @@ def linear_widths(config) -> tuple[int, ...]:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
-
-    from atlas_core.wquant.calib import linear_layers
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
