@@ -31,6 +31,7 @@ def test_shipped_defaults_pass(chapter):
     ("atlas", "k_sweep", [5, 6], "must contain the headline k"),
     ("atlas", "n_points", 10**6, "positions"),
     ("atlas", "metric", "cosine", "choose from source, projection"),
+    ("atlas", "intra_null_draws", 1, "n_draws must be an integer ≥ 2"),
     ("crossarch", "mid_depth", 1.5, "must lie in [0.0, 1.0]"),
     ("crossarch", "mid_depth", float("nan"), "must be a finite number"),
     ("crossarch", "seeds", [], "needs at least one value"),

@@ -194,11 +194,13 @@ def _cloud(p: dict, name: str, corpus: str, seed: int) -> None:
 
 def _atlas(p: dict) -> None:
     from atlas_core.geometry import METRICS
+    from atlas_core.intra_null import IntraNullSpec
 
-    _ints(p, "seq_len", "n_blocks", "n_points", "k", "k_sweep", "n_boot", "null_draws", "blas_threads",
-          "top1_seq_len", "top1_eval_blocks", "top1_calib_seq_len", "top1_calib_blocks")
+    _ints(p, "seq_len", "n_blocks", "n_points", "k", "k_sweep", "n_boot", "null_draws", "intra_null_draws",
+          "blas_threads", "top1_seq_len", "top1_eval_blocks", "top1_calib_seq_len", "top1_calib_blocks")
     _ints(p, "seed", low=0)
     _names(p, "metric", METRICS)
+    _as("intra_null_draws", p["intra_null_draws"], lambda: IntraNullSpec(n_draws=p["intra_null_draws"]))
     if p["k"] not in p["k_sweep"]:
         _fail("k_sweep", p["k_sweep"], f"must contain the headline k = {p['k']}")
     _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["n_blocks"])
