@@ -13,6 +13,10 @@
 # %% [markdown]
 # # KV-cache quantization: model-visible error and HeadQ
 #
+# ```{glue:md} kv_run_box
+# :format: myst
+# ```
+#
 # **The question.** When the cached keys of a language model are quantized to 2 bits, which measure of
 # the key error tells us what the model will notice? And can a small, query-aware correction win back the
 # perplexity that the quantization loses, at a fair price in stored bits?
@@ -82,7 +86,7 @@ calib_blocks = 8  # blocks of the calibration split (never overlapping evaluatio
 group = 32  # quantization group (channels per token, or tokens per channel for KIVI)
 bits = [2, 3, 4]  # key bits of the K-only runs
 kv_bits = [2, 3]  # bits of the full-KV runs (keys and values); each run costs ~1 min on one thread
-ranks = [1, 8, 32]  # HeadQ rank sweep at 2 bits
+ranks = [1, 8, 16, 32]  # HeadQ rank sweep at 2 bits
 rank = 8  # HeadQ rank of the headline, the controls and the bit sweep
 side_bits = 4  # b′
 metric_layers = "first,middle,last"  # layers of the offline error study: names or indices
@@ -106,12 +110,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import NullFormatter
 from scipy.stats import spearmanr
 from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core import interval
 from atlas_core.cache import write_json
-from atlas_core.glue import prefixed_glue
+from atlas_core.figures import color, figsize, style
+from atlas_core.glue import chapter_glue, listing, number, plural
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.attention import attention_modules
 from atlas_core.extract import extract
@@ -119,10 +125,11 @@ from atlas_core.kvquant import metrics, policy
 from atlas_core import claims
 from atlas_core.kvquant.experiment import EvalSetup, KVMethod, Runs
 from atlas_core.kvquant.study import error_rows, key_variants, split_blocks, study_layers
+from atlas_core.kvquant.verdicts import RankResult, headq_ranks
 from atlas_core.models import load_model
 
 
-g = prefixed_glue("kv")  # g(key, value) glues kv_<key>
+g = chapter_glue("kv", chapter="kvquant", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value) glues kv_<key>
 
 
 torch.manual_seed(seed)
@@ -137,6 +144,11 @@ g("corpus", corpus)
 g("seq_len", seq_len)
 g("eval_blocks", eval_blocks)
 g("metric_blocks", metric_blocks)
+g("eval_blocks_text", plural(eval_blocks, "block"))
+g("metric_blocks_text", plural(metric_blocks, "block"))
+g("eval_tokens_text", f"{(seq_len - prefill - 1) * eval_blocks:,}")
+decode_sample = f"{plural(eval_blocks, 'block')} of {seq_len} tokens ({prefill} prefilled), scored together"
+metric_sample = f"{plural(metric_blocks, 'block')} of {seq_len} tokens, layers {listing(layers)}"
 g("eval_tokens", (seq_len - prefill - 1) * eval_blocks)
 g("engine", {"onepass": "in one forward pass per block", "decode": "token by token"}[engine])
 g("prefill", prefill)
@@ -151,9 +163,9 @@ g("n_heads", s.n_heads)
 # %% [markdown]
 # **Setting.** The model is {glue:text}`kv_model:s`, with {glue:text}`kv_n_heads:d` query heads sharing
 # {glue:text}`kv_n_kv_heads:d` KV heads per layer and $d_\text{head}$ = {glue:text}`kv_d_head:d`. It decodes
-# {glue:text}`kv_eval_blocks:d` blocks of {glue:text}`kv_seq_len:d` tokens of the {glue:text}`kv_corpus:s`
+# {glue:text}`kv_eval_blocks_text:s` of {glue:text}`kv_seq_len:d` tokens of the {glue:text}`kv_corpus:s`
 # evaluation split. The first {glue:text}`kv_prefill:d` tokens of each block are prefilled, and the
-# {glue:text}`kv_eval_tokens:d` tokens that follow are scored, each predicted from a past that the cache
+# {glue:text}`kv_eval_tokens_text:s` tokens that follow are scored, each predicted from a past that the cache
 # holds quantized. HeadQ's query bases come from {glue:text}`kv_calib_tokens:d` tokens of the calibration
 # split, which never overlaps the evaluation split. The paper used six models and WikiText-103; this
 # chapter uses one small model and other prose, so what can be compared is the direction and rough size of
@@ -216,19 +228,23 @@ g.estimate("fisher_kl_ratio", interval.median(kl_per_fisher))  # the median over
 g("n_metric_heads", len(by_head))
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
+fig, axes = plt.subplots(1, 3, figsize=figsize(1, 3, panel_aspect=1.0), sharey=True)
 families = sorted(errors["family"].unique())
-colors = dict(zip(families, plt.cm.tab10.colors))
+# the error study's configuration families drawn as the book's methods: HeadQ's bases are HeadQ and its controls
+as_method = {"HeadQ": "headq", "KIVI": "kivi", "random basis": "random-rotation", "key-PCA basis": "headq (key-PCA basis)"}
 for ax, (name, label) in zip(axes, predictors.items()):
-    for fam in families:
-        sub = errors[errors["family"] == fam]
-        ax.scatter(sub[name], sub["kl"], s=6, alpha=0.6, color=colors[fam], label=fam)
-    ax.set(xscale="log", yscale="log", xlabel=label, title=f"Spearman ρ = {rho[name]:.2f}")
-axes[0].set_ylabel("attention KL(a‖â)")
-axes[-1].legend(fontsize=7, markerscale=2, loc="lower right")
+    for fam in families:  # the errors span decades: log axes, named as such
+        sub, look = errors[errors["family"] == fam], style(as_method.get(fam, fam))
+        ax.scatter(sub[name], sub["kl"], s=10, alpha=0.6, color=look["color"], marker=look["marker"], label=fam)
+    ax.set(xscale="log", yscale="log", xlabel=f"{label} (log scale)", title=f"Spearman ρ = {rho[name]:.2f}")
+    for axis in (ax.xaxis, ax.yaxis):  # labels at the decades only: minor labels would overlap
+        axis.set_minor_formatter(NullFormatter())
+axes[0].set_ylabel("attention KL(a‖â) (log scale)")
 fig.tight_layout()
-g("fig_metrics", fig)
-plt.close(fig)
+handles, labels = axes[0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=min(4, len(labels)), markerscale=2)
+g.figure("fig_metrics", fig, data=errors[["layer", "head", "config", "family", "key_mse", "logit_mse", "fisher", "kl"]],
+         sample=metric_sample)
 
 # %% [markdown]
 # ```{glue:figure} kv_fig_metrics
@@ -237,9 +253,11 @@ plt.close(fig)
 # Attention KL (vertical, log scale) against three measures of key error (horizontal, log scale): key
 # MSE, logit MSE and the Fisher form. One point per (layer, query head, configuration):
 # {glue:text}`kv_n_error_rows:d` points from layers {glue:text}`kv_metric_layers:s` and
-# {glue:text}`kv_n_configs:d` configurations, coloured by configuration family. ρ in each title is the
-# Spearman rank correlation over all points. A measure that predicts KL puts the points on one thin,
-# rising band; a measure that does not leaves a wide cloud, with families side by side.
+# {glue:text}`kv_n_configs:d` configurations, coloured by configuration family (legend below the panels). ρ in
+# each title is the Spearman rank correlation over all points. A measure that predicts KL puts the points on
+# one thin, rising band; a measure that does not leaves a wide cloud, with families side by side.
+#
+# {glue:md}`kv_fig_metrics_prov:myst`
 # ```
 #
 # **Result.** {numref}`fig-kv-metrics` shows the three measures against attention KL. Across heads and
@@ -252,7 +270,7 @@ plt.close(fig)
 # KL/Fisher is {glue:text}`kv_fisher_kl_ratio:.2f` [{glue:text}`kv_fisher_kl_ratio_lo:.2f`,
 # {glue:text}`kv_fisher_kl_ratio_hi:.2f`], near 1, as the second-order expansion says. (Intervals in this
 # section are 95% bootstrap intervals over the {glue:text}`kv_n_metric_heads:d` (layer, query head) pairs,
-# each drawn with all its configurations: the error study reads {glue:text}`kv_metric_blocks:d` blocks, too
+# each drawn with all its configurations: the error study reads {glue:text}`kv_metric_blocks_text:s`, too
 # few to resample blocks.)
 #
 # The null-space perturbation separates the two kinds of error. It has {glue:text}`kv_null_mse_ratio:.2f`×
@@ -307,22 +325,51 @@ def versus(f: dict) -> str:
     return "n.d." if d == claims.TIE else d
 
 
+# One format per quantity in every table and sentence of this chapter: perplexity 3 decimals, ratios 2,
+# stored bits 3, shares of the excess as percentages with 1 decimal; "—" where a figure does not apply.
+PPL, RATIO, BITS, SHARE = ".3f", ".2f", ".3f", ".1%"
+KEY_BITS, VALUE_BITS, KV_BITS = "key bits per element", "value bits per element", "mean K/V bits per element"
+BITS_COLUMNS = (KEY_BITS, VALUE_BITS, KV_BITS, "payload bits per value element", "KIVI key bits per element")
+
+
 def row(m: KVMethod) -> dict:
+    """One method's row as the page shows it: measured bits, and every figure "value [lo, hi]" (95%, paired)."""
     r, f = runs(m), runs.figures(m)
-    return {"method": r["label"], "bits/key": r["bits_key"], "bits/value": r["bits_value"],
-            "bits/KV": (r["bits_key"] + r["bits_value"]) / 2, "PPL": f"{f['ppl']:.2f}",
-            "PPL / fp": f"{f['ratio_fp']:.3f}",
-            "excess removed": f"{f['excess_removed']:.1%}" if "excess_removed" in f else "—", "vs baseline": versus(f)}
+    return {"method": r["label"], KEY_BITS: r["bits_key"], VALUE_BITS: r["bits_value"],
+            KV_BITS: (r["bits_key"] + r["bits_value"]) / 2, "perplexity": format(f["ppl"], PPL),
+            "perplexity ÷ fp": format(f["ratio_fp"], RATIO),
+            "excess removed": format(f["excess_removed"], SHARE) if "excess_removed" in f else "—", "vs baseline": versus(f)}
+
+
+def raw_row(m: KVMethod) -> dict:
+    """The numbers behind ``row``: measured bits and every figure of ``runs.figures`` with its interval."""
+    r = runs(m)
+    out = {"method": r["label"], "bits_key": r["bits_key"], "bits_value": r["bits_value"], "value_payload": r["value_payload"]}
+    for name, est in runs.figures(m).items():
+        out |= {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+    return out
 
 
 def table(methods) -> pd.DataFrame:
     return pd.DataFrame([row(m) for m in methods]).set_index("method")
 
 
-FMT = {"bits/key": "{:.3f}", "bits/value": "{:.3f}", "bits/KV": "{:.3f}"}
-bits_table = table([KVMethod(method="fp")] + [K(m, b) for m in ("per-token", "kivi", "headq") for b in bits]
-                   + [K(m, b, vbits=b) for m in ("per-token", "kivi", "headq") for b in kv_bits])
-g("bits_table", bits_table.style.format(FMT, na_rep="—"))
+def shown(df: pd.DataFrame):
+    """``df`` with the chapter's number format for bits (3 decimals) and "—" for what was not measured."""
+    bits_cols = [c for c in BITS_COLUMNS if c in df.columns]
+    return df.style.format(na_rep="—").format(lambda x: number(x, BITS), subset=bits_cols)
+
+
+def glue_table(key: str, methods, extra: dict | None = None) -> pd.DataFrame:
+    """Glue the table of ``methods`` (and ``extra`` columns) with its raw numbers and provenance; return it."""
+    df = table(methods).assign(**(extra or {}))
+    data = pd.DataFrame([raw_row(m) for m in methods]).set_index("method")
+    g.table(key, shown(df), data=data, sample=decode_sample)
+    return df
+
+
+bits_table = glue_table("bits_table", [KVMethod(method="fp")] + [K(m, b) for m in ("per-token", "kivi", "headq") for b in bits]
+                        + [K(m, b, vbits=b) for m in ("per-token", "kivi", "headq") for b in kv_bits])
 
 
 def errorbars(ax, xs, ms, **kw) -> None:
@@ -330,25 +377,41 @@ def errorbars(ax, xs, ms, **kw) -> None:
     est = [runs(m)["ppl"] for m in ms]
     y = np.array([e.value for e in est])
     err = np.array([[e.value - e.lo for e in est], [e.hi - e.value for e in est]])
-    ax.errorbar(xs, y, yerr=err, capsize=3, **kw)
+    ax.errorbar(xs, y, yerr=err, **kw)
 
 
-fig_bits, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+def ppl_scale(ax, values) -> str:
+    """A log perplexity axis only where the plotted perplexities span more than a factor of 3 (a linear one
+    would flatten all but the worst point); returns the axis label, which says so."""
+    values = np.asarray([v for v in values if np.isfinite(v) and v > 0])
+    if values.size and values.max() / values.min() > 3:
+        ax.set_yscale("log")
+        return "decode perplexity (log scale)"
+    return "decode perplexity"
+
+
+fig_bits, axes = plt.subplots(1, 2, figsize=figsize(1, 2, panel_aspect=0.8), sharey=True)
+bits_points = []  # the plotted numbers, one row per point
 for ax, (title, vb, xkey) in zip(axes, (("K-only (dense values)", None, "bits_key"), ("full KV", True, None))):
-    for name, color in (("per-token", "C0"), ("kivi", "C1"), ("headq", "C2")):
+    for name in ("per-token", "kivi", "headq"):
         ms = [K(name, b, vbits=b) if vb else K(name, b) for b in (kv_bits if vb else bits)]
         xs = [runs(m)[xkey] if xkey else (runs(m)["bits_key"] + runs(m)["bits_value"]) / 2 for m in ms]
-        errorbars(ax, xs, ms, fmt="o-", color=color, label=name)
+        errorbars(ax, xs, ms, label=name, **style(name))
         for x, m in zip(xs, ms):
-            ax.annotate(f"{m.kbits}b", (x, runs(m)["ppl"].value), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.axhline(fp_ppl.value, color="k", lw=0.8, ls="--", label="fp")
-    ax.axhspan(fp_ppl.lo, fp_ppl.hi, color="k", alpha=0.08, lw=0)
-    ax.set(yscale="log", title=title, xlabel="stored bits per key element" if xkey else "stored bits per K/V element (mean)")
-axes[0].set_ylabel("decode perplexity")
-axes[0].legend()
+            ax.annotate(f"{m.kbits}b", (x, runs(m)["ppl"].value), fontsize=9, textcoords="offset points", xytext=(3, 3))
+            e = runs(m)["ppl"]
+            bits_points.append({"panel": title, "method": runs(m)["label"], "family": name, "key_bits": m.kbits,
+                                "x_bits": x, "ppl": e.value, "ppl_lo": e.lo, "ppl_hi": e.hi})
+    ax.axhline(fp_ppl.value, color=color("fp"), lw=0.8, ls="--", label="fp")
+    ax.axhspan(fp_ppl.lo, fp_ppl.hi, color=color("fp"), alpha=0.08, lw=0)
+    ax.set(title=title, xlabel="stored bits per key element" if xkey else "stored bits per K/V element (mean)")
+    ax.margins(x=0.15, y=0.1)  # room for the labels beside the points
+bits_points = pd.DataFrame(bits_points)
+axes[0].set_ylabel(ppl_scale(axes[0], [*bits_points["ppl_hi"], fp_ppl.lo]))
 fig_bits.tight_layout()
-g("fig_bits", fig_bits)
-plt.close(fig_bits)
+handles, labels = axes[0].get_legend_handles_labels()
+fig_bits.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=len(labels))
+g.figure("fig_bits", fig_bits, data=bits_points, sample=decode_sample)
 
 for tag, m in (("pt2", K("per-token", 2)), ("kivi2", K("kivi", 2)), ("hq2", K("headq", 2)), ("pt3", K("per-token", 3)),
                ("kivi3", K("kivi", 3)), ("pt2_kv", K("per-token", 2, vbits=2)), ("kivi2_kv", K("kivi", 2, vbits=2)),
@@ -368,14 +431,16 @@ g.estimate("ppl_best_base", runs(best_base)["ppl"])
 # ```{glue:figure} kv_fig_bits
 # :name: fig-kv-bits
 #
-# Decode perplexity (log scale; lower is better) against the bits per element the cache stored, for
-# per-token, KIVI (per-channel keys) and HeadQ at 2, 3 and 4 bits; each point is labelled with its
-# nominal key bits. Left: keys only, values dense. Right: keys and values at the same bits (the x axis is
-# the mean over keys and values). The dashed line is the fp cache, its band the 95% interval. Error bars:
-# 95% block-bootstrap intervals over the {glue:text}`kv_eval_blocks:d` evaluation blocks. A method is
-# better than another when its curve lies lower at the same horizontal position, that is, at the same
-# storage; the paired comparisons in {numref}`tbl-kv-bits` are tighter than these bars, because every
-# method is scored on the same blocks.
+# Decode perplexity (lower is better; the axis is logarithmic, and says so, only where the perplexities span
+# more than a factor of 3) against the bits per element the cache stored, for per-token, KIVI (per-channel
+# keys) and HeadQ at 2, 3 and 4 bits; each point is labelled with its nominal key bits. Left: keys only,
+# values dense. Right: keys and values at the same bits (the x axis is the mean over keys and values). The
+# dashed line in each panel is the fp cache, its band the 95% interval. Error bars: 95% block-bootstrap
+# intervals over the {glue:text}`kv_eval_blocks_text:s`. A method is better than another when its curve lies
+# lower at the same horizontal position, that is, at the same storage; the paired comparisons in
+# {numref}`tbl-kv-bits` are tighter than these bars, because every method is scored on the same blocks.
+#
+# {glue:md}`kv_fig_bits_prov:myst`
 # ```
 #
 # ```{glue:figure} kv_bits_table
@@ -385,35 +450,37 @@ g.estimate("ppl_best_base", runs(best_base)["ppl"])
 # 2-bit keys), the values (dense V = not quantized, held in the model's fp32: 32 bits; V2 = 2-bit values),
 # the group size g, KIVI's residual R and, for HeadQ, the side-code rank r and bits b. Bits per key and
 # value element are measured from the bytes the cache held at the end (codes, scales, zeros, side codes and
-# full-precision tokens). Every figure is "value [lo, hi]", its 95% interval from a paired block bootstrap
-# over the {glue:text}`kv_eval_blocks:d` evaluation blocks (every method on the same blocks, resampled
-# together). "PPL / fp" is the ratio to the fp cache. "Excess removed" is
+# full-precision tokens; "mean K/V" is their mean). Every figure is "value [lo, hi]", its 95% interval from a
+# paired block bootstrap over the {glue:text}`kv_eval_blocks_text:s` of the evaluation split (every method on
+# the same blocks, resampled together). "Perplexity ÷ fp" is the ratio to the fp cache. "Excess removed" is
 # $(\mathrm{PPL}_\text{per-token} - \mathrm{PPL})/(\mathrm{PPL}_\text{per-token} - \mathrm{PPL}_\text{fp})$
 # against per-token quantization at the same nominal bits; it is 100% for a method that recovers the fp
-# perplexity and negative for one that makes things worse. "vs baseline" is the paired difference of
-# perplexity to that baseline: lower, higher, or n.d. (not distinguishable at this sample size: its
-# interval contains 0).
+# perplexity and negative for one that makes things worse ("—": the row is its own baseline). "vs baseline"
+# is the paired difference of perplexity to that baseline: lower, higher, or n.d. (not distinguishable at
+# this sample size: its interval contains 0).
+#
+# {glue:md}`kv_bits_table_prov:myst`
 # ```
 #
 # **Result.** {numref}`fig-kv-bits` and {numref}`tbl-kv-bits` give every configuration, each scored on
-# {glue:text}`kv_eval_tokens:d` tokens. With the fp cache at {glue:text}`kv_fp_ppl:.2f`
-# [{glue:text}`kv_fp_ppl_lo:.2f`, {glue:text}`kv_fp_ppl_hi:.2f`], 2-bit per-token keys give
-# {glue:text}`kv_ppl_pt2:.2f` [{glue:text}`kv_ppl_pt2_lo:.2f`, {glue:text}`kv_ppl_pt2_hi:.2f`], 2-bit
-# KIVI keys {glue:text}`kv_ppl_kivi2:.2f` [{glue:text}`kv_ppl_kivi2_lo:.2f`, {glue:text}`kv_ppl_kivi2_hi:.2f`]
-# and HeadQ at 2 bits {glue:text}`kv_ppl_hq2:.2f` [{glue:text}`kv_ppl_hq2_lo:.2f`, {glue:text}`kv_ppl_hq2_hi:.2f`].
+# {glue:text}`kv_eval_tokens_text:s` tokens. With the fp cache at {glue:text}`kv_fp_ppl:.3f`
+# [{glue:text}`kv_fp_ppl_lo:.3f`, {glue:text}`kv_fp_ppl_hi:.3f`], 2-bit per-token keys give
+# {glue:text}`kv_ppl_pt2:.3f` [{glue:text}`kv_ppl_pt2_lo:.3f`, {glue:text}`kv_ppl_pt2_hi:.3f`], 2-bit
+# KIVI keys {glue:text}`kv_ppl_kivi2:.3f` [{glue:text}`kv_ppl_kivi2_lo:.3f`, {glue:text}`kv_ppl_kivi2_hi:.3f`]
+# and HeadQ at 2 bits {glue:text}`kv_ppl_hq2:.3f` [{glue:text}`kv_ppl_hq2_lo:.3f`, {glue:text}`kv_ppl_hq2_hi:.3f`].
 # HeadQ removes {glue:text}`kv_removed_hq2:.1%` [{glue:text}`kv_removed_hq2_lo:.1%`,
 # {glue:text}`kv_removed_hq2_hi:.1%`] of per-token's excess perplexity; KIVI removes
 # {glue:text}`kv_removed_kivi2:.1%` [{glue:text}`kv_removed_kivi2_lo:.1%`, {glue:text}`kv_removed_kivi2_hi:.1%`].
 # Against KIVI, paired on the same blocks: {glue:text}`kv_hq_vs_kivi:s`.
 #
-# HeadQ's side code is not free. At 2 bits HeadQ stores {glue:text}`kv_bits_hq2:.2f` bits per key element,
-# against {glue:text}`kv_bits_pt2:.2f` for per-token and {glue:text}`kv_bits_kivi2:.2f` for KIVI. So the
+# HeadQ's side code is not free. At 2 bits HeadQ stores {glue:text}`kv_bits_hq2:.3f` bits per key element,
+# against {glue:text}`kv_bits_pt2:.3f` for per-token and {glue:text}`kv_bits_kivi2:.3f` for KIVI. So the
 # fair comparison is at equal storage, made below. With values quantized too (full KV), HeadQ reads
-# {glue:text}`kv_ppl_hq2_kv:.2f` [{glue:text}`kv_ppl_hq2_kv_lo:.2f`, {glue:text}`kv_ppl_hq2_kv_hi:.2f`] and
+# {glue:text}`kv_ppl_hq2_kv:.3f` [{glue:text}`kv_ppl_hq2_kv_lo:.3f`, {glue:text}`kv_ppl_hq2_kv_hi:.3f`] and
 # removes {glue:text}`kv_removed_hq2_kv:.1%` [{glue:text}`kv_removed_hq2_kv_lo:.1%`,
-# {glue:text}`kv_removed_hq2_kv_hi:.1%`] of per-token's excess (per-token {glue:text}`kv_ppl_pt2_kv:.2f`
-# [{glue:text}`kv_ppl_pt2_kv_lo:.2f`, {glue:text}`kv_ppl_pt2_kv_hi:.2f`], KIVI {glue:text}`kv_ppl_kivi2_kv:.2f`
-# [{glue:text}`kv_ppl_kivi2_kv_lo:.2f`, {glue:text}`kv_ppl_kivi2_kv_hi:.2f`]).
+# {glue:text}`kv_removed_hq2_kv_hi:.1%`] of per-token's excess (per-token {glue:text}`kv_ppl_pt2_kv:.3f`
+# [{glue:text}`kv_ppl_pt2_kv_lo:.3f`, {glue:text}`kv_ppl_pt2_kv_hi:.3f`], KIVI {glue:text}`kv_ppl_kivi2_kv:.3f`
+# [{glue:text}`kv_ppl_kivi2_kv_lo:.3f`, {glue:text}`kv_ppl_kivi2_kv_hi:.3f`]).
 #
 # **For the source's claim.** The paper reports 84–94% of the excess removed on its strongest 2-bit
 # rows. Our reconstruction, at rank {glue:text}`kv_rank:d` on per-token keys, removes
@@ -431,23 +498,42 @@ g.estimate("ppl_best_base", runs(best_base)["ppl"])
 
 # %%
 rank_methods = [K("headq", 2, rank=r) for r in ranks]
-rank_table = table([K("per-token", 2)] + rank_methods)
-g("rank_table", rank_table.style.format(FMT, na_rep="—"))
-fig, ax = plt.subplots(figsize=(5.5, 3.6))
-errorbars(ax, ranks, rank_methods, fmt="o-", color="C2", label="HeadQ 2b")
+rank_table = glue_table("rank_table", [K("per-token", 2)] + rank_methods)
+rank_results = [RankResult(rank=m.rank, bits_key=runs(m)["bits_key"], excess=runs.figures(m)["excess_removed"],
+                           difference=runs.figures(m)["difference_baseline"]) for m in rank_methods]
+paper_low, paper_high = claims.source("headq_removed")
 pt2 = runs(K("per-token", 2))["ppl"]
-ax.axhline(pt2.value, color="C0", ls=":", label="per-token 2b (r = 0)")
-ax.axhspan(pt2.lo, pt2.hi, color="C0", alpha=0.1, lw=0)
-ax.axhline(fp_ppl.value, color="k", ls="--", lw=0.8, label="fp")
-ax.axhspan(fp_ppl.lo, fp_ppl.hi, color="k", alpha=0.08, lw=0)
-ax.set(xscale="log", yscale="log", xlabel="side-code rank r", ylabel="decode perplexity")
-ax.set_ylim(fp_ppl.lo / 1.1, pt2.hi * 1.25)  # room for the baseline line above the curve
+rank_points = pd.DataFrame([{"rank": r.rank, "bits_key": r.bits_key, "ppl": runs(m)["ppl"].value, "ppl_lo": runs(m)["ppl"].lo,
+                             "ppl_hi": runs(m)["ppl"].hi, "excess_removed": r.excess.value, "excess_removed_lo": r.excess.lo,
+                             "excess_removed_hi": r.excess.hi} for r, m in zip(rank_results, rank_methods)])
+fig, (ax, ax_share) = plt.subplots(1, 2, figsize=figsize(1, 2, panel_aspect=0.8))
+errorbars(ax, ranks, rank_methods, label="headq 2b", **style("headq"))
+ax.axhline(pt2.value, color=color("per-token"), ls=":", label="per-token 2b (r = 0)")
+ax.axhspan(pt2.lo, pt2.hi, color=color("per-token"), alpha=0.1, lw=0)
+ax.axhline(fp_ppl.value, color=color("fp"), ls="--", lw=0.8, label="fp")
+ax.axhspan(fp_ppl.lo, fp_ppl.hi, color=color("fp"), alpha=0.08, lw=0)
+ax.set_xscale("log", base=2)  # the swept ranks double
+ax.set(xlabel="side-code rank r (log scale)", ylabel=ppl_scale(ax, [*rank_points["ppl_hi"], pt2.hi, fp_ppl.lo]),
+       title="perplexity")
 ax.set_xticks(ranks, [str(r) for r in ranks])
 ax.tick_params(axis="x", which="minor", labelbottom=False)  # only the swept ranks are labelled
-ax.legend(loc="center right")
+ax.margins(x=0.1)
+share = rank_points[["excess_removed", "excess_removed_lo", "excess_removed_hi"]].to_numpy() * 100
+ax_share.errorbar(rank_points["bits_key"], share[:, 0], yerr=[share[:, 0] - share[:, 1], share[:, 2] - share[:, 0]],
+                  **style("headq"))
+for r in rank_results:
+    ax_share.annotate(f"r = {r.rank}", (r.bits_key, 100 * r.excess.value), fontsize=9, textcoords="offset points",
+                      xytext=(4, -12))
+ax_share.axhspan(100 * paper_low, 100 * paper_high, color=color("fp"), alpha=0.12, lw=0,
+                 label=f"paper: {paper_low:.0%}–{paper_high:.0%}".replace("%–", "–"))
+ax_share.axhline(0, color=color("per-token"), ls=":", lw=0.8)
+ax_share.axhline(100, color=color("fp"), ls="--", lw=0.8)
+ax_share.set(xlabel="stored bits per key element", ylabel="excess removed (%)", title="share of the excess removed")
+ax_share.margins(x=0.15, y=0.1)
 fig.tight_layout()
-g("fig_rank", fig)
-plt.close(fig)
+handles, labels = [sum(pair, []) for pair in zip(ax.get_legend_handles_labels(), ax_share.get_legend_handles_labels())]
+fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=len(labels))
+g.figure("fig_rank", fig, data=rank_points, sample=decode_sample)
 best_rank = min(rank_methods, key=lambda m: runs(m)["ppl"].value)
 g("best_rank", best_rank.rank)
 g.estimate("best_rank_removed", runs.figures(best_rank)["excess_removed"])
@@ -456,24 +542,33 @@ g("rank_min", rank_methods[0].rank)
 g.estimate("rank1_removed", runs.figures(rank_methods[0])["excess_removed"])
 g("rank1_verdict", claims.side_code_clause(runs.figures(rank_methods[0])["difference_baseline"], "no side code",
                                            "already", ", though it").text)
+rank_verdict = headq_ranks(rank_results, headline=rank) if rank in ranks else None
+g("rank_verdict", rank_verdict.text if rank_verdict else f"not measured (the headline rank {rank} is not among the ranks swept)")
+g("rank_list", listing(ranks))
 
 # %% [markdown]
 # ```{glue:figure} kv_fig_rank
 # :name: fig-kv-rank
 #
-# Decode perplexity (log scale; lower is better) of HeadQ with 2-bit per-token keys against the rank $r$
-# of its side code ({glue:text}`kv_side_bits:d`-bit side codes; values dense). The dotted line is 2-bit
-# per-token keys with no side code ($r = 0$), the dashed line the fp cache; error bars and bands are 95%
-# block-bootstrap intervals. Higher ranks also cost more bits; {numref}`tbl-kv-rank` gives the price of
-# each point and the paired comparisons.
+# HeadQ with 2-bit per-token keys, {glue:text}`kv_side_bits:d`-bit side codes and dense values, at side-code
+# ranks $r$ = {glue:text}`kv_rank_list:s`. Left: decode perplexity (lower is better) against the rank (a log
+# axis: the ranks double); the dotted line is 2-bit per-token keys with no side code ($r = 0$), the dashed
+# line the fp cache. Right: the share of per-token's excess perplexity removed against the bits per key
+# element each rank stores, measured from the cache's bytes; the shaded band is the paper's 84–94%, the
+# dashed line 100% (the fp perplexity), the dotted line 0% (no side code). Error bars and bands are 95%
+# block-bootstrap intervals. {numref}`tbl-kv-rank` gives every value with its paired comparison.
+#
+# {glue:md}`kv_fig_rank_prov:myst`
 # ```
 #
 # ```{glue:figure} kv_rank_table
 # :name: tbl-kv-rank
 #
 # The rank sweep of {numref}`fig-kv-rank`: for 2-bit per-token keys and HeadQ at each rank, the stored
-# bits per key element, decode perplexity, its ratio to fp and the share of per-token's excess
-# perplexity removed, each "value [lo, hi]" (95%, paired over the same blocks).
+# bits per key and value element, decode perplexity, its ratio to fp and the share of per-token's excess
+# perplexity removed, each "value [lo, hi]" (95%, paired over the same blocks; "—": not applicable).
+#
+# {glue:md}`kv_rank_table_prov:myst`
 # ```
 #
 # **Result.** {numref}`fig-kv-rank` and {numref}`tbl-kv-rank` show that a rank-{glue:text}`kv_rank_min:d` side code
@@ -481,10 +576,11 @@ g("rank1_verdict", claims.side_code_clause(runs.figures(rank_methods[0])["differ
 # {glue:text}`kv_rank1_removed_hi:.1%`] of the excess, and more rank removes more. The best rank swept,
 # $r$ = {glue:text}`kv_best_rank:d`, removes {glue:text}`kv_best_rank_removed:.1%`
 # [{glue:text}`kv_best_rank_removed_lo:.1%`, {glue:text}`kv_best_rank_removed_hi:.1%`], but it stores
-# {glue:text}`kv_best_rank_bits:.2f` bits per key element. The paper's 84–94% can thus be approached by
+# {glue:text}`kv_best_rank_bits:.3f` bits per key element. Against the paper's 84–94%, rank by rank and
+# each beside its storage: {glue:text}`kv_rank_verdict:s`. The paper's range can thus be approached by
 # spending bits on the side code. At fewer bits than that, 3-bit KIVI keys
-# ({glue:text}`kv_bits_kivi3:.2f` bits per key element) already read {glue:text}`kv_ppl_kivi3:.2f`
-# [{glue:text}`kv_ppl_kivi3_lo:.2f`, {glue:text}`kv_ppl_kivi3_hi:.2f`], against {glue:text}`kv_fp_ppl:.2f`
+# ({glue:text}`kv_bits_kivi3:.3f` bits per key element) already read {glue:text}`kv_ppl_kivi3:.3f`
+# [{glue:text}`kv_ppl_kivi3_lo:.3f`, {glue:text}`kv_ppl_kivi3_hi:.3f`], against {glue:text}`kv_fp_ppl:.3f`
 # for the fp cache. Whether the side code is a good use of bits is the question
 # of the equal-storage comparison below.
 #
@@ -499,8 +595,7 @@ g("rank1_verdict", claims.side_code_clause(runs.figures(rank_methods[0])["differ
 
 # %%
 control_methods = [K("headq", 2)] + [K("headq", 2, control=c) for c in ("wrong-sign", "random-basis", "key-pca")]
-control_table = table([K("per-token", 2)] + control_methods)
-g("control_table", control_table.style.format(FMT, na_rep="—"))
+control_table = glue_table("control_table", [K("per-token", 2)] + control_methods)
 for c, m in zip(("query", "wrong", "random", "keypca"), control_methods):
     g.estimate(f"ctl_{c}_ppl", runs(m)["ppl"])
     g.estimate(f"ctl_{c}_removed", runs.figures(m)["excess_removed"])
@@ -519,19 +614,21 @@ g("keypca_vs_query", claims.lower_verdict(runs(K("headq", 2, control="key-pca"))
 # brackets), beside 2-bit per-token keys with no side code. All HeadQ rows have the same storage. A
 # negative "excess removed" means the correction makes perplexity worse than no correction at all.
 # Figures are "value [lo, hi]" (95%, paired block bootstrap).
+#
+# {glue:md}`kv_control_table_prov:myst`
 # ```
 #
 # **Result.** In {numref}`tbl-kv-controls` the query basis removes {glue:text}`kv_ctl_query_removed:.1%`
 # [{glue:text}`kv_ctl_query_removed_lo:.1%`, {glue:text}`kv_ctl_query_removed_hi:.1%`] of the excess. The
-# wrong sign *adds* error: perplexity {glue:text}`kv_ctl_wrong_ppl:.2f` [{glue:text}`kv_ctl_wrong_ppl_lo:.2f`,
-# {glue:text}`kv_ctl_wrong_ppl_hi:.2f`], "removed" {glue:text}`kv_ctl_wrong_removed:.1%`
+# wrong sign *adds* error: perplexity {glue:text}`kv_ctl_wrong_ppl:.3f` [{glue:text}`kv_ctl_wrong_ppl_lo:.3f`,
+# {glue:text}`kv_ctl_wrong_ppl_hi:.3f`], "removed" {glue:text}`kv_ctl_wrong_removed:.1%`
 # [{glue:text}`kv_ctl_wrong_removed_lo:.1%`, {glue:text}`kv_ctl_wrong_removed_hi:.1%`]. A random basis of the
 # same rank removes {glue:text}`kv_ctl_random_removed:.1%` [{glue:text}`kv_ctl_random_removed_lo:.1%`,
-# {glue:text}`kv_ctl_random_removed_hi:.1%`] (perplexity {glue:text}`kv_ctl_random_ppl:.2f`
-# [{glue:text}`kv_ctl_random_ppl_lo:.2f`, {glue:text}`kv_ctl_random_ppl_hi:.2f`]), and the key-PCA basis
+# {glue:text}`kv_ctl_random_removed_hi:.1%`] (perplexity {glue:text}`kv_ctl_random_ppl:.3f`
+# [{glue:text}`kv_ctl_random_ppl_lo:.3f`, {glue:text}`kv_ctl_random_ppl_hi:.3f`]), and the key-PCA basis
 # {glue:text}`kv_ctl_keypca_removed:.1%` [{glue:text}`kv_ctl_keypca_removed_lo:.1%`,
-# {glue:text}`kv_ctl_keypca_removed_hi:.1%`] (perplexity {glue:text}`kv_ctl_keypca_ppl:.2f`
-# [{glue:text}`kv_ctl_keypca_ppl_lo:.2f`, {glue:text}`kv_ctl_keypca_ppl_hi:.2f`]). The gap between the query
+# {glue:text}`kv_ctl_keypca_removed_hi:.1%`] (perplexity {glue:text}`kv_ctl_keypca_ppl:.3f`
+# [{glue:text}`kv_ctl_keypca_ppl_lo:.3f`, {glue:text}`kv_ctl_keypca_ppl_hi:.3f`]). The gap between the query
 # basis and the key-PCA basis is the part of the gain that comes from knowing where the queries look,
 # rather than where the key error is largest; paired on the same blocks, {glue:text}`kv_keypca_vs_query:s`.
 #
@@ -549,8 +646,7 @@ g("keypca_vs_query", claims.lower_verdict(runs(K("headq", 2, control="key-pca"))
 budget_methods = [K("headq", 2), K("per-token", 3), K("kivi", 3), K("per-token", 2, group=group // 2),
                   K("kivi", 2, group=group // 2), K("headq", 2, rank=4), K("kivi", 2), K("headq", 2, base="kivi")]
 budget_methods.sort(key=lambda m: (runs(m)["bits_key"], runs(m)["ppl"].value))
-budget_table = table(budget_methods)
-g("budget_table", budget_table.style.format(FMT, na_rep="—"))
+budget_table = glue_table("budget_table", budget_methods)
 g.estimate("ppl_hq2_kivi", runs(K("headq", 2, base="kivi"))["ppl"])
 g("bits_hq2_kivi", runs(K("headq", 2, base="kivi"))["bits_key"])
 g.estimate("removed_hq2_kivi", runs.figures(K("headq", 2, base="kivi"))["excess_removed"])
@@ -579,28 +675,30 @@ g("kivi2_vs_hq2", claims.lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq"
 # perplexity wins, if the paired comparison can tell them apart. "Excess removed" is measured against the
 # same settings with per-token keys; for HeadQ on KIVI it is measured against 2-bit KIVI. Figures are
 # "value [lo, hi]" (95%, paired block bootstrap).
+#
+# {glue:md}`kv_budget_table_prov:myst`
 # ```
 #
 # **Result.** {numref}`tbl-kv-budget` sets HeadQ beside the other ways of spending its bits. At
-# {glue:text}`kv_budget_bits:.2f` bits per key element, the best of the {glue:text}`kv_budget_n:d` K-only
+# {glue:text}`kv_budget_bits:.3f` bits per key element, the best of the {glue:text}`kv_budget_n:d` K-only
 # configurations with exactly that storage is {glue:text}`kv_budget_best:s`, at perplexity
-# {glue:text}`kv_budget_best_ppl:.2f` [{glue:text}`kv_budget_best_ppl_lo:.2f`,
-# {glue:text}`kv_budget_best_ppl_hi:.2f`]. HeadQ ranks {glue:text}`kv_budget_hq_rank:d` of them by the point
+# {glue:text}`kv_budget_best_ppl:.3f` [{glue:text}`kv_budget_best_ppl_lo:.3f`,
+# {glue:text}`kv_budget_best_ppl_hi:.3f`]. HeadQ ranks {glue:text}`kv_budget_hq_rank:d` of them by the point
 # value (the group includes HeadQ's own three controls, which share its storage). HeadQ reads
-# {glue:text}`kv_ppl_hq2:.2f` [{glue:text}`kv_ppl_hq2_lo:.2f`, {glue:text}`kv_ppl_hq2_hi:.2f`]. 2-bit KIVI
-# keys, with less storage, read {glue:text}`kv_ppl_kivi2:.2f` [{glue:text}`kv_ppl_kivi2_lo:.2f`,
-# {glue:text}`kv_ppl_kivi2_hi:.2f`] at {glue:text}`kv_bits_kivi2:.2f` bits per key element; paired on the
+# {glue:text}`kv_ppl_hq2:.3f` [{glue:text}`kv_ppl_hq2_lo:.3f`, {glue:text}`kv_ppl_hq2_hi:.3f`]. 2-bit KIVI
+# keys, with less storage, read {glue:text}`kv_ppl_kivi2:.3f` [{glue:text}`kv_ppl_kivi2_lo:.3f`,
+# {glue:text}`kv_ppl_kivi2_hi:.3f`] at {glue:text}`kv_bits_kivi2:.3f` bits per key element; paired on the
 # same blocks, {glue:text}`kv_kivi2_vs_hq2:s`. (KIVI's measured bits include the up to $R - 1$
 # most recent keys, $R$ = {glue:text}`kv_group:d`, that wait in full precision until KIVI quantizes them
 # $R$ at a time, held in fp32 here.)
 #
 # The side code can also sit on top of KIVI's per-channel keys. HeadQ on KIVI reads
-# {glue:text}`kv_ppl_hq2_kivi:.2f` [{glue:text}`kv_ppl_hq2_kivi_lo:.2f`, {glue:text}`kv_ppl_hq2_kivi_hi:.2f`]
-# at {glue:text}`kv_bits_hq2_kivi:.2f` bits per key element and {glue:text}`kv_hq2_kivi_verdict:s`
+# {glue:text}`kv_ppl_hq2_kivi:.3f` [{glue:text}`kv_ppl_hq2_kivi_lo:.3f`, {glue:text}`kv_ppl_hq2_kivi_hi:.3f`]
+# at {glue:text}`kv_bits_hq2_kivi:.3f` bits per key element and {glue:text}`kv_hq2_kivi_verdict:s`
 # {glue:text}`kv_removed_hq2_kivi:.1%` [{glue:text}`kv_removed_hq2_kivi_lo:.1%`,
 # {glue:text}`kv_removed_hq2_kivi_hi:.1%`] of KIVI's own excess. At that same storage, 3-bit KIVI keys read
-# {glue:text}`kv_ppl_kivi3:.2f` [{glue:text}`kv_ppl_kivi3_lo:.2f`, {glue:text}`kv_ppl_kivi3_hi:.2f`]
-# ({glue:text}`kv_bits_kivi3:.2f` bits per key element).
+# {glue:text}`kv_ppl_kivi3:.3f` [{glue:text}`kv_ppl_kivi3_lo:.3f`, {glue:text}`kv_ppl_kivi3_hi:.3f`]
+# ({glue:text}`kv_bits_kivi3:.3f` bits per key element).
 #
 # **For the source's claim.** At equal storage (paired, HeadQ against every configuration of its
 # storage): {glue:text}`kv_budget_verdict:s`. Where a base quantizer is lower at HeadQ's storage, the bits of
@@ -616,7 +714,8 @@ g("kivi2_vs_hq2", claims.lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq"
 
 # %%
 if s.family != "gpt2":
-    rope_table = table([K("per-token", 2), K("per-token", 2, pre_rope=True), K("kivi", 2), K("kivi", 2, pre_rope=True)])
+    rope_table = glue_table("rope_table", [K("per-token", 2), K("per-token", 2, pre_rope=True), K("kivi", 2),
+                                           K("kivi", 2, pre_rope=True)])
     g.estimate("rope_kivi_post", runs(K("kivi", 2))["ppl"])
     g.estimate("rope_kivi_pre", runs(K("kivi", 2, pre_rope=True))["ppl"])
     g.estimate("rope_pt_post", runs(K("per-token", 2))["ppl"])
@@ -625,13 +724,13 @@ if s.family != "gpt2":
         g(f"rope_{tag}_verdict", claims.lower_verdict(runs(replace(m, pre_rope=True))["nll"], runs(m)["nll"], "pre-RoPE",
                                                       "post-RoPE", runs.setup.boot).text)
 else:
-    rope_table = pd.DataFrame({"note": ["GPT-2 has no RoPE"]})
+    rope_table = pd.DataFrame({"note": ["not measured: GPT-2 has no RoPE"]})
+    g.table("rope_table", rope_table, sample="none (not measured)")
     for key in ("kivi_post", "kivi_pre", "pt_post", "pt_pre"):
         for end in ("", "_lo", "_hi"):
             g(f"rope_{key}{end}", float("nan"))
     for tag in ("kivi", "pt"):
         g(f"rope_{tag}_verdict", "not measured (GPT-2 has no RoPE)")
-g("rope_table", rope_table.style.format(FMT, na_rep="—", subset=[c for c in FMT if c in rope_table.columns]))
 
 # %% [markdown]
 # ```{glue:figure} kv_rope_table
@@ -641,14 +740,16 @@ g("rope_table", rope_table.style.format(FMT, na_rep="—", subset=[c for c in FM
 # them) and before it (marked pre-RoPE). Each pair has the same storage, so only the perplexity changes.
 # "Excess removed" compares KIVI with per-token keys quantized in the same coordinates. Figures are
 # "value [lo, hi]" (95%, paired block bootstrap).
+#
+# {glue:md}`kv_rope_table_prov:myst`
 # ```
 #
-# **Result.** In {numref}`tbl-kv-rope`, 2-bit KIVI reads {glue:text}`kv_rope_kivi_post:.2f`
-# [{glue:text}`kv_rope_kivi_post_lo:.2f`, {glue:text}`kv_rope_kivi_post_hi:.2f`] post-RoPE and
-# {glue:text}`kv_rope_kivi_pre:.2f` [{glue:text}`kv_rope_kivi_pre_lo:.2f`, {glue:text}`kv_rope_kivi_pre_hi:.2f`]
-# pre-RoPE; per-token reads {glue:text}`kv_rope_pt_post:.2f` [{glue:text}`kv_rope_pt_post_lo:.2f`,
-# {glue:text}`kv_rope_pt_post_hi:.2f`] and {glue:text}`kv_rope_pt_pre:.2f` [{glue:text}`kv_rope_pt_pre_lo:.2f`,
-# {glue:text}`kv_rope_pt_pre_hi:.2f`]. Paired on the same blocks, for KIVI {glue:text}`kv_rope_kivi_verdict:s`;
+# **Result.** In {numref}`tbl-kv-rope`, 2-bit KIVI reads {glue:text}`kv_rope_kivi_post:.3f`
+# [{glue:text}`kv_rope_kivi_post_lo:.3f`, {glue:text}`kv_rope_kivi_post_hi:.3f`] post-RoPE and
+# {glue:text}`kv_rope_kivi_pre:.3f` [{glue:text}`kv_rope_kivi_pre_lo:.3f`, {glue:text}`kv_rope_kivi_pre_hi:.3f`]
+# pre-RoPE; per-token reads {glue:text}`kv_rope_pt_post:.3f` [{glue:text}`kv_rope_pt_post_lo:.3f`,
+# {glue:text}`kv_rope_pt_post_hi:.3f`] and {glue:text}`kv_rope_pt_pre:.3f` [{glue:text}`kv_rope_pt_pre_lo:.3f`,
+# {glue:text}`kv_rope_pt_pre_hi:.3f`]. Paired on the same blocks, for KIVI {glue:text}`kv_rope_kivi_verdict:s`;
 # for per-token keys {glue:text}`kv_rope_pt_verdict:s`. KVQuant's reasoning predicts that pre-RoPE
 # quantization helps a per-channel quantizer and hurts a per-token one: before RoPE the outliers stay in
 # fixed channels, which suits a per-channel scale but widens the range of every per-token group that holds
@@ -702,49 +803,68 @@ if code_kv_bits:
     studies["full KV"] = storage.study(runs, kbits=code_kv_bits, group=group, values=True,
                                        families=chosen(code_kv_families), rank=rank,
                                        progress=lambda ms: tqdm(ms, desc="key codes, full KV"))
-family_colour = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(("fp",) + storage.FAMILIES)}
-
-fig_pareto, axes = plt.subplots(1, len(studies), figsize=(6.2 * len(studies), 4.6), squeeze=False)
+fig_pareto, axes = plt.subplots(1, len(studies), figsize=figsize(1, len(studies), panel_aspect=0.9), squeeze=False,
+                                sharey=True)
+top = 1.6 * fp_ppl.value  # per-token codes sit far above; they are drawn at the top edge (triangles), values in the table
+pareto_points, legend = [], {}
 for ax, (setting, st) in zip(axes[0], studies.items()):
-    top = 1.6 * fp_ppl.value  # per-token codes sit far above; they are drawn at the top edge, values in the table
     for fam in dict.fromkeys(r["family"] for r in st["rows"] if r["family"] != "fp"):
         rows = sorted((r for r in st["rows"] if r["family"] == fam), key=lambda r: r["bits_key"])
         xs = [r["bits_key"] if setting == "K-only" else (r["bits_key"] + r["bits_value"]) / 2 for r in rows]
         ys = np.array([min(r["ppl"].value, top) for r in rows])
         err = np.array([[r["ppl"].value - r["ppl"].lo for r in rows], [r["ppl"].hi - r["ppl"].value for r in rows]])
         err[:, ys >= top] = 0
-        ax.errorbar(xs, ys, yerr=err, fmt="o-", ms=5, capsize=2, color=family_colour[fam], label=fam)
+        err = np.minimum(err, np.stack([ys - 0.96 * fp_ppl.lo, top - ys]).clip(min=0))  # bars stop at the frame
+        legend[fam] = ax.errorbar(xs, ys, yerr=err, label=fam, **style(fam))
+        edge = ys >= top
+        if edge.any():
+            ax.plot(np.asarray(xs)[edge], ys[edge], "^", ms=7, color=color(fam), clip_on=False)
         for x, y, r in zip(xs, ys, rows):
             if r["on_front"]:
-                ax.plot(x, y, "o", ms=10, mfc="none", mec="k", lw=0.8)
-    ax.axhline(fp_ppl.value, color="k", lw=0.8, ls="--", label="fp")
-    ax.axhspan(fp_ppl.lo, fp_ppl.hi, color="k", alpha=0.08, lw=0)
-    ax.set(ylim=(0.95 * fp_ppl.lo, 1.02 * top), title=setting,
+                ax.plot(x, y, "o", ms=10, mfc="none", mec=color("fp"), lw=0.8)
+            pareto_points.append({"panel": setting, "method": r["label"], "family": fam, "x_bits": x, "bits_key": r["bits_key"],
+                                  "bits_value": r["bits_value"], "ppl": r["ppl"].value, "ppl_lo": r["ppl"].lo,
+                                  "ppl_hi": r["ppl"].hi, "on_front": r["on_front"], "drawn_at_top_edge": bool(y >= top)})
+    legend["fp"] = ax.axhline(fp_ppl.value, color=color("fp"), lw=0.8, ls="--", label="fp")  # in every panel
+    ax.axhspan(fp_ppl.lo, fp_ppl.hi, color=color("fp"), alpha=0.08, lw=0)
+    ax.set(ylim=(0.96 * fp_ppl.lo, 1.04 * top), title=setting,
            xlabel="stored bits per key element" if setting == "K-only" else "stored bits per K/V element (mean)")
+    ax.margins(x=0.06)
 axes[0, 0].set_ylabel("decode perplexity")
-axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 fig_pareto.tight_layout()
-g("fig_pareto", fig_pareto)
-plt.close(fig_pareto)
+fig_pareto.legend(list(legend.values()), list(legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=3)
+g.figure("fig_pareto", fig_pareto, data=pd.DataFrame(pareto_points), sample=decode_sample)
 
 
 def storage_row(setting: str, b: int, e: dict | None) -> dict:
-    """One row of the equal-storage table: KIVI-b against the best new key code that fits its storage."""
+    """One row of the equal-storage table: KIVI-b against the best new key code that fits its storage ("—" where
+    none fits)."""
     if e is None:
-        return {"setting": setting, "KIVI bits": b, "best new code": "none fits", "bits/key": np.nan}
-    return {"setting": setting, "KIVI bits": b, "KIVI bits/key": e["kivi"]["bits_key"], "KIVI PPL": f"{e['kivi']['ppl']:.2f}",
-            "best new code": e["best"], "bits/key": e["bits_key"], "bits/value": e["bits_value"], "PPL": f"{e['ppl']:.2f}",
-            "PPL − KIVI": f"{e['difference']:+.2f}", "KIVI's excess removed": f"{e['excess_removed']:.1%}"}
+        return {"setting": setting, "KIVI key bits (nominal)": b, "best new code": "none fits"}
+    return {"setting": setting, "KIVI key bits (nominal)": b, "KIVI key bits per element": e["kivi"]["bits_key"],
+            "KIVI perplexity": format(e["kivi"]["ppl"], PPL), "best new code": e["best"], KEY_BITS: e["bits_key"],
+            VALUE_BITS: e["bits_value"], "perplexity": format(e["ppl"], PPL), "perplexity − KIVI": format(e["difference"], "+" + PPL),
+            "KIVI's excess removed": format(e["excess_removed"], SHARE)}
 
 
-storage_table = pd.DataFrame([storage_row(setting, b, e) for setting, st in studies.items()
-                              for b, e in st["equal_storage"].items()]).set_index(["setting", "KIVI bits"])
-g("storage_table", storage_table.style.format({"KIVI bits/key": "{:.3f}", "bits/key": "{:.3f}", "bits/value": "{:.3f}"},
-                                              na_rep="—"))
-pareto_table = pd.DataFrame([{"setting": setting, "method": r["label"], "bits/key": r["bits_key"], "bits/value": r["bits_value"],
-                              "PPL": f"{r['ppl']:.2f}", "Pareto front": "yes" if r["on_front"] else ""}
+def storage_raw(setting: str, b: int, e: dict | None) -> dict:
+    """The numbers behind ``storage_row``, each figure with its interval."""
+    out = {"setting": setting, "kivi_bits": b, "best": e["best"] if e else None}
+    if e is not None:
+        out |= {"kivi_bits_key": e["kivi"]["bits_key"], "bits_key": e["bits_key"], "bits_value": e["bits_value"]}
+        for name, est in (("kivi_ppl", e["kivi"]["ppl"]), ("ppl", e["ppl"]), ("difference", e["difference"]),
+                          ("excess_removed", e["excess_removed"])):
+            out |= {name: est.value, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+    return out
+
+
+entries = [(setting, b, e) for setting, st in studies.items() for b, e in st["equal_storage"].items()]
+storage_table = pd.DataFrame([storage_row(*x) for x in entries]).set_index(["setting", "KIVI key bits (nominal)"])
+g.table("storage_table", shown(storage_table), data=pd.DataFrame([storage_raw(*x) for x in entries]), sample=decode_sample)
+pareto_table = pd.DataFrame([{"setting": setting, "method": r["label"], KEY_BITS: r["bits_key"], VALUE_BITS: r["bits_value"],
+                              "perplexity": format(r["ppl"], PPL), "on the Pareto front": "yes" if r["on_front"] else "no"}
                              for setting, st in studies.items() for r in st["rows"]]).set_index(["setting", "method"])
-g("pareto_table", pareto_table.style.format({"bits/key": "{:.3f}", "bits/value": "{:.3f}"}))
+g.table("pareto_table", shown(pareto_table), data=pd.DataFrame(pareto_points), sample=decode_sample)
 
 
 def glue_entry(tag: str, e: dict | None) -> None:
@@ -801,8 +921,10 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # one colour per method, a line through its bit widths. Left: keys only, values dense. Right: keys and values
 # quantized (the x axis is the mean over keys and values). Ringed points lie on the Pareto front (no other
 # point has no more bits and a lower perplexity). The dashed line is the fp cache with its 95% band; error
-# bars are 95% block-bootstrap intervals. Points above the top edge (per-token codes) are drawn at the edge;
-# {numref}`tbl-kv-pareto` gives every value.
+# bars are 95% block-bootstrap intervals. Points above the top edge (per-token codes) are drawn at the edge as
+# triangles; {numref}`tbl-kv-pareto` gives every value. The legend below the panels names every method.
+#
+# {glue:md}`kv_fig_pareto_prov:myst`
 # ```
 #
 # ```{glue:figure} kv_pareto_table
@@ -811,6 +933,8 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # Every configuration of {numref}`fig-kv-pareto`: bits per key and value element measured from the bytes
 # held (dense values: 32, the model's fp32), perplexity "value [lo, hi]" (95% block bootstrap), and whether
 # the point lies on the Pareto front of its panel.
+#
+# {glue:md}`kv_pareto_table_prov:myst`
 # ```
 #
 # ```{glue:figure} kv_storage_table
@@ -820,15 +944,17 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # KV), the best new key code that holds no more. "PPL − KIVI" is the paired difference of perplexity (95%
 # interval; an interval containing 0 is not distinguishable); "KIVI's excess removed" is
 # $(\mathrm{PPL}_\text{KIVI} - \mathrm{PPL})/(\mathrm{PPL}_\text{KIVI} - \mathrm{PPL}_\text{fp})$ with its
-# 95% paired-bootstrap interval.
+# 95% paired-bootstrap interval. "—": no new code fits KIVI's storage.
+#
+# {glue:md}`kv_storage_table_prov:myst`
 # ```
 #
 # **Result.** At the {glue:text}`kv_es_kivi_bits:.3f` bits per key element that {glue:text}`kv_es_bits_low:d`-bit
 # KIVI holds, the best new key code is {glue:text}`kv_es_best:s` ({glue:text}`kv_es_bits:.3f` bits), at
-# perplexity {glue:text}`kv_es_ppl:.2f` [{glue:text}`kv_es_ppl_lo:.2f`, {glue:text}`kv_es_ppl_hi:.2f`] against
-# KIVI's {glue:text}`kv_es_kivi_ppl:.2f` [{glue:text}`kv_es_kivi_ppl_lo:.2f`, {glue:text}`kv_es_kivi_ppl_hi:.2f`]
-# and the fp cache's {glue:text}`kv_fp_ppl:.2f`: {glue:text}`kv_es_verdict:s` (paired difference
-# {glue:text}`kv_es_diff:+.2f` [{glue:text}`kv_es_diff_lo:+.2f`, {glue:text}`kv_es_diff_hi:+.2f`]). At
+# perplexity {glue:text}`kv_es_ppl:.3f` [{glue:text}`kv_es_ppl_lo:.3f`, {glue:text}`kv_es_ppl_hi:.3f`] against
+# KIVI's {glue:text}`kv_es_kivi_ppl:.3f` [{glue:text}`kv_es_kivi_ppl_lo:.3f`, {glue:text}`kv_es_kivi_ppl_hi:.3f`]
+# and the fp cache's {glue:text}`kv_fp_ppl:.3f`: {glue:text}`kv_es_verdict:s` (paired difference
+# {glue:text}`kv_es_diff:+.3f` [{glue:text}`kv_es_diff_lo:+.3f`, {glue:text}`kv_es_diff_hi:+.3f`]). At
 # {glue:text}`kv_es_bits_high:d` bits, {glue:text}`kv_es_hi_verdict:s`; query-tc against the other codes of the
 # same nominal bits: {glue:text}`kv_tc_hi_versus:s`. With values quantized too, at
 # {glue:text}`kv_es_kv_bits_low:d` bits: {glue:text}`kv_es_kv_verdict:s`.
@@ -856,34 +982,45 @@ if fused_available := __import__("atlas_core.kvquant.fused", fromlist=["availabl
                             rounds=3, steps=3)
     speed_table = pd.DataFrame([{"cached tokens": r["n"], "fused 2-bit (ms)": 1e3 * r["fused_s"],
                                  "fp32 SDPA (ms)": 1e3 * r["sdpa_fp32_s"], "dequantize + SDPA (ms)": 1e3 * r["dequant_sdpa_s"],
-                                 "speed-up vs fp32 SDPA": r["speedup_vs_sdpa"], "fp32 bytes / fused bytes": r["bytes_ratio"]}
+                                 "speed-up over fp32 SDPA (×)": r["speedup_vs_sdpa"],
+                                 "bytes read, fp32 ÷ fused (×)": r["bytes_ratio"]}
                                 for r in speed["rows"]]).set_index("cached tokens")
+    speed_sample = f"one layer, {plural(len(speed['rows']), 'context')}, medians over 3 rounds of 3 steps (synthetic keys)"
+    g.table("speed_table", speed_table.style.format("{:.2f}").format_index("{:,}"),
+            data=pd.DataFrame([{k: v for k, v in r.items() if np.isscalar(v)} for r in speed["rows"]]),
+            sample=speed_sample, corpus="none (synthetic keys and values)")
     g("speed_max_n", speed["rows"][-1]["n"])
     g("speed_ratio", speed["rows"][-1]["speedup_vs_sdpa"])
     g("speed_ratio_min", min(r["speedup_vs_sdpa"] for r in speed["rows"]))
     g("speed_bytes_ratio", speed["rows"][-1]["bytes_ratio"])
     g("speed_threads", speed["torch_threads"])
+    g("speed_threads_text", plural(speed["torch_threads"], "thread"))
 else:
     speed = None
-    speed_table = pd.DataFrame({"note": ["numba is not installed: the fused kernel is unavailable"]})
+    speed_table = pd.DataFrame({"note": ["not measured: numba is not installed, the fused kernel is unavailable"]})
+    g.table("speed_table", speed_table, sample="none (not measured)", corpus="none")
     for key in ("speed_max_n", "speed_ratio", "speed_ratio_min", "speed_bytes_ratio", "speed_threads"):
         g(key, math.nan)
-g("speed_table", speed_table.style.format("{:.2f}"))
+    g("speed_threads_text", "—")
 step = bench_kvquant(model, n_ctx=step_ctx, steps=8, rounds=2, bits=2, group=group, rank=rank) if step_ctx else None
 if step is not None:
     caches = step["caches"]
-    step_table = pd.DataFrame([{"cache": name, "step (ms)": 1e3 * c["step_s"], "× fp step": c["ratio_vs_fp"],
-                                "held MiB": c["held_bytes"] / 2**20, "bits/element held": c["held_bits_per_element"]}
+    step_table = pd.DataFrame([{"cache": name, "step (ms)": 1e3 * c["step_s"], "step ÷ fp step (×)": c["ratio_vs_fp"],
+                                "memory held (bytes)": c["held_bytes"], "bits per element held": c["held_bits_per_element"]}
                                for name, c in caches.items()]).set_index("cache")
+    g.table("step_table", step_table.style.format({"step (ms)": "{:.2f}", "step ÷ fp step (×)": "{:.2f}",
+                                                   "memory held (bytes)": "{:,.0f}", "bits per element held": "{:.3f}"}),
+            data=pd.DataFrame([{"cache": name} | {k: v for k, v in c.items() if np.isscalar(v)} for name, c in caches.items()]),
+            sample=f"whole decode step at {step_ctx:,} cached tokens, medians over 2 rounds of 8 steps")
     g("step_ctx", step_ctx)
     g("step_kivi_fused", caches["kivi-fused"]["ratio_vs_fp"] if "kivi-fused" in caches else math.nan)
     g("step_kivi_plain", caches["kivi"]["ratio_vs_fp"])
     g("step_headq_fused", step.get("headq_vs_per_token_fused", math.nan))
 else:
-    step_table = pd.DataFrame({"note": ["not run (step_ctx = 0)"]})
+    step_table = pd.DataFrame({"note": ["not measured (step_ctx = 0)"]})
+    g.table("step_table", step_table, sample="none (not measured)")
     for key in ("step_ctx", "step_kivi_fused", "step_kivi_plain", "step_headq_fused"):
         g(key, math.nan)
-g("step_table", step_table.style.format("{:.3f}"))
 g("speed_verdict", claims.fused_decode(speed["rows"][-1]["speedup_vs_sdpa"], caches.get("kivi-fused", {}).get("ratio_vs_fp", math.nan)
                                        if step is not None else math.nan).text if speed is not None
   else "not measured (numba is not installed)")
@@ -894,21 +1031,27 @@ g("speed_verdict", claims.fused_decode(speed["rows"][-1]["speedup_vs_sdpa"], cac
 #
 # One layer's decode attention for one token ({glue:text}`kv_n_heads:d` query heads, {glue:text}`kv_n_kv_heads:d`
 # KV heads, $d$ = {glue:text}`kv_d_head:d`, synthetic keys with outlier channels), median milliseconds on this
-# machine ({glue:text}`kv_speed_threads:d` threads): the fused kernel on 2-bit KIVI-layout codes (keys per channel,
+# machine ({glue:text}`kv_speed_threads_text:s`): the fused kernel on 2-bit KIVI-layout codes (keys per channel,
 # values per token, groups of 32, a 32-token fp window), fp32 SDPA on the same keys and values, and the plain path
-# (dequantize, then SDPA). The last column is the ratio of bytes each reads.
+# (dequantize, then SDPA). The last two columns are ratios: fp32 SDPA's time over the fused kernel's, and the
+# bytes each reads.
+#
+# {glue:md}`kv_speed_table_prov:myst`
 # ```
 #
 # ```{glue:figure} kv_step_table
 # :name: tbl-kv-step
 #
 # The model's whole decode step at {glue:text}`kv_step_ctx:d` cached tokens (median over steps and rounds), for the
-# fp cache and 2-bit caches on their plain path and fused ("-fused"), with the memory each held.
+# fp cache and 2-bit caches on their plain path and fused ("-fused"), with the memory each held (bytes, and bits
+# per cached key or value element).
+#
+# {glue:md}`kv_step_table_prov:myst`
 # ```
 #
 # **Result.** At {glue:text}`kv_speed_max_n:d` cached tokens the fused 2-bit kernel is
 # {glue:text}`kv_speed_ratio:.2f`× as fast as fp32 SDPA ({numref}`tbl-kv-speed`; the smallest ratio over the
-# contexts is {glue:text}`kv_speed_ratio_min:.2f`×), reading {glue:text}`kv_speed_bytes_ratio:.1f`× fewer bytes.
+# contexts is {glue:text}`kv_speed_ratio_min:.2f`×), reading {glue:text}`kv_speed_bytes_ratio:.2f`× fewer bytes.
 # In the whole model at {glue:text}`kv_step_ctx:d` tokens ({numref}`tbl-kv-step`), the KIVI cache's step is
 # {glue:text}`kv_step_kivi_plain:.2f`× the fp cache's on the plain path and {glue:text}`kv_step_kivi_fused:.2f`×
 # fused; HeadQ's side code costs {glue:text}`kv_step_headq_fused:.2f`× the fused step without it.
@@ -940,7 +1083,10 @@ value_blocks = {l: policy.value_policy_errors(acts[l].probs, split_blocks(acts[l
                 for l in layers}  # {layer: {policy: (block,)}}, from (block, head, query, key) weights and values
 value_table = pd.DataFrame({f"layer {l}": {name: e.mean() for name, e in errs.items()} for l, errs in value_blocks.items()})
 value_table["mean"] = value_table.mean(axis=1)
-g("value_table", value_table.style.format("{:.4f}"))
+value_table.index.name = "value policy"
+g.table("value_table", value_table.style.format("{:.4f}"),
+        data=pd.DataFrame([{"layer": l, "block": i, "policy": name, "error": float(e[i])} for l, errs in value_blocks.items()
+                           for name, e in errs.items() for i in range(len(e))]), sample=metric_sample)
 g("a2_budget", a2_budget)
 units = {name: np.concatenate([value_blocks[l][name] for l in layers]) for name in value_table.index}  # (layer·block,)
 for key, name in (("oracle", "A² (oracle)"), ("causal", "A² (causal)"), ("random", "random tokens fp")):
@@ -956,6 +1102,8 @@ for key, name in (("oracle", "A² (oracle)"), ("causal", "A² (causal)"), ("rand
 # number of random tokens kept in full precision. All rows except "uniform 2b" spend
 # {glue:text}`kv_a2_budget:g` payload bits per value element on average. Errors are judged on the second
 # half of each block's queries.
+#
+# {glue:md}`kv_value_table_prov:myst`
 # ```
 #
 # **Result.** {numref}`tbl-kv-values` compares the policies. At {glue:text}`kv_a2_budget:g` payload bits
@@ -984,16 +1132,16 @@ if engine == "onepass":
     g("a2_decode_payload", runs(a2_v)["value_payload"])
     g("a2_decode_verdict", claims.lower_verdict(runs(a2_v)["nll"], runs(uniform_v)["nll"], "the A² policy",
                                                 f"uniform {a2_vbits}-bit values", runs.setup.boot).text)
-    a2_table = table([uniform_v, a2_v]).assign(**{"payload bits/value": [runs(uniform_v)["value_payload"],
-                                                                         runs(a2_v)["value_payload"]]})
-    g("a2_table", a2_table.style.format(FMT | {"payload bits/value": "{:.3f}"}, na_rep="—"))
+    a2_table = glue_table("a2_table", [uniform_v, a2_v], {"payload bits per value element": [runs(uniform_v)["value_payload"],
+                                                                                             runs(a2_v)["value_payload"]]})
 else:
     for key in ("a2_decode_ppl", "a2_uniform_ppl", "a2_decode_diff"):
         for end in ("", "_lo", "_hi"):
             g(key + end, float("nan"))
     g("a2_decode_payload", float("nan"))
     g("a2_decode_verdict", "not measured (the decode engine does not see attention weights)")
-    g("a2_table", pd.DataFrame({"note": ["the A² policy runs in the one-pass engine only"]}))
+    g.table("a2_table", pd.DataFrame({"note": ["not measured: the A² policy runs in the one-pass engine only"]}),
+            sample="none (not measured)")
 
 # %% [markdown]
 # ```{glue:figure} kv_a2_table
@@ -1001,17 +1149,19 @@ else:
 #
 # Decode perplexity of HeadQ (2-bit keys, rank {glue:text}`kv_rank:d`) with values quantized uniformly at
 # {glue:text}`kv_a2_budget:g` bits and under the causal A² policy at no more mean payload ("payload
-# bits/value": bits per stored value element, scales and the fp window not counted, as spent by the
-# policy). "bits/value" is the cache's uniform layout. Figures are "value [lo, hi]" (95%, paired block
-# bootstrap); "excess removed" and "vs baseline" compare the policy with uniform values.
+# bits per value element": bits per stored value element, scales and the fp window not counted, as spent by the
+# policy). "Value bits per element" is the cache's uniform layout. Figures are "value [lo, hi]" (95%, paired
+# block bootstrap); "excess removed" and "vs baseline" compare the policy with uniform values.
+#
+# {glue:md}`kv_a2_table_prov:myst`
 # ```
 #
-# **Result.** {numref}`tbl-kv-a2`: with the policy, decode perplexity is {glue:text}`kv_a2_decode_ppl:.2f`
-# [{glue:text}`kv_a2_decode_ppl_lo:.2f`, {glue:text}`kv_a2_decode_ppl_hi:.2f`] at
+# **Result.** {numref}`tbl-kv-a2`: with the policy, decode perplexity is {glue:text}`kv_a2_decode_ppl:.3f`
+# [{glue:text}`kv_a2_decode_ppl_lo:.3f`, {glue:text}`kv_a2_decode_ppl_hi:.3f`] at
 # {glue:text}`kv_a2_decode_payload:.3f` payload bits per value element, against
-# {glue:text}`kv_a2_uniform_ppl:.2f` [{glue:text}`kv_a2_uniform_ppl_lo:.2f`, {glue:text}`kv_a2_uniform_ppl_hi:.2f`]
-# with uniform values (difference {glue:text}`kv_a2_decode_diff:+.2f` [{glue:text}`kv_a2_decode_diff_lo:+.2f`,
-# {glue:text}`kv_a2_decode_diff_hi:+.2f`]): {glue:text}`kv_a2_decode_verdict:s`.
+# {glue:text}`kv_a2_uniform_ppl:.3f` [{glue:text}`kv_a2_uniform_ppl_lo:.3f`, {glue:text}`kv_a2_uniform_ppl_hi:.3f`]
+# with uniform values (difference {glue:text}`kv_a2_decode_diff:+.3f` [{glue:text}`kv_a2_decode_diff_lo:+.3f`,
+# {glue:text}`kv_a2_decode_diff_hi:+.3f`]): {glue:text}`kv_a2_decode_verdict:s`.
 #
 # **For the source's claim.** The paper's full-KV claim is that HeadQ plus the A² policy improves every
 # model. Offline, the causal policy's output error {glue:text}`kv_a2_verdict:s` uniform's; in
@@ -1021,7 +1171,9 @@ else:
 
 # %%
 hq_figs = runs.figures(K("headq", 2))
-g("verdict", claims.headq_range(hq_figs["excess_removed"], hq_figs["difference_baseline"]).text)
+# the headline verdict, worded by the decision rule at the headline rank and, beside their storage, at every rank swept
+g("verdict", rank_verdict.text if rank_verdict else claims.headq_range(hq_figs["excess_removed"],
+                                                                        hq_figs["difference_baseline"]).text)
 
 # The same verdicts on the first `previous_blocks` of these blocks: the sample of the chapter's earlier
 # version (2 blocks of 512, 766 scored tokens), so the prose can say which verdicts the larger sample changed.
@@ -1041,10 +1193,14 @@ def verdicts(n: int) -> dict[str, str]:
 
 now, before = verdicts(eval_blocks), verdicts(previous_blocks)
 changed = [name for name in now if now[name].split(" (")[0] != before[name].split(" (")[0]]
-sample_table = pd.DataFrame({f"{eval_blocks} blocks": now, f"first {previous_blocks} blocks": before})
-g("sample_table", sample_table.style.set_properties(**{"text-align": "left", "white-space": "normal"}))
+sample_table = pd.DataFrame({f"all {plural(eval_blocks, 'block')}": now, f"first {plural(previous_blocks, 'block')}": before})
+sample_table.index.name = "claim"
+g.table("sample_table", sample_table.style.set_properties(**{"text-align": "left", "white-space": "normal"}),
+        sample=f"{decode_sample}; the first {plural(previous_blocks, 'block')} again")
 g("previous_blocks", previous_blocks)
 g("previous_tokens", previous_blocks * (seq_len - prefill - 1))
+g("previous_tokens_text", f"{previous_blocks * (seq_len - prefill - 1):,}")
+g("previous_blocks_text", plural(previous_blocks, "block"))
 g("n_changed", len(changed))
 g("changed", ", ".join(changed) if changed else "none")
 g("fisher_verdict", claims.fisher_predicts(interval.spearman_difference(per_head["fisher"], per_head["key_mse"],
@@ -1073,6 +1229,7 @@ write_json(out / "kvquant.json", {
     "key_codes": {setting: storage.as_json({k: v for k, v in st.items() if k != "methods"}) for setting, st in studies.items()},
     "decode_speed": {"one_layer": speed, "whole_step": step},
 })
+g.finish()  # the opening box: run information and this chapter's wall time
 
 # %% [markdown]
 # ## Sample size
@@ -1080,16 +1237,18 @@ write_json(out / "kvquant.json", {
 # ```{glue:figure} kv_sample_table
 # :name: tbl-kv-sample
 #
-# The chapter's headline verdicts from all {glue:text}`kv_eval_blocks:d` evaluation blocks and from the
-# first {glue:text}`kv_previous_blocks:d` of them ({glue:text}`kv_previous_tokens:d` scored tokens, the
+# The chapter's headline verdicts from all {glue:text}`kv_eval_blocks_text:s` of the evaluation split and from the
+# first {glue:text}`kv_previous_blocks_text:s` of them ({glue:text}`kv_previous_tokens_text:s` scored tokens, the
 # sample of this chapter's earlier version). Each verdict is computed by the same library function from the
 # same runs; only the blocks differ.
+#
+# {glue:md}`kv_sample_table_prov:myst`
 # ```
 #
-# An earlier version of this chapter scored {glue:text}`kv_previous_tokens:d` tokens per configuration, and
+# An earlier version of this chapter scored {glue:text}`kv_previous_tokens_text:s` tokens per configuration, and
 # no figure carried an interval. {numref}`tbl-kv-sample` reads the headline verdicts on that sample and on
 # this one: {glue:text}`kv_n_changed:d` of them change with the larger sample ({glue:text}`kv_changed:s`).
-# The verdicts in this chapter rest on the {glue:text}`kv_eval_blocks:d` blocks.
+# The verdicts in this chapter rest on all {glue:text}`kv_eval_blocks_text:s`.
 
 # %% [markdown]
 # ## Summary
@@ -1105,32 +1264,32 @@ write_json(out / "kvquant.json", {
 #   {glue:text}`kv_null_kl_ratio_hi:.3f`] its attention KL.
 # - **HeadQ at 2 bits, keys only: {glue:text}`kv_verdict:s`.** At rank {glue:text}`kv_rank:d` it removes
 #   {glue:text}`kv_removed_hq2:.1%` [{glue:text}`kv_removed_hq2_lo:.1%`, {glue:text}`kv_removed_hq2_hi:.1%`]
-#   of the excess perplexity of 2-bit per-token keys (the paper: 84–94%), on {glue:text}`kv_eval_tokens:d`
+#   of the excess perplexity of 2-bit per-token keys (the paper: 84–94%), on {glue:text}`kv_eval_tokens_text:s`
 #   scored tokens. Rank {glue:text}`kv_best_rank:d` removes {glue:text}`kv_best_rank_removed:.1%`
 #   [{glue:text}`kv_best_rank_removed_lo:.1%`, {glue:text}`kv_best_rank_removed_hi:.1%`], at
-#   {glue:text}`kv_best_rank_bits:.2f` bits per key element ({numref}`tbl-kv-rank`).
-# - **Equal storage: {glue:text}`kv_budget_verdict:s`.** At {glue:text}`kv_budget_bits:.2f` bits per key
-#   element, {glue:text}`kv_budget_best:s` reads {glue:text}`kv_budget_best_ppl:.2f`
-#   [{glue:text}`kv_budget_best_ppl_lo:.2f`, {glue:text}`kv_budget_best_ppl_hi:.2f`] against HeadQ's
-#   {glue:text}`kv_ppl_hq2:.2f` [{glue:text}`kv_ppl_hq2_lo:.2f`, {glue:text}`kv_ppl_hq2_hi:.2f`]; 2-bit KIVI keys
-#   read {glue:text}`kv_ppl_kivi2:.2f` [{glue:text}`kv_ppl_kivi2_lo:.2f`, {glue:text}`kv_ppl_kivi2_hi:.2f`] at
-#   only {glue:text}`kv_bits_kivi2:.2f` bits ({numref}`tbl-kv-budget`).
+#   {glue:text}`kv_best_rank_bits:.3f` bits per key element ({numref}`tbl-kv-rank`).
+# - **Equal storage: {glue:text}`kv_budget_verdict:s`.** At {glue:text}`kv_budget_bits:.3f` bits per key
+#   element, {glue:text}`kv_budget_best:s` reads {glue:text}`kv_budget_best_ppl:.3f`
+#   [{glue:text}`kv_budget_best_ppl_lo:.3f`, {glue:text}`kv_budget_best_ppl_hi:.3f`] against HeadQ's
+#   {glue:text}`kv_ppl_hq2:.3f` [{glue:text}`kv_ppl_hq2_lo:.3f`, {glue:text}`kv_ppl_hq2_hi:.3f`]; 2-bit KIVI keys
+#   read {glue:text}`kv_ppl_kivi2:.3f` [{glue:text}`kv_ppl_kivi2_lo:.3f`, {glue:text}`kv_ppl_kivi2_hi:.3f`] at
+#   only {glue:text}`kv_bits_kivi2:.3f` bits ({numref}`tbl-kv-budget`).
 # - **Controls: {glue:text}`kv_control_verdict:s`.** The query basis removes
 #   {glue:text}`kv_ctl_query_removed:.1%` [{glue:text}`kv_ctl_query_removed_lo:.1%`,
 #   {glue:text}`kv_ctl_query_removed_hi:.1%`] of the excess, a random basis {glue:text}`kv_ctl_random_removed:.1%`
 #   [{glue:text}`kv_ctl_random_removed_lo:.1%`, {glue:text}`kv_ctl_random_removed_hi:.1%`], the key-PCA basis
 #   {glue:text}`kv_ctl_keypca_removed:.1%` [{glue:text}`kv_ctl_keypca_removed_lo:.1%`,
-#   {glue:text}`kv_ctl_keypca_removed_hi:.1%`]; the wrong sign reads {glue:text}`kv_ctl_wrong_ppl:.2f`
-#   [{glue:text}`kv_ctl_wrong_ppl_lo:.2f`, {glue:text}`kv_ctl_wrong_ppl_hi:.2f`] ({numref}`tbl-kv-controls`).
+#   {glue:text}`kv_ctl_keypca_removed_hi:.1%`]; the wrong sign reads {glue:text}`kv_ctl_wrong_ppl:.3f`
+#   [{glue:text}`kv_ctl_wrong_ppl_lo:.3f`, {glue:text}`kv_ctl_wrong_ppl_hi:.3f`] ({numref}`tbl-kv-controls`).
 # - **Full KV and the A² value policy.** Full-KV HeadQ removes {glue:text}`kv_removed_hq2_kv:.1%`
 #   [{glue:text}`kv_removed_hq2_kv_lo:.1%`, {glue:text}`kv_removed_hq2_kv_hi:.1%`] of per-token's excess.
 #   In decode at no more payload bits, {glue:text}`kv_a2_decode_verdict:s` ({numref}`tbl-kv-a2`); offline,
 #   the causal policy's output error is {glue:text}`kv_a2_causal_ratio:.2f`× [{glue:text}`kv_a2_causal_ratio_lo:.2f`, {glue:text}`kv_a2_causal_ratio_hi:.2f`] that of uniform quantization
 #   ({numref}`tbl-kv-values`).
-# - **Pre-RoPE keys** ({numref}`tbl-kv-rope`): 2-bit KIVI reads {glue:text}`kv_rope_kivi_pre:.2f`
-#   [{glue:text}`kv_rope_kivi_pre_lo:.2f`, {glue:text}`kv_rope_kivi_pre_hi:.2f`] pre-RoPE against
-#   {glue:text}`kv_rope_kivi_post:.2f` [{glue:text}`kv_rope_kivi_post_lo:.2f`,
-#   {glue:text}`kv_rope_kivi_post_hi:.2f`] post-RoPE: {glue:text}`kv_rope_kivi_verdict:s`.
+# - **Pre-RoPE keys** ({numref}`tbl-kv-rope`): 2-bit KIVI reads {glue:text}`kv_rope_kivi_pre:.3f`
+#   [{glue:text}`kv_rope_kivi_pre_lo:.3f`, {glue:text}`kv_rope_kivi_pre_hi:.3f`] pre-RoPE against
+#   {glue:text}`kv_rope_kivi_post:.3f` [{glue:text}`kv_rope_kivi_post_lo:.3f`,
+#   {glue:text}`kv_rope_kivi_post_hi:.3f`] post-RoPE: {glue:text}`kv_rope_kivi_verdict:s`.
 # - **A key code at equal storage** ({numref}`fig-kv-pareto`, {numref}`tbl-kv-storage`): at KIVI-{glue:text}`kv_es_bits_low:d`'s
 #   {glue:text}`kv_es_kivi_bits:.3f` bits per key element, {glue:text}`kv_es_verdict:s`.
 # - **Decoding faster than fp** ({numref}`tbl-kv-speed`, {numref}`tbl-kv-step`): {glue:text}`kv_speed_verdict:s`.

@@ -54,3 +54,14 @@ def test_bad_input():
         headq_ranks(sweep((8, 3.0, SAME, SAME), (8, 3.0, SAME, SAME)), headline=8)
     with pytest.raises(ValueError, match="headline rank 4"):
         headq_ranks(sweep((8, 3.0, SAME, SAME)), headline=4)
+
+
+def test_an_undefined_share_is_not_placed_against_the_range():
+    nan = float("nan")
+    v = headq_ranks(sweep((8, 3.25, est(nan, nan, nan), LOWER), (16, 4.5, est(0.9, 0.86, 0.93), LOWER)), headline=8)
+    assert v.text.startswith("not comparable with the paper's 84–94% (per-token keys have no excess over fp to remove) "
+                             "at rank 8 (3.250 bits per key element); consistent with")
+    assert v.figures["by_rank"][8].label == "undefined" and v.label == "reached"
+    assert headq_ranks(sweep((8, 3.25, est(nan, nan, nan), LOWER)), headline=8).label == "undefined"
+    assert headq_ranks(sweep((8, 3.25, est(nan, nan, nan), LOWER), (1, 2.4, est(0.1, -0.3, 0.5), SAME)),
+                       headline=8).label == claims.TIE

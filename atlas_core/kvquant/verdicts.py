@@ -40,11 +40,15 @@ def headq_ranks(results: list[RankResult], headline: int) -> claims.Verdict:
         results: one ``RankResult`` per rank (any order, ranks distinct).
         headline: the rank of the chapter's headline; its outcome is worded first.
     Returns:
-        ``Verdict``: label "reached" when some rank is consistent with or above the range, ``claims.TIE`` when
-        no rank is distinguishable from per-token keys, else "below"; text as above; figures {"by_rank":
+        ``Verdict``: label "reached" when some rank is consistent with or above the range, else "below" when
+        some rank is below it, else ``claims.TIE`` when some rank is not distinguishable from per-token keys, else
+        "undefined"; text as above; figures {"by_rank":
         {rank: Verdict}, "bits": {rank: bits per key element}}.
     Raises:
         ValueError: no results, repeated ranks, or ``headline`` not among them.
+
+    A rank whose share is undefined (per-token keys have no excess over fp: NaN) is "not comparable with the
+    paper's 84–94%", label "undefined", rather than placed against the range.
     """
     ranks = [r.rank for r in results]
     if not results or len(set(ranks)) != len(ranks):
@@ -52,7 +56,7 @@ def headq_ranks(results: list[RankResult], headline: int) -> claims.Verdict:
     if headline not in ranks:
         raise ValueError(f"the headline rank {headline} is not among the ranks swept {sorted(ranks)}")
     ordered = sorted(results, key=lambda r: r.rank)
-    by_rank = {r.rank: claims.headq_range(r.excess, r.difference) for r in ordered}
+    by_rank = {r.rank: _judged(r) for r in ordered}
     groups: dict[str, list[RankResult]] = {}
     first = by_rank[headline].text
     for text in [first] + [by_rank[r.rank].text for r in ordered]:
@@ -65,6 +69,17 @@ def headq_ranks(results: list[RankResult], headline: int) -> claims.Verdict:
         bits = listing(f"{m.bits_key:.3f}" for m in members)
         parts.append(f"{text} at {noun} {listing(m.rank for m in members)} ({bits} bits per key element)")
     labels = {v.label for v in by_rank.values()}
-    label = "reached" if labels & {"consistent", "above"} else claims.TIE if labels == {claims.TIE} else "below"
+    label = ("reached" if labels & {"consistent", "above"} else "below" if "below" in labels
+             else claims.TIE if claims.TIE in labels else "undefined")
     return claims.Verdict(label=label, text="; ".join(parts),
                           figures={"by_rank": by_rank, "bits": {r.rank: r.bits_key for r in ordered}})
+
+
+def _judged(r: RankResult) -> claims.Verdict:
+    """``claims.headq_range`` of one rank, or "not comparable" when its excess-removed share is undefined."""
+    if r.excess.value != r.excess.value:  # NaN: the baseline has no excess over fp to remove
+        low, high = claims.source("headq_removed")
+        reported = f"the paper's {low:.0%}–{high:.0%}".replace("%–", "–")
+        return claims.Verdict(label="undefined", figures={"excess": r.excess, "difference": r.difference},
+                              text=f"not comparable with {reported} (per-token keys have no excess over fp to remove)")
+    return claims.headq_range(r.excess, r.difference)
