@@ -13,6 +13,10 @@
 # %% [markdown]
 # # Weight quantization: the Fisher basis against RTN, GPTQ, AWQ and rotations
 #
+# ```{glue:md} nqp_run_box
+# :format: myst
+# ```
+#
 # Does quantizing a weight matrix in the eigenbasis of the activation Fisher beat the established
 # post-training methods? The ATLAS work {cite:p}`chancay2026atlas` began as this idea, NQP: quantize
 # each weight matrix in the eigenbasis of a Fisher matrix, and beat GPTQ {cite:p}`frantar2023gptq`,
@@ -95,6 +99,8 @@ results_dir = "results"
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter, MaxNLocator
 import numpy as np
 import pandas as pd
 import torch
@@ -105,17 +111,21 @@ from atlas_core import interval
 from atlas_core.cache import write_json
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.eval import block_nll
-from atlas_core.glue import glue_key, prefixed_glue
+from atlas_core.figures import color, figsize, style
+from atlas_core.glue import chapter_glue, estimate_text, glue_key, number, plural
 from atlas_core.models import load_model
 from atlas_core.wquant.awq import AWQConfig
 from atlas_core.wquant.calib import CalibConfig, calibration_stats, weight_of, linear_layers
 from atlas_core import claims
 from atlas_core.claims import TIE
-from atlas_core.wquant.experiment import RunSet, best_method, compare, run_wquant
-from atlas_core.wquant.layers import participation_rows
+from atlas_core.wquant.experiment import RunSet, best_across, best_method, compare, label, run_wquant
+from atlas_core.wquant.layers import output_widths, participation_rows
 from atlas_core.wquant.rtn import WQuantSpec
 
-g = prefixed_glue("nqp")  # g(key, value) glues nqp_<key>
+g = chapter_glue("nqp", chapter="nqp", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value): nqp_<key>
+calib_sample = f"{plural(calib_blocks, 'calibration block')} of {seq_len} tokens"
+eval_sample = f"{plural(eval_blocks, 'held-out block')} of {seq_len} tokens"
+PPL, RATIO = ".3f", ".3f"  # one format per quantity: every perplexity, every paired perplexity ratio
 
 
 seconds = {}  # where the chapter's time goes (closing note): (wall, CPU) seconds per stage
@@ -139,6 +149,7 @@ g("model", model)
 g("calib_tokens", calib.numel())
 g("eval_tokens", held_out.numel())
 g("eval_blocks", len(held_out))
+g("eval_sample", eval_sample)
 g("old_eval_tokens", 4 * 512)  # the chapter's sample before intervals (4 blocks of 512)
 g("seq_len", seq_len)
 g.estimate("ppl_fp", ppl_fp_est, ".3f")
@@ -148,7 +159,7 @@ g("n_linear", len(stats))
 # %% [markdown]
 # {glue:text}`nqp_model:s` has {glue:text}`nqp_n_linear:d` linear layers in its decoder. Calibration uses
 # {glue:text}`nqp_calib_tokens:,d` tokens; perplexity is measured on {glue:text}`nqp_eval_tokens:,d`
-# held-out tokens ({glue:text}`nqp_eval_blocks:d` blocks of {glue:text}`nqp_seq_len:d`), the same blocks for
+# held-out tokens ({glue:text}`nqp_eval_sample:s`), the same blocks for
 # every method. The unquantized model (fp32, dequantized from the GGUF file) reaches a perplexity of
 # {glue:text}`nqp_ppl_fp_ci:s`. Every figure in brackets is a 95% interval from a seeded block bootstrap
 # (2,000 resamples of the held-out blocks). A perplexity's interval is wide, because blocks of text differ
@@ -166,79 +177,113 @@ g("n_linear", len(stats))
 # (q, k and v; gate and up) are counted once.
 
 # %%
-pr = pd.DataFrame(participation_rows(stats))  # one row per linear layer; shared inputs (k, v, up) once
-by_type = pr.groupby("type")[["width", "pr_h", "pr_fisher"]].agg({"width": "first", "pr_h": "median", "pr_fisher": "median"})
+pr = pd.DataFrame(participation_rows(stats, output_widths(lm.model)))  # one row per linear layer; shared inputs (k, v, up) once
+by_type = pr.groupby("type").agg(width=("width", "first"), fisher_bound=("fisher_bound", "first"),
+                                 pr_h=("pr_h", "median"), pr_fisher=("pr_fisher", "median"), layers=("layer", "size"))
 for t, r in by_type.iterrows():
-    key = t.split(" ")[0].lower() + ("_" + t.split(" ")[1] if t.count(" ") else "")
+    key = t.split(" ")[0].lower() + ("_" + t.split(" ")[1] if t.count(" ") else "")  # "MLP down" → mlp_down
     g(f"pr_fisher_{key}", r.pr_fisher)
     g(f"pr_h_{key}", r.pr_h)
+    g(f"width_{key}", int(r.width))  # the largest participation ratio of H
+    g(f"fisher_bound_{key}", int(r.fisher_bound))  # of F: min(input, output width)
 g("pr_fisher_median", pr.pr_fisher.median())
 g("pr_fisher_min", pr.pr_fisher.min())
 g("pr_fisher_max", pr.pr_fisher.max())
 g("pr_h_median", pr.pr_h.median())
-g("pr_share_le_3", float((pr.pr_fisher <= 3).mean()))
-g("pr_table", by_type.rename(columns={"width": "input width", "pr_h": "PR of H (median)",
-                                      "pr_fisher": "PR of Fisher (median)"}).style.format(precision=2))
+g("rank_pr_limit", claims.FISHER_RANK_PR)  # "rank ≈ 2" holds up to this median participation ratio
+g("pr_share_le_3", float((pr.pr_fisher <= claims.FISHER_RANK_PR).mean()))
+pr_shown = by_type.rename(columns={"width": "input width (largest PR of H)", "pr_h": "PR of H (median)",
+                                   "fisher_bound": "largest PR of F", "pr_fisher": "PR of F (median)",
+                                   "layers": "layers"})
+pr_shown = pr_shown[["layers", "input width (largest PR of H)", "PR of H (median)", "largest PR of F", "PR of F (median)"]]
+pr_shown.index.name = "layer type"
+g.table("pr_table", pr_shown.style.format("{:,.0f}", subset=["layers", "input width (largest PR of H)", "largest PR of F"])
+        .format("{:.1f}", subset=["PR of H (median)", "PR of F (median)"]),
+        data=pr.set_index("layer"), sample=calib_sample)
 
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+def plain_log(axis) -> None:
+    """Tick labels of a logarithmic axis as plain numbers (2, 20, 250), minor ticks labelled where it spans
+    less than a decade."""
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+rank2 = claims.source("fisher_rank")  # the source's "rank ≈ 2"
+fig, axes = plt.subplots(1, 2, figsize=figsize(1, 2, panel_aspect=0.85), sharey=True, layout="constrained")
 for t, grp in pr.groupby("type"):
-    axes[0].plot(grp.depth, grp.pr_h, "o-", ms=3, label=t)
-    axes[1].plot(grp.depth, grp.pr_fisher, "o-", ms=3, label=t)
-axes[0].set(title="input second moment H", xlabel="layer", ylabel="participation ratio", yscale="log")
-axes[1].set(title="activation Fisher F", xlabel="layer")
-axes[1].axhline(2, color="grey", ls=":", lw=1)
-axes[1].legend(fontsize=8)
-fig.tight_layout()
-g("fig_pr", fig)
-plt.close(fig)
+    for ax, field in zip(axes, ("pr_h", "pr_fisher")):
+        ax.plot(grp.depth, grp[field], ms=4, label=t, **style(t))
+for ax, title in zip(axes, ("input second moment H", "activation Fisher F")):
+    ax.axhline(rank2, color="black", ls=":", lw=1, label=f"rank ≈ {rank2} (the source)")
+    ax.set(title=title, xlabel="layer", yscale="log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+plain_log(axes[0].yaxis)
+axes[0].set_ylabel("participation ratio (log scale)")
+fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3)
+g.figure("fig_pr", fig, data=pr.set_index("layer"), sample=calib_sample)
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
-for i, (t, grp) in enumerate(pr.groupby("type")):
+fig, axes = plt.subplots(1, 2, figsize=figsize(1, 2, panel_aspect=0.85), sharey=True, layout="constrained")
+spectra = []
+for t, grp in pr.groupby("type"):
     for ax, field in zip(axes, ("h", "fisher")):
         curves = [(stats[name].fisher_eigh[0] if field == "fisher" else torch.linalg.eigvalsh(stats[name].h).flip(0)).clamp_min(0)
                   for name in grp.layer]
         curves = torch.stack([c / c[0] for c in curves])  # (layer, eigenvalue), normalised by the largest
-        ax.plot(np.arange(1, curves.shape[1] + 1), curves.median(0).values, color=f"C{i}", label=t)
-        ax.fill_between(np.arange(1, curves.shape[1] + 1), curves.quantile(0.1, 0).numpy(), curves.quantile(0.9, 0).numpy(),
-                        color=f"C{i}", alpha=0.15)
+        rank = np.arange(1, curves.shape[1] + 1)
+        band = curves.quantile(0.1, 0).numpy(), curves.median(0).values.numpy(), curves.quantile(0.9, 0).numpy()
+        ax.plot(rank, band[1], color=color(t), label=t)
+        ax.fill_between(rank, band[0], band[2], color=color(t), alpha=0.15, lw=0)
+        spectra.append(pd.DataFrame({"matrix": "H" if field == "h" else "F", "type": t, "rank": rank,
+                                     "p10": band[0], "median": band[1], "p90": band[2]}))
 for ax, title in zip(axes, ("input second moment H", "activation Fisher F")):
-    ax.set(title=title, xscale="log", yscale="log", xlabel="eigenvalue rank", ylim=(1e-8, 1.5))
-axes[0].set_ylabel("λ_i / λ_1")
-axes[1].legend(fontsize=8)
-fig.tight_layout()
-g("fig_spectra", fig)
-plt.close(fig)
+    ax.set(title=title, xscale="log", yscale="log", xlabel="eigenvalue rank (log scale)", ylim=(1e-8, 1.5))
+axes[0].set_ylabel("λ_i / λ_1 (log scale)")
+fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
+g.figure("fig_spectra", fig, data=pd.concat(spectra, ignore_index=True), sample=calib_sample)
 
 # %% [markdown]
 # ```{glue:figure} nqp_fig_spectra
 # :name: fig-nqp-spectra
 #
 # Eigenvalue spectra of H (left) and F (right), each divided by its largest eigenvalue, against
-# eigenvalue rank (both axes logarithmic), one colour per layer type. Line: median over the layers of
-# that type; band: 10th to 90th percentile across layers. A covariance of rank ≈ 2 would drop by orders
-# of magnitude after the second eigenvalue; a slow decline means many directions carry weight.
+# eigenvalue rank (both axes logarithmic: the spectra span many orders of magnitude), one colour per layer
+# type. Line: median over the layers of that type; band: 10th to 90th percentile across layers. The axis
+# stops at 10⁻⁸ of the largest eigenvalue, below the fp32 rounding of the summed products. A covariance of
+# rank ≈ 2 would drop by orders of magnitude after the second eigenvalue; a slow decline means many
+# directions carry weight.
+#
+# {glue:md}`nqp_fig_spectra_prov:myst`
 # ```
 #
 # ```{glue:figure} nqp_fig_pr
 # :name: fig-nqp-pr
 #
-# Participation ratio (log scale) of the input second moment H (left) and of the activation Fisher F
-# (right) of every linear layer, by depth and layer type; the dotted line marks 2, the source's
-# "rank ≈ 2". Points far above the line mean many effective directions.
+# Participation ratio of the input second moment H (left) and of the activation Fisher F (right) of
+# every linear layer, by depth and layer type (logarithmic axis, shared by both panels: the ratios span
+# from about 1 to hundreds). The dotted line in both panels marks 2, the source's "rank ≈ 2"; points far
+# above it mean many effective directions.
+#
+# {glue:md}`nqp_fig_pr_prov:myst`
 # ```
 #
 # ```{glue:figure} nqp_pr_table
 # :name: tbl-nqp-pr
 #
-# Median participation ratios per layer type, over depth, for H and for F, beside the layer type's
-# input width (the largest possible participation ratio).
+# Median participation ratios (PR) per layer type, over depth, for H and for F, beside the largest each
+# can reach, its rank bound. For H = E[xxᵀ] that is the layer's input width. The Fisher's gradient
+# g = Wᵀ∂L/∂y, taken through the layer alone, lies in the row space of its weight, so F's bound is the
+# smaller of the input and output widths: for the MLP's down projection
+# {glue:text}`nqp_fisher_bound_mlp_down:,d`, not its input width {glue:text}`nqp_width_mlp_down:,d`.
+#
+# {glue:md}`nqp_pr_table_prov:myst`
 # ```
 #
-# The activation Fisher is not of rank ≈ 2 ({numref}`fig-nqp-pr`). Its participation ratio has median
+# The claim that the activation Fisher has rank ≈ 2 {glue:text}`nqp_rank2_verdict:s` ({numref}`fig-nqp-pr`;
+# it holds up to a median of {glue:text}`nqp_rank_pr_limit:g`). The participation ratio has median
 # {glue:text}`nqp_pr_fisher_median:.1f` over the layers, with a range of
 # {glue:text}`nqp_pr_fisher_min:.1f`–{glue:text}`nqp_pr_fisher_max:.1f`, and
-# {glue:text}`nqp_pr_share_le_3:.0%` of layers are at or below 3. Its eigenvalues decline gradually
+# {glue:text}`nqp_pr_share_le_3:.0%` of layers are at or below {glue:text}`nqp_rank_pr_limit:g`. Its eigenvalues decline gradually
 # rather than dropping after the second one ({numref}`fig-nqp-spectra`).
 #
 # The low participation ratios belong to H instead: its median is {glue:text}`nqp_pr_h_median:.1f`, and
@@ -273,11 +318,22 @@ for r in runs + [gguf_grid, gguf_int]:
 seconds["all runs"] = (time.perf_counter() - clock, time.process_time() - cpu)
 table = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("layers", "nll", "nll_fp", "ppl", "ppl_fp", "ppl_ratio")},
                        "ppl": r["ppl"]["value"], "ppl_lo": r["ppl"]["lo"], "ppl_hi": r["ppl"]["hi"]} for r in runs])
-table["grouping"] = table.group.map(lambda x: "channel" if pd.isna(x) else f"g{int(x)}")
-table["ppl_ci"] = [f"{v:{f}} [{lo:{f}}, {hi:{f}}]" for v, lo, hi in zip(table.ppl, table.ppl_lo, table.ppl_hi)
-                   for f in [",.0f" if v >= 1000 else ".2f"]]
-pivot = table.pivot_table(index="method", columns=["bits", "grouping"], values="ppl_ci", aggfunc="first").reindex(methods)
-g("ppl_table", pivot.fillna("").style)
+
+
+def scales(grp) -> str:
+    """How a run's scales are shared, in words: "per channel" or "groups of 48"."""
+    return "per channel" if grp is None or pd.isna(grp) else f"groups of {int(grp)}"
+
+
+table["grouping"] = table.group.map(scales)
+table["ppl_ci"] = [estimate_text(v, lo, hi, PPL) for v, lo, hi in zip(table.ppl, table.ppl_lo, table.ppl_hi)]
+columns = list(dict.fromkeys(zip(table.bits, table.grouping)))  # (bits, scales) in the order run
+pivot = (table.pivot_table(index="method", columns=["bits", "grouping"], values="ppl_ci", aggfunc="first")
+         .reindex(index=methods, columns=columns).fillna("—"))  # "—": a method not run with those scales
+pivot.index = [label(m) for m in pivot.index]
+pivot.index.name = "method"
+pivot.columns = [f"{b} bits, {sc}" for b, sc in pivot.columns]
+g.table("ppl_table", pivot, data=table.drop(columns=["ppl_ci"]), sample=eval_sample)
 
 
 swept = RunSet(tuple(runs))
@@ -286,20 +342,22 @@ nll, ppl = swept.nll, swept.ppl  # (method, bits, group=None) -> (block, token �
 
 for m in methods:
     for b in bits:
-        g.estimate(f"ppl_{glue_key(m)}_{b}", interval.perplexity(nll(m, b)), ".2f")
+        g.estimate(f"ppl_{glue_key(m)}_{b}", interval.perplexity(nll(m, b)), PPL)
 for m in grouped_methods:
-    g.estimate(f"ppl_{glue_key(m)}_3_g", interval.perplexity(nll(m, 3, group)), ".2f")
+    g.estimate(f"ppl_{glue_key(m)}_3_g", interval.perplexity(nll(m, 3, group)), PPL)
 g("group", group)
-g.estimate("ppl_gguf_grid", interval.perplexity(gguf_grid["nll"]), ".3f")
+g.estimate("ppl_gguf_grid", interval.perplexity(gguf_grid["nll"]), PPL)
 g("werr_gguf_grid", gguf_grid["weight_error"])
-g.estimate("ppl_gguf_int", interval.perplexity(gguf_int["nll"]), ".3f")
-g.estimate("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, ".4f")
-g.estimate("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, ".4f")
+g.estimate("ppl_gguf_int", interval.perplexity(gguf_int["nll"]), PPL)
+g.estimate("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, RATIO)
+g.estimate("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, RATIO)
 
 
 # The best method per channel at 4 and 3 bits, and those the sample cannot tell from it.
-g("best_4", claims.best_text(*best_method({m: nll(m, 4) for m in methods})).text)
-g("best_3", claims.best_text(*best_method({m: nll(m, 3) for m in methods})).text)
+best = {b: best_method({m: nll(m, b) for m in methods}) for b in (4, 3)}
+for b, (name, tied) in best.items():
+    g(f"best_{b}", claims.best_text(label(name), [label(t) for t in tied]).text)
+g("best_both", best_across(best))  # "AWQ at both 3 and 4 bits": each outcome named once
 
 # Paired comparisons (same blocks): each method against RTN, and the pairs the verdicts below rest on.
 pairs = [(m, "rtn", b, None) for b in bits for m in methods if m != "rtn"]
@@ -308,64 +366,110 @@ pairs += [("gptq", "awq", b, None) for b in bits] + [("gptq", "awq", 3, group)]
 pairs += [("rot-fisher", "rot-haar", b, None) for b in bits]
 comparisons = []
 for a_, b_, bb, grp in pairs:
-    c = compare(nll(a_, bb, grp), nll(b_, bb, grp), a_, b_)
-    comparisons.append({"bits": bb, "grouping": "channel" if grp is None else f"g{grp}", "method": a_, "against": b_,
-                        "ratio": c.ratio.value, "lo": c.ratio.lo, "hi": c.ratio.hi, "ratio [95%]": f"{c.ratio:.3f}",
-                        "verdict": c.verdict})
-    g.estimate(f"ratio_{glue_key(a_)}_{glue_key(b_)}_{bb}" + ("_g" if grp else ""), c.ratio, ".3f")
-    g(f"verdict_{glue_key(a_)}_{glue_key(b_)}_{bb}" + ("_g" if grp else ""), c.sentence())
+    c = compare(nll(a_, bb, grp), nll(b_, bb, grp), label(a_), label(b_))
+    comparisons.append({"bits": bb, "scales": scales(grp), "method": label(a_), "compared with": label(b_),
+                        "ratio": c.ratio.value, "lo": c.ratio.lo, "hi": c.ratio.hi,
+                        "perplexity ratio [95% interval]": f"{c.ratio:{RATIO}}",
+                        "verdict": c.verdict, "decision": claims.decide(c.ratio, 1.0).text})
+    g.estimate(f"ratio_{glue_key(a_)}_{glue_key(b_)}_{bb}" + ("_g" if grp else ""), c.ratio, RATIO)
+    g(f"verdict_{glue_key(a_)}_{glue_key(b_)}_{bb}" + ("_g" if grp else ""), c.sentence(RATIO))
 comparisons = pd.DataFrame(comparisons)
 g("n_ties", int((comparisons.verdict == TIE).sum()))
 ties = comparisons[comparisons.verdict == TIE]
-g("ties_list", "; ".join(f"{r.method} against {r.against} at {r.bits} bits ({r.grouping}, ratio {r['ratio [95%]']})"
-                         for _, r in ties.iterrows()) or "none")
+g("ties_list", "; ".join(f"{r.method} against {r['compared with']} at {r.bits} bits, {r.scales} "
+                         f"(ratio {r['perplexity ratio [95% interval]']})" for _, r in ties.iterrows()) or "none")
 g("n_comparisons", len(comparisons))
 
 # The Fisher rotation against every other main method below 8 bits, paired: the claim the prose makes.
 fisher_cases = [(other, b, grp) for b, grp in ((4, None), (3, None), (3, group))
                 for other in ("rtn", "gptq", "awq")] + [("rot-haar", 4, None), ("rot-haar", 3, None)]
-fisher_vs = {(o, b, grp): compare(nll("rot-fisher", b, grp), nll(o, b, grp), "rot-fisher", o) for o, b, grp in fisher_cases}
-g("fisher_claim", claims.fisher_not_worse({case: c.ratio for case, c in fisher_vs.items()}).text)
-g("ratio_table", comparisons[["bits", "grouping", "method", "against", "ratio [95%]", "verdict"]].style.hide(axis="index"))
+fisher_vs = {(label(o), b, grp): compare(nll("rot-fisher", b, grp), nll(o, b, grp)).ratio for o, b, grp in fisher_cases}
+g("fisher_claim", claims.fisher_not_worse(fisher_vs).text)
+g.table("ratio_table", comparisons[["bits", "scales", "method", "compared with", "perplexity ratio [95% interval]",
+                                    "decision"]].style.hide(axis="index"),
+        data=comparisons.drop(columns=["perplexity ratio [95% interval]"]), sample=eval_sample + ", paired")
 
-fig, ax = plt.subplots(figsize=(7, 3.8))
-for i, m in enumerate(methods):
-    sub = table[(table.method == m) & table.group.isna()].sort_values("bits")
-    ax.errorbar(sub.bits + (i - 3) * 0.04, sub.ppl, yerr=[sub.ppl - sub.ppl_lo, sub.ppl_hi - sub.ppl], fmt="o-",
-                capsize=2, label=m)
-ax.axhline(ppl_fp, color="black", ls="--", lw=1, label="fp")
-ax.axhspan(ppl_fp_est.lo, ppl_fp_est.hi, color="black", alpha=0.08, lw=0)
-ax.set(xlabel="bits (per output channel)", ylabel="held-out perplexity", yscale="log", xticks=bits)
-ax.legend(fontsize=8, ncol=2)
-fig.tight_layout()
-g("fig_ppl", fig)
-plt.close(fig)
+
+OFF_SCALE = 3.0  # a run this many times above the highest upper end of the runs below it leaves the linear scale
+
+
+def off_scale(ppl_values: pd.Series, upper: pd.Series, factor: float = OFF_SCALE) -> pd.Series:
+    """Runs drawn off a panel's linear scale (an arrow and their value): those above ``factor`` times the highest
+    upper end of the runs below them, so that a failed method does not flatten the others to a line."""
+    kept, off = [], pd.Series(False, index=ppl_values.index)
+    for i in ppl_values.sort_values().index:
+        if kept and ppl_values[i] > factor * upper[kept].max():
+            off[i] = True
+        else:
+            kept.append(i)
+    return off
+
+
+panels = [(b, None) for b in bits] + [(3, group)]
+fig, axes = plt.subplots(2, 2, figsize=figsize(2, 2, panel_aspect=0.62), layout="constrained")
+shown = []
+for ax, (b, grp) in zip(axes.flat, panels):
+    sub = table[(table.bits == b) & (table.grouping == scales(grp))].set_index("method").reindex(methods).dropna(subset=["ppl"])
+    sub["off_scale"] = off_scale(sub.ppl, sub.ppl_hi)
+    on = sub[~sub.off_scale]
+    bottom, top = min(on.ppl_lo.min(), ppl_fp_est.lo), max(on.ppl_hi.max(), ppl_fp_est.hi)
+    pad = 0.08 * (top - bottom)
+    bottom, top = bottom - pad, top + (4 if sub.off_scale.any() else 1) * pad  # room for the arrows' values
+    ax.axhline(ppl_fp, color=color("fp"), ls="--", lw=1, label="unquantized (fp)")
+    ax.axhspan(ppl_fp_est.lo, ppl_fp_est.hi, color=color("fp"), alpha=0.08, lw=0)
+    for m, r in sub.iterrows():
+        x = methods.index(m)
+        if r.off_scale:  # above the axis: an arrow at the top and the value, never a point cut by the frame
+            ax.plot(x, top - 0.04 * (top - bottom), marker="^", color=color(m), linestyle="none")
+            ax.annotate(f"{number(r.ppl, ',.0f')}", (x, top - 0.04 * (top - bottom)), xytext=(0, -7),
+                        textcoords="offset points", ha="center", va="top", color=color(m))
+        else:
+            ax.errorbar(x, r.ppl, yerr=[[r.ppl - r.ppl_lo], [r.ppl_hi - r.ppl]], label=label(m), **{**style(m), "linestyle": "none"})
+    ax.set(ylim=(bottom, top), xlim=(-0.6, len(methods) - 0.4), xticks=[],
+           title=f"{b} bits, {scales(grp)}")
+    shown.append(sub.reset_index().assign(panel=f"{b} bits, {scales(grp)}"))
+for ax in axes[:, 0]:
+    ax.set_ylabel("held-out perplexity")
+legend = [Line2D([], [], **{**style(m), "linestyle": "none"}, label=label(m)) for m in methods]
+legend.append(Line2D([], [], color=color("fp"), ls="--", lw=1, label="unquantized (fp)"))
+fig.legend(handles=legend, loc="outside lower center", ncols=4)
+g.figure("fig_ppl", fig, data=pd.concat(shown, ignore_index=True).drop(columns=["ppl_ci"]), sample=eval_sample)
+g("off_scale_factor", OFF_SCALE)
 
 # %% [markdown]
 # ```{glue:figure} nqp_fig_ppl
 # :name: fig-nqp-ppl
 #
-# Held-out perplexity (log scale, lower is better) of every method at 8, 4 and 3 bits with one scale per
-# output channel; points are offset slightly along x to stay apart. Error bars: 95% block-bootstrap
-# intervals (they mostly show how the held-out blocks differ; the paired ratios of
-# {numref}`tbl-nqp-ratios` show how the methods differ). The dashed line and grey band are the unquantized
-# model and its interval.
+# Held-out perplexity (lower is better) of every method, one panel per bit width with one scale per output
+# channel, and a last panel at 3 bits with one scale per group of {glue:text}`nqp_group:d` input columns.
+# Each panel has its own linear axis. A run more than {glue:text}`nqp_off_scale_factor:g` times above the
+# highest interval of the runs below it (a method that failed) is drawn as an arrow at the top of its panel,
+# with its perplexity written under it. Error bars: 95% block-bootstrap intervals (they mostly show how the
+# held-out blocks differ; the paired ratios of {numref}`tbl-nqp-ratios` show how the methods differ). The
+# dashed line and grey band in every panel are the unquantized model and its interval.
+#
+# {glue:md}`nqp_fig_ppl_prov:myst`
 # ```
 #
 # ```{glue:figure} nqp_ppl_table
 # :name: tbl-nqp-ppl
 #
-# Held-out perplexity "value [lo, hi]" (95% interval) by method (rows) and by bits and grouping (columns):
-# "channel" is one scale per output channel; a "g" followed by a number is one scale per group of
-# {glue:text}`nqp_group:d` input columns (3 bits only; empty where a method was not run grouped).
+# Held-out perplexity "value [lo, hi]" (95% interval) by method (rows) and by bits and scales (columns):
+# "per channel" is one scale and offset per output channel; "groups of {glue:text}`nqp_group:d`" one per
+# group of that many input columns (3 bits only; "—" where a method was not run in groups).
+#
+# {glue:md}`nqp_ppl_table_prov:myst`
 # ```
 #
 # ```{glue:figure} nqp_ratio_table
 # :name: tbl-nqp-ratios
 #
 # Paired comparisons on the same {glue:text}`nqp_eval_blocks:d` held-out blocks: the perplexity ratio of
-# a method to the one it is compared against, with its 95% interval, and the verdict ("lower": the whole
-# interval below 1; "higher": above 1).
+# a method to the one it is compared with, with its 95% interval, and the book's decision rule on it
+# ("distinguishable, lower": the whole interval below 1; "distinguishable, higher": above 1; otherwise not
+# distinguishable at this sample size).
+#
+# {glue:md}`nqp_ratio_table_prov:myst`
 # ```
 #
 # {numref}`fig-nqp-ppl`, {numref}`tbl-nqp-ppl` and {numref}`tbl-nqp-ratios` give the results. At 8 bits
@@ -458,16 +562,18 @@ rho_w = interval.spearman(summary.weight_error, summary.ppl)  # runs resampled
 rho_o = interval.spearman(summary.output_error, summary.ppl)
 g.estimate("rho_weight", rho_w, ".2f")
 g.estimate("rho_output", rho_o, ".2f")
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-for m, grp in summary.groupby("method"):
-    axes[0].scatter(grp.weight_error, grp.ppl, label=m, s=18)
-    axes[1].scatter(grp.output_error, grp.ppl, label=m, s=18)
-axes[0].set(xlabel="mean relative weight error", ylabel="perplexity", xscale="log", yscale="log")
-axes[1].set(xlabel="mean relative layer output error", xscale="log")
-axes[1].legend(fontsize=8)
-fig.tight_layout()
-g("fig_errors", fig)
-plt.close(fig)
+fig, axes = plt.subplots(1, 2, figsize=figsize(1, 2, panel_aspect=0.85), sharey=True, layout="constrained")
+for m in methods:  # every method in its fixed colour and marker, the same as in the perplexity figure
+    grp = summary[summary.method == m]
+    for ax, error in zip(axes, ("weight_error", "output_error")):
+        ax.plot(grp[error], grp.ppl, label=label(m), **{**style(m), "linestyle": "none"})
+axes[0].set(xlabel="mean relative weight error (log scale)", ylabel="held-out perplexity (log scale)",
+            xscale="log", yscale="log")
+plain_log(axes[0].yaxis)
+axes[1].set(xlabel="mean relative layer output error (log scale)", xscale="log")
+fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4)
+g.figure("fig_errors", fig, data=summary[["method", "bits", "grouping", "weight_error", "output_error", "ppl"]],
+         sample=f"{plural(len(summary), 'run')}; perplexity on {eval_sample}")
 
 # %% [markdown]
 # ```{glue:figure} nqp_fig_errors
@@ -475,8 +581,12 @@ plt.close(fig)
 #
 # Perplexity against the mean relative weight error $\lVert W - \hat W\rVert_F / \lVert W\rVert_F$
 # (left) and the mean relative layer output error $\operatorname{tr}(E H E^\top)/\operatorname{tr}(W H
-# W^\top)$ (right), one point per run above, coloured by method; both axes logarithmic. The tighter the
-# points lie on one rising curve, the better that error predicts perplexity.
+# W^\top)$ (right), one point per run above, in each method's colour and marker (the same as in
+# {numref}`fig-nqp-ppl`); all axes logarithmic, since errors and perplexities span orders of magnitude
+# from 8 to 3 bits. The tighter the points lie on one rising curve, the better that error predicts
+# perplexity.
+#
+# {glue:md}`nqp_fig_errors_prov:myst`
 # ```
 #
 # Over all runs, the Spearman correlation between perplexity and the weight error is
@@ -515,15 +625,15 @@ ag4 = compare(nll("rot-fisher", 4), nll("rot-haar", 4), "rot-fisher", "rot-haar"
 gate_verdicts = {"A-G1": claims.gate_ag1(orth, recon), "A-G2": claims.gate_ag2(share_lower),
                  "A-G3": claims.gate_ag3(ag3.ratio, ppl("rot-fisher", 4), ppl("gptq", 4)),
                  "A-G4": claims.gate_ag4(ag4.ratio, ppl("rot-fisher", 4), ppl("rot-haar", 4))}
-gates = pd.DataFrame([{"gate": name, "test": claims.GATE_TESTS[name], "measured": v.text, "pass": v.label}
+gates = pd.DataFrame([{"gate": name, "test": claims.GATE_TESTS[name], "measured": v.text, "outcome": v.label}
                       for name, v in gate_verdicts.items()])
-g("gates_table", gates.style.hide(axis="index"))
-g.estimate("ag3_ratio", ag3.ratio, ".3f")
-g.estimate("ag4_ratio", ag4.ratio, ".3f")
+g.table("gates_table", gates.style.hide(axis="index"), sample=eval_sample + f"; weight errors of {plural(len(names), 'layer')}")
+g.estimate("ag3_ratio", ag3.ratio, RATIO)
+g.estimate("ag4_ratio", ag4.ratio, RATIO)
 for r in gates.itertuples():
-    g(f"{r.gate.lower().replace('-', '')}", r._4)
+    g(f"{r.gate.lower().replace('-', '')}", r.outcome)
 g("ag2_share", share_lower)
-g("n_gates_passed", int((gates["pass"] == "pass").sum()))
+g("n_gates_passed", int((gates["outcome"] == "pass").sum()))
 # A-G1 tests the linear algebra; the other three test the idea.
 g("gates_idea_verdict", claims.gates_idea({name: v.label for name, v in gate_verdicts.items() if name != "A-G1"}).text)
 
@@ -533,17 +643,18 @@ for m, v in werr.items():
     g(f"werr4_{m.replace('-', '_')}", v)
 g("rank2_verdict", claims.fisher_rank2(pr.pr_fisher.median()).text)
 baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the two at 3 bits
-collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", baseline.upper())
-g.estimate("collapse_ratio", collapse.ratio, ".3f")
-g("collapse_verdict", claims.fisher_collapse(collapse.ratio, baseline.upper()).text)
+collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", label(baseline))
+g.estimate("collapse_ratio", collapse.ratio, RATIO)
+g("collapse_verdict", claims.fisher_collapse(collapse.ratio, label(baseline)).text)
 g("l2_verdict", claims.l2_predicts(interval.spearman_difference(summary.weight_error, summary.output_error,
                                                                  summary.ppl)).text)
 # The source's 8-bit result (GPT-2: 34.06 standard, 36.67 λ-scaled) is a direction, so judge the direction.
 eight = compare(nll("nqp-scaled", 8), nll("rtn", 8), "λ-scaled", "RTN")
 g("8bit_verdict", claims.eight_bit(eight.ratio).text)
 
-g("time_table", pd.DataFrame([{"stage": k, "wall (s)": w, "CPU (s)": c} for k, (w, c) in seconds.items()])
-  .style.format(precision=0).hide(axis="index"))
+times = pd.DataFrame([{"stage": label(k), "wall (s)": w, "CPU (s)": c} for k, (w, c) in seconds.items()])
+g.table("time_table", times.style.format("{:,.0f}", subset=["wall (s)", "CPU (s)"]).hide(axis="index"),
+        sample="this run, one process")
 
 out = Path(results_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -562,13 +673,17 @@ write_json(out / "nqp.json", {
     "comparisons": comparisons.to_dict(orient="records"), "gates": gates.to_dict(orient="records"),
     "seconds": seconds,
 })
+g.finish()  # the opening box: run information and this chapter's wall time
 
 # %% [markdown]
 # ```{glue:figure} nqp_gates_table
 # :name: tbl-nqp-gates
 #
-# The source's gates A-G1…A-G4 on {glue:text}`nqp_model:s`: each gate's test, what we measured, and
-# whether it passes.
+# The source's gates A-G1…A-G4 on {glue:text}`nqp_model:s`: each gate's test, what we measured
+# (perplexities of the Fisher rotation and the method it is held against, and their paired ratio with its
+# 95% interval), and the outcome: pass, fail, or not distinguishable at this sample size.
+#
+# {glue:md}`nqp_gates_table_prov:myst`
 # ```
 #
 # Gates passed: {glue:text}`nqp_n_gates_passed:d` of 4. A-G1: {glue:text}`nqp_ag1:s`; A-G2:
@@ -588,6 +703,8 @@ write_json(out / "nqp.json", {
 # Seconds spent per stage of this chapter's run (wall clock, and this process's CPU time, which is what a
 # stage costs on an idle machine at one thread), each method summed over its runs (quantization and the
 # {glue:text}`nqp_eval_tokens:,d`-token evaluation).
+#
+# {glue:md}`nqp_time_table_prov:myst`
 # ```
 #
 # Calibration statistics are computed once and shared by every bit width and method; the model is loaded
@@ -598,15 +715,13 @@ write_json(out / "nqp.json", {
 #
 # ## Summary
 #
-# - **Activation Fisher of rank ≈ 2: refuted.** The claim {glue:text}`nqp_rank2_verdict:s`, with a range
+# - **Activation Fisher of rank ≈ 2:** the claim {glue:text}`nqp_rank2_verdict:s`, with a range
 #   of {glue:text}`nqp_pr_fisher_min:.1f`–{glue:text}`nqp_pr_fisher_max:.1f` across layers. The input
 #   second moment H has far fewer effective directions (median {glue:text}`nqp_pr_h_median:.1f`).
-# - **Fisher-basis quantization does not work, but it does not "collapse onto GPTQ + AWQ + QuIP"
-#   either:** {glue:text}`nqp_collapse_verdict:s`. At 4 bits it reads
-#   {glue:text}`nqp_ppl_rot_fisher_4_ci:s` against RTN {glue:text}`nqp_ppl_rtn_4_ci:s`, GPTQ
-#   {glue:text}`nqp_ppl_gptq_4_ci:s` and AWQ {glue:text}`nqp_ppl_awq_4_ci:s`. The best method is
-#   {glue:text}`nqp_best_4:s` at 4 bits and {glue:text}`nqp_best_3:s` at 3 bits. The source's conclusion
-#   that the idea fails stands; its explanation does not.
+# - **Does Fisher-basis quantization "collapse onto GPTQ + AWQ + QuIP"?** {glue:text}`nqp_collapse_verdict:s`.
+#   At 4 bits it reads {glue:text}`nqp_ppl_rot_fisher_4_ci:s` against RTN {glue:text}`nqp_ppl_rtn_4_ci:s`, GPTQ
+#   {glue:text}`nqp_ppl_gptq_4_ci:s` and AWQ {glue:text}`nqp_ppl_awq_4_ci:s`. The best method per channel is
+#   {glue:text}`nqp_best_both:s`.
 # - **The λ-scaled grid** at 8 bits ({glue:text}`nqp_ppl_nqp_scaled_8_ci:s` against RTN
 #   {glue:text}`nqp_ppl_rtn_8_ci:s`): {glue:text}`nqp_8bit_verdict:s`. At 4 bits it reads
 #   {glue:text}`nqp_ppl_nqp_scaled_4_ci:s`.
