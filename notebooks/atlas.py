@@ -649,7 +649,10 @@ ax2.plot(depth, depth_data["haar_null_mean"], color="0.45", lw=1)
 ax2.errorbar(depth, o, yerr=[o - lo, hi - o], fmt="o", ms=4, color=color(RESIDUAL["eps"]),
              label=f"$O_h$, {head.pairs} pairs, k = {k}")
 if show_intra:
-    ax2.plot(depth, depth_data["intra"], "^", mfc="none", ms=5, color=color(INTRA), label=f"{INTRA}, own null: text")
+    ax2.plot(depth, depth_data["intra"], "^", mfc="none", ms=5, color=color(INTRA), label=INTRA)
+if head.intra is not None:  # the chance level of intra-group pairs, measured in the deepest layer
+    ax2.errorbar([1.02], [intra_null["mean"]], yerr=[Z_CRIT * intra_null["std"]], fmt="D", mfc="none", color="0.3",
+                 label=f"null of intra-group pairs, ± {Z_CRIT:.2f} sd")
 global_layers = [l for l, t in enumerate(s.layer_types) if t == "full_attention"]
 sliding = len(global_layers) < s.n_layers
 if sliding:  # mark the global-attention layers of a sliding-window model, in both panels
@@ -691,7 +694,9 @@ g("dropped_all_text", plural(dropped_all, "duplicate point"))
 # with its 95% bootstrap interval; the grey band is the Haar null, its mean ±
 # {glue:text}`atlas_z_crit:.2f` sd, so by the decision rule ({ref}`sec-rule`) a point outside it is a layer
 # whose frames are distinguishable from independent random frames. Open triangles, where shown, are the
-# intra-group pairs, whose chance level is not the band (see the KV groups above). Dotted lines, where
+# intra-group pairs, whose chance level is not the band but the open diamond (mean ±
+# {glue:text}`atlas_z_crit:.2f` sd of heads that read the same keys and values with independent query
+# weights, measured in the deepest layer; see the KV groups above). Dotted lines, where
 # present, mark the global-attention layers of a sliding-window model, in both panels.
 #
 # {glue:md}`atlas_fig_depth_prov:myst`
