@@ -125,7 +125,7 @@ from atlas_core.wquant.rtn import WQuantSpec
 g = chapter_glue("nqp", chapter="nqp", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value): nqp_<key>
 calib_sample = f"{plural(calib_blocks, 'calibration block')} of {seq_len} tokens"
 eval_sample = f"{plural(eval_blocks, 'held-out block')} of {seq_len} tokens"
-PPL, RATIO = ".3f", ".3f"  # one format per quantity: every perplexity, every paired perplexity ratio
+PPL, RATIO = ".3f", ".4f"  # one format per quantity: every perplexity; every paired ratio (8-bit ratios differ from 1 in the 4th)
 
 
 seconds = {}  # where the chapter's time goes (closing note): (wall, CPU) seconds per stage
@@ -152,7 +152,7 @@ g("eval_blocks", len(held_out))
 g("eval_sample", eval_sample)
 g("old_eval_tokens", 4 * 512)  # the chapter's sample before intervals (4 blocks of 512)
 g("seq_len", seq_len)
-g.estimate("ppl_fp", ppl_fp_est, ".3f")
+g.estimate("ppl_fp", ppl_fp_est, PPL)
 g("n_linear", len(stats))
 
 
