@@ -398,7 +398,7 @@ g("id_source_ratio", id_ratio)
 # the margin; heads are the resampled units of its interval.
 twonn_mean = interval.mean(ids["twonn"][:, None])
 near_seven = claims.decide(twonn_mean, claims.source("twonn"), claims.DecisionRule(margin=claims.TWONN_TOL))
-SUPPORT = {claims.EQUIVALENT: "supports", claims.TIE: "neither supports nor rules out",
+SUPPORT = {claims.EQUIVALENT: "supports", claims.TIE: "is consistent with, but does not establish,",
            claims.HIGHER: "does not support", claims.LOWER: "does not support"}
 LINK = {claims.EQUIVALENT: "to", claims.TIE: "from", claims.HIGHER: "than", claims.LOWER: "than"}
 id_unbiased = (f"on this model ({model}) the unbiased TwoNN, {twonn_mean.value:.2f} [{twonn_mean.lo:.2f}, "
