@@ -668,15 +668,20 @@ def gate_ag2(share_lower: float) -> Verdict:
                    figures={"share_lower": share_lower, "needed": need})
 
 
-def gate_ag3(ratio: Estimate, ppl_fisher: float, ppl_gptq: float) -> Verdict:
-    """A-G3: Fisher-rotation perplexity ≤ GPTQ's at 4 bits (paired ratio PPL_fisher / PPL_GPTQ below 1)."""
-    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_gptq:.2f}, ratio {ratio:.3f}",
+def gate_ag3(ratio: Estimate, ppl_fisher: float, ppl_gptq: float, *, ppl_spec: str = ".2f",
+             ratio_spec: str = ".3f") -> Verdict:
+    """A-G3: Fisher-rotation perplexity ≤ GPTQ's at 4 bits (paired ratio PPL_fisher / PPL_GPTQ below 1); the
+    specs format the perplexities and the ratio (the chapter's own formats)."""
+    return Verdict(label=gate(ratio, "lower"),
+                   text=f"{ppl_fisher:{ppl_spec}} vs {ppl_gptq:{ppl_spec}}, ratio {ratio:{ratio_spec}}",
                    figures={"ratio": ratio})
 
 
-def gate_ag4(ratio: Estimate, ppl_fisher: float, ppl_haar: float) -> Verdict:
-    """A-G4: the Fisher basis beats a Haar-random rotation at 4 bits (paired ratio below 1)."""
-    return Verdict(label=gate(ratio, "lower"), text=f"{ppl_fisher:.2f} vs {ppl_haar:.2f}, ratio {ratio:.3f}",
+def gate_ag4(ratio: Estimate, ppl_fisher: float, ppl_haar: float, *, ppl_spec: str = ".2f",
+             ratio_spec: str = ".3f") -> Verdict:
+    """A-G4: the Fisher basis beats a Haar-random rotation at 4 bits (paired ratio below 1); specs as ``gate_ag3``."""
+    return Verdict(label=gate(ratio, "lower"),
+                   text=f"{ppl_fisher:{ppl_spec}} vs {ppl_haar:{ppl_spec}}, ratio {ratio:{ratio_spec}}",
                    figures={"ratio": ratio})
 
 
@@ -716,28 +721,30 @@ def fisher_rank2(pr_median: float) -> Verdict:
                    figures={"pr_median": pr_median})
 
 
-def fisher_collapse(ratio: Estimate, baseline: str, bits: int = 3) -> Verdict:
+def fisher_collapse(ratio: Estimate, baseline: str, bits: int = 3, *, ratio_spec: str = ".3f") -> Verdict:
     """Fisher-basis quantization "collapses onto GPTQ + AWQ": the Fisher rotation against the better of the two.
 
     Args:
         ratio: PPL_fisher / PPL_baseline, paired; baseline: its name ("GPTQ" or "AWQ").
+        ratio_spec: the ratio's format.
     """
     found = direction(ratio, 1.0)
     text = {"higher": f"the Fisher rotation is worse than {baseline}, the better of GPTQ and AWQ, at {bits} bits",
             "lower": f"the Fisher rotation beats {baseline}, the better of GPTQ and AWQ, at {bits} bits",
             TIE: f"the Fisher rotation and {baseline} are {TIE} at {bits} bits"}[found]
-    return Verdict(label=found, text=text + f" (perplexity ratio {ratio:.3f})", figures={"ratio": ratio})
+    return Verdict(label=found, text=text + f" (perplexity ratio {ratio:{ratio_spec}})", figures={"ratio": ratio})
 
 
-def fisher_not_worse(ratios: dict[tuple[str, int, int | None], Estimate]) -> Verdict:
+def fisher_not_worse(ratios: dict[tuple[str, int, int | None], Estimate], *, ratio_spec: str = ".3f") -> Verdict:
     """The prose's claim that the Fisher rotation is worse than every other method below 8 bits.
 
     Args:
         ratios: {(other method, bits, group or None): PPL_fisher / PPL_other, paired}.
+        ratio_spec: the ratios' format.
     Returns:
         label "worse everywhere" when every interval lies above 1, else "exceptions", naming them.
     """
-    not_worse = [f"{o} at {b} bits" + (f" (g{grp})" if grp else "") + f": {direction(r, 1.0)} (ratio {r:.3f})"
+    not_worse = [f"{o} at {b} bits" + (f" (g{grp})" if grp else "") + f": {direction(r, 1.0)} (ratio {r:{ratio_spec}})"
                  for (o, b, grp), r in ratios.items() if direction(r, 1.0) != "higher"]
     if not not_worse:
         text = ("The Fisher rotation does not collapse onto GPTQ and AWQ: it is worse than both, and worse than plain "
@@ -766,17 +773,17 @@ def l2_predicts(difference: Estimate) -> Verdict:
     return Verdict(label=label, text=text, figures={"difference": difference, "source": source("werr4")})
 
 
-def eight_bit(ratio: Estimate) -> Verdict:
+def eight_bit(ratio: Estimate, *, ratio_spec: str = ".3f") -> Verdict:
     """The source's 8-bit result (34.06 standard vs 36.67 λ-scaled) is a direction: λ-scaled worse.
 
     Args:
-        ratio: PPL_λ-scaled / PPL_RTN at 8 bits, paired.
+        ratio: PPL_λ-scaled / PPL_RTN at 8 bits, paired; ratio_spec: its format.
     """
     found = direction(ratio, 1.0)
     text = {"higher": "replicates in direction: the λ-scaled grid is worse than standard rounding at 8 bits, as on GPT-2",
             "lower": "does not replicate: at 8 bits the λ-scaled grid is better than standard rounding here",
             TIE: f"does not replicate: at 8 bits the λ-scaled grid and standard rounding are {TIE}"}[found]
-    return Verdict(label=found, text=text + f" (perplexity ratio {ratio:.3f})",
+    return Verdict(label=found, text=text + f" (perplexity ratio {ratio:{ratio_spec}})",
                    figures={"ratio": ratio, "source": source("ppl8")})
 
 

@@ -232,6 +232,19 @@ def test_fisher_not_worse_lists_the_exceptions():
     assert "gptq at 3 bits (g128)" not in mixed.text  # worse there: not an exception
 
 
+def test_nqp_verdicts_take_the_chapters_formats():
+    # the chapter formats every perplexity with .3f and every paired ratio with .4f; its verdicts must agree
+    r = est(1.00031, 0.99912, 1.00151)
+    assert claims.gate_ag3(r, 251.7312, 251.6549, ppl_spec=".3f", ratio_spec=".4f").text == (
+        "251.731 vs 251.655, ratio 1.0003 [0.9991, 1.0015]")
+    assert claims.gate_ag4(r, 2.0, 3.0).text == "2.00 vs 3.00, ratio 1.000 [0.999, 1.002]"  # the defaults
+    assert claims.gate_ag4(r, 2.0, 3.0, ppl_spec=".1f", ratio_spec=".2f").text == "2.0 vs 3.0, ratio 1.00 [1.00, 1.00]"
+    assert claims.fisher_collapse(r, "GPTQ", ratio_spec=".4f").text.endswith("(perplexity ratio 1.0003 [0.9991, 1.0015])")
+    assert claims.eight_bit(r, ratio_spec=".4f").text.endswith("(perplexity ratio 1.0003 [0.9991, 1.0015])")
+    assert claims.fisher_not_worse({("RTN", 4, None): r}, ratio_spec=".4f").text.endswith(
+        "(ratio 1.0003 [0.9991, 1.0015])")
+
+
 # ----------------------------------------------------------------------------- kvquant
 
 
