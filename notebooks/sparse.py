@@ -13,6 +13,10 @@
 # %% [markdown]
 # # Sparse attention: is anchor + window + top-k lossless, and how fast can it be?
 #
+# ```{glue:md} sp_run_box
+# :format: myst
+# ```
+#
 # **The question.** If each query attends only to the first token, a window of recent tokens and the
 # few other keys with the highest scores, does the model still compute the same thing? And how much
 # faster can such attention run?
@@ -96,6 +100,7 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import torch
@@ -103,10 +108,11 @@ import torch
 from atlas_core import claims
 from atlas_core.cache import jsonable, write_json
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.glue import estimate_text, listing, prefixed_glue, row_interval, span
+from atlas_core.figures import MARKERS, DASHES, color, figsize, style
+from atlas_core.glue import chapter_glue, estimate_text, listing, number, plural, row_interval, span
 from atlas_core.models import load_model
 from atlas_core.sparse import SparseConfig
-from atlas_core.sparse.bench import bench_certified_decode, bench_sparse_decode
+from atlas_core.sparse.bench import bench_certified_decode, bench_sparse_decode, bytes_read
 from atlas_core.sparse.realkeys import real_keys
 from atlas_core.sparse.blocks import block_rule
 from atlas_core.sparse.certified_eval import (calibration, equal_bytes_rules, key_bytes_estimate, key_bytes_read,
@@ -115,6 +121,7 @@ from atlas_core.sparse.experiment import SparseExperiment
 from atlas_core.sparse.fidelity import (MODEL_FIGURES, block_discarded, budget_sweep, compare_rules, discarded_statistics, fidelity_texts,
                                         greedy_survival, identical_count, model_rows, survival_agreement,
                                         survival_summary, teacher_forced_rules, trajectory_agreement, clopper_pearson)
+from atlas_core.sparse.segments import segment_agreement, segment_repetition, segments, speedup_gap
 
 started, stage = time.perf_counter(), {}  # wall time per stage, for the closing note
 
@@ -123,7 +130,20 @@ def timed(name, since):
     stage[name] = stage.get(name, 0.0) + time.perf_counter() - since
     return time.perf_counter()
 
-g = prefixed_glue("sp")  # g(key, value) glues sp_<key>
+g = chapter_glue("sp", chapter="sparse", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value): sp_<key>
+
+
+def pct(r, name: str, digits: int = 2, sign: str = "") -> str:
+    """A row's share ``name`` with its 95% interval in percent, for a column headed "(%)": "99.50 [99.1, …]"."""
+    return estimate_text(*(100 * r[f"{name}{s}"] for s in ("", "_lo", "_hi")), f"{sign}.{digits}f")
+
+
+def share(x, digits: int = 1) -> str:
+    """A share in percent for a "(%)" column; "—" when not measured (NaN or None)."""
+    return number(None if x is None else 100 * x, f".{digits}f")
+
+
+KL_SPEC, TOP1_DIGITS, PPL_DIGITS, MASS_SPEC = ".2e", 2, 3, ".4f"  # one format per quantity, tables and prose
 experiment = SparseExperiment(rule=SparseConfig(anchors=anchors, window=window, topk=topk, page_size=page_size),
                               windows=tuple(windows), topks=tuple(topks))
 experiment.check_block(seq_len, "seq_len")  # every rule run drops keys in these blocks and this prompt
@@ -210,16 +230,24 @@ g("worst_layer", int(mass["discarded"].mean(1).argmax()))
 g("worst_layer_m", float(mass["discarded"].mean(1).max()))
 g("heads_fixed_941", float((mass["fixed"] >= claims.source("mass")).mean()))
 
-fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
-for ax, (name, title) in zip(axes, [("fixed", "anchor + window"), ("selected", f"top-{topk}"), ("discarded", "discarded m")]):
-    im = ax.imshow(mass[name].T, aspect="auto", cmap="viridis", vmin=0, vmax=1 if name != "discarded" else None)
-    ax.set(title=title, xlabel="layer", ylabel="head")
-    fig.colorbar(im, ax=ax, fraction=0.05)
-axes[3].hist(np.log10(np.clip(m_all, 1e-9, None)), bins=60, color="C3")
-axes[3].set(xlabel="log10 discarded mass m per query", ylabel="queries", title="every (layer, head, query)")
-fig.tight_layout()
-g("fig_mass", fig)
-plt.close(fig)
+M_FLOOR = 1e-9  # a discarded mass below it is drawn at it on the histogram's log axis
+fig, axd = plt.subplot_mosaic([["fixed", "selected", "discarded"], ["hist", "hist", "hist"]], layout="constrained",
+                              figsize=figsize(2, 3, panel_aspect=0.9))
+for name, title in (("fixed", "anchor + window"), ("selected", f"top-{topk}"), ("discarded", "discarded m")):
+    im = axd[name].imshow(mass[name].T, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")  # one range
+    axd[name].set(title=title, xlabel="layer", ylabel="head" if name == "fixed" else None)
+    axd[name].grid(False)
+fig.colorbar(im, ax=[axd["fixed"], axd["selected"], axd["discarded"]], label="share of the softmax")
+m_log = np.log10(np.clip(m_all, M_FLOOR, None))
+counts, edges = np.histogram(m_log, bins=60)
+axd["hist"].stairs(counts, edges, fill=True, color=color("top-k"))
+axd["hist"].set(xlabel="discarded mass m per query (log₁₀ scale)", ylabel="queries",
+                title="every (layer, head, query)")
+mass_data = pd.concat([
+    pd.DataFrame([{"panel": "heat map", "layer": l, "head": h, **{n: float(mass[n][l, h]) for n in ("fixed", "selected", "discarded")}}
+                  for l in range(mass["fixed"].shape[0]) for h in range(mass["fixed"].shape[1])]),
+    pd.DataFrame({"panel": "histogram", "log10_m_from": edges[:-1], "log10_m_to": edges[1:], "queries": counts})])
+g.figure("fig_mass", fig, data=mass_data, sample=f"{plural(eval_blocks, 'block')} of {seq_len:,} tokens")
 
 # %% [markdown]
 # ```{glue:figure} sp_fig_mass
@@ -229,7 +257,10 @@ plt.close(fig)
 # ≥ a + W + k. The three heat maps give, per layer (horizontal) and head (vertical), the mean share on the
 # anchor and window, on the exact top-k, and the share discarded; brighter is more. The right panel is
 # the histogram of the discarded mass $m$ over every query of every head, on a log scale: a lossless rule
-# would put every query at the far left ($m$ below $10^{-9}$ is drawn at $-9$).
+# would put every query at the far left ($m$ below $10^{-9}$ is drawn at $-9$). The three maps share one
+# colour range, 0 to 1.
+#
+# {glue:md}`sp_fig_mass_prov:myst`
 # ```
 #
 # **Result.** In {numref}`fig-sparse-mass` the fixed part holds {glue:text}`sp_mass_fixed:.1%`
@@ -265,7 +296,8 @@ plt.close(fig)
 # checked over all {glue:text}`sp_gen_tokens:d`.
 
 # %%
-rows = pd.DataFrame([{k: v for k, v in r.items() if k != "tf"} for r in swept])  # computed above, with the mass
+rows = pd.DataFrame([{k: v for k, v in r.items() if k not in ("tf", "step_matches")} for r in swept])  # with the mass
+step_matches = [r["step_matches"] for r in swept]  # per rule: (sweep_gen_tokens,) the sparse choice is the dense token
 tfs = [r["tf"] for r in swept]  # per-block values, for paired comparisons
 rows["rule"] = [("pages" if r.selector == "pages" else "exact") + (", first 2 dense" if r.dense_layers else "")
                 + (", head-averaged" if r.head_average else "") for r in rows.itertuples()]
@@ -289,6 +321,22 @@ for rule, cfg in (("exact", DEFAULTS), ("exact, first 2 dense", variants[0])):
     mask = (rows.rule == rule) & (rows.window == window) & (rows.topk == topk)
     rows.loc[mask, "step_agree_full"] = full[rule]["agree"]
     rows.loc[mask, "first_divergence_full"] = np.nan if full[rule]["first_divergence"] is None else full[rule]["first_divergence"]
+    step_matches[rows.index[mask][0]] = full[rule]["matches"]  # checked over every step
+
+# Step agreement per segment: the sweep's steps, then the rest of the continuation (the source defaults only),
+# beside how repetitive the dense continuation is in each segment (a looping text is easy to agree with).
+bounds = segments(gen_tokens, [sweep_gen_tokens])
+seg_names = [f"steps {a:,}–{b:,}" for a, b in bounds]
+for i, col in enumerate(seg_names):
+    rows[f"agree {col}"] = [segment_agreement(m, bounds)[i] for m in step_matches]
+repetition = segment_repetition(dense_tokens, bounds, 4)
+for i, (a, b) in enumerate(bounds):
+    g(f"seg{i}", seg_names[i])
+    g(f"seg{i}_repeat", repetition[i])
+    g(f"src_agree_seg{i}", rows.loc[0, f"agree {seg_names[i]}"])
+g("n_segments", len(bounds))
+g("seg_text", listing([f"{share(x)}% over {n}" for x, n in zip(rows.loc[0, [f"agree {c}" for c in seg_names]], seg_names)]))
+g("repeat_text", listing([f"{share(x)}% over {n}" for x, n in zip(repetition, seg_names)]))
 
 
 src = row()
@@ -317,87 +365,114 @@ g("big_first", first(largest.first_divergence))
 g("n_rules_lossless", int(((rows.kl == 0) & rows.first_divergence.isna()).sum()))
 g("n_rules", len(rows))
 
-table = pd.DataFrame({"rule": rows.rule, "window": rows.window, "topk": rows.topk,
-                      "budget": rows.anchors + rows.window + rows.topk, "tokens": rows.blocks * seq_len,
-                      "KL": [row_interval(r, "kl", ".4f") for _, r in rows.iterrows()],
-                      "top-1 agreement": [row_interval(r, "top1_agree", ".2%") for _, r in rows.iterrows()],
-                      "perplexity change": [row_interval(r, "ppl_change", "+.2%") for _, r in rows.iterrows()],
-                      "discarded mass": [row_interval(r, "discarded", ".4f") for _, r in rows.iterrows()],
-                      "first divergence": [first(d) for d in rows.first_divergence], "step agreement": rows.step_agree})
-g("budget_table", table.style.format({"step agreement": "{:.1%}", "tokens": "{:,}"}).hide(axis="index"))
+def fidelity_columns(frame: pd.DataFrame) -> dict:
+    """The teacher-forced and generation columns the budget and models tables share, worded, with units."""
+    return {"held-out tokens": [f"{int(b * seq_len):,}" for b in frame.blocks],
+            "KL (nats)": [row_interval(r, "kl", KL_SPEC) for _, r in frame.iterrows()],
+            "top-1 agreement (%)": [pct(r, "top1_agree", TOP1_DIGITS) for _, r in frame.iterrows()],
+            "perplexity change (%)": [pct(r, "ppl_change", PPL_DIGITS, "+") for _, r in frame.iterrows()],
+            "discarded mass": [row_interval(r, "discarded", MASS_SPEC) for _, r in frame.iterrows()],
+            "first divergence (step)": [first(d) for d in frame.first_divergence],
+            **{f"step agreement, {c} (%)": [share(x) for x in frame[f"agree {c}"]] for c in seg_names}}
 
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+
+table = pd.DataFrame({"rule": rows.rule, "W": rows.window, "k": rows.topk, **fidelity_columns(
+    rows.assign(first_divergence=[d if pd.isna(f) else f for d, f in zip(rows.first_divergence, rows.get(
+        "first_divergence_full", pd.Series(np.nan, index=rows.index)))]))})
+sweep_sample = (f"{plural(eval_blocks, 'block')} of {seq_len:,} tokens (source defaults), the first "
+                f"{plural(min(sweep_blocks, eval_blocks), 'block')} (other rules); {gen_tokens:,} greedy steps")
+g.table("budget_table", table.style.hide(axis="index"), sample=sweep_sample, data=rows)
+
 exact = rows[rows.rule == "exact"]
-for w, grp in exact.groupby("window"):
+k_pos = {k: i for i, k in enumerate(sorted(exact.topk.unique()))}  # top-k on evenly spaced positions: no empty half
+fig, axes = plt.subplots(1, 3, figsize=figsize(1, 3, panel_aspect=1.0), layout="constrained")
+for i, (w, grp) in enumerate(exact.groupby("window")):
     grp = grp.sort_values("topk")
-    axes[0].errorbar(grp.topk, grp.kl, yerr=[grp.kl - grp.kl_lo, grp.kl_hi - grp.kl], fmt="o-", capsize=3, label=f"W = {w}")
-    axes[1].errorbar(grp.topk, grp.ppl_change * 100, capsize=3, fmt="o-", label=f"W = {w}",
-                     yerr=[(grp.ppl_change - grp.ppl_change_lo) * 100, (grp.ppl_change_hi - grp.ppl_change) * 100])
-    axes[2].plot(grp.topk, grp.first_divergence.fillna(sweep_gen_tokens), "o-", label=f"W = {w}")
-axes[0].set(yscale="log", ylabel="KL(dense ‖ sparse), nats")
-axes[1].set(ylabel="perplexity change, %")
-axes[2].set(ylabel="first divergence (step)", ylim=(0, sweep_gen_tokens * 1.05))
+    x = grp.topk.map(k_pos)
+    look = {"color": color("top-k"), "marker": MARKERS[i % len(MARKERS)], "linestyle": DASHES[i % len(DASHES)]}
+    axes[0].errorbar(x, grp.kl, yerr=[grp.kl - grp.kl_lo, grp.kl_hi - grp.kl], label=f"W = {w}", **look)
+    axes[1].errorbar(x, grp.ppl_change * 100, yerr=[(grp.ppl_change - grp.ppl_change_lo) * 100,
+                                                    (grp.ppl_change_hi - grp.ppl_change) * 100], **look)
+    axes[2].plot(x, grp.first_divergence.fillna(sweep_gen_tokens), **look)
+axes[0].set(yscale="log", ylabel="KL (nats, log scale)")
+axes[1].set(ylabel="perplexity change (%)")
+axes[1].axhline(0, color=color("dense"), lw=0.8)
+axes[2].set(ylabel="first divergence (step)", ylim=(-0.04 * sweep_gen_tokens, sweep_gen_tokens * 1.1))
 axes[2].axhline(sweep_gen_tokens, color="grey", lw=0.8, ls=":")
 for ax in axes:
-    ax.set(xlabel="top-k", xscale="symlog", xticks=topks, xticklabels=topks)
-    ax.axvline(topk, color="grey", lw=0.8, ls="--")
-axes[0].legend()
-fig.tight_layout()
-g("fig_budget", fig)
-plt.close(fig)
+    ax.set(xlabel="top-k", xticks=list(k_pos.values()), xticklabels=list(k_pos), xlim=(-0.4, len(k_pos) - 0.6))
+    if topk in k_pos:
+        ax.axvline(k_pos[topk], color="grey", lw=0.8, ls="--")
+fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(windows))
+budget_data = exact[["window", "topk", "kl", "kl_lo", "kl_hi", "ppl_change", "ppl_change_lo", "ppl_change_hi",
+                     "first_divergence", "blocks"]]
+g.figure("fig_budget", fig, data=budget_data, sample=f"the first {plural(min(sweep_blocks, eval_blocks), 'block')} of "
+         f"{seq_len:,} tokens ({plural(eval_blocks, 'block')} at the source defaults); {sweep_gen_tokens:,} greedy steps")
 
 # %% [markdown]
 # ```{glue:figure} sp_fig_budget
 # :name: fig-sparse-budget
 #
-# Next-token KL (log scale), perplexity change and first greedy divergence against top-k, one line per
-# window size (anchor a = 1, every layer sparse, exact top-k per head). Error bars: 95% block-bootstrap
-# intervals. Lower KL and perplexity change
-# are better; a later first divergence is better. The dashed vertical line marks the source default
-# k = 32. A first divergence on the dotted line at the top of the right panel means none in the first
-# {glue:text}`sp_sweep_gen_tokens:d` steps.
+# Next-token KL (log scale), perplexity change and first greedy divergence against top-k (the values swept,
+# evenly spaced), one line per window size W (anchor a = 1, every layer sparse, exact top-k per head). Error
+# bars: 95% block-bootstrap intervals. Lower KL and perplexity change are better; a later first divergence
+# is better. The dashed vertical line marks the source default k = {glue:text}`sp_topk:d` in every panel,
+# the solid line in the middle panel no change. A first divergence on the dotted line at the top of the
+# right panel means none in the first {glue:text}`sp_sweep_gen_tokens:,` steps.
+#
+# {glue:md}`sp_fig_budget_prov:myst`
 # ```
 #
 # ```{glue:figure} sp_budget_table
 # :name: tbl-sparse-budget
 #
 # Every rule measured on the default model. Rule: exact top-k, the page selector ("pages"), and the
-# variants marked. Budget is $a + W + k$, the keys each query keeps. Teacher forced on the held-out blocks
-# ("tokens" of them): KL, top-1 agreement, perplexity change and the mean discarded mass, each as
-# value [95% interval]. Over the first
-# {glue:text}`sp_sweep_gen_tokens:d` generated steps: the first greedy divergence ("none" if there is
-# none) and the step agreement. A lossless rule would read KL 0, top-1 100%, change 0 and no divergence.
+# variants marked; W the window and k the top-k budget (each query keeps $a + W + k$ keys). Teacher forced on
+# the held-out tokens: KL, top-1 agreement, perplexity change and the mean discarded mass (a share of the
+# softmax), each as value [95% interval]. Along the dense greedy continuation: the first step where the
+# sparse choice differs ("none" if it never does) and the step agreement per segment of steps. Every rule
+# is checked over {glue:text}`sp_seg0:s`; the source defaults (in every layer, and with the first two layers
+# dense) also over the rest of the continuation, where "—" marks the other rules (not measured). The continuation itself repeats
+# {glue:text}`sp_repeat_text:s` of its 4-grams (1 − distinct 4-grams / all 4-grams): a continuation that
+# loops is easy to agree with, so the later segment's agreement is not comparable with the first's. A
+# lossless rule would read KL 0, top-1 100%, change 0 and no divergence.
+#
+# {glue:md}`sp_budget_table_prov:myst`
 # ```
 #
 # **Result at the source defaults.** {numref}`fig-sparse-budget` and {numref}`tbl-sparse-budget` give
 # the sweep. At the source defaults the sparse model's next-token distribution differs from the dense one
-# by KL = {glue:text}`sp_src_kl:.4f` nats ({glue:text}`sp_src_kl_lo:.4f` to {glue:text}`sp_src_kl_hi:.4f`). The
+# by KL = {glue:text}`sp_src_kl:.2e` nats ({glue:text}`sp_src_kl_lo:.2e` to {glue:text}`sp_src_kl_hi:.2e`). The
 # top-1 predictions agree at {glue:text}`sp_src_top1:.2%` of positions ({glue:text}`sp_src_top1_lo:.2%` to
 # {glue:text}`sp_src_top1_hi:.2%`), and perplexity moves from {glue:text}`sp_src_ppl_dense:.3f`
 # [{glue:text}`sp_src_ppl_dense_lo:.3f`, {glue:text}`sp_src_ppl_dense_hi:.3f`] to {glue:text}`sp_src_ppl_sparse:.3f`
-# [{glue:text}`sp_src_ppl_sparse_lo:.3f`, {glue:text}`sp_src_ppl_sparse_hi:.3f`] ({glue:text}`sp_src_ppl_change:+.2%`, interval
-# {glue:text}`sp_src_ppl_change_lo:+.2%` to {glue:text}`sp_src_ppl_change_hi:+.2%`). Greedy generation first diverges
-# at step {glue:text}`sp_src_first:s` of {glue:text}`sp_gen_tokens:d`. Along the dense continuation the
-# sparse model would choose the same token at {glue:text}`sp_src_step_agree:.1%` of steps: the two agree
-# on most steps, but not on all, and one different token is enough to end "bit-exact" generation.
+# [{glue:text}`sp_src_ppl_sparse_lo:.3f`, {glue:text}`sp_src_ppl_sparse_hi:.3f`] ({glue:text}`sp_src_ppl_change:+.3%`, interval
+# {glue:text}`sp_src_ppl_change_lo:+.3%` to {glue:text}`sp_src_ppl_change_hi:+.3%`). Greedy generation first diverges
+# at step {glue:text}`sp_src_first:s` of {glue:text}`sp_gen_tokens:,`. Along the dense continuation the
+# sparse model would choose the same token at {glue:text}`sp_seg_text:s` of steps
+# ({glue:text}`sp_src_step_agree:.1%` over all {glue:text}`sp_gen_tokens:,`): the two agree on most steps, but
+# not on all, and one different token is enough to end "bit-exact" generation. The segments differ for a
+# reason that is not the rule: the dense continuation repeats {glue:text}`sp_repeat_text:s` of its 4-grams,
+# and a rule that reproduces a loop once reproduces it again, so agreement over a looping stretch overstates
+# how well the rule follows ordinary text. The first segment is the fair figure.
 #
-# **Variants.** Keeping the first two layers dense gives KL {glue:text}`sp_d2_kl:.4f`
-# ({glue:text}`sp_d2_kl_lo:.4f` to {glue:text}`sp_d2_kl_hi:.4f`), top-1 {glue:text}`sp_d2_top1:.2%`
+# **Variants.** Keeping the first two layers dense gives KL {glue:text}`sp_d2_kl:.2e`
+# ({glue:text}`sp_d2_kl_lo:.2e` to {glue:text}`sp_d2_kl_hi:.2e`), top-1 {glue:text}`sp_d2_top1:.2%`
 # ({glue:text}`sp_d2_top1_lo:.2%` to {glue:text}`sp_d2_top1_hi:.2%`), perplexity change
-# {glue:text}`sp_d2_ppl_change:+.2%` ({glue:text}`sp_d2_ppl_change_lo:+.2%` to
-# {glue:text}`sp_d2_ppl_change_hi:+.2%`) and a first divergence at step {glue:text}`sp_d2_first:s`; paired on the
+# {glue:text}`sp_d2_ppl_change:+.3%` ({glue:text}`sp_d2_ppl_change_lo:+.3%` to
+# {glue:text}`sp_d2_ppl_change_hi:+.3%`) and a first divergence at step {glue:text}`sp_d2_first:s`; paired on the
 # same blocks, {glue:text}`sp_d2_vs_src:s`. The source code's head-averaged selection gives KL
-# {glue:text}`sp_ha_kl:.4f` ({glue:text}`sp_ha_kl_lo:.4f` to {glue:text}`sp_ha_kl_hi:.4f`), perplexity change
-# {glue:text}`sp_ha_ppl_change:+.2%` ({glue:text}`sp_ha_ppl_change_lo:+.2%` to
-# {glue:text}`sp_ha_ppl_change_hi:+.2%`; first divergence {glue:text}`sp_ha_first:s`): {glue:text}`sp_ha_vs_src:s`. A first divergence is a single event, set by the first near-tie between two
+# {glue:text}`sp_ha_kl:.2e` ({glue:text}`sp_ha_kl_lo:.2e` to {glue:text}`sp_ha_kl_hi:.2e`), perplexity change
+# {glue:text}`sp_ha_ppl_change:+.3%` ({glue:text}`sp_ha_ppl_change_lo:+.3%` to
+# {glue:text}`sp_ha_ppl_change_hi:+.3%`; first divergence {glue:text}`sp_ha_first:s`): {glue:text}`sp_ha_vs_src:s`. A first divergence is a single event, set by the first near-tie between two
 # tokens, so it is a noisy measure: a rule with lower KL can still diverge earlier. KL and top-1 agreement
 # are the steadier measures.
 #
 # **Larger budgets.** More budget brings the sparse model closer, but not to equality. The largest budget
 # swept (W = {glue:text}`sp_big_w:d`, k = {glue:text}`sp_big_k:d`) reads KL {glue:text}`sp_big_kl:.2e`
 # ({glue:text}`sp_big_kl_lo:.2e` to {glue:text}`sp_big_kl_hi:.2e`), perplexity change
-# {glue:text}`sp_big_ppl_change:+.2%` ({glue:text}`sp_big_ppl_change_lo:+.2%` to
-# {glue:text}`sp_big_ppl_change_hi:+.2%`), and diverges at step {glue:text}`sp_big_first:s`.
+# {glue:text}`sp_big_ppl_change:+.3%` ({glue:text}`sp_big_ppl_change_lo:+.3%` to
+# {glue:text}`sp_big_ppl_change_hi:+.3%`), and diverges at step {glue:text}`sp_big_first:s`.
 # Of the {glue:text}`sp_n_rules:d` rules measured, {glue:text}`sp_n_rules_lossless:d` are lossless (KL
 # exactly 0 and no divergence).
 #
@@ -419,24 +494,29 @@ models_rows = []
 for rule, label in (("exact", "every layer"), ("exact, first 2 dense", "first 2 dense")):
     r = row(rule=rule)
     models_rows.append({"model": model, "rule": label, "blocks": r.blocks, **{k: r[k] for k in MODEL_FIGURES},
-                        "step_agree": full[rule]["agree"], "first_divergence": full[rule]["first_divergence"]})
+                        "step_agree": full[rule]["agree"], "step_matches": full[rule]["matches"],
+                        "first_divergence": full[rule]["first_divergence"], "continuation": dense_tokens})
 t0 = timed("one-pass greedy checks, tables", t0)
 for name in [m for m in other_models.split(",") if m and m != model]:
     other = load_model(name, attn_implementation="sdpa")
     other_texts = fidelity_texts(other, n_blocks=min(sweep_blocks, eval_blocks), **texts)
-    models_rows += model_rows(name, other, [DEFAULTS, variants[0]], *other_texts)
+    models_rows += [{**r, "continuation": other_texts[2]} for r in model_rows(name, other, [DEFAULTS, variants[0]], *other_texts)]
     del other
 t0 = timed("other models", t0)
+for r in models_rows:  # per segment: the step agreement and the dense continuation's repeated 4-grams
+    for c, agree, repeat in zip(seg_names, segment_agreement(r.pop("step_matches"), bounds),
+                                segment_repetition(r.pop("continuation"), bounds, 4)):
+        r[f"agree {c}"], r[f"repeat {c}"] = agree, repeat
 by_model = pd.DataFrame(models_rows)
+models_data = by_model.copy()
 by_model["first_divergence"] = [first(d) for d in by_model.first_divergence]
-g("models_table", pd.DataFrame({
-    "model": by_model.model, "rule": by_model.rule, "tokens": by_model.blocks * seq_len,
-    "KL": [row_interval(r, "kl", ".4f") for _, r in by_model.iterrows()],
-    "top-1 agreement": [row_interval(r, "top1_agree", ".2%") for _, r in by_model.iterrows()],
-    "perplexity change": [row_interval(r, "ppl_change", "+.2%") for _, r in by_model.iterrows()],
-    "discarded mass": [row_interval(r, "discarded", ".4f") for _, r in by_model.iterrows()],
-    "first divergence": by_model.first_divergence, "step agreement": by_model.step_agree,
-}).style.format({"step agreement": "{:.1%}", "tokens": "{:,}"}).hide(axis="index"))
+g.table("models_table", pd.DataFrame({
+    "model": by_model.model, "rule": by_model.rule, **fidelity_columns(by_model.assign(
+        first_divergence=models_data.first_divergence.astype(float))),
+    **{f"repeated 4-grams, {c} (%)": [share(x) for x in by_model[f"repeat {c}"]] for c in seg_names},
+}).style.hide(axis="index"), data=models_data,
+        sample=f"the first {plural(min(sweep_blocks, eval_blocks), 'block')} of {seq_len:,} tokens per model "
+               f"({plural(eval_blocks, 'block')} for {model} in every layer); {gen_tokens:,} greedy steps")
 g("n_models", by_model.model.nunique())
 lossless_models = by_model[(by_model.kl == 0) & (by_model.first_divergence == "none")]
 g("n_lossless_models", lossless_models.model.nunique())
@@ -450,11 +530,15 @@ g("latest_divergence", max((int(x) for x in by_model.first_divergence if x != "n
 # ```{glue:figure} sp_models_table
 # :name: tbl-sparse-models
 #
-# The source defaults (a = 1, W = 64, k = 32, exact per-head top-k) on every embedded model, in every
-# layer and with the first two layers dense. Columns as in {numref}`tbl-sparse-budget` (value [95%
-# interval] over the held-out blocks), except that the first divergence and the step agreement are over
-# all {glue:text}`sp_gen_tokens:d` generated steps.
-# Sliding-window layers (Gemma 3) keep their own window as well.
+# The source defaults (a = {glue:text}`sp_anchors:d`, W = {glue:text}`sp_window:d`, k = {glue:text}`sp_topk:d`,
+# exact per-head top-k) on every embedded model, in every layer and with the first two layers dense.
+# Columns as in {numref}`tbl-sparse-budget` (value [95% interval] over the held-out tokens); the first
+# divergence and the step agreement per segment are over all {glue:text}`sp_gen_tokens:,` generated steps of
+# each model's own dense continuation, and the last columns give how much of that continuation repeats
+# itself in each segment (repeated 4-grams: 1 − distinct 4-grams / all 4-grams, 0 for text that never
+# repeats a 4-token phrase). Sliding-window layers (Gemma 3) keep their own window as well.
+#
+# {glue:md}`sp_models_table_prov:myst`
 # ```
 #
 # **Result.** In {numref}`tbl-sparse-models`, across the {glue:text}`sp_n_models:d` models, teacher-forced
@@ -571,46 +655,46 @@ sv_rows = []
 for name, s_ in sv.items():
     support = sv_rules[name].budget
     rev_s = REVISION_FIRST_DIVERGENCE.get(support) if name.startswith("revision") else None
-    sv_rows.append({"rule": name, "support S": support,
-                    "keys kept": f"≥ {support / (survival_prompt_tokens + survival_gen_tokens):.0%}",
+    sv_rows.append({"rule": name, "support S (keys)": f"{support:,}",
+                    "keys kept (%)": f"≥ {100 * support / (survival_prompt_tokens + survival_gen_tokens):.0f}",
                     "prompts": s_["prompts"],
-                    "identical through 128": f"{s_['identical']:.0%} [{s_['identical_ci'][0]:.0%}, {s_['identical_ci'][1]:.0%}]",
-                    "median first divergence": f"{s_['median']:.0f} [{s_['median_ci'][0]:.0f}, {s_['median_ci'][1]:.0f}]",
-                    "largest": s_["max"],
-                    "revision: keys kept": f"≤ {support / REVISION_SHORTEST_CONTEXT:.0%}" if rev_s else "",
-                    "revision: identical": f"{identical_count(rev_s, REVISION_HORIZON)} of {len(rev_s)}" if rev_s else "",
-                    "revision: median": f"{np.median(rev_s):.0f}" if rev_s else ""})
-g("survival_table", pd.DataFrame(sv_rows).rename(columns={"identical through 128": f"identical through {survival_gen_tokens}"})
-  .style.hide(axis="index"))
+                    f"identical through {survival_gen_tokens} tokens (%)":
+                        estimate_text(*(100 * x for x in (s_["identical"], *s_["identical_ci"])), ".0f"),
+                    "median first divergence (token)": estimate_text(s_["median"], *s_["median_ci"], ".0f"),
+                    "largest first divergence (token)": f"{s_['max']:,}",
+                    "revision: keys kept (%)": f"≤ {100 * support / REVISION_SHORTEST_CONTEXT:.0f}" if rev_s else "—",
+                    "revision: runs identical": f"{identical_count(rev_s, REVISION_HORIZON)} of {len(rev_s)}" if rev_s else "—",
+                    "revision: median first divergence (token)": f"{np.median(rev_s):.0f}" if rev_s else "—"})
+sv_sample = f"{plural(survival_prompts, 'prompt')} of {survival_prompt_tokens:,} tokens, {survival_gen_tokens} greedy tokens each"
+sv_data = pd.DataFrame([{"rule": name, "prompt": i, "first_divergence": d, "support": sv_rules[name].budget}
+                        for name in sv for i, d in enumerate(runs[name])])
+g.table("survival_table", pd.DataFrame(sv_rows).style.hide(axis="index"), sample=sv_sample, data=sv_data)
 
-fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1.3, 1]})
+OURS, REVISION = color(model), color("revision, Qwen2-0.5B")  # one colour each, in both panels
+fig, axes = plt.subplots(2, 1, figsize=figsize(2, 1, panel_aspect=0.32), layout="constrained", sharex=True)
 names = list(sv)
 jitter = np.random.default_rng(0)
 for x, name in enumerate(names):
     steps = np.array([survival_gen_tokens if d is None else d for d in runs[name]], dtype=float)
-    axes[0].scatter(x + jitter.uniform(-0.15, 0.15, steps.size), steps, s=12, alpha=0.6, color="C0")
-    axes[0].plot([x - 0.3, x + 0.3], [sv[name]["median"]] * 2, color="C0", lw=2)
+    axes[0].scatter(x + jitter.uniform(-0.15, 0.15, steps.size), steps, s=12, alpha=0.6, color=OURS)
+    axes[0].plot([x - 0.3, x + 0.3], [sv[name]["median"]] * 2, color=OURS, lw=2)
     rev_s = REVISION_FIRST_DIVERGENCE.get(sv_rules[name].budget) if name.startswith("revision") else None
     if rev_s:
-        axes[0].plot([x - 0.3, x + 0.3], [np.median(rev_s)] * 2, color="C3", lw=2, ls="--")
+        axes[0].plot([x - 0.3, x + 0.3], [np.median(rev_s)] * 2, color=REVISION, lw=2, ls="--")
     lo, hi = sv[name]["identical_ci"]
     axes[1].errorbar(x, sv[name]["identical"], yerr=[[sv[name]["identical"] - lo], [hi - sv[name]["identical"]]],
-                     fmt="o", color="C0", capsize=3)
+                     fmt="o", color=OURS, capsize=3)
     if rev_s:
-        axes[1].plot(x, np.mean([d >= REVISION_HORIZON for d in rev_s]), "x", color="C3", ms=8)
+        axes[1].plot(x, np.mean([d >= REVISION_HORIZON for d in rev_s]), "x", color=REVISION, ms=8)
 axes[0].axhline(survival_gen_tokens, color="grey", lw=0.8, ls=":")
-axes[0].set(yscale="log", ylabel="first divergence (token)", ylim=(0.8, survival_gen_tokens * 1.3))
-axes[0].plot([], [], color="C0", lw=2, label=f"{model}: median")
-axes[0].plot([], [], color="C3", lw=2, ls="--", label="revision, Qwen2-0.5B: median")
-axes[0].legend(fontsize=8, loc="lower right")
-axes[1].set(ylabel=f"identical through {survival_gen_tokens} tokens", ylim=(-0.05, 1.05))
-axes[1].plot([], [], "x", color="C3", label="revision, Qwen2-0.5B (15 runs per support)")
-axes[1].legend(fontsize=8)
-for ax in axes:
-    ax.set_xticks(range(len(names)), [n.replace(": ", ":\n").replace(", ", ",\n") for n in names], fontsize=8)
-fig.tight_layout()
-g("fig_survival", fig)
-plt.close(fig)
+axes[0].set(yscale="log", ylabel="first divergence\n(token, log scale)", ylim=(0.7, survival_gen_tokens * 1.5))
+axes[1].set(ylabel=f"share identical\nthrough {survival_gen_tokens} tokens", ylim=(-0.08, 1.08),
+            xlim=(-0.5, len(names) - 0.5))
+axes[1].set_xticks(range(len(names)), [n.replace(": ", ":\n").replace(", ", ",\n") for n in names])
+handles = [plt.Line2D([], [], color=OURS, marker="o", lw=2, label=f"{model} (this run)"),
+           plt.Line2D([], [], color=REVISION, marker="x", lw=2, ls="--", label="revision, Qwen2-0.5B (15 runs per support)")]
+fig.legend(handles=handles, loc="outside upper center", ncols=2)
+g.figure("fig_survival", fig, data=sv_data, sample=sv_sample)
 
 # %% [markdown]
 # ```{glue:figure} sp_fig_survival
@@ -618,10 +702,13 @@ plt.close(fig)
 #
 # Greedy survival on {glue:text}`sp_model:s`, by the revision's protocol ({glue:text}`sp_sv_prompts:d`
 # prompts of {glue:text}`sp_sv_prompt_tokens:d` held-out tokens, {glue:text}`sp_sv_gen:d` greedy tokens).
-# Left: each prompt's first divergence (a dot; log scale), the median (solid) and the revision's median on
-# Qwen2-0.5B at the same support (dashed); dots on the dotted line stayed identical through all
-# {glue:text}`sp_sv_gen:d` tokens. Right: the share of prompts identical through {glue:text}`sp_sv_gen:d`
-# tokens with its 95% bootstrap interval; the crosses mark the revision's share at the same support.
+# Top: each prompt's first divergence (a dot; log scale, the values span two orders of magnitude), the
+# median (solid) and the revision's median on Qwen2-0.5B at the same support (dashed); dots on the dotted
+# line stayed identical through all {glue:text}`sp_sv_gen:d` tokens. Bottom: the share of prompts identical
+# through {glue:text}`sp_sv_gen:d` tokens with its 95% bootstrap interval; the crosses mark the revision's
+# share at the same support. One colour for this run and one for the revision, in both panels.
+#
+# {glue:md}`sp_fig_survival_prov:myst`
 # ```
 #
 # ```{glue:figure} sp_survival_table
@@ -631,7 +718,9 @@ plt.close(fig)
 # (at the last step of our runs; at the revision's shortest context, 2K tokens), the share of prompts
 # identical through the horizon and the median first divergence, each with its 95% bootstrap interval
 # over prompts, the largest first divergence, and the revision's values at the same support (15 runs each:
-# 5 prefixes at each of 2K, 8K and 16K tokens on Qwen2-0.5B).
+# 5 prefixes at each of 2K, 8K and 16K tokens on Qwen2-0.5B); "—" where the revision did not run the rule.
+#
+# {glue:md}`sp_survival_table_prov:myst`
 # ```
 #
 # **Result.** Over the revision's selector at the supports run here ({glue:text}`sp_sv_blk_runs:d` runs),
@@ -679,19 +768,19 @@ g("pg4_k", topk * 4)
 # the "pages" rows of {numref}`tbl-sparse-budget`), the page selector finds
 # {glue:text}`sp_pg_index_recall:.1%` [{glue:text}`sp_pg_index_recall_lo:.1%`, {glue:text}`sp_pg_index_recall_hi:.1%`]
 # of the exact top-k keys and {glue:text}`sp_pg_mass_recall:.1%` [{glue:text}`sp_pg_mass_recall_lo:.1%`,
-# {glue:text}`sp_pg_mass_recall_hi:.1%`] of their attention mass. KL is {glue:text}`sp_pg_kl:.4f` ({glue:text}`sp_pg_kl_lo:.4f` to
-# {glue:text}`sp_pg_kl_hi:.4f`; exact top-k: {glue:text}`sp_src_kl:.4f`), top-1 agreement
+# {glue:text}`sp_pg_mass_recall_hi:.1%`] of their attention mass. KL is {glue:text}`sp_pg_kl:.2e` ({glue:text}`sp_pg_kl_lo:.2e` to
+# {glue:text}`sp_pg_kl_hi:.2e`; exact top-k: {glue:text}`sp_src_kl:.2e`), top-1 agreement
 # {glue:text}`sp_pg_top1:.2%` ({glue:text}`sp_pg_top1_lo:.2%` to {glue:text}`sp_pg_top1_hi:.2%`) and perplexity
-# changes by {glue:text}`sp_pg_ppl_change:+.2%` ({glue:text}`sp_pg_ppl_change_lo:+.2%` to
-# {glue:text}`sp_pg_ppl_change_hi:+.2%`; first divergence at step {glue:text}`sp_pg_first:s`). Paired on the
+# changes by {glue:text}`sp_pg_ppl_change:+.3%` ({glue:text}`sp_pg_ppl_change_lo:+.3%` to
+# {glue:text}`sp_pg_ppl_change_hi:+.3%`; first divergence at step {glue:text}`sp_pg_first:s`). Paired on the
 # same blocks, {glue:text}`sp_pg_vs_src:s`. With four times the budget (k = {glue:text}`sp_pg4_k:d`), recall
 # is {glue:text}`sp_pg4_index_recall:.1%` [{glue:text}`sp_pg4_index_recall_lo:.1%`, {glue:text}`sp_pg4_index_recall_hi:.1%`]
 # of keys and {glue:text}`sp_pg4_mass_recall:.1%` [{glue:text}`sp_pg4_mass_recall_lo:.1%`,
 # {glue:text}`sp_pg4_mass_recall_hi:.1%`] of mass; KL is
-# {glue:text}`sp_pg4_kl:.4f` ({glue:text}`sp_pg4_kl_lo:.4f` to {glue:text}`sp_pg4_kl_hi:.4f`), top-1
+# {glue:text}`sp_pg4_kl:.2e` ({glue:text}`sp_pg4_kl_lo:.2e` to {glue:text}`sp_pg4_kl_hi:.2e`), top-1
 # {glue:text}`sp_pg4_top1:.2%` ({glue:text}`sp_pg4_top1_lo:.2%` to {glue:text}`sp_pg4_top1_hi:.2%`), perplexity
-# change {glue:text}`sp_pg4_ppl_change:+.2%` ({glue:text}`sp_pg4_ppl_change_lo:+.2%` to
-# {glue:text}`sp_pg4_ppl_change_hi:+.2%`): {glue:text}`sp_pg4_vs_src:s`.
+# change {glue:text}`sp_pg4_ppl_change:+.3%` ({glue:text}`sp_pg4_ppl_change_lo:+.3%` to
+# {glue:text}`sp_pg4_ppl_change_hi:+.3%`): {glue:text}`sp_pg4_vs_src:s`.
 #
 # **For the source's claim.** The sub-linear selector is {glue:text}`sp_pg_verdict:s`. It does not find the
 # same set faster; it finds another set, and fidelity drops unless it is given a larger budget.
@@ -727,66 +816,116 @@ g("bytes_ratio_topk_max", at.loc[n_max, "bytes_ratio_topk"])
 if 32768 in at.index:
     g("speedup_pages_32k", at.loc[32768, "speedup_pages"])
     g("speedup_topk_32k", at.loc[32768, "speedup_topk"])
-g("speed_table", speed.assign(**{c: speed[c] * 1e3 for c in ("dense_s", "topk_s", "pages_s")})[
-    ["n", "dense_s", "topk_s", "pages_s", "speedup_topk", "speedup_pages", "bytes_ratio_topk", "bytes_ratio_pages"]]
-  .rename(columns={"dense_s": "dense ms", "topk_s": "top-k ms", "pages_s": "pages ms", "speedup_topk": "top-k ×",
-                   "speedup_pages": "pages ×", "bytes_ratio_topk": "top-k bytes ÷", "bytes_ratio_pages": "pages bytes ÷"})
-  .style.format(precision=2).hide(axis="index"))
+for kind in ("dense", "topk", "pages"):  # the bandwidth each kernel achieved: bytes it must read / its time
+    speed[f"{kind}_gbps"] = speed[f"{kind}_bytes"] / speed[f"{kind}_s"] / 1e9
+gap = {kind: speedup_gap(at.loc[n_max].to_dict(), kind) for kind in ("topk", "pages")}  # the identity at n_max
+g("dense_gbps_max", gap["pages"]["dense_gbps"])
+g("pages_gbps_max", gap["pages"]["kernel_gbps"])
+g("topk_gbps_max", gap["topk"]["kernel_gbps"])
+g("pages_bw_ratio_max", gap["pages"]["bandwidth_ratio"])
+g("topk_bw_ratio_max", gap["topk"]["bandwidth_ratio"])
+g("dense_gbps_span", span(speed.dense_gbps, ".1f"))
+ONE_M = 1 << 20  # the source's projection: more than 1,200× at 1M tokens
+shape = (lm.spec.n_heads, lm.spec.n_kv_heads, lm.spec.d_head, DEFAULTS, 4)  # fp32
+g("bytes_ratio_pages_1m", bytes_read("dense", ONE_M, *shape) / bytes_read("pages", ONE_M, *shape))
+g("source_1m", "1,200")
+speed_cols = {"n": "context (tokens)", "dense_s": "dense SDPA (ms)", "topk_s": "exact top-k (ms)",
+              "pages_s": "pages (ms)", "speedup_topk": "top-k speed-up (×)", "speedup_pages": "pages speed-up (×)",
+              "bytes_ratio_topk": "top-k bytes ratio (×)", "bytes_ratio_pages": "pages bytes ratio (×)",
+              "dense_gbps": "dense SDPA (GB/s)", "topk_gbps": "exact top-k (GB/s)", "pages_gbps": "pages (GB/s)"}
+speed_shown = speed.assign(**{c: speed[c] * 1e3 for c in ("dense_s", "topk_s", "pages_s")})[list(speed_cols)].rename(
+    columns=speed_cols)
+bench_sample = (f"one layer's decode step ({lm.spec.n_heads} query heads, {lm.spec.n_kv_heads} KV heads, d = "
+                f"{lm.spec.d_head}, random fp32 keys), median of {plural(bench_rounds, 'round')} of 5 steps")
+g.table("speed_table", speed_shown.style.format({c: "{:.2f}" for c in list(speed_cols.values())[1:]}
+                                               | {speed_cols["n"]: "{:,}"}
+                                               | {speed_cols[f"{k}_gbps"]: "{:.1f}" for k in ("dense", "topk", "pages")})
+        .hide(axis="index"), data=speed, sample=bench_sample, corpus="none (random keys)")
 
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-for kind, label in (("dense", "dense SDPA"), ("topk", "exact top-k"), ("pages", "page-selected")):
-    axes[0].plot(speed.n, speed[f"{kind}_s"] * 1e3, "o-", label=label)
-axes[0].set(xscale="log", yscale="log", xlabel="cached tokens n", ylabel="decode step, ms")
-axes[0].legend()
-for kind, label in (("topk", "exact top-k"), ("pages", "page-selected")):
-    line, = axes[1].plot(speed.n, speed[f"speedup_{kind}"], "o-", label=f"{label}: measured")
-    axes[1].plot(speed.n, speed[f"bytes_ratio_{kind}"], "--", color=line.get_color(), label=f"{label}: dense bytes ÷ its bytes")
+KERNELS = (("dense", "dense SDPA"), ("topk", "top-k"), ("pages", "pages"))  # data key, method name (figures.style)
+fig, axes = plt.subplots(1, 3, figsize=figsize(1, 3, panel_aspect=1.0), layout="constrained")
+for kind, name in KERNELS:
+    look = style("dense" if kind == "dense" else name)
+    axes[0].plot(speed.n, speed[f"{kind}_s"] * 1e3, label=name, **look)
+    axes[2].plot(speed.n, speed[f"{kind}_gbps"], **look)
+    if kind != "dense":
+        axes[1].plot(speed.n, speed[f"speedup_{kind}"], **look)
+        axes[1].plot(speed.n, speed[f"bytes_ratio_{kind}"], color=look["color"], ls="--", lw=1)
+axes[0].set(xscale="log", yscale="log", ylabel="step time (ms, log scale)")
 axes[1].axhline(claims.source("speedup"), color="grey", ls=":", lw=1)
-axes[1].annotate(f"source claim: {claims.source('speedup'):.0f}×", (speed.n.min(), claims.source("speedup")), va="bottom",
-                 fontsize=8)
-axes[1].set(xscale="log", yscale="log", xlabel="cached tokens n", ylabel="speed-up over dense")
-axes[1].legend(fontsize=8)
-fig.tight_layout()
-g("fig_speed", fig)
-plt.close(fig)
+axes[1].annotate(f"source: {claims.source('speedup'):.0f}×", (speed.n.min(), claims.source("speedup")), va="bottom")
+axes[1].set(xscale="log", yscale="log", ylabel="speed-up (×, log scale)",
+            ylim=(None, claims.source("speedup") * 2.5))
+axes[2].set(xscale="log", ylabel="bytes read / time (GB/s)", ylim=(0, None))
+plain = mticker.FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 20, 159: no 2×10⁻¹ tick labels
+for ax in axes:
+    ticks = sorted(contexts)[::2 if len(contexts) > 4 else 1]  # room for the labels in a third of the column
+    ax.set_xticks(ticks, [f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}" for n in ticks], minor=False)
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    ax.set(xlabel="cached tokens (log scale)")
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+handles = axes[0].get_legend_handles_labels()[0] + [
+    plt.Line2D([], [], color="grey", lw=1.5, label="measured"), plt.Line2D([], [], color="grey", ls="--", lw=1, label="bytes ratio")]
+fig.legend(handles=handles, loc="outside upper center", ncols=5)
+g.figure("fig_speed", fig, data=speed, sample=bench_sample, corpus="none (random keys)")
 
 # %% [markdown]
 # ```{glue:figure} sp_fig_speed
 # :name: fig-sparse-speed
 #
 # Left: time of one decode step of one layer against the number of cached tokens, for dense SDPA, exact
-# top-k and the page selector (log–log; lower is faster). Right: the speed-up of each sparse kernel over
-# dense (solid, measured) beside the ratio of the bytes dense reads to the bytes it reads (dashed, the
-# gain a purely memory-bound step would see). fp32 on this machine's CPU. The dotted line is the
-# source's 159×.
+# top-k and the page selector (log–log; lower is faster). Middle: the speed-up of each sparse kernel over
+# dense (solid, measured) beside the ratio of the bytes dense reads to the bytes it reads (dashed: the gain
+# if both kernels read their bytes at the same rate); the dotted line is the source's 159×. Right: the rate
+# at which each kernel reads the bytes it must read (bytes / time, GB/s; linear scale). The measured
+# speed-up is the bytes ratio times the ratio of these rates. fp32 on this machine's CPU
+# ({glue:text}`sp_bench_threads:d` threads), random keys.
+#
+# {glue:md}`sp_fig_speed_prov:myst`
 # ```
 #
 # ```{glue:figure} sp_speed_table
 # :name: tbl-sparse-speed
 #
-# The numbers of {numref}`fig-sparse-speed`: for each context length n, the decode-step times in ms, the
-# speed-up of each sparse kernel over dense (×), and how many times fewer bytes each sparse kernel reads
-# than dense (bytes ÷).
+# The numbers of {numref}`fig-sparse-speed`: for each context length, the decode-step times (ms), the
+# speed-up of each sparse kernel over dense (×), how many times fewer bytes each sparse kernel reads than
+# dense (bytes ratio, ×) and the rate at which each kernel reads its bytes (GB/s).
+#
+# {glue:md}`sp_speed_table_prov:myst`
 # ```
 #
 # **Result.** {numref}`fig-sparse-speed` and {numref}`tbl-sparse-speed` give the timings. At
 # {glue:text}`sp_n_max_k:s` cached tokens a dense step takes {glue:text}`sp_dense_ms_max:.2f` ms, exact top-k
-# {glue:text}`sp_topk_ms_max:.2f` ms ({glue:text}`sp_speedup_topk_max:.1f`×) and the page-selected step
-# {glue:text}`sp_pages_ms_max:.2f` ms ({glue:text}`sp_speedup_pages_max:.1f`×). The ratio of bytes read is
-# the gain a purely memory-bound step would see. Exact top-k reads {glue:text}`sp_bytes_ratio_topk_max:.2f`×
-# fewer bytes than dense, because it must read every key to rank it. The page selector reads
-# {glue:text}`sp_bytes_ratio_pages_max:.1f`× fewer, about the page size. At the longest context the CPU
-# timings land near these ratios, a little above them, since the dense step also pays for compute. At
-# short contexts the sparse steps gain much less than their bytes ratio: fixed costs per step dominate.
+# {glue:text}`sp_topk_ms_max:.2f` ms ({glue:text}`sp_speedup_topk_max:.2f`×) and the page-selected step
+# {glue:text}`sp_pages_ms_max:.2f` ms ({glue:text}`sp_speedup_pages_max:.2f`×). Exact top-k reads
+# {glue:text}`sp_bytes_ratio_topk_max:.2f`× fewer bytes than dense, because it must read every key to rank it;
+# the page selector reads {glue:text}`sp_bytes_ratio_pages_max:.2f`× fewer, about the page size. The measured
+# speed-ups are not these ratios, and the gap is measured too: a speed-up is exactly the bytes ratio times
+# the ratio of the rates at which the two kernels read their bytes. Dense SDPA reads the cache at only
+# {glue:text}`sp_dense_gbps_max:.1f` GB/s at {glue:text}`sp_n_max_k:s` tokens ({glue:text}`sp_dense_gbps_span:s`
+# GB/s over the contexts run), while the page kernel reads its bytes at {glue:text}`sp_pages_gbps_max:.1f` GB/s
+# ({glue:text}`sp_pages_bw_ratio_max:.2f`× dense's rate) and exact top-k at {glue:text}`sp_topk_gbps_max:.1f` GB/s
+# ({glue:text}`sp_topk_bw_ratio_max:.2f`×). Where that ratio is above 1, the sparse kernel beats its bytes
+# ratio not because it skips more work but because dense SDPA on this CPU reads its bytes more slowly; the
+# speed-up lands near the bytes ratio only where the two rates are close. We measure the rates, not their
+# cause inside SDPA. At short contexts the sparse steps gain less
+# than their bytes ratio: fixed costs per step dominate.
 #
-# **For the source's claim.** A 159× speed-up over a memory-bound dense kernel would need a selector that
-# reads less than 1/159 of the cache, that is, pages of about 160 keys or more. Its recall would then
-# likely be lower still than the {glue:text}`sp_pg_index_recall:.0%` measured above with 16-key pages. We cannot say
-# what the source timed. Its dense time at 131K tokens, 627.58 ms on a GPU, is far longer than our
-# CPU's dense step for one layer of this model ({glue:text}`sp_dense_ms_max:.2f` ms), so it was probably
-# not one decode step of a comparable shape. Its kernel is not public, so its measurement cannot be
-# repeated. The revised paper no longer claims it: "timing is not claimed"; the 159× excluded the
-# selection step and was not matched for quality {cite:p}`ruizwilliams2026condensation`.
+# **For the source's claim.** The bytes ratio is what selection itself buys; anything beyond it is the dense
+# baseline's own inefficiency, which a faster dense kernel removes. Against a dense kernel that reads the
+# cache as fast as the sparse one reads its part, a 159× speed-up would need a selector that reads less than
+# 1/159 of the cache, that is, pages of about 160 keys or more, and the source's "more than
+# {glue:text}`sp_source_1m:s`× at 1M tokens" would need one that reads less than 1/1,200. With 16-key pages the
+# page selector reads {glue:text}`sp_bytes_ratio_pages_1m:.1f`× fewer bytes than dense at 1M tokens
+# (counted, not timed), so a larger measured factor there would come from a slow dense baseline, as ours
+# here, not from the selection; and larger pages would lower recall further below the
+# {glue:text}`sp_pg_index_recall:.0%` measured above. We cannot say what the source timed. Its dense time at
+# 131K tokens, 627.58 ms on a GPU, is far longer than our CPU's dense step for one layer of this model
+# ({glue:text}`sp_dense_ms_max:.2f` ms), so it was probably not one decode step of a comparable shape, or its
+# dense baseline was slow for its bytes. Its kernel is not public, so its measurement cannot be repeated.
+# The revised paper no longer claims it: "timing is not claimed"; the 159× excluded the selection step and
+# was not matched for quality {cite:p}`ruizwilliams2026condensation`.
 #
 # ## Certified sparse decoding
 #
@@ -863,49 +1002,63 @@ for eps in certified_eps:
 
 
 cert_rows = []
+SURVIVED = f"identical through {survival_gen_tokens} tokens (prompts)"
 for eps in certified_eps:
     r, sv_, b = cert_tf[eps], cert_sv[eps], cert_bytes[eps]
     cert_rows.append({"ε": f"{eps:g}", "rule": "certified", "setting": f"{certified_bound} bound",
-                      "key bytes read": estimate_text(b.value, b.lo, b.hi, ".1%"), "pages read": f"{pages_read_share(r['log']):.1%}",
-                      "KL": row_interval(r, "kl", ".2e"), "top-1 agreement": row_interval(r, "top1_agree", ".2%"),
-                      "perplexity change": row_interval(r, "ppl_change", "+.3%"),
-                      f"identical through {survival_gen_tokens}": f"{sv_['k']} of {sv_['n']} [{sv_['lo']:.0%}, {sv_['hi']:.0%}]"})
+                      "key bytes read (%)": estimate_text(100 * b.value, 100 * b.lo, 100 * b.hi, ".1f"),
+                      "pages read (%)": share(pages_read_share(r['log'])),
+                      "KL (nats)": row_interval(r, "kl", KL_SPEC), "top-1 agreement (%)": pct(r, "top1_agree", TOP1_DIGITS),
+                      "perplexity change (%)": pct(r, "ppl_change", PPL_DIGITS, "+"),
+                      SURVIVED: f"{sv_['k']} of {sv_['n']} [{100 * sv_['lo']:.0f}, {100 * sv_['hi']:.0f}]"})
     for name, cfg in equal[eps].items():
         rb = base_tf[cfg]
         cert_rows.append({"ε": f"{eps:g}", "rule": name,
-                          "setting": f"W = {cfg.window}" + (f", k = {cfg.topk}" if name != "window only" else ""),
-                          "key bytes read": f"{key_bytes_read(cfg, certified_prompt_tokens, lm.spec.d_head):.1%}",
-                          "pages read": "", "KL": row_interval(rb, "kl", ".2e"),
-                          "top-1 agreement": row_interval(rb, "top1_agree", ".2%"),
-                          "perplexity change": row_interval(rb, "ppl_change", "+.3%"),
-                          f"identical through {survival_gen_tokens}": ""})
-g("cert_table", pd.DataFrame(cert_rows).style.hide(axis="index"))
-cal_rows = [{"ε": f"{eps:g}", "pairs": c["pairs"], "certificate ≤ ε": f"{c['certified_share']:.1%}",
-             "every page read": f"{c['all_read']:.1%}", "violations": c["violations"],
-             "largest m / certificate": "—" if np.isnan(c["max_ratio"]) else f"{c['max_ratio']:.3f}",
+                          "setting": f"W = {cfg.window:,}" + (f", k = {cfg.topk:,}" if name != "window only" else ""),
+                          "key bytes read (%)": share(key_bytes_read(cfg, certified_prompt_tokens, lm.spec.d_head)),
+                          "pages read (%)": "—", "KL (nats)": row_interval(rb, "kl", KL_SPEC),
+                          "top-1 agreement (%)": pct(rb, "top1_agree", TOP1_DIGITS),
+                          "perplexity change (%)": pct(rb, "ppl_change", PPL_DIGITS, "+"), SURVIVED: "—"})
+cert_sample = f"{plural(certified_blocks, 'block')} of {certified_prompt_tokens:,} tokens; " \
+              f"{plural(certified_survival_prompts, 'prompt')} for greedy survival"
+cert_data = pd.DataFrame([{"eps": eps, "rule": name, **{m: (cert_tf[eps] if name == "certified" else base_tf[cfg])[m]
+                                                         for m in MODEL_FIGURES}}
+                          for eps in certified_eps for name, cfg in [("certified", None), *equal[eps].items()]])
+g.table("cert_table", pd.DataFrame(cert_rows).style.hide(axis="index"), sample=cert_sample, data=cert_data,
+        corpus=certified_corpus)
+cal_rows = [{"ε": f"{eps:g}", "(layer, head, query) triples": f"{c['pairs']:,}",
+             "certificate ≤ ε (%)": share(c['certified_share']),
+             "every page read (%)": share(c['all_read']), "m above its certificate": f"{c['violations']:,}",
+             "largest m / certificate": number(c["max_ratio"], ".3f"),
              "median certificate": f"{np.median(c['certificate']):.1e}", "median m": f"{np.median(c['discarded']):.1e}",
              "rounding floor of m": f"{c['rounding_floor']:.1e}"} for eps, c in cert_cal.items()]
-g("cert_cal_table", pd.DataFrame(cal_rows).style.hide(axis="index"))
+cal_data = pd.DataFrame([{"eps": eps, **{k: c[k] for k in ("pairs", "violations", "certified_share", "all_read",
+                                                           "rounding_floor", "tolerance", "max_ratio")}}
+                         for eps, c in cert_cal.items()])
+g.table("cert_cal_table", pd.DataFrame(cal_rows).style.hide(axis="index"), sample=f"{plural(certified_blocks, 'block')} of "
+        f"{certified_prompt_tokens:,} tokens, every (layer, head, query)", data=cal_data, corpus=certified_corpus)
 
-fig, axes = plt.subplots(1, len(certified_eps), figsize=(4.2 * len(certified_eps), 3.8), squeeze=False)
+CAL_SHOWN, M_DRAWN = 20000, 1e-12  # dots per panel (a seeded sample); m below M_DRAWN is drawn on it
+fig, axes = plt.subplots(1, len(certified_eps), figsize=figsize(1, len(certified_eps), panel_aspect=1.0),
+                         squeeze=False, layout="constrained", sharey=True)
 pick = np.random.default_rng(0)
+cal_points = []
 for ax, eps in zip(axes[0], certified_eps):
     c = cert_cal[eps]
     shown = np.flatnonzero(c["certificate"] > 0)  # a zero certificate (every page read) has no place on a log axis
-    shown = pick.choice(shown, min(20000, shown.size), replace=False) if shown.size else shown
-    floor = 1e-12  # m below it (float32 rounding of 1 − kept mass, or exactly 0) is drawn on it
-    ax.scatter(c["certificate"][shown], np.clip(c["discarded"][shown], floor, None), s=2, alpha=0.25, color="C0",
-               rasterized=True)
-    ax.plot([floor, 1], [floor, 1], color="C3", lw=1, label="m = certificate")
+    shown = pick.choice(shown, min(CAL_SHOWN, shown.size), replace=False) if shown.size else shown
+    ax.scatter(c["certificate"][shown], np.clip(c["discarded"][shown], M_DRAWN, None), s=2, alpha=0.25,
+               color=color("certified"), rasterized=True)
+    ax.plot([M_DRAWN, 1], [M_DRAWN, 1], color="grey", lw=1, label="m = c")
     ax.axvline(eps, color="grey", ls=":", lw=1, label="ε")
-    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor / 2, 1), xlabel="certificate c",
-           ylabel="true discarded mass m",
-           title=f"ε = {eps:g}: {c['violations']} of {c['pairs']:,} above;\n{c['all_read']:.0%} read every page (c = 0, not drawn)")
-    ax.title.set_fontsize(9)
-axes[0][0].legend(fontsize=8, loc="upper left")
-fig.tight_layout()
-g("fig_cert_cal", fig)
-plt.close(fig)
+    ax.set(xscale="log", yscale="log", xlim=(M_DRAWN / 2, 2), ylim=(M_DRAWN / 2, 2), xticks=[1e-12, 1e-6, 1],
+           xlabel="certificate c (log scale)", title=f"ε = {eps:g}")
+    cal_points.append(pd.DataFrame({"eps": eps, "certificate": c["certificate"][shown], "m": c["discarded"][shown]}))
+axes[0][0].set(ylabel="true discarded mass m (log scale)", yticks=[1e-12, 1e-6, 1])
+fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside upper center", ncols=2)
+g.figure("fig_cert_cal", fig, data=pd.concat(cal_points), corpus=certified_corpus,
+         sample=f"{plural(certified_blocks, 'block')} of {certified_prompt_tokens:,} tokens, at most {CAL_SHOWN:,} "
+                "(layer, head, query) per panel")
 
 head, head_sv, head_bytes = cert_tf[CERT_HEADLINE], cert_sv[CERT_HEADLINE], cert_bytes[CERT_HEADLINE]
 g("cert_bound", certified_bound)
@@ -973,7 +1126,9 @@ cert_json["params"] = {"eps": certified_eps, "bound": certified_bound, "prompt_t
 # {glue:text}`sp_cert_prompt_tokens:,` keys (the source's top-k ranks every key, so it reads them all); pages
 # read: the share of candidate pages the certified rule read. KL, top-1 agreement and perplexity change as value
 # [95% interval]; greedy survival: prompts identical to dense decoding through the horizon, k of n [exact 95%
-# interval].
+# interval, %]; "—" where not measured.
+#
+# {glue:md}`sp_cert_table_prov:myst`
 # ```
 #
 # ```{glue:figure} sp_fig_cert_cal
@@ -983,7 +1138,10 @@ cert_json["params"] = {"eps": certified_eps, "bound": certified_bound, "prompt_t
 # sample of at most 20,000 per panel), its certificate $c$ against its true discarded mass $m$, log–log. The
 # certificate is an upper bound, so every dot must lie on or below the diagonal $m = c$; the dotted line marks
 # $\varepsilon$. Queries whose certificate is 0 (every candidate page read, so $m$ = 0 up to float rounding)
-# cannot be drawn on a log axis; the title gives their share. $m$ below $10^{-12}$ is drawn at $10^{-12}$.
+# cannot be drawn on a log axis; {numref}`tbl-sparse-certified-calibration` gives their share and the count
+# above the diagonal. $m$ below $10^{-12}$ is drawn at $10^{-12}$.
+#
+# {glue:md}`sp_fig_cert_cal_prov:myst`
 # ```
 #
 # ```{glue:figure} sp_cert_cal_table
@@ -994,7 +1152,9 @@ cert_json["params"] = {"eps": certified_eps, "bound": certified_bound, "prompt_t
 # certificate (beyond the float32 rounding of the logged $m$: the larger of $10^{-6}$ and the rounding floor),
 # the largest $m / c$ (over certificates above that tolerance), the medians, and the rounding floor: the
 # largest logged $m$ where every key was kept, so that the true $m$ is 0 (the log computes $m$ as one minus
-# the kept mass in float32).
+# the kept mass in float32); "—" where no certificate lies above that tolerance.
+#
+# {glue:md}`sp_cert_cal_table_prov:myst`
 # ```
 #
 # **Result.** The certificate holds: of {glue:text}`sp_cert_pairs:,` (layer, head, query) pairs over every
@@ -1048,15 +1208,19 @@ rk = real_keys(model, tuple(sorted({min(n, rk_positions) for n in contexts})), p
 rk_bench = bench_certified_decode(tuple(contexts), dataclasses.replace(cert_rules[CERT_HEADLINE], topk=topk), rk,  # k: top-k, Quest, recall
                                rounds=bench_rounds, steps=3)
 t0 = timed("certified decode on real keys", t0)
-rk_rows = pd.DataFrame([{"n": r["n"], "tiled": "yes" if r["tiled"] else "", "dense ms": r["dense_s"] * 1e3,
-                         "certified ms": r["certified_s"] * 1e3, "certified ×": r["speedup_certified"],
-                         "key bytes read": r["key_bytes"], "oracle floor": r["oracle_key_bytes"],
-                         "certificate (mean)": r["certificate"], "true m (mean)": r["m"], "m > certificate": r["violations"],
-                         **{f"slack {b}": r["slack"][b][0] for b in r["slack"]}} for r in rk_bench["rows"]])
-g("rk_table", rk_rows.style.format({"dense ms": "{:.2f}", "certified ms": "{:.2f}", "certified ×": "{:.2f}",
-                                     "key bytes read": "{:.1%}", "oracle floor": "{:.1%}", "certificate (mean)": "{:.1e}",
-                                     "true m (mean)": "{:.1e}", **{f"slack {b}": "{:.1f}" for b in rk_bench["rows"][0]["slack"]}})
-  .hide(axis="index"))
+rk_rows = pd.DataFrame([{"context (tokens)": f"{r['n']:,}", "keys tiled": "yes" if r["tiled"] else "no",
+                         "dense SDPA (ms)": f"{r['dense_s'] * 1e3:.2f}", "certified (ms)": f"{r['certified_s'] * 1e3:.2f}",
+                         "certified speed-up (×)": f"{r['speedup_certified']:.2f}",
+                         "key bytes read (%)": share(r["key_bytes"]), "oracle floor (%)": share(r["oracle_key_bytes"]),
+                         "mean certificate": f"{r['certificate']:.1e}", "mean true m": f"{r['m']:.1e}",
+                         "m above its certificate": f"{r['violations']:,}",
+                         **{f"slack, {b} bound (logits)": f"{r['slack'][b][0]:.1f}" for b in r["slack"]}}
+                        for r in rk_bench["rows"]])
+rk_data = pd.DataFrame([{k: v for k, v in r.items() if k != "slack"} | {f"slack_{b}": v[0] for b, v in r["slack"].items()}
+                        for r in rk_bench["rows"]])
+g.table("rk_table", rk_rows.style.hide(axis="index"), data=rk_data,
+        sample=f"one decode step per context, the last {plural(rk_bench['rows'][0]['queries'], 'query', 'queries')} "
+               f"of a real prompt ({rk_bench['source']})")
 rk_real = [r for r in rk_bench["rows"] if not r["tiled"]]
 rk_top = max(rk_real, key=lambda r: r["n"])
 rk_slack = {b: v[0] for b, v in rk_top["slack"].items()}
@@ -1081,7 +1245,10 @@ g("rk_n_max", rk_bench["rows"][-1]["n"])
 # included) and their ratio; share of the key bytes the certified rule reads (summaries included) beside the
 # oracle floor (fixed keys plus the fewest pages, heaviest first, whose rest holds at most ε); mean
 # certificate and true discarded mass over queries and heads, and how often m exceeds the certificate; median
-# slack of each page bound (logits) for the last query.
+# slack of each page bound (logits) for the last query. "Keys tiled": a context beyond the model's positions,
+# made by repeating the real keys.
+#
+# {glue:md}`sp_rk_table_prov:myst`
 # ```
 #
 # **Result.** At {glue:text}`sp_rk_n:,` real keys the certified rule reads {glue:text}`sp_rk_key_bytes:.1%` of the
@@ -1104,8 +1271,9 @@ g("pg_verdict", claims.page_selection(pages_row.index_recall).text)
 g("speed_verdict", claims.speedup(at.loc[n_max, "speedup_pages"]).text)
 
 stage["total (chapter kernel)"] = time.perf_counter() - started
-g("timing_table", pd.DataFrame({"stage": list(stage), "seconds": [round(v, 1) for v in stage.values()]})
-  .style.format({"seconds": "{:.1f}"}).hide(axis="index"))
+timing = pd.DataFrame({"stage": list(stage), "wall time (s)": list(stage.values())})
+g.table("timing_table", timing.style.format({"wall time (s)": "{:,.1f}"}).hide(axis="index"), sample="this run",
+        corpus="none")
 g("total_minutes", stage["total (chapter kernel)"] / 60)
 out = Path(results_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -1134,8 +1302,10 @@ write_json(out / "sparse.json", {
     "certified": cert_json,
     "certified_real_keys": {"source": rk_bench["source"], "eps": CERT_HEADLINE, "bound": certified_bound, "rows": rk_bench["rows"]},
     "bench": bench,
+    "segments": {"bounds": bounds, "repeated_4grams": repetition},
     "seconds": stage,
 })
+g.finish()  # the opening box: run information and this chapter's wall time
 
 # %% [markdown]
 # All results are on small models embedded in this book, with the source's kept-set rule run inside the
@@ -1143,10 +1313,10 @@ write_json(out / "sparse.json", {
 #
 # - **Lossless ("100% output equivalence", bit-exact tokens over 1,500+ generated):
 #   {glue:text}`sp_lossless_verdict:s`.** At the source defaults on {glue:text}`sp_model:s`, the next-token
-#   KL is {glue:text}`sp_src_kl:.4f` [{glue:text}`sp_src_kl_lo:.4f`, {glue:text}`sp_src_kl_hi:.4f`], top-1
+#   KL is {glue:text}`sp_src_kl:.2e` [{glue:text}`sp_src_kl_lo:.2e`, {glue:text}`sp_src_kl_hi:.2e`], top-1
 #   agreement {glue:text}`sp_src_top1:.2%` [{glue:text}`sp_src_top1_lo:.2%`, {glue:text}`sp_src_top1_hi:.2%`]
-#   and perplexity change {glue:text}`sp_src_ppl_change:+.2%` [{glue:text}`sp_src_ppl_change_lo:+.2%`,
-#   {glue:text}`sp_src_ppl_change_hi:+.2%`] (95% intervals over {glue:text}`sp_eval_tokens:,` held-out
+#   and perplexity change {glue:text}`sp_src_ppl_change:+.3%` [{glue:text}`sp_src_ppl_change_lo:+.3%`,
+#   {glue:text}`sp_src_ppl_change_hi:+.3%`] (95% intervals over {glue:text}`sp_eval_tokens:,` held-out
 #   tokens); greedy generation diverges at step {glue:text}`sp_src_first:s`.
 #   On every embedded model it diverges by step {glue:text}`sp_latest_divergence:d` of
 #   {glue:text}`sp_gen_tokens:d` ({numref}`tbl-sparse-models`), and {glue:text}`sp_n_rules_lossless:d` of
@@ -1168,7 +1338,7 @@ write_json(out / "sparse.json", {
 # - **Finding the kept set without reading every key:** the page selector recovers
 #   {glue:text}`sp_pg_index_recall:.1%` [{glue:text}`sp_pg_index_recall_lo:.1%`, {glue:text}`sp_pg_index_recall_hi:.1%`]
 #   of the exact top-k keys at the same budget, with KL
-#   {glue:text}`sp_pg_kl:.4f` [{glue:text}`sp_pg_kl_lo:.4f`, {glue:text}`sp_pg_kl_hi:.4f`]. The selector is
+#   {glue:text}`sp_pg_kl:.2e` [{glue:text}`sp_pg_kl_lo:.2e`, {glue:text}`sp_pg_kl_hi:.2e`]. The selector is
 #   {glue:text}`sp_pg_verdict:s`. A rule that proves its loss (certified selection, the discarded mass bounded
 #   by ε query by query) {glue:text}`sp_cert_dynamic:s`, with KL {glue:text}`sp_cert_kl:.2e`
 #   [{glue:text}`sp_cert_kl_lo:.2e`, {glue:text}`sp_cert_kl_hi:.2e`]; {glue:text}`sp_cert_violations:d` of
@@ -1198,4 +1368,6 @@ write_json(out / "sparse.json", {
 # :name: tbl-sparse-timing
 #
 # Wall time of each stage of this chapter's run (seconds, one process, as measured in this run).
+#
+# {glue:md}`sp_timing_table_prov:myst`
 # ```
