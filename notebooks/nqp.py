@@ -384,7 +384,7 @@ g("n_comparisons", len(comparisons))
 fisher_cases = [(other, b, grp) for b, grp in ((4, None), (3, None), (3, group))
                 for other in ("rtn", "gptq", "awq")] + [("rot-haar", 4, None), ("rot-haar", 3, None)]
 fisher_vs = {(label(o), b, grp): compare(nll("rot-fisher", b, grp), nll(o, b, grp)).ratio for o, b, grp in fisher_cases}
-g("fisher_claim", claims.fisher_not_worse(fisher_vs).text)
+g("fisher_claim", claims.fisher_not_worse(fisher_vs, ratio_spec=RATIO).text)
 g.table("ratio_table", comparisons[["bits", "scales", "method", "compared with", "perplexity ratio [95% interval]",
                                     "decision"]].style.hide(axis="index"),
         data=comparisons.drop(columns=["perplexity ratio [95% interval]"]), sample=eval_sample + ", paired")
@@ -513,7 +513,7 @@ g("off_scale_factor", OFF_SCALE)
 # linear weights were rounded to 4 bits in blocks of 32, each with a scale and a minimum; we run their
 # dequantized values. 4-bit RTN with that grid (groups of 32, zero at the group minimum) reads
 # {glue:text}`nqp_ppl_gguf_grid_ci:s` against {glue:text}`nqp_ppl_fp_ci:s` unquantized (paired ratio
-# {glue:text}`nqp_gguf_grid_ratio_ci:s`; mean relative weight error {glue:text}`nqp_werr_gguf_grid:.1e`). It finds the original grid again and is nearly
+# {glue:text}`nqp_gguf_grid_ratio_ci:s`; mean relative weight error {glue:text}`nqp_werr_gguf_grid:.2e`). It finds the original grid again and is nearly
 # lossless, which no method could be on weights that were never quantized. The same groups with an
 # integer zero point (the range stretched to hold 0, as GPTQ's quantizer does) already read
 # {glue:text}`nqp_ppl_gguf_int_ci:s` (paired ratio to unquantized {glue:text}`nqp_gguf_int_ratio_ci:s`). This is why the
@@ -596,9 +596,9 @@ g.figure("fig_errors", fig, data=summary[["method", "bits", "grouping", "weight_
 # error is not useless, since at a fixed bit width a larger rounding error generally costs perplexity,
 # but it misjudges methods that move error between directions, such as AWQ and GPTQ.
 #
-# At 4 bits per channel the mean relative weight errors are: RTN {glue:text}`nqp_werr4_rtn:.3f`, Fisher
-# rotation {glue:text}`nqp_werr4_rot_fisher:.3f`, Haar rotation {glue:text}`nqp_werr4_rot_haar:.3f`,
-# λ-scaled {glue:text}`nqp_werr4_nqp_scaled:.3f`. The source reported 4.97e-2, 5.10e-2, 5.27e-2 and
+# At 4 bits per channel the mean relative weight errors are: RTN {glue:text}`nqp_werr4_rtn:.2e`, Fisher
+# rotation {glue:text}`nqp_werr4_rot_fisher:.2e`, Haar rotation {glue:text}`nqp_werr4_rot_haar:.2e`,
+# λ-scaled {glue:text}`nqp_werr4_nqp_scaled:.2e`. The source reported 4.97e-2, 5.10e-2, 5.27e-2 and
 # 9.08e-2 on GPT-2. The magnitudes are not comparable (another model, weights already on a 4-bit grid,
 # and the source's normalisation is not published). As in the source, the Fisher rotation has a larger
 # weight error than RTN, and the λ-scaled grid the largest of all. Unlike in the source, the random
@@ -623,8 +623,8 @@ share_lower = np.mean([f["weight_error"] < r["weight_error"] for f, r in zip(fis
 ag3 = compare(nll("rot-fisher", 4), nll("gptq", 4), "rot-fisher", "gptq")  # paired on the held-out blocks
 ag4 = compare(nll("rot-fisher", 4), nll("rot-haar", 4), "rot-fisher", "rot-haar")
 gate_verdicts = {"A-G1": claims.gate_ag1(orth, recon), "A-G2": claims.gate_ag2(share_lower),
-                 "A-G3": claims.gate_ag3(ag3.ratio, ppl("rot-fisher", 4), ppl("gptq", 4)),
-                 "A-G4": claims.gate_ag4(ag4.ratio, ppl("rot-fisher", 4), ppl("rot-haar", 4))}
+                 "A-G3": claims.gate_ag3(ag3.ratio, ppl("rot-fisher", 4), ppl("gptq", 4), ppl_spec=PPL, ratio_spec=RATIO),
+                 "A-G4": claims.gate_ag4(ag4.ratio, ppl("rot-fisher", 4), ppl("rot-haar", 4), ppl_spec=PPL, ratio_spec=RATIO)}
 gates = pd.DataFrame([{"gate": name, "test": claims.GATE_TESTS[name], "measured": v.text, "outcome": v.label}
                       for name, v in gate_verdicts.items()])
 g.table("gates_table", gates.style.hide(axis="index"), sample=eval_sample + f"; weight errors of {plural(len(names), 'layer')}")
@@ -645,12 +645,12 @@ g("rank2_verdict", claims.fisher_rank2(pr.pr_fisher.median()).text)
 baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the two at 3 bits
 collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", label(baseline))
 g.estimate("collapse_ratio", collapse.ratio, RATIO)
-g("collapse_verdict", claims.fisher_collapse(collapse.ratio, label(baseline)).text)
+g("collapse_verdict", claims.fisher_collapse(collapse.ratio, label(baseline), ratio_spec=RATIO).text)
 g("l2_verdict", claims.l2_predicts(interval.spearman_difference(summary.weight_error, summary.output_error,
                                                                  summary.ppl)).text)
 # The source's 8-bit result (GPT-2: 34.06 standard, 36.67 λ-scaled) is a direction, so judge the direction.
 eight = compare(nll("nqp-scaled", 8), nll("rtn", 8), "λ-scaled", "RTN")
-g("8bit_verdict", claims.eight_bit(eight.ratio).text)
+g("8bit_verdict", claims.eight_bit(eight.ratio, ratio_spec=RATIO).text)
 
 times = pd.DataFrame([{"stage": label(k), "wall (s)": w, "CPU (s)": c} for k, (w, c) in seconds.items()])
 g.table("time_table", times.style.format("{:,.0f}", subset=["wall (s)", "CPU (s)"]).hide(axis="index"),
