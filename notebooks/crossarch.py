@@ -176,7 +176,8 @@ for name, res in results.items():
             "ci_lo": m["ci"][0], "ci_hi": m["ci"][1]})
         if r == "eps":
             a = res["at_k_id"]
-            main_rows[-1]["Oₕ at the source's k (Haar null)"] = f"k = {res['k_id']}: {a['o_h']:.3f} ({a['null_mean']:.3f})"
+            main_rows[-1]["Oₕ at the source's k (Haar null)"] = \
+                f"k = {res['k_id']}: {a['o_h']:.3f} ({a['null_mean']:.3f})"
             main_data[-1].update(k_source=res["k_id"], o_h_at_k_source=a["o_h"], null_at_k_source=a["null_mean"])
 main_table = pd.DataFrame(main_rows).set_index(["model", "cloud"])
 g.table("main_table", main_table, data=pd.DataFrame(main_data).set_index(["model", "cloud"]),
@@ -210,6 +211,10 @@ g("run_c_colspace_z", f"{run['c']['colspace_z']:.1f}")
 g("run_twonn", f"{run['eps']['d_int_twonn']:.2f}")
 g("run_twonn_source", f"{run['eps']['d_int_twonn_source']:.2f}")
 g("twonn_by_model", listing(f"{n} {r['main']['eps']['d_int_twonn']:.2f}" for n, r in results.items()))
+source_qwen = [n for n, r in results.items() if claims.is_source_qwen(r["spec"])]  # the source's architecture
+g("source_qwen_model", listing(source_qwen, empty="none"))
+g("source_qwen_twonn", listing((f"{results[n]['main']['eps']['d_int_twonn']:.2f}" for n in source_qwen),
+                               empty="not measured"))
 
 
 def at_null_count(ms: list[dict], z: str, std: str) -> str:
@@ -300,7 +305,9 @@ g("src_ratio", span(ratio_src, ".2f"))
 # variant reads {glue:text}`xa_src_ratio:s` times the line fit. On ideal data (neighbour-distance ratios
 # following the Pareto law both fits assume) the factor is 1.34; a different factor means these clouds
 # depart from that law at the scale of the nearest neighbours. The source's mean of 7.1 for GPT-2 and
-# Qwen2.5 is a value of the variant. The line fit, per model: {glue:text}`xa_twonn_by_model:s`.
+# Qwen2.5 is a value of the variant. The line fit, per model: {glue:text}`xa_twonn_by_model:s`; on the
+# source's own architecture (Qwen2.5-0.5B's 14 query and 2 KV heads; in this run:
+# {glue:text}`xa_source_qwen_model:s`) it is {glue:text}`xa_source_qwen_twonn:s`.
 #
 # ## Overlap against frame size: "clustering by attention design"
 #
@@ -450,7 +457,8 @@ g.table("cluster_table", cluster_table, data=pd.DataFrame(cluster_data), sample=
 # over the three deepest layers pooled, Spearman $\rho = -0.53$ ($p$ = 3e-4, $n$ = 42) on Qwen2.5-0.5B and
 # $\rho = -0.26$ ($p$ = 0.13, $n$ = 36) on GPT-2. Here each head's TwoNN dimension is set against its mean
 # overlap with the heads of other KV groups (for a multi-query model, with all other heads), per layer
-# and pooled, with a permutation $p$-value ({glue:text}`xa_n_perm:s` shuffles). Pooling can create a correlation no single
+# and pooled, with a permutation $p$-value ({glue:text}`xa_n_perm:s` shuffles). Pooling can create a
+# correlation no single
 # layer has when both quantities drift with depth, so both are shown. As a null, each head's frame is
 # replaced by a Haar-random frame while its real $d_\text{int}$ is kept: the "Haar frames" columns give
 # $\rho$ for one such draw with its permutation $p$, and the 95% range of $\rho$ over
@@ -471,14 +479,16 @@ for name, res in results.items():
         sp_rows.append({"model": name + (" (MQA: all pairs)" if sp["mqa"] else ""),
                         "layer": L if L == "pooled" else f"L{L}", "heads": n,
                         "ρ [95% CI, heads resampled]": f"{f3(rho, '+.2f')} [{f3(ci_lo, '+.2f')}, {f3(ci_hi, '+.2f')}]",
-                        "p (permutation)": f3(p, ".2g"), "ρ with Haar frames (p)": f"{f3(rho0, '+.2f')} ({f3(p0, '.2g')})",
+                        "p (permutation)": f3(p, ".2g"),
+                        "ρ with Haar frames (p)": f"{f3(rho0, '+.2f')} ({f3(p0, '.2g')})",
                         "Haar frames: 95% range of ρ": f"[{f3(lo, '+.2f')}, {f3(hi, '+.2f')}]"})
         sp_data.append({"model": name, "layer": str(L), "heads": n, "rho": rho, "rho_lo": ci_lo, "rho_hi": ci_hi,
                         "p": p, "haar_rho": rho0, "haar_p": p0, "haar_rho_q025": lo, "haar_rho_q975": hi})
 for label, (rho, p, n) in (("source: Qwen2.5-0.5B", claims.source("spearman_qwen")),
                            ("source: GPT-2 124M", claims.source("spearman_gpt2"))):
     sp_rows.append({"model": label, "layer": "pooled", "heads": n, "ρ [95% CI, heads resampled]": f"{rho:+.2f}",
-                    "p (permutation)": f"{p:.2g}", "ρ with Haar frames (p)": "—", "Haar frames: 95% range of ρ": "—"})
+                    "p (permutation)": f"{p:.2g}", "ρ with Haar frames (p)": "—",
+                    "Haar frames: 95% range of ρ": "—"})
     sp_data.append({"model": label, "layer": "pooled", "heads": n, "rho": rho, "p": p})
 sp_table = pd.DataFrame(sp_rows).set_index(["model", "layer"])
 g.table("spearman_table", sp_table, data=pd.DataFrame(sp_data),
@@ -517,7 +527,8 @@ for i, (ax, (name, res)) in enumerate(zip(axes.flat, results.items())):
         m = lab == L
         ax.plot(xv[m], yv[m], MARKERS[j % len(MARKERS)], ms=4, color=depth_colors[j],
                 label="deepest layer" if j == 0 else f"deepest − {j}")
-        head_rows += [{"model": name, "layer": int(L), "d_int_twonn": x, "mean_overlap": y} for x, y in zip(xv[m], yv[m])]
+        head_rows += [{"model": name, "layer": int(L), "d_int_twonn": x, "mean_overlap": y}
+                      for x, y in zip(xv[m], yv[m])]
     rho, p, _ = sp["real"]["pooled"]
     ax.set_title(f"{name}{' (MQA)' if sp['mqa'] else ''}\npooled ρ = {rho:+.2f}, p = {p:.2g}")
     ax.set_xlabel("intrinsic dim. (TwoNN)")
@@ -557,7 +568,8 @@ g.figure("fig_spearman", fig, data=pd.DataFrame(head_rows),
 # $n$ = {glue:text}`xa_run_n_pooled:d`); the single layers give
 # {glue:text}`xa_run_rho_layers:s`. Over the {glue:text}`xa_n_models:d` models the pooled $\rho$ is
 # {glue:text}`xa_rho_pooled_span:s`, negative in {glue:text}`xa_n_neg_pooled:d`, and
-# {glue:text}`xa_n_sig_pooled:d` reach $p <$ {glue:text}`xa_alpha:s` (smallest $p$ = {glue:text}`xa_p_pooled_min:s`). With
+# {glue:text}`xa_n_sig_pooled:d` reach $p <$ {glue:text}`xa_alpha:s` (smallest $p$ =
+# {glue:text}`xa_p_pooled_min:s`). With
 # random frames the mean $\rho$ stays within {glue:text}`xa_null_rho_absmax:s` of zero, so the test is not
 # biased; the 95% ranges show how large a correlation chance produces at these head counts, most of
 # $[-1, 1]$ for a layer of a few heads. The verdict on the source's Qwen2.5 value is in
@@ -694,7 +706,7 @@ claim_rows.append({"claim": "the published Oₕ values as a whole (GPT-2, Qwen, 
                    "ours": f"max |published − random frames| = {src_dev_max:.3f}",
                    "null": "Haar mean at each (d, k)", "verdict": claims.published_within_null(src_dev_max).text})
 qwen, (q_rho, q_p, q_n) = claims.SOURCE["oh_qwen"], claims.source("spearman_qwen")
-for n in [n for n, r in results.items() if claims.is_source_qwen(r["spec"])]:
+for n in source_qwen:
     m = results[n]["main"]["eps"]
     rho, p, nn = results[n]["spearman"]["real"]["pooled"]
     claim_rows += [
@@ -711,9 +723,11 @@ for n in [n for n, r in results.items() if claims.is_source_qwen(r["spec"])]:
          "ours": f"{n}: ρ = {rho:+.2f} (p = {p:.2g}, n = {nn})", "null": "ρ = 0 (permutation, Haar frames)",
          "verdict": claims.spearman_replicates(rho, p).label},
     ]
-intra_claim = f"{claims.source('intra_qwen'):.3f} on Qwen2.5-0.5B, ≈ {claims.source('intra_llama'):.2f} on Llama-3.1-8B"
+intra_claim = (f"{claims.source('intra_qwen'):.3f} on Qwen2.5-0.5B, "
+               f"≈ {claims.source('intra_llama'):.2f} on Llama-3.1-8B")
 claim_rows.append({"claim": f"heads that share a KV head overlap more ({intra_claim})",
-                   "ours": "; ".join(f"{n}: {with_ci(m['intra'], m['intra_ci'])}" for n, m in zip(intra_models, intra_eps))
+                   "ours": "; ".join(f"{n}: {with_ci(m['intra'], m['intra_ci'])}"
+                                     for n, m in zip(intra_models, intra_eps))
                            or "no model with intra-group pairs in this run",
                    "null": "; ".join(f"{n}: {shared_null(m)}" for n, m in zip(intra_models, intra_eps))
                            + " (shared values, independent queries)",

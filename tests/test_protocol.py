@@ -9,8 +9,8 @@ from atlas_core.intrinsic import per_head
 from atlas_core.models import load_model
 from atlas_core.clouds import point_indices
 from atlas_core.intra_null import IntraNullSpec, intra_group_null, layer_group_attention
-from atlas_core.protocol import (Protocol, intra_null, intra_null_summary, intrinsic_dims, measure_model, overlap_summary,
-                                 protocol_overlap)
+from atlas_core.protocol import (Protocol, intra_null, intra_null_summary, intrinsic_dims, measure_model,
+                                 overlap_summary, protocol_overlap)
 from atlas_core.stats import spearman_by_group
 
 TINY = Protocol(corpora=("pydoc", "britannica"), k=3, k_range=(2, 3, 5), n_points=120, n_blocks=3, seq_len=64,
