@@ -160,6 +160,13 @@ def share(x, digits: int = 1) -> str:
 
 
 KL_SPEC, TOP1_DIGITS, PPL_DIGITS, MASS_SPEC = ".2e", 2, 3, ".4f"  # one format per quantity, tables and prose
+
+
+def shown(frame: pd.DataFrame):
+    """A table as the page shows it: no index, and KL cells kept on one line (a browser breaks "1.51e-03" at its
+    hyphen); the other cells wrap at their spaces."""
+    kl = [c for c in frame.columns if c.startswith("KL")]
+    return frame.style.hide(axis="index").set_properties(subset=kl, **{"white-space": "nowrap"})
 experiment = SparseExperiment(rule=SparseConfig(anchors=anchors, window=window, topk=topk, page_size=page_size),
                               windows=tuple(windows), topks=tuple(topks))
 experiment.check_block(seq_len, "seq_len")  # every rule run drops keys in these blocks and this prompt
@@ -259,7 +266,7 @@ fig.colorbar(im, ax=[axd["fixed"], axd["selected"], axd["discarded"]], label="sh
 m_log = np.log10(np.clip(m_all, M_FLOOR, None))
 counts, edges = np.histogram(m_log, bins=60)
 axd["hist"].stairs(counts, edges, fill=True, color=color("top-k"))
-axd["hist"].set(xlabel="discarded mass m per query (log₁₀ scale)", ylabel="queries",
+axd["hist"].set(xlabel="log₁₀ of the discarded mass m per query", ylabel="queries",
                 title="every (layer, head, query)")
 mass_data = pd.concat([
     pd.DataFrame([{"panel": "heat map", "layer": l, "head": h, **{n: float(mass[n][l, h]) for n in ("fixed", "selected", "discarded")}}
@@ -273,7 +280,7 @@ g.figure("fig_mass", fig, data=mass_data, sample=f"{plural(eval_blocks, 'block')
 #
 # Where each query's full softmax goes at the source defaults, counting queries at positions
 # ≥ a + W + k. The three heat maps give, per layer (horizontal) and head (vertical), the mean share on the
-# anchor and window, on the exact top-k, and the share discarded; brighter is more. The right panel is
+# anchor and window, on the exact top-k, and the share discarded; brighter is more. The lower panel is
 # the histogram of the discarded mass $m$ over every query of every head, on a log scale: a lossless rule
 # would put every query at the far left ($m$ below $10^{-9}$ is drawn at $-9$). The three maps share one
 # colour range, 0 to 1.
@@ -398,7 +405,7 @@ table = pd.DataFrame({"rule": rows.rule, "W": rows.window, "k": rows.topk, **fid
         "first_divergence_full", pd.Series(np.nan, index=rows.index)))]))})
 sweep_sample = (f"{plural(eval_blocks, 'block')} of {seq_len:,} tokens (source defaults), the first "
                 f"{plural(min(sweep_blocks, eval_blocks), 'block')} (other rules); {gen_tokens:,} greedy steps")
-g.table("budget_table", table.style.hide(axis="index"), sample=sweep_sample, data=rows)
+g.table("budget_table", shown(table), sample=sweep_sample, data=rows)
 
 exact = rows[rows.rule == "exact"]
 k_pos = {k: i for i, k in enumerate(sorted(exact.topk.unique()))}  # top-k on evenly spaced positions: no empty half
@@ -528,12 +535,12 @@ for r in models_rows:  # per segment: the step agreement and the dense continuat
 by_model = pd.DataFrame(models_rows)
 models_data = by_model.copy()
 by_model["first_divergence"] = [first(d) for d in by_model.first_divergence]
-g.table("models_table", pd.DataFrame({
+g.table("models_table", shown(pd.DataFrame({
     "model": by_model.model, "rule": by_model.rule,
     "held-out tokens": [f"{int(b * seq_len):,}" for b in by_model.blocks], **fidelity_columns(by_model.assign(
         first_divergence=models_data.first_divergence.astype(float))),
     **{f"repeated 4-grams, {c} (%)": [share(x) for x in by_model[f"repeat {c}"]] for c in seg_names},
-}).style.hide(axis="index"), data=models_data,
+})), data=models_data,
         sample=f"the first {plural(min(sweep_blocks, eval_blocks), 'block')} of {seq_len:,} tokens per model "
                f"({plural(eval_blocks, 'block')} for {model} in every layer); {gen_tokens:,} greedy steps")
 g("n_models", by_model.model.nunique())
@@ -1047,7 +1054,7 @@ cert_sample = f"{plural(certified_blocks, 'block')} of {certified_prompt_tokens:
 cert_data = pd.DataFrame([{"eps": eps, "rule": name, **{m: (cert_tf[eps] if name == "certified" else base_tf[cfg])[m]
                                                          for m in MODEL_FIGURES}}
                           for eps in certified_eps for name, cfg in [("certified", None), *equal[eps].items()]])
-g.table("cert_table", pd.DataFrame(cert_rows).style.hide(axis="index"), sample=cert_sample, data=cert_data,
+g.table("cert_table", shown(pd.DataFrame(cert_rows)), sample=cert_sample, data=cert_data,
         corpus=certified_corpus)
 cal_rows = [{"ε": f"{eps:g}", "(layer, head, query) triples": f"{c['pairs']:,}",
              "certificate ≤ ε (%)": share(c['certified_share']),
