@@ -977,15 +977,17 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # for all the query heads of its group.
 
 # %%
+SPEED_REPEATS, STEP_REPEATS = {"rounds": 3, "steps": 3}, {"rounds": 2, "steps": 8}  # timing repeats (medians)
 if fused_available := __import__("atlas_core.kvquant.fused", fromlist=["available"]).available():
     speed = bench_kv_decode(contexts=speed_contexts, bits=2, heads=s.n_heads, kv_heads=s.n_kv_heads, d_head=s.d_head,
-                            rounds=3, steps=3)
+                            rounds=SPEED_REPEATS["rounds"], steps=SPEED_REPEATS["steps"])
     speed_table = pd.DataFrame([{"cached tokens": r["n"], "fused 2-bit (ms)": 1e3 * r["fused_s"],
                                  "fp32 SDPA (ms)": 1e3 * r["sdpa_fp32_s"], "dequantize + SDPA (ms)": 1e3 * r["dequant_sdpa_s"],
                                  "speed-up over fp32 SDPA (×)": r["speedup_vs_sdpa"],
                                  "bytes read, fp32 ÷ fused (×)": r["bytes_ratio"]}
                                 for r in speed["rows"]]).set_index("cached tokens")
-    speed_sample = f"one layer, {plural(len(speed['rows']), 'context')}, medians over 3 rounds of 3 steps (synthetic keys)"
+    speed_sample = (f"one layer, {plural(len(speed['rows']), 'context')}, medians over "
+                    f"{plural(SPEED_REPEATS['rounds'], 'round')} of {plural(SPEED_REPEATS['steps'], 'step')}")
     g.table("speed_table", speed_table.style.format("{:.2f}").format_index("{:,}"),
             data=pd.DataFrame([{k: v for k, v in r.items() if np.isscalar(v)} for r in speed["rows"]]),
             sample=speed_sample, corpus="none (synthetic keys and values)")
@@ -1002,7 +1004,8 @@ else:
     for key in ("speed_max_n", "speed_ratio", "speed_ratio_min", "speed_bytes_ratio", "speed_threads"):
         g(key, math.nan)
     g("speed_threads_text", "—")
-step = bench_kvquant(model, n_ctx=step_ctx, steps=8, rounds=2, bits=2, group=group, rank=rank) if step_ctx else None
+step = (bench_kvquant(model, n_ctx=step_ctx, steps=STEP_REPEATS["steps"], rounds=STEP_REPEATS["rounds"], bits=2, group=group,
+                      rank=rank) if step_ctx else None)
 if step is not None:
     caches = step["caches"]
     step_table = pd.DataFrame([{"cache": name, "step (ms)": 1e3 * c["step_s"], "step ÷ fp step (×)": c["ratio_vs_fp"],
@@ -1011,7 +1014,8 @@ if step is not None:
     g.table("step_table", step_table.style.format({"step (ms)": "{:.2f}", "step ÷ fp step (×)": "{:.2f}",
                                                    "memory held (bytes)": "{:,.0f}", "bits per element held": "{:.3f}"}),
             data=pd.DataFrame([{"cache": name} | {k: v for k, v in c.items() if np.isscalar(v)} for name, c in caches.items()]),
-            sample=f"whole decode step at {step_ctx:,} cached tokens, medians over 2 rounds of 8 steps")
+            sample=f"whole decode step at {step_ctx:,} cached tokens, medians over "
+                   f"{plural(STEP_REPEATS['rounds'], 'round')} of {plural(STEP_REPEATS['steps'], 'step')}")
     g("step_ctx", step_ctx)
     g("step_kivi_fused", caches["kivi-fused"]["ratio_vs_fp"] if "kivi-fused" in caches else math.nan)
     g("step_kivi_plain", caches["kivi"]["ratio_vs_fp"])
