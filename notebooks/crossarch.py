@@ -294,7 +294,7 @@ g("src_ratio", span(ratio_src, ".2f"))
 # column spaces {glue:text}`xa_run_c_colspace:s` ($z$-score {glue:text}`xa_run_c_colspace_z:s`). Over the
 # models with inter-group pairs ({glue:text}`xa_inter_models:s`) the column-space $z$-scores are
 # {glue:text}`xa_c_colspace_z_inter:s`: in the residual stream, the gauge-invariant place to compare
-# them, the heads' dominant directions are {glue:text}`xa_c_verdict:s` (distinguishable by the rule).
+# them, the heads' dominant directions are {glue:text}`xa_c_verdict:s` (by the rule).
 # Multi-query models ({glue:text}`xa_mqa_models:s`; $z$-scores {glue:text}`xa_c_colspace_z_mqa:s`) are
 # set apart: with one KV head for all query heads, every pair averages the same value vectors, so their
 # heads are aligned after $W_O$ by construction and say nothing about the claim. The source made no
@@ -335,6 +335,7 @@ g("scratch_verdict", claims.scratch_explained(scratch_dev_max).text)
 g("src_dev_mean", f"{source_dev.mean():+.3f}")
 g("n_src_points", len(SOURCE_POINTS))
 g("k_range", f"{min(k_range)}…{max(k_range)}")
+g("null_dims", listing(null_dims))
 
 # Share of the variance of O_h over (model, k) that the Haar null accounts for, with no fitted parameter
 # (inter-group headlines only: an MQA headline is intra-group, see above).
@@ -355,7 +356,7 @@ ax.plot(x_line, 8 / (3 * np.pi) * x_line, ":", color="0.35", lw=1.2, label="anal
 for j, d in enumerate(null_dims):
     ks = np.array([kk for kk in k_range if kk < d])
     ax.plot(np.sqrt(ks / d), [pair_null[(d, kk)] for kk in ks], "--", color="0.6", lw=1,
-            label="Haar null (Monte Carlo), d = " + ", ".join(map(str, null_dims)) if j == 0 else None)
+            label="Haar null (Monte Carlo), each d" if j == 0 else None)
     sqrt_rows += [{"series": "Haar null (Monte Carlo)", "d_head": d, "k": kk, "sqrt_k_over_d": np.sqrt(kk / d),
                    "null_mean": pair_null[(d, kk)]} for kk in ks]
 for name, res in results.items():
@@ -368,7 +369,7 @@ for name, res in results.items():
     inter = res["main"]["eps"]["pairs"] == "inter"
     ax.errorbar(np.sqrt(ks / d), o, yerr=[o - ci[0], ci[1] - o], fmt="o-" if inter else "o--",
                 mfc=None if inter else "white", color=color(name),
-                label=f"{name} (d_head {d}{'' if inter else '; MQA: intra-group pairs'})")
+                label=f"{name} (d_head {d}{'' if inter else ', MQA'})")
     if inter:  # (b) shows inter-group headlines; an MQA headline is intra-group and far above
         bx.fill_between(ks, -RULE.z_crit * ns, RULE.z_crit * ns, color=color(name), alpha=0.15, lw=0)
         bx.errorbar(ks, o - nm, yerr=[o - ci[0], ci[1] - o], fmt="o-", color=color(name))
@@ -376,7 +377,7 @@ for name, res in results.items():
                    "ci_hi": hi, "null_mean": m, "null_std": s, "o_h_minus_null": oo - m, "pairs": "inter" if inter
                    else "intra-only"} for kk, oo, lo, hi, m, s in zip(ks, o, ci[0], ci[1], nm, ns)]
 src = np.array([(np.sqrt(kk / d), kk, o, dev) for (_, d, kk, o), dev in zip(SOURCE_POINTS, source_dev)])
-ax.plot(src[:, 0], src[:, 2], "s", mfc="none", mec="0.2", ms=6, label="source work (published), and minus its null")
+ax.plot(src[:, 0], src[:, 2], "s", mfc="none", mec="0.2", ms=6, label="source work (published)")
 bx.plot(src[:, 1] + 0.15, src[:, 3], "s", mfc="none", mec="0.2", ms=6)
 sqrt_rows += [{"series": f"source: {lab}", "d_head": d, "k": kk, "sqrt_k_over_d": np.sqrt(kk / d), "o_h": o,
                "null_mean": pair_null[(d, kk)], "o_h_minus_null": dev}
@@ -385,16 +386,19 @@ for ref in (-RULE.margin, RULE.margin):
     bx.axhline(ref, color="0.35", lw=0.8, ls=":")
 bx.axhline(0, color="0.35", lw=0.8)
 bx.fill_between([], [], [], color="0.5", alpha=0.15, lw=0,
-                label=f"±{RULE.z_crit:.2f} null s.d.: not distinguishable from the null")
-bx.plot([], [], ":", color="0.35", lw=0.8, label=f"±{RULE.margin:g}: equivalence margin")
+                label=f"(b) ±{RULE.z_crit:.2f} null s.d.")
+bx.plot([], [], ":", color="0.35", lw=0.8, label=f"(b) ±{RULE.margin:g}: equivalence margin")
 ax.set_xlabel("√(k / d_head)")
 ax.set_ylabel("$O_h$ (mean principal cosine)")
 ax.set_title(f"(a) $O_h$ against frame size, k = {min(k_range)}…{max(k_range)}")
 bx.set_xlabel("frame rank k")
 bx.set_ylabel("$O_h$ − Haar null mean")
 bx.set_title("(b) excess over the null, inter-group pairs")
+ax.margins(x=0.05, y=0.08)  # no marker or error bar on the frame
+bx.margins(x=0.05, y=0.08)
 handles, labels = [sum(x, []) for x in zip(ax.get_legend_handles_labels(), bx.get_legend_handles_labels())]
-fig.legend(handles, labels, loc="outside lower center", ncols=1)
+fig.legend(handles, labels, loc="outside lower center", ncols=2)
+fig.set_size_inches(fig.get_size_inches() + [0, 0.2 * -(-len(labels) // 2)])  # room for the legend below the panels
 g.figure("fig_sqrt", fig, data=pd.DataFrame(sqrt_rows), sample=f"{SAMPLE}, k = {min(k_range)}…{max(k_range)}")
 
 SOURCE_CLAIM = {d: f"≈ {o:.2f}" for d, o in claims.source("oh_by_design")}
@@ -418,7 +422,7 @@ g.table("cluster_table", cluster_table, data=pd.DataFrame(cluster_data), sample=
 #
 # (a) $O_h$ of $\varepsilon$ in the deepest layer against $\sqrt{k/d_\text{head}}$ for
 # $k$ = {glue:text}`xa_k_range:s` (bars: bootstrap CI over pairs), the Haar null by Monte Carlo at each $d$
-# (dashed grey), the analytic null (dotted) and the source's published values (squares); a point on the
+# ({glue:text}`xa_null_dims:s`; dashed grey), the analytic null (dotted) and the source's published values (squares); a point on the
 # dashed curve of its $d$ is at chance. A multi-query model (hollow markers, dashed line) is plotted over
 # its intra-group pairs. (b) $O_h$ minus its Haar null for the models with inter-group pairs, with each
 # model's band of ±{glue:text}`xa_z_crit:.2f` null standard deviations (shaded, the model's colour:
@@ -532,11 +536,13 @@ for i, (ax, (name, res)) in enumerate(zip(axes.flat, results.items())):
     rho, p, _ = sp["real"]["pooled"]
     ax.set_title(f"{name}{' (MQA)' if sp['mqa'] else ''}\npooled ρ = {rho:+.2f}, p = {p:.2g}")
     ax.set_xlabel("intrinsic dim. (TwoNN)")
+    ax.margins(0.08)  # no marker on the frame
     if i % n_cols == 0:
         ax.set_ylabel("mean overlap with\nother KV groups' heads")
 for ax in axes.flat[len(results):]:
     fig.delaxes(ax)  # no empty panel
 fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=n_deep)
+fig.set_size_inches(fig.get_size_inches() + [0, 0.3])  # room for the legend row below the panels
 g.figure("fig_spearman", fig, data=pd.DataFrame(head_rows),
          sample=f"{POINTS}, {plural(n_deep, 'deepest layer')} per model")
 
