@@ -62,3 +62,26 @@ def test_references_render_without_raw_latex_math_and_are_labelled_author_year()
     assert labels == {"c": "Cover and Thomas 2006", "e": "Gemma Team 2025", "d": "Grattafiori et al. 2024",
                       "f": "Ré et al. 2023", "a": "Ruiz Williams 2026a", "b": "Ruiz Williams 2026b"}
     assert list(labels) == ["c", "e", "d", "f", "a", "b"]  # sorted by label, then title
+
+
+GLUE_TEXT = re.compile(r"\{glue:text\}`(?:chapters/(\w+)\.ipynb::)?(\w+):([^`]*)`")
+
+
+def _formats(text: str, chapter: str | None = None) -> dict[tuple[str, str], set[str]]:
+    """{(chapter, key): the formats ``{glue:text}`` gives that key in ``text``}; ``chapter`` for a chapter's own
+    prose, whose references carry no chapter."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for m in GLUE_TEXT.finditer(text):
+        found.setdefault((m.group(1) or chapter, m.group(2)), set()).add(m.group(3))
+    return found
+
+
+def test_book_pages_glue_each_number_in_the_format_its_chapter_quotes_it():
+    chapters: dict[tuple[str, str], set[str]] = {}
+    for nb in sorted((ROOT / "notebooks").glob("*.py")):
+        chapters.update(_formats(nb.read_text(encoding="utf-8"), nb.stem))
+    differ = [f"{page.name}: {chapter}::{key} as {sorted(fmts)}, the chapter as {sorted(chapters[chapter, key])}"
+              for page in sorted((ROOT / "book").glob("*.md"))
+              for (chapter, key), fmts in _formats(page.read_text(encoding="utf-8")).items()
+              if (chapter, key) in chapters and not fmts <= chapters[chapter, key]]
+    assert not differ, "one format per quantity: " + "; ".join(differ)
