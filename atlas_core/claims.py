@@ -24,6 +24,7 @@ from statistics import NormalDist
 import numpy as np
 
 from atlas_core import interval
+from atlas_core.glue import estimate_text
 from atlas_core.interval import Bootstrap, Estimate
 
 __all__ = [
@@ -38,7 +39,8 @@ __all__ = [
     "published_within_null", "scratch_explained", "cluster_explained", "corpus_stable", "corpus_claim",
     "twonn_variant",
     # atlas
-    "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "intra_split", "twonn_source", "top1_recovery",
+    "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "intra_split", "twonn_source", "twonn_unbiased",
+    "top1_recovery", "NOT_MEASURED",
     # nqp
     "gate", "gate_ag1", "gate_ag2", "gate_ag3", "gate_ag4", "gates_idea", "best_text", "fisher_rank2",
     "fisher_collapse", "fisher_not_worse", "l2_predicts", "eight_bit",
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 TIE = "not distinguishable at this sample size"
+NOT_MEASURED = "not measured"  # the label of a verdict whose figure is undefined (NaN) in this run
 
 # ----------------------------------------------------------------------------- the source works
 
@@ -528,17 +531,34 @@ _O_H_CLAIM = {TIE: "does not replicate as a property of trained heads",
               HIGHER: "does not replicate (more aligned than chance)"}
 
 
-def o_h_claim(z: float, std: float | None = None) -> Verdict:
-    """The claim "head manifolds are mutually non-aligned (O_h ≪ 1)" judged against Haar frames of the same size.
+_O_H_NULLS = {"haar": "random frames in the same dimension",
+              "shared-value": "heads that read the same keys and values with independent queries"}
+
+
+def o_h_claim(z: float, std: float | None = None, *, shared_value: tuple[float, float] | None = None) -> Verdict:
+    """The claim "head manifolds are mutually non-aligned (O_h ≪ 1)" judged against its chance level.
+
+    The chance level of heads that read different KV heads is Haar frames of the same size. A model with no
+    inter-group pairs (multi-query: every head reads the one KV head) has a headline over pairs that average the
+    same value vectors, so random frames are not its chance level; pass ``shared_value`` and the claim is judged
+    against the shared-value null instead (``intra_null.intra_group_null``: the same keys and values, each head's
+    query weights rotated by an independent Haar rotation).
 
     Args:
         z: the headline's z-score against the Haar null; std: the null's s.d. (enables the equivalence branch).
+        shared_value: (z-score, s.d.) of the headline against the shared-value null; give it only when the model
+            has no inter-group pairs.
     Returns:
-        label: ``null_side(z, std).label``; text: whether the claim replicates beyond chance.
+        label: ``null_side`` of the null used; text: whether the claim replicates beyond chance, naming that
+        null; figures {"z", "std", "null"} with null "haar" or "shared-value".
+    Raises:
+        ValueError: a shared-value s.d. that is not positive (``z_interval``).
     """
+    null = "haar" if shared_value is None else "shared-value"
+    z, std = (z, std) if shared_value is None else shared_value
     side = null_side(z, std)
-    return Verdict(label=side.label, figures={"z": z, "std": std},
-                   text=f"{_O_H_CLAIM[side.figures['decision']]}: O_h {side.label} random frames in the same dimension")
+    return Verdict(label=side.label, figures={"z": z, "std": std, "null": null},
+                   text=f"{_O_H_CLAIM[side.figures['decision']]}: O_h {side.label} {_O_H_NULLS[null]}")
 
 
 def sweep_clause(z_by_k: dict[int, float], std_by_k: dict[int, float] | None = None) -> Verdict:
@@ -611,6 +631,35 @@ def twonn_source(variant: float, line_fit: float) -> Verdict:
                    figures={"variant": variant, "line_fit": line_fit, "ratio": ratio, "source": value})
 
 
+_TWONN_SUPPORT = {EQUIVALENT: ("supports", "to"), TIE: ("is consistent with, but does not establish,", "from"),
+                  HIGHER: ("does not support", "than"), LOWER: ("does not support", "than")}
+
+
+def twonn_unbiased(est: Estimate) -> Verdict:
+    """The unbiased TwoNN (mean over heads) against the source's ~7 (7.1), by the rule with ``TWONN_TOL`` as margin.
+
+    Args:
+        est: the heads' mean unbiased TwoNN dimension with its 95% interval (heads the resampled units,
+            ``interval.mean``).
+    Returns:
+        label: ``decide``'s (``EQUIVALENT``, ``TIE``, ``HIGHER``, ``LOWER``), or ``NOT_MEASURED`` when the
+        estimate is undefined (NaN); text e.g. "the unbiased TwoNN, 7.31 [5.55, 9.39] over heads, is consistent
+        with, but does not establish, a dimension of ~7 (not distinguishable at this sample size from the
+        source's 7.1)": "supports" when equivalent, "does not support" when distinguishable; figures
+        {"estimate", "source", "decision"}.
+    """
+    value = source("twonn")
+    figures = {"estimate": est, "source": value}
+    if math.isnan(est.value):
+        return Verdict(label=NOT_MEASURED, figures=figures,
+                       text=f"the unbiased TwoNN is not measured here (—), so it is not set against the source's {value}")
+    found = decide(est, value, DecisionRule(margin=TWONN_TOL))
+    verb, link = _TWONN_SUPPORT[found.label]
+    return Verdict(label=found.label, figures={**figures, "decision": found},
+                   text=f"the unbiased TwoNN, {estimate_text(est.value, est.lo, est.hi, '.2f')} over heads, {verb} a "
+                        f"dimension of ~7 ({found.text} {link} the source's {value})")
+
+
 def top1_recovery(gain: Estimate, recovered: Estimate) -> Verdict:
     """The top-1 claim: does the fitted rank-k frame recover more than a random one, and how does its recovered
     share compare with the source's 55.9% (three layers of GPT-2)?
@@ -619,18 +668,23 @@ def top1_recovery(gain: Estimate, recovered: Estimate) -> Verdict:
         gain: recovered − recovered_random (paired; ``interval.excess_removed_difference``).
         recovered: the fitted frame's recovered fraction.
     Returns:
-        label: "<frame direction>; <versus source>", each "more"/"less" or ``TIE``; text a clause for the prose.
+        label: "<frame direction>; <versus source>", each "higher"/"lower", ``TIE`` or ``NOT_MEASURED`` (an
+        undefined, NaN, figure: no damage to recover, say); text a clause for the prose, in which an undefined
+        interval end reads "—".
     """
     value = source("top1_recovered")
-    frame = direction(gain, 0.0)
+    frame = NOT_MEASURED if math.isnan(gain.value) else direction(gain, 0.0)
     frame_text = {TIE: f"the frame and a random frame are {TIE}", "higher": "the frame recovers more than a random frame",
-                  "lower": "the frame recovers less than a random frame"}[frame]
-    versus = direction(recovered, value)
-    versus_text = (f"its recovery is not distinguishable from the source's {value:.1%} at this sample size"
-                   if versus == TIE else f"it recovers {'less' if versus == 'lower' else 'more'} than the source's {value:.1%}")
-    return Verdict(label=f"{frame}; {versus}",
-                   text=f"{frame_text} ({gain.value:+.1%} [{gain.lo:+.1%}, {gain.hi:+.1%}] of the damage), "
-                        f"and {versus_text}", figures={"gain": gain, "recovered": recovered, "source": value})
+                  "lower": "the frame recovers less than a random frame",
+                  NOT_MEASURED: "the frame's recovery against a random frame is not measured in this run"}[frame]
+    versus = NOT_MEASURED if math.isnan(recovered.value) else direction(recovered, value)
+    versus_text = {TIE: f"its recovery is not distinguishable from the source's {value:.1%} at this sample size",
+                   "lower": f"it recovers less than the source's {value:.1%}",
+                   "higher": f"it recovers more than the source's {value:.1%}",
+                   NOT_MEASURED: f"its recovery is not set against the source's {value:.1%}"}[versus]
+    gain_text = "—" if frame == NOT_MEASURED else f"{estimate_text(gain.value, gain.lo, gain.hi, '+.1%')} of the damage"
+    return Verdict(label=f"{frame}; {versus}", text=f"{frame_text} ({gain_text}), and {versus_text}",
+                   figures={"gain": gain, "recovered": recovered, "source": value})
 
 
 # ----------------------------------------------------------------------------- nqp

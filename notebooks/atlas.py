@@ -245,8 +245,10 @@ g("mqa_note", " Here every head reads the single KV head, so every pair is an in
 sweep_z = {kk: sweep["eps"][kk].z for kk in ks}
 sweep_std = {kk: sweep["eps"][kk].null_std for kk in ks}
 g("sweep_verdict", claims.sweep_clause(sweep_z, sweep_std).text)
-# The claims page's verdicts on the headline and on the sweep, whichever way the z-scores fall.
-g("claim_verdict", claims.o_h_claim(head.z, head.null_std).text)
+# The claims page's verdicts on the headline and on the sweep, whichever way the z-scores fall; with no
+# inter-group pairs (MQA) the headline is judged against the shared-value null, its fair chance level.
+g("claim_verdict", claims.o_h_claim(head.z, head.null_std,
+                                    shared_value=(intra_null["z"], intra_null["std"]) if mqa else None).text)
 g("sweep_claim_verdict", claims.sweep_claim(sweep_z, sweep_std).text)
 g("split", claims.intra_split(o_h_ci=head.ci, intra=head.intra, intra_ci=head.intra_ci, n_intra=head.n_intra,
                               n_inter=head.n_inter, all_pairs=head.all_pairs, mqa=mqa).text)
@@ -401,13 +403,7 @@ g("id_source_ratio", id_ratio)
 # The unbiased estimate against the source's ~7, by the decision rule with the claims module's tolerance as
 # the margin; heads are the resampled units of its interval.
 twonn_mean = interval.mean(ids["twonn"][:, None])
-near_seven = claims.decide(twonn_mean, claims.source("twonn"), claims.DecisionRule(margin=claims.TWONN_TOL))
-SUPPORT = {claims.EQUIVALENT: "supports", claims.TIE: "is consistent with, but does not establish,",
-           claims.HIGHER: "does not support", claims.LOWER: "does not support"}
-LINK = {claims.EQUIVALENT: "to", claims.TIE: "from", claims.HIGHER: "than", claims.LOWER: "than"}
-id_unbiased = (f"on this model ({model}) the unbiased TwoNN, {twonn_mean.value:.2f} [{twonn_mean.lo:.2f}, "
-               f"{twonn_mean.hi:.2f}] over heads, {SUPPORT[near_seven.label]} a dimension of ~7 "
-               f"({near_seven.text} {LINK[near_seven.label]} the source's {claims.source('twonn')})")
+id_unbiased = f"on this model ({model}) {claims.twonn_unbiased(twonn_mean).text}"
 g("id_twonn_lo", twonn_mean.lo)
 g("id_twonn_hi", twonn_mean.hi)
 g("id_unbiased_verdict", id_unbiased)

@@ -133,6 +133,19 @@ def test_null_side_and_the_o_h_claim():
     assert claims.o_h_claim(5.0).text.startswith("does not replicate (more aligned than chance)")
 
 
+def test_o_h_claim_of_a_model_without_inter_group_pairs_is_judged_against_the_shared_value_null():
+    # MQA: far above random frames (every pair averages the same values), at the shared-value null
+    mqa = claims.o_h_claim(40.0, 0.01, shared_value=(0.5, 0.002))
+    assert mqa.figures["null"] == "shared-value" and mqa.label == "is equivalent, within ±0.01, to"
+    assert mqa.text == ("does not replicate as a property of trained heads: O_h is equivalent, within ±0.01, to heads "
+                        "that read the same keys and values with independent queries")
+    below = claims.o_h_claim(40.0, 0.01, shared_value=(-3.0, 0.01))
+    assert below.label == "lies below" and below.text.startswith("replicates beyond the null")
+    assert claims.o_h_claim(40.0, 0.01).figures["null"] == "haar"
+    with pytest.raises(ValueError, match="spread must be positive"):
+        claims.o_h_claim(40.0, 0.01, shared_value=(1.0, 0.0))
+
+
 def test_sweep_claim_by_the_share_of_k_outside_the_band():
     assert claims.sweep_claim({4: 0.1, 5: -1.9}).text == (
         "explained by the null: at no k of the sweep is it distinguishable from chance")
@@ -165,6 +178,21 @@ def test_twonn_source_near_and_bias():
     assert far.text == "the source's estimator reads 8.2 here, not the source's 7.1, and it agrees with the unbiased fit"
 
 
+def test_twonn_unbiased_against_the_sources_seven_with_its_margin():
+    tie = claims.twonn_unbiased(est(7.31, 5.55, 9.39, 9))  # SmolLM2: wider than ±1 around 7.1
+    assert tie.label == TIE and tie.text == (
+        "the unbiased TwoNN, 7.31 [5.55, 9.39] over heads, is consistent with, but does not establish, a dimension "
+        "of ~7 (not distinguishable at this sample size from the source's 7.1)")
+    same = claims.twonn_unbiased(est(7.0, 6.2, 8.0, 9))  # inside [6.1, 8.1]
+    assert same.label == claims.EQUIVALENT and "supports a dimension of ~7 (equivalent within ±1 to the source's" in same.text
+    assert claims.twonn_unbiased(est(7.0, 6.0, 8.0, 9)).label == TIE  # 6.0 lies outside the margin
+    low = claims.twonn_unbiased(est(4.3, 3.9, 4.7, 14))  # Qwen2.5's 4.3
+    assert low.label == claims.LOWER and "does not support a dimension of ~7 (distinguishable, lower than" in low.text
+    assert claims.twonn_unbiased(est(9.0, 8.5, 9.5, 9)).label == claims.HIGHER
+    nan = claims.twonn_unbiased(est(math.nan, math.nan, math.nan, 0))
+    assert nan.label == claims.NOT_MEASURED and "nan" not in nan.text and "—" in nan.text
+
+
 def test_top1_recovery_both_comparisons_and_their_ties():
     rec = est(0.40, 0.30, 0.50)
     tied = claims.top1_recovery(est(0.05, -0.01, 0.1), rec)
@@ -177,6 +205,16 @@ def test_top1_recovery_both_comparisons_and_their_ties():
     assert "not distinguishable from the source's 55.9%" in claims.top1_recovery(est(0.05, 0.01, 0.1),
                                                                                    est(0.5, 0.4, 0.6)).text
     assert "recovers more than the source's" in claims.top1_recovery(est(0.05, 0.01, 0.1), est(0.7, 0.6, 0.8)).text
+
+
+def test_top1_recovery_with_undefined_figures_reads_not_measured_never_nan():
+    nan = est(math.nan, math.nan, math.nan, 0)
+    none = claims.top1_recovery(nan, nan)  # toy-gpt2: no damage to recover
+    assert none.label == f"{claims.NOT_MEASURED}; {claims.NOT_MEASURED}"
+    assert none.text == ("the frame's recovery against a random frame is not measured in this run (—), and its recovery "
+                         "is not set against the source's 55.9%")
+    open_ends = claims.top1_recovery(est(0.05, math.nan, math.nan), est(0.4, math.nan, math.nan))
+    assert "(+5.0% [—, —] of the damage)" in open_ends.text and "nan" not in open_ends.text
 
 
 # ----------------------------------------------------------------------------- nqp
