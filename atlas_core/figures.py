@@ -12,14 +12,17 @@ column is narrower and figures scale down; a click opens them full size (``book/
 
 Colours. The Okabe–Ito palette (Okabe & Ito 2008, "Color Universal Design") followed by Paul Tol's
 "muted" scheme (Tol 2021, "Colour Schemes", SRON/EPS/TN/09-002): both are distinguishable under the
-common colour-vision deficiencies. Known methods and models have a fixed entry in ``COLORS``; a variant
-("kivi lloyd-max", "query-tc pre-RoPE") takes its family's colour and a marker and dash of its own; any
-other name gets a deterministic colour from the same palette (a hash of the name, not of the run).
+common colour-vision deficiencies. Known methods, models and layer types have a fixed entry in ``COLORS``; a
+variant ("kivi lloyd-max", "query-tc pre-RoPE", "top-k W = 32") takes its family's colour and a marker and dash
+of its own (``style``; distinct among the variants a figure draws when it passes them as ``among``); any other
+name gets a deterministic colour from the same palette (a hash of the name, not of the run).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Iterable
 
 # --- sizes (inches) and fonts (points) --------------------------------------------------------------
 
@@ -53,8 +56,12 @@ COLORS = {
     "anchor": "#E69F00", "window": "#E69F00", "anchor+window": "#E69F00",
     # models (models and crossarch chapters)
     "smollm2-135m": "#0072B2", "gemma3-270m": "#D55E00", "qwen2.5-coder-0.5b": "#009E73",
+    # layer types of a decoder (nqp chapter; wquant.layers.LAYER_TYPES): Tol's muted indigo, cyan, green and
+    # rose, four hues apart in lightness too (hashed, "attention out" and "MLP down" fell on close pinks)
+    "attention in (q, k, v)": "#332288", "attention out": "#88CCEE", "MLP in (gate, up)": "#117733",
+    "MLP down": "#CC6677",
 }
-# Markers and dashes of a family's variants, in order of first use; the family itself takes the first.
+# Markers and dashes of a family's variants; the family itself takes the first of each.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DASHES = ("-", "--", ":", "-.")
 
@@ -81,20 +88,48 @@ def color(name: str) -> str:
     return COLORS.get(fam) or PALETTE[_hash_index(fam, len(PALETTE))]
 
 
-def style(name: str) -> dict:
+def _natural(name: str) -> list:
+    """A sort key that orders numbers inside names by value ("W = 8" before "W = 16")."""
+    return [(0, float(part), "") if i % 2 else (1, 0.0, part)
+            for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", name)) if part]
+
+
+def style(name: str, *, among: Iterable[str] | None = None) -> dict:
     """Matplotlib keyword arguments for a method's line or markers: ``color``, ``marker``, ``linestyle``.
 
-    The family itself is drawn with circles and a solid line; each variant ("kivi lloyd-max") keeps the
-    family colour and takes a marker and dash chosen by a hash of its suffix, so it stays apart from the
-    family in any figure and never changes between figures.
+    The family itself is drawn with circles and a solid line; each variant ("kivi lloyd-max", "top-k W = 32")
+    keeps the family colour and takes a marker and dash of its own, so it stays apart from the family.
+
+    Args:
+        name: a method, model or layer type, or a variant of one ("<family> <suffix>").
+        among: the names a figure draws together (or a whole sweep, to keep the styles equal across the
+            figures that draw part of it). The variants of ``name``'s family among them take distinct markers
+            (then distinct marker and dash pairs) in natural order of their names, numbers by value. Without
+            it a variant's marker and dash follow a hash of its suffix: the same in every figure, but two
+            variants of one family may share them.
+    Returns:
+        {"color", "marker", "linestyle"}.
+    Raises:
+        ValueError: ``name`` is a variant missing from ``among``, or its family has more variants among them
+            than there are marker and dash pairs to tell apart (18).
     """
     name = str(name)
     fam = family(name)
     if fam == name:
         return {"color": color(name), "marker": MARKERS[0], "linestyle": DASHES[0]}
-    suffix = name[len(fam):].strip()
-    return {"color": color(name), "marker": MARKERS[1 + _hash_index(suffix, len(MARKERS) - 1)],
-            "linestyle": DASHES[1 + _hash_index(suffix, len(DASHES) - 1)]}
+    n_markers, n_dashes = len(MARKERS) - 1, len(DASHES) - 1
+    if among is None:
+        suffix = name[len(fam):].strip()
+        return {"color": color(name), "marker": MARKERS[1 + _hash_index(suffix, n_markers)],
+                "linestyle": DASHES[1 + _hash_index(suffix, n_dashes)]}
+    variants = sorted({str(n) for n in among if str(n) != fam and family(str(n)) == fam}, key=_natural)
+    if name not in variants:
+        raise ValueError(f"style: {name!r} is not among the names drawn with it ({variants})")
+    if len(variants) > n_markers * n_dashes:
+        raise ValueError(f"style: {len(variants)} variants of {fam!r} in one figure; at most "
+                         f"{n_markers * n_dashes} can be told apart by marker and dash")
+    i = variants.index(name)
+    return {"color": color(name), "marker": MARKERS[1 + i % n_markers], "linestyle": DASHES[1 + i // n_markers]}
 
 
 # --- sizes ---------------------------------------------------------------------------------------------

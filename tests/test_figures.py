@@ -5,7 +5,8 @@ import matplotlib.pyplot as plt
 import pytest
 
 from atlas_core import figures
-from atlas_core.figures import COLORS, PALETTE, color, family, figsize, style
+from atlas_core.figures import COLORS, OKABE_ITO, PALETTE, TOL_MUTED, color, family, figsize, style
+from atlas_core.wquant.layers import LAYER_TYPES
 
 
 def test_a_method_keeps_its_colour_and_variants_keep_their_family_colour():
@@ -24,9 +25,41 @@ def test_methods_of_one_chapter_have_distinct_colours():
         "kvquant": ["fp", "per-token", "per-channel", "kivi", "headq", "hadamard", "random-rotation", "query-tc"],
         "sparse": ["dense", "top-k", "pages", "anchor+window"],
         "models": ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"],
+        "nqp layer types": sorted(set(LAYER_TYPES.values())),
     }
     for chapter, names in chapters.items():
         assert len({color(n) for n in names}) == len(names), chapter
+
+
+def _rgb(hex_colour: str) -> tuple[int, ...]:
+    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def test_the_layer_types_have_fixed_colour_blind_safe_colours_far_apart():
+    types = sorted(set(LAYER_TYPES.values()))  # the labels the nqp chapter draws
+    assert len(types) == 4 and all(t in COLORS for t in types)
+    assert all(COLORS[t] in OKABE_ITO + TOL_MUTED and COLORS[t] != "#000000" for t in types)
+    # every pair apart in RGB (hashed, "attention out" #AA4499 and "MLP down" #CC79A7 were 65 apart)
+    gaps = [sum((a - b) ** 2 for a, b in zip(_rgb(COLORS[s]), _rgb(COLORS[t]))) ** 0.5
+            for i, s in enumerate(types) for t in types[i + 1:]]
+    assert min(gaps) > 100, gaps
+
+
+def test_variants_drawn_together_take_distinct_markers_in_natural_order():
+    windows = [f"top-k W = {w}" for w in (64, 8, 32, 16)]
+    looks = {w: style(w, among=windows + ["top-k", "pages", "dense"]) for w in windows}
+    assert len({look["marker"] for look in looks.values()}) == 4  # hashed, W = 16 and W = 64 share "P"
+    assert all(look["color"] == COLORS["top-k"] and look["marker"] != "o" for look in looks.values())
+    assert looks["top-k W = 8"]["marker"] == figures.MARKERS[1]  # 8 < 16 < 32 < 64, by value
+    assert looks["top-k W = 64"]["marker"] == figures.MARKERS[4]
+    assert style("top-k W = 32", among=reversed(windows)) == looks["top-k W = 32"]  # order given does not matter
+    assert style("top-k", among=windows) == style("top-k")  # the family keeps its circle and solid line
+    many = [f"kivi g{i}" for i in range(7)]  # more variants than markers: marker and dash pairs stay apart
+    assert len({tuple(style(m, among=many).values()) for m in many}) == 7
+    with pytest.raises(ValueError, match="not among the names drawn"):
+        style("top-k W = 128", among=windows)
+    with pytest.raises(ValueError, match="19 variants of 'kivi'"):
+        style("kivi g0", among=[f"kivi g{i}" for i in range(19)])
 
 
 def test_unknown_names_get_a_stable_palette_colour():
