@@ -8,6 +8,21 @@ size, MathJax typeset every math element without a TeX error, no glued value sho
 outside it (the book must work offline; hyperlinks such as a citation's DOI are allowed). The same session
 prints pages to PDF (:meth:`Chromium.print_pdf`), which :mod:`atlas_core.book.pdf` assembles into the book's PDF
 and checks.
+
+What a reader of a figure needs is checked too, at the two widths the book is read at (``WIDTHS``: a laptop
+and a phone; the viewport is set once per width, and only pages with tables are loaded again at the second):
+
+- provenance: every figure and glued table (a ``<figure>`` of the article, or a glued table outside one) has
+  its provenance line under the caption (``atlas_core.provenance.provenance_line``: it starts with
+  ``PROVENANCE_MARK``), with a data link, and every link of the line resolves to a file of the built HTML
+  (and to its anchor);
+- table overflow: at every width, each table either fits or sits inside a box that scrolls sideways
+  (``overflow-x: auto`` or ``scroll``): no box that does not scroll is wider inside than out (a clipped
+  table), and no table or scrolling box reaches past the text column (under the right-hand contents sidebar
+  at 1280 px, off the screen on a phone);
+- figure scale: at the first width every figure image is drawn at ``MIN_FIGURE_SCALE`` or more of its natural
+  width (an SVG's ``width`` attribute, 96 px per inch), so its labels keep the point size they were drawn at
+  (``atlas_core.figures``).
 """
 
 from __future__ import annotations
@@ -33,6 +48,18 @@ FLAGS = (
 # What a missing or empty glued value looks like on the page (case matters: "none" is a word).
 MISSING_VALUES = ("", "nan", "NaN", "None", "null", "undefined", "<NA>")
 
+# The widths a page is checked at, in CSS px: a laptop (the theme's right-hand contents sidebar shown) and a
+# phone. Figure scale is checked at the first.
+WIDTHS = (1280, 420)
+PHONE_MAX_PX = 600  # narrower viewports are emulated as mobile (the theme's phone layout)
+VIEWPORT_HEIGHT_PX = 900
+# The provenance line under a figure's or table's caption begins so (atlas_core.provenance.provenance_line).
+PROVENANCE_MARK = "Source: chapter"
+# A figure drawn below this share of its natural width shows its labels well under the point sizes it was drawn
+# with (atlas_core.figures: sized to the text column at 100%), as the multi-panel figures found at 0.51-0.62.
+MIN_FIGURE_SCALE = 0.9
+EDGE_TOLERANCE_PX = 1  # sub-pixel layout rounding
+
 # Runs inside each page once it has loaded: waits for MathJax, then reports what is on the page.
 PAGE_PROBE = """
 (async () => {
@@ -57,6 +84,71 @@ PAGE_PROBE = """
 })()
 """
 
+# Every figure of the article (glued figures and glued tables are wrapped in one) and every glued table outside
+# one (an output that belongs to no notebook cell): its name, the provenance line's links, and each image's
+# natural and drawn width. Run after PAGE_PROBE.
+FIGURE_PROBE = """
+((mark) => {
+  const article = document.querySelector('.bd-article') || document.body;
+  const named = (f, i, what) => {
+    const number = f.querySelector('.caption-number');
+    return number ? number.textContent.trim() : `${what} ${i + 1}` + (f.id ? ` (#${f.id})` : '');
+  };
+  const provenance = (box) => {
+    const lines = Array.from(box.querySelectorAll('figcaption p'))
+                       .filter(p => p.textContent.trim().startsWith(mark));
+    const line = lines[lines.length - 1];
+    if (!line) return null;
+    return {data: Array.from(line.querySelectorAll('a[download], a.download')).map(a => a.href),
+            links: Array.from(line.querySelectorAll('a[href]')).map(a => ({text: a.textContent.trim(),
+                                                                           href: a.href}))};
+  };
+  const figures = Array.from(article.querySelectorAll('figure')).map((f, i) => ({
+    name: named(f, i, 'figure'), provenance: provenance(f),
+    images: Array.from(f.querySelectorAll('img')).map(img => ({
+      src: img.currentSrc || img.src, natural: img.naturalWidth, drawn: img.getBoundingClientRect().width})),
+  }));
+  // A glued table pasted outside a figure (a {glue} directive): an output that is no notebook cell's.
+  const loose = Array.from(article.querySelectorAll('.output, .pasted-block'))
+                     .filter(b => b.querySelector('table') && !b.closest('figure, .cell') &&
+                                  !b.parentElement.closest('.output, .pasted-block'))
+                     .map((b, i) => ({name: `glued table ${i + 1} outside a figure`, provenance: null, images: []}));
+  return figures.concat(loose);
+})
+"""
+
+# Every visible table of the article at the current width: the box that holds it (the nearest ancestor that
+# scrolls sideways, else the table), the first box that clips it, and where the text column ends (the
+# article's right edge, the contents sidebar's left edge when it is shown, the viewport's edge).
+TABLE_PROBE = """
+(() => {
+  const article = document.querySelector('.bd-article') || document.body;
+  const side = document.querySelector('.bd-sidebar-secondary');
+  const sideBox = side ? side.getBoundingClientRect() : null;
+  const sideShown = !!sideBox && sideBox.width > 0 && getComputedStyle(side).visibility !== 'hidden';
+  const edge = Math.min(article.getBoundingClientRect().right, sideShown ? sideBox.left : Infinity,
+                        document.documentElement.clientWidth);
+  const scrolls = s => s.overflowX === 'auto' || s.overflowX === 'scroll';
+  const tables = Array.from(article.querySelectorAll('table')).map((t, i) => {
+    const caption = t.querySelector('caption .caption-number') ||
+                    (t.closest('figure') && t.closest('figure').querySelector('.caption-number'));
+    const name = caption ? caption.textContent.trim() : `table ${i + 1}` + (t.id ? ` (#${t.id})` : '');
+    let scroller = null, clipper = null;
+    for (let e = t.parentElement; e && e !== document.documentElement; e = e.parentElement) {
+      const s = getComputedStyle(e);
+      if (scrolls(s)) { scroller = e; break; }
+      if (!clipper && s.overflowX !== 'visible' && e.scrollWidth > e.clientWidth + 1) {
+        clipper = {box: e.tagName.toLowerCase(), width: e.clientWidth, overflow: s.overflowX};
+      }
+    }
+    const box = (scroller || t).getBoundingClientRect();
+    return {name, width: Math.round(t.getBoundingClientRect().width), right: Math.round(box.right),
+            scrolls: !!scroller, clipper, shown: t.getBoundingClientRect().width > 0};
+  }).filter(t => t.shown);
+  return {edge: Math.round(edge), sidebar: sideShown ? Math.round(sideBox.left) : null, tables};
+})()
+"""
+
 
 class BrowserError(RuntimeError):
     """Chromium is missing, failed to start, or stopped answering."""
@@ -70,6 +162,8 @@ class PageReport:
     images: int = 0
     math: int = 0
     glued: int = 0
+    figures: int = 0
+    tables: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -162,6 +256,12 @@ class Chromium:
                 if event.get("method") == method:
                     return self._events.pop(i).get("params", {})
             self._events.append(self._read_message(deadline))
+
+    def set_width(self, width: int) -> None:
+        """Emulate a viewport ``width`` CSS px wide (``VIEWPORT_HEIGHT_PX`` high, one device pixel per CSS px; a
+        phone's layout below ``PHONE_MAX_PX``). It holds for every page opened after it."""
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=VIEWPORT_HEIGHT_PX,
+                  deviceScaleFactor=1, mobile=width < PHONE_MAX_PX)
 
     def open(self, url: str) -> tuple[dict, list[str], list[str]]:
         """Load ``url``, run the page probe; returns (probe result, requested URLs, failed URLs)."""
@@ -261,8 +361,150 @@ def _page_problems(probe: dict, requested: list[str], failed: list[str]) -> list
     return problems
 
 
+_SVG_WIDTH = re.compile(r'<svg\b[^>]*?(?<![\w-])width=["\']\s*([0-9.]+)\s*(px|pt|pc|in|cm|mm)?\s*["\']',
+                        re.IGNORECASE)
+PX_PER_UNIT = {"px": 1.0, "pt": 96 / 72, "pc": 16.0, "in": 96.0, "cm": 96 / 2.54, "mm": 96 / 25.4}
+
+
+def svg_width_px(svg: str) -> float | None:
+    """The width an SVG is drawn at when nothing scales it: its root element's ``width`` attribute in CSS px
+    (96 per inch; matplotlib writes points), or None when it has none or a relative one (%, em).
+
+    Args:
+        svg: the SVG file's text (its start is enough).
+    """
+    match = _SVG_WIDTH.search(svg)
+    return float(match.group(1)) * PX_PER_UNIT[(match.group(2) or "px").lower()] if match else None
+
+
+def _local_file(url: str) -> tuple[Path, str] | None:
+    """The file and fragment a ``file:`` address names; None for any other address (a web link)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    return (Path(unquote(parts.path)), unquote(parts.fragment)) if parts.scheme == "file" else None
+
+
+def natural_width(image: dict) -> float:
+    """An image's natural width in CSS px: an SVG file's ``width`` attribute (:func:`svg_width_px`), else what
+    the browser decoded (``image`` as :data:`FIGURE_PROBE` reports it: ``src``, ``natural``, ``drawn``)."""
+    local = _local_file(image["src"])
+    if local and local[0].suffix.lower() == ".svg" and local[0].is_file():
+        with local[0].open(encoding="utf-8", errors="replace") as f:
+            width = svg_width_px(f.read(1 << 14))
+        if width:
+            return width
+    return float(image["natural"])
+
+
+def _link_problem(url: str, html_dir: Path, ids: dict[Path, str]) -> str | None:
+    """Why a link of the built book leads nowhere (None: it resolves, or it is a web link). ``ids`` caches the
+    text of the pages read for their anchors."""
+    local = _local_file(url)
+    if local is None:
+        return None
+    path, fragment = local
+    if not path.resolve().is_relative_to(html_dir):
+        return f"points outside the built HTML: {path}"
+    if not path.is_file():
+        return f"does not resolve: {path.relative_to(html_dir)} is not in the built HTML"
+    if fragment and path.suffix == ".html":
+        text = ids.setdefault(path, path.read_text(encoding="utf-8", errors="replace"))
+        if not re.search(rf'\b(?:id|name)=["\']{re.escape(fragment)}["\']', text):
+            return f"points to a missing anchor: {path.relative_to(html_dir)}#{fragment}"
+    return None
+
+
+def provenance_problems(figures: list[dict], html_dir: Path, ids: dict | None = None) -> list[str]:
+    """Figures and glued tables without their provenance line, without a data link in it, or with a link of it
+    that leads nowhere in the built HTML.
+
+    Args:
+        figures: what :data:`FIGURE_PROBE` reported for one page (name, provenance: data and links as ``file:``
+            addresses, or None when the caption has no line starting with ``PROVENANCE_MARK``).
+        html_dir: the built HTML folder (resolved); links must stay inside it.
+        ids: a cache of page texts read for their anchors, shared between pages.
+
+    Returns:
+        One line per problem, naming the figure or table by its number ("Fig. 2", "Table 3").
+    """
+    ids = {} if ids is None else ids
+    problems = []
+    for figure in figures:
+        line = figure["provenance"]
+        if line is None:
+            problems.append(f"{figure['name']} has no provenance line under its caption")
+            continue
+        if not line["data"]:
+            problems.append(f"{figure['name']}: its provenance line has no data link")
+        for link in line["links"]:
+            why = _link_problem(link["href"], html_dir, ids)
+            if why:
+                problems.append(f"{figure['name']}: provenance link {link['text']!r} {why}")
+    return problems
+
+
+def scale_problems(figures: list[dict], width: int) -> list[str]:
+    """Figure images drawn below ``MIN_FIGURE_SCALE`` of their natural width (:func:`natural_width`) at a
+    viewport ``width`` CSS px wide; images not decoded or not shown are left to the other checks."""
+    problems = []
+    for figure in figures:
+        for image in figure["images"]:
+            natural, drawn = natural_width(image), image["drawn"]
+            if natural > 0 and drawn > 0 and drawn < MIN_FIGURE_SCALE * natural:
+                problems.append(f"{figure['name']} drawn at {drawn / natural:.2f} of its natural width at {width} px "
+                                f"({drawn:.0f} of {natural:.0f} px): its labels shrink with it")
+    return problems
+
+
+def table_problems(probe: dict, width: int) -> list[str]:
+    """Tables a reader cannot read whole at a viewport ``width`` CSS px wide: clipped by a box that does not
+    scroll, or reaching past the text column (under the contents sidebar when it is shown).
+
+    Args:
+        probe: what :data:`TABLE_PROBE` reported for one page (edge and sidebar's left edge in CSS px, tables).
+        width: the viewport's width, for the message.
+    """
+    problems = []
+    for table in probe["tables"]:
+        clip = table["clipper"]
+        if clip:
+            problems.append(f"{table['name']} clipped at {width} px: {table['width']} px wide in a {clip['width']} px "
+                            f"<{clip['box']}> that does not scroll (overflow-x: {clip['overflow']})")
+        elif table["right"] > probe["edge"] + EDGE_TOLERANCE_PX:
+            sidebar = probe["sidebar"]
+            where = ("runs under the right-hand contents sidebar" if sidebar is not None and table["right"] > sidebar
+                     else "runs past the text column")
+            box = "its scrolling box" if table["scrolls"] else "it"
+            problems.append(f"{table['name']} {where} at {width} px: {box} ends at {table['right']} px, the column "
+                            f"at {probe['edge']} px")
+    return problems
+
+
+def _first_look(browser: Chromium, page: Path, html_dir: Path, width: int, ids: dict) -> PageReport:
+    """Open ``page`` at the first width and run every check on it."""
+    name = str(page.relative_to(html_dir))
+    html = page.read_text(encoding="utf-8", errors="replace")
+    target = redirect_target(html)
+    if target is not None:  # not loaded: it would navigate away while the probe runs
+        return PageReport(page=name, problems=_redirect_problems(page, target))
+    probe, requested, failed = browser.open(page.as_uri())
+    figures = browser.evaluate(f"{FIGURE_PROBE}({json.dumps(PROVENANCE_MARK)})", f"figure probe on {name}")
+    tables = browser.evaluate(TABLE_PROBE, f"table probe on {name}")
+    problems = _page_problems(probe, requested, failed)
+    problems += [f"names an external resource: {url}" for url in external_resources(html)]
+    problems += provenance_problems(figures, html_dir, ids)
+    problems += scale_problems(figures, width)
+    problems += table_problems(tables, width)
+    return PageReport(page=name, images=len(probe["images"]), math=probe["math"], glued=len(probe["glued"]),
+                      figures=len(figures), tables=len(tables["tables"]), problems=problems)
+
+
 def check_book(html_dir: Path | str, executable: str | None = None) -> list[PageReport]:
     """Open every page under ``html_dir`` in headless Chromium and report what each one showed.
+
+    Every page is loaded once at the first of ``WIDTHS`` and checked there (see the module's docstring);
+    pages with tables are loaded again at each other width for the table check alone.
 
     Args:
         html_dir: the built HTML folder (``_build/html``).
@@ -279,31 +521,30 @@ def check_book(html_dir: Path | str, executable: str | None = None) -> list[Page
     pages = sorted(p for p in html_dir.rglob("*.html") if "_static" not in p.parts)
     if not pages:
         raise FileNotFoundError(f"no HTML pages under {html_dir}: build the book first")
-    reports = []
+    first, *others = WIDTHS
+    ids: dict[Path, str] = {}
     with Chromium(executable) as browser:
-        for page in pages:
-            html = page.read_text(encoding="utf-8", errors="replace")
-            target = redirect_target(html)
-            if target is not None:  # not loaded: it would navigate away while the probe runs
-                reports.append(PageReport(page=str(page.relative_to(html_dir)),
-                                          problems=_redirect_problems(page, target)))
-                continue
-            probe, requested, failed = browser.open(page.as_uri())
-            problems = _page_problems(probe, requested, failed)
-            problems += [f"names an external resource: {url}" for url in external_resources(html)]
-            reports.append(PageReport(
-                page=str(page.relative_to(html_dir)), images=len(probe["images"]), math=probe["math"],
-                glued=len(probe["glued"]), problems=problems,
-            ))
+        browser.set_width(first)
+        reports = [_first_look(browser, page, html_dir, first, ids) for page in pages]
+        for width in others:
+            browser.set_width(width)
+            for page, report in zip(pages, reports):
+                if report.tables:
+                    browser.open(page.as_uri())
+                    report.problems += table_problems(browser.evaluate(TABLE_PROBE, f"table probe on {report.page}"),
+                                                      width)
     return reports
 
 
 def summary(reports: list[PageReport]) -> str:
     """A short text report: totals, then each page with problems and what they are."""
     bad = [r for r in reports if r.problems]
+    widths = " and ".join(str(w) for w in WIDTHS)
     lines = [f"browser check: {len(reports)} pages, {sum(r.images for r in reports)} images, "
              f"{sum(r.math for r in reports)} math elements, {sum(r.glued for r in reports)} glued "
-             f"values: {'all pass' if not bad else f'{len(bad)} pages with problems'}"]
+             f"values, {sum(r.figures for r in reports)} figures and glued tables, "
+             f"{sum(r.tables for r in reports)} tables at {widths} px: "
+             f"{'all pass' if not bad else f'{len(bad)} pages with problems'}"]
     for report in bad:
         lines += [f"  {report.page}: {problem}" for problem in report.problems]
     return "\n".join(lines)
