@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_model as load_safetensors
 
 from atlas_core.cache import atomic_path, file_sha256, write_json
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.eval import block_nll
+from atlas_core.eval import block_nll, token_nll
 from atlas_core.progress import tqdm
 from atlas_core.train import data
 from atlas_core.train.config import ArchConfig, TrainConfig, check_pair, from_dict
@@ -143,14 +142,12 @@ def train(arch: ArchConfig, cfg: TrainConfig, out_dir: str | Path, resume: bool 
     check_pair(arch, cfg)
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.corpus, arch.vocab_size)  # a corpus that cannot load fails before the folder is made
     _claim(out_dir, arch, cfg)
     latest = latest_checkpoint(out_dir)
     if latest is not None and not resume:
         raise ValueError(f"{out_dir} already holds checkpoints of this run ({latest.name}); pass resume=True to "
                          "continue it, or choose an empty folder")
-    tokenizer = load_tokenizer(cfg.corpus, arch.vocab_size)
-    if len(tokenizer) > arch.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size {arch.vocab_size}")
     model = build_model(arch, cfg.seed).to(device)
     optimizer = make_optimizer(model, cfg)
     history, start = [], 0
@@ -182,10 +179,13 @@ def train(arch: ArchConfig, cfg: TrainConfig, out_dir: str | Path, resume: bool 
 
 
 def _step(model, optimizer, stream, step: int, cfg: TrainConfig, device) -> float:
-    """One optimizer step on batch ``step``; returns its training loss (nats per token)."""
+    """One optimizer step on batch ``step``; returns its training loss (nats per token).
+
+    The loss is the mean of ``eval.token_nll`` (the library's one NLL, exact to fp32 rounding), so training
+    and held-out losses are the same quantity."""
     inputs, targets = (t.to(device) for t in data.batch(stream, cfg.seed, step, cfg.batch_size, cfg.seq_len))
     logits = model(input_ids=inputs, use_cache=False).logits  # (batch, seq_len, vocab)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss = token_nll(logits, targets).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     for group in optimizer.param_groups:
