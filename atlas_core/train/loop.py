@@ -16,7 +16,8 @@ Each checkpoint folder is written under a temporary name and renamed into place 
 an interrupted write leaves no ``step-*`` folder. ``train`` on a folder that holds checkpoints of the same run
 resumes from the latest intact one; the batches are a pure function of (seed, step) (``data``), the learning
 rate a pure function of the step, and nothing else carries state, so on the CPU a run killed and restarted
-ends bit-identical to one never interrupted (tested). On CUDA it is as deterministic as its kernels.
+ends bit-identical to one never interrupted (tested), provided it runs with the same number of threads (a
+matrix product's rounding depends on how the work is split). On CUDA it is as deterministic as its kernels.
 
 Source: the loop and its defaults follow nanoGPT (Karpathy, ``train.py``): AdamW (Loshchilov & Hutter 2019)
 with betas (0.9, 0.95), weight decay on matrices and embeddings only, gradient clipping at norm 1, linear
