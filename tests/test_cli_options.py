@@ -40,6 +40,7 @@ HEAVY = [
     ("atlas_core.book.book_bench", "rebuild"),
     ("atlas_core.book.book_bench", "qwen_kvquant"),
     ("atlas_core.book.book_bench", "cli_figure"),
+    ("atlas_core.train.loop", "train"),  # atlas train: the run's values pass before any text is tokenized
 ]
 
 # Small sizes that work, so that a wrongly accepted value reaches a tripwire at once.
@@ -68,6 +69,7 @@ BASE = {
                                  "--rounds", "1", "--steps", "1", "--window", "8", "--topk", "4"],
     ("bench", "book"): ["--results", "{tmp}"],
     ("models",): [],
+    ("train",): ["base", "--out", "{out}", "--tokens", "4096"],
 }
 
 BIG = str(10**9)
@@ -159,6 +161,11 @@ RULES = {
     ("compare", "second"): {"bad": [(MISSING, "no-such-file"), ("{tmp}", "cannot be read")]},
     ("check-book", "--html"): {"bad": [(MISSING, "no-such-file"), (A_FILE, "HTML")]},
     ("bench", "book", "--results"): {"bad": [(MISSING, "--results"), (A_FILE, "--results")]},
+    ("train", "config"): {"bad": [("no-such-variant", "no-such-variant"), (MISSING, "no-such-file")]},
+    ("train", "--out"): {"bad": [(A_FILE, "--out")]},
+    ("train", "--tokens"): {"ok": (BIG,), "bad": [("100", "tokens")]},  # 10**9: many epochs, slow, not impossible;
+    # 100: less than one step of batch_size * seq_len tokens
+    ("train", "--seed"): {"ok": ("0", BIG)},  # any non-negative seed
 }
 MODEL_BAD = [("no-such-model", "no-such-model")]
 UNTYPED_OK = {"--model"}  # checked by MODEL_BAD

@@ -239,6 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true")
     w.set_defaults(func=_wquant)
 
+    from atlas_core.train.cli import add_parser as add_train  # `atlas train`: its parser imports no torch
+    add_train(sub)
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(title="benchmarks", metavar="NAME")
     e = bsub.add_parser("extract", help="every-head extraction of one layer vs a plain eager forward")

@@ -21,7 +21,6 @@ from pathlib import Path
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # no hub lookups (they retry for ~50 s offline)
     os.environ.setdefault(_var, "1")
 
-from atlas_core.corpus import CorpusError, check_corpus  # noqa: E402
 from atlas_core.train.config import DEVICES, ArchConfig, TrainConfig, check_pair, from_dict, variants  # noqa: E402
 
 
@@ -57,6 +56,8 @@ def resolve(config: str, tokens: int | None = None, seed: int | None = None,
         arch, train = _from_json(Path(config))
     else:
         raise ValueError(f"unknown variant {config!r}: choose one of {', '.join(table)}, or give a JSON file")
+    from atlas_core.corpus import check_corpus  # torch: only once a command runs (``atlas`` builds its parser without)
+
     overrides = {k: v for k, v in (("tokens", tokens), ("seed", seed), ("device", device)) if v is not None}
     train = train.replace(**overrides)
     check_pair(arch, train)
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m atlas_core.train", description=__doc__.split("\n")[0])
     _arguments(parser)
     args = parser.parse_args(argv)
+    from atlas_core.corpus import CorpusError
+
     try:
         return args.func(args)
     except (ValueError, CorpusError, FileNotFoundError) as err:
