@@ -74,10 +74,9 @@ g.finish()
 '''
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A book with the real _config.yml and static files, the demo chapter run by the runner, prepared and built."""
-    folder = tmp_path_factory.mktemp("provbook")
+def book_scaffold(folder: Path) -> None:
+    """The real _config.yml, references, Sphinx extensions and static files (with MathJax) in ``folder``,
+    and an empty ``book/chapters/``: a tiny book needs only its pages and _toc.yml on top."""
     shutil.copy(ROOT / "_config.yml", folder / "_config.yml")
     (folder / "book" / "chapters").mkdir(parents=True)
     for name in ("references.bib", "references.md"):
@@ -85,6 +84,22 @@ def built(tmp_path_factory):
     shutil.copytree(ROOT / "book" / "_ext", folder / "book" / "_ext")
     shutil.copytree(ROOT / "book" / "_static", folder / "book" / "_static", ignore=shutil.ignore_patterns("mathjax"))
     runner.install_mathjax(folder / "book" / "_static" / "mathjax")
+
+
+def build_html(folder: Path) -> Path:
+    """``jupyter-book build <folder> -W -n`` (warnings are errors, as in ``atlas book``); its HTML folder.
+    Fails the test with the build's last output when the build fails."""
+    jb = Path(sys.executable).with_name("jupyter-book")
+    done = subprocess.run([str(jb), "build", str(folder), "-W", "-n"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder / "_build" / "html"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A book with the real _config.yml and static files, the demo chapter run by the runner, prepared and built."""
+    folder = tmp_path_factory.mktemp("provbook")
+    book_scaffold(folder)
     (folder / "book" / "intro.md").write_text("# A test book\n\nSee {doc}`chapters/demo`.\n")
     sources = folder / "notebooks"
     sources.mkdir()
@@ -102,10 +117,7 @@ def built(tmp_path_factory):
            "parts": [{"caption": "Chapters", "chapters": [{"file": "book/chapters/demo"}, {"file": "book/references"}]},
                      {"caption": "Appendix", "chapters": [{"glob": f"{runner.APPENDIX_DIR.as_posix()}/*"}]}]}
     (folder / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
-    jb = Path(sys.executable).with_name("jupyter-book")
-    done = subprocess.run([str(jb), "build", str(folder), "-W", "-n"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return folder / "_build" / "html"
+    return build_html(folder)
 
 
 def test_the_chapter_page_has_its_run_box_provenance_lines_and_data_links(built):

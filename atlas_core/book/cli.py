@@ -127,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("book", help="run every chapter on the default model, then build the HTML book")
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     b.add_argument("--models", nargs="+", default=[DEFAULT_MODEL],
-                   help="models to run every chapter on (results/<model>/); the book shows the first")
+                   help="models to run every chapter on (results/<model>/), or 'all' (every embedded model, the "
+                   "default first); the chapters show the first, the 'Per-model runs' appendix every other, "
+                   "chapter by chapter (hours per model)")
     b.add_argument("--pdf", action="store_true", help="also print the rendered book to one checked PDF, "
                    "_build/pdf/book.pdf, through headless Chromium (up-to-date chapters and HTML are not redone)")
     b.set_defaults(func=_book)

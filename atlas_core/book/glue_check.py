@@ -4,9 +4,9 @@ every glued figure or table the pages show has its data file beside it.
 Myst-nb only warns about a missing key, deep inside a long build log; these checks name the page and the
 key in one line, in a second, before Jupyter Book starts.
 
-Pages are the book's Markdown files and the chapter notebooks under ``book/chapters/`` (their Markdown
-cells). A reference is ``{glue…}`key``` or ``{glue…}`x.ipynb::key``` (a role), or a ``{glue…} key``
-directive. A chapter's glued values are the outputs its executed notebook recorded (``scrapbook`` metadata);
+Pages are the book's Markdown files and the notebooks under ``book/chapters/`` at any depth (their Markdown
+cells): the chapters, and the per-model copies of ``atlas book --models`` (``model_runs``). A reference is
+``{glue…}`key``` or ``{glue…}`x.ipynb::key``` (a role), or a ``{glue…} key`` directive. A chapter's glued values are the outputs its executed notebook recorded (``scrapbook`` metadata);
 a figure or table is a glued output holding an image or an HTML table; its data file is
 ``book/chapters/<provenance.data_path(chapter, key)>`` (any suffix).
 """
@@ -58,7 +58,7 @@ def _pages(book: Path) -> list[tuple[Path, str, Path | None]]:
     """(page, its MyST text, its own notebook or None) for the book's Markdown pages and chapter notebooks."""
     pages = [(p, p.read_text(encoding="utf-8"), None) for p in sorted(book.rglob("*.md"))
              if "_build" not in p.parts and "_static" not in p.parts]
-    for nb in sorted((book / "chapters").glob("*.ipynb")):
+    for nb in sorted(p for p in (book / "chapters").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
         cells = json.loads(nb.read_text(encoding="utf-8")).get("cells", [])
         text = "\n".join("".join(c["source"]) if isinstance(c["source"], list) else c["source"]
                          for c in cells if c.get("cell_type") == "markdown")

@@ -671,7 +671,16 @@ def check_glue(book: Path = ROOT / "book") -> None:
     """
     from atlas_core.book.glue_check import glue_problems
 
-    problems = glue_problems(book)
+    raise_problems(glue_problems(book))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """A build check's verdict: nothing when ``problems`` is empty, else one line, the first problem and how
+    many more there are.
+
+    Raises:
+        BuildError: there is a problem.
+    """
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BuildError(problems[0] + more)
@@ -735,15 +744,20 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
 
     Args:
         cores: parallel Snakemake jobs (``-j``).
-        models: models to run every chapter on; the book shows the first.
+        models: models to run every chapter on (``"all"``: every embedded model, ``model_runs.book_models``);
+            the book's chapters show the first, and its "Per-model runs" appendix every other, chapter by
+            chapter (``model_runs.prepare_runs``).
 
     Returns:
         Path of ``_build/html/index.html``.
 
     Raises:
         ParameterError: before any chapter runs, ``cores`` below 1 or a name that is not a model.
+        BuildError: a chapter run, a build check or the HTML build failed.
     """
-    models = list(models) or [DEFAULT_MODEL]
+    from atlas_core.book.model_runs import book_models, check_labels, prepare_runs
+
+    models = book_models(models)
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
         raise ParameterError(f"--cores must be an integer ≥ 1 (parallel chapter jobs), got {cores!r}")
     from atlas_core.models import check_model_name  # imports torch: only once the book is really built
@@ -760,7 +774,7 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
         "--directory", str(ROOT), "--cores", str(cores), "--rerun-incomplete", "--nolock",
         "--config", f"models={','.join(models)}",
     ]
-    slow = [f"results/{model_slug(models[0])}/{c}.ipynb" for c in LONGEST_FIRST if c in CHAPTERS]
+    slow = [f"results/{model_slug(m)}/{c}.ipynb" for m in models for c in LONGEST_FIRST if c in CHAPTERS]
     if slow:
         workflow += ["--prioritize", *slow]
     if subprocess.run(workflow, env=env, cwd=ROOT).returncode:
@@ -769,7 +783,9 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
 
     install_mathjax()
     prepare_book(models[0])
+    prepare_runs(models)
     check_glue(ROOT / "book")
+    check_labels(ROOT / "book")
     touch_cross_document_glue(ROOT / "book", ROOT / "_build" / "html")
     book_start = time.time()
     html = ROOT / "_build" / "html" / "index.html"
@@ -788,7 +804,8 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
     html_s = time.time() - book_start
     checked = browser_check(html.parent)
     folder = Path("results") / model_slug(models[0])
-    print(_timing_table({c: ROOT / folder for c in CHAPTERS}, since))
+    for model in models:
+        print(_timing_table({c: ROOT / "results" / model_slug(model) for c in CHAPTERS}, since))
     total = time.time() - since
     print(f"workflow {ran:.1f} s, HTML {html_s:.1f} s, {checked}, total {total:.1f} s")
     write_json(ROOT / BOOK_TIMING, {  # read by `atlas bench book`
