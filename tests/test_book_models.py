@@ -22,6 +22,7 @@ from atlas_core.book.model_runs import (
 )
 from atlas_core.zoo import DEFAULT_MODEL, EMBEDDED
 from test_book_provenance import book_scaffold, build_html  # the tiny book's real config and its -W build
+from test_browser import needs_chromium  # skipped where no Chromium is installed
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_MODEL, OTHER = "toy-llama", "toy-qwen2"
@@ -370,3 +371,13 @@ def test_no_label_twice_and_every_reference_of_a_copy_resolves_inside_it(built):
         assert not re.search(r"\{(numref|ref|doc|download)\}", html)
         data = sorted(p.name for p in (built / "_build" / "html" / "_downloads").rglob("*.csv"))
         assert data.count("al_fig.csv") == 2  # the book's model's and this model's, both in the HTML
+
+
+@needs_chromium
+def test_the_copies_pass_the_browser_check(built):
+    """Provenance lines, data links and anchors of the copies resolve in the built HTML, as atlas book checks."""
+    from atlas_core.book.browser import check_book
+
+    reports = check_book(built / "_build" / "html")
+    assert not [p for r in reports for p in r.problems]
+    assert any(f"runs/{OTHER}/01-alpha" in str(r.page) for r in reports)
