@@ -25,7 +25,7 @@ from atlas_core.intrinsic import layer_profile, per_head_dropped
 from atlas_core.models import LoadedModel
 from atlas_core.protocol import Protocol, intra_null, intra_null_summary, overlap_summary, protocol_overlap
 
-__all__ = ["AT_NULL", "measure_checkpoint", "on_null", "partial_correlation"]
+__all__ = ["AT_NULL", "measure_checkpoint", "null_verdict", "on_null", "partial_correlation"]
 
 AT_NULL = (claims.TIE, claims.EQUIVALENT)  # decisions of an overlap not distinguishable from its null
 
@@ -88,6 +88,31 @@ def on_null(main: dict) -> claims.Verdict:
         z, std, null = main["intra_null_z"], main["intra_null_std"], "shared-value"
     side = claims.null_side(z, std if std and std > 0 else None)
     return claims.Verdict(label=side.label, text=side.text, figures={**side.figures, "null": null})
+
+
+def null_verdict(sides: dict[str, claims.Verdict]) -> claims.Verdict:
+    """Whether every headline sits on its null, from ``on_null``'s verdicts.
+
+    Args:
+        sides: {label (e.g. "base (seed 0) at end"): ``on_null`` verdict}, at least one.
+    Returns:
+        label "on the null" (every decision not distinguishable from the null, or equivalent to it) or "off the
+        null"; text says how many and names each one off the null with its side; figures {"n", "n_at_null",
+        "off": [labels]}.
+    Raises:
+        ValueError: no verdicts.
+    """
+    if not sides:
+        raise ValueError("null_verdict needs at least one verdict")
+    off = {lab: v for lab, v in sides.items() if v.figures["decision"] not in AT_NULL}
+    n, figures = len(sides), {"n": len(sides), "n_at_null": len(sides) - len(off), "off": list(off)}
+    if not off:
+        return claims.Verdict(label="on the null", figures=figures,
+                              text=f"all {n} sit on their null (not distinguishable from it, or equivalent within "
+                                   f"±{claims.OVERLAP_RULE.margin:g})" if n > 1 else "it sits on its null")
+    return claims.Verdict(label="off the null", figures=figures,
+                          text=f"{len(off)} of {n} lie off their null: " + "; ".join(f"{lab} {v.text} it"
+                                                                                  for lab, v in off.items()))
 
 
 def _partial_r(y: np.ndarray, x: np.ndarray, strata: np.ndarray) -> float:

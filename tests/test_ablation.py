@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from atlas_core import claims
-from atlas_core.ablation import measure_checkpoint, on_null, partial_correlation
+from atlas_core.ablation import measure_checkpoint, null_verdict, on_null, partial_correlation
 from atlas_core.clouds import head_clouds, kv_groups
 from atlas_core.geometry import head_mean_overlap, layer_overlap
 from atlas_core.interval import Bootstrap
@@ -66,6 +66,17 @@ def test_on_null_reads_each_headline_against_its_own_null():
     assert on_null({**mqa, "intra_null_z": 8.0}).text == "lies above"
     with pytest.raises(ValueError, match="shared-value"):
         on_null({**mqa, "intra_null_std": None})
+
+
+def test_null_verdict_names_every_headline_off_its_null():
+    inter = {"pairs": "inter", "null_std": 0.004, "intra_null_z": None, "intra_null_std": None}
+    on = {f"v{i}": on_null({**inter, "z": z}) for i, z in enumerate((0.1, -1.0, 1.5))}
+    assert null_verdict(on).label == "on the null" and null_verdict(on).figures["n_at_null"] == 3
+    off = null_verdict({**on, "mqa at end": on_null({**inter, "z": 6.0}), "base at init": on_null({**inter, "z": -3.0})})
+    assert off.label == "off the null" and off.figures["off"] == ["mqa at end", "base at init"]
+    assert off.text == "2 of 5 lie off their null: mqa at end lies above it; base at init lies below it"
+    with pytest.raises(ValueError):
+        null_verdict({})
 
 
 def test_partial_correlation_finds_a_within_stratum_effect():

@@ -65,6 +65,12 @@ def test_shipped_defaults_pass(chapter):
     ("sparse", "certified_prompt_tokens", 10**6, "positions"),
     ("sparse", "certified_corpus", "no-such-corpus", "unknown corpus"),
     ("models", "ppl_tokens", 1000, "multiple of ppl_seq_len"),
+    ("ablation", "variants", ["base", "gqa3"], "unknown ['gqa3']"),  # 4 heads: no 3 KV heads
+    ("ablation", "d_heads", [32, 33], "d_head must be even under RoPE"),  # ArchConfig's rule
+    ("ablation", "tokens", 100, "must cover at least one step"),  # TrainConfig's rule
+    ("ablation", "k", 32, "k = 32"),  # not below the base's d_head 32
+    ("ablation", "n_layers", 1, "must be ≥ 2"),
+    ("ablation", "device", "tpu", "choose from cpu, cuda, auto"),
     ("models", "corpora", ["britannica", "no-such-corpus"], "unknown corpus"),
 ])
 def test_impossible_values_are_named(chapter, name, value, message):
@@ -150,9 +156,9 @@ def test_fault_cases_are_refused_before_any_kernel(chapter, given, name, message
 INT_LISTS = [("atlas", "k_sweep"), ("crossarch", "k_range"), ("crossarch", "seeds"), ("kvquant", "bits"),
              ("kvquant", "kv_bits"), ("kvquant", "ranks"), ("nqp", "bits"), ("sparse", "windows"), ("sparse", "topks"),
              ("sparse", "supports"), ("sparse", "contexts"), ("kvquant", "code_bits"), ("kvquant", "code_kv_bits"),
-             ("kvquant", "speed_contexts")]
+             ("kvquant", "speed_contexts"), ("ablation", "seeds"), ("ablation", "d_heads")]
 NAME_LISTS = [("models", "models"), ("models", "corpora"), ("crossarch", "models"), ("crossarch", "corpora"),
-              ("nqp", "methods"), ("nqp", "grouped_methods")]
+              ("nqp", "methods"), ("nqp", "grouped_methods"), ("ablation", "variants")]
 FLOAT_LISTS = [("sparse", "certified_eps")]  # each element checked by the library's rule (test_impossible_values_are_named)
 
 

@@ -427,8 +427,36 @@ def _certified(p: dict, models: list[str]) -> None:
             models=models)
 
 
+def _ablation(p: dict) -> None:
+    """The models trained here: the library's configs and variants (``train.config``) decide what can be built."""
+    from atlas_core.geometry import check_rank
+    from atlas_core.train.config import DEVICES, ArchConfig, TrainConfig, check_pair, variants
+
+    _ints(p, "d_model", "n_layers", "n_heads", "vocab_size", "tokens", "batch_size", "train_seq_len", "eval_blocks",
+          "k", "n_points", "n_blocks", "seq_len", "n_boot", "null_draws", "d_heads")
+    _ints(p, "intra_null_draws", low=2)
+    _ints(p, "seeds", low=0)
+    _names(p, "device", DEVICES)
+    _number(p, "lr", 0.0, 1.0)
+    if p["n_layers"] < 2:
+        _fail("n_layers", p["n_layers"], "must be ≥ 2 (the depth profile reads the plateau between layers)")
+    base = _as("d_heads", p["d_heads"], lambda: ArchConfig(
+        d_model=p["d_model"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_heads"],
+        d_head=p["d_heads"][0], vocab_size=p["vocab_size"], max_positions=max(256, p["train_seq_len"], p["seq_len"])))
+    table = _as("d_heads", p["d_heads"], lambda: variants(base, tuple(p["d_heads"])))
+    _names(p, "variants", tuple(table))
+    cfg = _as("tokens", p["tokens"], lambda: TrainConfig(
+        corpus=p["corpus"], tokens=p["tokens"], batch_size=p["batch_size"], seq_len=p["train_seq_len"], lr=p["lr"],
+        min_lr=p["lr"] / 10, eval_blocks=p["eval_blocks"],
+        device=p["device"]))
+    _as("train_seq_len", p["train_seq_len"], lambda: check_pair(base, cfg))
+    _cloud(p, "n_points", p["corpus"], 0)
+    for name in p["variants"]:  # k below every trained head's width
+        _as("k", p["k"], lambda name=name: check_rank(p["k"], table[name].d_head, p["n_points"]))
+
+
 RULES: dict[str, Callable[[dict], None]] = {
-    "models": _models, "atlas": _atlas, "crossarch": _crossarch,
+    "models": _models, "atlas": _atlas, "crossarch": _crossarch, "ablation": _ablation,
     "kvquant": _kvquant, "nqp": _nqp, "sparse": _sparse,
 }
 
