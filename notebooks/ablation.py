@@ -399,9 +399,9 @@ g("partial_init_ci", with_ci(mediation[0.0]["partial"].value, (mediation[0.0]["p
 # places training on the GPU; measurement is on the CPU):
 #
 # ```
-# atlas run ablation -p seeds='[0, 1, 2]' -p tokens=20000000 -p d_model=256 -p n_layers=6 -p n_heads=8 \
-#     -p 'd_heads=[32, 64, 128, 256]' -p 'variants=["base", "dhead64", "dhead128", "dhead256", "gqa4", "gqa2", "mqa", "learned", "layernorm"]' \
-#     -p device=auto
+# atlas run ablation -p seeds '[0, 1, 2]' -p tokens 20000000 -p d_model 256 -p n_layers 6 -p n_heads 8 \
+#     -p variants '["base", "dhead64", "dhead128", "dhead256", "gqa4", "gqa2", "mqa", "learned", "layernorm"]' \
+#     -p device auto
 # ```
 #
 # ## Closing note
