@@ -77,7 +77,7 @@ from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core import claims
 from atlas_core.ablation import measure_checkpoint, null_verdict, on_null, partial_correlation
-from atlas_core.cache import cache_key, jsonable, write_json
+from atlas_core.cache import cache_key, file_sha256, jsonable, write_json
 from atlas_core.figures import color, figsize
 from atlas_core.geometry import haar_null
 from atlas_core.glue import chapter_glue, glue_key as key, listing, number, plural, with_ci
@@ -151,9 +151,11 @@ for name in tqdm(variants, desc="variants"):
         tag = cache_key(arch=arch.as_dict(), train={f: v for f, v in cfg.as_dict().items() if f != "device"})[:10]
         runs[name, seed] = train(arch, cfg, runs_root / f"{name}-s{seed}-{tag}")
 train_s = time.perf_counter() - start
+tokenizers = {}  # one object per tokenizer file: the corpus is tokenized once, not once per checkpoint
 for (name, seed), run in tqdm(runs.items(), desc="checkpoints"):
     for fraction, folder in run.checkpoints.items():
         lm = load_checkpoint(folder, name=f"ablation-{name}-s{seed}-{folder.name}")
+        lm = lm._replace(tokenizer=tokenizers.setdefault(file_sha256(folder / "tokenizer.json"), lm.tokenizer))
         results[name, seed, fraction] = measure_checkpoint(lm, protocol)
         del lm
 measure_s = time.perf_counter() - start - train_s
