@@ -25,7 +25,7 @@ SMALL = {  # chapter -> -p overrides (strings, as on the command line)
     "crossarch": {"models": '["toy-llama"]', "n_points": "200", "n_blocks": "4", "seq_len": "64", "n_deep": "2",
                   "n_boot": "200", "null_draws": "50", "n_perm": "200", "spearman_null_draws": "20",
                   "intra_null_draws": "5"},
-    "ablation": {"variants": '["base", "dhead16", "gqa2", "mqa", "learned", "layernorm"]', "d_heads": "[8, 16]",
+    "ablation": {"variants": '["base", "dhead16", "gqa2", "mqa"]', "d_heads": "[8, 16]",
                  "d_model": "32", "n_layers": "2", "vocab_size": "512", "tokens": "1280", "batch_size": "4",
                  "train_seq_len": "32", "eval_blocks": "2", "k": "3", "n_points": "100", "n_blocks": "4",
                  "seq_len": "32", "n_boot": "100", "null_draws": "20", "intra_null_draws": "3"},
