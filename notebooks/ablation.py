@@ -77,7 +77,7 @@ from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core import claims
 from atlas_core.ablation import measure_checkpoint, null_verdict, on_null, partial_correlation
-from atlas_core.cache import cache_key, file_sha256, jsonable, write_json
+from atlas_core.cache import cache_dir, cache_key, file_sha256, jsonable, write_json
 from atlas_core.figures import color, figsize
 from atlas_core.geometry import haar_null
 from atlas_core.glue import chapter_glue, glue_key as key, listing, number, plural, with_ci
@@ -99,7 +99,7 @@ CHECKPOINTS = run_cfg.checkpoints  # (0.0, 0.1, 0.5, 1.0): initialisation, 10%, 
 protocol = Protocol(corpora=(corpus,), k=k, k_range=(k,), n_points=n_points, n_blocks=n_blocks, seq_len=seq_len,
                     seeds=(0,), n_deep=1, n_boot=n_boot, null_draws=null_draws, intra_null_draws=intra_null_draws)
 RULE = claims.OVERLAP_RULE
-runs_root = Path(results_dir) / "ablation-runs"
+runs_root = cache_dir("train-runs")  # checkpoints: a folder per (variant, seed, configs), reused by any rerun
 SAMPLE = f"{n_points:,} points per head from {plural(n_blocks, 'block')} of {seq_len} tokens, deepest layer"
 
 
@@ -127,8 +127,9 @@ g("margin", f"{RULE.margin:g}")
 #
 # {numref}`tbl-ab-variants` lists the variants: {glue:text}`ab_variants:s`, each trained with seed(s)
 # {glue:text}`ab_seeds:s` for {glue:text}`ab_n_steps:d` AdamW steps (warm-up, then cosine decay; batches
-# of {glue:text}`ab_batch:s`). A run's folder keeps its checkpoints, so a rerun with the same settings
-# reads them instead of training again. Checkpoints are written after 0 steps (the initialisation), at 10%
+# of {glue:text}`ab_batch:s`). A run's folder (in the library's cache, named by the variant, the seed and
+# a hash of both configurations) keeps its checkpoints, so a rerun with the same settings reads them
+# instead of training again. Checkpoints are written after 0 steps (the initialisation), at 10%
 # and 50% of the steps and at the end; each is loaded like any model of the book and measured by the
 # source's protocol (`atlas_core.ablation.measure_checkpoint`): the deepest layer's $\varepsilon$ clouds,
 # {glue:text}`ab_sample:s`, frames of rank $k$ = {glue:text}`ab_k:d`, the mean principal cosine over
