@@ -371,7 +371,7 @@ for fraction in CHECKPOINTS:
 med_table = pd.DataFrame(med_rows).set_index("checkpoint")
 g.table("mediation_table", med_table, sample=f"every head of every layer of the variants with inter-group pairs, {SAMPLE.split(', deepest')[0]}")
 end = mediation[1.0]
-g.estimate("partial_end", end["partial"], ".2f")
+g.estimate("partial_end", end["partial"], ".3f")
 g("partial_end_verdict", end["decision"].text)
 g("n_heads_end", end["n_heads"])
 g("spearman_end_ci", with_ci(end["spearman"].value, (end["spearman"].lo, end["spearman"].hi)))
@@ -409,16 +409,22 @@ g("partial_init_ci", with_ci(mediation[0.0]["partial"].value, (mediation[0.0]["p
 #
 # ## Closing note
 #
-# $O_h$, Haar null and $z$-score (first seed) at initialisation and at the end, for every variant:
-# {glue:text}`ab_closing:s`. By the rule, {glue:text}`ab_verdict:s`. The commands: `atlas run ablation`
-# (this chapter, default parameters) and `atlas train <variant> --out <folder>` (one run).
+# $O_h$, Haar null and $z$-score (first seed) at initialisation and at the end, for every variant (the
+# multi-query variant also against its shared-value null, the one its verdict uses):
+# {glue:text}`ab_closing:s`. By the rule, of the {glue:text}`ab_n_checkpoints:d` checkpoints:
+# {glue:text}`ab_verdict:s`. Per head, $d_\text{int}$ beyond $d_\text{head}$: partial correlation
+# {glue:text}`ab_partial_end_ci:s`, {glue:text}`ab_partial_end_verdict:s`. The commands: `atlas run
+# ablation` (this chapter, default parameters) and `atlas train <variant> --out <folder>` (one run).
 
 # %%
 closing = []
 for name in variants:
     r0, r1 = results[name, seeds[0], 0.0]["main"], results[name, seeds[0], 1.0]["main"]
+    shared = ("" if r0["pairs"] == "inter" else  # MQA: judged against the shared-value null (table)
+              f" (shared-value null {r0['intra_null_mean']:.3f} and {r1['intra_null_mean']:.3f}, "
+              f"z {number(r0['intra_null_z'], '+.1f')} and {number(r1['intra_null_z'], '+.1f')})")
     closing.append(f"{name}: {r0['o_h']:.3f} vs {r0['null_mean']:.3f} (z {r0['z']:+.1f}) at init, "
-                   f"{r1['o_h']:.3f} vs {r1['null_mean']:.3f} (z {r1['z']:+.1f}) at the end")
+                   f"{r1['o_h']:.3f} vs {r1['null_mean']:.3f} (z {r1['z']:+.1f}) at the end{shared}")
 g("closing", "; ".join(closing))
 scratch = [n for n in variants if archs[n].n_kv_heads == n_heads and archs[n].position == "rope"
            and archs[n].norm == "rmsnorm"]  # the d_head axis: base and the dhead<d> variants
