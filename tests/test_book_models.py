@@ -381,3 +381,59 @@ def test_the_copies_pass_the_browser_check(built):
     reports = check_book(built / "_build" / "html")
     assert not [p for r in reports for p in r.problems]
     assert any(f"runs/{OTHER}/01-alpha" in str(r.page) for r in reports)
+
+
+@pytest.mark.slow
+def test_the_books_own_chapters_copied_for_a_second_model_build_with_warnings_as_errors(tmp_path):
+    """Every real chapter, run on two toy models with test_chapters' small parameters: the copies of the
+    second model's runs pass the glue and label checks and Jupyter Book's -W build under the real _toc.yml
+    (minus the closing pages, which glue the embedded models' keys), with every label of a copy renamed and
+    every reference of a copy resolving inside it or to the Methods' rule."""
+    from atlas_core.book.glue_check import GLUE_ROLE
+    from test_chapters import SMALL, TOY, on_toy
+
+    assert TOY == BOOK_MODEL  # SMALL's model lists name it; both runs keep them (the models chapter lists models)
+    book_scaffold(tmp_path)
+    (tmp_path / "book" / "intro.md").write_text("# The book\n")
+    (tmp_path / "book" / "methods.md").write_text("(sec-rule)=\n# Methods\n\nThe one rule.\n")
+    sources = tmp_path / "notebooks"  # the chapters, their per-model glue keys named for the toy (on_toy)
+    sources.mkdir()
+    for chapter in runner.CHAPTERS:
+        text = runner.notebook_source(chapter).read_text(encoding="utf-8")
+        (sources / f"{chapter}.py").write_text(GLUE_ROLE.sub(lambda m: on_toy(m.group(0)), text), encoding="utf-8")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(runner.NOTEBOOKS_ENV, str(sources))
+    try:
+        for model in (BOOK_MODEL, OTHER):
+            for chapter in runner.CHAPTERS:
+                executed = runner.run_chapter(chapter, model, SMALL[chapter],
+                                              tmp_path / "results" / runner.model_slug(model))
+                if model == BOOK_MODEL:
+                    shutil.copy(executed, tmp_path / "book" / "chapters" / f"{chapter}.ipynb")
+        runner.prepare_book(BOOK_MODEL, root=tmp_path)
+        prepare_runs([BOOK_MODEL, OTHER], root=tmp_path)
+    finally:
+        mp.undo()
+    runner.check_glue(tmp_path / "book")
+    model_runs.check_labels(tmp_path / "book")
+    for chapter in runner.CHAPTERS:
+        page = tmp_path / RUNS_DIR / OTHER / f"{runner.appendix_name(chapter)}.ipynb"
+        nb = nbformat.read(page, as_version=4)
+        own = set(model_runs.page_labels(page))
+        assert own and all(label.endswith(f"--{OTHER}") for label in own), chapter
+        texts = [c.source for c in nb.cells if c.cell_type == "markdown"]
+        outside = {"sec-rule", f"code-{chapter}", f"runs-{OTHER}"}  # the Methods' rule, the code, the section
+        assert {r for t in texts for r in referenced_labels(t)} <= own | outside, chapter
+
+    def present(node):
+        if isinstance(node, list):
+            return [present(n) for n in node if not (isinstance(n, dict) and "file" in n)
+                    or any((tmp_path / f"{n['file']}{s}").exists() for s in ("", ".md", ".ipynb"))]
+        return {k: present(v) if isinstance(v, (list, dict)) else v for k, v in node.items()}
+
+    toc = present(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+    (tmp_path / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    html = build_html(tmp_path)
+    for chapter in runner.CHAPTERS:
+        assert f"Model: {OTHER}" in _words(_html(tmp_path, f"{RUNS_DIR.as_posix()}/{OTHER}/{runner.appendix_name(chapter)}"))
+    assert (html / RUNS_DIR / BOOK_MODEL / f"{SECTION_PAGE}.html").exists()

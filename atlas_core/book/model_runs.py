@@ -132,7 +132,7 @@ def _copy_dir(model: str) -> str:
     return (RUNS_DIR / model_slug(model)).as_posix()
 
 
-def copy_doc_target(target: str, *, model: str, chapters) -> str:
+def copy_doc_target(target: str, *, chapters) -> str:
     """A ``{doc}`` target of a chapter page as its copy must write it: a chapter becomes the same model's
     copy (``02-nqp``, in the copy's folder); any other page an absolute docname (``/book/methods``)."""
     path = _from_chapters(target)
@@ -183,7 +183,7 @@ def copy_text(text: str, *, chapter: str, model: str, chapters, labels: dict[str
         return lambda s: pattern.sub(sub, s)
 
     text = rename_labels(text, labels)
-    text = role(DOC_ROLE, "doc", lambda t: copy_doc_target(t, model=model, chapters=chapters))(text)
+    text = role(DOC_ROLE, "doc", lambda t: copy_doc_target(t, chapters=chapters))(text)
     text = role(DOWNLOAD_ROLE, "download",
                 lambda t: copy_download_target(t, chapter=chapter, model=model, chapters=chapters))(text)
     return GLUE_PATH.sub(lambda m: copy_glue_path(m.group(1), model=model, chapters=chapters) + "::", text)
@@ -272,7 +272,8 @@ def section_page(model: str, *, models, chapters) -> str:
     book_model, others = models[0], list(models[1:])
     embedded = EMBEDDED.get(model)
     about = f"{embedded.description}. " if embedded else ""
-    head = f"(runs-{label_suffix(model)})=\n# Runs on {model}\n\n{about}"
+    title = f"Runs on {model}" + (" (the book's model)" if model == book_model else "")
+    head = f"(runs-{label_suffix(model)})=\n# {title}\n\n{about}"
     if model != book_model:
         pages = ", ".join(f"{{doc}}`{appendix_name(c, chapters)}`" for c in chapters)
         return (f"{head}Every chapter of the book executed on `{model}` by the same notebooks as the book's "
