@@ -105,3 +105,15 @@ def test_killed_build_resumes_and_a_rebuild_runs_nothing(standins):
     assert again.returncode == 0, log
     assert outputs(workdir) == after
     assert "Nothing to be done" in log, log
+
+
+def test_a_killed_but_unreaped_run_counts_as_dead():
+    """A zombie (exited, not yet reaped: what a SIGKILLed chapter run is under a late-reaping init) holds no
+    staging folder; a running process does."""
+    child = subprocess.Popen(["true"])
+    deadline = time.time() + 10
+    while runner._alive(child.pid) and time.time() < deadline:  # exits, stays a zombie until wait()
+        time.sleep(0.05)
+    assert not runner._alive(child.pid)
+    child.wait()
+    assert runner._alive(os.getpid())

@@ -334,12 +334,22 @@ def _remove_stale_stages(out_dir: Path, chapter: str) -> None:
         pid = stage.name.split(".")[2]
         if not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not _alive(int(pid)):
             shutil.rmtree(stage, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs; a zombie (killed, not yet reaped by an init that reaps late) is dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextlib.contextmanager
