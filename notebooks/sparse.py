@@ -950,7 +950,7 @@ g.figure("fig_speed", fig, data=speed, sample=bench_sample, corpus="none (random
 # page selector reads {glue:text}`sp_bytes_ratio_pages_1m:.1f`× fewer bytes than dense at 1M tokens
 # (counted, not timed), so a larger measured factor there would come from a slow dense baseline, as ours
 # here, not from the selection; and larger pages would lower recall further below the
-# {glue:text}`sp_pg_index_recall:.0%` measured above. We cannot say what the source timed. Its dense time at
+# {glue:text}`sp_pg_index_recall:.1%` measured above. We cannot say what the source timed. Its dense time at
 # 131K tokens, 627.58 ms on a GPU, is far longer than our CPU's dense step for one layer of this model
 # ({glue:text}`sp_dense_ms_max:.2f` ms), so it was probably not one decode step of a comparable shape, or its
 # dense baseline was slow for its bytes. Its kernel is not public, so its measurement cannot be repeated.
