@@ -22,7 +22,7 @@ from atlas_core.book.model_runs import (
 )
 from atlas_core.zoo import DEFAULT_MODEL, EMBEDDED
 from test_book_provenance import book_scaffold, build_html  # the tiny book's real config and its -W build
-from test_browser import needs_chromium  # skipped where no Chromium is installed
+from tinybook import needs_chromium  # skipped where no Chromium is installed
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_MODEL, OTHER = "toy-llama", "toy-qwen2"

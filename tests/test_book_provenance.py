@@ -4,25 +4,16 @@ HTML has the opening box, the provenance lines with working data links, the appe
 and the parameters table; in Chromium, figures show at 100% at 1280 px and open full size on click, and a
 wide table scrolls inside the text column at 1280 px and 420 px instead of running under the sidebar."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from atlas_core.book import runner
-from atlas_core.book.browser import BrowserError, Chromium, find_chromium
+from atlas_core.book.browser import Chromium
+from tinybook import book_scaffold, demo_chapter, needs_chromium, write_toc
 
-ROOT = Path(__file__).resolve().parents[1]
-
-try:
-    find_chromium()
-    HAVE_CHROMIUM = True
-except BrowserError:
-    HAVE_CHROMIUM = False
-needs_chromium = pytest.mark.skipif(not HAVE_CHROMIUM, reason="no Chromium (bash atlas.sh setup installs it)")
 
 CHAPTER = '''# %% [markdown]
 # # A provenanced chapter
@@ -74,18 +65,6 @@ g.finish()
 '''
 
 
-def book_scaffold(folder: Path) -> None:
-    """The real _config.yml, references, Sphinx extensions and static files (with MathJax) in ``folder``,
-    and an empty ``book/chapters/``: a tiny book needs only its pages and _toc.yml on top."""
-    shutil.copy(ROOT / "_config.yml", folder / "_config.yml")
-    (folder / "book" / "chapters").mkdir(parents=True)
-    for name in ("references.bib", "references.md"):
-        shutil.copy(ROOT / "book" / name, folder / "book" / name)
-    shutil.copytree(ROOT / "book" / "_ext", folder / "book" / "_ext")
-    shutil.copytree(ROOT / "book" / "_static", folder / "book" / "_static", ignore=shutil.ignore_patterns("mathjax"))
-    runner.install_mathjax(folder / "book" / "_static" / "mathjax")
-
-
 def build_html(folder: Path) -> Path:
     """``jupyter-book build <folder> -W -n`` (warnings are errors, as in ``atlas book``); its HTML folder.
     Fails the test with the build's last output when the build fails."""
@@ -101,22 +80,9 @@ def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("provbook")
     book_scaffold(folder)
     (folder / "book" / "intro.md").write_text("# A test book\n\nSee {doc}`chapters/demo`.\n")
-    sources = folder / "notebooks"
-    sources.mkdir()
-    (sources / "demo.py").write_text(CHAPTER)
-    mp = pytest.MonkeyPatch()
-    mp.setenv(runner.NOTEBOOKS_ENV, str(sources))
-    try:
-        executed = runner.run_chapter("demo", "none", {"points": "3"}, folder / "results" / "none", sources / "demo.py")
-        shutil.copy(executed, folder / "book" / "chapters" / "demo.ipynb")
-        runner.prepare_book("none", root=folder, chapters=("demo",))
-    finally:
-        mp.undo()
+    demo_chapter(folder, CHAPTER, {"points": "3"})
     runner.check_glue(folder / "book")
-    toc = {"format": "jb-book", "root": "book/intro",
-           "parts": [{"caption": "Chapters", "chapters": [{"file": "book/chapters/demo"}, {"file": "book/references"}]},
-                     {"caption": "Appendix", "chapters": [{"glob": f"{runner.APPENDIX_DIR.as_posix()}/*"}]}]}
-    (folder / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    write_toc(folder, ["book/chapters/demo", "book/references"])
     return build_html(folder)
 
 

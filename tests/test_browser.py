@@ -14,22 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from atlas_core.book import runner
 from atlas_core.book.browser import (PROVENANCE_MARK, TABLE_PROBE, WIDTHS, BrowserError, Chromium, check_book,
                                      external_resources, find_chromium, provenance_problems, redirect_target,
                                      scale_problems, summary, svg_width_px, table_problems)
 from atlas_core.provenance import RunInfo, provenance_line
+from tinybook import HAVE_CHROMIUM, book_scaffold, demo_chapter, needs_chromium, write_toc
 
 ROOT = Path(__file__).resolve().parents[1]
-
-try:
-    find_chromium()
-    HAVE_CHROMIUM = True
-except BrowserError:
-    HAVE_CHROMIUM = False
-needs_chromium = pytest.mark.skipif(not HAVE_CHROMIUM, reason="no Chromium (bash atlas.sh setup installs it)")
 
 CHAPTER = """# %% [markdown]
 # # A glued chapter
@@ -166,35 +159,14 @@ def small_book(tmp_path_factory):
     chapter run through the runner with chapter_glue (run box, provenance lines, data files, appendix page)
     that passes every check, and a page (book/bad.md) that breaks each figure and table check once."""
     folder = tmp_path_factory.mktemp("book")
-    shutil.copy(ROOT / "_config.yml", folder / "_config.yml")
-    (folder / "book" / "chapters").mkdir(parents=True)
-    for name in ("references.bib", "references.md"):  # citations need the bibliography page
-        shutil.copy(ROOT / "book" / name, folder / "book" / name)
-    shutil.copytree(ROOT / "book" / "_ext", folder / "book" / "_ext")  # the book's Sphinx extension
-    shutil.copytree(ROOT / "book" / "_static", folder / "book" / "_static",
-                    ignore=shutil.ignore_patterns("mathjax"))  # its CSS and scripts
-    runner.install_mathjax(folder / "book" / "_static" / "mathjax")
+    book_scaffold(folder)
     (folder / "book" / "intro.md").write_text(INTRO)
     (folder / "book" / "bad.md").write_text(BAD_PAGE)
     (folder / "book" / "wide.svg").write_text(SVG.format(pt=750))  # 1,000 CSS px
     (folder / "book" / "narrow.svg").write_text(SVG.format(pt=150))
     (folder / "book" / "wide.csv").write_text("x,y\n0,0\n")
-    sources = folder / "notebooks"
-    sources.mkdir()
-    (sources / "demo.py").write_text(CHAPTER)
-    mp = pytest.MonkeyPatch()
-    mp.setenv(runner.NOTEBOOKS_ENV, str(sources))
-    try:
-        executed = runner.run_chapter("demo", "none", {}, folder / "results" / "none", sources / "demo.py")
-        shutil.copy(executed, folder / "book" / "chapters" / "demo.ipynb")
-        runner.prepare_book("none", root=folder, chapters=("demo",))
-    finally:
-        mp.undo()
-    toc = {"format": "jb-book", "root": "book/intro",
-           "parts": [{"caption": "Chapters", "chapters": [{"file": "book/chapters/demo"}, {"file": "book/bad"},
-                                                          {"file": "book/references"}]},
-                     {"caption": "Appendix", "chapters": [{"glob": f"{runner.APPENDIX_DIR.as_posix()}/*"}]}]}
-    (folder / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    demo_chapter(folder, CHAPTER, {})
+    write_toc(folder, ["book/chapters/demo", "book/bad", "book/references"])
     built = jupyter_book(folder, folder)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     return folder / "_build" / "html"

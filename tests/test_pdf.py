@@ -16,7 +16,7 @@ from pypdf.generic import (ArrayObject, DecodedStreamObject, DictionaryObject, F
 from atlas_core.book import pdf, runner
 from atlas_core.book.pdf import (BookPdf, PdfError, PrintedPage, TocEntry, assemble, check_pdf, contents_html,
                                  image_sizes, page_starts, toc_entries)
-from test_browser import needs_chromium  # skipped where no Chromium is installed
+from tinybook import needs_chromium  # skipped where no Chromium is installed
 
 ROOT = Path(__file__).resolve().parents[1]
 
