@@ -1,6 +1,7 @@
 """Value rules of every chapter: the shipped defaults pass, impossible values fail with their name."""
 
 import pytest
+import yaml
 
 from atlas_core.book import runner
 from atlas_core.book.chapter_params import RULES, ParameterValueError, check_values
@@ -233,3 +234,26 @@ def test_a_bad_list_element_exits_2_with_one_line(tmp_path, monkeypatch, capsys)
         assert main(["run", chapter, "--out", str(tmp_path), "-p", param, value, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and f"parameter '{param}'" in err and "Traceback" not in err, err
+
+
+def test_the_documented_parameter_sets_in_params_yaml_pass_the_pre_check():
+    """The commented-out sets in workflow/params.yaml (the full ablation for the cluster), uncommented as the
+    file tells a reader to (delete "# "), parse and pass their chapter's rules."""
+    text = runner.PARAMS_FILE.read_text()
+    lines = text.splitlines()
+    documented = [i for i, line in enumerate(lines) if line.lstrip().startswith("# ") and ": {" in line
+                  and line.split("# ", 1)[1].split(":")[0].strip() in runner.CHAPTERS]
+    assert documented, "no documented parameter set found in workflow/params.yaml"
+    for i in documented:
+        lines[i] = lines[i].replace("# ", "", 1)
+        j = i + 1
+        while not lines[i].rstrip().endswith("}"):
+            lines[i] += " " + lines[j].replace("#", "", 1).strip()
+            lines[j] = ""
+            j += 1
+    table = yaml.safe_load("\n".join(lines))
+    sets = [(chapter, values) for chapters in table.values() for chapter, values in (chapters or {}).items()
+            if chapter == "ablation"]
+    assert sets
+    for chapter, values in sets:
+        check_values(chapter, {**defaults(chapter), **runner.validate_parameters(defaults(chapter), values)})
