@@ -25,7 +25,8 @@ from atlas_core.intrinsic import layer_profile, per_head_dropped
 from atlas_core.models import LoadedModel
 from atlas_core.protocol import Protocol, intra_null, intra_null_summary, overlap_summary, protocol_overlap
 
-__all__ = ["AT_NULL", "measure_checkpoint", "null_verdict", "on_null", "partial_correlation"]
+__all__ = ["AT_NULL", "measure_checkpoint", "null_verdict", "on_null", "partial_correlation",
+           "unigram_perplexity"]
 
 AT_NULL = (claims.TIE, claims.EQUIVALENT)  # decisions of an overlap not distinguishable from its null
 
@@ -91,28 +92,61 @@ def on_null(main: dict) -> claims.Verdict:
 
 
 def null_verdict(sides: dict[str, claims.Verdict]) -> claims.Verdict:
-    """Whether every headline sits on its null, from ``on_null``'s verdicts.
+    """Whether every headline sits on its null, from ``on_null``'s verdicts, with equivalence kept apart from
+    "not distinguishable" (the first is evidence of no effect within the margin, the second only of too small
+    a sample to tell).
 
     Args:
         sides: {label (e.g. "base (seed 0) at end"): ``on_null`` verdict}, at least one.
     Returns:
-        label "on the null" (every decision not distinguishable from the null, or equivalent to it) or "off the
-        null"; text says how many and names each one off the null with its side; figures {"n", "n_at_null",
-        "off": [labels]}.
+        label "on the null" (no decision off the null) or "off the null"; text says how many lie off (naming
+        each with its side) and how the rest split into equivalent and not distinguishable; figures {"n",
+        "n_at_null", "n_equivalent", "n_tie", "off": [labels]}.
     Raises:
         ValueError: no verdicts.
     """
     if not sides:
         raise ValueError("null_verdict needs at least one verdict")
     off = {lab: v for lab, v in sides.items() if v.figures["decision"] not in AT_NULL}
-    n, figures = len(sides), {"n": len(sides), "n_at_null": len(sides) - len(off), "off": list(off)}
+    n_eq = sum(v.figures["decision"] == claims.EQUIVALENT for v in sides.values())
+    n = len(sides)
+    figures = {"n": n, "n_at_null": n - len(off), "n_equivalent": n_eq, "n_tie": n - len(off) - n_eq,
+               "off": list(off)}
+    split = (f"{n_eq} equivalent to it within ±{claims.OVERLAP_RULE.margin:g}, {figures['n_tie']} not "
+             f"distinguishable from it at this sample size")
     if not off:
-        return claims.Verdict(label="on the null", figures=figures,
-                              text=f"all {n} sit on their null (not distinguishable from it, or equivalent within "
-                                   f"±{claims.OVERLAP_RULE.margin:g})" if n > 1 else "it sits on its null")
+        return claims.Verdict(label="on the null", figures=figures, text=f"none of {n} lies off its null ({split})")
+    named = "; ".join(f"{lab} {v.text} it" for lab, v in off.items())
+    rest = f"; of the other {n - len(off)}, {split}" if len(off) < n else ""
     return claims.Verdict(label="off the null", figures=figures,
-                          text=f"{len(off)} of {n} lie off their null: " + "; ".join(f"{lab} {v.text} it"
-                                                                                  for lab, v in off.items()))
+                          text=f"{len(off)} of {n} lie off their null: {named}{rest}")
+
+
+def unigram_perplexity(train_tokens, held_out_tokens, vocab_size: int) -> float:
+    """Held-out perplexity of the unigram model of the training tokens (add-one smoothed): the floor a
+    language model must beat before it has learned anything beyond token frequencies.
+
+    Args:
+        train_tokens: (token,) integer ids the model was trained on.
+        held_out_tokens: (token,) or (block, token) integer ids it is evaluated on.
+        vocab_size: the vocabulary's size (ids lie in [0, vocab_size)).
+    Returns:
+        exp of the mean negative log-probability of the held-out tokens (every one, as predicted targets
+        are compared with a model's: callers pass the targets).
+    Raises:
+        ValueError: an id outside [0, vocab_size), or no tokens on either side.
+    Source: Laplace (add-one) smoothing, Jurafsky & Martin, *Speech and Language Processing*, 3rd ed., §3.5.
+    """
+    train = np.asarray(train_tokens).ravel()
+    held = np.asarray(held_out_tokens).ravel()
+    if train.size == 0 or held.size == 0:
+        raise ValueError("unigram_perplexity needs training and held-out tokens")
+    for name, ids in (("train_tokens", train), ("held_out_tokens", held)):
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"{name}: ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(math.exp(-log_p[held].mean()))
 
 
 def _partial_r(y: np.ndarray, x: np.ndarray, strata: np.ndarray) -> float:

@@ -113,6 +113,10 @@ SOURCE: dict[str, Source] = {
     "oh_scratch": Source(value=((32, 0.40), (64, 0.279), (128, 0.197), (256, 0.14)),
                          what="(d_head, O_h) of models trained from scratch; k not stated beside them (the protocol's 7 "
                               "assumed)", work="atlas", where="preprint, from-scratch models"),
+    "oh_scratch_d64_10": Source(value=0.2785, what="O_h of a model trained from scratch at 10% of training (d_head not stated; 64 by its value)",
+                                work="atlas", where="preprint, from-scratch models"),
+    "oh_scratch_d64_end": Source(value=0.2783, what="O_h of the same model at the end of training",
+                                 work="atlas", where="preprint, from-scratch models"),
     "intra_qwen": Source(value=0.482, what="O_h of GQA intra-group pairs, Qwen2.5-0.5B", work="atlas",
                          where="preprint, GQA intra-group pairs"),
     "intra_llama": Source(value=0.64, what="O_h of GQA intra-group pairs, Llama-3.1-8B (≈)", work="atlas",

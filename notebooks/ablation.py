@@ -22,8 +22,9 @@
 # matched-scale ablation over $d_\text{head}$, the number of KV heads (MHA, GQA, MQA), the position scheme
 # (RoPE or learned absolute positions) and the norm (RMSNorm or LayerNorm), with the plateau intrinsic
 # dimension as a possible mediator. It also reports models trained from scratch with $d_\text{head}$ =
-# 32, 64, 128 and 256 at $O_h$ = 0.40, 0.279, 0.197 and 0.14, and $O_h$ = 0.2785 at 10% of training
-# against 0.2783 at the end. {doc}`The previous chapter <crossarch>` found every published value within
+# {glue:text}`ab_src_d_heads:s` at $O_h$ = {glue:text}`ab_src_o_h:s`, and $O_h$ =
+# {glue:text}`ab_src_d64_10:s` at 10% of training against {glue:text}`ab_src_d64_end:s` at the end
+# (the $d_\text{head}$ is not stated beside these two; 64 by their value). {doc}`The previous chapter <crossarch>` found every published value within
 # a few hundredths of the overlap of random frames of the same size, a null that does not depend on
 # training at all. This chapter turns that reading into a measurement: it trains small models from
 # scratch, one per variant, and measures $O_h$ at initialisation, at 10% and 50% of training and at the
@@ -34,9 +35,9 @@
 # $d_\text{model}$ = {glue:text}`ab_d_model:d`, {glue:text}`ab_n_heads:d` query heads, a byte-level BPE
 # vocabulary of {glue:text}`ab_vocab_size:,d` tokens fitted on the training text, tied embeddings. Each
 # variant changes one axis of the base model and the MLP width absorbs what the change adds to or takes
-# from attention, so every variant holds the same number of parameters ({glue:text}`ab_n_params:s`).
-# Every run sees the same {glue:text}`ab_tokens:s` training tokens of the *plays* corpus in the same
-# order, from the part of the text after its evaluation split; the clouds and the held-out perplexity come
+# from attention, so the variants hold the same number of parameters to within one MLP column per layer
+# ({glue:text}`ab_n_params:s`). Every run of one seed sees the same {glue:text}`ab_tokens:s` training
+# tokens of the *plays* corpus in the same order, from the part of the text after its evaluation split; the clouds and the held-out perplexity come
 # from that evaluation split, which training never touches. The chapter trains its own models: the run's
 # `model` parameter (the book's default model) is not used, except to name the run.
 
@@ -76,16 +77,20 @@ import pandas as pd
 from atlas_core.progress import tqdm  # names the running chapter
 
 from atlas_core import claims
-from atlas_core.ablation import measure_checkpoint, null_verdict, on_null, partial_correlation
+from atlas_core.ablation import measure_checkpoint, null_verdict, on_null, partial_correlation, unigram_perplexity
 from atlas_core.cache import cache_dir, cache_key, file_sha256, jsonable, write_json
 from atlas_core.figures import color, figsize
 from atlas_core.geometry import haar_null
 from atlas_core.glue import chapter_glue, glue_key as key, listing, number, plural, with_ci
-from atlas_core.interval import spearman
+from atlas_core.interval import Bootstrap
+from atlas_core.intrinsic import PLATEAU_DEPTH
 from atlas_core.protocol import Protocol
 from atlas_core.train.config import ArchConfig, TrainConfig, variants as make_variants
 from atlas_core.train.loop import train
+from atlas_core.train.data import train_tokens
+from atlas_core.train.loop import held_out_blocks
 from atlas_core.train.model import load_checkpoint
+from atlas_core.train.tokenizer import load_tokenizer
 
 g = chapter_glue("ab", chapter="ablation", model=f"{model} (not used: models trained here)", corpus=corpus,
                  results_dir=results_dir)
@@ -112,7 +117,14 @@ g("n_layers", n_layers)
 g("d_model", d_model)
 g("n_heads", n_heads)
 g("vocab_size", vocab_size)
-g("n_params", f"{archs[variants[0]].n_parameters():,}")
+n_params = [archs[n].n_parameters() for n in variants]
+g("n_params", f"{min(n_params):,}" if min(n_params) == max(n_params) else f"{min(n_params):,}–{max(n_params):,}")
+src_scratch = claims.source("oh_scratch")
+g("src_d_heads", listing([str(d) for d, _ in src_scratch]))
+g("src_o_h", listing([f"{o:.{max(2, len(repr(o).split('.')[1]))}f}" for _, o in src_scratch]))  # as published: 0.40
+g("src_d64_10", f"{claims.source('oh_scratch_d64_10'):g}")
+g("src_d64_end", f"{claims.source('oh_scratch_d64_end'):g}")
+g("plateau_depth", f"{PLATEAU_DEPTH:g}")
 g("tokens", f"{tokens:,}")
 g("n_variants", len(variants))
 g("variants", listing(variants))
@@ -138,7 +150,7 @@ g("margin", f"{RULE.margin:g}")
 # shares the one KV head; that headline is judged against the shared-value null instead (heads reading the
 # same keys and values with independent queries, `atlas_core.intra_null`), as in {doc}`crossarch`. The
 # TwoNN dimension of every head is measured in every layer; its mean over heads against relative depth
-# gives the plateau (relative depth 0.9) and the peak, as {doc}`atlas` reads them.
+# gives the plateau (relative depth {glue:text}`ab_plateau_depth:s`) and the peak, as {doc}`atlas` reads them.
 
 # %%
 g("batch", f"{batch_size} × {train_seq_len} tokens")
@@ -170,20 +182,32 @@ def held_out(run, fraction: float) -> float:
     return math.exp(next(h["held_out_loss"] for h in run.history if h["step"] == step))
 
 
-variant_rows = []
+variant_rows, variant_data = [], []
 for name in variants:
     a = archs[name]
+    variant_data.append({"variant": name, "d_head": a.d_head, "n_kv_heads": a.n_kv_heads, "position": a.position,
+                         "norm": a.norm, "d_ff": a.d_ff, "n_parameters": a.n_parameters(),
+                         **{f"held_out_ppl_{when(f)}_seed{s}": held_out(runs[name, s], f) for s in seeds
+                            for f in CHECKPOINTS}})
     variant_rows.append({"variant": name, "d_head": a.d_head, "KV heads": a.n_kv_heads, "positions": a.position,
                          "norm": a.norm, "MLP width d_ff": a.d_ff, "parameters": f"{a.n_parameters():,}",
                          **{f"held-out perplexity, {when(f)} (seed {seeds[0]})": f"{held_out(runs[name, seeds[0]], f):.1f}"
                             for f in (0.0, 1.0)}})
 variant_table = pd.DataFrame(variant_rows).set_index("variant")
-g.table("variants_table", variant_table, sample=f"{tokens:,} training tokens per run; perplexity on "
+g.table("variants_table", variant_table, data=pd.DataFrame(variant_data).set_index("variant"), sample=f"{tokens:,} training tokens per run; perplexity on "
         f"{plural(eval_blocks, 'held-out block')} of {train_seq_len} tokens")
 ppl_init = [held_out(runs[n, seeds[0]], 0.0) for n in variants]
 ppl_end = [held_out(runs[n, seeds[0]], 1.0) for n in variants]
 g("ppl_init", f"{min(ppl_init):.0f}–{max(ppl_init):.0f}")
 g("ppl_end", f"{min(ppl_end):.1f}–{max(ppl_end):.1f}")
+bpe = load_tokenizer(corpus, vocab_size)
+ppl_unigram = unigram_perplexity(train_tokens(bpe, corpus).numpy(), held_out_blocks(bpe, run_cfg)[:, 1:].numpy(), len(bpe))
+g("ppl_unigram", f"{ppl_unigram:.1f}")
+g("ppl_end_vs_unigram", f"{min(ppl_end) / ppl_unigram:.2f}–{max(ppl_end) / ppl_unigram:.2f}")
+g("beyond_unigram", "every model ends below it, so each learned more than token frequencies"
+  if max(ppl_end) < ppl_unigram else "not every model ends below it: some have not yet caught up with token frequencies")
+g("tokens_per_param", f"{tokens / max(n_params):.3f}")
+g("epochs", f"{run_cfg.n_steps * batch_size * train_seq_len / len(train_tokens(bpe, corpus)):.2f}")
 
 # %% [markdown]
 # ```{glue:figure} ab_variants_table
@@ -196,8 +220,14 @@ g("ppl_end", f"{min(ppl_end):.1f}–{max(ppl_end):.1f}")
 # {glue:md}`ab_variants_table_prov:myst`
 # ```
 #
-# The models learned: held-out perplexity falls from {glue:text}`ab_ppl_init:s` at initialisation (about
-# the vocabulary size, as it must for a random model) to {glue:text}`ab_ppl_end:s` at the end. Training
+# Held-out perplexity falls from {glue:text}`ab_ppl_init:s` at initialisation (about the vocabulary size,
+# as it must for a random model) to {glue:text}`ab_ppl_end:s` at the end. The unigram model of the training
+# text (token frequencies alone, add-one smoothed: `atlas_core.ablation.unigram_perplexity`) reads
+# {glue:text}`ab_ppl_unigram:s` on the same blocks; the trained models end at
+# {glue:text}`ab_ppl_end_vs_unigram:s` of it: {glue:text}`ab_beyond_unigram:s`. Training is short: {glue:text}`ab_tokens:s` tokens are {glue:text}`ab_tokens_per_param:s`
+# tokens per parameter ({glue:text}`ab_epochs:s` of an epoch of the training text), where compute-optimal
+# training takes about 20 {cite:p}`hoffmann2022chinchilla`. Every statement below about training is
+# about this early stretch of it; the larger runs at the end of the chapter take it further. Training
 # took {glue:text}`ab_train_minutes:s` minutes in this run (0 when the checkpoints were already there) and
 # the measurements {glue:text}`ab_measure_minutes:s`.
 #
@@ -293,6 +323,8 @@ for j, name in enumerate(variants):
         m = r["main"]
         x = math.sqrt(k / r["d_head"]) * (1 + 0.012 * (j - len(variants) / 2))  # spread the variants sideways
         inter = m["pairs"] == "inter"
+        if not inter:  # the multi-query headline's own chance level: heads reading the same keys and values
+            ax.plot([x], [m["intra_null_mean"]], "_", color="0.2", ms=9, mew=1.5)
         ax.errorbar([x], [m["o_h"]], yerr=[[m["o_h"] - m["ci"][0]], [m["ci"][1] - m["o_h"]]], fmt=CKPT_MARKERS[fraction],
                     color=color(name), mfc=None if inter else "white", ms=4)
         if inter:
@@ -300,12 +332,15 @@ for j, name in enumerate(variants):
         sqrt_rows.append({"series": name, "seed": seed, "fraction": fraction, "d_head": r["d_head"],
                           "sqrt_k_over_d": math.sqrt(k / r["d_head"]), "o_h": m["o_h"], "ci_lo": m["ci"][0],
                           "ci_hi": m["ci"][1], "null_mean": m["null_mean"], "null_std": m["null_std"], "z": m["z"],
-                          "pairs": m["pairs"]})
+                          "pairs": m["pairs"], "shared_value_null_mean": m["intra_null_mean"],
+                          "shared_value_null_std": m["intra_null_std"]})
     ax.plot([], [], "o", color=color(name), label=name + ("" if archs[name].n_kv_heads > 1 else " (MQA, open)"))
 for fraction, marker in CKPT_MARKERS.items():
     ax.plot([], [], marker, color="0.4", mfc="none", label=f"checkpoint: {when(fraction)}")
+if any(archs[n].n_kv_heads == 1 for n in variants):
+    ax.plot([], [], "_", color="0.2", ms=9, mew=1.5, label="shared-value null (MQA's chance level)")
 src = claims.source("oh_scratch")
-ax.plot([math.sqrt(k / d) for d, _ in src], [o for _, o in src], "s", mfc="none", mec="0.2", ms=7,
+ax.plot([math.sqrt(k / d) for d, _ in src], [o for _, o in src], "*", mfc="none", mec="0.2", ms=9,
         label="source: from scratch (published)")
 sqrt_rows += [{"series": "source: from scratch", "d_head": d, "sqrt_k_over_d": math.sqrt(k / d), "o_h": o,
                "null_mean": pair_null[d]} for d, o in src]
@@ -331,8 +366,9 @@ g("src_dev_max", f"{max(abs(v) for v in src_dev.values()):.3f}")
 # :name: fig-ab-sqrt
 #
 # (a) $O_h$ of every variant at every checkpoint (marker: checkpoint; colour: variant; open: the
-# multi-query headline, intra-group pairs only) against $\sqrt{k/d_\text{head}}$, with the Haar null and
-# the source's published from-scratch values (open squares). (b) The $z$-score of each inter-group
+# multi-query headline, intra-group pairs only, with its own chance level, the shared-value null, as a
+# black dash beside it) against $\sqrt{k/d_\text{head}}$, with the Haar null and the source's published
+# from-scratch values (open stars). (b) The $z$-score of each inter-group
 # headline against the Haar null over training; the band is the rule's $|z| \le$ {glue:text}`ab_z_crit:.2f`.
 #
 # {glue:md}`ab_fig_sqrt_prov:myst`
@@ -349,32 +385,39 @@ g("src_dev_max", f"{max(abs(v) for v in src_dev.values()):.3f}")
 # correlation of per-head overlap with per-head $d_\text{int}$, $d_\text{head}$ held fixed (both centred
 # within each $d_\text{head}$; `atlas_core.ablation.partial_correlation`), over every head of every layer
 # of every variant with inter-group pairs (the multi-query variant has none), with a 95% bootstrap interval
-# that resamples heads within each $d_\text{head}$. Beside it, Spearman's $\rho$ over the same heads
-# without holding $d_\text{head}$ fixed, which mixes the two.
+# that resamples heads within each $d_\text{head}$. Beside it, the same statistic with $d_\text{head}$ not
+# held fixed (one stratum: Pearson's $r$ over the same heads), which mixes the two. Heads are not
+# independent units (a head's mean overlap averages pairs it shares with other heads), so these intervals
+# are, if anything, too narrow.
 
 # %%
-mediation, med_rows = {}, []
+mediation, med_rows, med_data = {}, [], []
+boot = Bootstrap(n_resamples=n_boot)
 for fraction in CHECKPOINTS:
     pooled = [(r["heads"], r["d_head"]) for (n, s, f), r in results.items()
               if f == fraction and r["main"]["pairs"] == "inter"]
     y = np.concatenate([h["overlap"] for h, _ in pooled])
     x = np.concatenate([h["d_int"] for h, _ in pooled])
     strata = np.concatenate([[d] * len(h["overlap"]) for h, d in pooled])
-    est = partial_correlation(y, x, strata)
-    raw = spearman(x, y)
-    mediation[fraction] = {"partial": est, "spearman": raw, "n_heads": len(y), "n_strata": len(set(strata.tolist())),
+    est = partial_correlation(y, x, strata, boot)
+    raw = partial_correlation(y, x, np.zeros(len(y)), boot)  # one stratum: Pearson's r, d_head not held fixed
+    mediation[fraction] = {"partial": est, "pearson": raw, "n_heads": len(y), "n_strata": len(set(strata.tolist())),
                            "decision": claims.decide(est, 0.0, claims.RULE)}
     med_rows.append({"checkpoint": when(fraction), "heads": len(y), "d_head strata": len(set(strata.tolist())),
                      "partial r, d_head fixed [95% CI]": with_ci(est.value, (est.lo, est.hi)),
                      "by the rule": mediation[fraction]["decision"].text,
-                     "Spearman ρ, d_head not fixed [95% CI]": with_ci(raw.value, (raw.lo, raw.hi))})
+                     "Pearson r, d_head not fixed [95% CI]": with_ci(raw.value, (raw.lo, raw.hi))})
+    med_data.append({"fraction": fraction, "heads": len(y), "strata": len(set(strata.tolist())),
+                     "partial_r": est.value, "partial_r_lo": est.lo, "partial_r_hi": est.hi,
+                     "decision": mediation[fraction]["decision"].label,
+                     "pearson_r": raw.value, "pearson_r_lo": raw.lo, "pearson_r_hi": raw.hi})
 med_table = pd.DataFrame(med_rows).set_index("checkpoint")
-g.table("mediation_table", med_table, sample=f"every head of every layer of the variants with inter-group pairs, {SAMPLE.split(', deepest')[0]}")
+g.table("mediation_table", med_table, data=pd.DataFrame(med_data).set_index("fraction"), sample=f"every head of every layer of the variants with inter-group pairs, {SAMPLE.split(', deepest')[0]}")
 end = mediation[1.0]
 g.estimate("partial_end", end["partial"], ".3f")
 g("partial_end_verdict", end["decision"].text)
 g("n_heads_end", end["n_heads"])
-g("spearman_end_ci", with_ci(end["spearman"].value, (end["spearman"].lo, end["spearman"].hi)))
+g("pearson_end_ci", with_ci(end["pearson"].value, (end["pearson"].lo, end["pearson"].hi)))
 g("partial_init_ci", with_ci(mediation[0.0]["partial"].value, (mediation[0.0]["partial"].lo, mediation[0.0]["partial"].hi)))
 
 # %% [markdown]
@@ -382,24 +425,26 @@ g("partial_init_ci", with_ci(mediation[0.0]["partial"].value, (mediation[0.0]["p
 # :name: tbl-ab-mediation
 #
 # Per-head overlap against per-head TwoNN dimension at each checkpoint: the partial correlation with
-# $d_\text{head}$ held fixed (the number the verdict rests on) and, for contrast, the plain Spearman
-# $\rho$. "distinguishable" means the 95% interval excludes 0.
+# $d_\text{head}$ held fixed (the number the verdict rests on) and, for contrast, the same correlation
+# with $d_\text{head}$ not held fixed (Pearson's $r$). "distinguishable" means the 95% interval excludes 0.
 #
 # {glue:md}`ab_mediation_table_prov:myst`
 # ```
 #
 # At the end of training, over {glue:text}`ab_n_heads_end:d` heads, the partial correlation is
 # {glue:text}`ab_partial_end_ci:s`: {glue:text}`ab_partial_end_verdict:s` (at initialisation:
-# {glue:text}`ab_partial_init_ci:s`). Without holding $d_\text{head}$ fixed, Spearman's $\rho$ is
-# {glue:text}`ab_spearman_end_ci:s`: whatever part of it the partial correlation does not keep comes from
-# $d_\text{head}$, which moves both the null of $O_h$ and the room the clouds have.
+# {glue:text}`ab_partial_init_ci:s`). Without holding $d_\text{head}$ fixed, Pearson's $r$ is
+# {glue:text}`ab_pearson_end_ci:s`: the two differ only by the $d_\text{head}$ strata, so whatever part of
+# it the partial correlation does not keep comes from $d_\text{head}$, which moves both the null of $O_h$
+# and the room the clouds have.
 #
 # ## Larger runs
 #
-# The defaults fit a two-core CPU in about ten minutes: {glue:text}`ab_n_variants:d` variants, one seed,
-# {glue:text}`ab_tokens:s` tokens each. The issue's full ablation, more tokens and two or more seeds, runs
-# through the workflow's cluster profile or on a GPU with the parameters below (the `device` parameter
-# places training on the GPU; measurement is on the CPU):
+# This run trained {glue:text}`ab_n_variants:d` variants with seed(s) {glue:text}`ab_seeds:s`,
+# {glue:text}`ab_tokens:s` tokens each; the chapter's default parameters are sized for about ten minutes on
+# two CPU cores. The source's full ablation, more tokens, a larger base and three seeds, is one parameter
+# set, commented out in `workflow/params.yaml` for the workflow and its cluster profile, or by hand on a GPU
+# (the `device` parameter places training on the GPU; measurement is on the CPU):
 #
 # ```
 # atlas run ablation -p seeds '[0, 1, 2]' -p tokens 20000000 -p d_model 256 -p n_layers 6 -p n_heads 8 \
@@ -445,7 +490,7 @@ write_json(out / "ablation.json", jsonable({
     "runs": {f"{n}-s{s}": {"folder": str(r.out_dir), "history": r.history} for (n, s), r in runs.items()},
     "checkpoints": [{"variant": n, "seed": s, "fraction": f, **r, "decision": decisions[n, s, f].figures}
                     for (n, s, f), r in results.items()],
-    "mediation": {str(f): {"partial": v["partial"].as_dict(), "spearman": v["spearman"].as_dict(),
+    "mediation": {str(f): {"partial": v["partial"].as_dict(), "pearson": v["pearson"].as_dict(),
                            "n_heads": v["n_heads"], "decision": v["decision"].label} for f, v in mediation.items()},
     "verdict": verdict.text, "seconds": {"train": train_s, "measure": measure_s},
     "params": {"variants": variants, "seeds": seeds, "d_heads": d_heads, "tokens": tokens, "k": k, "n_points": n_points,

@@ -1,11 +1,13 @@
 """The ablation chapter's numbers (atlas_core.ablation): the protocol on a checkpoint, the reading against the
 right null, and the mediation statistic on data whose answer is known."""
 
+import math
+
 import numpy as np
 import pytest
 
 from atlas_core import claims
-from atlas_core.ablation import measure_checkpoint, null_verdict, on_null, partial_correlation
+from atlas_core.ablation import measure_checkpoint, null_verdict, on_null, partial_correlation, unigram_perplexity
 from atlas_core.clouds import head_clouds, kv_groups
 from atlas_core.geometry import head_mean_overlap, layer_overlap
 from atlas_core.interval import Bootstrap
@@ -72,9 +74,33 @@ def test_null_verdict_names_every_headline_off_its_null():
     inter = {"pairs": "inter", "null_std": 0.004, "intra_null_z": None, "intra_null_std": None}
     on = {f"v{i}": on_null({**inter, "z": z}) for i, z in enumerate((0.1, -1.0, 1.5))}
     assert null_verdict(on).label == "on the null" and null_verdict(on).figures["n_at_null"] == 3
+    assert null_verdict(on).figures["n_equivalent"] + null_verdict(on).figures["n_tie"] == 3
     off = null_verdict({**on, "mqa at end": on_null({**inter, "z": 6.0}), "base at init": on_null({**inter, "z": -3.0})})
     assert off.label == "off the null" and off.figures["off"] == ["mqa at end", "base at init"]
-    assert off.text == "2 of 5 lie off their null: mqa at end lies above it; base at init lies below it"
+    assert off.text.startswith("2 of 5 lie off their null: mqa at end lies above it; base at init lies below it; "
+                               "of the other 3, ")
+
+
+def test_null_verdict_keeps_equivalent_apart_from_not_distinguishable():
+    """A small null s.d. and z near 0 is equivalence (evidence); a wide null with |z| < 2 is only a tie."""
+    inter = {"pairs": "inter", "intra_null_z": None, "intra_null_std": None}
+    eq = on_null({**inter, "z": 0.1, "null_std": 0.001})  # ±2 s.d. = ±0.002, inside ±0.01
+    tie = on_null({**inter, "z": 1.0, "null_std": 0.02})  # ±2 s.d. = ±0.04 reaches past ±0.01
+    assert eq.figures["decision"] == claims.EQUIVALENT and tie.figures["decision"] == claims.TIE
+    v = null_verdict({"a": eq, "b": tie, "c": tie})
+    assert v.figures["n_equivalent"] == 1 and v.figures["n_tie"] == 2
+    assert v.text == "none of 3 lies off its null (1 equivalent to it within ±0.01, 2 not distinguishable from it at this sample size)"
+
+
+def test_unigram_perplexity_is_the_smoothed_frequency_model():
+    train = np.array([0, 0, 0, 1])  # counts + 1: 4, 2, 1 over 7
+    assert unigram_perplexity(train, [0, 1], 3) == pytest.approx(math.exp(-(math.log(4 / 7) + math.log(2 / 7)) / 2))
+    uniform = unigram_perplexity(np.arange(50), np.arange(50), 50)
+    assert uniform == pytest.approx(50.0)  # every count equal: the vocabulary size
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        unigram_perplexity(train, [3], 3)
+    with pytest.raises(ValueError, match="needs"):
+        unigram_perplexity([], [1], 3)
     with pytest.raises(ValueError):
         null_verdict({})
 

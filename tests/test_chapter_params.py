@@ -72,6 +72,12 @@ def test_shipped_defaults_pass(chapter):
     ("ablation", "k", 32, "k = 32"),  # not below the base's d_head 32
     ("ablation", "n_layers", 1, "must be ≥ 2"),
     ("ablation", "device", "tpu", "choose from cpu, cuda, auto"),
+    ("ablation", "variants", ["mqa"], "needs a variant with more than one KV head"),  # failed in the kernel
+    ("ablation", "seeds", [0, 0], "lists a value twice"),
+    ("ablation", "variants", ["base", "base"], "lists a value twice"),
+    ("ablation", "lr", 0.0, "lr must be a finite number above 0"),  # was blamed on 'tokens'
+    ("ablation", "n_heads", 3, "unknown ['gqa2'] with n_heads = 3"),  # was blamed on the default variants alone
+    ("ablation", "eval_blocks", 100000, "holds 9622 blocks"),  # failed in the kernel
     ("models", "corpora", ["britannica", "no-such-corpus"], "unknown corpus"),
 ])
 def test_impossible_values_are_named(chapter, name, value, message):

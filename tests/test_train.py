@@ -207,6 +207,7 @@ def test_variants_are_matched_and_change_one_axis():
     (ArchConfig, {"n_kv_heads": 3}, "n_kv_heads"),
     (ArchConfig, {"d_model": 0}, "d_model"),
     (ArchConfig, {"d_head": 7}, "d_head"),
+    (ArchConfig, {"d_head": 7, "position": "learned"}, "d_head"),  # transformers' LlamaConfig refused it, traceback
     (ArchConfig, {"position": "alibi"}, "position"),
     (ArchConfig, {"norm": "batchnorm"}, "norm"),
     (ArchConfig, {"vocab_size": 100}, "vocab_size"),
@@ -215,6 +216,7 @@ def test_variants_are_matched_and_change_one_axis():
     (TrainConfig, {"min_lr": 1.0}, "min_lr"),
     (TrainConfig, {"tokens": 10}, "tokens"),
     (TrainConfig, {"checkpoints": (0.5, 1.5)}, "checkpoints"),
+    (TrainConfig, {"checkpoints": (0.0, 0.5)}, "checkpoints"),  # the final weights never saved, every rerun retrained
     (TrainConfig, {"device": "tpu"}, "device"),
     (TrainConfig, {"warmup_fraction": 1.0}, "warmup_fraction"),
     (TrainConfig, {"batch_size": True}, "batch_size"),
@@ -231,6 +233,12 @@ def test_configs_round_trip_through_json_and_refuse_unknown_fields():
     assert from_dict(ArchConfig, json.loads(json.dumps(ARCH.as_dict()))) == ARCH
     with pytest.raises(ValueError, match="ArchConfig has no field 'n_head'"):
         from_dict(ArchConfig, {"n_head": 4})
+
+
+def test_too_few_held_out_blocks_are_refused_before_the_run_folder_is_written(tmp_path):
+    with pytest.raises(ValueError, match="were asked for"):
+        loop.train(ARCH, CFG.replace(eval_blocks=10**6), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # no run.json left behind
 
 
 def test_seq_len_beyond_positions_is_refused(tmp_path):

@@ -39,6 +39,8 @@ def write(path, obj) -> str:
     (["{no_file}"], "cannot be read"),
     (["{bad_corpus}"], "unknown corpus"),
     (["base", "--out", "{a_file}"], "is a file"),
+    (["base", "--out", "{a_file}/sub"], "is a file, not a folder"),  # was a NotADirectoryError traceback
+    (["base", "--out", ""], "--out is empty"),  # trained into the current folder
 ])
 def test_bad_values_exit_2_with_one_line(argv, word, tripwire, tmp_path, capsys):
     files = {"bad_field": write(tmp_path / "f.json", {"arch": {"heads": 4}}),
@@ -48,7 +50,7 @@ def test_bad_values_exit_2_with_one_line(argv, word, tripwire, tmp_path, capsys)
              "bad_corpus": write(tmp_path / "c.json", {"train": {"corpus": "no-such-corpus"}}),
              "a_file": write(tmp_path / "file.txt", "x")}
     argv = [a.format(**files) for a in argv]
-    if "--out" not in argv:
+    if "--out" not in argv:  # (an empty --out is refused, so nothing is made in the current folder)
         argv += ["--out", str(tmp_path / "run")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -429,8 +429,11 @@ def _certified(p: dict, models: list[str]) -> None:
 
 def _ablation(p: dict) -> None:
     """The models trained here: the library's configs and variants (``train.config``) decide what can be built."""
+    from atlas_core.corpus import check_corpus
     from atlas_core.geometry import check_rank
     from atlas_core.train.config import DEVICES, ArchConfig, TrainConfig, check_pair, variants
+    from atlas_core.train.loop import held_out_blocks, resolve_device
+    from atlas_core.train.tokenizer import load_tokenizer
 
     _ints(p, "d_model", "n_layers", "n_heads", "vocab_size", "tokens", "batch_size", "train_seq_len", "eval_blocks",
           "k", "n_points", "n_blocks", "seq_len", "n_boot", "null_draws", "d_heads")
@@ -438,18 +441,34 @@ def _ablation(p: dict) -> None:
     _ints(p, "seeds", low=0)
     _names(p, "device", DEVICES)
     _number(p, "lr", 0.0, 1.0)
+    for name in ("seeds", "variants", "d_heads"):  # a repeat would train and count the same run twice
+        if len(set(map(str, p[name]))) < len(p[name]):
+            _fail(name, p[name], "lists a value twice")
     if p["n_layers"] < 2:
         _fail("n_layers", p["n_layers"], "must be ≥ 2 (the depth profile reads the plateau between layers)")
     base = _as("d_heads", p["d_heads"], lambda: ArchConfig(
         d_model=p["d_model"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_heads"],
         d_head=p["d_heads"][0], vocab_size=p["vocab_size"], max_positions=max(256, p["train_seq_len"], p["seq_len"])))
     table = _as("d_heads", p["d_heads"], lambda: variants(base, tuple(p["d_heads"])))
-    _names(p, "variants", tuple(table))
-    cfg = _as("tokens", p["tokens"], lambda: TrainConfig(
-        corpus=p["corpus"], tokens=p["tokens"], batch_size=p["batch_size"], seq_len=p["train_seq_len"], lr=p["lr"],
-        min_lr=p["lr"] / 10, eval_blocks=p["eval_blocks"],
-        device=p["device"]))
+    unknown = [v for v in p["variants"] if v not in table]
+    if unknown:
+        _fail("variants", p["variants"], f"unknown {unknown} with n_heads = {p['n_heads']} and d_heads = "
+                                         f"{p['d_heads']}; choose from {', '.join(table)}")
+    if all(table[v].n_kv_heads == 1 for v in p["variants"]):
+        _fail("variants", p["variants"], "needs a variant with more than one KV head (the main headline and the "
+                                         "mediation read pairs of heads from different KV groups)")
+    train_fields = {"lr": "lr", "tokens": "tokens", "batch_size": "batch_size", "seq_len": "train_seq_len",
+                    "eval_blocks": "eval_blocks", "device": "device", "corpus": "corpus"}
+    try:
+        cfg = TrainConfig(corpus=p["corpus"], tokens=p["tokens"], batch_size=p["batch_size"], seq_len=p["train_seq_len"],
+                          lr=p["lr"], min_lr=p["lr"] / 10, eval_blocks=p["eval_blocks"], device=p["device"])
+    except ValueError as err:  # blamed on the parameter the library's message names
+        field = next((f for f in train_fields if str(err).startswith(f)), "tokens")
+        _fail(train_fields[field], p[train_fields[field]], str(err))
     _as("train_seq_len", p["train_seq_len"], lambda: check_pair(base, cfg))
+    _as("device", p["device"], lambda: resolve_device(p["device"]))
+    _as("corpus", p["corpus"], lambda: check_corpus(p["corpus"]))
+    _as("eval_blocks", p["eval_blocks"], lambda: held_out_blocks(load_tokenizer(p["corpus"], p["vocab_size"]), cfg))
     _cloud(p, "n_points", p["corpus"], 0)
     for name in p["variants"]:  # k below every trained head's width
         _as("k", p["k"], lambda name=name: check_rank(p["k"], table[name].d_head, p["n_points"]))

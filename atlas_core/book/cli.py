@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:
-        print("atlas: interrupted (finished chapter runs are kept; the same command resumes)", file=sys.stderr)
+        print("atlas: interrupted (finished work is kept: chapter runs, training checkpoints; the same command "
+              "resumes)", file=sys.stderr)
         return 130
 
 
@@ -85,8 +86,16 @@ def _given(args, **flags) -> dict:
 KV = "atlas_core.kvquant.experiment"  # the KV methods' constants (METHODS, CONTROLS, BASES, ENGINES)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with a bad option reported in one line (what was wrong, where the options are listed), exit 2,
+    instead of the usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="atlas", description=__doc__)
+    p = _OneLineParser(prog="atlas", description=__doc__)
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
     m = sub.add_parser("models", help="list the embedded models and their attention shapes")

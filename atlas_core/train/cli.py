@@ -77,17 +77,36 @@ def _from_json(path: Path) -> tuple[ArchConfig, TrainConfig]:
     return from_dict(ArchConfig, spec.get("arch", {})), from_dict(TrainConfig, spec.get("train", {}))
 
 
+def check_out_folder(out: str) -> Path:
+    """``--out`` as a folder that is or can be made: not empty, not a file, and under a writable folder.
+
+    Raises:
+        ValueError: the path is empty, is a file, has a file among its parents, or cannot be written (named).
+    """
+    if not str(out).strip():
+        raise ValueError("--out is empty; give the run's folder")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder; give a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: cannot write in {parent}; give a folder you can write to")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the run, train it, print each checkpoint and the last held-out loss; returns 0."""
     arch, cfg = resolve(args.config, args.tokens, args.seed, args.device)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
+    out = check_out_folder(args.out)
     from atlas_core.train.loop import train  # torch and transformers only once the values pass
 
     result = train(arch, cfg, out, progress=not args.no_progress)
     last = result.history[-1]
-    print(f"{arch.n_parameters():,} parameters, {cfg.n_steps} steps; held-out loss {result.history[0]['held_out_loss']:.3f}"
+    print(f"{arch.n_parameters():,} parameters, {cfg.n_steps} step{'s' * (cfg.n_steps != 1)}; held-out loss {result.history[0]['held_out_loss']:.3f}"
           f" -> {last['held_out_loss']:.3f} nats/token")
     for fraction, folder in result.checkpoints.items():
         print(f"  {fraction:g}: {folder}")

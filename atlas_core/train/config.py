@@ -83,6 +83,9 @@ class ArchConfig:
         _positive_float(self, "rope_theta")
         if self.position == "rope" and self.d_head % 2:
             raise ValueError(f"d_head must be even under RoPE (it rotates pairs of coordinates), got {self.d_head}")
+        if self.d_head % 2:  # learned positions are built on transformers' LlamaConfig, which checks RoPE's rule anyway
+            raise ValueError(f"d_head must be even (the model is built on transformers' LlamaConfig, which requires it "
+                             f"even with learned positions), got {self.d_head}")
         if self.vocab_size < 257:
             raise ValueError(f"vocab_size must be at least 257 (256 bytes and one special token), got {self.vocab_size}")
 
@@ -243,6 +246,8 @@ class TrainConfig:
         if not self.checkpoints or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1
                                            for f in self.checkpoints):
             raise ValueError(f"checkpoints must be fractions of training in [0, 1], got {self.checkpoints!r}")
+        if 1.0 not in self.checkpoints:  # without it the trained weights are never saved and every rerun retrains the tail
+            raise ValueError(f"checkpoints must include 1.0 (the end of training), got {self.checkpoints!r}")
         _choice(self, "device", DEVICES)
         if not isinstance(self.corpus, str) or not self.corpus:
             raise ValueError(f"corpus must be a corpus name or a text file path, got {self.corpus!r}")

@@ -144,6 +144,8 @@ def train(arch: ArchConfig, cfg: TrainConfig, out_dir: str | Path, resume: bool 
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.corpus, arch.vocab_size)  # a corpus that cannot load fails before the folder is made
+    stream = data.train_tokens(tokenizer, cfg.corpus)  # so does one too short for the held-out blocks: nothing half-written
+    blocks = held_out_blocks(tokenizer, cfg)
     _claim(out_dir, arch, cfg)
     latest = latest_checkpoint(out_dir)
     if latest is not None and not resume:
@@ -154,8 +156,6 @@ def train(arch: ArchConfig, cfg: TrainConfig, out_dir: str | Path, resume: bool 
     history, start = [], 0
     if latest is not None:
         start, history = _restore(latest, model, optimizer, device)
-    stream = data.train_tokens(tokenizer, cfg.corpus)
-    blocks = held_out_blocks(tokenizer, cfg)
     saves = _fractions_by_step(cfg)
     pending: list[float] = []  # training losses since the last history entry
     bar = tqdm(total=cfg.n_steps, initial=start, desc="train", disable=not progress, unit="step")
