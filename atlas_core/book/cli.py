@@ -133,8 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--source", default=None, help="a jupytext file to run instead of notebooks/CHAPTER.py")
     r.set_defaults(func=_run)
 
-    b = sub.add_parser("book", help="run every chapter on the default model, then build the HTML book")
-    b.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    b = sub.add_parser("book", help="run every chapter on the default model, then build the HTML book",
+                       description="Run every chapter (the Snakemake workflow; chapters already up to date are "
+                       "kept), build the HTML book offline into _build/html and check it in headless Chromium. "
+                       "A first build on two CPU cores takes a few hours; an interrupted one resumes where it "
+                       "stopped. Progress: one bar per running chapter, logs in results/<model>/logs/.")
+    b.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                   help="chapters run side by side, one BLAS thread each (default: the CPU count)")
     b.add_argument("--models", nargs="+", default=[DEFAULT_MODEL],
                    help="models to run every chapter on (results/<model>/), or 'all' (every embedded model, the "
                    "default first); the chapters show the first, the 'Per-model runs' appendix every other, "
