@@ -203,6 +203,8 @@ g("ppl_end", f"{min(ppl_end):.1f}–{max(ppl_end):.1f}")
 bpe = load_tokenizer(corpus, vocab_size)
 ppl_unigram = unigram_perplexity(train_tokens(bpe, corpus).numpy(), held_out_blocks(bpe, run_cfg)[:, 1:].numpy(), len(bpe))
 g("ppl_unigram", f"{ppl_unigram:.1f}")
+g("base_d_ff", archs[variants[0]].d_ff)
+g("base_ff_ratio", f"{archs[variants[0]].d_ff / d_model:.1f}")
 g("ppl_end_vs_unigram", f"{min(ppl_end) / ppl_unigram:.2f}–{max(ppl_end) / ppl_unigram:.2f}")
 g("beyond_unigram", "every model ends below it, so each learned more than token frequencies"
   if max(ppl_end) < ppl_unigram else "not every model ends below it: some have not yet caught up with token frequencies")
@@ -220,12 +222,20 @@ g("epochs", f"{run_cfg.n_steps * batch_size * train_seq_len / len(train_tokens(b
 # {glue:md}`ab_variants_table_prov:myst`
 # ```
 #
+# Matching parameters through the MLP has two consequences a reader should keep in mind. The MLPs are wide:
+# the base model's $d_\text{ff}$ is {glue:text}`ab_base_d_ff:d`, {glue:text}`ab_base_ff_ratio:s` ×
+# $d_\text{model}$, where Llama's SwiGLU uses 8/3 ≈ 2.7 ×, because every variant is widened to the
+# parameter count of the one with the widest attention. And the $d_\text{head}$ axis keeps the number of
+# heads, so the attention width $n_\text{heads} d_\text{head}$ grows with $d_\text{head}$ instead of staying
+# at $d_\text{model}$; the geometry measured here is that of each head's own $d_\text{head}$-dimensional
+# space, which is what the null is drawn in.
+#
 # Held-out perplexity falls from {glue:text}`ab_ppl_init:s` at initialisation (about the vocabulary size,
 # as it must for a random model) to {glue:text}`ab_ppl_end:s` at the end. The unigram model of the training
 # text (token frequencies alone, add-one smoothed: `atlas_core.ablation.unigram_perplexity`) reads
 # {glue:text}`ab_ppl_unigram:s` on the same blocks; the trained models end at
-# {glue:text}`ab_ppl_end_vs_unigram:s` of it: {glue:text}`ab_beyond_unigram:s`. Training is short: {glue:text}`ab_tokens:s` tokens are {glue:text}`ab_tokens_per_param:s`
-# tokens per parameter ({glue:text}`ab_epochs:s` of an epoch of the training text), where compute-optimal
+# {glue:text}`ab_ppl_end_vs_unigram:s` of it: {glue:text}`ab_beyond_unigram:s`. Training is short:
+# {glue:text}`ab_tokens:s` tokens are {glue:text}`ab_tokens_per_param:s` tokens per parameter ({glue:text}`ab_epochs:s` of an epoch of the training text), where compute-optimal
 # training takes about 20 {cite:p}`hoffmann2022chinchilla`. Every statement below about training is
 # about this early stretch of it; the larger runs at the end of the chapter take it further. Training
 # took {glue:text}`ab_train_minutes:s` minutes in this run (0 when the checkpoints were already there) and
