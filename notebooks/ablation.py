@@ -143,7 +143,7 @@ g("margin", f"{RULE.margin:g}")
 # a hash of both configurations) keeps its checkpoints, so a rerun with the same settings reads them
 # instead of training again. Checkpoints are written after 0 steps (the initialisation), at 10%
 # and 50% of the steps and at the end; each is loaded like any model of the book and measured by the
-# source's protocol (`atlas_core.ablation.measure_checkpoint`): the deepest layer's $\varepsilon$ clouds,
+# source's protocol (`atlas_core.ablation.measure_checkpoint`): the $\varepsilon$ clouds,
 # {glue:text}`ab_sample:s`, frames of rank $k$ = {glue:text}`ab_k:d`, the mean principal cosine over
 # inter-KV-group pairs, a bootstrap CI over pairs, and the Haar null (random $k$-frames in
 # $\mathbb{R}^{d_\text{head}}$ over the same number of pairs). Under multi-query attention every pair
@@ -207,9 +207,13 @@ g("base_d_ff", archs[variants[0]].d_ff)
 g("base_ff_ratio", f"{archs[variants[0]].d_ff / d_model:.1f}")
 g("ppl_end_vs_unigram", f"{min(ppl_end) / ppl_unigram:.2f}–{max(ppl_end) / ppl_unigram:.2f}")
 g("beyond_unigram", "every model ends below it, so each learned more than token frequencies"
-  if max(ppl_end) < ppl_unigram else "not every model ends below it: some have not yet caught up with token frequencies")
-g("tokens_per_param", f"{tokens / max(n_params):.3f}")
-g("epochs", f"{run_cfg.n_steps * batch_size * train_seq_len / len(train_tokens(bpe, corpus)):.2f}")
+  if max(ppl_end) < ppl_unigram else "no model ends below it yet, so none has caught up with token frequencies"
+  if min(ppl_end) >= ppl_unigram else "some models end below it and some do not, so not every one has caught up with "
+  "token frequencies")
+tokens_trained = run_cfg.n_steps * batch_size * train_seq_len  # whole batches: the budget rounded down
+g("tokens_trained", f"{tokens_trained:,}")
+g("tokens_per_param", f"{tokens_trained / max(n_params):.3f}")
+g("epochs", f"{tokens_trained / len(train_tokens(bpe, corpus)):.2f}")
 
 # %% [markdown]
 # ```{glue:figure} ab_variants_table
@@ -234,8 +238,9 @@ g("epochs", f"{run_cfg.n_steps * batch_size * train_seq_len / len(train_tokens(b
 # as it must for a random model) to {glue:text}`ab_ppl_end:s` at the end. The unigram model of the training
 # text (token frequencies alone, add-one smoothed: `atlas_core.ablation.unigram_perplexity`) reads
 # {glue:text}`ab_ppl_unigram:s` on the same blocks; the trained models end at
-# {glue:text}`ab_ppl_end_vs_unigram:s` of it: {glue:text}`ab_beyond_unigram:s`. Training is short:
-# {glue:text}`ab_tokens:s` tokens are {glue:text}`ab_tokens_per_param:s` tokens per parameter ({glue:text}`ab_epochs:s` of an epoch of the training text), where compute-optimal
+# {glue:text}`ab_ppl_end_vs_unigram:s` × its perplexity, and {glue:text}`ab_beyond_unigram:s`. Training is short:
+# {glue:text}`ab_tokens_trained:s` tokens ({glue:text}`ab_n_steps:d` whole batches of the budget of
+# {glue:text}`ab_tokens:s`) are {glue:text}`ab_tokens_per_param:s` tokens per parameter ({glue:text}`ab_epochs:s` of an epoch of the training text), where compute-optimal
 # training takes about 20 {cite:p}`hoffmann2022chinchilla`. Every statement below about training is
 # about this early stretch of it; the larger runs at the end of the chapter take it further. Training
 # took {glue:text}`ab_train_minutes:s` minutes in this run (0 when the checkpoints were already there) and
@@ -287,12 +292,14 @@ g("n_at_null", verdict.figures["n_at_null"])
 haar_std = main_frame["null_std"][main_frame["null_used"] == "haar"]
 g("equivalence_reach", (f"the null's own spread (±{RULE.z_crit:.2f} s.d. = ±{RULE.z_crit * haar_std.min():.3f} at the "
                         f"narrowest) is wider than the ±{RULE.margin:g} margin, so no checkpoint can be shown "
-                        "equivalent to its null at this size; what the runs show is that none departs from it "
-                        "detectably") if RULE.z_crit * haar_std.min() > RULE.margin else
+                        "equivalent to its null at this size; " + ("what the runs show is that none departs from it "
+                        "detectably" if not verdict.figures["off"] else "what the runs show of the others is only "
+                        "that they do not depart from it detectably")) if RULE.z_crit * haar_std.min() > RULE.margin else
   (f"the null's spread (±{RULE.z_crit:.2f} s.d. = ±{RULE.z_crit * haar_std.min():.3f} at the narrowest) fits inside "
    f"the ±{RULE.margin:g} margin, so a checkpoint close enough to its null is shown equivalent to it"))
-g("pairs_range", f"{main_frame['n_pairs'][main_frame['null_used'] == 'haar'].min()}–"
-                 f"{main_frame['n_pairs'][main_frame['null_used'] == 'haar'].max()}")
+pair_counts = main_frame["n_pairs"][main_frame["null_used"] == "haar"]
+g("pairs_range", f"{pair_counts.min()}" if pair_counts.min() == pair_counts.max() else
+                 f"{pair_counts.min()}–{pair_counts.max()}")
 g("z_span", f"{main_frame['z'][main_frame['null_used'] == 'haar'].min():+.1f} to "
             f"{main_frame['z'][main_frame['null_used'] == 'haar'].max():+.1f}")
 g("delta_absmax", f"{main_frame['delta'][main_frame['null_used'] == 'haar'].abs().max():.3f}")
@@ -300,8 +307,9 @@ for (name, seed, fraction), r in results.items():  # per variant, first seed: th
     if seed == seeds[0] and fraction in (0.0, 0.1, 1.0):
         m = r["main"]
         g(key(name, when(fraction), "o_h"), f"{m['o_h']:.3f}")
-        g(key(name, when(fraction), "null"), f"{m['null_mean']:.3f}")
-        g(key(name, when(fraction), "z"), f"{m['z']:+.1f}")
+        own = m["pairs"] == "inter"  # the null the side below is read against: Haar, or shared-value under MQA
+        g(key(name, when(fraction), "null"), f"{m['null_mean'] if own else m['intra_null_mean']:.3f}")
+        g(key(name, when(fraction), "z"), f"{m['z'] if own else m['intra_null_z']:+.1f}")
         g(key(name, when(fraction), "side"), decisions[name, seed, fraction].text)
 
 # %% [markdown]
@@ -318,8 +326,8 @@ for (name, seed, fraction), r in results.items():  # per variant, first seed: th
 #
 # Over the {glue:text}`ab_n_checkpoints:d` checkpoints, by the rule: {glue:text}`ab_verdict:s`. "Not
 # distinguishable" is not "equal": with {glue:text}`ab_pairs_range:s` inter-group pairs per headline,
-# {glue:text}`ab_equivalence_reach:s`. Against the Haar null the $z$-scores run from
-# {glue:text}`ab_z_span:s`, and no inter-group $O_h$ is further than {glue:text}`ab_delta_absmax:s` from the
+# {glue:text}`ab_equivalence_reach:s`. The $z$-scores of the inter-group headlines against the Haar null
+# run from {glue:text}`ab_z_span:s`, and no inter-group $O_h$ is further than {glue:text}`ab_delta_absmax:s` from the
 # overlap of random frames of the same size.
 #
 # ## Overlap against frame size
@@ -440,6 +448,9 @@ end = mediation[1.0]
 g.estimate("partial_end", end["partial"], ".3f")
 g("partial_end_verdict", end["decision"].text)
 g("n_heads_end", end["n_heads"])
+g("strata_note", "with a single d_head in this run the two coincide" if end["n_strata"] == 1 else
+  "the two differ only by the d_head strata, so whatever part of it the partial correlation does not keep comes from "
+  "d_head, which moves both the null of the overlap and the room the clouds have")
 g("pearson_end_ci", with_ci(end["pearson"].value, (end["pearson"].lo, end["pearson"].hi)))
 g("partial_init_ci", with_ci(mediation[0.0]["partial"].value, (mediation[0.0]["partial"].lo, mediation[0.0]["partial"].hi)))
 
@@ -457,9 +468,7 @@ g("partial_init_ci", with_ci(mediation[0.0]["partial"].value, (mediation[0.0]["p
 # At the end of training, over {glue:text}`ab_n_heads_end:d` heads, the partial correlation is
 # {glue:text}`ab_partial_end_ci:s`: {glue:text}`ab_partial_end_verdict:s` (at initialisation:
 # {glue:text}`ab_partial_init_ci:s`). Without holding $d_\text{head}$ fixed, Pearson's $r$ is
-# {glue:text}`ab_pearson_end_ci:s`: the two differ only by the $d_\text{head}$ strata, so whatever part of
-# it the partial correlation does not keep comes from $d_\text{head}$, which moves both the null of $O_h$
-# and the room the clouds have.
+# {glue:text}`ab_pearson_end_ci:s`: {glue:text}`ab_strata_note:s`.
 #
 # ## Larger runs
 #
