@@ -441,6 +441,7 @@ def _ablation(p: dict) -> None:
     _ints(p, "seeds", low=0)
     _names(p, "device", DEVICES)
     _number(p, "lr", 0.0, 1.0)
+    _names(p, "variants")  # strings; which ones exist depends on n_heads and d_heads, checked below
     for name in ("seeds", "variants", "d_heads"):  # a repeat would train and count the same run twice
         if len(set(map(str, p[name]))) < len(p[name]):
             _fail(name, p[name], "lists a value twice")
