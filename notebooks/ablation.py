@@ -201,7 +201,8 @@ ppl_end = [held_out(runs[n, seeds[0]], 1.0) for n in variants]
 g("ppl_init", f"{min(ppl_init):.0f}–{max(ppl_init):.0f}")
 g("ppl_end", f"{min(ppl_end):.1f}–{max(ppl_end):.1f}")
 bpe = load_tokenizer(corpus, vocab_size)
-ppl_unigram = unigram_perplexity(train_tokens(bpe, corpus).numpy(), held_out_blocks(bpe, run_cfg)[:, 1:].numpy(), len(bpe))
+stream = train_tokens(bpe, corpus)  # (token,) the training text, as every run reads it
+ppl_unigram = unigram_perplexity(stream.numpy(), held_out_blocks(bpe, run_cfg)[:, 1:].numpy(), len(bpe))
 g("ppl_unigram", f"{ppl_unigram:.1f}")
 g("base_d_ff", archs[variants[0]].d_ff)
 g("base_ff_ratio", f"{archs[variants[0]].d_ff / d_model:.1f}")
@@ -213,7 +214,7 @@ g("beyond_unigram", "every model ends below it, so each learned more than token 
 tokens_trained = run_cfg.n_steps * batch_size * train_seq_len  # whole batches: the budget rounded down
 g("tokens_trained", f"{tokens_trained:,}")
 g("tokens_per_param", f"{tokens_trained / max(n_params):.3f}")
-g("epochs", f"{tokens_trained / len(train_tokens(bpe, corpus)):.2f}")
+g("epochs", f"{tokens_trained / len(stream):.2f}")
 
 # %% [markdown]
 # ```{glue:figure} ab_variants_table
