@@ -208,9 +208,10 @@ def check_model_name(name: str) -> None:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise ModelError(f"'{name}' is not in the local Hugging Face cache and the hub is off "
-                             "(HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 where the hub can be reached. "
-                             + _unknown_model_message(name))
+            # the likelier fault (a typo) first, the hub's way out after it
+            raise ModelError(_unknown_model_message(name) + f" As a hub id, '{name}' is not in the local Hugging "
+                             "Face cache and the hub is off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 where the hub "
+                             "can be reached.")
 
 
 # What a local checkpoint folder must hold: (what, any one of these file-name patterns)

@@ -93,7 +93,7 @@ def test_unknown_models_fail_before_loading(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="unknown model"):
         check_values("atlas", {**defaults("atlas"), "model": "no such model!"})
-    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelError, match="^unknown model .*not in the local Hugging Face cache"):
         check_values("models", {**defaults("models"), "models": ["someone/not-cached-anywhere"]})
 
 
