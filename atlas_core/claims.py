@@ -272,6 +272,15 @@ class DecisionRule:
         """The two-sided normal quantile of ``alpha`` (1.96 at 0.05): a z-score beyond ±z_crit is distinguishable."""
         return NormalDist().inv_cdf(1 - self.alpha / 2)
 
+    def half_width(self, std: float) -> float:
+        """The interval's half-width, z_crit · std, of an estimate (or a null) with standard deviation ``std``."""
+        return self.z_crit * std
+
+    def can_show_equivalence(self, std: float) -> bool:
+        """Whether an estimate of standard deviation ``std`` can ever be called equivalent: its interval must fit
+        inside ±margin even when centred on the null (False without a margin)."""
+        return self.margin is not None and self.half_width(std) <= self.margin
+
 
 RULE = DecisionRule()  # comparisons of methods (paired differences and ratios): no equivalence margin
 OVERLAP_RULE = DecisionRule(margin=0.01)  # overlaps O (mean principal cosines): ±0.01, the size of the source's

@@ -290,14 +290,14 @@ verdict = null_verdict({f"{n} (seed {s}) at {when(f)}": d for (n, s, f), d in de
 g("verdict", verdict.text)
 g("n_checkpoints", len(decisions))
 g("n_at_null", verdict.figures["n_at_null"])
-haar_std = main_frame["null_std"][main_frame["null_used"] == "haar"]
-g("equivalence_reach", (f"the null's own spread (±{RULE.z_crit:.2f} s.d. = ±{RULE.z_crit * haar_std.min():.3f} at the "
-                        f"narrowest) is wider than the ±{RULE.margin:g} margin, so no checkpoint can be shown "
-                        "equivalent to its null at this size; " + ("what the runs show is that none departs from it "
-                        "detectably" if not verdict.figures["off"] else "what the runs show of the others is only "
-                        "that they do not depart from it detectably")) if RULE.z_crit * haar_std.min() > RULE.margin else
-  (f"the null's spread (±{RULE.z_crit:.2f} s.d. = ±{RULE.z_crit * haar_std.min():.3f} at the narrowest) fits inside "
-   f"the ±{RULE.margin:g} margin, so a checkpoint close enough to its null is shown equivalent to it"))
+narrowest = main_frame["null_std"][main_frame["null_used"] == "haar"].min()
+spread = f"±{RULE.z_crit:.2f} s.d. = ±{RULE.half_width(narrowest):.3f} at the narrowest"
+g("equivalence_reach", (f"the null's spread ({spread}) fits inside the ±{RULE.margin:g} margin, so a checkpoint close "
+                        "enough to its null is shown equivalent to it") if RULE.can_show_equivalence(narrowest) else
+  (f"the null's own spread ({spread}) is wider than the ±{RULE.margin:g} margin, so no checkpoint can be shown "
+   "equivalent to its null at this size; " + ("what the runs show is that none departs from it detectably"
+   if not verdict.figures["off"] else "what the runs show of the others is only that they do not depart from it "
+   "detectably")))
 pair_counts = main_frame["n_pairs"][main_frame["null_used"] == "haar"]
 g("pairs_range", f"{pair_counts.min()}" if pair_counts.min() == pair_counts.max() else
                  f"{pair_counts.min()}–{pair_counts.max()}")

@@ -485,3 +485,11 @@ def test_the_rule_matches_the_engines_intervals_and_refuses_bad_settings():
             claims.DecisionRule(**bad)
     with pytest.raises(Exception):
         claims.RULE.alpha = 0.1  # frozen
+
+
+def test_equivalence_is_reachable_only_when_the_interval_fits_the_margin():
+    """The ablation's question: can the rule call an overlap equivalent to its null at this null spread?"""
+    rule = claims.OVERLAP_RULE  # ±0.01, z_crit 1.96
+    assert rule.half_width(0.005) == pytest.approx(1.959964 * 0.005, rel=1e-5)
+    assert rule.can_show_equivalence(0.005) and not rule.can_show_equivalence(0.0057)  # 0.0098 vs 0.0112
+    assert not claims.RULE.can_show_equivalence(1e-9)  # no margin: never
