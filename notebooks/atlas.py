@@ -239,9 +239,13 @@ g("ratio", head.o_h / head.null_mean)
 g("pair_label", "head pairs (every head reads the single KV head)" if mqa else
   "inter-group pairs (heads that read different KV heads)" if head.n_intra else "head pairs")
 g("verdict", claims.null_side(head.z, head.null_std).text)
+# Glued in every case (an empty glue reads as a missing value; the book's glue check refuses it).
 g("mqa_note", " Here every head reads the single KV head, so every pair is an intra-group pair: the comparison with "
   "random frames only restates that the heads average the same value vectors, and their fair chance level is "
-  "the shared-value null of the KV-groups paragraph below." if mqa else "")
+  "the shared-value null of the KV-groups paragraph below." if mqa else
+  " Pairs of heads that read the same KV head are left out here: they average the same value vectors, and the "
+  "KV-groups paragraph below judges them against their own, shared-value null." if head.n_intra else
+  " Every head reads its own KV head, so random frames are the fair chance level for every pair.")
 sweep_z = {kk: sweep["eps"][kk].z for kk in ks}
 sweep_std = {kk: sweep["eps"][kk].null_std for kk in ks}
 g("sweep_verdict", claims.sweep_clause(sweep_z, sweep_std).text)
