@@ -454,3 +454,10 @@ def test_the_session_evaluates_scripts_and_prints_pdf(tmp_path):
     reader = PdfReader(io.BytesIO(data))
     assert len(reader.pages) == 1 and "printed words" in reader.pages[0].extract_text()
     assert float(reader.pages[0].mediabox.width) == pytest.approx(4.0 * 72, abs=1)  # the paper size asked for
+
+
+def test_a_folder_that_is_not_a_built_book_is_refused_before_any_page_opens(tmp_path):
+    """A folder of other HTML (/tmp, a home folder) is not the book: one line, no browser started."""
+    (tmp_path / "index.html").write_text("<html><body><p>hello</p></body></html>")
+    with pytest.raises(FileNotFoundError, match=r"not a built book \(no Sphinx \.buildinfo there\)"):
+        check_book(tmp_path, executable="/no/such/chromium")  # would fail differently if it got that far

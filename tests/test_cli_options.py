@@ -344,3 +344,27 @@ def test_an_output_folder_that_cannot_take_the_outputs_is_refused_before_the_ker
     assert err.count("\n") == 1 and "--out" in err and message in err, err
     assert not os.path.exists(places["out"])
     assert runner.OUTPUT_FREE_BYTES > 2**20
+
+
+@pytest.mark.parametrize("command, prog", [(["book", "--pdf"], "atlas book"), (["run", "models"], "atlas run"),
+                                           (["check-book"], "atlas check-book"), (["bench", "book"], "atlas bench book"),
+                                           ([], "atlas")])
+def test_an_unknown_option_is_reported_by_its_own_command(command, prog, capsys):
+    """`atlas book --bogus` names `atlas book` and its --help, not the top-level parser."""
+    from atlas_core.book.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--bogus"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"{prog}: error: unrecognized arguments: --bogus "
+                                       f"(`{prog} --help` lists the options)\n")
+
+
+def test_check_book_reads_the_repository_build_wherever_it_runs(tmp_path, monkeypatch, capsys):
+    from atlas_core.book import runner
+    from atlas_core.book.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "ROOT", tmp_path / "repo")
+    assert main(["check-book"]) == 2
+    assert capsys.readouterr().err.strip() == f"atlas: error: no HTML pages under {tmp_path / 'repo' / '_build' / 'html'}: build the book first"

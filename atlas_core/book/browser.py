@@ -515,12 +515,20 @@ def check_book(html_dir: Path | str, executable: str | None = None) -> list[Page
 
     Raises:
         BrowserError: no Chromium, or it stopped answering.
-        FileNotFoundError: ``html_dir`` holds no HTML page.
+        FileNotFoundError: ``html_dir`` holds no HTML page, or is not a Sphinx HTML build (no ``.buildinfo``):
+            any other folder's pages (a home folder's, /tmp's) are not the book's and could be thousands.
     """
     html_dir = Path(html_dir).resolve()
+    missing = FileNotFoundError(f"no HTML pages under {html_dir}: build the book first")
+    if not html_dir.is_dir() or not any(html_dir.iterdir()):
+        raise missing
+    if not (html_dir / ".buildinfo").is_file():  # written by every Sphinx HTML build, Jupyter Book's included;
+        # checked before the pages are listed: another folder's pages (/tmp's, a home's) could be thousands
+        raise FileNotFoundError(f"{html_dir} is not a built book (no Sphinx .buildinfo there): give the _build/html "
+                                "folder that `atlas book` (or `jupyter-book build`) wrote")
     pages = sorted(p for p in html_dir.rglob("*.html") if "_static" not in p.parts)
     if not pages:
-        raise FileNotFoundError(f"no HTML pages under {html_dir}: build the book first")
+        raise missing
     first, *others = WIDTHS
     ids: dict[Path, str] = {}
     with Chromium(executable) as browser:

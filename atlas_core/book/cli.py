@@ -23,7 +23,9 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for bad input, with a message on stderr)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, which names it and its --help
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
@@ -41,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:
-        print("atlas: interrupted (finished work is kept: chapter runs, training checkpoints; the same command "
-              "resumes)", file=sys.stderr)
+        print(f"atlas: interrupted{getattr(args, 'interrupted', INTERRUPTED)}", file=sys.stderr)
         return 130
+
+
+# What an interrupted command keeps; a command that writes nothing sets ``interrupted=""`` in its defaults.
+INTERRUPTED = " (finished work is kept: chapter runs, training checkpoints; the same command resumes)"
 
 
 def _loaded(module: str, name: str) -> tuple[type, ...]:
@@ -153,9 +158,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("second")
     d.set_defaults(func=_compare)
 
-    c = sub.add_parser("check-book", help="open every rendered page in headless Chromium and check it")
-    c.add_argument("--html", default="_build/html", help="the built HTML folder")
-    c.set_defaults(func=_check_book)
+    c = sub.add_parser("check-book", help="open every rendered page in headless Chromium and check it",
+                       description="Open every page of a built book in headless Chromium and check it (pages load, "
+                       "figures decode, math typesets, no glued value missing, provenance lines, tables at 1280 and "
+                       "420 px, figure scale); `atlas book` runs it after every build. Reads only; exit 1 when a page "
+                       "has problems.")
+    c.add_argument("--html", default=None,
+                   help="the built HTML folder (default: this repository's _build/html, where `atlas book` writes it)")
+    c.set_defaults(func=_check_book, interrupted="")
 
     k = sub.add_parser("kvquant", help="decode perplexity with a quantized KV cache, beside fp and the same-bits baseline")
     _model_arg(k)
@@ -312,7 +322,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="measure now: fresh (book from a fresh clone), rebuild (nothing changed), cli, qwen")
     bb.add_argument("--results", default=None, help="results folder with the runner's timing records")
     bb.set_defaults(func=_bench_book)
+    _name_command_parsers(p)
     return p
+
+
+def _name_command_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's namespace its own parser, ``command_parser``, so that an unknown option is
+    reported as ``atlas book: error: …`` with ``atlas book --help``, not under ``atlas``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(command_parser=sub)
+                _name_command_parsers(sub)
 
 
 def _bench_book(args) -> None:
@@ -662,6 +683,10 @@ def _compare(args) -> int:
 def _check_book(args) -> int:
     from atlas_core.book.browser import BrowserError, check_book, summary
 
+    if args.html is None:
+        from atlas_core.book.runner import ROOT
+
+        args.html = ROOT / "_build" / "html"
     try:
         reports = check_book(args.html)
     except BrowserError as err:
