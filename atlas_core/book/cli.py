@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("book", help="run every chapter on the default model, then build the HTML book",
                        description="Run every chapter (the Snakemake workflow; chapters already up to date are "
                        "kept), build the HTML book offline into _build/html and check it in headless Chromium. "
-                       "A first build on two CPU cores takes a few hours; an interrupted one resumes where it "
+                       "A first build on two CPU cores takes several hours; an interrupted one resumes where it "
                        "stopped. Progress: one bar per running chapter, logs in results/<model>/logs/.")
     b.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="chapters run side by side, one BLAS thread each (default: the CPU count)")
