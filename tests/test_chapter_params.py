@@ -91,10 +91,13 @@ def test_sparse_survival_needs_a_support_that_drops_keys():
 
 def test_unknown_models_fail_before_loading(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="unknown model"):
+    with pytest.raises(ModelError, match="^parameter 'model' = 'no such model!': unknown model"):
         check_values("atlas", {**defaults("atlas"), "model": "no such model!"})
-    with pytest.raises(ModelError, match="^unknown model .*not in the local Hugging Face cache"):
+    with pytest.raises(ModelError, match=r"^parameter 'models' = \['someone/not-cached-anywhere'\]: unknown model "
+                                         ".*not in the local Hugging Face cache"):
         check_values("models", {**defaults("models"), "models": ["someone/not-cached-anywhere"]})
+    with pytest.raises(ModelError, match="^parameter 'other_models' = 'smollm2-135m,nope': unknown model 'nope'"):
+        check_values("sparse", {**defaults("sparse"), "other_models": "smollm2-135m,nope"})
 
 
 def test_the_runner_rejects_impossible_values_before_executing(tmp_path, monkeypatch):

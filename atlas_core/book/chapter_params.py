@@ -155,17 +155,25 @@ def _k_below_d_head(p: dict, name: str, models: list[str]) -> None:
 
 # --- per chapter -------------------------------------------------------------------------------------------
 
+def _model(name: str, value, model: str) -> None:
+    """``check_model_name(model)``, its refusal naming the parameter that gave the model."""
+    try:
+        check_model_name(model)
+    except ModelError as err:
+        raise ModelError(f"parameter {name!r} = {value!r}: {err}") from None
+
+
 def _common(p: dict) -> None:
     """Rules shared by every chapter: the models and corpora must exist."""
     for name in ("model", "models"):
         if name in p:
             _names(p, name)
             for model in p[name] if isinstance(p[name], list) else [p[name]]:
-                check_model_name(model)
+                _model(name, p[name], model)
     if "other_models" in p:  # a comma-separated string
         _names(p, "other_models")
         for model in filter(None, (m.strip() for m in p["other_models"].split(","))):
-            check_model_name(model)
+            _model("other_models", p["other_models"], model)
     for name in ("corpus", "corpora"):
         if name in p:
             values = p[name] if isinstance(p[name], list) else [p[name]]
