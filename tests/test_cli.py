@@ -224,3 +224,21 @@ def test_book_pdf_prints_the_built_book(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(pdf, "book_pdf", lambda html_dir: f"PDF of {html_dir}")
     assert main(["book", "--pdf", "--cores", "1", "--models", "toy-llama"]) == 0
     assert capsys.readouterr().out.strip() == f"PDF of {html.parent}"
+
+
+def test_sigterm_unwinds_like_ctrl_c_so_temporary_folders_are_removed(tmp_path):
+    """A killed `atlas check-book` left Chromium's profile folder behind; with the handler every ``finally``
+    runs (the profile folder, staging folders) and the exit status is 128 + 15."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("from atlas_core.book.cli import exit_on_sigterm; exit_on_sigterm()\n"
+            "import shutil, tempfile, time\n"
+            f"d = tempfile.mkdtemp(dir={str(tmp_path)!r})\n"
+            "try:\n    print(d, flush=True)\n    time.sleep(60)\nfinally:\n    shutil.rmtree(d)\n")  # signalled inside
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    made = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert made and not list(tmp_path.iterdir())

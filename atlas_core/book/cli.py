@@ -22,6 +22,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for bad input, with a message on stderr)."""
+    exit_on_sigterm()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the command's own parser, which names it and its --help
@@ -49,6 +50,18 @@ def main(argv: list[str] | None = None) -> int:
 
 # What an interrupted command keeps; a command that writes nothing sets ``interrupted=""`` in its defaults.
 INTERRUPTED = " (finished work is kept: chapter runs, training checkpoints; the same command resumes)"
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a killed job, a cluster's time limit) into ``SystemExit(143)``, so that ``with`` blocks and
+    ``finally`` clauses run: a browser's profile folder, a staging folder, a half-written file are removed as on
+    Ctrl-C, instead of being left behind by Python's default (die at once). Only where SIGTERM still has its
+    default action, from the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _loaded(module: str, name: str) -> tuple[type, ...]:
