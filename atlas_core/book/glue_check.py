@@ -1,6 +1,5 @@
-"""The book's glue checks, run before the HTML build: every key a page glues was produced by a chapter, shows
-as something (not an empty text, NaN or None), and every glued figure or table the pages show has its data
-file beside it.
+"""The book's glue checks, run before the HTML build: every key a page glues was produced by a chapter and is
+not an empty text, and every glued figure or table the pages show has its data file beside it.
 
 Myst-nb only warns about a missing key, deep inside a long build log; these checks name the page and the
 key in one line, in a second, before Jupyter Book starts.
@@ -19,7 +18,6 @@ import re
 from pathlib import Path
 
 from atlas_core import provenance
-from atlas_core.book.browser import MISSING_VALUES  # the browser check's rule, applied before the build
 
 GLUE_ROLE = re.compile(r"\{glue(?::[a-z]*)?\}`([^`]+)`")
 GLUE_DIRECTIVE = re.compile(r"(?:```|:::)\{glue(?::[a-z]*)?\}[ \t]+(\S+)")
@@ -57,15 +55,14 @@ def is_figure_or_table(bundle: dict) -> bool:
 
 
 def shows_nothing(bundle: dict) -> bool:
-    """True for a glued plain value whose text is empty, NaN or None: the page would show it as nothing (or
-    as "nan"), which reads as a missing number. A conditional sentence must be glued in every case."""
+    """True for a glued empty text: the page shows nothing where a sentence or number was glued, which reads
+    as a missing value (a conditional sentence glued as "" in one case). A value shown as "nan" is the
+    browser check's to find on the rendered page (``browser.MISSING_VALUES``): toy runs glue NaN by design."""
     if set(bundle) - {"text/plain"}:  # HTML, Markdown or an image: shown as such
         return False
     text = bundle.get("text/plain", "")
     text = ("".join(text) if isinstance(text, list) else text).strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a glued str is stored as its repr
-        text = text[1:-1].strip()
-    return text in MISSING_VALUES
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and not text[1:-1].strip()  # a str's repr
 
 
 def _pages(book: Path) -> list[tuple[Path, str, Path | None]]:
@@ -82,8 +79,7 @@ def _pages(book: Path) -> list[tuple[Path, str, Path | None]]:
 
 def glue_problems(book: Path) -> list[str]:
     """One line per problem: a page glues a key no chapter produced (or names a notebook that does not
-    exist), a value that shows as nothing (``shows_nothing``), or a glued figure or table that has no data
-    file beside it.
+    exist), an empty text (``shows_nothing``), or a glued figure or table that has no data file beside it.
 
     Args:
         book: the book's source folder (``book/``), with the executed chapters in ``book/chapters/``.
@@ -114,7 +110,7 @@ def glue_problems(book: Path) -> list[str]:
                 problems.append(f"{where}: glues {key!r}, which chapter {nb.stem!r} did not produce")
             elif shows_nothing(glued[key]):
                 problems.append(f"{where}: glues {key!r}, which chapter {nb.stem!r} produced as {glued[key]['text/plain']!r}: "
-                                f"it shows as nothing on the page (glue a sentence, or \"—\", in every case)")
+                                f"an empty text shows as nothing on the page (glue a sentence, or \"—\", in every case)")
             elif is_figure_or_table(glued[key]) and (nb, key) not in seen:
                 seen.add((nb, key))
                 data = nb.parent / provenance.data_path(nb.stem, key)
