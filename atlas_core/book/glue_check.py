@@ -54,7 +54,7 @@ def is_figure_or_table(bundle: dict) -> bool:
     return any(m in bundle for m in FIGURE_MIMES) or "<table" in html
 
 
-def shows_nothing(bundle: dict) -> bool:
+def is_empty_text(bundle: dict) -> bool:
     """True for a glued empty text: the page shows nothing where a sentence or number was glued, which reads
     as a missing value (a conditional sentence glued as "" in one case). A value shown as "nan" is the
     browser check's to find on the rendered page (``browser.MISSING_VALUES``): toy runs glue NaN by design."""
@@ -79,7 +79,7 @@ def _pages(book: Path) -> list[tuple[Path, str, Path | None]]:
 
 def glue_problems(book: Path) -> list[str]:
     """One line per problem: a page glues a key no chapter produced (or names a notebook that does not
-    exist), an empty text (``shows_nothing``), or a glued figure or table that has no data file beside it.
+    exist), an empty text (``is_empty_text``), or a glued figure or table that has no data file beside it.
 
     Args:
         book: the book's source folder (``book/``), with the executed chapters in ``book/chapters/``.
@@ -108,7 +108,7 @@ def glue_problems(book: Path) -> list[str]:
                 problems.append(f"{where}: glues {key!r} from {notebook}, which no chapter produced (no such notebook)")
             elif key not in glued:
                 problems.append(f"{where}: glues {key!r}, which chapter {nb.stem!r} did not produce")
-            elif shows_nothing(glued[key]):
+            elif is_empty_text(glued[key]):
                 problems.append(f"{where}: glues {key!r}, which chapter {nb.stem!r} produced as {glued[key]['text/plain']!r}: "
                                 f"an empty text shows as nothing on the page (glue a sentence, or \"—\", in every case)")
             elif is_figure_or_table(glued[key]) and (nb, key) not in seen:
