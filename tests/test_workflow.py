@@ -107,6 +107,36 @@ def test_killed_build_resumes_and_a_rebuild_runs_nothing(standins):
     assert "Nothing to be done" in log, log
 
 
+def test_a_chapter_finished_by_hand_after_a_killed_build_is_kept(standins):
+    """A build killed mid-chapter leaves Snakemake's "incomplete" mark; the chapter then finished by
+    `atlas run` must survive the next build (``--rerun-incomplete`` alone forces it and deletes it first,
+    which lost a 95-minute real run)."""
+    workdir, notebooks = standins
+    slow = notebooks / f"{SLOW}.py"
+    slow.write_text(slow.read_text().replace("pause = 0.0", "pause = 600.0"))
+    build = snakemake(workdir, notebooks)
+    log = follow(build)
+    deadline = time.time() + 240
+    while finished_chapters(log) < len(runner.CHAPTERS) - 1 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(build.pid, signal.SIGKILL)
+    build.wait()
+    assert list((workdir / ".snakemake" / "incomplete").iterdir()), "the killed chapter left no mark"
+
+    out = workdir / "results" / "toy-llama"
+    runner.run_chapter(SLOW, "toy-llama", {"pause": 0.0}, out, slow)  # what `atlas run` does
+    finished = outputs(workdir)[SLOW]
+    released = runner.release_finished_runs(workdir / "results", root=workdir)
+    assert [str(p) for p in released] == [f"results/toy-llama/{f.name}" for f in runner.chapter_outputs(out, SLOW)]
+
+    resumed = snakemake(workdir, notebooks)
+    log = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, log
+    assert "Forced execution" not in log and "(Rule: run_chapter)" not in log, log
+    assert outputs(workdir)[SLOW] == finished, "the finished chapter was run again"
+    assert runner.release_finished_runs(workdir / "results", root=workdir) == []  # nothing left marked
+
+
 def test_a_killed_but_unreaped_run_counts_as_dead():
     """A zombie (exited, not yet reaped: what a SIGKILLed chapter run is under a late-reaping init) holds no
     staging folder; a running process does."""

@@ -9,6 +9,7 @@ sets both; the chapter writes ``<results_dir>/<chapter>.json``). The chapters, i
 from __future__ import annotations
 
 import ast
+import base64
 import functools
 import contextlib
 import json
@@ -526,6 +527,49 @@ def discard_damaged_results(results: Path, chapters=CHAPTERS) -> list[str]:
     return removed
 
 
+def release_finished_runs(results: Path, root: Path = ROOT, chapters=CHAPTERS) -> list[Path]:
+    """Clear Snakemake's "incomplete" mark from every chapter run that finished, so the workflow keeps it.
+
+    A build killed mid-chapter leaves Snakemake's mark on that chapter's outputs, and ``--rerun-incomplete``
+    then forces the chapter again and deletes its outputs first, even when ``atlas run`` has since finished
+    it. A run's outputs appear only when it has finished (staged, then moved) and are sealed by checksums,
+    so a run that passes them (call :func:`discard_damaged_results` first) is complete whatever the mark
+    says. Snakemake keeps a mark as a file in ``.snakemake/incomplete/`` named by the URL-safe base64 of the
+    output's path (``snakemake/persistence/file.py``); its ``--cleanup-metadata`` would clear it too, but
+    fails on an output that has a mark and no metadata record, which is exactly this case.
+
+    Args:
+        results: the results folder (one sub-folder per model).
+        root: the workflow's working directory, which holds ``.snakemake/``.
+        chapters: chapter names to look for.
+
+    Returns:
+        The finished outputs whose mark was removed (paths relative to ``root``); their metadata records,
+        which Snakemake reads for its rerun triggers, are kept.
+    """
+    marks = Path(root) / ".snakemake" / "incomplete"
+    if not Path(results).is_dir() or not marks.is_dir():
+        return []
+    marked = {}
+    for mark in marks.iterdir():
+        try:
+            marked[base64.urlsafe_b64decode(mark.name).decode()] = mark
+        except (ValueError, UnicodeDecodeError):
+            continue  # not the mark of one short path: left to Snakemake
+    released = []
+    for out_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
+        for chapter in chapters:
+            files = chapter_outputs(out_dir, chapter)
+            if any(check_problem(f) for f in files):
+                continue  # not run, or damaged: the workflow runs it
+            for f in files:
+                rel = f.resolve().relative_to(Path(root).resolve())
+                if str(rel) in marked:
+                    marked[str(rel)].unlink(missing_ok=True)
+                    released.append(rel)
+    return released
+
+
 # --- the book -------------------------------------------------------------------------------------
 
 def install_mathjax(dest: Path = ROOT / "book" / "_static" / "mathjax") -> Path:
@@ -778,6 +822,7 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
     discard_damaged_results(ROOT / "results")  # a damaged or unchecked run is rerun, never glued
+    release_finished_runs(ROOT / "results")  # a run finished since a killed build is kept, not forced again
     since = time.time()
     workflow = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "workflow" / "Snakefile"),
