@@ -156,6 +156,22 @@ def test_atlas_book_models_all_is_passed_on_and_a_bad_name_exits_2_before_any_ru
     assert "no-such-model" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("models", [["toy-llama"], ["qwen2.5-coder-0.5b", "smollm2-135m"]])
+def test_a_book_led_by_another_model_is_refused_before_any_run(monkeypatch, capsys, models):
+    """The pages quote the default model's numbers by name: led by another, the glue check would fail only
+    after every chapter had run (found by a fresh user with --models toy-llama)."""
+    from atlas_core.book import cli
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the workflow started although the book's model is not the default")
+
+    monkeypatch.setattr(runner.subprocess, "run", boom)
+    assert cli.main(["book", "--cores", "1", "--models", *models]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"--models {DEFAULT_MODEL} " in err and models[0] in err
+
+
 # --- a copy's text --------------------------------------------------------------------------------
 
 def test_a_copy_renames_its_own_labels_and_points_its_links_at_the_same_models_pages():

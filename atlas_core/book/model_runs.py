@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from atlas_core.book.runner import (
-    ROOT, BuildError, _write_if_changed, appendix_name, model_slug, notebook_parameters, notebook_source,
+    ROOT, BuildError, ParameterError, _write_if_changed, appendix_name, model_slug, notebook_parameters, notebook_source,
     parameters_markdown, raise_problems, read_notebook,
 )
 from atlas_core.provenance import DATA_DIR, code_label, params_label
@@ -68,6 +68,24 @@ def book_models(names) -> list[str]:
             if model not in out:
                 out.append(model)
     return out
+
+
+def check_book_model(models: list[str]) -> None:
+    """Refuse, before any chapter runs, a book whose own model is not the default one.
+
+    The book's pages are written for the default model: they quote its numbers by glue keys that name it
+    (``models_ppl_smollm2_135m_britannica`` in Methods and in the models chapter), so a book led by another
+    model would fail its glue check only after every chapter had run (hours). Other models go after it,
+    into the "Per-model runs" appendix; ``atlas run`` runs any chapter on any model alone.
+
+    Raises:
+        ParameterError: the first model is not ``DEFAULT_MODEL``; the message gives the command to use.
+    """
+    if models and models[0] != DEFAULT_MODEL:
+        rest = " ".join(m for m in models if m != DEFAULT_MODEL)
+        raise ParameterError(
+            f"--models: the book's pages are written for {DEFAULT_MODEL}, so it comes first "
+            f"(use --models {DEFAULT_MODEL} {rest}; or run one chapter with `atlas run CHAPTER --model {models[0]}`)")
 
 
 def label_suffix(model: str) -> str:

@@ -806,14 +806,16 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
         Path of ``_build/html/index.html``.
 
     Raises:
-        ParameterError: before any chapter runs, ``cores`` below 1 or a name that is not a model.
+        ParameterError: before any chapter runs, ``cores`` below 1, a name that is not a model, or a first
+            model other than the default (``model_runs.check_book_model``).
         BuildError: a chapter run, a build check or the HTML build failed.
     """
-    from atlas_core.book.model_runs import book_models, check_labels, prepare_runs
+    from atlas_core.book.model_runs import book_models, check_book_model, check_labels, prepare_runs
 
     models = book_models(models)
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
         raise ParameterError(f"--cores must be an integer ≥ 1 (parallel chapter jobs), got {cores!r}")
+    check_book_model(models)
     from atlas_core.models import check_model_name  # imports torch: only once the book is really built
 
     for model in models:
