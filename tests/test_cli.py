@@ -242,3 +242,16 @@ def test_sigterm_unwinds_like_ctrl_c_so_temporary_folders_are_removed(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
     assert made and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["run", "atlas", "--model", "toy-llama", "--out", ""], ["run", "atlas", "--source", " "],
+                                  ["check-book", "--html", ""], ["bench", "book", "--results", ""]])
+def test_an_empty_path_option_is_refused_not_taken_for_the_default(argv, capsys, tmp_path, monkeypatch):
+    """`--out ""` once wrote into results/<model>/ as if the option were absent (found by a fresh user)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {argv[-2]}: an empty path" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -147,8 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("chapter")
     _model_arg(r)
     r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    r.add_argument("--out", default=None, help="output folder (default results/<model>/)")
-    r.add_argument("--source", default=None, help="a jupytext file to run instead of notebooks/CHAPTER.py")
+    r.add_argument("--out", default=None, type=_path, help="output folder (default results/<model>/)")
+    r.add_argument("--source", default=None, type=_path, help="a jupytext file to run instead of notebooks/CHAPTER.py")
     r.set_defaults(func=_run)
 
     b = sub.add_parser("book", help="run every chapter on the default model, then build the HTML book",
@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
                        "figures decode, math typesets, no glued value missing, provenance lines, tables at 1280 and "
                        "420 px, figure scale); `atlas book` runs it after every build. Reads only; exit 1 when a page "
                        "has problems.")
-    c.add_argument("--html", default=None,
+    c.add_argument("--html", default=None, type=_path,
                    help="the built HTML folder (default: this repository's _build/html, where `atlas book` writes it)")
     c.set_defaults(func=_check_book, interrupted="")
 
@@ -333,10 +333,17 @@ def _parser() -> argparse.ArgumentParser:
     bb = bsub.add_parser("book", help="issue 15's time targets: measured (recorded or run now) beside each target")
     _add_choice(bb, "--run", "atlas_core.book.book_bench", "RUNS", nargs="*", default=[],
                     help="measure now: fresh (book from a fresh clone), rebuild (nothing changed), cli, qwen")
-    bb.add_argument("--results", default=None, help="results folder with the runner's timing records")
+    bb.add_argument("--results", default=None, type=_path, help="results folder with the runner's timing records")
     bb.set_defaults(func=_bench_book)
     _name_command_parsers(p)
     return p
+
+
+def _path(value: str) -> str:
+    """argparse type of a file or folder option: an empty value would silently mean the default (or ".")."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder, or leave the option out for its default")
+    return value
 
 
 def _name_command_parsers(parser: argparse.ArgumentParser) -> None:
