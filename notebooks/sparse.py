@@ -474,7 +474,7 @@ g.figure("fig_budget", fig, data=budget_data, sample=f"the first {plural(min(swe
 # [{glue:text}`sp_src_ppl_sparse_lo:.3f`, {glue:text}`sp_src_ppl_sparse_hi:.3f`] ({glue:text}`sp_src_ppl_change:+.3%`, interval
 # {glue:text}`sp_src_ppl_change_lo:+.3%` to {glue:text}`sp_src_ppl_change_hi:+.3%`). Greedy generation first diverges
 # at step {glue:text}`sp_src_first:s` of {glue:text}`sp_gen_tokens:,`. Along the dense continuation the
-# sparse model would choose the same token at {glue:text}`sp_seg_text:s` of steps
+# share of steps at which the sparse model would choose the same token is {glue:text}`sp_seg_text:s`
 # ({glue:text}`sp_src_step_agree:.1%` over all {glue:text}`sp_gen_tokens:,`): the two agree on most steps, but
 # not on all, and one different token is enough to end "bit-exact" generation. The segments differ for a
 # reason that is not the rule: the dense continuation repeats {glue:text}`sp_repeat_text:s` of its 4-grams,
@@ -1218,7 +1218,7 @@ cert_json["params"] = {"eps": certified_eps, "bound": certified_bound, "prompt_t
 # {glue:text}`sp_cert_quest_kl:.2e` [{glue:text}`sp_cert_quest_kl_lo:.2e`, {glue:text}`sp_cert_quest_kl_hi:.2e`],
 # and the source's rule with the same number of kept keys (k = {glue:text}`sp_cert_srck_k:,`, reading every
 # key) KL {glue:text}`sp_cert_srck_kl:.2e` [{glue:text}`sp_cert_srck_kl_lo:.2e`, {glue:text}`sp_cert_srck_kl_hi:.2e`]
-# ({numref}`tbl-sparse-certified`). Of the issue's in-model targets at $\varepsilon$ = 10⁻³ (KL ≤ 10⁻³, top-1
+# ({numref}`tbl-sparse-certified`). Of the in-model targets we set for certified decoding at $\varepsilon$ = 10⁻³ (KL ≤ 10⁻³, top-1
 # agreement ≥ 99.5%, ≥ 80% of prompts identical through {glue:text}`sp_sv_gen:d` tokens, each judged by its 95% interval), this
 # run meets: {glue:text}`sp_cert_targets_met:s`; misses: {glue:text}`sp_cert_targets_missed:s`.
 #
@@ -1400,8 +1400,8 @@ g.finish()  # the opening box: run information and this chapter's wall time
 #
 # This run took {glue:text}`sp_total_minutes:.1f` minutes of kernel time ({numref}`tbl-sparse-timing`). The
 # teacher-forced figures of the source defaults rest on {glue:text}`sp_eval_tokens:,` held-out tokens and the
-# other rules on {glue:text}`sp_sweep_tokens:,` (issue 15; before it, every rule on one block of 1,024
-# tokens, with no interval). Three changes removed work that is not the science: each block's dense
+# other rules on {glue:text}`sp_sweep_tokens:,` (an earlier version of this chapter scored every rule on one
+# block of 1,024 tokens, with no interval). Three changes removed work that is not the science: each block's dense
 # reference is computed once (SDPA) and scored against every rule; the dense greedy continuation of each
 # (model, prompt) is computed once and cached on disk; and each greedy-survival run is one forward pass
 # over that continuation on top of the dense prefill's cache instead of step-by-step decoding. What is
