@@ -74,8 +74,12 @@ def outputs(workdir: Path) -> dict[str, float]:
     return {p.stem: p.stat().st_mtime for p in found}
 
 
-def test_killed_build_resumes_and_a_rebuild_runs_nothing(standins):
-    workdir, notebooks = standins
+def kill_in_the_slow_chapter(workdir: Path, notebooks: Path) -> Path:
+    """Build until every chapter but the slow one has finished, then SIGKILL the build mid-slow-chapter.
+
+    Returns:
+        the slow chapter's source (its pause set to 600 s: set it back to rerun it).
+    """
     slow = notebooks / f"{SLOW}.py"
     slow.write_text(slow.read_text().replace("pause = 0.0", "pause = 600.0"))
     build = snakemake(workdir, notebooks)
@@ -85,6 +89,12 @@ def test_killed_build_resumes_and_a_rebuild_runs_nothing(standins):
         time.sleep(0.2)
     os.killpg(build.pid, signal.SIGKILL)  # as hard as a lost session: no clean-up handlers run
     build.wait()
+    return slow
+
+
+def test_killed_build_resumes_and_a_rebuild_runs_nothing(standins):
+    workdir, notebooks = standins
+    slow = kill_in_the_slow_chapter(workdir, notebooks)
     done = outputs(workdir)
     assert set(done) == set(runner.CHAPTERS) - {SLOW}, done
     assert not (workdir / "results" / "toy-llama" / f"{SLOW}.json").exists()  # nothing half-written
@@ -112,15 +122,7 @@ def test_a_chapter_finished_by_hand_after_a_killed_build_is_kept(standins):
     `atlas run` must survive the next build (``--rerun-incomplete`` alone forces it and deletes it first,
     which lost a 95-minute real run)."""
     workdir, notebooks = standins
-    slow = notebooks / f"{SLOW}.py"
-    slow.write_text(slow.read_text().replace("pause = 0.0", "pause = 600.0"))
-    build = snakemake(workdir, notebooks)
-    log = follow(build)
-    deadline = time.time() + 240
-    while finished_chapters(log) < len(runner.CHAPTERS) - 1 and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(build.pid, signal.SIGKILL)
-    build.wait()
+    slow = kill_in_the_slow_chapter(workdir, notebooks)
     assert list((workdir / ".snakemake" / "incomplete").iterdir()), "the killed chapter left no mark"
 
     out = workdir / "results" / "toy-llama"
