@@ -560,13 +560,12 @@ def release_finished_runs(results: Path, root: Path = ROOT, chapters=CHAPTERS) -
     for out_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
         for chapter in chapters:
             files = chapter_outputs(out_dir, chapter)
-            if any(check_problem(f) for f in files):
-                continue  # not run, or damaged: the workflow runs it
-            for f in files:
-                rel = f.resolve().relative_to(Path(root).resolve())
-                if str(rel) in marked:
-                    marked[str(rel)].unlink(missing_ok=True)
-                    released.append(rel)
+            rels = [str(f.resolve().relative_to(Path(root).resolve())) for f in files]
+            if not any(r in marked for r in rels) or any(check_problem(f) for f in files):
+                continue  # unmarked (no checksums read), or not run or damaged: the workflow runs it
+            for rel in filter(marked.__contains__, rels):
+                marked[rel].unlink(missing_ok=True)
+                released.append(Path(rel))
     return released
 
 
