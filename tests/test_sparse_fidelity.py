@@ -12,7 +12,7 @@ from atlas_core.sparse.blocks import block_rule
 from atlas_core.sparse.fidelity import (MODEL_FIGURES, agreement, common_positions, compare_rules, dense_continuation,
                                         fidelity_report, fidelity_texts, greedy, greedy_survival, greedy_survival_reference,
                                         identical_count, model_rows, survival_summary, teacher_forced,
-                                        teacher_forced_rules, trajectory_agreement)
+                                        teacher_forced_rules, token_kl, trajectory_agreement)
 from atlas_core.sparse.kept import SparseConfig
 
 
@@ -348,3 +348,18 @@ def test_discarded_statistics_values_are_exact_and_intervals_follow_the_drawn_bl
     assert st["max"].hi == m.max() and all(e.units == 6 for e in st.values())
     with pytest.raises(ValueError, match="at least"):
         discarded_statistics(m[:1], 1e-7)
+
+
+def test_token_kl_is_never_negative_and_matches_the_definition():
+    """KL(p ‖ q) = Σ p (log p − log q) ≥ 0; a sum that rounds below 0 where p = q to float precision reads 0."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(64, 50, generator=gen), -1)
+    q = torch.log_softmax(torch.randn(64, 50, generator=gen), -1)
+    want = (p.exp() * (p - q)).sum(-1)
+    assert torch.allclose(token_kl(p, q), want, atol=1e-6)
+    # The same distribution in two roundings: the raw sum goes below 0 at some positions, the KL does not.
+    q_near = torch.log_softmax(p.double() + 1e-7 * torch.randn(64, 50, generator=gen, dtype=torch.float64), -1).float()
+    raw = torch.nn.functional.kl_div(q_near, p, log_target=True, reduction="none").sum(-1)
+    assert (raw < 0).any()
+    kl = token_kl(p, q_near)
+    assert (kl >= 0).all() and torch.equal(kl, raw.clamp_min(0))

@@ -46,11 +46,23 @@ from atlas_core.sparse.kept import SparseConfig
 __all__ = ["MEASURES", "MODEL_FIGURES", "agreement", "budget_sweep", "clopper_pearson", "common_positions",
            "compare_rules", "dense_continuation", "fidelity_report", "fidelity_texts", "greedy", "greedy_survival",
            "greedy_survival_reference", "identical_count", "model_rows", "survival_agreement", "survival_summary",
-           "teacher_forced", "teacher_forced_rules", "trajectory_agreement"]
+           "teacher_forced", "teacher_forced_rules", "token_kl", "trajectory_agreement"]
 
 # Teacher-forced figures, each with its interval: name -> what it is (per-token values averaged over blocks).
 MEASURES = ("kl", "top1_agree", "ppl_dense", "ppl_sparse", "ppl_change", "discarded")
 
+
+
+def token_kl(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    """KL(dense ‖ sparse) of the next-token distributions at each position, in nats.
+
+    Args:
+        dense, sparse: (..., vocab) log-probabilities.
+    Returns:
+        (...,) float, ≥ 0. KL is never negative; a sum that rounds below 0 (the two distributions agree to
+        float precision) is reported as 0, so that a mean and its interval cannot fall below 0.
+    """
+    return F.kl_div(sparse, dense, log_target=True, reduction="none").sum(-1).clamp_min(0)
 
 def _check_finite(logprobs: torch.Tensor) -> None:
     if not torch.isfinite(logprobs).all():
@@ -111,7 +123,7 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
             with sparse_attention(lm.model, cfg, st["log"]):
                 sparse = _block_logprobs(lm, block)  # (token - 1, vocab)
             counted = torch.arange(len(block) - 1) >= max(cfg.budget, cfg.sparse_from)  # (token - 1,)
-            kl = F.kl_div(sparse, dense, log_target=True, reduction="none").sum(-1)
+            kl = token_kl(dense, sparse)  # (token - 1,)
             agree = (dense.argmax(-1) == sparse.argmax(-1)).double()
             st["kl"].append(kl.double().where(counted, math.nan))
             st["top1_agree"].append(agree.where(counted, math.nan))
