@@ -69,7 +69,7 @@ import numpy as np
 import pandas as pd
 from atlas_core.progress import tqdm  # names the running chapter
 
-from atlas_core import claims
+from atlas_core import claims, interval
 from atlas_core.cache import jsonable, write_json
 from atlas_core.figures import MARKERS, color, figsize
 from atlas_core.glue import chapter_glue, glue_key as key, listing, number as f3, plural, span, with_ci
@@ -213,8 +213,11 @@ g("run_twonn_source", f"{run['eps']['d_int_twonn_source']:.2f}")
 g("twonn_by_model", listing(f"{n} {r['main']['eps']['d_int_twonn']:.2f}" for n, r in results.items()))
 source_qwen = [n for n, r in results.items() if claims.is_source_qwen(r["spec"])]  # the source's architecture
 g("source_qwen_model", listing(source_qwen, empty="none"))
-g("source_qwen_twonn", listing((f"{results[n]['main']['eps']['d_int_twonn']:.2f}" for n in source_qwen),
-                               empty="not measured"))
+# The unbiased TwoNN on the source's architecture, with its interval over heads (as in the atlas chapter).
+qwen_twonn = [interval.mean(np.asarray(results[n]["main"]["eps"]["d_int_twonn_per_head"])[:, None])
+              for n in source_qwen]
+g("source_qwen_twonn", listing((f"{e.value:.2f} [{e.lo:.2f}, {e.hi:.2f}] over {plural(e.units, 'head')}"
+                                for e in qwen_twonn), empty="not measured"))
 
 
 def at_null_count(ms: list[dict], z: str, std: str) -> str:
