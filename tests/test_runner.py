@@ -177,10 +177,34 @@ def test_failing_notebook_leaves_nothing(tmp_path):
         "raise ValueError('deliberate failure')"
     )
     source = write_chapter(tmp_path, body)
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"  # made by the run, parent too: a failed run removes both
     with pytest.raises(ChapterError, match="ValueError: deliberate failure"):
         runner.run_chapter("toy", "tiny", {}, out, source)
-    assert list(out.iterdir()) == []  # no notebook, no half-results, no staging folder
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"  # the user's own folder stays, empty as it was
+    kept.mkdir()
+    with pytest.raises(ChapterError, match="ValueError: deliberate failure"):
+        runner.run_chapter("toy", "tiny", {}, kept, source)
+    assert list(kept.iterdir()) == []  # no notebook, no half-results, no staging folder
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p / "missing.py", "no such file"),
+    (lambda p: p, "not a file"),
+    (lambda p: (p / "binary.py").write_bytes(b"\xff\xfe\x00") and p / "binary.py", "cannot be read as UTF-8"),
+    (lambda p: (p / "plain.py").write_text("x = (\n") and p / "plain.py", "no cell tagged 'parameters'"),
+    (lambda p: (p / "syntax.py").write_text('# %% tags=["parameters"]\nmodel = (\n') and p / "syntax.py",
+     "not valid Python"),
+])
+def test_a_bad_source_is_one_line_naming_it_with_exit_2(tmp_path, capsys, make, message):
+    from atlas_core.book.cli import main
+
+    source = make(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", "toy", "--source", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(source) in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_chapters_come_from_the_toc_in_order(tmp_path):
@@ -224,7 +248,7 @@ def test_a_chapter_must_write_its_results_json(tmp_path):
     source = write_chapter(tmp_path, "x = 1")
     with pytest.raises(ChapterError, match="wrote no <results_dir>/toy.json"):
         runner.run_chapter("toy", "tiny", {}, tmp_path / "out", source)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # the folder the run made is gone with the failed run
 
 
 def test_pages_with_cross_document_glue_are_touched(tmp_path):

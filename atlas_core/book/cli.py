@@ -665,13 +665,16 @@ def _kv_storage(args) -> None:
 
 
 def _run(args) -> None:
-    from atlas_core.book.runner import run_chapter
-
-    from atlas_core.book.runner import CHAPTERS
+    from atlas_core.book.runner import CHAPTERS, run_chapter
 
     if args.source is None and args.chapter not in CHAPTERS:
         raise ValueError(f"no chapter {args.chapter!r}; the chapters are {', '.join(CHAPTERS)} (or give --source FILE)")
-    path = run_chapter(args.chapter, args.model, dict(args.param), out_dir=args.out, source=args.source)
+    from atlas_core.book.runner import SourceError
+
+    try:
+        path = run_chapter(args.chapter, args.model, dict(args.param), out_dir=args.out, source=args.source)
+    except SourceError as err:  # name the option that gave the file
+        raise SourceError(f"--source: {err}" if args.source is not None else str(err)) from None
     print(path)
 
 

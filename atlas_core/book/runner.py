@@ -46,6 +46,10 @@ class ParameterError(ValueError):
     """A parameter is unknown, reserved, or has a value that does not fit its default's type."""
 
 
+class SourceError(ValueError):
+    """A chapter source is missing, not a file, or not a jupytext percent-format notebook."""
+
+
 class RunnerError(RuntimeError):
     """A chapter run or the book build failed (the message says where and why)."""
 
@@ -180,10 +184,30 @@ def _orchestration(path: Path) -> bool:
 # --- parameters -----------------------------------------------------------------------------------
 
 def read_notebook(source: Path):
-    """Read a jupytext percent-format file into an nbformat notebook."""
+    """Read a jupytext percent-format file into an nbformat notebook.
+
+    Raises:
+        SourceError: the file is missing, a folder, unreadable, not UTF-8 text or not a percent-format
+            notebook; the message names the file.
+    """
     import jupytext
 
-    return jupytext.read(source, fmt="py:percent")
+    source = Path(source)
+    what = f"chapter source {source}"
+    if not source.exists():
+        raise SourceError(f"{what}: no such file; give a jupytext percent-format .py file (like notebooks/*.py)")
+    if not source.is_file():
+        raise SourceError(f"{what}: not a file; give a jupytext percent-format .py file (like notebooks/*.py)")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SourceError(f"{what}: cannot be read as UTF-8 text ({err.__class__.__name__}); "
+                          "give a jupytext percent-format .py file") from None
+    try:  # the format is fixed whatever the suffix: a .ipynb or .md file is not what the runner executes
+        return jupytext.reads(text, fmt="py:percent")
+    except Exception as err:  # noqa: BLE001 (jupytext raises many kinds on malformed input)
+        raise SourceError(f"{what}: not a jupytext percent-format notebook ({err}); "
+                          "compare notebooks/*.py") from None
 
 
 def notebook_parameters(nb) -> dict:
@@ -194,9 +218,14 @@ def notebook_parameters(nb) -> dict:
     """
     cell = next((c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
     if cell is None:
-        raise ParameterError("the notebook has no cell tagged 'parameters'")
+        raise ParameterError("the notebook has no cell tagged 'parameters' (a `# %% tags=[\"parameters\"]` cell, "
+                             "as in notebooks/*.py)")
+    try:
+        body = ast.parse(cell.source).body
+    except SyntaxError as err:
+        raise ParameterError(f"the 'parameters' cell is not valid Python (line {err.lineno} of the cell: {err.msg})") from None
     defaults = {}
-    for node in ast.parse(cell.source).body:
+    for node in body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target, value = node.targets[0], node.value
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
@@ -395,6 +424,22 @@ def check_output_dir(path: Path | str, need_bytes: int = OUTPUT_FREE_BYTES) -> N
                              "a chapter's outputs may take; free some space or choose another --out")
 
 
+@contextlib.contextmanager
+def _new_folder(path: Path):
+    """Make ``path`` (and its missing parents); if the block raises, remove those of them still empty."""
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()  # only when empty: anything the run or the user put there stays
+            except OSError:
+                break
+        raise
+
+
 def run_chapter(
     chapter: str,
     model: str = DEFAULT_MODEL,
@@ -425,59 +470,60 @@ def run_chapter(
     from papermill.exceptions import PapermillExecutionError
 
     source = Path(source or notebook_source(chapter))
-    if not source.exists():
-        raise FileNotFoundError(f"no chapter source {source}")
     nb = read_notebook(source)
     given = {**workflow_params(model, chapter), **(params or {})}
-    defaults = notebook_parameters(nb)
+    try:
+        defaults = notebook_parameters(nb)
+    except ParameterError as err:  # the message names the file: it may be a --source of the user's own
+        raise ParameterError(f"chapter source {source}: {err}") from None
     values = validate_parameters(defaults, given)
     if source.resolve() == (ROOT / "notebooks" / f"{chapter}.py").resolve():  # the book's own chapter
         check_chapter_values(chapter, {**defaults, **values, "model": model})
     out_dir = Path(out_dir or Path("results") / model_slug(model))
     check_output_dir(out_dir)  # before the kernel starts: a full or read-only folder would fail only at the end
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{chapter}.ipynb"
+    with _new_folder(out_dir):  # a run that fails leaves no empty folder it made itself
+        target = out_dir / f"{chapter}.ipynb"
 
-    start = time.perf_counter()
-    _remove_stale_stages(out_dir, chapter)
-    with tempfile.TemporaryDirectory(prefix=f".{chapter}.{os.getpid()}.", dir=out_dir) as stage:
-        stage = Path(stage)
-        work = stage / "results"
-        work.mkdir()
-        src_ipynb, executed = stage / f"{chapter}.src.ipynb", stage / target.name
-        nbformat.write(nb, src_ipynb)
-        name = chapter_label(chapter, model)
-        try:
-            with _environment(CHAPTER_ENV, name):  # the kernel inherits it: its bars name the chapter
-                papermill.execute_notebook(
-                    str(src_ipynb), str(executed),
-                    parameters={"model": model, **values, "results_dir": "."},
-                    kernel_name=kernel_name(), language="python", cwd=str(work),
-                    progress_bar={"desc": f"{name}: cells"},
-                )
-        except PapermillExecutionError as err:
-            raise ChapterError(f"chapter {chapter!r} ({model}) failed: {_summarise(err)}") from None
-        if not (work / f"{chapter}.json").exists():
-            raise ChapterError(f"chapter {chapter!r} ran but wrote no <results_dir>/{chapter}.json")
-        done = nbformat.read(executed, as_version=4)  # record the real paths, not the staging ones
-        done.metadata.papermill.update(input_path=str(source), output_path=str(target))
-        nbformat.write(done, executed)
-        for produced in sorted(work.iterdir()):  # the chapter's JSON, its data folder and any other files
-            if produced.name == DATA_DIR:
-                _replace_chapter_data(produced / chapter, out_dir / DATA_DIR / chapter)
-            else:
-                os.replace(produced, out_dir / produced.name)
-        wall = time.perf_counter() - start
-        write_json(out_dir / f"{chapter}.timing.json", {
-            "chapter": chapter, "model": model, "params": values, "wall_s": round(wall, 2),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "blas_threads": os.environ.get("OMP_NUM_THREADS"),  # the workflow runs each chapter on one
-            "source": str(source),
-        })
-        for path in (out_dir / f"{chapter}.json", out_dir / f"{chapter}.timing.json", executed):
-            seal(path)  # checksums first: a sealed notebook means "done and whole"
-        os.replace(check_path(executed), check_path(target))
-        os.replace(executed, target)  # the notebook last: its presence means "done"
+        start = time.perf_counter()
+        _remove_stale_stages(out_dir, chapter)
+        with tempfile.TemporaryDirectory(prefix=f".{chapter}.{os.getpid()}.", dir=out_dir) as stage:
+            stage = Path(stage)
+            work = stage / "results"
+            work.mkdir()
+            src_ipynb, executed = stage / f"{chapter}.src.ipynb", stage / target.name
+            nbformat.write(nb, src_ipynb)
+            name = chapter_label(chapter, model)
+            try:
+                with _environment(CHAPTER_ENV, name):  # the kernel inherits it: its bars name the chapter
+                    papermill.execute_notebook(
+                        str(src_ipynb), str(executed),
+                        parameters={"model": model, **values, "results_dir": "."},
+                        kernel_name=kernel_name(), language="python", cwd=str(work),
+                        progress_bar={"desc": f"{name}: cells"},
+                    )
+            except PapermillExecutionError as err:
+                raise ChapterError(f"chapter {chapter!r} ({model}) failed: {_summarise(err)}") from None
+            if not (work / f"{chapter}.json").exists():
+                raise ChapterError(f"chapter {chapter!r} ran but wrote no <results_dir>/{chapter}.json")
+            done = nbformat.read(executed, as_version=4)  # record the real paths, not the staging ones
+            done.metadata.papermill.update(input_path=str(source), output_path=str(target))
+            nbformat.write(done, executed)
+            for produced in sorted(work.iterdir()):  # the chapter's JSON, its data folder and any other files
+                if produced.name == DATA_DIR:
+                    _replace_chapter_data(produced / chapter, out_dir / DATA_DIR / chapter)
+                else:
+                    os.replace(produced, out_dir / produced.name)
+            wall = time.perf_counter() - start
+            write_json(out_dir / f"{chapter}.timing.json", {
+                "chapter": chapter, "model": model, "params": values, "wall_s": round(wall, 2),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "blas_threads": os.environ.get("OMP_NUM_THREADS"),  # the workflow runs each chapter on one
+                "source": str(source),
+            })
+            for path in (out_dir / f"{chapter}.json", out_dir / f"{chapter}.timing.json", executed):
+                seal(path)  # checksums first: a sealed notebook means "done and whole"
+            os.replace(check_path(executed), check_path(target))
+            os.replace(executed, target)  # the notebook last: its presence means "done"
     return target
 
 
