@@ -272,3 +272,21 @@ def test_a_variant_that_n_heads_does_not_allow_names_n_heads():
     (it was refused as merely 'unknown')."""
     with pytest.raises(ParameterValueError, match=r"parameter 'variants' = .*unknown \['gqa2'\] with n_heads = 3"):
         check_values("ablation", {**defaults("ablation"), "n_heads": 3})
+
+
+@pytest.mark.parametrize("chapter, corpus_name", [("nqp", "corpus"), ("kvquant", "corpus"), ("sparse", "corpus"),
+                                                  ("crossarch", "corpora")])
+def test_a_corpus_too_short_for_the_blocks_names_the_corpus_parameter(tmp_path, chapter, corpus_name):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a tiny corpus with few words.")
+    value = [str(tiny)] if corpus_name == "corpora" else str(tiny)
+    with pytest.raises(ParameterValueError, match=f"with '{corpus_name}' = .*tiny.txt.*holds 0 blocks"):
+        check_values(chapter, {**defaults(chapter), corpus_name: value})
+
+
+def test_a_fixed_corpus_too_short_names_only_the_size(monkeypatch):
+    """The invariant blocks read britannica whatever the parameters: no corpus parameter to name."""
+    from atlas_core.book import chapter_params
+
+    assert chapter_params._corpus_parameter({"corpus": "plays", "seq_len": 8}, "britannica") is None
+    assert chapter_params._corpus_parameter({"certified_corpus": "plays"}, "plays") == "certified_corpus"

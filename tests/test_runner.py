@@ -407,3 +407,19 @@ def test_atlas_book_imports_neither_torch_nor_transformers():
             "rc = cli.main(['book']); print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "False", "False"]
+
+
+@pytest.mark.parametrize("command", [["run", "toy"], ["book"]])
+def test_a_cache_root_that_is_a_file_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys, command):
+    from atlas_core.book.cli import main
+
+    forbid_execution(monkeypatch)
+    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: pytest.fail("the workflow started"))
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(blocker))
+    source = ["--source", str(write_chapter(tmp_path, "x = 1")), "--out", str(tmp_path / "out")] if command[0] == "run" else []
+    assert main([*command, *source]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(blocker) in err and "ATLAS_CACHE_DIR" in err
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""``atlas bench book``: each time target of issue 15 as a measured figure beside its target.
+"""``atlas bench book``: each of the book's time targets (README) as a measured figure beside its target.
 
 Not a timed test: it prints measured/target ratios. Wherever the runner already recorded a time (each
 chapter's ``results/<model>/<chapter>.timing.json``, the last build's ``results/book.timing.json``) it is

@@ -118,7 +118,20 @@ def _blocks(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split:
     for model in models or [p["model"]]:
         _as(name, p[name], lambda model=model: check_positions(model, seq_len, name))
         if not surely_holds(spec):  # count the tokens only when the text's length cannot vouch for them
-            _as(name, p[name], lambda model=model: check_blocks(_tokenizer(model), spec))
+            try:
+                check_blocks(_tokenizer(model), spec)
+            except (ParameterValueError, ModelError):
+                raise
+            except ValueError as err:  # a corpus too short for the blocks: name the corpus's parameter too
+                owner = _corpus_parameter(p, corpus)
+                where = "" if owner is None else f" with {owner!r} = {p[owner]!r}"
+                raise ParameterValueError(f"parameter {name!r} = {p[name]!r}{where}: {err}") from None
+
+
+def _corpus_parameter(p: dict, corpus: str) -> str | None:
+    """The parameter that chose ``corpus`` ("corpus", "corpora", "certified_corpus", ...), or None (fixed)."""
+    return next((k for k, v in p.items() if ("corpus" in k or "corpora" in k)
+                 and (v == corpus or (isinstance(v, (list, tuple)) and corpus in v))), None)
 
 
 @functools.lru_cache(maxsize=16)

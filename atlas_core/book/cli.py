@@ -330,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU exists")
     sb.add_argument("--json", action="store_true")
     sb.set_defaults(func=_bench_sparse)
-    bb = bsub.add_parser("book", help="issue 15's time targets: measured (recorded or run now) beside each target")
+    bb = bsub.add_parser("book", help="the book's time targets (README): measured (recorded or run now) beside each target")
     _add_choice(bb, "--run", "atlas_core.book.book_bench", "RUNS", nargs="*", default=[],
                     help="measure now: fresh (book from a fresh clone), rebuild (nothing changed), cli, qwen")
     bb.add_argument("--results", default=None, type=_path, help="results folder with the runner's timing records")

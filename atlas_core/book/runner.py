@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from atlas_core.cache import atomic_path, check_path, check_problem, seal, write_json
+from atlas_core.cache import atomic_path, cache_dir, check_path, check_problem, seal, write_json
 from atlas_core.progress import CHAPTER_ENV, chapter_label
 from atlas_core.provenance import DATA_DIR, code_label, duration, params_label
 from atlas_core.zoo import DEFAULT_MODEL
@@ -462,6 +462,8 @@ def run_chapter(
 
     Raises:
         ParameterError: before any execution, for an unknown name or a bad value.
+        SourceError: before any execution, a source that is missing or not a percent-format notebook.
+        CacheError: before any execution, a cache root (``$ATLAS_CACHE_DIR``) that cannot be made or written.
         ChapterError: a cell failed, or the chapter wrote no ``<chapter>.json``; nothing is left under
             the output names.
     """
@@ -481,6 +483,7 @@ def run_chapter(
         check_chapter_values(chapter, {**defaults, **values, "model": model})
     out_dir = Path(out_dir or Path("results") / model_slug(model))
     check_output_dir(out_dir)  # before the kernel starts: a full or read-only folder would fail only at the end
+    cache_dir()  # and a cache root ($ATLAS_CACHE_DIR) that is a file or read-only, in the first cached step
     with _new_folder(out_dir):  # a run that fails leaves no empty folder it made itself
         target = out_dir / f"{chapter}.ipynb"
 
@@ -853,6 +856,7 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
     Raises:
         ParameterError: before any chapter runs, ``cores`` below 1, a name that is not a model, or a first
             model other than the default (``model_runs.check_book_model``).
+        CacheError: before any chapter runs, a cache root (``$ATLAS_CACHE_DIR``) that cannot be made or written.
         BuildError: a chapter run, a build check or the HTML build failed.
     """
     from atlas_core.book.model_runs import book_models, check_book_model, check_labels, prepare_runs
@@ -866,6 +870,7 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
     for model in models:
         check_model_name(model)
     check_output_dir(ROOT / "results")
+    cache_dir()  # a cache root that is a file or read-only would fail every chapter, each in its first cached step
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1")}
     discard_damaged_results(ROOT / "results")  # a damaged or unchecked run is rerun, never glued
