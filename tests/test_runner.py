@@ -423,3 +423,33 @@ def test_a_cache_root_that_is_a_file_is_refused_before_anything_runs(tmp_path, m
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(blocker) in err and "ATLAS_CACHE_DIR" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["atlas-only", "process-group"])
+def test_ctrl_c_during_a_chapter_is_one_line_without_the_kernels_traceback(tmp_path, group):
+    """SIGINT mid-cell (to atlas, or to its whole process group as a terminal sends it): `atlas run` says what it keeps and exits 130; the kernel, shut down with a reply still
+    owed, no longer prints its ZMQError traceback (its log is silenced: runner.KERNEL_LOG_LEVEL)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = write_chapter(tmp_path, "import pathlib, time\npathlib.Path('running').touch()\ntime.sleep(120)",
+                           params='model = "x"\nresults_dir = "."\n')
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "atlas_core.book.cli", "run", "toy", "--source", str(source),
+                             "--model", "tiny", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob(".toy.*/results/running")):  # in the sleeping cell
+        time.sleep(0.2)
+    if group:  # a terminal's Ctrl-C: every process of the foreground group, the kernel too
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "ZMQError" not in err, err
+    assert "atlas: interrupted" in err
+    assert not out.exists()  # the staging folder and the folder the run made are gone
+

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import math
+import logging
 import os
 import sys
 import time
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     except KeyboardInterrupt:
+        # A chapter's pending kernel tasks end with DeadKernelError once the kernel is shut down; asyncio would
+        # print each as "Task exception was never retrieved" with its traceback when they are collected.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print(f"atlas: interrupted{getattr(args, 'interrupted', INTERRUPTED)}", file=sys.stderr)
         return 130
 

@@ -331,6 +331,9 @@ def check_chapter_values(chapter: str, values: dict) -> None:
 
 # --- execution ------------------------------------------------------------------------------------
 
+KERNEL_LOG_LEVEL = "--IPKernelApp.log_level=CRITICAL"
+
+
 def kernel_name() -> str:
     """Name of a kernelspec for this interpreter, installed inside ``sys.prefix`` (never globally)."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -503,6 +506,10 @@ def run_chapter(
                         parameters={"model": model, **values, "results_dir": "."},
                         kernel_name=kernel_name(), language="python", cwd=str(work),
                         progress_bar={"desc": f"{name}: cells"},
+                        # the kernel's own log: cell errors reach the notebook, not this log, and what it
+                        # prints otherwise is noise (a TCP warning; on Ctrl-C a ZMQError traceback from a
+                        # reply to the client that has gone)
+                        extra_arguments=[KERNEL_LOG_LEVEL],
                     )
             except PapermillExecutionError as err:
                 raise ChapterError(f"chapter {chapter!r} ({model}) failed: {_summarise(err)}") from None
