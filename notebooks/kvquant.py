@@ -962,8 +962,8 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # Which ingredient does the work, paired on the same blocks at {glue:text}`kv_es_bits_low:d` bits: for
 # query-tc, {glue:text}`kv_tc_lloyd_vs_uniform:s`, and {glue:text}`kv_tc_pre_vs_post:s`; a data-blind
 # rotation alone: {glue:text}`kv_hadamard_vs_kivi:s`; for HeadQ's side code, {glue:text}`kv_whitened_vs_query:s`.
-# The issue we set ourselves asked for at least 90% of KIVI's excess removed at KIVI's storage; the figures
-# above say how far the best code goes.
+# Our own target for a new key code was to remove at least 90% of KIVI's excess perplexity at KIVI's
+# storage; the figures above say how far the best code goes.
 #
 # ## Decoding faster than fp from a low-bit cache
 #
