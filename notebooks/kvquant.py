@@ -692,7 +692,8 @@ g("kivi2_vs_hq2", claims.lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq"
 # {glue:text}`kv_budget_best_ppl_ci:s`. HeadQ ranks {glue:text}`kv_budget_hq_rank:d` of them by the point
 # value (the group includes HeadQ's own three controls, which share its storage). HeadQ reads
 # {glue:text}`kv_ppl_hq2_ci:s`. 2-bit KIVI
-# keys, with less storage, read {glue:text}`kv_ppl_kivi2_ci:s` at {glue:text}`kv_bits_kivi2:.3f` bits per key element; paired on the
+# keys read {glue:text}`kv_ppl_kivi2_ci:s` at {glue:text}`kv_bits_kivi2:.3f` bits per key element (HeadQ:
+# {glue:text}`kv_budget_bits:.3f`); paired on the
 # same blocks, {glue:text}`kv_kivi2_vs_hq2:s`. (KIVI's measured bits include the up to $R - 1$
 # most recent keys, $R$ = {glue:text}`kv_group:d`, that wait in full precision until KIVI quantizes them
 # $R$ at a time, held in fp32 here.)
@@ -1203,7 +1204,7 @@ g("previous_tokens", previous_blocks * (seq_len - prefill - 1))
 g("previous_tokens_text", f"{previous_blocks * (seq_len - prefill - 1):,}")
 g("previous_blocks_text", plural(previous_blocks, "block"))
 g("n_changed", len(changed))
-g("changed", ", ".join(changed) if changed else "none")
+g("changed", ", ".join(changed) if changed else "no verdict changes")
 g("fisher_verdict", claims.fisher_predicts(interval.spearman_difference(per_head["fisher"], per_head["key_mse"],
                                                                          per_head["kl"])).text)
 g("a2_verdict", claims.a2_offline(interval.ratio_of_means(units["A² (causal)"], units[f"uniform {a2_budget:g}b"])).text)
@@ -1272,7 +1273,7 @@ g.finish()  # the opening box: run information and this chapter's wall time
 #   element, {glue:text}`kv_budget_best:s` reads {glue:text}`kv_budget_best_ppl_ci:s` against HeadQ's
 #   {glue:text}`kv_ppl_hq2_ci:s`; 2-bit KIVI keys
 #   read {glue:text}`kv_ppl_kivi2_ci:s` at
-#   only {glue:text}`kv_bits_kivi2:.3f` bits ({numref}`tbl-kv-budget`).
+#   {glue:text}`kv_bits_kivi2:.3f` bits ({numref}`tbl-kv-budget`).
 # - **Controls: {glue:text}`kv_control_verdict:s`.** The query basis removes
 #   {glue:text}`kv_ctl_query_removed_ci:s` of the excess, a random basis {glue:text}`kv_ctl_random_removed_ci:s`, the key-PCA basis
 #   {glue:text}`kv_ctl_keypca_removed_ci:s`; the wrong sign reads {glue:text}`kv_ctl_wrong_ppl_ci:s` ({numref}`tbl-kv-controls`).
