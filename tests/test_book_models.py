@@ -453,3 +453,13 @@ def test_the_books_own_chapters_copied_for_a_second_model_build_with_warnings_as
     for chapter in runner.CHAPTERS:
         assert f"Model: {OTHER}" in _words(_html(tmp_path, f"{RUNS_DIR.as_posix()}/{OTHER}/{runner.appendix_name(chapter)}"))
     assert (html / RUNS_DIR / BOOK_MODEL / f"{SECTION_PAGE}.html").exists()
+
+
+def test_an_unknown_model_first_is_named_not_put_into_a_suggested_command(monkeypatch, capsys):
+    """`--models nonsense` once answered with the order rule and "use --models smollm2-135m nonsense"."""
+    from atlas_core.book import cli
+
+    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: pytest.fail("the workflow started"))
+    assert cli.main(["book", "--cores", "1", "--models", "nonsense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown model 'nonsense'" in err and "--models smollm2-135m" not in err

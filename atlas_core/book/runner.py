@@ -476,6 +476,8 @@ def run_chapter(
 
     source = Path(source or notebook_source(chapter))
     nb = read_notebook(source)
+    cache_dir()  # a cache root ($ATLAS_CACHE_DIR) that is a file or read-only: its own error, before the value
+    # checks (which read tokenizers through the cache and would blame a parameter) and before any kernel
     given = {**workflow_params(model, chapter), **(params or {})}
     try:
         defaults = notebook_parameters(nb)
@@ -486,7 +488,6 @@ def run_chapter(
         check_chapter_values(chapter, {**defaults, **values, "model": model})
     out_dir = Path(out_dir or Path("results") / model_slug(model))
     check_output_dir(out_dir)  # before the kernel starts: a full or read-only folder would fail only at the end
-    cache_dir()  # and a cache root ($ATLAS_CACHE_DIR) that is a file or read-only, in the first cached step
     with _new_folder(out_dir):  # a run that fails leaves no empty folder it made itself
         target = out_dir / f"{chapter}.ipynb"
 
@@ -871,11 +872,11 @@ def build_book(cores: int, models: tuple[str, ...] | list[str] = (DEFAULT_MODEL,
     models = book_models(models)
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
         raise ParameterError(f"--cores must be an integer ≥ 1 (parallel chapter jobs), got {cores!r}")
-    check_book_model(models)
     from atlas_core.models import check_model_name  # imports torch: only once the book is really built
 
-    for model in models:
+    for model in models:  # an unknown name first: the order rule below would suggest a command that holds it
         check_model_name(model)
+    check_book_model(models)
     check_output_dir(ROOT / "results")
     cache_dir()  # a cache root that is a file or read-only would fail every chapter, each in its first cached step
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
