@@ -135,7 +135,8 @@ def test_toc_entries_without_parts_and_without_a_root(tmp_path):
 
 def test_the_real_toc_prints_every_chapter_in_the_runners_order():
     files = [e.file for e in toc_entries(ROOT / "_toc.yml")]
-    chapters = [Path(f).name for f in files if f.startswith("book/chapters/")]
+    # the chapters themselves, not their appendix pages (book/chapters/code/…, printed once a build made them)
+    chapters = [Path(f).name for f in files if f.startswith("book/chapters/") and f.count("/") == 2]
     assert chapters == list(runner.CHAPTERS) and files[0] == "book/intro"
 
 
@@ -422,3 +423,10 @@ def test_a_figure_lost_from_the_pdf_fails_the_check(tiny_book, tmp_path):
     w, h = figure_size(html)
     lost = f"book/chapters/line (PDF pages 3-3): figure of {w}x{h} px not in the PDF at full resolution"
     assert lost in check_pdf(book)
+
+
+def test_the_running_header_names_the_book_once_on_its_title_page():
+    from atlas_core.book.pdf import running_header
+
+    assert running_header("A book", "1. Methods") == "A book · 1. Methods"
+    assert running_header("A book", "A book") == "A book"  # the intro's heading is the book's title

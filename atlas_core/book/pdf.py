@@ -307,6 +307,12 @@ def _print_document(browser, document: str, folder: Path, name: str, **options) 
     return browser.print_pdf(**PAPER, **options)
 
 
+def running_header(book_title: str, page_title: str) -> str:
+    """The header printed on a page's PDF pages: "book · page", or the book's title alone on a page that bears it
+    (the intro: its heading is the book's title, and "title · title" read twice)."""
+    return book_title if page_title.strip() == book_title.strip() else f"{book_title} · {page_title}"
+
+
 def print_page(browser, page: Path, entry: TocEntry, book_title: str) -> tuple[PrintedPage, bytes]:
     """Open one built page, wait for it to finish rendering, and print it.
 
@@ -330,7 +336,7 @@ def print_page(browser, page: Path, entry: TocEntry, book_title: str) -> tuple[P
                        f"typeset, {probe['math_errors']} TeX errors, images not decoded: {bad}); "
                        f"run `atlas check-book` for details")
     shown = browser.evaluate(f"{PRINT_PREPARE}({json.dumps(PRINT_CSS)})", f"print preparation of {entry.file}")
-    header = f"{book_title} · {shown['title']}"
+    header = running_header(book_title, shown["title"])
     data = browser.print_pdf(**PAPER, printBackground=True, displayHeaderFooter=True, generateTaggedPDF=True,
                              headerTemplate=_template(header), footerTemplate=_template(""))
     count = _count_pages(data)
