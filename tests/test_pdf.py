@@ -430,3 +430,13 @@ def test_the_running_header_names_the_book_once_on_its_title_page():
 
     assert running_header("A book", "1. Methods") == "A book · 1. Methods"
     assert running_header("A book", "A book") == "A book"  # the intro's heading is the book's title
+
+
+def test_a_page_whose_header_is_its_title_still_shows_its_title(tmp_path):
+    """The intro's header is the book's title alone, which is also the page's heading: the check removes the
+    header once per PDF page, so the heading is still found (and a page with only the header still fails)."""
+    page = PrintedPage(entry=entry("i"), title="A book", pdf_pages=1, header="A book")
+    path = tmp_path / "b.pdf"
+    for body, want in ((["A book", "Words."], []), (["Words."], ["i (PDF pages 2-2): title 'A book' not found in the text"])):
+        assemble(pdf_bytes([["Contents", "A book 2"]]), [(page, pdf_bytes([["A book", *body]]))], numbers(2), "A").write(path)
+        assert check_pdf(BookPdf(path=path, pages=(page,), contents_pages=1)) == want

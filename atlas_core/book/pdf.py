@@ -577,7 +577,8 @@ def check_pdf(book: BookPdf) -> list[str]:
         if _squash(page.title) + str(start) not in contents:
             problems.append(f"contents: no entry '{page.title} … {start}'")
         span = range(start - 1, start - 1 + page.pdf_pages)
-        text = "".join(texts[i].replace(_squash(page.header), "").replace(f"{i + 1}/{total}", "") for i in span)
+        # once per page: the header is printed once, and on the intro it is the title that the body repeats
+        text = "".join(texts[i].replace(_squash(page.header), "", 1).replace(f"{i + 1}/{total}", "") for i in span)
         if not text:  # the body, without the running header and the page numbers
             problems.append(f"{where}: no extractable text")
         elif _squash(page.title) not in text:
