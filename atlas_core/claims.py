@@ -48,7 +48,7 @@ __all__ = [
     "removal_verdict", "lower_verdict", "lowest_verdict", "range_verdict", "headq_range", "kv_headline",
     "fisher_predicts", "a2_offline", "side_code_clause",
     # sparse
-    "lossless", "kept_mass", "page_selection", "speedup", "survival_vs_revision",
+    "lossless", "kept_mass", "multiplicity", "null_side_interval", "page_selection", "speedup", "survival_vs_revision",
 ]
 
 TIE = "not distinguishable at this sample size"
@@ -536,6 +536,58 @@ def null_side(z: float, std: float | None = None) -> Verdict:
     side = (f"is equivalent, within ±{OVERLAP_RULE.margin:g}, to" if found.label == EQUIVALENT else
             _SIDE[found.label])
     return Verdict(label=side, text=side, figures={"z": z, "std": std, "decision": found.label})
+
+
+def null_side_interval(est: Estimate, null_mean: float) -> Verdict:
+    """Where an overlap lies against a null's mean, judged by the overlap's own interval (``decide`` with
+    ``OVERLAP_RULE``), not by the null's spread alone.
+
+    A z-score against a null's draws asks whether the measured pairs are unusual for random frames; the
+    overlap's bootstrap interval (pairs of heads resampled) asks whether the excess would hold on other pairs.
+    A verdict a later argument builds on needs the second.
+
+    Args:
+        est: the overlap O with its 95% interval (``interval``, pairs or heads resampled).
+        null_mean: the null model's mean overlap.
+    Returns:
+        label and text as ``null_side`` ("lies above", "lies below", "is not distinguishable from", "is
+        equivalent, within ±0.01, to"); figures {"difference": O − null mean with its interval (an
+        ``Estimate``), "decision"}.
+    """
+    found = decide(est, null_mean, OVERLAP_RULE)
+    side = (f"is equivalent, within ±{OVERLAP_RULE.margin:g}, to" if found.label == EQUIVALENT else
+            _SIDE[found.label])
+    diff = Estimate(value=est.value - null_mean, lo=est.lo - null_mean, hi=est.hi - null_mean, units=est.units)
+    return Verdict(label=side, text=side, figures={"difference": diff, "decision": found.label})
+
+
+def multiplicity(n_tests: int, n_off: int, rule: DecisionRule = OVERLAP_RULE) -> Verdict:
+    """How many of ``n_tests`` decisions at level alpha would fall off their null by chance alone, and how
+    surprising ``n_off`` is if none truly does.
+
+    Each decision is a 95% interval; with many, some exclude the null by chance. Under "no true effect
+    anywhere" (and independent tests) the count off the null is Binomial(n_tests, alpha): the expected count
+    is n·alpha, and P(X ≥ n_off) says whether the observed count is more than chance gives (Bonferroni's
+    family-wise view in count form).
+
+    Args:
+        n_tests: decisions made (≥ 1); n_off: how many fell off their null (0 ≤ n_off ≤ n_tests).
+    Returns:
+        label "within chance" when P(X ≥ n_off) ≥ alpha (or n_off = 0), else "beyond chance"; text e.g. "with
+        16 decisions at α = 0.05, 0.8 would fall off their null by chance alone; 1 did (P(1 or more) = 0.56),
+        within chance"; figures {"expected", "p_at_least", "n_tests", "n_off"}.
+    Raises:
+        ValueError: counts out of range.
+    """
+    if n_tests < 1 or not 0 <= n_off <= n_tests:
+        raise ValueError(f"multiplicity needs 1 ≤ n_tests and 0 ≤ n_off ≤ n_tests, got {n_tests}, {n_off}")
+    a = rule.alpha
+    p = sum(math.comb(n_tests, i) * a ** i * (1 - a) ** (n_tests - i) for i in range(n_off, n_tests + 1))
+    label = "within chance" if n_off == 0 or p >= a else "beyond chance"
+    text = (f"with {n_tests} decisions at α = {a:g}, {n_tests * a:.1f} would fall off their null by chance alone; "
+            f"{n_off} did (P({n_off} or more) = {p:.2f}), {label}")
+    return Verdict(label=label, text=text, figures={"expected": n_tests * a, "p_at_least": p, "n_tests": n_tests,
+                                                    "n_off": n_off})
 
 
 _O_H_CLAIM = {TIE: "does not replicate as a property of trained heads",
@@ -1035,20 +1087,40 @@ def lossless(kl: list[float], first_divergence: list) -> Verdict:
                    figures={"kl": list(kl), "first_divergence": list(first_divergence)})
 
 
-def kept_mass(kept: float, discarded: np.ndarray) -> Verdict:
-    """The kept set's attention mass against the source's 94.1%, and whether any query loses mass at all.
+def kept_mass(kept: Estimate, discarded: np.ndarray) -> Verdict:
+    """The kept set's attention mass against the source's 94.1%, by the rule with ``MASS_TOL`` as margin, and
+    whether any query loses mass at all.
 
     Args:
-        kept: mean kept mass over sparse layers, heads and queries.
+        kept: the mean kept mass over sparse layers, heads and queries, with its 95% interval (blocks resampled).
         discarded: every (layer, head, query)'s discarded mass m (any shape).
+    Returns:
+        label: ``decide``'s (``EQUIVALENT``, ``HIGHER``, ``LOWER``, ``TIE``) against 94.1% with margin ``MASS_TOL``;
+        figures {"kept", "zero_share", "source", "decision", "phrase"}, where "phrase" states both facts the
+        interval gives, to stand before "the source's 94.1%": e.g. "within 3 percentage points of, but
+        distinguishably below," when the interval lies inside the margin and excludes 94.1%; text the same
+        sentence with the estimate, then whether the kept set is lossless.
     """
     value = source("mass")
     zero_share = float((np.asarray(discarded) < M_ZERO).mean())
-    closeness = "close to" if abs(kept - value) < MASS_TOL else ("above" if kept > value else "below")
+    found = decide(kept, value, DecisionRule(margin=MASS_TOL))
+    side = LOWER if kept.hi < value else HIGHER
+    points = f"{100 * MASS_TOL:g} percentage points"
+    if found.label == EQUIVALENT:
+        phrase = f"within {points} of" + (f", but distinguishably {_BELOW[side]}," if found.figures["distinguishable"] else "")
+    elif found.label == TIE:
+        phrase = "not distinguishable at this sample size from"
+    else:
+        phrase = f"distinguishably {_BELOW[found.label]}, and more than {points} from,"
     zero = f"{M_ZERO:.0e}".replace("e-0", "e-")  # "1e-7"
-    text = (f"{closeness} the source's {value:.1%} on average; but m > {zero} for {1 - zero_share:.1%} of queries, "
-            f"so {'not ' if zero_share < 1 else ''}lossless")
-    return Verdict(label=closeness, text=text, figures={"kept": kept, "zero_share": zero_share, "source": value})
+    text = (f"{estimate_text(kept.value, kept.lo, kept.hi, '.1%')} on average, {phrase} the "
+            f"source's {value:.1%}; but m > {zero} for {1 - zero_share:.1%} of queries, so "
+            f"{'not ' if zero_share < 1 else ''}lossless")
+    return Verdict(label=found.label, text=text, figures={"kept": kept, "zero_share": zero_share, "source": value,
+                                                          "decision": found, "phrase": phrase})
+
+
+_BELOW = {LOWER: "below", HIGHER: "above"}
 
 
 def page_selection(index_recall: float) -> Verdict:

@@ -196,10 +196,13 @@ def number(x, spec: str = ".3f") -> str:
 
 def estimate_text(value, lo, hi, spec: str = ".3f") -> str:
     """ "value [lo, hi]" with ``spec``; a fixed-point ``spec`` shows figures of 1,000 and more without decimals
-    and with thousands separators (a failed run's perplexity reads in the thousands)."""
+    and with thousands separators (a failed run's perplexity reads in the thousands), and then the interval as
+    "[lo to hi]", since a comma would read as a thousands separator ("16,476 [12,048 to 23,392]")."""
     if spec.endswith("f") and value is not None and np.isfinite(value) and abs(value) >= 1000 and "," not in spec:
         spec = ",.0f"
-    return f"{number(value, spec)} [{number(lo, spec)}, {number(hi, spec)}]"
+    low, high = number(lo, spec), number(hi, spec)
+    between = " to " if "," in low + high else ", "
+    return f"{number(value, spec)} [{low}{between}{high}]"
 
 
 def row_interval(row, name: str, spec: str) -> str:

@@ -209,9 +209,8 @@ def check_model_name(name: str) -> None:
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
             # the likelier fault (a typo) first, the hub's way out after it
-            raise ModelError(_unknown_model_message(name) + f" As a hub id, '{name}' is not in the local Hugging "
-                             "Face cache and the hub is off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 where the hub "
-                             "can be reached.")
+            raise ModelError(_unknown_model_message(name) + " It is not in the local Hugging Face cache and the hub "
+                             "is off (HF_HUB_OFFLINE=1).")
 
 
 # What a local checkpoint folder must hold: (what, any one of these file-name patterns)
@@ -438,10 +437,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def _unknown_model_message(name: str) -> str:
-    hub = "offline (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "online"
-    return (
-        f"unknown model '{name}'. Use one of the embedded models {sorted(EMBEDDED)} "
-        f"(offline, installed by `bash atlas.sh test`), a toy model toy-<{'|'.join(toy.FAMILIES)}>, "
-        f"a local folder holding a transformers checkpoint (config.json + weights + tokenizer), "
-        f"or a Hugging Face hub id such as 'gpt2' (needs the hub; this session is {hub})."
-    )
+    """One short sentence: what a model name may be, and where the full list is (``atlas models``)."""
+    return (f"unknown model '{name}': give an embedded model ({', '.join(sorted(EMBEDDED))}; `atlas models`), "
+            f"toy-<{'|'.join(toy.FAMILIES)}>, a local checkpoint folder or a Hugging Face hub id.")

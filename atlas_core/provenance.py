@@ -179,6 +179,7 @@ def provenance_line(info: RunInfo, *, chapter: str, key: str, model: str, corpus
         model, corpus: what the numbers were measured on.
         sample: the sample size in words ("8 windows of 512 tokens per corpus").
     """
-    return (f"Source: chapter *{chapter}*, model `{model}`, corpus {corpus}, {sample}; "
+    measured_on = corpus if corpus.startswith("no corpus") else f"corpus {corpus}"  # e.g. timing on random keys
+    return (f"Source: chapter *{chapter}*, model `{model}`, {measured_on}, {sample}; "
             f"{{ref}}`parameters <{params_label(chapter)}>`; data {{download}}`{key}.csv <{data_path(chapter, key).as_posix()}>`; "
             f"{{ref}}`code <{code_label(chapter)}>`; commit `{info.short_commit}`.")

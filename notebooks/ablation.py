@@ -290,6 +290,7 @@ verdict = null_verdict({f"{n} (seed {s}) at {when(f)}": d for (n, s, f), d in de
 g("verdict", verdict.text)
 g("n_checkpoints", len(decisions))
 g("n_at_null", verdict.figures["n_at_null"])
+g("multiplicity", claims.multiplicity(len(decisions), len(verdict.figures["off"])).text)  # many decisions, some by chance
 narrowest = main_frame["null_std"][main_frame["null_used"] == "haar"].min()
 spread = f"±{RULE.z_crit:.2f} s.d. = ±{RULE.half_width(narrowest):.3f} at the narrowest"
 g("equivalence_reach", (f"the null's spread ({spread}) fits inside the ±{RULE.margin:g} margin, so a checkpoint close "
@@ -325,7 +326,8 @@ for (name, seed, fraction), r in results.items():  # per variant, first seed: th
 # {glue:md}`ab_main_table_prov:myst`
 # ```
 #
-# Over the {glue:text}`ab_n_checkpoints:d` checkpoints, by the rule: {glue:text}`ab_verdict:s`. "Not
+# Over the {glue:text}`ab_n_checkpoints:d` checkpoints, by the rule: {glue:text}`ab_verdict:s`. These are
+# many decisions, each at the 5% level: {glue:text}`ab_multiplicity:s`. "Not
 # distinguishable" is not "equal": with {glue:text}`ab_pairs_range:s` inter-group pairs per headline,
 # {glue:text}`ab_equivalence_reach:s`. The $z$-scores of the inter-group headlines against the Haar null
 # run from {glue:text}`ab_z_span:s`, and no inter-group $O_h$ is further than {glue:text}`ab_delta_absmax:s` from the
@@ -513,8 +515,10 @@ g("scratch_null", " / ".join(f"{results[n, seeds[0], 1.0]['main']['null_mean']:.
 d64 = next((n for d, n in by_dhead if d == 64), None)
 g("scratch_d64_10", "not run" if d64 is None else f"{results[d64, seeds[0], 0.1]['main']['o_h']:.4f}")
 g("scratch_d64_end", "not run" if d64 is None else f"{results[d64, seeds[0], 1.0]['main']['o_h']:.4f}")
-g("scratch_verdict", null_verdict({f"d_head {archs[n].d_head} at {when(f)}": decisions[n, s, f]
-                                   for (n, s, f) in decisions if n in scratch}).text)
+scratch_verdict = null_verdict({f"d_head {archs[n].d_head} at {when(f)}": decisions[n, s, f]
+                                for (n, s, f) in decisions if n in scratch})
+g("scratch_verdict", f"{scratch_verdict.text} ("
+  f"{claims.multiplicity(scratch_verdict.figures['n'], len(scratch_verdict.figures['off'])).text})")
 
 out = Path(results_dir)
 out.mkdir(parents=True, exist_ok=True)

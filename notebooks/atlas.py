@@ -518,7 +518,11 @@ g("c_z", c_res.z)
 g("c_col_null", c_res.colspace_null_mean)
 g("c_col_std", c_res.colspace_null_std)
 g("c_col_z", c_res.colspace_z)
-g("c_verdict", claims.null_side(c_res.colspace_z, c_res.colspace_null_std).text)
+# The verdict reads the overlap's own interval (pairs resampled), not only the null's spread (the z-score).
+c_side = claims.null_side_interval(Estimate(value=c_res.o_h, lo=c_res.ci[0], hi=c_res.ci[1], units=0),
+                                   c_res.colspace_null_mean)
+g("c_verdict", c_side.text)
+g.estimate("c_excess", c_side.figures["difference"])
 
 # %% [markdown]
 # ```{glue:figure} atlas_coord_table
@@ -540,7 +544,11 @@ g("c_verdict", claims.null_side(c_res.colspace_z, c_res.colspace_null_std).text)
 # frames in $\mathbb{R}^{d_\text{model}}$ give {glue:text}`atlas_c_null:.3f` ± {glue:text}`atlas_c_null_std:.4f`
 # (z = {glue:text}`atlas_c_z:+.1f`), random frames inside the heads' own column spaces give
 # {glue:text}`atlas_c_col_null:.3f` ± {glue:text}`atlas_c_col_std:.4f`, and the measured value
-# {glue:text}`atlas_c_verdict:s` that fair chance level (z = {glue:text}`atlas_c_col_z:+.1f`). This is the
+# {glue:text}`atlas_c_verdict:s` that fair chance level, by {glue:text}`atlas_c_excess:+.3f`
+# [{glue:text}`atlas_c_excess_lo:+.3f`, {glue:text}`atlas_c_excess_hi:+.3f`]. The verdict reads this interval,
+# the overlap's own over pairs of heads. The z-score, {glue:text}`atlas_c_col_z:+.1f`, uses only the null's
+# spread: it says the measured pairs are unusual for random frames, not that the excess would hold on other
+# heads, and it overstates the evidence when the interval's lower end lies close to the null. This is the
 # only one of the three comparisons that does not depend on each head's arbitrary value basis.
 #
 # ## A second null: Gaussian clouds of the same covariance
@@ -826,8 +834,9 @@ g("top1_verdict", claims.top1_recovery(Estimate(**three["gain"]), Estimate(**thr
 #   (z = {glue:text}`atlas_intra_null_z:s`), the intra-group $O_h$ {glue:text}`atlas_intra_null_verdict:s`
 #   that null.
 # - **After $W_O$.** In the gauge-invariant coordinates $O_h$ = {glue:text}`atlas_c_oh:.3f`, against
-#   {glue:text}`atlas_c_col_null:.3f` for random frames inside each head's $W_O$ column space
-#   (z = {glue:text}`atlas_c_col_z:+.1f`): it {glue:text}`atlas_c_verdict:s` chance
+#   {glue:text}`atlas_c_col_null:.3f` for random frames inside each head's $W_O$ column space: it
+#   {glue:text}`atlas_c_verdict:s` chance, by {glue:text}`atlas_c_excess:+.3f`
+#   [{glue:text}`atlas_c_excess_lo:+.3f`, {glue:text}`atlas_c_excess_hi:+.3f`]
 #   ({numref}`tbl-atlas-coords`). The source did not make this comparison.
 # - **Intrinsic dimension.** Unbiased TwoNN {glue:text}`atlas_id_twonn:.2f`, source variant
 #   {glue:text}`atlas_id_source:.2f` on the same points (×{glue:text}`atlas_id_source_ratio:.2f`). The

@@ -201,6 +201,36 @@ g("n_heads", s.n_heads)
 
 # %%
 runs = Runs(lm, eval_ids, calib_ids, EvalSetup(engine=engine, prefill=prefill), store=True)  # each method once; fp, Σ_q on disk
+
+FAMILY = {"per-token": "per-token", "per-channel": "per-channel", "kivi": "KIVI", "headq": "HeadQ", "query-tc": "query-tc",
+          "hadamard": "Hadamard-rotated", "random-rotation": "randomly rotated"}
+GRID = {"lloyd-max": "Lloyd–Max grid", "lloyd-max-pinned": "pinned Lloyd–Max grid", "static": "static scales"}
+
+
+def prose(m: KVMethod) -> str:
+    """A method's name in sentences ("2-bit HeadQ keys (rank 8, 4-bit side code)"); tables keep its compact label."""
+    if m.method == "fp":
+        return "the fp cache"
+    name = f"{m.kbits}-bit {FAMILY.get(m.method, m.method)} keys" + ("" if m.vbits is None else f" and {m.vbits}-bit values")
+    notes = [f"rank {m.rank}, {m.side_bits}-bit side code"] if m.method == "headq" else []
+    notes += [f"on {FAMILY[m.base]} keys"] if m.method == "headq" and m.base != "per-token" else []
+    notes += [f"{m.control} control"] if m.control != "none" else []
+    notes += [f"{m.basis} basis"] if m.method == "headq" and m.basis != "query" else []
+    notes += [f"groups of {m.group}"] if m.group != 32 else []
+    notes += [GRID.get(m.grid, m.grid)] if m.grid != "uniform" else []
+    notes += ["A² values"] if m.a2_low is not None else []
+    notes += [f"budget {m.budget:g} bits"] if m.budget is not None else []
+    notes += [f"seed {m.seed}"] if m.method in ("hadamard", "random-rotation") and m.seed else []
+    notes += ["pre-RoPE"] if m.pre_rope else []
+    return name + (f" ({', '.join(notes)})" if notes else "")
+
+
+def plain(text: str) -> str:
+    """A verdict with every method's compact label (``KVMethod.label``) replaced by its ``prose`` name."""
+    for label, name in sorted(((r["label"], prose(m)) for m, r in runs.done.items()), key=lambda x: -len(x[0])):
+        text = text.replace(label, name)
+    return text
+
 sigma_q = runs.sigma_q()  # {layer: (kv_head, d, d)}, one calibration pass shared with the decode runs
 query_bases = runs.bases(KVMethod(method="headq"))  # {layer: (kv_head, d, d)}: every eigenvector, largest first
 metric_ids = eval_ids[:metric_blocks]
@@ -439,7 +469,7 @@ glue_ci("removed_hq2_kv", runs.figures(K("headq", 2, vbits=2))["excess_removed"]
 g("hq_vs_kivi", claims.lower_verdict(runs(K("headq", 2))["nll"], runs(K("kivi", 2))["nll"], "HeadQ", "KIVI",
                                      runs.setup.boot).text)
 best_base = min((K("per-token", 2), K("kivi", 2)), key=lambda m: runs(m)["ppl"].value)
-g("best_base", runs(best_base)["label"])
+g("best_base", prose(best_base))
 glue_ci("ppl_best_base", runs(best_base)["ppl"], PPL)
 
 # %% [markdown]
@@ -557,6 +587,9 @@ g("rank1_verdict", claims.side_code_clause(runs.figures(rank_methods[0])["differ
 rank_verdict = headq_ranks(rank_results, headline=rank) if rank in ranks else None
 g("rank_verdict", rank_verdict.text if rank_verdict else f"not measured (the headline rank {rank} is not among the ranks swept)")
 g("rank_list", listing(ranks))
+# every rank's excess removed and storage, so that a verdict naming ranks (the findings row) shows their values
+g("rank_removed_list", listing(f"rank {r.rank}: {ci(r.excess, SHARE)} at {r.bits_key:.3f} bits per key element"
+                               for r in rank_results))
 g("rank_reach", {"reached": "the paper's range is thus reached by spending more bits on the side code",
                  "below": "no rank swept reaches the paper's range",
                  claims.TIE: "the sweep cannot place the side code against the paper's range at this sample size",
@@ -665,11 +698,11 @@ hq_label = runs(K("headq", 2))["label"]
 budget = claims.lowest_verdict({runs(m)["label"]: runs(m)["nll"] for m in same}, hq_label, runs.setup.boot)
 best_label = budget.label
 g("budget_bits", hq_bits)
-g("budget_best", best_label)
+g("budget_best", plain(best_label))
 glue_ci("budget_best_ppl", next(runs(m)["ppl"] for m in same if runs(m)["label"] == best_label), PPL)
 g("budget_hq_rank", sorted(runs(m)["ppl"].value for m in same).index(runs(K("headq", 2))["ppl"].value) + 1)
 g("budget_n", len(same))
-g("budget_verdict", budget.text)
+g("budget_verdict", plain(budget.text))
 g("kivi2_vs_hq2", claims.lower_verdict(runs(K("kivi", 2))["nll"], runs(K("headq", 2))["nll"], "2-bit KIVI", "HeadQ",
                                        runs.setup.boot).text)
 
@@ -878,14 +911,14 @@ def glue_entry(tag: str, e: dict | None) -> None:
         g(f"{tag}_kivi_bits", math.nan)
         g(f"{tag}_verdict", "no new key code fits KIVI's storage")
         return
-    g(f"{tag}_best", e["best"])
+    g(f"{tag}_best", plain(e["best"]))
     g(f"{tag}_bits", e["bits_key"])
     g(f"{tag}_kivi_bits", e["kivi"]["bits_key"])
     glue_ci(f"{tag}_ppl", e["ppl"], PPL)
     glue_ci(f"{tag}_kivi_ppl", e["kivi"]["ppl"], PPL)
     glue_ci(f"{tag}_removed", e["excess_removed"], SHARE)
     glue_ci(f"{tag}_diff", e["difference"], "+" + PPL)
-    g(f"{tag}_verdict", e["verdict"])
+    g(f"{tag}_verdict", plain(e["verdict"]))
 
 
 k_only = studies["K-only"]
@@ -896,7 +929,7 @@ g("es_bits_low", code_bits[0])
 g("es_bits_high", code_bits[-1])
 g("es_kv_bits_low", code_kv_bits[0] if code_kv_bits else 0)
 hi_versus = k_only["versus"].get(code_bits[-1], {})
-g("tc_hi_versus", "; ".join(hi_versus.values()) if hi_versus else "query-tc was not run")
+g("tc_hi_versus", plain("; ".join(hi_versus.values())) if hi_versus else "query-tc was not run")
 
 
 def paired(a: KVMethod, b: KVMethod, name_a: str, name_b: str) -> str:
@@ -1190,7 +1223,7 @@ def verdicts(n: int) -> dict[str, str]:
          "kivi 2b": nll(K("kivi", 2))}, {runs(m)["label"]: nll(m) for m in same}, hq_label,
         {c: nll(m) for c, m in control_names.items()},
         (nll(a2_v), nll(uniform_v), a2_vbits) if engine == "onepass" else None, runs.setup.boot)
-    return {name: v.text for name, v in headline.items()}
+    return {name: plain(v.text) for name, v in headline.items()}
 
 
 now, before = verdicts(eval_blocks), verdicts(previous_blocks)

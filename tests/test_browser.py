@@ -325,7 +325,9 @@ def test_the_provenance_mark_is_how_provenance_lines_begin():
     info = RunInfo(commit="0" * 40, dirty=False, versions={}, python="3", cpu="cpu", cores=1, threads=1, gpu=None,
                    date="2026-01-01T00:00")
     line = provenance_line(info, chapter="c", key="c_fig", model="m", corpus="britannica", sample="2 points")
-    assert line.startswith(PROVENANCE_MARK)
+    assert line.startswith(PROVENANCE_MARK) and ", corpus britannica, 2 points;" in line
+    keys = provenance_line(info, chapter="c", key="c_fig", model="m", corpus="no corpus (random keys)", sample="2 points")
+    assert ", no corpus (random keys), 2 points;" in keys and "corpus no corpus" not in keys
 
 
 @pytest.mark.parametrize("svg, px", [

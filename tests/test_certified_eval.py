@@ -9,7 +9,8 @@ import torch
 
 from atlas_core.models import load_model
 from atlas_core.sparse.attention import MassLog
-from atlas_core.sparse.certified_eval import (EQUAL_BYTES, calibration, candidate_pages, equal_bytes_rules,
+from atlas_core.sparse.certified_eval import (EQUAL_BYTES, calibration, candidate_pages, equal_bytes_is_dense,
+                                               equal_bytes_rules,
                                               key_bytes_estimate, key_bytes_read)
 from atlas_core.sparse.fidelity import teacher_forced_rules
 from atlas_core.sparse.kept import SparseConfig
@@ -53,6 +54,15 @@ def test_equal_bytes_rules_are_valid_and_never_read_more(share, n):
     quest = rules["Quest pages"]
     if quest.topk:
         assert key_bytes_read(quest, n, 16) <= min(share, 1.0) + 1e-12
+
+
+def test_a_share_at_or_above_the_context_leaves_no_equal_bytes_comparison():
+    """The default model's certified rule reads 112% of the key bytes at 4,096 tokens: a fixed rule at those bytes
+    is W = 4,093 (dense but for the last positions), so the comparison is empty; at 95% it is not."""
+    assert equal_bytes_is_dense(1.117, 4096) and equal_bytes_is_dense(1.0, 4096)
+    assert equal_bytes_is_dense(4094 / 4096, 4096) and not equal_bytes_is_dense(4093 / 4096, 4096)
+    assert not equal_bytes_is_dense(0.95, 4096) and not equal_bytes_is_dense(0.25, 4096)
+    assert equal_bytes_rules(CERT, 1.117, 4096, 64)["window only"].window == 4093  # what the empty case would run
 
 
 def test_key_bytes_read_of_pages_counts_summaries():

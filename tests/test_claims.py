@@ -133,6 +133,33 @@ def test_null_side_and_the_o_h_claim():
     assert claims.o_h_claim(5.0).text.startswith("does not replicate (more aligned than chance)")
 
 
+def test_null_side_interval_judges_the_overlap_by_its_own_interval():
+    """After W_O the default model's z = +6.5 against the null's spread, but the overlap's own interval
+    [0.094, 0.116] against the null mean 0.092: still above, by 0.013 [0.002, 0.024]; a z alone would call an
+    interval that holds the null mean 'above'."""
+    real = claims.null_side_interval(Estimate(value=0.105, lo=0.094, hi=0.116, units=60), 0.092)
+    assert real.label == "lies above"
+    d = real.figures["difference"]
+    assert (d.value, d.lo, d.hi) == pytest.approx((0.013, 0.002, 0.024))
+    held = claims.null_side_interval(Estimate(value=0.105, lo=0.090, hi=0.120, units=60), 0.092)
+    assert held.label == "is not distinguishable from" and claims.null_side(6.5).label == "lies above"
+    assert claims.null_side_interval(Estimate(value=0.05, lo=0.04, hi=0.06, units=60), 0.092).label == "lies below"
+    assert claims.null_side_interval(Estimate(value=0.093, lo=0.088, hi=0.098, units=60), 0.092).label == \
+        "is equivalent, within ±0.01, to"
+
+
+def test_multiplicity_counts_what_chance_gives():
+    """1 of 16 decisions off the null at α = 0.05: 0.8 expected by chance, P(≥ 1) = 1 − 0.95¹⁶ = 0.56."""
+    v = claims.multiplicity(16, 1)
+    assert v.figures["p_at_least"] == pytest.approx(1 - 0.95 ** 16) and v.label == "within chance"
+    assert v.text == ("with 16 decisions at α = 0.05, 0.8 would fall off their null by chance alone; 1 did "
+                      "(P(1 or more) = 0.56), within chance")
+    assert claims.multiplicity(16, 4).label == "beyond chance"  # P(≥ 4) ≈ 0.007
+    assert claims.multiplicity(16, 0).figures["p_at_least"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        claims.multiplicity(3, 4)
+
+
 def test_o_h_claim_of_a_model_without_inter_group_pairs_is_judged_against_the_shared_value_null():
     # MQA: far above random frames (every pair averages the same values), at the shared-value null
     mqa = claims.o_h_claim(40.0, 0.01, shared_value=(0.5, 0.002))
@@ -364,12 +391,23 @@ def test_lossless_needs_zero_kl_and_no_divergence():
     assert claims.lossless([0.0], [12]).text == "does not hold"
 
 
-def test_kept_mass_against_94_1_percent():
+def test_kept_mass_against_94_1_percent_by_the_rule():
+    """The kept mass is judged by its interval (decide, margin MASS_TOL), and the phrase gives both facts."""
     zero = np.zeros(10)
-    assert claims.kept_mass(0.95, zero).text == "close to the source's 94.1% on average; but m > 1e-7 for 0.0% of queries, so lossless"
-    assert claims.kept_mass(0.9711, zero).label == "above"  # 0.0301 from 0.941
-    assert claims.kept_mass(0.9109, zero).label == "below"
-    some = claims.kept_mass(0.99, np.array([0.0, 0.0, 0.0, 1e-3]))
+    est = lambda v, lo, hi: Estimate(value=v, lo=lo, hi=hi, units=32)  # noqa: E731
+    real = claims.kept_mass(est(0.918, 0.916, 0.921), zero)  # the default model's run: inside ±0.03, excludes 0.941
+    assert real.label == claims.EQUIVALENT
+    assert real.figures["phrase"] == "within 3 percentage points of, but distinguishably below,"
+    assert real.text == ("91.8% [91.6%, 92.1%] on average, within 3 percentage points of, but distinguishably below, "
+                         "the source's 94.1%; but m > 1e-7 for 0.0% of queries, so lossless")
+    assert claims.kept_mass(est(0.94, 0.93, 0.95), zero).figures["phrase"] == "within 3 percentage points of"
+    # the point value inside the margin but the interval not: judged by the interval
+    wide = claims.kept_mass(est(0.93, 0.90, 0.96), zero)
+    assert wide.label == claims.TIE and wide.figures["phrase"] == "not distinguishable at this sample size from"
+    low = claims.kept_mass(est(0.905, 0.90, 0.91), zero)
+    assert low.label == claims.LOWER and low.figures["phrase"].startswith("distinguishably below, and more than 3")
+    assert claims.kept_mass(est(0.98, 0.975, 0.985), zero).label == claims.HIGHER
+    some = claims.kept_mass(est(0.99, 0.985, 0.995), np.array([0.0, 0.0, 0.0, 1e-3]))
     assert some.text.endswith("m > 1e-7 for 25.0% of queries, so not lossless") and some.figures["zero_share"] == 0.75
 
 

@@ -341,6 +341,12 @@ A table wider than the paper's column (scaled to fit when printed):
 | """ + " | ".join(f"column_{i}_without_a_break" for i in range(12)) + """ |
 |""" + "---|" * 12 + """
 | """ + " | ".join(str(i) for i in range(12)) + """ |
+
+A prose table of many columns (printed as stacked rows, each cell under its column's name):
+
+| claim | source | ours | verdict |
+|---|---|---|---|
+| """ + " | ".join(f"a sentence of several words in the {c} cell" for c in ("claim", "source", "ours", "verdict")) + """ |
 """
 
 
@@ -388,6 +394,9 @@ def test_a_tiny_book_prints_to_a_checked_pdf(tiny_book, monkeypatch):
     assert "2 figures, all present, 1 wide elements scaled to the column" in line  # the table; no problem left
     reader = PdfReader(out)
     texts = [unicodedata.normalize("NFKC", p.extract_text()) for p in reader.pages]  # ligatures: "ﬁ" -> "fi"
+    # the prose table printed as stacked rows, each cell under its column's name; the table of numbers is not
+    intro = " ".join(texts[1].split())
+    assert "verdict: a sentence of several words in the verdict cell" in intro and "column_0_without_a_break:" not in intro
     assert len(reader.pages) >= 3  # contents, the intro, the chapter
     assert "Contents" in texts[0] and "A tiny book" in texts[0] and "A chapter with a figure" in texts[0]
     assert "mc2" in "".join(texts[1].split())  # MathJax typeset the display before the print

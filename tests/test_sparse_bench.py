@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from atlas_core.sparse.bench import bench_sparse_decode, page_recall
+from atlas_core.sparse.bench import bench_sparse_decode, page_recall, speedup_estimate
 from atlas_core.sparse.kept import SparseConfig
 
 
@@ -11,8 +11,23 @@ def test_bench_reports_every_kernel_and_ratio():
     for row in r["rows"]:
         assert row["dense_s"] > 0 and row["topk_s"] > 0 and row["pages_s"] > 0
         assert row["speedup_pages"] == pytest.approx(row["dense_s"] / row["pages_s"])
+        assert row["speedup_pages_lo"] <= row["speedup_pages"] <= row["speedup_pages_hi"]
         assert row["bytes_ratio_pages"] > row["bytes_ratio_topk"] > 1
         assert 0 <= row["index_recall"] <= 1
+
+
+def test_speedup_interval_pairs_rounds():
+    """median(dense) / median(kernel) with an interval from resampling rounds in pairs: equal rounds give a
+    degenerate interval; a machine whose speed drifts over rounds but hits both kernels alike still gives the
+    ratio exactly, while unpaired noise widens it."""
+    est = speedup_estimate([2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0])
+    assert (est.value, est.lo, est.hi, est.units) == (2.0, 2.0, 2.0, 4)
+    drift = speedup_estimate([2.0, 4.0, 6.0, 8.0, 10.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert drift.value == 2.0 and drift.lo <= 2.0 <= drift.hi
+    noisy = speedup_estimate([2.0, 2.4, 1.6, 2.2, 1.8, 2.0], [1.0, 0.9, 1.1, 1.0, 1.05, 0.95])
+    assert noisy.lo < noisy.value < noisy.hi
+    with pytest.raises(ValueError, match="same rounds"):
+        speedup_estimate([1.0, 2.0], [1.0])
 
 
 def test_bench_rejects_impossible_shapes():

@@ -87,6 +87,40 @@ def test_run_wquant_returns_per_block_nll_with_intervals_and_leaves_the_model_un
     torch.testing.assert_close(r["nll"], block_nll(model, held_out, progress=False), rtol=0, atol=1e-5)
 
 
+def test_a_stored_run_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+    """run_wquant(store=True) keeps a run on disk: the same call reads it back (equal numbers, no quantization),
+    and a change of bits, seed, tokens, weights or code makes a new run."""
+    import atlas_core.wquant.experiment as experiment
+
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
+    lm = load_model("toy-llama")
+    gen = torch.Generator().manual_seed(0)
+    calib, held_out = (torch.randint(4, 200, (n, 32), generator=gen) for n in (4, 3))
+    stats = calibration_stats(lm, calib, progress=False)
+    calls = []
+    real = experiment.quantize_model
+    monkeypatch.setattr(experiment, "quantize_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out, stats, store=True)
+    again = run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out, stats, store=True)
+    assert calls == [1] and len(list(tmp_path.rglob("run-*.pt"))) == 1
+    assert torch.equal(first["nll"], again["nll"]) and first["ppl_ratio"] == again["ppl_ratio"]
+    assert first["layers"] == again["layers"] and first["seconds"] == again["seconds"]
+    plain = run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out, stats)  # not stored: runs again
+    assert torch.equal(plain["nll"], first["nll"]) and calls == [1, 1]
+    run_wquant(lm, "rot-fisher", WQuantSpec(bits=4), calib, held_out, stats, store=True)
+    run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out, stats, seed=1, store=True)
+    run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out[:2], stats, store=True)
+    monkeypatch.setattr(experiment, "code_version", lambda: "edited")
+    run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out, stats, store=True)
+    monkeypatch.undo()
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(experiment, "quantize_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        next(decoder_layers(lm.model).parameters()).mul_(1.01)  # other weights: another run
+    run_wquant(lm, "rot-fisher", WQuantSpec(bits=3), calib, held_out, stats, store=True)
+    assert len(calls) == 7 and len(list(tmp_path.rglob("run-*.pt"))) == 6
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_restored_weights_restores_every_decoder_parameter_after_an_error(family):
     lm = load_model(f"toy-{family}")

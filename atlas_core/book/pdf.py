@@ -62,8 +62,20 @@ PRINT_CSS = """
   table { font-size: 8pt; }
   .table-wrapper, .pst-scrollable-table-container, div.cell_output, .output { overflow: visible !important; }
   pre { white-space: pre-wrap; }
+  /* A prose table of many columns (the findings box, the claims page: PRINT_PREPARE marks them) prints each
+     row as a block, every cell under its column's name: in a portrait column its six narrow columns ran
+     fourteen pages of a few words per line. */
+  table.atlas-stacked, table.atlas-stacked tbody, table.atlas-stacked tr, table.atlas-stacked td { display: block; }
+  table.atlas-stacked thead { display: none; }
+  table.atlas-stacked tr { break-inside: avoid; border-top: 1px solid #999; padding: 0.3em 0; }
+  table.atlas-stacked td { border: none !important; padding: 0.05em 0 !important; text-align: left !important; }
+  table.atlas-stacked td::before { content: attr(data-label) ": "; font-weight: bold; }
+  table.atlas-stacked { font-size: 9pt; break-inside: auto; }
 }
 """
+# A markdown table prints as stacked rows when it has at least this many columns and its cells hold prose (this
+# many characters on average): the findings box and the claims page, not a table of numbers.
+STACKED = {"columns": 4, "chars": 25}
 
 # Runs in each page after the browser check's probe (MathJax typeset, images decoded): the print
 # stylesheet and the light theme applied, every image loaded eagerly, fonts loaded; a table, code block or
@@ -71,12 +83,23 @@ PRINT_CSS = """
 # at the margin); then what the PDF must hold (read under print media, the viewport as wide as the
 # printed column: only what will be printed, as it will be laid out).
 PRINT_PREPARE = """
-(async (css) => {
+(async (css, stacked) => {
   document.documentElement.dataset.theme = 'light';
   document.documentElement.dataset.mode = 'light';
   const style = document.createElement('style');
   style.textContent = css;
   document.head.appendChild(style);
+  // Prose tables (markdown tables, not the glued DataFrames, whose ids pandas sets) of many columns print
+  // as stacked rows: each cell labelled with its column's name (PRINT_CSS).
+  document.querySelectorAll('table').forEach(t => {
+    const heads = Array.from(t.querySelectorAll('thead th')).map(th => th.textContent.trim());
+    const cells = Array.from(t.querySelectorAll('tbody td')).map(td => td.textContent.trim().length);
+    const prose = cells.length && cells.reduce((a, b) => a + b, 0) / cells.length >= stacked.chars;
+    if (t.id || heads.length < stacked.columns || !prose) return;
+    t.classList.add('atlas-stacked');
+    t.querySelectorAll('tbody tr').forEach(tr => Array.from(tr.children).forEach((td, i) => {
+      td.dataset.label = heads[i] || ''; }));
+  });
   const images = Array.from(document.images);
   images.forEach(i => { i.loading = 'eager'; });
   await Promise.all(images.map(i => i.decode().catch(() => null)));
@@ -335,7 +358,8 @@ def print_page(browser, page: Path, entry: TocEntry, book_title: str) -> tuple[P
         raise PdfError(f"{entry.file}: not fully rendered ({probe['math'] - probe['typeset']} math elements not "
                        f"typeset, {probe['math_errors']} TeX errors, images not decoded: {bad}); "
                        f"run `atlas check-book` for details")
-    shown = browser.evaluate(f"{PRINT_PREPARE}({json.dumps(PRINT_CSS)})", f"print preparation of {entry.file}")
+    shown = browser.evaluate(f"{PRINT_PREPARE}({json.dumps(PRINT_CSS)}, {json.dumps(STACKED)})",
+                             f"print preparation of {entry.file}")
     header = running_header(book_title, shown["title"])
     data = browser.print_pdf(**PAPER, printBackground=True, displayHeaderFooter=True, generateTaggedPDF=True,
                              headerTemplate=_template(header), footerTemplate=_template(""))

@@ -12,7 +12,11 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
+
+from atlas_core import interval
+from atlas_core.interval import Bootstrap, Estimate
 
 from atlas_core.sparse.kept import SparseConfig, kept_mask
 from atlas_core.sparse.certified import _capped, bound_slack, certified_cache, certified_decode, certified_mask, certify, summary_floats
@@ -21,7 +25,8 @@ from atlas_core.sparse.pages import page_mask, selection_recall
 
 KERNELS = ("dense", "topk", "pages")
 
-__all__ = ["KERNELS", "bench_certified_decode", "bench_sparse_decode", "certified_bytes", "page_recall"]
+__all__ = ["KERNELS", "bench_certified_decode", "bench_sparse_decode", "certified_bytes", "page_recall",
+           "speedup_estimate"]
 
 
 def page_recall(q, keys, cfg: SparseConfig) -> dict:
@@ -39,15 +44,43 @@ def page_recall(q, keys, cfg: SparseConfig) -> dict:
 
 
 def _interleaved(fns: dict, rounds: int, steps: int, device: str) -> dict[str, float]:
-    """{name: median seconds per call}: one warm-up call each, then ``rounds`` rounds that time every function in
-    turn over ``steps`` calls (interleaved, so a slow spell of the machine hits them all)."""
+    """{name: median seconds per call} over ``_rounds``."""
+    return {name: statistics.median(t) for name, t in _rounds(fns, rounds, steps, device).items()}
+
+
+def _rounds(fns: dict, rounds: int, steps: int, device: str) -> dict[str, list[float]]:
+    """{name: seconds per call in each round}: one warm-up call each, then ``rounds`` rounds that time every
+    function in turn over ``steps`` calls (interleaved, so a slow spell of the machine hits them all, and round r of
+    two kernels is a pair)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(_once(_synced(fn, device), steps))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def _median_ratio(x: np.ndarray, axis=None) -> np.ndarray:
+    """median(a) / median(b) of interleaved (a, b) values (..., 2·round): ``interval.median``'s statistic."""
+    return np.median(x[..., 0::2], -1) / np.median(x[..., 1::2], -1)
+
+
+def speedup_estimate(dense_rounds, kernel_rounds, boot: Bootstrap = interval.DEFAULT) -> Estimate:
+    """A kernel's speed-up over dense, median(dense) / median(kernel) over the rounds, with a paired bootstrap
+    interval over rounds (round r of both kernels drawn together: interleaved, they share the machine's state).
+
+    Args:
+        dense_rounds, kernel_rounds: (round,) seconds per call of each round (``_rounds``), the same rounds.
+    Returns:
+        ``Estimate`` of the speed-up (×); ``units`` the number of rounds.
+    Raises:
+        ValueError: different numbers of rounds.
+    """
+    a, b = np.asarray(dense_rounds, dtype=np.float64), np.asarray(kernel_rounds, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"speedup_estimate needs the same rounds of both kernels, got {a.size} and {b.size}")
+    return interval.median(np.stack([a, b], axis=1), boot, statistic=_median_ratio)  # (round, 2)
 
 
 def _once(fn, steps: int) -> float:
@@ -123,7 +156,8 @@ def bench_sparse_decode(contexts=(131072,), heads: int = 9, kv_heads: int = 3, d
             the same key budget as exact top-k.
         rounds: interleaved rounds over the kernels (median reported); steps: calls timed per round.
     Returns:
-        {"shape", "config", "rows": [{n, <kernel>_s, <kernel>_bytes, speedup_topk, speedup_pages,
+        {"shape", "config", "rows": [{n, <kernel>_s (median over rounds), <kernel>_bytes, speedup_topk,
+        speedup_pages (median ratio, with ``_lo`` and ``_hi``: the 95% interval over rounds, ``speedup_estimate``),
         bytes_ratio_topk, bytes_ratio_pages, index_recall, mass_recall}]}
     """
     check_decode(contexts, heads, kv_heads, d_head, cfg, rounds, steps, device)
@@ -135,13 +169,14 @@ def bench_sparse_decode(contexts=(131072,), heads: int = 9, kv_heads: int = 3, d
         cache = paged_cache(keys, values, cfg.page_size)
         fns = {"dense": lambda: dense_decode(q, keys, values), "topk": lambda: topk_decode(q, keys, values, cfg),
                "pages": lambda: page_decode(q, cache, cfg)}
-        medians = _interleaved(fns, rounds, steps, device)
+        times = _rounds(fns, rounds, steps, device)
         row = {"n": n}
         for name in fns:
-            row[f"{name}_s"] = medians[name]
+            row[f"{name}_s"] = statistics.median(times[name])
             row[f"{name}_bytes"] = bytes_read(name, n, heads, kv_heads, d_head, cfg, keys.element_size())
         for name in ("topk", "pages"):
-            row[f"speedup_{name}"] = row["dense_s"] / row[f"{name}_s"]
+            est = speedup_estimate(times["dense"], times[name])  # its value is dense_s / <name>_s
+            row[f"speedup_{name}"], row[f"speedup_{name}_lo"], row[f"speedup_{name}_hi"] = est.value, est.lo, est.hi
             row[f"bytes_ratio_{name}"] = row["dense_bytes"] / row[f"{name}_bytes"]
         row.update(page_recall(q.cpu(), keys.cpu(), cfg))
         rows.append(row)

@@ -32,7 +32,7 @@ from atlas_core import interval
 from atlas_core.sparse.attention import MassLog
 from atlas_core.sparse.kept import SparseConfig
 
-__all__ = ["EQUAL_BYTES", "SOURCE_WINDOW", "calibration", "candidate_pages", "equal_bytes_rules", "key_bytes_estimate",
+__all__ = ["EQUAL_BYTES", "SOURCE_WINDOW", "calibration", "candidate_pages", "equal_bytes_is_dense", "equal_bytes_rules", "key_bytes_estimate",
            "key_bytes_read", "pages_read_share"]
 
 SOURCE_WINDOW = 64  # the source's window W
@@ -132,6 +132,24 @@ def equal_bytes_rules(cfg_certified: SparseConfig, key_bytes_share: float, n_tok
     pages = max(0, (keys - a - w_q - summaries) // size)
     quest = dataclasses.replace(quest_cfg, topk=min(pages * size, (top - a - w_q) // size * size))
     return dict(zip(EQUAL_BYTES, (window_only, source, quest)))
+
+
+def equal_bytes_is_dense(key_bytes_share: float, n_tokens: int) -> bool:
+    """Whether a fixed budget at this share of the key bytes would drop nothing: the equal-bytes comparison is
+    then empty.
+
+    ``equal_bytes_rules`` clamps every budget to a + W + k ≤ n − 2 (a block must still hold a position where a key
+    is dropped). When the certified rule reads K = ⌊min(s, 1)·n⌋ ≥ n − 2 keys' worth of bytes, each fixed rule at
+    that budget is dense attention except at the block's last positions, so setting it beside the certified rule
+    measures nothing about budgets.
+
+    Args:
+        key_bytes_share: the certified rule's measured share s of the key bytes (> 0; above 1 with summaries).
+        n_tokens: n, the context the share is a share of.
+    Returns:
+        True when ⌊min(s, 1)·n⌋ ≥ n − 2.
+    """
+    return math.floor(min(key_bytes_share, 1.0) * n_tokens) >= n_tokens - 2
 
 
 def calibration(log: MassLog, eps: float) -> dict:

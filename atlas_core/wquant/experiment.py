@@ -10,13 +10,16 @@ never rests on a difference the sample cannot show ("not distinguishable at this
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from atlas_core.attention import decoder_layers
-from atlas_core import interval
+from atlas_core import eval as eval_module, interval
+from atlas_core.cache import cache_dir, cache_key, cached
 from atlas_core.eval import block_nll
 from atlas_core.interval import DEFAULT, Bootstrap, Estimate
 from atlas_core.models import LoadedModel
@@ -57,7 +60,7 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
                stats: dict[str, LayerStats] | None = None, nll_fp: torch.Tensor | None = None, seed: int = 0,
                progress: bool = False, judge: dict[str, LayerStats] | None = None,
                gptq_config: GPTQConfig = GPTQConfig(), calib_config: CalibConfig = CalibConfig(),
-               batch_size: int = 8) -> dict:
+               batch_size: int = 8, store: bool = False) -> dict:
     """Quantize ``lm.model`` with ``method``, measure it, and put its weights back (the model is left unchanged).
 
     GPTQ with ``gptq_config.sequential`` (the default) runs its reference's pipeline
@@ -71,6 +74,10 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
         stats, nll_fp: reuse across runs of a sweep (``nll_fp``: the unquantized model's NLL on ``eval_blocks``).
         judge: held-out input statistics for the layer output error (default: the calibration ones).
         batch_size: held-out blocks per forward (speed only).
+        store: keep the run on disk and reuse it (SPEC §12), keyed by everything that sets its numbers
+            (``_run_key``: the model's weights, the tokens, the statistics, the method's settings and the source of
+            the quantization and evaluation code), so that a chapter rerun for its prose repeats no quantization.
+            A reused run keeps the "seconds" and "cpu_seconds" measured when it was made.
     Returns:
         {"method", "bits", "group", "symmetric", "nll" (block, token − 1) NLL in nats, "nll_fp" (the same,
         unquantized), "ppl" and "ppl_fp" (Estimate dicts {"value", "lo", "hi", "units"}: 95% block-bootstrap
@@ -78,6 +85,12 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
         over layers), "layers" (per-layer rows), "seconds" (wall) and "cpu_seconds" (this process's CPU time: what
         the run costs on an idle machine with one thread), "calib_corpus" and "calib_tokens" (sequential GPTQ)}
     """
+    if store:
+        key = _run_key(lm, method, spec, calib, eval_blocks, stats, nll_fp, seed, judge, gptq_config, calib_config)
+        run = lambda: run_wquant(lm, method, spec, calib, eval_blocks, stats, nll_fp, seed, progress, judge,  # noqa: E731
+                                 gptq_config, calib_config, batch_size)
+        return cached(cache_dir("wquant") / f"run-{key}.pt", run, torch.save,
+                      lambda p: torch.load(p, weights_only=True), "weight-quantization run")
     start, cpu = time.perf_counter(), time.process_time()
     sequential = method == "gptq" and gptq_config.sequential
     if stats is None and method in NEEDS_STATS and not sequential:  # the others use them only for diagnostics
@@ -102,6 +115,50 @@ def run_wquant(lm: LoadedModel, method: str, spec: WQuantSpec, calib: torch.Tens
             "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
             **({"calib_corpus": calib_config.corpus, "calib_tokens": calib_config.tokens // calib_config.seq_len
                 * calib_config.seq_len} if sequential else {})}
+
+
+def code_version() -> str:
+    """SHA-256 of the source that sets a run's numbers (the wquant package and ``eval.block_nll``'s module):
+    a stored run is reused only by the code that made it."""
+    digest = hashlib.sha256()
+    for path in [*sorted(Path(__file__).parent.glob("*.py")), Path(eval_module.__file__)]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _tensor_print(t: torch.Tensor | None) -> str | None:
+    """Shape, sum and sum of squares of a tensor in fp64 (None for None): changes whenever its values do."""
+    if t is None:
+        return None
+    d = t.detach().double()
+    return f"{tuple(d.shape)}:{d.sum().item():.17g}:{d.square().sum().item():.17g}"
+
+
+def _stats_print(stats: dict[str, LayerStats] | None) -> str | None:
+    """A hash of calibration statistics (every layer's n, Σ x xᵀ, Σ |x| and Σ g gᵀ), None for None."""
+    if stats is None:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(stats):
+        st = stats[name]
+        digest.update(f"{name}|{st.n}|{_tensor_print(st.xx)}|{_tensor_print(st.x_abs)}|{_tensor_print(st.gg)}".encode())
+    return digest.hexdigest()
+
+
+def _tokens_print(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(tuple(blocks.shape)).encode()).hexdigest()
+
+
+def _run_key(lm, method, spec, calib, eval_blocks, stats, nll_fp, seed, judge, gptq_config, calib_config) -> str:
+    """The disk-cache key of one ``run_wquant`` call (``cache.cache_key``): every input its numbers depend on."""
+    from atlas_core.clouds import weights_fingerprint
+
+    sequential = method == "gptq" and gptq_config.sequential
+    return cache_key(kind="wquant-run", model=lm.spec.name, weights=weights_fingerprint(lm.model), method=method,
+                     spec=repr(spec), seed=seed, calib=_tokens_print(calib), eval=_tokens_print(eval_blocks),
+                     stats=_stats_print(stats), judge=_stats_print(judge), nll_fp=_tensor_print(nll_fp),
+                     gptq=repr(gptq_config), calib_config=repr(calib_config) if sequential else None,
+                     code=code_version())
 
 
 # ----------------------------------------------------------------------------- paired verdicts
