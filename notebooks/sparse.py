@@ -235,7 +235,7 @@ g("n_heads", lm.spec.n_heads)
 variants = experiment.variants()  # first two layers dense, head-averaged, pages, pages at 4k
 rules = experiment.rules()  # the source defaults first (always measured), the W × k grid, the variants
 swept = budget_sweep(lm, rules, blocks, prompt, dense_tokens[:sweep_gen_tokens], progress=True,
-                     n_blocks=[eval_blocks] + [min(sweep_blocks, eval_blocks)] * (len(rules) - 1))
+                     n_blocks=[eval_blocks] + [min(sweep_blocks, eval_blocks)] * (len(rules) - 1), store=True)
 t0 = timed("teacher forcing, every rule", t0)
 tf = swept[0]["tf"]
 mass = {name: t.numpy() for name, t in tf["mass"].items()}  # (layer, head)
@@ -535,7 +535,8 @@ t0 = timed("one-pass greedy checks, tables", t0)
 for name in [m for m in other_models.split(",") if m and m != model]:
     other = load_model(name, attn_implementation="sdpa")
     other_texts = fidelity_texts(other, n_blocks=min(sweep_blocks, eval_blocks), **texts)
-    models_rows += [{**r, "continuation": other_texts[2]} for r in model_rows(name, other, [DEFAULTS, variants[0]], *other_texts)]
+    models_rows += [{**r, "continuation": other_texts[2]} for r in model_rows(name, other, [DEFAULTS, variants[0]], *other_texts,
+                                                                                       store=True)]
     del other
 t0 = timed("other models", t0)
 for r in models_rows:  # per segment: the step agreement and the dense continuation's repeated 4-grams
@@ -640,7 +641,7 @@ for support in supports:
     else:
         sv_rules[f"revision: blocks, S = {support}"] = cfg
 t0 = time.perf_counter()
-runs = greedy_survival(lm, sv_prompts, sv_rules, survival_gen_tokens, progress=True)  # one pass per rule and prompt
+runs = greedy_survival(lm, sv_prompts, sv_rules, survival_gen_tokens, progress=True, store=True)  # one pass per rule and prompt
 t0 = timed("greedy survival", t0)
 sv = {name: survival_summary(ds, survival_gen_tokens) for name, ds in runs.items()}
 block_names = [name for name in sv_rules if name.startswith("revision")]  # never empty (chapter_params)
@@ -1024,7 +1025,8 @@ cert_rules = {eps: SparseConfig(selector="certified", eps=eps, bound=certified_b
 for cfg in cert_rules.values():
     cfg.check_head(lm.spec.d_head, "certified_bound's rank")
 t0 = time.perf_counter()
-cert_tf = dict(zip(certified_eps, teacher_forced_rules(lm, cert_blocks, list(cert_rules.values()), progress=True)))
+cert_tf = dict(zip(certified_eps, teacher_forced_rules(lm, cert_blocks, list(cert_rules.values()), progress=True,
+                                                       store=True)))
 t0 = timed("certified: teacher forcing", t0)
 cert_bytes = {eps: key_bytes_estimate(r["log"]) for eps, r in cert_tf.items()}  # share of key bytes read, blocks resampled
 cert_cal = {eps: calibration(r["log"], eps) for eps, r in cert_tf.items()}
@@ -1035,14 +1037,14 @@ equal = {eps: {} if equal_bytes_is_dense(cert_bytes[eps].value, certified_prompt
          equal_bytes_rules(cert_rules[eps], cert_bytes[eps].value, certified_prompt_tokens, lm.spec.d_head)
          for eps in certified_eps}
 distinct = list(dict.fromkeys(cfg for rules_ in equal.values() for cfg in rules_.values()))
-base_tf = dict(zip(distinct, teacher_forced_rules(lm, cert_blocks, distinct, progress=True))) if distinct else {}
+base_tf = dict(zip(distinct, teacher_forced_rules(lm, cert_blocks, distinct, progress=True, store=True))) if distinct else {}
 t0 = timed("certified: equal-bytes rules", t0)
 
 sv_cert_prompts = token_blocks(lm, BlockSpec(corpus=certified_corpus, seq_len=certified_prompt_tokens,
                                              n_blocks=certified_survival_prompts, split="eval"))
 cert_names = {eps: f"certified, ε = {eps:g}" for eps in certified_eps}
 cert_runs = greedy_survival(lm, sv_cert_prompts, {cert_names[eps]: cert_rules[eps] for eps in certified_eps},
-                            survival_gen_tokens, progress=True)
+                            survival_gen_tokens, progress=True, store=True)
 t0 = timed("certified: greedy survival", t0)
 cert_sv = {}
 for eps in certified_eps:
@@ -1447,7 +1449,9 @@ g.finish()  # the opening box: run information and this chapter's wall time
 # ```{glue:figure} sp_timing_table
 # :name: tbl-sparse-timing
 #
-# Wall time of each stage of this chapter's run (seconds, one process, as measured in this run).
+# Wall time of each stage of this chapter's run (seconds, one process, as measured in this run). Teacher-forced
+# passes, trajectories and survival runs are kept on disk (keyed by the model, the text, the rule and the code
+# that computes them): a stage that found them there read them back, and its time here is that of reading.
 #
 # {glue:md}`sp_timing_table_prov:myst`
 # ```

@@ -195,6 +195,68 @@ def test_teacher_forced_rules_share_the_dense_pass_and_give_per_block_values(qwe
         assert m.shape[0] == 5 and m.mean() == pytest.approx(r["discarded"], rel=1e-6)
 
 
+def _same_result(a: dict, b: dict) -> None:
+    """Two ``teacher_forced_rules`` results hold the same numbers (figures, per-block values, the mass log)."""
+    for name in ("kl", "top1_agree", "ppl_change", "discarded", "fixed", "selected"):
+        for suffix in ("", "_lo", "_hi"):
+            assert a[name + suffix] == pytest.approx(b[name + suffix], rel=1e-12, abs=1e-15), name + suffix
+    for name in ("kl", "top1_agree", "nll_sparse", "nll_dense", "discarded"):
+        for x, y in zip(a["per_block"][name], b["per_block"][name], strict=True):
+            assert torch.equal(x.isnan(), y.isnan()) and torch.allclose(x.nan_to_num(), y.nan_to_num(), rtol=1e-12, atol=0)
+    for name in a["mass"]:
+        assert torch.allclose(a["mass"][name], b["mass"][name], rtol=1e-6)
+    for layer in a["log"].discarded:
+        assert torch.equal(a["log"].discarded_values(layer), b["log"].discarded_values(layer))
+    assert a["blocks"] == b["blocks"] and a["positions"] == b["positions"]
+
+
+def test_stored_passes_give_the_same_numbers_and_skip_the_model(qwen_toy, monkeypatch):
+    """teacher_forced_rules(store=True): the first run stores every (rule, block) pass and each block's dense NLL;
+    a rerun (or a run resumed after an interruption) reads them, runs no forward pass, and gives the numbers of an
+    unstored run; another rule, other tokens or other code run afresh."""
+    import atlas_core.sparse.fidelity as fid
+
+    blocks = torch.stack([_prompt(40, s) for s in range(3)])
+    cfgs = [SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=3, topk=2, selector="pages", page_size=2),
+            SparseConfig(anchors=1, window=8, topk=0, selector="certified", eps=1e-2, bound="minmax", page_size=4)]
+    plain = teacher_forced_rules(qwen_toy, blocks, cfgs, n_blocks=[3, 2, 3])
+    calls = []
+    real = fid._block_logprobs
+    monkeypatch.setattr(fid, "_block_logprobs", lambda lm, block: calls.append(1) or real(lm, block))
+    first = teacher_forced_rules(qwen_toy, blocks[:2], cfgs, n_blocks=[2, 2, 2], store=True)  # interrupted after 2 blocks
+    assert len(calls) == 2 + 6  # a dense pass per block, one pass per (rule, block)
+    calls.clear()
+    resumed = teacher_forced_rules(qwen_toy, blocks, cfgs, n_blocks=[3, 2, 3], store=True)
+    assert len(calls) == 1 + 2  # only the third block: its dense pass and the two rules scored on it
+    calls.clear()
+    again = teacher_forced_rules(qwen_toy, blocks, cfgs, n_blocks=[3, 2, 3], store=True)
+    assert calls == []  # nothing left to run
+    for a, b, c in zip(plain, resumed, again):
+        _same_result(a, b), _same_result(a, c)
+    assert first[2]["log"].certificate_values(0).shape[1] > 0
+    monkeypatch.setattr(fid, "code_version", lambda: "edited")
+    teacher_forced_rules(qwen_toy, blocks[:1], cfgs[:1], store=True)
+    assert len(calls) == 2  # other code: the dense pass and the rule run again
+
+
+def test_stored_survival_and_trajectories_equal_the_unstored(toy_lm, monkeypatch):
+    import atlas_core.sparse.fidelity as fid
+
+    monkeypatch.setattr(fid, "code_version", lambda: "v")  # fixed, so that the patch below does not change the key
+    prompts = torch.stack([_prompt(24, s) for s in range(2)])
+    rules = _narrow_rules()
+    plain = greedy_survival(toy_lm, prompts, rules, n_new=12)
+    assert greedy_survival(toy_lm, prompts, rules, n_new=12, store=True) == plain
+    monkeypatch.setattr(fid, "_survival_block", lambda *a, **k: pytest.fail("a stored survival run was recomputed"))
+    assert greedy_survival(toy_lm, prompts, rules, n_new=12, store=True) == plain
+    dense = dense_continuation(toy_lm, prompts[0], 10)
+    cfg = next(c for c in rules.values() if c is not None)
+    a = fid._trajectory(toy_lm, prompts[0], dense, cfg, store=True)
+    b = fid._trajectory(toy_lm, prompts[0], dense, cfg, store=True)
+    c = trajectory_agreement(toy_lm, prompts[0], dense, cfg)
+    assert a["agree"] == b["agree"] == c["agree"] and (a["matches"] == c["matches"]).all() and (b["matches"] == c["matches"]).all()
+
+
 def test_a_rule_on_fewer_blocks_is_the_rule_run_on_those_blocks(qwen_toy):
     blocks = torch.stack([_prompt(40, s) for s in range(4)])
     cfgs = [SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=8, topk=8)]

@@ -26,17 +26,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import beta as beta_dist
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from atlas_core import interval
 from atlas_core.claims import TIE, direction
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.cache import cache_dir, cache_key, cached
+from atlas_core.cache import cache_dir, cache_key, cached, read_checked, write_checked
 from atlas_core.eval import token_logprobs
 from atlas_core.models import LoadedModel
 from atlas_core.progress import tqdm  # names the running chapter
@@ -77,9 +81,89 @@ def _block_logprobs(lm: LoadedModel, block: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------- stored runs (SPEC §12)
+
+NUMERIC_SOURCES = ("attention.py", "blocks.py", "certified.py", "kept.py", "pages.py")  # the sparse attention itself
+
+
+def code_version() -> str:
+    """SHA-256 of what sets a stored sparse run's numbers: the sparse attention's modules, the library's attention
+    hooks, the functions here that score a block or a prompt, and the torch and transformers versions. A stored
+    run is reused only by the code that made it; editing the chapter's prose or this module's statistics does not
+    discard it."""
+    import transformers
+
+    from atlas_core import attention as hooks
+
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in [*(here / name for name in NUMERIC_SOURCES), Path(hooks.__file__)]:
+        digest.update(path.name.encode() + path.read_bytes())
+    for fn in (token_kl, token_logprobs, _block_logprobs, _tf_block, _survival_block, agreement, trajectory_agreement):
+        digest.update(inspect.getsource(fn).encode())
+    digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    return digest.hexdigest()
+
+
+def _stored(kind: str, lm: LoadedModel, compute, **fields):
+    """``compute()``, kept on disk under a key of ``kind``, the model's name and weights, ``fields`` and
+    ``code_version`` (written atomically with its SHA-256 and verified on read, ``cache.cached``)."""
+    from atlas_core.clouds import weights_fingerprint
+
+    key = cache_key(kind=kind, model=lm.spec.name, weights=weights_fingerprint(lm.model), code=code_version(), **fields)
+    return cached(cache_dir("sparse", "runs") / f"{kind}-{key}.pt", compute, torch.save,
+                  lambda p: torch.load(p, weights_only=True), f"sparse {kind}")
+
+
+def _tokens(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.to(torch.int64).numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
+
+
+def _log_state(log: MassLog) -> dict:
+    """A MassLog's contents as plain dicts and lists of tensors (what ``torch.save`` stores with weights_only)."""
+    return {"sums": log.sums, "counts": log.counts, "discarded": log.discarded, "per_query": log.per_query,
+            "certificates": log.certificates}
+
+
+def _merge(log: MassLog, state: dict) -> None:
+    """Add one block's logged state (``_log_state`` of a MassLog that logged only that block) to ``log``: the same
+    sums, counts and per-call lists ``MassLog.add`` would have left had the block been logged into ``log``."""
+    for layer, sums in state["sums"].items():
+        into = log.sums.setdefault(layer, {})
+        for name, t in sums.items():
+            into[name] = into.get(name, 0) + t
+    for layer, n in state["counts"].items():
+        log.counts[layer] = log.counts.get(layer, 0) + n
+    for field_ in ("discarded", "certificates"):
+        for layer, values in state[field_].items():
+            getattr(log, field_).setdefault(layer, []).extend(values)
+    for name, layers in state["per_query"].items():
+        for layer, values in layers.items():
+            log.per_query.setdefault(name, {}).setdefault(layer, []).extend(values)
+
+
+def _tf_block(lm: LoadedModel, block: torch.Tensor, cfg: SparseConfig, dense: torch.Tensor,
+              min_position: int | None) -> dict:
+    """One rule's teacher-forced pass over one block, scored against the block's dense log-probabilities.
+
+    Returns:
+        {"log": ``_log_state`` of the block's MassLog, "kl", "top1_agree" ((token − 1,) float64, NaN where the
+        rule cannot drop a key), "nll_sparse" ((token − 1,) nats)}.
+    """
+    block_log = MassLog(min_position=min_position)
+    with sparse_attention(lm.model, cfg, block_log):
+        sparse = _block_logprobs(lm, block)  # (token - 1, vocab)
+    counted = torch.arange(len(block) - 1) >= max(cfg.budget, cfg.sparse_from)  # (token - 1,)
+    kl = token_kl(dense, sparse)  # (token - 1,)
+    agree = (dense.argmax(-1) == sparse.argmax(-1)).double()
+    return {"log": _log_state(block_log), "kl": kl.double().where(counted, math.nan),
+            "top1_agree": agree.where(counted, math.nan), "nll_sparse": -sparse.gather(-1, block[1:, None])[:, 0]}
+
+
 @torch.no_grad()
 def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[SparseConfig], progress: bool = False,
-                         implementation: str | None = "sdpa", n_blocks: list[int] | None = None) -> list[dict]:
+                         implementation: str | None = "sdpa", n_blocks: list[int] | None = None,
+                         store: bool = False) -> list[dict]:
     """Dense vs sparse next-token distributions over token blocks, every rule on every block.
 
     Per block, one dense forward pass (``implementation``: SDPA by default, exact to float rounding and
@@ -92,6 +176,10 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
         implementation: dense attention backend of the reference (None: the loaded one).
         n_blocks: per rule, how many of the first blocks it is scored on (default: all); a rule on
             fewer blocks is paired with the others on those blocks.
+        store: keep each (rule, block) pass and each block's dense NLL on disk and reuse them (``_stored``: keyed
+            by the model's weights, the block's tokens, the rule, the backend and ``code_version``), so that a
+            rerun, or a run resumed after an interruption, repeats no pass; the dense reference of a block is
+            computed only when one of its rules is not stored.
     Returns:
         per rule, a dict: each of ``MEASURES`` as value, ``<name>_lo`` and ``<name>_hi`` (95% block
         bootstrap; ppl_change = PPL_sparse / PPL_dense − 1, paired), ``estimates`` (name -> Estimate),
@@ -113,21 +201,28 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
     nll_dense = []
     for i, block in enumerate(tqdm(blocks[:max(n_blocks)], desc=f"sparse: {len(configs)} rule(s) per block",
                                    disable=not progress, leave=False)):
-        target = block[1:, None]  # (token - 1, 1)
-        with _implementation(lm.model, implementation):
-            dense = _block_logprobs(lm, block)  # (token - 1, vocab)
-        nll_dense.append(-dense.gather(-1, target)[:, 0])
+        dense = None  # (token - 1, vocab): computed once, and only when some pass of this block must run
+
+        def reference() -> torch.Tensor:
+            nonlocal dense
+            if dense is None:
+                with _implementation(lm.model, implementation):
+                    dense = _block_logprobs(lm, block)
+            return dense
+
+        def run_dense() -> torch.Tensor:
+            return -reference().gather(-1, block[1:, None])[:, 0]
+
+        fields = {"block": _tokens(block), "attention": implementation}
+        nll_dense.append(_stored("tf-dense", lm, run_dense, **fields) if store else run_dense())
         for cfg, st, n in zip(configs, states, n_blocks):
             if i >= n:
                 continue
-            with sparse_attention(lm.model, cfg, st["log"]):
-                sparse = _block_logprobs(lm, block)  # (token - 1, vocab)
-            counted = torch.arange(len(block) - 1) >= max(cfg.budget, cfg.sparse_from)  # (token - 1,)
-            kl = token_kl(dense, sparse)  # (token - 1,)
-            agree = (dense.argmax(-1) == sparse.argmax(-1)).double()
-            st["kl"].append(kl.double().where(counted, math.nan))
-            st["top1_agree"].append(agree.where(counted, math.nan))
-            st["nll_sparse"].append(-sparse.gather(-1, target)[:, 0])
+            run = lambda: _tf_block(lm, block, cfg, reference(), st["log"].min_position)  # noqa: E731
+            done = _stored("tf-pass", lm, run, rule=repr(cfg), **fields) if store else run()
+            _merge(st["log"], done["log"])
+            for name in ("kl", "top1_agree", "nll_sparse"):
+                st[name].append(done[name])
             for name, values in _block_parts(st["log"], len(st["kl"])).items():
                 st["parts"].setdefault(name, []).append(values)
     return [_summary(st, nll_dense[:n]) for st, n in zip(states, n_blocks)]
@@ -405,28 +500,41 @@ def _certified_figures(log: MassLog, cfg: SparseConfig) -> dict:
 
 
 def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Tensor, prompt: torch.Tensor,
-                 dense_tokens: torch.Tensor, progress: bool = False, n_blocks: list[int] | None = None) -> list[dict]:
+                 dense_tokens: torch.Tensor, progress: bool = False, n_blocks: list[int] | None = None,
+                 store: bool = False) -> list[dict]:
     """Teacher-forced fidelity (with intervals) and greedy first divergence of each sparse rule, one row each.
 
     Args:
         blocks: (block, token) held-out text; prompt: (token,); dense_tokens: (n_new,) the dense greedy
             continuation of the prompt (``dense_continuation(lm, prompt, n_new)``).
         n_blocks: per rule, the first blocks it is scored on (``teacher_forced_rules``).
+        store: keep the passes on disk and reuse them (``teacher_forced_rules``; each trajectory too).
     Returns:
         rows with the rule's settings, "blocks", each of ``MEASURES`` with its ``_lo`` / ``_hi``, the mean fixed,
         selected and discarded mass (page recall for the page selector), step_agree, step_matches ((step,)
         booleans: the sparse choice is the dense token) and first_divergence, and ``tf`` (the full ``teacher_forced_rules`` result, for paired comparisons).
     """
     rows = []
-    results = teacher_forced_rules(lm, blocks, configs, progress, n_blocks=n_blocks)
+    results = teacher_forced_rules(lm, blocks, configs, progress, n_blocks=n_blocks, store=store)
     for cfg, tf in zip(configs, tqdm(results, desc="sparse rules: trajectories", disable=not progress, leave=False)):
-        traj = trajectory_agreement(lm, prompt, dense_tokens, cfg)
+        traj = _trajectory(lm, prompt, dense_tokens, cfg, store)
         mass = {f"{part}{suffix}": tf[f"{part}{suffix}"] for part in MASS_PARTS if part != "discarded" and part in tf
                 for suffix in ("", "_lo", "_hi")}  # NaN if every layer is dense
         figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
         rows.append({**cfg.__dict__, "blocks": tf["blocks"], **figures, **mass, "step_agree": traj["agree"],
                      "step_matches": traj["matches"], "first_divergence": traj["first_divergence"], "tf": tf})
     return rows
+
+
+def _trajectory(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: torch.Tensor, cfg: SparseConfig, store: bool) -> dict:
+    """``trajectory_agreement`` of one rule, kept on disk with ``store`` ("matches" stored as a tensor)."""
+    def run() -> dict:
+        out = trajectory_agreement(lm, prompt, dense_tokens, cfg)
+        return {**out, "matches": torch.from_numpy(out["matches"])}
+
+    out = (_stored("trajectory", lm, run, rule=repr(cfg), prompt=_tokens(prompt), dense=_tokens(dense_tokens))
+           if store else run())
+    return {**out, "matches": out["matches"].numpy()}
 
 
 @torch.no_grad()
@@ -454,7 +562,8 @@ def _check_survival(n_new: int) -> None:
 
 @torch.no_grad()
 def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, SparseConfig | None], n_new: int = 128,
-                    implementation: str | None = None, progress: bool = False) -> dict[str, list[int | None]]:
+                    implementation: str | None = None, progress: bool = False,
+                    store: bool = False) -> dict[str, list[int | None]]:
     """First divergence from dense greedy decoding, per prompt and rule, by the revised source's protocol.
 
     Per prompt, the dense greedy continuation (``dense_continuation``, cached on disk) and one dense
@@ -469,6 +578,7 @@ def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, Spa
         rules: name -> sparse rule; None reads the continuation densely (a control: float noise only).
         n_new: generated tokens per run, the shared first one included.
         implementation: dense attention backend of the prefill and the dense decoding (None: the loaded one).
+        store: keep each (rule, prompt) result on disk and reuse it (``_stored``, as ``teacher_forced_rules``).
     Returns:
         {name: [first divergence per prompt]}: the index (1 … n_new − 1) of the first generated token
         that differs from dense, the revision's one-based decode step with the shared first token
@@ -483,17 +593,38 @@ def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, Spa
     result: dict[str, list[int | None]] = {name: [] for name in rules}
     for prompt in tqdm(prompts, desc="greedy survival", disable=not progress, leave=False):
         dense = dense_continuation(lm, prompt, n_new, implementation)  # (n_new,)
-        with _implementation(model, implementation):
-            prefill = model(prompt[None], use_cache=True, logits_to_keep=1).past_key_values  # the shared dense prefill
-        steps = dense[None, :-1]  # (1, n_new - 1): the inputs of decode steps 1 … n_new − 1
+        prefill = None  # the shared dense prefill, made only when some rule of this prompt is not stored
+
+        def shared() -> DynamicCache:
+            nonlocal prefill
+            if prefill is None:
+                with _implementation(model, implementation):
+                    prefill = model(prompt[None], use_cache=True, logits_to_keep=1).past_key_values
+            return prefill
+
         for name, cfg in rules.items():
-            context = (sparse_attention(model, dataclasses.replace(cfg, sparse_from=len(prompt))) if cfg is not None
-                       else _implementation(model, implementation))
-            with context:
-                logits = model(steps, past_key_values=copy.deepcopy(prefill), use_cache=True).logits[0]  # (n_new - 1, vocab)
-            first = agreement(dense[1:], logits.argmax(-1))["first_divergence"]
-            result[name].append(None if first is None else first + 1)
+            run = lambda: _survival_block(lm, shared(), dense, cfg, len(prompt), implementation)  # noqa: E731
+            first = (_stored("survival", lm, run, rule=repr(cfg), prompt=_tokens(prompt), n_new=int(n_new),
+                             attention=implementation) if store else run())
+            result[name].append(None if first["first"] < 0 else int(first["first"]))
     return result
+
+
+def _survival_block(lm: LoadedModel, prefill, dense: torch.Tensor, cfg: SparseConfig | None, prompt_len: int,
+                    implementation: str | None) -> dict:
+    """One rule's first divergence on one prompt (``greedy_survival``): {"first": the step, or −1 when none}.
+
+    Args:
+        prefill: the prompt's dense KV cache (copied here, never changed); dense: (n_new,) the dense continuation.
+    """
+    model = lm.model
+    steps = dense[None, :-1]  # (1, n_new - 1): the inputs of decode steps 1 … n_new − 1
+    context = (sparse_attention(model, dataclasses.replace(cfg, sparse_from=prompt_len)) if cfg is not None
+               else _implementation(model, implementation))
+    with context:
+        logits = model(steps, past_key_values=copy.deepcopy(prefill), use_cache=True).logits[0]  # (n_new - 1, vocab)
+    first = agreement(dense[1:], logits.argmax(-1))["first_divergence"]
+    return {"first": -1 if first is None else first + 1}
 
 
 @torch.no_grad()
@@ -606,20 +737,20 @@ MODEL_FIGURES = tuple(f"{name}{suffix}" for name in ("kl", "top1_agree", "ppl_ch
 
 
 def model_rows(name: str, lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Tensor, prompt: torch.Tensor,
-               dense_tokens: torch.Tensor) -> list[dict]:
+               dense_tokens: torch.Tensor, store: bool = False) -> list[dict]:
     """One model's row per rule for the cross-model table: teacher-forced figures and greedy agreement.
 
     Args:
         name: the model's name, for the table.
         configs: the rules (a rule with ``dense_layers`` is labelled "first 2 dense", the others "every layer").
-        blocks, prompt, dense_tokens: as ``budget_sweep`` takes them (every rule on every block).
+        blocks, prompt, dense_tokens, store: as ``budget_sweep`` takes them (every rule on every block).
     Returns:
         [{"model", "rule", "blocks", each of ``MODEL_FIGURES``, "step_agree", "step_matches", "first_divergence"}],
         one per rule.
     """
     return [{"model": name, "rule": f"first {r['dense_layers']} dense" if r["dense_layers"] else "every layer",
              "blocks": r["blocks"], **{k: r[k] for k in (*MODEL_FIGURES, "step_agree", "step_matches", "first_divergence")}}
-            for r in budget_sweep(lm, configs, blocks, prompt, dense_tokens)]
+            for r in budget_sweep(lm, configs, blocks, prompt, dense_tokens, store=store)]
 
 
 def identical_count(first_divergences: list, horizon: int) -> int:
