@@ -105,12 +105,24 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def _stored(kind: str, lm: LoadedModel, compute, **fields):
-    """``compute()``, kept on disk under a key of ``kind``, the model's name and weights, ``fields`` and
-    ``code_version`` (written atomically with its SHA-256 and verified on read, ``cache.cached``)."""
+def weights_key(lm: LoadedModel) -> str:
+    """``clouds.weights_fingerprint`` computed on one thread: the fingerprint sums each parameter in fp32, and a
+    sum split over several threads rounds differently, so a run on two threads missed every pass a run on one
+    thread had stored (smollm2-135m: fa882ec4… on one thread, 585f15c1… on two)."""
     from atlas_core.clouds import weights_fingerprint
 
-    key = cache_key(kind=kind, model=lm.spec.name, weights=weights_fingerprint(lm.model), code=code_version(), **fields)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return weights_fingerprint(lm.model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stored(kind: str, lm: LoadedModel, compute, **fields):
+    """``compute()``, kept on disk under a key of ``kind``, the model's name and weights (``weights_key``),
+    ``fields`` and ``code_version`` (written atomically with its SHA-256 and verified on read, ``cache.cached``)."""
+    key = cache_key(kind=kind, model=lm.spec.name, weights=weights_key(lm), code=code_version(), **fields)
     return cached(cache_dir("sparse", "runs") / f"{kind}-{key}.pt", compute, torch.save,
                   lambda p: torch.load(p, weights_only=True), f"sparse {kind}")
 
