@@ -239,6 +239,29 @@ def test_stored_passes_give_the_same_numbers_and_skip_the_model(qwen_toy, monkey
     assert len(calls) == 2  # other code: the dense pass and the rule run again
 
 
+def test_the_stored_runs_weights_key_does_not_depend_on_the_thread_count():
+    """A parameter summed on two threads rounds differently from one thread; the key must not, or a run on two
+    threads misses what a run on one thread stored."""
+    from atlas_core.models import LoadedModel
+    from atlas_core.sparse.fidelity import weights_key
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 1024))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(0))
+    lm = LoadedModel(model=model, tokenizer=None, spec=None)  # the key reads only the weights
+    before = torch.get_num_threads()
+    try:
+        keys = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            keys.add(weights_key(lm))
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert len(keys) == 1
+
+
 def test_stored_survival_and_trajectories_equal_the_unstored(toy_lm, monkeypatch):
     import atlas_core.sparse.fidelity as fid
 
