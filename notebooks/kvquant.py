@@ -103,6 +103,7 @@ results_dir = "results"
 
 # %%
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def prose(m: KVMethod) -> str:
     """A method's name in sentences ("2-bit HeadQ keys (rank 8, 4-bit side code)"); tables keep its compact label."""
     if m.method == "fp":
         return "the fp cache"
-    name = f"{m.kbits}-bit {FAMILY.get(m.method, m.method)} keys" + ("" if m.vbits is None else f" and {m.vbits}-bit values")
+    name = f"the {m.kbits}-bit {FAMILY.get(m.method, m.method)} key code" + ("" if m.vbits is None else f" with {m.vbits}-bit values")
     notes = [f"rank {m.rank}, {m.side_bits}-bit side code"] if m.method == "headq" else []
     notes += [f"on {FAMILY[m.base]} keys"] if m.method == "headq" and m.base != "per-token" else []
     notes += [f"{m.control} control"] if m.control != "none" else []
@@ -226,9 +227,10 @@ def prose(m: KVMethod) -> str:
 
 
 def plain(text: str) -> str:
-    """A verdict with every method's compact label (``KVMethod.label``) replaced by its ``prose`` name."""
+    """A verdict with every method's compact label (``KVMethod.label``) replaced by its ``prose`` name: whole
+    labels only (not "fp" inside "fp32"), the longest first (a label can begin another)."""
     for label, name in sorted(((r["label"], prose(m)) for m, r in runs.done.items()), key=lambda x: -len(x[0])):
-        text = text.replace(label, name)
+        text = re.sub(rf"(?<![\w-]){re.escape(label)}(?![\w-])", lambda _: name, text)
     return text
 
 sigma_q = runs.sigma_q()  # {layer: (kv_head, d, d)}, one calibration pass shared with the decode runs
