@@ -63,6 +63,21 @@ def cache_key(**fields) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def tokens_hash(tokens) -> str | None:
+    """SHA-256 of a token tensor's ids (as int64) and shape, for a cache key: changes whenever either does.
+
+    Args:
+        tokens: an integer ``torch.Tensor`` of any shape (a block (seq,), blocks (n, seq)), or None.
+    Returns:
+        64 hex digits, or None for None.
+    """
+    if tokens is None:
+        return None
+    import torch  # here, not at the top: the cache module is imported by commands that never load torch
+
+    return hashlib.sha256(tokens.to(torch.int64).numpy().tobytes() + str(tuple(tokens.shape)).encode()).hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.

@@ -88,12 +88,25 @@ def subsample(full, spec: CloudSpec) -> np.ndarray:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of every parameter's name, shape and sum: changes whenever the weights do."""
+    """A short hash of every parameter's name, shape and sum: changes whenever the weights do.
+
+    Args:
+        model: any module; its ``named_parameters`` are read, not changed.
+    Returns:
+        16 hex digits, the same on any thread count (the sums are taken on one thread, see below).
+    """
     digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # fp32 sums: no float64 copy of the weights (that took seconds per call on 0.5B models)
-            digest.update(f"{name}{tuple(p.shape)}{p.float().sum().item():.9g}".encode())
+    threads = torch.get_num_threads()
+    # One thread: an fp32 sum split over several threads rounds differently, so a fingerprint taken on two
+    # threads missed every cache a one-thread run had written (smollm2-135m: fa882ec4… on one, 585f15c1… on two).
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                # fp32 sums: no float64 copy of the weights (that took seconds per call on 0.5B models)
+                digest.update(f"{name}{tuple(p.shape)}{p.float().sum().item():.9g}".encode())
+    finally:
+        torch.set_num_threads(threads)
     return digest.hexdigest()[:16]
 
 

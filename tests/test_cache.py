@@ -162,3 +162,19 @@ def test_jsonable_makes_numpy_tuples_and_keys_writable(tmp_path):
     assert type(out["7"][0]) is float and type(out["7"][1]) is int and type(out["a"]["(1, 2)"][0]) is bool
     write_json(tmp_path / "r.json", out)
     assert json.loads((tmp_path / "r.json").read_text()) == out
+
+
+def test_tokens_hash_follows_ids_and_shape():
+    import torch
+
+    from atlas_core.cache import tokens_hash
+
+    a = torch.arange(12).view(3, 4)
+    assert tokens_hash(None) is None
+    assert tokens_hash(a) == tokens_hash(a.to(torch.int32))  # the ids, not their dtype
+    assert tokens_hash(a) != tokens_hash(a.view(4, 3))  # same ids, other blocks
+    b = a.clone()
+    b[2, 3] = 0
+    assert tokens_hash(a) != tokens_hash(b)
+    # the digest the kvquant, wquant and sparse stores keyed their files by before it moved here
+    assert tokens_hash(a) == "c9ddc5109d64846d953184281b78d868267462fe4a99e76dc8a5e36f4d5eb3c3"

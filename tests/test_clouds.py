@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from atlas_core import clouds
 from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, point_indices, weights_fingerprint
@@ -83,3 +84,22 @@ def test_subsample_of_every_point_equals_the_sampled_clouds():
         assert np.array_equal(clouds.subsample(full, spec), head_clouds(lm, [1], "eps", spec, progress=False)[1])
     with pytest.raises(ValueError, match="every eligible point"):
         clouds.subsample(full[:, :-1], SMALL)
+
+
+def test_fingerprint_does_not_depend_on_the_thread_count():
+    """An fp32 sum split over two or three threads rounds differently from one thread (here -710.394531 on one,
+    -710.394043 on two); the fingerprint must not, or a run on two threads misses every cache one thread wrote."""
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 1024))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        prints = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            prints.add(weights_fingerprint(model))
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert len(prints) == 1

@@ -239,29 +239,6 @@ def test_stored_passes_give_the_same_numbers_and_skip_the_model(qwen_toy, monkey
     assert len(calls) == 2  # other code: the dense pass and the rule run again
 
 
-def test_the_stored_runs_weights_key_does_not_depend_on_the_thread_count():
-    """A parameter summed on two threads rounds differently from one thread; the key must not, or a run on two
-    threads misses what a run on one thread stored."""
-    from atlas_core.models import LoadedModel
-    from atlas_core.sparse.fidelity import weights_key
-
-    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 1024))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(generator=torch.Generator().manual_seed(0))
-    lm = LoadedModel(model=model, tokenizer=None, spec=None)  # the key reads only the weights
-    before = torch.get_num_threads()
-    try:
-        keys = set()
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            keys.add(weights_key(lm))
-            assert torch.get_num_threads() == n  # the caller's setting is restored
-    finally:
-        torch.set_num_threads(before)
-    assert len(keys) == 1
-
-
 def test_stored_survival_and_trajectories_equal_the_unstored(toy_lm, monkeypatch):
     import atlas_core.sparse.fidelity as fid
 
@@ -274,10 +251,32 @@ def test_stored_survival_and_trajectories_equal_the_unstored(toy_lm, monkeypatch
     assert greedy_survival(toy_lm, prompts, rules, n_new=12, store=True) == plain
     dense = dense_continuation(toy_lm, prompts[0], 10)
     cfg = next(c for c in rules.values() if c is not None)
-    a = fid._trajectory(toy_lm, prompts[0], dense, cfg, store=True)
-    b = fid._trajectory(toy_lm, prompts[0], dense, cfg, store=True)
+    a = fid._trajectory(toy_lm, prompts[0], dense, cfg, fid._store_for(toy_lm))
+    b = fid._trajectory(toy_lm, prompts[0], dense, cfg, fid._store_for(toy_lm))
     c = trajectory_agreement(toy_lm, prompts[0], dense, cfg)
     assert a["agree"] == b["agree"] == c["agree"] and (a["matches"] == c["matches"]).all() and (b["matches"] == c["matches"]).all()
+
+
+def test_a_stored_call_fingerprints_the_weights_and_reads_the_code_once(qwen_toy, monkeypatch):
+    """Every (rule, block) lookup shares one key base: not a pass over the parameters per lookup."""
+    import atlas_core.sparse.fidelity as fid
+    from atlas_core import clouds
+
+    counts = {"weights": 0, "code": 0}
+    fingerprint, version = clouds.weights_fingerprint, fid.code_version
+
+    def counted(fn, name):
+        def wrapper(*a):
+            counts[name] += 1
+            return fn(*a)
+        return wrapper
+
+    monkeypatch.setattr(clouds, "weights_fingerprint", counted(fingerprint, "weights"))
+    monkeypatch.setattr(fid, "code_version", counted(version, "code"))
+    blocks = torch.stack([_prompt(40, s) for s in range(3)])
+    cfgs = [SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=8, topk=8)]
+    teacher_forced_rules(qwen_toy, blocks, cfgs, store=True)  # 3 dense + 6 rule lookups
+    assert counts == {"weights": 1, "code": 1}
 
 
 def test_a_rule_on_fewer_blocks_is_the_rule_run_on_those_blocks(qwen_toy):

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from atlas_core import interval
-from atlas_core.cache import cache_dir, cache_key, cached
+from atlas_core.cache import cache_dir, cache_key, cached, tokens_hash
 from atlas_core.claims import removal_verdict
 from atlas_core.interval import Bootstrap, Estimate
 from atlas_core.kvquant.cache import KVQuantConfig
@@ -398,12 +398,6 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def _tokens_hash(blocks: torch.Tensor | None) -> str | None:
-    if blocks is None:
-        return None
-    return hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(tuple(blocks.shape)).encode()).hexdigest()
-
-
 class Runs:
     """Evaluations of many methods on the same evaluation blocks, each computed once.
 
@@ -430,6 +424,7 @@ class Runs:
         self._decoders: dict[tuple, dict] = {}  # the whitened basis's decoders, keyed as ``_bases``
         self._transforms: dict[tuple, TransformCode] = {}
         self._prefill_kv: list | None = None
+        self._keyed: dict | None = None  # the store's weights fingerprint and code version, computed once
 
     def prefill_kv(self) -> list | None:
         """The evaluation blocks' fp prefill, one ``DynamicCache`` per batch (once; None under the decode engine)."""
@@ -448,12 +443,19 @@ class Runs:
         """
         if not self.store:
             return compute()
-        from atlas_core.clouds import weights_fingerprint
-
-        key = cache_key(kind=kind, model=self.lm.spec.name, weights=weights_fingerprint(self.lm.model), tokens=_tokens_hash(blocks),
-                        **fields)
+        key = cache_key(kind=kind, model=self.lm.spec.name, weights=self._key_parts()["weights"],
+                        tokens=tokens_hash(blocks), **fields)
         path = cache_dir("kvquant") / f"{kind}-{key}.pt"
         return cached(path, compute, torch.save, lambda p: torch.load(p, weights_only=True), f"kvquant {kind}")
+
+    def _key_parts(self) -> dict:
+        """{"weights": the model's fingerprint, "code": ``code_version()``}, computed once per ``Runs`` (each is a
+        pass over every parameter or every source file; a sweep looks up dozens of stored evaluations)."""
+        if self._keyed is None:
+            from atlas_core.clouds import weights_fingerprint
+
+            self._keyed = {"weights": weights_fingerprint(self.lm.model), "code": code_version()}
+        return self._keyed
 
     def sigma_q(self) -> dict[int, torch.Tensor]:
         """Σ_q of every layer, {layer: (kv_head, d_head, d_head)}, from the calibration blocks (once)."""
@@ -531,8 +533,9 @@ class Runs:
 
                 # kept on disk too (``store``): keyed by the method, the calibration tokens and the kvquant code that
                 # made it, so a sweep resumed or rerun later (a chapter, ``atlas kv-storage``) reuses only its own runs
-                kept = self._stored("eval", self.eval_blocks, run, method=repr(m), calib=_tokens_hash(self.calib),
-                                    prefill=self.setup.prefill, engine=self.setup.engine, code=code_version())
+                kept = self._stored("eval", self.eval_blocks, run, method=repr(m), calib=tokens_hash(self.calib),
+                                    prefill=self.setup.prefill, engine=self.setup.engine,
+                                    code=self._key_parts()["code"])
                 self.done[m] = kept | {"ppl": interval.perplexity(kept["nll"], self.setup.boot), "method": m}
         return self.done[m]
 

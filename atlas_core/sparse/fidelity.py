@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from atlas_core import interval
 from atlas_core.claims import TIE, direction
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.cache import cache_dir, cache_key, cached, read_checked, write_checked
+from atlas_core.cache import cache_dir, cache_key, cached, read_checked, tokens_hash, write_checked
 from atlas_core.eval import token_logprobs
 from atlas_core.models import LoadedModel
 from atlas_core.progress import tqdm  # names the running chapter
@@ -105,30 +105,28 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def weights_key(lm: LoadedModel) -> str:
-    """``clouds.weights_fingerprint`` computed on one thread: the fingerprint sums each parameter in fp32, and a
-    sum split over several threads rounds differently, so a run on two threads missed every pass a run on one
-    thread had stored (smollm2-135m: fa882ec4… on one thread, 585f15c1… on two)."""
+@dataclasses.dataclass(frozen=True)
+class _Store:
+    """What every stored sparse run of one call shares in its key, computed once per call: the model's name, its
+    weights fingerprint (a pass over every parameter) and ``code_version`` (reads the sparse modules' files)."""
+
+    model: str
+    weights: str
+    code: str
+
+
+def _store_for(lm: LoadedModel) -> _Store:
     from atlas_core.clouds import weights_fingerprint
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return weights_fingerprint(lm.model)
-    finally:
-        torch.set_num_threads(threads)
+    return _Store(model=lm.spec.name, weights=weights_fingerprint(lm.model), code=code_version())
 
 
-def _stored(kind: str, lm: LoadedModel, compute, **fields):
-    """``compute()``, kept on disk under a key of ``kind``, the model's name and weights (``weights_key``),
-    ``fields`` and ``code_version`` (written atomically with its SHA-256 and verified on read, ``cache.cached``)."""
-    key = cache_key(kind=kind, model=lm.spec.name, weights=weights_key(lm), code=code_version(), **fields)
+def _stored(kind: str, store: _Store, compute, **fields):
+    """``compute()``, kept on disk under a key of ``kind``, the call's ``_Store`` (model, weights, code) and
+    ``fields`` (written atomically with its SHA-256 and verified on read, ``cache.cached``)."""
+    key = cache_key(kind=kind, model=store.model, weights=store.weights, code=store.code, **fields)
     return cached(cache_dir("sparse", "runs") / f"{kind}-{key}.pt", compute, torch.save,
                   lambda p: torch.load(p, weights_only=True), f"sparse {kind}")
-
-
-def _tokens(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.to(torch.int64).numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
 
 
 def _log_state(log: MassLog) -> dict:
@@ -211,6 +209,7 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
         cfg.check_block(blocks.shape[1], "blocks")
     states = [{"log": MassLog(), "kl": [], "top1_agree": [], "nll_sparse": [], "parts": {}} for _ in configs]
     nll_dense = []
+    box = _store_for(lm) if store else None
     for i, block in enumerate(tqdm(blocks[:max(n_blocks)], desc=f"sparse: {len(configs)} rule(s) per block",
                                    disable=not progress, leave=False)):
         dense = None  # (token - 1, vocab): computed once, and only when some pass of this block must run
@@ -225,13 +224,13 @@ def teacher_forced_rules(lm: LoadedModel, blocks: torch.Tensor, configs: list[Sp
         def run_dense() -> torch.Tensor:
             return -reference().gather(-1, block[1:, None])[:, 0]
 
-        fields = {"block": _tokens(block), "attention": implementation}
-        nll_dense.append(_stored("tf-dense", lm, run_dense, **fields) if store else run_dense())
+        fields = {"block": tokens_hash(block), "attention": implementation}
+        nll_dense.append(_stored("tf-dense", box, run_dense, **fields) if store else run_dense())
         for cfg, st, n in zip(configs, states, n_blocks):
             if i >= n:
                 continue
             run = lambda: _tf_block(lm, block, cfg, reference(), st["log"].min_position)  # noqa: E731
-            done = _stored("tf-pass", lm, run, rule=repr(cfg), **fields) if store else run()
+            done = _stored("tf-pass", box, run, rule=repr(cfg), **fields) if store else run()
             _merge(st["log"], done["log"])
             for name in ("kl", "top1_agree", "nll_sparse"):
                 st[name].append(done[name])
@@ -528,8 +527,9 @@ def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Ten
     """
     rows = []
     results = teacher_forced_rules(lm, blocks, configs, progress, n_blocks=n_blocks, store=store)
+    box = _store_for(lm) if store else None
     for cfg, tf in zip(configs, tqdm(results, desc="sparse rules: trajectories", disable=not progress, leave=False)):
-        traj = _trajectory(lm, prompt, dense_tokens, cfg, store)
+        traj = _trajectory(lm, prompt, dense_tokens, cfg, box)
         mass = {f"{part}{suffix}": tf[f"{part}{suffix}"] for part in MASS_PARTS if part != "discarded" and part in tf
                 for suffix in ("", "_lo", "_hi")}  # NaN if every layer is dense
         figures = {k: tf[k] for name in MEASURES for k in (name, f"{name}_lo", f"{name}_hi")}
@@ -538,13 +538,15 @@ def budget_sweep(lm: LoadedModel, configs: list[SparseConfig], blocks: torch.Ten
     return rows
 
 
-def _trajectory(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: torch.Tensor, cfg: SparseConfig, store: bool) -> dict:
-    """``trajectory_agreement`` of one rule, kept on disk with ``store`` ("matches" stored as a tensor)."""
+def _trajectory(lm: LoadedModel, prompt: torch.Tensor, dense_tokens: torch.Tensor, cfg: SparseConfig,
+                store: _Store | None) -> dict:
+    """``trajectory_agreement`` of one rule, kept on disk under ``store`` when given ("matches" stored as a
+    tensor)."""
     def run() -> dict:
         out = trajectory_agreement(lm, prompt, dense_tokens, cfg)
         return {**out, "matches": torch.from_numpy(out["matches"])}
 
-    out = (_stored("trajectory", lm, run, rule=repr(cfg), prompt=_tokens(prompt), dense=_tokens(dense_tokens))
+    out = (_stored("trajectory", store, run, rule=repr(cfg), prompt=tokens_hash(prompt), dense=tokens_hash(dense_tokens))
            if store else run())
     return {**out, "matches": out["matches"].numpy()}
 
@@ -603,6 +605,7 @@ def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, Spa
     _check_survival(n_new)
     model = lm.model
     result: dict[str, list[int | None]] = {name: [] for name in rules}
+    box = _store_for(lm) if store else None
     for prompt in tqdm(prompts, desc="greedy survival", disable=not progress, leave=False):
         dense = dense_continuation(lm, prompt, n_new, implementation)  # (n_new,)
         prefill = None  # the shared dense prefill, made only when some rule of this prompt is not stored
@@ -616,7 +619,7 @@ def greedy_survival(lm: LoadedModel, prompts: torch.Tensor, rules: dict[str, Spa
 
         for name, cfg in rules.items():
             run = lambda: _survival_block(lm, shared(), dense, cfg, len(prompt), implementation)  # noqa: E731
-            first = (_stored("survival", lm, run, rule=repr(cfg), prompt=_tokens(prompt), n_new=int(n_new),
+            first = (_stored("survival", box, run, rule=repr(cfg), prompt=tokens_hash(prompt), n_new=int(n_new),
                              attention=implementation) if store else run())
             result[name].append(None if first["first"] < 0 else int(first["first"]))
     return result

@@ -19,7 +19,7 @@ import torch
 
 from atlas_core.attention import decoder_layers
 from atlas_core import eval as eval_module, interval
-from atlas_core.cache import cache_dir, cache_key, cached
+from atlas_core.cache import cache_dir, cache_key, cached, tokens_hash
 from atlas_core.eval import block_nll
 from atlas_core.interval import DEFAULT, Bootstrap, Estimate
 from atlas_core.models import LoadedModel
@@ -145,17 +145,13 @@ def _stats_print(stats: dict[str, LayerStats] | None) -> str | None:
     return digest.hexdigest()
 
 
-def _tokens_print(blocks: torch.Tensor) -> str:
-    return hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(tuple(blocks.shape)).encode()).hexdigest()
-
-
 def _run_key(lm, method, spec, calib, eval_blocks, stats, nll_fp, seed, judge, gptq_config, calib_config) -> str:
     """The disk-cache key of one ``run_wquant`` call (``cache.cache_key``): every input its numbers depend on."""
     from atlas_core.clouds import weights_fingerprint
 
     sequential = method == "gptq" and gptq_config.sequential
     return cache_key(kind="wquant-run", model=lm.spec.name, weights=weights_fingerprint(lm.model), method=method,
-                     spec=repr(spec), seed=seed, calib=_tokens_print(calib), eval=_tokens_print(eval_blocks),
+                     spec=repr(spec), seed=seed, calib=tokens_hash(calib), eval=tokens_hash(eval_blocks),
                      stats=_stats_print(stats), judge=_stats_print(judge), nll_fp=_tensor_print(nll_fp),
                      gptq=repr(gptq_config), calib_config=repr(calib_config) if sequential else None,
                      code=code_version())
