@@ -10,8 +10,11 @@ from atlas_core.kvquant.bench import bench_kv_decode, bench_kvquant
 
 
 def test_bench_reports_every_cache_and_its_memory():
-    r = bench_kvquant("toy-llama", n_ctx=96, steps=2, rounds=1, group=8, rank=2, chunk=32)
+    r = bench_kvquant("toy-llama", n_ctx=96, steps=2, rounds=3, group=8, rank=2, chunk=32)
     caches = r["caches"]
+    for c in caches.values():  # median step over the fp's, with a paired interval over the 3 rounds
+        assert 0 < c["ratio_vs_fp_lo"] <= c["ratio_vs_fp"] <= c["ratio_vs_fp_hi"]
+        assert c["ratio_vs_fp"] == pytest.approx(c["step_s"] / caches["fp"]["step_s"])
     plain = {"fp", "per-token", "kivi", "headq"}
     assert set(caches) == (plain | {f"{m}-fused" for m in plain - {"fp"}} if fused.available() else plain)
     assert caches["fp"]["ratio_vs_fp"] == 1.0 and r["fused"] == fused.available()
@@ -34,9 +37,12 @@ def test_cli_bench_kvquant_rejects_bad_input(capsys):
 
 @pytest.mark.skipif(not fused.available(), reason="numba is not installed")
 def test_kv_decode_bench_times_three_paths_and_counts_bytes(capsys):
-    r = bench_kv_decode((96, 200), bits=3, heads=4, kv_heads=2, d_head=32, rounds=1, steps=1)
+    r = bench_kv_decode((96, 200), bits=3, heads=4, kv_heads=2, d_head=32, rounds=3, steps=1)
     assert [row["n"] for row in r["rows"]] == [96, 200]
     for row in r["rows"]:
+        for ratio in ("speedup_vs_sdpa", "speedup_vs_dequant"):  # a paired interval over rounds, holding its value
+            assert 0 < row[f"{ratio}_lo"] <= row[ratio] <= row[f"{ratio}_hi"]
+        assert row["speedup_vs_sdpa"] == pytest.approx(row["sdpa_fp32_s"] / row["fused_s"])  # medians' ratio
         assert min(row["fused_s"], row["sdpa_fp32_s"], row["dequant_sdpa_s"]) > 0 and row["max_abs_diff"] < 1e-4
         n_q = (row["n"] - 32) // 32 * 32  # quantized tokens; the rest is the fp32 window
         codes = 2 * 2 * n_q * 32 * 3 // 8  # keys and values, 2 KV heads, 32 channels of 3 bits

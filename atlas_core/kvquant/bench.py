@@ -14,7 +14,7 @@ under ``fused.decoding``: decode steps read the packed codes in the kernel; the 
 ``bench_kv_decode``: one layer's decode attention for one token at each context, the fused low-bit kernel
 (``fused.decode``, KIVI's layout: keys per channel and values per token in groups of 32, a 32-token fp window)
 against fp32 SDPA decode on the same keys/values and against the plain path (dequantize, then SDPA); all
-three interleaved over rounds (medians), with the bytes each reads (codes + fp16 scales/zeros + fp window,
+three interleaved over rounds (medians, and speed-ups with a paired bootstrap interval over rounds), with the bytes each reads (codes + fp16 scales/zeros + fp window,
 against fp32 keys and values).
 """
 
@@ -36,7 +36,7 @@ from atlas_core.kvquant.experiment import KVMethod
 from atlas_core.kvquant.headq import SideCode, calibrate
 from atlas_core.kvquant.quant import QuantSpec
 from atlas_core.models import DEFAULT_MODEL, LoadedModel, check_positions, describe, load_model
-from atlas_core.sparse.bench import _interleaved
+from atlas_core.sparse.bench import _rounds, speedup_estimate
 from atlas_core.sparse.kernels import dense_decode
 
 
@@ -123,7 +123,8 @@ def bench_kvquant(
     Args:
         fused_steps: also time each quantized cache fused ("<name>-fused"; skipped when numba is missing).
     Returns:
-        dict with per-cache ``step_s`` (median), ``ratio_vs_fp``, memory, ``headq_vs_per_token`` (HeadQ's step
+        dict with per-cache ``step_s`` (median), ``ratio_vs_fp`` (median step / median fp step, with ``_lo`` and
+        ``_hi``: 95% paired bootstrap over the interleaved rounds, ``sparse.bench.speedup_estimate``), memory, ``headq_vs_per_token`` (HeadQ's step
         over its base quantizer's), and with fused steps ``headq_vs_per_token_fused`` and ``fused_vs_plain``
         (each cache's fused step over its plain one); ``fused`` says whether they ran.
     Raises:
@@ -144,6 +145,8 @@ def bench_kvquant(
             samples[name].append(step)
             memory[name] = _memory(cache)
     step = {name: statistics.median(s) for name, s in samples.items()}
+    # each cache's step over the fp step, paired over the interleaved rounds (round r of both: one machine state)
+    vs_fp = {name: speedup_estimate(s, samples["fp"]) for name, s in samples.items()}
     ratios = {"headq_vs_per_token": step["headq"] / step["per-token"]}
     if with_fused:
         ratios |= {"headq_vs_per_token_fused": step["headq-fused"] / step["per-token-fused"],
@@ -159,7 +162,8 @@ def bench_kvquant(
         "torch_threads": torch.get_num_threads(),
         "fused": with_fused,
         "numba_threads": fused.numba.get_num_threads() if with_fused else None,
-        "caches": {name: {"step_s": step[name], "ratio_vs_fp": step[name] / step["fp"], "samples": samples[name], **memory[name]}
+        "caches": {name: {"step_s": step[name], "ratio_vs_fp": vs_fp[name].value, "ratio_vs_fp_lo": vs_fp[name].lo,
+                          "ratio_vs_fp_hi": vs_fp[name].hi, "samples": samples[name], **memory[name]}
                    for name in builders},
         **ratios,
     }
@@ -239,7 +243,9 @@ def bench_kv_decode(contexts=(32768, 131072), bits: int = 2, heads: int = 9, kv_
 
     Returns:
         dict with the shape, threads (torch and numba) and per context: median seconds of ``fused``,
-        ``sdpa_fp32`` and ``dequant_sdpa``, ``speedup_vs_sdpa`` (sdpa / fused), ``speedup_vs_dequant``, bytes read
+        ``sdpa_fp32`` and ``dequant_sdpa``, ``speedup_vs_sdpa`` (median sdpa / median fused) and
+        ``speedup_vs_dequant``, each with ``_lo`` / ``_hi`` (95% paired bootstrap over the interleaved rounds,
+        ``sparse.bench.speedup_estimate``), bytes read
         by each (fused: codes + scales + window; fp32: keys and values; dequant: codes + the fp32 copy it
         writes and reads), and ``max_abs_diff`` of the fused output from the plain reference.
     Raises:
@@ -259,13 +265,16 @@ def bench_kv_decode(contexts=(32768, 131072), bits: int = 2, heads: int = 9, kv_
 
         fns = {"fused": lambda: fused.decode(qb, kv, scale), "sdpa_fp32": lambda: dense_decode(q, keys, values, scale),
                "dequant_sdpa": dequant_sdpa}
-        medians = _interleaved(fns, rounds, steps, "cpu")
+        times = _rounds(fns, rounds, steps, "cpu")  # {name: (round,) seconds per call}
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        vs_sdpa, vs_dequant = (speedup_estimate(times[name], times["fused"]) for name in ("sdpa_fp32", "dequant_sdpa"))
         diff = (fns["fused"]()[0] - fused.decode_reference(qb, kv, scale)[0]).abs().max().item()
         fp32 = 2 * n * kv_heads * d_head * 4
         low = decode_bytes(kv)
         rows.append({"n": n, **{f"{k}_s": v for k, v in medians.items()},
-                     "speedup_vs_sdpa": medians["sdpa_fp32"] / medians["fused"],
-                     "speedup_vs_dequant": medians["dequant_sdpa"] / medians["fused"],
+                     "speedup_vs_sdpa": vs_sdpa.value, "speedup_vs_sdpa_lo": vs_sdpa.lo, "speedup_vs_sdpa_hi": vs_sdpa.hi,
+                     "speedup_vs_dequant": vs_dequant.value, "speedup_vs_dequant_lo": vs_dequant.lo,
+                     "speedup_vs_dequant_hi": vs_dequant.hi,
                      "bytes_fused": low, "bytes_sdpa_fp32": fp32, "bytes_dequant_sdpa": low + 2 * fp32,
                      "bytes_ratio": fp32 / low, "max_abs_diff": diff})
     return {"shape": {"heads": heads, "kv_heads": kv_heads, "d_head": d_head}, "bits": bits,
