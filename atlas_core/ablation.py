@@ -25,8 +25,27 @@ from atlas_core.intrinsic import layer_profile, per_head_dropped
 from atlas_core.models import LoadedModel
 from atlas_core.protocol import Protocol, intra_null, intra_null_summary, overlap_summary, protocol_overlap
 
-__all__ = ["AT_NULL", "measure_checkpoint", "null_verdict", "on_null", "partial_correlation",
-           "unigram_perplexity"]
+__all__ = ["AT_NULL", "NULL_NAMES", "checkpoint_title", "measure_checkpoint", "null_verdict", "on_null",
+           "partial_correlation", "unigram_perplexity", "variant_title"]
+
+NULL_NAMES = {"haar": "the Haar null", "shared-value": "the shared-value null"}  # ``on_null``'s nulls, in words
+_AXIS_TITLES = {"base": "the base model", "mha": "MHA", "mqa": "MQA (one KV head)", "rope": "RoPE",
+                "learned": "learned positions", "rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+
+
+def variant_title(name: str) -> str:
+    """A variant's name (``train.config.variants``: "dhead256", "gqa2", "learned", ...) in words for prose:
+    "d_head 256", "GQA (2 KV heads)", "learned positions"; an unknown name is returned as it is."""
+    if name.startswith("dhead") and name[5:].isdigit():
+        return f"d_head {name[5:]}"
+    if name.startswith("gqa") and name[3:].isdigit():
+        return f"GQA ({name[3:]} KV heads)"
+    return _AXIS_TITLES.get(name, name)
+
+
+def checkpoint_title(fraction: float) -> str:
+    """A checkpoint (fraction of training done) in words: "at initialisation", "at 10% of training", "at the end"."""
+    return "at initialisation" if fraction == 0 else "at the end" if fraction == 1 else f"at {fraction:.0%} of training"
 
 AT_NULL = (claims.TIE, claims.EQUIVALENT)  # decisions of an overlap not distinguishable from its null
 

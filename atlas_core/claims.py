@@ -24,7 +24,7 @@ from statistics import NormalDist
 import numpy as np
 
 from atlas_core import interval
-from atlas_core.glue import estimate_text
+from atlas_core.glue import estimate_text, times_text
 from atlas_core.interval import Bootstrap, Estimate
 
 __all__ = [
@@ -439,20 +439,29 @@ def intra_above_null(intra: list[float], null_mean: list[float], null_std: list[
                             "sides": sides})
 
 
-def colspace_aligned(colspace_z: list[float], spreads: list[float] | None = None) -> Verdict:
-    """How many models' O_h after W_O lies above the null inside W_O's column space, by the rule (``decide_z``).
+def colspace_aligned(overlaps: dict[str, Estimate], null_means: dict[str, float]) -> Verdict:
+    """How many models' inter-group O_h after W_O lies above the null inside W_O's column space, each judged by
+    its own interval over pairs of heads (``null_side_interval``): the argument that heads are more aligned
+    than chance builds on the excess, so it needs the interval that says the excess holds on other pairs.
 
     Args:
-        colspace_z: per model, (O_h(c) − column-space null mean) / its s.d.; spreads: those s.d.s (for the
-            equivalence branch; without them the z-scores alone are read).
+        overlaps: {model: O_h(c) of its inter-group pairs with its 95% interval over pairs}.
+        null_means: {model: the column-space null's mean}, the same models.
+    Returns:
+        label "every" or "<n> of <m>"; text "more aligned than chance in every model" or "... in n of m models";
+        figures {"excess": {model: O − null mean with its interval}, "n_above"}.
+    Raises:
+        ValueError: no models, or the two dicts name different models.
     """
-    spreads = list(spreads) if spreads is not None else [None] * len(colspace_z)
-    n_above = sum(decide_z(z, sd, OVERLAP_RULE).label == HIGHER for z, sd in zip(colspace_z, spreads))
-    every = n_above == len(colspace_z)
-    return Verdict(label="every" if every else f"{n_above} of {len(colspace_z)}",
+    if not overlaps or set(overlaps) != set(null_means):
+        raise ValueError(f"colspace_aligned needs the same models in both, got {sorted(overlaps)} and {sorted(null_means)}")
+    sides = {n: null_side_interval(est, null_means[n]) for n, est in overlaps.items()}
+    n_above = sum(v.figures["decision"] == HIGHER for v in sides.values())
+    every = n_above == len(sides)
+    return Verdict(label="every" if every else f"{n_above} of {len(sides)}",
                    text="more aligned than chance in every model" if every else
-                   f"more aligned than chance in {n_above} of {len(colspace_z)} models",
-                   figures={"colspace_z": list(colspace_z), "n_above": n_above})
+                   f"more aligned than chance in {n_above} of {len(sides)} models",
+                   figures={"excess": {n: v.figures["difference"] for n, v in sides.items()}, "n_above": n_above})
 
 
 def published_within_null(max_dev: float) -> Verdict:
@@ -585,7 +594,7 @@ def multiplicity(n_tests: int, n_off: int, rule: DecisionRule = OVERLAP_RULE) ->
     p = sum(math.comb(n_tests, i) * a ** i * (1 - a) ** (n_tests - i) for i in range(n_off, n_tests + 1))
     label = "within chance" if n_off == 0 or p >= a else "beyond chance"
     text = (f"with {n_tests} decisions at α = {a:g}, {n_tests * a:.1f} would fall off their null by chance alone; "
-            f"{n_off} did (P({n_off} or more) = {p:.2f}), {label}")
+            f"{n_off} did (P({n_off} or more) {'< 0.001' if p < 0.001 else f'= {p:.2f}'}), {label}")
     return Verdict(label=label, text=text, figures={"expected": n_tests * a, "p_at_least": p, "n_tests": n_tests,
                                                     "n_off": n_off})
 
@@ -645,7 +654,7 @@ def sweep_clause(z_by_k: dict[int, float], std_by_k: dict[int, float] | None = N
         where = {"above" if sides[k] == HIGHER else "below" for k in outside}
         text = (f"over the sweep it lies distinguishably {' or '.join(sorted(where))} chance at "
                 f"k = {', '.join(map(str, outside))} and is not distinguishable from it at the other "
-                f"{len(ks) - len(outside)} values of k")
+                f"{len(ks) - len(outside)} values of k ({multiplicity(len(ks), len(outside)).text})")
     return Verdict(label="outside" if outside else "within", text=text,
                    figures={"z": dict(z_by_k), "outside": outside, "sides": sides})
 
@@ -709,9 +718,10 @@ def twonn_unbiased(est: Estimate) -> Verdict:
     Returns:
         label: ``decide``'s (``EQUIVALENT``, ``TIE``, ``HIGHER``, ``LOWER``), or ``NOT_MEASURED`` when the
         estimate is undefined (NaN); text e.g. "the unbiased TwoNN, 7.31 [5.55, 9.39] over heads, is consistent
-        with, but does not establish, a dimension of ~7 (not distinguishable at this sample size from the
-        source's 7.1)": "supports" when equivalent, "does not support" when distinguishable; figures
-        {"estimate", "source", "decision"}.
+        with, but does not establish, a ~7-dimensional manifold (not distinguishable at this sample size from
+        ~7.1)": "supports" when equivalent, "does not support" when distinguishable; figures
+        {"estimate", "source", "decision"}. The claim is about the manifold, so it is judged by the unbiased fit;
+        whether the source's number itself replicates is its variant's question (``twonn_source``).
     """
     value = source("twonn")
     figures = {"estimate": est, "source": value}
@@ -722,7 +732,7 @@ def twonn_unbiased(est: Estimate) -> Verdict:
     verb, link = _TWONN_SUPPORT[found.label]
     return Verdict(label=found.label, figures={**figures, "decision": found},
                    text=f"the unbiased TwoNN, {estimate_text(est.value, est.lo, est.hi, '.2f')} over heads, {verb} a "
-                        f"dimension of ~7 ({found.text} {link} the source's {value})")
+                        f"~7-dimensional manifold ({found.text} {link} ~{value})")
 
 
 def top1_recovery(gain: Estimate, recovered: Estimate) -> Verdict:
@@ -892,6 +902,33 @@ def l2_predicts(difference: Estimate) -> Verdict:
     return Verdict(label=label, text=text, figures={"difference": difference, "source": source("werr4")})
 
 
+WERR_METHODS = ("RTN", "the Fisher rotation", "the random rotation", "the λ-scaled grid")  # ``source("werr4")``'s order
+
+
+def werr_order(ours: tuple[float, float, float, float]) -> Verdict:
+    """Our 4-bit weight errors against the source's order of the same four methods (``source("werr4")``).
+
+    The magnitudes are not comparable (another model, another normalisation), so only the order is judged.
+    The errors are exact for the weights (no sampling), so the order needs no interval.
+
+    Args:
+        ours: mean relative weight error at 4 bits of (RTN, Fisher rotation, random rotation, λ-scaled grid).
+    Returns:
+        label "same order" or "another order"; text e.g. "the same order as the source's (RTN < the Fisher
+        rotation < ...)" or "another order than the source's: the random rotation < RTN < ... here, RTN < ...
+        in the source"; figures {"ours", "source"}.
+    """
+    def chain(values) -> str:
+        return " < ".join(WERR_METHODS[i] for i in sorted(range(len(values)), key=lambda i: values[i]))
+
+    src = source("werr4")
+    same = chain(ours) == chain(src)
+    text = (f"the same order as the source's ({chain(src)})" if same else
+            f"another order than the source's: {chain(ours)} here, {chain(src)} in the source")
+    return Verdict(label="same order" if same else "another order", text=text,
+                   figures={"ours": tuple(ours), "source": src})
+
+
 def eight_bit(ratio: Estimate, *, ratio_spec: str = ".3f") -> Verdict:
     """The source's 8-bit result (34.06 standard vs 36.67 λ-scaled) is a direction: λ-scaled worse.
 
@@ -953,9 +990,11 @@ def lowest_verdict(nlls: dict, focus: str, boot: Bootstrap = interval.DEFAULT) -
     Args:
         nlls: {name: (block, token) NLL}, ``focus`` among them.
     Returns:
-        label: the best name; text "<focus> is lower than every other", "<focus> is lowest, but not
-        distinguishable from A, B at this sample size", "<best> is lower than <focus>", or "<best> is lowest, but
-        <focus> is not distinguishable from it at this sample size"; figures {"ppl": {name: point perplexity}}.
+        label: the best name; text "<focus> has the lowest perplexity, distinguishably below every other", "<focus>
+        has the lowest perplexity, but is not distinguishable from A, B at this sample size", "<best> has a lower
+        perplexity than <focus>", or "<best> has the lowest perplexity, but <focus> is not distinguishable from it
+        at this sample size" (the measure is named: a table beside it may show another, e.g. excess removed);
+        figures {"ppl": {name: point perplexity}}.
     Raises:
         ValueError: ``focus`` is not in ``nlls``.
     """
@@ -965,12 +1004,12 @@ def lowest_verdict(nlls: dict, focus: str, boot: Bootstrap = interval.DEFAULT) -
     best = min(ppl, key=ppl.get)
     tied = lambda x, y: direction(interval.ppl_ratio(nlls[x], nlls[y], boot), 1.0) == TIE  # noqa: E731
     if best != focus:
-        text = (f"{best} is lowest, but {focus} is not distinguishable from it at this sample size" if tied(focus, best)
-                else f"{best} is lower than {focus}")
+        text = (f"{best} has the lowest perplexity, but {focus} is not distinguishable from it at this sample size"
+                if tied(focus, best) else f"{best} has a lower perplexity than {focus}")
     else:
         ties = [n for n in nlls if n != focus and tied(n, focus)]
-        text = (f"{focus} is lowest, but not distinguishable from {', '.join(ties)} at this sample size" if ties else
-                f"{focus} is lower than every other")
+        text = (f"{focus} has the lowest perplexity, but is not distinguishable from {', '.join(ties)} at this sample "
+                f"size" if ties else f"{focus} has the lowest perplexity, distinguishably below every other")
     return Verdict(label=best, text=text, figures={"ppl": ppl})
 
 
@@ -1054,6 +1093,24 @@ def a2_offline(ratio: Estimate) -> Verdict:
     return Verdict(label=found, text=text, figures={"ratio": ratio})
 
 
+def a2_claim(decode: Verdict | None, offline: Verdict) -> Verdict:
+    """The source's "HeadQ + the A² value policy improves every model", on this model.
+
+    Args:
+        decode: ``lower_verdict`` of the A² policy against uniform values in decode (perplexity), None when the
+            engine could not run it; offline: ``a2_offline`` (output error with attention fixed).
+    Returns:
+        label "holds", "does not hold" or ``TIE``; text "holds on this model", "does not hold on this model" or
+        "not shown at this sample size". Perplexity in decode decides; the offline error decides only when the
+        policy was not decoded. One model can refute "every model" but not establish it.
+    """
+    found = offline.label if decode is None else decode.label
+    label = {"lower": "holds", "higher": "does not hold", TIE: TIE}[found]
+    text = {"holds": "holds on this model", "does not hold": "does not hold on this model",
+            TIE: "not shown at this sample size"}[label]
+    return Verdict(label=label, text=text, figures={"decode": decode, "offline": offline})
+
+
 def side_code_clause(difference: Estimate, baseline: str, distinct: str, tail: str) -> Verdict:
     """A prose clause on whether a side code changes perplexity beyond its baseline.
 
@@ -1114,7 +1171,7 @@ def kept_mass(kept: Estimate, discarded: np.ndarray) -> Verdict:
         phrase = f"distinguishably {_BELOW[found.label]}, and more than {points} from,"
     zero = f"{M_ZERO:.0e}".replace("e-0", "e-")  # "1e-7"
     text = (f"{estimate_text(kept.value, kept.lo, kept.hi, '.1%')} on average, {phrase} the "
-            f"source's {value:.1%}; but m > {zero} for {1 - zero_share:.1%} of queries, so "
+            f"source's {value:.1%}; but the attention mass dropped exceeds {zero} for {1 - zero_share:.1%} of queries, so "
             f"{'not ' if zero_share < 1 else ''}lossless")
     return Verdict(label=found.label, text=text, figures={"kept": kept, "zero_share": zero_share, "source": value,
                                                           "decision": found, "phrase": phrase})
@@ -1140,27 +1197,33 @@ def speedup(measured: float) -> Verdict:
     return Verdict(label=label, text=label, figures={"measured": measured, "source": source("speedup")})
 
 
-def fused_decode(kernel_ratio: float, step_ratio: float) -> Verdict:
+def fused_decode(kernel: Estimate, step: Estimate | None) -> Verdict:
     """Whether a low-bit cache decodes faster than fp: the fused kernel against fp32 SDPA, and the whole step.
 
     Args:
-        kernel_ratio: fp32 SDPA time / fused kernel time for one layer's decode attention (> 1: the kernel is faster).
-        step_ratio: the quantized cache's fused whole decode step / the fp cache's step (≤ 1: no slower); NaN when
-            the whole step was not timed.
+        kernel: fp32 SDPA time / fused kernel time for one layer's decode attention (> 1: the kernel is faster),
+            with its interval over timed rounds (``sparse.bench.speedup_estimate``).
+        step: the quantized cache's fused whole decode step / the fp cache's step (< 1: faster), with its
+            interval; None when the whole step was not timed.
     Returns:
-        label "faster" (kernel ratio > 1 and the step no slower, or not timed), "kernel only" (the kernel is faster
-        but the whole step is slower) or "not faster"; a sentence naming both figures.
+        by the rule on each interval (``direction`` against 1): label "faster" (the kernel distinguishably faster
+        and the step not distinguishably slower, or not timed), "kernel only" (the kernel faster, the step
+        distinguishably slower) or "not faster" (the kernel not distinguishably faster); a sentence naming both
+        figures with their intervals.
     """
-    kernel = f"the fused 2-bit kernel runs at {kernel_ratio:.2f}× the speed of fp32 SDPA"
-    step = "" if math.isnan(step_ratio) else f", and the whole decode step takes {step_ratio:.2f}× the fp cache's"
-    if kernel_ratio <= 1.0:
+    kernel_side = direction(kernel, 1.0)
+    text = f"the fused 2-bit kernel runs at {times_text(kernel.value, kernel.lo, kernel.hi)} the speed of fp32 SDPA"
+    if step is not None:
+        text += f", and the whole decode step takes {times_text(step.value, step.lo, step.hi)} the fp cache's"
+    slower_step = step is not None and direction(step, 1.0) == HIGHER
+    if kernel_side != HIGHER:
         label = "not faster"
-    elif not math.isnan(step_ratio) and step_ratio > 1.0:
+    elif slower_step:
         label = "kernel only"
     else:
         label = "faster"
     prefix = {"not faster": "not faster", "kernel only": "faster in the kernel only", "faster": "faster"}[label]
-    return Verdict(label=label, text=f"{prefix}: {kernel}{step}", figures={"kernel": kernel_ratio, "step": step_ratio})
+    return Verdict(label=label, text=f"{prefix}: {text}", figures={"kernel": kernel, "step": step})
 
 
 def survival_vs_revision(gaps: dict[int, list[str]], n_new: int, n_keys: int) -> Verdict:

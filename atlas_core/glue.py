@@ -205,6 +205,11 @@ def estimate_text(value, lo, hi, spec: str = ".3f") -> str:
     return f"{number(value, spec)} [{low}{between}{high}]"
 
 
+def times_text(value, lo, hi, spec: str = ".2f") -> str:
+    """A ratio of speeds or times with its interval, each with its sign: "2.19× [2.10×, 2.31×]"."""
+    return f"{number(value, spec)}× [{number(lo, spec)}×, {number(hi, spec)}×]"
+
+
 def row_interval(row, name: str, spec: str) -> str:
     """ "value [lo, hi]" of a row's ``name``, ``name_lo``, ``name_hi``, for tables."""
     return estimate_text(row[name], row[f"{name}_lo"], row[f"{name}_hi"], spec)

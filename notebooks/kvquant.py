@@ -118,7 +118,7 @@ from atlas_core.progress import tqdm  # names the running chapter
 from atlas_core import interval
 from atlas_core.cache import write_json
 from atlas_core.figures import color, figsize, style
-from atlas_core.glue import chapter_glue, estimate_text, listing, number, plural
+from atlas_core.glue import chapter_glue, estimate_text, listing, number, plural, row_interval, times_text
 from atlas_core.corpus import BlockSpec, token_blocks
 from atlas_core.attention import attention_modules
 from atlas_core.extract import extract
@@ -203,7 +203,7 @@ g("n_heads", s.n_heads)
 # %%
 runs = Runs(lm, eval_ids, calib_ids, EvalSetup(engine=engine, prefill=prefill), store=True)  # each method once; fp, Σ_q on disk
 
-FAMILY = {"per-token": "per-token", "per-channel": "per-channel", "kivi": "KIVI", "headq": "HeadQ", "query-tc": "query-tc",
+FAMILY = {"per-token": "per-token", "per-channel": "per-channel", "kivi": "KIVI", "headq": "HeadQ", "query-tc": "query-aware transform",
           "hadamard": "Hadamard-rotated", "random-rotation": "randomly rotated"}
 GRID = {"lloyd-max": "Lloyd–Max grid", "lloyd-max-pinned": "pinned Lloyd–Max grid", "static": "static scales"}
 
@@ -675,7 +675,7 @@ g("keypca_vs_query", claims.lower_verdict(runs(K("headq", 2, control="key-pca"))
 # rather than where the key error is largest; paired on the same blocks, {glue:text}`kv_keypca_vs_query:s`.
 #
 # **For the source's claim.** On the controls (paired, every one against every other):
-# {glue:text}`kv_control_verdict:s`. Where the query basis is lower than every control, the side code
+# {glue:text}`kv_control_verdict:s`. Where the query basis gives a lower perplexity than every control, the side code
 # works for the reason the paper gives: it corrects the key error in the directions that queries read.
 #
 # ## Equal storage
@@ -826,6 +826,7 @@ else:
 # %%
 from atlas_core.kvquant import storage
 from atlas_core.kvquant.bench import bench_kv_decode, bench_kvquant
+from atlas_core.sparse.bench import speedup_estimate
 
 
 def chosen(text: str):
@@ -1013,23 +1014,30 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # for all the query heads of its group.
 
 # %%
-SPEED_REPEATS, STEP_REPEATS = {"rounds": 3, "steps": 3}, {"rounds": 2, "steps": 8}  # timing repeats (medians)
+# timing repeats: medians, and speed-ups with a paired bootstrap interval over the interleaved rounds (a whole-step
+# round prefills the context once per cache, 7 caches: about 80 s a round on one thread here, hence fewer rounds)
+SPEED_REPEATS, STEP_REPEATS = {"rounds": 10, "steps": 3}, {"rounds": 5, "steps": 8}
 if fused_available := __import__("atlas_core.kvquant.fused", fromlist=["available"]).available():
     speed = bench_kv_decode(contexts=speed_contexts, bits=2, heads=s.n_heads, kv_heads=s.n_kv_heads, d_head=s.d_head,
                             rounds=SPEED_REPEATS["rounds"], steps=SPEED_REPEATS["steps"])
     speed_table = pd.DataFrame([{"cached tokens": r["n"], "fused 2-bit (ms)": 1e3 * r["fused_s"],
                                  "fp32 SDPA (ms)": 1e3 * r["sdpa_fp32_s"], "dequantize + SDPA (ms)": 1e3 * r["dequant_sdpa_s"],
-                                 "speed-up over fp32 SDPA (×)": r["speedup_vs_sdpa"],
+                                 "speed-up over fp32 SDPA (×)": row_interval(r, "speedup_vs_sdpa", ".2f"),
                                  "bytes read, fp32 ÷ fused (×)": r["bytes_ratio"]}
                                 for r in speed["rows"]]).set_index("cached tokens")
     speed_sample = (f"one layer, {plural(len(speed['rows']), 'context')}, medians over "
-                    f"{plural(SPEED_REPEATS['rounds'], 'round')} of {plural(SPEED_REPEATS['steps'], 'step')}")
-    g.table("speed_table", speed_table.style.format("{:.2f}").format_index("{:,}"),
+                    f"{plural(SPEED_REPEATS['rounds'], 'interleaved round')} of {plural(SPEED_REPEATS['steps'], 'step')}, "
+                    "speed-ups with a 95% paired bootstrap interval over rounds")
+    ms = {c: "{:.2f}" for c in speed_table.columns if c != "speed-up over fp32 SDPA (×)"}
+    g.table("speed_table", speed_table.style.format(ms).format_index("{:,}"),
             data=pd.DataFrame([{k: v for k, v in r.items() if np.isscalar(v)} for r in speed["rows"]]),
             sample=speed_sample, corpus="none (synthetic keys and values)")
     g("speed_max_n", speed["rows"][-1]["n"])
     g("speed_ratio", speed["rows"][-1]["speedup_vs_sdpa"])
+    g("speed_ratio_ci", times_text(*(speed["rows"][-1][f"speedup_vs_sdpa{x}"] for x in ("", "_lo", "_hi"))))
     g("speed_ratio_min", min(r["speedup_vs_sdpa"] for r in speed["rows"]))
+    slowest = min(speed["rows"], key=lambda r: r["speedup_vs_sdpa"])
+    g("speed_ratio_min_ci", times_text(*(slowest[f"speedup_vs_sdpa{x}"] for x in ("", "_lo", "_hi"))))
     g("speed_bytes_ratio", speed["rows"][-1]["bytes_ratio"])
     g("speed_threads", speed["torch_threads"])
     g("speed_threads_text", plural(speed["torch_threads"], "thread"))
@@ -1039,31 +1047,48 @@ else:
     g.table("speed_table", speed_table, sample="none (not measured)", corpus="none")
     for key in ("speed_max_n", "speed_ratio", "speed_ratio_min", "speed_bytes_ratio", "speed_threads"):
         g(key, math.nan)
+    g("speed_ratio_ci", "—")
+    g("speed_ratio_min_ci", "—")
     g("speed_threads_text", "—")
 step = (bench_kvquant(model, n_ctx=step_ctx, steps=STEP_REPEATS["steps"], rounds=STEP_REPEATS["rounds"], bits=2, group=group,
                       rank=rank) if step_ctx else None)
 if step is not None:
     caches = step["caches"]
-    step_table = pd.DataFrame([{"cache": name, "step (ms)": 1e3 * c["step_s"], "step ÷ fp step (×)": c["ratio_vs_fp"],
+    step_table = pd.DataFrame([{"cache": name, "step (ms)": 1e3 * c["step_s"],
+                                "step ÷ fp step (×)": row_interval(c, "ratio_vs_fp", ".2f"),
                                 "memory held (bytes)": c["held_bytes"], "bits per element held": c["held_bits_per_element"]}
                                for name, c in caches.items()]).set_index("cache")
-    g.table("step_table", step_table.style.format({"step (ms)": "{:.2f}", "step ÷ fp step (×)": "{:.2f}",
+    g.table("step_table", step_table.style.format({"step (ms)": "{:.2f}",
                                                    "memory held (bytes)": "{:,.0f}", "bits per element held": "{:.3f}"}),
             data=pd.DataFrame([{"cache": name} | {k: v for k, v in c.items() if np.isscalar(v)} for name, c in caches.items()]),
             sample=f"whole decode step at {step_ctx:,} cached tokens, medians over "
-                   f"{plural(STEP_REPEATS['rounds'], 'round')} of {plural(STEP_REPEATS['steps'], 'step')}")
+                   f"{plural(STEP_REPEATS['rounds'], 'interleaved round')} of {plural(STEP_REPEATS['steps'], 'step')}, "
+                   "ratios with a 95% paired bootstrap interval over rounds")
     g("step_ctx", step_ctx)
     g("step_kivi_fused", caches["kivi-fused"]["ratio_vs_fp"] if "kivi-fused" in caches else math.nan)
     g("step_kivi_plain", caches["kivi"]["ratio_vs_fp"])
+    for name, key in (("kivi-fused", "step_kivi_fused_ci"), ("kivi", "step_kivi_plain_ci")):
+        g(key, times_text(*(caches[name][f"ratio_vs_fp{x}"] for x in ("", "_lo", "_hi"))) if name in caches else "—")
+    # HeadQ's fused step over per-token's fused step, paired over the same interleaved rounds
+    g("step_headq_fused_ci", times_text(*(lambda e: (e.value, e.lo, e.hi))(speedup_estimate(
+        caches["headq-fused"]["samples"], caches["per-token-fused"]["samples"]))) if "headq-fused" in caches else "—")
     g("step_headq_fused", step.get("headq_vs_per_token_fused", math.nan))
 else:
     step_table = pd.DataFrame({"note": ["not measured (step_ctx = 0)"]})
     g.table("step_table", step_table, sample="none (not measured)")
     for key in ("step_ctx", "step_kivi_fused", "step_kivi_plain", "step_headq_fused"):
         g(key, math.nan)
-g("speed_verdict", claims.fused_decode(speed["rows"][-1]["speedup_vs_sdpa"], caches.get("kivi-fused", {}).get("ratio_vs_fp", math.nan)
-                                       if step is not None else math.nan).text if speed is not None
-  else "not measured (numba is not installed)")
+    for key in ("step_kivi_fused_ci", "step_kivi_plain_ci", "step_headq_fused_ci"):
+        g(key, "—")
+def ratio_estimate(row: dict, name: str) -> Estimate:
+    """A benchmark row's ratio with its interval over rounds (the bench's ``_lo`` / ``_hi``)."""
+    return Estimate(row[name], row[f"{name}_lo"], row[f"{name}_hi"], len(row.get("samples", [])) or SPEED_REPEATS["rounds"])
+
+
+step_fused = (ratio_estimate(caches["kivi-fused"], "ratio_vs_fp") if step is not None and "kivi-fused" in caches
+              else None)
+g("speed_verdict", claims.fused_decode(ratio_estimate(speed["rows"][-1], "speedup_vs_sdpa"), step_fused).text
+  if speed is not None else "not measured (numba is not installed)")
 
 # %% [markdown]
 # ```{glue:figure} kv_speed_table
@@ -1089,17 +1114,19 @@ g("speed_verdict", claims.fused_decode(speed["rows"][-1]["speedup_vs_sdpa"], cac
 # {glue:md}`kv_step_table_prov:myst`
 # ```
 #
-# **Result.** At {glue:text}`kv_speed_max_n:d` cached tokens the fused 2-bit kernel is
-# {glue:text}`kv_speed_ratio:.2f`× as fast as fp32 SDPA ({numref}`tbl-kv-speed`; the smallest ratio over the
-# contexts is {glue:text}`kv_speed_ratio_min:.2f`×), reading {glue:text}`kv_speed_bytes_ratio:.2f`× fewer bytes.
-# In the whole model at {glue:text}`kv_step_ctx:d` tokens ({numref}`tbl-kv-step`), the KIVI cache's step is
-# {glue:text}`kv_step_kivi_plain:.2f`× the fp cache's on the plain path and {glue:text}`kv_step_kivi_fused:.2f`×
-# fused; HeadQ's side code costs {glue:text}`kv_step_headq_fused:.2f`× the fused step without it.
+# **Result.** At {glue:text}`kv_speed_max_n:d` cached tokens the fused 2-bit kernel runs at
+# {glue:text}`kv_speed_ratio_ci:s` the speed of fp32 SDPA ({numref}`tbl-kv-speed`; the smallest speed-up over
+# the contexts is {glue:text}`kv_speed_ratio_min_ci:s`), reading {glue:text}`kv_speed_bytes_ratio:.2f`× fewer
+# bytes. In the whole model at {glue:text}`kv_step_ctx:d` tokens ({numref}`tbl-kv-step`), the KIVI cache's step
+# takes {glue:text}`kv_step_kivi_plain_ci:s` the fp cache's on the plain path and
+# {glue:text}`kv_step_kivi_fused_ci:s` fused; HeadQ's side code makes the fused step
+# {glue:text}`kv_step_headq_fused_ci:s` that of the same cache without it.
 #
 # **Verdict.** On this CPU a low-bit cache decodes {glue:text}`kv_speed_verdict:s`. These are timings of one
-# machine (medians over repeats, interleaved so that drift hits every variant alike), not intervals over a
-# sample; the benchmark commands `atlas bench kv-decode` and `atlas bench kvquant` print the same ratios for a
-# reader's own machine and contexts.
+# machine: medians over interleaved rounds (so that drift hits every variant alike), with a paired bootstrap
+# interval over the rounds, which says how steady this machine was, not how another machine would do; the
+# benchmark commands `atlas bench kv-decode` and `atlas bench kvquant` print the same ratios for a reader's own
+# machine and contexts.
 #
 
 # %% [markdown]
@@ -1170,14 +1197,16 @@ if engine == "onepass":
     glue_ci("a2_uniform_ppl", a2_figs["ppl_baseline"], PPL)
     glue_ci("a2_decode_diff", a2_figs["difference_baseline"], "+" + PPL)
     g("a2_decode_payload", runs(a2_v)["value_payload"])
-    g("a2_decode_verdict", claims.lower_verdict(runs(a2_v)["nll"], runs(uniform_v)["nll"], "the A² policy",
-                                                f"uniform {a2_vbits}-bit values", runs.setup.boot).text)
+    a2_decode = claims.lower_verdict(runs(a2_v)["nll"], runs(uniform_v)["nll"], "the A² policy",
+                                     f"uniform {a2_vbits}-bit values", runs.setup.boot)
+    g("a2_decode_verdict", a2_decode.text)
     a2_table = glue_table("a2_table", [uniform_v, a2_v], {"payload bits per value element": [runs(uniform_v)["value_payload"],
                                                                                              runs(a2_v)["value_payload"]]})
 else:
     for key in ("a2_decode_ppl", "a2_uniform_ppl", "a2_decode_diff"):
         glue_ci(key, NOT_MEASURED, PPL)
     g("a2_decode_payload", float("nan"))
+    a2_decode = None
     g("a2_decode_verdict", "not measured (the decode engine does not see attention weights)")
     g.table("a2_table", pd.DataFrame({"note": ["not measured: the A² policy runs in the one-pass engine only"]}),
             sample="none (not measured)")
@@ -1242,7 +1271,9 @@ g("n_changed", len(changed))
 g("changed", ", ".join(changed) if changed else "no verdict changes")
 g("fisher_verdict", claims.fisher_predicts(interval.spearman_difference(per_head["fisher"], per_head["key_mse"],
                                                                          per_head["kl"])).text)
-g("a2_verdict", claims.a2_offline(interval.ratio_of_means(units["A² (causal)"], units[f"uniform {a2_budget:g}b"])).text)
+a2_off = claims.a2_offline(interval.ratio_of_means(units["A² (causal)"], units[f"uniform {a2_budget:g}b"]))
+g("a2_verdict", a2_off.text)
+g("a2_claim", claims.a2_claim(a2_decode, a2_off).text)  # the source's "improves every model", on this one
 
 out = Path(results_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -1312,13 +1343,13 @@ g.finish()  # the opening box: run information and this chapter's wall time
 # - **Controls: {glue:text}`kv_control_verdict:s`.** The query basis removes
 #   {glue:text}`kv_ctl_query_removed_ci:s` of the excess, a random basis {glue:text}`kv_ctl_random_removed_ci:s`, the key-PCA basis
 #   {glue:text}`kv_ctl_keypca_removed_ci:s`; the wrong sign reads {glue:text}`kv_ctl_wrong_ppl_ci:s` ({numref}`tbl-kv-controls`).
-# - **Full KV and the A² value policy.** Full-KV HeadQ removes {glue:text}`kv_removed_hq2_kv_ci:s` of per-token's excess.
+# - **Full KV and the A² value policy: "improves every model" {glue:text}`kv_a2_claim:s`.** Full-KV HeadQ removes {glue:text}`kv_removed_hq2_kv_ci:s` of per-token's excess.
 #   In decode at no more payload bits, {glue:text}`kv_a2_decode_verdict:s` ({numref}`tbl-kv-a2`); offline,
 #   the causal policy's output error is {glue:text}`kv_a2_causal_ratio:.2f`× [{glue:text}`kv_a2_causal_ratio_lo:.2f`, {glue:text}`kv_a2_causal_ratio_hi:.2f`] that of uniform quantization
 #   ({numref}`tbl-kv-values`).
 # - **Pre-RoPE keys** ({numref}`tbl-kv-rope`): 2-bit KIVI reads {glue:text}`kv_rope_kivi_pre_ci:s` pre-RoPE against
 #   {glue:text}`kv_rope_kivi_post_ci:s` post-RoPE: {glue:text}`kv_rope_kivi_verdict:s`.
-# - **A key code at equal storage** ({numref}`fig-kv-pareto`, {numref}`tbl-kv-storage`): at KIVI-{glue:text}`kv_es_bits_low:d`'s
+# - **A key code at equal storage** ({numref}`fig-kv-pareto`, {numref}`tbl-kv-storage`): at the storage of {glue:text}`kv_es_bits_low:d`-bit KIVI,
 #   {glue:text}`kv_es_kivi_bits:.3f` bits per key element, {glue:text}`kv_es_verdict:s`.
 # - **Decoding faster than fp** ({numref}`tbl-kv-speed`, {numref}`tbl-kv-step`): {glue:text}`kv_speed_verdict:s`.
 # - **Not tested here:** the paper's six models, WikiText-103, and its anomaly in small Pythia models at a

@@ -593,9 +593,7 @@ g.figure("fig_errors", fig, data=summary[["method", "bits", "grouping", "weight_
 # rotation {glue:text}`nqp_werr4_rot_fisher:.2e`, Haar rotation {glue:text}`nqp_werr4_rot_haar:.2e`,
 # λ-scaled {glue:text}`nqp_werr4_nqp_scaled:.2e`. The source reported 4.97e-2, 5.10e-2, 5.27e-2 and
 # 9.08e-2 on GPT-2. The magnitudes are not comparable (another model, weights already on a 4-bit grid,
-# and the source's normalisation is not published). As in the source, the Fisher rotation has a larger
-# weight error than RTN, and the λ-scaled grid the largest of all. Unlike in the source, the random
-# rotation has a smaller weight error than RTN here.
+# and the source's normalisation is not published); their order is: {glue:text}`nqp_werr4_order:s`.
 #
 # ## The source's gates
 #
@@ -634,6 +632,7 @@ werr = {m: float(table[(table.method == m) & (table.bits == 4) & table.group.isn
         for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled")}
 for m, v in werr.items():
     g(f"werr4_{m.replace('-', '_')}", v)
+g("werr4_order", claims.werr_order(tuple(werr[m] for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled"))).text)
 g("rank2_verdict", claims.fisher_rank2(pr.pr_fisher.median()).text)
 baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the two at 3 bits
 collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", label(baseline))

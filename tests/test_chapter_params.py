@@ -91,7 +91,7 @@ def test_sparse_survival_needs_a_support_that_drops_keys():
 
 def test_unknown_models_fail_before_loading(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="^parameter 'model' = 'no such model!': unknown model"):
+    with pytest.raises(ModelError, match="^parameter 'model': unknown model 'no such model!'"):  # the value once
         check_values("atlas", {**defaults("atlas"), "model": "no such model!"})
     with pytest.raises(ModelError, match=r"^parameter 'models' = \['someone/not-cached-anywhere'\]: unknown model "
                                          ".*not in the local Hugging Face cache"):

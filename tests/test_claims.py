@@ -88,9 +88,15 @@ def test_intra_above_null_needs_every_model():
 
 
 def test_colspace_alignment_counts_models_distinguishably_above():
-    assert claims.colspace_aligned([2.0, 10.0]).text == "more aligned than chance in every model"  # 2.0 > 1.96
-    assert claims.colspace_aligned([1.9, 10.0]).text == "more aligned than chance in 1 of 2 models"
-    assert claims.colspace_aligned([-3.0, 10.0], [0.01, 0.01]).figures["n_above"] == 1
+    above, straddles = Estimate(0.105, 0.094, 0.116, 27), Estimate(0.100, 0.088, 0.112, 27)
+    nulls = {"a": 0.092, "b": 0.092}
+    every = claims.colspace_aligned({"a": above, "b": Estimate(0.123, 0.112, 0.136, 49)}, nulls)
+    assert every.text == "more aligned than chance in every model"
+    assert every.figures["excess"]["a"].lo == pytest.approx(0.002)  # the excess carries the overlap's interval
+    # a large z (the null's spread alone) does not decide: this interval holds the null's mean
+    assert claims.colspace_aligned({"a": above, "b": straddles}, nulls).text == "more aligned than chance in 1 of 2 models"
+    with pytest.raises(ValueError, match="same models"):
+        claims.colspace_aligned({"a": above}, {"b": 0.09})
 
 
 def test_null_explains_published_values_within_0_02():
@@ -155,6 +161,9 @@ def test_multiplicity_counts_what_chance_gives():
     assert v.text == ("with 16 decisions at α = 0.05, 0.8 would fall off their null by chance alone; 1 did "
                       "(P(1 or more) = 0.56), within chance")
     assert claims.multiplicity(16, 4).label == "beyond chance"  # P(≥ 4) ≈ 0.007
+    assert "P(16 or more) < 0.001" in claims.multiplicity(30, 16).text  # not "= 0.00"
+    swept = claims.sweep_clause({4: -3.0, 5: 0.5, 6: 0.2, 7: 1.0}, None)
+    assert "4 decisions" in swept.text and "1 did" in swept.text  # a count off the null says what chance gives
     assert claims.multiplicity(16, 0).figures["p_at_least"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         claims.multiplicity(3, 4)
@@ -208,13 +217,13 @@ def test_twonn_source_near_and_bias():
 def test_twonn_unbiased_against_the_sources_seven_with_its_margin():
     tie = claims.twonn_unbiased(est(7.31, 5.55, 9.39, 9))  # SmolLM2: wider than ±1 around 7.1
     assert tie.label == TIE and tie.text == (
-        "the unbiased TwoNN, 7.31 [5.55, 9.39] over heads, is consistent with, but does not establish, a dimension "
-        "of ~7 (not distinguishable at this sample size from the source's 7.1)")
+        "the unbiased TwoNN, 7.31 [5.55, 9.39] over heads, is consistent with, but does not establish, a "
+        "~7-dimensional manifold (not distinguishable at this sample size from ~7.1)")
     same = claims.twonn_unbiased(est(7.0, 6.2, 8.0, 9))  # inside [6.1, 8.1]
-    assert same.label == claims.EQUIVALENT and "supports a dimension of ~7 (equivalent within ±1 to the source's" in same.text
+    assert same.label == claims.EQUIVALENT and "supports a ~7-dimensional manifold (equivalent within ±1 to ~7.1)" in same.text
     assert claims.twonn_unbiased(est(7.0, 6.0, 8.0, 9)).label == TIE  # 6.0 lies outside the margin
     low = claims.twonn_unbiased(est(4.3, 3.9, 4.7, 14))  # Qwen2.5's 4.3
-    assert low.label == claims.LOWER and "does not support a dimension of ~7 (distinguishable, lower than" in low.text
+    assert low.label == claims.LOWER and "does not support a ~7-dimensional manifold (distinguishable, lower than ~7.1)" in low.text
     assert claims.twonn_unbiased(est(9.0, 8.5, 9.5, 9)).label == claims.HIGHER
     nan = claims.twonn_unbiased(est(math.nan, math.nan, math.nan, 0))
     assert nan.label == claims.NOT_MEASURED and "nan" not in nan.text and "—" in nan.text
@@ -336,11 +345,11 @@ def test_lower_and_lowest_verdicts_paired():
     tied = claims.lower_verdict(same, base, "A", "B")
     assert tied.label == TIE and tied.text.startswith(f"A and B are {TIE}")
     lowest = claims.lowest_verdict({"A": clearly_lower, "B": base}, "A")
-    assert (lowest.label, lowest.text) == ("A", "A is lower than every other")
-    assert claims.lowest_verdict({"A": base, "B": clearly_lower}, "A").text == "B is lower than A"
+    assert (lowest.label, lowest.text) == ("A", "A has the lowest perplexity, distinguishably below every other")
+    assert claims.lowest_verdict({"A": base, "B": clearly_lower}, "A").text == "B has a lower perplexity than A"
     tie = claims.lowest_verdict({"A": base, "B": same, "C": base + 0.3}, "A")
-    assert tie.text in ("A is lowest, but not distinguishable from B at this sample size",
-                        "B is lowest, but A is not distinguishable from it at this sample size")
+    assert tie.text in ("A has the lowest perplexity, but is not distinguishable from B at this sample size",
+                        "B has the lowest perplexity, but A is not distinguishable from it at this sample size")
     with pytest.raises(ValueError, match="not among the compared methods"):
         claims.lowest_verdict({"A": base}, "Z")
 
@@ -399,7 +408,7 @@ def test_kept_mass_against_94_1_percent_by_the_rule():
     assert real.label == claims.EQUIVALENT
     assert real.figures["phrase"] == "within 3 percentage points of, but distinguishably below,"
     assert real.text == ("91.8% [91.6%, 92.1%] on average, within 3 percentage points of, but distinguishably below, "
-                         "the source's 94.1%; but m > 1e-7 for 0.0% of queries, so lossless")
+                         "the source's 94.1%; but the attention mass dropped exceeds 1e-7 for 0.0% of queries, so lossless")
     assert claims.kept_mass(est(0.94, 0.93, 0.95), zero).figures["phrase"] == "within 3 percentage points of"
     # the point value inside the margin but the interval not: judged by the interval
     wide = claims.kept_mass(est(0.93, 0.90, 0.96), zero)
@@ -408,7 +417,7 @@ def test_kept_mass_against_94_1_percent_by_the_rule():
     assert low.label == claims.LOWER and low.figures["phrase"].startswith("distinguishably below, and more than 3")
     assert claims.kept_mass(est(0.98, 0.975, 0.985), zero).label == claims.HIGHER
     some = claims.kept_mass(est(0.99, 0.985, 0.995), np.array([0.0, 0.0, 0.0, 1e-3]))
-    assert some.text.endswith("m > 1e-7 for 25.0% of queries, so not lossless") and some.figures["zero_share"] == 0.75
+    assert some.text.endswith("the attention mass dropped exceeds 1e-7 for 25.0% of queries, so not lossless") and some.figures["zero_share"] == 0.75
 
 
 def test_page_selection_and_speedup_thresholds():
@@ -458,8 +467,8 @@ def test_the_claims_page_quotes_the_claims_table():
         f"WikiText {s('corpus')[0]:.3f} vs C4 {s('corpus')[1]:.3f}",
         f"{s('twonn')} (GPT-2, Qwen)",
         f"+{s('top1_ppl')} PPL, {s('top1_recovered'):.1%} (GPT-2)",
-        f"standard integer {s('ppl8')[0]:.2f} vs Fisher-scaled {s('ppl8')[1]:.2f}",
-        "RTN {:.2e}, Fisher rotation {:.2e}, random rotation {:.2e}, λ-scaled {:.2e}".format(*s("werr4")).replace("e-02", "e-2"),
+        f"GPT-2 small: perplexity {s('ppl8')[1]:.2f} vs {s('ppl8')[0]:.2f}",  # Fisher-scaled vs standard integer
+        "GPT-2 small: {:.2e}, {:.2e}, {:.2e}, {:.2e}".format(*s("werr4")).replace("e-02", "e-2"),
         f"{low:.0%}–{high:.0%}".replace("%–", "–"),
         f"\"the manifold\": {s('mass'):.1%}",
         f"{s('speedup'):.0f}× over flash SDPA",
@@ -471,11 +480,17 @@ def test_the_claims_page_quotes_the_claims_table():
 def test_fused_decode_verdict_reads_both_figures():
     from atlas_core.claims import fused_decode
 
-    assert fused_decode(1.8, 0.9).label == "faster" and "1.80×" in fused_decode(1.8, 0.9).text
-    assert fused_decode(1.8, math.nan).label == "faster" and "whole decode step" not in fused_decode(1.8, math.nan).text
-    assert fused_decode(1.8, 1.2).label == "kernel only"
-    assert fused_decode(0.9, 0.8).label == "not faster"
-    assert fused_decode(1.0, 0.8).label == "not faster"  # equal is not faster
+    def e(v, lo, hi):
+        return Estimate(v, lo, hi, 10)
+
+    fast, quick_step = e(1.8, 1.7, 1.9), e(0.9, 0.85, 0.95)
+    assert fused_decode(fast, quick_step).label == "faster"
+    assert "1.80× [1.70×, 1.90×]" in fused_decode(fast, quick_step).text
+    assert fused_decode(fast, None).label == "faster" and "whole decode step" not in fused_decode(fast, None).text
+    assert fused_decode(fast, e(1.2, 1.1, 1.3)).label == "kernel only"
+    assert fused_decode(fast, e(1.05, 0.97, 1.12)).label == "faster"  # a step not distinguishably slower
+    assert fused_decode(e(0.9, 0.85, 0.95), quick_step).label == "not faster"
+    assert fused_decode(e(1.3, 0.95, 1.6), quick_step).label == "not faster"  # faster by its point only
 
 
 # ----------------------------------------------------------------------------- the decision rule
@@ -531,3 +546,12 @@ def test_equivalence_is_reachable_only_when_the_interval_fits_the_margin():
     assert rule.half_width(0.005) == pytest.approx(1.959964 * 0.005, rel=1e-5)
     assert rule.can_show_equivalence(0.005) and not rule.can_show_equivalence(0.0057)  # 0.0098 vs 0.0112
     assert not claims.RULE.can_show_equivalence(1e-9)  # no margin: never
+
+
+def test_a2_claim_is_judged_by_decode_perplexity_then_offline_error():
+    v = lambda label: claims.Verdict(label=label, text=label)  # noqa: E731
+    assert claims.a2_claim(v("higher"), v("lower")).text == "does not hold on this model"  # decode decides
+    assert claims.a2_claim(v("lower"), v("higher")).label == "holds"
+    assert claims.a2_claim(v(TIE), v("lower")).text == "not shown at this sample size"
+    assert claims.a2_claim(None, v("higher")).label == "does not hold"  # not decoded: the offline error decides
+    assert claims.a2_claim(None, v(TIE)).label == TIE

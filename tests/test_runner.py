@@ -104,6 +104,17 @@ def test_cli_reports_parameter_errors_with_exit_code_2(tmp_path, monkeypatch, ca
                      "--out", str(tmp_path / "out"), "--source", str(source)])
     assert code == 2
     assert "unknown parameter 'bogus'" in capsys.readouterr().err
+    # NAME=VALUE is read as NAME VALUE, so the error names the parameter, not argparse's "expected 2 arguments"
+    code = cli.main(["run", "toy", "--model", "m", "-p", "bogus=1", "--out", str(tmp_path / "out"), "--source", str(source)])
+    assert code == 2 and "unknown parameter 'bogus'" in capsys.readouterr().err
+
+
+def test_param_pairs_split_only_a_name_before_its_first_equals_sign():
+    from atlas_core.book.cli import _param_pairs
+
+    assert _param_pairs(["-p", "seeds=[0, 1]", "--param", "x=a=b"]) == ["-p", "seeds", "[0, 1]", "--param", "x", "a=b"]
+    assert _param_pairs(["-p", "label", "k=3"]) == ["-p", "label", "k=3"]  # a value is left whole
+    assert _param_pairs(["--out", "a=b"]) == ["--out", "a=b"]
 
 
 def test_atlas_is_the_only_command_line():

@@ -173,7 +173,8 @@ def _model(name: str, value, model: str) -> None:
     try:
         check_model_name(model)
     except ModelError as err:
-        raise ModelError(f"parameter {name!r} = {value!r}: {err}") from None
+        given = f"parameter {name!r}" if repr(str(value)) in str(err) else f"parameter {name!r} = {value!r}"
+        raise ModelError(f"{given}: {err}") from None  # the value once: the refusal usually quotes it already
 
 
 def _common(p: dict) -> None:

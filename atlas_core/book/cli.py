@@ -9,6 +9,7 @@ import json
 import math
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -21,11 +22,23 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 
+def _param_pairs(argv: list[str]) -> list[str]:
+    """``-p NAME=VALUE`` as ``-p NAME VALUE``: a parameter's name is an identifier, so the first "=" after one
+    can only separate it from its value (papermill's form is ``-p NAME VALUE``; both are accepted)."""
+    out = []
+    for i, token in enumerate(argv):
+        if i and argv[i - 1] in ("-p", "--param") and re.match(r"^[A-Za-z_]\w*=", token):
+            out += token.split("=", 1)
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for bad input, with a message on stderr)."""
     exit_on_sigterm()
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_param_pairs(sys.argv[1:] if argv is None else list(argv)))
     if extra:  # reported by the command's own parser, which names it and its --help
         getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "func"):

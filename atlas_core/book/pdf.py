@@ -71,6 +71,9 @@ PRINT_CSS = """
   table.atlas-stacked td { border: none !important; padding: 0.05em 0 !important; text-align: left !important; }
   table.atlas-stacked td::before { content: attr(data-label) ": "; font-weight: bold; }
   table.atlas-stacked { font-size: 9pt; break-inside: auto; }
+  /* its caption as a plain block kept with the first row: as a table caption it stood alone on a page */
+  table.atlas-stacked caption { display: block; text-align: left; break-after: avoid; }
+  div:has(> table.atlas-stacked), figure:has(table.atlas-stacked) { break-inside: auto; }
 }
 """
 # A markdown table prints as stacked rows when it has at least this many columns and its cells hold prose (this
