@@ -1080,9 +1080,9 @@ else:
         g(key, math.nan)
     for key in ("step_kivi_fused_ci", "step_kivi_plain_ci", "step_headq_fused_ci"):
         g(key, "—")
-def ratio_estimate(row: dict, name: str) -> Estimate:
+def ratio_estimate(row: dict, name: str) -> interval.Estimate:
     """A benchmark row's ratio with its interval over rounds (the bench's ``_lo`` / ``_hi``)."""
-    return Estimate(row[name], row[f"{name}_lo"], row[f"{name}_hi"], len(row.get("samples", [])) or SPEED_REPEATS["rounds"])
+    return interval.Estimate(row[name], row[f"{name}_lo"], row[f"{name}_hi"], len(row.get("samples", [])) or SPEED_REPEATS["rounds"])
 
 
 step_fused = (ratio_estimate(caches["kivi-fused"], "ratio_vs_fp") if step is not None and "kivi-fused" in caches
