@@ -73,7 +73,9 @@ PRINT_CSS = """
   table.atlas-stacked { font-size: 9pt; break-inside: auto; }
   /* its caption as a plain block kept with the first row: as a table caption it stood alone on a page */
   table.atlas-stacked caption { display: block; text-align: left; break-after: avoid; }
-  div:has(> table.atlas-stacked), figure:has(table.atlas-stacked) { break-inside: auto; }
+  /* nor may a box around it keep it whole: the findings box, taller than a page, left its first paragraph
+     alone on a page and began the table on the next */
+  div:has(table.atlas-stacked), figure:has(table.atlas-stacked) { break-inside: auto !important; }
 }
 """
 # A markdown table prints as stacked rows when it has at least this many columns and its cells hold prose (this
