@@ -56,3 +56,18 @@ class LeftPadded:
 def left_padded():
     """The left-padded two-row batch of issue 14 (see ``LeftPadded``)."""
     return LeftPadded()
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(obj, "name")`` wraps ``obj.name`` for the test and returns {"calls": n}, counted as it runs."""
+    def wrap(obj, name: str) -> dict:
+        counts, fn = {"calls": 0}, getattr(obj, name)
+
+        def counted(*args, **kwargs):
+            counts["calls"] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, counted)
+        return counts
+    return wrap

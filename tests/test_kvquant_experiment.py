@@ -287,30 +287,20 @@ def test_store_keeps_each_evaluation_keyed_by_method_calibration_and_code(tmp_pa
     monkeypatch.setattr(ex, "evaluate", real_evaluate)
 
 
-def test_a_stored_sweep_fingerprints_the_weights_and_reads_the_code_once(tmp_path, monkeypatch):
+def test_a_stored_sweep_fingerprints_the_weights_and_reads_the_code_once(tmp_path, monkeypatch, count_calls):
     """A sweep's lookups (fp, Σ_q, each method) share one weights fingerprint and one code version."""
     monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
     import atlas_core.kvquant.experiment as ex
     from atlas_core import clouds
 
-    counts = {"weights": 0, "code": 0}
-    fingerprint, version = clouds.weights_fingerprint, ex.code_version
-
-    def counted(fn, name):
-        def wrapper(*a):
-            counts[name] += 1
-            return fn(*a)
-        return wrapper
-
-    monkeypatch.setattr(clouds, "weights_fingerprint", counted(fingerprint, "weights"))
-    monkeypatch.setattr(ex, "code_version", counted(version, "code"))
+    weights, code = count_calls(clouds, "weights_fingerprint"), count_calls(ex, "code_version")
     lm = load_model("toy-llama")
     gen = torch.Generator().manual_seed(10)
     ids, calib = torch.randint(4, 260, (2, 32), generator=gen), torch.randint(4, 260, (2, 32), generator=gen)
     runs = Runs(lm, ids, calib, DECODE, store=True)
     for m in (KVMethod(method="fp"), KVMethod(method="kivi", kbits=2, group=8), KVMethod(method="kivi", kbits=3, group=8)):
         runs(m)
-    assert counts == {"weights": 1, "code": 1}
+    assert (weights["calls"], code["calls"]) == (1, 1)
 
 
 def test_cli_kvquant_a2_json(capsys, tmp_path, monkeypatch):

@@ -257,26 +257,16 @@ def test_stored_survival_and_trajectories_equal_the_unstored(toy_lm, monkeypatch
     assert a["agree"] == b["agree"] == c["agree"] and (a["matches"] == c["matches"]).all() and (b["matches"] == c["matches"]).all()
 
 
-def test_a_stored_call_fingerprints_the_weights_and_reads_the_code_once(qwen_toy, monkeypatch):
+def test_a_stored_call_fingerprints_the_weights_and_reads_the_code_once(qwen_toy, count_calls):
     """Every (rule, block) lookup shares one key base: not a pass over the parameters per lookup."""
     import atlas_core.sparse.fidelity as fid
     from atlas_core import clouds
 
-    counts = {"weights": 0, "code": 0}
-    fingerprint, version = clouds.weights_fingerprint, fid.code_version
-
-    def counted(fn, name):
-        def wrapper(*a):
-            counts[name] += 1
-            return fn(*a)
-        return wrapper
-
-    monkeypatch.setattr(clouds, "weights_fingerprint", counted(fingerprint, "weights"))
-    monkeypatch.setattr(fid, "code_version", counted(version, "code"))
+    weights, code = count_calls(clouds, "weights_fingerprint"), count_calls(fid, "code_version")
     blocks = torch.stack([_prompt(40, s) for s in range(3)])
     cfgs = [SparseConfig(anchors=1, window=3, topk=2), SparseConfig(anchors=1, window=8, topk=8)]
     teacher_forced_rules(qwen_toy, blocks, cfgs, store=True)  # 3 dense + 6 rule lookups
-    assert counts == {"weights": 1, "code": 1}
+    assert (weights["calls"], code["calls"]) == (1, 1)
 
 
 def test_a_rule_on_fewer_blocks_is_the_rule_run_on_those_blocks(qwen_toy):
