@@ -88,7 +88,9 @@ def measure_checkpoint(lm: LoadedModel, p: Protocol) -> dict:
 
 
 def on_null(main: dict) -> claims.Verdict:
-    """Where a headline O_h lies against its chance level, by the book's rule (``claims.null_side``).
+    """Where a headline O_h lies against its chance level, by the book's rule (``claims.null_side`` on
+    ``claims.summary_excess``: the excess over the null with an interval that counts both the spread over pairs
+    and the null's).
 
     The chance level of inter-group pairs (MHA, GQA) is the Haar null; a multi-query headline has only
     intra-group pairs, judged against the shared-value null (``claims.o_h_claim``'s choice).
@@ -96,17 +98,17 @@ def on_null(main: dict) -> claims.Verdict:
     Args:
         main: ``measure_checkpoint(...)["main"]``.
     Returns:
-        ``claims.null_side``'s verdict, with figures {"z", "std", "decision", "null": "haar" | "shared-value"}.
+        ``claims.null_side``'s verdict, with figures {"excess", "decision", "null": "haar" | "shared-value"}.
     Raises:
-        ValueError: an intra-only headline without a shared-value null.
+        ValueError: an intra-only (MQA) headline without a shared-value null.
     """
     if main["pairs"] == "inter":
-        z, std, null = main["z"], main["null_std"], "haar"
+        null = "haar"
     else:
         if main.get("intra_null_std") is None:
-            raise ValueError("an intra-only (MQA) headline needs its shared-value null (intra_null_z, intra_null_std)")
-        z, std, null = main["intra_null_z"], main["intra_null_std"], "shared-value"
-    side = claims.null_side(z, std if std and std > 0 else None)
+            raise ValueError("an intra-only (MQA) headline needs its shared-value null (intra_null_mean, intra_null_std)")
+        null = "shared-value"
+    side = claims.null_side(claims.summary_excess(main, null))
     return claims.Verdict(label=side.label, text=side.text, figures={**side.figures, "null": null})
 
 

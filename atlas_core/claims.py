@@ -19,24 +19,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from statistics import NormalDist
 
 import numpy as np
 
 from atlas_core import interval
-from atlas_core.glue import estimate_text, times_text
+from atlas_core.glue import estimate_text, listing, times_text
 from atlas_core.interval import Bootstrap, Estimate
 
 __all__ = [
-    "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "source_points", "is_source_qwen", "direction",
+    "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "SourcePoint", "source_points", "published_excess", "is_source_qwen", "direction",
     # the decision rule
-    "DecisionRule", "RULE", "OVERLAP_RULE", "HIGHER", "LOWER", "EQUIVALENT", "decide", "decide_z", "z_interval",
+    "DecisionRule", "RULE", "OVERLAP_RULE", "HIGHER", "LOWER", "EQUIVALENT", "decide", "null_excess", "summary_excess",
     # thresholds
-    "REPRODUCED_TOL", "NULL_TOL", "R2_NULL", "ALPHA", "CORPUS_TOL", "TWONN_TOL", "TWONN_BIAS",
+    "REPRODUCED_TOL", "R2_NULL", "ALPHA", "CORPUS_TOL", "TWONN_TOL", "TWONN_IDEAL_RATIO",
     "FISHER_RANK_PR", "MASS_TOL", "M_ZERO", "RECALL_NEAR", "RECALL_MOST", "GATE_TESTS",
     # crossarch
     "o_h_reproduced", "intra_reproduced", "spearman_replicates", "intra_above_null", "colspace_aligned",
-    "published_within_null", "scratch_explained", "cluster_explained", "corpus_stable", "corpus_claim",
+    "published_within_null", "scratch_explained", "cluster_explained", "corpus_spread", "corpus_stable", "corpus_claim",
     "twonn_variant",
     # atlas
     "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "intra_split", "twonn_source", "twonn_unbiased",
@@ -46,9 +47,9 @@ __all__ = [
     "fisher_collapse", "fisher_not_worse", "l2_predicts", "eight_bit",
     # kvquant
     "removal_verdict", "lower_verdict", "lowest_verdict", "range_verdict", "headq_range", "kv_headline",
-    "fisher_predicts", "a2_offline", "side_code_clause",
+    "fisher_predicts", "a2_offline", "side_code_clause", "side_code_cost",
     # sparse
-    "lossless", "kept_mass", "multiplicity", "null_side_interval", "page_selection", "speedup", "survival_vs_revision",
+    "lossless", "kept_mass", "multiplicity", "page_selection", "speedup", "survival_vs_revision",
 ]
 
 TIE = "not distinguishable at this sample size"
@@ -168,6 +169,17 @@ SOURCE: dict[str, Source] = {
 }
 
 
+class SourcePoint(NamedTuple):
+    """One published O_h: the model (label), its d_head, the frame rank k, the value and the source's 95% interval
+    (None where the source gives none)."""
+
+    label: str
+    d_head: int
+    k: int
+    o_h: float
+    ci: tuple[float, float] | None
+
+
 def source(name: str) -> float | tuple:
     """The published value of ``SOURCE[name]``.
 
@@ -189,25 +201,38 @@ def is_source_qwen(spec: dict) -> bool:
     return spec["family"] == "qwen2" and (spec["n_heads"], spec["n_kv_heads"], spec["d_head"]) == (14, 2, 64)
 
 
-def source_points() -> list[tuple[str, int, int, float]]:
-    """Every published O_h as (label, d_head, k, O_h), for the cross-architecture figure and its null."""
+def source_points() -> list[SourcePoint]:
+    """Every published O_h as a ``SourcePoint`` (label, d_head, k, O_h, the source's 95% interval or None), for
+    the cross-architecture figure and its null."""
     gpt2_ks = range(4, 4 + len(source("oh_gpt2_by_k")))
-    return ([("GPT-2 124M", 64, k, o) for k, o in zip(gpt2_ks, source("oh_gpt2_by_k"))]
-            + [("GPT-2 medium", 64, 7, source("oh_gpt2_medium")), ("GPT-2 large", 64, 7, source("oh_gpt2_large")),
-               ("Qwen2.5-0.5B", 64, 7, source("oh_qwen")),
-               ("Llama-3.1-8B", 128, 7, source("oh_llama")), ("Llama-3.1-8B", 128, 11, source("oh_llama_k11")),
-               ("Mistral-7B", 128, 7, source("oh_mistral")), ("Mistral-7B", 128, 9, source("oh_mistral_k9"))]
-            + [(f"from scratch, d_head {d}", d, 7, o) for d, o in source("oh_scratch")])
+    ci = {name: SOURCE[name].ci for name in SOURCE}
+    return ([SourcePoint("GPT-2 124M", 64, k, o, ci["oh_gpt2"] if k == 7 else None)  # the table's k = 7 row
+             for k, o in zip(gpt2_ks, source("oh_gpt2_by_k"))]
+            + [SourcePoint("GPT-2 medium", 64, 7, source("oh_gpt2_medium"), ci["oh_gpt2_medium"]),
+               SourcePoint("GPT-2 large", 64, 7, source("oh_gpt2_large"), ci["oh_gpt2_large"]),
+               SourcePoint("Qwen2.5-0.5B", 64, 7, source("oh_qwen"), ci["oh_qwen"]),
+               SourcePoint("Llama-3.1-8B", 128, 7, source("oh_llama"), ci["oh_llama"]),
+               SourcePoint("Llama-3.1-8B", 128, 11, source("oh_llama_k11"), ci["oh_llama_k11"]),
+               SourcePoint("Mistral-7B", 128, 7, source("oh_mistral"), ci["oh_mistral"]),
+               SourcePoint("Mistral-7B", 128, 9, source("oh_mistral_k9"), ci["oh_mistral_k9"])]
+            + [SourcePoint(f"from scratch, d_head {d}", d, 7, o, None) for d, o in source("oh_scratch")])
+
+
+def published_excess(point: SourcePoint, null_mean: float) -> Estimate:
+    """A published O_h − a null's mean, with the source's own 95% interval (a point, lo = hi, where it publishes
+    none); the null here is an expectation (the Haar mean of one pair), so it adds no spread (``null_excess``)."""
+    lo, hi = point.ci if point.ci is not None else (point.o_h, point.o_h)
+    return null_excess(Estimate(value=point.o_h, lo=lo, hi=hi, units=0), null_mean, None)
 
 
 # ----------------------------------------------------------------------------- thresholds
 
-NULL_TOL = 0.02  # a published O_h "is" the Haar null within this: ~3 of the source's CI half-widths (Qwen2.5)
 R2_NULL = 0.9  # the null "explains" the sweep when it accounts for this share of the variance of O_h
 ALPHA = 0.05  # the significance level of every test: 95% intervals, Spearman permutation p-values
 CORPUS_TOL = 0.021  # three times the source's own WikiText-vs-C4 difference, 0.284 − 0.277 = 0.007
 TWONN_TOL = 1.0  # the source variant's dimension is "near" the source's 7.1 within this
-TWONN_BIAS = 1.1  # the variant reads "biased upward" above this ratio to the unbiased fit
+TWONN_IDEAL_RATIO = 1 / (1 - math.log(10) * 0.1 / 0.9)  # ×1.344: the source variant over the line fit on exactly
+# Pareto ratios (it drops the largest 10% of log μ and ignores the truncation; ``intrinsic.twonn_source``)
 FISHER_RANK_PR = 3.0  # "rank ≈ 2" holds when the median participation ratio is at most this
 MASS_TOL = 0.03  # kept mass "close to" the source's 94.1% within this
 M_ZERO = 1e-7  # a query's discarded mass below this counts as zero (fp32 softmax rounding)
@@ -288,20 +313,35 @@ OVERLAP_RULE = DecisionRule(margin=0.01)  # overlaps O (mean principal cosines):
 REPRODUCED_TOL = OVERLAP_RULE.margin  # a point value within this of a published O_h (no interval to judge)
 
 
-def z_interval(z: float, spread: float, rule: DecisionRule = RULE) -> Estimate:
-    """The (1 − alpha) interval of an observed − null difference from its z-score and the null's spread.
+def null_excess(est: Estimate, null_mean: float, null_std: float | None = None,
+                rule: DecisionRule = OVERLAP_RULE) -> Estimate:
+    """An overlap's excess over a null model's mean, with an interval that counts both spreads.
+
+    O − null mean varies for two reasons: other pairs of heads would give another O (the interval of ``est``,
+    pairs or heads resampled), and a mean over this many pairs of random frames varies around the null's mean
+    (the null's s.d. over its draws). The interval is that of a difference of two independent means: on each
+    side the two half-widths add in quadrature, lo = Δ − √(h_lo² + (z·sd)²) and hi = Δ + √(h_hi² + (z·sd)²)
+    (the bootstrap interval need not be symmetric). With few pairs, where a bootstrap understates the spread,
+    the null's term still counts; with many, the pairs' term does. Every overlap-against-null verdict of the
+    book reads this one interval (``null_side``).
 
     Args:
-        z: (observed − null mean) / null s.d.; spread: the null's s.d., in the observed quantity's units (> 0).
+        est: the overlap O with its (1 − alpha) interval; a published value with no interval has lo = hi = value.
+        null_mean: the null model's mean overlap over the same pairs (or its expectation for one pair).
+        null_std: the null's s.d. of that mean over its draws; None or 0 when the null is an expectation with
+            no sampling spread of its own (a published value against the Haar pair mean).
+        rule: gives z (its ``z_crit``).
     Returns:
-        ``Estimate`` of observed − null mean: z·spread ± z_crit·spread (``units`` 0: no resampled units).
+        ``Estimate`` of O − null mean with the combined interval (``units`` of ``est``); NaN figures stay NaN.
     Raises:
-        ValueError: spread not positive.
+        ValueError: a negative null s.d.
     """
-    if not spread > 0:
-        raise ValueError(f"a null's spread must be positive, got {spread!r}")
-    delta = z * spread
-    return Estimate(value=delta, lo=delta - rule.z_crit * spread, hi=delta + rule.z_crit * spread, units=0)
+    if null_std is not None and null_std < 0:
+        raise ValueError(f"a null's s.d. cannot be negative, got {null_std!r}")
+    h_null = rule.z_crit * null_std if null_std else 0.0
+    delta = est.value - null_mean
+    return Estimate(value=delta, lo=delta - math.hypot(est.value - est.lo, h_null),
+                    hi=delta + math.hypot(est.hi - est.value, h_null), units=est.units)
 
 
 def decide(est: Estimate, null: float = 0.0, rule: DecisionRule = RULE) -> Verdict:
@@ -328,20 +368,33 @@ def decide(est: Estimate, null: float = 0.0, rule: DecisionRule = RULE) -> Verdi
     return Verdict(label=TIE, text=TIE, figures=figures)
 
 
-def decide_z(z: float, spread: float | None = None, rule: DecisionRule = RULE) -> Verdict:
-    """The decision rule on a z-score against a null model.
+_NULL_FIELDS = {"haar": ("o_h", "ci", "null_mean", "null_std"),
+                "colspace": ("inter", "inter_ci", "colspace_null_mean", "colspace_null_std"),
+                "shared-value": ("intra", "intra_ci", "intra_null_mean", "intra_null_std")}
+
+
+def summary_excess(summary, null: str = "haar") -> Estimate:
+    """An overlap summary's excess over one of its nulls, with the interval that counts both spreads.
 
     Args:
-        z: (observed − null mean) / null s.d.
-        spread: the null's s.d. in the observed quantity's units; without it the interval is read in z units and
-            no equivalence can be called (the margin is in the quantity's units).
+        summary: ``OverlapResult`` or its ``summary()`` dict (the chapters' stored form); for "shared-value" it
+            also holds "intra_null_mean" and "intra_null_std" (``protocol.intra_null_summary``).
+        null: "haar" (the headline O_h against Haar frames of its size), "colspace" (the inter-group O_h after
+            W_O against frames inside each head's W_O column space) or "shared-value" (the intra-group O_h
+            against heads that read the same keys and values with independent queries).
     Returns:
-        ``decide`` of ``z_interval(z, spread)`` against 0.
+        ``null_excess`` of that overlap with its interval against that null's mean and s.d.; NaN throughout when
+        the overlap or the null is absent (no such pairs in the model, a null not drawn).
+    Raises:
+        ValueError: an unknown null.
     """
-    if spread is None:
-        return decide(Estimate(value=z, lo=z - rule.z_crit, hi=z + rule.z_crit, units=0), 0.0,
-                      DecisionRule(alpha=rule.alpha))
-    return decide(z_interval(z, spread, rule), 0.0, rule)
+    if null not in _NULL_FIELDS:
+        raise ValueError(f"summary_excess's null must be one of {sorted(_NULL_FIELDS)}, got {null!r}")
+    get = summary.get if isinstance(summary, dict) else lambda f: getattr(summary, f, None)
+    value, ci, mean, std = (get(f) for f in _NULL_FIELDS[null])
+    if value is None or ci is None or mean is None:
+        return Estimate(value=math.nan, lo=math.nan, hi=math.nan, units=0)
+    return null_excess(Estimate(value=value, lo=ci[0], hi=ci[1], units=0), mean, std)
 
 
 def direction(est: Estimate, null: float) -> str:
@@ -357,28 +410,28 @@ def direction(est: Estimate, null: float) -> str:
 # ----------------------------------------------------------------------------- crossarch
 
 
-def o_h_reproduced(source_value: float, o_h: float, ci: tuple[float, float], z: float, delta: float,
-                   null_std: float | None = None) -> Verdict:
+def o_h_reproduced(source_value: float, o_h: float, ci: tuple[float, float], excess: Estimate, z: float) -> Verdict:
     """Does our O_h reproduce a published value, and where does it lie against the Haar null? Both by the rule.
 
     Args:
-        source_value: the published O_h; o_h, ci: ours and its 95% interval; z, delta: our (O_h − null)/s.d.
-            and O_h − null mean; null_std: the null's s.d. (without it the null side is read in z units, with no
-            equivalence branch).
+        source_value: the published O_h; o_h, ci: ours and its 95% interval.
+        excess: our O_h − Haar null mean with the interval that counts both spreads (``null_excess``).
+        z: (O_h − null mean) / null s.d., quoted beside the excess as its size in the null's units.
     Returns:
         label "reproduced" (our O_h − source, with our interval, equivalent within ±``OVERLAP_RULE.margin``),
         "not distinguishable" (the interval holds the source value but is wider than the margin) or "differs"
         (the interval excludes it and leaves the margin); the text adds where O_h lies against the null
-        (``null_side``), the excess and z.
+        (``null_side``) with the excess and its interval, and z.
     """
     versus = decide(Estimate(value=o_h - source_value, lo=ci[0] - source_value, hi=ci[1] - source_value, units=0),
                     0.0, OVERLAP_RULE)
     label = {EQUIVALENT: "reproduced", TIE: "not distinguishable", HIGHER: "differs", LOWER: "differs"}[versus.label]
     word = {EQUIVALENT: "reproduced", TIE: "not distinguishable from the source at this sample size",
             HIGHER: "differs (higher)", LOWER: "differs (lower)"}[versus.label]
-    null = null_side(z, null_std).text
-    return Verdict(label=label, text=f"{word}; {null} the null, {delta:+.3f} (z-score {z:.1f})",
-                   figures={"source": source_value, "o_h": o_h, "ci": ci, "z": z, "delta": delta, "versus": versus})
+    side = null_side(excess).text
+    return Verdict(label=label, text=f"{word}; {side} the null, "
+                                     f"{estimate_text(excess.value, excess.lo, excess.hi, '+.3f')} (z-score {z:.1f})",
+                   figures={"source": source_value, "o_h": o_h, "ci": ci, "z": z, "excess": excess, "versus": versus})
 
 
 def intra_reproduced(intra: float, ci: tuple[float, float] | None = None) -> Verdict:
@@ -409,25 +462,20 @@ def spearman_replicates(rho: float, p: float) -> Verdict:
                    figures={"rho": rho, "p": p, "source": source("spearman_qwen")})
 
 
-def intra_above_null(intra: list[float], null_mean: list[float], null_std: list[float]) -> Verdict:
+def intra_above_null(excesses: list[Estimate]) -> Verdict:
     """Whether every model's intra-group O_h lies above the shared-value null (``intra_null.intra_group_null``).
 
     Args:
-        intra: per model with intra-group pairs, its intra-group O_h.
-        null_mean, null_std: the same models' shared-value null (heads reading the same keys and values with
-            independent query weights), over the same pairs.
+        excesses: per model with intra-group pairs, its intra-group O_h − the shared-value null's mean (heads
+            reading the same keys and values with independent query weights, over the same pairs), with the
+            interval that counts both spreads (``null_excess``).
     Returns:
         label "above" (every model distinguishable, higher, by ``OVERLAP_RULE``), "not above" or "n/a"; the text
-        counts the models on each side.
-    Raises:
-        ValueError: the lists differ in length.
+        counts the models on each side; figures {"excesses", "sides"}.
     """
-    if not len(intra) == len(null_mean) == len(null_std):
-        raise ValueError(f"intra_above_null needs one null per model, got {len(intra)}, {len(null_mean)} and "
-                         f"{len(null_std)}")
-    if not intra:
+    if not excesses:
         return Verdict(label="n/a", text="no model in this run has heads that share a KV head")
-    sides = [decide_z((o - m) / sd, sd, OVERLAP_RULE).label for o, m, sd in zip(intra, null_mean, null_std)]
+    sides = [decide(e, 0.0, OVERLAP_RULE).label for e in excesses]
     n_above = sides.count(HIGHER)
     if n_above == len(sides):
         text = "more aligned than heads that read the same values with independent queries, in every model"
@@ -435,88 +483,161 @@ def intra_above_null(intra: list[float], null_mean: list[float], null_std: list[
         text = (f"more aligned than heads that read the same values with independent queries in {n_above} of "
                 f"{len(sides)} models")
     return Verdict(label="above" if n_above == len(sides) else "not above", text=text,
-                   figures={"intra": list(intra), "null_mean": list(null_mean), "null_std": list(null_std),
-                            "sides": sides})
+                   figures={"excesses": list(excesses), "sides": sides})
 
 
-def colspace_aligned(overlaps: dict[str, Estimate], null_means: dict[str, float]) -> Verdict:
-    """How many models' inter-group O_h after W_O lies above the null inside W_O's column space, each judged by
-    its own interval over pairs of heads (``null_side_interval``): the argument that heads are more aligned
-    than chance builds on the excess, so it needs the interval that says the excess holds on other pairs.
+def colspace_aligned(excess: dict[str, Estimate]) -> Verdict:
+    """How many models' inter-group O_h after W_O lies above the null inside W_O's column space, by the rule
+    (``null_side``) on each model's excess.
 
     Args:
-        overlaps: {model: O_h(c) of its inter-group pairs with its 95% interval over pairs}.
-        null_means: {model: the column-space null's mean}, the same models.
+        excess: {model: O_h(c) of its inter-group pairs − the column-space null's mean, with the interval that
+            counts both spreads (``null_excess``)}.
     Returns:
         label "every" or "<n> of <m>"; text "more aligned than chance in every model" or "... in n of m models";
-        figures {"excess": {model: O − null mean with its interval}, "n_above"}.
+        figures {"excess", "n_above"}.
     Raises:
-        ValueError: no models, or the two dicts name different models.
+        ValueError: no models.
     """
-    if not overlaps or set(overlaps) != set(null_means):
-        raise ValueError(f"colspace_aligned needs the same models in both, got {sorted(overlaps)} and {sorted(null_means)}")
-    sides = {n: null_side_interval(est, null_means[n]) for n, est in overlaps.items()}
-    n_above = sum(v.figures["decision"] == HIGHER for v in sides.values())
-    every = n_above == len(sides)
-    return Verdict(label="every" if every else f"{n_above} of {len(sides)}",
+    if not excess:
+        raise ValueError("colspace_aligned needs at least one model")
+    n_above = sum(null_side(e).figures["decision"] == HIGHER for e in excess.values())
+    every = n_above == len(excess)
+    return Verdict(label="every" if every else f"{n_above} of {len(excess)}",
                    text="more aligned than chance in every model" if every else
-                   f"more aligned than chance in {n_above} of {len(sides)} models",
-                   figures={"excess": {n: v.figures["difference"] for n, v in sides.items()}, "n_above": n_above})
+                   f"more aligned than chance in {n_above} of {len(excess)} models",
+                   figures={"excess": dict(excess), "n_above": n_above})
 
 
-def published_within_null(max_dev: float) -> Verdict:
-    """The published O_h values as a whole against the Haar null at each one's (d_head, k).
+def published_within_null(points: dict[str, Estimate]) -> Verdict:
+    """The published O_h values against the Haar null at each one's (d_head, k), each by the rule.
 
-    Args:
-        max_dev: max |published − Haar pair mean| over ``source_points()``.
-    """
-    ok = max_dev <= NULL_TOL
-    return Verdict(label="explained by the null" if ok else "not explained by the null alone",
-                   text="explained by the null" if ok else "not explained by the null alone",
-                   figures={"max_dev": max_dev})
-
-
-def scratch_explained(max_dev: float) -> Verdict:
-    """The from-scratch models' O_h (source) against the Haar null (``NULL_TOL``).
+    Each point is the published value − the Haar mean overlap of one pair of random frames at its (d_head, k)
+    (an expectation, computed to ±0.0005), with the source's own 95% interval where it publishes one and none
+    (lo = hi) where it does not; ``decide`` with ``OVERLAP_RULE`` then reads a point without an interval
+    against the margin alone, as ``REPRODUCED_TOL`` reads a point.
 
     Args:
-        max_dev: max |published − Haar pair mean| over the from-scratch points.
+        points: {label (e.g. "Qwen2.5-0.5B, k = 7"): published − null, with the source's interval}, at least one.
+    Returns:
+        label "explained by the null" when no point is distinguishable from it, else "not explained by the null
+        alone"; text names each exception with its excess; figures {"sides": {label: decision}, "off": [labels]}.
+    Raises:
+        ValueError: no points.
     """
-    ok = max_dev <= NULL_TOL
-    return Verdict(label="explained by the null" if ok else "not explained by the null alone",
-                   text="explained by the null, which does not depend on training at all" if ok else
-                   f"not explained by the null alone: a value lies {max_dev:.3f} from it", figures={"max_dev": max_dev})
+    if not points:
+        raise ValueError("published_within_null needs at least one published value")
+    sides = {lab: decide(e, 0.0, OVERLAP_RULE).label for lab, e in points.items()}
+    off = [lab for lab, side in sides.items() if side in (HIGHER, LOWER)]
+    if not off:
+        return Verdict(label="explained by the null", figures={"sides": sides, "off": off},
+                       text=f"explained by the null: none of the {len(points)} published values is distinguishable "
+                            f"from random frames of its size")
+    named = listing([f"{lab} ({estimate_text(points[lab].value, points[lab].lo, points[lab].hi, '+.3f')}, "
+                          f"{'above' if sides[lab] == HIGHER else 'below'} it)" for lab in off])
+    return Verdict(label="not explained by the null alone", figures={"sides": sides, "off": off},
+                   text=f"not explained by the null alone: {len(off)} of the {len(points)} published values "
+                        f"{'lies' if len(off) == 1 else 'lie'} off it by the source's own interval: {named}")
 
 
-def cluster_explained(max_dev: float, r2: float) -> Verdict:
-    """'Magnitude clusters by attention design': explained by the null when every published value lies within
-    ``NULL_TOL`` of it and the null accounts for at least ``R2_NULL`` of the variance of our O_h over (model, k).
+def scratch_explained(points: dict[str, Estimate]) -> Verdict:
+    """The from-scratch models' O_h (source) against the Haar null, by the rule (``published_within_null``).
+
+    Args:
+        points: {label: published − Haar pair mean} of the from-scratch points (no published intervals).
     """
-    ok = max_dev <= NULL_TOL and r2 >= R2_NULL
-    return Verdict(label="explained by the null" if ok else "not explained by the null alone",
-                   text="explained by the null: random frames cluster by d_head in the same way" if ok else
-                   "not explained by the null alone", figures={"max_dev": max_dev, "r2": r2})
+    found = published_within_null(points)
+    if found.label == "explained by the null":
+        return Verdict(label=found.label, figures=found.figures,
+                       text="explained by the null, which does not depend on training at all")
+    return found
 
 
-def corpus_stable(spread: float) -> Verdict:
-    """The run model's O_h spread over corpora against ``CORPUS_TOL`` (3× the source's WikiText–C4 gap)."""
-    ok = spread <= CORPUS_TOL
+def cluster_explained(points: dict[str, Estimate], r2: float) -> Verdict:
+    """'Magnitude clusters by attention design': explained by the null when no published value is
+    distinguishable from it (``published_within_null``) and the null accounts for at least ``R2_NULL`` of the
+    variance of our O_h over (model, k).
+
+    Args:
+        points: {label: published − Haar pair mean, with the source's interval where published}.
+        r2: the share of the variance of our O_h over (model, k) that the Haar null accounts for.
+    """
+    found = published_within_null(points)
+    ok = found.label == "explained by the null" and r2 >= R2_NULL
+    if ok:
+        text = "explained by the null: random frames cluster by d_head in the same way"
+    elif r2 < R2_NULL:
+        text = f"not explained by the null alone: it accounts for {r2:.0%} of the variance of our O_h, below {R2_NULL:.0%}"
+    else:
+        text = (f"explained by the null in the clustering by d_head (random frames cluster in the same way), but "
+                f"{found.text.removeprefix('not explained by the null alone: ')}")
+    return Verdict(label="explained by the null" if ok else "not explained by the null alone", text=text,
+                   figures={**found.figures, "r2": r2})
+
+
+def corpus_spread(by_corpus: dict[str, Estimate]) -> Estimate:
+    """The spread of an overlap over corpora, highest − lowest, with its 95% interval.
+
+    The corpora's clouds are independent samples, so each side's half-width is the quadrature sum of the two
+    overlaps' own half-widths on the sides that move the difference that way (as ``null_excess`` adds two
+    spreads). Picking the extremes after the fact makes the spread read a little high; with few corpora the
+    effect is small next to the intervals.
+
+    Args:
+        by_corpus: {corpus: O_h with its 95% interval}, at least two.
+    Returns:
+        ``Estimate`` of max − min (units 0).
+    Raises:
+        ValueError: fewer than two corpora.
+    """
+    if len(by_corpus) < 2:
+        raise ValueError(f"corpus_spread needs at least two corpora, got {len(by_corpus)}")
+    hi = max(by_corpus.values(), key=lambda e: e.value)
+    lo = min(by_corpus.values(), key=lambda e: e.value)
+    d = hi.value - lo.value
+    return Estimate(value=d, lo=d - math.hypot(hi.value - hi.lo, lo.hi - lo.value),
+                    hi=d + math.hypot(hi.hi - hi.value, lo.value - lo.lo), units=0)
+
+
+def corpus_stable(spread: Estimate) -> Verdict:
+    """The run model's O_h spread over corpora, by the rule with ``CORPUS_TOL`` (3× the source's WikiText–C4 gap)
+    as the margin: "stable" when the spread's interval lies within it.
+
+    Args:
+        spread: ``corpus_spread`` of the run's model.
+    Returns:
+        label "stable" (equivalent to 0 within the margin), "not shown" (the interval reaches past it) or "less
+        stable" (the interval lies beyond it); figures {"spread", "tolerance"}.
+    """
     gap = source("corpus")[0] - source("corpus")[1]
-    return Verdict(label="stable" if ok else "less stable",
-                   text="stable, as claimed; so is the null" if ok else
-                   f"less stable than claimed (the source's two corpora differ by {gap:.3f})",
-                   figures={"spread": spread, "tolerance": CORPUS_TOL})
+    found = decide(spread, 0.0, DecisionRule(margin=CORPUS_TOL)).label
+    beyond = spread.lo > CORPUS_TOL
+    label = "stable" if found == EQUIVALENT else "less stable" if beyond else "not shown"
+    text = {"stable": f"stable, as claimed (the spread's interval lies within ±{CORPUS_TOL:g}, three times the "
+                      f"source's {gap:.3f}); so is the null",
+            "not shown": f"not shown to be stable at this sample size (the spread's interval reaches past "
+                         f"±{CORPUS_TOL:g}, three times the source's {gap:.3f})",
+            "less stable": f"less stable than claimed (the spread's interval lies beyond {CORPUS_TOL:g}, three "
+                           f"times the source's {gap:.3f})"}[label]
+    return Verdict(label=label, text=text, figures={"spread": spread, "tolerance": CORPUS_TOL})
 
 
-def corpus_claim(spreads: list[float]) -> Verdict:
-    """The inter-corpus claim over every model with inter-group pairs (the largest spread decides)."""
+def corpus_claim(spreads: list[Estimate]) -> Verdict:
+    """The inter-corpus claim over every model with inter-group pairs, each spread by ``corpus_stable``."""
     gap = source("corpus")[0] - source("corpus")[1]
     if not spreads:
         return Verdict(label="n/a", text="n/a")
-    ok = max(spreads) <= CORPUS_TOL
-    return Verdict(label="stable" if ok else "less stable",
-                   text=f"same order as the source's {gap:.3f} for inter-group headlines" if ok else
-                   f"larger than the source's {gap:.3f}", figures={"spreads": list(spreads)})
+    labels = [corpus_stable(s).label for s in spreads]
+    if all(lab == "stable" for lab in labels):
+        label, text = "stable", f"within ±{CORPUS_TOL:g} (three times the source's {gap:.3f}) in every model"
+    elif "less stable" in labels:
+        label, text = "less stable", (f"beyond ±{CORPUS_TOL:g} (three times the source's {gap:.3f}) in "
+                                      f"{labels.count('less stable')} of {len(labels)} models")
+    else:
+        label, text = "not shown", (f"within ±{CORPUS_TOL:g} (three times the source's {gap:.3f}) in "
+                                    f"{labels.count('stable')} of {len(labels)} models; the others' intervals reach "
+                                    f"past it")
+    return Verdict(label=label, text=text, figures={"spreads": list(spreads), "labels": labels})
 
 
 def twonn_variant(variant: float, line_fit: float) -> Verdict:
@@ -532,42 +653,20 @@ def twonn_variant(variant: float, line_fit: float) -> Verdict:
 _SIDE = {TIE: "is not distinguishable from", HIGHER: "lies above", LOWER: "lies below"}
 
 
-def null_side(z: float, std: float | None = None) -> Verdict:
-    """Where an overlap lies against its null, by the rule (``decide_z`` with ``OVERLAP_RULE``).
+def null_side(excess: Estimate) -> Verdict:
+    """Where an overlap lies against its null, by the rule (``decide`` with ``OVERLAP_RULE``) on its excess.
 
     Args:
-        z: (O − null mean) / null s.d.; std: the null's s.d. (enables the equivalence branch).
+        excess: O − null mean with the interval that counts both the pairs' and the null's spread
+            (``null_excess``).
     Returns:
         label and text "lies above", "lies below", "is not distinguishable from" or "is equivalent, within
-        ±0.01, to" (the prose continues with the null).
+        ±0.01, to" (the prose continues with the null); figures {"excess", "decision"}.
     """
-    found = decide_z(z, std, OVERLAP_RULE)
+    found = decide(excess, 0.0, OVERLAP_RULE)
     side = (f"is equivalent, within ±{OVERLAP_RULE.margin:g}, to" if found.label == EQUIVALENT else
             _SIDE[found.label])
-    return Verdict(label=side, text=side, figures={"z": z, "std": std, "decision": found.label})
-
-
-def null_side_interval(est: Estimate, null_mean: float) -> Verdict:
-    """Where an overlap lies against a null's mean, judged by the overlap's own interval (``decide`` with
-    ``OVERLAP_RULE``), not by the null's spread alone.
-
-    A z-score against a null's draws asks whether the measured pairs are unusual for random frames; the
-    overlap's bootstrap interval (pairs of heads resampled) asks whether the excess would hold on other pairs.
-    A verdict a later argument builds on needs the second.
-
-    Args:
-        est: the overlap O with its 95% interval (``interval``, pairs or heads resampled).
-        null_mean: the null model's mean overlap.
-    Returns:
-        label and text as ``null_side`` ("lies above", "lies below", "is not distinguishable from", "is
-        equivalent, within ±0.01, to"); figures {"difference": O − null mean with its interval (an
-        ``Estimate``), "decision"}.
-    """
-    found = decide(est, null_mean, OVERLAP_RULE)
-    side = (f"is equivalent, within ±{OVERLAP_RULE.margin:g}, to" if found.label == EQUIVALENT else
-            _SIDE[found.label])
-    diff = Estimate(value=est.value - null_mean, lo=est.lo - null_mean, hi=est.hi - null_mean, units=est.units)
-    return Verdict(label=side, text=side, figures={"difference": diff, "decision": found.label})
+    return Verdict(label=side, text=side, figures={"excess": excess, "decision": found.label})
 
 
 def multiplicity(n_tests: int, n_off: int, rule: DecisionRule = OVERLAP_RULE) -> Verdict:
@@ -593,8 +692,9 @@ def multiplicity(n_tests: int, n_off: int, rule: DecisionRule = OVERLAP_RULE) ->
     a = rule.alpha
     p = sum(math.comb(n_tests, i) * a ** i * (1 - a) ** (n_tests - i) for i in range(n_off, n_tests + 1))
     label = "within chance" if n_off == 0 or p >= a else "beyond chance"
-    text = (f"with {n_tests} decisions at α = {a:g}, {n_tests * a:.1f} would fall off their null by chance alone; "
-            f"{n_off} did (P({n_off} or more) {'< 0.001' if p < 0.001 else f'= {p:.2f}'}), {label}")
+    did = ("none did" if n_off == 0 else
+           f"{n_off} did (P({n_off} or more) {'< 0.001' if p < 0.001 else f'= {p:.2f}'}), {label}")
+    text = f"with {n_tests} decisions at α = {a:g}, {n_tests * a:.1f} would fall off their null by chance alone; {did}"
     return Verdict(label=label, text=text, figures={"expected": n_tests * a, "p_at_least": p, "n_tests": n_tests,
                                                     "n_off": n_off})
 
@@ -609,44 +709,43 @@ _O_H_NULLS = {"haar": "random frames in the same dimension",
               "shared-value": "heads that read the same keys and values with independent queries"}
 
 
-def o_h_claim(z: float, std: float | None = None, *, shared_value: tuple[float, float] | None = None) -> Verdict:
+def o_h_claim(excess: Estimate, *, null: str = "haar") -> Verdict:
     """The claim "head manifolds are mutually non-aligned (O_h ≪ 1)" judged against its chance level.
 
     The chance level of heads that read different KV heads is Haar frames of the same size. A model with no
     inter-group pairs (multi-query: every head reads the one KV head) has a headline over pairs that average the
-    same value vectors, so random frames are not its chance level; pass ``shared_value`` and the claim is judged
-    against the shared-value null instead (``intra_null.intra_group_null``: the same keys and values, each head's
-    query weights rotated by an independent Haar rotation).
+    same value vectors, so random frames are not its chance level; it is judged against the shared-value null
+    instead (``intra_null.intra_group_null``: the same keys and values, each head's query weights rotated by an
+    independent Haar rotation).
 
     Args:
-        z: the headline's z-score against the Haar null; std: the null's s.d. (enables the equivalence branch).
-        shared_value: (z-score, s.d.) of the headline against the shared-value null; give it only when the model
-            has no inter-group pairs.
+        excess: the headline O_h − the chosen null's mean, with the interval that counts both spreads
+            (``null_excess``).
+        null: "haar" (inter-group headline) or "shared-value" (a model with no inter-group pairs).
     Returns:
-        label: ``null_side`` of the null used; text: whether the claim replicates beyond chance, naming that
-        null; figures {"z", "std", "null"} with null "haar" or "shared-value".
+        label: ``null_side``'s; text: whether the claim replicates beyond chance, naming that null; figures
+        {"excess", "null"}.
     Raises:
-        ValueError: a shared-value s.d. that is not positive (``z_interval``).
+        ValueError: an unknown null.
     """
-    null = "haar" if shared_value is None else "shared-value"
-    z, std = (z, std) if shared_value is None else shared_value
-    side = null_side(z, std)
-    return Verdict(label=side.label, figures={"z": z, "std": std, "null": null},
+    if null not in _O_H_NULLS:
+        raise ValueError(f"o_h_claim's null must be one of {sorted(_O_H_NULLS)}, got {null!r}")
+    side = null_side(excess)
+    return Verdict(label=side.label, figures={"excess": excess, "null": null},
                    text=f"{_O_H_CLAIM[side.figures['decision']]}: O_h {side.label} {_O_H_NULLS[null]}")
 
 
-def sweep_clause(z_by_k: dict[int, float], std_by_k: dict[int, float] | None = None) -> Verdict:
+def sweep_clause(excess_by_k: dict[int, Estimate]) -> Verdict:
     """At which k of a sweep O_h is distinguishable from chance (the rule at each k).
 
     Args:
-        z_by_k: {k: z-score of O_h against the Haar null at that k}; std_by_k: {k: the null's s.d.}, optional.
+        excess_by_k: {k: O_h − the Haar null's mean at that k, with the interval that counts both spreads}.
     Returns:
         label "within" or "outside"; ``figures["outside"]`` the k where O_h is distinguishable from the null;
-        text a clause.
+        text a clause, with how many such k chance alone gives (``multiplicity``).
     """
-    ks = list(z_by_k)
-    std_by_k = std_by_k or {}
-    sides = {k: decide_z(z_by_k[k], std_by_k.get(k), OVERLAP_RULE).label for k in ks}
+    ks = list(excess_by_k)
+    sides = {k: decide(excess_by_k[k], 0.0, OVERLAP_RULE).label for k in ks}
     outside = [k for k in ks if sides[k] in (HIGHER, LOWER)]
     if not outside:
         text = "at no k of the sweep is it distinguishable from chance"
@@ -656,13 +755,13 @@ def sweep_clause(z_by_k: dict[int, float], std_by_k: dict[int, float] | None = N
                 f"k = {', '.join(map(str, outside))} and is not distinguishable from it at the other "
                 f"{len(ks) - len(outside)} values of k ({multiplicity(len(ks), len(outside)).text})")
     return Verdict(label="outside" if outside else "within", text=text,
-                   figures={"z": dict(z_by_k), "outside": outside, "sides": sides})
+                   figures={"excess": dict(excess_by_k), "outside": outside, "sides": sides})
 
 
-def sweep_claim(z_by_k: dict[int, float], std_by_k: dict[int, float] | None = None) -> Verdict:
+def sweep_claim(excess_by_k: dict[int, Estimate]) -> Verdict:
     """"O_h rises with k" (source: 0.210 … 0.340 on GPT-2) judged by how much of the sweep the null explains."""
-    clause = sweep_clause(z_by_k, std_by_k)
-    n_out, n = len(clause.figures["outside"]), len(z_by_k)
+    clause = sweep_clause(excess_by_k)
+    n_out, n = len(clause.figures["outside"]), len(excess_by_k)
     label = ("explained by the null" if not n_out else "mostly explained by the null" if n_out < n / 2 else
              "not explained by the null alone")
     return Verdict(label=label, text=f"{label}: {clause.text}", figures=clause.figures)
@@ -691,18 +790,45 @@ def intra_split(*, o_h_ci: tuple[float, float], intra: float | None, intra_ci: t
                         f"together give {all_pairs:.3f}")
 
 
-def twonn_source(variant: float, line_fit: float) -> Verdict:
-    """The source's TwoNN variant on our heads, against the source's 7.1 (``TWONN_TOL``) and the unbiased fit
-    (biased when it reads more than ``TWONN_BIAS`` times it)."""
-    value, ratio = source("twonn"), variant / line_fit
-    near = abs(variant - value) <= TWONN_TOL
-    biased = ratio > TWONN_BIAS
-    text = (f"the source's estimator reads {variant:.1f} here"
-            + (f", near the source's {value}" if near else f", not the source's {value}")
-            + (f", and it is biased upward (×{ratio:.2f} the unbiased fit): use the unbiased fit" if biased
-               else ", and it agrees with the unbiased fit"))
+def twonn_source(variant: Estimate, ratio: Estimate) -> Verdict:
+    """The source's TwoNN variant on our heads: does its number replicate (against the source's 7.1, by the rule
+    with ``TWONN_TOL`` as margin), and how far it reads above the unbiased fit on the same points.
+
+    The variant ignores the truncation of the largest 10% of log μ, which on ideal data (neighbour-distance
+    ratios exactly Pareto) inflates it by ``TWONN_IDEAL_RATIO`` (×1.34, ``intrinsic.twonn_source``); a ratio
+    distinguishable from that says the clouds depart from the Pareto law at the nearest neighbours, which
+    moves the two fits apart further (or less).
+
+    Args:
+        variant: the heads' mean variant dimension with its 95% interval over heads (``interval.mean``).
+        ratio: mean variant / mean line fit over the same heads with its interval (``interval.ratio_of_means``).
+    Returns:
+        label "near" / "not near" (+ ", biased" when the ratio's interval lies above 1); text, e.g. "the source's
+        estimator reads 11.2 [9.1, 13.6] over heads here, distinguishably above the source's 7.1; it reads ×1.53
+        [1.41, 1.66] the unbiased fit on the same points, above the ×1.34 it reads on ideal data, so these clouds
+        depart from the law both fits assume: use the unbiased fit"; figures {"variant", "ratio", "source",
+        "versus", "bias"}.
+    """
+    value = source("twonn")
+    versus = decide(variant, value, DecisionRule(margin=TWONN_TOL))
+    near = versus.label in (EQUIVALENT, TIE)
+    against = {EQUIVALENT: f"equivalent within ±{TWONN_TOL:g} to the source's {value}",
+               TIE: f"not distinguishable at this sample size from the source's {value}",
+               HIGHER: f"distinguishably above the source's {value}",
+               LOWER: f"distinguishably below the source's {value}"}[versus.label]
+    biased = decide(ratio, 1.0, RULE).label == HIGHER
+    ideal = decide(ratio, TWONN_IDEAL_RATIO, RULE).label
+    departs = {TIE: f"as on ideal data (×{TWONN_IDEAL_RATIO:.2f}, the truncation it ignores)",
+               HIGHER: f"above the ×{TWONN_IDEAL_RATIO:.2f} it reads on ideal data, so these clouds depart from the "
+                       f"law both fits assume",
+               LOWER: f"below the ×{TWONN_IDEAL_RATIO:.2f} it reads on ideal data, so these clouds depart from the "
+                      f"law both fits assume"}[ideal]
+    text = (f"the source's estimator reads {estimate_text(variant.value, variant.lo, variant.hi, '.1f')} over heads "
+            f"here, {against}; it reads ×{estimate_text(ratio.value, ratio.lo, ratio.hi, '.2f')} the unbiased fit "
+            f"on the same points, {departs}" + (": use the unbiased fit" if biased else ""))
     return Verdict(label=("near" if near else "not near") + (", biased" if biased else ""), text=text,
-                   figures={"variant": variant, "line_fit": line_fit, "ratio": ratio, "source": value})
+                   figures={"variant": variant, "ratio": ratio, "source": value, "versus": versus.label,
+                            "bias": ideal})
 
 
 _TWONN_SUPPORT = {EQUIVALENT: ("supports", "to"), TIE: ("is consistent with, but does not establish,", "from"),
@@ -905,28 +1031,45 @@ def l2_predicts(difference: Estimate) -> Verdict:
 WERR_METHODS = ("RTN", "the Fisher rotation", "the random rotation", "the λ-scaled grid")  # ``source("werr4")``'s order
 
 
-def werr_order(ours: tuple[float, float, float, float]) -> Verdict:
+def werr_order(errors: tuple, boot: Bootstrap = interval.DEFAULT) -> Verdict:
     """Our 4-bit weight errors against the source's order of the same four methods (``source("werr4")``).
 
     The magnitudes are not comparable (another model, another normalisation), so only the order is judged.
-    The errors are exact for the weights (no sampling), so the order needs no interval.
+    Each error is the mean over the model's weight matrices; each step of our order is the ratio of the two
+    means with a 95% interval over matrices (``interval.ratio_of_means``, matrices resampled in pairs), and a
+    step whose interval holds 1 is written "≈": that part of the order is not settled.
 
     Args:
-        ours: mean relative weight error at 4 bits of (RTN, Fisher rotation, random rotation, λ-scaled grid).
+        errors: per-matrix relative weight errors at 4 bits of (RTN, Fisher rotation, random rotation,
+            λ-scaled grid), four (matrix,) arrays over the same matrices.
+        boot: the bootstrap.
     Returns:
-        label "same order" or "another order"; text e.g. "the same order as the source's (RTN < the Fisher
-        rotation < ...)" or "another order than the source's: the random rotation < RTN < ... here, RTN < ...
-        in the source"; figures {"ours", "source"}.
+        label "same order" or "another order" (of the four means); text e.g. "another order than the source's:
+        the random rotation < RTN < ... here (each step ×1.04 [1.03, 1.05], ... over 210 weight matrices),
+        RTN < ... in the source"; figures {"ours": the four means, "source", "steps": [Estimate], "settled"}.
+    Raises:
+        ValueError: not four methods, or arrays of different lengths (``interval.ratio_of_means``).
     """
-    def chain(values) -> str:
-        return " < ".join(WERR_METHODS[i] for i in sorted(range(len(values)), key=lambda i: values[i]))
-
+    if len(errors) != len(WERR_METHODS):
+        raise ValueError(f"werr_order needs {len(WERR_METHODS)} methods' errors, got {len(errors)}")
+    means = [float(np.mean(e)) for e in errors]
+    order = sorted(range(len(means)), key=lambda i: means[i])
+    steps = [interval.ratio_of_means(errors[b], errors[a], boot) for a, b in zip(order, order[1:])]
+    signs = [" < " if direction(st, 1.0) == HIGHER else " ≈ " for st in steps]
+    chain = WERR_METHODS[order[0]] + "".join(s + WERR_METHODS[i] for s, i in zip(signs, order[1:]))
     src = source("werr4")
-    same = chain(ours) == chain(src)
-    text = (f"the same order as the source's ({chain(src)})" if same else
-            f"another order than the source's: {chain(ours)} here, {chain(src)} in the source")
+    src_chain = " < ".join(WERR_METHODS[i] for i in sorted(range(len(src)), key=lambda i: src[i]))
+    same = [WERR_METHODS[i] for i in order] == src_chain.split(" < ")
+    n = len(np.asarray(errors[0]).ravel())
+    ratios = "; ".join(times_text(st.value, st.lo, st.hi, ".3f") for st in steps)
+    settled = all(s == " < " for s in signs)
+    here = f"{chain} here (the ratio at each step: {ratios}; 95% intervals over {n} weight matrices)"
+    text = (f"the same order as the source's: {here}" if same else
+            f"another order than the source's: {here}, {src_chain} in the source")
+    if not settled:
+        text += "; a step marked ≈ is not distinguishable, so that part of the order is not settled"
     return Verdict(label="same order" if same else "another order", text=text,
-                   figures={"ours": tuple(ours), "source": src})
+                   figures={"ours": tuple(means), "source": src, "steps": steps, "settled": settled})
 
 
 def eight_bit(ratio: Estimate, *, ratio_spec: str = ".3f") -> Verdict:
@@ -1224,6 +1367,23 @@ def fused_decode(kernel: Estimate, step: Estimate | None) -> Verdict:
         label = "faster"
     prefix = {"not faster": "not faster", "kernel only": "faster in the kernel only", "faster": "faster"}[label]
     return Verdict(label=label, text=f"{prefix}: {text}", figures={"kernel": kernel, "step": step})
+
+
+def side_code_cost(ratio: Estimate) -> Verdict:
+    """What a side code costs the fused decode step: its step time over the same cache's without it, by the rule.
+
+    Args:
+        ratio: median step time with the side code / without it, paired over interleaved rounds
+            (``sparse.bench.speedup_estimate``), with its 95% interval.
+    Returns:
+        label ``direction`` against 1 ("higher": slower, "lower": faster, ``TIE``); text e.g. "takes 0.96× [0.76×,
+        1.31×] the time of the same cache without it: not distinguishable at this sample size"; figures {"ratio"}.
+    """
+    found = direction(ratio, 1.0)
+    word = {HIGHER: "distinguishably slower", LOWER: "distinguishably faster", TIE: TIE}[found]
+    return Verdict(label=found, figures={"ratio": ratio},
+                   text=f"takes {times_text(ratio.value, ratio.lo, ratio.hi)} the time of the same cache without it: "
+                        f"{word}")
 
 
 def survival_vs_revision(gaps: dict[int, list[str]], n_new: int, n_keys: int) -> Verdict:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from atlas_core import provenance
+from atlas_core import interval, provenance
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -198,6 +198,8 @@ def estimate_text(value, lo, hi, spec: str = ".3f") -> str:
     """ "value [lo, hi]" with ``spec``; a fixed-point ``spec`` shows figures of 1,000 and more without decimals
     and with thousands separators (a failed run's perplexity reads in the thousands), and then the interval as
     "[lo to hi]", since a comma would read as a thousands separator ("16,476 [12,048 to 23,392]")."""
+    if spec == "auto":  # the precision the interval supports (``interval.auto_spec``)
+        spec = interval.auto_spec(lo, hi)
     if spec.endswith("f") and value is not None and np.isfinite(value) and abs(value) >= 1000 and "," not in spec:
         spec = ",.0f"
     low, high = number(lo, spec), number(hi, spec)

@@ -98,8 +98,27 @@ class Estimate:
         return format_estimate(self, spec or ".3g")
 
 
+def auto_spec(lo: float, hi: float, digits: int = 2, max_decimals: int = 6) -> str:
+    """A fixed-point format whose last decimal is the interval's ``digits``-th significant digit, so that the
+    precision follows what the interval supports: a ratio 104.3 [78.8, 137.7] reads "104 [79, 138]" and one of
+    1.00123 [1.00071, 1.00168] keeps its fifth decimal.
+
+    Args:
+        lo, hi: the interval's ends; digits: significant digits of its width (≥ 1).
+    Returns:
+        ".{n}f" with n = digits − 1 − floor(log10(hi − lo)), clipped to [0, max_decimals]; ".3f" when the width is
+        0 or undefined.
+    """
+    width = hi - lo
+    if not (math.isfinite(width) and width > 0):
+        return ".3f"
+    return f".{min(max(digits - 1 - math.floor(math.log10(width)), 0), max_decimals)}f"
+
+
 def format_estimate(est: Estimate, spec: str = ".3g") -> str:
-    """"value [lo, hi]" with each number formatted by ``spec`` (e.g. ".2f", ".1%")."""
+    """"value [lo, hi]" with each number formatted by ``spec`` (e.g. ".2f", ".1%"; "auto": ``auto_spec``)."""
+    if spec == "auto":
+        spec = auto_spec(est.lo, est.hi)
     return f"{est.value:{spec}} [{est.lo:{spec}}, {est.hi:{spec}}]"
 
 

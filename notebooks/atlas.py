@@ -74,12 +74,13 @@ from atlas_core import claims, interval
 from atlas_core.cache import write_json
 from atlas_core.clouds import CloudSpec, head_clouds, kv_groups, out_proj, point_indices
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.geometry import analytic_null_mean, frame_rank, gaussian_null_clouds, layer_overlap, overlap_sweep
+from atlas_core.geometry import frame_rank, gaussian_null_clouds, layer_overlap, overlap_sweep
 from atlas_core.intrinsic import layer_profile, per_head_dropped
 from atlas_core.models import load_model
+from atlas_core.zoo import model_title
 from atlas_core.eval import block_nll
 from atlas_core.figures import color, figsize
-from atlas_core.glue import chapter_glue, number, plural, with_ci
+from atlas_core.glue import chapter_glue, estimate_text, number, plural, with_ci
 from atlas_core.interval import Estimate, format_estimate
 from atlas_core.intra_null import IntraNullSpec, intra_group_null, layer_group_attention
 from atlas_core.top1 import fit_reconstruction, top1_experiment
@@ -106,7 +107,7 @@ eps = eps_by_layer[layer]  # (head, point, d_head)
 z_cloud = head_clouds(lm, [layer], "z", cloud_spec, progress=False)[layer]  # (head, point, d_head)
 c_cloud = head_clouds(lm, [layer], "c", cloud_spec, progress=False)[layer]  # (head, point, d_model)
 
-g("model", model)
+g("model", model_title(model))  # prose name; the run box keeps the id
 g("corpus", corpus)
 for name in ("n_layers", "n_heads", "n_kv_heads", "d_head", "d_model"):
     g(name, getattr(s, name))
@@ -164,10 +165,13 @@ if head.intra is not None:
     intra_null = intra_group_null(layer_group_attention(lm, layer, cloud_spec), point_indices(cloud_spec),
                                   IntraNullSpec(k=k, n_draws=intra_null_draws, seed=seed, metric=metric))
     intra_null["z"] = (head.intra - intra_null["mean"]) / intra_null["std"]
-    intra_verdict = claims.null_side(intra_null["z"], intra_null["std"]).text
+    # the intra-group O_h's excess over this null, its interval counting both spreads (the decision rule)
+    intra_null["excess"] = claims.null_excess(Estimate(head.intra, *head.intra_ci, head.n_intra),
+                                              intra_null["mean"], intra_null["std"])
+    intra_verdict = claims.null_side(intra_null["excess"]).text
 else:  # MHA: no two heads share a KV head
     intra_null = {"mean": math.nan, "std": math.nan, "z": math.nan, "n_pairs": 0, "draws": np.array([]),
-                  "observed": math.nan}
+                  "observed": math.nan, "excess": Estimate(math.nan, math.nan, math.nan, 0)}
     intra_verdict = "is undefined (no two heads share a KV head), so it is not set against"
 
 sweep_data = pd.DataFrame({  # the numbers behind the figure and the table (unformatted)
@@ -180,6 +184,8 @@ sweep_data = pd.DataFrame({  # the numbers behind the figure and the table (unfo
     "null_std": [sweep["eps"][kk].null_std for kk in ks],
     "null_analytic": [sweep["eps"][kk].null_analytic for kk in ks],
     "delta_eps": [sweep["eps"][kk].delta for kk in ks],
+    "delta_eps_lo": [claims.summary_excess(sweep["eps"][kk]).lo for kk in ks],  # both spreads (the rule)
+    "delta_eps_hi": [claims.summary_excess(sweep["eps"][kk]).hi for kk in ks],
     "z_eps": [sweep["eps"][kk].z for kk in ks],
     "z_z": [sweep["z"][kk].z for kk in ks],
     "intra_null_mean": [intra_null["mean"] if kk == k else math.nan for kk in ks],  # measured at k only
@@ -192,14 +198,17 @@ sweep_table = pd.DataFrame({
     "Haar null mean": sweep_data["null_mean"],
     "Haar null s.d.": sweep_data["null_std"],
     "analytic null": sweep_data["null_analytic"],
-    "Oₕ − null, ε": sweep_data["delta_eps"],
+    "Oₕ − null, ε [95% interval]": [estimate_text(d, lo, hi, "+.3f") for d, lo, hi in
+                                    zip(sweep_data["delta_eps"], sweep_data["delta_eps_lo"], sweep_data["delta_eps_hi"])],
+    "against the null, by the rule": [claims.null_side(claims.summary_excess(sweep["eps"][kk])).text for kk in ks],
     "z-score, ε": sweep_data["z_eps"],
     "z-score, z": sweep_data["z_z"],
 }).rename_axis("frame rank k")
 if show_intra:
     sweep_table.insert(2, "intra-group Oₕ, ε", sweep_data["intra_eps"])
-fmt = {c: "{:.3f}" for c in sweep_table.columns if c != "95% interval, ε"}
-fmt.update({"Haar null s.d.": "{:.4f}", "z-score, ε": "{:+.1f}", "z-score, z": "{:+.1f}", "Oₕ − null, ε": "{:+.3f}"})
+text_columns = ("95% interval, ε", "Oₕ − null, ε [95% interval]", "against the null, by the rule")
+fmt = {c: "{:.3f}" for c in sweep_table.columns if c not in text_columns}
+fmt.update({"Haar null s.d.": "{:.4f}", "z-score, ε": "{:+.1f}", "z-score, z": "{:+.1f}"})
 g.table("sweep_table", sweep_table.style.format(fmt, na_rep="—"), data=sweep_data, sample=cloud_sample)
 
 fig, ax = plt.subplots(figsize=figsize(panel_aspect=0.5), layout="constrained")
@@ -238,7 +247,9 @@ g("n_intra", head.n_intra)
 g("ratio", head.o_h / head.null_mean)
 g("pair_label", "head pairs (every head reads the single KV head)" if mqa else
   "inter-group pairs (heads that read different KV heads)" if head.n_intra else "head pairs")
-g("verdict", claims.null_side(head.z, head.null_std).text)
+head_excess = claims.summary_excess(head)  # O_h − null with both spreads: what the verdict reads
+g("verdict", claims.null_side(head_excess).text)
+g.estimate("excess", head_excess, "+.3f")
 # Glued in every case (an empty glue reads as a missing value; the book's glue check refuses it).
 g("mqa_note", " Here every head reads the single KV head, so every pair is an intra-group pair: the comparison with "
   "random frames only restates that the heads average the same value vectors, and their fair chance level is "
@@ -246,17 +257,16 @@ g("mqa_note", " Here every head reads the single KV head, so every pair is an in
   " Pairs of heads that read the same KV head are left out here: they average the same value vectors, and the "
   "KV-groups paragraph below judges them against their own, shared-value null." if head.n_intra else
   " Every head reads its own KV head, so random frames are the fair chance level for every pair.")
-sweep_z = {kk: sweep["eps"][kk].z for kk in ks}
 lo_k, hi_k = min(ks), max(ks)  # the sweep's ends with their intervals (the claims page's "rises with k" row)
 g("sweep_ends", " to ".join(f"{with_ci(sweep['eps'][kk].o_h, sweep['eps'][kk].ci)} at k = {kk}" for kk in (lo_k, hi_k)))
 g("sweep_ends_null", " to ".join(f"{sweep['eps'][kk].null_mean:.3f}" for kk in (lo_k, hi_k)))
-sweep_std = {kk: sweep["eps"][kk].null_std for kk in ks}
-g("sweep_verdict", claims.sweep_clause(sweep_z, sweep_std).text)
+sweep_excess = {kk: claims.summary_excess(sweep["eps"][kk]) for kk in ks}
+g("sweep_verdict", claims.sweep_clause(sweep_excess).text)
 # The claims page's verdicts on the headline and on the sweep, whichever way the z-scores fall; with no
 # inter-group pairs (MQA) the headline is judged against the shared-value null, its fair chance level.
-g("claim_verdict", claims.o_h_claim(head.z, head.null_std,
-                                    shared_value=(intra_null["z"], intra_null["std"]) if mqa else None).text)
-g("sweep_claim_verdict", claims.sweep_claim(sweep_z, sweep_std).text)
+g("claim_verdict", claims.o_h_claim(intra_null["excess"] if mqa else head_excess,
+                                    null="shared-value" if mqa else "haar").text)
+g("sweep_claim_verdict", claims.sweep_claim(sweep_excess).text)
 g("split", claims.intra_split(o_h_ci=head.ci, intra=head.intra, intra_ci=head.intra_ci, n_intra=head.n_intra,
                               n_inter=head.n_inter, all_pairs=head.all_pairs, mqa=mqa).text)
 
@@ -264,6 +274,7 @@ g("intra_null_mean", number(intra_null["mean"], ".3f"))
 g("intra_null_std", number(intra_null["std"], ".4f"))
 g("intra_null_z", number(intra_null["z"], "+.1f"))
 g("intra_null_verdict", intra_verdict)
+g("intra_null_excess", estimate_text(intra_null["excess"].value, intra_null["excess"].lo, intra_null["excess"].hi, "+.3f"))
 g("intra_null_draws", intra_null_draws)
 
 # %% [markdown]
@@ -273,8 +284,9 @@ g("intra_null_draws", intra_null_draws)
 # $O_h$ of the residual $\varepsilon$ (circles) and of the head output $z$ (squares) against the frame
 # rank $k$, with 95% bootstrap intervals over pairs. The grey band is the Haar null, its mean ±
 # {glue:text}`atlas_z_crit:.2f` sd of the Monte Carlo draws, and the dashed line its analytic
-# approximation: by the book's decision rule ({ref}`sec-rule`), a point inside the band is not
-# distinguishable from chance. Open triangles, where shown, are pairs of heads that share a KV head; the
+# approximation. The band is the null's spread alone: by the book's decision rule ({ref}`sec-rule`) a
+# point is distinguishable from chance when its excess over the null, with an interval that counts both
+# its own 95% interval and the null's spread, excludes zero ({numref}`tbl-atlas-sweep`). Open triangles, where shown, are pairs of heads that share a KV head; the
 # band is not their chance level (they read the same value vectors). Their own null, heads that read the
 # same keys and values with independent query weights, is the open diamond at $k$ =
 # {glue:text}`atlas_k:d` (mean ± {glue:text}`atlas_z_crit:.2f` sd; see the text).
@@ -287,10 +299,10 @@ g("intra_null_draws", intra_null_draws)
 #
 # The numbers behind {numref}`fig-atlas-sweep`, one row per $k$: $O_h$ over
 # {glue:text}`atlas_pair_label:s` with its 95% interval, the Haar null for the same number of pairs
-# (Monte Carlo mean and sd, and the analytic approximation $(8/3\pi)\sqrt{k/d}$), and the difference to the
-# null as a z-score.
-# By the decision rule ({ref}`sec-rule`), a z-score within ±{glue:text}`atlas_z_crit:.2f` is not
-# distinguishable from chance.
+# (Monte Carlo mean and sd, and the analytic approximation $(8/3\pi)\sqrt{k/d}$), the difference to the
+# null with its 95% interval, which counts both the interval over pairs and the null's spread, and what
+# the decision rule ({ref}`sec-rule`) reads from that interval. The z-scores give the difference in units
+# of the null's sd; no verdict reads them.
 #
 # {glue:md}`atlas_sweep_table_prov:myst`
 # ```
@@ -299,8 +311,9 @@ g("intra_null_draws", intra_null_draws)
 # $O_h$ = {glue:text}`atlas_oh:.3f` (95% interval [{glue:text}`atlas_oh_lo:.3f`, {glue:text}`atlas_oh_hi:.3f`]).
 # Haar-random frames in $\mathbb{R}^{d_\text{head}}$ give {glue:text}`atlas_null_mean:.3f`
 # ± {glue:text}`atlas_null_std:.4f` (analytic approximation {glue:text}`atlas_null_analytic:.3f`): the
-# difference is {glue:text}`atlas_delta:+.3f`, a z-score of {glue:text}`atlas_z:+.1f`, and the ratio to the
-# null is {glue:text}`atlas_ratio:.2f`. The measured $O_h$ {glue:text}`atlas_verdict:s` the overlap of
+# difference is {glue:text}`atlas_excess_ci:s`, its 95% interval counting both the spread over pairs and
+# the null's ({ref}`sec-rule`); that is a z-score of {glue:text}`atlas_z:+.1f` in the null's units, and the
+# ratio to the null is {glue:text}`atlas_ratio:.2f`. The measured $O_h$ {glue:text}`atlas_verdict:s` the overlap of
 # random frames, and {glue:text}`atlas_sweep_verdict:s`. The "$\ll 1$" of the source is the value random
 # frames take in this dimension; by itself it says nothing about how the heads are arranged.{glue:text}`atlas_mqa_note:s` The command
 # `atlas overlap --model M --json` prints the same headline numbers for any model M.
@@ -312,7 +325,7 @@ g("intra_null_draws", intra_null_draws)
 # draws, the same points and pairs): against heads that read the same keys and values with independent
 # query weights, {glue:text}`atlas_intra_null_mean:s` ± {glue:text}`atlas_intra_null_std:s`,
 # z = {glue:text}`atlas_intra_null_z:s`, the intra-group $O_h$ {glue:text}`atlas_intra_null_verdict:s`
-# that null. Heads of different groups are compared across unrelated coordinates (see the section on
+# that null, by {glue:text}`atlas_intra_null_excess:s` (both spreads counted). Heads of different groups are compared across unrelated coordinates (see the section on
 # coordinates below).
 #
 # ## The overlap matrix
@@ -410,11 +423,18 @@ g("id_source_ratio", id_ratio)
 # The unbiased estimate against the source's ~7, by the decision rule with the claims module's tolerance as
 # the margin; heads are the resampled units of its interval.
 twonn_mean = interval.mean(ids["twonn"][:, None])
-id_unbiased = f"on this model ({model}) {claims.twonn_unbiased(twonn_mean).text}"
+id_unbiased = f"on this model ({model_title(model)}) {claims.twonn_unbiased(twonn_mean).text}"
 g("id_twonn_lo", twonn_mean.lo)
 g("id_twonn_hi", twonn_mean.hi)
 g("id_unbiased_verdict", id_unbiased)
-g("id_verdict", f"{claims.twonn_source(id_source, ids['twonn'].mean()).text}; {id_unbiased}")
+# the variant with its interval over heads, and its ratio to the line fit over the same heads
+source_mean = interval.mean(ids["twonn-source"][:, None])
+source_ratio = interval.ratio_of_means(ids["twonn-source"], ids["twonn"])
+g("id_source_ci", estimate_text(source_mean.value, source_mean.lo, source_mean.hi, ".1f"))
+g("id_source_ratio_ci", estimate_text(source_ratio.value, source_ratio.lo, source_ratio.hi, ".2f"))
+g("id_twonn_ci", estimate_text(twonn_mean.value, twonn_mean.lo, twonn_mean.hi, ".2f"))
+g("id_variant_verdict", claims.twonn_source(source_mean, source_ratio).text)
+g("id_verdict", f"{claims.twonn_source(source_mean, source_ratio).text}; {id_unbiased}")
 g("dropped_last", dropped_last)
 g("dropped_last_text", plural(dropped_last, "point"))
 
@@ -452,9 +472,10 @@ for est in ("twonn", "twonn-source"):
 #
 # Averaged over heads ({numref}`tbl-atlas-id`), TwoNN gives {glue:text}`atlas_id_twonn:.2f` (sd over heads
 # {glue:text}`atlas_id_twonn_sd:.2f`), the source variant {glue:text}`atlas_id_source:.2f` and the MLE
-# {glue:text}`atlas_id_mle:.2f`. On these points the variant reads {glue:text}`atlas_id_source_ratio:.2f`
-# times the unbiased fit, against the factor 1.34 expected for exactly Pareto-distributed ratios. The
-# source's 7.1 is a value of the variant: whether that number replicates is read off the variant's column.
+# {glue:text}`atlas_id_mle:.2f`. The source's 7.1 is a value of the variant: whether that number
+# replicates is read off the variant, and by the rule (heads resampled) {glue:text}`atlas_id_variant_verdict:s`.
+# Of that ratio, ×1.34 is the variant's own bias (what it reads on exactly Pareto-distributed ratios) and
+# the rest, whichever way it falls, is how far these clouds depart from that law.
 # The claim itself, that each head lives on a ~7-dimensional manifold, is about the manifold, and the
 # variant reads high, so the claim is judged by the unbiased fit. By the decision rule ({ref}`sec-rule`),
 # with heads as the resampled units and the claims module's ±1 tolerance on a dimension as the margin,
@@ -523,11 +544,10 @@ g("c_z", c_res.z)
 g("c_col_null", c_res.colspace_null_mean)
 g("c_col_std", c_res.colspace_null_std)
 g("c_col_z", c_res.colspace_z)
-# The verdict reads the overlap's own interval (pairs resampled), not only the null's spread (the z-score).
-c_side = claims.null_side_interval(Estimate(value=c_res.o_h, lo=c_res.ci[0], hi=c_res.ci[1], units=0),
-                                   c_res.colspace_null_mean)
+# The verdict reads the excess's interval, which counts the pairs' spread and the null's (the decision rule).
+c_side = claims.null_side(claims.summary_excess(c_res, "colspace"))
 g("c_verdict", c_side.text)
-g.estimate("c_excess", c_side.figures["difference"])
+g.estimate("c_excess", c_side.figures["excess"])
 
 # %% [markdown]
 # ```{glue:figure} atlas_coord_table
@@ -537,10 +557,10 @@ g.estimate("c_excess", c_side.figures["difference"])
 # head's value coordinates, $d_\text{head}$) and of the contribution $c$ after $W_O$ ($d_\text{model}$),
 # with its 95% bootstrap interval, the Haar null in the cloud's own dimension and its z-score; for $c$ also
 # the null inside each head's $W_O$ column space ("—": not defined for that cloud). Pairs of heads in one KV
-# group are left out: random frames are not their chance level (see the KV groups above). A z-score above
-# +{glue:text}`atlas_z_crit:.2f` says the measured pairs are unusual for random frames; whether the heads are
-# more aligned than chance after $W_O$ is judged by the overlap's own interval against the column-space
-# null ({ref}`sec-rule`; the text below).
+# group are left out: random frames are not their chance level (see the KV groups above). The z-scores
+# give each excess in units of the null's sd; whether the heads are more aligned than chance after $W_O$ is
+# judged by the excess over the column-space null with an interval that counts both the spread over pairs
+# and the null's ({ref}`sec-rule`; the text below).
 #
 # {glue:md}`atlas_coord_table_prov:myst`
 # ```
@@ -553,9 +573,9 @@ g.estimate("c_excess", c_side.figures["difference"])
 # {glue:text}`atlas_c_col_null:.3f` ± {glue:text}`atlas_c_col_std:.4f`, and the measured value
 # {glue:text}`atlas_c_verdict:s` that fair chance level, by {glue:text}`atlas_c_excess:+.3f`
 # [{glue:text}`atlas_c_excess_lo:+.3f`, {glue:text}`atlas_c_excess_hi:+.3f`]. The verdict reads this interval,
-# the overlap's own over pairs of heads. The z-score, {glue:text}`atlas_c_col_z:+.1f`, uses only the null's
-# spread: it says the measured pairs are unusual for random frames, not that the excess would hold on other
-# heads, and it overstates the evidence when the interval's lower end lies close to the null. This is the
+# which counts both how much the excess would change on other pairs of heads and the null's own spread. The
+# z-score, {glue:text}`atlas_c_col_z:+.1f`, counts only the null's spread, so it overstates the evidence: the
+# interval's lower end lies close to the null. This is the
 # only one of the three comparisons that does not depend on each head's arbitrary value basis.
 #
 # ## A second null: Gaussian clouds of the same covariance
@@ -644,6 +664,8 @@ depth_data = pd.DataFrame({  # the numbers behind the figure, one row per layer
     "intra": [depth_oh[l].intra for l in range(s.n_layers)],
     "haar_null_mean": [depth_oh[l].null_mean for l in range(s.n_layers)],
     "haar_null_std": [depth_oh[l].null_std for l in range(s.n_layers)],
+    "excess_lo": [claims.summary_excess(depth_oh[l]).lo for l in range(s.n_layers)],  # O_h − null, both spreads
+    "excess_hi": [claims.summary_excess(depth_oh[l]).hi for l in range(s.n_layers)],
     "z": [depth_oh[l].z for l in range(s.n_layers)],
     "layer_type": list(s.layer_types),
 }, index=pd.Index(range(s.n_layers), name="layer")).astype({"intra": float})
@@ -665,8 +687,14 @@ band_lo = depth_data["haar_null_mean"] - Z_CRIT * depth_data["haar_null_std"]
 band_hi = depth_data["haar_null_mean"] + Z_CRIT * depth_data["haar_null_std"]
 ax2.fill_between(depth, band_lo, band_hi, color="0.85", label=f"Haar null, mean ± {Z_CRIT:.2f} sd")
 ax2.plot(depth, depth_data["haar_null_mean"], color="0.45", lw=1)
-ax2.errorbar(depth, o, yerr=[o - lo, hi - o], fmt="o", ms=4, color=color(RESIDUAL["eps"]),
-             label=f"$O_h$, {head.pairs} pairs, k = {k}")
+# filled: the layer's O_h is distinguishable from the null by the rule (its excess's interval, which counts
+# both its own interval and the null's spread, excludes 0); open: it is not
+depth_sides = [claims.null_side(claims.summary_excess(depth_oh[l])).figures["decision"] for l in range(s.n_layers)]
+off = np.isin(depth_sides, [claims.HIGHER, claims.LOWER])
+ax2.errorbar(depth, o, yerr=[o - lo, hi - o], fmt="none", color=color(RESIDUAL["eps"]))
+ax2.plot(depth[off], o[off], "o", ms=4, color=color(RESIDUAL["eps"]),
+         label=f"$O_h$, {head.pairs} pairs, k = {k}: off the null by the rule")
+ax2.plot(depth[~off], o[~off], "o", ms=4, mfc="white", color=color(RESIDUAL["eps"]), label="not off the null")
 if show_intra:
     ax2.plot(depth, depth_data["intra"], "^", mfc="none", ms=5, color=color(INTRA), label=INTRA)
 if head.intra is not None:  # the chance level of intra-group pairs, measured in the deepest layer
@@ -692,7 +720,6 @@ for est, tag in (("twonn", "twonn"), ("twonn-source", "source")):
     g(f"peak_depth_{tag}", p["peak_depth"])
     g(f"plateau_{tag}", number(p["plateau"], ".2f"))  # "—" where no layer sits at relative depth 0.9
 z_by_layer = depth_data["z"].to_numpy()
-depth_sides = [claims.decide_z(z, sd, claims.OVERLAP_RULE).label for z, sd in zip(z_by_layer, depth_data["haar_null_std"])]
 g("depth_oh_min", o.min())
 g("depth_oh_max", o.max())
 g("depth_z_min", z_by_layer.min())
@@ -713,8 +740,10 @@ g("dropped_all_text", plural(dropped_all, "duplicate point"))
 # TwoNN and the source variant, with each profile's peak (star) and its value at relative depth 0.9
 # (diamond), each in its profile's colour. Bottom: $O_h$ at $k$ = {glue:text}`atlas_k:d` in every layer
 # with its 95% bootstrap interval; the grey band is the Haar null, its mean ±
-# {glue:text}`atlas_z_crit:.2f` sd, so by the decision rule ({ref}`sec-rule`) a point outside it is a layer
-# whose frames are distinguishable from independent random frames. Open triangles, where shown, are the
+# {glue:text}`atlas_z_crit:.2f` sd. A filled circle is a layer whose frames are distinguishable from
+# independent random frames by the decision rule ({ref}`sec-rule`: the excess over the null, with an
+# interval that counts both the layer's interval and the null's spread, excludes zero); an open circle is
+# one that is not. Open triangles, where shown, are the
 # intra-group pairs, whose chance level is not the band but the open diamond (mean ±
 # {glue:text}`atlas_z_crit:.2f` sd of heads that read the same keys and values with independent query
 # weights, measured in the deepest layer; see the KV groups above). Dotted lines, where
@@ -730,7 +759,8 @@ g("dropped_all_text", plural(dropped_all, "duplicate point"))
 # {glue:text}`atlas_plateau_source:s`. Across layers (bottom panel) $O_h$ runs from
 # {glue:text}`atlas_depth_oh_min:.3f` to {glue:text}`atlas_depth_oh_max:.3f`, z-scores from
 # {glue:text}`atlas_depth_z_min:+.1f` to {glue:text}`atlas_depth_z_max:+.1f` against the Haar null. By
-# the decision rule ({ref}`sec-rule`: a z-score beyond ±{glue:text}`atlas_z_crit:.2f`), of the
+# the decision rule ({ref}`sec-rule`: each layer's excess over the null with an interval that counts both
+# its own spread and the null's), of the
 # {glue:text}`atlas_depth_n_layers_text:s`, {glue:text}`atlas_depth_n_above:d` lie distinguishably above
 # the null and {glue:text}`atlas_depth_n_below:d` distinguishably below it ({glue:text}`atlas_depth_multiplicity:s`;
 # neighbouring layers are not independent, so the count is a rough guide). The null's spread is that of
@@ -834,7 +864,7 @@ g("top1_verdict", claims.top1_recovery(Estimate(**three["gain"]), Estimate(**thr
 #   {glue:text}`atlas_oh_hi:.3f`] over {glue:text}`atlas_n_pairs:d` {glue:text}`atlas_pair_label:s`;
 #   Haar-random frames give {glue:text}`atlas_null_mean:.3f` ± {glue:text}`atlas_null_std:.4f`
 #   (z = {glue:text}`atlas_z:+.1f`). The measured overlap {glue:text}`atlas_verdict:s` that of random
-#   frames ({numref}`tbl-atlas-sweep`). The source's "$O_h \ll 1$" (0.284 on GPT-2) is the chance value at
+#   frames, by {glue:text}`atlas_excess_ci:s` ({numref}`tbl-atlas-sweep`). The source's "$O_h \ll 1$" (0.284 on GPT-2) is the chance value at
 #   $d_\text{head} = 64$, $k = 7$, and does not show that heads are arranged apart.
 # - **Frame rank.** $O_h$ against $k$ = {glue:text}`atlas_k_min:d`…{glue:text}`atlas_k_max:d`
 #   ({numref}`fig-atlas-sweep`): {glue:text}`atlas_sweep_verdict:s`.
@@ -842,15 +872,15 @@ g("top1_verdict", claims.top1_recovery(Estimate(**three["gain"]), Estimate(**thr
 #   Against heads that read the same keys and values with independent query weights,
 #   {glue:text}`atlas_intra_null_mean:s` ± {glue:text}`atlas_intra_null_std:s`
 #   (z = {glue:text}`atlas_intra_null_z:s`), the intra-group $O_h$ {glue:text}`atlas_intra_null_verdict:s`
-#   that null.
+#   that null, by {glue:text}`atlas_intra_null_excess:s`.
 # - **After $W_O$.** In the gauge-invariant coordinates $O_h$ = {glue:text}`atlas_c_oh:.3f`, against
 #   {glue:text}`atlas_c_col_null:.3f` for random frames inside each head's $W_O$ column space: it
 #   {glue:text}`atlas_c_verdict:s` chance, by {glue:text}`atlas_c_excess:+.3f`
 #   [{glue:text}`atlas_c_excess_lo:+.3f`, {glue:text}`atlas_c_excess_hi:+.3f`]
 #   ({numref}`tbl-atlas-coords`). The source did not make this comparison.
-# - **Intrinsic dimension.** Unbiased TwoNN {glue:text}`atlas_id_twonn:.2f`, source variant
-#   {glue:text}`atlas_id_source:.2f` on the same points (×{glue:text}`atlas_id_source_ratio:.2f`). The
-#   source's 7.1 is a value of the biased variant ({numref}`tbl-atlas-id`);
+# - **Intrinsic dimension.** Unbiased TwoNN {glue:text}`atlas_id_twonn_ci:s`, source variant
+#   {glue:text}`atlas_id_source_ci:s` on the same points (×{glue:text}`atlas_id_source_ratio_ci:s`; 95%
+#   intervals over heads). The source's 7.1 is a value of the variant ({numref}`tbl-atlas-id`);
 #   {glue:text}`atlas_id_unbiased_verdict:s`.
 # - **Gaussian twins.** Same-covariance Gaussian clouds give $O_h$ = {glue:text}`atlas_gauss_oh:.3f` and
 #   a TwoNN dimension of {glue:text}`atlas_gauss_id:.2f`, {glue:text}`atlas_gauss_id_ratio:.2f` times the

@@ -128,6 +128,7 @@ from atlas_core.kvquant.experiment import EvalSetup, KVMethod, Runs
 from atlas_core.kvquant.study import error_rows, key_variants, split_blocks, study_layers
 from atlas_core.kvquant.verdicts import RankResult, headq_ranks
 from atlas_core.models import load_model
+from atlas_core.zoo import model_title
 
 
 g = chapter_glue("kv", chapter="kvquant", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value) glues kv_<key>
@@ -158,7 +159,7 @@ eval_ids = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=e
 calib_ids = token_blocks(lm, BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=calib_blocks, split="calib"))
 layers = study_layers(metric_layers, s.n_layers)
 
-g("model", model)
+g("model", model_title(model))  # prose name; the run box keeps the id
 g("corpus", corpus)
 g("seq_len", seq_len)
 g("eval_blocks", eval_blocks)
@@ -990,7 +991,7 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # KIVI holds, the best new key code is {glue:text}`kv_es_best:s` ({glue:text}`kv_es_bits:.3f` bits), at
 # perplexity {glue:text}`kv_es_ppl_ci:s` against
 # KIVI's {glue:text}`kv_es_kivi_ppl_ci:s`
-# and the fp cache's {glue:text}`kv_fp_ppl:.3f`: {glue:text}`kv_es_verdict:s` (paired difference
+# and the fp cache's {glue:text}`kv_fp_ppl:.3f`. By perplexity, {glue:text}`kv_es_verdict:s` (paired difference
 # {glue:text}`kv_es_diff_ci:s`). At
 # {glue:text}`kv_es_bits_high:d` bits, {glue:text}`kv_es_hi_verdict:s`; query-tc against the other codes of the
 # same nominal bits: {glue:text}`kv_tc_hi_versus:s`. With values quantized too, at
@@ -1031,7 +1032,7 @@ if fused_available := __import__("atlas_core.kvquant.fused", fromlist=["availabl
     ms = {c: "{:.2f}" for c in speed_table.columns if c != "speed-up over fp32 SDPA (×)"}
     g.table("speed_table", speed_table.style.format(ms).format_index("{:,}"),
             data=pd.DataFrame([{k: v for k, v in r.items() if np.isscalar(v)} for r in speed["rows"]]),
-            sample=speed_sample, corpus="none (synthetic keys and values)")
+            sample=speed_sample, corpus="no corpus (synthetic keys and values)")
     g("speed_max_n", speed["rows"][-1]["n"])
     g("speed_ratio", speed["rows"][-1]["speedup_vs_sdpa"])
     g("speed_ratio_ci", times_text(*(speed["rows"][-1][f"speedup_vs_sdpa{x}"] for x in ("", "_lo", "_hi"))))
@@ -1070,16 +1071,20 @@ if step is not None:
     for name, key in (("kivi-fused", "step_kivi_fused_ci"), ("kivi", "step_kivi_plain_ci")):
         g(key, times_text(*(caches[name][f"ratio_vs_fp{x}"] for x in ("", "_lo", "_hi"))) if name in caches else "—")
     # HeadQ's fused step over per-token's fused step, paired over the same interleaved rounds
-    g("step_headq_fused_ci", times_text(*(lambda e: (e.value, e.lo, e.hi))(speedup_estimate(
-        caches["headq-fused"]["samples"], caches["per-token-fused"]["samples"]))) if "headq-fused" in caches else "—")
+    if "headq-fused" in caches:
+        est = speedup_estimate(caches["headq-fused"]["samples"], caches["per-token-fused"]["samples"])
+        g("step_headq_fused_ci", claims.side_code_cost(est).text)
+    else:
+        g("step_headq_fused_ci", "is not measured (—)")
     g("step_headq_fused", step.get("headq_vs_per_token_fused", math.nan))
 else:
     step_table = pd.DataFrame({"note": ["not measured (step_ctx = 0)"]})
     g.table("step_table", step_table, sample="none (not measured)")
     for key in ("step_ctx", "step_kivi_fused", "step_kivi_plain", "step_headq_fused"):
         g(key, math.nan)
-    for key in ("step_kivi_fused_ci", "step_kivi_plain_ci", "step_headq_fused_ci"):
+    for key in ("step_kivi_fused_ci", "step_kivi_plain_ci"):
         g(key, "—")
+    g("step_headq_fused_ci", "is not measured (—)")
 def ratio_estimate(row: dict, name: str) -> interval.Estimate:
     """A benchmark row's ratio with its interval over rounds (the bench's ``_lo`` / ``_hi``)."""
     return interval.Estimate(row[name], row[f"{name}_lo"], row[f"{name}_hi"], len(row.get("samples", [])) or SPEED_REPEATS["rounds"])
@@ -1119,8 +1124,8 @@ g("speed_verdict", claims.fused_decode(ratio_estimate(speed["rows"][-1], "speedu
 # the contexts is {glue:text}`kv_speed_ratio_min_ci:s`), reading {glue:text}`kv_speed_bytes_ratio:.2f`× fewer
 # bytes. In the whole model at {glue:text}`kv_step_ctx:d` tokens ({numref}`tbl-kv-step`), the KIVI cache's step
 # takes {glue:text}`kv_step_kivi_plain_ci:s` the fp cache's on the plain path and
-# {glue:text}`kv_step_kivi_fused_ci:s` fused; HeadQ's side code makes the fused step
-# {glue:text}`kv_step_headq_fused_ci:s` that of the same cache without it.
+# {glue:text}`kv_step_kivi_fused_ci:s` fused; with HeadQ's side code the fused step
+# {glue:text}`kv_step_headq_fused_ci:s`.
 #
 # **Verdict.** On this CPU a low-bit cache decodes {glue:text}`kv_speed_verdict:s`. These are timings of one
 # machine: medians over interleaved rounds (so that drift hits every variant alike), with a paired bootstrap
@@ -1350,7 +1355,7 @@ g.finish()  # the opening box: run information and this chapter's wall time
 # - **Pre-RoPE keys** ({numref}`tbl-kv-rope`): 2-bit KIVI reads {glue:text}`kv_rope_kivi_pre_ci:s` pre-RoPE against
 #   {glue:text}`kv_rope_kivi_post_ci:s` post-RoPE: {glue:text}`kv_rope_kivi_verdict:s`.
 # - **A key code at equal storage** ({numref}`fig-kv-pareto`, {numref}`tbl-kv-storage`): at the storage of {glue:text}`kv_es_bits_low:d`-bit KIVI,
-#   {glue:text}`kv_es_kivi_bits:.3f` bits per key element, {glue:text}`kv_es_verdict:s`.
+#   {glue:text}`kv_es_kivi_bits:.3f` bits per key element, by perplexity {glue:text}`kv_es_verdict:s`.
 # - **Decoding faster than fp** ({numref}`tbl-kv-speed`, {numref}`tbl-kv-step`): {glue:text}`kv_speed_verdict:s`.
 # - **Not tested here:** the paper's six models, WikiText-103, and its anomaly in small Pythia models at a
 #   low-entropy route-flip boundary. None of these models or corpora is available offline.

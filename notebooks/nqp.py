@@ -114,6 +114,7 @@ from atlas_core.eval import block_nll
 from atlas_core.figures import color, figsize, style
 from atlas_core.glue import chapter_glue, estimate_text, glue_key, number, plural
 from atlas_core.models import load_model
+from atlas_core.zoo import model_title
 from atlas_core.wquant.awq import AWQConfig
 from atlas_core.wquant.calib import CalibConfig, calibration_stats, weight_of, linear_layers
 from atlas_core import claims
@@ -125,7 +126,7 @@ from atlas_core.wquant.rtn import WQuantSpec
 g = chapter_glue("nqp", chapter="nqp", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value): nqp_<key>
 calib_sample = f"{plural(calib_blocks, 'calibration block')} of {seq_len} tokens"
 eval_sample = f"{plural(eval_blocks, 'held-out block')} of {seq_len} tokens"
-PPL, RATIO = ".3f", ".4f"  # one format per quantity: every perplexity; every paired ratio (8-bit ratios differ from 1 in the 4th)
+PPL, RATIO = ".3f", "auto"  # one format per perplexity; a paired ratio to the precision its interval supports (interval.auto_spec)
 
 
 seconds = {}  # where the chapter's time goes (closing note): (wall, CPU) seconds per stage
@@ -145,7 +146,7 @@ g("gptq_calib_corpus", gptq_calib.corpus)
 g("gptq_calib_tokens", gptq_calib.tokens // gptq_calib.seq_len * gptq_calib.seq_len)
 g("gptq_calib_seq_len", gptq_calib.seq_len)
 g("awq_search_tokens", AWQConfig().search_blocks(calib).numel())  # the AWQ searches' share of the calibration split
-g("model", model)
+g("model", model_title(model))  # prose name; the run box keeps the id
 g("calib_tokens", calib.numel())
 g("eval_tokens", held_out.numel())
 g("eval_blocks", len(held_out))
@@ -632,7 +633,10 @@ werr = {m: float(table[(table.method == m) & (table.bits == 4) & table.group.isn
         for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled")}
 for m, v in werr.items():
     g(f"werr4_{m.replace('-', '_')}", v)
-g("werr4_order", claims.werr_order(tuple(werr[m] for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled"))).text)
+# each method's per-matrix errors at 4 bits per channel, for the order's intervals over matrices
+werr_layers = {r["method"]: np.array([row["weight_error"] for row in r["layers"]]) for r in runs
+               if r["bits"] == 4 and r["group"] is None and r["method"] in werr}
+g("werr4_order", claims.werr_order(tuple(werr_layers[m] for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled"))).text)
 g("rank2_verdict", claims.fisher_rank2(pr.pr_fisher.median()).text)
 baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the two at 3 bits
 collapse = compare(nll("rot-fisher", 3), nll(baseline, 3), "the Fisher rotation", label(baseline))

@@ -112,6 +112,7 @@ from atlas_core.interval import Estimate
 from atlas_core.figures import MARKERS, DASHES, color, figsize, style
 from atlas_core.glue import chapter_glue, estimate_text, listing, number, plural, span, times_text
 from atlas_core.models import load_model
+from atlas_core.zoo import model_title
 from atlas_core.sparse import SparseConfig
 from atlas_core.sparse.bench import bench_certified_decode, bench_sparse_decode, bytes_read
 from atlas_core.sparse.realkeys import real_keys
@@ -179,7 +180,7 @@ lm = load_model(model, attn_implementation="sdpa")  # dense references and gener
 texts = dict(corpus=corpus, seq_len=seq_len, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, progress=True)
 blocks, prompt, dense_tokens = fidelity_texts(lm, n_blocks=eval_blocks, **texts)
 t0 = timed("load the model, dense greedy continuation", t0)
-g("model", model)
+g("model", model_title(model))  # prose name; the run box keeps the id
 g("seq_len", seq_len)
 g("eval_blocks", eval_blocks)
 g("eval_blocks_text", plural(eval_blocks, "held-out block"))
@@ -1186,6 +1187,11 @@ g("cert_targets_text", targets + (f", but only by reading {cert_bytes[CERT_HEADL
 g("cert_table_title", "The certified rule at each ε and three fixed-budget rules at its key bytes" if not n_dense else
   "The certified rule at each ε" + (" (no fixed-budget rule beside it: at these blocks it reads every key's bytes)"
                                      if n_dense == len(equal) else ", and three fixed-budget rules at its key bytes where it reads fewer than every key's"))
+# the caption describes fixed-budget rows only where the table has them
+g("cert_bytes_caption", "Key bytes read: the certified rule's measured share (keys read and page summaries, over every "
+  "key the query sees; blocks resampled)" + ("" if n_dense == len(equal) else
+  f", and each fixed rule's share at a context of {certified_prompt_tokens:,} keys (the source's top-k ranks every "
+  "key, so it reads them all)"))
 g("cert_dynamic", f"reads {head_bytes.value:.0%} [{head_bytes.lo:.0%}, {head_bytes.hi:.0%}] of the key bytes at "
   f"ε = {CERT_HEADLINE:g} ({certified_prompt_tokens:,}-token blocks)")
 cert_json = {f"{eps:g}": {
@@ -1211,10 +1217,7 @@ cert_json["params"] = {"eps": certified_eps, "bound": certified_bound, "prompt_t
 # :name: tbl-sparse-certified
 #
 # {glue:text}`sp_cert_table_title:s` ({glue:text}`sp_cert_blocks_text:s` of {glue:text}`sp_cert_prompt_tokens:,` tokens, every layer
-# sparse). Key bytes read: the certified rule's measured share (keys read and page summaries, over every key
-# the query sees; blocks resampled), and each fixed rule's share at a context of
-# {glue:text}`sp_cert_prompt_tokens:,` keys (the source's top-k ranks every key, so it reads them all); pages
-# read: the share of candidate pages the certified rule read. KL, top-1 agreement and perplexity change as value
+# sparse). {glue:text}`sp_cert_bytes_caption:s`; pages read: the share of candidate pages the certified rule read. KL, top-1 agreement and perplexity change as value
 # [95% interval]; greedy survival: prompts identical to dense decoding through the horizon, k of n [exact 95%
 # interval, %]; "—" where not measured. {glue:text}`sp_cert_equal_rows:s`
 #

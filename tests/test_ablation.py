@@ -60,32 +60,39 @@ def test_measure_checkpoint_reads_a_trained_checkpoint_under_mha_and_mqa(tmp_pat
 
 
 def test_on_null_reads_each_headline_against_its_own_null():
-    inter = {"pairs": "inter", "z": 0.3, "null_std": 0.004, "intra_null_z": None, "intra_null_std": None}
+    inter = {"pairs": "inter", "o_h": 0.28, "ci": [0.27, 0.29], "null_mean": 0.279, "null_std": 0.004,
+             "intra": None, "intra_ci": None, "intra_null_mean": None, "intra_null_std": None}
     assert on_null(inter).figures["decision"] in (claims.TIE, claims.EQUIVALENT)
-    assert on_null({**inter, "z": -9.0}).text == "lies below"
-    mqa = {"pairs": "intra-only", "z": 40.0, "null_std": 0.004, "intra_null_z": 0.5, "intra_null_std": 0.02}
+    assert on_null({**inter, "o_h": 0.24, "ci": [0.235, 0.245]}).text == "lies below"
+    mqa = {"pairs": "intra-only", "o_h": 0.6, "ci": [0.55, 0.65], "null_mean": 0.279, "null_std": 0.004,
+           "intra": 0.6, "intra_ci": [0.55, 0.65], "intra_null_mean": 0.59, "intra_null_std": 0.02}
     assert on_null(mqa).figures["null"] == "shared-value" and on_null(mqa).text != "lies above"
-    assert on_null({**mqa, "intra_null_z": 8.0}).text == "lies above"
+    assert on_null({**mqa, "intra_null_mean": 0.4}).text == "lies above"
     with pytest.raises(ValueError, match="shared-value"):
         on_null({**mqa, "intra_null_std": None})
 
 
+def _inter(excess: float, half: float = 0.005) -> dict:
+    """An inter-group headline whose O_h − null is ``excess``, its CI over pairs ±``half``, null s.d. 0.002."""
+    o = 0.279 + excess
+    return {"pairs": "inter", "o_h": o, "ci": [o - half, o + half], "null_mean": 0.279, "null_std": 0.002,
+            "intra": None, "intra_ci": None, "intra_null_mean": None, "intra_null_std": None}
+
+
 def test_null_verdict_names_every_headline_off_its_null():
-    inter = {"pairs": "inter", "null_std": 0.004, "intra_null_z": None, "intra_null_std": None}
-    on = {f"v{i}": on_null({**inter, "z": z}) for i, z in enumerate((0.1, -1.0, 1.5))}
+    on = {f"v{i}": on_null(_inter(x)) for i, x in enumerate((0.0005, -0.004, 0.006))}
     assert null_verdict(on).label == "on the null" and null_verdict(on).figures["n_at_null"] == 3
     assert null_verdict(on).figures["n_equivalent"] + null_verdict(on).figures["n_tie"] == 3
-    off = null_verdict({**on, "mqa at end": on_null({**inter, "z": 6.0}), "base at init": on_null({**inter, "z": -3.0})})
+    off = null_verdict({**on, "mqa at end": on_null(_inter(0.03)), "base at init": on_null(_inter(-0.02))})
     assert off.label == "off the null" and off.figures["off"] == ["mqa at end", "base at init"]
     assert off.text.startswith("2 of 5 lie off their null: mqa at end lies above it; base at init lies below it; "
                                "of the other 3, ")
 
 
 def test_null_verdict_keeps_equivalent_apart_from_not_distinguishable():
-    """A small null s.d. and z near 0 is equivalence (evidence); a wide null with |z| < 2 is only a tie."""
-    inter = {"pairs": "inter", "intra_null_z": None, "intra_null_std": None}
-    eq = on_null({**inter, "z": 0.1, "null_std": 0.001})  # ±2 s.d. = ±0.002, inside ±0.01
-    tie = on_null({**inter, "z": 1.0, "null_std": 0.02})  # ±2 s.d. = ±0.04 reaches past ±0.01
+    """A narrow interval (both spreads) near 0 is equivalence (evidence); a wide one that holds 0 is only a tie."""
+    eq = on_null({**_inter(0.0005, half=0.003), "null_std": 0.001})  # ±0.0036: inside ±0.01
+    tie = on_null({**_inter(0.02, half=0.005), "null_std": 0.02})  # ±0.04 reaches past ±0.01
     assert eq.figures["decision"] == claims.EQUIVALENT and tie.figures["decision"] == claims.TIE
     v = null_verdict({"a": eq, "b": tie, "c": tie})
     assert v.figures["n_equivalent"] == 1 and v.figures["n_tie"] == 2

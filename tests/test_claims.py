@@ -31,8 +31,12 @@ def test_every_source_number_names_its_work_and_place():
 def test_source_points_are_the_published_o_h_values():
     points = claims.source_points()
     assert len(points) == 7 + 7 + 4
-    assert ("GPT-2 124M", 64, 4, 0.210) in points and ("GPT-2 124M", 64, 10, 0.340) in points
-    assert ("Llama-3.1-8B", 128, 11, 0.248) in points and ("from scratch, d_head 256", 256, 7, 0.14) in points
+    plain = [p[:4] for p in points]
+    assert ("GPT-2 124M", 64, 4, 0.210) in plain and ("GPT-2 124M", 64, 10, 0.340) in plain
+    assert ("Llama-3.1-8B", 128, 11, 0.248) in plain and ("from scratch, d_head 256", 256, 7, 0.14) in plain
+    by = {(p.label, p.k): p.ci for p in points}
+    assert by["Qwen2.5-0.5B", 7] == (0.285, 0.298) and by["GPT-2 124M", 7] == (0.276, 0.292)  # the source's own
+    assert by["GPT-2 124M", 5] is None and by["from scratch, d_head 64", 7] is None  # none published
 
 
 def test_the_revisions_archived_runs_give_its_published_summary():
@@ -57,14 +61,14 @@ def test_direction_reads_the_interval_not_the_point():
 
 
 def test_o_h_reproduced_by_the_rule_against_the_source_and_the_null():
-    close = claims.o_h_reproduced(0.291, 0.295, (0.289, 0.299), z=1.5, delta=0.0075, null_std=0.005)
+    close = claims.o_h_reproduced(0.291, 0.295, (0.289, 0.299), est(0.0075, -0.005, 0.020), z=1.5)
     assert close.label == "reproduced"  # [−0.002, +0.008] inside ±0.01
-    assert close.text == "reproduced; is not distinguishable from the null, +0.007 (z-score 1.5)"
-    higher = claims.o_h_reproduced(0.291, 0.305, (0.302, 0.308), z=2.7, delta=0.008, null_std=0.003)
+    assert close.text == "reproduced; is not distinguishable from the null, +0.007 [-0.005, +0.020] (z-score 1.5)"
+    higher = claims.o_h_reproduced(0.291, 0.305, (0.302, 0.308), est(0.008, 0.002, 0.014), z=2.7)
     assert higher.label == "differs" and higher.text.startswith("differs (higher); lies above the null, +0.008")
-    wide = claims.o_h_reproduced(0.291, 0.311, (0.28, 0.342), z=1.0, delta=0.0)
+    wide = claims.o_h_reproduced(0.291, 0.311, (0.28, 0.342), est(0.0, -0.03, 0.03), z=1.0)
     assert wide.label == "not distinguishable"  # holds the source value, wider than the margin
-    at_null = claims.o_h_reproduced(0.291, 0.29, (0.285, 0.295), z=0.5, delta=0.001, null_std=0.002)
+    at_null = claims.o_h_reproduced(0.291, 0.29, (0.285, 0.295), est(0.001, -0.006, 0.008), z=0.5)
     assert "is equivalent, within ±0.01, to the null" in at_null.text
 
 
@@ -79,43 +83,71 @@ def test_intra_and_spearman_against_the_source():
 
 
 def test_intra_above_null_needs_every_model():
-    assert claims.intra_above_null([], [], []).text == "no model in this run has heads that share a KV head"
-    assert claims.intra_above_null([0.60, 0.55], [0.50, 0.50], [0.01, 0.02]).label == "above"  # z 10 and 2.5
-    mixed = claims.intra_above_null([0.60, 0.52], [0.50, 0.50], [0.01, 0.02])  # z = 1.0: not distinguishable
+    assert claims.intra_above_null([]).text == "no model in this run has heads that share a KV head"
+    assert claims.intra_above_null([est(0.10, 0.07, 0.13), est(0.05, 0.01, 0.09)]).label == "above"
+    mixed = claims.intra_above_null([est(0.10, 0.07, 0.13), est(0.02, -0.02, 0.06)])  # holds 0
     assert mixed.label == "not above" and mixed.text.endswith("in 1 of 2 models")
-    with pytest.raises(ValueError, match="one null per model"):
-        claims.intra_above_null([0.4], [], [])
+    assert mixed.figures["sides"] == [claims.HIGHER, TIE]
 
 
 def test_colspace_alignment_counts_models_distinguishably_above():
-    above, straddles = Estimate(0.105, 0.094, 0.116, 27), Estimate(0.100, 0.088, 0.112, 27)
-    nulls = {"a": 0.092, "b": 0.092}
-    every = claims.colspace_aligned({"a": above, "b": Estimate(0.123, 0.112, 0.136, 49)}, nulls)
-    assert every.text == "more aligned than chance in every model"
-    assert every.figures["excess"]["a"].lo == pytest.approx(0.002)  # the excess carries the overlap's interval
-    # a large z (the null's spread alone) does not decide: this interval holds the null's mean
-    assert claims.colspace_aligned({"a": above, "b": straddles}, nulls).text == "more aligned than chance in 1 of 2 models"
-    with pytest.raises(ValueError, match="same models"):
-        claims.colspace_aligned({"a": above}, {"b": 0.09})
+    """The default model after W_O: O = 0.105 [0.094, 0.116] against the column-space null 0.092 ± 0.002, an excess
+    of 0.013 whose interval, both spreads counted, stays above 0; one that holds 0 is not counted."""
+    above = claims.null_excess(Estimate(0.105, 0.094, 0.116, 27), 0.092, 0.002)
+    assert above.lo == pytest.approx(0.013 - math.hypot(0.011, 1.959964 * 0.002), abs=1e-6)
+    straddles = claims.null_excess(Estimate(0.100, 0.088, 0.112, 27), 0.092, 0.002)
+    every = claims.colspace_aligned({"a": above, "b": claims.null_excess(Estimate(0.123, 0.112, 0.136, 49), 0.092, 0.002)})
+    assert every.text == "more aligned than chance in every model" and every.figures["excess"]["a"] is above
+    assert claims.colspace_aligned({"a": above, "b": straddles}).text == "more aligned than chance in 1 of 2 models"
+    with pytest.raises(ValueError, match="at least one model"):
+        claims.colspace_aligned({})
 
 
-def test_null_explains_published_values_within_0_02():
-    assert claims.published_within_null(0.02).label == "explained by the null"
-    assert claims.published_within_null(0.021).label == "not explained by the null alone"
-    assert claims.scratch_explained(0.019).text == "explained by the null, which does not depend on training at all"
-    assert claims.scratch_explained(0.05).text == "not explained by the null alone: a value lies 0.050 from it"
-    assert claims.cluster_explained(0.01, 0.9).label == "explained by the null"
-    assert claims.cluster_explained(0.01, 0.89).label == "not explained by the null alone"
-    assert claims.cluster_explained(0.03, 0.99).label == "not explained by the null alone"
+def test_published_values_are_judged_one_by_one_by_the_rule():
+    """Qwen2.5-0.5B's 0.291 [0.285, 0.298] against the Haar pair mean 0.279 at d = 64, k = 7: its own interval
+    excludes the null, so it lies above it; GPT-2's 0.284 [0.276, 0.292] holds it; a point without an interval
+    within ±0.01 of the null is equivalent to it (as a point reads against the margin)."""
+    qwen = claims.SourcePoint("Qwen2.5-0.5B", 64, 7, 0.291, (0.285, 0.298))
+    gpt2 = claims.SourcePoint("GPT-2 124M", 64, 7, 0.284, (0.276, 0.292))
+    scratch = claims.SourcePoint("from scratch, d_head 64", 64, 7, 0.279, None)
+    e = claims.published_excess(qwen, 0.279)
+    assert (e.value, e.lo, e.hi) == pytest.approx((0.012, 0.006, 0.019))
+    points = {p.label: claims.published_excess(p, 0.279) for p in (gpt2, scratch)}
+    assert claims.published_within_null(points).label == "explained by the null"
+    assert claims.published_within_null(points).figures["sides"] == {"GPT-2 124M": TIE,
+                                                                     "from scratch, d_head 64": claims.EQUIVALENT}
+    off = claims.published_within_null({**points, "Qwen2.5-0.5B": e})
+    assert off.label == "not explained by the null alone"
+    assert off.text.endswith("1 of the 3 published values lies off it by the source's own interval: Qwen2.5-0.5B "
+                             "(+0.012 [+0.006, +0.019], above it)")
+    far = claims.published_excess(claims.SourcePoint("x", 64, 7, 0.30, None), 0.279)  # a point 0.021 away
+    assert claims.published_within_null({"x": far}).figures["off"] == ["x"]
+    assert claims.scratch_explained(points).text == "explained by the null, which does not depend on training at all"
+    assert claims.cluster_explained(points, 0.9).label == "explained by the null"
+    assert claims.cluster_explained(points, 0.89).label == "not explained by the null alone"
+    mixed = claims.cluster_explained({**points, "Qwen2.5-0.5B": e}, 0.99)
+    assert mixed.label == "not explained by the null alone" and "Qwen2.5-0.5B" in mixed.text
+    with pytest.raises(ValueError, match="at least one"):
+        claims.published_within_null({})
 
 
 def test_corpus_stability_at_three_times_the_sources_gap():
     assert claims.CORPUS_TOL == pytest.approx(3 * (0.284 - 0.277))
-    assert claims.corpus_stable(0.021).text == "stable, as claimed; so is the null"
-    assert claims.corpus_stable(0.022).text == "less stable than claimed (the source's two corpora differ by 0.007)"
+    spread = claims.corpus_spread({"a": est(0.280, 0.275, 0.285), "b": est(0.290, 0.287, 0.294),
+                                   "c": est(0.285, 0.28, 0.29)})
+    assert (spread.value, spread.lo, spread.hi) == pytest.approx(
+        (0.010, 0.010 - math.hypot(0.003, 0.005), 0.010 + math.hypot(0.004, 0.005)))
+    assert claims.corpus_stable(spread).label == "stable"
+    assert claims.corpus_stable(spread).text.startswith("stable, as claimed (the spread's interval lies within ±0.021")
+    wide = est(0.015, -0.01, 0.04)
+    assert claims.corpus_stable(wide).label == "not shown"
+    assert claims.corpus_stable(est(0.04, 0.03, 0.05)).label == "less stable"
     assert claims.corpus_claim([]).text == "n/a"
-    assert claims.corpus_claim([0.01, 0.02]).text == "same order as the source's 0.007 for inter-group headlines"
-    assert claims.corpus_claim([0.01, 0.03]).text == "larger than the source's 0.007"
+    assert claims.corpus_claim([spread, spread]).text == "within ±0.021 (three times the source's 0.007) in every model"
+    assert claims.corpus_claim([spread, wide]).label == "not shown"
+    assert claims.corpus_claim([spread, est(0.04, 0.03, 0.05)]).label == "less stable"
+    with pytest.raises(ValueError, match="two corpora"):
+        claims.corpus_spread({"a": spread})
 
 
 def test_twonn_variant_reports_the_ratio():
@@ -128,30 +160,55 @@ def test_twonn_variant_reports_the_ratio():
 
 
 def test_null_side_and_the_o_h_claim():
-    assert claims.null_side(1.95).label == "is not distinguishable from"
-    assert claims.null_side(1.97).label == "lies above"
-    assert claims.null_side(-1.97).label == "lies below"
-    assert claims.null_side(0.5, std=0.002).label == "is equivalent, within ±0.01, to"  # 0.001 ± 0.004
-    assert claims.null_side(0.5, std=0.01).label == "is not distinguishable from"  # 0.005 ± 0.0196
-    assert claims.o_h_claim(-3.0).text == "replicates beyond the null: O_h lies below random frames in the same dimension"
-    assert claims.o_h_claim(0.5).text.startswith("does not replicate as a property of trained heads")
-    assert claims.o_h_claim(0.5, 0.002).text.endswith("O_h is equivalent, within ±0.01, to random frames in the same dimension")
-    assert claims.o_h_claim(5.0).text.startswith("does not replicate (more aligned than chance)")
+    assert claims.null_side(est(0.01, -0.001, 0.021)).label == "is not distinguishable from"
+    assert claims.null_side(est(0.011, 0.001, 0.021)).label == "lies above"
+    assert claims.null_side(est(-0.011, -0.021, -0.001)).label == "lies below"
+    assert claims.null_side(est(0.001, -0.003, 0.005)).label == "is equivalent, within ±0.01, to"
+    assert claims.o_h_claim(est(-0.03, -0.05, -0.01)).text == (
+        "replicates beyond the null: O_h lies below random frames in the same dimension")
+    assert claims.o_h_claim(est(0.0, -0.02, 0.02)).text.startswith("does not replicate as a property of trained heads")
+    assert claims.o_h_claim(est(0.001, -0.003, 0.005)).text.endswith(
+        "O_h is equivalent, within ±0.01, to random frames in the same dimension")
+    assert claims.o_h_claim(est(0.05, 0.03, 0.07)).text.startswith("does not replicate (more aligned than chance)")
+    with pytest.raises(ValueError, match="o_h_claim's null"):
+        claims.o_h_claim(est(0.0, -0.01, 0.01), null="gaussian")
 
 
-def test_null_side_interval_judges_the_overlap_by_its_own_interval():
-    """After W_O the default model's z = +6.5 against the null's spread, but the overlap's own interval
-    [0.094, 0.116] against the null mean 0.092: still above, by 0.013 [0.002, 0.024]; a z alone would call an
-    interval that holds the null mean 'above'."""
-    real = claims.null_side_interval(Estimate(value=0.105, lo=0.094, hi=0.116, units=60), 0.092)
-    assert real.label == "lies above"
-    d = real.figures["difference"]
-    assert (d.value, d.lo, d.hi) == pytest.approx((0.013, 0.002, 0.024))
-    held = claims.null_side_interval(Estimate(value=0.105, lo=0.090, hi=0.120, units=60), 0.092)
-    assert held.label == "is not distinguishable from" and claims.null_side(6.5).label == "lies above"
-    assert claims.null_side_interval(Estimate(value=0.05, lo=0.04, hi=0.06, units=60), 0.092).label == "lies below"
-    assert claims.null_side_interval(Estimate(value=0.093, lo=0.088, hi=0.098, units=60), 0.092).label == \
-        "is equivalent, within ±0.01, to"
+def test_null_excess_counts_both_spreads():
+    """O − null with each side's half-width the quadrature sum of the overlap's own (the bootstrap's, which may
+    be asymmetric) and 1.96 null s.d.: z alone or the bootstrap alone can each call a difference the other
+    does not, and the combined interval calls neither."""
+    z = claims.OVERLAP_RULE.z_crit
+    e = claims.null_excess(Estimate(0.30, 0.29, 0.32, 10), 0.28, 0.005)
+    assert (e.value, e.lo, e.hi, e.units) == pytest.approx(
+        (0.02, 0.02 - math.hypot(0.01, z * 0.005), 0.02 + math.hypot(0.02, z * 0.005), 10))
+    # the headline of the default model: −0.004, bootstrap ±0.011 and null s.d. 0.0052 (z = −0.8)
+    head = claims.null_excess(Estimate(0.2752, 0.2647, 0.2861, 27), 0.2795, 0.0052)
+    assert claims.null_side(head).label == "is not distinguishable from"
+    # four pairs: a tight bootstrap (it understates) is widened by the null's spread
+    few = claims.null_excess(Estimate(0.30, 0.299, 0.301, 4), 0.28, 0.012)
+    assert few.lo < 0 < few.hi and claims.null_side(few).label == "is not distinguishable from"
+    # a large z with a wide bootstrap interval: not distinguishable either
+    wide = claims.null_excess(Estimate(0.105, 0.088, 0.122, 27), 0.092, 0.001)
+    assert claims.null_side(wide).label == "is not distinguishable from"
+    # no null spread (a published value against an expectation): the overlap's interval alone
+    assert claims.null_excess(Estimate(0.291, 0.285, 0.298, 0), 0.279).lo == pytest.approx(0.006)
+    nan = claims.null_excess(Estimate(math.nan, math.nan, math.nan, 0), 0.28, 0.01)
+    assert claims.null_side(nan).figures["decision"] == TIE
+    with pytest.raises(ValueError, match="cannot be negative"):
+        claims.null_excess(Estimate(0.3, 0.29, 0.31, 4), 0.28, -0.01)
+
+
+def test_summary_excess_reads_each_null_from_a_stored_summary():
+    m = {"o_h": 0.30, "ci": [0.29, 0.31], "null_mean": 0.28, "null_std": 0.005, "inter": 0.30, "inter_ci": [0.29, 0.31],
+         "colspace_null_mean": 0.25, "colspace_null_std": 0.002, "intra": 0.6, "intra_ci": [0.55, 0.65],
+         "intra_null_mean": 0.5, "intra_null_std": 0.03}
+    assert claims.summary_excess(m).value == pytest.approx(0.02)
+    assert claims.summary_excess(m, "colspace").value == pytest.approx(0.05)
+    assert claims.summary_excess(m, "shared-value") == claims.null_excess(Estimate(0.6, 0.55, 0.65, 0), 0.5, 0.03)
+    assert math.isnan(claims.summary_excess({**m, "intra": None, "intra_ci": None}, "shared-value").value)
+    with pytest.raises(ValueError, match="summary_excess's null"):
+        claims.summary_excess(m, "gaussian")
 
 
 def test_multiplicity_counts_what_chance_gives():
@@ -162,35 +219,36 @@ def test_multiplicity_counts_what_chance_gives():
                       "(P(1 or more) = 0.56), within chance")
     assert claims.multiplicity(16, 4).label == "beyond chance"  # P(≥ 4) ≈ 0.007
     assert "P(16 or more) < 0.001" in claims.multiplicity(30, 16).text  # not "= 0.00"
-    swept = claims.sweep_clause({4: -3.0, 5: 0.5, 6: 0.2, 7: 1.0}, None)
+    at = est(0.0, -0.02, 0.02)
+    swept = claims.sweep_clause({4: est(-0.03, -0.05, -0.01), 5: at, 6: at, 7: at})
     assert "4 decisions" in swept.text and "1 did" in swept.text  # a count off the null says what chance gives
     assert claims.multiplicity(16, 0).figures["p_at_least"] == pytest.approx(1.0)
+    assert claims.multiplicity(3, 0).text.endswith("; none did")
     with pytest.raises(ValueError):
         claims.multiplicity(3, 4)
 
 
 def test_o_h_claim_of_a_model_without_inter_group_pairs_is_judged_against_the_shared_value_null():
     # MQA: far above random frames (every pair averages the same values), at the shared-value null
-    mqa = claims.o_h_claim(40.0, 0.01, shared_value=(0.5, 0.002))
+    mqa = claims.o_h_claim(est(0.001, -0.004, 0.006), null="shared-value")
     assert mqa.figures["null"] == "shared-value" and mqa.label == "is equivalent, within ±0.01, to"
     assert mqa.text == ("does not replicate as a property of trained heads: O_h is equivalent, within ±0.01, to heads "
                         "that read the same keys and values with independent queries")
-    below = claims.o_h_claim(40.0, 0.01, shared_value=(-3.0, 0.01))
+    below = claims.o_h_claim(est(-0.03, -0.05, -0.01), null="shared-value")
     assert below.label == "lies below" and below.text.startswith("replicates beyond the null")
-    assert claims.o_h_claim(40.0, 0.01).figures["null"] == "haar"
-    with pytest.raises(ValueError, match="spread must be positive"):
-        claims.o_h_claim(40.0, 0.01, shared_value=(1.0, 0.0))
+    assert claims.o_h_claim(est(0.2, 0.19, 0.21)).figures["null"] == "haar"
 
 
 def test_sweep_claim_by_the_share_of_k_outside_the_band():
-    assert claims.sweep_claim({4: 0.1, 5: -1.9}).text == (
+    at, up, down = est(0.0, -0.02, 0.02), est(0.03, 0.01, 0.05), est(-0.03, -0.05, -0.01)
+    assert claims.sweep_claim({4: at, 5: at}).text == (
         "explained by the null: at no k of the sweep is it distinguishable from chance")
-    mostly = claims.sweep_claim({4: 0.1, 5: 1.0, 6: 2.5})
+    mostly = claims.sweep_claim({4: at, 5: at, 6: up})
     assert mostly.label == "mostly explained by the null" and mostly.figures["outside"] == [6]
     assert "above chance at k = 6 and is not distinguishable from it at the other 2 values of k" in mostly.text
-    half = claims.sweep_claim({4: -2.5, 5: 3.0})
+    half = claims.sweep_claim({4: down, 5: up})
     assert half.label == "not explained by the null alone" and "above or below chance at k = 4, 5" in half.text
-    equal = claims.sweep_clause({4: 0.2, 5: 0.3}, {4: 0.001, 5: 0.001})
+    equal = claims.sweep_clause({4: est(0.001, -0.004, 0.006), 5: est(0.002, -0.003, 0.007)})
     assert equal.figures["sides"] == {4: claims.EQUIVALENT, 5: claims.EQUIVALENT} and equal.label == "within"
 
 
@@ -207,11 +265,19 @@ def test_intra_split_compares_the_two_intervals():
 
 
 def test_twonn_source_near_and_bias():
-    near = claims.twonn_source(8.1, 7.0)
-    assert near.text == ("the source's estimator reads 8.1 here, near the source's 7.1, and it is biased upward "
-                         "(×1.16 the unbiased fit): use the unbiased fit")
-    far = claims.twonn_source(8.2, 7.5)
-    assert far.text == "the source's estimator reads 8.2 here, not the source's 7.1, and it agrees with the unbiased fit"
+    assert claims.TWONN_IDEAL_RATIO == pytest.approx(1.3438, abs=1e-4)  # as test_intrinsic simulates
+    smol = claims.twonn_source(est(11.2, 9.1, 13.6, 9), est(1.53, 1.41, 1.66, 9))  # the default model
+    assert smol.label == "not near, biased"
+    assert smol.text == ("the source's estimator reads 11.2 [9.1, 13.6] over heads here, distinguishably above the "
+                         "source's 7.1; it reads ×1.53 [1.41, 1.66] the unbiased fit on the same points, above the "
+                         "×1.34 it reads on ideal data, so these clouds depart from the law both fits assume: use the "
+                         "unbiased fit")
+    near = claims.twonn_source(est(7.0, 6.5, 7.6, 14), est(1.35, 1.25, 1.45, 14))
+    assert near.label == "near, biased" and "equivalent within ±1 to the source's 7.1" in near.text
+    assert "as on ideal data (×1.34, the truncation it ignores)" in near.text
+    flat = claims.twonn_source(est(7.5, 5.0, 10.0, 9), est(1.02, 0.95, 1.10, 9))
+    assert flat.label == "near" and not flat.text.endswith("use the unbiased fit")
+    assert "below the ×1.34" in flat.text
 
 
 def test_twonn_unbiased_against_the_sources_seven_with_its_margin():
@@ -515,17 +581,9 @@ def test_decide_every_branch_and_its_edges():
     assert claims.decide(est(math.nan, math.nan, math.nan), 0.0, rule).label == TIE
 
 
-def test_decide_z_reads_the_null_spread():
+def test_the_rule_s_critical_value():
     assert claims.RULE.z_crit == pytest.approx(1.959964, abs=1e-6)
-    assert claims.decide_z(1.96).label == claims.HIGHER and claims.decide_z(1.95).label == TIE
-    assert claims.decide_z(-6.5).label == claims.LOWER
-    z = claims.z_interval(2.0, 0.01)
-    assert (z.value, z.lo, z.hi) == pytest.approx((0.02, 0.02 - 0.0196, 0.02 + 0.0196), abs=1e-4)
-    assert claims.decide_z(0.2, 0.001, claims.OVERLAP_RULE).label == claims.EQUIVALENT
-    assert claims.decide_z(0.2, None, claims.OVERLAP_RULE).label == TIE  # no spread: no equivalence call
-    assert claims.decide_z(2.7, 0.003, claims.OVERLAP_RULE).text == "distinguishable, higher"
-    with pytest.raises(ValueError, match="spread must be positive"):
-        claims.z_interval(1.0, 0.0)
+    assert claims.OVERLAP_RULE.half_width(0.01) == pytest.approx(0.0196, abs=1e-4)
 
 
 def test_the_rule_matches_the_engines_intervals_and_refuses_bad_settings():
@@ -555,3 +613,29 @@ def test_a2_claim_is_judged_by_decode_perplexity_then_offline_error():
     assert claims.a2_claim(v(TIE), v("lower")).text == "not shown at this sample size"
     assert claims.a2_claim(None, v("higher")).label == "does not hold"  # not decoded: the offline error decides
     assert claims.a2_claim(None, v(TIE)).label == TIE
+
+
+def test_werr_order_judges_each_step_over_matrices():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.04, 0.06, 60)  # one error per weight matrix
+    # the source's order (RTN < Fisher < random < λ-scaled), each step ×1.05 on every matrix: settled
+    same = claims.werr_order((base, base * 1.05, base * 1.05 ** 2, base * 1.8))
+    assert same.label == "same order" and same.figures["settled"]
+    assert same.text.startswith("the same order as the source's: RTN < the Fisher rotation < the random rotation < "
+                                "the λ-scaled grid here (the ratio at each step: 1.050× [1.050×, 1.050×]; ")
+    assert "over 60 weight matrices" in same.text
+    # the random rotation lowest; RTN and the Fisher rotation differ by noise alone: "≈", not settled
+    noisy = base * rng.normal(1.0, 0.05, 60)
+    other = claims.werr_order((base, noisy, base * 0.9, base * 1.8))
+    assert other.label == "another order" and not other.figures["settled"]
+    assert " ≈ " in other.text and other.text.endswith("so that part of the order is not settled")
+    with pytest.raises(ValueError, match="4 methods"):
+        claims.werr_order((base, base))
+
+
+def test_side_code_cost_by_the_rule():
+    tie = claims.side_code_cost(est(0.96, 0.76, 1.31, 5))
+    assert tie.label == TIE and tie.text == ("takes 0.96× [0.76×, 1.31×] the time of the same cache without it: "
+                                             "not distinguishable at this sample size")
+    assert claims.side_code_cost(est(1.2, 1.1, 1.3, 5)).text.endswith("distinguishably slower")
+    assert claims.side_code_cost(est(0.8, 0.7, 0.9, 5)).label == "lower"

@@ -87,3 +87,16 @@ def test_book_pages_glue_each_number_in_the_format_its_chapter_quotes_it():
               for (chapter, key), fmts in _formats(page.read_text(encoding="utf-8")).items()
               if (chapter, key) in chapters and not fmts <= chapters[chapter, key]]
     assert not differ, "one format per quantity: " + "; ".join(differ)
+
+
+def test_negative_numbers_in_prose_get_a_minus_sign():
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        import atlas_minus
+    finally:
+        sys.path.pop(0)
+    m = atlas_minus.with_minus
+    assert m("a z-score of -0.8 and [-0.005, +0.020]") == "a z-score of \u22120.8 and [\u22120.005, +0.020]"
+    assert m("(-3.1)") == "(\u22123.1)"
+    for kept in ("qwen2.5-coder-0.5b", "smollm2-135m", "GPT-2", "1e-7", "k = 4-10", "2026-12-02", "a/-1"):
+        assert m(kept) == kept

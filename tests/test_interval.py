@@ -193,3 +193,13 @@ def test_spearman_matches_scipy_and_its_interval_moves_with_the_pairs():
     assert better.lo > 0
     same = interval.spearman_difference(x, x, y)
     assert same.value == 0 and same.lo == same.hi == 0
+
+
+def test_auto_spec_follows_the_interval_width():
+    from atlas_core.interval import Estimate, auto_spec, format_estimate
+
+    assert format_estimate(Estimate(104.3195, 78.7532, 137.6599, 8), "auto") == "104 [79, 138]"
+    assert format_estimate(Estimate(1.00123, 1.00071, 1.00168, 8), "auto") == "1.00123 [1.00071, 1.00168]"
+    assert f"{Estimate(0.9572, 0.76, 1.31, 5):auto}" == "0.96 [0.76, 1.31]"
+    assert auto_spec(1.0, 1.0) == ".3f" and auto_spec(float("nan"), 1.0) == ".3f"
+    assert auto_spec(0.0, 1e-12) == ".6f"  # capped

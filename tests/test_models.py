@@ -130,3 +130,14 @@ def test_qwen_parameter_count_is_the_published_one():
     lm = load_model("qwen2.5-coder-0.5b")
     assert sum(p.numel() for p in lm.model.parameters()) / 1e6 == pytest.approx(630.2, abs=0.1)  # two copies
     assert models.parameter_count(lm) / 1e6 == pytest.approx(494.0, abs=0.1)  # Qwen2.5-0.5B: 0.49 B
+
+
+def test_model_title_names_a_model_for_prose(tmp_path):
+    from atlas_core.zoo import EMBEDDED, model_title
+
+    assert model_title("smollm2-135m") == "SmolLM2-135M" and model_title("gemma3-270m") == "Gemma 3 270M"
+    assert all(m.title and m.title != m.name for m in EMBEDDED.values())
+    assert model_title("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id as given
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert model_title(str(folder)) == "my-model"  # a local folder by its name, not its whole path

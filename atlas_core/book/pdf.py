@@ -73,6 +73,11 @@ PRINT_CSS = """
   table.atlas-stacked { font-size: 9pt; break-inside: auto; }
   /* its caption as a plain block kept with the first row: as a table caption it stood alone on a page */
   table.atlas-stacked caption { display: block; text-align: left; break-after: avoid; }
+  /* and the first row kept with the caption from the other side too: "avoid" after the caption alone let the
+     findings box's heading and caption end page 2 with its first row on page 3 */
+  table.atlas-stacked tbody, table.atlas-stacked tr:first-child { break-before: avoid; }
+  .admonition:has(table.atlas-stacked) > p { break-after: avoid; break-inside: avoid; }
+  div:has(> table.atlas-stacked) { break-before: avoid; }
   /* nor may a box around it keep it whole: the findings box, taller than a page, left its first paragraph
      alone on a page and began the table on the next */
   div:has(table.atlas-stacked), figure:has(table.atlas-stacked) { break-inside: auto !important; }
