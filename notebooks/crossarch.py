@@ -105,9 +105,10 @@ AT_NULL = (claims.TIE, claims.EQUIVALENT)  # labels of an overlap not distinguis
 # keys and values on the protocol's blocks, from which the chance level of heads that share a KV head is
 # drawn (below). The measurements are `atlas_core.protocol.measure_model`; this page formats what it
 # returns. Every verdict follows the book's one decision rule ({ref}`sec-rule`): an overlap is
-# distinguishable from its null when $|z| >$ {glue:text}`xa_z_crit:.2f`, and equivalent to it when
-# $O_h$ − null ± {glue:text}`xa_z_crit:.2f` null standard deviations lies within
-# ±{glue:text}`xa_margin:s`.
+# distinguishable from its null when its excess over the null's mean, with a 95% interval that counts both
+# the overlap's own interval over pairs and {glue:text}`xa_z_crit:.2f` null standard deviations, excludes
+# zero, and equivalent to it when that interval lies within ±{glue:text}`xa_margin:s`. $z$-scores give
+# the excess in the null's units; no verdict reads them alone.
 
 # %%
 start = time.perf_counter()
