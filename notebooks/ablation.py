@@ -93,7 +93,7 @@ from atlas_core.train.loop import held_out_blocks
 from atlas_core.train.model import load_checkpoint
 from atlas_core.train.tokenizer import load_tokenizer
 
-g = chapter_glue("ab", chapter="ablation", model=f"trained here from scratch (the run is filed under {model})", corpus=corpus,
+g = chapter_glue("ab", chapter="ablation", model=f"{model} (it only names this run: the models are trained here from scratch)", corpus=corpus,
                  results_dir=results_dir)
 base = ArchConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, d_head=d_heads[0],
                   vocab_size=vocab_size, max_positions=max(256, train_seq_len, seq_len))
