@@ -586,7 +586,7 @@ def corpus_spread(by_corpus: dict[str, Estimate]) -> Estimate:
     Args:
         by_corpus: {corpus: O_h with its 95% interval}, at least two.
     Returns:
-        ``Estimate`` of max − min (units 0).
+        ``Estimate`` of max − min (units 0); its lower end is cut at 0, the least a spread can be.
     Raises:
         ValueError: fewer than two corpora.
     """
@@ -595,8 +595,8 @@ def corpus_spread(by_corpus: dict[str, Estimate]) -> Estimate:
     hi = max(by_corpus.values(), key=lambda e: e.value)
     lo = min(by_corpus.values(), key=lambda e: e.value)
     d = hi.value - lo.value
-    return Estimate(value=d, lo=d - math.hypot(hi.value - hi.lo, lo.hi - lo.value),
-                    hi=d + math.hypot(hi.hi - hi.value, lo.value - lo.lo), units=0)
+    low = d - math.hypot(hi.value - hi.lo, lo.hi - lo.value)
+    return Estimate(value=d, lo=max(low, 0.0), hi=d + math.hypot(hi.hi - hi.value, lo.value - lo.lo), units=0)
 
 
 def corpus_stable(spread: Estimate) -> Verdict:

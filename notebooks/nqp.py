@@ -354,8 +354,9 @@ g("group", group)
 g.estimate("ppl_gguf_grid", interval.perplexity(gguf_grid["nll"]), PPL)
 g("werr_gguf_grid", gguf_grid["weight_error"])
 g.estimate("ppl_gguf_int", interval.perplexity(gguf_int["nll"]), PPL)
-g.estimate("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, RATIO)
-g.estimate("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, RATIO)
+# four decimals: these ratios are 1 to within rounding, and the auto precision would print six zeros
+g.estimate("gguf_grid_ratio", compare(gguf_grid["nll"], nll_fp).ratio, ".4f")
+g.estimate("gguf_int_ratio", compare(gguf_int["nll"], nll_fp).ratio, ".4f")
 
 
 # The best method per channel at 4 and 3 bits, and those the sample cannot tell from it.

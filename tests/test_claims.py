@@ -146,6 +146,8 @@ def test_corpus_stability_at_three_times_the_sources_gap():
     assert claims.corpus_claim([spread, spread]).text == "within ±0.021 (three times the source's 0.007) in every model"
     assert claims.corpus_claim([spread, wide]).label == "not shown"
     assert claims.corpus_claim([spread, est(0.04, 0.03, 0.05)]).label == "less stable"
+    wide_pair = claims.corpus_spread({"a": est(0.28, 0.20, 0.36), "b": est(0.30, 0.22, 0.38)})
+    assert wide_pair.lo == 0.0 and wide_pair.hi > 0.1  # a spread is never negative
     with pytest.raises(ValueError, match="two corpora"):
         claims.corpus_spread({"a": spread})
 
