@@ -140,7 +140,7 @@ def null_verdict(sides: dict[str, claims.Verdict]) -> claims.Verdict:
     named = "; ".join(f"{lab} {v.text} it" for lab, v in off.items())
     rest = f"; of the other {n - len(off)}, {split}" if len(off) < n else ""
     return claims.Verdict(label="off the null", figures=figures,
-                          text=f"{len(off)} of {n} lie off their null: {named}{rest}")
+                          text=f"{len(off)} of {n} {'lies off its' if len(off) == 1 else 'lie off their'} null: {named}{rest}")
 
 
 def unigram_perplexity(train_tokens, held_out_tokens, vocab_size: int) -> float:

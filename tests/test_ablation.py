@@ -87,6 +87,8 @@ def test_null_verdict_names_every_headline_off_its_null():
     assert off.label == "off the null" and off.figures["off"] == ["mqa at end", "base at init"]
     assert off.text.startswith("2 of 5 lie off their null: mqa at end lies above it; base at init lies below it; "
                                "of the other 3, ")
+    one = null_verdict({**on, "mqa at end": on_null(_inter(0.03))})
+    assert one.text.startswith("1 of 4 lies off its null: mqa at end lies above it")
 
 
 def test_null_verdict_keeps_equivalent_apart_from_not_distinguishable():
