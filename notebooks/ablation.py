@@ -80,7 +80,7 @@ from atlas_core import claims
 from atlas_core.ablation import (NULL_NAMES, checkpoint_title, measure_checkpoint, null_verdict, on_null,
                                  partial_correlation, unigram_perplexity, variant_title)
 from atlas_core.cache import cache_dir, cache_key, file_sha256, jsonable, write_json
-from atlas_core.figures import color, figsize
+from atlas_core.figures import PALETTE, figsize
 from atlas_core.geometry import haar_null
 from atlas_core.glue import chapter_glue, estimate_text, glue_key as key, listing, number, plural, with_ci
 from atlas_core.interval import Bootstrap
@@ -361,6 +361,9 @@ ax.plot([math.sqrt(k / d) for d in dims], [pair_null[d] for d in dims], "--", co
         label="Haar null (Monte Carlo)")
 sqrt_rows = [{"series": "Haar null (Monte Carlo)", "d_head": d, "sqrt_k_over_d": math.sqrt(k / d),
               "null_mean": pair_null[d]} for d in dims]
+# one colour per variant, all different (the library's colour by name hashes unknown names, and two of these
+# eight fell on the same blue): the palette's colours in the variants' order
+VARIANT_COLOR = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(variants)}
 for j, name in enumerate(variants):
     for (n, seed, fraction), r in results.items():
         if n != name:
@@ -371,17 +374,17 @@ for j, name in enumerate(variants):
         if not inter:  # the multi-query headline's own chance level: heads reading the same keys and values
             ax.plot([x], [m["intra_null_mean"]], "_", color="0.2", ms=9, mew=1.5)
         ax.errorbar([x], [m["o_h"]], yerr=[[m["o_h"] - m["ci"][0]], [m["ci"][1] - m["o_h"]]], fmt=CKPT_MARKERS[fraction],
-                    color=color(name), mfc=None if inter else "white", ms=4)
+                    color=VARIANT_COLOR[name], mfc=None if inter else "white", ms=4)
         if inter:  # the excess the rule reads, with its interval (both spreads)
             e = decisions[n, seed, fraction].figures["excess"]
             bx.errorbar([fraction + 0.006 * (j - len(variants) / 2)], [e.value], yerr=[[e.value - e.lo], [e.hi - e.value]],
-                        fmt=CKPT_MARKERS[fraction], color=color(name), ms=4)
+                        fmt=CKPT_MARKERS[fraction], color=VARIANT_COLOR[name], ms=4)
         sqrt_rows.append({"series": name, "seed": seed, "fraction": fraction, "d_head": r["d_head"],
                           "sqrt_k_over_d": math.sqrt(k / r["d_head"]), "o_h": m["o_h"], "ci_lo": m["ci"][0],
                           "ci_hi": m["ci"][1], "null_mean": m["null_mean"], "null_std": m["null_std"], "z": m["z"],
                           "pairs": m["pairs"], "shared_value_null_mean": m["intra_null_mean"],
                           "shared_value_null_std": m["intra_null_std"]})
-    ax.plot([], [], "o", color=color(name), label=name + ("" if archs[name].n_kv_heads > 1 else " (MQA, open)"))
+    ax.plot([], [], "o", color=VARIANT_COLOR[name], label=name + ("" if archs[name].n_kv_heads > 1 else " (MQA, open)"))
 for fraction, marker in CKPT_MARKERS.items():
     ax.plot([], [], marker, color="0.4", mfc="none", label=f"checkpoint: {when(fraction)}")
 if any(archs[n].n_kv_heads == 1 for n in variants):
