@@ -520,8 +520,10 @@ def published_within_null(points: dict[str, Estimate]) -> Verdict:
     Args:
         points: {label (e.g. "Qwen2.5-0.5B, k = 7"): published − null, with the source's interval}, at least one.
     Returns:
-        label "explained by the null" when no point is distinguishable from it, else "not explained by the null
-        alone"; text names each exception with its excess; figures {"sides": {label: decision}, "off": [labels]}.
+        label "explained by the null" when no point is distinguishable from it, or when the points off it are no
+        more than chance gives among this many decisions (``multiplicity``); else "not explained by the null
+        alone"; text names each exception with its excess and the chance count; figures {"sides": {label:
+        decision}, "off": [labels], "chance": ``multiplicity``'s verdict}.
     Raises:
         ValueError: no points.
     """
@@ -529,15 +531,19 @@ def published_within_null(points: dict[str, Estimate]) -> Verdict:
         raise ValueError("published_within_null needs at least one published value")
     sides = {lab: decide(e, 0.0, OVERLAP_RULE).label for lab, e in points.items()}
     off = [lab for lab, side in sides.items() if side in (HIGHER, LOWER)]
+    chance = multiplicity(len(points), len(off))
+    figures = {"sides": sides, "off": off, "chance": chance}
     if not off:
-        return Verdict(label="explained by the null", figures={"sides": sides, "off": off},
+        return Verdict(label="explained by the null", figures=figures,
                        text=f"explained by the null: none of the {len(points)} published values is distinguishable "
                             f"from random frames of its size")
     named = listing([f"{lab} ({estimate_text(points[lab].value, points[lab].lo, points[lab].hi, '+.3f')}, "
-                          f"{'above' if sides[lab] == HIGHER else 'below'} it)" for lab in off])
-    return Verdict(label="not explained by the null alone", figures={"sides": sides, "off": off},
-                   text=f"not explained by the null alone: {len(off)} of the {len(points)} published values "
-                        f"{'lies' if len(off) == 1 else 'lie'} off it by the source's own interval: {named}")
+                     f"{'above' if sides[lab] == HIGHER else 'below'} it)" for lab in off])
+    within = chance.label == "within chance"
+    return Verdict(label="explained by the null" if within else "not explained by the null alone", figures=figures,
+                   text=f"{'explained by the null' if within else 'not explained by the null alone'}: {len(off)} of "
+                        f"the {len(points)} published values {'lies' if len(off) == 1 else 'lie'} off it by the "
+                        f"source's own interval, {named} ({chance.text})")
 
 
 def scratch_explained(points: dict[str, Estimate]) -> Verdict:
@@ -564,13 +570,13 @@ def cluster_explained(points: dict[str, Estimate], r2: float) -> Verdict:
     """
     found = published_within_null(points)
     ok = found.label == "explained by the null" and r2 >= R2_NULL
-    if ok:
-        text = "explained by the null: random frames cluster by d_head in the same way"
-    elif r2 < R2_NULL:
+    if r2 < R2_NULL:
         text = f"not explained by the null alone: it accounts for {r2:.0%} of the variance of our O_h, below {R2_NULL:.0%}"
+    elif ok:
+        text = ("explained by the null: random frames cluster by d_head in the same way"
+                + ("" if not found.figures["off"] else f" ({found.text.removeprefix('explained by the null: ')})"))
     else:
-        text = (f"explained by the null in the clustering by d_head (random frames cluster in the same way), but "
-                f"{found.text.removeprefix('not explained by the null alone: ')}")
+        text = found.text
     return Verdict(label="explained by the null" if ok else "not explained by the null alone", text=text,
                    figures={**found.figures, "r2": r2})
 
@@ -613,12 +619,14 @@ def corpus_stable(spread: Estimate) -> Verdict:
     found = decide(spread, 0.0, DecisionRule(margin=CORPUS_TOL)).label
     beyond = spread.lo > CORPUS_TOL
     label = "stable" if found == EQUIVALENT else "less stable" if beyond else "not shown"
-    text = {"stable": f"stable, as claimed (the spread's interval lies within ±{CORPUS_TOL:g}, three times the "
-                      f"source's {gap:.3f}); so is the null",
-            "not shown": f"not shown to be stable at this sample size (the spread's interval reaches past "
-                         f"±{CORPUS_TOL:g}, three times the source's {gap:.3f})",
-            "less stable": f"less stable than claimed (the spread's interval lies beyond {CORPUS_TOL:g}, three "
-                           f"times the source's {gap:.3f})"}[label]
+    moved = ("the corpora give distinguishably different O_h" if found == HIGHER else
+             "the corpora's O_h are not distinguishable at this sample size")
+    text = {"stable": f"stable, as claimed: equivalent within ±{CORPUS_TOL:g} (three times the source's {gap:.3f}); "
+                      f"so is the null",
+            "not shown": f"stability within ±{CORPUS_TOL:g} (three times the source's {gap:.3f}) is not shown: "
+                         f"{moved}, and the spread's interval reaches past the margin",
+            "less stable": f"less stable than claimed: the spread's interval lies beyond {CORPUS_TOL:g} (three times "
+                           f"the source's {gap:.3f})"}[label]
     return Verdict(label=label, text=text, figures={"spread": spread, "tolerance": CORPUS_TOL})
 
 
@@ -634,9 +642,11 @@ def corpus_claim(spreads: list[Estimate]) -> Verdict:
         label, text = "less stable", (f"beyond ±{CORPUS_TOL:g} (three times the source's {gap:.3f}) in "
                                       f"{labels.count('less stable')} of {len(labels)} models")
     else:
-        label, text = "not shown", (f"within ±{CORPUS_TOL:g} (three times the source's {gap:.3f}) in "
-                                    f"{labels.count('stable')} of {len(labels)} models; the others' intervals reach "
-                                    f"past it")
+        n_in = labels.count("stable")
+        label, text = "not shown", (f"shown within ±{CORPUS_TOL:g} (three times the source's {gap:.3f}) in "
+                                    + (f"none of the {len(labels)} models: every spread's interval reaches past it"
+                                       if not n_in else f"{n_in} of {len(labels)} models; the other intervals reach "
+                                                        f"past it"))
     return Verdict(label=label, text=text, figures={"spreads": list(spreads), "labels": labels})
 
 
@@ -1024,7 +1034,9 @@ def l2_predicts(difference: Estimate) -> Verdict:
     label = {"higher": "weight", "lower": "output", TIE: TIE}[found]
     text = {"weight": "weight error orders the methods as perplexity does, better than the layer output error",
             "output": "layer output error predicts perplexity better than weight error",
-            TIE: f"weight and layer output error rank the methods alike ({TIE})"}[label]
+            TIE: f"neither weight nor layer output error ranks the methods distinguishably closer to perplexity "
+                 f"(difference of the two ρ {estimate_text(difference.value, difference.lo, difference.hi, '+.2f')}: "
+                 f"{TIE})"}[label]
     return Verdict(label=label, text=text, figures={"difference": difference, "source": source("werr4")})
 
 
@@ -1061,7 +1073,7 @@ def werr_order(errors: tuple, boot: Bootstrap = interval.DEFAULT) -> Verdict:
     src_chain = " < ".join(WERR_METHODS[i] for i in sorted(range(len(src)), key=lambda i: src[i]))
     same = [WERR_METHODS[i] for i in order] == src_chain.split(" < ")
     n = len(np.asarray(errors[0]).ravel())
-    ratios = "; ".join(times_text(st.value, st.lo, st.hi, ".3f") for st in steps)
+    ratios = "; ".join(times_text(st.value, st.lo, st.hi, interval.auto_spec(st.lo, st.hi)) for st in steps)
     settled = all(s == " < " for s in signs)
     here = f"{chain} here (the ratio at each step: {ratios}; 95% intervals over {n} weight matrices)"
     text = (f"the same order as the source's: {here}" if same else
@@ -1340,33 +1352,47 @@ def speedup(measured: float) -> Verdict:
     return Verdict(label=label, text=label, figures={"measured": measured, "source": source("speedup")})
 
 
-def fused_decode(kernel: Estimate, step: Estimate | None) -> Verdict:
+def fused_decode(kernel: Estimate | dict[int, Estimate], step: Estimate | None) -> Verdict:
     """Whether a low-bit cache decodes faster than fp: the fused kernel against fp32 SDPA, and the whole step.
 
     Args:
         kernel: fp32 SDPA time / fused kernel time for one layer's decode attention (> 1: the kernel is faster),
-            with its interval over timed rounds (``sparse.bench.speedup_estimate``).
+            with its interval over timed rounds (``sparse.bench.speedup_estimate``); or {cached tokens: that
+            ratio} over a sweep of contexts, of which the largest is quoted and every one is judged.
         step: the quantized cache's fused whole decode step / the fp cache's step (< 1: faster), with its
             interval; None when the whole step was not timed.
     Returns:
         by the rule on each interval (``direction`` against 1): label "faster" (the kernel distinguishably faster
-        and the step not distinguishably slower, or not timed), "kernel only" (the kernel faster, the step
-        distinguishably slower) or "not faster" (the kernel not distinguishably faster); a sentence naming both
-        figures with their intervals.
+        at every context and the step not distinguishably slower, or not timed), "kernel only" (the kernel
+        faster at every context, the step distinguishably slower), "some contexts" (the kernel distinguishably
+        faster at some contexts only) or "not faster" (at none); a sentence naming the figures with their
+        intervals; figures {"kernel", "step", "faster_at", "slower_at"}.
     """
-    kernel_side = direction(kernel, 1.0)
-    text = f"the fused 2-bit kernel runs at {times_text(kernel.value, kernel.lo, kernel.hi)} the speed of fp32 SDPA"
+    kernels = kernel if isinstance(kernel, dict) else {0: kernel}
+    n_max = max(kernels)
+    top = kernels[n_max]
+    faster_at = [n for n, k in kernels.items() if direction(k, 1.0) == HIGHER]
+    slower_at = [n for n, k in kernels.items() if direction(k, 1.0) == LOWER]
+    where = f" at {n_max:,} cached tokens" if isinstance(kernel, dict) else ""
+    text = f"the fused 2-bit kernel runs at {times_text(top.value, top.lo, top.hi)} the speed of fp32 SDPA{where}"
+    if isinstance(kernel, dict) and len(kernels) > 1:
+        text += (f" (distinguishably faster at {len(faster_at)} of {len(kernels)} contexts"
+                 + (f", slower at {listing(f'{n:,}' for n in sorted(slower_at))} tokens" if slower_at else "") + ")")
     if step is not None:
         text += f", and the whole decode step takes {times_text(step.value, step.lo, step.hi)} the fp cache's"
     slower_step = step is not None and direction(step, 1.0) == HIGHER
-    if kernel_side != HIGHER:
+    if not faster_at:
         label = "not faster"
+    elif len(faster_at) < len(kernels):
+        label = "some contexts"
     elif slower_step:
         label = "kernel only"
     else:
         label = "faster"
-    prefix = {"not faster": "not faster", "kernel only": "faster in the kernel only", "faster": "faster"}[label]
-    return Verdict(label=label, text=f"{prefix}: {text}", figures={"kernel": kernel, "step": step})
+    prefix = {"not faster": "not faster", "kernel only": "faster in the kernel only",
+              "some contexts": "faster in the kernel at some contexts only", "faster": "faster"}[label]
+    return Verdict(label=label, text=f"{prefix}: {text}",
+                   figures={"kernel": kernel, "step": step, "faster_at": faster_at, "slower_at": slower_at})
 
 
 def side_code_cost(ratio: Estimate) -> Verdict:

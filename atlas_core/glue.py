@@ -190,8 +190,9 @@ def glue_key(*parts) -> str:
 
 
 def number(x, spec: str = ".3f") -> str:
-    """``x`` formatted with ``spec``; "—" for None, NaN or infinity (a figure that was not measured)."""
-    return "—" if x is None or not np.isfinite(x) else format(x, spec)
+    """``x`` formatted with ``spec``; "—" for None, NaN or infinity (a figure that was not measured). A value that
+    rounds to zero prints unsigned ("0.000", not "-0.000" or "+0.000%": ``interval.unsigned_zero``)."""
+    return "—" if x is None or not np.isfinite(x) else interval.unsigned_zero(format(x, spec))
 
 
 def estimate_text(value, lo, hi, spec: str = ".3f") -> str:

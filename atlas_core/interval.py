@@ -16,6 +16,7 @@ distinguishable at this sample size" (``Estimate.distinguishable``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -107,19 +108,29 @@ def auto_spec(lo: float, hi: float, digits: int = 2, max_decimals: int = 6) -> s
         lo, hi: the interval's ends; digits: significant digits of its width (≥ 1).
     Returns:
         ".{n}f" with n = digits − 1 − floor(log10(hi − lo)), clipped to [0, max_decimals]; ".3f" when the width is
-        0 or undefined.
+        0 (to within float rounding) or undefined.
     """
     width = hi - lo
-    if not (math.isfinite(width) and width > 0):
+    if not (math.isfinite(width) and width > 1e-9 * max(abs(lo), abs(hi), 1.0)):  # no width beyond float rounding
         return ".3f"
     return f".{min(max(digits - 1 - math.floor(math.log10(width)), 0), max_decimals)}f"
+
+
+_SIGNED_ZERO = re.compile(r"[-+−]0(?:[.,]0*)?(?:e[-+]?0+)?(?:[%×])?")
+
+
+def unsigned_zero(text: str) -> str:
+    """A formatted number that rounds to zero, without its sign: "-0.000" → "0.000", "+0.000%" → "0.000%"
+    (a sign on a printed zero says nothing and reads as a defect); any other text unchanged."""
+    return text[1:] if _SIGNED_ZERO.fullmatch(text) else text
 
 
 def format_estimate(est: Estimate, spec: str = ".3g") -> str:
     """"value [lo, hi]" with each number formatted by ``spec`` (e.g. ".2f", ".1%"; "auto": ``auto_spec``)."""
     if spec == "auto":
         spec = auto_spec(est.lo, est.hi)
-    return f"{est.value:{spec}} [{est.lo:{spec}}, {est.hi:{spec}}]"
+    value, lo, hi = (unsigned_zero(format(x, spec)) for x in (est.value, est.lo, est.hi))
+    return f"{value} [{lo}, {hi}]"
 
 
 @dataclass(frozen=True)

@@ -512,7 +512,7 @@ g("partial_init_ci", with_ci(mediation[0.0]["partial"].value, (mediation[0.0]["p
 # $O_h$, Haar null and $z$-score (first seed) at initialisation and at the end, for every variant (the
 # multi-query variant also against its shared-value null, the one its verdict uses):
 # {glue:text}`ab_closing:s`. By the rule, of the {glue:text}`ab_n_checkpoints:d` checkpoints:
-# {glue:text}`ab_verdict:s`. Per head, $d_\text{int}$ beyond $d_\text{head}$: partial correlation
+# {glue:text}`ab_verdict:s` ({glue:text}`ab_multiplicity:s`). Per head, $d_\text{int}$ beyond $d_\text{head}$: partial correlation
 # {glue:text}`ab_partial_end_ci:s`, {glue:text}`ab_partial_end_verdict:s`. The commands: `atlas run
 # ablation` (this chapter, default parameters) and `atlas train <variant> --out <folder>` (one run).
 

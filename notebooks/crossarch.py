@@ -291,8 +291,9 @@ g("src_ratio", span(ratio_src, ".2f"))
 #
 # The source protocol (deepest layer, $N$ = 1,200, $k$ = 7, mean principal cosine) on every model, for
 # $\varepsilon$, $z$ and $c$, beside the Haar null in the frames' own dimension $d$. The column "against
-# the Haar null, by the rule" reads each $z$-score by the decision rule ({ref}`sec-rule`): "not
-# distinguishable" or "equivalent within ±{glue:text}`xa_margin:s`" is chance level. The intra-group
+# the Haar null, by the rule" reads the excess over the null with its 95% interval, which counts both the
+# interval over pairs and the null's spread ({ref}`sec-rule`): "not distinguishable" or "equivalent within
+# ±{glue:text}`xa_margin:s`" is chance level; the $z$-score gives the excess in the null's units. The intra-group
 # pairs of the $\varepsilon$ rows are judged against the shared-value null instead (heads reading the same
 # keys and values with independent queries). Multi-query rows ("intra-only" pairs) are not comparable
 # with the source's inter-group values; "—": not measured.
@@ -343,8 +344,8 @@ g("src_ratio", span(ratio_src, ".2f"))
 # variant reads {glue:text}`xa_src_ratio:s` times the line fit. On ideal data (neighbour-distance ratios
 # following the Pareto law both fits assume) the factor is 1.34; a different factor means these clouds
 # depart from that law at the scale of the nearest neighbours. The source's mean of 7.1 for GPT-2 and
-# Qwen2.5 is a value of the variant. On the source's own architecture (Qwen2.5-0.5B's 14 query and 2 KV
-# heads; in this run: {glue:text}`xa_source_qwen_model:s`), {glue:text}`xa_source_qwen_variant:s`. The
+# Qwen2.5 is a value of the variant. The source's own architecture is Qwen2.5-0.5B's (14 query and 2 KV
+# heads); {glue:text}`xa_source_qwen_variant:s`. The
 # claim, a ~7-dimensional manifold per
 # head, is about the manifold, which the unbiased line fit measures (the variant reads high). The line fit,
 # per model: {glue:text}`xa_twonn_by_model:s`; on Qwen2.5 it is {glue:text}`xa_source_qwen_twonn:s`. By the

@@ -1092,7 +1092,7 @@ def ratio_estimate(row: dict, name: str) -> interval.Estimate:
 
 step_fused = (ratio_estimate(caches["kivi-fused"], "ratio_vs_fp") if step is not None and "kivi-fused" in caches
               else None)
-g("speed_verdict", claims.fused_decode(ratio_estimate(speed["rows"][-1], "speedup_vs_sdpa"), step_fused).text
+g("speed_verdict", claims.fused_decode({r["n"]: ratio_estimate(r, "speedup_vs_sdpa") for r in speed["rows"]}, step_fused).text
   if speed is not None else "not measured (numba is not installed)")
 
 # %% [markdown]

@@ -595,7 +595,7 @@ g.figure("fig_errors", fig, data=summary[["method", "bits", "grouping", "weight_
 # rotation {glue:text}`nqp_werr4_rot_fisher:.2e`, Haar rotation {glue:text}`nqp_werr4_rot_haar:.2e`,
 # λ-scaled {glue:text}`nqp_werr4_nqp_scaled:.2e`. The source reported 4.97e-2, 5.10e-2, 5.27e-2 and
 # 9.08e-2 on GPT-2. The magnitudes are not comparable (another model, weights already on a 4-bit grid,
-# and the source's normalisation is not published); their order is: {glue:text}`nqp_werr4_order:s`.
+# and the source's normalisation is not published); by the rule, they come in {glue:text}`nqp_werr4_order:s`.
 #
 # ## The source's gates
 #

@@ -1312,7 +1312,7 @@ rk_real = [r for r in rk_bench["rows"] if not r["tiled"]]
 rk_top = max(rk_real, key=lambda r: r["n"])
 rk_slack = {b: v[0] for b, v in rk_top["slack"].items()}
 rk_single = {b: v for b, v in rk_slack.items() if b != "min"}
-g("rk_source", rk_bench["source"])
+g("rk_source", rk_bench["source"].replace(model, model_title(model), 1))  # prose: the model's own name
 g("rk_queries", rk_top["queries"])
 g("rk_n", rk_top["n"])
 g("rk_key_bytes", rk_top["key_bytes"])

@@ -116,17 +116,20 @@ def test_published_values_are_judged_one_by_one_by_the_rule():
     assert claims.published_within_null(points).label == "explained by the null"
     assert claims.published_within_null(points).figures["sides"] == {"GPT-2 124M": TIE,
                                                                      "from scratch, d_head 64": claims.EQUIVALENT}
-    off = claims.published_within_null({**points, "Qwen2.5-0.5B": e})
-    assert off.label == "not explained by the null alone"
-    assert off.text.endswith("1 of the 3 published values lies off it by the source's own interval: Qwen2.5-0.5B "
-                             "(+0.012 [+0.006, +0.019], above it)")
+    one = claims.published_within_null({**points, "Qwen2.5-0.5B": e})  # 1 of 3 off: P(1 or more) = 0.14
+    assert one.label == "explained by the null" and one.figures["off"] == ["Qwen2.5-0.5B"]
+    assert ("1 of the 3 published values lies off it by the source's own interval, Qwen2.5-0.5B (+0.012 [+0.006, "
+            "+0.019], above it) (with 3 decisions") in one.text
+    off = claims.published_within_null({"Qwen2.5-0.5B": e, "other": e})  # 2 of 2: P = 0.0025, beyond chance
+    assert off.label == "not explained by the null alone" and "beyond chance" in off.text
     far = claims.published_excess(claims.SourcePoint("x", 64, 7, 0.30, None), 0.279)  # a point 0.021 away
     assert claims.published_within_null({"x": far}).figures["off"] == ["x"]
     assert claims.scratch_explained(points).text == "explained by the null, which does not depend on training at all"
     assert claims.cluster_explained(points, 0.9).label == "explained by the null"
     assert claims.cluster_explained(points, 0.89).label == "not explained by the null alone"
-    mixed = claims.cluster_explained({**points, "Qwen2.5-0.5B": e}, 0.99)
-    assert mixed.label == "not explained by the null alone" and "Qwen2.5-0.5B" in mixed.text
+    mixed = claims.cluster_explained({**points, "Qwen2.5-0.5B": e}, 0.99)  # one exception, within chance
+    assert mixed.label == "explained by the null" and "Qwen2.5-0.5B" in mixed.text and "within chance" in mixed.text
+    assert claims.cluster_explained({"Qwen2.5-0.5B": e, "other": e}, 0.99).label == "not explained by the null alone"
     with pytest.raises(ValueError, match="at least one"):
         claims.published_within_null({})
 
@@ -138,9 +141,16 @@ def test_corpus_stability_at_three_times_the_sources_gap():
     assert (spread.value, spread.lo, spread.hi) == pytest.approx(
         (0.010, 0.010 - math.hypot(0.003, 0.005), 0.010 + math.hypot(0.004, 0.005)))
     assert claims.corpus_stable(spread).label == "stable"
-    assert claims.corpus_stable(spread).text.startswith("stable, as claimed (the spread's interval lies within ±0.021")
+    assert claims.corpus_stable(spread).text.startswith("stable, as claimed: equivalent within ±0.021")
     wide = est(0.015, -0.01, 0.04)
     assert claims.corpus_stable(wide).label == "not shown"
+    assert "are not distinguishable at this sample size" in claims.corpus_stable(wide).text
+    apart = claims.corpus_stable(est(0.015, 0.001, 0.029))  # the default model: distinguishable, past the margin
+    assert apart.label == "not shown" and apart.text.startswith(
+        "stability within ±0.021 (three times the source's 0.007) is not shown: the corpora give distinguishably "
+        "different O_h")
+    assert claims.corpus_claim([wide, wide]).text.endswith("in none of the 2 models: every spread's interval reaches "
+                                                           "past it")
     assert claims.corpus_stable(est(0.04, 0.03, 0.05)).label == "less stable"
     assert claims.corpus_claim([]).text == "n/a"
     assert claims.corpus_claim([spread, spread]).text == "within ±0.021 (three times the source's 0.007) in every model"
@@ -359,7 +369,8 @@ def test_nqp_verdicts():
     assert claims.fisher_collapse(est(1.0, 0.9, 1.1), "AWQ").text.startswith(f"the Fisher rotation and AWQ are {TIE}")
     assert claims.l2_predicts(est(0.1, 0.05, 0.2)).label == "weight"
     assert claims.l2_predicts(est(-0.1, -0.2, -0.05)).label == "output"
-    assert claims.l2_predicts(est(0.1, -0.05, 0.2)).label == claims.TIE
+    tie = claims.l2_predicts(est(0.1, -0.05, 0.2))
+    assert tie.label == claims.TIE and "difference of the two ρ +0.10 [-0.05, +0.20]: not distinguishable" in tie.text
     assert claims.eight_bit(est(1.1, 1.05, 1.2)).text.startswith("replicates in direction")
     assert claims.eight_bit(est(0.9, 0.8, 0.95)).text.startswith("does not replicate: at 8 bits the λ-scaled grid is better")
     assert claims.eight_bit(est(1.0, 0.9, 1.1)).label == TIE
@@ -559,6 +570,14 @@ def test_fused_decode_verdict_reads_both_figures():
     assert fused_decode(fast, e(1.05, 0.97, 1.12)).label == "faster"  # a step not distinguishably slower
     assert fused_decode(e(0.9, 0.85, 0.95), quick_step).label == "not faster"
     assert fused_decode(e(1.3, 0.95, 1.6), quick_step).label == "not faster"  # faster by its point only
+    sweep = {1024: e(0.79, 0.71, 0.90), 4096: e(1.2, 1.1, 1.3), 16384: fast}  # slower at one context
+    some = fused_decode(sweep, quick_step)
+    assert some.label == "some contexts" and some.figures["slower_at"] == [1024]
+    assert some.text == ("faster in the kernel at some contexts only: the fused 2-bit kernel runs at 1.80× [1.70×, "
+                         "1.90×] the speed of fp32 SDPA at 16,384 cached tokens (distinguishably faster at 2 of 3 "
+                         "contexts, slower at 1,024 tokens), and the whole decode step takes 0.90× [0.85×, 0.95×] the "
+                         "fp cache's")
+    assert fused_decode({1024: fast, 4096: fast}, quick_step).label == "faster"
 
 
 # ----------------------------------------------------------------------------- the decision rule

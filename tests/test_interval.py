@@ -202,4 +202,16 @@ def test_auto_spec_follows_the_interval_width():
     assert format_estimate(Estimate(1.00123, 1.00071, 1.00168, 8), "auto") == "1.00123 [1.00071, 1.00168]"
     assert f"{Estimate(0.9572, 0.76, 1.31, 5):auto}" == "0.96 [0.76, 1.31]"
     assert auto_spec(1.0, 1.0) == ".3f" and auto_spec(float("nan"), 1.0) == ".3f"
-    assert auto_spec(0.0, 1e-12) == ".6f"  # capped
+    assert auto_spec(0.0, 1e-8) == ".6f"  # capped
+    assert auto_spec(1.05, 1.05 + 1e-15) == ".3f"  # a width of float rounding is no width
+
+
+def test_a_printed_zero_carries_no_sign():
+    from atlas_core.glue import estimate_text, number
+    from atlas_core.interval import Estimate, unsigned_zero
+
+    assert unsigned_zero("-0.000") == "0.000" and unsigned_zero("+0.000%") == "0.000%" and unsigned_zero("-0") == "0"
+    assert unsigned_zero("-0.001") == "-0.001" and unsigned_zero("+0.5") == "+0.5" and unsigned_zero("0.000") == "0.000"
+    assert estimate_text(0.011, -0.00004, 0.022, "+.3f") == "+0.011 [0.000, +0.022]"
+    assert number(-1e-9, "+.3%") == "0.000%"
+    assert format(Estimate(1e-7, -1e-7, 2e-7, 3), "+.3f") == "0.000 [0.000, 0.000]"
