@@ -40,7 +40,7 @@ __all__ = [
     "published_within_null", "scratch_explained", "cluster_explained", "corpus_spread", "corpus_stable", "corpus_claim",
     "twonn_variant",
     # atlas
-    "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "intra_split", "twonn_source", "twonn_unbiased",
+    "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "intra_split", "twonn_source", "twonn_source_over_heads", "twonn_unbiased",
     "top1_recovery", "NOT_MEASURED",
     # nqp
     "gate", "gate_ag1", "gate_ag2", "gate_ag3", "gate_ag4", "gates_idea", "best_text", "fisher_rank2",
@@ -839,6 +839,21 @@ def twonn_source(variant: Estimate, ratio: Estimate) -> Verdict:
     return Verdict(label=("near" if near else "not near") + (", biased" if biased else ""), text=text,
                    figures={"variant": variant, "ratio": ratio, "source": value, "versus": versus.label,
                             "bias": ideal})
+
+
+def twonn_source_over_heads(variant, line_fit, boot: Bootstrap = interval.DEFAULT) -> Verdict:
+    """``twonn_source`` from per-head dimensions: the variant's mean over heads and its ratio to the line fit on
+    the same heads, each with its 95% interval (heads resampled; ``interval.mean``, ``interval.ratio_of_means``).
+
+    Args:
+        variant, line_fit: (head,) the source variant's and the TwoNN line fit's dimension of each head.
+    Returns:
+        ``twonn_source``'s verdict; its figures hold the two Estimates ("variant", "ratio").
+    Raises:
+        ValueError: arrays of different lengths (``interval.ratio_of_means``).
+    """
+    variant, line_fit = np.asarray(variant, dtype=np.float64), np.asarray(line_fit, dtype=np.float64)
+    return twonn_source(interval.mean(variant[:, None], boot), interval.ratio_of_means(variant, line_fit, boot))
 
 
 _TWONN_SUPPORT = {EQUIVALENT: ("supports", "to"), TIE: ("is consistent with, but does not establish,", "from"),

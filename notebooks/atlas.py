@@ -428,13 +428,13 @@ g("id_twonn_lo", twonn_mean.lo)
 g("id_twonn_hi", twonn_mean.hi)
 g("id_unbiased_verdict", id_unbiased)
 # the variant with its interval over heads, and its ratio to the line fit over the same heads
-source_mean = interval.mean(ids["twonn-source"][:, None])
-source_ratio = interval.ratio_of_means(ids["twonn-source"], ids["twonn"])
+variant = claims.twonn_source_over_heads(ids["twonn-source"], ids["twonn"])
+source_mean, source_ratio = variant.figures["variant"], variant.figures["ratio"]
 g("id_source_ci", estimate_text(source_mean.value, source_mean.lo, source_mean.hi, ".1f"))
 g("id_source_ratio_ci", estimate_text(source_ratio.value, source_ratio.lo, source_ratio.hi, ".2f"))
 g("id_twonn_ci", estimate_text(twonn_mean.value, twonn_mean.lo, twonn_mean.hi, ".2f"))
-g("id_variant_verdict", claims.twonn_source(source_mean, source_ratio).text)
-g("id_verdict", f"{claims.twonn_source(source_mean, source_ratio).text}; {id_unbiased}")
+g("id_variant_verdict", variant.text)
+g("id_verdict", f"{variant.text}; {id_unbiased}")
 g("dropped_last", dropped_last)
 g("dropped_last_text", plural(dropped_last, "point"))
 

@@ -228,13 +228,8 @@ qwen_twonn = [interval.mean(np.asarray(results[n]["main"]["eps"]["d_int_twonn_pe
 g("source_qwen_twonn", listing((f"{e.value:.2f} [{e.lo:.2f}, {e.hi:.2f}] over {plural(e.units, 'head')}"
                                 for e in qwen_twonn), empty="not measured"))
 # Does the source's number replicate with its own estimator on its own architecture? (twonn_source's verdict)
-def variant_verdict(m: dict) -> str:
-    """``claims.twonn_source`` on one model's ε headline: the variant and its ratio to the line fit, over heads."""
-    var, fit = np.asarray(m["d_int_twonn_source_per_head"]), np.asarray(m["d_int_twonn_per_head"])
-    return claims.twonn_source(interval.mean(var[:, None]), interval.ratio_of_means(var, fit)).text
-
-
-g("source_qwen_variant", listing((f"on {model_title(n)}, {variant_verdict(results[n]['main']['eps'])}"
+g("source_qwen_variant", listing((f"on {model_title(n)}, "
+                                  f"{claims.twonn_source_over_heads(results[n]['main']['eps']['d_int_twonn_source_per_head'], results[n]['main']['eps']['d_int_twonn_per_head']).text}"
                                   for n in source_qwen), empty="the source's architecture is not in this run"))
 # The source's ~7 judged on its own architecture too (the atlas chapter judges the run's model): by the rule.
 g("source_qwen_id_verdict", listing((f"on {model_title(n)}, {claims.twonn_unbiased(e).text}" for n, e in zip(source_qwen, qwen_twonn)),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_core import claims
+from atlas_core import claims, interval
 from atlas_core.claims import TIE, Estimate
 
 
@@ -290,6 +290,11 @@ def test_twonn_source_near_and_bias():
     flat = claims.twonn_source(est(7.5, 5.0, 10.0, 9), est(1.02, 0.95, 1.10, 9))
     assert flat.label == "near" and not flat.text.endswith("use the unbiased fit")
     assert "below the ×1.34" in flat.text
+    heads_v, heads_f = np.array([11.0, 9.0, 13.0, 12.0]), np.array([7.0, 6.0, 9.0, 8.0])
+    over = claims.twonn_source_over_heads(heads_v, heads_f)
+    assert over.figures["variant"] == interval.mean(heads_v[:, None])
+    assert over.figures["ratio"] == interval.ratio_of_means(heads_v, heads_f)
+    assert over.text == claims.twonn_source(over.figures["variant"], over.figures["ratio"]).text
 
 
 def test_twonn_unbiased_against_the_sources_seven_with_its_margin():
