@@ -25,11 +25,11 @@ from statistics import NormalDist
 import numpy as np
 
 from atlas_core import interval
-from atlas_core.glue import estimate_text, listing, times_text
+from atlas_core.glue import estimate_text, listing, number, times_text
 from atlas_core.interval import Bootstrap, Estimate
 
 __all__ = [
-    "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "SourcePoint", "source_points", "published_excess", "is_source_qwen", "direction",
+    "TIE", "Source", "SOURCE", "Verdict", "WORKS", "source", "SourcePoint", "source_points", "published_excess", "inter_group_pairs", "is_source_qwen", "direction",
     # the decision rule
     "DecisionRule", "RULE", "OVERLAP_RULE", "HIGHER", "LOWER", "EQUIVALENT", "decide", "null_excess", "summary_excess",
     # thresholds
@@ -38,7 +38,6 @@ __all__ = [
     # crossarch
     "o_h_reproduced", "intra_reproduced", "spearman_replicates", "intra_above_null", "colspace_aligned",
     "published_within_null", "scratch_explained", "cluster_explained", "corpus_spread", "corpus_stable", "corpus_claim",
-    "twonn_variant",
     # atlas
     "null_side", "o_h_claim", "sweep_clause", "sweep_claim", "intra_split", "twonn_source", "twonn_source_over_heads", "twonn_unbiased",
     "top1_recovery", "NOT_MEASURED",
@@ -170,14 +169,16 @@ SOURCE: dict[str, Source] = {
 
 
 class SourcePoint(NamedTuple):
-    """One published O_h: the model (label), its d_head, the frame rank k, the value and the source's 95% interval
-    (None where the source gives none)."""
+    """One published O_h: the model (label), its d_head, the frame rank k, the value, the source's 95% interval
+    (None where the source gives none) and the number of head pairs it averages (None where the protocol does
+    not fix it)."""
 
     label: str
     d_head: int
     k: int
     o_h: float
     ci: tuple[float, float] | None
+    n_pairs: int | None = None
 
 
 def source(name: str) -> float | tuple:
@@ -206,23 +207,46 @@ def source_points() -> list[SourcePoint]:
     the cross-architecture figure and its null."""
     gpt2_ks = range(4, 4 + len(source("oh_gpt2_by_k")))
     ci = {name: SOURCE[name].ci for name in SOURCE}
-    return ([SourcePoint("GPT-2 124M", 64, k, o, ci["oh_gpt2"] if k == 7 else None)  # the table's k = 7 row
+    # pairs by the source's protocol (one layer; inter-KV-group pairs only under GQA): GPT-2 small's first 8
+    # heads; all 16 and 20 heads of medium and large; Qwen2.5-0.5B's 14 query heads in 2 groups of 7; 32 heads in
+    # 8 groups of 4 for Llama-3.1-8B and Mistral-7B. The from-scratch models' head counts are not published.
+    gpt2, medium, large, qwen, llama = (inter_group_pairs(h, kv) for h, kv in ((8, 8), (16, 16), (20, 20), (14, 2), (32, 8)))
+    return ([SourcePoint("GPT-2 124M", 64, k, o, ci["oh_gpt2"] if k == 7 else None, gpt2)  # the table's k = 7 row
              for k, o in zip(gpt2_ks, source("oh_gpt2_by_k"))]
-            + [SourcePoint("GPT-2 medium", 64, 7, source("oh_gpt2_medium"), ci["oh_gpt2_medium"]),
-               SourcePoint("GPT-2 large", 64, 7, source("oh_gpt2_large"), ci["oh_gpt2_large"]),
-               SourcePoint("Qwen2.5-0.5B", 64, 7, source("oh_qwen"), ci["oh_qwen"]),
-               SourcePoint("Llama-3.1-8B", 128, 7, source("oh_llama"), ci["oh_llama"]),
-               SourcePoint("Llama-3.1-8B", 128, 11, source("oh_llama_k11"), ci["oh_llama_k11"]),
-               SourcePoint("Mistral-7B", 128, 7, source("oh_mistral"), ci["oh_mistral"]),
-               SourcePoint("Mistral-7B", 128, 9, source("oh_mistral_k9"), ci["oh_mistral_k9"])]
+            + [SourcePoint("GPT-2 medium", 64, 7, source("oh_gpt2_medium"), ci["oh_gpt2_medium"], medium),
+               SourcePoint("GPT-2 large", 64, 7, source("oh_gpt2_large"), ci["oh_gpt2_large"], large),
+               SourcePoint("Qwen2.5-0.5B", 64, 7, source("oh_qwen"), ci["oh_qwen"], qwen),
+               SourcePoint("Llama-3.1-8B", 128, 7, source("oh_llama"), ci["oh_llama"], llama),
+               SourcePoint("Llama-3.1-8B", 128, 11, source("oh_llama_k11"), ci["oh_llama_k11"], llama),
+               SourcePoint("Mistral-7B", 128, 7, source("oh_mistral"), ci["oh_mistral"], llama),
+               SourcePoint("Mistral-7B", 128, 9, source("oh_mistral_k9"), ci["oh_mistral_k9"], llama)]
             + [SourcePoint(f"from scratch, d_head {d}", d, 7, o, None) for d, o in source("oh_scratch")])
 
 
-def published_excess(point: SourcePoint, null_mean: float) -> Estimate:
-    """A published O_h − a null's mean, with the source's own 95% interval (a point, lo = hi, where it publishes
-    none); the null here is an expectation (the Haar mean of one pair), so it adds no spread (``null_excess``)."""
+def inter_group_pairs(n_heads: int, n_kv_heads: int) -> int:
+    """How many head pairs lie in different KV groups (every pair under MHA, n_kv_heads = n_heads), as
+    ``geometry.pair_groups`` forms them; Qwen2.5-0.5B's 14 query heads in 2 groups: 49."""
+    from atlas_core.geometry import pair_groups
+
+    return len(pair_groups(np.repeat(np.arange(n_kv_heads), n_heads // n_kv_heads))["inter"])
+
+
+def published_excess(point: SourcePoint, null_mean: float, pair_std: float | None = None) -> Estimate:
+    """A published O_h − the Haar null's mean, by the same rule as ours (``null_excess``): the source's own 95%
+    interval (a point, lo = hi, where it publishes none) and the null's spread for a mean over the source's
+    pairs, ``pair_std``/√n_pairs (pairs of Haar frames are uncorrelated even when they share a head:
+    ``geometry.haar_null``). Where the source's pair count is unknown (``n_pairs`` None) or ``pair_std`` is not
+    given, the null enters as its expectation, without spread.
+
+    Args:
+        point: the published value; null_mean: the Haar mean of one pair at its (d_head, k); pair_std: the
+            s.d. of one pair's overlap there.
+    Returns:
+        the excess with its interval (``null_excess``).
+    """
     lo, hi = point.ci if point.ci is not None else (point.o_h, point.o_h)
-    return null_excess(Estimate(value=point.o_h, lo=lo, hi=hi, units=0), null_mean, None)
+    null_std = pair_std / math.sqrt(point.n_pairs) if pair_std is not None and point.n_pairs else None
+    return null_excess(Estimate(value=point.o_h, lo=lo, hi=hi, units=0), null_mean, null_std)
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -650,13 +674,6 @@ def corpus_claim(spreads: list[Estimate]) -> Verdict:
     return Verdict(label=label, text=text, figures={"spreads": list(spreads), "labels": labels})
 
 
-def twonn_variant(variant: float, line_fit: float) -> Verdict:
-    """What the source's mean TwoNN (7.1) is: its variant's reading, set beside the line fit's."""
-    ratio = variant / line_fit
-    return Verdict(label="variant", text=f"the source's number is its variant's, which reads ×{ratio:.2f} the line fit",
-                   figures={"variant": variant, "line_fit": line_fit, "ratio": ratio, "source": source("twonn")})
-
-
 # ----------------------------------------------------------------------------- atlas
 
 
@@ -796,7 +813,7 @@ def intra_split(*, o_h_ci: tuple[float, float], intra: float | None, intra_ci: t
     more = "more" if intra_ci[0] > o_h_ci[1] else "less" if intra_ci[1] < o_h_ci[0] else "about as much"
     return Verdict(label=more, figures={"intra": intra, "intra_ci": intra_ci, "o_h_ci": o_h_ci, "all_pairs": all_pairs},
                    text=f"the {n_intra} intra-group pairs (two query heads reading the same KV head) overlap {more}, "
-                        f"O = {intra:.3f} [{intra_ci[0]:.3f}, {intra_ci[1]:.3f}], and all {n_inter + n_intra} pairs "
+                        f"O = {estimate_text(intra, intra_ci[0], intra_ci[1], '.3f')}, and all {n_inter + n_intra} pairs "
                         f"together give {all_pairs:.3f}")
 
 
@@ -814,8 +831,8 @@ def twonn_source(variant: Estimate, ratio: Estimate) -> Verdict:
         ratio: mean variant / mean line fit over the same heads with its interval (``interval.ratio_of_means``).
     Returns:
         label "near" / "not near" (+ ", biased" when the ratio's interval lies above 1); text, e.g. "the source's
-        estimator reads 11.2 [9.1, 13.6] over heads here, distinguishably above the source's 7.1; it reads ×1.53
-        [1.41, 1.66] the unbiased fit on the same points, above the ×1.34 it reads on ideal data, so these clouds
+        estimator reads 11.2 [9.1, 13.6] over heads here, distinguishably above the source's 7.1; it reads 1.53×
+        [1.41×, 1.66×] the unbiased fit on the same points, above the 1.34× it reads on ideal data, so these clouds
         depart from the law both fits assume: use the unbiased fit"; figures {"variant", "ratio", "source",
         "versus", "bias"}.
     """
@@ -828,13 +845,13 @@ def twonn_source(variant: Estimate, ratio: Estimate) -> Verdict:
                LOWER: f"distinguishably below the source's {value}"}[versus.label]
     biased = decide(ratio, 1.0, RULE).label == HIGHER
     ideal = decide(ratio, TWONN_IDEAL_RATIO, RULE).label
-    departs = {TIE: f"as on ideal data (×{TWONN_IDEAL_RATIO:.2f}, the truncation it ignores)",
-               HIGHER: f"above the ×{TWONN_IDEAL_RATIO:.2f} it reads on ideal data, so these clouds depart from the "
+    departs = {TIE: f"as on ideal data ({TWONN_IDEAL_RATIO:.2f}×, the truncation it ignores)",
+               HIGHER: f"above the {TWONN_IDEAL_RATIO:.2f}× it reads on ideal data, so these clouds depart from the "
                        f"law both fits assume",
-               LOWER: f"below the ×{TWONN_IDEAL_RATIO:.2f} it reads on ideal data, so these clouds depart from the "
+               LOWER: f"below the {TWONN_IDEAL_RATIO:.2f}× it reads on ideal data, so these clouds depart from the "
                       f"law both fits assume"}[ideal]
     text = (f"the source's estimator reads {estimate_text(variant.value, variant.lo, variant.hi, '.1f')} over heads "
-            f"here, {against}; it reads ×{estimate_text(ratio.value, ratio.lo, ratio.hi, '.2f')} the unbiased fit "
+            f"here, {against}; it reads {times_text(ratio.value, ratio.lo, ratio.hi, '.2f')} the unbiased fit "
             f"on the same points, {departs}" + (": use the unbiased fit" if biased else ""))
     return Verdict(label=("near" if near else "not near") + (", biased" if biased else ""), text=text,
                    figures={"variant": variant, "ratio": ratio, "source": value, "versus": versus.label,
@@ -953,7 +970,7 @@ def gate_ag3(ratio: Estimate, ppl_fisher: float, ppl_gptq: float, *, ppl_spec: s
     """A-G3: Fisher-rotation perplexity ≤ GPTQ's at 4 bits (paired ratio PPL_fisher / PPL_GPTQ below 1); the
     specs format the perplexities and the ratio (the chapter's own formats)."""
     return Verdict(label=gate(ratio, "lower"),
-                   text=f"{ppl_fisher:{ppl_spec}} vs {ppl_gptq:{ppl_spec}}, ratio {ratio:{ratio_spec}}",
+                   text=f"{number(ppl_fisher, ppl_spec)} vs {number(ppl_gptq, ppl_spec)}, ratio {ratio:{ratio_spec}}",
                    figures={"ratio": ratio})
 
 
@@ -961,7 +978,7 @@ def gate_ag4(ratio: Estimate, ppl_fisher: float, ppl_haar: float, *, ppl_spec: s
              ratio_spec: str = ".3f") -> Verdict:
     """A-G4: the Fisher basis beats a Haar-random rotation at 4 bits (paired ratio below 1); specs as ``gate_ag3``."""
     return Verdict(label=gate(ratio, "lower"),
-                   text=f"{ppl_fisher:{ppl_spec}} vs {ppl_haar:{ppl_spec}}, ratio {ratio:{ratio_spec}}",
+                   text=f"{number(ppl_fisher, ppl_spec)} vs {number(ppl_haar, ppl_spec)}, ratio {ratio:{ratio_spec}}",
                    figures={"ratio": ratio})
 
 
@@ -1430,26 +1447,35 @@ def side_code_cost(ratio: Estimate) -> Verdict:
 def survival_vs_revision(gaps: dict[int, list[str]], n_new: int, n_keys: int) -> Verdict:
     """Our greedy survival against the revision's, support by support.
 
+    The revision's runs are other prompts on other models, so nothing pairs them with ours: each statistic is
+    compared by whether our 95% interval and the revision's (exact for its share identical, bootstrap for its
+    median first divergence) meet (``fidelity.survival_agreement``). Intervals that meet leave the two
+    not distinguishable at these sample sizes; this is weaker than the paired rule (``decide``), which needs
+    shared units.
+
     Args:
-        gaps: {support S the revision also ran: ``fidelity.survival_agreement``'s phrases (empty: they agree)}.
+        gaps: {support S the revision also ran: ``fidelity.survival_agreement``'s phrases (empty: the
+            intervals meet)}.
         n_new: tokens generated per run; n_keys: prompt + generated tokens (the keys a support is a share of).
     Returns:
-        label "n/a", "agree", "partly" or "disagree"; text for the claims page.
+        label "n/a", ``TIE`` (every support), "partly" or "differs" (every support); text for the claims page.
     """
     ran = [s for s, _ in source("revision_first_divergence")]
-    agree = [str(s) for s, g in gaps.items() if not g]
+    alike = [str(s) for s, g in gaps.items() if not g]
     shortest = source("revision_shortest_context")
     differ = [f"at S = {s}, which keeps at least {s / n_keys:.0%} of our keys against at most {s / shortest:.0%} at the "
               f"revision's shortest context: " + " and ".join(g) for s, g in gaps.items() if g]
     if not gaps:
         return Verdict(label="n/a", text=f"cannot be compared with the revision: none of the supports run is one of its "
                                          f"{', '.join(map(str, ran))}")
+    how = "(unpaired: each 95% interval meets the revision's)"
     if not differ:
-        return Verdict(label="agree", figures={"gaps": dict(gaps)},
-                       text=f"agree with the revision at every support run (S = {', '.join(agree)}): runs identical "
-                            f"through {n_new} tokens are as rare and first divergences as early")
-    if agree:
+        return Verdict(label=TIE, figures={"gaps": dict(gaps)},
+                       text=f"are not distinguishable from the revision's at every support run (S = {', '.join(alike)}) "
+                            f"{how}: runs identical through {n_new} tokens are as rare and first divergences as early")
+    if alike:
         return Verdict(label="partly", figures={"gaps": dict(gaps)},
-                       text=f"agree with the revision at S = {', '.join(agree)}; they differ " + "; ".join(differ))
-    return Verdict(label="disagree", figures={"gaps": dict(gaps)},
-                   text="disagree with the revision at every support run: " + "; ".join(differ))
+                       text=f"are not distinguishable from the revision's at S = {', '.join(alike)} {how}; they differ "
+                            + "; ".join(differ))
+    return Verdict(label="differs", figures={"gaps": dict(gaps)},
+                   text="differ from the revision's at every support run: " + "; ".join(differ))

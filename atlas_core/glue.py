@@ -51,10 +51,12 @@ class Glue:
         if glue is None:
             from myst_nb import glue  # a book dependency; imported only where chapters run
         self.prefix, self._glue, self.run = prefix, glue, run
+        self.values: dict[str, Any] = {}  # what was glued, by full key (``intervals`` reads it)
 
     def __call__(self, key: str, value: Any) -> None:
         if isinstance(value, np.generic):
             value = value.item()
+        self.values[f"{self.prefix}_{key}"] = value
         self._glue(f"{self.prefix}_{key}", value, display=False)
 
     def estimate(self, key: str, est, spec: str | None = None) -> None:
@@ -63,6 +65,25 @@ class Glue:
         self(key, est.value), self(f"{key}_lo", est.lo), self(f"{key}_hi", est.hi)
         if spec is not None:
             self(f"{key}_ci", estimate_text(est.value, est.lo, est.hi, spec))
+
+    def intervals(self, specs: dict[str, str], *, ratios: dict[str, str] | None = None) -> None:
+        """Glue ``<key>_ci``, the text "value [lo, hi]" of figures already glued as ``key``, ``key_lo``, ``key_hi``,
+        so that the pages quote every interval in the book's one format (``estimate_text``; a ratio as
+        "1.43× [1.05×, 1.61×]", ``times_text``) rather than assembling it from three glued numbers.
+
+        Args:
+            specs: key (without the prefix) → format spec (".3f", "+.2%", "auto", ``interval.SIG3``).
+            ratios: the same, for ratios written with ×.
+        Raises:
+            KeyError: a key, or its ``_lo`` or ``_hi``, was not glued before.
+        """
+        for table, text in ((specs, estimate_text), (ratios or {}, times_text)):
+            for key, spec in table.items():
+                full = [f"{self.prefix}_{key}{s}" for s in ("", "_lo", "_hi")]
+                missing = [k for k in full if k not in self.values]
+                if missing:
+                    raise KeyError(f"intervals: {', '.join(missing)} not glued before; glue the figure and its bounds first")
+                self(f"{key}_ci", text(*(float(self.values[k]) for k in full), spec))
 
     def row(self, key: str, row, name: str) -> None:
         """Glue a row's ``name``, ``name_lo`` and ``name_hi`` (a dict, a pandas row) as ``key``, ``key_lo``, ``key_hi``."""
@@ -192,24 +213,19 @@ def glue_key(*parts) -> str:
 def number(x, spec: str = ".3f") -> str:
     """``x`` formatted with ``spec``; "—" for None, NaN or infinity (a figure that was not measured). A value that
     rounds to zero prints unsigned ("0.000", not "-0.000" or "+0.000%": ``interval.unsigned_zero``)."""
-    return "—" if x is None or not np.isfinite(x) else interval.unsigned_zero(format(x, spec))
+    return interval.format_number(x, spec)
 
 
 def estimate_text(value, lo, hi, spec: str = ".3f") -> str:
-    """ "value [lo, hi]" with ``spec``; a fixed-point ``spec`` shows figures of 1,000 and more without decimals
-    and with thousands separators (a failed run's perplexity reads in the thousands), and then the interval as
-    "[lo to hi]", since a comma would read as a thousands separator ("16,476 [12,048 to 23,392]")."""
-    if spec == "auto":  # the precision the interval supports (``interval.auto_spec``)
-        spec = interval.auto_spec(lo, hi)
-    if spec.endswith("f") and value is not None and np.isfinite(value) and abs(value) >= 1000 and "," not in spec:
-        spec = ",.0f"
-    low, high = number(lo, spec), number(hi, spec)
-    between = " to " if "," in low + high else ", "
-    return f"{number(value, spec)} [{low}{between}{high}]"
+    """ "value [lo, hi]" under the book's number rules (``interval.number_spec``: one spec for all three numbers,
+    thousands as integers with separators, a sign on every number of a signed quantity, "auto" and
+    ``interval.SIG3`` precisions)."""
+    return interval.interval_text(value, lo, hi, spec)
 
 
 def times_text(value, lo, hi, spec: str = ".2f") -> str:
-    """A ratio of speeds or times with its interval, each with its sign: "2.19× [2.10×, 2.31×]"."""
+    """A ratio of speeds, times or sizes with its interval, the × on every number: "2.19× [2.10×, 2.31×]"."""
+    spec = interval.number_spec(spec, value, lo, hi)
     return f"{number(value, spec)}× [{number(lo, spec)}×, {number(hi, spec)}×]"
 
 
@@ -219,8 +235,8 @@ def row_interval(row, name: str, spec: str) -> str:
 
 
 def with_ci(value, ci, spec: str = ".3f") -> str:
-    """ "value [lo, hi]"; "—" when there is no value."""
-    return "—" if value is None else f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+    """ "value [lo, hi]" under the book's number rules (``estimate_text``); "—" when there is no value."""
+    return "—" if value is None else estimate_text(value, ci[0], ci[1], spec)
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["MIN_UNITS", "check_units", "Bootstrap", "Estimate", "UnitSums", "unit_sums", "perplexity", "ppl_ratio", "ppl_difference",
-           "excess_removed", "excess_removed_difference", "mean", "mean_difference", "median", "ratio_of_means", "share", "format_estimate"]
+           "excess_removed", "excess_removed_difference", "mean", "mean_difference", "median", "ratio_of_means", "share", "format_estimate",
+           "format_number", "interval_text", "number_spec", "SIG3"]
 
 
 MIN_UNITS = 2  # one unit resamples to itself: a zero-width "interval" that would call any difference real
@@ -118,6 +119,8 @@ def auto_spec(lo: float, hi: float, digits: int = 2, max_decimals: int = 6) -> s
 
 _SIGNED_ZERO = re.compile(r"[-+−]0(?:[.,]0*)?(?:e[-+]?0+)?(?:[%×])?")
 
+SIG3 = "sig3"  # three significant figures (a perplexity: "158", "23.7", "16,476"); see ``number_spec``
+
 
 def unsigned_zero(text: str) -> str:
     """A formatted number that rounds to zero, without its sign: "-0.000" → "0.000", "+0.000%" → "0.000%"
@@ -125,12 +128,57 @@ def unsigned_zero(text: str) -> str:
     return text[1:] if _SIGNED_ZERO.fullmatch(text) else text
 
 
+def format_number(x, spec: str = ".3f") -> str:
+    """``x`` formatted with ``spec``; "—" for None, NaN or infinity (a figure that was not measured); a value
+    that rounds to zero prints unsigned (``unsigned_zero``)."""
+    if x is None or not np.isfinite(x):
+        return "—"
+    if spec.lstrip("+") == SIG3:  # three significant figures of this number (``number_spec``)
+        spec = number_spec(spec, x, x, x)
+    return unsigned_zero(format(x, spec))
+
+
+def number_spec(spec: str, value, lo, hi) -> str:
+    """The format spec the book's number rules give a figure "value [lo, hi]" asked for with ``spec``.
+
+    The rules (Methods, "Number formats"), one place for every interval the book prints:
+      * "auto": the precision the interval supports (``auto_spec``); ``SIG3``: three significant figures
+        of the value (a perplexity); either may carry a leading "+"; any other spec is used as given.
+      * a fixed-point figure of 1,000 or more prints as an integer with thousands separators (a failed
+        run's perplexity reads in the thousands: "16,476 [12,048, 23,392]").
+      * a signed quantity prints a sign on every number: when any of the three is negative, "+" is added
+        ("−0.050 [−0.247, +0.154]", not "−0.050 [−0.247, 0.154]").
+    Args:
+        spec: a Python format spec (".3f", "+.1%", ".3g"), "auto" or ``SIG3``; value, lo, hi: the figure.
+    Returns:
+        the spec to format all three numbers with.
+    """
+    finite = [abs(x) for x in (value, lo, hi) if x is not None and np.isfinite(x)]
+    sign, base = ("+", spec[1:]) if spec.startswith("+") else ("", spec)  # "+auto", "+sig3": a signed difference
+    if base == "auto":
+        spec = sign + auto_spec(lo, hi)
+    elif base == SIG3:
+        top = abs(value) if value is not None and np.isfinite(value) and value != 0 else max(finite, default=1.0) or 1.0
+        spec = f"{sign}.{max(0, 2 - math.floor(math.log10(top)))}f"
+    if spec.endswith("f") and "," not in spec and finite and max(finite) >= 1000:
+        spec = ("+" if spec.startswith("+") else "") + ",.0f"
+    negative = any(format_number(x, spec).startswith(("-", "−")) for x in (value, lo, hi))
+    if negative and not spec.startswith(("+", "-", " ")):
+        spec = "+" + spec
+    return spec
+
+
+def interval_text(value, lo, hi, spec: str = ".3g") -> str:
+    """"value [lo, hi]": the three numbers in one format (``number_spec``), the bounds after ", "; "—" for a
+    number that was not measured."""
+    spec = number_spec(spec, value, lo, hi)
+    return f"{format_number(value, spec)} [{format_number(lo, spec)}, {format_number(hi, spec)}]"
+
+
 def format_estimate(est: Estimate, spec: str = ".3g") -> str:
-    """"value [lo, hi]" with each number formatted by ``spec`` (e.g. ".2f", ".1%"; "auto": ``auto_spec``)."""
-    if spec == "auto":
-        spec = auto_spec(est.lo, est.hi)
-    value, lo, hi = (unsigned_zero(format(x, spec)) for x in (est.value, est.lo, est.hi))
-    return f"{value} [{lo}, {hi}]"
+    """"value [lo, hi]" of an Estimate, each number formatted by ``spec`` under the book's rules
+    (``interval_text``; e.g. ".2f", ".1%", "auto", ``SIG3``)."""
+    return interval_text(est.value, est.lo, est.hi, spec)
 
 
 @dataclass(frozen=True)

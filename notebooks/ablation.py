@@ -83,7 +83,7 @@ from atlas_core.cache import cache_dir, cache_key, file_sha256, jsonable, write_
 from atlas_core.figures import PALETTE, figsize
 from atlas_core.geometry import haar_null
 from atlas_core.glue import chapter_glue, estimate_text, glue_key as key, listing, number, plural, with_ci
-from atlas_core.interval import Bootstrap
+from atlas_core.interval import SIG3, Bootstrap
 from atlas_core.intrinsic import PLATEAU_DEPTH
 from atlas_core.protocol import Protocol
 from atlas_core.train.config import ArchConfig, TrainConfig, variants as make_variants
@@ -192,22 +192,22 @@ for name in variants:
                             for f in CHECKPOINTS}})
     variant_rows.append({"variant": name, "d_head": a.d_head, "KV heads": a.n_kv_heads, "positions": a.position,
                          "norm": a.norm, "MLP width d_ff": a.d_ff, "parameters": f"{a.n_parameters():,}",
-                         **{f"held-out perplexity, {when(f)} (seed {seeds[0]})": f"{held_out(runs[name, seeds[0]], f):.1f}"
+                         **{f"held-out perplexity, {when(f)} (seed {seeds[0]})": number(held_out(runs[name, seeds[0]], f), SIG3)
                             for f in (0.0, 1.0)}})
 variant_table = pd.DataFrame(variant_rows).set_index("variant")
 g.table("variants_table", variant_table, data=pd.DataFrame(variant_data).set_index("variant"), sample=f"{tokens:,} training tokens per run; perplexity on "
         f"{plural(eval_blocks, 'held-out block')} of {train_seq_len} tokens")
 ppl_init = [held_out(runs[n, seeds[0]], 0.0) for n in variants]
 ppl_end = [held_out(runs[n, seeds[0]], 1.0) for n in variants]
-g("ppl_init", f"{min(ppl_init):.0f}–{max(ppl_init):.0f}")
-g("ppl_end", f"{min(ppl_end):.1f}–{max(ppl_end):.1f}")
+g("ppl_init", f"{number(min(ppl_init), SIG3)} to {number(max(ppl_init), SIG3)}")  # the lowest and highest run
+g("ppl_end", f"{number(min(ppl_end), SIG3)} to {number(max(ppl_end), SIG3)}")
 bpe = load_tokenizer(corpus, vocab_size)
 stream = train_tokens(bpe, corpus)  # (token,) the training text, as every run reads it
 ppl_unigram = unigram_perplexity(stream.numpy(), held_out_blocks(bpe, run_cfg)[:, 1:].numpy(), len(bpe))
-g("ppl_unigram", f"{ppl_unigram:.1f}")
+g("ppl_unigram", number(ppl_unigram, SIG3))
 g("base_d_ff", archs[variants[0]].d_ff)
 g("base_ff_ratio", f"{archs[variants[0]].d_ff / d_model:.1f}")
-g("ppl_end_vs_unigram", f"{min(ppl_end) / ppl_unigram:.2f}–{max(ppl_end) / ppl_unigram:.2f}")
+g("ppl_end_vs_unigram", f"{min(ppl_end) / ppl_unigram:.2f} to {max(ppl_end) / ppl_unigram:.2f}")
 g("beyond_unigram", "every model ends below it, so each learned more than token frequencies"
   if max(ppl_end) < ppl_unigram else "no model ends below it yet, so none has caught up with token frequencies"
   if min(ppl_end) >= ppl_unigram else "some models end below it and some do not, so not every one has caught up with "
@@ -240,7 +240,8 @@ g("epochs", f"{tokens_trained / len(stream):.2f}")
 # as it must for a random model) to {glue:text}`ab_ppl_end:s` at the end. The unigram model of the training
 # text (token frequencies alone, add-one smoothed: `atlas_core.ablation.unigram_perplexity`) reads
 # {glue:text}`ab_ppl_unigram:s` on the same blocks; the trained models end at
-# {glue:text}`ab_ppl_end_vs_unigram:s` × its perplexity, and {glue:text}`ab_beyond_unigram:s`. Training is short:
+# {glue:text}`ab_ppl_end_vs_unigram:s` times its perplexity (the lowest and highest of the runs; each is one run's
+# held-out perplexity, a point value), and {glue:text}`ab_beyond_unigram:s`. Training is short:
 # {glue:text}`ab_tokens_trained:s` tokens ({glue:text}`ab_n_steps:d` whole batches of the budget of
 # {glue:text}`ab_tokens:s`) are {glue:text}`ab_tokens_per_param:s` tokens per parameter ({glue:text}`ab_epochs:s` of an epoch of the training text), where compute-optimal
 # training takes about 20 {cite:p}`hoffmann2022chinchilla`. Every statement below about training is
@@ -275,7 +276,7 @@ for (name, seed, fraction), r in results.items():
     decisions[name, seed, fraction] = side
     ppl = held_out(runs[name, seed], fraction)
     main_rows.append({
-        "variant": name, "seed": seed, "checkpoint": when(fraction), "held-out perplexity": f"{ppl:.1f}",
+        "variant": name, "seed": seed, "checkpoint": when(fraction), "held-out perplexity": number(ppl, SIG3),
         "Oₕ [95% CI over pairs]": with_ci(m["o_h"], m["ci"]), "pairs (count)": f"{m['pairs']} ({m['n_pairs']})",
         "Haar null (mean ± s.d.)": f"{m['null_mean']:.3f} ± {m['null_std']:.4f}", "z-score": f"{m['z']:+.1f}",
         "intra-group Oₕ": number(m["intra"]),

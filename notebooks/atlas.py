@@ -80,7 +80,7 @@ from atlas_core.models import load_model
 from atlas_core.zoo import model_title
 from atlas_core.eval import block_nll
 from atlas_core.figures import color, figsize
-from atlas_core.glue import chapter_glue, estimate_text, number, plural, with_ci
+from atlas_core.glue import chapter_glue, estimate_text, number, plural, times_text, with_ci
 from atlas_core.interval import Estimate, format_estimate
 from atlas_core.intra_null import IntraNullSpec, intra_group_null, layer_group_attention
 from atlas_core.top1 import fit_reconstruction, top1_experiment
@@ -244,7 +244,6 @@ g("z", head.z)
 g("n_pairs", head.n_pairs)
 g("n_inter", head.n_inter)
 g("n_intra", head.n_intra)
-g("ratio", head.o_h / head.null_mean)
 g("pair_label", "head pairs (every head reads the single KV head)" if mqa else
   "inter-group pairs (heads that read different KV heads)" if head.n_intra else "head pairs")
 head_excess = claims.summary_excess(head)  # O_h − null with both spreads: what the verdict reads
@@ -308,12 +307,11 @@ g("intra_null_draws", intra_null_draws)
 # ```
 #
 # At $k$ = {glue:text}`atlas_k:d`, over the {glue:text}`atlas_n_pairs:d` {glue:text}`atlas_pair_label:s`,
-# $O_h$ = {glue:text}`atlas_oh:.3f` (95% interval [{glue:text}`atlas_oh_lo:.3f`, {glue:text}`atlas_oh_hi:.3f`]).
+# $O_h$ = {glue:text}`atlas_oh_ci:s`.
 # Haar-random frames in $\mathbb{R}^{d_\text{head}}$ give {glue:text}`atlas_null_mean:.3f`
 # ± {glue:text}`atlas_null_std:.4f` (analytic approximation {glue:text}`atlas_null_analytic:.3f`): the
 # difference is {glue:text}`atlas_excess_ci:s`, its 95% interval counting both the spread over pairs and
-# the null's ({ref}`sec-rule`); that is a z-score of {glue:text}`atlas_z:+.1f` in the null's units, and the
-# ratio to the null is {glue:text}`atlas_ratio:.2f`. The measured $O_h$ {glue:text}`atlas_verdict:s` the overlap of
+# the null's ({ref}`sec-rule`); that is a z-score of {glue:text}`atlas_z:+.1f` in the null's units. The measured $O_h$ {glue:text}`atlas_verdict:s` the overlap of
 # random frames, and {glue:text}`atlas_sweep_verdict:s`. The "$\ll 1$" of the source is the value random
 # frames take in this dimension; by itself it says nothing about how the heads are arranged.{glue:text}`atlas_mqa_note:s` The command
 # `atlas overlap --model M --json` prints the same headline numbers for any model M.
@@ -431,7 +429,7 @@ g("id_unbiased_verdict", id_unbiased)
 variant = claims.twonn_source_over_heads(ids["twonn-source"], ids["twonn"])
 source_mean, source_ratio = variant.figures["variant"], variant.figures["ratio"]
 g("id_source_ci", estimate_text(source_mean.value, source_mean.lo, source_mean.hi, ".1f"))
-g("id_source_ratio_ci", estimate_text(source_ratio.value, source_ratio.lo, source_ratio.hi, ".2f"))
+g("id_source_ratio_ci", times_text(source_ratio.value, source_ratio.lo, source_ratio.hi, ".2f"))
 g("id_twonn_ci", estimate_text(twonn_mean.value, twonn_mean.lo, twonn_mean.hi, ".2f"))
 g("id_variant_verdict", variant.text)
 g("id_verdict", f"{variant.text}; {id_unbiased}")
@@ -470,11 +468,11 @@ for est in ("twonn", "twonn-source"):
 # {glue:md}`atlas_id_table_prov:myst`
 # ```
 #
-# Averaged over heads ({numref}`tbl-atlas-id`), TwoNN gives {glue:text}`atlas_id_twonn:.2f` (sd over heads
-# {glue:text}`atlas_id_twonn_sd:.2f`), the source variant {glue:text}`atlas_id_source:.2f` and the MLE
+# Averaged over heads ({numref}`tbl-atlas-id`), TwoNN gives {glue:text}`atlas_id_twonn_ci:s` (sd over heads
+# {glue:text}`atlas_id_twonn_sd:.2f`), the source variant {glue:text}`atlas_id_source_ci:s` and the MLE
 # {glue:text}`atlas_id_mle:.2f`. The source's 7.1 is a value of the variant: whether that number
 # replicates is read off the variant, and by the rule (heads resampled) {glue:text}`atlas_id_variant_verdict:s`.
-# Of that ratio, ×1.34 is the variant's own bias (what it reads on exactly Pareto-distributed ratios) and
+# Of that ratio, 1.34× is the variant's own bias (what it reads on exactly Pareto-distributed ratios) and
 # the rest, whichever way it falls, is how far these clouds depart from that law.
 # The claim itself, that each head lives on a ~7-dimensional manifold, is about the manifold, and the
 # variant reads high, so the claim is judged by the unbiased fit. By the decision rule ({ref}`sec-rule`),
@@ -538,6 +536,7 @@ g("z_z", sweep["z"][k].z)
 g("c_oh", c_res.o_h)
 g("c_lo", c_res.ci[0])
 g("c_hi", c_res.ci[1])
+g("c_oh_ci", with_ci(c_res.o_h, c_res.ci))
 g("c_null", c_res.null_mean)
 g("c_null_std", c_res.null_std)
 g("c_z", c_res.z)
@@ -567,12 +566,11 @@ g.estimate("c_excess", c_side.figures["excess"])
 #
 # On the head output $z$ ({numref}`tbl-atlas-coords`), $O_h$ = {glue:text}`atlas_z_oh:.3f` against the
 # same null {glue:text}`atlas_z_null:.3f` (z = {glue:text}`atlas_z_z:+.1f`). After $W_O$, $O_h$ =
-# {glue:text}`atlas_c_oh:.3f` (95% interval [{glue:text}`atlas_c_lo:.3f`, {glue:text}`atlas_c_hi:.3f`]); Haar
+# {glue:text}`atlas_c_oh_ci:s` (95% interval); Haar
 # frames in $\mathbb{R}^{d_\text{model}}$ give {glue:text}`atlas_c_null:.3f` ± {glue:text}`atlas_c_null_std:.4f`
 # (z = {glue:text}`atlas_c_z:+.1f`), random frames inside the heads' own column spaces give
 # {glue:text}`atlas_c_col_null:.3f` ± {glue:text}`atlas_c_col_std:.4f`, and the measured value
-# {glue:text}`atlas_c_verdict:s` that fair chance level, by {glue:text}`atlas_c_excess:+.3f`
-# [{glue:text}`atlas_c_excess_lo:+.3f`, {glue:text}`atlas_c_excess_hi:+.3f`]. The verdict reads this interval,
+# {glue:text}`atlas_c_verdict:s` that fair chance level, by {glue:text}`atlas_c_excess_ci:s`. The verdict reads this interval,
 # which counts both how much the excess would change on other pairs of heads and the null's own spread. The
 # z-score, {glue:text}`atlas_c_col_z:+.1f`, counts only the null's spread, so it overstates the evidence: the
 # interval's lower end lies close to the null. This is the
@@ -632,9 +630,9 @@ g("gauss_sentence", f"The real cloud has the lower TwoNN dimension in {n_below} 
 #
 # The Gaussian twins give $O_h$ = {glue:text}`atlas_gauss_oh:.3f` ([{glue:text}`atlas_gauss_lo:.3f`,
 # {glue:text}`atlas_gauss_hi:.3f`], z = {glue:text}`atlas_gauss_z:+.1f` against the Haar null), beside
-# {glue:text}`atlas_oh:.3f` for the real clouds. Their TwoNN dimension averages
+# {glue:text}`atlas_oh_ci:s` for the real clouds. Their TwoNN dimension averages
 # {glue:text}`atlas_gauss_id:.2f`, {glue:text}`atlas_gauss_id_ratio:.2f` times that of the real clouds
-# ({glue:text}`atlas_id_twonn:.2f`; {numref}`tbl-atlas-gauss`); the mean participation ratio is
+# ({glue:text}`atlas_id_twonn_ci:s`; {numref}`tbl-atlas-gauss`); the mean participation ratio is
 # {glue:text}`atlas_participation:.2f`. {glue:text}`atlas_gauss_sentence:s`
 #
 # ## Depth profile
@@ -842,26 +840,25 @@ g("top1_verdict", claims.top1_recovery(Estimate(**three["gain"]), Estimate(**thr
 # ```
 #
 # Brackets give the same 95% intervals. Keeping only the argmax key in the deepest layer ({numref}`tbl-atlas-top1`) moves perplexity from
-# {glue:text}`atlas_top1_full_1:.2f` [{glue:text}`atlas_top1_full_1_lo:.2f`, {glue:text}`atlas_top1_full_1_hi:.2f`] to {glue:text}`atlas_top1_ppl_1:.2f` [{glue:text}`atlas_top1_ppl_1_lo:.2f`, {glue:text}`atlas_top1_ppl_1_hi:.2f`]
-# ({glue:text}`atlas_top1_delta_1:+.2f` [{glue:text}`atlas_top1_delta_1_lo:+.2f`, {glue:text}`atlas_top1_delta_1_hi:+.2f`], a relative change of {glue:text}`atlas_top1_rel_1:+.1%` [{glue:text}`atlas_top1_rel_1_lo:+.1%`, {glue:text}`atlas_top1_rel_1_hi:+.1%`]); in the
-# three deepest layers the change is {glue:text}`atlas_top1_delta_3:+.2f` [{glue:text}`atlas_top1_delta_3_lo:+.2f`, {glue:text}`atlas_top1_delta_3_hi:+.2f`]
-# ({glue:text}`atlas_top1_rel_3:+.1%` [{glue:text}`atlas_top1_rel_3_lo:+.1%`, {glue:text}`atlas_top1_rel_3_hi:+.1%`]). The source reports +7.7 for GPT-2's deepest layer; the models
+# {glue:text}`atlas_top1_full_1_ci:s` to {glue:text}`atlas_top1_ppl_1_ci:s`
+# ({glue:text}`atlas_top1_delta_1_ci:s`, a relative change of {glue:text}`atlas_top1_rel_1_ci:s`); in the
+# three deepest layers the change is {glue:text}`atlas_top1_delta_3_ci:s`
+# ({glue:text}`atlas_top1_rel_3_ci:s`). The source reports +7.7 for GPT-2's deepest layer; the models
 # differ, so only the sign and rough size are comparable. The rank-{glue:text}`atlas_k:d` reconstruction
-# recovers {glue:text}`atlas_top1_rec_1:.1%` [{glue:text}`atlas_top1_rec_1_lo:.1%`, {glue:text}`atlas_top1_rec_1_hi:.1%`] of the one-layer damage and {glue:text}`atlas_top1_rec_3:.1%` [{glue:text}`atlas_top1_rec_3_lo:.1%`, {glue:text}`atlas_top1_rec_3_hi:.1%`]
+# recovers {glue:text}`atlas_top1_rec_1_ci:s` of the one-layer damage and {glue:text}`atlas_top1_rec_3_ci:s`
 # of the three-layer damage; random frames of the same rank, with the same fitted mean, recover
-# {glue:text}`atlas_top1_rec_rand_1:.1%` [{glue:text}`atlas_top1_rec_rand_1_lo:.1%`, {glue:text}`atlas_top1_rec_rand_1_hi:.1%`] and {glue:text}`atlas_top1_rec_rand_3:.1%` [{glue:text}`atlas_top1_rec_rand_3_lo:.1%`, {glue:text}`atlas_top1_rec_rand_3_hi:.1%`]. The source reports
+# {glue:text}`atlas_top1_rec_rand_1_ci:s` and {glue:text}`atlas_top1_rec_rand_3_ci:s`. The source reports
 # 55.9% for three layers of GPT-2 (and 55.8% for a per-head autoencoder). Both reconstructions put back
 # the fitted mean $\mu_h$; the random control measures how much of the recovery needs no particular
-# subspace, and the PCA frames add {glue:text}`atlas_top1_gain_1:.1%` [{glue:text}`atlas_top1_gain_1_lo:.1%`, {glue:text}`atlas_top1_gain_1_hi:.1%`] (one layer) and
-# {glue:text}`atlas_top1_gain_3:.1%` [{glue:text}`atlas_top1_gain_3_lo:.1%`, {glue:text}`atlas_top1_gain_3_hi:.1%`] (three layers) of the damage beyond it. A recovered fraction is
+# subspace, and the PCA frames add {glue:text}`atlas_top1_gain_1_ci:s` (one layer) and
+# {glue:text}`atlas_top1_gain_3_ci:s` (three layers) of the damage beyond it. A recovered fraction is
 # therefore to be read against the random control, not against zero.
 #
 # ## Summary
 #
 # On {glue:text}`atlas_model:s`, deepest layer, $k$ = {glue:text}`atlas_k:d`:
 #
-# - **Overlap.** $O_h$ = {glue:text}`atlas_oh:.3f` [{glue:text}`atlas_oh_lo:.3f`,
-#   {glue:text}`atlas_oh_hi:.3f`] over {glue:text}`atlas_n_pairs:d` {glue:text}`atlas_pair_label:s`;
+# - **Overlap.** $O_h$ = {glue:text}`atlas_oh_ci:s` over {glue:text}`atlas_n_pairs:d` {glue:text}`atlas_pair_label:s`;
 #   Haar-random frames give {glue:text}`atlas_null_mean:.3f` ± {glue:text}`atlas_null_std:.4f`
 #   (z = {glue:text}`atlas_z:+.1f`). The measured overlap {glue:text}`atlas_verdict:s` that of random
 #   frames, by {glue:text}`atlas_excess_ci:s` ({numref}`tbl-atlas-sweep`). The source's "$O_h \ll 1$" (0.284 on GPT-2) is the chance value at
@@ -873,13 +870,12 @@ g("top1_verdict", claims.top1_recovery(Estimate(**three["gain"]), Estimate(**thr
 #   {glue:text}`atlas_intra_null_mean:s` ± {glue:text}`atlas_intra_null_std:s`
 #   (z = {glue:text}`atlas_intra_null_z:s`), the intra-group $O_h$ {glue:text}`atlas_intra_null_verdict:s`
 #   that null, by {glue:text}`atlas_intra_null_excess:s`.
-# - **After $W_O$.** In the gauge-invariant coordinates $O_h$ = {glue:text}`atlas_c_oh:.3f`, against
+# - **After $W_O$.** In the gauge-invariant coordinates $O_h$ = {glue:text}`atlas_c_oh_ci:s`, against
 #   {glue:text}`atlas_c_col_null:.3f` for random frames inside each head's $W_O$ column space: it
-#   {glue:text}`atlas_c_verdict:s` chance, by {glue:text}`atlas_c_excess:+.3f`
-#   [{glue:text}`atlas_c_excess_lo:+.3f`, {glue:text}`atlas_c_excess_hi:+.3f`]
+#   {glue:text}`atlas_c_verdict:s` chance, by {glue:text}`atlas_c_excess_ci:s`
 #   ({numref}`tbl-atlas-coords`). The source did not make this comparison.
 # - **Intrinsic dimension.** Unbiased TwoNN {glue:text}`atlas_id_twonn_ci:s`, source variant
-#   {glue:text}`atlas_id_source_ci:s` on the same points (×{glue:text}`atlas_id_source_ratio_ci:s`; 95%
+#   {glue:text}`atlas_id_source_ci:s` on the same points ({glue:text}`atlas_id_source_ratio_ci:s`; 95%
 #   intervals over heads). The source's 7.1 is a value of the variant ({numref}`tbl-atlas-id`);
 #   {glue:text}`atlas_id_unbiased_verdict:s`.
 # - **Gaussian twins.** Same-covariance Gaussian clouds give $O_h$ = {glue:text}`atlas_gauss_oh:.3f` and
@@ -890,10 +886,10 @@ g("top1_verdict", claims.top1_recovery(Estimate(**three["gain"]), Estimate(**thr
 #   {glue:text}`atlas_depth_n_above:d` lie distinguishably above chance and
 #   {glue:text}`atlas_depth_n_below:d` distinguishably below it ({glue:text}`atlas_depth_multiplicity:s`;
 #   {numref}`fig-atlas-depth`).
-# - **Hard top-1.** It costs {glue:text}`atlas_top1_delta_1:+.2f` [{glue:text}`atlas_top1_delta_1_lo:+.2f`, {glue:text}`atlas_top1_delta_1_hi:+.2f`] perplexity in the deepest layer (source:
+# - **Hard top-1.** It costs {glue:text}`atlas_top1_delta_1_ci:s` perplexity in the deepest layer (source:
 #   +7.7 on GPT-2). A rank-{glue:text}`atlas_k:d` reconstruction recovers
-#   {glue:text}`atlas_top1_rec_3:.1%` [{glue:text}`atlas_top1_rec_3_lo:.1%`, {glue:text}`atlas_top1_rec_3_hi:.1%`] of the three-layer damage (source: 55.9%), random frames with the
-#   same mean {glue:text}`atlas_top1_rec_rand_3:.1%` [{glue:text}`atlas_top1_rec_rand_3_lo:.1%`, {glue:text}`atlas_top1_rec_rand_3_hi:.1%`] ({numref}`tbl-atlas-top1`):
+#   {glue:text}`atlas_top1_rec_3_ci:s` of the three-layer damage (source: 55.9%), random frames with the
+#   same mean {glue:text}`atlas_top1_rec_rand_3_ci:s` ({numref}`tbl-atlas-top1`):
 #   {glue:text}`atlas_top1_verdict:s`.
 
 # %%
@@ -929,4 +925,7 @@ write_json(out / "atlas.json", {
               "z": z_by_layer.tolist()},
     "top1": top1,
 })
+g.intervals({"c_excess": "+.3f", "oh": ".3f", "top1_delta_1": "+.2f", "top1_delta_3": "+.2f", "top1_full_1": interval.SIG3,
+             "top1_ppl_1": interval.SIG3, "top1_gain_1": ".1%", "top1_gain_3": ".1%", "top1_rec_1": ".1%", "top1_rec_3": ".1%",
+             "top1_rec_rand_1": ".1%", "top1_rec_rand_3": ".1%", "top1_rel_1": "+.1%", "top1_rel_3": "+.1%"})
 g.finish()

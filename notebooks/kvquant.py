@@ -134,7 +134,7 @@ from atlas_core.zoo import model_title
 g = chapter_glue("kv", chapter="kvquant", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value) glues kv_<key>
 # One format per quantity in every table and sentence of this chapter: perplexity 3 decimals, ratios 2,
 # stored bits 3, shares of the excess as percentages with 1 decimal; "—" where a figure does not apply.
-PPL, RATIO, BITS, SHARE = ".3f", ".2f", ".3f", ".1%"
+PPL, RATIO, BITS, SHARE = interval.SIG3, ".2f", ".3f", ".1%"  # a perplexity to three significant figures, as in every chapter
 
 
 def ci(est, spec: str) -> str:
@@ -312,22 +312,19 @@ g.figure("fig_metrics", fig, data=errors[["layer", "head", "config", "family", "
 # ```
 #
 # **Result.** {numref}`fig-kv-metrics` shows the three measures against attention KL. Across heads and
-# configurations, attention KL has a rank correlation of {glue:text}`kv_rho_key_mse:.2f` [{glue:text}`kv_rho_key_mse_lo:.2f`, {glue:text}`kv_rho_key_mse_hi:.2f`] with key MSE,
-# {glue:text}`kv_rho_logit_mse:.2f` [{glue:text}`kv_rho_logit_mse_lo:.2f`, {glue:text}`kv_rho_logit_mse_hi:.2f`] with logit MSE and {glue:text}`kv_rho_fisher:.2f` [{glue:text}`kv_rho_fisher_lo:.2f`, {glue:text}`kv_rho_fisher_hi:.2f`] with the Fisher form
+# configurations, attention KL has a rank correlation of {glue:text}`kv_rho_key_mse_ci:s` with key MSE,
+# {glue:text}`kv_rho_logit_mse_ci:s` with logit MSE and {glue:text}`kv_rho_fisher_ci:s` with the Fisher form
 # (95% intervals, (layer, head) units resampled with all their configurations).
 # Within one head, across configurations (median over heads), the three read
 # {glue:text}`kv_rho_within_key_mse:.2f`, {glue:text}`kv_rho_within_logit_mse:.2f` and
 # {glue:text}`kv_rho_within_fisher:.2f`. The Fisher form is close to the KL itself: the median ratio
-# KL/Fisher is {glue:text}`kv_fisher_kl_ratio:.2f` [{glue:text}`kv_fisher_kl_ratio_lo:.2f`,
-# {glue:text}`kv_fisher_kl_ratio_hi:.2f`], near 1, as the second-order expansion says. (Intervals in this
+# KL/Fisher is {glue:text}`kv_fisher_kl_ratio_ci:s`, near 1, as the second-order expansion says. (Intervals in this
 # section are 95% bootstrap intervals over the {glue:text}`kv_n_metric_heads:d` (layer, query head) pairs,
 # each drawn with all its configurations: the error study reads {glue:text}`kv_metric_blocks_text:s`, too
 # few to resample blocks.)
 #
-# The null-space perturbation separates the two kinds of error. It has {glue:text}`kv_null_mse_ratio:.2f`×
-# [{glue:text}`kv_null_mse_ratio_lo:.2f`, {glue:text}`kv_null_mse_ratio_hi:.2f`] the key MSE of 2-bit per-token
-# quantization but only {glue:text}`kv_null_kl_ratio:.3f`× [{glue:text}`kv_null_kl_ratio_lo:.3f`,
-# {glue:text}`kv_null_kl_ratio_hi:.3f`] its attention
+# The null-space perturbation separates the two kinds of error. It has {glue:text}`kv_null_mse_ratio_ci:s` the key MSE of 2-bit per-token
+# quantization but only {glue:text}`kv_null_kl_ratio_ci:s` its attention
 # KL, because it sits in the {glue:text}`kv_null_dirs:d` directions that the queries use least. It is not
 # invisible (those directions still carry some query energy), but key MSE alone cannot tell it from
 # quantization error that costs the model several times more.
@@ -630,7 +627,7 @@ g("rank_reach", {"reached": "the paper's range is thus reached by spending more 
 # {glue:text}`kv_best_rank_bits:.3f` bits per key element. Against the paper's 84–94%, rank by rank and
 # each beside its storage: {glue:text}`kv_rank_verdict:s`; {glue:text}`kv_rank_reach:s`. At fewer bits than
 # the largest ranks store, 3-bit KIVI keys
-# ({glue:text}`kv_bits_kivi3:.3f` bits per key element) already read {glue:text}`kv_ppl_kivi3_ci:s`, against {glue:text}`kv_fp_ppl:.3f`
+# ({glue:text}`kv_bits_kivi3:.3f` bits per key element) already read {glue:text}`kv_ppl_kivi3_ci:s`, against {glue:text}`kv_fp_ppl_ci:s`
 # for the fp cache. Whether the side code is a good use of bits is the question
 # of the equal-storage comparison below.
 #
@@ -947,7 +944,7 @@ def paired(a: KVMethod, b: KVMethod, name_a: str, name_b: str) -> str:
 b0 = code_bits[0]
 g("whitened_vs_query", paired(K("headq", b0, basis="whitened"), K("headq", b0), "the whitened basis", "the query basis"))
 g("tc_pre_vs_post", paired(K("query-tc", b0, pre_rope=True), K("query-tc", b0), "pre-RoPE query-tc", "post-RoPE query-tc"))
-g("tc_lloyd_vs_uniform", paired(K("query-tc", b0, grid="lloyd-max"), K("query-tc", b0), "Lloyd-Max grids", "uniform grids"))
+g("tc_lloyd_vs_uniform", paired(K("query-tc", b0, grid="lloyd-max"), K("query-tc", b0), "Lloyd–Max grids", "uniform grids"))
 g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rotation", "KIVI"))
 
 # %% [markdown]
@@ -991,10 +988,11 @@ g("hadamard_vs_kivi", paired(K("hadamard", b0), K("kivi", b0), "the Hadamard rot
 # KIVI holds, the best new key code is {glue:text}`kv_es_best:s` ({glue:text}`kv_es_bits:.3f` bits), at
 # perplexity {glue:text}`kv_es_ppl_ci:s` against
 # KIVI's {glue:text}`kv_es_kivi_ppl_ci:s`
-# and the fp cache's {glue:text}`kv_fp_ppl:.3f`. By perplexity, {glue:text}`kv_es_verdict:s` (paired difference
+# and the fp cache's {glue:text}`kv_fp_ppl_ci:s`. By perplexity, {glue:text}`kv_es_verdict:s` (paired difference
 # {glue:text}`kv_es_diff_ci:s`). At
-# {glue:text}`kv_es_bits_high:d` bits, {glue:text}`kv_es_hi_verdict:s`; query-tc against the other codes of the
-# same nominal bits: {glue:text}`kv_tc_hi_versus:s`. With values quantized too, at
+# {glue:text}`kv_es_bits_high:d` bits, {glue:text}`kv_es_hi_verdict:s`; the post-RoPE query-tc code (the default
+# form, named without a suffix below) against the other codes of the same nominal bits:
+# {glue:text}`kv_tc_hi_versus:s`. With values quantized too, at
 # {glue:text}`kv_es_kv_bits_low:d` bits: {glue:text}`kv_es_kv_verdict:s`.
 #
 # Which ingredient does the work, paired on the same blocks at {glue:text}`kv_es_bits_low:d` bits: for
@@ -1179,10 +1177,10 @@ for key, name in (("oracle", "A² (oracle)"), ("causal", "A² (causal)"), ("rand
 # ```
 #
 # **Result.** {numref}`tbl-kv-values` compares the policies. At {glue:text}`kv_a2_budget:g` payload bits
-# per value element, the A² policy's output error is {glue:text}`kv_a2_oracle_ratio:.2f`× [{glue:text}`kv_a2_oracle_ratio_lo:.2f`, {glue:text}`kv_a2_oracle_ratio_hi:.2f`] that of uniform
-# quantization with the oracle weights, and {glue:text}`kv_a2_causal_ratio:.2f`× [{glue:text}`kv_a2_causal_ratio_lo:.2f`, {glue:text}`kv_a2_causal_ratio_hi:.2f`] with weights from the
+# per value element, the A² policy's output error is {glue:text}`kv_a2_oracle_ratio_ci:s` that of uniform
+# quantization with the oracle weights, and {glue:text}`kv_a2_causal_ratio_ci:s` with weights from the
 # earlier queries only (95% intervals, (layer, block) units resampled). Keeping the same number of randomly
-# chosen tokens in full precision gives {glue:text}`kv_a2_random_ratio:.2f`× [{glue:text}`kv_a2_random_ratio_lo:.2f`, {glue:text}`kv_a2_random_ratio_hi:.2f`]. So $w_j$ does find the tokens that matter (A² beats the random
+# chosen tokens in full precision gives {glue:text}`kv_a2_random_ratio_ci:s`. So $w_j$ does find the tokens that matter (A² beats the random
 # choice), but here the bits do more good spread evenly over all tokens than concentrated on a few. With
 # causal weights, the A² error {glue:text}`kv_a2_verdict:s` that of uniform quantization.
 #
@@ -1302,6 +1300,9 @@ write_json(out / "kvquant.json", {
     "key_codes": {setting: storage.as_json({k: v for k, v in st.items() if k != "methods"}) for setting, st in studies.items()},
     "decode_speed": {"one_layer": speed, "whole_step": step},
 })
+g.intervals({"fisher_kl_ratio": ".2f", "rho_fisher": ".2f", "rho_key_mse": ".2f", "rho_logit_mse": ".2f"},
+            ratios={"a2_causal_ratio": ".2f", "a2_oracle_ratio": ".2f", "a2_random_ratio": ".2f", "null_kl_ratio": ".3f",
+                    "null_mse_ratio": ".2f"})
 g.finish()  # the opening box: run information and this chapter's wall time
 
 # %% [markdown]
@@ -1330,11 +1331,10 @@ g.finish()  # the opening box: run information and this chapter's wall time
 # {glue:text}`kv_model:s` and {glue:text}`kv_corpus:s` text, not for the authors' code.
 #
 # - **Score-space error predicts attention KL: {glue:text}`kv_fisher_verdict:s`.** The Fisher form ranks
-#   attention KL with Spearman ρ = {glue:text}`kv_rho_fisher:.2f` [{glue:text}`kv_rho_fisher_lo:.2f`, {glue:text}`kv_rho_fisher_hi:.2f`], key MSE with ρ =
-#   {glue:text}`kv_rho_key_mse:.2f` [{glue:text}`kv_rho_key_mse_lo:.2f`, {glue:text}`kv_rho_key_mse_hi:.2f`] ({numref}`fig-kv-metrics`). Null-space noise with
-#   {glue:text}`kv_null_mse_ratio:.2f`× [{glue:text}`kv_null_mse_ratio_lo:.2f`, {glue:text}`kv_null_mse_ratio_hi:.2f`]
-#   the key MSE of 2-bit quantization has only {glue:text}`kv_null_kl_ratio:.3f`× [{glue:text}`kv_null_kl_ratio_lo:.3f`,
-#   {glue:text}`kv_null_kl_ratio_hi:.3f`] its attention KL.
+#   attention KL with Spearman ρ = {glue:text}`kv_rho_fisher_ci:s`, key MSE with ρ =
+#   {glue:text}`kv_rho_key_mse_ci:s` ({numref}`fig-kv-metrics`). Null-space noise with
+#   {glue:text}`kv_null_mse_ratio_ci:s`
+#   the key MSE of 2-bit quantization has only {glue:text}`kv_null_kl_ratio_ci:s` its attention KL.
 # - **HeadQ at 2 bits, keys only, against the paper's 84–94%.** At rank {glue:text}`kv_rank:d`
 #   ({glue:text}`kv_bits_hq2:.3f` bits per key element) it removes {glue:text}`kv_removed_hq2_ci:s` of the excess perplexity of 2-bit
 #   per-token keys, on {glue:text}`kv_eval_tokens_text:s` scored tokens. Rank by rank, with its storage:
@@ -1350,7 +1350,7 @@ g.finish()  # the opening box: run information and this chapter's wall time
 #   {glue:text}`kv_ctl_keypca_removed_ci:s`; the wrong sign reads {glue:text}`kv_ctl_wrong_ppl_ci:s` ({numref}`tbl-kv-controls`).
 # - **Full KV and the A² value policy: "improves every model" {glue:text}`kv_a2_claim:s`.** Full-KV HeadQ removes {glue:text}`kv_removed_hq2_kv_ci:s` of per-token's excess.
 #   In decode at no more payload bits, {glue:text}`kv_a2_decode_verdict:s` ({numref}`tbl-kv-a2`); offline,
-#   the causal policy's output error is {glue:text}`kv_a2_causal_ratio:.2f`× [{glue:text}`kv_a2_causal_ratio_lo:.2f`, {glue:text}`kv_a2_causal_ratio_hi:.2f`] that of uniform quantization
+#   the causal policy's output error is {glue:text}`kv_a2_causal_ratio_ci:s` that of uniform quantization
 #   ({numref}`tbl-kv-values`).
 # - **Pre-RoPE keys** ({numref}`tbl-kv-rope`): 2-bit KIVI reads {glue:text}`kv_rope_kivi_pre_ci:s` pre-RoPE against
 #   {glue:text}`kv_rope_kivi_post_ci:s` post-RoPE: {glue:text}`kv_rope_kivi_verdict:s`.

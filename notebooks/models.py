@@ -57,7 +57,8 @@ from atlas_core.corpus import BlockSpec, corpus_stats, token_blocks
 from atlas_core.eval import corpus_perplexity
 from atlas_core.extract import invariant_errors
 from atlas_core.figures import color, figsize
-from atlas_core.glue import chapter_glue, glue_key as key, listing, plural
+from atlas_core.glue import chapter_glue, estimate_text, glue_key as key, listing, plural
+from atlas_core.interval import SIG3
 from atlas_core.models import load_model, parameter_count
 
 g = chapter_glue("models", chapter="models", model=model, corpus=listing(corpora), results_dir=results_dir)
@@ -196,11 +197,10 @@ g("inv_worst", f"{worst:.1e}")
 # tokenization had gone wrong would show far higher perplexities on ordinary prose.
 
 # %%
-for row in ppl_rows:  # every quoted perplexity with its interval: value, lo, hi
-    for part, field in (("", "perplexity"), ("_lo", "lo"), ("_hi", "hi")):
-        g(key("ppl", row["model"], row["corpus"]) + part, f"{row[field]:.2f}")
+for row in ppl_rows:  # every quoted perplexity with its interval: "value [lo, hi]"
+    g(key("ppl", row["model"], row["corpus"]) + "_ci", estimate_text(row["perplexity"], row["lo"], row["hi"], SIG3))
 ppl = pd.DataFrame(ppl_rows).drop(columns="seconds")  # the numbers behind the figure and the table
-ppl["cell"] = [f"{r.perplexity:.2f} [{r.lo:.2f}, {r.hi:.2f}]" for r in ppl.itertuples()]
+ppl["cell"] = [estimate_text(r.perplexity, r.lo, r.hi, SIG3) for r in ppl.itertuples()]
 ppl_table = ppl.pivot(index="model", columns="corpus", values="perplexity").loc[names, corpora]
 ppl_lo, ppl_hi = (ppl.pivot(index="model", columns="corpus", values=v).loc[names, corpora] for v in ("lo", "hi"))
 n_windows = ppl_tokens // ppl_seq_len
@@ -221,8 +221,8 @@ ax.legend(loc="upper left", ncols=len(names))
 ax.set_ylim(0, ppl_hi.to_numpy().max() * 1.25)  # room for the legend above the bars
 fig.tight_layout()
 g.figure("fig_ppl", fig, data=ppl.drop(columns="cell"), sample=ppl_sample)
-for part, table in (("", ppl_table), ("_lo", ppl_lo), ("_hi", ppl_hi)):
-    g("ppl_model_britannica" + part, f"{table.loc[model, 'britannica']:.2f}" if "britannica" in corpora else "n/a")
+g("ppl_model_britannica_ci", estimate_text(*(t.loc[model, "britannica"] for t in (ppl_table, ppl_lo, ppl_hi)), SIG3)
+  if "britannica" in corpora else "n/a")
 
 # %% [markdown]
 # ```{glue:figure} models_fig_ppl
@@ -247,19 +247,12 @@ for part, table in (("", ppl_table), ("_lo", ppl_lo), ("_hi", ppl_hi)):
 #
 # {numref}`fig-models-ppl` and {numref}`tbl-ppl` show the result; brackets give 95% intervals, with the
 # windows of text resampled. On the Britannica prose, SmolLM2 reaches
-# {glue:text}`models_ppl_smollm2_135m_britannica:s` [{glue:text}`models_ppl_smollm2_135m_britannica_lo:s`,
-# {glue:text}`models_ppl_smollm2_135m_britannica_hi:s`], Gemma 3 {glue:text}`models_ppl_gemma3_270m_britannica:s`
-# [{glue:text}`models_ppl_gemma3_270m_britannica_lo:s`, {glue:text}`models_ppl_gemma3_270m_britannica_hi:s`] and
-# Qwen2.5-Coder {glue:text}`models_ppl_qwen2_5_coder_0_5b_britannica:s`
-# [{glue:text}`models_ppl_qwen2_5_coder_0_5b_britannica_lo:s`, {glue:text}`models_ppl_qwen2_5_coder_0_5b_britannica_hi:s`].
+# {glue:text}`models_ppl_smollm2_135m_britannica_ci:s`, Gemma 3 {glue:text}`models_ppl_gemma3_270m_britannica_ci:s` and
+# Qwen2.5-Coder {glue:text}`models_ppl_qwen2_5_coder_0_5b_britannica_ci:s`.
 # These are plausible values for small models on prose. The pattern across corpora fits what each model was
-# trained on. The code model is best on the language reference ({glue:text}`models_ppl_qwen2_5_coder_0_5b_pydoc:s`
-# [{glue:text}`models_ppl_qwen2_5_coder_0_5b_pydoc_lo:s`, {glue:text}`models_ppl_qwen2_5_coder_0_5b_pydoc_hi:s`], against
-# {glue:text}`models_ppl_smollm2_135m_pydoc:s` [{glue:text}`models_ppl_smollm2_135m_pydoc_lo:s`,
-# {glue:text}`models_ppl_smollm2_135m_pydoc_hi:s`] for SmolLM2 and {glue:text}`models_ppl_gemma3_270m_pydoc:s`
-# [{glue:text}`models_ppl_gemma3_270m_pydoc_lo:s`, {glue:text}`models_ppl_gemma3_270m_pydoc_hi:s`] for Gemma 3) and worst on
-# the plays ({glue:text}`models_ppl_qwen2_5_coder_0_5b_plays:s` [{glue:text}`models_ppl_qwen2_5_coder_0_5b_plays_lo:s`,
-# {glue:text}`models_ppl_qwen2_5_coder_0_5b_plays_hi:s`]). All three find the
+# trained on. The code model is best on the language reference ({glue:text}`models_ppl_qwen2_5_coder_0_5b_pydoc_ci:s`, against
+# {glue:text}`models_ppl_smollm2_135m_pydoc_ci:s` for SmolLM2 and {glue:text}`models_ppl_gemma3_270m_pydoc_ci:s` for Gemma 3) and worst on
+# the plays ({glue:text}`models_ppl_qwen2_5_coder_0_5b_plays_ci:s`). All three find the
 # Early Modern English of the plays harder than modern prose.
 #
 # ## Summary
@@ -269,8 +262,7 @@ for part, table in (("", ppl_table), ("_lo", ppl_lo), ("_hi", ppl_hi)):
 # - The per-head extraction reproduces each model's attention output: the worst absolute deviation is
 #   {glue:text}`models_inv_worst:s` ({numref}`tbl-invariant`).
 # - The dequantized models still model text well: {glue:text}`models_run_model:s` reaches a perplexity of
-#   {glue:text}`models_ppl_model_britannica:s` [{glue:text}`models_ppl_model_britannica_lo:s`,
-#   {glue:text}`models_ppl_model_britannica_hi:s`] on the Britannica prose; the code model is best on the Python
+#   {glue:text}`models_ppl_model_britannica_ci:s` on the Britannica prose; the code model is best on the Python
 #   language reference and worst on the plays ({numref}`tbl-ppl`).
 # - The source works used WikiText-103 and C4, which are not available offline; the Britannica article,
 #   the Python language reference and the plays stand in for them ({numref}`tbl-corpora`).

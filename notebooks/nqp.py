@@ -24,8 +24,8 @@
 # with two explanations: the method "collapses onto GPTQ + AWQ + QuIP", and "the activation Fisher has
 # rank ≈ 2". Their evidence, on GPT-2 small {cite:p}`radford2019gpt2`, was:
 #
-# - mean layer L2 weight error at 4 bits: RTN 4.97e-2, Fisher rotation 5.10e-2, random rotation
-#   5.27e-2, Fisher with a λ-scaled grid 9.08e-2;
+# - mean layer L2 weight error at 4 bits: RTN 0.0497, Fisher rotation 0.0510, random rotation
+#   0.0527, Fisher with a λ-scaled grid 0.0908;
 # - perplexity at 8 bits: 34.06 with standard integer rounding, 36.67 with the Fisher-scaled grid.
 #
 # They judged mostly by the weight error, and published no run of GPTQ, AWQ or QuIP. Their own gates
@@ -126,7 +126,8 @@ from atlas_core.wquant.rtn import WQuantSpec
 g = chapter_glue("nqp", chapter="nqp", model=model, corpus=corpus, results_dir=results_dir)  # g(key, value): nqp_<key>
 calib_sample = f"{plural(calib_blocks, 'calibration block')} of {seq_len} tokens"
 eval_sample = f"{plural(eval_blocks, 'held-out block')} of {seq_len} tokens"
-PPL, RATIO = ".3f", "auto"  # one format per perplexity; a paired ratio to the precision its interval supports (interval.auto_spec)
+WERR = "#.3g"  # a relative weight error to three significant figures, as the source's are written here (0.0510, not 5.10e-2)
+PPL, RATIO = interval.SIG3, "auto"  # one format per perplexity (three significant figures); a paired ratio to the precision its interval supports (interval.auto_spec)
 
 
 seconds = {}  # where the chapter's time goes (closing note): (wall, CPU) seconds per stage
@@ -519,7 +520,7 @@ g("off_scale_factor", OFF_SCALE)
 # linear weights were rounded to 4 bits in blocks of 32, each with a scale and a minimum; we run their
 # dequantized values. 4-bit RTN with that grid (groups of 32, zero at the group minimum) reads
 # {glue:text}`nqp_ppl_gguf_grid_ci:s` against {glue:text}`nqp_ppl_fp_ci:s` unquantized (paired ratio
-# {glue:text}`nqp_gguf_grid_ratio_ci:s`; mean relative weight error {glue:text}`nqp_werr_gguf_grid:.2e`). It finds the original grid again and is nearly
+# {glue:text}`nqp_gguf_grid_ratio_ci:s`; mean relative weight error {glue:text}`nqp_werr_gguf_grid:#.3g`). It finds the original grid again and is nearly
 # lossless, which no method could be on weights that were never quantized. The same groups with an
 # integer zero point (the range stretched to hold 0, as GPTQ's quantizer does) already read
 # {glue:text}`nqp_ppl_gguf_int_ci:s` (paired ratio to unquantized {glue:text}`nqp_gguf_int_ratio_ci:s`). This is why the
@@ -591,10 +592,10 @@ g.figure("fig_errors", fig, data=summary[["method", "bits", "grouping", "weight_
 # error is not useless, since at a fixed bit width a larger rounding error generally costs perplexity,
 # but it misjudges methods that move error between directions, such as AWQ and GPTQ.
 #
-# At 4 bits per channel the mean relative weight errors are: RTN {glue:text}`nqp_werr4_rtn:.2e`, Fisher
-# rotation {glue:text}`nqp_werr4_rot_fisher:.2e`, Haar rotation {glue:text}`nqp_werr4_rot_haar:.2e`,
-# λ-scaled {glue:text}`nqp_werr4_nqp_scaled:.2e`. The source reported 4.97e-2, 5.10e-2, 5.27e-2 and
-# 9.08e-2 on GPT-2. The magnitudes are not comparable (another model, weights already on a 4-bit grid,
+# At 4 bits per channel the mean relative weight errors (95% intervals over the weight matrices) are: RTN
+# {glue:text}`nqp_werr4_rtn_ci:s`, Fisher rotation {glue:text}`nqp_werr4_rot_fisher_ci:s`, Haar rotation
+# {glue:text}`nqp_werr4_rot_haar_ci:s`, λ-scaled {glue:text}`nqp_werr4_nqp_scaled_ci:s`. The source reported 0.0497,
+# 0.0510, 0.0527 and 0.0908 on GPT-2. The magnitudes are not comparable (another model, weights already on a 4-bit grid,
 # and the source's normalisation is not published); by the rule, they come in {glue:text}`nqp_werr4_order:s`.
 #
 # ## The source's gates
@@ -637,6 +638,8 @@ for m, v in werr.items():
 # each method's per-matrix errors at 4 bits per channel, for the order's intervals over matrices
 werr_layers = {r["method"]: np.array([row["weight_error"] for row in r["layers"]]) for r in runs
                if r["bits"] == 4 and r["group"] is None and r["method"] in werr}
+for m, errors in werr_layers.items():  # the mean with its interval over the weight matrices
+    g(f"werr4_{m.replace('-', '_')}_ci", interval.format_estimate(interval.mean(errors[:, None]), WERR))  # matrices: units
 g("werr4_order", claims.werr_order(tuple(werr_layers[m] for m in ("rtn", "rot-fisher", "rot-haar", "nqp-scaled"))).text)
 g("rank2_verdict", claims.fisher_rank2(pr.pr_fisher.median()).text)
 baseline = min(("gptq", "awq"), key=lambda m: ppl(m, 3))  # the better of the two at 3 bits

@@ -108,9 +108,9 @@ import torch
 from atlas_core import claims
 from atlas_core.cache import jsonable, write_json
 from atlas_core.corpus import BlockSpec, token_blocks
-from atlas_core.interval import Estimate
+from atlas_core.interval import SIG3, Estimate
 from atlas_core.figures import MARKERS, DASHES, color, figsize, style
-from atlas_core.glue import chapter_glue, estimate_text, listing, number, plural, span, times_text
+from atlas_core.glue import chapter_glue, estimate_text, listing, number, plural, row_interval, span, times_text
 from atlas_core.models import load_model
 from atlas_core.zoo import model_title
 from atlas_core.sparse import SparseConfig
@@ -160,7 +160,7 @@ def share(x, digits: int = 1) -> str:
     return number(None if x is None else 100 * x, f".{digits}f")
 
 
-KL_SPEC, TOP1_DIGITS, PPL_DIGITS, MASS_SPEC = ".2e", 2, 3, ".4f"  # one format per quantity, tables and prose
+KL_SPEC, TOP1_DIGITS, PPL_DIGITS, MASS_SPEC = ".2e", 2, 2, ".4f"  # one format per quantity, tables and prose (g.intervals)
 
 
 def shown(frame: pd.DataFrame):
@@ -289,23 +289,19 @@ g.figure("fig_mass", fig, data=mass_data, sample=f"{plural(eval_blocks, 'block')
 # {glue:md}`sp_fig_mass_prov:myst`
 # ```
 #
-# **Result.** In {numref}`fig-sparse-mass` the fixed part holds {glue:text}`sp_mass_fixed:.1%`
-# [{glue:text}`sp_mass_fixed_lo:.1%`, {glue:text}`sp_mass_fixed_hi:.1%`] of the mass on average and the top-k a
-# further {glue:text}`sp_mass_selected:.1%` [{glue:text}`sp_mass_selected_lo:.1%`,
-# {glue:text}`sp_mass_selected_hi:.1%`], so the kept set holds
-# {glue:text}`sp_mass_kept:.1%` (95% interval {glue:text}`sp_mass_kept_lo:.1%` to
-# {glue:text}`sp_mass_kept_hi:.1%` over {glue:text}`sp_eval_blocks_n:s`). The source's own figure is 94.1%, with 5.9% outside the fixed part. Read
+# **Result.** In {numref}`fig-sparse-mass` the fixed part holds {glue:text}`sp_mass_fixed_ci:s` of the mass on average and the top-k a
+# further {glue:text}`sp_mass_selected_ci:s`, so the kept set holds
+# {glue:text}`sp_mass_kept_ci:s` (95% interval over {glue:text}`sp_eval_blocks_n:s`). The source's own figure is 94.1%, with 5.9% outside the fixed part. Read
 # as the share of the whole kept set, our figure is {glue:text}`sp_mass_closeness:s` the source's (the rule of
 # {doc}`../methods`, with a margin of 3 percentage points). Read as the share of the fixed part alone,
 # it is not: only {glue:text}`sp_heads_fixed_941:.1%` of (layer, head) pairs put 94.1% or more on the
 # anchor and window.
 #
 # The discarded mass is almost never negligible. Its median over {glue:text}`sp_m_count:,` (layer, head,
-# query) triples is {glue:text}`sp_m_median:.2e` [{glue:text}`sp_m_median_lo:.2e`, {glue:text}`sp_m_median_hi:.2e`],
-# its 99th percentile {glue:text}`sp_m_p99:.3f` [{glue:text}`sp_m_p99_lo:.3f`, {glue:text}`sp_m_p99_hi:.3f`] and its
-# maximum {glue:text}`sp_m_max:.3f` [{glue:text}`sp_m_max_lo:.3f`, {glue:text}`sp_m_max_hi:.3f`] (95% intervals,
-# blocks resampled). Only {glue:text}`sp_m_zero_share:.2%` [{glue:text}`sp_m_zero_share_lo:.2%`,
-# {glue:text}`sp_m_zero_share_hi:.2%`] of queries discard less than $10^{-7}$. The worst layer is layer {glue:text}`sp_worst_layer:d`, with mean $m$ =
+# query) triples is {glue:text}`sp_m_median_ci:s`,
+# its 99th percentile {glue:text}`sp_m_p99_ci:s` and its
+# maximum {glue:text}`sp_m_max_ci:s` (95% intervals,
+# blocks resampled). Only {glue:text}`sp_m_zero_share_ci:s` of queries discard less than $10^{-7}$. The worst layer is layer {glue:text}`sp_worst_layer:d`, with mean $m$ =
 # {glue:text}`sp_worst_layer_m:.3f`. By the identity above, every query with $m > 0$ gets a different
 # output; whether the difference changes the model's predictions is measured next.
 #
@@ -478,12 +474,8 @@ g.figure("fig_budget", fig, data=budget_data, sample=f"the first {plural(min(swe
 #
 # **Result at the source defaults.** {numref}`fig-sparse-budget` and {numref}`tbl-sparse-budget` give
 # the sweep. At the source defaults the sparse model's next-token distribution differs from the dense one
-# by KL = {glue:text}`sp_src_kl:.2e` nats ({glue:text}`sp_src_kl_lo:.2e` to {glue:text}`sp_src_kl_hi:.2e`). The
-# top-1 predictions agree at {glue:text}`sp_src_top1:.2%` of positions ({glue:text}`sp_src_top1_lo:.2%` to
-# {glue:text}`sp_src_top1_hi:.2%`), and perplexity moves from {glue:text}`sp_src_ppl_dense:.3f`
-# [{glue:text}`sp_src_ppl_dense_lo:.3f`, {glue:text}`sp_src_ppl_dense_hi:.3f`] to {glue:text}`sp_src_ppl_sparse:.3f`
-# [{glue:text}`sp_src_ppl_sparse_lo:.3f`, {glue:text}`sp_src_ppl_sparse_hi:.3f`] ({glue:text}`sp_src_ppl_change:+.3%`, interval
-# {glue:text}`sp_src_ppl_change_lo:+.3%` to {glue:text}`sp_src_ppl_change_hi:+.3%`). Greedy generation first diverges
+# by KL = {glue:text}`sp_src_kl_ci:s` nats. The
+# top-1 predictions agree at {glue:text}`sp_src_top1_ci:s` of positions, and perplexity moves from {glue:text}`sp_src_ppl_dense_ci:s` to {glue:text}`sp_src_ppl_sparse_ci:s` ({glue:text}`sp_src_ppl_change_ci:s`). Greedy generation first diverges
 # {glue:text}`sp_src_first_at:s` of {glue:text}`sp_gen_tokens:,`. Along the dense continuation the
 # share of steps at which the sparse model would choose the same token is {glue:text}`sp_seg_text:s`
 # ({glue:text}`sp_src_step_agree:.1%` over all {glue:text}`sp_gen_tokens:,`): the two agree on most steps, but
@@ -492,25 +484,19 @@ g.figure("fig_budget", fig, data=budget_data, sample=f"the first {plural(min(swe
 # and a rule that reproduces a loop once reproduces it again, so agreement over a looping stretch overstates
 # how well the rule follows ordinary text. The first segment is the fair figure.
 #
-# **Variants.** Keeping the first two layers dense gives KL {glue:text}`sp_d2_kl:.2e`
-# ({glue:text}`sp_d2_kl_lo:.2e` to {glue:text}`sp_d2_kl_hi:.2e`), top-1 {glue:text}`sp_d2_top1:.2%`
-# ({glue:text}`sp_d2_top1_lo:.2%` to {glue:text}`sp_d2_top1_hi:.2%`), perplexity change
-# {glue:text}`sp_d2_ppl_change:+.3%` ({glue:text}`sp_d2_ppl_change_lo:+.3%` to
-# {glue:text}`sp_d2_ppl_change_hi:+.3%`) and a first divergence {glue:text}`sp_d2_first_at:s`. Paired with the
+# **Variants.** Keeping the first two layers dense gives KL {glue:text}`sp_d2_kl_ci:s`, top-1 {glue:text}`sp_d2_top1_ci:s`, perplexity change
+# {glue:text}`sp_d2_ppl_change_ci:s` and a first divergence {glue:text}`sp_d2_first_at:s`. Paired with the
 # source defaults on the blocks and positions both were scored on (a variant runs on fewer blocks than the
 # defaults, so this difference need not equal the gap between the two rules' figures over all their blocks),
 # {glue:text}`sp_d2_vs_src:s`. The source code's head-averaged selection gives KL
-# {glue:text}`sp_ha_kl:.2e` ({glue:text}`sp_ha_kl_lo:.2e` to {glue:text}`sp_ha_kl_hi:.2e`), perplexity change
-# {glue:text}`sp_ha_ppl_change:+.3%` ({glue:text}`sp_ha_ppl_change_lo:+.3%` to
-# {glue:text}`sp_ha_ppl_change_hi:+.3%`; first divergence {glue:text}`sp_ha_first:s`): {glue:text}`sp_ha_vs_src:s`. A first divergence is a single event, set by the first near-tie between two
+# {glue:text}`sp_ha_kl_ci:s`, perplexity change
+# {glue:text}`sp_ha_ppl_change_ci:s` (first divergence {glue:text}`sp_ha_first:s`): {glue:text}`sp_ha_vs_src:s`. A first divergence is a single event, set by the first near-tie between two
 # tokens, so it is a noisy measure: a rule with lower KL can still diverge earlier. KL and top-1 agreement
 # are the steadier measures.
 #
 # **Larger budgets.** More budget brings the sparse model closer, but not to equality. The largest budget
-# swept (W = {glue:text}`sp_big_w:d`, k = {glue:text}`sp_big_k:d`) reads KL {glue:text}`sp_big_kl:.2e`
-# ({glue:text}`sp_big_kl_lo:.2e` to {glue:text}`sp_big_kl_hi:.2e`), perplexity change
-# {glue:text}`sp_big_ppl_change:+.3%` ({glue:text}`sp_big_ppl_change_lo:+.3%` to
-# {glue:text}`sp_big_ppl_change_hi:+.3%`), and first diverges {glue:text}`sp_big_first_at:s`.
+# swept (W = {glue:text}`sp_big_w:d`, k = {glue:text}`sp_big_k:d`) reads KL {glue:text}`sp_big_kl_ci:s`, perplexity change
+# {glue:text}`sp_big_ppl_change_ci:s`, and first diverges {glue:text}`sp_big_first_at:s`.
 # Of the {glue:text}`sp_n_rules:d` rules measured, {glue:text}`sp_n_rules_lossless:d` are lossless (KL
 # exactly 0 and no divergence).
 #
@@ -583,9 +569,7 @@ g("latest_divergence", max((int(x) for x in by_model.first_divergence if x != "n
 # ```
 #
 # **Result.** In {numref}`tbl-sparse-models`, across the {glue:text}`sp_n_models_text:s`, teacher-forced
-# top-1 agreement ranges from {glue:text}`sp_min_top1_all:.2%` ({glue:text}`sp_min_top1_all_lo:.2%` to
-# {glue:text}`sp_min_top1_all_hi:.2%`) to {glue:text}`sp_max_top1_all:.2%` ({glue:text}`sp_max_top1_all_lo:.2%`
-# to {glue:text}`sp_max_top1_all_hi:.2%`). The
+# top-1 agreement ranges from {glue:text}`sp_min_top1_all_ci:s` to {glue:text}`sp_max_top1_all_ci:s`. The
 # latest first divergence of any model and rule is at step {glue:text}`sp_latest_divergence:d` of
 # {glue:text}`sp_gen_tokens:d`. {glue:text}`sp_n_lossless_models:d` of the {glue:text}`sp_n_models_text:s`
 # are lossless at the source defaults.
@@ -603,7 +587,7 @@ g("latest_divergence", max((int(x) for x in by_model.first_divergence if x != "n
 # a GPU; 5 WikiText-2 prefixes at each of 2K, 8K and 16K tokens; 128 greedy tokens after a dense prefill
 # shared with the dense run) {glue:text}`sp_rev_identical_count:d` of its {glue:text}`sp_rev_n:d` paired runs
 # stay identical to dense decoding through 128 tokens, and the median first divergence is
-# {glue:text}`sp_rev_median:.0f` tokens (largest {glue:text}`sp_rev_max:d`). Timing is no longer claimed:
+# {glue:text}`sp_rev_median_ci:s` tokens (largest {glue:text}`sp_rev_max:d`). Timing is no longer claimed:
 # the 159× came from a proprietary kernel, excluded the selection step and was not matched for quality.
 #
 # **Protocol.** We run the revision's selector as a rule of its own (``selector="blocks-mean-kv"``; blocks
@@ -684,7 +668,7 @@ g("sv_blk_median_lo", pooled["median_ci"][0])
 g("sv_blk_median_hi", pooled["median_ci"][1])
 
 # Agreement with the revision, support by support (its supports keep a share of the context that falls
-# as the context grows, so each is compared with its own 15 runs). Survival: our bootstrap interval of
+# as the context grows, so each is compared with its own 15 runs). Survival: our 95% interval of
 # the share identical through the horizon meets the exact (Clopper-Pearson) 95% interval of its k of 15.
 # Early divergence: the two medians' bootstrap intervals (both resampling prompts) overlap.
 REVISION_SHORTEST_CONTEXT = claims.source("revision_shortest_context")
@@ -768,16 +752,12 @@ g.figure("fig_survival", fig, data=sv_data, sample=sv_sample)
 #
 # **Result.** Over the revision's selector at the supports run here ({glue:text}`sp_sv_blk_runs_text:s`),
 # {glue:text}`sp_sv_blk_identical_count:d` stay identical through {glue:text}`sp_sv_gen:d` tokens
-# ({glue:text}`sp_sv_blk_identical:.0%`, 95% interval {glue:text}`sp_sv_blk_identical_lo:.0%` to
-# {glue:text}`sp_sv_blk_identical_hi:.0%`), and the median first divergence is token
-# {glue:text}`sp_sv_blk_median:.0f` ({glue:text}`sp_sv_blk_median_lo:.0f` to
-# {glue:text}`sp_sv_blk_median_hi:.0f`; {numref}`fig-sparse-survival`, {numref}`tbl-sparse-survival`). The
+# ({glue:text}`sp_sv_blk_identical_ci:s`), and the median first divergence is token
+# {glue:text}`sp_sv_blk_median_ci:s` ({numref}`fig-sparse-survival`, {numref}`tbl-sparse-survival`). The
 # revision reports {glue:text}`sp_rev_identical_count:d` of {glue:text}`sp_rev_n:d` and a median of
-# {glue:text}`sp_rev_median:.0f` ({glue:text}`sp_rev_median_lo:.0f` to {glue:text}`sp_rev_median_hi:.0f`).
-# The original rule (exact top-{glue:text}`sp_topk:d`) stays identical on {glue:text}`sp_sv_src_identical:.0%` of prompts
-# ({glue:text}`sp_sv_src_identical_lo:.0%` to {glue:text}`sp_sv_src_identical_hi:.0%`), median first
-# divergence {glue:text}`sp_sv_src_median:.0f` ({glue:text}`sp_sv_src_median_lo:.0f` to
-# {glue:text}`sp_sv_src_median_hi:.0f`). **Our measurements {glue:text}`sp_sv_verdict:s`.** The
+# {glue:text}`sp_rev_median_ci:s`.
+# The original rule (exact top-{glue:text}`sp_topk:d`) stays identical on {glue:text}`sp_sv_src_identical_ci:s` of prompts, median first
+# divergence {glue:text}`sp_sv_src_median_ci:s`. **Our measurements {glue:text}`sp_sv_verdict:s`.** The
 # settings differ (a 135M model in fp32 on a CPU against a 0.5B model in fp16 on a GPU, and shorter
 # prompts), so the comparison is of the finding, not of the digits.
 #
@@ -810,24 +790,19 @@ g("pg4_k", topk * 4)
 # %% [markdown]
 # **Result.** With the same key budget (k = {glue:text}`sp_topk:d`, {glue:text}`sp_page_size:d`-key pages;
 # the "pages" rows of {numref}`tbl-sparse-budget`), the page selector finds
-# {glue:text}`sp_pg_index_recall:.1%` [{glue:text}`sp_pg_index_recall_lo:.1%`, {glue:text}`sp_pg_index_recall_hi:.1%`]
-# of the exact top-k keys and {glue:text}`sp_pg_mass_recall:.1%` [{glue:text}`sp_pg_mass_recall_lo:.1%`,
-# {glue:text}`sp_pg_mass_recall_hi:.1%`] of their attention mass. KL is {glue:text}`sp_pg_kl:.2e` ({glue:text}`sp_pg_kl_lo:.2e` to
-# {glue:text}`sp_pg_kl_hi:.2e`; exact top-k: {glue:text}`sp_src_kl:.2e`), top-1 agreement
-# {glue:text}`sp_pg_top1:.2%` ({glue:text}`sp_pg_top1_lo:.2%` to {glue:text}`sp_pg_top1_hi:.2%`) and perplexity
-# changes by {glue:text}`sp_pg_ppl_change:+.3%` ({glue:text}`sp_pg_ppl_change_lo:+.3%` to
-# {glue:text}`sp_pg_ppl_change_hi:+.3%`; first divergence {glue:text}`sp_pg_first_at:s`). Paired on the
+# {glue:text}`sp_pg_index_recall_ci:s`
+# of the exact top-k keys and {glue:text}`sp_pg_mass_recall_ci:s` of their attention mass. KL is {glue:text}`sp_pg_kl_ci:s` (exact top-k: {glue:text}`sp_src_kl_ci:s`), top-1 agreement
+# {glue:text}`sp_pg_top1_ci:s` and perplexity
+# changes by {glue:text}`sp_pg_ppl_change_ci:s` (first divergence {glue:text}`sp_pg_first_at:s`). Paired on the
 # same blocks, {glue:text}`sp_pg_vs_src:s`. With four times the budget (k = {glue:text}`sp_pg4_k:d`), recall
-# is {glue:text}`sp_pg4_index_recall:.1%` [{glue:text}`sp_pg4_index_recall_lo:.1%`, {glue:text}`sp_pg4_index_recall_hi:.1%`]
-# of keys and {glue:text}`sp_pg4_mass_recall:.1%` [{glue:text}`sp_pg4_mass_recall_lo:.1%`,
-# {glue:text}`sp_pg4_mass_recall_hi:.1%`] of mass; KL is
-# {glue:text}`sp_pg4_kl:.2e` ({glue:text}`sp_pg4_kl_lo:.2e` to {glue:text}`sp_pg4_kl_hi:.2e`), top-1
-# {glue:text}`sp_pg4_top1:.2%` ({glue:text}`sp_pg4_top1_lo:.2%` to {glue:text}`sp_pg4_top1_hi:.2%`), perplexity
-# change {glue:text}`sp_pg4_ppl_change:+.3%` ({glue:text}`sp_pg4_ppl_change_lo:+.3%` to
-# {glue:text}`sp_pg4_ppl_change_hi:+.3%`): {glue:text}`sp_pg4_vs_src:s`.
+# is {glue:text}`sp_pg4_index_recall_ci:s`
+# of keys and {glue:text}`sp_pg4_mass_recall_ci:s` of mass; KL is
+# {glue:text}`sp_pg4_kl_ci:s`, top-1
+# {glue:text}`sp_pg4_top1_ci:s`, perplexity
+# change {glue:text}`sp_pg4_ppl_change_ci:s`: {glue:text}`sp_pg4_vs_src:s`.
 #
 # **For the source's claim.** The sub-linear selector is {glue:text}`sp_pg_verdict:s`. It does not find the
-# same set faster; it finds {glue:text}`sp_pg_index_recall:.1%` of it at the same budget, with the fidelity
+# same set faster; it finds {glue:text}`sp_pg_index_recall_ci:s` of it at the same budget, with the fidelity
 # measured above.
 #
 # ## Decode speed against context length
@@ -873,6 +848,9 @@ g("pages_gbps_max", gap["pages"]["kernel_gbps"])
 g("topk_gbps_max", gap["topk"]["kernel_gbps"])
 g("pages_bw_ratio_max", gap["pages"]["bandwidth_ratio"])
 g("topk_bw_ratio_max", gap["topk"]["bandwidth_ratio"])
+for kind in ("pages", "topk"):  # rate ratio = speed-up ÷ bytes ratio; the bytes are exact, so the interval is the speed-up's
+    bytes_ratio = gap[kind]["bytes_ratio"]
+    g(f"{kind}_bw_ratio_max_ci", times_text(*(at.loc[n_max, f"speedup_{kind}{s}"] / bytes_ratio for s in ("", "_lo", "_hi")), ".2f"))
 g("dense_gbps_span", span(speed.dense_gbps, ".1f"))
 ONE_M = 1 << 20  # the source's projection: more than 1,200× at 1M tokens
 shape = (lm.spec.n_heads, lm.spec.n_kv_heads, lm.spec.d_head, DEFAULTS, 4)  # fp32
@@ -958,8 +936,8 @@ g.figure("fig_speed", fig, data=speed, sample=bench_sample, corpus="no corpus (r
 # the ratio of the rates at which the two kernels read their bytes. Dense SDPA reads the cache at only
 # {glue:text}`sp_dense_gbps_max:.1f` GB/s at {glue:text}`sp_n_max_k:s` tokens ({glue:text}`sp_dense_gbps_span:s`
 # GB/s over the contexts run), while the page kernel reads its bytes at {glue:text}`sp_pages_gbps_max:.1f` GB/s
-# ({glue:text}`sp_pages_bw_ratio_max:.2f`× dense's rate) and exact top-k at {glue:text}`sp_topk_gbps_max:.1f` GB/s
-# ({glue:text}`sp_topk_bw_ratio_max:.2f`×). Where that ratio is above 1, the sparse kernel beats its bytes
+# ({glue:text}`sp_pages_bw_ratio_max_ci:s` dense's rate, 95% interval over timing rounds) and exact top-k at
+# {glue:text}`sp_topk_gbps_max:.1f` GB/s ({glue:text}`sp_topk_bw_ratio_max_ci:s`). Where that ratio is above 1, the sparse kernel beats its bytes
 # ratio not because it skips more work but because dense SDPA on this CPU reads its bytes more slowly; the
 # speed-up lands near the bytes ratio only where the two rates are close. We measure the rates, not their
 # cause inside SDPA. At short contexts the sparse steps gain less
@@ -973,7 +951,7 @@ g.figure("fig_speed", fig, data=speed, sample=bench_sample, corpus="no corpus (r
 # page selector reads {glue:text}`sp_bytes_ratio_pages_1m:.1f`× fewer bytes than dense at 1M tokens
 # (counted, not timed), so a larger measured factor there would come from a slow dense baseline, as ours
 # here, not from the selection; and larger pages would lower recall further below the
-# {glue:text}`sp_pg_index_recall:.1%` measured above. We cannot say what the source timed. Its dense time at
+# {glue:text}`sp_pg_index_recall_ci:s` measured above. We cannot say what the source timed. Its dense time at
 # 131K tokens, 627.58 ms on a GPU, is far longer than our CPU's dense step for one layer of this model
 # ({glue:text}`sp_dense_ms_max:.2f` ms), so it was probably not one decode step of a comparable shape, or its
 # dense baseline was slow for its bytes. Its kernel is not public, so its measurement cannot be repeated.
@@ -1068,7 +1046,7 @@ for eps in certified_eps:
                       "pages read (%)": share(pages_read_share(r['log'])),
                       "KL (nats)": cell(r, "kl", KL_SPEC), "top-1 agreement (%)": pct(r, "top1_agree", TOP1_DIGITS),
                       "perplexity change (%)": pct(r, "ppl_change", PPL_DIGITS, "+"),
-                      SURVIVED: f"{sv_['k']} of {sv_['n']} [{100 * sv_['lo']:.0f}, {100 * sv_['hi']:.0f}]"})
+                      SURVIVED: f"{sv_['k']} of {sv_['n']} ({estimate_text(sv_['k'] / sv_['n'], sv_['lo'], sv_['hi'], '.0%')})"})
     for name, cfg in equal[eps].items():
         rb = base_tf[cfg]
         cert_rows.append({"ε": f"{eps:g}", "rule": name,
@@ -1134,14 +1112,15 @@ g("cert_pages_read", pages_read_share(head["log"]))
 g("cert_bytes_span", span([b.value for b in cert_bytes.values()], ".0%"))
 for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_change", "ppl_change")):
     g.row(f"cert_{key}", head, name)
-g("cert_ppl_change_ci", interval_cell(head["ppl_change"], head["ppl_change_lo"], head["ppl_change_hi"], "+.3%"))
+g("cert_ppl_change_ci", interval_cell(head["ppl_change"], head["ppl_change_lo"], head["ppl_change_hi"], "+.2%"))
 g("cert_sv_k", head_sv["k"])
 g("cert_sv_n", head_sv["n"])
 g("cert_sv_share", head_sv["share"])
 g("cert_sv_lo", head_sv["lo"])
 g("cert_sv_hi", head_sv["hi"])
+g("cert_sv_share_ci", estimate_text(head_sv["share"], head_sv["lo"], head_sv["hi"], ".0%"))
 def kl_text(r):
-    return f"KL {r['kl']:.2e} [{r['kl_lo']:.2e}, {r['kl_hi']:.2e}]"
+    return f"KL {row_interval(r, 'kl', '.2e')}"
 
 
 same_bytes = equal[CERT_HEADLINE]
@@ -1192,7 +1171,7 @@ g("cert_bytes_caption", "Key bytes read: the certified rule's measured share (ke
   "key the query sees; blocks resampled)" + ("" if n_dense == len(equal) else
   f", and each fixed rule's share at a context of {certified_prompt_tokens:,} keys (the source's top-k ranks every "
   "key, so it reads them all)"))
-g("cert_dynamic", f"reads {head_bytes.value:.0%} [{head_bytes.lo:.0%}, {head_bytes.hi:.0%}] of the key bytes at "
+g("cert_dynamic", f"reads {head_bytes:.0%} of the key bytes at "
   f"ε = {CERT_HEADLINE:g} ({certified_prompt_tokens:,}-token blocks)")
 cert_json = {f"{eps:g}": {
     "kl": {k: cert_tf[eps][f"kl{s}"] for k, s in (("value", ""), ("lo", "_lo"), ("hi", "_hi"))},
@@ -1254,16 +1233,15 @@ cert_json["params"] = {"eps": certified_eps, "bound": certified_bound, "prompt_t
 # $\varepsilon$, {glue:text}`sp_cert_violations:d` have a true discarded mass above their certificate
 # ({numref}`fig-sparse-certified-calibration`, {numref}`tbl-sparse-certified-calibration`). It is paid for
 # in bytes. At $\varepsilon$ = {glue:text}`sp_cert_eps:g` the rule reads
-# {glue:text}`sp_cert_key_bytes:.1%` [{glue:text}`sp_cert_key_bytes_lo:.1%`, {glue:text}`sp_cert_key_bytes_hi:.1%`]
+# {glue:text}`sp_cert_key_bytes_ci:s`
 # of the key bytes (summaries included) and {glue:text}`sp_cert_pages_read:.1%` of the candidate pages;
 # {glue:text}`sp_cert_all_read:.1%` of its queries read every page. Over the $\varepsilon$ run, the share of
 # key bytes read is {glue:text}`sp_cert_bytes_span:s`. Its fidelity at that $\varepsilon$: KL
-# {glue:text}`sp_cert_kl:.2e` [{glue:text}`sp_cert_kl_lo:.2e`, {glue:text}`sp_cert_kl_hi:.2e`], top-1 agreement
-# {glue:text}`sp_cert_top1:.2%` [{glue:text}`sp_cert_top1_lo:.2%`, {glue:text}`sp_cert_top1_hi:.2%`], perplexity
+# {glue:text}`sp_cert_kl_ci:s`, top-1 agreement
+# {glue:text}`sp_cert_top1_ci:s`, perplexity
 # change {glue:text}`sp_cert_ppl_change_ci:s`, and {glue:text}`sp_cert_sv_k:d` of {glue:text}`sp_cert_sv_n:d`
 # prompts identical to dense decoding through {glue:text}`sp_sv_gen:d` tokens
-# ({glue:text}`sp_cert_sv_share:.0%`, exact 95% interval {glue:text}`sp_cert_sv_lo:.0%` to
-# {glue:text}`sp_cert_sv_hi:.0%`); the revision's block selector, which reads a fixed share of the keys and
+# ({glue:text}`sp_cert_sv_share_ci:s`, exact 95% interval); the revision's block selector, which reads a fixed share of the keys and
 # no more, kept {glue:text}`sp_rev_identical_count:d` of {glue:text}`sp_rev_n:d` identical, so the two are
 # not compared at equal bytes. {glue:text}`sp_cert_equal_text:s`
 # ({numref}`tbl-sparse-certified`). Of the in-model targets we set for certified decoding at $\varepsilon$ = 10⁻³ (KL ≤ 10⁻³, top-1
@@ -1297,7 +1275,7 @@ rk_bench = bench_certified_decode(tuple(contexts), dataclasses.replace(cert_rule
 t0 = timed("certified decode on real keys", t0)
 rk_rows = pd.DataFrame([{"context (tokens)": f"{r['n']:,}", "keys tiled": "yes" if r["tiled"] else "no",
                          "dense SDPA (ms)": f"{r['dense_s'] * 1e3:.2f}", "certified (ms)": f"{r['certified_s'] * 1e3:.2f}",
-                         "certified speed-up (×)": f"{r['speedup_certified']:.2f}",
+                         "certified speed-up (×)": row_interval(r, "speedup_certified", ".2f"),
                          "key bytes read (%)": share(r["key_bytes"]), "oracle floor (%)": share(r["oracle_key_bytes"]),
                          "mean certificate": f"{r['certificate']:.1e}", "mean true m": f"{r['m']:.1e}",
                          "m above its certificate": f"{r['violations']:,}",
@@ -1323,6 +1301,7 @@ g("rk_best_bound", min(rk_single, key=rk_single.get))
 g("rk_best_slack", min(rk_single.values()))
 g("rk_worst_slack", max(rk_single.values()))
 g("rk_speedup_max", rk_bench["rows"][-1]["speedup_certified"])
+g("rk_speedup_max_ci", times_text(*(rk_bench["rows"][-1][f"speedup_certified{s}"] for s in ("", "_lo", "_hi")), ".2f"))
 g("rk_n_max", rk_bench["rows"][-1]["n"])
 
 # %% [markdown]
@@ -1347,7 +1326,7 @@ g("rk_n_max", rk_bench["rows"][-1]["n"])
 # page, the loosest {glue:text}`sp_rk_worst_slack:.1f`, so an unread page is charged $e^{\text{slack}}$ times its
 # largest possible mass and almost no page can be left unread. The certificate never fell below the true mass
 # ({glue:text}`sp_rk_violations_text:s`), and at {glue:text}`sp_rk_n_max:,` tokens the kernel runs at
-# {glue:text}`sp_rk_speedup_max:.2f`× the speed of dense SDPA: reading everything, it can only match dense.
+# {glue:text}`sp_rk_speedup_max_ci:s` the speed of dense SDPA: reading everything, it can only match dense.
 
 # %% [markdown]
 # ## Summary
@@ -1399,6 +1378,16 @@ write_json(out / "sparse.json", {
     "segments": {"bounds": bounds, "repeated_4grams": repetition},
     "seconds": stage,
 })
+g.intervals({"big_kl": ".2e", "cert_kl": ".2e", "d2_kl": ".2e", "ha_kl": ".2e", "pg_kl": ".2e", "pg4_kl": ".2e",
+             "src_kl": ".2e", "m_median": ".2e",  # a KL (nats) in one format wherever it appears
+             "big_ppl_change": "+.2%", "d2_ppl_change": "+.2%", "ha_ppl_change": "+.2%", "pg_ppl_change": "+.2%",
+             "pg4_ppl_change": "+.2%", "src_ppl_change": "+.2%", "src_ppl_dense": SIG3, "src_ppl_sparse": SIG3,
+             "cert_top1": ".2%", "d2_top1": ".2%", "pg_top1": ".2%", "pg4_top1": ".2%", "src_top1": ".2%",
+             "max_top1_all": ".2%", "min_top1_all": ".2%", "m_zero_share": ".2%", "cert_key_bytes": ".1%",
+             "mass_fixed": ".1%", "mass_kept": ".1%", "mass_selected": ".1%", "pg_index_recall": ".1%",
+             "pg4_index_recall": ".1%", "pg_mass_recall": ".1%", "pg4_mass_recall": ".1%", "m_max": ".3f", "m_p99": ".3f",
+             "mass_discarded": ".4f", "rev_median": ".0f", "sv_blk_median": ".0f", "sv_src_median": ".0f",
+             "sv_blk_identical": ".0%", "sv_src_identical": ".0%"})
 g.finish()  # the opening box: run information and this chapter's wall time
 
 # %% [markdown]
@@ -1407,10 +1396,9 @@ g.finish()  # the opening box: run information and this chapter's wall time
 #
 # - **Lossless ("100% output equivalence", bit-exact tokens over 1,500+ generated):
 #   {glue:text}`sp_lossless_verdict:s`.** At the source defaults on {glue:text}`sp_model:s`, the next-token
-#   KL is {glue:text}`sp_src_kl:.2e` [{glue:text}`sp_src_kl_lo:.2e`, {glue:text}`sp_src_kl_hi:.2e`], top-1
-#   agreement {glue:text}`sp_src_top1:.2%` [{glue:text}`sp_src_top1_lo:.2%`, {glue:text}`sp_src_top1_hi:.2%`]
-#   and perplexity change {glue:text}`sp_src_ppl_change:+.3%` [{glue:text}`sp_src_ppl_change_lo:+.3%`,
-#   {glue:text}`sp_src_ppl_change_hi:+.3%`] (95% intervals over {glue:text}`sp_eval_tokens:,` held-out
+#   KL is {glue:text}`sp_src_kl_ci:s`, top-1
+#   agreement {glue:text}`sp_src_top1_ci:s`
+#   and perplexity change {glue:text}`sp_src_ppl_change_ci:s` (95% intervals over {glue:text}`sp_eval_tokens:,` held-out
 #   tokens); greedy generation first diverges {glue:text}`sp_src_first_at:s`.
 #   On every embedded model it diverges by step {glue:text}`sp_latest_divergence:d` of
 #   {glue:text}`sp_gen_tokens:d` ({numref}`tbl-sparse-models`), and {glue:text}`sp_n_rules_lossless:d` of
@@ -1419,28 +1407,26 @@ g.finish()  # the opening box: run information and this chapter's wall time
 # - **The revision (0 of 60 runs identical through 128 tokens, median first divergence 6; no timing
 #   claim):** with its block selector, {glue:text}`sp_sv_blk_identical_count:d` of
 #   {glue:text}`sp_sv_blk_runs:d` of our runs stay identical through {glue:text}`sp_sv_gen:d` tokens
-#   ({glue:text}`sp_sv_blk_identical:.0%` [{glue:text}`sp_sv_blk_identical_lo:.0%`,
-#   {glue:text}`sp_sv_blk_identical_hi:.0%`]) and the median first divergence is
-#   {glue:text}`sp_sv_blk_median:.0f` [{glue:text}`sp_sv_blk_median_lo:.0f`, {glue:text}`sp_sv_blk_median_hi:.0f`]
+#   ({glue:text}`sp_sv_blk_identical_ci:s`) and the median first divergence is
+#   {glue:text}`sp_sv_blk_median_ci:s`
 #   ({numref}`fig-sparse-survival`). Our
 #   measurements {glue:text}`sp_sv_verdict:s`.
-# - **Attention mass (source: 94.1%):** the kept set holds {glue:text}`sp_mass_kept:.1%`, the fixed part
-#   alone {glue:text}`sp_mass_fixed:.1%` [{glue:text}`sp_mass_fixed_lo:.1%`, {glue:text}`sp_mass_fixed_hi:.1%`]
+# - **Attention mass (source: 94.1%):** the kept set holds {glue:text}`sp_mass_kept_ci:s`, the fixed part
+#   alone {glue:text}`sp_mass_fixed_ci:s`
 #   ({numref}`fig-sparse-mass`); the mean discarded mass is
-#   {glue:text}`sp_mass_discarded:.4f` [{glue:text}`sp_mass_discarded_lo:.4f`, {glue:text}`sp_mass_discarded_hi:.4f`]. Verdict:
+#   {glue:text}`sp_mass_discarded_ci:s`. Verdict:
 #   {glue:text}`sp_mass_verdict:s`.
 # - **Finding the kept set without reading every key:** the page selector recovers
-#   {glue:text}`sp_pg_index_recall:.1%` [{glue:text}`sp_pg_index_recall_lo:.1%`, {glue:text}`sp_pg_index_recall_hi:.1%`]
+#   {glue:text}`sp_pg_index_recall_ci:s`
 #   of the exact top-k keys at the same budget, with KL
-#   {glue:text}`sp_pg_kl:.2e` [{glue:text}`sp_pg_kl_lo:.2e`, {glue:text}`sp_pg_kl_hi:.2e`]. The selector is
+#   {glue:text}`sp_pg_kl_ci:s`. The selector is
 #   {glue:text}`sp_pg_verdict:s`. A rule that proves its loss (certified selection, the discarded mass bounded
-#   by ε query by query) {glue:text}`sp_cert_dynamic:s`, with KL {glue:text}`sp_cert_kl:.2e`
-#   [{glue:text}`sp_cert_kl_lo:.2e`, {glue:text}`sp_cert_kl_hi:.2e`]; {glue:text}`sp_cert_violations:d` of
+#   by ε query by query) {glue:text}`sp_cert_dynamic:s`, with KL {glue:text}`sp_cert_kl_ci:s`; {glue:text}`sp_cert_violations:d` of
 #   {glue:text}`sp_cert_pairs:,` certificates fall below the true discarded mass ({numref}`tbl-sparse-certified`).
 # - **159× at 131K tokens (withdrawn in the revision): {glue:text}`sp_speed_verdict:s` here.** The page-selected step runs at
 #   {glue:text}`sp_speedup_pages_max_ci:s` the speed of dense at {glue:text}`sp_n_max_k:s` tokens on a CPU,
 #   where it reads {glue:text}`sp_bytes_ratio_pages_max:.2f`× fewer bytes; the rest of the factor
-#   ({glue:text}`sp_pages_bw_ratio_max:.2f`×) is the rate at which each kernel reads its bytes
+#   ({glue:text}`sp_pages_bw_ratio_max_ci:s`) is the rate at which each kernel reads its bytes
 #   ({glue:text}`sp_pages_gbps_max:.1f` GB/s against dense SDPA's {glue:text}`sp_dense_gbps_max:.1f`), not the
 #   selection. Exact top-k, the rule the fidelity claims are about, reads only
 #   {glue:text}`sp_bytes_ratio_topk_max:.2f`× fewer bytes and runs at {glue:text}`sp_speedup_topk_max_ci:s` dense's speed

@@ -134,6 +134,20 @@ def test_published_values_are_judged_one_by_one_by_the_rule():
         claims.published_within_null({})
 
 
+def test_a_published_value_counts_the_nulls_spread_over_the_sources_pairs():
+    """As for ours (``null_excess``): Qwen2.5-0.5B's 49 inter-group pairs give the null an s.d. of
+    pair_std/√49, added in quadrature to the source's interval; without a pair count the null has no spread."""
+    qwen = claims.SourcePoint("Qwen2.5-0.5B", 64, 7, 0.291, (0.285, 0.298), 49)
+    e = claims.published_excess(qwen, 0.279, 0.0278)
+    half = 1.96 * 0.0278 / 7
+    assert (e.lo, e.hi) == pytest.approx((0.012 - math.hypot(0.006, half), 0.012 + math.hypot(0.007, half)), abs=1e-6)
+    assert claims.published_excess(qwen._replace(n_pairs=None), 0.279, 0.0278).lo == pytest.approx(0.006)
+    assert claims.published_excess(qwen, 0.279).lo == pytest.approx(0.006)  # no pair s.d. given
+    assert claims.inter_group_pairs(14, 2) == 49 and claims.inter_group_pairs(8, 8) == 28
+    assert claims.inter_group_pairs(32, 8) == 448
+    assert {p.n_pairs for p in claims.source_points() if p.label.startswith("from scratch")} == {None}
+
+
 def test_corpus_stability_at_three_times_the_sources_gap():
     assert claims.CORPUS_TOL == pytest.approx(3 * (0.284 - 0.277))
     spread = claims.corpus_spread({"a": est(0.280, 0.275, 0.285), "b": est(0.290, 0.287, 0.294),
@@ -160,15 +174,6 @@ def test_corpus_stability_at_three_times_the_sources_gap():
     assert wide_pair.lo == 0.0 and wide_pair.hi > 0.1  # a spread is never negative
     with pytest.raises(ValueError, match="two corpora"):
         claims.corpus_spread({"a": spread})
-
-
-def test_twonn_variant_reports_the_ratio():
-    v = claims.twonn_variant(8.0, 6.4)
-    assert v.text == "the source's number is its variant's, which reads ×1.25 the line fit"
-    assert v.figures["ratio"] == pytest.approx(1.25)
-
-
-# ----------------------------------------------------------------------------- atlas
 
 
 def test_null_side_and_the_o_h_claim():
@@ -281,15 +286,15 @@ def test_twonn_source_near_and_bias():
     smol = claims.twonn_source(est(11.2, 9.1, 13.6, 9), est(1.53, 1.41, 1.66, 9))  # the default model
     assert smol.label == "not near, biased"
     assert smol.text == ("the source's estimator reads 11.2 [9.1, 13.6] over heads here, distinguishably above the "
-                         "source's 7.1; it reads ×1.53 [1.41, 1.66] the unbiased fit on the same points, above the "
-                         "×1.34 it reads on ideal data, so these clouds depart from the law both fits assume: use the "
+                         "source's 7.1; it reads 1.53× [1.41×, 1.66×] the unbiased fit on the same points, above the "
+                         "1.34× it reads on ideal data, so these clouds depart from the law both fits assume: use the "
                          "unbiased fit")
     near = claims.twonn_source(est(7.0, 6.5, 7.6, 14), est(1.35, 1.25, 1.45, 14))
     assert near.label == "near, biased" and "equivalent within ±1 to the source's 7.1" in near.text
-    assert "as on ideal data (×1.34, the truncation it ignores)" in near.text
+    assert "as on ideal data (1.34×, the truncation it ignores)" in near.text
     flat = claims.twonn_source(est(7.5, 5.0, 10.0, 9), est(1.02, 0.95, 1.10, 9))
     assert flat.label == "near" and not flat.text.endswith("use the unbiased fit")
-    assert "below the ×1.34" in flat.text
+    assert "below the 1.34×" in flat.text
     heads_v, heads_f = np.array([11.0, 9.0, 13.0, 12.0]), np.array([7.0, 6.0, 9.0, 8.0])
     over = claims.twonn_source_over_heads(heads_v, heads_f)
     assert over.figures["variant"] == interval.mean(heads_v[:, None])
@@ -514,14 +519,17 @@ def test_page_selection_and_speedup_thresholds():
 def test_survival_against_the_revision():
     assert claims.survival_vs_revision({}, 128, 1024).text == (
         "cannot be compared with the revision: none of the supports run is one of its 97, 193, 385, 769")
-    assert claims.survival_vs_revision({97: [], 193: []}, 128, 1024).text.startswith(
-        "agree with the revision at every support run (S = 97, 193): runs identical through 128 tokens")
+    alike = claims.survival_vs_revision({97: [], 193: []}, 128, 1024)
+    assert alike.label == TIE and alike.text.startswith(
+        "are not distinguishable from the revision's at every support run (S = 97, 193) (unpaired: each 95% interval "
+        "meets the revision's): runs identical through 128 tokens")
     partly = claims.survival_vs_revision({97: [], 193: ["the median first divergence is 30 (the revision: 4)"]}, 128, 1024)
     assert partly.label == "partly" and partly.text == (
-        "agree with the revision at S = 97; they differ at S = 193, which keeps at least 19% of our keys against at "
+        "are not distinguishable from the revision's at S = 97 (unpaired: each 95% interval meets the revision's); "
+        "they differ at S = 193, which keeps at least 19% of our keys against at "
         "most 9% at the revision's shortest context: the median first divergence is 30 (the revision: 4)")
     assert claims.survival_vs_revision({97: ["x"]}, 128, 1024).text.startswith(
-        "disagree with the revision at every support run: at S = 97")
+        "differ from the revision's at every support run: at S = 97")
 
 
 def test_is_source_qwen_by_shape():
@@ -552,7 +560,7 @@ def test_the_claims_page_quotes_the_claims_table():
         f"{s('twonn')} (GPT-2, Qwen)",
         f"+{s('top1_ppl')} PPL, {s('top1_recovered'):.1%} (GPT-2)",
         f"GPT-2 small: perplexity {s('ppl8')[1]:.2f} vs {s('ppl8')[0]:.2f}",  # Fisher-scaled vs standard integer
-        "GPT-2 small: {:.2e}, {:.2e}, {:.2e}, {:.2e}".format(*s("werr4")).replace("e-02", "e-2"),
+        "GPT-2 small: {:#.3g}, {:#.3g}, {:#.3g}, {:#.3g}".format(*s("werr4")),  # as the book writes weight errors
         f"{low:.0%}–{high:.0%}".replace("%–", "–"),
         f"\"the manifold\": {s('mass'):.1%}",
         f"{s('speedup'):.0f}× over flash SDPA",

@@ -100,3 +100,17 @@ def test_negative_numbers_in_prose_get_a_minus_sign():
     assert m("(-3.1)") == "(\u22123.1)"
     for kept in ("qwen2.5-coder-0.5b", "smollm2-135m", "GPT-2", "1e-7", "k = 4-10", "2026-12-02", "a/-1"):
         assert m(kept) == kept
+
+
+def test_negative_numbers_in_glued_html_tables_get_a_minus_sign():
+    """pandas HTML tables are raw output: only the text between tags changes, never a tag or code."""
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        import atlas_minus
+    finally:
+        sys.path.pop(0)
+    h = atlas_minus.html_with_minus
+    assert h('<td class="x-1">-0.007 [-0.028, +0.014]</td>') == '<td class="x-1">\u22120.007 [\u22120.028, +0.014]</td>'
+    assert h("<th>k-1</th><td>qwen2.5-coder-0.5b</td>") == "<th>k-1</th><td>qwen2.5-coder-0.5b</td>"
+    assert h("<pre>x = -1</pre><td>-2</td>") == "<pre>x = -1</pre><td>\u22122</td>"
+    assert h('<code>-3</code> <span style="margin:-4px">-5</span>') == '<code>-3</code> <span style="margin:-4px">\u22125</span>'

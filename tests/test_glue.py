@@ -44,8 +44,8 @@ def test_estimates_and_rows_are_glued_with_their_intervals():
     g.row("pg_recall", {"index_recall": 0.5, "index_recall_lo": 0.4, "index_recall_hi": np.float32(0.6)}, "index_recall")
     assert [k for k, _ in seen] == ["nqp_pg_recall", "nqp_pg_recall_lo", "nqp_pg_recall_hi"]
     assert all(type(v) is float for _, v in seen)
-    assert estimate_text(16476.0, 12048.0, 23392.0, ".2f") == "16,476 [12,048 to 23,392]"  # failed runs: no decimals
-    assert estimate_text(999.0, 12.0, 1200.0, ",.1f") == "999.0 [12.0 to 1,200.0]"  # no comma between bounds
+    assert estimate_text(16476.0, 12048.0, 23392.0, ".2f") == "16,476 [12,048, 23,392]"  # failed runs: no decimals
+    assert estimate_text(999.0, 12.0, 1200.0, ",.1f") == "999.0 [12.0, 1,200.0]"  # one separator for every interval
     assert estimate_text(float("nan"), float("nan"), float("nan"), ".2f") == "— [—, —]"
     assert row_interval({"kl": 0.04, "kl_lo": 0.03, "kl_hi": 0.05}, "kl", ".3f") == "0.040 [0.030, 0.050]"
 

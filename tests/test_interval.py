@@ -215,3 +215,24 @@ def test_a_printed_zero_carries_no_sign():
     assert estimate_text(0.011, -0.00004, 0.022, "+.3f") == "+0.011 [0.000, +0.022]"
     assert number(-1e-9, "+.3%") == "0.000%"
     assert format(Estimate(1e-7, -1e-7, 2e-7, 3), "+.3f") == "0.000 [0.000, 0.000]"
+
+
+def test_every_interval_follows_one_set_of_number_rules():
+    """One format per figure: a sign on every number of a signed quantity, × on every number of a ratio,
+    thousands as integers with separators, three significant figures for SIG3, ", " between the bounds."""
+    from atlas_core.glue import estimate_text, times_text, with_ci
+    from atlas_core.interval import SIG3, Estimate, format_estimate, interval_text
+
+    assert with_ci(-0.050, (-0.247, 0.154)) == "-0.050 [-0.247, +0.154]"  # the upper bound keeps its sign
+    assert format_estimate(Estimate(-0.0055, -0.0122, 0.00124, 4)) == "-0.0055 [-0.0122, +0.00124]"
+    assert estimate_text(0.05, 0.01, 0.09, ".2f") == "0.05 [0.01, 0.09]"  # nothing negative: no signs added
+    assert times_text(1.43, 1.05, 1.61) == "1.43× [1.05×, 1.61×]"
+    assert interval_text(157.941, 123.824, 194.003, SIG3) == "158 [124, 194]"
+    assert interval_text(23.730, 21.41, 26.32, SIG3) == "23.7 [21.4, 26.3]"
+    assert interval_text(869.049, 729.752, 1029.18, SIG3) == "869 [730, 1,029]"
+    assert interval_text(2449442.0, 1738801.0, 3536008.0, SIG3) == "2,449,442 [1,738,801, 3,536,008]"
+    assert interval_text(float("nan"), 1.0, 2.0, SIG3) == "— [1.00, 2.00]"
+    for text in (estimate_text(16476.0, 12048.0, 23392.0, ".3f"), interval_text(1.5, 1.0, 2.0, ".2f")):
+        assert " to " not in text and text.count(", ") == 1
+    assert interval_text(0.2311, -0.05, 0.52, "+" + SIG3) == "+0.231 [-0.050, +0.520]"
+    assert interval_text(1.0012, 1.0007, 1.0017, "+auto") == "+1.0012 [+1.0007, +1.0017]"

@@ -217,7 +217,14 @@ def test_survival_summary_known_answer():
     assert (s["prompts"], s["runs"], s["median"], s["identical"], s["max"]) == (5, 5, 7.0, 0.4, 128)
     assert s["median_ci"][0] <= 7 <= s["median_ci"][1] and s["identical_ci"][0] <= 0.4 <= s["identical_ci"][1]
     assert s == survival_summary([None, 3, 5, None, 7], n_new=128, seed=1)
-    assert survival_summary([2, 4], 128)["identical_ci"] == (0.0, 0.0)
+    # a share is a count: one run per prompt gets the exact interval, never a zero-width one (0 of 2 is not [0, 0])
+    assert s["identical_ci"] == pytest.approx(clopper_pearson(2, 5))
+    assert survival_summary([2, 4], 128)["identical_ci"] == pytest.approx((0.0, clopper_pearson(0, 2)[1]))
+    assert survival_summary([2, 4], 128)["identical_ci"][1] > 0.8
+    pooled = survival_summary([[2, None], [4, 5], [None, None]], 128)  # runs share prompts: resample prompts
+    assert pooled["identical"] == 0.5 and pooled["identical_ci"] != pytest.approx(clopper_pearson(3, 6))
+    none = survival_summary([[2, 3], [4, 5], [6, 7]], 128)  # none identical: exact over the 3 prompts, not [0, 0]
+    assert none["identical_ci"] == pytest.approx(clopper_pearson(0, 3))
     with pytest.raises(ValueError, match="at least one"):
         survival_summary([])
     with pytest.raises(ValueError, match="same number"):

@@ -22,7 +22,10 @@ and a phone; the viewport is set once per width, and only pages with tables are 
   at 1280 px, off the screen on a phone);
 - figure scale: at the first width every figure image is drawn at ``MIN_FIGURE_SCALE`` or more of its natural
   width (an SVG's ``width`` attribute, 96 px per inch), so its labels keep the point size they were drawn at
-  (``atlas_core.figures``).
+  (``atlas_core.figures``);
+- number formats: every page but the code appendix writes its intervals in the book's one format
+  (``atlas_core.book.formats``: no "[lo to hi]", a × on both bounds of a ratio, a sign on every number of a
+  signed interval, a minus sign rather than a hyphen).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from atlas_core.book.formats import format_problems
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 INSTALL_HINT = "install Debian's chromium package (apt-get install chromium), or set ATLAS_CHROMIUM"
@@ -493,6 +498,8 @@ def _first_look(browser: Chromium, page: Path, html_dir: Path, width: int, ids: 
     tables = browser.evaluate(TABLE_PROBE, f"table probe on {name}")
     problems = _page_problems(probe, requested, failed)
     problems += [f"names an external resource: {url}" for url in external_resources(html)]
+    if "code" not in page.relative_to(html_dir).parts[:-1]:  # the code appendix's outputs are program text
+        problems += format_problems(html)
     problems += provenance_problems(figures, html_dir, ids)
     problems += scale_problems(figures, width)
     problems += table_problems(tables, width)

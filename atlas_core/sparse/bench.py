@@ -43,11 +43,6 @@ def page_recall(q, keys, cfg: SparseConfig) -> dict:
     return {"index_recall": index.mean().item(), "mass_recall": mass.mean().item()}
 
 
-def _interleaved(fns: dict, rounds: int, steps: int, device: str) -> dict[str, float]:
-    """{name: median seconds per call} over ``_rounds``."""
-    return {name: statistics.median(t) for name, t in _rounds(fns, rounds, steps, device).items()}
-
-
 def _rounds(fns: dict, rounds: int, steps: int, device: str) -> dict[str, list[float]]:
     """{name: seconds per call in each round}: one warm-up call each, then ``rounds`` rounds that time every
     function in turn over ``steps`` calls (interleaved, so a slow spell of the machine hits them all, and round r of
@@ -261,7 +256,8 @@ def bench_certified_decode(contexts=(32768,), cfg: SparseConfig = SparseConfig(s
             Quest's budget, and the k of the recall).
     Returns:
         {"shape", "config", "source", "rows": [{n, tiled, <kernel>_s, speedup_<kernel> (over dense SDPA),
-        speedup_certified_vs_plain (over dense as matmul-softmax-matmul), certified_bytes,
+        speedup_certified_vs_plain (over dense as matmul-softmax-matmul), each speed-up with ``_lo`` and ``_hi``
+        (its 95% interval over rounds, ``speedup_estimate``), certified_bytes,
         dense_bytes, key_bytes (mean share of key bytes the certified rule reads), oracle_key_bytes, certificate
         and m (mean and max over queries and heads), topk_mass_recall, violations (m > certificate)}]}
     Raises:
@@ -285,13 +281,16 @@ def bench_certified_decode(contexts=(32768,), cfg: SparseConfig = SparseConfig(s
         fns = {"dense": lambda: dense_decode(q, keys, values, scale), "dense_plain": lambda: _dense_plain(q, keys, values, scale),
                "topk": lambda: topk_decode(q, keys, values, cfg),
                "pages": lambda: page_decode(q, paged, cfg), "certified": lambda: certified_decode(q, cache, scale, softcap)}
-        medians = _interleaved(fns, rounds, steps, device)
+        times = _rounds(fns, rounds, steps, device)
         _, info = certified_decode(q, cache, scale, softcap)
         row = {"n": n, "tiled": tiled, "queries": len(queries)}
         for name in fns:
-            row[f"{name}_s"] = medians[name]
-            row[f"speedup_{name}"] = row["dense_s"] / row[f"{name}_s"]
-        row["speedup_certified_vs_plain"] = row["dense_plain_s"] / row["certified_s"]  # CPU SDPA with GQA is the slower dense
+            row[f"{name}_s"] = statistics.median(times[name])
+            est = speedup_estimate(times["dense"], times[name])  # its value is dense_s / <name>_s
+            row[f"speedup_{name}"], row[f"speedup_{name}_lo"], row[f"speedup_{name}_hi"] = est.value, est.lo, est.hi
+        est = speedup_estimate(times["dense_plain"], times["certified"])  # CPU SDPA with GQA is the slower dense
+        row["speedup_certified_vs_plain"], row["speedup_certified_vs_plain_lo"], row["speedup_certified_vs_plain_hi"] = (
+            est.value, est.lo, est.hi)
         _, lo, hi = _fixed_index(n, cfg)
         row["dense_bytes"] = bytes_read("dense", n, heads, kv_heads, d_head, cfg)
         row["certified_bytes"] = certified_bytes(info, -(-hi // cfg.page_size) - lo // cfg.page_size, n - (hi - lo),

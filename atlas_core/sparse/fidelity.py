@@ -682,9 +682,13 @@ def survival_summary(first_divergences: list, n_new: int = 128, n_resamples: int
             share the prompt), as ``greedy_survival`` gives them (None = identical through n_new).
     Returns:
         {"prompts", "runs", "median", "median_ci", "identical", "identical_ci", "max", "median_est",
-        "identical_est"}: statistics over every run; the intervals (``_ci`` as (lo, hi), ``_est`` as
-        ``interval.Estimate``) come from ``interval.median`` and ``interval.share``, which resample
-        prompts, each with all its runs (seeded).
+        "identical_est"}: statistics over every run, with intervals (``_ci`` as (lo, hi), ``_est`` as
+        ``interval.Estimate``). The median's comes from ``interval.median``, which resamples prompts, each
+        with all its runs (seeded). The share identical is a count of k of n: with one run per prompt its
+        interval is the exact one (``clopper_pearson``); with several runs per prompt the runs of a prompt are
+        not independent, so prompts are resampled (``interval.share``), and where every run or none is
+        identical (a bootstrap then has no spread) the exact interval over the prompts alone is used, as if
+        each prompt were one trial (wider: it claims no more trials than there are prompts).
     Raises:
         ValueError: no prompt, or prompts with different numbers of runs.
     """
@@ -695,6 +699,11 @@ def survival_summary(first_divergences: list, n_new: int = 128, n_resamples: int
     identical = np.array([[d is None for d in r] for r in rows], dtype=np.float64)
     boot = interval.Bootstrap(n_resamples=n_resamples, seed=seed)
     med, share = interval.median(steps, boot), interval.share(identical, boot)
+    runs_per_prompt, k = steps.shape[1], int(identical.sum())
+    if runs_per_prompt == 1 or k in (0, identical.size):  # a count: the exact interval (over prompts)
+        n = len(rows)
+        lo, hi = clopper_pearson(k if runs_per_prompt == 1 else (0 if k == 0 else n), n)
+        share = interval.Estimate(value=share.value, lo=lo, hi=hi, units=n)
     return {"prompts": len(rows), "runs": steps.size, "median": med.value, "median_ci": (med.lo, med.hi),
             "identical": share.value, "identical_ci": (share.lo, share.hi), "max": int(steps.max()),
             "median_est": med, "identical_est": share}
