@@ -135,7 +135,9 @@ def test_the_runner_rejects_impossible_values_before_executing(tmp_path, monkeyp
     ("kvquant", {"ranks": [1, 8, 65]}, "ranks", "rank (65) must be at most d_head (64)"),  # smollm2: d_head 64
     ("kvquant", {"rank": 72}, "rank", "rank (72) must be at most d_head (64)"),
     ("kvquant", {"side_bits": 9}, "side_bits", "side_bits must be an integer in 1..8"),
-    ("kvquant", {"group": 48}, "group", "per-token group 48 does not divide d_head=64"),
+    # the model-free rule first (the offline study's per-channel groups of seq_len's tokens), then the head's rule
+    ("kvquant", {"group": 48}, "group", "per-channel quantization needs a multiple of 48 tokens, got 512"),
+    ("kvquant", {"group": 48, "seq_len": 480}, "group", "per-token group 48 does not divide d_head=64"),
     ("kvquant", {"group": 1}, "group", "group must be an integer ≥ 1"),  # HeadQ 2b's budget runs group // 2
     ("kvquant", {"metric_layers": "first,99"}, "metric_layers", "does not exist"),
     ("kvquant", {"metric_blocks": 40}, "metric_blocks", "exceeds eval_blocks"),
@@ -290,3 +292,90 @@ def test_a_fixed_corpus_too_short_names_only_the_size(monkeypatch):
 
     assert chapter_params._corpus_parameter({"corpus": "plays", "seq_len": 8}, "britannica") is None
     assert chapter_params._corpus_parameter({"certified_corpus": "plays"}, "plays") == "certified_corpus"
+
+
+# --- the rules that need no model run before any rule that reads one ---------------------------------------
+
+def _no_model(monkeypatch):
+    """A tripwire on every way a rule consults a model (its name, config or tokenizer), in ``models`` and
+    wherever ``chapter_params`` holds them, caches emptied."""
+    from atlas_core import models
+    from atlas_core.book import chapter_params
+
+    def trip(*args, **kwargs):
+        raise AssertionError(f"the model was consulted {args} before a value that needs none was refused")
+
+    for name in ("describe", "load_tokenizer", "model_config", "check_positions", "check_model_name"):
+        monkeypatch.setattr(models, name, trip)
+        monkeypatch.setattr(chapter_params, name, trip, raising=False)
+    for cached in (chapter_params._shape, chapter_params._tokenizer, chapter_params._linear_widths):
+        cached.cache_clear()
+
+
+MODEL_FREE = [  # (chapter, parameter, value, message): refusable without the model, by a count, a type or a config
+    ("atlas", "k", -3, "must be ≥ 1 (a count)"), ("atlas", "k", 0, "must be ≥ 1 (a count)"),
+    ("atlas", "n_points", -3, "must be ≥ 1"), ("atlas", "k_sweep", [7, -3], "each must be ≥ 1"),
+    ("atlas", "seq_len", -3, "must be ≥ 1"), ("atlas", "k", 2.5, "must be an integer"),
+    ("crossarch", "k", -3, "must be ≥ 1 (a count)"), ("crossarch", "n_deep", -3, "must be ≥ 1"),
+    ("crossarch", "k_range", [-3], "each must be ≥ 1"), ("crossarch", "mid_depth", float("nan"), "must be a finite number"),
+    ("kvquant", "rank", -3, "must be ≥ 1 (a count)"), ("kvquant", "group", 0, "must be ≥ 1"),
+    ("kvquant", "ranks", [8, -3], "each must be ≥ 1"), ("kvquant", "speed_contexts", [-3], "each must be ≥ 1"),
+    ("kvquant", "code_bits", [0], "each must be ≥ 1"), ("kvquant", "step_ctx", -3, "must be ≥ 0"),
+    ("nqp", "group", -3, "must be ≥ 1 (a count)"), ("nqp", "eval_blocks", -3, "must be ≥ 1"),
+    ("nqp", "gptq_calib_tokens", -3, "must be ≥ 1"),
+    ("sparse", "window", -3, "must be ≥ 1 (a count)"), ("sparse", "topk", -3, "must be ≥ 0"),
+    ("sparse", "certified_prompt_tokens", -3, "must be ≥ 1"), ("sparse", "gen_tokens", 0, "must be ≥ 1"),
+    ("models", "ppl_seq_len", -3, "must be ≥ 1 (a count)"), ("models", "invariant_blocks", 0, "must be ≥ 1"),
+    ("ablation", "k", -3, "must be ≥ 1 (a count)"), ("ablation", "d_model", 0, "must be ≥ 1"),
+    ("ablation", "lr", float("inf"), "must be a finite number"),
+    # the library's configs, which need no model either
+    ("atlas", "intra_null_draws", 1, "n_draws must be an integer ≥ 2"),
+    ("atlas", "n_points", 10**6, "positions"),  # CloudSpec: more points than the blocks hold
+    ("kvquant", "prefill", 511, "must be in 1..510 for seq_len 512"), ("kvquant", "kv_bits", [2, 9], "kbits must be"),
+    ("kvquant", "group", 48, "per-channel quantization needs a multiple of 48 tokens"),
+    ("nqp", "bits", [8, 4, 3, 1], "bits must be an integer in 2..16"),
+    ("sparse", "seq_len", 64, "too short for the rule"), ("sparse", "certified_eps", [1e-3, 1.5], "eps must be"),
+    ("models", "ppl_seq_len", 1, "seq_len must be an integer of at least 2"),  # BlockSpec
+    ("ablation", "d_heads", [32, 33], "d_head must be even under RoPE"),
+]
+
+
+@pytest.mark.parametrize("chapter, name, value, message", MODEL_FREE)
+def test_values_that_need_no_model_are_refused_before_it_is_read(chapter, name, value, message, monkeypatch):
+    """`atlas run atlas -p k -3` was refused only after the model's config and tokenizer were read (~9 s)."""
+    given = {**defaults(chapter), name: value}
+    _no_model(monkeypatch)
+    with pytest.raises(ParameterValueError, match=rf"^parameter '{name}' = .*{__import__('re').escape(message)}"):
+        check_values(chapter, given)
+
+
+def test_the_tripwire_catches_a_rule_that_reads_the_model(monkeypatch):
+    """The test above would pass vacuously if no rule read the model through these names."""
+    given = {**defaults("atlas"), "k": 64, "k_sweep": [7, 64]}  # k < d_head: refusable only with the model's shape
+    _no_model(monkeypatch)
+    with pytest.raises(AssertionError, match="the model was consulted"):
+        check_values("atlas", given)
+
+
+def test_every_chapter_pauses_once_between_its_model_free_rules_and_the_rest():
+    import inspect
+
+    assert all(inspect.isgeneratorfunction(rule) for rule in RULES.values())
+
+
+def test_a_negative_count_imports_neither_torch_nor_transformers():
+    """The refusal comes back in the time of an import: nothing model-related is imported for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from atlas_core.book.cli import main\n"
+            "for chapter, name in (('atlas', 'k'), ('crossarch', 'n_deep'), ('kvquant', 'rank'), ('sparse', 'window')):\n"
+            "    assert main(['run', chapter, '--model', 'smollm2-135m', '-p', name, '-3']) == 2\n"
+            "heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("atlas: error: parameter '") and "must be ≥ 1" in line
+                                   for line in lines), lines

@@ -255,3 +255,56 @@ def test_an_empty_path_option_is_refused_not_taken_for_the_default(argv, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"argument {argv[-2]}: an empty path" in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# --- atlas run -p NAME VALUE ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params, message", [
+    (["-p", "k"], "-p k has no value: write -p NAME VALUE or -p NAME=VALUE"),
+    (["--param", "k"], "--param k has no value: write -p NAME VALUE or -p NAME=VALUE"),
+    (["-p", "k", "--out", "elsewhere"], "-p k has no value"),  # an option is not a value
+    (["-p", "k", "-p", "seed", "1"], "-p k has no value"),
+    (["-p"], "-p has no NAME and VALUE: write -p NAME VALUE or -p NAME=VALUE"),
+    (["-p", "--out", "elsewhere"], "-p has no NAME and VALUE"),
+    (["-p", "=3"], "-p =3 has no name: write -p NAME VALUE or -p NAME=VALUE"),
+    (["-p", "", "3"], "-p '' has no name"),
+    (["--param=k"], "--param k has no value"),
+    (["--param="], "--param '' has no name"),
+])
+def test_a_param_without_its_name_or_value_is_named_in_one_line(params, message, capsys):
+    """argparse answered `-p k` with "expected 2 arguments"; the line names the -p and says how to write one."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "atlas", "--model", "smollm2-135m", *params])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"atlas run: error: {message}") and err.count("\n") == 1, err
+    assert "expected 2 arguments" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("params, message", [
+    (["-p", "k", "-3"], "parameter 'k' = -3: must be ≥ 1"),
+    (["-p", "k=-3"], "parameter 'k' = -3: must be ≥ 1"),
+    (["-p", "mid_depth", "-inf"], "parameter 'mid_depth' = -inf: must be a finite number"),  # "expected 2 arguments"
+    (["-p", "mid_depth=-inf"], "parameter 'mid_depth' = -inf: must be a finite number"),
+    (["-p", "1k=3"], "unknown parameter '1k'"),  # a name that is not an identifier still splits at its "="
+    (["--param=k=-3"], "parameter 'k' = -3: must be ≥ 1"),
+    (["--param=mid_depth", "-inf"], "parameter 'mid_depth' = -inf: must be a finite number"),
+])
+def test_a_value_that_begins_with_a_dash_reaches_the_value_rules(params, message, tmp_path, monkeypatch, capsys):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    assert main(["run", "crossarch", "--model", "smollm2-135m", "--out", str(tmp_path), *params]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atlas: error:") and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_params_are_taken_out_in_order_and_other_commands_are_left_whole():
+    from atlas_core.book.cli import _command_parser, _parser, _run_params
+
+    run = _command_parser(_parser(), "run")
+    argv = ["run", "atlas", "-p", "k", "-3", "--out", "o", "--param", "metric_layers", "-1", "-p", "seed", "2"]
+    assert _run_params(argv, run) == (["run", "atlas", "--out", "o"], [["k", "-3"], ["metric_layers", "-1"], ["seed", "2"]])
+    assert _run_params(["run", "atlas", "--", "-p"], run) == (["run", "atlas", "--", "-p"], [])
+    assert _run_params(["ppl", "-p", "k"], run) == (["ppl", "-p", "k"], [])  # reported by ppl's parser, as before

@@ -9,21 +9,27 @@ model's shape (read from its config and tokenizer, no weights: ``models.describe
 (k < d_head, a group that divides the widths it applies to, rank ≤ d_head). Every refusal is one
 ``ParameterValueError`` naming the parameter, never a traceback.
 
-One explicit function per chapter, so that a reader sees every rule in one place. Every chapter with an
-entry also gets the common rules (model, models, corpus, corpora must exist); a chapter without one (a
-user's own notebook) gets none.
+One explicit function per chapter, so that a reader sees every rule in one place. It runs in two stages,
+split by its one ``yield``: first the rules that need no model (types, counts, ranges, the cross-field rules,
+then the library's configs), then those that read the model's config or tokenizer (seconds: transformers
+is imported, a tokenizer may be converted or a corpus tokenized). Between them ``check_values`` checks
+that the corpora and models exist. So an impossible count (k = -3) is refused in the time of an import,
+never after a model's files are read; this module imports no torch until a rule needs it. Every chapter
+with an entry also gets the common rules (model, models, corpus, corpora must exist); a chapter without
+one (a user's own notebook) gets none.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from atlas_core.corpus import CORPORA, BlockSpec, check_blocks, check_corpus, surely_holds
-from atlas_core.models import ModelSpec, check_model_name, check_positions, describe, load_tokenizer, model_config
-from atlas_core.zoo import ModelError
+from atlas_core.zoo import ModelError  # no torch: zoo reads only names and packages
+
+if TYPE_CHECKING:
+    from atlas_core.corpus import BlockSpec
+    from atlas_core.models import ModelSpec
 
 
 class ParameterValueError(ValueError):
@@ -106,24 +112,35 @@ def _units(p: dict, *names: str) -> None:
 
 def _corpus(name: str, value, corpus) -> None:
     """``corpus.check_corpus``'s rule (the one ``load_text`` applies), naming parameter ``name``."""
+    from atlas_core.corpus import check_corpus
+
     _as(name, value, lambda: check_corpus(corpus))
 
 
-def _blocks(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split: str = "eval",
-            models: list[str] | None = None) -> None:
-    """The blocks a chapter reads, naming ``name``: ``BlockSpec``'s rules (seq_len ≥ 2, ≥ 1 block), no longer
-    than each model's positions (``models.check_positions``), and no more than the corpus split holds
-    (``corpus.check_blocks`` with the model's tokenizer alone)."""
-    spec = _as(name, p[name], lambda: BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split=split))
+def _block_spec(p: dict, name: str, corpus: str, seq_len: int, n_blocks: int, split: str = "eval") -> BlockSpec:
+    """The blocks a chapter reads, naming ``name``: ``BlockSpec``'s rules (seq_len ≥ 2, ≥ 1 block), no model.
+    ``_blocks`` checks them against the model once the model-free rules have passed."""
+    from atlas_core.corpus import BlockSpec
+
+    return _as(name, p[name], lambda: BlockSpec(corpus=corpus, seq_len=seq_len, n_blocks=n_blocks, split=split))
+
+
+def _blocks(p: dict, name: str, spec: BlockSpec, models: list[str] | None = None) -> None:
+    """The blocks ``spec`` (from ``_block_spec``) against each model, naming ``name``: no longer than its
+    positions (``models.check_positions``), and no more than the corpus split holds (``corpus.check_blocks``
+    with the model's tokenizer alone)."""
+    from atlas_core.corpus import check_blocks, surely_holds
+    from atlas_core.models import check_positions
+
     for model in models or [p["model"]]:
-        _as(name, p[name], lambda model=model: check_positions(model, seq_len, name))
+        _as(name, p[name], lambda model=model: check_positions(model, spec.seq_len, name))
         if not surely_holds(spec):  # count the tokens only when the text's length cannot vouch for them
             try:
                 check_blocks(_tokenizer(model), spec)
             except (ParameterValueError, ModelError):
                 raise
             except ValueError as err:  # a corpus too short for the blocks: name the corpus's parameter too
-                owner = _corpus_parameter(p, corpus)
+                owner = _corpus_parameter(p, spec.corpus)
                 where = "" if owner is None else f" with {owner!r} = {p[owner]!r}"
                 raise ParameterValueError(f"parameter {name!r} = {p[name]!r}{where}: {err}") from None
 
@@ -137,6 +154,8 @@ def _corpus_parameter(p: dict, corpus: str) -> str | None:
 @functools.lru_cache(maxsize=16)
 def _tokenizer(model: str):
     """The model's tokenizer and spec, no weights (``models.load_tokenizer``), once per model."""
+    from atlas_core.models import load_tokenizer
+
     return load_tokenizer(model)
 
 
@@ -145,12 +164,15 @@ def _tokenizer(model: str):
 @functools.lru_cache(maxsize=16)
 def _shape(model: str) -> ModelSpec:
     """The model's attention shape from its config and tokenizer (no weights; ``models.describe``)."""
+    from atlas_core.models import describe
+
     return describe(model)
 
 
 @functools.lru_cache(maxsize=16)
 def _linear_widths(model: str) -> tuple[int, ...]:
     """``wquant.layers.linear_widths`` of the model's config (no weights), once per model."""
+    from atlas_core.models import model_config
     from atlas_core.wquant.layers import linear_widths
 
     return linear_widths(model_config(model))
@@ -166,10 +188,12 @@ def _k_below_d_head(p: dict, name: str, models: list[str]) -> None:
             _as(name, p[name], lambda k=k: check_rank(k, _shape(model).d_head, p["n_points"]))
 
 
-# --- per chapter -------------------------------------------------------------------------------------------
+# --- rules every chapter shares ------------------------------------------------------------------------------
 
 def _model(name: str, value, model: str) -> None:
     """``check_model_name(model)``, its refusal naming the parameter that gave the model."""
+    from atlas_core.models import check_model_name
+
     try:
         check_model_name(model)
     except ModelError as err:
@@ -178,32 +202,50 @@ def _model(name: str, value, model: str) -> None:
 
 
 def _common(p: dict) -> None:
-    """Rules shared by every chapter: the models and corpora must exist."""
-    for name in ("model", "models"):
+    """Rules shared by every chapter, run before its own, no model: models are names, corpora are given."""
+    for name in ("model", "models", "other_models"):  # other_models: a comma-separated string
         if name in p:
             _names(p, name)
-            for model in p[name] if isinstance(p[name], list) else [p[name]]:
-                _model(name, p[name], model)
-    if "other_models" in p:  # a comma-separated string
-        _names(p, "other_models")
-        for model in filter(None, (m.strip() for m in p["other_models"].split(","))):
-            _model("other_models", p["other_models"], model)
+    for name in ("corpus", "corpora"):
+        if name in p and isinstance(p[name], list) and not p[name]:
+            _fail(name, p[name], "needs at least one corpus")
+
+
+def _known(p: dict) -> None:
+    """Rules shared by every chapter, run after its model-free rules: the corpora exist, then the models
+    (``models.check_model_name``: the first rule that imports transformers; it reads no model's files)."""
     for name in ("corpus", "corpora"):
         if name in p:
-            values = p[name] if isinstance(p[name], list) else [p[name]]
-            if not values:
-                _fail(name, p[name], "needs at least one corpus")
-            for corpus in values:
+            for corpus in p[name] if isinstance(p[name], list) else [p[name]]:
                 _corpus(name, p[name], corpus)
+    for name in ("model", "models"):
+        if name in p:
+            for model in p[name] if isinstance(p[name], list) else [p[name]]:
+                _model(name, p[name], model)
+    if "other_models" in p:
+        for model in filter(None, (m.strip() for m in p["other_models"].split(","))):
+            _model("other_models", p["other_models"], model)
 
 
-def _models(p: dict) -> None:
+def _rest(rules: Iterator[None]) -> None:
+    """The rules after a chapter's ``yield``: those that read the model's config or tokenizer."""
+    for _ in rules:
+        pass
+
+
+# --- per chapter: the rules that need no model, ``yield``, the rules on the model ----------------------------
+
+def _models(p: dict) -> Iterator[None]:
     _ints(p, "ppl_tokens", "ppl_seq_len", "invariant_blocks", "invariant_seq_len")
     if p["ppl_tokens"] % p["ppl_seq_len"]:
         _fail("ppl_tokens", p["ppl_tokens"], f"must be a multiple of ppl_seq_len ({p['ppl_seq_len']})")
-    for corpus in p["corpora"]:
-        _blocks(p, "ppl_seq_len", corpus, p["ppl_seq_len"], p["ppl_tokens"] // p["ppl_seq_len"], models=p["models"])
-    _blocks(p, "invariant_seq_len", "britannica", p["invariant_seq_len"], p["invariant_blocks"], models=p["models"])
+    ppl = [_block_spec(p, "ppl_seq_len", corpus, p["ppl_seq_len"], p["ppl_tokens"] // p["ppl_seq_len"])
+           for corpus in p["corpora"]]
+    invariant = _block_spec(p, "invariant_seq_len", "britannica", p["invariant_seq_len"], p["invariant_blocks"])
+    yield  # --- the model's positions and tokenizer
+    for spec in ppl:
+        _blocks(p, "ppl_seq_len", spec, models=p["models"])
+    _blocks(p, "invariant_seq_len", invariant, models=p["models"])
 
 
 def _cloud(p: dict, name: str, corpus: str, seed: int) -> None:
@@ -214,26 +256,31 @@ def _cloud(p: dict, name: str, corpus: str, seed: int) -> None:
                                          n_points=p["n_points"], seed=seed))
 
 
-def _atlas(p: dict) -> None:
-    from atlas_core.geometry import METRICS
-    from atlas_core.intra_null import IntraNullSpec
+def _atlas(p: dict) -> Iterator[None]:
+    from atlas_core.geometry import METRICS  # no torch
 
     _ints(p, "seq_len", "n_blocks", "n_points", "k", "k_sweep", "n_boot", "null_draws", "intra_null_draws",
           "blas_threads", "top1_seq_len", "top1_eval_blocks", "top1_calib_seq_len", "top1_calib_blocks")
     _ints(p, "seed", low=0)
     _names(p, "metric", METRICS)
-    _as("intra_null_draws", p["intra_null_draws"], lambda: IntraNullSpec(n_draws=p["intra_null_draws"]))
     if p["k"] not in p["k_sweep"]:
         _fail("k_sweep", p["k_sweep"], f"must contain the headline k = {p['k']}")
-    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["n_blocks"])
+    from atlas_core.intra_null import IntraNullSpec
+
+    _as("intra_null_draws", p["intra_null_draws"], lambda: IntraNullSpec(n_draws=p["intra_null_draws"]))
+    blocks = {"seq_len": _block_spec(p, "seq_len", p["corpus"], p["seq_len"], p["n_blocks"]),
+              "top1_seq_len": _block_spec(p, "top1_seq_len", p["corpus"], p["top1_seq_len"], p["top1_eval_blocks"]),
+              "top1_calib_seq_len": _block_spec(p, "top1_calib_seq_len", p["corpus"], p["top1_calib_seq_len"],
+                                                p["top1_calib_blocks"], "calib")}
     _cloud(p, "n_points", p["corpus"], p["seed"])
-    _blocks(p, "top1_seq_len", p["corpus"], p["top1_seq_len"], p["top1_eval_blocks"])
-    _blocks(p, "top1_calib_seq_len", p["corpus"], p["top1_calib_seq_len"], p["top1_calib_blocks"], "calib")
+    yield  # --- the model's positions, tokenizer and d_head
+    for name, spec in blocks.items():
+        _blocks(p, name, spec)
     for name in ("k", "k_sweep"):
         _k_below_d_head(p, name, [p["model"]])
 
 
-def _crossarch(p: dict) -> None:
+def _crossarch(p: dict) -> Iterator[None]:
     _ints(p, "k", "k_range", "n_points", "n_blocks", "seq_len", "n_deep", "n_boot", "null_draws", "n_perm",
           "spearman_null_draws")
     _ints(p, "intra_null_draws", low=2)  # a mean and a standard deviation of the draws
@@ -241,11 +288,13 @@ def _crossarch(p: dict) -> None:
     _number(p, "mid_depth", 0.0, 1.0)
     if p["k"] not in p["k_range"]:
         _fail("k_range", p["k_range"], f"must contain the headline k = {p['k']}")
-    models = list(dict.fromkeys([p["model"], *p["models"]]))
-    for corpus in p["corpora"]:
-        _blocks(p, "seq_len", corpus, p["seq_len"], p["n_blocks"], models=models)
+    blocks = [_block_spec(p, "seq_len", corpus, p["seq_len"], p["n_blocks"]) for corpus in p["corpora"]]
     for seed in p["seeds"]:
         _cloud(p, "n_points", p["corpora"][0], seed)
+    yield  # --- every model's positions, tokenizer, d_head and layers
+    models = list(dict.fromkeys([p["model"], *p["models"]]))
+    for spec in blocks:
+        _blocks(p, "seq_len", spec, models=models)
     for name in ("k", "k_range"):
         _k_below_d_head(p, name, models)
     for model in models:  # the depth test reads the n_deep deepest layers of every model
@@ -281,46 +330,49 @@ def kvquant_methods(p: dict) -> dict[str, list]:
     }
 
 
-def _kvquant(p: dict) -> None:
-    from atlas_core.kvquant.experiment import EvalSetup
-    from atlas_core.kvquant.study import study_layers
-
+def _kvquant(p: dict) -> Iterator[None]:
     _ints(p, "seq_len", "eval_blocks", "prefill", "calib_blocks", "group", "bits", "kv_bits", "ranks", "rank",
-          "side_bits", "metric_blocks", "a2_budget")
+          "side_bits", "metric_blocks", "a2_budget",
+          "code_bits", "code_kv_bits", "speed_contexts")  # the key-code study and speed benchmarks (_kvquant_codes)
     _ints(p, "seed", low=0)
-    _names(p, "engine")
-    setup = _as("engine", p["engine"], lambda: EvalSetup(engine=p["engine"], prefill=p["prefill"]))
-    _as("prefill", p["prefill"], lambda: setup.check_block(p["seq_len"]))
-    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"])
-    _blocks(p, "calib_blocks", p["corpus"], p["seq_len"], p["calib_blocks"], "calib")
+    _ints(p, "step_ctx", low=0)
+    for name in ("engine", "metric_layers", "code_families", "code_kv_families"):
+        _names(p, name)
     _units(p, "eval_blocks")
     if p["metric_blocks"] > p["eval_blocks"]:
         _fail("metric_blocks", p["metric_blocks"], f"exceeds eval_blocks ({p['eval_blocks']}): the study reads the first of them")
     for name, needed in (("bits", [2, 3]), ("kv_bits", [2])):  # the prose quotes these runs; more may be added
         _contains(p, name, needed)
-    shape = _shape(p["model"])
+    from atlas_core.kvquant.experiment import EvalSetup
+    from atlas_core.kvquant.quant import QuantSpec  # the offline study groups each block's keys per channel (KIVI)
+
+    setup = _as("engine", p["engine"], lambda: EvalSetup(engine=p["engine"], prefill=p["prefill"]))
+    _as("prefill", p["prefill"], lambda: setup.check_block(p["seq_len"]))
+    blocks = {"seq_len": _block_spec(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"]),
+              "calib_blocks": _block_spec(p, "calib_blocks", p["corpus"], p["seq_len"], p["calib_blocks"], "calib")}
     methods = kvquant_methods(p)  # built in the order that names a setting every method shares, not its bits
+    _as("group", p["group"], lambda: QuantSpec(bits=2, group=p["group"], axis="channel").check_tokens(p["seq_len"]))
+    yield  # --- the model's positions, tokenizer and shape
+    from atlas_core.kvquant.study import study_layers
+
+    for name, spec in blocks.items():
+        _blocks(p, name, spec)
+    shape = _shape(p["model"])
     for name in sorted(methods, key=lambda name: {"group": 0, "rank": 1}.get(name, 2)):  # head rules: group, rank first
         for method in methods[name]:
             _as(name, p[name], lambda m=method: m.check_head(shape.d_head))
-    _names(p, "metric_layers")
     _as("metric_layers", p["metric_layers"], lambda: study_layers(p["metric_layers"], shape.n_layers))
-    from atlas_core.kvquant.quant import QuantSpec  # the offline study groups each block's keys per channel (KIVI)
-
-    _as("group", p["group"], lambda: QuantSpec(bits=2, group=p["group"], axis="channel").check_tokens(p["seq_len"]))
     _kvquant_codes(p, shape)
 
 
 def _kvquant_codes(p: dict, shape) -> None:
     """The key-code study (``storage.study_methods``) and the speed benchmarks (``bench.check_kv_decode``,
-    ``bench.check_bench``) of the kvquant chapter, by the rules those functions apply."""
+    ``bench.check_bench``) of the kvquant chapter, by the rules those functions apply on the model's shape
+    (their counts and names are checked with the chapter's model-free rules, in ``_kvquant``)."""
     from atlas_core.kvquant import bench, fused, storage
 
-    _ints(p, "code_bits", "code_kv_bits", "speed_contexts")
-    _ints(p, "step_ctx", low=0)
     pre_rope = shape.family != "gpt2"
     for bits, fams in (("code_bits", "code_families"), ("code_kv_bits", "code_kv_families")):
-        _names(p, fams)
         chosen = tuple(f.strip() for f in p[fams].split(",") if f.strip()) or None
         _as(fams, p[fams], lambda b=bits, c=chosen: storage.study_methods(
             p[b], p["group"], b == "code_kv_bits", p["rank"], c, pre_rope, shape.d_head))
@@ -337,33 +389,37 @@ NQP_NEEDS = {"bits": [8, 4, 3],
              "grouped_methods": ["rtn", "gptq", "awq", "rot-fisher"]}
 
 
-def _nqp(p: dict) -> None:
+def _nqp(p: dict) -> Iterator[None]:
+    _ints(p, "seq_len", "calib_blocks", "eval_blocks", "group", "bits")
+    _ints(p, "seed", low=0)
+    if p["gptq_calib_tokens"] is not None:
+        _ints(p, "gptq_calib_tokens")
+    _units(p, "eval_blocks")
     from atlas_core.wquant.apply import METHODS
     from atlas_core.wquant.calib import CalibConfig
     from atlas_core.wquant.rtn import WQuantSpec
 
-    _ints(p, "seq_len", "calib_blocks", "eval_blocks", "group", "bits")
-    _ints(p, "seed", low=0)
-    _units(p, "eval_blocks")
     for name in ("methods", "grouped_methods"):
         _names(p, name, METHODS)
     for name, needed in NQP_NEEDS.items():
         _contains(p, name, needed)
     for b in p["bits"]:
         _as("bits", p["bits"], lambda b=b: WQuantSpec(bits=b))
-    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"])
-    _blocks(p, "calib_blocks", p["corpus"], p["seq_len"], p["calib_blocks"], "calib")
+    blocks = {"seq_len": _block_spec(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"]),
+              "calib_blocks": _block_spec(p, "calib_blocks", p["corpus"], p["seq_len"], p["calib_blocks"], "calib")}
     grouped = _as("group", p["group"], lambda: WQuantSpec(bits=3, group=p["group"]))  # the grouped comparison: 3 bits
-    for width in _linear_widths(p["model"]):
-        _as("group", p["group"], lambda width=width: grouped.group_size(width))
     given = {"corpus": p["gptq_calib_corpus"], "tokens": p["gptq_calib_tokens"]}
     if given["corpus"] is not None:
         _corpus("gptq_calib_corpus", given["corpus"], given["corpus"])
-    if given["tokens"] is not None:
-        _ints(p, "gptq_calib_tokens")
     cal = _as("gptq_calib_tokens", given["tokens"], lambda: CalibConfig(**{k: v for k, v in given.items() if v is not None}))
-    _blocks({**p, "gptq_calib_tokens": cal.tokens}, "gptq_calib_tokens", cal.corpus, cal.seq_len,
-            cal.block_spec().n_blocks, "calib")
+    gptq_p = {**p, "gptq_calib_tokens": cal.tokens}
+    gptq = _block_spec(gptq_p, "gptq_calib_tokens", cal.corpus, cal.seq_len, cal.block_spec().n_blocks, "calib")
+    yield  # --- the model's positions, tokenizer and layer widths
+    for name, spec in blocks.items():
+        _blocks(p, name, spec)
+    for width in _linear_widths(p["model"]):
+        _as("group", p["group"], lambda width=width: grouped.group_size(width))
+    _blocks(gptq_p, "gptq_calib_tokens", gptq)
 
 
 def sparse_experiment(p: dict):
@@ -377,9 +433,7 @@ def sparse_experiment(p: dict):
                                                                  topks=tuple(p["topks"])))
 
 
-def _sparse(p: dict) -> None:
-    from atlas_core.sparse.blocks import block_rule
-
+def _sparse(p: dict) -> Iterator[None]:
     _ints(p, "seq_len", "eval_blocks", "sweep_blocks", "prompt_tokens", "gen_tokens", "sweep_gen_tokens", "window",
           "windows", "page_size", "contexts", "bench_rounds", "survival_prompts", "survival_prompt_tokens", "supports")
     _ints(p, "anchors", "topk", "topks", low=0)
@@ -389,19 +443,15 @@ def _sparse(p: dict) -> None:
         _fail("sweep_blocks", p["sweep_blocks"], f"exceeds eval_blocks ({p['eval_blocks']}): the sweep reads the first of them")
     if p["sweep_gen_tokens"] > p["gen_tokens"]:
         _fail("sweep_gen_tokens", p["sweep_gen_tokens"], f"exceeds gen_tokens ({p['gen_tokens']})")
+    from atlas_core.sparse.blocks import block_rule
+
     experiment = sparse_experiment(p)
     _as("seq_len", p["seq_len"], lambda: experiment.check_block(p["seq_len"], "seq_len"))
     _as("prompt_tokens", p["prompt_tokens"], lambda: experiment.check_prompt(p["prompt_tokens"], "prompt_tokens"))
-    others = [m.strip() for m in p["other_models"].split(",") if m.strip()]
-    _blocks(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"], models=[p["model"], *others])
-    _blocks(p, "prompt_tokens", p["corpus"], p["prompt_tokens"], 1, "calib", models=[p["model"], *others])
-    _blocks(p, "survival_prompt_tokens", p["corpus"], p["survival_prompt_tokens"], p["survival_prompts"])
-    for model in [p["model"], *others]:  # a prompt and its generation share the positions
-        _as("gen_tokens", p["gen_tokens"], lambda m=model: check_positions(m, p["prompt_tokens"] + p["gen_tokens"],
-                                                                           "prompt_tokens + gen_tokens"))
-    _as("survival_gen_tokens", p["survival_gen_tokens"],
-        lambda: check_positions(p["model"], p["survival_prompt_tokens"] + p["survival_gen_tokens"],
-                                "survival_prompt_tokens + survival_gen_tokens"))
+    blocks = {"seq_len": _block_spec(p, "seq_len", p["corpus"], p["seq_len"], p["eval_blocks"]),
+              "prompt_tokens": _block_spec(p, "prompt_tokens", p["corpus"], p["prompt_tokens"], 1, "calib"),
+              "survival_prompt_tokens": _block_spec(p, "survival_prompt_tokens", p["corpus"], p["survival_prompt_tokens"],
+                                                    p["survival_prompts"])}
     _as("contexts", p["contexts"], lambda: experiment.rule.check_context(min(p["contexts"]), "every context"))
     rules = [_as("supports", p["supports"], lambda s=s: block_rule(s, p["anchors"], p["window"], p["page_size"]))
              for s in p["supports"]]
@@ -411,7 +461,22 @@ def _sparse(p: dict) -> None:
         _fail("survival_prompt_tokens", p["survival_prompt_tokens"],
               f"too short: every support keeps every key (the smallest, {smallest}, needs more than "
               f"{smallest - p['survival_gen_tokens'] + 1} prompt tokens)")
-    _certified(p, [p["model"]])
+    certified = _certified(p, [p["model"]])
+    next(certified)  # its rules that need no model
+    yield  # --- every model's positions and tokenizer
+    from atlas_core.models import check_positions
+
+    others = [m.strip() for m in p["other_models"].split(",") if m.strip()]
+    _blocks(p, "seq_len", blocks["seq_len"], models=[p["model"], *others])
+    _blocks(p, "prompt_tokens", blocks["prompt_tokens"], models=[p["model"], *others])
+    _blocks(p, "survival_prompt_tokens", blocks["survival_prompt_tokens"])
+    for model in [p["model"], *others]:  # a prompt and its generation share the positions
+        _as("gen_tokens", p["gen_tokens"], lambda m=model: check_positions(m, p["prompt_tokens"] + p["gen_tokens"],
+                                                                           "prompt_tokens + gen_tokens"))
+    _as("survival_gen_tokens", p["survival_gen_tokens"],
+        lambda: check_positions(p["model"], p["survival_prompt_tokens"] + p["survival_gen_tokens"],
+                                "survival_prompt_tokens + survival_gen_tokens"))
+    _rest(certified)  # its rules on the model
 
 
 CERTIFIED_NEEDS = [1e-3]  # the certified section's prose reads its ε = 10⁻³ figures (the issue's targets)
@@ -429,8 +494,9 @@ def certified_rules(p: dict) -> list:
         page_size=p["page_size"])) for e in eps]
 
 
-def _certified(p: dict, models: list[str]) -> None:
-    """Certified sparse decoding: its ε targets, page bound, block length, blocks and survival prompts."""
+def _certified(p: dict, models: list[str]) -> Iterator[None]:
+    """Certified sparse decoding: its ε targets, page bound, block length, blocks and survival prompts; like a
+    chapter, the rules that need no model, ``yield``, the rules on each model."""
     from atlas_core.sparse.kept import BOUNDS
 
     _ints(p, "certified_prompt_tokens", "certified_blocks", "certified_survival_prompts")
@@ -440,22 +506,23 @@ def _certified(p: dict, models: list[str]) -> None:
     rules = certified_rules(p)
     _contains(p, "certified_eps", CERTIFIED_NEEDS)
     n = p["certified_prompt_tokens"]
+    _as("certified_prompt_tokens", n, lambda: rules[0].check_block(n, "certified_prompt_tokens"))
+    blocks = _block_spec(p, "certified_prompt_tokens", p["certified_corpus"], n,
+                         max(p["certified_blocks"], p["certified_survival_prompts"]))
+    yield  # --- each model's d_head, positions and tokenizer
+    from atlas_core.models import check_positions
+
     for model in models:
         _as("certified_bound", p["certified_bound"], lambda m=model: rules[0].check_head(_shape(m).d_head, "certified_bound's rank"))
         _as("certified_prompt_tokens", n, lambda m=model: check_positions(
             m, n + p["survival_gen_tokens"], "certified_prompt_tokens + survival_gen_tokens"))
-    _as("certified_prompt_tokens", n, lambda: rules[0].check_block(n, "certified_prompt_tokens"))
-    _blocks(p, "certified_prompt_tokens", p["certified_corpus"], n, max(p["certified_blocks"], p["certified_survival_prompts"]),
-            models=models)
+    _blocks(p, "certified_prompt_tokens", blocks, models=models)
 
 
-def _ablation(p: dict) -> None:
-    """The models trained here: the library's configs and variants (``train.config``) decide what can be built."""
-    from atlas_core.corpus import check_corpus
-    from atlas_core.geometry import check_rank
-    from atlas_core.train.config import DEVICES, ArchConfig, TrainConfig, check_pair, variants
-    from atlas_core.train.loop import held_out_blocks, resolve_device
-    from atlas_core.train.tokenizer import load_tokenizer
+def _ablation(p: dict) -> Iterator[None]:
+    """The models trained here: the library's configs and variants (``train.config``) decide what can be built;
+    the pretrained model is not read, and the corpus's tokenizer (trained here) comes after the ``yield``."""
+    from atlas_core.train.config import DEVICES, ArchConfig, TrainConfig, check_pair, variants  # no torch
 
     _ints(p, "d_model", "n_layers", "n_heads", "vocab_size", "tokens", "batch_size", "train_seq_len", "eval_blocks",
           "k", "n_points", "n_blocks", "seq_len", "n_boot", "null_draws", "d_heads")
@@ -489,22 +556,30 @@ def _ablation(p: dict) -> None:
         field = next((f for f in train_fields if str(err).startswith(f)), "tokens")
         _fail(train_fields[field], p[train_fields[field]], str(err))
     _as("train_seq_len", p["train_seq_len"], lambda: check_pair(base, cfg))
+    from atlas_core.corpus import check_corpus
+    from atlas_core.geometry import check_rank
+    from atlas_core.train.loop import held_out_blocks, resolve_device
+
     _as("device", p["device"], lambda: resolve_device(p["device"]))
     _as("corpus", p["corpus"], lambda: check_corpus(p["corpus"]))
-    _as("eval_blocks", p["eval_blocks"], lambda: held_out_blocks(load_tokenizer(p["corpus"], p["vocab_size"]), cfg))
     _cloud(p, "n_points", p["corpus"], 0)
     for name in p["variants"]:  # k below every trained head's width
         _as("k", p["k"], lambda name=name: check_rank(p["k"], table[name].d_head, p["n_points"]))
+    yield  # --- the corpus's tokenizer (trained on it once, then cached)
+    from atlas_core.train.tokenizer import load_tokenizer
+
+    _as("eval_blocks", p["eval_blocks"], lambda: held_out_blocks(load_tokenizer(p["corpus"], p["vocab_size"]), cfg))
 
 
-RULES: dict[str, Callable[[dict], None]] = {
+RULES: dict[str, Callable[[dict], Iterator[None]]] = {
     "models": _models, "atlas": _atlas, "crossarch": _crossarch, "ablation": _ablation,
     "kvquant": _kvquant, "nqp": _nqp, "sparse": _sparse,
 }
 
 
 def check_values(chapter: str, values: dict) -> None:
-    """Check a chapter's full parameter set (defaults with overrides applied, types already coerced).
+    """Check a chapter's full parameter set (defaults with overrides applied, types already coerced): the rules
+    that need no model first, so that an impossible value is refused before any model's files are read.
 
     Raises:
         ParameterValueError: a value is impossible (the message names it and says what is allowed).
@@ -513,4 +588,7 @@ def check_values(chapter: str, values: dict) -> None:
     rule = RULES.get(chapter)
     if rule is not None:
         _common(values)
-        rule(values)
+        rules = rule(values)
+        next(rules)  # the chapter's rules that need no model: types, counts, ranges, the library's configs
+        _known(values)  # the corpora and models exist
+        _rest(rules)  # the rules that read the model's config or tokenizer

@@ -10,6 +10,7 @@ import math
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -34,11 +35,74 @@ def _param_pairs(argv: list[str]) -> list[str]:
     return out
 
 
+PARAM_FORMS = "write -p NAME VALUE or -p NAME=VALUE"
+
+
+def _run_params(argv: list[str], run: argparse.ArgumentParser) -> tuple[list[str], list[list[str]]]:
+    """``atlas run``'s ``-p NAME VALUE`` pairs (after ``_param_pairs``), taken out of ``argv`` before argparse
+    reads it, and the rest of ``argv``; any other command's ``argv`` is returned whole.
+
+    argparse answers "expected 2 arguments" both for a missing value and for a value that begins with "-"
+    (``-p mid_depth -inf``); here a value is any word that is not one of ``run``'s options, and a ``-p`` without
+    its name or value is named.
+
+    Raises:
+        ValueError: a ``-p`` with no name or no value (the message names it and says how to write one).
+    """
+    command = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
+    if command is None or argv[command] != "run":
+        return argv, []
+    flags = {flag for action in run._actions for flag in action.option_strings}
+    short = {flag for flag in flags if not flag.startswith("--")}  # -p, -h: "-pk" is -p too; "-3", "-inf" are values
+
+    def word(i: int) -> str | None:  # argv[i] if it can be a name or a value, not an option
+        return argv[i] if i < len(argv) and not (argv[i].startswith("--") or argv[i][:2] in short) else None
+
+    rest, pairs, i = argv[:command + 1], [], command + 1
+    while i < len(argv):
+        if argv[i] == "--":  # what follows is positional
+            return rest + argv[i:], pairs
+        flag, inline, name = argv[i].partition("=")  # --param=NAME=VALUE or --param=NAME VALUE: the name inline
+        if flag not in ("-p", "--param"):
+            rest.append(argv[i])
+            i += 1
+            continue
+        if not inline:
+            i += 1
+            name = word(i)
+        if name is None:
+            raise ValueError(f"{flag} has no NAME and VALUE: {PARAM_FORMS}")
+        if "=" in name or not name:  # NAME=VALUE whose name is not an identifier (_param_pairs split those)
+            if not name.split("=", 1)[0]:
+                raise ValueError(f"{flag} {shlex.quote(name)} has no name: {PARAM_FORMS}")
+            pairs.append(name.split("=", 1))
+            i += 1
+            continue
+        value = word(i + 1)
+        if value is None:
+            raise ValueError(f"{flag} {shlex.quote(name)} has no value: {PARAM_FORMS}")
+        pairs.append([name, value])
+        i += 2
+    return rest, pairs
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The subparser of command ``name``."""
+    return next(a.choices[name] for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for bad input, with a message on stderr)."""
     exit_on_sigterm()
     parser = _parser()
-    args, extra = parser.parse_known_args(_param_pairs(sys.argv[1:] if argv is None else list(argv)))
+    run = _command_parser(parser, "run")
+    try:
+        argv, params = _run_params(_param_pairs(sys.argv[1:] if argv is None else list(argv)), run)
+    except ValueError as err:  # a -p without its name or value: one line, exit 2
+        run.error(str(err))
+    args, extra = parser.parse_known_args(argv)
+    if params:
+        args.param = [*args.param, *params]
     if extra:  # reported by the command's own parser, which names it and its --help
         getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "func"):
@@ -163,7 +227,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="execute one chapter notebook with papermill")
     r.add_argument("chapter")
     _model_arg(r)
-    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="set a parameter of the chapter's notebook (repeatable); also -p NAME=VALUE; "
+                        "a VALUE may begin with '-'")
     r.add_argument("--out", default=None, type=_path, help="output folder (default results/<model>/)")
     r.add_argument("--source", default=None, type=_path, help="a jupytext file to run instead of notebooks/CHAPTER.py")
     r.set_defaults(func=_run)
