@@ -320,7 +320,7 @@ def check_chapter_values(chapter: str, values: dict) -> None:
     Raises:
         ParameterError: with the rule's message.
     """
-    from atlas_core.book.chapter_params import check_values  # imports torch: only when a chapter runs
+    from atlas_core.book.chapter_params import check_values  # light: a rule imports torch only when it needs the model
     from atlas_core.zoo import ModelError
 
     try:
