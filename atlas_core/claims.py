@@ -536,13 +536,13 @@ def colspace_aligned(excess: dict[str, Estimate]) -> Verdict:
 def published_within_null(points: dict[str, Estimate]) -> Verdict:
     """The published O_h values against the Haar null at each one's (d_head, k), each by the rule.
 
-    Each point is the published value − the Haar mean overlap of one pair of random frames at its (d_head, k)
-    (an expectation, computed to ±0.0005), with the source's own 95% interval where it publishes one and none
-    (lo = hi) where it does not; ``decide`` with ``OVERLAP_RULE`` then reads a point without an interval
-    against the margin alone, as ``REPRODUCED_TOL`` reads a point.
+    Each point is the published value − the Haar mean overlap of one pair of random frames at its (d_head, k),
+    with the interval ``published_excess`` gives it: the source's own 95% interval where it publishes one and
+    the null's spread over the source's pairs where their number is known; ``decide`` with ``OVERLAP_RULE``
+    then reads a point without either against the margin alone, as ``REPRODUCED_TOL`` reads a point.
 
     Args:
-        points: {label (e.g. "Qwen2.5-0.5B, k = 7"): published − null, with the source's interval}, at least one.
+        points: {label (e.g. "Qwen2.5-0.5B, k = 7"): ``published_excess``}, at least one.
     Returns:
         label "explained by the null" when no point is distinguishable from it, or when the points off it are no
         more than chance gives among this many decisions (``multiplicity``); else "not explained by the null
@@ -566,8 +566,8 @@ def published_within_null(points: dict[str, Estimate]) -> Verdict:
     within = chance.label == "within chance"
     return Verdict(label="explained by the null" if within else "not explained by the null alone", figures=figures,
                    text=f"{'explained by the null' if within else 'not explained by the null alone'}: {len(off)} of "
-                        f"the {len(points)} published values {'lies' if len(off) == 1 else 'lie'} off it by the "
-                        f"source's own interval, {named} ({chance.text})")
+                        f"the {len(points)} published values {'lies' if len(off) == 1 else 'lie'} off it by the rule "
+                        f"(its interval and the null's spread), {named} ({chance.text})")
 
 
 def scratch_explained(points: dict[str, Estimate]) -> Verdict:

@@ -118,8 +118,8 @@ def test_published_values_are_judged_one_by_one_by_the_rule():
                                                                      "from scratch, d_head 64": claims.EQUIVALENT}
     one = claims.published_within_null({**points, "Qwen2.5-0.5B": e})  # 1 of 3 off: P(1 or more) = 0.14
     assert one.label == "explained by the null" and one.figures["off"] == ["Qwen2.5-0.5B"]
-    assert ("1 of the 3 published values lies off it by the source's own interval, Qwen2.5-0.5B (+0.012 [+0.006, "
-            "+0.019], above it) (with 3 decisions") in one.text
+    assert ("1 of the 3 published values lies off it by the rule (its interval and the null's spread), "
+            "Qwen2.5-0.5B (+0.012 [+0.006, +0.019], above it) (with 3 decisions") in one.text
     off = claims.published_within_null({"Qwen2.5-0.5B": e, "other": e})  # 2 of 2: P = 0.0025, beyond chance
     assert off.label == "not explained by the null alone" and "beyond chance" in off.text
     far = claims.published_excess(claims.SourcePoint("x", 64, 7, 0.30, None), 0.279)  # a point 0.021 away
