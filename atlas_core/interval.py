@@ -147,7 +147,9 @@ def number_spec(spec: str, value, lo, hi) -> str:
       * a fixed-point figure of 1,000 or more prints as an integer with thousands separators (a failed
         run's perplexity reads in the thousands: "16,476 [12,048, 23,392]").
       * a signed quantity prints a sign on every number: when any of the three is negative, "+" is added
-        ("−0.050 [−0.247, +0.154]", not "−0.050 [−0.247, 0.154]").
+        ("−0.050 [−0.247, +0.154]", not "−0.050 [−0.247, 0.154]"); a bound of a signed interval that would
+        print as zero but is not gets the digits that show its sign ("[−0.00004, +0.022]", not "[0.000, …]",
+        so that a reader sees whether 0 is inside; ``interval_text``).
     Args:
         spec: a Python format spec (".3f", "+.1%", ".3g"), "auto" or ``SIG3``; value, lo, hi: the figure.
     Returns:
@@ -170,9 +172,25 @@ def number_spec(spec: str, value, lo, hi) -> str:
 
 def interval_text(value, lo, hi, spec: str = ".3g") -> str:
     """"value [lo, hi]": the three numbers in one format (``number_spec``), the bounds after ", "; "—" for a
-    number that was not measured."""
+    number that was not measured; the value alone when all three print the same (an interval with no spread
+    at this precision says nothing a bare value does not: "111.7%", not "111.7% [111.7%, 111.7%]")."""
     spec = number_spec(spec, value, lo, hi)
-    return f"{format_number(value, spec)} [{format_number(lo, spec)}, {format_number(hi, spec)}]"
+    shown = [format_number(x, spec) for x in (value, lo, hi)]
+    if shown[0] != "—" and shown[0] == shown[1] == shown[2]:  # no spread at this precision (a count, a ceiling)
+        return shown[0]
+    if any(re.search(r"[1-9]", t) for t in shown):  # an interval that is not all zeros: show its bounds' signs
+        shown[1:] = [_bound(lo, spec), _bound(hi, spec)]
+    return f"{shown[0]} [{shown[1]}, {shown[2]}]"
+
+
+def _bound(x, spec: str) -> str:
+    """A bound of a signed interval that would print as zero but is not, with the digits that show its sign
+    ("-0.00004", not "0.000": whether 0 lies inside is what a verdict on a difference reads)."""
+    text = format_number(x, spec)
+    if not (spec.startswith("+") and spec[-1] in "f%" and x and np.isfinite(x) and not re.search(r"[1-9]", text)):
+        return text
+    scale = 100.0 if spec.endswith("%") else 1.0
+    return format_number(x, f"+.{-math.floor(math.log10(abs(x) * scale))}{spec[-1]}")
 
 
 def format_estimate(est: Estimate, spec: str = ".3g") -> str:

@@ -199,8 +199,8 @@ g.table("variants_table", variant_table, data=pd.DataFrame(variant_data).set_ind
         f"{plural(eval_blocks, 'held-out block')} of {train_seq_len} tokens")
 ppl_init = [held_out(runs[n, seeds[0]], 0.0) for n in variants]
 ppl_end = [held_out(runs[n, seeds[0]], 1.0) for n in variants]
-g("ppl_init", f"{number(min(ppl_init), SIG3)} to {number(max(ppl_init), SIG3)}")  # the lowest and highest run
-g("ppl_end", f"{number(min(ppl_end), SIG3)} to {number(max(ppl_end), SIG3)}")
+g("ppl_init", f"{number(min(ppl_init), SIG3)} and {number(max(ppl_init), SIG3)}")  # the lowest and highest run
+g("ppl_end", f"{number(min(ppl_end), SIG3)} and {number(max(ppl_end), SIG3)}")
 bpe = load_tokenizer(corpus, vocab_size)
 stream = train_tokens(bpe, corpus)  # (token,) the training text, as every run reads it
 ppl_unigram = unigram_perplexity(stream.numpy(), held_out_blocks(bpe, run_cfg)[:, 1:].numpy(), len(bpe))
@@ -236,8 +236,8 @@ g("epochs", f"{tokens_trained / len(stream):.2f}")
 # at $d_\text{model}$; the geometry measured here is that of each head's own $d_\text{head}$-dimensional
 # space, which is what the null is drawn in.
 #
-# Held-out perplexity falls from {glue:text}`ab_ppl_init:s` at initialisation (about the vocabulary size,
-# as it must for a random model) to {glue:text}`ab_ppl_end:s` at the end. The unigram model of the training
+# Held-out perplexity falls from between {glue:text}`ab_ppl_init:s` at initialisation (the lowest and highest
+# run; about the vocabulary size, as it must for a random model) to between {glue:text}`ab_ppl_end:s` at the end. The unigram model of the training
 # text (token frequencies alone, add-one smoothed: `atlas_core.ablation.unigram_perplexity`) reads
 # {glue:text}`ab_ppl_unigram:s` on the same blocks; the trained models end at
 # {glue:text}`ab_ppl_end_vs_unigram:s` times its perplexity (the lowest and highest of the runs; each is one run's
@@ -534,8 +534,9 @@ g("scratch_d_heads", " / ".join(str(d) for d, _ in by_dhead))
 g("scratch_o_h", " / ".join(f"{results[n, seeds[0], 1.0]['main']['o_h']:.3f}" for _, n in by_dhead))
 g("scratch_null", " / ".join(f"{results[n, seeds[0], 1.0]['main']['null_mean']:.3f}" for _, n in by_dhead))
 d64 = next((n for d, n in by_dhead if d == 64), None)
-g("scratch_d64_10", "not run" if d64 is None else f"{results[d64, seeds[0], 0.1]['main']['o_h']:.4f}")
-g("scratch_d64_end", "not run" if d64 is None else f"{results[d64, seeds[0], 1.0]['main']['o_h']:.4f}")
+for tag, frac in (("10", 0.1), ("end", 1.0)):  # O_h with its interval over pairs, as every O_h of the book
+    g(f"scratch_d64_{tag}", "not run" if d64 is None else with_ci(results[d64, seeds[0], frac]["main"]["o_h"],
+                                                                  results[d64, seeds[0], frac]["main"]["ci"]))
 scratch_verdict = null_verdict({f"d_head {archs[n].d_head} {checkpoint_title(f)}": decisions[n, s, f]
                                 for (n, s, f) in decisions if n in scratch})
 g("scratch_verdict", f"{scratch_verdict.text} ("

@@ -796,12 +796,12 @@ def cell(r: dict, name: str, spec: str) -> str:
 
 
 top1_table = pd.DataFrame([{"layers": ", ".join(map(str, r["layers"])),
-                            "perplexity, full": cell(r, "ppl_full", ".2f"),
-                            "perplexity, top-1": cell(r, "ppl_top1", ".2f"),
+                            "perplexity, full": cell(r, "ppl_full", interval.SIG3),
+                            "perplexity, top-1": cell(r, "ppl_top1", interval.SIG3),
                             "change by top-1": cell(r, "delta_top1", "+.2f"),
-                            f"perplexity, top-1 + rank-{k}": cell(r, "ppl_recon", ".2f"),
+                            f"perplexity, top-1 + rank-{k}": cell(r, "ppl_recon", interval.SIG3),
                             "damage recovered": cell(r, "recovered", ".1%"),
-                            f"perplexity, top-1 + random rank-{k}": cell(r, "ppl_random", ".2f"),
+                            f"perplexity, top-1 + random rank-{k}": cell(r, "ppl_random", interval.SIG3),
                             "damage recovered, random": cell(r, "recovered_random", ".1%")} for r in top1.values()],
                           index=pd.Index(list(top1), name="hard top-1 in"))
 top1_data = pd.DataFrame([{"setting": name, "layers": " ".join(map(str, r["layers"])), "figure": field,

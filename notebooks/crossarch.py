@@ -507,7 +507,8 @@ g.table("cluster_table", cluster_table, data=pd.DataFrame(cluster_data), sample=
 # same $k$ and $d$ (mean deviation {glue:text}`xa_src_dev_mean:s`; {numref}`fig-xa-sqrt`b). Judged one by
 # one by the rule, as ours are (the source's own interval where it gives one, a point where it does not, and
 # the null's spread for a mean over the source's pairs where its protocol fixes their number: 28 for GPT-2's
-# first 8 heads, 49 inter-group pairs for Qwen2.5-0.5B, 448 for Llama 3.1 and Mistral; none for the
+# first 8 heads, 120 and 190 for GPT-2 medium and large, 49 inter-group pairs for Qwen2.5-0.5B, 448 for
+# Llama 3.1 and Mistral; none for the
 # from-scratch models, whose head counts are not published), the published values are
 # {glue:text}`xa_published_verdict:s`. The clustering by $d_\text{head}$, the growth with $k$ and the
 # constancy during training are what random frames produce: they follow from the frame size alone. In this run, over the

@@ -1117,7 +1117,7 @@ g("speed_verdict", claims.fused_decode({r["n"]: ratio_estimate(r, "speedup_vs_sd
 # {glue:md}`kv_step_table_prov:myst`
 # ```
 #
-# **Result.** At {glue:text}`kv_speed_max_n:d` cached tokens the fused 2-bit kernel runs at
+# **Result.** At {glue:text}`kv_speed_max_n:,` cached tokens the fused 2-bit kernel runs at
 # {glue:text}`kv_speed_ratio_ci:s` the speed of fp32 SDPA ({numref}`tbl-kv-speed`; the smallest speed-up over
 # the contexts is {glue:text}`kv_speed_ratio_min_ci:s`), reading {glue:text}`kv_speed_bytes_ratio:.2f`× fewer
 # bytes. In the whole model at {glue:text}`kv_step_ctx:d` tokens ({numref}`tbl-kv-step`), the KIVI cache's step

@@ -284,7 +284,7 @@ g.figure("fig_spectra", fig, data=pd.concat(spectra, ignore_index=True), sample=
 # The claim that the activation Fisher has rank ≈ 2 {glue:text}`nqp_rank2_verdict:s` ({numref}`fig-nqp-pr`;
 # it holds up to a median of {glue:text}`nqp_rank_pr_limit:g`). The participation ratio has median
 # {glue:text}`nqp_pr_fisher_median:.1f` over the layers, with a range of
-# {glue:text}`nqp_pr_fisher_min:.1f`–{glue:text}`nqp_pr_fisher_max:.1f`, and
+# {glue:text}`nqp_pr_fisher_min:.1f` to {glue:text}`nqp_pr_fisher_max:.1f`, and
 # {glue:text}`nqp_pr_share_le_3:.0%` of layers are at or below {glue:text}`nqp_rank_pr_limit:g`. Its eigenvalues decline gradually
 # rather than dropping after the second one ({numref}`fig-nqp-spectra`).
 #
@@ -716,7 +716,7 @@ g.finish()  # the opening box: run information and this chapter's wall time
 # ## Summary
 #
 # - **Activation Fisher of rank ≈ 2:** the claim {glue:text}`nqp_rank2_verdict:s`, with a range
-#   of {glue:text}`nqp_pr_fisher_min:.1f`–{glue:text}`nqp_pr_fisher_max:.1f` across layers. The input
+#   of {glue:text}`nqp_pr_fisher_min:.1f` to {glue:text}`nqp_pr_fisher_max:.1f` across layers. The input
 #   second moment H has far fewer effective directions (median {glue:text}`nqp_pr_h_median:.1f`).
 # - **Does Fisher-basis quantization "collapse onto GPTQ + AWQ + QuIP"?** {glue:text}`nqp_collapse_verdict:s`.
 #   At 4 bits it reads {glue:text}`nqp_ppl_rot_fisher_4_ci:s` against RTN {glue:text}`nqp_ppl_rtn_4_ci:s`, GPTQ

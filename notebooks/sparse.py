@@ -381,12 +381,12 @@ for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_change", "ppl_chan
     g.row(f"d2_{key}", d2, name)
 g("d2_first", first(full["exact, first 2 dense"]["first_divergence"]))
 g("d2_first_at", first_at(full["exact, first 2 dense"]["first_divergence"]))
-g("d2_vs_src", compare_rules(tfs[d2.name], tfs[0], "kl", ("keeping the first two layers dense", "the source defaults"))["verdict"])
+g("d2_vs_src", compare_rules(tfs[d2.name], tfs[0], "kl", ("keeping the first two layers dense", "the source defaults"), spec=KL_SPEC)["verdict"])
 ha = row(rule="exact, head-averaged")
 g.row("ha_kl", ha, "kl")
 g.row("ha_ppl_change", ha, "ppl_change")
 g("ha_first", first(ha.first_divergence))
-g("ha_vs_src", compare_rules(tfs[ha.name], tfs[0], "kl", ("head-averaged selection", "per-head selection"))["verdict"])
+g("ha_vs_src", compare_rules(tfs[ha.name], tfs[0], "kl", ("head-averaged selection", "per-head selection"), spec=KL_SPEC)["verdict"])
 largest = row(max(windows), max(topks))
 g("big_w", max(windows))
 g("big_k", max(topks))
@@ -783,8 +783,8 @@ for key, r in (("pg", pages_row), ("pg4", pages_big)):
     g.row(f"{key}_ppl_change", r, "ppl_change")
     g(f"{key}_first", first(r.first_divergence))
     g(f"{key}_first_at", first_at(r.first_divergence))
-g("pg_vs_src", compare_rules(tfs[pages_row.name], tfs[0], "kl", ("the page selector", "exact top-k"))["verdict"])
-g("pg4_vs_src", compare_rules(tfs[pages_big.name], tfs[0], "kl", (f"the page selector at k = {topk * 4}", f"exact top-{topk}"))["verdict"])
+g("pg_vs_src", compare_rules(tfs[pages_row.name], tfs[0], "kl", ("the page selector", "exact top-k"), spec=KL_SPEC)["verdict"])
+g("pg4_vs_src", compare_rules(tfs[pages_big.name], tfs[0], "kl", (f"the page selector at k = {topk * 4}", f"exact top-{topk}"), spec=KL_SPEC)["verdict"])
 g("pg4_k", topk * 4)
 
 # %% [markdown]
@@ -1109,7 +1109,7 @@ g("cert_sv_prompts", certified_survival_prompts)
 g("cert_sv_prompts_text", plural(certified_survival_prompts, "distinct held-out prompt"))
 g.estimate("cert_key_bytes", head_bytes)
 g("cert_pages_read", pages_read_share(head["log"]))
-g("cert_bytes_span", span([b.value for b in cert_bytes.values()], ".0%"))
+g("cert_bytes_span", span([b.value for b in cert_bytes.values()], ".1%"))  # as the table and the headline
 for key, name in (("kl", "kl"), ("top1", "top1_agree"), ("ppl_change", "ppl_change")):
     g.row(f"cert_{key}", head, name)
 g("cert_ppl_change_ci", interval_cell(head["ppl_change"], head["ppl_change_lo"], head["ppl_change_hi"], "+.2%"))
@@ -1171,7 +1171,7 @@ g("cert_bytes_caption", "Key bytes read: the certified rule's measured share (ke
   "key the query sees; blocks resampled)" + ("" if n_dense == len(equal) else
   f", and each fixed rule's share at a context of {certified_prompt_tokens:,} keys (the source's top-k ranks every "
   "key, so it reads them all)"))
-g("cert_dynamic", f"reads {head_bytes:.0%} of the key bytes at "
+g("cert_dynamic", f"reads {head_bytes:.1%} of the key bytes at "
   f"ε = {CERT_HEADLINE:g} ({certified_prompt_tokens:,}-token blocks)")
 cert_json = {f"{eps:g}": {
     "kl": {k: cert_tf[eps][f"kl{s}"] for k, s in (("value", ""), ("lo", "_lo"), ("hi", "_hi"))},
@@ -1379,14 +1379,15 @@ write_json(out / "sparse.json", {
     "seconds": stage,
 })
 g.intervals({"big_kl": ".2e", "cert_kl": ".2e", "d2_kl": ".2e", "ha_kl": ".2e", "pg_kl": ".2e", "pg4_kl": ".2e",
-             "src_kl": ".2e", "m_median": ".2e",  # a KL (nats) in one format wherever it appears
+             "src_kl": ".2e",  # a KL (nats) in one format wherever it appears
+             "m_median": MASS_SPEC, "m_p99": MASS_SPEC, "m_max": MASS_SPEC,  # discarded mass, as in the tables
              "big_ppl_change": "+.2%", "d2_ppl_change": "+.2%", "ha_ppl_change": "+.2%", "pg_ppl_change": "+.2%",
              "pg4_ppl_change": "+.2%", "src_ppl_change": "+.2%", "src_ppl_dense": SIG3, "src_ppl_sparse": SIG3,
              "cert_top1": ".2%", "d2_top1": ".2%", "pg_top1": ".2%", "pg4_top1": ".2%", "src_top1": ".2%",
              "max_top1_all": ".2%", "min_top1_all": ".2%", "m_zero_share": ".2%", "cert_key_bytes": ".1%",
              "mass_fixed": ".1%", "mass_kept": ".1%", "mass_selected": ".1%", "pg_index_recall": ".1%",
-             "pg4_index_recall": ".1%", "pg_mass_recall": ".1%", "pg4_mass_recall": ".1%", "m_max": ".3f", "m_p99": ".3f",
-             "mass_discarded": ".4f", "rev_median": ".0f", "sv_blk_median": ".0f", "sv_src_median": ".0f",
+             "pg4_index_recall": ".1%", "pg_mass_recall": ".1%", "pg4_mass_recall": ".1%",
+             "mass_discarded": MASS_SPEC, "rev_median": ".0f", "sv_blk_median": ".0f", "sv_src_median": ".0f",
              "sv_blk_identical": ".0%", "sv_src_identical": ".0%"})
 g.finish()  # the opening box: run information and this chapter's wall time
 

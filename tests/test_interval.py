@@ -212,9 +212,13 @@ def test_a_printed_zero_carries_no_sign():
 
     assert unsigned_zero("-0.000") == "0.000" and unsigned_zero("+0.000%") == "0.000%" and unsigned_zero("-0") == "0"
     assert unsigned_zero("-0.001") == "-0.001" and unsigned_zero("+0.5") == "+0.5" and unsigned_zero("0.000") == "0.000"
-    assert estimate_text(0.011, -0.00004, 0.022, "+.3f") == "+0.011 [0.000, +0.022]"
+    assert estimate_text(0.011, -0.00004, 0.022, "+.3f") == "+0.011 [-0.00004, +0.022]"  # 0 is inside: shown
+    assert estimate_text(0.011, 0.0003, 0.022, "+.3f") == "+0.011 [+0.0003, +0.022]"  # 0 is outside: shown
+    assert estimate_text(0.011, 0.0, 0.022, "+.3f") == "+0.011 [0.000, +0.022]"  # a true zero stays a zero
+    assert estimate_text(0.02, -0.00004, 0.04, "+.1%") == "+2.0% [-0.004%, +4.0%]"
     assert number(-1e-9, "+.3%") == "0.000%"
-    assert format(Estimate(1e-7, -1e-7, 2e-7, 3), "+.3f") == "0.000 [0.000, 0.000]"
+    assert format(Estimate(1e-7, -1e-7, 2e-7, 3), "+.3f") == "0.000"  # no spread at this precision: the value alone
+    assert format(Estimate(1.117, 1.1168, 1.1172, 3), ".1%") == "111.7%"
 
 
 def test_every_interval_follows_one_set_of_number_rules():

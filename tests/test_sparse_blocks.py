@@ -290,7 +290,7 @@ def test_survival_agreement_names_each_statistic_whose_intervals_do_not_meet():
     assert survival_agreement(same, 128, theirs, 128) == []
     late = survival_summary([None] * 12 + [40] * 8, 128)  # 60% identical, median 128
     gaps = survival_agreement(late, 128, theirs, 128)
-    assert gaps == ["60% of runs stay identical through 128 tokens (the revision: 0 of 15)",
-                    "the median first divergence is 128 (the revision: 5)"]
+    assert gaps == ["60% [36%, 81%] of runs stay identical through 128 tokens (the revision: 0 of 15, 0% [0%, 22%])",
+                    "the median first divergence is 128 [40, 128] (the revision: 5 [3, 6])"]  # each with its interval
     later = survival_summary([40] * 20, 128)  # none identical (agrees), but every run diverges late
-    assert survival_agreement(later, 128, theirs, 128) == ["the median first divergence is 40 (the revision: 5)"]
+    assert survival_agreement(later, 128, theirs, 128) == ["the median first divergence is 40 (the revision: 5 [3, 6])"]

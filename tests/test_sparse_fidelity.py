@@ -289,7 +289,7 @@ def test_compare_rules_says_when_the_difference_is_not_distinguishable():
     shifted = [[v + 0.5 for v in row] for row in base]
     noisy = [[0.1, 0.3], [0.2, 0.1], [0.3, 0.2], [0.3, 0.4]]  # +0.1, −0.1, ... around base
     lower = compare_rules(result(base), result(shifted), "kl", ("exact", "pages"))
-    assert lower["distinguishable"] and lower["verdict"].startswith("exact has lower KL than pages (difference -0.5 [")
+    assert lower["distinguishable"] and lower["verdict"].startswith("exact has lower KL than pages (difference -0.5, 4 blocks)")  # no spread: the value alone
     same = compare_rules(result(base), result(noisy), "kl", ("a", "b"))
     assert not same["distinguishable"]
     assert same["verdict"].startswith("a and b are not distinguishable at this sample size in KL")

@@ -740,16 +740,19 @@ def survival_agreement(ours: dict, n_new: int, theirs_first_divergences: list, h
         theirs_first_divergences: their runs' first divergences (≥ horizon: identical through it).
         horizon: their generation length.
     Returns:
-        one phrase per statistic whose intervals do not meet, e.g. "the median first divergence is 30
-        (the revision: 14)".
+        one phrase per statistic whose intervals do not meet, each side with its 95% interval, e.g. "the
+        median first divergence is 30 [22, 41] (the revision: 14 [6, 19])".
     """
     theirs = survival_summary([None if d >= horizon else d for d in theirs_first_divergences], horizon)
     k, n = round(theirs["identical"] * theirs["runs"]), theirs["runs"]
     gaps = []
-    if not _meet(ours["identical_ci"], clopper_pearson(k, n)):
-        gaps.append(f"{ours['identical']:.0%} of runs stay identical through {n_new} tokens (the revision: {k} of {n})")
+    exact = clopper_pearson(k, n)
+    if not _meet(ours["identical_ci"], exact):
+        gaps.append(f"{interval.interval_text(ours['identical'], *ours['identical_ci'], '.0%')} of runs stay identical "
+                    f"through {n_new} tokens (the revision: {k} of {n}, {interval.interval_text(k / n, *exact, '.0%')})")
     if not _meet(ours["median_ci"], theirs["median_ci"]):
-        gaps.append(f"the median first divergence is {ours['median']:.0f} (the revision: {theirs['median']:.0f})")
+        gaps.append(f"the median first divergence is {interval.interval_text(ours['median'], *ours['median_ci'], '.0f')} "
+                    f"(the revision: {interval.interval_text(theirs['median'], *theirs['median_ci'], '.0f')})")
     return gaps
 
 
