@@ -89,13 +89,18 @@ def test_book_pages_glue_each_number_in_the_format_its_chapter_quotes_it():
     assert not differ, "one format per quantity: " + "; ".join(differ)
 
 
-def test_negative_numbers_in_prose_get_a_minus_sign():
+def _atlas_minus():
+    """The book's Sphinx extension module (book/_ext is not a package)."""
     sys.path.insert(0, str(ROOT / "book" / "_ext"))
     try:
         import atlas_minus
     finally:
         sys.path.pop(0)
-    m = atlas_minus.with_minus
+    return atlas_minus
+
+
+def test_negative_numbers_in_prose_get_a_minus_sign():
+    m = _atlas_minus().with_minus
     assert m("a z-score of -0.8 and [-0.005, +0.020]") == "a z-score of \u22120.8 and [\u22120.005, +0.020]"
     assert m("(-3.1)") == "(\u22123.1)"
     for kept in ("qwen2.5-coder-0.5b", "smollm2-135m", "GPT-2", "1e-7", "k = 4-10", "2026-12-02", "a/-1"):
@@ -104,12 +109,7 @@ def test_negative_numbers_in_prose_get_a_minus_sign():
 
 def test_negative_numbers_in_glued_html_tables_get_a_minus_sign():
     """pandas HTML tables are raw output: only the text between tags changes, never a tag or code."""
-    sys.path.insert(0, str(ROOT / "book" / "_ext"))
-    try:
-        import atlas_minus
-    finally:
-        sys.path.pop(0)
-    h = atlas_minus.html_with_minus
+    h = _atlas_minus().html_with_minus
     assert h('<td class="x-1">-0.007 [-0.028, +0.014]</td>') == '<td class="x-1">\u22120.007 [\u22120.028, +0.014]</td>'
     assert h("<th>k-1</th><td>qwen2.5-coder-0.5b</td>") == "<th>k-1</th><td>qwen2.5-coder-0.5b</td>"
     assert h("<pre>x = -1</pre><td>-2</td>") == "<pre>x = -1</pre><td>\u22122</td>"
